@@ -1,0 +1,64 @@
+"""The embedded data set: MNIST-1D, generated offline with ``mnist1d.data.make_dataset``."""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class TensorDataset:
+    """Train and test tensors of one data set."""
+    x: Tensor
+    y: Tensor
+    x_test: Tensor
+    y_test: Tensor
+
+    def batches(self, batch_size: int, *, split: str = "train", shuffle_seed: int | None = None,
+                limit: int | None = None) -> list[tuple[Tensor, Tensor]]:
+        """The split as a list of ``(x, y)`` batches (the last one may be smaller)."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        x, y = (self.x, self.y) if split == "train" else (self.x_test, self.y_test)
+        if limit is not None:
+            x, y = x[:limit], y[:limit]
+        if shuffle_seed is not None:
+            gen = torch.Generator().manual_seed(shuffle_seed)
+            perm = torch.randperm(len(y), generator=gen)
+            x, y = x[perm], y[perm]
+        return [(x[i:i + batch_size], y[i:i + batch_size]) for i in range(0, len(y), batch_size)]
+
+
+@lru_cache(maxsize=4)
+def _make(num_samples: int, seed: int) -> dict:
+    from mnist1d.data import get_dataset_args, make_dataset
+
+    args = get_dataset_args()
+    args.num_samples = num_samples
+    args.seed = seed
+    # make_dataset seeds the global `random` and `numpy` generators: keep the caller's state.
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        return make_dataset(args)
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)
+
+
+def mnist1d(num_samples: int = 5000, seed: int = 42, dtype: torch.dtype = torch.float32
+            ) -> TensorDataset:
+    """MNIST-1D (40 features, 10 classes), 80/20 train/test split, generated offline.
+
+    The default (5000 samples, seed 42) is the canonical data set: 4000 train, 1000 test.
+    """
+    if num_samples < 10:
+        raise ValueError(f"num_samples must be >= 10 (one per class), got {num_samples}")
+    d = _make(int(num_samples), int(seed))
+    return TensorDataset(
+        x=torch.as_tensor(d["x"], dtype=dtype), y=torch.as_tensor(d["y"], dtype=torch.long),
+        x_test=torch.as_tensor(d["x_test"], dtype=dtype),
+        y_test=torch.as_tensor(d["y_test"], dtype=torch.long))

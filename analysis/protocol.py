@@ -1,0 +1,162 @@
+"""The loss/data protocol shared by ``analysis`` and ``landscape``.
+
+* ``loss_fn(model, batch) -> Tensor``: a scalar, the mean loss over the batch.
+* ``data``: a re-iterable of batches (a DataLoader, a list of batches).
+* Full-data quantities weight each batch by its sample count, so they equal the quantity of
+  the mean loss over all samples, whatever the batch sizes, and (under ``torch.distributed``)
+  over all ranks' shards.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .distributed import all_reduce_sum_, is_distributed
+
+LossFn = Callable[[nn.Module, Any], Tensor]
+BatchSizeFn = Callable[[Any], int]
+ParamSelection = None | Sequence[str] | Sequence[nn.Parameter] | Callable[[str, nn.Parameter], bool]
+
+
+def _to_device(x: Any, device: torch.device) -> Any:
+    return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+
+
+def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
+    """Adapt ``criterion(outputs, targets)`` to the ``loss_fn(model, batch)`` protocol.
+
+    ``batch`` is ``(inputs, targets, ...)``; tensors are moved to the model's device.
+    """
+    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+        device = next(model.parameters()).device
+        inputs, targets = _to_device(batch[0], device), _to_device(batch[1], device)
+        return criterion(model(inputs), targets)
+
+    loss_fn.criterion = criterion
+    return loss_fn
+
+
+def default_batch_size(batch: Any) -> int:
+    """Number of samples in ``batch``: ``len(batch[0])`` for tuples/lists, ``len`` of the
+    first value for dicts, ``len(batch)`` for a tensor."""
+    if isinstance(batch, Tensor):
+        return len(batch)
+    if isinstance(batch, dict):
+        return len(next(iter(batch.values())))
+    if isinstance(batch, (tuple, list)):
+        return len(batch[0])
+    raise TypeError(f"cannot infer the sample count of a {type(batch).__name__} batch; "
+                    "pass batch_size_fn=")
+
+
+def check_data(data: Iterable) -> None:
+    """Reject one-shot iterators: analysis passes over the data many times."""
+    if data is None:
+        raise ValueError("data must be an iterable of batches (pass a single batch as [batch])")
+    if iter(data) is data:
+        raise ValueError("data must be re-iterable (a DataLoader or a list of batches), "
+                         "not a one-shot iterator or generator")
+
+
+def check_loss(loss: Any, where: str = "") -> Tensor:
+    """The loss as a 0-d tensor; ``ValueError`` if it is not a finite scalar."""
+    if not isinstance(loss, Tensor):
+        raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
+    if loss.numel() != 1:
+        raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch), "
+                         f"got shape {tuple(loss.shape)}")
+    loss = loss.reshape(())
+    if not bool(torch.isfinite(loss)):
+        raise ValueError(f"loss_fn returned a non-finite loss ({loss.item()}){where}")
+    return loss
+
+
+def select_params(model: nn.Module, params: ParamSelection = None
+                  ) -> tuple[list[str], list[nn.Parameter]]:
+    """Resolve ``params=`` to ``(names, parameters)`` in ``model.named_parameters()`` order.
+
+    None: all with requires_grad; a list of names; a list of parameters; or a predicate
+    ``f(name, parameter) -> bool``.
+    """
+    named = list(model.named_parameters())
+    if params is None:
+        chosen = [(n, p) for n, p in named if p.requires_grad]
+    elif callable(params):
+        chosen = [(n, p) for n, p in named if params(n, p)]
+    else:
+        params = list(params)
+        if all(isinstance(x, str) for x in params):
+            known = {n for n, _ in named}
+            unknown = [x for x in params if x not in known]
+            if unknown:
+                raise ValueError(f"params names not found in the model: {unknown}; "
+                                 f"known names: {sorted(known)}")
+            wanted = set(params)
+            chosen = [(n, p) for n, p in named if n in wanted]
+        elif all(isinstance(x, Tensor) for x in params):
+            ids = {id(x) for x in params}
+            chosen = [(n, p) for n, p in named if id(p) in ids]
+            if len(chosen) != len(ids):
+                raise ValueError("params contains tensors that are not parameters of the model")
+        else:
+            raise ValueError("params must be None, a list of names, a list of parameters, "
+                             "or a predicate f(name, parameter) -> bool")
+    if not chosen:
+        raise ValueError("params selects no parameters")
+    return [n for n, _ in chosen], [p for _, p in chosen]
+
+
+@dataclass
+class DataMean:
+    """Sample-weighted means of per-batch tensors over all data (and ranks)."""
+    values: list[Tensor]
+    n_samples: float
+    n_batches: int
+
+
+def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
+              batch_size_fn: BatchSizeFn | None = None) -> DataMean:
+    """``sum_b n_b f(b) / sum_b n_b`` for each tensor returned by ``per_batch(batch)``.
+
+    This is the one sample-weighted reduction of the package: since ``loss_fn`` returns the
+    batch mean, weighting by ``n_b`` gives the quantity of the mean loss over all samples.
+    Under ``torch.distributed`` the sums and counts are all-reduced together.
+    """
+    check_data(data)
+    size = batch_size_fn or default_batch_size
+    sums: list[Tensor] | None = None
+    dtypes: list[torch.dtype] = []
+    total, n_batches = 0, 0
+    for batch in data:
+        n = size(batch)
+        if n <= 0:
+            continue
+        out = [t.detach() for t in per_batch(batch)]
+        if sums is None:  # accumulate floating tensors in float64, give them back in their dtype
+            dtypes = [t.dtype for t in out]
+            sums = [t.to(torch.float64 if t.is_floating_point() else t.dtype) * n for t in out]
+        else:
+            for s, t in zip(sums, out):
+                s.add_(t, alpha=n)
+        total += n
+        n_batches += 1
+    if sums is None:
+        raise ValueError("data is empty: it yielded no batch with samples"
+                         + (" on this rank" if is_distributed() else ""))
+    count = torch.tensor([float(total)], dtype=torch.float64, device=sums[0].device)
+    all_reduce_sum_([*sums, count])
+    n_total = float(count.item())
+    return DataMean([(s / n_total).to(d) for s, d in zip(sums, dtypes)], n_total, n_batches)
+
+
+def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable,
+              batch_size_fn: BatchSizeFn | None = None) -> float:
+    """The mean loss over all samples of ``data`` (no grad; the model as it is)."""
+    def per_batch(batch):
+        return [check_loss(loss_fn(model, batch), " in mean_loss")]
+
+    with torch.no_grad():
+        return float(data_mean(data, per_batch, batch_size_fn).values[0])

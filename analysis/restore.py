@@ -1,0 +1,64 @@
+"""Snapshot and restore of a model around an analysis call.
+
+Analysis never leaves a model changed: parameter values, buffers (BatchNorm running
+statistics), ``.grad`` tensors, ``training`` flags and ``requires_grad`` flags are put back
+exactly, also when the call raises.
+"""
+from __future__ import annotations
+
+from contextlib import contextmanager
+from typing import Iterable, Iterator
+
+import torch
+from torch import nn
+
+MODEL_MODES = ("eval", "train")
+
+
+def check_model_mode(model_mode: str) -> None:
+    if model_mode not in MODEL_MODES:
+        raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
+
+
+@contextmanager
+def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = True,
+              trainable: Iterable[nn.Parameter] | None = None) -> Iterator[nn.Module]:
+    """Put ``model`` in ``model_mode`` for the duration of the block, then restore it.
+
+    weights: snapshot parameter values too (needed by routines that perturb the weights;
+        curvature routines, which never write to parameters, pass False to save memory).
+    trainable: if given, exactly these parameters get ``requires_grad=True`` inside the block
+        and all others ``False`` (so autograd does no work for unselected parameters).
+    Grads are set to None inside the block, so backward passes inside never touch the
+    user's gradient tensors.
+    """
+    check_model_mode(model_mode)
+    params = list(model.parameters())
+    flags = [(m, m.training) for m in model.modules()]
+    requires = [(p, p.requires_grad) for p in params]
+    grads = [(p, p.grad) for p in params]
+    values = [(p, p.detach().clone()) for p in params] if weights else []
+    buffers = [(mod, name, buf, buf.detach().clone())
+               for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
+    try:
+        for p in params:
+            p.grad = None
+        if trainable is not None:
+            chosen = {id(p) for p in trainable}
+            for p in params:
+                p.requires_grad_(id(p) in chosen)
+        model.train(model_mode == "train")
+        yield model
+    finally:
+        with torch.no_grad():
+            for p, v in values:
+                p.copy_(v)
+            for mod, name, buf, v in buffers:
+                mod._buffers[name] = buf
+                buf.copy_(v)
+        for p, g in grads:
+            p.grad = g
+        for p, r in requires:
+            p.requires_grad_(r)
+        for m, t in flags:
+            m.training = t

@@ -1,0 +1,38 @@
+"""Seeded random draws from a private ``torch.Generator``.
+
+Draws are made on the CPU and then moved, so a seed gives the same numbers on every device
+and on every rank of a process group.
+"""
+from __future__ import annotations
+
+import numbers
+
+import torch
+from torch import Tensor
+
+
+def make_generator(seed: int) -> torch.Generator:
+    """A CPU generator seeded with ``seed`` (a non-negative int)."""
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
+        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
+    gen = torch.Generator(device="cpu")
+    gen.manual_seed(int(seed))
+    return gen
+
+
+def randn(shape, generator: torch.Generator, *, like: Tensor) -> Tensor:
+    """Standard normal draws with the device and dtype of ``like``."""
+    return torch.randn(shape, generator=generator, dtype=torch.float64).to(like)
+
+
+def rademacher(shape, generator: torch.Generator, *, like: Tensor) -> Tensor:
+    """Uniform +-1 draws with the device and dtype of ``like``."""
+    bits = torch.randint(0, 2, shape, generator=generator, dtype=torch.int8)
+    return (bits * 2 - 1).to(like)
+
+
+def uniform(shape, generator: torch.Generator, *, like: Tensor, low: float = -1.0,
+            high: float = 1.0) -> Tensor:
+    """Uniform draws on ``[low, high)`` with the device and dtype of ``like``."""
+    u = torch.rand(shape, generator=generator, dtype=torch.float64)
+    return (low + (high - low) * u).to(like)

@@ -1,0 +1,1 @@
+"""Reproductions of each paper's diagnostic claims on MNIST-1D (``python -m figures``)."""

@@ -1,0 +1,1 @@
+"""Sharpness-aware and auto-switching optimizers (imports only torch)."""
