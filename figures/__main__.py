@@ -1,9 +1,55 @@
-"""``python -m figures``: placeholder until the reproductions land (issue 6)."""
-import sys
+"""``python -m figures [NAME ...] [--out DIR] [--tiny | --full]``: run the reproductions."""
+from __future__ import annotations
 
-PLANNED = ["agd_switching", "wsam_sharpness", "ndadam_direction", "adasam_convergence",
-           "sala_overhead", "landscape_gallery"]
+import argparse
+import importlib
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .common import SIZES
+
+REPRODUCTIONS = ["agd_switching", "wsam_sharpness", "ndadam_direction", "adasam_convergence",
+                 "sala_overhead", "landscape_gallery"]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m figures", description=__doc__)
+    parser.add_argument("names", nargs="*", metavar="NAME",
+                        help=f"reproductions to run (default: all of {', '.join(REPRODUCTIONS)})")
+    parser.add_argument("--out", type=Path, default=Path("figures/out"),
+                        help="output folder for PNGs, summary.json and saved data")
+    sizes = parser.add_mutually_exclusive_group()
+    sizes.add_argument("--full", action="store_true", help="longer runs, closer to the papers")
+    sizes.add_argument("--tiny", action="store_true", help="seconds-long smoke size (CI)")
+    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    args = parser.parse_args(argv)
+    unknown = [n for n in args.names if n not in REPRODUCTIONS]
+    if unknown:
+        parser.error(f"unknown reproduction(s) {unknown}; choose from {REPRODUCTIONS}")
+    size = SIZES["full" if args.full else "tiny" if args.tiny else "quick"]
+    torch.set_num_threads(args.threads)
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "summary.json"
+    summary = json.loads(path.read_text()) if path.exists() else {}
+    timings = summary.pop("_timing_s", {})
+    for name in args.names or REPRODUCTIONS:
+        began = time.perf_counter()
+        module = importlib.import_module(f"figures.{name}")
+        summary[name] = module.run(size, out)
+        timings[name] = round(time.perf_counter() - began, 2)
+        print(f"{name}: holds={summary[name]['holds']} ({timings[name]:.1f} s)", flush=True)
+        path.write_text(json.dumps({**summary, "_timing_s": timings}, indent=1))
+    summary["_timing_s"] = timings
+    summary["_size"] = size.name
+    path.write_text(json.dumps(summary, indent=1))
+    return summary
+
 
 if __name__ == "__main__":
-    print("sharpscape figures will reproduce:", ", ".join(PLANNED))
+    main()
     sys.exit(0)

@@ -1,0 +1,365 @@
+"""A low-overhead training callback that logs curvature and optimizer diagnostics.
+
+Usage::
+
+    tracker = Tracker(model, loss_fn, every=20, test_data=test, curvature_data=[batch],
+                      lambda_max=True)
+    for batch in loader:
+        def closure():
+            opt.zero_grad()
+            loss = loss_fn(model, batch)
+            loss.backward()
+            return loss
+        loss = opt.step(tracker.count(closure))   # counts forward-backward passes
+        tracker.step(opt, loss)                    # logs every `every` steps
+    tracker.save("run")                            # run.json + run.csv
+    tracker.plot("run.png")
+
+Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight"``).
+
+* ``loss`` (mean of the step losses since the last record), ``train_loss``/``train_acc`` on
+  ``eval_data``, ``test_loss``/``test_acc`` on ``test_data`` (eval mode).
+* ``lambda_max`` of the Hessian on ``curvature_data`` by Lanczos, warm-started from the last
+  top eigenvector, and ``eos_ratio`` = lambda_max / (2 / lr): gradient descent with step lr is
+  stable on a quadratic only while this is <= 1 (the edge of stability, Cohen et al. 2021).
+* ``trace`` of the Hessian (Hutch++).
+* ``grad_norm``: the norm of the full gradient on ``curvature_data`` (``grad_norm=True``).
+* ``sgd_fraction`` (global and per layer) from an optimizer with ``sgd_fraction()`` (AGD).
+* ``stage`` and ``distance`` from an optimizer exposing them (SALA); ``opt_closure_calls``
+  from one counting its closure calls (``n_closure_calls``).
+* Per layer, for every optimizer: ``wnorm`` (Frobenius norm), ``rownorm`` (mean norm of the
+  weight vectors, i.e. slices along dim 0, for tensors with ndim >= 2), ``angle`` (mean angle in
+  radians between each weight vector before and after the step: the angular step of ND-Adam's
+  Sec. 3) and ``cos`` (cosine between the step w_t - w_{t-1} and the negative gradient that the
+  last closure call left in ``.grad``).
+* Any float-valued zero-argument method named in ``optimizer_methods`` (default: ND-Adam's
+  diagnostics if present) under ``opt/<name>``.
+* ``passes`` (forward-backward passes so far, counted by ``count``), ``time`` (wall time of
+  training so far, excluding the tracker's own work) and ``overhead`` (the tracker's time).
+
+The optimizer is read by duck typing only; this module never imports ``optim``.
+"""
+from __future__ import annotations
+
+import csv
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .protocol import LossFn, check_loss, data_mean
+from .restore import preserved
+
+Record = dict[str, float]
+
+
+def _classify(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Tensor]:
+    """[mean loss, accuracy] of one batch ``(inputs, targets)``, with one forward when
+    ``loss_fn`` comes from ``supervised`` (it carries ``.criterion``)."""
+    device = next(model.parameters()).device
+    inputs, targets = batch[0].to(device), batch[1].to(device)
+    outputs = model(inputs)
+    criterion = getattr(loss_fn, "criterion", None)
+    loss = criterion(outputs, targets) if criterion is not None else loss_fn(model, batch)
+    loss = check_loss(loss, " in Tracker evaluation")
+    acc = (outputs.argmax(dim=-1) == targets).to(loss.dtype).mean()
+    return [loss, acc]
+
+
+def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``data`` in eval mode; the model is left unchanged."""
+    with preserved(model, "eval", weights=False), torch.no_grad():
+        loss, acc = data_mean(data, lambda b: _classify(model, loss_fn, b)).values
+    return float(loss), float(acc)
+
+
+def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable,
+                   model_mode: str = "eval") -> float:
+    """Norm of the gradient of the sample-weighted mean loss over ``data`` (model unchanged)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    with preserved(model, model_mode, weights=False):
+        def per_batch(batch):
+            loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
+            return torch.autograd.grad(loss, params)
+        grads = data_mean(data, per_batch).values
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
+
+
+def _row_cosines(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine between matching rows (slices along dim 0) of ``a`` and ``b``."""
+    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
+
+
+def _cosine(a: Tensor, b: Tensor) -> float:
+    denom = float(a.norm() * b.norm())
+    return float((a * b).sum()) / denom if denom > 0 else float("nan")
+
+
+class Tracker:
+    """Training callback: call ``step(optimizer, loss)`` after every optimizer step.
+
+    model, loss_fn: the trained model and the ``loss_fn(model, batch)`` protocol.
+    every: log every ``every`` optimizer steps (and whenever ``log`` is called).
+    eval_data, test_data: iterables of ``(inputs, targets)`` batches for loss and accuracy.
+    curvature_data: the batches on which lambda_max and the trace are computed.
+    lambda_max, trace: switch those (HVP-based, so the costly) quantities on.
+    grad_norm: log the norm of the gradient of the mean loss over ``curvature_data``.
+    lanczos_tol, lanczos_max_hvp: stopping rule of each warm-started Lanczos run.
+    trace_n_hvp: Hessian-vector products per trace estimate.
+    layers: record per-layer quantities (norms, angles, cosines, sgd_fraction per layer).
+    seed: seed of the stochastic estimators (the same at every record, so the curves are smooth).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
+                 eval_data: Iterable | None = None, test_data: Iterable | None = None,
+                 curvature_data: Iterable | None = None, lambda_max: bool = False,
+                 trace: bool = False, grad_norm: bool = False, lanczos_tol: float = 1e-3, lanczos_max_hvp: int = 50,
+                 trace_n_hvp: int = 30, layers: bool = True, seed: int = 0,
+                 model_mode: str = "eval",
+                 optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
+        if not isinstance(every, int) or every < 1:
+            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        if (lambda_max or trace or grad_norm) and curvature_data is None:
+            raise ValueError("curvature_data is required when lambda_max, trace or grad_norm "
+                             "is on")
+        if lanczos_max_hvp < 1 or trace_n_hvp < 3:
+            raise ValueError("lanczos_max_hvp must be >= 1 and trace_n_hvp >= 3, got "
+                             f"{lanczos_max_hvp} and {trace_n_hvp}")
+        self.model, self.loss_fn, self.every = model, loss_fn, every
+        self.eval_data, self.test_data, self.curvature_data = eval_data, test_data, curvature_data
+        self.lambda_max, self.trace, self.grad_norm = lambda_max, trace, grad_norm
+        self.layers = layers
+        self.lanczos_tol, self.lanczos_max_hvp, self.trace_n_hvp = (
+            lanczos_tol, lanczos_max_hvp, trace_n_hvp)
+        self.seed, self.model_mode = seed, model_mode
+        self.optimizer_methods = tuple(optimizer_methods)
+        self.records: list[Record] = []
+        self.n_steps = 0
+        self.passes = 0
+        self.train_time = 0.0
+        self.overhead = 0.0
+        self.n_hvp = 0
+        self._losses: list[float] = []
+        self._v0: Tensor | None = None
+        self._previous: dict[str, Tensor] | None = None
+        self._clock: float | None = None
+
+    # -- hooks called by the training loop ------------------------------------------------
+    def count(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
+        """``closure`` wrapped so that each call counts one forward-backward pass."""
+        def counted():
+            self.passes += 1
+            return closure()
+        return counted
+
+    def start(self) -> None:
+        """Start the training clock (``step`` starts it at the first call otherwise)."""
+        self._clock = time.perf_counter()
+
+    def step(self, optimizer: Any, loss: Tensor | float | None = None) -> Record | None:
+        """Account one optimizer step; log (and return the record) every ``every`` steps."""
+        now = self._stop_clock()
+        self.n_steps += 1
+        if loss is not None:
+            self._losses.append(float(loss.detach()) if isinstance(loss, Tensor) else float(loss))
+        record = self._record(optimizer, now) if self.n_steps % self.every == 0 else None
+        if self.layers and (self.n_steps + 1) % self.every == 0:
+            self._previous = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._restart_clock(now)
+        return record
+
+    def log(self, optimizer: Any = None) -> Record:
+        """Measure everything now and append the record (outside of ``step``, e.g. at the end)."""
+        now = self._stop_clock()
+        record = self._record(optimizer, now)
+        self._restart_clock(now)
+        return record
+
+    def _stop_clock(self) -> float:
+        now = time.perf_counter()
+        if self._clock is not None:
+            self.train_time += now - self._clock
+        return now
+
+    def _restart_clock(self, stopped: float) -> None:
+        self._clock = time.perf_counter()
+        self.overhead += self._clock - stopped
+
+    # -- the record -------------------------------------------------------------------------
+    def _record(self, optimizer: Any, began: float) -> Record:
+        rec: Record = {"step": float(self.n_steps), "passes": float(self.passes)}
+        if self._losses:
+            rec["loss"] = sum(self._losses) / len(self._losses)
+            self._losses = []
+        lr = self._lr(optimizer)
+        if lr is not None:
+            rec["lr"] = lr
+        if self.eval_data is not None:
+            rec["train_loss"], rec["train_acc"] = evaluate(self.model, self.loss_fn, self.eval_data)
+        if self.test_data is not None:
+            rec["test_loss"], rec["test_acc"] = evaluate(self.model, self.loss_fn, self.test_data)
+        if self.lambda_max:
+            rec.update(self._lambda_max(lr))
+        if self.trace:
+            rec.update(self._trace())
+        if self.grad_norm:
+            rec["grad_norm"] = full_grad_norm(self.model, self.loss_fn, self.curvature_data,
+                                              self.model_mode)
+        if self.layers:
+            rec.update(self._layer_stats())
+        if optimizer is not None:
+            rec.update(self._optimizer_stats(optimizer))
+        rec["n_hvp"] = float(self.n_hvp)
+        rec["time"] = self.train_time
+        rec["overhead"] = self.overhead + (time.perf_counter() - began)
+        self.records.append(rec)
+        return rec
+
+    @staticmethod
+    def _lr(optimizer: Any) -> float | None:
+        groups = getattr(optimizer, "param_groups", None)
+        if not groups or "lr" not in groups[0]:
+            return None
+        return float(groups[0]["lr"])
+
+    def _lambda_max(self, lr: float | None) -> Record:
+        from .lanczos import top_eigenvalues
+
+        res = top_eigenvalues(self.model, self.loss_fn, self.curvature_data, k=1, which="LA",
+                              tol=self.lanczos_tol, max_hvp=self.lanczos_max_hvp, seed=self.seed,
+                              v0=self._v0, model_mode=self.model_mode, progress=False)
+        self.n_hvp += int(res.n_hvp)
+        self._v0 = res.eigenvectors[0].detach().clone()
+        lam = float(res.eigenvalues[0])
+        out = {"lambda_max": lam, "lanczos_hvp": float(res.n_hvp)}
+        if lr is not None:
+            out["eos_ratio"] = lam * lr / 2.0
+        return out
+
+    def _trace(self) -> Record:
+        from .trace import hessian_trace
+
+        res = hessian_trace(self.model, self.loss_fn, self.curvature_data, n_hvp=self.trace_n_hvp,
+                            seed=self.seed, model_mode=self.model_mode, progress=False)
+        self.n_hvp += int(res.n_hvp)
+        return {"trace": float(res.estimate)}
+
+    def _layer_stats(self) -> Record:
+        out: Record = {}
+        previous = self._previous if self.n_steps > 0 else None
+        with torch.no_grad():
+            for name, p in self.model.named_parameters():
+                w = p.detach()
+                out[f"wnorm/{name}"] = float(w.norm())
+                if w.dim() >= 2:
+                    out[f"rownorm/{name}"] = float(w.reshape(w.shape[0], -1).norm(dim=1).mean())
+                if previous is None or name not in previous:
+                    continue
+                before = previous[name]
+                if w.dim() >= 2:
+                    angles = torch.arccos(_row_cosines(w, before).clamp(-1.0, 1.0))
+                    out[f"angle/{name}"] = float(angles.mean())
+                if p.grad is not None:
+                    out[f"cos/{name}"] = _cosine(w - before, -p.grad.detach())
+        self._previous = None
+        return out
+
+    def _optimizer_stats(self, optimizer: Any) -> Record:
+        out: Record = {}
+        names = self._param_names(optimizer)
+        if callable(getattr(optimizer, "sgd_fraction", None)):
+            out["sgd_fraction"] = float(optimizer.sgd_fraction())
+            if self.layers:
+                for index, frac in optimizer.sgd_fraction(per_param=True).items():
+                    out[f"sgd_fraction/{names.get(index, index)}"] = float(frac)
+        if isinstance(getattr(optimizer, "n_closure_calls", None), int):
+            out["opt_closure_calls"] = float(optimizer.n_closure_calls)
+        for attr in ("stage", "distance"):
+            value = getattr(optimizer, attr, None)
+            if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
+                out[attr] = float(value)
+        for method in self.optimizer_methods:
+            fn = getattr(optimizer, method, None)
+            if not callable(fn):
+                continue
+            value = fn()
+            if isinstance(value, dict):
+                for key, v in value.items():
+                    out[f"opt_{method}/{names.get(key, key)}"] = float(v)
+            else:
+                out[f"opt_{method}"] = float(value)
+        return out
+
+    def _param_names(self, optimizer: Any) -> dict[int, str]:
+        """Parameter index in ``param_groups`` order -> name in the model."""
+        by_id = {id(p): n for n, p in self.model.named_parameters()}
+        params = [p for g in getattr(optimizer, "param_groups", []) for p in g["params"]]
+        return {i: by_id.get(id(p), str(i)) for i, p in enumerate(params)}
+
+    # -- output -----------------------------------------------------------------------------
+    def keys(self) -> list[str]:
+        """All record keys, in first-seen order."""
+        seen: dict[str, None] = {}
+        for rec in self.records:
+            seen.update(dict.fromkeys(rec))
+        return list(seen)
+
+    def history(self, key: str) -> tuple[list[float], list[float]]:
+        """(steps, values) of ``key`` over the records that have it."""
+        pairs = [(r["step"], r[key]) for r in self.records if key in r]
+        return [s for s, _ in pairs], [v for _, v in pairs]
+
+    def save(self, stem: str | Path, meta: dict | None = None) -> tuple[Path, Path]:
+        """Write ``stem.json`` (records plus ``meta``) and ``stem.csv``; return both paths."""
+        stem = Path(stem)
+        stem.parent.mkdir(parents=True, exist_ok=True)
+        js, cs = stem.with_suffix(".json"), stem.with_suffix(".csv")
+        js.write_text(json.dumps({"meta": meta or {}, "records": self.records}, indent=1,
+                                 allow_nan=True))
+        keys = self.keys()
+        with cs.open("w", newline="") as fh:
+            writer = csv.DictWriter(fh, fieldnames=keys, restval="")
+            writer.writeheader()
+            writer.writerows(self.records)
+        return js, cs
+
+    def plot(self, path: str | Path, title: str | None = None) -> Path:
+        """One panel per quantity group (per-layer keys share a panel); saved as PNG."""
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        groups: dict[str, list[str]] = {}
+        for key in self.keys():
+            if key in ("step", "n_hvp", "lanczos_hvp"):
+                continue
+            groups.setdefault(key.split("/")[0], []).append(key)
+        for pair in (("train_loss", "loss"), ("test_loss", "loss"), ("train_acc", "test_acc")):
+            if pair[0] in groups and pair[1] in groups:
+                groups[pair[1]] += groups.pop(pair[0])
+        cols = 3
+        rows = max(1, math.ceil(len(groups) / cols))
+        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+        for ax, (group, keys) in zip(axes.flat, groups.items()):
+            for key in keys:
+                steps, values = self.history(key)
+                ax.plot(steps, values, label=key.split("/", 1)[-1] if "/" in key else key)
+            ax.set_xlabel("step")
+            ax.set_ylabel(group)
+            if len(keys) > 1:
+                ax.legend(fontsize=6)
+        for ax in list(axes.flat)[len(groups):]:
+            ax.axis("off")
+        if title:
+            fig.suptitle(title)
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return path

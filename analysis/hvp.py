@@ -1,0 +1,193 @@
+"""Hessian-vector products of the full-data mean loss, as a small linear operator.
+
+``H = d^2/dtheta^2 (1/N) sum_b n_b L_b(theta)`` for the selected parameters ``theta``, where
+``L_b = loss_fn(model, batch_b)`` is the batch mean. Each product is reduced with
+:func:`analysis.protocol.data_mean`, so it is sample-weighted and, under ``torch.distributed``,
+all-reduced over the ranks' shards.
+
+Two products are available (``hvp_method=``):
+
+* ``"reverse"`` (default, reverse-over-reverse, Pearlmutter 1994): per batch one forward and a
+  ``create_graph`` backward build the gradient graph; each vector then costs one more backward
+  through it. A block of vectors (:meth:`HessianOperator.matmat`) shares the forward pass.
+  When ``data`` is a one-element list, the gradient graph is kept for the lifetime of a
+  ``with operator:`` block, so every later product costs a single backward (PyHessian's trick).
+* ``"forward"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` through
+  ``functional_call``, ``vmap``-ed over the vectors of a block.
+
+``benchmarks/curvature.py`` measures both against a gradient; the figures are in
+``benchmarks/README.md``.
+"""
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+from torch.func import functional_call, grad, jvp, vmap
+
+from .flat import flatten, numel, unflatten
+from .protocol import (BatchSizeFn, LossFn, ParamSelection, check_data, check_loss, data_mean,
+                       select_params)
+from .restore import check_model_mode, preserved
+
+HVP_METHODS = ("reverse", "forward")
+
+
+class _LossModule(nn.Module):
+    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap the
+    parameters of ``model`` while ``loss_fn`` keeps its ``(model, batch)`` signature."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+
+    def forward(self, batch: Any) -> Tensor:
+        return self.loss_fn(self.model, batch)
+
+
+class HessianOperator:
+    """The Hessian of the mean loss over ``data`` w.r.t. the selected parameters.
+
+    Vectors are flat, in ``model.named_parameters()`` order of the selected parameters
+    (``.names``). Every call restores the model (mode, grads, buffers, requires_grad) before
+    returning; inside ``with operator:`` the model stays in analysis mode until the block
+    exits, which saves the per-call snapshot and allows reuse of a single batch's gradient
+    graph.
+
+    Args:
+        params: ``None`` (all with requires_grad), names, parameters or a predicate
+            ``f(name, parameter)``; the operator is the matching block of the full Hessian.
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: sample count of a batch (default ``len(batch[0])``).
+        hvp_method: ``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
+        reuse_graph: keep the gradient graph of a one-batch ``data`` inside ``with`` blocks.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable,
+                 params: ParamSelection = None, model_mode: str = "eval",
+                 batch_size_fn: BatchSizeFn | None = None, hvp_method: str = "reverse",
+                 reuse_graph: bool = True):
+        check_data(data)
+        check_model_mode(model_mode)
+        if hvp_method not in HVP_METHODS:
+            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+        if hvp_method == "forward" and model_mode == "train" and any(True for _ in model.buffers()):
+            raise ValueError('hvp_method="forward" cannot run model_mode="train" on a model with '
+                             'buffers (BatchNorm updates them in place inside torch.func '
+                             'transforms); use hvp_method="reverse"')
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.model_mode, self.batch_size_fn, self.hvp_method = model_mode, batch_size_fn, hvp_method
+        self.names, self.params = select_params(model, params)
+        n = numel(self.params)
+        self.shape = (n, n)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.n_hvp = 0
+        self._reuse = reuse_graph and isinstance(data, (list, tuple)) and len(data) == 1
+        self._graph: tuple[Tensor, list[Tensor | None]] | None = None
+        self._context = None
+        self._depth = 0
+
+    # -- model restoration -------------------------------------------------------------
+    def __enter__(self) -> "HessianOperator":
+        if self._depth == 0:
+            self._context = preserved(self.model, self.model_mode, weights=False,
+                                      trainable=self.params)
+            self._context.__enter__()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._graph = None
+            context, self._context = self._context, None
+            context.__exit__(*exc)
+
+    # -- products ----------------------------------------------------------------------
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H @ v`` for a 1-D ``v`` of length ``shape[0]``."""
+        if not isinstance(v, Tensor) or v.dim() != 1:
+            raise ValueError(f"v must be a 1-D tensor of length {self.shape[0]}")
+        return self.matmat(v.unsqueeze(0))[0]
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """``H @ v`` for each row of ``vs`` (shape ``[b, n]``), in one pass over the data."""
+        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.shape[0]:
+            shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
+            raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
+                             f"selected parameter elements), got {shape}")
+        vs = vs.to(self.device, self.dtype)
+        product = self._reverse if self.hvp_method == "reverse" else self._forward
+        with self:
+            out = data_mean(self.data, lambda batch: [product(batch, vs)],
+                            self.batch_size_fn).values[0]
+        self.n_hvp += vs.shape[0]
+        return out
+
+    def _gradient_graph(self, batch: Any) -> list[Tensor | None]:
+        if self._reuse and self._graph is not None:
+            return self._graph[1]
+        loss = check_loss(self.loss_fn(self.model, batch), " in the Hessian-vector product")
+        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads = [g if g is not None and g.requires_grad else None for g in grads]
+        if self._reuse and self._depth > 1:  # inside a user's or a routine's `with` block
+            self._graph = (loss, grads)
+        return grads
+
+    def _reverse(self, batch: Any, vs: Tensor) -> Tensor:
+        grads = self._gradient_graph(batch)
+        live = [i for i, g in enumerate(grads) if g is not None]
+        out = torch.zeros_like(vs)
+        if not live:  # the loss is at most linear in the selected parameters: H = 0
+            return out
+        for row, v in zip(out, vs):
+            pieces = unflatten(v, self.params)
+            hv = torch.autograd.grad([grads[i] for i in live], self.params,
+                                     grad_outputs=[pieces[i] for i in live],
+                                     retain_graph=True, allow_unused=True)
+            for r, h in zip(unflatten(row, self.params), hv):
+                if h is not None:
+                    r.copy_(h)
+        return out
+
+    def _forward(self, batch: Any, vs: Tensor) -> Tensor:
+        wrapper = _LossModule(self.model, self.loss_fn)
+        primals = {"model." + n: p.detach() for n, p in zip(self.names, self.params)}
+
+        def loss(theta: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+            value = functional_call(wrapper, theta, (batch,))
+            return value, value.detach()
+
+        def product(v: Tensor) -> tuple[Tensor, Tensor]:
+            tangent = dict(zip(primals, unflatten(v, self.params)))
+            _, hv, value = jvp(grad(loss, has_aux=True), (primals,), (tangent,), has_aux=True)
+            return flatten(list(hv.values())), value
+
+        hvs, values = vmap(product, randomness="same")(vs)
+        check_loss(values[0], " in the Hessian-vector product")
+        return hvs
+
+    def to_scipy(self) -> LinearOperator:
+        """A scipy ``LinearOperator`` (float64 numpy in and out) for ``eigsh``, CG and friends."""
+        def apply(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x, dtype=np.float64)
+            vs = torch.from_numpy(x.reshape(self.shape[0], -1).T.copy())
+            return self.matmat(vs).to(torch.float64).cpu().numpy().T.reshape(x.shape)
+
+        return LinearOperator(self.shape, matvec=apply, matmat=apply, rmatvec=apply,
+                              dtype=np.float64)
+
+
+def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor,
+        params: ParamSelection = None, model_mode: str = "eval",
+        batch_size_fn: BatchSizeFn | None = None, hvp_method: str = "reverse") -> Tensor:
+    """``H @ v`` (or ``H @ v_i`` for each row of a 2-D ``v``) of the mean loss over ``data``."""
+    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
+                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+    if isinstance(v, Tensor) and v.dim() == 2:
+        return op.matmat(v)
+    return op.matvec(v)

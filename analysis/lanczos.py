@@ -1,0 +1,274 @@
+"""Extreme Hessian eigenpairs: block Lanczos with full reorthogonalisation and thick restart.
+
+The solver keeps an orthonormal basis ``V`` (rows) of the Krylov space and the projected
+matrix ``T = V H V^T``; new blocks are orthogonalised against all of ``V`` twice (classical
+Gram-Schmidt, "twice is enough"), so ``T`` is the block-tridiagonal Lanczos matrix up to
+rounding (Golub & Van Loan, Alg. 10.3.1 with full reorthogonalisation). When the basis is
+full it is thick-restarted (Wu & Simon 2000, Sec. 3) with the Ritz vectors at the wanted end.
+A Ritz pair ``(theta, u = V^T y)`` has residual ``||H u - theta u|| = ||B y_last||``, with ``B``
+the coefficients of the next block and ``y_last`` the last block of ``y`` (Saad 2011, Prop. 6.8);
+the pair is converged when that residual is at most ``tol * |theta|``.
+
+``method="power"`` is PyHessian's deflated power iteration, kept for comparison.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from .hvp import HessianOperator
+from .protocol import BatchSizeFn, LossFn, ParamSelection
+from .seeding import make_generator, randn
+
+WHICH = ("LA", "SA", "LM")
+METHODS = ("lanczos", "power")
+MatMat = Callable[[Tensor], Tensor]
+
+
+@dataclass
+class EigenResult:
+    """Extreme eigenpairs of the Hessian.
+
+    eigenvalues: numpy, ordered by ``which``: descending for "LA", ascending for "SA",
+        descending magnitude for "LM".
+    eigenvectors: torch tensor ``[k, n]`` of unit rows, flat over the selected parameters in
+        ``names`` order (``analysis.flat.unflatten(row, params)`` gives per-parameter tensors).
+    residuals: numpy, ``||H u - theta u||`` per pair (Ritz estimate for Lanczos, measured for
+        the power method).
+    n_hvp: Hessian-vector products spent; converged: all ``k`` pairs met the tolerance.
+    """
+    eigenvalues: np.ndarray
+    eigenvectors: Tensor
+    residuals: np.ndarray
+    n_hvp: int
+    converged: bool
+    names: list[str]
+
+
+def _check_int(value, name: str, low: int, high: int | None = None) -> int:
+    bad = isinstance(value, bool) or not isinstance(value, numbers.Integral)
+    if bad or value < low or (high is not None and value > high):
+        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
+        raise ValueError(f"{name} must be an int in {bound}, got {value!r}")
+    return int(value)
+
+
+def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
+    """Indices of the ``count`` Ritz values at the wanted end, in output order."""
+    if which == "LA":
+        return torch.argsort(theta, descending=True)[:count]
+    if which == "SA":
+        return torch.argsort(theta)[:count]
+    return torch.argsort(theta.abs(), descending=True)[:count]
+
+
+def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Orthonormalise the rows of ``block`` against ``basis`` rows and each other.
+
+    Returns ``(Q, C)`` with ``block = C_basis basis + R Q`` folded as: ``C`` holds the
+    coefficients on ``basis`` (``[len(basis), b]``) followed by ``R`` (``[b, b]``, upper
+    triangular). A row that vanishes (an invariant subspace was found) is replaced by a random
+    unit vector orthogonal to everything, keeping its (tiny) coefficient.
+    """
+    b, m = block.shape[0], basis.shape[0]
+    coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
+    out = block.clone()
+    for i in range(b):
+        w = out[i]
+        before = torch.linalg.vector_norm(w)
+        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+            h = basis @ w
+            w -= basis.T @ h
+            coef[:m, i] += h
+            g = out[:i] @ w
+            w -= out[:i].T @ g
+            coef[m:m + i, i] += g
+        norm = torch.linalg.vector_norm(w)
+        coef[m + i, i] = norm
+        if norm <= math.sqrt(torch.finfo(w.dtype).eps) * before or norm == 0:
+            w = randn(w.shape, gen, like=w)
+            for _ in range(2):
+                w -= basis.T @ (basis @ w) + out[:i].T @ (out[:i] @ w)
+            norm = torch.linalg.vector_norm(w)
+        out[i] = w / norm
+    return out, coef
+
+
+def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: Tensor) -> Tensor:
+    """Rows of ``v0`` folded onto ``b`` rows (row i added to row i mod b), random otherwise."""
+    block = randn((b, n), gen, like=like)
+    if v0 is not None:
+        v0 = v0.reshape(-1, n) if v0.dim() == 2 else v0.reshape(1, -1)
+        if v0.shape[1] != n:
+            raise ValueError(f"v0 must have {n} columns (the number of selected parameter "
+                             f"elements), got shape {tuple(v0.shape)}")
+        folded = torch.zeros_like(block)
+        folded.index_add_(0, torch.arange(len(v0), device=like.device) % b, v0.to(like))
+        given = torch.linalg.vector_norm(folded, dim=1) > 0
+        block[given] = folded[given]
+    return block
+
+
+def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
+            max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
+            v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False
+            ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """Block Lanczos with full reorthogonalisation and thick restart on any symmetric
+    ``matmat`` (rows in, rows out). Returns ``(theta, U, residuals, n_hvp, converged)``.
+
+    Convergence: residual ``<= max(tol, 50 eps) * |theta|`` for all ``k`` wanted pairs, with
+    ``eps`` the machine epsilon of ``like`` (so float32 stops near its attainable accuracy), or
+    an exhausted basis (``n`` vectors: the Ritz pairs are exact).
+    """
+    b = min(block_size, n)
+    m_max = min(n, max_basis or max(30, 3 * k + 2 * b))
+    if m_max < k + b and m_max < n:
+        raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")
+    budget = max_hvp if max_hvp is not None else max(300, 50 * k)
+    rel = max(tol, 50 * torch.finfo(like.dtype).eps)
+    gen = make_generator(seed)
+    V = torch.zeros(m_max, n, dtype=like.dtype, device=like.device)
+    T = torch.zeros(m_max, m_max, dtype=torch.float64, device=like.device)
+    Q, _ = _orthogonalise(_start_block(v0, n, b, gen, like), V[:0], gen)
+    m, n_hvp = 0, 0
+    bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
+    try:
+        while True:
+            b_now = min(Q.shape[0], m_max - m)
+            Q = Q[:b_now]
+            V[m:m + b_now] = Q
+            Z = matmat(Q)
+            n_hvp += b_now
+            bar.update(b_now)
+            Qn, coef = _orthogonalise(Z, V[:m + b_now], gen)
+            block = coef[:m + b_now].to(torch.float64)
+            T[:m + b_now, m:m + b_now] = block
+            T[m:m + b_now, :m + b_now] = block.T
+            m += b_now
+            B = coef[m:].to(torch.float64)  # H V^T = V^T T + Qn^T B E_last^T
+            theta, Y = torch.linalg.eigh((T[:m, :m] + T[:m, :m].T) / 2)
+            resid = torch.linalg.vector_norm(B @ Y[m - b_now:m], dim=0)
+            if m == n:
+                resid.zero_()
+            pick = _wanted(theta, k, which)
+            ok = resid[pick] <= rel * theta[pick].abs()
+            if bool(ok.all()) or m == n or n_hvp + b > budget:
+                break
+            if m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
+                keep = _wanted(theta, min(m - b, max(k, (m_max + k) // 2)), which)
+                Yk = Y[:, keep]
+                V[:len(keep)] = (Yk.T.to(V.dtype) @ V[:m])
+                T.zero_()
+                T[:len(keep), :len(keep)] = torch.diag(theta[keep])
+                m = len(keep)  # the next block's coupling to them is recomputed by projection
+            Q = Qn
+            bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
+    finally:
+        bar.close()
+    U = (Y[:, pick].T.to(V.dtype) @ V[:m])
+    return theta[pick], U, resid[pick], n_hvp, bool(ok.all()) or m == n
+
+
+def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
+                    max_hvp: int | None = None, v0: Tensor | None = None, seed: int = 0,
+                    like: Tensor, progress: bool = False
+                    ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+    """PyHessian's method: per eigenpair, power iteration on the iterate projected off the
+    pairs found so far, stopped when the Rayleigh quotient changes by less than ``tol``
+    relative (``|l_t - l_{t-1}| / (|l_{t-1}| + 1e-6)``) or after ``max_iter`` products.
+    Converges to the largest-magnitude eigenvalues."""
+    gen = make_generator(seed)
+    start = _start_block(v0, n, k, gen, like)
+    vecs, vals, res = [], [], []
+    n_hvp, all_ok = 0, True
+    budget = max_hvp if max_hvp is not None else k * max_iter
+    for i in tqdm(range(k), desc="power iteration", disable=not progress, leave=False):
+        found = torch.stack(vecs) if vecs else start[:0]
+        v, lam, ok = start[i], None, False
+        for _ in range(max_iter):
+            if n_hvp >= budget:
+                break
+            v = v - found.T @ (found @ v)
+            v = v / torch.linalg.vector_norm(v)
+            hv = matmat(v.unsqueeze(0))[0]
+            n_hvp += 1
+            new = torch.dot(v, hv).item()
+            r = torch.linalg.vector_norm(hv - new * v).item()
+            ok = lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol
+            lam = new
+            if ok:
+                break
+            v = hv / torch.linalg.vector_norm(hv)
+        if lam is None:
+            break
+        vecs.append(v)
+        vals.append(lam)
+        res.append(r)
+        all_ok = all_ok and ok
+    if len(vals) < k:
+        raise ValueError(f"max_hvp={max_hvp} is too small for k={k} with the power method")
+    theta = torch.tensor(vals, dtype=torch.float64)
+    order = _wanted(theta, k, "LM")
+    return theta[order], torch.stack(vecs)[order], torch.tensor(res, dtype=torch.float64)[order], n_hvp, all_ok
+
+
+def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
+                    which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None,
+                    seed: int = 0, params: ParamSelection = None, model_mode: str = "eval",
+                    batch_size_fn: BatchSizeFn | None = None, v0: Tensor | None = None,
+                    method: str = "lanczos", progress: bool = True, block_size: int = 1,
+                    max_basis: int | None = None, hvp_method: str = "reverse") -> EigenResult:
+    """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
+
+    which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
+        (largest magnitude).
+    tol: Lanczos stops when every wanted Ritz pair has ``||H u - theta u|| <= tol |theta|``;
+        for ``method="power"`` it is PyHessian's relative-change tolerance instead.
+    max_hvp: budget of Hessian-vector products (default ``max(300, 50 k)`` for Lanczos,
+        ``100 k`` for the power method); ``converged`` says whether the tolerance was met.
+    v0: warm start, ``[n]`` or ``[r, n]`` (e.g. the last result's ``eigenvectors``).
+    method: "lanczos" or "power" (PyHessian's deflated power iteration; "LA"/"LM" only, both
+        meaning largest magnitude there).
+    block_size: vectors per Lanczos block; a block of size ``b`` resolves eigenvalues of
+        multiplicity up to ``b`` (single-vector Krylov spaces see one copy of a repeated
+        eigenvalue) and shares each forward pass among ``b`` products.
+    max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``);
+        the memory is ``max_basis * n`` elements.
+    """
+    k = _check_int(k, "k", 1)
+    if which not in WHICH:
+        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    if method == "power" and which == "SA":
+        raise ValueError('method="power" finds largest-magnitude eigenvalues; which="SA" '
+                         'needs method="lanczos"')
+    if not (isinstance(tol, numbers.Real) and tol > 0):
+        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if max_hvp is not None:
+        _check_int(max_hvp, "max_hvp", 1)
+    block_size = _check_int(block_size, "block_size", 1)
+    seed = make_generator(seed).initial_seed()
+    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
+                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+    n = op.shape[0]
+    _check_int(k, "k", 1, n)
+    like = op.params[0].detach()
+    with op:
+        if method == "lanczos":
+            out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
+                          block_size=block_size, max_basis=max_basis, v0=v0, seed=seed,
+                          like=like, progress=progress)
+        else:
+            out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
+                                  like=like, progress=progress)
+    theta, U, resid, n_hvp, ok = out
+    return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
+                       list(op.names))

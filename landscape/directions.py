@@ -1,0 +1,169 @@
+"""Directions in weight space: random (filter/layer-normalised), between checkpoints, Hessian eigenvectors.
+
+A direction is a dict from a parameter (or floating buffer) name to a tensor of the same
+shape. The helpers here return :class:`Direction`, a dict that also carries ``info`` (how it
+was made: seed, normalisation, ...), which surfaces copy into their saved metadata.
+"""
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from analysis.protocol import ParamSelection, select_params
+from analysis.seeding import make_generator, randn
+
+NORMALIZATIONS = ("filter", "layer", "none")
+
+
+class Direction(dict):
+    """``dict`` name -> tensor, plus ``info`` describing how it was made."""
+
+    def __init__(self, tensors: Mapping[str, Tensor], info: Mapping[str, Any] | None = None):
+        super().__init__(tensors)
+        self.info = dict(info or {})
+
+
+def _named_targets(model: nn.Module) -> dict[str, Tensor]:
+    """Everything a direction may move: parameters and floating-point buffers."""
+    out = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
+    out.update(dict(model.named_parameters()))
+    return out
+
+
+def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: str = "direction"
+                    ) -> dict[str, Tensor]:
+    """Validate ``direction`` against ``model``; return it detached, on the model's device/dtype.
+
+    Keys must name parameters (or floating buffers, e.g. BatchNorm running statistics) and
+    shapes must match. Names the direction leaves out stay fixed.
+    """
+    if not isinstance(direction, Mapping):
+        raise ValueError(f"{argname} must be a dict from parameter name to tensor, "
+                         f"got {type(direction).__name__}")
+    if not direction:
+        raise ValueError(f"{argname} is empty: it must name at least one parameter")
+    targets = _named_targets(model)
+    unknown = [k for k in direction if k not in targets]
+    if unknown:
+        raise ValueError(f"{argname} has keys that are not parameters or floating buffers of the "
+                         f"model: {unknown[:5]}; model parameters: {list(dict(model.named_parameters()))[:5]}...")
+    out = {}
+    for name, t in direction.items():
+        if not isinstance(t, Tensor) or not t.is_floating_point():
+            raise ValueError(f"{argname}[{name!r}] must be a floating-point tensor")
+        if t.shape != targets[name].shape:
+            raise ValueError(f"{argname}[{name!r}] has shape {tuple(t.shape)}, but the model's "
+                             f"tensor has shape {tuple(targets[name].shape)}")
+        out[name] = t.detach().to(targets[name])
+    return out
+
+
+def normalize_(direction: Tensor, weight: Tensor, normalization: str) -> Tensor:
+    """Rescale ``direction`` in place to the scale of ``weight`` (Li et al. 2018, Sec. 4).
+
+    "filter": each slice along dim 0 (a conv filter, a Linear row) gets the norm of the matching
+    slice of ``weight``; 1-D tensors are one filter. "layer": the whole tensor gets the norm of
+    ``weight``. "none": unchanged. A zero slice of ``direction`` stays zero.
+    """
+    if normalization == "none":
+        return direction
+    if normalization == "filter" and direction.dim() > 1:
+        d, w = direction.view(len(direction), -1), weight.reshape(len(weight), -1)
+        dn, wn = d.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
+        d.mul_(torch.where(dn > 0, wn / dn.clamp_min(torch.finfo(dn.dtype).tiny), 0.0))
+        return direction
+    dn = direction.norm()
+    return direction.mul_(weight.norm() / dn if dn > 0 else 0.0)
+
+
+def random_direction(model: nn.Module, normalization: str = "filter", ignore_bias_bn: bool = True,
+                     seed: int = 0, *, params: ParamSelection = None) -> Direction:
+    """A Gaussian direction over the parameters, normalised to the weights' scale.
+
+    normalization: "filter" (Li et al.: each filter/row of d rescaled to the norm of the matching
+        filter/row of w), "layer" (whole tensor), or "none" (plain N(0, 1) entries).
+    ignore_bias_bn: 1-D parameters (biases, BatchNorm weights) get a zero direction.
+    seed: draws come from a private generator on the CPU (same on every device and rank).
+    params: which parameters get a direction (default: all with requires_grad).
+    """
+    if normalization not in NORMALIZATIONS:
+        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    gen = make_generator(seed)
+    names, tensors = select_params(model, params)
+    out = {}
+    for name, w in zip(names, tensors):
+        w = w.detach()
+        d = randn(w.shape, gen, like=w)
+        if ignore_bias_bn and w.dim() <= 1:
+            d.zero_()
+        out[name] = normalize_(d, w, normalization)
+    return Direction(out, {"kind": "random", "seed": seed, "normalization": normalization,
+                           "ignore_bias_bn": ignore_bias_bn})
+
+
+def load_state(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str, Tensor]:
+    """A state_dict, given directly or as a checkpoint path (``torch.load(weights_only=True)``).
+
+    A checkpoint holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+    """
+    if isinstance(source, (str, os.PathLike)):
+        source = torch.load(source, map_location="cpu", weights_only=True)
+    if not isinstance(source, Mapping):
+        raise ValueError(f"expected a state_dict or a checkpoint path, got {type(source).__name__}")
+    for key in ("state_dict", "model"):
+        if key in source and isinstance(source[key], Mapping):
+            return source[key]
+    return source
+
+
+def state_tensors(model: nn.Module, source, names: list[str]) -> dict[str, Tensor]:
+    """The tensors ``names`` of a state_dict or checkpoint, on the model's device and dtype."""
+    state = load_state(source)
+    missing = [n for n in names if n not in state]
+    if missing:
+        raise ValueError(f"checkpoint lacks tensors of the model: {missing[:5]}")
+    return check_direction(model, {n: state[n] for n in names}, "checkpoint")
+
+
+def update_direction(start, end, model: nn.Module, *, params: ParamSelection = None,
+                     buffers: bool = False) -> Direction:
+    """``end - start`` over the model's parameters: the update between two checkpoints.
+
+    start, end: state_dicts or checkpoint paths. buffers: also include floating buffers
+    (BatchNorm running statistics), as Li et al.'s ``dir_type="states"`` does.
+    """
+    names, _ = select_params(model, params)
+    if buffers:
+        names += [n for n, b in model.named_buffers() if b.is_floating_point()]
+    a, b = state_tensors(model, start, names), state_tensors(model, end, names)
+    return Direction({n: b[n] - a[n] for n in names}, {"kind": "update", "buffers": buffers})
+
+
+def eigenvector_directions(model: nn.Module, loss_fn, data, k: int = 2, *,
+                           params: ParamSelection = None, model_mode: str = "eval",
+                           **lanczos_kwargs) -> list[Direction]:
+    """Unit directions along the top-``k`` Hessian eigenvectors (``analysis.top_eigenvalues``).
+
+    Each Direction's ``info`` holds its eigenvalue, so ``line`` along it has second difference
+    ``eigenvalue`` at 0. Extra keywords go to ``top_eigenvalues`` (which, tol, seed, ...).
+    """
+    from analysis.lanczos import top_eigenvalues
+
+    names, tensors = select_params(model, params)
+    res = top_eigenvalues(model, loss_fn, data, k=k, params=params, model_mode=model_mode,
+                          **lanczos_kwargs)
+    out = []
+    for i, value in enumerate(res.eigenvalues):
+        vec = torch.as_tensor(_column(res.eigenvectors, i))
+        chunks = torch.split(vec, [t.numel() for t in tensors])
+        out.append(Direction({n: c.reshape(t.shape).to(t) for n, c, t in zip(names, chunks, tensors)},
+                             {"kind": "hessian_eigenvector", "index": i, "eigenvalue": float(value)}))
+    return out
+
+
+def _column(vectors, i: int):
+    """The i-th eigenvector of a ``top_eigenvalues`` result ([P, k] columns)."""
+    return vectors[:, i]

@@ -1,0 +1,201 @@
+"""Exact full-data losses at many points ``sum_j c_j V_j`` of weight space, vectorised.
+
+Every surface of the package is a set of points, each a linear combination of a few weight
+vectors (the origin and one or two directions for ``line``/``plane``; two endpoints for
+``interpolate``). Points are evaluated in chunks: ``torch.func.vmap`` over the points of a
+chunk, ``functional_call`` for the forward, and ``analysis.protocol.data_mean`` for the
+sample-weighted mean over the data (all-reduced over ranks). Models that cannot be vmapped
+(random layers, in-place buffer updates, data-dependent control flow) are evaluated point by
+point with the weights written into the model; both paths give the same values.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, vmap
+from tqdm.auto import tqdm
+
+from analysis.distributed import rank, world_size
+from analysis.protocol import BatchSizeFn, LossFn, check_data, data_mean
+from analysis.restore import preserved
+
+from .directions import _named_targets
+from .results import Progress
+
+VECTORIZE = ("auto", True, False)
+DISTRIBUTE = ("data", "grid")
+DEFAULT_MAX_MEMORY = 2 ** 28  # bytes of weights and activations per chunk of points
+
+
+class _LossCall(nn.Module):
+    """``loss_fn(model, batch)`` as a module, so that ``functional_call`` on it swaps the
+    model's tensors for the whole loss computation (attribute access and ``parameters()``
+    inside ``loss_fn`` see the point's weights, not only ``model.forward``)."""
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn):
+        super().__init__()
+        self.model = model
+        self.loss_fn = loss_fn
+        self.training = model.training  # not .train(): that would recurse into model
+
+    def forward(self, batch):
+        return self.loss_fn(self.model, batch)
+
+
+def _scalar(loss: Any) -> Tensor:
+    if not isinstance(loss, Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
+        raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch), "
+                         f"got {shape}")
+    return loss.reshape(())
+
+
+def _combine(parts: Sequence[tuple[int, Tensor]], c: Tensor) -> Tensor:
+    """``sum_j c[j] * V_j`` in a fixed order (the same arithmetic with and without vmap)."""
+    j, t = parts[0]
+    out = t * c[j]
+    for j, t in parts[1:]:
+        out = out + t * c[j]
+    return out
+
+
+def _activation_bytes(model: nn.Module, loss_fn: LossFn, batch: Any) -> int:
+    """Bytes of all module outputs of one forward on ``batch`` (sizes the chunks)."""
+    total = 0
+
+    def hook(_module, _inputs, output):
+        nonlocal total
+        for t in output if isinstance(output, (tuple, list)) else (output,):
+            if isinstance(t, Tensor):
+                total += t.numel() * t.element_size()
+
+    handles = [m.register_forward_hook(hook) for m in model.modules()]
+    try:
+        loss_fn(model, batch)
+    finally:
+        for h in handles:
+            h.remove()
+    return total
+
+
+def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[Mapping[str, Tensor]],
+                    coords: np.ndarray, store: Progress, describe: Callable[[int], str], *,
+                    model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
+                    chunk_size: int | None = None, max_memory: int = DEFAULT_MAX_MEMORY,
+                    vectorize: bool | str = "auto", distribute: str = "data",
+                    progress: bool = True, desc: str = "landscape") -> None:
+    """Fill the NaN entries of ``store.losses`` (flattened) with ``L(sum_j coords[i, j] V_j)``.
+
+    vectors: weight vectors (dicts name -> tensor, validated); ``vectors[0]`` names every
+        tensor that moves. coords: [n_points, len(vectors)].
+    chunk_size: points per vmap call (default: as many as fit in ``max_memory`` bytes).
+    vectorize: "auto" (vmap, falling back to a loop if the model cannot be vmapped), True
+        (vmap only), False (loop only).
+    distribute: under torch.distributed, "data": each rank holds a shard of the data and
+        evaluates every point on it (sums all-reduced); "grid": each rank holds all the data
+        and evaluates its share of the points (results gathered on every rank).
+    The losses are written to ``store`` (and its file) after every chunk. A non-finite loss
+    raises ValueError naming the point (``describe(index)``).
+    """
+    if vectorize not in VECTORIZE:
+        raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")
+    if distribute not in DISTRIBUTE:
+        raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {distribute!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
+        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    if max_memory <= 0:
+        raise ValueError(f"max_memory must be > 0 bytes, got {max_memory!r}")
+    check_data(data)
+    flat = store.losses.reshape(-1)
+    todo = np.flatnonzero(np.isnan(flat))
+    if len(todo) == 0:
+        return
+    parts = {n: [(j, v[n]) for j, v in enumerate(vectors) if n in v] for n in vectors[0]}
+    share, me = (world_size(), rank()) if distribute == "grid" else (1, 0)
+
+    with preserved(model, model_mode), torch.no_grad():
+        targets = _named_targets(model)
+        dtype = next(iter(vectors[0].values())).dtype
+        device = next(iter(vectors[0].values())).device
+
+        caller = _LossCall(model, loss_fn)
+
+        def vmapped(cs: Tensor, batch) -> Tensor:
+            def one(c):
+                mapping = {f"model.{n}": _combine(p, c) for n, p in parts.items()}
+                return _scalar(functional_call(caller, mapping, (batch,)))
+            return vmap(one)(cs)
+
+        def looped(cs: Tensor, batch) -> Tensor:
+            out = []
+            for c in cs:
+                for n, p in parts.items():
+                    targets[n].copy_(_combine(p, c))
+                out.append(_scalar(loss_fn(model, batch)))
+            return torch.stack(out)
+
+        def run(chunk: np.ndarray, fn) -> np.ndarray:
+            mine = torch.as_tensor(np.arange(len(chunk)) % share == me, device=device)
+            cs = torch.as_tensor(coords[chunk], dtype=dtype, device=device)[mine]
+
+            def per_batch(batch):
+                values = torch.zeros(len(chunk), dtype=dtype, device=device)
+                if len(cs):
+                    values[mine] = fn(cs, batch)
+                    store.n_forward += len(cs)
+                return [values, mine.to(dtype)]
+
+            total, owned = data_mean(data, per_batch, batch_size_fn).values
+            return (total / owned).cpu().double().numpy()  # owned == 1 unless distribute="grid"
+
+        if chunk_size is None:
+            weight_bytes = sum(v.numel() * v.element_size() for v in vectors[0].values())
+            act = _activation_bytes(model, loss_fn, next(iter(data)))
+            store.n_forward += 1
+            chunk_size = max(1, min(len(todo), max_memory // (3 * weight_bytes + act)))
+        step = int(chunk_size) * share
+        mode = vmapped if vectorize in ("auto", True) else looped
+        bar = tqdm(total=len(todo), desc=desc, disable=not progress or rank() != 0)
+        try:
+            for start in range(0, len(todo), step):
+                chunk = todo[start:start + step]
+                try:
+                    values = run(chunk, mode)
+                except Exception as err:
+                    if mode is looped or vectorize is True or start > 0:
+                        raise
+                    warnings.warn(f"the model cannot be vmapped ({type(err).__name__}: {err}); "
+                                  "evaluating the points one by one", RuntimeWarning)
+                    mode = looped
+                    values = run(chunk, mode)
+                bad = np.flatnonzero(~np.isfinite(values))
+                if len(bad):
+                    raise ValueError(f"non-finite loss {values[bad[0]]} at {describe(chunk[bad[0]])}"
+                                     + ("" if store.path is None else
+                                        f"; finished points are saved in {store.path}"))
+                flat[chunk] = values
+                store.write(complete=start + step >= len(todo))
+                bar.update(len(chunk))
+        finally:
+            bar.close()
+
+
+def check_coords(values, name: str) -> np.ndarray:
+    """A non-empty 1-D float64 array of finite coordinates."""
+    arr = np.asarray(values, dtype=np.float64)
+    if arr.ndim == 0:
+        arr = arr.reshape(1)
+    if arr.ndim != 1 or arr.size == 0:
+        raise ValueError(f"{name} must be a non-empty 1-D sequence of coordinates, got shape {arr.shape}")
+    if not np.all(np.isfinite(arr)):
+        raise ValueError(f"{name} must be finite, got {arr}")
+    return arr
+
+
+def fmt(x: float) -> str:
+    return f"{x:.6g}" if math.isfinite(x) else str(x)

@@ -1,0 +1,114 @@
+"""PCA directions of a training trajectory and its projection onto them (Li et al. 2018, Sec. 7)."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator, Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from analysis.flat import flatten
+from analysis.protocol import ParamSelection, select_params
+
+from .directions import Direction, _named_targets, check_direction, state_tensors
+
+METHODS = ("auto", "svd", "gram")
+
+
+@dataclass
+class PCAResult:
+    """Top principal directions of a trajectory (unit norm, orthogonal) and the path on them.
+
+    coords[t] are the coordinates of checkpoint t on the directions, relative to the model's
+    weights (the origin of a ``plane`` along these directions). Iterating yields directions,
+    so ``d1, d2 = pca_directions(...)`` works.
+    """
+    directions: list[Direction]
+    explained_variance: np.ndarray
+    explained_variance_ratio: np.ndarray
+    coords: np.ndarray
+
+    def __iter__(self) -> Iterator[Direction]:
+        return iter(self.directions)
+
+    def __len__(self) -> int:
+        return len(self.directions)
+
+
+def _matrix(trajectory: Sequence, model: nn.Module, names: list[str], like: list[Tensor]) -> Tensor:
+    """[T, P] float64 matrix of the flattened checkpoints (state_dicts or checkpoint paths)."""
+    if isinstance(trajectory, (str, bytes, Mapping)) or len(trajectory) == 0:
+        raise ValueError("trajectory must be a non-empty list of state_dicts or checkpoint paths")
+    rows = []
+    for item in trajectory:
+        t = state_tensors(model, item, names)
+        rows.append(flatten([t[n].to(like[0].device, torch.float64) for n in names]))
+    return torch.stack(rows)
+
+
+def _mask(names: list[str], like: list[Tensor], ignore_bias_bn: bool) -> Tensor:
+    return flatten([torch.full((t.numel(),), float(not (ignore_bias_bn and t.dim() <= 1)),
+                               dtype=torch.float64, device=t.device) for t in like])
+
+
+def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
+                   params: ParamSelection = None, ignore_bias_bn: bool = False,
+                   method: str = "auto") -> PCAResult:
+    """The ``n`` principal directions of the checkpoints ``trajectory`` around their mean.
+
+    trajectory: a list of state_dicts or checkpoint paths (loaded with weights_only=True).
+    method: "svd" of the centred [T, P] matrix M, or "gram": eigendecomposition of the T x T
+        matrix M M^T with directions M^T u / sigma (cheaper when T << P); "auto" picks "gram"
+        when T < P. explained_variance = sigma^2 / (T - 1) as in sklearn's PCA; its ratio is
+        over all T - 1 components. ignore_bias_bn: zero the 1-D tensors' entries first.
+    The sign of each direction makes its largest-magnitude entry positive.
+    """
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    names, like = select_params(model, params)
+    like = [p.detach() for p in like]
+    theta = _matrix(trajectory, model, names, like)
+    T, P = theta.shape
+    if isinstance(n, bool) or not 1 <= int(n) <= min(T - 1, P):
+        raise ValueError(f"n must be in [1, min(len(trajectory) - 1, n_params)] = "
+                         f"[1, {min(T - 1, P)}], got {n!r}")
+    m = (theta - theta.mean(dim=0)) * _mask(names, like, ignore_bias_bn)
+    if method == "svd" or (method == "auto" and T >= P):
+        _, s, vh = torch.linalg.svd(m, full_matrices=False)
+        var, vecs = s ** 2, vh[:n]
+    else:
+        lam, u = torch.linalg.eigh(m @ m.T)
+        lam, u = lam.flip(0).clamp_min(0), u.flip(1)
+        var = lam
+        vecs = (m.T @ u[:, :n] / lam[:n].sqrt()).T
+    idx = vecs.abs().argmax(dim=1)
+    vecs = vecs * torch.sign(vecs.gather(1, idx[:, None]))
+    dirs = []
+    for k, v in enumerate(vecs):
+        parts = torch.split(v, [t.numel() for t in like])
+        dirs.append(Direction({name: c.reshape(t.shape).to(t) for name, c, t in zip(names, parts, like)},
+                              {"kind": "pca", "index": k}))
+    total = float(var.sum())
+    explained = (var[:n] / (T - 1)).cpu().numpy()
+    ratio = (var[:n] / total).cpu().numpy() if total > 0 else np.zeros(n)
+    return PCAResult(dirs, explained, ratio, project_trajectory(trajectory, model, dirs))
+
+
+def project_trajectory(trajectory: Sequence, model: nn.Module,
+                       directions: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
+    """Coordinates [T, k] of each checkpoint minus the model's weights on ``directions``.
+
+    Least squares ``argmin_c || theta_t - w - sum_k c_k d_k ||`` (exact projection also for
+    directions that are not orthogonal, e.g. two random ones).
+    """
+    dirs = [check_direction(model, d, f"directions[{k}]") for k, d in enumerate(directions)]
+    names = list(dict.fromkeys(n for d in dirs for n in d))
+    targets = _named_targets(model)
+    like = [targets[n].detach() for n in names]
+    theta = _matrix(trajectory, model, names, like)
+    w = flatten([t.to(torch.float64) for t in like])
+    basis = torch.stack([flatten([d.get(n, torch.zeros_like(t)).to(torch.float64)
+                                  for n, t in zip(names, like)]) for d in dirs], dim=1)
+    coords = torch.linalg.lstsq(basis, (theta - w).T).solution.T
+    return coords.cpu().numpy()

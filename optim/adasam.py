@@ -1,0 +1,116 @@
+"""AdaSAM: SAM with adaptive learning rate and momentum (Sun et al., arXiv 2303.00565, Algorithm 1).
+
+With s_t the gradient at the SAM point x_t + rho * g_t / ||g_t|| (same minibatch, global norm):
+
+    m_t = beta1 m_{t-1} + (1 - beta1) s_t
+    v_t = beta2 v_{t-1} + (1 - beta2) s_t^2
+    v^_t = max(v^_{t-1}, v_t),            v^_{-1} = eps^2   (eps enters only here)
+    x_{t+1} = x_t - lr * m_t / sqrt(v^_t)
+
+No bias correction and no additive eps (``bias_correction=True`` divides m by 1 - beta1^t and v^
+by 1 - beta2^t, as Adam does). Two forward-backward passes per step.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .sam import BatchNormFreeze, SharpnessAware, check_model, check_rho, grouped, use_foreach
+from ._checks import check_betas, check_nonnegative, check_positive
+from .wrapper import CountingOptimizer
+
+
+class AdaSAM(SharpnessAware, CountingOptimizer):
+    """AdaSAM (Algorithm 1 of the paper). Its own optimizer, not a wrapper.
+
+    Per-parameter state: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (v^, starts at
+    eps^2), ``origin`` (x_t during the perturbed pass). Counters: ``n_steps``, ``n_closure_calls``.
+    """
+
+    _rho_key = "rho"
+    _adaptive_key = None
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
+                 rho: float = 0.05, eps: float = 1e-8, model: nn.Module | None = None, *,
+                 bias_correction: bool = False, foreach: bool | None = None):
+        check_nonnegative("lr", lr)
+        check_positive("eps", eps)
+        check_betas(betas)
+        defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), rho=check_rho(rho), eps=float(eps),
+                        bias_correction=bool(bias_correction))
+        super().__init__(params, defaults)
+        self.model = check_model(model)
+        self.foreach = foreach
+        self._bn = BatchNormFreeze(self.model)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Moves to the SAM point x + rho * g / (||g|| + 1e-12) using the current gradients."""
+        self._ascend()
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Back to x; the AMSGrad-type update with the gradient s at the SAM point."""
+        for group, params in self._return_to_origin():
+            if not params:
+                continue
+            for p in params:
+                self._init_state(p, group["eps"])
+            states = [self.state[p] for p in params]
+            for s in states:
+                s["step"] += 1
+            steps = [s["step"] for s in states]
+            multi = use_foreach(self.foreach, params) and len(set(steps)) == 1
+            fn = _multi_tensor_adasam if multi else _single_tensor_adasam
+            fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+               [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states],
+               steps=steps, lr=group["lr"], betas=group["betas"],
+               bias_correction=group["bias_correction"])
+        self.n_steps += 1
+        if zero_grad:
+            self.zero_grad()
+
+    def _init_state(self, p: Tensor, eps: float) -> None:
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = 0
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["max_exp_avg_sq"] = torch.full_like(p, eps * eps, memory_format=torch.preserve_format)
+
+
+def _step_size(lr: float, betas: tuple[float, float], step: int, bias_correction: bool
+               ) -> tuple[float, float]:
+    """(lr / (1 - beta1^t), 1 / (1 - beta2^t)) with bias correction, else (lr, 1)."""
+    if not bias_correction:
+        return lr, 1.0
+    return lr / (1.0 - betas[0] ** step), 1.0 / (1.0 - betas[1] ** step)
+
+
+def _single_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
+                          bias_correction) -> None:
+    beta1, beta2 = betas
+    for p, s, m, v, v_max, step in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        step_size, v_scale = _step_size(lr, betas, step, bias_correction)
+        m.mul_(beta1).add_(s, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(s, s, value=1.0 - beta2)
+        torch.maximum(v_max, v, out=v_max)
+        p.addcdiv_(m, (v_max * v_scale).sqrt_(), value=-step_size)
+
+
+def _multi_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
+                         bias_correction) -> None:
+    """The same update with ``torch._foreach_*`` (all ``steps`` equal)."""
+    beta1, beta2 = betas
+    step_size, v_scale = _step_size(lr, betas, steps[0], bias_correction)
+    for ps, ss, ms, vs, v_maxs in grouped(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
+        torch._foreach_mul_(ms, beta1)
+        torch._foreach_add_(ms, ss, alpha=1.0 - beta1)
+        torch._foreach_mul_(vs, beta2)
+        torch._foreach_addcmul_(vs, ss, ss, value=1.0 - beta2)
+        torch._foreach_maximum_(v_maxs, vs)
+        denom = torch._foreach_mul(v_maxs, v_scale)
+        torch._foreach_sqrt_(denom)
+        torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)

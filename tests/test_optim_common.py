@@ -1,0 +1,193 @@
+"""Behaviour every optimizer in `optim` shares: resume, schedulers, param groups, dtypes, validation.
+
+HOW TO ADD AN OPTIMIZER (one line each):
+  * OPTIMIZERS["Name"] = factory(params, **overrides) -> optimizer. `params` is whatever torch.optim
+    accepts (an iterable of tensors or a list of param-group dicts); `overrides` are keyword arguments
+    of the optimizer under test (for a wrapper: of the wrapper, with the base built inside the factory).
+    Keep the defaults modest (the tests run a few steps of a tiny float64 MLP).
+  * BAD_HYPERPARAMETERS.append(("Name", {"rho": -1.0}, "rho")): the factory called with these overrides
+    must raise ValueError whose message contains the substring (the hyperparameter's name).
+Every optimizer is stepped only through `loss = opt.step(closure)`, the one uniform API.
+"""
+from __future__ import annotations
+
+import io
+from typing import Callable
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+
+import optim
+from oracles import classification_data, mlp
+
+Factory = Callable[..., torch.optim.Optimizer]
+
+OPTIMIZERS: dict[str, Factory] = {
+    "AGD": lambda params, **kw: optim.AGD(params, **{"lr": 1e-2, "delta": 1e-3, "weight_decay": 1e-2, **kw}),
+    "AGD-coupled-amsgrad-clip": lambda params, **kw: optim.AGD(
+        params, **{"lr": 1e-2, "delta": 1e-3, "weight_decay": 1e-2, "weight_decouple": False,
+                   "amsgrad": True, "clip": 0.5, **kw}),
+    "NDAdam": lambda params, **kw: optim.NDAdam(params, **{"lr": 1e-2, "weight_decay": 1e-3, **kw}),
+    "SAM": lambda params, lr=1e-2, **kw: optim.SAM(torch.optim.SGD(params, lr=lr, momentum=0.9), **kw),
+    "SAM-adaptive-adam": lambda params, lr=1e-2, **kw: optim.SAM(torch.optim.Adam(params, lr=lr), **{"rho": 0.5, "adaptive": True, **kw}),
+    "WSAM": lambda params, lr=1e-2, **kw: optim.WSAM(torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3), **kw),
+    "WSAM-coupled-adaptive-clip": lambda params, lr=1e-2, **kw: optim.WSAM(torch.optim.Adam(params, lr=lr), **{"decouple": False, "adaptive": True, "rho": 0.5, "max_norm": 0.5, **kw}),
+    "AdaSAM": lambda params, **kw: optim.AdaSAM(params, **{"lr": 1e-2, **kw}),
+    "AdaSAM-bias-correction": lambda params, **kw: optim.AdaSAM(params, **{"lr": 1e-2, "bias_correction": True, "foreach": True, **kw}),
+    "Lookahead": lambda params, lr=1e-2, **kw: optim.Lookahead(torch.optim.Adam(params, lr=lr), **{"k": 3, **kw}),
+    "SALA": lambda params, lr=1e-2, **kw: optim.SALA(torch.optim.SGD(params, lr=lr, momentum=0.9), **{"k": 2, "alpha": 0.5, "rho": 0.05, **kw}),
+}
+
+BAD_HYPERPARAMETERS: list[tuple[str, dict, str]] = [
+    ("SAM", {"rho": -0.1}, "rho"), ("SAM", {"rho": float("inf")}, "rho"),
+    ("WSAM", {"gamma": 1.0}, "gamma"), ("WSAM", {"gamma": -0.1}, "gamma"), ("WSAM", {"rho": -1.0}, "rho"),
+    ("WSAM", {"max_norm": 0.0}, "max_norm"), ("WSAM", {"max_norm": float("nan")}, "max_norm"),
+    ("AdaSAM", {"lr": -1e-3}, "lr"), ("AdaSAM", {"betas": (0.9, 1.0)}, "beta"), ("AdaSAM", {"eps": 0.0}, "eps"),
+    ("AdaSAM", {"rho": -0.05}, "rho"),
+    ("Lookahead", {"k": 0}, "k"), ("Lookahead", {"k": 2.5}, "k"), ("Lookahead", {"alpha": 0.0}, "alpha"),
+    ("Lookahead", {"alpha": 1.5}, "alpha"),
+    ("SALA", {"k": 1}, "k"), ("SALA", {"alpha": -0.1}, "alpha"), ("SALA", {"rho": -0.05}, "rho"),
+    ("AGD", {"lr": -1e-3}, "lr"),
+    ("AGD", {"lr": float("nan")}, "lr"),
+    ("AGD", {"betas": (1.0, 0.999)}, "beta"),
+    ("AGD", {"betas": (-0.1, 0.999)}, "beta"),
+    ("AGD", {"betas": (0.9, 1.0)}, "beta"),
+    ("AGD", {"betas": (0.9,)}, "betas"),
+    ("AGD", {"delta": 0.0}, "delta"),
+    ("AGD", {"delta": -1e-5}, "delta"),
+    ("AGD", {"weight_decay": -1e-2}, "weight_decay"),
+    ("AGD", {"clip": 0.0}, "clip"),
+    ("AGD", {"clip": -5.0}, "clip"),
+    ("NDAdam", {"lr": -1e-3}, "lr"),
+    ("NDAdam", {"betas": (1.0, 0.999)}, "beta"),
+    ("NDAdam", {"betas": (0.9, -0.5)}, "beta"),
+    ("NDAdam", {"eps": -1e-8}, "eps"),
+    ("NDAdam", {"weight_decay": -1.0}, "weight_decay"),
+]
+
+NAMES = sorted(OPTIMIZERS)
+
+
+def _batch(i: int, dtype=torch.float64):
+    x, y = classification_data(n=16, d=6, classes=3, dtype=torch.float64, seed=100 + i)
+    return x.to(dtype), y
+
+
+def _train(model, opt, steps: range, dtype=torch.float64, scheduler=None) -> list[float]:
+    losses = []
+    for i in steps:
+        x, y = _batch(i, dtype)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        losses.append(float(opt.step(closure).detach()))
+        if scheduler is not None:
+            scheduler.step()
+    return losses
+
+
+def _params(model) -> list[torch.Tensor]:
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def _roundtrip(obj):
+    """Serialise as a user would (torch.save) and load back safely."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=True)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_resume_is_bit_exact(name):
+    model = mlp(seed=0)
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, range(12))
+    straight = _params(model)
+
+    model = mlp(seed=0)
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, range(7))
+    model_state, opt_state = _roundtrip(model.state_dict()), _roundtrip(opt.state_dict())
+    del model, opt
+
+    model = mlp(seed=1)  # a different init: everything must come from the saved state
+    model.load_state_dict(model_state)
+    opt = OPTIMIZERS[name](model.parameters())
+    opt.load_state_dict(opt_state)
+    _train(model, opt, range(7, 12))
+    for a, b in zip(straight, _params(model)):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_step_returns_loss_at_start_weights(name):
+    model = mlp(seed=0)
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, range(3))
+    x, y = _batch(3)
+    with torch.no_grad():
+        expected = F.cross_entropy(model(x), y)
+    (loss,) = _train(model, opt, range(3, 4))
+    assert loss == pytest.approx(float(expected), rel=1e-12)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_lr_scheduler_scales_the_step(name):
+    """A LambdaLR factor of 0.5 is the same run as half the lr; a factor of 1 is a different run."""
+    runs = {}
+    for label, lr, factor in [("sched", 1e-2, 0.5), ("half", 5e-3, 1.0), ("full", 1e-2, 1.0)]:
+        model = mlp(seed=0)
+        opt = OPTIMIZERS[name](model.parameters(), lr=lr)
+        sched = LambdaLR(opt, lambda step, f=factor: f)
+        _train(model, opt, range(6), scheduler=sched)
+        runs[label] = _params(model)
+    for a, b in zip(runs["sched"], runs["half"]):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-14)
+    assert any(not torch.allclose(a, b) for a, b in zip(runs["sched"], runs["full"]))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_param_groups_use_their_own_lr(name):
+    """A group with lr=0 stays put (after a first step, which may project onto constraints)."""
+    model = mlp(seed=0)
+    first, rest = list(model[0].parameters()), [p for m in list(model)[1:] for p in m.parameters()]
+    opt = OPTIMIZERS[name]([{"params": first, "lr": 0.0}, {"params": rest}], lr=1e-2)
+    assert len(opt.param_groups) == 2
+    _train(model, opt, range(1))
+    frozen, moving = [p.detach().clone() for p in first], [p.detach().clone() for p in rest]
+    _train(model, opt, range(1, 5))
+    for a, p in zip(frozen, first):
+        assert torch.equal(a, p)
+    assert all(not torch.equal(a, p) for a, p in zip(moving, rest))
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_float32_tracks_float64(name):
+    out = {}
+    for dtype in (torch.float32, torch.float64):
+        model = mlp(seed=0, dtype=dtype)
+        opt = OPTIMIZERS[name](model.parameters())
+        _train(model, opt, range(5), dtype=dtype)
+        assert all(p.dtype == dtype and torch.isfinite(p).all() for p in model.parameters())
+        for state in opt.state.values():
+            for v in state.values():
+                if torch.is_tensor(v) and v.is_floating_point() and v.dim() > 0:
+                    assert v.dtype == dtype
+        out[dtype] = _params(model)
+    for a, b in zip(out[torch.float32], out[torch.float64]):
+        torch.testing.assert_close(a.double(), b, rtol=1e-3, atol=1e-4)
+
+
+@pytest.mark.parametrize("name,overrides,needle", BAD_HYPERPARAMETERS,
+                         ids=[f"{n}-{next(iter(kw))}-{i}" for i, (n, kw, _) in enumerate(BAD_HYPERPARAMETERS)])
+def test_bad_hyperparameter_raises(name, overrides, needle):
+    model = mlp(seed=0)
+    with pytest.raises(ValueError, match=needle):
+        OPTIMIZERS[name](model.parameters(), **overrides)

@@ -1,0 +1,165 @@
+"""SAM / ASAM against the equations (Foret et al. eq. 2; ASAM's w^2-scaled ascent), plus the machinery
+the SAM family shares: BatchNorm freezing, the two-step API, fp32 norms, validation."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import optim
+from oracles import cnn_bn
+from optim_reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, grad, initial, norm,
+                             param_groups, run_model)
+
+LRS = (0.3, 0.1)
+STEPS = 25
+
+
+def reference_sam(rho: float, adaptive: bool, steps: int = STEPS) -> list:
+    theta, base, out = initial(), RefSGD(LRS, momentum=0.9, weight_decay=1e-3), []
+    for i in range(steps):
+        xy = batch(i)
+        g = grad(theta, xy)
+        if adaptive:
+            n = norm({k: theta[k].abs() * g[k] for k in g})
+            e = {k: rho * theta[k] ** 2 * g[k] / (n + 1e-12) for k in g}
+        else:
+            n = norm(g)
+            e = {k: rho * g[k] / (n + 1e-12) for k in g}
+        g_sam = grad({k: theta[k] + e[k] for k in theta}, xy)
+        theta = base.step(theta, g_sam)
+        out.append(theta)
+    return out
+
+
+def make_sam(model, **kw):
+    base = torch.optim.SGD(param_groups(model, *LRS), momentum=0.9, weight_decay=1e-3)
+    return optim.SAM(base, **kw)
+
+
+@pytest.mark.parametrize("adaptive,rho", [(False, 0.1), (True, 1.0)])
+def test_sam_matches_reference(adaptive, rho):
+    model = Softmax()
+    opt = make_sam(model, rho=rho, adaptive=adaptive)
+    got = run_model(opt, model, STEPS)
+    assert_trajectories_close(got, reference_sam(rho, adaptive))
+    assert (opt.n_steps, opt.n_closure_calls) == (STEPS, 2 * STEPS)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert all(g["sam_rho"] == rho and g["sam_adaptive"] == adaptive for g in opt.param_groups)
+
+
+def test_rho_zero_is_the_base_optimizer():
+    model_a, model_b = Softmax(), Softmax()
+    sam = make_sam(model_a, rho=0.0)
+    base = torch.optim.SGD(param_groups(model_b, *LRS), momentum=0.9, weight_decay=1e-3)
+    for a, b in zip(run_model(sam, model_a, 10), run_model(base, model_b, 10)):
+        assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_two_step_api_equals_closure_step():
+    model_a, model_b = Softmax(), Softmax()
+    opt_a, opt_b = make_sam(model_a, rho=0.1), make_sam(model_b, rho=0.1)
+    want = run_model(opt_a, model_a, 5)
+    for i in range(5):
+        x, y = batch(i)
+        F.cross_entropy(model_b(x), y).backward()
+        opt_b.first_step(zero_grad=True)
+        F.cross_entropy(model_b(x), y).backward()
+        opt_b.second_step(zero_grad=True)
+        assert all(torch.equal(want[i][k], getattr(model_b, k)) for k in want[i])
+
+
+def _bn_model(momentum):
+    model = cnn_bn()
+    model.bn.momentum = momentum
+    return model
+
+
+def _bn_buffers(model):
+    return {k: v.clone() for k, v in model.bn.named_buffers()}
+
+
+@pytest.mark.parametrize("momentum", [0.1, None])
+@pytest.mark.parametrize("name", ["SAM", "WSAM", "AdaSAM"])
+def test_batchnorm_stats_change_only_in_the_first_pass(name, momentum):
+    model = _bn_model(momentum)
+    if name == "AdaSAM":
+        opt = optim.AdaSAM(model.parameters(), lr=1e-2, rho=0.5, model=model)
+    else:
+        opt = getattr(optim, name)(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5, model=model)
+    x = torch.randn(16, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    y = torch.arange(16) % 3
+    twin = _bn_model(momentum)  # what one plain forward pass does to the statistics
+    with torch.no_grad():
+        twin(x)
+    passes = []
+
+    def closure():
+        opt.zero_grad()
+        passes.append(_bn_buffers(model))
+        value = F.cross_entropy(model(x), y)
+        value.backward()
+        return value
+
+    opt.step(closure)
+    after = _bn_buffers(model)
+    assert len(passes) == 2
+    for k, v in _bn_buffers(twin).items():
+        assert torch.equal(passes[1][k], v), k  # the first pass updated them ...
+        assert torch.equal(after[k], v), k  # ... and the perturbed pass did not
+    assert model.bn.momentum == momentum
+    assert not torch.equal(after["running_mean"], passes[0]["running_mean"])
+
+
+def test_batchnorm_frozen_between_first_and_second_step():
+    model = _bn_model(0.1)
+    opt = optim.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model=model)
+    x = torch.randn(8, 12, dtype=torch.float64)
+    model(x).sum().backward()
+    opt.first_step(zero_grad=True)
+    frozen = _bn_buffers(model)
+    model(x).sum().backward()
+    assert all(torch.equal(v, frozen[k]) for k, v in _bn_buffers(model).items())
+    opt.second_step(zero_grad=True)
+    assert model.bn.momentum == 0.1
+
+
+def test_perturbation_norm_is_accumulated_in_float32():
+    p = nn.Parameter(torch.zeros(4096, dtype=torch.float16))
+    opt = optim.SAM(torch.optim.SGD([p], lr=0.0), rho=0.5)
+    p.grad = torch.full_like(p, 100.0)  # ||g|| = 6400 but sum of squares overflows float16
+    opt.first_step()
+    assert torch.isfinite(p).all()
+    torch.testing.assert_close(torch.linalg.vector_norm(p.float()).item(), 0.5, rtol=1e-3, atol=0)
+    opt.second_step()
+    assert torch.equal(p, torch.zeros_like(p))  # restored exactly
+
+
+def test_wrapper_errors():
+    model = Softmax()
+    with pytest.raises(ValueError, match="base_optimizer"):
+        optim.SAM(model.parameters())
+    with pytest.raises(ValueError, match="model"):
+        optim.SAM(torch.optim.SGD(model.parameters(), lr=0.1), model="net")
+    opt = optim.SAM(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="closure"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step()
+
+
+def test_key_collision_with_base_is_refused():
+    model = Softmax()
+    lookahead = optim.Lookahead(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(ValueError, match="lookahead_alpha"):
+        optim.Lookahead(lookahead)
+
+
+def test_add_param_group_reaches_the_base():
+    model, extra = Softmax(), nn.Parameter(torch.ones(2, dtype=torch.float64))
+    base = torch.optim.SGD([model.W], lr=0.1, momentum=0.9)
+    opt = optim.SAM(base, rho=0.2)
+    opt.add_param_group({"params": [extra], "lr": 0.5})
+    assert base.param_groups[-1]["params"] == [extra]
+    assert base.param_groups[-1]["sam_rho"] == 0.2 and base.param_groups[-1]["momentum"] == 0.9

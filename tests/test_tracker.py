@@ -1,0 +1,246 @@
+"""Each Tracker quantity against a direct computation (exact Hessians, direct counts, norms)."""
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import math
+import time
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from analysis import supervised
+from analysis.diagnostics import Tracker, evaluate, full_grad_norm
+from oracles import (assert_unchanged, classification_data, exact_grad, exact_hessian, mlp,
+                     snapshot, uneven_batches)
+
+LOSS = supervised(nn.CrossEntropyLoss())
+
+
+def PLAIN(model, batch):  # the same loss for the functional oracles (no parameters to look up)
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def has(module: str) -> bool:
+    return importlib.util.find_spec(module) is not None
+
+
+@pytest.fixture
+def setup():
+    model = mlp((6, 8, 5, 3))
+    x, y = classification_data(n=23)
+    data = uneven_batches(x, y)
+    return model, data
+
+
+def closure_for(model, opt, batch):
+    def closure():
+        opt.zero_grad()
+        loss = LOSS(model, batch)
+        loss.backward()
+        return loss
+    return closure
+
+
+def train(model, opt, data, tracker, steps):
+    for t in range(steps):
+        batch = data[t % len(data)]
+        loss = opt.step(tracker.count(closure_for(model, opt, batch)))
+        tracker.step(opt, loss)
+
+
+def test_loss_accuracy_and_grad_norm_against_direct(setup):
+    model, data = setup
+    tracker = Tracker(model, LOSS, every=1, eval_data=data, test_data=data[:2],
+                      curvature_data=data, grad_norm=True, layers=False)
+    snap = snapshot(model)
+    rec = tracker.log()
+    assert_unchanged(model, snap)
+    x = torch.cat([b[0] for b in data])
+    y = torch.cat([b[1] for b in data])
+    with torch.no_grad():
+        out = model(x)
+    assert rec["train_loss"] == pytest.approx(float(nn.functional.cross_entropy(out, y)), rel=1e-12)
+    assert rec["train_acc"] == pytest.approx(float((out.argmax(1) == y).double().mean()))
+    x2, y2 = torch.cat([b[0] for b in data[:2]]), torch.cat([b[1] for b in data[:2]])
+    with torch.no_grad():
+        acc2 = float((model(x2).argmax(1) == y2).double().mean())
+    assert rec["test_acc"] == pytest.approx(acc2)
+    exact = float(exact_grad(model, PLAIN, data).norm())
+    assert rec["grad_norm"] == pytest.approx(exact, rel=1e-10)
+    assert full_grad_norm(model, LOSS, data) == pytest.approx(exact, rel=1e-10)
+
+
+def test_evaluate_without_criterion_matches_supervised(setup):
+    model, data = setup
+    assert evaluate(model, PLAIN, data) == pytest.approx(evaluate(model, LOSS, data), rel=1e-12)
+
+
+@pytest.mark.skipif(not has("analysis.lanczos"), reason="analysis.lanczos not landed")
+def test_lambda_max_and_eos_ratio_against_eigvalsh():
+    model = mlp((4, 5, 3))
+    x, y = classification_data(n=13, d=4)
+    data = uneven_batches(x, y, sizes=(5, 8))
+    lr = 0.3
+    opt = torch.optim.SGD(model.parameters(), lr=lr)
+    tracker = Tracker(model, LOSS, every=3, curvature_data=data, lambda_max=True,
+                      lanczos_tol=1e-10, lanczos_max_hvp=200, layers=False)
+    for _ in range(2):
+        train(model, opt, data, tracker, 3)
+        rec = tracker.records[-1]
+        exact = float(torch.linalg.eigvalsh(exact_hessian(model, PLAIN, data))[-1])
+        assert rec["lambda_max"] == pytest.approx(exact, rel=1e-8)
+        assert rec["eos_ratio"] == pytest.approx(exact / (2.0 / lr), rel=1e-8)
+    # the second run was warm-started from the first eigenvector
+    assert tracker._v0 is not None and tracker.n_hvp == sum(
+        r["lanczos_hvp"] for r in tracker.records)
+
+
+@pytest.mark.skipif(not has("analysis.trace"), reason="analysis.trace not landed")
+def test_trace_against_exact_hessian():
+    model = mlp((3, 4, 2))               # 26 parameters: Hutch++ with 3 * 26 probes is exact
+    x, y = classification_data(n=11, d=3, classes=2)
+    data = uneven_batches(x, y, sizes=(4, 7))
+    tracker = Tracker(model, LOSS, curvature_data=data, trace=True, trace_n_hvp=81, layers=False)
+    rec = tracker.log()
+    exact = float(torch.trace(exact_hessian(model, PLAIN, data)))
+    assert rec["trace"] == pytest.approx(exact, rel=1e-8, abs=1e-10)
+
+
+def test_weight_norms_angles_and_cosines_against_direct(setup):
+    model, data = setup
+    opt = torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9)
+    tracker = Tracker(model, LOSS, every=4)
+    train(model, opt, data, tracker, 3)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, opt, data, tracker, 1)
+    rec = tracker.records[-1]
+    for name, p in model.named_parameters():
+        w, w0, g = p.detach(), before[name], p.grad
+        assert rec[f"wnorm/{name}"] == pytest.approx(float(torch.linalg.vector_norm(w)), rel=1e-12)
+        d, ng = (w - w0).reshape(-1), -g.reshape(-1)
+        assert rec[f"cos/{name}"] == pytest.approx(float(d @ ng / (d.norm() * ng.norm())), rel=1e-9)
+        if w.dim() == 2:
+            rows = [float(torch.linalg.vector_norm(r)) for r in w]
+            assert rec[f"rownorm/{name}"] == pytest.approx(np.mean(rows), rel=1e-12)
+            angles = [math.acos(max(-1.0, min(1.0, float(a @ b / (a.norm() * b.norm())))))
+                      for a, b in zip(w, w0)]
+            assert rec[f"angle/{name}"] == pytest.approx(np.mean(angles), rel=1e-7, abs=1e-12)
+        else:
+            assert f"angle/{name}" not in rec
+
+
+def test_sgd_momentum_update_cosine_is_one_on_first_step(setup):
+    model, data = setup
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Tracker(model, LOSS, every=1)
+    tracker._previous = {n: p.detach().clone() for n, p in model.named_parameters()}
+    train(model, opt, data, tracker, 1)
+    for name, _ in model.named_parameters():
+        assert tracker.records[0][f"cos/{name}"] == pytest.approx(1.0, abs=1e-12)
+
+
+@pytest.mark.skipif(not has("optim.agd"), reason="optim.agd not landed")
+def test_sgd_fraction_against_direct_count(setup):
+    from optim import AGD
+    model, data = setup
+    params = list(model.named_parameters())
+    groups = [{"params": [p for _, p in params[:2]], "delta": 1e-2},
+              {"params": [p for _, p in params[2:]], "delta": 1e-3}]
+    opt = AGD(groups, lr=1e-2)
+    tracker = Tracker(model, LOSS, every=5)
+    train(model, opt, data, tracker, 5)
+    rec = tracker.records[-1]
+    beta2, t = 0.999, 5
+    masks = {}
+    for group in opt.param_groups:
+        for p in group["params"]:
+            b = opt.state[p]["exp_avg_diff_sq"]
+            masks[id(p)] = b.sqrt() < group["delta"] * math.sqrt(1 - beta2 ** t)
+    total = sum(int(m.sum()) for m in masks.values())
+    assert rec["sgd_fraction"] == pytest.approx(total / sum(p.numel() for _, p in params))
+    assert 0.0 < rec["sgd_fraction"] < 1.0
+    for name, p in params:
+        assert rec[f"sgd_fraction/{name}"] == pytest.approx(float(masks[id(p)].double().mean()))
+
+
+@pytest.mark.skipif(not has("optim.sam"), reason="optim.sam not landed")
+def test_pass_counts(setup):
+    from optim import SAM
+    for make, per_step in [(lambda ps: torch.optim.SGD(ps, lr=0.1), 1),
+                           (lambda ps: SAM(torch.optim.SGD(ps, lr=0.1)), 2)]:
+        model, data = mlp((6, 8, 5, 3)), setup[1]
+        opt = make(model.parameters())
+        tracker = Tracker(model, LOSS, every=3, curvature_data=data, grad_norm=True)
+        train(model, opt, data, tracker, 6)
+        assert tracker.passes == 6 * per_step
+        assert [r["passes"] for r in tracker.records] == [3.0 * per_step, 6.0 * per_step]
+        if per_step == 2:
+            assert tracker.records[-1]["opt_closure_calls"] == 12.0
+
+
+class FakeSALA(torch.optim.SGD):
+    """Duck-typed stand-in: a SALA-like optimizer exposing ``stage`` and ``distance``."""
+
+    def step(self, closure=None):
+        loss = super().step(closure)
+        self.distance = self.distance / 2
+        self.stage = 1 if self.distance > 0.5 else 2
+        return loss
+
+
+def test_stage_and_distance_read_by_duck_typing(setup):
+    model, data = setup
+    opt = FakeSALA(model.parameters(), lr=0.01)
+    opt.distance, opt.stage = 4.0, 1
+    tracker = Tracker(model, LOSS, every=1, layers=False)
+    train(model, opt, data, tracker, 4)
+    assert [r["distance"] for r in tracker.records] == [2.0, 1.0, 0.5, 0.25]
+    assert [r["stage"] for r in tracker.records] == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_wall_time_excludes_the_trackers_own_work(setup):
+    model, data = setup
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+
+    class Slow(Tracker):
+        def _record(self, optimizer, began):
+            time.sleep(0.05)                         # analysis work
+            return super()._record(optimizer, began)
+
+    tracker = Slow(model, LOSS, every=2, layers=False)
+    tracker.start()
+    began = tracker._clock
+    train(model, opt, data, tracker, 4)
+    ended = tracker._clock                          # the clock restarts as each step returns
+    assert tracker.overhead >= 0.1
+    # every instant between start and the last return is either training or tracking
+    assert tracker.train_time + tracker.overhead == pytest.approx(ended - began, rel=1e-9)
+    assert tracker.train_time < (ended - began) - 0.1
+    assert tracker.records[-1]["time"] == tracker.train_time
+
+
+def test_save_json_csv_and_plot(setup, tmp_path):
+    model, data = setup
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    tracker = Tracker(model, LOSS, every=2, eval_data=data)
+    train(model, opt, data, tracker, 6)
+    js, cs = tracker.save(tmp_path / "log", meta={"seed": 0})
+    loaded = json.loads(js.read_text())
+    assert loaded["meta"] == {"seed": 0} and loaded["records"] == tracker.records
+    with cs.open() as fh:
+        rows = list(csv.DictReader(fh))
+    assert len(rows) == 3 and float(rows[-1]["train_loss"]) == tracker.records[-1]["train_loss"]
+    png = tracker.plot(tmp_path / "log.png")
+    assert png.stat().st_size > 10_000
+
+
+def test_bad_arguments(setup):
+    model, _ = setup
+    with pytest.raises(ValueError, match="every"):
+        Tracker(model, LOSS, every=0)
+    with pytest.raises(ValueError, match="curvature_data"):
+        Tracker(model, LOSS, lambda_max=True)
