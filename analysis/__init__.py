@@ -4,8 +4,12 @@ from .protocol import mean_loss, select_params, supervised
 from .restore import preserved
 from .hvp import HessianOperator, hvp
 from .lanczos import EigenResult, top_eigenvalues
+from .trace import TraceResult, hessian_trace
+from .density import DensityResult, spectral_density
+from .layerwise import LayerwiseResult, layerwise
 from .sharpness import (AverageSharpness, SharpnessVsCurvature, WorstCaseSharpness,
                         average_sharpness, sharpness_vs_curvature, worst_case_sharpness)
 from .flatness import KeskarSharpness, PacBayesSigma, keskar_sharpness, pac_bayes_sigma
 
-__all__ = ["HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised"]
+__all__ = ["HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
+           "DensityResult", "spectral_density", "LayerwiseResult", "layerwise", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised"]

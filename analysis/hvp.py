@@ -122,7 +122,7 @@ class HessianOperator:
                              f"selected parameter elements), got {shape}")
         vs = vs.to(self.device, self.dtype)
         product = self._reverse if self.hvp_method == "reverse" else self._forward
-        with self:
+        with self, torch.enable_grad():
             out = data_mean(self.data, lambda batch: [product(batch, vs)],
                             self.batch_size_fn).values[0]
         self.n_hvp += vs.shape[0]

@@ -116,6 +116,49 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
     return block
 
 
+class Krylov:
+    """An orthonormal basis ``V`` (rows, at most ``capacity``) and ``T = V H V^T``, extended a
+    block at a time with full reorthogonalisation."""
+
+    def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator):
+        self.V = torch.zeros(capacity, n, dtype=like.dtype, device=like.device)
+        self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
+        self.m, self.n_hvp, self.gen = 0, 0, gen
+
+    def start(self, block: Tensor) -> Tensor:
+        return _orthogonalise(block, self.V[:0], self.gen)[0]
+
+    def extend(self, matmat: MatMat, Q: Tensor) -> tuple[Tensor, Tensor]:
+        """Append the rows of ``Q`` (orthonormal to ``V``); return the next block ``Qn`` and
+        its coefficients ``B`` with ``H V^T = V^T T + Qn^T B E_last^T``."""
+        m, b = self.m, Q.shape[0]
+        self.V[m:m + b] = Q
+        Z = matmat(Q)
+        self.n_hvp += b
+        Qn, coef = _orthogonalise(Z, self.V[:m + b], self.gen)
+        block = coef[:m + b].to(torch.float64)
+        self.T[:m + b, m:m + b] = block
+        self.T[m:m + b, :m + b] = block.T
+        self.m = m + b
+        return Qn, coef[m + b:].to(torch.float64)
+
+    def ritz(self) -> tuple[Tensor, Tensor]:
+        """Ritz values (ascending) and the coordinates ``Y`` of the Ritz vectors in ``V``."""
+        T = self.T[:self.m, :self.m]
+        return torch.linalg.eigh((T + T.T) / 2)
+
+    def restart(self, theta: Tensor, Y: Tensor, keep: Tensor) -> None:
+        """Thick restart: keep the Ritz vectors ``keep``; the next block's coupling to them
+        is recomputed by projection when it is appended."""
+        self.V[:len(keep)] = Y[:, keep].T.to(self.V.dtype) @ self.V[:self.m]
+        self.T.zero_()
+        self.T[:len(keep), :len(keep)] = torch.diag(theta[keep])
+        self.m = len(keep)
+
+    def vectors(self, Y: Tensor) -> Tensor:
+        return Y.T.to(self.V.dtype) @ self.V[:self.m]
+
+
 def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
             max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False
@@ -123,9 +166,10 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     """Block Lanczos with full reorthogonalisation and thick restart on any symmetric
     ``matmat`` (rows in, rows out). Returns ``(theta, U, residuals, n_hvp, converged)``.
 
-    Convergence: residual ``<= max(tol, 50 eps) * |theta|`` for all ``k`` wanted pairs, with
-    ``eps`` the machine epsilon of ``like`` (so float32 stops near its attainable accuracy), or
-    an exhausted basis (``n`` vectors: the Ritz pairs are exact).
+    Convergence: residual ``<= max(max(tol, 50 eps) |theta|, 50 eps max|theta|)`` for all
+    ``k`` wanted pairs, with ``eps`` the machine epsilon of ``like`` (float32 stops near its
+    attainable accuracy; eigenvalues near zero are resolved to rounding level relative to the
+    largest Ritz value), or an exhausted basis (``n`` vectors: the Ritz pairs are exact).
     """
     b = min(block_size, n)
     m_max = min(n, max_basis or max(30, 3 * k + 2 * b))
@@ -134,46 +178,28 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     budget = max_hvp if max_hvp is not None else max(300, 50 * k)
     rel = max(tol, 50 * torch.finfo(like.dtype).eps)
     gen = make_generator(seed)
-    V = torch.zeros(m_max, n, dtype=like.dtype, device=like.device)
-    T = torch.zeros(m_max, m_max, dtype=torch.float64, device=like.device)
-    Q, _ = _orthogonalise(_start_block(v0, n, b, gen, like), V[:0], gen)
-    m, n_hvp = 0, 0
+    K = Krylov(m_max, n, like, gen)
+    Q = K.start(_start_block(v0, n, b, gen, like))
     bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
     try:
         while True:
-            b_now = min(Q.shape[0], m_max - m)
-            Q = Q[:b_now]
-            V[m:m + b_now] = Q
-            Z = matmat(Q)
-            n_hvp += b_now
-            bar.update(b_now)
-            Qn, coef = _orthogonalise(Z, V[:m + b_now], gen)
-            block = coef[:m + b_now].to(torch.float64)
-            T[:m + b_now, m:m + b_now] = block
-            T[m:m + b_now, :m + b_now] = block.T
-            m += b_now
-            B = coef[m:].to(torch.float64)  # H V^T = V^T T + Qn^T B E_last^T
-            theta, Y = torch.linalg.eigh((T[:m, :m] + T[:m, :m].T) / 2)
-            resid = torch.linalg.vector_norm(B @ Y[m - b_now:m], dim=0)
-            if m == n:
+            Q, B = K.extend(matmat, Q[:m_max - K.m])
+            bar.update(B.shape[0])
+            theta, Y = K.ritz()
+            resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[0]:], dim=0)
+            if K.m == n:
                 resid.zero_()
             pick = _wanted(theta, k, which)
-            ok = resid[pick] <= rel * theta[pick].abs()
-            if bool(ok.all()) or m == n or n_hvp + b > budget:
+            floor = 50 * torch.finfo(like.dtype).eps * theta.abs().max()
+            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=floor)
+            if bool(ok.all()) or K.m == n or K.n_hvp + b > budget:
                 break
-            if m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
-                keep = _wanted(theta, min(m - b, max(k, (m_max + k) // 2)), which)
-                Yk = Y[:, keep]
-                V[:len(keep)] = (Yk.T.to(V.dtype) @ V[:m])
-                T.zero_()
-                T[:len(keep), :len(keep)] = torch.diag(theta[keep])
-                m = len(keep)  # the next block's coupling to them is recomputed by projection
-            Q = Qn
+            if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
+                K.restart(theta, Y, _wanted(theta, min(K.m - b, max(k, (m_max + k) // 2)), which))
             bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
     finally:
         bar.close()
-    U = (Y[:, pick].T.to(V.dtype) @ V[:m])
-    return theta[pick], U, resid[pick], n_hvp, bool(ok.all()) or m == n
+    return theta[pick], K.vectors(Y[:, pick]), resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
 
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,

@@ -104,18 +104,19 @@ def weight_scale(params: Sequence[Tensor], kind: str | None) -> Tensor | None:
 class PerturbedLoss:
     """``delta -> L(w + delta)`` (and its gradient) for the selected parameters.
 
-    Writes ``w + delta`` into the parameters, so the caller must hold
-    ``preserved(model, weights=True)``. With ``batch`` given, the loss is that one batch on
-    this rank alone (m-sharpness); otherwise the sample-weighted mean over ``data`` and all
-    ranks. ``n_forward`` / ``n_backward`` count the per-batch passes spent.
+    Writes ``w + delta`` into the parameters (and leaves the last point there), so the caller
+    must hold ``preserved(model, weights=True)``; ``base`` is ``w`` flattened (default: the
+    parameters' values now). With ``batch`` given, the loss is that one batch on this rank
+    alone (m-sharpness); otherwise the sample-weighted mean over ``data`` and all ranks.
+    ``n_forward`` / ``n_backward`` count the per-batch passes spent.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable | None,
                  params: Sequence[nn.Parameter], batch_size_fn: BatchSizeFn | None = None,
-                 batch: Any = None):
+                 batch: Any = None, base: Tensor | None = None):
         self.model, self.loss_fn, self.data, self.params = model, loss_fn, data, list(params)
         self.batch_size_fn, self.batch = batch_size_fn, batch
-        self.base = flatten([p.detach() for p in self.params])
+        self.base = flatten([p.detach() for p in self.params]) if base is None else base
         self.n_forward = self.n_backward = 0
 
     def _per_batch(self, batch: Any, grad: bool) -> list[Tensor]:
@@ -183,9 +184,10 @@ class Ball:
 
 @dataclass
 class _Point:
+    """An evaluated point: the loss, its gradient in ``u`` (None if not needed) and ``u``."""
     value: float
-    u: Tensor
     grad: Tensor | None
+    u: Tensor
 
 
 def apgd_checkpoints(steps: int) -> set[int]:
@@ -209,7 +211,7 @@ def _apgd(f, x: _Point, ball: Ball, steps: int, bar) -> _Point:
         u = ball.project(x.u + alpha * (z - x.u) + (1 - alpha) * (x.u - prev))
         value, grad = f(u, grad=k + 1 < steps)  # the last gradient would go unused
         n_up += value > x.value
-        prev, x = x.u, _Point(value, u, grad)
+        prev, x = x.u, _Point(value, grad, u)
         if value > best.value:
             best = x
         if k + 1 in checkpoints:
@@ -241,7 +243,7 @@ def _maximize(objective: PerturbedLoss, scale: Tensor | None, ball: Ball, steps:
 
     zero = torch.zeros_like(objective.base)
     loss, g0 = f(zero)
-    best = _Point(loss, zero, None)          # delta = 0 is in the set: sharpness >= 0
+    best = _Point(loss, None, zero)          # delta = 0 is in the set: sharpness >= 0
     sam = best
     step = ball.direction(g0)
     if bool(step.any()):
@@ -406,8 +408,9 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
         bar = tqdm(total=len(batches) * restarts * steps, desc="worst-case sharpness",
                    disable=not progress or rank() != 0, leave=False)
         found, n_forward, n_backward = [], 0, 0
+        base = flatten([p.detach() for p in chosen])
         for b, batch in enumerate(batches):
-            objective = PerturbedLoss(model, loss_fn, data, chosen, batch_size_fn, batch)
+            objective = PerturbedLoss(model, loss_fn, data, chosen, batch_size_fn, batch, base)
             found.append(_maximize(objective, scale, ball, steps, restarts,
                                    make_generator(seed + b), start_u, bar))
             n_forward += objective.n_forward

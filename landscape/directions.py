@@ -12,6 +12,7 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
+from analysis.flat import unflatten
 from analysis.protocol import ParamSelection, select_params
 from analysis.seeding import make_generator, randn
 
@@ -147,23 +148,21 @@ def eigenvector_directions(model: nn.Module, loss_fn, data, k: int = 2, *,
                            **lanczos_kwargs) -> list[Direction]:
     """Unit directions along the top-``k`` Hessian eigenvectors (``analysis.top_eigenvalues``).
 
-    Each Direction's ``info`` holds its eigenvalue, so ``line`` along it has second difference
-    ``eigenvalue`` at 0. Extra keywords go to ``top_eigenvalues`` (which, tol, seed, ...).
+    Each Direction's ``info`` holds its eigenvalue (so the second difference of ``line``
+    along it at 0 is that eigenvalue). Extra keywords go to ``top_eigenvalues`` (which, tol,
+    seed, max_hvp, ...); ``info["converged"]`` says whether the eigenpairs met ``tol``.
     """
     from analysis.lanczos import top_eigenvalues
 
-    names, tensors = select_params(model, params)
     res = top_eigenvalues(model, loss_fn, data, k=k, params=params, model_mode=model_mode,
                           **lanczos_kwargs)
+    named = dict(model.named_parameters())
+    like = [named[n].detach() for n in res.names]
     out = []
-    for i, value in enumerate(res.eigenvalues):
-        vec = torch.as_tensor(_column(res.eigenvectors, i))
-        chunks = torch.split(vec, [t.numel() for t in tensors])
-        out.append(Direction({n: c.reshape(t.shape).to(t) for n, c, t in zip(names, chunks, tensors)},
-                             {"kind": "hessian_eigenvector", "index": i, "eigenvalue": float(value)}))
+    for i, (value, row) in enumerate(zip(res.eigenvalues, res.eigenvectors)):
+        chunks = unflatten(row.detach(), like)
+        out.append(Direction({n: c.to(t) for n, c, t in zip(res.names, chunks, like)},
+                             {"kind": "hessian_eigenvector", "index": i, "eigenvalue": float(value),
+                              "which": lanczos_kwargs.get("which", "LA"),
+                              "converged": bool(res.converged)}))
     return out
-
-
-def _column(vectors, i: int):
-    """The i-th eigenvector of a ``top_eigenvalues`` result ([P, k] columns)."""
-    return vectors[:, i]

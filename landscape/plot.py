@@ -133,7 +133,7 @@ def plot_surface3d(result, ax: Axes | None = None, log: bool = False) -> Axes:
         ax.plot_surface(x, y, z, cmap=CMAP, linewidth=0, antialiased=True, rcount=100, ccount=100)
         ax.set_xlabel("x")
         ax.set_ylabel("y")
-        ax.set_zlabel("log10 loss" if log else "loss")
+        ax.set_zlabel("log10 loss" if log else "loss", labelpad=10)
     return ax
 
 

@@ -12,12 +12,21 @@ by 1 - beta2^t, as Adam does). Two forward-backward passes per step.
 """
 from __future__ import annotations
 
+from typing import Sequence
+
 import torch
 from torch import Tensor, nn
 
-from .sam import BatchNormFreeze, SharpnessAware, check_model, check_rho, grouped, use_foreach
 from ._checks import check_betas, check_nonnegative, check_positive
+from .sam import BatchNormFreeze, SharpnessAware, check_model, check_rho, grouped
 from .wrapper import CountingOptimizer
+
+
+def use_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
+    """The multi-tensor path by default on accelerators (where it is faster), as torch.optim does."""
+    if foreach is not None:
+        return foreach
+    return bool(tensors) and all(t.device.type != "cpu" for t in tensors)
 
 
 class AdaSAM(SharpnessAware, CountingOptimizer):

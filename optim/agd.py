@@ -25,6 +25,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._checks import check_betas, check_nonnegative, check_positive
+from ._host import to_host
 
 
 @dataclass(frozen=True)
@@ -186,13 +187,7 @@ class AGD(Optimizer):
                     keys.append(index)
                     sizes.append(p.numel())
                 index += 1
-        by_device: dict[torch.device, list[int]] = defaultdict(list)
-        for i, count in enumerate(counts):
-            by_device[count.device].append(i)
-        host = [0] * len(counts)
-        for rows in by_device.values():                                # one sync per device
-            for i, value in zip(rows, torch.stack([counts[i] for i in rows]).tolist()):
-                host[i] = value
+        host = to_host(counts)
         if per_param:
-            return {k: n / size for k, n, size in zip(keys, host, sizes)}
-        return sum(host) / sum(sizes) if sizes else float("nan")
+            return {k: int(n) / size for k, n, size in zip(keys, host, sizes)}
+        return int(sum(host)) / sum(sizes) if sizes else float("nan")

@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._checks import check_betas, check_nonnegative, check_positive
+from ._host import to_host
 
 
 def _rowdot(a: Tensor, b: Tensor) -> Tensor:
@@ -213,9 +214,9 @@ class NDAdam(Optimizer):
                 state = self.state.get(p)
                 if state and key in state:
                     keys.append(index)
-                    values.append(state[key].float().cpu())
+                    values.append(state[key])
                 index += 1
-        return dict(zip(keys, torch.stack(values).tolist())) if values else {}
+        return dict(zip(keys, to_host(values)))
 
     def angular_step(self) -> dict[int, float]:
         """Per vector parameter (index in ``param_groups`` order): mean angle arccos(w_t·w_{t-1}) of its

@@ -46,13 +46,6 @@ def check_model(model: nn.Module | None) -> nn.Module | None:
     return model
 
 
-def use_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
-    """The multi-tensor path by default on accelerators (where it is faster), as torch.optim does."""
-    if foreach is not None:
-        return foreach
-    return bool(tensors) and all(t.device.type != "cpu" for t in tensors)
-
-
 def grouped(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
     """Equal-length tensor lists split into runs on one device and dtype (for ``torch._foreach_*``)."""
     if not tensor_lists[0]:
@@ -169,6 +162,8 @@ class SharpnessAware:
     def _ascend(self) -> None:
         """w <- w + e with e = rho * (w^2 if adaptive) * g / (||(|w| if adaptive) * g|| + eps); then
         freezes BatchNorm statistics for the perturbed pass."""
+        if hasattr(self, "_perturbed"):
+            raise RuntimeError("first_step() called twice without second_step() in between")
         self._perturbed = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
         params = [p for _, ps in self._perturbed for p in ps]
         if not params:

@@ -91,11 +91,12 @@ class RefSGD:
         return out
 
 
-def run_model(opt, model: Softmax, steps: int, on_step=None) -> list[Params]:
-    """Trains with `loss = opt.step(closure)` on batch(i); returns the parameters after each step."""
+def run_model(opt, model: nn.Module, steps: int, on_step=None, data=batch) -> list[Params]:
+    """Trains with `loss = opt.step(closure)` on data(i); returns the parameters after each step
+    (by their last name component, so a DDP-wrapped Softmax reads like the bare one)."""
     out = []
     for i in range(steps):
-        x, y = batch(i)
+        x, y = data(i)
 
         def closure():
             opt.zero_grad()
@@ -106,7 +107,7 @@ def run_model(opt, model: Softmax, steps: int, on_step=None) -> list[Params]:
         opt.step(closure)
         if on_step is not None:
             on_step(i)
-        out.append({"W": model.W.detach().clone(), "b": model.b.detach().clone()})
+        out.append({n.split(".")[-1]: p.detach().clone() for n, p in model.named_parameters()})
     return out
 
 

@@ -165,17 +165,18 @@ def test_sgd_fraction_zero_one_and_between():
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_sgd_fraction_follows_the_last_step(amsgrad):
-    """A constant gradient g = 1.2 delta: adaptive at t = 1 (|g| > delta); at t = 2 the difference s is 0, so
-    b = beta2 (1 - beta2) g^2 falls under the floor delta^2 (1 - beta2^2) -- unless amsgrad keeps the max."""
+    """A constant gradient g = 10 delta with beta2 = 0.5: adaptive at t = 1 (|g| > delta). Then s = 0, so
+    b_hat_t = 0.5^t g^2 / (1 - 0.5^t) falls below delta^2 by t = 10 (SGD branch), while the amsgrad max keeps
+    B_hat = 0.5 g^2 / (1 - 0.5^t) above it (adaptive)."""
     delta = 1e-3
     p = torch.zeros(5, requires_grad=True)
-    opt = AGD([p], lr=1e-3, delta=delta, amsgrad=amsgrad)
+    opt = AGD([p], lr=1e-3, betas=(0.9, 0.5), delta=delta, amsgrad=amsgrad)
     fractions = []
-    for _ in range(2):
-        p.grad = torch.full((5,), 1.2 * delta)
+    for _ in range(10):
+        p.grad = torch.full((5,), 10 * delta)
         opt.step()
         fractions.append(opt.sgd_fraction())
-    assert fractions == [0.0, 0.0 if amsgrad else 1.0]
+    assert fractions[0] == 0.0 and fractions[-1] == (0.0 if amsgrad else 1.0)
 
 
 def test_step_does_not_synchronise(monkeypatch):

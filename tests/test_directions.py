@@ -3,15 +3,17 @@ import pytest
 import torch
 from torch import nn
 
-from landscape import random_direction, update_direction
+from landscape import eigenvector_directions, random_direction, update_direction
 from landscape.directions import check_direction
-from oracles import cnn_bn, mlp
+from oracles import assert_unchanged, cnn_bn, mlp, snapshot
 
 
 @pytest.mark.parametrize("make", [mlp, cnn_bn])
 def test_filter_normalised_direction_has_the_weights_filter_norms(make):
     model = make()
+    snap = snapshot(model)
     d = random_direction(model, "filter", ignore_bias_bn=True, seed=3)
+    assert_unchanged(model, snap)
     assert d.keys() == dict(model.named_parameters()).keys()
     for name, w in model.named_parameters():
         if w.dim() <= 1:
@@ -77,3 +79,25 @@ def test_update_direction_between_checkpoint_files(tmp_path):
     bn = cnn_bn()
     d = update_direction(bn.state_dict(), cnn_bn(seed=2).state_dict(), bn, buffers=True)
     assert "bn.running_mean" in d and "bn.num_batches_tracked" not in d
+
+
+def test_hessian_eigenvector_directions_match_the_exact_hessian():
+    from oracles import classification_data, exact_hessian, uneven_batches
+
+    def ce(model, batch):
+        return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+    model = mlp(sizes=(4, 5, 3))
+    x, y = classification_data(n=17, d=4)
+    data = uneven_batches(x, y, (9, 8))
+    snap = snapshot(model)
+    dirs = eigenvector_directions(model, ce, data, k=2, tol=1e-10, progress=False)
+    assert_unchanged(model, snap)
+    H = exact_hessian(model, ce, data)
+    evals = torch.linalg.eigvalsh(H).flip(0)
+    for i, d in enumerate(dirs):
+        v = torch.cat([d[n].reshape(-1) for n, _ in model.named_parameters()])
+        assert v.norm().item() == pytest.approx(1.0, abs=1e-10)
+        assert (v @ H @ v).item() == pytest.approx(evals[i].item(), rel=1e-8)
+        assert d.info["eigenvalue"] == pytest.approx(evals[i].item(), rel=1e-8)
+        torch.testing.assert_close(H @ v, evals[i] * v, rtol=0, atol=1e-7)

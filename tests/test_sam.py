@@ -120,8 +120,11 @@ def test_batchnorm_frozen_between_first_and_second_step():
     opt.first_step(zero_grad=True)
     frozen = _bn_buffers(model)
     model(x).sum().backward()
+    during = _bn_buffers(model)
+    assert torch.equal(during["running_mean"], frozen["running_mean"])
+    assert torch.equal(during["running_var"], frozen["running_var"])
+    opt.second_step(zero_grad=True)  # num_batches_tracked is put back here
     assert all(torch.equal(v, frozen[k]) for k, v in _bn_buffers(model).items())
-    opt.second_step(zero_grad=True)
     assert model.bn.momentum == 0.1
 
 

@@ -15,6 +15,7 @@ from torch import nn
 from analysis import (average_sharpness, mean_loss, sharpness_vs_curvature, supervised,
                       worst_case_sharpness)
 from analysis.sharpness import apgd_checkpoints
+from oracles import _flat_loss as flat_loss
 from oracles import assert_unchanged, classification_data, cnn_bn, mlp, snapshot, uneven_batches
 
 CE = supervised(nn.CrossEntropyLoss())
@@ -24,7 +25,8 @@ QUIET = dict(progress=False)
 
 
 class Quadratic(nn.Module):
-    """``L(w) = 1/2 (w - w*)' A (w - w*) + c`` over one parameter of any shape."""
+    """``L(w) = 1/2 (w - w*)' A (w - w*) + c`` over one parameter of any shape
+    (a 1-D ``A`` is the diagonal of a diagonal Hessian)."""
 
     def __init__(self, A, w_star, w=None, c=0.0):
         super().__init__()
@@ -33,7 +35,8 @@ class Quadratic(nn.Module):
 
     def loss(self):
         d = (self.w - self.w_star).reshape(-1)
-        return 0.5 * d @ self.A @ d + self.c
+        curvature = self.A * d if self.A.dim() == 1 else self.A @ d
+        return 0.5 * d @ curvature + self.c
 
 
 def quad_loss(model, batch):
@@ -146,6 +149,60 @@ def test_worst_case_with_gradient_matches_trust_region_and_beats_sam():
         d = rho * g / g.norm()
         assert r.sam_value == pytest.approx((g @ d + 0.5 * d @ A @ d).item(), rel=1e-12)
         assert r.value >= r.sam_value and r.delta_norm <= rho * (1 + 1e-12)
+        assert perturbed_increase(model, quad_loss, DATA, r.delta) == pytest.approx(r.value)
+    # one step from the SAM point, with a tiny radius where that point is already the best
+    r = worst_case_sharpness(model, quad_loss, DATA, rho=1e-6, steps=1, **QUIET)
+    assert torch.allclose(r.delta["w"], 1e-6 * g / g.norm(), rtol=1e-3)
+    assert perturbed_increase(model, quad_loss, DATA, r.delta) == pytest.approx(r.value, rel=1e-9)
+
+
+def apgd_by_hand(f, theta, rho, steps):
+    """Croce & Hein (2020), Alg. 1, step by step for ``max f(theta + d) - f(theta)`` over the L2
+    ball, started at the SAM point (f: flat float64 parameters -> loss, as in the oracles).
+    Returns the best value and the number of step halvings."""
+    grad = torch.func.grad(f)
+
+    def value(d):
+        return (f(theta + d) - f(theta)).item()
+
+    def proj(d):
+        return d * min(1.0, rho / d.norm().item())
+
+    fractions = [0.0, 0.22]
+    while fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06) <= 1:
+        fractions.append(fractions[-1] + max(fractions[-1] - fractions[-2] - 0.03, 0.06))
+    checks = {math.ceil(round(q * steps, 9)) for q in fractions[1:]}
+    g = grad(theta)
+    x = old = best = rho * g / g.norm()
+    eta, halvings, since, last_check, reduced, best_then = 2 * rho, 0, 0, 0, False, value(best)
+    for k in range(1, steps + 1):
+        ascent = grad(theta + x)
+        z = proj(x + eta * ascent / ascent.norm())
+        new = z if k == 1 else proj(x + 0.75 * (z - x) + 0.25 * (x - old))
+        since += value(new) > value(x)
+        old, x = x, new
+        best = x if value(x) > value(best) else best
+        if k in checks:
+            halve = since < 0.75 * (k - last_check) or (not reduced and value(best) <= best_then)
+            since, last_check, reduced, best_then = 0, k, halve, value(best)
+            if halve:
+                eta, halvings = eta / 2, halvings + 1
+                x = old = best
+    return value(best), halvings
+
+
+def test_apgd_replays_the_authors_algorithm_step_by_step():
+    x, y = classification_data(n=40)
+    model = relu_net(seed=1)
+    data = [(x, y)]
+    names = [n for n, _ in model.named_parameters()]
+    f, theta = flat_loss(model, lambda net, b: nn.functional.cross_entropy(net(b[0]), b[1]),
+                         data, names, list(model.parameters()))
+    for rho, steps in [(1.0, 20), (2.0, 37)]:
+        expected, halvings = apgd_by_hand(f, theta, rho, steps)
+        r = worst_case_sharpness(model, CE, data, rho=rho, steps=steps, **QUIET)
+        assert halvings > 0 and r.value > r.sam_value
+        assert r.value == pytest.approx(expected, rel=1e-12)
 
 
 @pytest.mark.parametrize("norm,adaptive", [("l2", False), ("linf", False), ("l2", True),
@@ -336,8 +393,9 @@ def test_empty_data_is_rejected():
             worst_case_sharpness(mlp(), CE, [], m=m, **QUIET)
 
 
-@pytest.mark.parametrize("failure", ["nan", "raise"])
-def test_model_restored_when_the_loss_fails_partway(failure):
+def check_restored_on_failure(run, failure, after=7):
+    """``run(model, loss_fn, data)`` with a loss that turns NaN or raises after ``after`` calls
+    must raise and leave the model (a CNN with BatchNorm) exactly as it was."""
     x, y = classification_data(n=23, d=12)
     model = cnn_bn()
     snap = snapshot(model)
@@ -346,19 +404,20 @@ def test_model_restored_when_the_loss_fails_partway(failure):
     def flaky(model, batch):
         calls[0] += 1
         loss = CE(model, batch)
-        if calls[0] > 7:
-            if failure == "raise":
-                raise RuntimeError("boom")
-            return loss * float("nan")
-        return loss
+        if calls[0] > after and failure == "raise":
+            raise RuntimeError("boom")
+        return loss * float("nan") if calls[0] > after else loss
 
-    error = RuntimeError if failure == "raise" else ValueError
-    for fn in (lambda: worst_case_sharpness(model, flaky, uneven_batches(x, y), steps=5, **QUIET),
-               lambda: average_sharpness(model, flaky, uneven_batches(x, y), **QUIET)):
-        calls[0] = 0
-        with pytest.raises(error):
-            fn()
-        assert_unchanged(model, snap)
+    error, match = (RuntimeError, "boom") if failure == "raise" else (ValueError, "non-finite")
+    with pytest.raises(error, match=match):
+        run(model, flaky, uneven_batches(x, y))
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("failure", ["nan", "raise"])
+@pytest.mark.parametrize("fn", [worst_case_sharpness, average_sharpness])
+def test_model_restored_when_the_loss_fails_partway(fn, failure):
+    check_restored_on_failure(lambda *args: fn(*args, **QUIET), failure)
 
 
 # ----------------------------------------------------------------------------- two ranks

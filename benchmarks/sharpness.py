@@ -1,0 +1,109 @@
+"""Worst-case sharpness of an MNIST-1D MLP with the EPFL settings (Andriushchenko et al. 2023):
+20 APGD steps, m = 128, rho = 0.1, on 1024 training samples (their ``n_eval_sharpness``).
+
+The MLP (40-100-100-10, ReLU) is trained here, seeded, with Adam (lr 1e-2, 60 epochs: 100 % train accuracy). For each
+perturbation model the script prints the APGD value, the one-step SAM estimate (the ratio
+shows what the ascent adds), the forward/backward passes and the wall time; then the same with
+5x more ascent steps (how far 20 steps are from converged) and full-data sharpness beside
+``rho^2 lambda_max / 2``. The EPFL code itself needs CUDA and its own batch format, so it is
+not run here: only our numbers are reported. Results go to ``--out`` as .npz + JSON.
+
+    python benchmarks/sharpness.py [--threads 1] [--out benchmarks/out]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from analysis import mnist1d, sharpness_vs_curvature, supervised, worst_case_sharpness
+
+SEED, RHO, STEPS, M, N_EVAL = 0, 0.1, 20, 128, 1024
+CE = supervised(nn.CrossEntropyLoss())
+
+
+def train_mlp(data, epochs=60, seed=SEED) -> nn.Module:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
+                          nn.Linear(100, 10))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for epoch in range(epochs):
+        for batch in data.batches(128, shuffle_seed=seed + epoch):
+            opt.zero_grad()
+            CE(model, batch).backward()
+            opt.step()
+    return model
+
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return float((model(x).argmax(-1) == y).double().mean())
+
+
+def timed(fn):
+    start = time.perf_counter()
+    out = fn()
+    return out, time.perf_counter() - start
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = mnist1d()
+    model, train_time = timed(lambda: train_mlp(data))
+    print(f"MLP 40-100-100-10 trained in {train_time:.1f}s: train acc "
+          f"{accuracy(model, data.x, data.y):.3f}, test acc "
+          f"{accuracy(model, data.x_test, data.y_test):.3f}")
+    evaluation = data.batches(M, limit=N_EVAL)
+
+    rows = []
+    print(f"\nworst-case m-sharpness, rho={RHO}, m={M}, {N_EVAL} samples")
+    print(f"{'norm':5} {'adaptive':9} {'steps':>5} {'APGD':>10} {'SAM 1-step':>10} "
+          f"{'APGD/SAM':>8} {'fwd':>5} {'bwd':>5} {'time s':>7}")
+    for norm in ("l2", "linf"):
+        for adaptive in (False, True):
+            for steps in (STEPS, 5 * STEPS):
+                r, seconds = timed(lambda: worst_case_sharpness(
+                    model, CE, evaluation, rho=RHO, norm=norm, adaptive=adaptive, steps=steps,
+                    m=M, seed=SEED, progress=False))
+                rows.append(dict(norm=norm, adaptive=adaptive, steps=steps, value=r.value,
+                                 sam_value=r.sam_value, n_forward=r.n_forward,
+                                 n_backward=r.n_backward, seconds=seconds))
+                print(f"{norm:5} {str(adaptive):9} {steps:5d} {r.value:10.4g} "
+                      f"{r.sam_value:10.4g} {r.value / r.sam_value:8.3f} {r.n_forward:5d} "
+                      f"{r.n_backward:5d} {seconds:7.2f}")
+
+    rhos = np.array([1e-3, 1e-2, 1e-1, 1.0])
+    curve, seconds = timed(lambda: sharpness_vs_curvature(
+        model, CE, [(data.x[:N_EVAL], data.y[:N_EVAL])], rhos=rhos, steps=STEPS, seed=SEED,
+        progress=False))
+    print(f"\nfull-data L2 sharpness vs rho^2 lambda_max / 2 (lambda_max = "
+          f"{curve.lambda_max:.4g}, {curve.n_hvp} HVPs, {seconds:.1f}s)")
+    print(f"{'rho':>7} {'APGD':>10} {'SAM 1-step':>10} {'quadratic':>10} {'ratio':>8}")
+    for i, rho in enumerate(rhos):
+        print(f"{rho:7.0e} {curve.sharpness[i]:10.4g} {curve.sam_values[i]:10.4g} "
+              f"{curve.prediction[i]:10.4g} {curve.ratio[i]:8.3f}")
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    np.savez(args.out / "sharpness.npz", rhos=rhos, sharpness=curve.sharpness,
+             sam_values=curve.sam_values, prediction=curve.prediction,
+             values=np.array([r["value"] for r in rows]),
+             seconds=np.array([r["seconds"] for r in rows]))
+    meta = dict(seed=SEED, rho=RHO, steps=STEPS, m=M, n_eval=N_EVAL, rows=rows,
+                lambda_max=curve.lambda_max, torch=torch.__version__, numpy=np.__version__,
+                python=platform.python_version(), threads=torch.get_num_threads())
+    (args.out / "sharpness.json").write_text(json.dumps(meta, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,59 @@
+"""Every figure kind renders from a result or its file, and is saved as PNG and PDF."""
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from landscape import (LineResult, PlaneResult, plot_contour, plot_line, plot_spectral_density,
+                       plot_surface3d, plot_trajectory, save_figure, save_result)
+
+
+def bowl(n=15):
+    xs = ys = np.linspace(-1, 1, n)
+    z = 1.0 + xs[None, :] ** 2 + 3 * ys[:, None] ** 2
+    meta = {"kind": "plane"}
+    return PlaneResult(xs, ys, z, 0, meta)
+
+
+def check_saved(ax, path):
+    files = save_figure(ax.figure, path)
+    assert [f[-3:] for f in files] == ["png", "pdf"]
+    for f in files:
+        with open(f, "rb") as fh:
+            head = fh.read(8)
+        assert head.startswith(b"\x89PNG") or head.startswith(b"%PDF")
+
+
+def test_all_figure_kinds(tmp_path):
+    alphas = np.linspace(-1, 1, 21)
+    lines = [LineResult(alphas, (1 + s * 0.1) * alphas ** 2, 0, {"kind": "line"}) for s in range(3)]
+    ax = plot_line(lines, label="3 seeds", band="minmax")
+    assert len(ax.collections) == 1  # the band
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), 1.1 * alphas ** 2)
+    check_saved(ax, tmp_path / "line")
+    save_result(bowl(), tmp_path / "plane.npz")
+    ax = plot_contour(tmp_path / "plane.npz", levels=8, log=True)  # re-made from the file alone
+    assert len(ax.texts) > 0  # labelled levels
+    check_saved(ax, tmp_path / "contour")
+    check_saved(plot_surface3d(bowl()), tmp_path / "surface")
+    path = np.stack([np.linspace(-0.8, 0, 6), np.linspace(0.5, 0, 6)], axis=1)
+    ax = plot_trajectory(bowl(), path, explained_variance_ratio=[0.9, 0.05])
+    assert "90.0%" in ax.get_xlabel()
+    check_saved(ax, tmp_path / "trajectory")
+    grid = np.linspace(-1, 5, 200)
+    density = SimpleNamespace(grid=grid, density=np.exp(-grid ** 2) / np.sqrt(np.pi),
+                              nodes=np.array([0.0, 4.0]), weights=np.array([0.9, 0.1]))
+    ax = plot_spectral_density(density, log=True)
+    assert ax.get_yscale() == "log"
+    check_saved(ax, tmp_path / "density")
+
+
+def test_plot_errors():
+    a = LineResult(np.linspace(0, 1, 3), np.zeros(3))
+    b = LineResult(np.linspace(0, 2, 3), np.zeros(3))
+    with pytest.raises(ValueError, match="same alphas"):
+        plot_line([a, b])
+    with pytest.raises(ValueError, match="band"):
+        plot_line(a, band="iqr")
+    with pytest.raises(ValueError, match="coords"):
+        plot_trajectory(bowl(), np.zeros((3, 3)))
