@@ -10,6 +10,7 @@ from .layerwise import LayerwiseResult, layerwise
 from .sharpness import (AverageSharpness, SharpnessVsCurvature, WorstCaseSharpness,
                         average_sharpness, sharpness_vs_curvature, worst_case_sharpness)
 from .flatness import KeskarSharpness, PacBayesSigma, keskar_sharpness, pac_bayes_sigma
+from .diagnostics import Tracker, full_grad_norm
 
 __all__ = ["HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
-           "DensityResult", "spectral_density", "LayerwiseResult", "layerwise", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised"]
+           "DensityResult", "spectral_density", "LayerwiseResult", "layerwise", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised", "Tracker", "full_grad_norm"]

@@ -89,10 +89,13 @@ def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable,
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
 
-def _row_cosines(a: Tensor, b: Tensor) -> Tensor:
-    """Cosine between matching rows (slices along dim 0) of ``a`` and ``b``."""
+def _row_angles(a: Tensor, b: Tensor) -> Tensor:
+    """Angle between matching rows (slices along dim 0) of ``a`` and ``b``, in radians, as
+    2 asin(|a/|a| - b/|b|| / 2): accurate for the tiny angles of one step, unlike arccos."""
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
-    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(1e-30)
+    a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-30)
+    return 2.0 * torch.asin((a - b).norm(dim=1).mul(0.5).clamp(max=1.0))
 
 
 def _cosine(a: Tensor, b: Tensor) -> float:
@@ -262,8 +265,7 @@ class Tracker:
                     continue
                 before = previous[name]
                 if w.dim() >= 2:
-                    angles = torch.arccos(_row_cosines(w, before).clamp(-1.0, 1.0))
-                    out[f"angle/{name}"] = float(angles.mean())
+                    out[f"angle/{name}"] = float(_row_angles(w, before).mean())
                 if p.grad is not None:
                     out[f"cos/{name}"] = _cosine(w - before, -p.grad.detach())
         self._previous = None

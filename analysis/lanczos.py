@@ -72,10 +72,10 @@ def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
 def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Orthonormalise the rows of ``block`` against ``basis`` rows and each other.
 
-    Returns ``(Q, C)`` with ``block = C_basis basis + R Q`` folded as: ``C`` holds the
-    coefficients on ``basis`` (``[len(basis), b]``) followed by ``R`` (``[b, b]``, upper
-    triangular). A row that vanishes (an invariant subspace was found) is replaced by a random
-    unit vector orthogonal to everything, keeping its (tiny) coefficient.
+    Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]``: ``C[:m]`` are the
+    coefficients on the ``m`` basis rows, ``C[m:]`` is upper triangular. A row that vanishes
+    (an invariant subspace was found) is replaced by a random unit vector orthogonal to
+    everything, keeping its (tiny) coefficient.
     """
     b, m = block.shape[0], basis.shape[0]
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
@@ -105,7 +105,7 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
     """Rows of ``v0`` folded onto ``b`` rows (row i added to row i mod b), random otherwise."""
     block = randn((b, n), gen, like=like)
     if v0 is not None:
-        v0 = v0.reshape(-1, n) if v0.dim() == 2 else v0.reshape(1, -1)
+        v0 = v0 if v0.dim() == 2 else v0.reshape(1, -1)
         if v0.shape[1] != n:
             raise ValueError(f"v0 must have {n} columns (the number of selected parameter "
                              f"elements), got shape {tuple(v0.shape)}")

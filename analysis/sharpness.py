@@ -44,7 +44,7 @@ from .seeding import make_generator, randn, uniform
 
 NORMS = ("l2", "linf")
 ADAPTIVE = ("elementwise", "filter")
-MOMENTUM = 0.75       # APGD's alpha (Croce & Hein 2020, eq. 2)
+MOMENTUM = 0.75       # APGD's alpha (Croce & Hein 2020, Alg. 1)
 MIN_UPDATE_RATIO = 0.75
 
 
@@ -66,6 +66,7 @@ def check_int(value: Any, name: str, low: int) -> int:
 
 
 def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
+    """``value`` if it is one of ``choices``; ``ValueError`` naming them otherwise."""
     if value not in choices:
         raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
     return value

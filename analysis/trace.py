@@ -10,6 +10,8 @@
   the sample standard deviation of its ``g`` probe values over ``sqrt(g)`` (conditional on
   the sketch). It is exact when ``rank H <= n_hvp // 3``; when ``n <= n_hvp // 3`` the
   sketch spans everything and only ``2n`` products are spent (stderr 0).
+* XTrace (Epperly, Tropp & Webber 2024): the exchangeable version of Hutch++, exact when
+  ``rank H < n_hvp // 2``; see :func:`_xtrace`.
 """
 from __future__ import annotations
 
@@ -27,7 +29,7 @@ from .lanczos import _check_int
 from .protocol import BatchSizeFn, LossFn, ParamSelection
 from .seeding import make_generator, rademacher
 
-TRACE_METHODS = ("hutch++", "hutchinson")
+TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
 MatMat = Callable[[Tensor], Tensor]
 
 
@@ -51,26 +53,64 @@ def _apply(matmat: MatMat, rows: Tensor, chunk: int, bar) -> Tensor:
     return torch.cat(out)
 
 
+def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> TraceResult:
+    """Hutch++ (a zero sketch makes it Hutchinson)."""
+    sketch = min(n_hvp // 3, n) if method == "hutch++" else 0
+    g = n_hvp - 2 * sketch if sketch < n else 0  # a full sketch makes the trace exact
+    exact, Q = 0.0, like.new_zeros(0, n)
+    if sketch:
+        S = rademacher((sketch, n), gen, like=like)
+        Q = torch.linalg.qr(apply(S).T.to(torch.float64))[0].T.to(like)
+        exact = float((Q.to(torch.float64) * apply(Q)).sum())
+    G = rademacher((g, n), gen, like=like)
+    G = G - (G @ Q.T) @ Q
+    samples = (G.to(torch.float64) * apply(G)).sum(1).cpu().numpy()
+    if g == 0:
+        return TraceResult(exact, 0.0, 2 * sketch, method, samples)
+    return TraceResult(exact + float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(g)),
+                       2 * sketch + g, method, samples)
+
+
+def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
+    """XTrace (Epperly, Tropp & Webber 2024): the mean over i of the Hutch++-type estimates
+    ``tr(P_i H P_i) + w_i^T (I - P_i) H (I - P_i) w_i`` with ``P_i`` the projector onto the
+    sketch ``H W`` without its own column ``i`` (so each is unbiased). With ``Y = H W = Q R``
+    and ``Z = H Q``, ``P_i = Q Pi_i Q^T`` with ``Pi_i`` the projector onto the columns of ``R``
+    but ``i``; every term is then a small ``m x m`` product, and only ``2m`` products are spent.
+    ``Pi_i`` comes from an SVD truncated at rounding level, so a rank-deficient sketch (rank
+    ``H < m``: the estimate is exact) is handled. The standard error treats the ``m``
+    exchangeable estimates as independent (the paper's error estimate)."""
+    m = min(n_hvp // 2, n)
+    W = rademacher((m, n), gen, like=like)
+    Y = apply(W).to(torch.float64)
+    W64 = W.to(torch.float64)
+    Q, R = torch.linalg.qr(Y.T)
+    Z = apply(Q.T.to(like)).to(torch.float64)
+    QZ = Q.T @ Z.T
+    QZ = (QZ + QZ.T) / 2
+    QW, WZ, WY = Q.T @ W64.T, W64 @ Z.T, (W64 * Y).sum(1)
+    samples = torch.empty(m, dtype=torch.float64)
+    for i in range(m):
+        U, sv, _ = torch.linalg.svd(torch.cat([R[:, :i], R[:, i + 1:]], 1), full_matrices=False)
+        U = U[:, sv > sv.max() * m * torch.finfo(torch.float64).eps * 10] if m > 1 else U[:, :0]
+        c = U @ (U.T @ QW[:, i])
+        samples[i] = (torch.trace(U.T @ QZ @ U) + WY[i] - WZ[i] @ c - c @ R[:, i]
+                      + c @ QZ @ c)
+    samples = samples.cpu().numpy()
+    return TraceResult(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(m)), 2 * m,
+                       "xtrace", samples)
+
+
 def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++",
                    seed: int = 0, like: Tensor, chunk: int = 8, progress: bool = False
                    ) -> TraceResult:
     """The estimators on any symmetric ``matmat`` (rows in, rows out) of size ``n``."""
     gen = make_generator(seed)
-    sketch = min(n_hvp // 3, n) if method == "hutch++" else 0
-    g = n_hvp - 2 * sketch if sketch < n else 0  # a full sketch makes the trace exact
     with tqdm(total=n_hvp, desc=method, disable=not progress, leave=False) as bar:
-        exact, Q = 0.0, like.new_zeros(0, n)
-        if sketch:
-            S = rademacher((sketch, n), gen, like=like)
-            Q = torch.linalg.qr(_apply(matmat, S, chunk, bar).T.to(torch.float64))[0].T.to(like)
-            exact = float((Q.to(torch.float64) * _apply(matmat, Q, chunk, bar)).sum())
-        G = rademacher((g, n), gen, like=like)
-        G = G - (G @ Q.T) @ Q
-        samples = (G.to(torch.float64) * _apply(matmat, G, chunk, bar)).sum(1).cpu().numpy()
-    if g == 0:
-        return TraceResult(exact, 0.0, 2 * sketch, method, samples)
-    return TraceResult(exact + float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(g)),
-                       2 * sketch + g, method, samples)
+        apply = lambda rows: _apply(matmat, rows, chunk, bar)  # noqa: E731
+        if method == "xtrace":
+            return _xtrace(apply, n, n_hvp, gen, like)
+        return _hutchpp(apply, n, n_hvp, gen, like, method)
 
 
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int = 99,
@@ -80,13 +120,14 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
                   ) -> TraceResult:
     """An unbiased estimate of the Hessian trace from ``n_hvp`` Hessian-vector products.
 
-    method: "hutch++" (default; needs ``n_hvp >= 4``) or "hutchinson" (``n_hvp >= 2``).
+    method: "hutch++" (default; needs ``n_hvp >= 4``), "hutchinson" (``n_hvp >= 2``) or
+        "xtrace" (``n_hvp >= 4``; uses an even number of products).
     chunk: probes per pass over the data (memory ``chunk * n`` per pass).
     Probes are Rademacher vectors drawn from ``seed`` (identical on every rank).
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
-    n_hvp = _check_int(n_hvp, "n_hvp", 4 if method == "hutch++" else 2)
+    n_hvp = _check_int(n_hvp, "n_hvp", 2 if method == "hutchinson" else 4)
     chunk = _check_int(chunk, "chunk", 1)
     make_generator(seed)
     op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,

@@ -1,7 +1,8 @@
 """Optimizer step time against torch.optim.AdamW(foreach=True), on CPU, in one process.
 
 Model: a ~5M-parameter MLP (1024-2048-1024-512-10), batch 64. Two timings per optimizer, each the median
-over rounds that interleave the optimizers (so load drifts hit all of them alike), after a warm-up:
+over rounds that interleave the optimizers (so load drifts hit all of them alike), after a warm-up (the
+update ratio of the minima is printed too: on a loaded machine it is the steadier estimate):
 
 * update: ``opt.step()`` alone on fixed gradients (optimizers that accept ``step()`` after the caller's
   backward); the ratio to AdamW's update is the figure the targets refer to (AGD <= 1.3x, ND-Adam <= 1.5x).
@@ -126,16 +127,17 @@ def main() -> None:
     print(f"torch {torch.__version__}, {args.threads} threads, MLP {SIZES} ({n_params / 1e6:.2f}M params), "
           f"batch {BATCH}, median of {args.rounds} rounds x {args.per_round}")
     timings = run(names, args.rounds, args.per_round, args.warmup)
-    base_update = statistics.median(timings[BASELINE].update)
-    base_iter = statistics.median(timings[BASELINE].iteration)
-    print(f"{'optimizer':<22}{'update ms':>10}{'x AdamW':>9}{'iter ms':>10}{'x AdamW':>9}{'passes/step':>13}")
+    base = timings[BASELINE]
+    print(f"{'optimizer':<22}{'update ms':>10}{'x AdamW':>9}{'(min)':>7}{'iter ms':>10}{'x AdamW':>9}"
+          f"{'passes/step':>13}")
     for name in names:
         t = timings[name]
         it = statistics.median(t.iteration)
-        upd = f"{1e3 * statistics.median(t.update):>10.2f}{statistics.median(t.update) / base_update:>9.2f}" \
-            if t.update else f"{'-':>10}{'-':>9}"
-        print(f"{name:<22}{upd}{1e3 * it:>10.2f}{it / base_iter:>9.2f}{t.passes / max(t.steps, 1):>13.2f}")
-
+        upd = (f"{1e3 * statistics.median(t.update):>10.2f}"
+               f"{statistics.median(t.update) / statistics.median(base.update):>9.2f}"
+               f"{min(t.update) / min(base.update):>7.2f}") if t.update else f"{'-':>10}{'-':>9}{'-':>7}"
+        print(f"{name:<22}{upd}{1e3 * it:>10.2f}{it / statistics.median(base.iteration):>9.2f}"
+              f"{t.passes / max(t.steps, 1):>13.2f}")
 
 if __name__ == "__main__":
     main()

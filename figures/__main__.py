@@ -1,4 +1,5 @@
-"""``python -m figures [NAME ...] [--out DIR] [--tiny | --full]``: run the reproductions."""
+"""``python -m figures [NAME ...] [--out DIR] [--tiny | --full] [--threads N] [--table]``:
+run the reproductions (all by default) and write PNGs, saved data and summary.json to DIR."""
 from __future__ import annotations
 
 import argparse
@@ -11,6 +12,7 @@ from pathlib import Path
 import torch
 
 from .common import SIZES
+from .report import table
 
 REPRODUCTIONS = ["agd_switching", "wsam_sharpness", "ndadam_direction", "adasam_convergence",
                  "sala_overhead", "landscape_gallery"]
@@ -26,18 +28,35 @@ def main(argv: list[str] | None = None) -> dict:
     sizes.add_argument("--full", action="store_true", help="longer runs, closer to the papers")
     sizes.add_argument("--tiny", action="store_true", help="seconds-long smoke size (CI)")
     parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--table", action="store_true",
+                        help="print the claim-versus-measured table of OUT/summary.json and exit")
     args = parser.parse_args(argv)
+    if args.table:
+        summary = json.loads((args.out / "summary.json").read_text())
+        print(table(summary))
+        return summary
     unknown = [n for n in args.names if n not in REPRODUCTIONS]
     if unknown:
         parser.error(f"unknown reproduction(s) {unknown}; choose from {REPRODUCTIONS}")
+    if args.threads < 1:
+        parser.error(f"--threads must be >= 1, got {args.threads}")
     size = SIZES["full" if args.full else "tiny" if args.tiny else "quick"]
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    out: Path = args.out
+    try:
+        return run_all(args.names or REPRODUCTIONS, size, args.out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def run_all(names: list[str], size, out: Path) -> dict:
+    """Run ``names`` at ``size``; merge their entries into ``out/summary.json``."""
     out.mkdir(parents=True, exist_ok=True)
     path = out / "summary.json"
     summary = json.loads(path.read_text()) if path.exists() else {}
     timings = summary.pop("_timing_s", {})
-    for name in args.names or REPRODUCTIONS:
+    summary.pop("_size", None)
+    for name in names:
         began = time.perf_counter()
         module = importlib.import_module(f"figures.{name}")
         summary[name] = module.run(size, out)
@@ -48,7 +67,6 @@ def main(argv: list[str] | None = None) -> dict:
     summary["_size"] = size.name
     path.write_text(json.dumps(summary, indent=1))
     return summary
-
 
 if __name__ == "__main__":
     main()

@@ -6,7 +6,6 @@ import importlib
 import json
 import math
 import platform
-import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
@@ -19,6 +18,19 @@ from analysis import mnist1d, supervised
 from analysis.diagnostics import Tracker, evaluate
 
 SEED = 0
+
+
+class Missing(RuntimeError):
+    """A module this reproduction composes has not landed (or does not import)."""
+
+
+def need(module: str, *names: str):
+    """``from module import names`` or ``Missing`` naming what is absent."""
+    try:
+        mod = importlib.import_module(module)
+        return tuple(getattr(mod, n) for n in names)
+    except (ImportError, AttributeError) as err:
+        raise Missing(f"{module}.{'/'.join(names)} not available: {err}") from err
 
 
 @dataclass(frozen=True)
@@ -41,21 +53,22 @@ class Size:
     density_vectors: int
     speedup_steps: int        # iterations of each batch size in the AdaSAM speed-up study
     toy_steps: int            # iterations on the 2D test function
+    seeds: int                # seeds (initialisation and batch order) of each compared run
 
 
 SIZES = {
     "tiny": Size("tiny", num_samples=600, epochs=2, batch_size=64, width=16, every=4,
                  curvature_samples=128, lanczos_max_hvp=8, final_max_hvp=12, trace_n_hvp=6,
                  sharpness_steps=2, grid=5, line_points=7, density_lanczos=8, density_vectors=1,
-                 speedup_steps=12, toy_steps=30),
+                 speedup_steps=12, toy_steps=30, seeds=1),
     "quick": Size("quick", num_samples=5000, epochs=30, batch_size=128, width=100, every=32,
                   curvature_samples=1000, lanczos_max_hvp=20, final_max_hvp=100, trace_n_hvp=60,
                   sharpness_steps=20, grid=21, line_points=41, density_lanczos=60,
-                  density_vectors=4, speedup_steps=600, toy_steps=1000),
+                  density_vectors=4, speedup_steps=600, toy_steps=1000, seeds=2),
     "full": Size("full", num_samples=5000, epochs=100, batch_size=128, width=100, every=64,
                  curvature_samples=4000, lanczos_max_hvp=30, final_max_hvp=200, trace_n_hvp=150,
                  sharpness_steps=50, grid=41, line_points=81, density_lanczos=100,
-                 density_vectors=10, speedup_steps=2000, toy_steps=3000),
+                 density_vectors=10, speedup_steps=2000, toy_steps=3000, seeds=3),
 }
 
 
@@ -65,9 +78,10 @@ def dataset(size: Size):
     return mnist1d(num_samples=size.num_samples)
 
 
-def train_batches(ds, size: Size, epoch: int, batch_size: int | None = None) -> list:
+def train_batches(ds, size: Size, epoch: int, batch_size: int | None = None, seed: int = SEED
+                  ) -> list:
     """The shuffled training batches of one epoch: the same for every optimizer."""
-    return ds.batches(batch_size or size.batch_size, shuffle_seed=1000 * SEED + epoch)
+    return ds.batches(batch_size or size.batch_size, shuffle_seed=1000 * seed + epoch)
 
 
 def eval_batches(ds, size: Size) -> dict[str, list]:
@@ -103,6 +117,7 @@ CROSS_ENTROPY = supervised(nn.CrossEntropyLoss())
 class Run:
     """One training run: its tracker, final metrics and cost."""
     name: str
+    seed: int
     tracker: Tracker
     steps: int
     passes: int
@@ -112,6 +127,8 @@ class Run:
     train_loss: float = math.nan
     train_acc: float = math.nan
     extra: dict = field(default_factory=dict)
+    trajectory: list = field(default_factory=list)
+    artifacts: dict = field(default_factory=dict)
 
     @property
     def passes_per_step(self) -> float:
@@ -131,13 +148,15 @@ def cosine_schedule(opt, total_steps: int):
         opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total_steps) / total_steps)))
 
 
-def train(name: str, model: nn.Module, opt, ds, size: Size, *, epochs: int | None = None,
+def train(name: str, model: nn.Module, opt, ds, size: Size, *, seed: int = SEED,
+          epochs: int | None = None,
           batch_size: int | None = None, steps: int | None = None, loss_fn=CROSS_ENTROPY,
           schedule: bool = False, tracker: Tracker | None = None, evaluator=None,
-          **tracker_kwargs) -> Run:
+          checkpoint_every: int | None = None, **tracker_kwargs) -> Run:
     """Train with ``loss = opt.step(closure)``; the same batches in the same order for every
-    optimizer. ``steps`` (if given) caps the iterations. The final metrics come from
-    ``evaluator(model, opt)`` when given (SALA/Lookahead evaluate their slow weights)."""
+    optimizer (the order set by ``seed``). ``steps`` (if given) caps the iterations. The final metrics come from
+    ``evaluator(model, opt)`` when given (SALA/Lookahead evaluate their slow weights).
+    ``checkpoint_every``: keep a copy of the state_dict at step 0 and every that many steps."""
     data = eval_batches(ds, size)
     if tracker is None:
         kwargs = {"every": size.every, "eval_data": data["eval_data"],
@@ -148,14 +167,21 @@ def train(name: str, model: nn.Module, opt, ds, size: Size, *, epochs: int | Non
         tracker = Tracker(model, loss_fn, **kwargs)
     epochs = epochs or size.epochs
     batch_size = batch_size or size.batch_size
-    per_epoch = len(train_batches(ds, size, 0, batch_size))
+    per_epoch = len(train_batches(ds, size, 0, batch_size, seed))
     total = steps if steps is not None else epochs * per_epoch
     scheduler = cosine_schedule(opt, total) if schedule else None
     model.train()
+    trajectory = []
+
+    def checkpoint():
+        trajectory.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    if checkpoint_every:
+        checkpoint()
     tracker.start()
     done, epoch = 0, 0
     while done < total:
-        for batch in train_batches(ds, size, epoch, batch_size):
+        for batch in train_batches(ds, size, epoch, batch_size, seed):
             def closure(batch=batch):
                 opt.zero_grad()
                 loss = loss_fn(model, batch)
@@ -166,17 +192,63 @@ def train(name: str, model: nn.Module, opt, ds, size: Size, *, epochs: int | Non
                 scheduler.step()
             tracker.step(opt, loss)
             done += 1
+            if checkpoint_every and done % checkpoint_every == 0:
+                checkpoint()
             if done >= total:
                 break
         epoch += 1
     if tracker.n_steps % tracker.every:
         tracker.log(opt)
-    run = Run(name, tracker, steps=tracker.n_steps, passes=tracker.passes,
-              train_time=tracker.train_time)
+    run = Run(name, seed, tracker, steps=tracker.n_steps, passes=tracker.passes,
+              train_time=tracker.train_time, trajectory=trajectory)
     final = evaluator or (lambda m, o: _final_metrics(m, loss_fn, data))
     for key, value in final(model, opt).items():
         setattr(run, key, value)
     return run
+
+
+@dataclass
+class Trials:
+    """The runs of one configuration, one per seed; curves are drawn from the first."""
+    name: str
+    runs: list[Run]
+
+    @property
+    def first(self) -> Run:
+        return self.runs[0]
+
+    def values(self, key: str) -> list[float]:
+        """``key`` (a Run attribute or an ``extra`` entry) of each seed's run."""
+        return [float(r.extra[key] if key in r.extra else getattr(r, key)) for r in self.runs]
+
+    def mean(self, key: str) -> float:
+        return float(np.mean(self.values(key)))
+
+    @property
+    def test_acc(self) -> float:
+        return self.mean("test_acc")
+
+    def curve_mean(self, key: str) -> float:
+        """The mean over seeds of the mean of ``key`` over each run's records."""
+        return float(np.mean([np.mean(r.tracker.history(key)[1]) for r in self.runs]))
+
+
+def trials(name: str, make_model: Callable[[int], nn.Module], make_opt: Callable[[nn.Module], Any],
+           ds, size: Size, *, seeds: int | None = None,
+           after: Callable[[nn.Module, Run], None] | None = None, **train_kwargs) -> Trials:
+    """``train`` once per seed (model ``make_model(seed)``, batch order ``seed``); ``after(model,
+    run)`` measures at the solution (slow weights for Lookahead/SALA), writing numbers to
+    ``run.extra`` and other results to ``run.artifacts``."""
+    runs = []
+    for seed in range(SEED, SEED + (seeds or size.seeds)):
+        model = make_model(seed)
+        opt = make_opt(model)
+        run = train(name, model, opt, ds, size, seed=seed, **train_kwargs)
+        if after is not None:
+            with solution(opt):
+                after(model, run)
+        runs.append(run)
+    return Trials(name, runs)
 
 
 def _final_metrics(model, loss_fn, data) -> dict:
@@ -208,25 +280,19 @@ def slow_evaluator(ds, size: Size, loss_fn=CROSS_ENTROPY):
 
 def sharpness_report(model, ds, size: Size, *, rho: float = 0.05, loss_fn=CROSS_ENTROPY) -> dict:
     """lambda_max (Lanczos), the Hessian trace (Hutch++) and the worst-case sharpness at rho,
-    all on the curvature subset of the training data; the HVPs spent; notes on what is missing."""
+    all on the curvature subset of the training data, and the HVPs spent."""
     (top_eigenvalues,) = need("analysis", "top_eigenvalues")
     data = eval_batches(ds, size)["curvature_data"]
     eig = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-4, max_hvp=size.final_max_hvp,
                           seed=SEED, progress=False)
-    out = {"lambda_max": float(eig.eigenvalues[0]), "lambda_max_converged": bool(eig.converged),
-           "n_hvp": int(eig.n_hvp)}
-    try:
-        (hessian_trace,) = need("analysis.trace", "hessian_trace")
-        tr = hessian_trace(model, loss_fn, data, n_hvp=size.trace_n_hvp, seed=SEED, progress=False)
-        out["trace"], out["trace_stderr"] = float(tr.estimate), float(tr.stderr)
-        out["n_hvp"] += int(tr.n_hvp)
-    except Missing as err:
-        out["trace"], out["trace_missing"] = None, str(err)
-    (worst_case_sharpness,) = need("analysis", "worst_case_sharpness")
+    (hessian_trace, worst_case_sharpness) = need("analysis", "hessian_trace",
+                                                 "worst_case_sharpness")
+    tr = hessian_trace(model, loss_fn, data, n_hvp=size.trace_n_hvp, seed=SEED, progress=False)
     wc = worst_case_sharpness(model, loss_fn, data, rho=rho, steps=size.sharpness_steps,
                               seed=SEED, progress=False)
-    out["worst_case_sharpness"] = float(wc.value)
-    return out
+    return {"lambda_max": float(eig.eigenvalues[0]), "lambda_max_converged": float(eig.converged),
+            "trace": float(tr.estimate), "trace_stderr": float(tr.stderr),
+            "worst_case_sharpness": float(wc.value), "n_hvp": int(eig.n_hvp) + int(tr.n_hvp)}
 
 
 # -- saving and plotting -------------------------------------------------------------------------
@@ -247,12 +313,12 @@ def save_result(out: Path, stem: str, arrays: dict[str, Any], config: dict) -> N
     (out / f"{stem}.json").write_text(json.dumps(meta, indent=1, default=str))
 
 
-def save_runs(out: Path, stem: str, runs: list[Run], size: Size, config: dict) -> None:
+def save_runs(out: Path, stem: str, groups: list[Trials], size: Size, config: dict) -> None:
     """Each run's tracker log (JSON+CSV) under ``out/logs`` and the final metrics."""
     logs = out / "logs"
-    for run in runs:
-        run.tracker.save(logs / f"{stem}_{slug(run.name)}",
-                         meta={"seed": SEED, "size": asdict(size), "config": config,
+    for run in (r for t in groups for r in t.runs):
+        run.tracker.save(logs / f"{stem}_{slug(run.name)}_seed{run.seed}",
+                         meta={"seed": run.seed, "size": asdict(size), "config": config,
                                "versions": versions(), "final": run.metrics()})
 
 
@@ -275,13 +341,14 @@ def savefig(fig, out: Path, name: str) -> str:
     return name
 
 
-def plot_histories(ax, runs: list[Run], key: str, ylabel: str, *, logy: bool = False,
-                   label: Callable[[Run], str] | None = None) -> None:
-    """``key`` against training step for each run, on one axis."""
+def plot_histories(ax, runs: list[Run | Trials], key: str, ylabel: str, *, logy: bool = False
+                   ) -> None:
+    """``key`` against training step for each run (the first seed of a Trials), on one axis."""
     for run in runs:
+        run = getattr(run, "first", run)
         steps, values = run.tracker.history(key)
         if steps:
-            ax.plot(steps, values, label=label(run) if label else run.name)
+            ax.plot(steps, values, label=run.name)
     ax.set_xlabel("step")
     ax.set_ylabel(ylabel)
     if logy:
@@ -314,22 +381,3 @@ def _clean(obj):
     if isinstance(obj, (float, np.floating)):
         return None if not math.isfinite(float(obj)) else float(f"{float(obj):.6g}")
     return obj
-
-
-def timer() -> Callable[[], float]:
-    began = time.perf_counter()
-    return lambda: time.perf_counter() - began
-
-
-
-class Missing(RuntimeError):
-    """A module this reproduction composes has not landed (or does not import)."""
-
-
-def need(module: str, *names: str):
-    """``from module import names`` or ``Missing`` naming what is absent."""
-    try:
-        mod = importlib.import_module(module)
-        return tuple(getattr(mod, n) for n in names)
-    except (ImportError, AttributeError) as err:
-        raise Missing(f"{module}.{'/'.join(names)} not available: {err}") from err

@@ -27,7 +27,7 @@ class Direction(dict):
         self.info = dict(info or {})
 
 
-def _named_targets(model: nn.Module) -> dict[str, Tensor]:
+def named_targets(model: nn.Module) -> dict[str, Tensor]:
     """Everything a direction may move: parameters and floating-point buffers."""
     out = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
     out.update(dict(model.named_parameters()))
@@ -46,7 +46,7 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
                          f"got {type(direction).__name__}")
     if not direction:
         raise ValueError(f"{argname} is empty: it must name at least one parameter")
-    targets = _named_targets(model)
+    targets = named_targets(model)
     unknown = [k for k in direction if k not in targets]
     if unknown:
         raise ValueError(f"{argname} has keys that are not parameters or floating buffers of the "

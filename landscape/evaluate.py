@@ -24,7 +24,7 @@ from analysis.distributed import rank, world_size
 from analysis.protocol import BatchSizeFn, LossFn, check_data, data_mean
 from analysis.restore import preserved
 
-from .directions import _named_targets
+from .directions import named_targets
 from .results import Progress
 
 VECTORIZE = ("auto", True, False)
@@ -47,10 +47,14 @@ class _LossCall(nn.Module):
         return self.loss_fn(self.model, batch)
 
 
+class LossShapeError(ValueError):
+    """loss_fn returned something other than a scalar tensor (never a reason to fall back)."""
+
+
 def _scalar(loss: Any) -> Tensor:
     if not isinstance(loss, Tensor) or loss.numel() != 1:
         shape = tuple(loss.shape) if isinstance(loss, Tensor) else type(loss).__name__
-        raise ValueError("loss_fn must return a scalar tensor (the mean loss over the batch), "
+        raise LossShapeError("loss_fn must return a scalar tensor (the mean loss over the batch), "
                          f"got {shape}")
     return loss.reshape(())
 
@@ -100,7 +104,9 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
         evaluates every point on it (sums all-reduced); "grid": each rank holds all the data
         and evaluates its share of the points (results gathered on every rank).
     The losses are written to ``store`` (and its file) after every chunk. A non-finite loss
-    raises ValueError naming the point (``describe(index)``).
+    raises ValueError naming the point (``describe(index)``). ``store.n_forward`` counts
+    forward passes: one per point and batch, plus one probe sizing the chunks when
+    ``chunk_size`` is None. The data is not fingerprinted: resuming with other data mixes them.
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")
@@ -119,7 +125,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
     share, me = (world_size(), rank()) if distribute == "grid" else (1, 0)
 
     with preserved(model, model_mode), torch.no_grad():
-        targets = _named_targets(model)
+        targets = named_targets(model)
         dtype = next(iter(vectors[0].values())).dtype
         device = next(iter(vectors[0].values())).device
 
@@ -167,7 +173,8 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
                 try:
                     values = run(chunk, mode)
                 except Exception as err:
-                    if mode is looped or vectorize is True or start > 0:
+                    if (mode is looped or vectorize is True or start > 0
+                            or isinstance(err, LossShapeError)):
                         raise
                     warnings.warn(f"the model cannot be vmapped ({type(err).__name__}: {err}); "
                                   "evaluating the points one by one", RuntimeWarning)

@@ -12,7 +12,7 @@ from torch import nn
 from analysis.protocol import LossFn, check_loss, data_mean
 from analysis.restore import check_model_mode, preserved
 
-from .directions import _named_targets, load_state, state_tensors
+from .directions import named_targets, load_state, state_tensors
 from .evaluate import _combine, check_coords, evaluate_points, fmt
 from .results import InterpolationResult, Progress, make_metadata
 
@@ -71,7 +71,7 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     names = list(dict(model_a.named_parameters()))
     if buffers or bn_data is not None:
         names += [n for n, b in model_a.named_buffers() if b.is_floating_point()]
-    targets = _named_targets(model_a)
+    targets = named_targets(model_a)
     state_b = model_b.state_dict() if isinstance(model_b, nn.Module) else load_state(model_b)
     w_a = {n: targets[n].detach().clone() for n in names}
     w_b = state_tensors(model_a, state_b, names)
@@ -109,7 +109,7 @@ def _recalibrated(model, loss_fn, data, bn_data, vectors, coords, store: Progres
     if unknown:
         raise ValueError(f"options {sorted(unknown)} do not apply with bn_data= (points are "
                          "evaluated one by one)")
-    targets = _named_targets(model)
+    targets = named_targets(model)
     with preserved(model, model_mode), torch.no_grad():
         for i in np.flatnonzero(np.isnan(store.losses)):
             c = torch.as_tensor(coords[i])

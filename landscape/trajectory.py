@@ -11,7 +11,7 @@ from torch import Tensor, nn
 from analysis.flat import flatten
 from analysis.protocol import ParamSelection, select_params
 
-from .directions import Direction, _named_targets, check_direction, state_tensors
+from .directions import Direction, named_targets, check_direction, state_tensors
 
 METHODS = ("auto", "svd", "gram")
 
@@ -104,7 +104,7 @@ def project_trajectory(trajectory: Sequence, model: nn.Module,
     """
     dirs = [check_direction(model, d, f"directions[{k}]") for k, d in enumerate(directions)]
     names = list(dict.fromkeys(n for d in dirs for n in d))
-    targets = _named_targets(model)
+    targets = named_targets(model)
     like = [targets[n].detach() for n in names]
     theta = _matrix(trajectory, model, names, like)
     w = flatten([t.to(torch.float64) for t in like])

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from ._checks import check_betas, check_nonnegative, check_positive
-from .sam import BatchNormFreeze, SharpnessAware, check_model, check_rho, grouped
+from .sam import SharpnessAware, check_rho, grouped
 from .wrapper import CountingOptimizer
 
 
@@ -48,16 +48,8 @@ class AdaSAM(SharpnessAware, CountingOptimizer):
         defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), rho=check_rho(rho), eps=float(eps),
                         bias_correction=bool(bias_correction))
         super().__init__(params, defaults)
-        self.model = check_model(model)
         self.foreach = foreach
-        self._bn = BatchNormFreeze(self.model)
-
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Moves to the SAM point x + rho * g / (||g|| + 1e-12) using the current gradients."""
-        self._ascend()
-        if zero_grad:
-            self.zero_grad()
+        self._set_model(model)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -77,9 +69,7 @@ class AdaSAM(SharpnessAware, CountingOptimizer):
                [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states],
                steps=steps, lr=group["lr"], betas=group["betas"],
                bias_correction=group["bias_correction"])
-        self.n_steps += 1
-        if zero_grad:
-            self.zero_grad()
+        self._finish_step(zero_grad)
 
     def _init_state(self, p: Tensor, eps: float) -> None:
         state = self.state[p]
@@ -106,7 +96,8 @@ def _single_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
         m.mul_(beta1).add_(s, alpha=1.0 - beta1)
         v.mul_(beta2).addcmul_(s, s, value=1.0 - beta2)
         torch.maximum(v_max, v, out=v_max)
-        p.addcdiv_(m, (v_max * v_scale).sqrt_(), value=-step_size)
+        denom = (v_max * v_scale).sqrt_() if bias_correction else v_max.sqrt()
+        p.addcdiv_(m, denom, value=-step_size)
 
 
 def _multi_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
@@ -120,6 +111,5 @@ def _multi_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         torch._foreach_mul_(vs, beta2)
         torch._foreach_addcmul_(vs, ss, ss, value=1.0 - beta2)
         torch._foreach_maximum_(v_maxs, vs)
-        denom = torch._foreach_mul(v_maxs, v_scale)
-        torch._foreach_sqrt_(denom)
+        denom = torch._foreach_sqrt(torch._foreach_mul(v_maxs, v_scale) if bias_correction else v_maxs)
         torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)

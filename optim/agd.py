@@ -26,6 +26,7 @@ from torch.optim import Optimizer
 
 from ._checks import check_betas, check_nonnegative, check_positive
 from ._host import to_host
+from ._scratch import scratch
 
 
 @dataclass(frozen=True)
@@ -82,8 +83,8 @@ class AGD(Optimizer):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_diff_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-                if group["amsgrad"]:
-                    state["max_exp_avg_diff_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            if group["amsgrad"] and "max_exp_avg_diff_sq" not in state:   # also when switched on later
+                state["max_exp_avg_diff_sq"] = state["exp_avg_diff_sq"].clone()
             state["step"] += 1
             params.append(p)
         return params
@@ -116,6 +117,7 @@ class AGD(Optimizer):
     def _single_update(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]
         wd, clip = group["weight_decay"], group["clip"]
+        work = scratch(self)
         for p in params:
             state = self.state[p]
             c = _step_scalars(state["step"], group["lr"], beta1, beta2, group["delta"])
@@ -124,17 +126,18 @@ class AGD(Optimizer):
             if wd != 0 and group["weight_decouple"]:
                 p.mul_(self._decay_factor(group))
             elif wd != 0:
-                g = g.add(p, alpha=wd)                                   # L2 on a copy of the grad
-            s = g.add(m, alpha=c.diff_coef) if c.diff_coef else g        # eq. (1), up to the factor c_g
+                g = torch.add(g, p, alpha=wd, out=work.like(p, 1))      # L2 on a copy of the grad
+            # eq. (1), up to the factor c_g
+            s = torch.add(g, m, alpha=c.diff_coef, out=work.like(p, 0)) if c.diff_coef else g
             m.lerp_(g, 1.0 - beta1)
             b.mul_(beta2).addcmul_(s, s, value=c.sq_coef)                # eq. (2)
             if group["amsgrad"]:
                 torch.maximum(state["max_exp_avg_diff_sq"], b, out=state["max_exp_avg_diff_sq"])
-            denom = self._second_moment(group, p).sqrt().clamp_min_(c.threshold)   # eq. (3)
+            denom = torch.sqrt(self._second_moment(group, p), out=work.like(p, 0)).clamp_min_(c.threshold)  # (3)
             if clip is None:                                             # eq. (4)
                 p.addcdiv_(m, denom, value=-c.step_size)
             else:
-                p.add_(torch.div(m, denom).clamp_(-clip, clip), alpha=-c.step_size)
+                p.add_(torch.div(m, denom, out=denom).clamp_(-clip, clip), alpha=-c.step_size)
 
     def _foreach_update(self, group: dict, params: list[Tensor]) -> None:
         beta1, beta2 = group["betas"]

@@ -34,16 +34,21 @@ from torch.optim import Optimizer
 
 from ._checks import check_betas, check_nonnegative, check_positive
 from ._host import to_host
+from ._scratch import scratch
 
 
-def _rowdot(a: Tensor, b: Tensor) -> Tensor:
-    """Dot products of matching slices along dim 0, shaped [n, 1, ..., 1] to broadcast against a and b."""
-    return torch.linalg.vecdot(a.reshape(len(a), -1), b.reshape(len(b), -1)).view(
-        (len(a),) + (1,) * (a.dim() - 1))
+def _vector_dims(w: Tensor) -> tuple[int, ...]:
+    return tuple(range(1, w.dim()))
+
+
+def _rowdot(a: Tensor, b: Tensor, work: Tensor | None = None) -> Tensor:
+    """Dot products of matching slices along dim 0, shaped [n, 1, ..., 1] to broadcast against a and b;
+    the elementwise products go to ``work`` when given."""
+    return torch.mul(a, b, out=work).sum(_vector_dims(a), keepdim=True)
 
 
 def _row_norms(w: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(w, dim=tuple(range(1, w.dim())), keepdim=True)
+    return torch.linalg.vector_norm(w, dim=_vector_dims(w), keepdim=True)
 
 
 @torch.no_grad()
@@ -90,10 +95,14 @@ class NDAdam(Optimizer):
             nd = self._is_nd(group, p)
             state = self.state[p]
             if not state:
+                norms = _row_norms(p) if nd else None
+                if nd and not bool((norms > 0).all()):   # a host sync, once per parameter (its first step)
+                    raise ValueError("NDAdam: a weight vector (slice along dim 0) is all zeros; give it a "
+                                     "nonzero init or put the parameter in a group with nd=False")
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 if nd:
-                    p.div_(_row_norms(p))
+                    p.div_(norms)
                     state["exp_avg_sq"] = p.new_zeros((len(p),) + (1,) * (p.dim() - 1))
                     state["angle"] = p.new_zeros(())
                     state["update_cosine"] = p.new_zeros(())
@@ -131,29 +140,32 @@ class NDAdam(Optimizer):
         t = self.state[p]["step"]
         return group["lr"] / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t)
 
-    def _record_diagnostics(self, p: Tensor, update: Tensor, tangent_sq: Tensor, tangent: Tensor,
-                            step_size: float) -> None:
-        """Angle between w_t and w_{t+1} = normalise(w_t - step_size·u), and cos(u, ḡ); on the device."""
+    def _record_diagnostics(self, p: Tensor, denom: Tensor, tangent: Tensor, tangent_sq: Tensor,
+                            step_size: float, work: Tensor | None = None) -> None:
+        """On the device, for the step w_{t+1} = normalise(w_t - step_size·u) with u = m/denom:
+        the angle atan2(step_size·|u_perp|, 1 - step_size·(w_t·u)) averaged over the vectors, and cos(u, ḡ)."""
         state = self.state[p]
-        along = _rowdot(p, update)                         # w·u per vector (|w| = 1)
-        update_sq = _rowdot(update, update)
+        exp_avg = state["exp_avg"]
+        along = _rowdot(p, exp_avg, work) / denom                      # w·u per vector (|w| = 1)
+        update_sq = _row_norms(exp_avg).square_() / denom.square()     # |u|² per vector
         across = (update_sq - along * along).clamp_min_(0.0).sqrt_()
         state["angle"] = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
         norms = (update_sq.sum() * tangent_sq.sum()).sqrt().clamp_min_(torch.finfo(p.dtype).tiny)
-        state["update_cosine"] = _rowdot(update, tangent).sum() / norms
+        state["update_cosine"] = (_rowdot(exp_avg, tangent, work) / denom).sum() / norms
 
     def _single_vector(self, group: dict, p: Tensor) -> None:
         beta1, beta2 = group["betas"]
         state = self.state[p]
         step_size, bc2_sqrt = self._bias_corrections(group, p)
-        tangent = torch.addcmul(p.grad, _rowdot(p.grad, p), p, value=-1.0)    # ḡ = g - (g·w) w
-        tangent_sq = _rowdot(tangent, tangent)                                # ||ḡ||² per vector
+        work = scratch(self)
+        product = work.like(p, 1)
+        tangent = torch.addcmul(p.grad, _rowdot(p.grad, p, product), p, value=-1.0, out=work.like(p, 0))  # ḡ
+        tangent_sq = _row_norms(tangent).square_()                            # |ḡ|² per vector
         state["exp_avg"].lerp_(tangent, 1.0 - beta1)
         state["exp_avg_sq"].mul_(beta2).add_(tangent_sq, alpha=1.0 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
-        update = state["exp_avg"] / denom
-        self._record_diagnostics(p, update, tangent_sq, tangent, step_size)
-        p.add_(update.mul_(-step_size))
+        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])   # per vector
+        self._record_diagnostics(p, denom, tangent, tangent_sq, step_size, product)
+        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
         p.div_(_row_norms(p))
 
     def _foreach_vectors(self, group: dict, ps: list[Tensor]) -> None:
@@ -164,7 +176,7 @@ class NDAdam(Optimizer):
         scalars = [self._bias_corrections(group, p) for p in ps]
         grads = [p.grad for p in ps]
         tangents = torch._foreach_addcmul(grads, [_rowdot(g, p) for g, p in zip(grads, ps)], ps, value=-1.0)
-        tangent_sqs = [_rowdot(x, x) for x in tangents]
+        tangent_sqs = torch._foreach_pow([_row_norms(x) for x in tangents], 2)
         exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         torch._foreach_lerp_(exp_avgs, tangents, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
@@ -172,11 +184,9 @@ class NDAdam(Optimizer):
         denoms = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in scalars])
         torch._foreach_add_(denoms, group["eps"])
-        updates = torch._foreach_div(exp_avgs, denoms)
-        for p, u, sq, x, (step_size, _) in zip(ps, updates, tangent_sqs, tangents, scalars):
-            self._record_diagnostics(p, u, sq, x, step_size)
-        torch._foreach_mul_(updates, [-step_size for step_size, _ in scalars])
-        torch._foreach_add_(ps, updates)
+        for p, d, x, sq, (step_size, _) in zip(ps, denoms, tangents, tangent_sqs, scalars):
+            self._record_diagnostics(p, d, x, sq, step_size)
+        torch._foreach_addcdiv_(ps, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
         torch._foreach_div_(ps, [_row_norms(p) for p in ps])
 
     def _single_adam(self, group: dict, p: Tensor) -> None:

@@ -22,7 +22,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .lookahead import check_alpha, check_k, swapped_slow_weights
-from .sam import SAM_EPS, check_model, check_rho, first_pass, grouped
+from .sam import SAM_EPS, check_model, check_rho, first_pass, grouped, perturbation_norm
 from .wrapper import Closure, WrapperOptimizer
 
 
@@ -66,9 +66,7 @@ class SALA(WrapperOptimizer):
         for group, params in self._with_grad():
             if not params:
                 continue
-            acc = torch.promote_types(params[0].dtype, torch.float32)
-            norms = torch._foreach_norm([p.grad for p in params], 2, dtype=acc)
-            norm = torch.linalg.vector_norm(torch.stack([n.to(params[0].device) for n in norms]))
+            norm = perturbation_norm(params)
             factor = group["sala_rho"] / (norm + SAM_EPS)
             for (ps,) in grouped(params):
                 torch._foreach_add_(ps, torch._foreach_mul([p.grad for p in ps], factor.to(ps[0])))

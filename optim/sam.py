@@ -55,20 +55,22 @@ def grouped(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
         yield tuple(lists)
 
 
-def perturbation_norm(params: Sequence[Tensor], adaptive: Sequence[bool]) -> Tensor:
+def perturbation_norm(params: Sequence[Tensor], adaptive: Sequence[bool] | None = None) -> Tensor:
     """|| concat_p (|w_p| if adaptive_p else 1) * grad_p ||_2 over all ``params`` (all have a grad).
 
-    Accumulated in float32 or better (float64 stays float64) on the first parameter's device.
+    Each tensor's norm is accumulated in float32 or better (float64 stays float64); the result is
+    on the first parameter's device.
     """
-    device = params[0].device
-    acc = torch.promote_types(params[0].dtype, torch.float32)
+    adaptive = adaptive or [False] * len(params)
     norms = []
     for p, ada in zip(params, adaptive):
+        acc = torch.promote_types(p.dtype, torch.float32)
         g = p.grad.to(acc)
         if ada:
             g = g * p.detach().abs().to(acc)
-        norms.append(torch.linalg.vector_norm(g).to(device))
-    return torch.linalg.vector_norm(torch.stack(norms))
+        norms.append(torch.linalg.vector_norm(g))
+    acc = max((n.dtype for n in norms), key=lambda dt: torch.finfo(dt).bits)
+    return torch.linalg.vector_norm(torch.stack([n.to(params[0].device, acc) for n in norms]))
 
 
 class BatchNormFreeze:
@@ -130,10 +132,15 @@ def all_reduce_mean_(tensors: list[Tensor]) -> None:
 class SharpnessAware:
     """Mixin for optimizers that take an ascent step and re-evaluate the gradient there.
 
-    The class using it sets ``model`` and ``_bn = BatchNormFreeze(model)``, and
+    The class using it calls ``_set_model(model)`` and
     names its group keys for the radius and the adaptive flag (``_rho_key``, ``_adaptive_key``;
     ``None`` for "never adaptive"). Per-parameter buffer ``state[p]["origin"]`` holds the weights
     the step started from, which are restored exactly (copied back, not ``w - e``).
+
+    Two-step API: ``first_step()`` after the plain backward (it freezes BatchNorm statistics when
+    ``model`` is given), then the perturbed forward-backward, then ``second_step()`` (which
+    unfreezes them). Under DDP, run the plain backward inside ``model.no_sync()`` yourself for
+    m-sharpness; ``step(closure)`` does it for you.
     """
 
     model: nn.Module | None
@@ -158,6 +165,22 @@ class SharpnessAware:
         closure()
         self.second_step()
         return loss
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Moves to ``w + e`` using the current gradients (the plain gradient at ``w``)."""
+        self._ascend()
+        if zero_grad:
+            self.zero_grad()
+
+    def _set_model(self, model: nn.Module | None) -> None:
+        self.model = check_model(model)
+        self._bn = BatchNormFreeze(self.model)
+
+    def _finish_step(self, zero_grad: bool) -> None:
+        self.n_steps += 1
+        if zero_grad:
+            self.zero_grad()
 
     def _ascend(self) -> None:
         """w <- w + e with e = rho * (w^2 if adaptive) * g / (||(|w| if adaptive) * g|| + eps); then
@@ -224,21 +247,11 @@ class SAM(SharpnessAware, WrapperOptimizer):
                  model: nn.Module | None = None):
         defaults = dict(sam_rho=check_rho(rho), sam_adaptive=bool(adaptive))
         super().__init__(base_optimizer, defaults)
-        self.model = check_model(model)
-        self._bn = BatchNormFreeze(self.model)
-
-    @torch.no_grad()
-    def first_step(self, zero_grad: bool = False) -> None:
-        """Moves to ``w + e`` using the current gradients (the plain gradient at ``w``)."""
-        self._ascend()
-        if zero_grad:
-            self.zero_grad()
+        self._set_model(model)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Moves back to ``w`` and lets the base optimizer step with the gradient at ``w + e``."""
         self._return_to_origin()
         self.base_optimizer.step()
-        self.n_steps += 1
-        if zero_grad:
-            self.zero_grad()
+        self._finish_step(zero_grad)

@@ -16,11 +16,10 @@ the plain gradient is then averaged over ranks explicitly.
 from __future__ import annotations
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from .sam import (BatchNormFreeze, SharpnessAware, all_reduce_mean_, check_model, check_rho,
-                  grouped)
+from .sam import SharpnessAware, all_reduce_mean_, check_rho, grouped
 from ._checks import check_positive
 from .wrapper import WrapperOptimizer
 
@@ -46,8 +45,7 @@ class WSAM(SharpnessAware, WrapperOptimizer):
         super().__init__(base_optimizer, defaults)
         self.decouple = bool(decouple)
         self.max_norm = max_norm
-        self.model = check_model(model)
-        self._bn = BatchNormFreeze(self.model)
+        self._set_model(model)
 
     def _clip(self) -> None:
         """``clip_grad_norm_`` over all parameters with a gradient (no-op without ``max_norm``)."""
@@ -90,6 +88,23 @@ class WSAM(SharpnessAware, WrapperOptimizer):
                 sharp = [self.state[p]["origin"] for p in params]
                 for ps, ss in grouped(params, sharp):
                     torch._foreach_add_(ps, ss, alpha=-group["lr"] * group["wsam_alpha"])
-        self.n_steps += 1
-        if zero_grad:
-            self.zero_grad()
+        self._finish_step(zero_grad)
+
+    @torch.no_grad()
+    def gradient_norms(self) -> dict[str, float]:
+        """Diagnostics of the last step (spec section 7): ``grad`` = ||g||, ``sharpness`` = ||g~ - g||
+        and their ``ratio``, over all parameters (g after averaging and clipping). Empty before
+        the first completed step. Synchronises with the device only when called."""
+        if self.n_steps == 0 or hasattr(self, "_perturbed"):
+            return {}
+        states = [self.state[p] for g in self.param_groups for p in g["params"]
+                  if "grad" in self.state[p]]
+        plain = _norm([s["grad"] for s in states])
+        sharp = _norm([s["origin"] for s in states])
+        return {"grad": plain, "sharpness": sharp, "ratio": sharp / plain if plain > 0 else float("inf")}
+
+
+def _norm(tensors: list[Tensor]) -> float:
+    """Global L2 norm of ``tensors`` in float64, as a Python float."""
+    return float(torch.linalg.vector_norm(torch.stack(
+        [torch.linalg.vector_norm(t.double()).cpu() for t in tensors])))

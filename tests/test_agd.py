@@ -232,7 +232,7 @@ def test_step_after_own_backward_equals_step_closure():
             return loss
 
         for _ in range(5):
-            expected = float(_loss(params))
+            expected = float(_loss(params).detach())
             if use_closure:
                 assert float(opt.step(closure)) == expected
             else:
@@ -240,3 +240,19 @@ def test_step_after_own_backward_equals_step_closure():
                 assert opt.step() is None
         outs.append(params)
     assert all(torch.equal(a, b) for a, b in zip(*outs))
+
+
+def test_amsgrad_switched_on_later_starts_from_b():
+    """Turning amsgrad on at step 2 starts the max from b_1: B_2 = max(b_1, b_2)."""
+    params = [x.clone().requires_grad_() for x in _start()]
+    opt = AGD(params, lr=1e-2, delta=1e-3)
+    b_1 = None
+    for amsgrad in (False, True):
+        opt.param_groups[0]["amsgrad"] = amsgrad
+        opt.zero_grad()
+        _loss(params).backward()
+        opt.step()
+        b_1 = opt.state[params[0]]["exp_avg_diff_sq"].clone() if b_1 is None else b_1
+    state = opt.state[params[0]]
+    assert torch.equal(state["max_exp_avg_diff_sq"], torch.maximum(b_1, state["exp_avg_diff_sq"]))
+    assert not torch.equal(b_1, state["exp_avg_diff_sq"])

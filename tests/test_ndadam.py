@@ -213,3 +213,12 @@ def test_logit_penalty_and_regularised_loss_against_hand_computation():
 def test_logit_regulariser_errors(call, needle):
     with pytest.raises(ValueError, match=needle):
         call()
+
+
+def test_zero_vector_is_rejected_before_any_state():
+    w = torch.zeros(2, 3, requires_grad=True)
+    opt = NDAdam([w])
+    w.grad = torch.ones(2, 3)
+    with pytest.raises(ValueError, match="all zeros"):
+        opt.step()
+    assert not any(opt.state.values())   # no half-built state left behind

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import optim
-from optim_reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, grad, initial,
+from optim_reference import (RefSGD, Softmax, assert_trajectories_close, batch, grad, initial,
                              param_groups, run_model)
 
 LRS = (1.0, 0.5)

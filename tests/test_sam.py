@@ -9,7 +9,7 @@ from torch import nn
 
 import optim
 from oracles import cnn_bn
-from optim_reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, grad, initial, norm,
+from optim_reference import (RefSGD, Softmax, assert_trajectories_close, batch, grad, initial, norm,
                              param_groups, run_model)
 
 LRS = (0.3, 0.1)

@@ -4,6 +4,7 @@ import copy
 import math
 import os
 import tempfile
+import time
 
 import numpy as np
 import pytest
@@ -174,21 +175,25 @@ def apgd_by_hand(f, theta, rho, steps):
     checks = {math.ceil(round(q * steps, 9)) for q in fractions[1:]}
     g = grad(theta)
     x = old = best = rho * g / g.norm()
-    eta, halvings, since, last_check, reduced, best_then = 2 * rho, 0, 0, 0, False, value(best)
+    fx = f_best = best_then = value(x)
+    eta, halvings, since, last_check, reduced = 2 * rho, 0, 0, 0, False
     for k in range(1, steps + 1):
         ascent = grad(theta + x)
         z = proj(x + eta * ascent / ascent.norm())
         new = z if k == 1 else proj(x + 0.75 * (z - x) + 0.25 * (x - old))
-        since += value(new) > value(x)
-        old, x = x, new
-        best = x if value(x) > value(best) else best
+        f_new = value(new)
+        since += f_new > fx
+        old, x, fx = x, new, f_new
+        if fx > f_best:
+            best, f_best = x, fx
         if k in checks:
-            halve = since < 0.75 * (k - last_check) or (not reduced and value(best) <= best_then)
-            since, last_check, reduced, best_then = 0, k, halve, value(best)
+            halve = since < 0.75 * (k - last_check) or (not reduced and f_best <= best_then)
+            since, last_check, reduced, best_then = 0, k, halve, f_best
             if halve:
                 eta, halvings = eta / 2, halvings + 1
                 x = old = best
-    return value(best), halvings
+                fx = f_best
+    return f_best, halvings
 
 
 def test_apgd_replays_the_authors_algorithm_step_by_step():
@@ -444,7 +449,14 @@ def test_two_ranks_give_the_single_process_result():
     worst = worst_case_sharpness(model, CE, [(x, y)], rho=0.1, steps=4, **QUIET)
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        mp.spawn(_rank_main, args=(os.path.join(tmp, "store"), out), nprocs=2)
+        ranks = mp.start_processes(_rank_main, args=(os.path.join(tmp, "store"), out),
+                                   nprocs=2, join=False, start_method="spawn")
+        deadline = time.monotonic() + 300
+        while not ranks.join(timeout=1):
+            if time.monotonic() > deadline:
+                for process in ranks.processes:
+                    process.kill()
+                pytest.fail("the two ranks did not finish within 300 s")
         for rank in range(2):
             got = torch.load(f"{out}.{rank}", weights_only=True)
             assert got["avg"] == pytest.approx(avg.value, rel=1e-8)

@@ -116,6 +116,7 @@ def test_direction_subset_and_buffer_keys():
     assert res.losses[0] == pytest.approx(CE(ref, (x, y)).item(), rel=1e-13)
 
 
+@pytest.mark.filterwarnings("ignore:the model cannot be vmapped")
 def test_errors_name_the_argument_or_point():
     model, data, _, d1, d2 = quadratic_problem()
     snap = snapshot(model)
@@ -143,3 +144,24 @@ def test_errors_name_the_argument_or_point():
     with pytest.raises(ValueError, match="vectorize"):
         line(model, quad_loss, data, d1, [0.0], vectorize="yes")
     assert_unchanged(model, snap)
+
+
+def test_filter_normalised_line_is_invariant_to_relu_rescaling():
+    """Dinh et al.: scaling layer l by a and layer l+1 by 1/a keeps the function; the
+    filter-normalised curve (same seed) must not change, the unnormalised one does."""
+    model = mlp(sizes=(6, 8, 5, 3), act=nn.ReLU)
+    x, y = classification_data(n=23)
+    data = uneven_batches(x, y)
+    import copy
+    scaled = copy.deepcopy(model)
+    with torch.no_grad():
+        scaled[0].weight.mul_(4.0)
+        scaled[0].bias.mul_(4.0)
+        scaled[2].weight.div_(4.0)
+    alphas = np.linspace(-1, 1, 5)
+    curves = {}
+    for norm in ("filter", "none"):
+        curves[norm] = [line(m, ce, data, random_direction(m, norm, seed=3), alphas, progress=False).losses
+                        for m in (model, scaled)]
+    np.testing.assert_allclose(curves["filter"][0], curves["filter"][1], rtol=1e-12)
+    assert np.abs(curves["none"][0] - curves["none"][1]).max() > 1e-3

@@ -33,7 +33,7 @@ def test_rademacher_hutchinson_is_exact_on_diagonal_matrices():
     assert r.stderr == pytest.approx(0, abs=1e-12) and r.n_hvp == 7
 
 
-@pytest.mark.parametrize("method", ["hutchinson", "hutch++"])
+@pytest.mark.parametrize("method", ["hutchinson", "hutch++", "xtrace"])
 def test_estimators_are_unbiased_with_calibrated_stderr(method):
     A = spectrum_matrix()
     exact = torch.trace(A).item()
@@ -44,7 +44,8 @@ def test_estimators_are_unbiased_with_calibrated_stderr(method):
     assert abs(z) < 4
     # the reported stderr matches the spread over seeds (chi-square-like tolerance)
     rms = np.sqrt(np.mean([r.stderr ** 2 for r in runs]))
-    assert 0.75 < rms / est.std(ddof=1) < 1.33
+    low = 0.5 if method == "xtrace" else 0.75  # XTrace's error estimate is a heuristic
+    assert low < rms / est.std(ddof=1) < 1.33
     if method == "hutchinson":  # variance 2 (||A||_F^2 - sum A_ii^2) / m
         var = 2 * ((A ** 2).sum() - (torch.diagonal(A) ** 2).sum()).item() / 30
         assert 0.75 < est.var(ddof=1) / var < 1.33
@@ -60,6 +61,21 @@ def test_hutch_plus_plus_beats_hutchinson_on_outliers_and_is_exact_on_low_rank()
     r = trace_estimate(lambda V: V @ (X @ X.T), 200, 30, like=LIKE)
     assert r.estimate == pytest.approx(torch.trace(X @ X.T).item(), rel=1e-12)
     assert r.stderr < 1e-9
+
+
+@pytest.mark.parametrize("rank", [3, 10])
+def test_xtrace_is_exact_below_half_the_budget(rank):
+    X = torch.randn(200, rank, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    r = trace_estimate(lambda V: V @ (X @ X.T), 200, 22, method="xtrace", like=LIKE)
+    assert r.n_hvp == 22 and r.estimate == pytest.approx(torch.trace(X @ X.T).item(), rel=1e-10)
+
+
+def test_xtrace_beats_hutch_plus_plus_on_outliers():
+    A = spectrum_matrix()
+    spread = {m: np.std([trace_estimate(lambda V: V @ A, 120, 60, method=m, seed=s,
+                                        like=LIKE).estimate for s in range(40)])
+              for m in ("xtrace", "hutch++")}
+    assert spread["xtrace"] < spread["hutch++"]
 
 
 def test_quadratic_loss_model_with_low_rank_hessian():
@@ -117,7 +133,7 @@ def test_layerwise_blocks_match_exact_blocks():
 def test_bad_input():
     x, y = classification_data(n=23, d=12)
     model, data = mlp((12, 8, 5, 3)), uneven_batches(x, y)
-    for kwargs, word in [({"method": "xtrace"}, "method"), ({"n_hvp": 3}, "n_hvp"),
+    for kwargs, word in [({"method": "xdiag"}, "method"), ({"n_hvp": 3}, "n_hvp"),
                          ({"n_hvp": 1, "method": "hutchinson"}, "n_hvp"), ({"seed": 1.5}, "seed"),
                          ({"chunk": 0}, "chunk")]:
         with pytest.raises(ValueError, match=word):

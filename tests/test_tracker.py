@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import time
@@ -14,6 +13,7 @@ from torch import nn
 
 from analysis import supervised
 from analysis.diagnostics import Tracker, evaluate, full_grad_norm
+from optim import AGD, SAM
 from oracles import (assert_unchanged, classification_data, exact_grad, exact_hessian, mlp,
                      snapshot, uneven_batches)
 
@@ -22,10 +22,6 @@ LOSS = supervised(nn.CrossEntropyLoss())
 
 def PLAIN(model, batch):  # the same loss for the functional oracles (no parameters to look up)
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-
-def has(module: str) -> bool:
-    return importlib.util.find_spec(module) is not None
 
 
 @pytest.fixture
@@ -79,7 +75,6 @@ def test_evaluate_without_criterion_matches_supervised(setup):
     assert evaluate(model, PLAIN, data) == pytest.approx(evaluate(model, LOSS, data), rel=1e-12)
 
 
-@pytest.mark.skipif(not has("analysis.lanczos"), reason="analysis.lanczos not landed")
 def test_lambda_max_and_eos_ratio_against_eigvalsh():
     model = mlp((4, 5, 3))
     x, y = classification_data(n=13, d=4)
@@ -99,7 +94,6 @@ def test_lambda_max_and_eos_ratio_against_eigvalsh():
         r["lanczos_hvp"] for r in tracker.records)
 
 
-@pytest.mark.skipif(not has("analysis.trace"), reason="analysis.trace not landed")
 def test_trace_against_exact_hessian():
     model = mlp((3, 4, 2))               # 26 parameters: Hutch++ with 3 * 26 probes is exact
     x, y = classification_data(n=11, d=3, classes=2)
@@ -143,9 +137,7 @@ def test_sgd_momentum_update_cosine_is_one_on_first_step(setup):
         assert tracker.records[0][f"cos/{name}"] == pytest.approx(1.0, abs=1e-12)
 
 
-@pytest.mark.skipif(not has("optim.agd"), reason="optim.agd not landed")
 def test_sgd_fraction_against_direct_count(setup):
-    from optim import AGD
     model, data = setup
     params = list(model.named_parameters())
     groups = [{"params": [p for _, p in params[:2]], "delta": 1e-2},
@@ -167,9 +159,7 @@ def test_sgd_fraction_against_direct_count(setup):
         assert rec[f"sgd_fraction/{name}"] == pytest.approx(float(masks[id(p)].double().mean()))
 
 
-@pytest.mark.skipif(not has("optim.sam"), reason="optim.sam not landed")
 def test_pass_counts(setup):
-    from optim import SAM
     for make, per_step in [(lambda ps: torch.optim.SGD(ps, lr=0.1), 1),
                            (lambda ps: SAM(torch.optim.SGD(ps, lr=0.1)), 2)]:
         model, data = mlp((6, 8, 5, 3)), setup[1]

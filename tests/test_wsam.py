@@ -88,3 +88,18 @@ def test_alpha_key_does_not_collide_with_rmsprop():
     assert base.param_groups[0]["alpha"] == 0.99
     assert opt.param_groups[0]["wsam_alpha"] == pytest.approx(9.0)
     run_model(opt, model, 2)
+
+
+def test_gradient_norms_report_the_last_step():
+    model = Softmax()
+    opt = make_wsam(model, rho=0.1, gamma=0.8)
+    assert opt.gradient_norms() == {}
+    run_model(opt, model, 1)
+    theta, xy = initial(), batch(0)
+    g = grad(theta, xy)
+    n = norm(g)
+    g_tilde = grad({k: theta[k] + 0.1 * g[k] / (n + 1e-12) for k in theta}, xy)
+    stats = opt.gradient_norms()
+    assert stats["grad"] == pytest.approx(n, rel=1e-12)
+    assert stats["sharpness"] == pytest.approx(norm({k: g_tilde[k] - g[k] for k in g}), rel=1e-10)
+    assert stats["ratio"] == pytest.approx(stats["sharpness"] / stats["grad"], rel=1e-12)
