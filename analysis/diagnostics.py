@@ -121,9 +121,9 @@ class Tracker:
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
                  eval_data: Iterable | None = None, test_data: Iterable | None = None,
                  curvature_data: Iterable | None = None, lambda_max: bool = False,
-                 trace: bool = False, grad_norm: bool = False, lanczos_tol: float = 1e-3, lanczos_max_hvp: int = 50,
-                 trace_n_hvp: int = 30, layers: bool = True, seed: int = 0,
-                 model_mode: str = "eval",
+                 trace: bool = False, grad_norm: bool = False, lanczos_tol: float = 1e-3,
+                 lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
+                 seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
         if not isinstance(every, int) or every < 1:
             raise ValueError(f"every must be an int >= 1, got {every!r}")
@@ -147,9 +147,9 @@ class Tracker:
         self.train_time = 0.0
         self.overhead = 0.0
         self.n_hvp = 0
-        self._losses: list[float] = []
+        self._losses: list[Tensor | float] = []
         self._v0: Tensor | None = None
-        self._previous: dict[str, Tensor] | None = None
+        self._previous: tuple[int, dict[str, Tensor]] | None = None   # (step, weights)
         self._clock: float | None = None
 
     # -- hooks called by the training loop ------------------------------------------------
@@ -162,17 +162,23 @@ class Tracker:
 
     def start(self) -> None:
         """Start the training clock (``step`` starts it at the first call otherwise)."""
+        self._keep_weights()
         self._clock = time.perf_counter()
+
+    def _keep_weights(self) -> None:
+        """Before a step that will be recorded, keep the weights (for angles and cosines)."""
+        if self.layers and (self.n_steps + 1) % self.every == 0:
+            self._previous = (self.n_steps, {n: p.detach().clone()
+                                             for n, p in self.model.named_parameters()})
 
     def step(self, optimizer: Any, loss: Tensor | float | None = None) -> Record | None:
         """Account one optimizer step; log (and return the record) every ``every`` steps."""
         now = self._stop_clock()
         self.n_steps += 1
-        if loss is not None:
-            self._losses.append(float(loss.detach()) if isinstance(loss, Tensor) else float(loss))
+        if loss is not None:             # kept on its device: no host sync between records
+            self._losses.append(loss.detach() if isinstance(loss, Tensor) else float(loss))
         record = self._record(optimizer, now) if self.n_steps % self.every == 0 else None
-        if self.layers and (self.n_steps + 1) % self.every == 0:
-            self._previous = {n: p.detach().clone() for n, p in self.model.named_parameters()}
+        self._keep_weights()
         self._restart_clock(now)
         return record
 
@@ -197,7 +203,7 @@ class Tracker:
     def _record(self, optimizer: Any, began: float) -> Record:
         rec: Record = {"step": float(self.n_steps), "passes": float(self.passes)}
         if self._losses:
-            rec["loss"] = sum(self._losses) / len(self._losses)
+            rec["loss"] = sum(float(v) for v in self._losses) / len(self._losses)
             self._losses = []
         lr = self._lr(optimizer)
         if lr is not None:
@@ -254,7 +260,9 @@ class Tracker:
 
     def _layer_stats(self) -> Record:
         out: Record = {}
-        previous = self._previous if self.n_steps > 0 else None
+        # the weights before this step, if they were kept (only for the step before a record)
+        kept = self._previous
+        previous = kept[1] if kept is not None and kept[0] == self.n_steps - 1 else None
         with torch.no_grad():
             for name, p in self.model.named_parameters():
                 w = p.detach()

@@ -8,8 +8,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .common import (CROSS_ENTROPY, SEED, Missing, Size, dataset, entry, eval_batches, mlp, need,
-                     not_available, pyplot, save_result, save_runs, savefig, train)
+from .common import (CROSS_ENTROPY, SEED, Missing, Size, Trials, dataset, entry, eval_batches, mlp,
+                     need, not_available, pyplot, save_result, save_runs, savefig, train)
 
 NAME = "landscape_gallery"
 SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
@@ -72,7 +72,7 @@ def run(size: Size, out: Path) -> dict:
               "line_points": size.line_points, "density": {"n_lanczos": size.density_lanczos,
                                                            "n_vectors": size.density_vectors},
               "checkpoint_every": size.every}
-    save_runs(out, NAME, [run_], size, config)
+    save_runs(out, NAME, [Trials("SGD", [run_])], size, config)
     save_result(out, NAME, {"line_alphas": ln.alphas, "line_losses": ln.losses,
                             "plane_xs": pl.xs, "plane_ys": pl.ys, "plane_losses": pl.losses,
                             "pca_xs": pca_plane.xs, "pca_ys": pca_plane.ys,

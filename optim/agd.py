@@ -133,7 +133,8 @@ class AGD(Optimizer):
             b.mul_(beta2).addcmul_(s, s, value=c.sq_coef)                # eq. (2)
             if group["amsgrad"]:
                 torch.maximum(state["max_exp_avg_diff_sq"], b, out=state["max_exp_avg_diff_sq"])
-            denom = torch.sqrt(self._second_moment(group, p), out=work.like(p, 0)).clamp_min_(c.threshold)  # (3)
+            denom = torch.sqrt(self._second_moment(group, p), out=work.like(p, 0))
+            denom.clamp_min_(c.threshold)                                # eq. (3)
             if clip is None:                                             # eq. (4)
                 p.addcdiv_(m, denom, value=-c.step_size)
             else:

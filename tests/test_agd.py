@@ -194,7 +194,8 @@ def test_step_does_not_synchronise(monkeypatch):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_step_has_no_sync():
-    params = [torch.randn(50, 20, device="cuda", requires_grad=True), torch.randn(20, device="cuda", requires_grad=True)]
+    params = [torch.randn(50, 20, device="cuda", requires_grad=True),
+              torch.randn(20, device="cuda", requires_grad=True)]
     opt = AGD(params, amsgrad=True, clip=1.0)
     for p in params:
         p.grad = torch.randn_like(p)
@@ -234,7 +235,7 @@ def test_step_after_own_backward_equals_step_closure():
         for _ in range(5):
             expected = float(_loss(params).detach())
             if use_closure:
-                assert float(opt.step(closure)) == expected
+                assert float(opt.step(closure).detach()) == expected
             else:
                 closure()
                 assert opt.step() is None

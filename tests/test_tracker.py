@@ -14,7 +14,7 @@ from torch import nn
 from analysis import supervised
 from analysis.diagnostics import Tracker, evaluate, full_grad_norm
 from optim import AGD, SAM
-from oracles import (assert_unchanged, classification_data, exact_grad, exact_hessian, mlp,
+from oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian, mlp,
                      snapshot, uneven_batches)
 
 LOSS = supervised(nn.CrossEntropyLoss())
@@ -131,7 +131,7 @@ def test_sgd_momentum_update_cosine_is_one_on_first_step(setup):
     model, data = setup
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     tracker = Tracker(model, LOSS, every=1)
-    tracker._previous = {n: p.detach().clone() for n, p in model.named_parameters()}
+    tracker.start()                        # keeps the initial weights: step 1 is recorded
     train(model, opt, data, tracker, 1)
     for name, _ in model.named_parameters():
         assert tracker.records[0][f"cos/{name}"] == pytest.approx(1.0, abs=1e-12)
@@ -226,6 +226,25 @@ def test_save_json_csv_and_plot(setup, tmp_path):
     assert len(rows) == 3 and float(rows[-1]["train_loss"]) == tracker.records[-1]["train_loss"]
     png = tracker.plot(tmp_path / "log.png")
     assert png.stat().st_size > 10_000
+
+
+def test_tracking_does_not_change_training():
+    """Weights, BatchNorm statistics and grads end exactly as without a tracker."""
+    x, y = classification_data(n=20, d=12)
+    data = uneven_batches(x, y, sizes=(8, 12))
+    ends = []
+    for tracked in (False, True):
+        model = cnn_bn()
+        opt = SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), model=model)
+        tracker = Tracker(model, LOSS, every=2 if tracked else 10 ** 6, eval_data=data,
+                          test_data=data, curvature_data=data, lambda_max=True, trace=True,
+                          grad_norm=True, trace_n_hvp=9, lanczos_max_hvp=5)
+        train(model, opt, data, tracker, 4)
+        assert len(tracker.records) == (2 if tracked else 0)
+        ends.append(snapshot(model))
+    for key in ("params", "buffers", "grads"):
+        for name, value in ends[0][key].items():
+            assert torch.equal(value, ends[1][key][name]), (key, name)
 
 
 def test_bad_arguments(setup):
