@@ -27,7 +27,9 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--full", action="store_true", help="longer runs, closer to the papers")
     sizes.add_argument("--tiny", action="store_true", help="seconds-long smoke size (CI)")
-    parser.add_argument("--threads", type=int, default=2, help="torch CPU threads (default 2)")
+    parser.add_argument("--threads", type=int, default=1,
+                        help="torch CPU threads (default 1: these models are too small to gain "
+                             "from more, and on a busy machine 2 threads ran 15x slower)")
     parser.add_argument("--table", action="store_true",
                         help="print the claim-versus-measured table of OUT/summary.json and exit")
     args = parser.parse_args(argv)

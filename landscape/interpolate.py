@@ -81,7 +81,7 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     coords = np.stack([1.0 - points, points], axis=1)
     config = {"model_mode": model_mode, "buffers": buffers, "recalibrate_bn": bn_data is not None}
     meta = make_metadata("interpolate", [w_b], w_a, [points], config)
-    store = Progress(path, "interpolate", {"alphas": points}, (len(points),), meta)
+    store = Progress(path, {"alphas": points}, (len(points),), meta)
 
     def describe(i: int) -> str:
         return f"alpha={fmt(points[i])}"

@@ -131,10 +131,10 @@ class Progress:
     coordinates, config) equals this computation's; a mismatch raises ValueError.
     """
 
-    def __init__(self, path: str | os.PathLike | None, kind: str, arrays: Mapping[str, np.ndarray],
+    def __init__(self, path: str | os.PathLike | None, arrays: Mapping[str, np.ndarray],
                  shape: tuple[int, ...], meta: dict):
         self.path = None if path is None else os.fspath(path)
-        self.kind, self.arrays, self.meta = kind, dict(arrays), meta
+        self.arrays, self.meta = dict(arrays), meta
         self.losses = np.full(shape, np.nan)
         self.n_forward = 0
         if self.path is not None:

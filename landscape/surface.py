@@ -10,7 +10,7 @@ from torch import Tensor, nn
 from analysis.protocol import LossFn
 from analysis.restore import check_model_mode
 
-from .directions import Direction, check_direction
+from .directions import Direction, check_direction, named_targets
 from .evaluate import check_coords, evaluate_points, fmt
 from .results import LineResult, PlaneResult, Progress, make_metadata
 
@@ -23,7 +23,7 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     dirs = [Direction(check_direction(model, d, f"d{k + 1}" if len(directions) > 1 else "direction"),
                       getattr(d, "info", None)) for k, d in enumerate(directions)]
     names = list(dict.fromkeys(n for d in dirs for n in d))
-    targets = dict(model.named_parameters()) | dict(model.named_buffers())
+    targets = named_targets(model)
     origin = {n: targets[n].detach().clone() for n in names}
     grid = np.meshgrid(*axes[::-1], indexing="ij")[::-1]  # [len(ys), len(xs)] for a plane
     coords = np.stack([np.ones(grid[0].size)] + [g.reshape(-1) for g in grid], axis=1)
@@ -31,7 +31,7 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
               "shape": [len(a) for a in axes[::-1]]}
     arrays = dict(zip(("alphas",) if kind == "line" else ("xs", "ys"), axes))
     meta = make_metadata(kind, dirs, origin, axes, config)
-    store = Progress(path, kind, arrays, tuple(len(a) for a in axes[::-1]), meta)
+    store = Progress(path, arrays, tuple(len(a) for a in axes[::-1]), meta)
     labels = ("alpha",) if kind == "line" else ("x", "y")
 
     def describe(i: int) -> str:
