@@ -105,6 +105,8 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
     """Rows of ``v0`` folded onto ``b`` rows (row i added to row i mod b), random otherwise."""
     block = randn((b, n), gen, like=like)
     if v0 is not None:
+        if not isinstance(v0, Tensor):
+            raise ValueError(f"v0 must be a tensor of shape [n] or [r, n], got {type(v0).__name__}")
         v0 = v0 if v0.dim() == 2 else v0.reshape(1, -1)
         if v0.shape[1] != n:
             raise ValueError(f"v0 must have {n} columns (the number of selected parameter "
@@ -252,6 +254,10 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                     method: str = "lanczos", progress: bool = True, block_size: int = 1,
                     max_basis: int | None = None, hvp_method: str = "reverse") -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
+
+    Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
+    flat over the selected parameters in ``.names`` order (``analysis.flat.unflatten`` splits
+    a row per parameter), in the model's dtype and device.
 
     which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
         (largest magnitude).

@@ -35,7 +35,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.table:
         summary = json.loads((args.out / "summary.json").read_text())
-        print(table(summary))
+        print(table(summary, figure_dir=str(args.out)))
         return summary
     unknown = [n for n in args.names if n not in REPRODUCTIONS]
     if unknown:

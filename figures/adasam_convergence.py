@@ -98,7 +98,7 @@ def plot(runs, speed, batches, initial, avg_sq, out: Path) -> str:
         ax.plot([0] + steps, sq, color=f"C{i}", lw=0.7, alpha=0.5)
         ax.plot([0] + steps, np.cumsum(sq) / np.arange(1, len(sq) + 1), color=f"C{i}", lw=2,
                 label=f"b={b}: running average (seed-mean final {avg_sq[b]:.3g})")
-    ax.set(xlabel="iteration", ylabel="squared full-gradient norm", yscale="log",
-           title="AdaSAM: gradient norm per batch size (seed 0; thin: raw)")
+    ax.set(xlabel="iteration", ylabel="squared full-gradient norm (thin: raw)", yscale="log",
+           title="AdaSAM per batch size (seed 0)")
     ax.legend(fontsize=7)
     return savefig(fig, out, f"{NAME}.png")

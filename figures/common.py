@@ -94,16 +94,18 @@ def eval_batches(ds, size: Size) -> dict[str, list]:
 def mlp(size: Size, *, seed: int = SEED, batchnorm: bool = False, head: nn.Module | None = None,
         dtype: torch.dtype = torch.float32) -> nn.Sequential:
     """40 -> width -> width -> 10 ReLU MLP (optionally Linear-BN-ReLU blocks and a ``head``
-    after the logits, e.g. ND-Adam's BN-softmax)."""
-    torch.manual_seed(seed)
+    after the logits, e.g. ND-Adam's BN-softmax). The initialisation is drawn from ``seed``;
+    the caller's global random state is left as it was."""
     layers: list[nn.Module] = []
     sizes = [40, size.width, size.width]
-    for a, b in zip(sizes[:-1], sizes[1:]):
-        layers.append(nn.Linear(a, b))
-        if batchnorm:
-            layers.append(nn.BatchNorm1d(b))
-        layers.append(nn.ReLU())
-    layers.append(nn.Linear(size.width, 10))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for a, b in zip(sizes[:-1], sizes[1:]):
+            layers.append(nn.Linear(a, b))
+            if batchnorm:
+                layers.append(nn.BatchNorm1d(b))
+            layers.append(nn.ReLU())
+        layers.append(nn.Linear(size.width, 10))
     if head is not None:
         layers.append(head)
     return nn.Sequential(*layers).to(dtype)

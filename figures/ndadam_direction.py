@@ -106,9 +106,13 @@ def plot(runs, acc, layers, out: Path) -> str:
     plain = [r for label, r in runs.items() if "BN-softmax" not in label]
     reg = [r for label, r in runs.items() if "BN-softmax" in label]
     first = layers[0]
-    plot_histories(axes[0, 0], plain + reg, f"rownorm/{first}",
-                   f"mean weight-vector norm ({first})", logy=True)
-    axes[0, 0].set_title("weight-vector norms, first hidden layer")
+    for group, style in ((plain, "-"), (reg, "--")):
+        for i, r in enumerate(group):
+            axes[0, 0].plot(*r.tracker.history(f"rownorm/{first}"), style, color=f"C{i}",
+                            label=r.name)
+    axes[0, 0].set(xlabel="step", ylabel=f"mean weight-vector norm ({first})", yscale="log",
+                   title="weight-vector norms, first hidden layer (dashed: BN-softmax)")
+    axes[0, 0].legend(fontsize=7)
     styles = dict(zip(layers, ["-", "--", ":"]))
     for ax, key, ylabel, title in [
             (axes[0, 1], "angle", "mean angular step (rad)", "angular step per layer (with BN-softmax)"),

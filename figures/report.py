@@ -24,8 +24,10 @@ def holds_text(entry: dict) -> str:
     return "yes" if entry["holds"] else "**no**"
 
 
-def table(summary: dict) -> str:
-    """One row per reproduction: the claim (with its rule), headline numbers, each check, holds."""
+def table(summary: dict, figure_dir: str = "") -> str:
+    """One row per reproduction: the claim (with its rule), headline numbers, each check, holds;
+    figure links are prefixed with ``figure_dir``."""
+    prefix = f"{figure_dir.rstrip('/')}/" if figure_dir else ""
     rows = ["| reproduction | claim (the rule) | measured | checks | holds |",
             "|---|---|---|---|---|"]
     for name, entry in summary.items():
@@ -36,6 +38,6 @@ def table(summary: dict) -> str:
                               for key in HEADLINE.get(name, ()) if key in measured)
         checks = "<br>".join(f"{k}: {'pass' if v else '**fail**'}"
                              for k, v in measured.get("checks", {}).items())
-        rows.append(f"| `{name}` ([figure]({entry.get('figure')})) | {entry['claim']} | "
+        rows.append(f"| `{name}` ([figure]({prefix}{entry.get('figure')})) | {entry['claim']} | "
                     f"{numbers} | {checks} | {holds_text(entry)} |")
     return "\n".join(rows)

@@ -176,7 +176,8 @@ class AGD(Optimizer):
     def sgd_fraction(self, per_param: bool = False) -> float | dict[int, float]:
         """Share of elements on the SGD branch in each parameter's last step: sqrt(B) < δ sqrt(1 - β2^t).
 
-        Computed from the optimizer state on request (steps never synchronise with the device). Global: one
+        Computed on request from the state the last step left (B and t) and the group's delta, the same
+        comparison the step made, so steps never count or synchronise with the device. Global: one
         float over all stepped parameters (NaN before the first step). ``per_param=True``: a dict from the
         parameter's index in ``param_groups`` order to its fraction (stepped parameters only).
         """

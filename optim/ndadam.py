@@ -8,6 +8,8 @@ kernel), kept at unit norm, with step t (spec §3.2, the paper's Algorithm 1):
     m <- β1 m + (1 - β1) ḡ,   v <- β2 v + (1 - β2) ||ḡ||²   (one scalar v per vector)
     w̄ = w - α m̂ / (sqrt(v̂) + ε),   w <- w̄ / ||w̄||    (m̂, v̂ bias corrected)
 
+ε is added to sqrt(v̂), as in the spec and the TF reference (the PyTorch port adds it to sqrt(v)).
+
 Parameters of a group with ``nd=False`` (default: those with ndim < 2, i.e. biases and norm offsets) take plain
 Adam, written as ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient;
 weight decay never applies to unit vectors, whose norm is fixed. The reference code uses a larger lr for the
@@ -20,7 +22,9 @@ vector. The first gradient was taken at the unnormalised weights; normalise the 
 
 Diagnostics (spec §3.5), kept per vector parameter as 0-d device tensors and synchronised only when read:
 ``angular_step()`` (mean over the vectors of arccos(w_t · w_{t-1}), radians) and ``update_cosine()`` (cosine
-between the step -α m̂/(sqrt(v̂) + ε), before renormalisation, and -ḡ over the whole tensor).
+between the step -α m̂/(sqrt(v̂) + ε), before renormalisation, and -ḡ over the whole tensor). The angle is
+computed as atan2(α|u_⊥|, 1 - α w·u) with u = m̂/(sqrt(v̂) + ε), equal to the arccos for unit w but accurate
+for small angles, where the arccos of a float32 dot product is not.
 """
 from __future__ import annotations
 

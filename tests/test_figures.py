@@ -77,6 +77,16 @@ def test_one_name_updates_an_existing_summary(tiny, tmp_path):
     assert deterministic(again["adasam_convergence"]) == deterministic(summary["adasam_convergence"])
 
 
+def test_table_lists_every_reproduction(tiny, capsys):
+    out, summary = tiny
+    assert main(["--table", "--out", str(out)]) == json.loads((out / "summary.json").read_text())
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert len(lines) == 2 + len(REPRODUCTIONS)
+    for name, line in zip(REPRODUCTIONS, lines[2:]):
+        assert f"`{name}`" in line and summary[name]["claim"] in line
+        assert line.rstrip(" |").endswith("yes" if summary[name]["holds"] else "**no**")
+
+
 def test_unknown_name_is_rejected(tmp_path):
     with pytest.raises(SystemExit):
         main(["nope", "--out", str(tmp_path)])

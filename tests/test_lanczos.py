@@ -133,7 +133,7 @@ def test_param_subset_and_warm_start():
 
 def test_budget_and_power_method():
     model, data, H = setup("mlp")
-    short = top_eigenvalues(model, ce, data, k=3, max_hvp=4, progress=False)
+    short = top_eigenvalues(model, ce, data, k=3, max_hvp=4, progress=True)  # bar: no crash
     assert short.n_hvp <= 4 and not short.converged
     power = top_eigenvalues(model, ce, data, k=2, method="power", tol=1e-4, progress=False)
     np.testing.assert_allclose(power.eigenvalues, expected(H, 2, "LM"), rtol=1e-2)
@@ -152,7 +152,7 @@ def test_bad_input_and_restoration_after_errors():
     for kwargs, word in [({"k": 0}, "k must"), ({"k": n + 1}, "k must"), ({"which": "BE"}, "which"),
                          ({"method": "arpack"}, "method"), ({"tol": -1.0}, "tol"),
                          ({"max_hvp": 0}, "max_hvp"), ({"seed": -1}, "seed"),
-                         ({"v0": torch.ones(n + 2).double()}, "v0"),
+                         ({"v0": torch.ones(n + 2).double()}, "v0"), ({"v0": [1.0]}, "v0"),
                          ({"method": "power", "which": "SA"}, "SA")]:
         with pytest.raises(ValueError, match=word):
             top_eigenvalues(model, ce, data, progress=False, **kwargs)
@@ -168,3 +168,11 @@ def test_bad_input_and_restoration_after_errors():
     with pytest.raises(RuntimeError, match="boom"):
         top_eigenvalues(model, raising, data, progress=False)
     assert_unchanged(model, snap)
+
+
+def test_float32_model_converges_at_its_attainable_accuracy():
+    model, data, H = setup("mlp")
+    data32 = [(x.float(), y) for x, y in data]
+    result = top_eigenvalues(model.float(), ce, data32, k=2, tol=1e-9, progress=False)
+    assert result.converged and result.eigenvectors.dtype == torch.float32
+    np.testing.assert_allclose(result.eigenvalues, expected(H, 2, "LA"), rtol=1e-4)

@@ -13,7 +13,7 @@ from torch import nn
 
 from analysis import supervised
 from analysis.diagnostics import Tracker, evaluate, full_grad_norm
-from optim import AGD, SAM
+from optim import AGD, SALA, SAM, NDAdam, normalize_vectors_
 from oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian, mlp,
                      snapshot, uneven_batches)
 
@@ -190,6 +190,37 @@ def test_stage_and_distance_read_by_duck_typing(setup):
     train(model, opt, data, tracker, 4)
     assert [r["distance"] for r in tracker.records] == [2.0, 1.0, 0.5, 0.25]
     assert [r["stage"] for r in tracker.records] == [1.0, 1.0, 2.0, 2.0]
+
+
+def test_sala_stage_and_distance(setup):
+    model, data = setup
+    opt = SALA(torch.optim.SGD(model.parameters(), lr=0.5), k=2, alpha=0.5, rho=0.05)
+    tracker = Tracker(model, LOSS, every=1, layers=False)
+    seen = []
+    for t in range(8):
+        opt.step(tracker.count(closure_for(model, opt, data[t % len(data)])))
+        tracker.step(opt)
+        seen.append((float(opt.stage), opt.distance))
+    assert [(r["stage"], r["distance"]) for r in tracker.records] == seen
+    assert {s for s, _ in seen} == {1.0, 2.0} and len({d for _, d in seen}) > 2
+    assert tracker.passes == opt.n_closure_calls == 9              # one SAM step in stage 2
+
+
+def test_ndadam_diagnostics_read_and_match_the_trackers_angles(setup):
+    model, data = setup
+    normalize_vectors_(model.parameters())
+    opt = NDAdam(model.parameters(), lr=0.05)
+    tracker = Tracker(model, LOSS, every=3)
+    train(model, opt, data, tracker, 6)
+    rec = tracker.records[-1]
+    names = [n for n, _ in model.named_parameters()]
+    own = opt.angular_step()
+    assert own and {f"opt_angular_step/{names[i]}" for i in own} <= set(rec)
+    for i, value in own.items():
+        assert rec[f"opt_angular_step/{names[i]}"] == value
+        assert rec[f"angle/{names[i]}"] == pytest.approx(value, rel=1e-6)  # computed independently
+    for i, value in opt.update_cosine().items():
+        assert rec[f"opt_update_cosine/{names[i]}"] == value
 
 
 def test_wall_time_excludes_the_trackers_own_work(setup):
