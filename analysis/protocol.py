@@ -8,6 +8,7 @@
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Sequence
 
@@ -31,8 +32,10 @@ def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
     ``batch`` is ``(inputs, targets, ...)``; tensors are moved to the model's device.
     """
     def loss_fn(model: nn.Module, batch: Any) -> Tensor:
-        device = next(model.parameters()).device
-        inputs, targets = _to_device(batch[0], device), _to_device(batch[1], device)
+        anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
+        inputs, targets = batch[0], batch[1]
+        if anchor is not None:
+            inputs, targets = _to_device(inputs, anchor.device), _to_device(targets, anchor.device)
         return criterion(model(inputs), targets)
 
     loss_fn.criterion = criterion
@@ -127,29 +130,38 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
     """
     check_data(data)
     size = batch_size_fn or default_batch_size
-    sums: list[Tensor] | None = None
-    dtypes: list[torch.dtype] = []
-    total, n_batches = 0, 0
+    first: list[Tensor] | None = None   # the first batch's tensors, weight n_first, uncopied
+    sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
+    total, n_first, n_batches = 0, 0, 0
     for batch in data:
         n = size(batch)
         if n <= 0:
             continue
         out = [t.detach() for t in per_batch(batch)]
-        if sums is None:  # accumulate floating tensors in float64, give them back in their dtype
-            dtypes = [t.dtype for t in out]
-            sums = [t.to(torch.float64 if t.is_floating_point() else t.dtype) * n for t in out]
+        if first is None:
+            first, n_first = out, n
         else:
+            if sums is None:
+                sums = [f * n_first for f in first]
             for s, t in zip(sums, out):
                 s.add_(t, alpha=n)
         total += n
         n_batches += 1
-    if sums is None:
+    if first is None:
         raise ValueError("data is empty: it yielded no batch with samples"
                          + (" on this rank" if is_distributed() else ""))
+    if sums is None and not is_distributed():
+        # One batch: its tensors are the mean (no copy, which keeps the peak memory of a
+        # one-batch Hessian-vector product at the product itself).
+        return DataMean(first, float(total), n_batches)
+    if sums is None:
+        sums = [f * n_first for f in first]
     count = torch.tensor([float(total)], dtype=torch.float64, device=sums[0].device)
     all_reduce_sum_([*sums, count])
     n_total = float(count.item())
-    return DataMean([(s / n_total).to(d) for s, d in zip(sums, dtypes)], n_total, n_batches)
+    for s in sums:
+        s.div_(n_total)
+    return DataMean(sums, n_total, n_batches)
 
 
 def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable,
