@@ -31,9 +31,11 @@ Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight
   weight vectors, i.e. slices along dim 0, for tensors with ndim >= 2), ``angle`` (mean angle in
   radians between each weight vector before and after the step: the angular step of ND-Adam's
   Sec. 3) and ``cos`` (cosine between the step w_t - w_{t-1} and the negative gradient that the
-  last closure call left in ``.grad``).
-* Any float-valued zero-argument method named in ``optimizer_methods`` (default: ND-Adam's
-  diagnostics if present) under ``opt/<name>``.
+  last closure call left in ``.grad``; NaN when either is zero). Angles and cosines need the
+  weights before the step, which are kept only for the step before each record.
+* The zero-argument methods named in ``optimizer_methods`` that the optimizer has (default:
+  ND-Adam's ``angular_step`` and ``update_cosine``): a float under ``opt_<method>``, or a dict
+  from parameter index to float under ``opt_<method>/<parameter name>``.
 * ``passes`` (forward-backward passes so far, counted by ``count``), ``time`` (wall time of
   training so far, excluding the tracker's own work) and ``overhead`` (the tracker's time).
 

@@ -16,11 +16,11 @@ AGD_LR = 1e-3                      # for the delta sweep
 AGD_LRS = (3e-3, 1e-2, 3e-2)       # then tried at the best delta: 4 lrs, as for the baselines
 BASELINE_LRS = {"Adam": (1e-3, 3e-3, 1e-2, 3e-2), "SGD": (0.02, 0.05, 0.1, 0.2)}   # tuned on a grid
 CLAIM = ("AGD switches between SGD-like and adaptive updates according to delta: its mean "
-         "fraction of SGD-branch elements never decreases as delta grows and spans < 0.1 to "
-         "> 0.9 over the delta grid, for some delta the fraction moves by > 0.1 during training, "
-         "and AGD at its best (delta tuned at lr 1e-3, then lr over 4 values at that delta) reaches "
-         "a mean test accuracy over seeds within 1 point of the better of Adam and SGD (momentum "
-         "0.9), each at its best of 4 learning rates.")
+         "fraction of SGD-branch elements never decreases as delta grows and spans < 0.1 to > "
+         "0.9 over the delta grid, for some delta the fraction moves by > 0.1 during training, "
+         "and AGD at its best (delta tuned at lr 1e-3, then lr over 4 values at that delta) "
+         "reaches a mean test accuracy over seeds within 1 point of the better of Adam and SGD "
+         "(momentum 0.9), each at its best of 4 learning rates.")
 
 BEALE_MIN = (3.0, 0.5)
 BEALE_START = (1.0, 1.5)
@@ -91,7 +91,8 @@ def run(size: Size, out: Path) -> dict:
         "fraction_nondecreasing_in_delta": all(a <= b + 1e-12 for a, b in zip(ordered, ordered[1:])),
         "fraction_spans_0.1_to_0.9": ordered[0] < 0.1 and ordered[-1] > 0.9,
         "fraction_moves_during_training": max(swing.values()) > 0.1,
-        "best_agd_within_1pt_of_best_baseline": best.test_acc >= max(r.test_acc for r in best_of.values()) - 0.01,
+        "best_agd_within_1pt_of_best_baseline":
+            best.test_acc >= max(r.test_acc for r in best_of.values()) - 0.01,
     }
     steps = size.toy_steps
     toy_makers = {"AGD": lambda ps: AGD(ps, lr=0.1, delta=1e-1),
@@ -110,10 +111,12 @@ def run(size: Size, out: Path) -> dict:
     save_result(out, NAME, arrays, config)
     figure = plot([best] + list(best_of.values()), agd, paths, out)
     measured = {"mean_sgd_fraction": mean_frac, "seeds": size.seeds,
-                "test_acc_per_seed": {r.name: r.values("test_acc") for r in runs}, "sgd_fraction_range_over_training": swing,
+                "test_acc_per_seed": {r.name: r.values("test_acc") for r in runs},
+                "sgd_fraction_range_over_training": swing,
                 "per_layer_mean_sgd_fraction": per_layer, "test_acc": acc,
                 "best_agd": best.name,
-                "best_baselines": {b: r.name for b, r in best_of.items()}, "beale_final_distance_to_min": toy_dist,
+                "best_baselines": {b: r.name for b, r in best_of.items()},
+                "beale_final_distance_to_min": toy_dist,
                 "beale_steps": steps}
     return entry(CLAIM, measured, checks, figure)
 

@@ -156,8 +156,9 @@ def train(name: str, model: nn.Module, opt, ds, size: Size, *, seed: int = SEED,
           schedule: bool = False, tracker: Tracker | None = None, evaluator=None,
           checkpoint_every: int | None = None, **tracker_kwargs) -> Run:
     """Train with ``loss = opt.step(closure)``; the same batches in the same order for every
-    optimizer (the order set by ``seed``). ``steps`` (if given) caps the iterations. The final metrics come from
-    ``evaluator(model, opt)`` when given (SALA/Lookahead evaluate their slow weights).
+    optimizer (the order set by ``seed``). ``steps`` (if given) caps the iterations. The final
+    metrics come from ``evaluator(model, opt)`` when given (SALA/Lookahead evaluate their slow
+    weights).
     ``checkpoint_every``: keep a copy of the state_dict at step 0 and every that many steps."""
     data = eval_batches(ds, size)
     if tracker is None:
@@ -231,8 +232,10 @@ class Trials:
         return self.mean("test_acc")
 
     def curve_mean(self, key: str) -> float:
-        """The mean over seeds of the mean of ``key`` over each run's records."""
-        return float(np.mean([np.mean(r.tracker.history(key)[1]) for r in self.runs]))
+        """The mean over seeds of the mean of ``key`` over each run's records; records where it
+        is undefined (NaN, e.g. a cosine with a zero update at the end of a decayed schedule)
+        are left out."""
+        return float(np.mean([np.nanmean(r.tracker.history(key)[1]) for r in self.runs]))
 
 
 def trials(name: str, make_model: Callable[[int], nn.Module], make_opt: Callable[[nn.Module], Any],

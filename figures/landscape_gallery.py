@@ -13,9 +13,9 @@ from .common import (CROSS_ENTROPY, SEED, Missing, Size, Trials, dataset, entry,
 
 NAME = "landscape_gallery"
 SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
-CLAIM = ("The landscape tools agree on one SGD-trained MLP: the solution is the lowest point of its "
-         "1D and 2D filter-normalised slices, and the largest node of the SLQ spectral density "
-         "matches the Lanczos lambda_max within 5%.")
+CLAIM = ("The landscape tools agree on one SGD-trained MLP: the solution is the lowest point of "
+         "its 1D and 2D filter-normalised slices, and the largest node of the SLQ spectral "
+         "density matches the Lanczos lambda_max within 5%.")
 
 
 def run(size: Size, out: Path) -> dict:

@@ -17,10 +17,10 @@ ADAM_LR = 1e-3
 SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
 LOGIT_SCALE = 2.5                       # BN-softmax gamma_c (CIFAR-10 value)
 CLAIM = ("On an MLP with BatchNorm, ND-Adam keeps every weight vector at unit norm while Adam's "
-         "hidden weight-vector norms grow over training, ND-Adam's update is better aligned with "
-         "the negative gradient than Adam's (mean layer cosine), ND-Adam's mean test accuracy "
-         "over seeds is at least Adam's, and the batch-normalised softmax (logit regularisation) does not lower "
-         "any optimizer's test accuracy.")
+         "hidden weight-vector norms grow over training, ND-Adam's update is better aligned with"
+         " the negative gradient than Adam's (mean layer cosine), ND-Adam's mean test accuracy "
+         "over seeds is at least Adam's, and the batch-normalised softmax (logit regularisation)"
+         " does not lower any optimizer's test accuracy.")
 
 
 def optimizers(NDAdam, normalize_vectors_):
@@ -45,10 +45,10 @@ def run(size: Size, out: Path) -> dict:
     for reg in (False, True):
         for name, make in optimizers(NDAdam, normalize_vectors_).items():
             label = f"{name} + BN-softmax" if reg else name
-            runs[label] = trials(
-                label, lambda seed, reg=reg: mlp(size, seed=seed, batchnorm=True,
-                                                 head=BNSoftmax(10, scale=LOGIT_SCALE) if reg else None),
-                make, ds, size, schedule=True)
+            def model(seed, reg=reg):
+                head = BNSoftmax(10, scale=LOGIT_SCALE) if reg else None
+                return mlp(size, seed=seed, batchnorm=True, head=head)
+            runs[label] = trials(label, model, make, ds, size, schedule=True)
     vector_layers = [k.split("/", 1)[1] for k in runs["Adam"].first.tracker.keys()
                      if k.startswith("rownorm/")]
     hidden = vector_layers[:-1]
@@ -115,8 +115,10 @@ def plot(runs, acc, layers, out: Path) -> str:
     axes[0, 0].legend(fontsize=7)
     styles = dict(zip(layers, ["-", "--", ":"]))
     for ax, key, ylabel, title in [
-            (axes[0, 1], "angle", "mean angular step (rad)", "angular step per layer (with BN-softmax)"),
-            (axes[0, 2], "cos", "cos(update, -gradient)", "update vs negative gradient (with BN-softmax)")]:
+            (axes[0, 1], "angle", "mean angular step (rad)",
+             "angular step per layer (with BN-softmax)"),
+            (axes[0, 2], "cos", "cos(update, -gradient)",
+             "update vs negative gradient (with BN-softmax)")]:
         for i, r in enumerate(reg):
             for n in layers:
                 steps, vals = r.tracker.history(f"{key}/{n}")

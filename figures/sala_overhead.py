@@ -18,10 +18,10 @@ RHO = 0.05
 SALA_CFG = {"k": 5, "alpha": 0.8, "rho": RHO}           # the class defaults of the authors' code
 LOOKAHEAD_CFG = {"k": 5, "alpha": 0.8}
 MAX_OVERHEAD = 1.25
-CLAIM = ("With the same SGD base (momentum 0.9, cosine lr), SALA (k 5, alpha 0.8, rho 0.05) needs "
-         f"at most {MAX_OVERHEAD:g} forward-backward passes per step as counted during training "
-         "(SAM needs 2) and reaches a mean test accuracy over seeds within 0.5 points of SAM's or "
-         "above it.")
+CLAIM = ("With the same SGD base (momentum 0.9, cosine lr), SALA (k 5, alpha 0.8, rho 0.05) "
+         f"needs at most {MAX_OVERHEAD:g} forward-backward passes per step as counted during "
+         "training (SAM needs 2) and reaches a mean test accuracy over seeds within 0.5 points "
+         "of SAM's or above it.")
 
 
 def run(size: Size, out: Path) -> dict:

@@ -19,11 +19,11 @@ RHO = 0.05
 GAMMA = 0.9
 GAMMAS = (0.5, 0.7, 0.8, 0.9, 0.95)
 SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
-CLAIM = ("Trained from the same initialisations on the same batches (SGD momentum 0.9 base, "
-         "rho 0.05, cosine lr; means over seeds), SAM and WSAM (gamma 0.9) end at a lower "
-         "lambda_max than SGD, WSAM's test accuracy is within 0.5 points of the better of SGD "
-         "and SAM or above it, and WSAM's lambda_max falls as gamma grows (Spearman correlation < 0 over gamma in "
-         f"{list(GAMMAS)}).")
+CLAIM = ("Trained from the same initialisations on the same batches (SGD momentum 0.9 base, rho "
+         "0.05, cosine lr; means over seeds), SAM and WSAM (gamma 0.9) end at a lower lambda_max"
+         " than SGD, WSAM's test accuracy is within 0.5 points of the better of SGD and SAM or "
+         "above it, and WSAM's lambda_max falls as gamma grows (Spearman correlation < 0 over "
+         f"gamma in {list(GAMMAS)}).")
 
 
 def optimizers(opt):
