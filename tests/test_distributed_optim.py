@@ -7,6 +7,7 @@ by DDP. The expected step is computed here by hand from both shards.
 from __future__ import annotations
 
 import datetime
+import gc
 
 import torch
 import torch.distributed as dist
@@ -90,6 +91,9 @@ def _worker(rank: int, init_file: str) -> None:
             model, opt = build(kind)
             run_model(opt, model, 5, data=lambda i: shard(i, rank))
             assert_same_on_all_ranks(model)
+        del model, opt  # release the DDP reducers before the group goes away
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
