@@ -84,8 +84,8 @@ def _flat_loss(model, loss_fn, data, names, params):
     return f, theta0
 
 
-def exact_hessian(model, loss_fn, data, names=None, model_mode="eval"):
-    """Dense Hessian of the sample-weighted mean loss w.r.t. the named parameters."""
+def _at_params(transform, model, loss_fn, data, names, model_mode):
+    """``transform(f)(theta0)`` for the flat loss ``f`` of the named parameters."""
     named = dict(model.named_parameters())
     names = list(names or named)
     params = [named[n] for n in names]
@@ -93,22 +93,19 @@ def exact_hessian(model, loss_fn, data, names=None, model_mode="eval"):
     model.train(model_mode == "train")
     try:
         f, theta0 = _flat_loss(model, loss_fn, data, names, params)
-        return torch.func.hessian(f)(theta0).detach()
+        return transform(f)(theta0).detach()
     finally:
         model.train(was)
+
+
+def exact_hessian(model, loss_fn, data, names=None, model_mode="eval"):
+    """Dense Hessian of the sample-weighted mean loss w.r.t. the named parameters."""
+    return _at_params(torch.func.hessian, model, loss_fn, data, names, model_mode)
 
 
 def exact_grad(model, loss_fn, data, names=None, model_mode="eval"):
-    named = dict(model.named_parameters())
-    names = list(names or named)
-    params = [named[n] for n in names]
-    was = model.training
-    model.train(model_mode == "train")
-    try:
-        f, theta0 = _flat_loss(model, loss_fn, data, names, params)
-        return torch.func.grad(f)(theta0).detach()
-    finally:
-        model.train(was)
+    """Gradient of the sample-weighted mean loss w.r.t. the named parameters."""
+    return _at_params(torch.func.grad, model, loss_fn, data, names, model_mode)
 
 
 def snapshot(model: nn.Module) -> dict:
