@@ -8,7 +8,11 @@ columns are shifted by one step along the second direction; the grid below (41 x
 a superset) holds every point the peer evaluates, and each peer value is compared with ours
 at the peer's actual coordinates.
 
-Run: ``python benchmarks/landscape.py [--steps 41] [--repeats 1]``.
+The script also measures the machine's float32 matrix-multiply throughput (a 2048^3 product) and
+prints the rate each tool reaches on the model's matrix products, to show how far from the
+hardware limit each run is.
+
+Run: ``python benchmarks/landscape.py [--steps 41] [--repeats 3] [--threads N]``.
 """
 from __future__ import annotations
 
@@ -67,11 +71,32 @@ def peer_plane(model: nn.Module, x, y, steps: int):
     return np.asarray(values), captured["d1"], captured["d2"], elapsed
 
 
+def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
+    """Best float32 GFLOP/s of an n x n x n product on this machine."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * n ** 3 / best / 1e9
+
+
+def linear_flops(model: nn.Module, n_samples: int) -> int:
+    """Multiply-add FLOPs of the model's linear layers for one forward over n_samples."""
+    return sum(2 * n_samples * m.in_features * m.out_features
+               for m in model.modules() if isinstance(m, nn.Linear))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=41)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     s = args.steps
     data = mnist1d()
     x, y = data.x[:4000], data.y[:4000]
@@ -81,34 +106,41 @@ def main() -> None:
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{sum(p.numel() for p in model.parameters())} parameters, {len(y)} samples, {s}x{s} grid")
 
-    peer_times, ours_times, loop_times = [], [], []
+    runs = {"ours": ({}, s + 1), "vmap": ({"vectorize": True}, s), "loop": ({"vectorize": False}, s)}
+    times: dict[str, list[float]] = {"peer": [], **{k: [] for k in runs}}
     for _ in range(args.repeats):
         peer, d1, d2, t_peer = peer_plane(copy.deepcopy(model), x, y, s)
-        peer_times.append(t_peer)
+        times["peer"].append(t_peer)
         dirs = [{n: t.detach().clone() for n, t in zip(names, d.parameters)} for d in (d1, d2)]
         xs = np.arange(s) - s / 2           # peer column i is at x = i - s/2
         ys = np.arange(s + 1) - s / 2       # peer rows are at y = j - s/2 or j + 1 - s/2
-        start = time.perf_counter()
-        ours = plane(model, loss_fn, [(x, y)], dirs[0], dirs[1], xs, ys, progress=False)
-        ours_times.append(time.perf_counter() - start)
-        start = time.perf_counter()
-        plane(model, loss_fn, [(x, y)], dirs[0], dirs[1], xs, ys[:s], progress=False,
-              vectorize=False)
-        loop_times.append(time.perf_counter() - start)
+        for key, (options, rows) in runs.items():
+            start = time.perf_counter()
+            res = plane(model, loss_fn, [(x, y)], dirs[0], dirs[1], xs, ys[:rows], progress=False,
+                        **options)
+            times[key].append(time.perf_counter() - start)
+            if key == "ours":
+                ours = res
 
     # peer[i][j] is at (x = i - s/2, y = j + (1 if i is even else 0) - s/2)
     rows = np.arange(s)[None, :] + (np.arange(s)[:, None] % 2 == 0)
     matched = ours.losses[rows, np.arange(s)[:, None]]
     diff = np.abs(matched - peer).max()
-    t_peer, t_ours, t_loop = (float(np.median(t)) for t in (peer_times, ours_times, loop_times))
-    print(f"loss-landscapes random_plane : {t_peer:7.2f} s  ({s * s} points)")
-    print(f"sharpscape plane (vmap)      : {t_ours:7.2f} s  ({ours.losses.size} points)  "
-          f"speed-up x{t_peer / t_ours:.2f}  (per point x{t_peer / (s * s) / (t_ours / ours.losses.size):.2f})")
-    print(f"sharpscape plane (loop)      : {t_loop:7.2f} s  ({s * s} points)  speed-up x{t_peer / t_loop:.2f}")
+    per_point = {k: float(np.median(t)) / (s * (s + 1) if k == "ours" else s * s) for k, t in times.items()}
+    flops = linear_flops(model, len(y))
+    peak = matmul_peak()
+    labels = {"peer": "loss-landscapes random_plane", "ours": "sharpscape plane (default)",
+              "vmap": "sharpscape vectorize=True", "loop": "sharpscape vectorize=False"}
+    print(f"median of {args.repeats}; per point; {flops / 1e6:.0f} MFLOP of matrix products per point; "
+          f"machine float32 matmul peak {peak:.0f} GFLOP/s")
+    for key, t in per_point.items():
+        print(f"{labels[key]:30s}: {t * 1e3:6.3f} ms/point  speed-up x{per_point['peer'] / t:5.2f}  "
+              f"{flops / t / 1e9:5.0f} GFLOP/s ({flops / t / 1e9 / peak:4.0%} of peak)")
+    print(f"5x the peer would need {5 * flops / per_point['peer'] / 1e9:.0f} GFLOP/s, "
+          f"{5 * flops / per_point['peer'] / 1e9 / peak:.1f}x this machine's matmul peak")
     print(f"max |ours - peer| at the peer's points: {diff:.3e} (losses {peer.min():.3f}..{peer.max():.3f})")
     naive = np.abs(ours.losses[:s] - peer.T).max()
     print(f"(peer values vs the grid it claims, ignoring its serpentine offset: max diff {naive:.3e})")
-
 
 if __name__ == "__main__":
     main()

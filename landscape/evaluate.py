@@ -7,6 +7,14 @@ chunk, ``functional_call`` for the forward, and ``analysis.protocol.data_mean`` 
 sample-weighted mean over the data (all-reduced over ranks). Models that cannot be vmapped
 (random layers, in-place buffer updates, data-dependent control flow) are evaluated point by
 point with the weights written into the model; both paths give the same values.
+
+On a CPU, batching points pays only for small per-point work: a vmap call costs about 0.5 ms of
+fixed overhead, and once one of a chunk's activation tensors outgrows about 2 MiB, every call
+page-faults its fresh allocations and runs slower per point than one point at a time (MNIST-1D
+MLP: 4000 samples, 1.6-3.6 ms per point vmapped in chunks of 4-38, 1.1 ms in the loop;
+32 samples, 0.03 ms vmapped, 0.11 ms in the loop; see benchmarks/README.md). So
+``vectorize="auto"`` on a CPU vmaps chunks whose largest activation tensor stays within
+``CPU_TENSOR_BYTES``, and loops when fewer than ``MIN_CPU_CHUNK`` points fit.
 """
 from __future__ import annotations
 
@@ -30,6 +38,8 @@ from .results import Progress
 VECTORIZE = ("auto", True, False)
 DISTRIBUTE = ("data", "grid")
 DEFAULT_MAX_MEMORY = 2 ** 28  # bytes of weights and activations per chunk of points
+CPU_TENSOR_BYTES = 2 ** 21    # on a CPU: the largest activation tensor of a vmapped chunk
+MIN_CPU_CHUNK = 8             # fewer points per vmap call than this: the loop is faster on a CPU
 
 
 class _LossCall(nn.Module):
@@ -68,15 +78,16 @@ def _combine(parts: Sequence[tuple[int, Tensor]], c: Tensor) -> Tensor:
     return out
 
 
-def _activation_bytes(model: nn.Module, loss_fn: LossFn, batch: Any) -> int:
-    """Bytes of all module outputs of one forward on ``batch`` (sizes the chunks)."""
-    total = 0
+def _activation_bytes(model: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[int, int]:
+    """Bytes of all module outputs of one forward on ``batch``, and of the largest one."""
+    total = largest = 0
 
     def hook(_module, _inputs, output):
-        nonlocal total
+        nonlocal total, largest
         for t in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(t, Tensor):
                 total += t.numel() * t.element_size()
+                largest = max(largest, t.numel() * t.element_size())
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
@@ -84,7 +95,7 @@ def _activation_bytes(model: nn.Module, loss_fn: LossFn, batch: Any) -> int:
     finally:
         for h in handles:
             h.remove()
-    return total
+    return total, largest
 
 
 def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[Mapping[str, Tensor]],
@@ -97,8 +108,12 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
 
     vectors: weight vectors (dicts name -> tensor, validated); ``vectors[0]`` names every
         tensor that moves. coords: [n_points, len(vectors)].
-    chunk_size: points per vmap call (default: as many as fit in ``max_memory`` bytes).
-    vectorize: "auto" (vmap, falling back to a loop if the model cannot be vmapped), True
+    chunk_size: points per vmap call, or per data pass in the loop (default: as many as fit
+        in ``max_memory`` bytes of weights and activations).
+    max_memory: bytes of weights and activations per chunk (default ``DEFAULT_MAX_MEMORY``);
+        on a CPU, vmapped chunks are also kept to ``CPU_TENSOR_BYTES`` per activation tensor.
+    vectorize: "auto" (vmap, falling back to a loop if the model cannot be vmapped; on a CPU,
+        the loop when fewer than ``MIN_CPU_CHUNK`` points fit, see the module docstring), True
         (vmap only), False (loop only).
     distribute: under torch.distributed, "data": each rank holds a shard of the data and
         evaluates every point on it (sums all-reduced); "grid": each rank holds all the data
@@ -137,11 +152,17 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
                 return _scalar(functional_call(caller, mapping, (batch,)))
             return vmap(one)(cs)
 
+        moving = [targets[n] for n in parts]
+        by_vector = [[(targets[n], v[n]) for n in parts if n in v] for v in vectors]
+
         def looped(cs: Tensor, batch) -> Tensor:
             out = []
-            for c in cs:
-                for n, p in parts.items():
-                    targets[n].copy_(_combine(p, c))
+            for c in cs:  # _combine's arithmetic, one multi-tensor op per vector
+                torch._foreach_copy_(moving, torch._foreach_mul([v for _, v in by_vector[0]], c[0]))
+                for j, pairs in enumerate(by_vector[1:], 1):
+                    if pairs:
+                        torch._foreach_add_([t for t, _ in pairs],
+                                            torch._foreach_mul([v for _, v in pairs], c[j]))
                 out.append(_scalar(loss_fn(model, batch)))
             return torch.stack(out)
 
@@ -159,13 +180,19 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             total, owned = data_mean(data, per_batch, batch_size_fn).values
             return (total / owned).cpu().double().numpy()  # owned == 1 unless distribute="grid"
 
+        mode = looped if vectorize is False else vmapped
         if chunk_size is None:
             weight_bytes = sum(v.numel() * v.element_size() for v in vectors[0].values())
-            act = _activation_bytes(model, loss_fn, next(iter(data)))
+            act, largest = _activation_bytes(model, loss_fn, next(iter(data)))
             store.n_forward += 1
             chunk_size = max(1, min(len(todo), max_memory // (3 * weight_bytes + act)))
+            if mode is vmapped and device.type == "cpu":
+                cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
+                if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:
+                    chunk_size = max(1, cached)
+                else:
+                    mode = looped
         step = int(chunk_size) * share
-        mode = vmapped if vectorize in ("auto", True) else looped
         bar = tqdm(total=len(todo), desc=desc, disable=not progress or rank() != 0)
         try:
             for start in range(0, len(todo), step):

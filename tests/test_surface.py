@@ -103,6 +103,34 @@ def test_vmap_path_equals_loop_path_and_model_unchanged(make, mode):
     assert_unchanged(model, snap)
 
 
+def test_cpu_auto_vmaps_small_work_and_loops_large(recwarn):
+    """On a CPU, "auto" tries vmap only when MIN_CPU_CHUNK points fit the per-tensor budget; a
+    loss that cannot be vmapped (``.item()``) shows which path was tried: the fallback warns."""
+    from landscape import evaluate
+
+    model = mlp()
+    d1 = random_direction(model, seed=1)
+
+    def unvmappable(m, batch):
+        loss = CE(m, batch)
+        return loss * (1.0 + 0.0 * loss.item())
+
+    def run(n, **kw):
+        x, y = classification_data(n=n, d=6)
+        return line(model, unvmappable, [(x, y)], d1, np.linspace(-1, 1, 9), progress=False, **kw)
+
+    per_sample = 8 * 8  # the widest activation: 8 float64 per sample
+    with pytest.warns(RuntimeWarning, match="vmapped"):
+        tried = run(64)
+    recwarn.clear()
+    large = evaluate.CPU_TENSOR_BYTES // (evaluate.MIN_CPU_CHUNK * per_sample) + 1
+    looped = run(large)
+    assert not [w for w in recwarn if "vmapped" in str(w.message)]
+    assert looped.n_forward == 9 + 1 and tried.n_forward == 9 + 1
+    with pytest.warns(RuntimeWarning, match="vmapped"):  # an explicit chunk_size always tries vmap
+        run(large, chunk_size=9)
+
+
 def test_direction_subset_and_buffer_keys():
     model = cnn_bn()
     x, y = classification_data(n=10, d=12)
