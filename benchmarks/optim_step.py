@@ -17,15 +17,18 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import optim
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+import optim  # noqa: E402
 
 
 @dataclass(frozen=True)

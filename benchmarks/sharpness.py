@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import platform
+import sys
 import time
 from pathlib import Path
 
@@ -22,7 +23,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis import mnist1d, sharpness_vs_curvature, supervised, worst_case_sharpness
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from analysis import mnist1d, sharpness_vs_curvature, supervised, worst_case_sharpness  # noqa: E402
 
 SEED, RHO, STEPS, M, N_EVAL = 0, 0.1, 20, 128, 1024
 CE = supervised(nn.CrossEntropyLoss())
