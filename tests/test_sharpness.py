@@ -436,17 +436,25 @@ def _rank_main(rank, path, out):
         model = mlp()
         avg = average_sharpness(model, CE, shard, sigma=0.05, n_samples=6, **QUIET)
         worst = worst_case_sharpness(model, CE, shard, rho=0.1, steps=4, **QUIET)
-        torch.save({"avg": avg.value, "stderr": avg.stderr, "worst": worst.value},
-                   f"{out}.{rank}")
+        msharp = worst_case_sharpness(model, CE, shard, rho=0.1, steps=4, m=5, **QUIET)
+        torch.save({"avg": avg.value, "stderr": avg.stderr, "worst": worst.value,
+                    "m": msharp.value, "m_loss": msharp.loss,
+                    "m_batches": torch.as_tensor(msharp.batch_values)}, f"{out}.{rank}")
     finally:
         dist.destroy_process_group()
 
 
 def test_two_ranks_give_the_single_process_result():
+    """Full-data values equal one process on all the data; m-sharpness (each rank cuts its own
+    shard into batches of m) equals the sample-weighted mean of each shard's m-sharpness."""
     x, y = classification_data(n=23)
     model = mlp()
     avg = average_sharpness(model, CE, [(x, y)], sigma=0.05, n_samples=6, **QUIET)
     worst = worst_case_sharpness(model, CE, [(x, y)], rho=0.1, steps=4, **QUIET)
+    batches = uneven_batches(x, y)
+    per_shard = [worst_case_sharpness(model, CE, shard, rho=0.1, steps=4, m=5, **QUIET)
+                 for shard in (batches[:1], batches[1:])]  # 7 samples: 5 + 2; 16: 5 + 5 + 5 + 1
+    msharp = (7 * per_shard[0].value + 16 * per_shard[1].value) / 23
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
         ranks = mp.start_processes(_rank_main, args=(os.path.join(tmp, "store"), out),
@@ -462,3 +470,7 @@ def test_two_ranks_give_the_single_process_result():
             assert got["avg"] == pytest.approx(avg.value, rel=1e-8)
             assert got["stderr"] == pytest.approx(avg.stderr, rel=1e-8)
             assert got["worst"] == pytest.approx(worst.value, rel=1e-8)
+            assert got["m"] == pytest.approx(msharp, rel=1e-10)
+            assert got["m_loss"] == pytest.approx(mean_loss(model, CE, [(x, y)]), rel=1e-10)
+            np.testing.assert_allclose(got["m_batches"].numpy(), per_shard[rank].batch_values,
+                                       rtol=1e-12)
