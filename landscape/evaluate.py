@@ -86,8 +86,8 @@ def _activation_bytes(model: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[in
         nonlocal total, largest
         for t in output if isinstance(output, (tuple, list)) else (output,):
             if isinstance(t, Tensor):
-                total += t.numel() * t.element_size()
-                largest = max(largest, t.numel() * t.element_size())
+                size = t.numel() * t.element_size()
+                total, largest = total + size, max(largest, size)
 
     handles = [m.register_forward_hook(hook) for m in model.modules()]
     try:
@@ -152,17 +152,18 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
                 return _scalar(functional_call(caller, mapping, (batch,)))
             return vmap(one)(cs)
 
-        moving = [targets[n] for n in parts]
-        by_vector = [[(targets[n], v[n]) for n in parts if n in v] for v in vectors]
+        # per vector j: the model tensors it moves and its values for them
+        terms = [(j, [targets[n] for n in parts if n in v], [v[n] for n in parts if n in v])
+                 for j, v in enumerate(vectors)]
+        terms = [term for term in terms if term[1]]
 
         def looped(cs: Tensor, batch) -> Tensor:
             out = []
             for c in cs:  # _combine's arithmetic, one multi-tensor op per vector
-                torch._foreach_copy_(moving, torch._foreach_mul([v for _, v in by_vector[0]], c[0]))
-                for j, pairs in enumerate(by_vector[1:], 1):
-                    if pairs:
-                        torch._foreach_add_([t for t, _ in pairs],
-                                            torch._foreach_mul([v for _, v in pairs], c[j]))
+                (j, moving, values), *rest = terms
+                torch._foreach_copy_(moving, torch._foreach_mul(values, c[j]))
+                for j, moved, values in rest:
+                    torch._foreach_add_(moved, torch._foreach_mul(values, c[j]))
                 out.append(_scalar(loss_fn(model, batch)))
             return torch.stack(out)
 

@@ -55,6 +55,15 @@ def _row_norms(w: Tensor) -> Tensor:
     return torch.linalg.vector_norm(w, dim=_vector_dims(w), keepdim=True)
 
 
+def _foreach_denominators(exp_avg_sqs: list[Tensor], scalars: list[tuple[float, float]],
+                          eps: float) -> list[Tensor]:
+    """Adam's ``sqrt(v_t) / sqrt(1 - beta2^t) + eps`` for each tensor (new tensors)."""
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in scalars])
+    torch._foreach_add_(denoms, eps)
+    return denoms
+
+
 @torch.no_grad()
 def normalize_vectors_(params: Iterable[Tensor]) -> None:
     """Scale every slice along dim 0 of each tensor with ndim >= 2 to unit norm, in place."""
@@ -144,6 +153,12 @@ class NDAdam(Optimizer):
         t = self.state[p]["step"]
         return group["lr"] / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t)
 
+    def _foreach_gather(self, group: dict, ps: list[Tensor]) -> tuple[list, list, list, list]:
+        """Bias corrections, grads, first and second moments of ``ps`` for a multi-tensor step."""
+        states = [self.state[p] for p in ps]
+        return ([self._bias_corrections(group, p) for p in ps], [p.grad for p in ps],
+                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])
+
     def _record_diagnostics(self, p: Tensor, denom: Tensor, tangent: Tensor, tangent_sq: Tensor,
                             step_size: float, work: Tensor | None = None) -> None:
         """On the device, for the step w_{t+1} = normalise(w_t - step_size·u) with u = m/denom:
@@ -176,18 +191,13 @@ class NDAdam(Optimizer):
         if not ps:
             return
         beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in ps]
-        scalars = [self._bias_corrections(group, p) for p in ps]
-        grads = [p.grad for p in ps]
+        scalars, grads, exp_avgs, exp_avg_sqs = self._foreach_gather(group, ps)
         tangents = torch._foreach_addcmul(grads, [_rowdot(g, p) for g, p in zip(grads, ps)], ps, value=-1.0)
         tangent_sqs = torch._foreach_pow([_row_norms(x) for x in tangents], 2)
-        exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         torch._foreach_lerp_(exp_avgs, tangents, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_add_(exp_avg_sqs, tangent_sqs, alpha=1.0 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in scalars])
-        torch._foreach_add_(denoms, group["eps"])
+        denoms = _foreach_denominators(exp_avg_sqs, scalars, group["eps"])
         for p, d, x, sq, (step_size, _) in zip(ps, denoms, tangents, tangent_sqs, scalars):
             self._record_diagnostics(p, d, x, sq, step_size)
         torch._foreach_addcdiv_(ps, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
@@ -207,18 +217,13 @@ class NDAdam(Optimizer):
         if not ps:
             return
         beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in ps]
-        scalars = [self._bias_corrections(group, p) for p in ps]
-        grads = [p.grad for p in ps]
+        scalars, grads, exp_avgs, exp_avg_sqs = self._foreach_gather(group, ps)
         if group["weight_decay"] != 0:
             grads = torch._foreach_add(grads, ps, alpha=group["weight_decay"])
-        exp_avgs, exp_avg_sqs = [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states]
         torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denoms = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in scalars])
-        torch._foreach_add_(denoms, group["eps"])
+        denoms = _foreach_denominators(exp_avg_sqs, scalars, group["eps"])
         torch._foreach_addcdiv_(ps, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
 
     def _vector_diagnostic(self, key: str) -> dict[int, float]:
