@@ -1,0 +1,82 @@
+"""Argument validation for ``analysis``, ``landscape`` and ``figures``.
+
+One signature, ``check_*(name, value, ...) -> value``, and one message format,
+``"NAME must be <accepted range>, got VALUE"``: ``TypeError`` for a value of the wrong kind,
+``ValueError`` for one outside its range. numpy scalars are accepted wherever Python numbers are;
+``bool`` is never taken for a number. ``optim._validation`` has the same signature and wording.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+import numpy as np
+
+__all__ = ["check_number", "check_int", "check_positive", "check_nonnegative", "check_probability",
+           "check_choice", "check_bool"]
+
+
+def _fail(name: str, accepted: str, value: Any, error: type[Exception] = ValueError) -> Exception:
+    return error(f"{name} must be {accepted}, got {value!r}")
+
+
+def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, high_open: bool = False,
+                 allow_inf: bool = False) -> float | int:
+    """``value`` as a Python ``int`` (``integer=True``) or finite ``float`` inside the bounds.
+
+    ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``allow_inf`` admits
+    ``+inf`` as an upper value (a "no limit" setting).
+    """
+    kind = numbers.Integral if integer else numbers.Real
+    lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
+    hi = "" if high is None else f"{'<' if high_open else '<='} {high}"
+    accepted = " and ".join(b for b in (lo, hi) if b)
+    accepted = ("an int" if integer else "a number" if allow_inf else "a finite number") + \
+        (f" {accepted}" if accepted else "")
+    if isinstance(value, bool) or not isinstance(value, kind):
+        raise _fail(name, accepted, value, TypeError)
+    out = int(value) if integer else float(value)
+    if not integer and (math.isnan(out) or (math.isinf(out) and not (allow_inf and out > 0))):
+        raise _fail(name, accepted, value)
+    if low is not None and (out < low or (low_open and out == low)):
+        raise _fail(name, accepted, value)
+    if high is not None and (out > high or (high_open and out == high)):
+        raise _fail(name, accepted, value)
+    return out
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    """An ``int`` (numpy integers too) with ``low <= value <= high``."""
+    return check_number(name, value, integer=True, low=low, high=high)
+
+
+def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
+    """A finite ``float`` > 0 (``+inf`` too if ``allow_inf``)."""
+    return check_number(name, value, low=0, low_open=True, allow_inf=allow_inf)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    """A finite ``float`` >= 0."""
+    return check_number(name, value, low=0)
+
+
+def check_probability(name: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> float:
+    """A ``float`` in [0, 1] (ends excluded on request)."""
+    return check_number(name, value, low=0, high=1, low_open=low_open, high_open=high_open)
+
+
+def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
+    """One of ``choices`` (strings)."""
+    if not isinstance(value, str) or value not in choices:
+        raise _fail(name, "one of " + ", ".join(repr(c) for c in choices), value,
+                    ValueError if isinstance(value, str) else TypeError)
+    return value
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A ``bool`` (numpy bools too); never a string or a number."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise _fail(name, "True or False", value, TypeError)
+    return bool(value)

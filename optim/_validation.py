@@ -1,0 +1,56 @@
+"""Hyperparameter validation for the optimizers (standard library only, like the rest of optim beside torch).
+
+Same signature and wording as ``analysis.core.validation``: ``check_*(name, value, ...) -> value``,
+``"NAME must be <accepted range>, got VALUE"``; ``TypeError`` for the wrong kind of value,
+``ValueError`` outside the range. numpy scalars are accepted; ``bool`` is not a number.
+"""
+from __future__ import annotations
+
+import math
+import numbers
+from typing import Any, Sequence
+
+
+def check_number(name: str, value: Any, *, integer: bool = False, low: float | None = None,
+                 high: float | None = None, low_open: bool = False, high_open: bool = False) -> float | int:
+    """``value`` as an ``int`` (``integer=True``) or a finite ``float`` within the (inclusive unless open) bounds."""
+    bounds = [f"{'>' if o else '>='} {b}" if i == 0 else f"{'<' if o else '<='} {b}"
+              for i, (b, o) in enumerate(((low, low_open), (high, high_open))) if b is not None]
+    accepted = " ".join(["an int" if integer else "a finite number", " and ".join(bounds)]).strip()
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral if integer else numbers.Real):
+        raise TypeError(f"{name} must be {accepted}, got {value!r}")
+    out = int(value) if integer else float(value)
+    if not math.isfinite(out) or (low is not None and (out < low or low_open and out == low)) \
+            or (high is not None and (out > high or high_open and out == high)):
+        raise ValueError(f"{name} must be {accepted}, got {value!r}")
+    return out
+
+
+def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
+    return check_number(name, value, integer=True, low=low, high=high)
+
+
+def check_positive(name: str, value: Any) -> float:
+    return check_number(name, value, low=0, low_open=True)
+
+
+def check_nonnegative(name: str, value: Any) -> float:
+    return check_number(name, value, low=0)
+
+
+def check_probability(name: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> float:
+    return check_number(name, value, low=0, high=1, low_open=low_open, high_open=high_open)
+
+
+def check_bool(name: str, value: Any) -> bool:
+    """A ``bool`` or a numpy bool; never a string or a number."""
+    if not (isinstance(value, bool) or type(value).__module__ == "numpy" and type(value).__name__ in ("bool", "bool_")):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
+
+
+def check_betas(name: str, value: Any) -> tuple[float, float]:
+    """A pair (beta1, beta2), each in [0, 1)."""
+    if not isinstance(value, Sequence) or isinstance(value, str) or len(value) != 2:
+        raise TypeError(f"{name} must be a pair (beta1, beta2) with each in [0, 1), got {value!r}")
+    return tuple(check_probability(f"{name}[{i}]", b, high_open=True) for i, b in enumerate(value))
