@@ -1,4 +1,4 @@
-"""AdaSAM against Algorithm 1 of the paper (optimizer spec section 4.1)."""
+"""AdaSAM against Algorithm 1 of the paper."""
 from __future__ import annotations
 
 import pytest

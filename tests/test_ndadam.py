@@ -1,5 +1,5 @@
-"""ND-Adam against an independent per-vector implementation of spec §3.2, Adam for 1-D parameters, the
-diagnostics, and the softmax logit regularisers of §3.4."""
+"""ND-Adam against an independent per-vector implementation of the paper's Algorithm 1, Adam for 1-D parameters, the
+diagnostics, and the softmax logit regularisers of its Sec. 4."""
 from __future__ import annotations
 
 import math
@@ -34,7 +34,7 @@ ND = [True, True, False, False]   # what the optimizer must do with SHAPES given
 
 
 def reference_ndadam(steps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """Spec §3.2 written per vector with explicit loops; Adam (textbook form, L2 decay) for the others.
+    """Algorithm 1 written per vector with explicit loops; Adam (textbook form, L2 decay) for the others.
     Yields (params, per-vector-param mean angle, per-vector-param update/-ḡ cosine) after every step."""
     beta1, beta2 = betas
     xs = [x.clone() for x in _fixed(0)]

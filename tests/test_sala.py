@@ -1,4 +1,4 @@
-"""SALA against the behaviour of its authors' code (optimizer spec section 5.2): trajectory, stage,
+"""SALA against the behaviour of its authors' code (cltan023/sala2023): trajectory, stage,
 distance and forward-backward passes on a scripted run whose decaying lr moves it from stage 1 to 2."""
 from __future__ import annotations
 

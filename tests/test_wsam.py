@@ -1,4 +1,4 @@
-"""WSAM against the algorithm of the optimizer spec (section 2.2), and its limits."""
+"""WSAM against Algorithm 1 of the paper (decoupled and coupled), and its limits."""
 from __future__ import annotations
 
 import pytest
