@@ -136,7 +136,8 @@ class GradGuard:
                 foreign.append(p.grad)
         if foreign and any(bool(g.any()) for g in foreign):
             raise RuntimeError(f"{owner}.step(closure) found gradients already accumulated: the closure computes "
-                               "them itself. Do not call backward() before step(closure), and clear the "
+                               "them itself. Do not call backward() before step(closure) (with a torch.amp.GradScaler: "
+                               "opt.step(closure, grad_scaler=scaler), then scaler.update()), and clear the "
                                "gradients (opt.zero_grad()) at the start of the closure")
 
 

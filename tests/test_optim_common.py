@@ -191,3 +191,56 @@ def test_bad_hyperparameter_raises(name, overrides, needle):
     model = mlp(seed=0)
     with pytest.raises(ValueError, match=needle):
         OPTIMIZERS[name](model.parameters(), **overrides)
+
+
+def _state_of(name: str) -> dict:
+    model = mlp(seed=0)
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, range(2))
+    return _roundtrip(opt.state_dict())
+
+
+FOREIGN = {
+    "torch-Adam": lambda: _roundtrip(torch.optim.Adam(mlp(seed=0).parameters()).state_dict()),
+    "torch-SGD": lambda: _roundtrip(torch.optim.SGD(mlp(seed=0).parameters(), lr=0.1).state_dict()),
+}
+
+
+def _other_class(name: str) -> str:
+    """An optimizer of OPTIMIZERS of another class than ``name``'s."""
+    kind = type(OPTIMIZERS[name](mlp(seed=0).parameters()))
+    return next(n for n in NAMES if type(OPTIMIZERS[n](mlp(seed=0).parameters())) is not kind)
+
+
+@pytest.mark.parametrize("source", ["other", *FOREIGN])
+@pytest.mark.parametrize("name", NAMES)
+def test_loading_another_optimizers_state_raises_and_changes_nothing(name, source):
+    model = mlp(seed=0)
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, range(3))
+    before = _roundtrip(opt.state_dict())
+    foreign = _state_of(_other_class(name)) if source == "other" else FOREIGN[source]()
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict(foreign)
+    after = opt.state_dict()
+    assert after.keys() == before.keys() and str(after) == str(before)
+    if hasattr(opt, "base_optimizer"):
+        assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+def test_numpy_scalars_are_hyperparameters_and_strings_are_not():
+    import numpy as np
+
+    params = list(mlp(seed=0).parameters())
+    wsam = optim.WSAM(torch.optim.SGD(params, lr=0.1), gamma=np.float32(0.9), rho=np.float64(0.05))
+    assert wsam.param_groups[0]["wsam_alpha"] == pytest.approx(9.0, rel=1e-6)
+    assert optim.Lookahead(torch.optim.SGD(params, lr=0.1), k=np.int64(5)).k == 5
+    assert optim.AGD(params, lr=np.float32(1e-3)).param_groups[0]["lr"] == pytest.approx(1e-3)
+    for make, needle in [(lambda: optim.AGD(params, amsgrad="no"), "amsgrad"),
+                         (lambda: optim.AGD(params, weight_decouple=1), "weight_decouple"),
+                         (lambda: optim.SAM(torch.optim.SGD(params, lr=0.1), adaptive="yes"), "adaptive"),
+                         (lambda: optim.WSAM(torch.optim.SGD(params, lr=0.1), decouple="no"), "decouple"),
+                         (lambda: optim.AdaSAM(params, bias_correction="no"), "bias_correction"),
+                         (lambda: optim.Lookahead(torch.optim.SGD(params, lr=0.1), k="5"), "k")]:
+        with pytest.raises(TypeError, match=needle):
+            make()
