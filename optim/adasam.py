@@ -7,6 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
+from ._fused import FusedKernel, flat, fusable, scalars_tensor
 from ._two_pass import TwoPassOptimizer, grouped
 from ._validation import check_betas, check_bool, check_nonnegative, check_positive
 
@@ -35,8 +36,10 @@ class AdaSAM(TwoPassOptimizer):
 
     ``bias_correction=True`` divides m by 1 - beta1^t and v^ by 1 - beta2^t, as Adam does. Per-parameter
     state: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (v^), ``origin`` (x_t during
-    the perturbed pass); the moments are float32 for float16/bfloat16 parameters. Counters: ``n_steps``,
-    ``n_closure_calls`` (2 per step).
+    the perturbed pass); the moments are float32 for float16/bfloat16 parameters. ``fused=True`` compiles
+    each tensor's update into one kernel (``torch.compile``; the eager per-tensor path if that fails, with a
+    warning); ``fused=None`` (default) means False for now. Counters: ``n_steps``, ``n_closure_calls``
+    (2 per step).
     """
 
     _rho_key = "rho"
@@ -45,12 +48,13 @@ class AdaSAM(TwoPassOptimizer):
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  rho: float = 0.05, eps: float = 1e-8, model: nn.Module | None = None, *,
-                 bias_correction: bool = False, foreach: bool | None = None):
+                 bias_correction: bool = False, foreach: bool | None = None, fused: bool | None = None):
         defaults = dict(lr=check_nonnegative("lr", lr), betas=check_betas("betas", betas),
                         rho=check_nonnegative("rho", rho), eps=check_positive("eps", eps),
                         bias_correction=check_bool("bias_correction", bias_correction))
         super().__init__(params, defaults)
         self.foreach = None if foreach is None else check_bool("foreach", foreach)
+        self.fused = None if fused is None else check_bool("fused", fused)
         self._set_model(model)
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list, list, list, list, list]:
@@ -81,7 +85,7 @@ class AdaSAM(TwoPassOptimizer):
             grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._init_group(group, params)
             multi = use_foreach(self.foreach, params) and len(set(steps)) == 1 \
                 and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params))
-            fn = _multi_tensor_adasam if multi else _single_tensor_adasam
+            fn = _fused_adasam if self.fused else _multi_tensor_adasam if multi else _single_tensor_adasam
             fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps=steps, lr=group["lr"],
                betas=group["betas"], bias_correction=group["bias_correction"])
 
@@ -121,3 +125,30 @@ def _multi_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         torch._foreach_maximum_(v_maxs, vs)
         denom = torch._foreach_sqrt(torch._foreach_mul(v_maxs, v_scale) if bias_correction else v_maxs)
         torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
+
+
+def _adasam_kernel(p: Tensor, s: Tensor, m: Tensor, v: Tensor, v_max: Tensor, c: Tensor, *,
+                   bias_correction: bool) -> None:
+    """The update of ``_single_tensor_adasam`` for one flattened tensor, written for ``torch.compile``."""
+    beta1, beta2, step_size, v_scale = c.to(m.dtype).unbind()
+    s = s.to(m.dtype)
+    m.copy_(beta1 * m + (1.0 - beta1) * s)
+    v.copy_(beta2 * v + (1.0 - beta2) * s * s)
+    v_max.copy_(torch.maximum(v_max, v))
+    denom = (v_max * v_scale).sqrt() if bias_correction else v_max.sqrt()
+    p.copy_(p.to(m.dtype) - step_size * m / denom)
+
+
+_ADASAM_KERNEL = FusedKernel(_adasam_kernel, "AdaSAM")
+
+
+def _fused_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
+                  bias_correction) -> None:
+    """Each tensor's update in one compiled kernel; the eager per-tensor path where that is unavailable."""
+    for p, s, m, v, v_max, step in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
+        step_size, v_scale = _step_size(lr, betas, step, bias_correction)
+        c = scalars_tensor((betas[0], betas[1], step_size, v_scale))
+        if not (fusable(p, s, m, v, v_max) and _ADASAM_KERNEL(flat(p), flat(s), flat(m), flat(v), flat(v_max), c,
+                                                              bias_correction=bias_correction)[0]):
+            _single_tensor_adasam([p], [s], [m], [v], [v_max], steps=[step], lr=lr, betas=betas,
+                                  bias_correction=bias_correction)

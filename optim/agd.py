@@ -10,6 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
+from ._fused import FusedKernel, flat, fusable, scalars_tensor
 from ._host import to_host
 from ._scratch import Scratch, scratch
 from ._validation import check_betas, check_bool, check_nonnegative, check_optional_positive, check_positive
@@ -47,7 +48,9 @@ class AGD(CheckedState):
 
     ``clip`` bounds the ratio m/D before the lr scaling; ``weight_decouple`` selects decoupled decay
     x <- x (1 - α λ) (or x (1 - λ) with ``fixed_decay``) against L2 added to a copy of the gradient
-    (``p.grad`` is never modified). ``foreach=None`` uses the multi-tensor path off the CPU.
+    (``p.grad`` is never modified). ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True``
+    compiles each tensor's update into one kernel (``torch.compile``; the eager per-tensor path if that
+    fails, with a warning); ``fused=None`` (default) means False for now, see the README.
     No copy of m is kept: before m is updated, s_t = c_g (g_t + (c_m / c_g) m_{t-1}) with
     c_g = (1-β1)/bc1_t and c_m = β1/bc1_t - 1/bc1_{t-1}; the factor c_g² goes into the b update.
     """
@@ -57,10 +60,10 @@ class AGD(CheckedState):
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  delta: float = 1e-5, weight_decay: float = 0.0, weight_decouple: bool = True,
                  fixed_decay: bool = False, amsgrad: bool = False, clip: float | None = None, *,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
         defaults = dict(lr=lr, betas=betas, delta=delta, weight_decay=weight_decay,
                         weight_decouple=weight_decouple, fixed_decay=fixed_decay, amsgrad=amsgrad,
-                        clip=clip, foreach=foreach)
+                        clip=clip, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -73,8 +76,9 @@ class AGD(CheckedState):
         for flag in ("weight_decouple", "fixed_decay", "amsgrad"):
             group[flag] = check_bool(flag, group[flag])
         group["clip"] = check_optional_positive("clip", group["clip"])
-        if group["foreach"] is not None:
-            group["foreach"] = check_bool("foreach", group["foreach"])
+        for flag in ("foreach", "fused"):
+            if group[flag] is not None:
+                group[flag] = check_bool(flag, group[flag])
 
     def _init_group(self, group: dict) -> list[Tensor]:
         """Create state where missing, advance the step counters; return the params that have a grad."""
@@ -110,7 +114,7 @@ class AGD(CheckedState):
             if foreach is None:
                 foreach = all(p.device.type != "cpu" for p in params)
             states = [self.state[p] for p in params]
-            fn = _multi_tensor_agd if foreach else _single_tensor_agd
+            fn = _fused_agd if group["fused"] else _multi_tensor_agd if foreach else _single_tensor_agd
             fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                [s["exp_avg_diff_sq"] for s in states],
                [s["max_exp_avg_diff_sq"] if group["amsgrad"] else s["exp_avg_diff_sq"] for s in states],
@@ -210,3 +214,43 @@ def _multi_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
             torch._foreach_clamp_min_(ratios, -clip)
             torch._foreach_clamp_max_(ratios, clip)
             torch._foreach_add_(ps, ratios, alpha=-c.step_size)
+
+
+def _agd_kernel(p: Tensor, g: Tensor, m: Tensor, b: Tensor, b_max: Tensor | None, c: Tensor, *,
+                decoupled: bool, coupled: bool, clipped: bool) -> None:
+    """The update of ``_single_tensor_agd`` for one flattened tensor, written for ``torch.compile``."""
+    diff_coef, sq_coef, threshold, step_size, beta1, beta2, decay, l2, clip = c.to(p.dtype).unbind()
+    if decoupled:
+        p.mul_(decay)
+    if coupled:
+        g = g + l2 * p
+    s = g + diff_coef * m
+    m.copy_(m + (1.0 - beta1) * (g - m))
+    b.copy_(beta2 * b + sq_coef * s * s)
+    if b_max is not None:
+        b_max.copy_(torch.maximum(b_max, b))
+    ratio = m / torch.maximum((b if b_max is None else b_max).sqrt(), threshold)
+    if clipped:
+        ratio = torch.minimum(torch.maximum(ratio, -clip), clip)
+    p.copy_(p - step_size * ratio)
+
+
+_AGD_KERNEL = FusedKernel(_agd_kernel, "AGD")
+
+
+def _fused_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_diff_sqs: list[Tensor],
+               second_moments: list[Tensor], steps: list[int], *, lr: float, betas: tuple[float, float],
+               delta: float, amsgrad: bool, clip: float | None, decay: float | None, l2: float,
+               work: Scratch) -> None:
+    """Each tensor's update in one compiled kernel; the eager per-tensor path where that is unavailable."""
+    beta1, beta2 = betas
+    flags = dict(decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)
+    for i, (p, g, m, b, big_b, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_diff_sqs, second_moments, steps)):
+        b_max = big_b if amsgrad else None
+        c = _step_scalars(t, lr, beta1, beta2, delta)
+        scalars = scalars_tensor((c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2,
+                                  1.0 if decay is None else decay, l2, 0.0 if clip is None else clip))
+        if not (fusable(p, g, m, b, b_max) and _AGD_KERNEL(flat(p), flat(g), flat(m), flat(b), flat(b_max),
+                                                           scalars, **flags)[0]):
+            _single_tensor_agd([p], [g], [m], [b], [big_b], [t], lr=lr, betas=betas, delta=delta, amsgrad=amsgrad,
+                               clip=clip, decay=decay, l2=l2, work=work)

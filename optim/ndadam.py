@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import to_host
 from ._scratch import Scratch, scratch
 from ._validation import check_betas, check_bool, check_int, check_nonnegative, check_positive
@@ -58,7 +59,9 @@ class NDAdam(CheckedState):
     ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient (weight
     decay never applies to unit vectors); None (default) -> True for tensors with ndim >= 2. The paper's
     runs use a larger lr for the vectors (α_v = 50 α_s): give them their own param group.
-    ``foreach=None`` uses the multi-tensor path off the CPU. float16/bfloat16 parameters keep float32 state.
+    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles each vector parameter's
+    update into one kernel (``torch.compile``; the eager per-tensor path if that fails, with a warning);
+    ``fused=None`` (default) means False for now. float16/bfloat16 parameters keep float32 state.
 
     Start on the sphere: when a vector parameter gets its state (its first step), each vector is normalised
     in place before the first projection. The first gradient was taken at the unnormalised weights;
@@ -74,8 +77,10 @@ class NDAdam(CheckedState):
     _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "angle", "update_cosine"})
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, *, foreach: bool | None = None):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nd=None, foreach=foreach)
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, foreach: bool | None = None,
+                 fused: bool | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nd=None, foreach=foreach,
+                        fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -87,8 +92,9 @@ class NDAdam(CheckedState):
         group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
         if group["nd"] is not None:
             group["nd"] = check_bool("nd (True, False or None for automatic)", group["nd"])
-        if group["foreach"] is not None:
-            group["foreach"] = check_bool("foreach", group["foreach"])
+        for flag in ("foreach", "fused"):
+            if group[flag] is not None:
+                group[flag] = check_bool(flag, group[flag])
         if group["nd"] and any(p.dim() < 2 for p in group["params"]):
             raise ValueError("nd=True needs parameters with ndim >= 2 (one unit vector per slice along dim 0)")
 
@@ -137,7 +143,8 @@ class NDAdam(CheckedState):
             foreach = group["foreach"]
             if foreach is None:
                 foreach = all(p.device.type != "cpu" for p in vectors + scalars)
-            for fns, params in ((_VECTOR_FNS, vectors), (_ADAM_FNS, scalars)):
+            vector_fns = (_fused_vectors,) * 2 if group["fused"] else _VECTOR_FNS
+            for fns, params in ((vector_fns, vectors), (_ADAM_FNS, scalars)):
                 # the multi-tensor path for parameters with state in their own dtype; the others one by one
                 own = [foreach and self.state[p]["exp_avg"].dtype == p.dtype for p in params]
                 multi = [p for p, o in zip(params, own) if o]
@@ -259,6 +266,48 @@ def _multi_tensor_adam(params: list[Tensor], states: list[dict], scalars: list[t
 
 def _gather(params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
     return [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+
+
+def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``_single_tensor_vectors`` for one tensor viewed as [vectors, elements], written for ``torch.compile``;
+    returns the diagnostics (angle, cosine)."""
+    beta1, beta2, eps, step_size, bc2_sqrt, tiny = c.to(m.dtype).unbind()
+    wa, ga = w.to(m.dtype), g.to(m.dtype)
+    tangent = ga - (ga * wa).sum(1, keepdim=True) * wa
+    tangent_sq = (tangent * tangent).sum(1, keepdim=True)
+    m_new = m + (1.0 - beta1) * (tangent - m)
+    v_new = beta2 * v + (1.0 - beta2) * tangent_sq
+    m.copy_(m_new)
+    v.copy_(v_new)
+    denom = torch.maximum(v_new.sqrt() / bc2_sqrt + eps, tiny)
+    along = (wa * m_new).sum(1, keepdim=True) / denom
+    update_sq = (m_new * m_new).sum(1, keepdim=True) / (denom * denom)
+    across = (update_sq - along * along).clamp_min(0.0).sqrt()
+    angle = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
+    norms = torch.maximum((update_sq.sum() * tangent_sq.sum()).sqrt(), tiny)
+    cosine = ((m_new * tangent).sum(1, keepdim=True) / denom).sum() / norms
+    w_bar = wa - step_size * m_new / denom
+    w.copy_(w_bar / (w_bar * w_bar).sum(1, keepdim=True).sqrt())
+    return angle, cosine
+
+
+_VECTOR_KERNEL = FusedKernel(_vector_kernel, "NDAdam")
+
+
+def _fused_vectors(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
+                   beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
+    """Each vector parameter's update in one compiled kernel; the eager per-tensor path where unavailable."""
+    for p, state, (step_size, bc2_sqrt) in zip(params, states, scalars):
+        m, v = state["exp_avg"], state["exp_avg_sq"]
+        c = scalars_tensor((beta1, beta2, eps, step_size, bc2_sqrt, torch.finfo(m.dtype).tiny))
+        rows = len(p)
+        done, diagnostics = _VECTOR_KERNEL(p.view(rows, -1), p.grad.view(rows, -1), m.view(rows, -1), v.view(rows, 1),
+                                           c) if fusable(p, p.grad, m) else (False, None)
+        if done:
+            state["angle"], state["update_cosine"] = diagnostics
+        else:
+            _single_tensor_vectors([p], [state], [(step_size, bc2_sqrt)], beta1=beta1, beta2=beta2, eps=eps,
+                                   weight_decay=weight_decay, work=work)
 
 
 #: (per-tensor, multi-tensor) update functions of the two kinds of parameter
