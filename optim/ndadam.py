@@ -270,24 +270,36 @@ def _gather(params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], lis
 
 def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
     """``_single_tensor_vectors`` for one tensor viewed as [vectors, elements], written for ``torch.compile``;
-    returns the diagnostics (angle, cosine)."""
+    returns the diagnostics (angle, cosine).
+
+    Every per-vector quantity is expanded into six dot products of the inputs (g·w, w·w, g·g, w·m, m·m,
+    m·g), so the kernel reads w, g and m once to reduce and once to write m and w, instead of once per
+    dependent reduction (ḡ, then |ḡ|², then the norm of w̄). The expansions agree with the eager path to
+    rounding unless g is almost radial (|ḡ|² is then a difference of nearly equal numbers).
+    """
     beta1, beta2, eps, step_size, bc2_sqrt, tiny = c.to(m.dtype).unbind()
     wa, ga = w.to(m.dtype), g.to(m.dtype)
-    tangent = ga - (ga * wa).sum(1, keepdim=True) * wa
-    tangent_sq = (tangent * tangent).sum(1, keepdim=True)
-    m_new = m + (1.0 - beta1) * (tangent - m)
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(1, keepdim=True)
+
+    gw, ww, gg, wm, mm, mg = dot(ga, wa), dot(wa, wa), dot(ga, ga), dot(wa, m), dot(m, m), dot(m, ga)
+    tangent_sq = (gg - gw * gw * (2.0 - ww)).clamp_min(0.0)                  # |ḡ|², ḡ = g - (g·w) w
+    m_tangent = mg - gw * wm                                                  # m·ḡ
     v_new = beta2 * v + (1.0 - beta2) * tangent_sq
-    m.copy_(m_new)
-    v.copy_(v_new)
     denom = torch.maximum(v_new.sqrt() / bc2_sqrt + eps, tiny)
-    along = (wa * m_new).sum(1, keepdim=True) / denom
-    update_sq = (m_new * m_new).sum(1, keepdim=True) / (denom * denom)
+    along = (beta1 * wm + (1.0 - beta1) * gw * (1.0 - ww)) / denom           # w·u, u = m_new / denom
+    update_sq = (beta1 * beta1 * mm + 2.0 * beta1 * (1.0 - beta1) * m_tangent
+                 + (1.0 - beta1) ** 2 * tangent_sq) / (denom * denom)         # |u|²
     across = (update_sq - along * along).clamp_min(0.0).sqrt()
     angle = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
-    norms = torch.maximum((update_sq.sum() * tangent_sq.sum()).sqrt(), tiny)
-    cosine = ((m_new * tangent).sum(1, keepdim=True) / denom).sum() / norms
-    w_bar = wa - step_size * m_new / denom
-    w.copy_(w_bar / (w_bar * w_bar).sum(1, keepdim=True).sqrt())
+    cosine = ((beta1 * m_tangent + (1.0 - beta1) * tangent_sq) / denom).sum() \
+        / torch.maximum((update_sq.sum() * tangent_sq.sum()).sqrt(), tiny)   # Σ u·ḡ / (|u| |ḡ|)
+    norm = (ww - 2.0 * step_size * along + step_size * step_size * update_sq).sqrt()   # |w - step u|
+    m_new = m + (1.0 - beta1) * (ga - gw * wa - m)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    w.copy_((wa - (step_size / denom) * m_new) / norm)
     return angle, cosine
 
 
