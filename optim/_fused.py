@@ -1,10 +1,11 @@
-"""Fused updates: one tensor's whole element-wise update compiled by ``torch.compile`` into one kernel.
+"""Fused updates: each tensor's whole update compiled by ``torch.compile`` into one kernel.
 
-``FusedKernel(fn)`` compiles ``fn`` on first use with dynamic shapes, so one compiled kernel serves every
-parameter of a dtype and device; the step's scalars travel in one float64 tensor (``scalars``), so a new
-learning rate or step count never recompiles. Tensors are passed flattened (contiguous ones only). When
-compiling fails (no C++ compiler or Triton, an unsupported backend), ``__call__`` returns False once with a
-``RuntimeWarning`` naming the cause and the optimizer takes its eager per-tensor path from then on.
+``FusedKernel(fn)`` compiles, on first use and with dynamic shapes, one call that applies the per-tensor
+function ``fn(*tensors, scalars, **flags)`` to every tensor of a param group (one Python call per group,
+so the per-call overhead does not grow with the number of tensors). The step's scalars travel in one
+float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When compiling
+fails (no C++ compiler or Triton, an unsupported backend), the call returns ``(False, None)`` once with a
+``RuntimeWarning`` naming the cause, and the optimizer takes its eager per-tensor path from then on.
 """
 from __future__ import annotations
 
@@ -15,9 +16,10 @@ import torch
 from torch import Tensor
 
 
-def scalars_tensor(values: tuple[float, ...]) -> Tensor:
-    """The step's Python scalars as one float64 CPU tensor (no host-to-device copy, no recompilation)."""
-    return torch.tensor(values, dtype=torch.float64)
+def scalars_tensor(rows: list[tuple[float, ...]]) -> Tensor:
+    """The step's Python scalars, one row per tensor, as one float64 CPU tensor (no host-to-device copy,
+    no recompilation)."""
+    return torch.tensor(rows, dtype=torch.float64)
 
 
 class FusedKernel:
@@ -28,15 +30,18 @@ class FusedKernel:
         self._compiled: Callable[..., Any] | None = None
         self.error: str | None = None
 
-    def __call__(self, *args: Any, **flags: Any) -> tuple[bool, Any]:
-        """(True, what the kernel returns), or (False, None) when it is not available (the caller then
-        runs its eager path)."""
+    def _many(self, tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: Any) -> list[Any]:
+        return [self.fn(*ts, scalars[i], **flags) for i, ts in enumerate(tensors)]
+
+    def __call__(self, tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: Any) -> tuple[bool, Any]:
+        """``fn`` on each tuple of ``tensors`` with its row of ``scalars``: (True, the list of what ``fn``
+        returns), or (False, None) when no kernel is available (the caller then runs its eager path)."""
         if self.error is not None:
             return False, None
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-            return True, self._compiled(*args, **flags)
+                self._compiled = torch.compile(self._many, dynamic=True, fullgraph=True)
+            return True, self._compiled(tensors, scalars, **flags)
         except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager path is the fallback)
             self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             warnings.warn(f"{self.name}(fused=True): torch.compile failed ({self.error}); using the eager "
@@ -45,9 +50,5 @@ class FusedKernel:
 
 
 def fusable(*tensors: Tensor | None) -> bool:
-    """Dense, contiguous tensors (flattened views of them are what the kernels take)."""
+    """Dense, contiguous tensors (what the kernels are compiled for)."""
     return all(t is None or (t.is_contiguous() and t.layout == torch.strided) for t in tensors)
-
-
-def flat(t: Tensor | None) -> Tensor | None:
-    return None if t is None else t.view(-1)

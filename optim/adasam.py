@@ -7,7 +7,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor, nn
 
-from ._fused import FusedKernel, flat, fusable, scalars_tensor
+from ._fused import FusedKernel, fusable, scalars_tensor
 from ._two_pass import TwoPassOptimizer, grouped
 from ._validation import check_betas, check_bool, check_nonnegative, check_positive
 
@@ -129,7 +129,7 @@ def _multi_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
 
 def _adasam_kernel(p: Tensor, s: Tensor, m: Tensor, v: Tensor, v_max: Tensor, c: Tensor, *,
                    bias_correction: bool) -> None:
-    """The update of ``_single_tensor_adasam`` for one flattened tensor, written for ``torch.compile``."""
+    """The update of ``_single_tensor_adasam`` for one tensor, written for ``torch.compile``."""
     beta1, beta2, step_size, v_scale = c.to(m.dtype).unbind()
     s = s.to(m.dtype)
     m.copy_(beta1 * m + (1.0 - beta1) * s)
@@ -144,11 +144,14 @@ _ADASAM_KERNEL = FusedKernel(_adasam_kernel, "AdaSAM")
 
 def _fused_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
                   bias_correction) -> None:
-    """Each tensor's update in one compiled kernel; the eager per-tensor path where that is unavailable."""
-    for p, s, m, v, v_max, step in zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps):
-        step_size, v_scale = _step_size(lr, betas, step, bias_correction)
-        c = scalars_tensor((betas[0], betas[1], step_size, v_scale))
-        if not (fusable(p, s, m, v, v_max) and _ADASAM_KERNEL(flat(p), flat(s), flat(m), flat(v), flat(v_max), c,
-                                                              bias_correction=bias_correction)[0]):
-            _single_tensor_adasam([p], [s], [m], [v], [v_max], steps=[step], lr=lr, betas=betas,
-                                  bias_correction=bias_correction)
+    """The group's updates in one compiled call; the eager per-tensor path for the tensors it cannot take."""
+    rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs))
+    fused = [i for i, ts in enumerate(rows) if fusable(*ts)]
+    scalars = scalars_tensor([(betas[0], betas[1], *_step_size(lr, betas, steps[i], bias_correction)) for i in fused])
+    done = bool(fused) and _ADASAM_KERNEL([rows[i] for i in fused], scalars,
+                                          bias_correction=bias_correction)[0]
+    eager = [i for i in range(len(rows)) if not (done and i in set(fused))]
+    if eager:
+        _single_tensor_adasam(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_sqs,
+                                                                   max_exp_avg_sqs)),
+                              steps=[steps[i] for i in eager], lr=lr, betas=betas, bias_correction=bias_correction)

@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from ._fused import FusedKernel, flat, fusable, scalars_tensor
+from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import to_host
 from ._scratch import Scratch, scratch
 from ._validation import check_betas, check_bool, check_nonnegative, check_optional_positive, check_positive
@@ -218,7 +218,7 @@ def _multi_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
 
 def _agd_kernel(p: Tensor, g: Tensor, m: Tensor, b: Tensor, b_max: Tensor | None, c: Tensor, *,
                 decoupled: bool, coupled: bool, clipped: bool) -> None:
-    """The update of ``_single_tensor_agd`` for one flattened tensor, written for ``torch.compile``."""
+    """The update of ``_single_tensor_agd`` for one tensor, written for ``torch.compile``."""
     diff_coef, sq_coef, threshold, step_size, beta1, beta2, decay, l2, clip = c.to(p.dtype).unbind()
     if decoupled:
         p.mul_(decay)
@@ -242,15 +242,19 @@ def _fused_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
                second_moments: list[Tensor], steps: list[int], *, lr: float, betas: tuple[float, float],
                delta: float, amsgrad: bool, clip: float | None, decay: float | None, l2: float,
                work: Scratch) -> None:
-    """Each tensor's update in one compiled kernel; the eager per-tensor path where that is unavailable."""
+    """The group's updates in one compiled call; the eager per-tensor path for the tensors it cannot take."""
     beta1, beta2 = betas
-    flags = dict(decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)
-    for i, (p, g, m, b, big_b, t) in enumerate(zip(params, grads, exp_avgs, exp_avg_diff_sqs, second_moments, steps)):
-        b_max = big_b if amsgrad else None
-        c = _step_scalars(t, lr, beta1, beta2, delta)
-        scalars = scalars_tensor((c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2,
-                                  1.0 if decay is None else decay, l2, 0.0 if clip is None else clip))
-        if not (fusable(p, g, m, b, b_max) and _AGD_KERNEL(flat(p), flat(g), flat(m), flat(b), flat(b_max),
-                                                           scalars, **flags)[0]):
-            _single_tensor_agd([p], [g], [m], [b], [big_b], [t], lr=lr, betas=betas, delta=delta, amsgrad=amsgrad,
-                               clip=clip, decay=decay, l2=l2, work=work)
+    rows = list(zip(params, grads, exp_avgs, exp_avg_diff_sqs, [b if amsgrad else None for b in second_moments]))
+    fused = [i for i, ts in enumerate(rows) if fusable(*ts)]
+    scalars = []
+    for i in fused:
+        c = _step_scalars(steps[i], lr, beta1, beta2, delta)
+        scalars.append((c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2,
+                        1.0 if decay is None else decay, l2, 0.0 if clip is None else clip))
+    done = bool(fused) and _AGD_KERNEL([rows[i] for i in fused], scalars_tensor(scalars),
+                                       decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)[0]
+    eager = [i for i in range(len(rows)) if not (done and i in set(fused))]
+    if eager:
+        _single_tensor_agd(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_diff_sqs,
+                                                                second_moments, steps)),
+                           lr=lr, betas=betas, delta=delta, amsgrad=amsgrad, clip=clip, decay=decay, l2=l2, work=work)

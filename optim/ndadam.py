@@ -308,18 +308,19 @@ _VECTOR_KERNEL = FusedKernel(_vector_kernel, "NDAdam")
 
 def _fused_vectors(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
                    beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
-    """Each vector parameter's update in one compiled kernel; the eager per-tensor path where unavailable."""
-    for p, state, (step_size, bc2_sqrt) in zip(params, states, scalars):
-        m, v = state["exp_avg"], state["exp_avg_sq"]
-        c = scalars_tensor((beta1, beta2, eps, step_size, bc2_sqrt, torch.finfo(m.dtype).tiny))
-        rows = len(p)
-        done, diagnostics = _VECTOR_KERNEL(p.view(rows, -1), p.grad.view(rows, -1), m.view(rows, -1), v.view(rows, 1),
-                                           c) if fusable(p, p.grad, m) else (False, None)
-        if done:
-            state["angle"], state["update_cosine"] = diagnostics
-        else:
-            _single_tensor_vectors([p], [state], [(step_size, bc2_sqrt)], beta1=beta1, beta2=beta2, eps=eps,
-                                   weight_decay=weight_decay, work=work)
+    """The group's vector updates in one compiled call; the eager per-tensor path for the others."""
+    fused = [i for i, (p, s) in enumerate(zip(params, states)) if fusable(p, p.grad, s["exp_avg"])]
+    views = [(p.view(len(p), -1), p.grad.view(len(p), -1), s["exp_avg"].view(len(p), -1), s["exp_avg_sq"].view(len(p), 1))
+             for p, s in ((params[i], states[i]) for i in fused)]
+    rows = scalars_tensor([(beta1, beta2, eps, *scalars[i], torch.finfo(states[i]["exp_avg"].dtype).tiny)
+                           for i in fused])
+    done, diagnostics = _VECTOR_KERNEL(views, rows) if fused else (False, None)
+    for i, (angle, cosine) in zip(fused, diagnostics if done else ()):
+        states[i]["angle"], states[i]["update_cosine"] = angle, cosine
+    eager = [i for i in range(len(params)) if not (done and i in set(fused))]
+    if eager:
+        _single_tensor_vectors([params[i] for i in eager], [states[i] for i in eager], [scalars[i] for i in eager],
+                               beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, work=work)
 
 
 #: (per-tensor, multi-tensor) update functions of the two kinds of parameter
