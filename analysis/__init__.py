@@ -1,7 +1,6 @@
 """Curvature, sharpness and training diagnostics on the ``loss_fn(model, batch)`` protocol."""
 from .datasets import mnist1d
-from .protocol import mean_loss, select_params, supervised
-from .restore import preserved
+from .core import mean_loss, preserved, select_params, supervised
 from .hvp import HessianOperator, hvp
 from .lanczos import EigenResult, top_eigenvalues
 from .trace import TraceResult, hessian_trace

@@ -1,21 +1,22 @@
 """PCA directions of a training trajectory and its projection onto them (Li et al. 2018, Sec. 7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.flat import flatten
-from analysis.protocol import ParamSelection, select_params
+from analysis.core import records_metadata, register_result
+from analysis.core import flatten, ParamSelection, select_params
 
 from .directions import Direction, named_targets, check_direction, state_tensors
 
 METHODS = ("auto", "svd", "gram")
 
 
+@register_result
 @dataclass
 class PCAResult:
     """Top principal directions of a trajectory (unit norm, orthogonal) and the path on them.
@@ -34,6 +35,8 @@ class PCAResult:
 
     def __len__(self) -> int:
         return len(self.directions)
+    n_forward: int = 0
+    metadata: dict = field(default_factory=dict)
 
 
 def _matrix(trajectory: Sequence, model: nn.Module, names: list[str], like: list[Tensor]) -> Tensor:
@@ -52,6 +55,7 @@ def _mask(names: list[str], like: list[Tensor], ignore_bias_bn: bool) -> Tensor:
                                dtype=torch.float64, device=t.device) for t in like])
 
 
+@records_metadata
 def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
                    params: ParamSelection = None, ignore_bias_bn: bool = False,
                    method: str = "auto") -> PCAResult:
