@@ -517,7 +517,7 @@ def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
                           seed=seed, params=params, model_mode=model_mode,
                           batch_size_fn=batch_size_fn, progress=progress)
     lam, v = float(eig.eigenvalues[0]), eig.eigenvectors[0]
-    found = [worst_case_sharpness(model, loss_fn, data, rho, "l2", False, steps, seed,
+    found = [worst_case_sharpness(model, loss_fn, data, rho, "l2", False, steps, seed=seed,
                                   restarts=restarts, start=rho * v, params=params,
                                   model_mode=model_mode, batch_size_fn=batch_size_fn,
                                   progress=progress) for rho in radii]
