@@ -21,8 +21,8 @@ from tqdm.auto import trange
 
 from .hvp import HessianOperator
 from .lanczos import Krylov
-from .core import records_metadata, register_result
-from .core import BatchSizeFn, check_int, LossFn, make_generator, ParamSelection, rademacher
+from .core import (BatchSizeFn, check_int, check_positive, LossFn, make_generator, ParamSelection,
+                   rademacher, records_metadata, register_result)
 
 
 @register_result
@@ -97,8 +97,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)
     n_grid = check_int("n_grid", n_grid, 2)
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be positive or None, got {sigma!r}")
+    if sigma is not None:
+        check_positive("sigma", sigma)
     make_generator(seed)
     op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
                          batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method)

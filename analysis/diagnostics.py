@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import (BatchSizeFn, check_loss, data_mean, LossFn, ParamSelection, preserved,
-                   select_params)
+from .core import (BatchSizeFn, check_int, check_loss, data_mean, LossFn, ParamSelection,
+                   preserved, select_params)
 
 Record = dict[str, float]
 
@@ -136,14 +136,12 @@ class Tracker:
                  lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
                  seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        check_int("every", every, 1)
         if (lambda_max or trace or grad_norm) and curvature_data is None:
             raise ValueError("curvature_data is required when lambda_max, trace or grad_norm "
                              "is on")
-        if lanczos_max_hvp < 1 or trace_n_hvp < 3:
-            raise ValueError("lanczos_max_hvp must be >= 1 and trace_n_hvp >= 3, got "
-                             f"{lanczos_max_hvp} and {trace_n_hvp}")
+        check_int("lanczos_max_hvp", lanczos_max_hvp, 1)
+        check_int("trace_n_hvp", trace_n_hvp, 3)
         self.model, self.loss_fn, self.every = model, loss_fn, every
         self.eval_data, self.test_data, self.curvature_data = eval_data, test_data, curvature_data
         self.lambda_max, self.trace, self.grad_norm = lambda_max, trace, grad_norm

@@ -12,9 +12,9 @@ from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import records_metadata, register_result
 from .core import (BatchSizeFn, check_choice, check_data, check_int, check_positive, LossFn,
-                   make_generator, ParamSelection, preserved, randn, rank, select_params, uniform)
+                   make_generator, ParamSelection, preserved, randn, rank, records_metadata,
+                   register_result, select_params, uniform)
 from .sharpness import PerturbedLoss
 
 METRICS = ("loss", "error")

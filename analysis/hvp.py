@@ -31,8 +31,9 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .core import (BatchSizeFn, check_bool, check_data, check_loss, check_model_mode, data_mean,
-                   flatten, LossFn, numel, ParamSelection, preserved, select_params, unflatten)
+from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_loss, check_model_mode,
+                   data_mean, flatten, LossFn, numel, ParamSelection, preserved, select_params,
+                   unflatten)
 
 HVP_METHODS = ("reverse", "forward")
 
@@ -74,8 +75,7 @@ class HessianOperator:
                  hvp_method: str = "reverse", reuse_graph: bool = True):
         check_data(data)
         check_model_mode(model_mode)
-        if hvp_method not in HVP_METHODS:
-            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+        check_choice("hvp_method", hvp_method, HVP_METHODS)
         if hvp_method == "forward" and model_mode == "train" and any(True for _ in model.buffers()):
             raise ValueError('hvp_method="forward" cannot run model_mode="train" on a model with '
                              'buffers (BatchNorm updates them in place inside torch.func '

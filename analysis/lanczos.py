@@ -14,7 +14,6 @@ the pair is converged when that residual is at most ``tol * |theta|``.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -24,8 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .hvp import HessianOperator
-from .core import records_metadata, register_result
-from .core import BatchSizeFn, check_int, LossFn, make_generator, ParamSelection, randn
+from .core import (BatchSizeFn, check_choice, check_int, check_positive, LossFn, make_generator,
+                   ParamSelection, randn, records_metadata, register_result)
 
 WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
@@ -270,15 +269,12 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         the memory is ``max_basis * n`` elements.
     """
     k = check_int("k", k, 1)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("which", which, WHICH)
+    check_choice("method", method, METHODS)
     if method == "power" and which == "SA":
         raise ValueError('method="power" finds largest-magnitude eigenvalues; which="SA" '
                          'needs method="lanczos"')
-    if not (isinstance(tol, numbers.Real) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    check_positive("tol", tol)
     if max_hvp is not None:
         check_int("max_hvp", max_hvp, 1)
     block_size = check_int("block_size", block_size, 1)

@@ -9,8 +9,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .lanczos import top_eigenvalues
-from .core import records_metadata, register_result
-from .core import BatchSizeFn, LossFn, ParamSelection, select_params
+from .core import (BatchSizeFn, LossFn, ParamSelection, records_metadata, register_result,
+                   select_params)
 from .trace import hessian_trace
 
 Groups = dict[str, list[str] | Callable[[str, nn.Parameter], bool]]

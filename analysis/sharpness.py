@@ -25,7 +25,6 @@ exact minimum) the restarts start at random points of the set.
 from __future__ import annotations
 
 import math
-import numbers
 from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
@@ -34,10 +33,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import records_metadata, register_result
 from .core import (all_reduce_sum_, BatchSizeFn, check_choice, check_data, check_int, check_loss,
                    check_positive, data_mean, default_batch_size, flatten, LossFn, make_generator,
-                   ParamSelection, preserved, randn, rank, select_params, unflatten, uniform)
+                   ParamSelection, preserved, randn, rank, records_metadata, register_result,
+                   select_params, unflatten, uniform)
 from .lanczos import top_eigenvalues
 
 NORMS = ("l2", "linf")

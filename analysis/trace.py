@@ -25,8 +25,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .hvp import HessianOperator
-from .core import records_metadata, register_result
-from .core import BatchSizeFn, check_int, LossFn, make_generator, ParamSelection, rademacher
+from .core import (BatchSizeFn, check_choice, check_int, LossFn, make_generator, ParamSelection,
+                   rademacher, records_metadata, register_result)
 
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
 MatMat = Callable[[Tensor], Tensor]
@@ -127,8 +127,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
     chunk: probes per pass over the data (memory ``chunk * n`` per pass).
     Probes are Rademacher vectors drawn from ``seed`` (identical on every rank).
     """
-    if method not in TRACE_METHODS:
-        raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
+    check_choice("method", method, TRACE_METHODS)
     n_hvp = check_int("n_hvp", n_hvp, 2 if method == "hutchinson" else 4)
     chunk = check_int("chunk", chunk, 1)
     make_generator(seed)

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import (BatchSizeFn, LossFn, make_generator, ParamSelection, randn,
-                           select_params, unflatten)
+from analysis.core import (BatchSizeFn, check_choice, LossFn, make_generator, ParamSelection,
+                           randn, select_params, unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
@@ -90,8 +90,7 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     seed: draws come from a private generator on the CPU (same on every device and rank).
     params: which parameters get a direction (default: all with requires_grad).
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    check_choice("normalization", normalization, NORMALIZATIONS)
     gen = make_generator(seed)
     names, tensors = select_params(model, params)
     out = {}

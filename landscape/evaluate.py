@@ -28,7 +28,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from analysis.core import BatchSizeFn, check_data, data_mean, LossFn, preserved, rank, world_size
+from analysis.core import (BatchSizeFn, check_choice, check_data, check_int, check_number,
+                           check_positive, data_mean, LossFn, preserved, rank, world_size)
 
 from .directions import named_targets
 from .results import Progress
@@ -123,12 +124,10 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")
-    if distribute not in DISTRIBUTE:
-        raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {distribute!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if max_memory <= 0:
-        raise ValueError(f"max_memory must be > 0 bytes, got {max_memory!r}")
+    check_choice("distribute", distribute, DISTRIBUTE)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    check_positive("max_memory", max_memory)
     check_data(data)
     flat = store.losses.reshape(-1)
     todo = np.flatnonzero(np.isnan(flat))
@@ -225,8 +224,8 @@ def check_coords(values, name: str) -> np.ndarray:
         arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of coordinates, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {arr}")
+    for x in arr:
+        check_number(name + " entries", x)
     return arr
 
 

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .results import load_result
+from analysis.core import check_choice, load_result
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
@@ -67,8 +67,7 @@ def plot_line(results, ax: Axes | None = None, label: str | None = None, band: s
     """Loss along a line (or interpolation). Several results on the same alphas (e.g. one
     per seed) are drawn as their mean with a band: ``band="std"`` (mean +- one standard
     deviation) or ``"minmax"``."""
-    if band not in ("std", "minmax"):
-        raise ValueError(f"band must be 'std' or 'minmax', got {band!r}")
+    check_choice("band", band, ("std", "minmax"))
     results = [_load(r) for r in (results if isinstance(results, (list, tuple)) else [results])]
     alphas = results[0].alphas
     if any(r.alphas.shape != alphas.shape or not np.allclose(r.alphas, alphas) for r in results):

@@ -8,8 +8,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.core import records_metadata, register_result
-from analysis.core import flatten, ParamSelection, select_params
+from analysis.core import (check_choice, flatten, ParamSelection, records_metadata,
+                           register_result, select_params)
 
 from .directions import Direction, named_targets, check_direction, state_tensors
 
@@ -68,8 +68,7 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
         over all T - 1 components. ignore_bias_bn: zero the 1-D tensors' entries first.
     The sign of each direction makes its largest-magnitude entry positive.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     names, like = select_params(model, params)
     like = [p.detach() for p in like]
     theta = _matrix(trajectory, model, names, like)

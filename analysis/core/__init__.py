@@ -24,8 +24,8 @@ from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
 from .seeding import make_generator, rademacher, randn, uniform
-from .validation import (check_bool, check_choice, check_int, check_nonnegative, check_number,
-                         check_positive, check_probability)
+from .validation import (ArgumentTypeError, check_bool, check_choice, check_int, check_nonnegative,
+                         check_number, check_positive, check_probability)
 
 __all__ = [
     # protocol
@@ -45,6 +45,6 @@ __all__ = [
     "make_metadata", "versions", "save_result", "load_result", "register_result",
     "records_metadata",
     # validation
-    "check_bool", "check_choice", "check_int", "check_nonnegative", "check_number",
-    "check_positive", "check_probability",
+    "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_nonnegative",
+    "check_number", "check_positive", "check_probability",
 ]
