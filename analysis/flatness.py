@@ -28,7 +28,8 @@ class KeskarSharpness:
 
     value: the sharpness (percent); max_increase: ``max L - L(w)`` over the points evaluated;
     loss: ``L(w)``; n_iter: L-BFGS-B iterations; n_forward / n_backward: per-batch passes;
-    subspace: the ``[n, p]`` orthonormal basis ``A`` of the random subspace (None: full space).
+    subspace: the ``[n, p]`` orthonormal basis ``A`` of the random subspace, a torch tensor
+        (None: full space).
     """
     value: float
     max_increase: float

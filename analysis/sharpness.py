@@ -304,7 +304,8 @@ class WorstCaseSharpness:
         (same averaging); loss: ``L(w)``.
     delta_norm: ``||delta / c||_p`` of the worst perturbation found (<= rho; for m-sharpness
         the sample-weighted mean over batches).
-    delta: the worst perturbation per parameter name (full-data only, else None).
+    delta: the worst perturbation per parameter name, torch tensors shaped like the parameters
+        (to add to the weights; full-data only, else None).
     batch_values / batch_sizes: per-batch sharpness and sample counts of this rank
         (m-sharpness only, else None).
     n_forward / n_backward: per-batch forward / backward passes spent on this rank.

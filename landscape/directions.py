@@ -13,12 +13,13 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import (BatchSizeFn, check_choice, LossFn, make_generator, ParamSelection,
-                           randn, select_params, unflatten)
+from analysis.core import (BatchSizeFn, check_choice, LossFn, make_generator, ParamSelection, randn,
+                           register_result, select_params, unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
 
+@register_result
 class Direction(dict):
     """``dict`` name -> tensor, plus ``info`` describing how it was made."""
 

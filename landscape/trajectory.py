@@ -23,7 +23,8 @@ class PCAResult:
 
     coords[t] are the coordinates of checkpoint t on the directions, relative to the model's
     weights (the origin of a ``plane`` along these directions). Iterating yields directions,
-    so ``d1, d2 = pca_directions(...)`` works.
+    so ``d1, d2 = pca_directions(...)`` works. ``directions`` are :class:`Direction` dicts of
+    torch tensors (to pass to ``plane``); ``n_forward`` is 0 (PCA evaluates no loss).
     """
     directions: list[Direction]
     explained_variance: np.ndarray

@@ -40,7 +40,7 @@ def versions() -> dict[str, str]:
         ours = _pkg_metadata.version("sharpscape")
     except _pkg_metadata.PackageNotFoundError:
         ours = "unknown (not installed)"
-    return {"torch": torch.__version__, "numpy": np.__version__, "sharpscape": ours}
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "sharpscape": ours}
 
 
 def make_metadata(seed: Any = None, config: Mapping[str, Any] | None = None, **extra: Any) -> dict:
