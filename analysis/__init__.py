@@ -11,6 +11,12 @@ from .sharpness import (AverageSharpness, SharpnessVsCurvature, WorstCaseSharpne
 from .flatness import KeskarSharpness, PacBayesSigma, keskar_sharpness, pac_bayes_sigma
 from .diagnostics import Tracker, evaluate, full_grad_norm
 
-__all__ = ["HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
-           "DensityResult", "spectral_density", "LayerwiseResult", "layerwise", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised", "Tracker", "evaluate", "full_grad_norm",
-           "save_result", "load_result"]
+__all__ = [
+    "supervised", "mean_loss", "evaluate", "preserved", "select_params", "mnist1d",
+    "HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
+    "DensityResult", "spectral_density", "LayerwiseResult", "layerwise",
+    "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness",
+    "sharpness_vs_curvature", "worst_case_sharpness",
+    "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma",
+    "Tracker", "full_grad_norm", "save_result", "load_result",
+]

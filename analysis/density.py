@@ -86,7 +86,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                      n_vectors: int = 10, *, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
                      seed: int = 0, progress: bool = True, sigma: float | None = None,
-                     n_grid: int = 1000, log_scale: bool = False, hvp_method: str = "reverse") -> DensityResult:
+                     n_grid: int = 1000, log_scale: bool = False,
+                     hvp_method: str = "reverse") -> DensityResult:
     """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Memory: ``n_lanczos * n`` elements (the basis of one run). Costs

@@ -75,7 +75,8 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     """
     check_model_mode(model_mode)
     alphas = check_coords(alphas, "alphas")
-    names = select_params(model_a, params)[0] if params is not None else list(dict(model_a.named_parameters()))
+    names = list(dict(model_a.named_parameters())) if params is None else \
+        select_params(model_a, params)[0]
     if buffers or bn_data is not None:
         names += [n for n, b in model_a.named_buffers() if b.is_floating_point()]
     targets = named_targets(model_a)
@@ -94,7 +95,8 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     def build(losses: np.ndarray, n_forward: int, metadata: dict) -> InterpolationResult:
         loss_a, loss_b = (float(losses[i]) for i in ends)
         barrier = float(np.max(losses[:keep] - ((1.0 - alphas) * loss_a + alphas * loss_b)))
-        return InterpolationResult(alphas, losses[:keep], barrier, loss_a, loss_b, n_forward, metadata)
+        return InterpolationResult(alphas, losses[:keep], barrier, loss_a, loss_b, n_forward,
+                                   metadata)
 
     def losses_of(result: InterpolationResult) -> np.ndarray:
         losses = np.full(len(points), np.nan)
@@ -133,7 +135,8 @@ def _recalibrated(model, loss_fn, data, bn_data, vectors, coords, store: Progres
         for i in np.flatnonzero(np.isnan(store.losses)):
             c = torch.as_tensor(coords[i])
             for n in vectors[0]:
-                targets[n].copy_(combine([(0, vectors[0][n]), (1, vectors[1][n])], c.to(targets[n])))
+                parts = [(0, vectors[0][n]), (1, vectors[1][n])]
+                targets[n].copy_(combine(parts, c.to(targets[n])))
             store.n_forward += recalibrate_bn(model, loss_fn, bn_data)
             model.train(model_mode == "train")
             mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), f" at {describe(i)}")],

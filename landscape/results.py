@@ -131,8 +131,9 @@ class Progress:
             save_result(self.result(complete), self.path)
 
 
-def surface_metadata(kind: str, vectors: Sequence[Mapping[str, Tensor]], origin: Mapping[str, Tensor],
-                     coords: Sequence[np.ndarray], config: Mapping[str, Any]) -> dict:
+def surface_metadata(kind: str, vectors: Sequence[Mapping[str, Tensor]],
+                     origin: Mapping[str, Tensor], coords: Sequence[np.ndarray],
+                     config: Mapping[str, Any]) -> dict:
     """Provenance of a surface: direction info and seed, hashes, config, versions."""
     infos = [dict(getattr(v, "info", {})) for v in vectors]
     seeds = [i["seed"] for i in infos if "seed" in i]

@@ -32,8 +32,8 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     """Evaluate ``L(w + sum_k x_k d_k)`` on the grid ``axes`` (last axis fastest)."""
     check_model_mode(model_mode)
     labels = [f"d{k + 1}" if len(directions) > 1 else "direction" for k in range(len(directions))]
-    dirs = [Direction(moving(model, params, check_direction(model, d, lab), lab), getattr(d, "info", None))
-            for d, lab in zip(directions, labels)]
+    dirs = [Direction(moving(model, params, check_direction(model, d, lab), lab),
+                      getattr(d, "info", None)) for d, lab in zip(directions, labels)]
     names = list(dict.fromkeys(n for d in dirs for n in d))
     targets = named_targets(model)
     origin = {n: targets[n].detach().clone() for n in names}

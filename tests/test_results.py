@@ -69,8 +69,8 @@ def results():
 
 
 def test_every_public_result_type_is_covered(results):
-    public = {obj for pkg in (analysis, landscape) for obj in map(lambda n: getattr(pkg, n), pkg.__all__)
-              if isinstance(obj, type) and dataclasses.is_dataclass(obj)}
+    public = {getattr(pkg, n) for pkg in (analysis, landscape) for n in pkg.__all__}
+    public = {obj for obj in public if isinstance(obj, type) and dataclasses.is_dataclass(obj)}
     assert public == {type(r) for r in results}
     assert public <= set(core_results._TYPES.values())
 

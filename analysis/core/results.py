@@ -184,5 +184,6 @@ def load_result(path: str | os.PathLike) -> Any:
         doc = json.loads(str(f[_KEY]))
         arrays = {k: f[k] for k in f.files if k != _KEY}
     if doc.get("format") != FORMAT:
-        raise ValueError(f"{path} has result format {doc.get('format')!r}; this version reads {FORMAT}")
+        raise ValueError(f"{path} has result format {doc.get('format')!r}; "
+                         f"this version reads {FORMAT}")
     return _decode(doc["result"], arrays)
