@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.core import (check_choice, flatten, ParamSelection, records_metadata,
+from analysis.core import (check_choice, check_int, flatten, ParamSelection, records_metadata,
                            register_result, select_params)
 
 from .directions import Direction, named_targets, check_direction, state_tensors
@@ -74,9 +74,7 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
     like = [p.detach() for p in like]
     theta = _matrix(trajectory, model, names, like)
     T, P = theta.shape
-    if isinstance(n, bool) or not 1 <= int(n) <= min(T - 1, P):
-        raise ValueError(f"n must be in [1, min(len(trajectory) - 1, n_params)] = "
-                         f"[1, {min(T - 1, P)}], got {n!r}")
+    n = check_int("n", n, 1, min(T - 1, P))  # at most len(trajectory) - 1 and n_params
     m = (theta - theta.mean(dim=0)) * _mask(names, like, ignore_bias_bn)
     if method == "svd" or (method == "auto" and T >= P):
         _, s, vh = torch.linalg.svd(m, full_matrices=False)
