@@ -1,8 +1,10 @@
 """Fused updates: each tensor's whole update compiled by ``torch.compile`` into one kernel.
 
-``FusedKernel(fn)`` compiles, on first use and with dynamic shapes, one call that applies the per-tensor
-function ``fn(*tensors, scalars, **flags)`` to every tensor of a param group (one Python call per group,
-so the per-call overhead does not grow with the number of tensors). The step's scalars travel in one
+``FusedKernel(fn)`` compiles, on first use and with dynamic shapes, ``fn(tensors, scalars, **flags)``, which
+applies one tensor's update to every tuple in ``tensors`` (one Python call per param group, so the
+per-call overhead does not grow with the number of tensors). Each optimizer module defines its own ``fn``:
+``torch.compile`` caches per function, and its recompilation limit (8) then counts one optimizer's variants
+(flags, dtypes, thread counts) only. The step's scalars travel in one
 float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When compiling
 fails (no C++ compiler or Triton, an unsupported backend), the call returns ``(False, None)`` once with a
 ``RuntimeWarning`` naming the cause, and the optimizer takes its eager per-tensor path from then on.
@@ -23,24 +25,21 @@ def scalars_tensor(rows: list[tuple[float, ...]]) -> Tensor:
 
 
 class FusedKernel:
-    """A per-tensor update function, compiled on first call; falls back (returns False) if it cannot be."""
+    """A param group's update function, compiled on first call; falls back (returns False) if it cannot be."""
 
     def __init__(self, fn: Callable[..., Any], name: str):
         self.fn, self.name = fn, name
         self._compiled: Callable[..., Any] | None = None
         self.error: str | None = None
 
-    def _many(self, tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: Any) -> list[Any]:
-        return [self.fn(*ts, scalars[i], **flags) for i, ts in enumerate(tensors)]
-
     def __call__(self, tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: Any) -> tuple[bool, Any]:
-        """``fn`` on each tuple of ``tensors`` with its row of ``scalars``: (True, the list of what ``fn``
-        returns), or (False, None) when no kernel is available (the caller then runs its eager path)."""
+        """(True, what the compiled ``fn`` returns), or (False, None) when no kernel is available (the caller
+        then runs its eager path)."""
         if self.error is not None:
             return False, None
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self._many, dynamic=True, fullgraph=True)
+                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
             return True, self._compiled(tensors, scalars, **flags)
         except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager path is the fallback)
             self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"

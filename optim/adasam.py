@@ -139,7 +139,12 @@ def _adasam_kernel(p: Tensor, s: Tensor, m: Tensor, v: Tensor, v_max: Tensor, c:
     p.copy_(p.to(m.dtype) - step_size * m / denom)
 
 
-_ADASAM_KERNEL = FusedKernel(_adasam_kernel, "AdaSAM")
+def _adasam_group(tensors: list[tuple[Tensor, ...]], scalars: Tensor, **flags: bool) -> None:
+    for i, ts in enumerate(tensors):
+        _adasam_kernel(*ts, scalars[i], **flags)
+
+
+_ADASAM_KERNEL = FusedKernel(_adasam_group, "AdaSAM")
 
 
 def _fused_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,

@@ -235,7 +235,12 @@ def _agd_kernel(p: Tensor, g: Tensor, m: Tensor, b: Tensor, b_max: Tensor | None
     p.copy_(p - step_size * ratio)
 
 
-_AGD_KERNEL = FusedKernel(_agd_kernel, "AGD")
+def _agd_group(tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: bool) -> None:
+    for i, ts in enumerate(tensors):
+        _agd_kernel(*ts, scalars[i], **flags)
+
+
+_AGD_KERNEL = FusedKernel(_agd_group, "AGD")
 
 
 def _fused_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_diff_sqs: list[Tensor],

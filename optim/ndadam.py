@@ -303,7 +303,11 @@ def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tup
     return angle, cosine
 
 
-_VECTOR_KERNEL = FusedKernel(_vector_kernel, "NDAdam")
+def _vector_group(tensors: list[tuple[Tensor, ...]], scalars: Tensor) -> list[tuple[Tensor, Tensor]]:
+    return [_vector_kernel(*ts, scalars[i]) for i, ts in enumerate(tensors)]
+
+
+_VECTOR_KERNEL = FusedKernel(_vector_group, "NDAdam")
 
 
 def _fused_vectors(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
