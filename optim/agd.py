@@ -43,7 +43,7 @@ class AGD(CheckedState):
         x_{t+1} = x_t - α sqrt(1 - β2^t) / (1 - β1^t) · clip(m_t / D_t)
 
     that is x_{t+1} = x_t - α m̂_t / max(sqrt(b̂_t), δ): Adam-like where sqrt(b̂_t) > δ, SGD with EMA
-    momentum and learning rate α/δ elsewhere (Sec. 3). ``sgd_fraction()`` reports the share of elements
+    momentum and learning rate α/δ elsewhere. ``sgd_fraction()`` reports the share of elements
     on the SGD branch.
 
     ``clip`` bounds the ratio m/D before the lr scaling; ``weight_decouple`` selects decoupled decay

@@ -47,7 +47,7 @@ class Lookahead(WrapperOptimizer):
             theta_{t,i} = theta_{t,i-1} + A(L, theta_{t,i-1}, minibatch)     i = 1..k, base optimizer A
             phi_t = phi_{t-1} + alpha (theta_{t,k} - phi_{t-1})
 
-    The base optimizer's state is kept across cycles ("maintain", Sec. 3). Param-group key
+    The base optimizer's state is kept across cycles (the paper's "maintain" option). Param-group key
     ``lookahead_alpha``; per-parameter state ``slow`` (phi). ``step(closure)`` passes the closure to the
     base optimizer (one pass for SGD/Adam); ``step()`` after the caller's own backward also works.
     ``slow_weights()`` swaps phi in for evaluation. Counters: ``n_steps``, ``n_closure_calls``.

@@ -1,5 +1,5 @@
 """ND-Adam: normalized direction-preserving Adam (Zhang, Ma, Li, Wu, arXiv 1709.04546), and the paper's
-softmax logit regularisers (its Sec. 4)."""
+softmax logit regularisers (its regularized-softmax section)."""
 from __future__ import annotations
 
 import math
@@ -67,7 +67,7 @@ class NDAdam(CheckedState):
     in place before the first projection. The first gradient was taken at the unnormalised weights;
     normalise the model beforehand (``normalize_vectors_``) to have it taken on the sphere too.
 
-    Diagnostics (Sec. 3), kept per vector parameter as 0-d device tensors and synchronised only when read:
+    Diagnostics (the angular step the paper discusses), kept per vector parameter as 0-d device tensors and synchronised only when read:
     ``angular_step()`` (mean over the vectors of arccos(w_t · w_{t-1}), radians) and ``update_cosine()``
     (cosine between the step -α m̂/(sqrt(v̂) + ε), before renormalisation, and -ḡ over the whole tensor).
     The angle is computed as atan2(α|u_⊥|, 1 - α w·u) with u = m̂/(sqrt(v̂) + ε), equal to the arccos for
@@ -333,7 +333,7 @@ _ADAM_FNS = (_single_tensor_adam, _multi_tensor_adam)
 
 
 class BNSoftmax(nn.Module):
-    """The paper's batch-normalised softmax input (Sec. 4): each class logit is batch-normalised over the
+    """The paper's batch-normalised softmax input (its regularized softmax): each class logit is batch-normalised over the
     batch (eps 1e-3; running statistics in eval mode), multiplied by the constant ``scale`` and shifted by
     a learned offset. Feed the output to the cross-entropy. ``scale`` 2.5 for CIFAR-10, 1.0 for CIFAR-100."""
 

@@ -16,7 +16,7 @@ from .wrapper import WrapperOptimizer
 class SAM(TwoPassOptimizer, WrapperOptimizer):
     """Sharpness-Aware Minimization over an already-built base optimizer.
 
-    Foret et al., eq. (2) and Sec. 3 (the p = 2 solution of the inner maximisation); ASAM, eq. (10)::
+    Foret et al., eq. (2) with the p = 2 solution of the inner maximisation; ASAM's scaled ascent::
 
         g   = grad L_B(w)
         e   = rho * g / (||g||_2 + 1e-12)             ASAM: rho * w^2 g / (|| |w| g ||_2 + 1e-12)

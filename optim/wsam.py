@@ -16,7 +16,7 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
     """Weighted SAM over an already-built base optimizer (SGD, Adam, AGD, ...).
 
     Minimises L(w) + a (max_{||e|| <= rho} L(w + e) - L(w)), a = gamma / (1 - gamma) (the paper's eq. (3);
-    its Algorithm 1, with the decoupled update of Sec. 3.2)::
+    its Algorithm 1, with the decoupled update the paper recommends)::
 
         g   = grad L_B(w)                    (per rank under DDP, then averaged over ranks; clipped)
         e   = rho * g / (||g||_2 + 1e-12)     (adaptive: as ASAM)

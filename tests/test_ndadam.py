@@ -1,5 +1,5 @@
 """ND-Adam against an independent per-vector implementation of the paper's Algorithm 1, Adam for 1-D parameters, the
-diagnostics, and the softmax logit regularisers of its Sec. 4."""
+diagnostics, and the softmax logit regularisers."""
 from __future__ import annotations
 
 import math
