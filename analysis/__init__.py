@@ -1,8 +1,9 @@
 """Curvature, sharpness and training diagnostics on the ``loss_fn(model, batch)`` protocol."""
 from .datasets import mnist1d
-from .protocol import mean_loss, select_params, supervised
+from .protocol import mean_loss, select_params, split_loss, supervised
 from .restore import preserved
 from .hvp import HessianOperator, hvp
+from .curvature import FisherOperator, GGNOperator
 from .lanczos import EigenResult, top_eigenvalues
 from .trace import TraceResult, hessian_trace
 from .density import DensityResult, spectral_density
@@ -12,5 +13,5 @@ from .sharpness import (AverageSharpness, SharpnessVsCurvature, WorstCaseSharpne
 from .flatness import KeskarSharpness, PacBayesSigma, keskar_sharpness, pac_bayes_sigma
 from .diagnostics import Tracker, full_grad_norm
 
-__all__ = ["HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
+__all__ = ["HessianOperator", "GGNOperator", "FisherOperator", "split_loss", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
            "DensityResult", "spectral_density", "LayerwiseResult", "layerwise", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised", "Tracker", "full_grad_norm"]
