@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .hvp import HessianOperator
+from .curvature import curvature_operator
 from .lanczos import Krylov, _check_int
+from .preconditioning import Preconditioner
 from .protocol import BatchSizeFn, LossFn, ParamSelection
 from .seeding import make_generator, rademacher
 
@@ -37,6 +38,8 @@ class DensityResult:
     sigma: float
     log_scale: bool
     n_hvp: int
+    curvature: str = "hessian"
+    preconditioned: bool = False
 
 
 def lanczos_quadrature(matmat, n: int, steps: int, n_vectors: int, *, seed: int = 0,
@@ -83,13 +86,17 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                      n_vectors: int = 10, seed: int = 0, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
                      sigma: float | None = None, n_grid: int = 1000, log_scale: bool = False,
-                     progress: bool = True, hvp_method: str = "reverse") -> DensityResult:
+                     progress: bool = True, hvp_method: str = "reverse",
+                     curvature: str = "hessian", preconditioner: Preconditioner = None
+                     ) -> DensityResult:
     """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
     ``n_vectors * min(n_lanczos, n)`` Hessian-vector products.
     log_scale: smooth ``log10 |lambda|`` instead of ``lambda`` (the grid is then in log10
         units; negative eigenvalues are counted by magnitude).
+    curvature, preconditioner: the matrix whose density it is, as in
+        :func:`analysis.top_eigenvalues`.
     """
     n_lanczos = _check_int(n_lanczos, "n_lanczos", 1)
     n_vectors = _check_int(n_vectors, "n_vectors", 1)
@@ -97,11 +104,13 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     if sigma is not None and not sigma > 0:
         raise ValueError(f"sigma must be positive or None, got {sigma!r}")
     make_generator(seed)
-    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+    op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
+                            batch_size_fn=batch_size_fn, hvp_method=hvp_method,
+                            preconditioner=preconditioner)
     with op:
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
                                                    seed=seed, like=op.params[0].detach(),
                                                    progress=progress)
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)
-    return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp)
+    return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp, op.curvature,
+                         op.scale is not None)

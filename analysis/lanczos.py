@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hvp import HessianOperator
+from .curvature import curvature_operator
+from .preconditioning import Preconditioner
 from .protocol import BatchSizeFn, LossFn, ParamSelection
 from .seeding import make_generator, randn
 
@@ -34,7 +35,8 @@ MatMat = Callable[[Tensor], Tensor]
 
 @dataclass
 class EigenResult:
-    """Extreme eigenpairs of the Hessian.
+    """Extreme eigenpairs of the curvature matrix ``curvature`` (``P^-1/2 A P^-1/2`` when
+    ``preconditioned``).
 
     eigenvalues: numpy, ordered by ``which``: descending for "LA", ascending for "SA",
         descending magnitude for "LM".
@@ -50,6 +52,8 @@ class EigenResult:
     n_hvp: int
     converged: bool
     names: list[str]
+    curvature: str = "hessian"
+    preconditioned: bool = False
 
 
 def _check_int(value, name: str, low: int, high: int | None = None) -> int:
@@ -252,7 +256,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                     seed: int = 0, params: ParamSelection = None, model_mode: str = "eval",
                     batch_size_fn: BatchSizeFn | None = None, v0: Tensor | None = None,
                     method: str = "lanczos", progress: bool = True, block_size: int = 1,
-                    max_basis: int | None = None, hvp_method: str = "reverse") -> EigenResult:
+                    max_basis: int | None = None, hvp_method: str = "reverse",
+                    curvature: str = "hessian", preconditioner: Preconditioner = None
+                    ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
@@ -273,6 +279,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         eigenvalue) and shares each forward pass among ``b`` products.
     max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``);
         the memory is ``max_basis * n`` elements.
+    curvature: "hessian", "ggn", "fisher" (exact) or "empirical_fisher" (:mod:`analysis.curvature`).
+    preconditioner: a diagonal ``P``; the eigenpairs are then those of ``P^-1/2 A P^-1/2``
+        (:mod:`analysis.preconditioning`).
     """
     k = _check_int(k, "k", 1)
     if which not in WHICH:
@@ -288,8 +297,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         _check_int(max_hvp, "max_hvp", 1)
     block_size = _check_int(block_size, "block_size", 1)
     seed = make_generator(seed).initial_seed()
-    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+    op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
+                            batch_size_fn=batch_size_fn, hvp_method=hvp_method,
+                            preconditioner=preconditioner)
     n = op.shape[0]
     _check_int(k, "k", 1, n)
     like = op.params[0].detach()
@@ -303,4 +313,4 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                                   like=like, progress=progress)
     theta, U, resid, n_hvp, ok = out
     return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
-                       list(op.names))
+                       list(op.names), op.curvature, op.scale is not None)

@@ -5,10 +5,12 @@ from dataclasses import dataclass
 from typing import Callable, Iterable
 
 import numpy as np
-from torch import nn
+from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .flat import unflatten
 from .lanczos import top_eigenvalues
+from .preconditioning import Preconditioner, per_parameter
 from .protocol import BatchSizeFn, LossFn, select_params
 from .trace import hessian_trace
 
@@ -27,6 +29,8 @@ class LayerwiseResult:
     trace_stderr: np.ndarray
     converged: np.ndarray
     n_hvp: int
+    curvature: str = "hessian"
+    preconditioned: bool = False
 
     def as_dict(self) -> dict[str, dict[str, float]]:
         return {b: {"top_eigenvalue": float(e), "trace": float(t), "trace_stderr": float(s),
@@ -48,20 +52,28 @@ def default_groups(model: nn.Module) -> dict[str, list[str]]:
 def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups | None = None,
               tol: float = 1e-6, n_hvp_trace: int = 99, trace_method: str = "hutch++",
               seed: int = 0, model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-              progress: bool = True, hvp_method: str = "reverse") -> LayerwiseResult:
+              progress: bool = True, hvp_method: str = "reverse", curvature: str = "hessian",
+              preconditioner: Preconditioner = None) -> LayerwiseResult:
     """Top eigenvalue (Lanczos, ``tol``) and trace (``trace_method`` with ``n_hvp_trace``
     products; exact, with ``2 * size`` products, for blocks of at most ``n_hvp_trace // 3``
     parameters) of each block.
 
     groups: ``{block name: parameter names or predicate}``; default :func:`default_groups`.
+    curvature, preconditioner: as in :func:`analysis.top_eigenvalues`, each block using its
+        part of ``P`` (a flat ``P`` runs over all parameters with ``requires_grad``).
     """
     groups = default_groups(model) if groups is None else groups
     if not groups:
         raise ValueError("groups must name at least one block")
     resolved = {b: select_params(model, sel)[0] for b, sel in groups.items()}
+    named = per_parameter(preconditioner, model)  # an optimizer is read once, for all blocks
+    if isinstance(named, Tensor):
+        names, params = select_params(model)
+        named = dict(zip(names, unflatten(named, params)))
     rows, n_hvp = [], 0
     common = dict(seed=seed, model_mode=model_mode, batch_size_fn=batch_size_fn,
-                  progress=False, hvp_method=hvp_method)
+                  progress=False, hvp_method=hvp_method, curvature=curvature,
+                  preconditioner=named)
     for block, names in tqdm(resolved.items(), desc="layerwise", disable=not progress,
                              leave=False):
         size = sum(p.numel() for n, p in model.named_parameters() if n in set(names))
@@ -71,4 +83,5 @@ def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups 
         rows.append((size, eig.eigenvalues[0], tr.estimate, tr.stderr, eig.converged))
         n_hvp += eig.n_hvp + tr.n_hvp
     size, top, trace, stderr, ok = (np.array(c) for c in zip(*rows))
-    return LayerwiseResult(list(resolved), resolved, size, top, trace, stderr, ok, n_hvp)
+    return LayerwiseResult(list(resolved), resolved, size, top, trace, stderr, ok, n_hvp,
+                           eig.curvature, eig.preconditioned)

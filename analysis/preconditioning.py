@@ -49,24 +49,30 @@ def adam_preconditioner(optimizer: torch.optim.Adam) -> dict[Tensor, Tensor]:
     return out
 
 
-def exposes_preconditioner(optimizer: Any) -> bool:
-    """True for an optimizer with ``preconditioner()`` or a torch Adam/AdamW that has stepped."""
-    if callable(getattr(optimizer, "preconditioner", None)):
-        return True
-    return isinstance(optimizer, torch.optim.Adam) and bool(optimizer.state)
+def optimizer_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor] | None:
+    """``{name: P}`` from ``optimizer.preconditioner()`` or a torch Adam/AdamW's state, for the
+    parameters it has stepped; None if it has no diagonal preconditioner (e.g. SAM over SGD)."""
+    method = getattr(optimizer, "preconditioner", None)
+    if callable(method):
+        by_param = method()
+    elif isinstance(optimizer, torch.optim.Adam):
+        by_param = adam_preconditioner(optimizer)
+    else:
+        return None
+    if by_param is None:
+        return None
+    return {name: by_param[p] for name, p in model.named_parameters() if p in by_param}
 
 
 def per_parameter(preconditioner: Preconditioner, model: nn.Module) -> Mapping[str, Tensor] | None:
     """The optimizer and dict forms as ``{name: tensor}`` (None and flat tensors pass through)."""
     if preconditioner is None or isinstance(preconditioner, (Tensor, Mapping)):
         return preconditioner
-    if callable(getattr(preconditioner, "preconditioner", None)):
-        by_param = preconditioner.preconditioner()
-    elif isinstance(preconditioner, torch.optim.Adam):
-        by_param = adam_preconditioner(preconditioner)
-    else:
-        raise TypeError(f"preconditioner must be {ACCEPTED}, got {type(preconditioner).__name__}")
-    return {name: by_param[p] for name, p in model.named_parameters() if p in by_param}
+    named = optimizer_preconditioner(preconditioner, model)
+    if named is None:
+        raise TypeError(f"preconditioner must be {ACCEPTED}, got {type(preconditioner).__name__} "
+                        "(without a diagonal preconditioner)")
+    return named
 
 
 def inverse_sqrt(preconditioner: Preconditioner, model: nn.Module, names: Sequence[str],

@@ -24,8 +24,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hvp import HessianOperator
+from .curvature import curvature_operator
 from .lanczos import _check_int
+from .preconditioning import Preconditioner
 from .protocol import BatchSizeFn, LossFn, ParamSelection
 from .seeding import make_generator, rademacher
 
@@ -42,6 +43,8 @@ class TraceResult:
     n_hvp: int
     method: str
     samples: np.ndarray
+    curvature: str = "hessian"
+    preconditioned: bool = False
 
 
 def _apply(matmat: MatMat, rows: Tensor, chunk: int, bar) -> Tensor:
@@ -116,7 +119,8 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int = 99,
                   method: str = "hutch++", seed: int = 0, params: ParamSelection = None,
                   model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-                  progress: bool = True, chunk: int = 8, hvp_method: str = "reverse"
+                  progress: bool = True, chunk: int = 8, hvp_method: str = "reverse",
+                  curvature: str = "hessian", preconditioner: Preconditioner = None
                   ) -> TraceResult:
     """An unbiased estimate of the Hessian trace from ``n_hvp`` Hessian-vector products.
 
@@ -124,14 +128,18 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
         "xtrace" (``n_hvp >= 4``; uses an even number of products).
     chunk: probes per pass over the data (memory ``chunk * n`` per pass).
     Probes are Rademacher vectors drawn from ``seed`` (identical on every rank).
+    curvature, preconditioner: the matrix estimated, as in :func:`analysis.top_eigenvalues`.
     """
     if method not in TRACE_METHODS:
         raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
     n_hvp = _check_int(n_hvp, "n_hvp", 2 if method == "hutchinson" else 4)
     chunk = _check_int(chunk, "chunk", 1)
     make_generator(seed)
-    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+    op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
+                            batch_size_fn=batch_size_fn, hvp_method=hvp_method,
+                            preconditioner=preconditioner)
     with op:
-        return trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
-                              like=op.params[0].detach(), chunk=chunk, progress=progress)
+        out = trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
+                             like=op.params[0].detach(), chunk=chunk, progress=progress)
+    out.curvature, out.preconditioned = op.curvature, op.scale is not None
+    return out
