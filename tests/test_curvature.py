@@ -122,6 +122,24 @@ def test_mc_fisher_is_one_matrix_whatever_the_batch_order():
     assert not torch.allclose(other, first)
 
 
+def test_mc_draws_are_independent_across_batches_of_the_same_shape():
+    """Same inputs, different targets: the predictive distributions are equal, so only
+    independent draws per batch make eight batches more accurate than one."""
+    model = mlp((6, 5, 3))
+    x, _ = classification_data(n=3)
+    gen = torch.Generator().manual_seed(0)
+    batches = [(x, torch.randint(0, 3, (3,), generator=gen)) for _ in range(8)]
+    exact = dense(FisherOperator(model, CE, batches[:1]))
+
+    def error(data, seed):
+        mc = dense(FisherOperator(model, CE, data, kind="mc", seed=seed))
+        return float(torch.linalg.matrix_norm(mc - exact) / torch.linalg.matrix_norm(exact))
+
+    many = np.mean([error(batches, s) for s in range(6)])
+    one = np.mean([error(batches[:1], s) for s in range(6)])
+    assert many < 0.6 * one, (many, one)
+
+
 @pytest.mark.parametrize("kind", ["ce", "mse"])
 def test_empirical_fisher_is_the_mean_of_per_sample_outer_products(kind):
     model, loss, data, x, y = problem(kind)
