@@ -7,29 +7,18 @@ import math
 import numpy as np
 import pytest
 import torch
-from torch import nn
 
-from analysis import Tracker, supervised
+from analysis import Tracker
 from analysis.preconditioning import stability_threshold
 from optim import AGD, SAM, AdaSAM, Lookahead, NDAdam
 from oracles import classification_data, exact_hessian, mlp, uneven_batches
-
-LOSS = supervised(nn.CrossEntropyLoss())
+from test_tracker import LOSS, closure_for
 
 
 def setup():
     model = mlp((6, 5, 3))
     x, y = classification_data()
     return model, uneven_batches(x, y)
-
-
-def closure_for(model, opt, batch):
-    def closure():
-        opt.zero_grad()
-        loss = LOSS(model, batch)
-        loss.backward()
-        return loss
-    return closure
 
 
 def step_and_delta(model, opt, data, steps=4):
