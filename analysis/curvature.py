@@ -16,7 +16,8 @@ sample-weighted mean over the batches ``sum_b n_b A_b / N`` (one
 * Fisher, ``kind="mc"``: ``F_R`` replaced by ``(1/S) sum_s r_s r_s^T``, ``r_s`` the output gradient
   of the negative log-likelihood at labels sampled from the model (``mc_samples=S``, ``seed=``).
 * Fisher, ``kind="empirical"``: ``(1/n_b) sum_i g_i g_i^T`` with ``g_i`` the gradient of
-  ``loss_fn`` on the single sample ``i`` (per-sample gradients by ``torch.func``), so that over all
+  ``loss_fn`` on the single sample ``i`` (per-sample gradients by ``torch.func``: ``G v`` is a JVP
+  and ``G^T w`` a VJP of the ``vmap``-ed per-sample losses, so ``G`` is never formed), so that over all
   data it is the **mean** ``(1/N) sum_i g_i g_i^T`` of the outer products, on the scale of the
   Hessian of the mean loss (Kunstner et al. 2019, Eq. 3 without the factor N).
 
@@ -37,7 +38,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -161,10 +162,11 @@ class FisherOperator(GGNOperator):
         batch depend only on ``seed`` and the batch's contents, so the operator is the same
         matrix at every product, whatever the order of the batches or their sharding over
         ranks) or ``"empirical"`` (mean of per-sample gradient outer products, through
-        ``torch.func``: ``loss_fn`` must be ``torch.func``-transformable, and it needs no split;
-        memory ``n_b`` gradients per batch).
+        ``torch.func``: ``loss_fn`` must be ``torch.func``-transformable; it needs no split).
+    mc_samples, seed: draws per observation and their seed (``kind="mc"``); a batch's seed is
+        hashed from its tensors, one host copy of the batch per product.
     likelihood: ``"categorical"`` or ``"gaussian"`` (default: read from ``loss_fn.criterion``).
-    Other keywords as :class:`GGNOperator`.
+    Other keywords as :class:`GGNOperator`. ``curvature="fisher"`` on the routines is ``"exact"``.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "exact",
@@ -224,29 +226,42 @@ class FisherOperator(GGNOperator):
     def _product(self, batch: Any, vs: Tensor) -> Tensor:
         if self.kind != "empirical":
             return super()._product(batch, vs)
-        grads = self._cached(lambda: self._per_sample_gradients(batch))
-        return (grads @ vs.T).T @ grads / grads.shape[0]
+        losses, primals, values, pullback = self._cached(lambda: self._per_sample_losses(batch))
 
-    def _per_sample_gradients(self, batch: Any) -> Tensor:
-        """``[n, P]``: the gradient of ``loss_fn`` on each sample (as a batch of one)."""
+        def as_dict(v: Tensor) -> dict[str, Tensor]:
+            return dict(zip(primals, unflatten(v, self.params)))
+
+        def flat(d: dict[str, Tensor]) -> Tensor:
+            return torch.cat([d[key].reshape(-1) for key in primals])
+
+        # G v = (g_i . v)_i by a JVP of the per-sample losses, G^T w by their VJP: the
+        # per-sample gradients g_i are never formed
+        gv = vmap(lambda v: jvp(losses, (primals,), (as_dict(v),))[1])(vs)
+        return vmap(lambda w: flat(pullback(w)[0]))(gv) / values.shape[0]
+
+    def _per_sample_losses(self, batch: Any) -> tuple:
+        """``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one (``vmap``),
+        the primals, the losses and their pullback."""
         n = (self.batch_size_fn or default_batch_size)(batch)
         leaves, spec = tree_flatten(batch)
         batched = [i for i, t in enumerate(leaves)
                    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]
+        samples = [leaves[i] for i in batched]
         wrapper = _LossModule(self.model, self.loss_fn)
         primals = {"model." + name: p.detach() for name, p in zip(self.names, self.params)}
 
-        def one(theta: dict[str, Tensor], samples: list[Tensor]) -> tuple[Tensor, Tensor]:
+        def one(theta: dict[str, Tensor], xs: list[Tensor]) -> Tensor:
             full = list(leaves)
-            for i, x in zip(batched, samples):
+            for i, x in zip(batched, xs):
                 full[i] = x.unsqueeze(0)
-            value = functional_call(wrapper, theta, (tree_unflatten(full, spec),))
-            return value, value.detach()
+            return functional_call(wrapper, theta, (tree_unflatten(full, spec),))
 
-        grads, values = vmap(grad(one, has_aux=True), in_dims=(None, 0))(
-            primals, [leaves[i] for i in batched])
-        check_loss(values.mean(), " in the per-sample gradients of the empirical Fisher")
-        return torch.cat([grads["model." + name].reshape(n, -1) for name in self.names], 1)
+        def losses(theta: dict[str, Tensor]) -> Tensor:
+            return vmap(one, in_dims=(None, 0))(theta, samples)
+
+        values, pullback = vjp(losses, primals)
+        check_loss(values.mean(), " in the per-sample losses of the empirical Fisher")
+        return losses, primals, values, pullback
 
 
 def _batch_seed(seed: int, batch: Any) -> int:

@@ -65,6 +65,18 @@ def test_ggn_matches_jacobian_oracle_and_fisher_equals_ggn(kind):
                                atol=1e-13)
 
 
+def test_fisher_equals_ggn_for_per_position_cross_entropy():
+    """Outputs [N, C, L] (a class per position): the criterion averages over N * L observations."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv1d(2, 4, 1), nn.Tanh(), nn.Conv1d(4, 3, 1)).double()
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(11, 2, 5, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (11, 5), generator=gen)
+    data = uneven_batches(x, y, (4, 7))
+    G = dense(GGNOperator(model, CE, data))
+    torch.testing.assert_close(dense(FisherOperator(model, CE, data)), G, rtol=1e-10, atol=1e-13)
+
+
 def test_param_subset_is_a_block_and_split_loss_declares_the_split():
     model, _, data, _, _ = problem("ce")
     names = ["2.weight", "0.bias"]
