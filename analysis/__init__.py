@@ -1,7 +1,7 @@
 """Curvature, sharpness and training diagnostics on the ``loss_fn(model, batch)`` protocol."""
 from .datasets import mnist1d
-from .protocol import mean_loss, select_params, split_loss, supervised
-from .restore import preserved
+from .core import (load_result, mean_loss, preserved, save_result, select_params, split_loss,
+                   supervised)
 from .hvp import HessianOperator, hvp
 from .curvature import FisherOperator, GGNOperator
 from .lanczos import EigenResult, top_eigenvalues
@@ -11,7 +11,15 @@ from .layerwise import LayerwiseResult, layerwise
 from .sharpness import (AverageSharpness, SharpnessVsCurvature, WorstCaseSharpness,
                         average_sharpness, sharpness_vs_curvature, worst_case_sharpness)
 from .flatness import KeskarSharpness, PacBayesSigma, keskar_sharpness, pac_bayes_sigma
-from .diagnostics import Tracker, full_grad_norm
+from .diagnostics import Tracker, evaluate, full_grad_norm
 
-__all__ = ["HessianOperator", "GGNOperator", "FisherOperator", "split_loss", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
-           "DensityResult", "spectral_density", "LayerwiseResult", "layerwise", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised", "Tracker", "full_grad_norm"]
+__all__ = [
+    "supervised", "split_loss", "mean_loss", "evaluate", "preserved", "select_params", "mnist1d",
+    "HessianOperator", "GGNOperator", "FisherOperator", "hvp", "EigenResult", "top_eigenvalues",
+    "TraceResult", "hessian_trace", "DensityResult", "spectral_density", "LayerwiseResult",
+    "layerwise",
+    "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness",
+    "sharpness_vs_curvature", "worst_case_sharpness",
+    "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma",
+    "Tracker", "full_grad_norm", "save_result", "load_result",
+]

@@ -3,7 +3,7 @@
 With ``f(theta)`` the model output of a batch, ``J = df/dtheta`` and ``L(f)`` the criterion (the
 batch mean), every operator here is, like :class:`~analysis.hvp.HessianOperator`, the
 sample-weighted mean over the batches ``sum_b n_b A_b / N`` (one
-:func:`analysis.protocol.data_mean` reduction, all-reduced under ``torch.distributed``):
+:func:`analysis.core.data_mean` reduction, all-reduced under ``torch.distributed``):
 
 * GGN (Schraudolph 2002, Eq. 7; Martens 2020, Sec. 8): ``A_b = J^T H_L J`` with ``H_L`` the
   Hessian of the criterion w.r.t. the output. Each product is a Jacobian-vector product ``J v``
@@ -24,7 +24,7 @@ sample-weighted mean over the batches ``sum_b n_b A_b / N`` (one
 **The loss split.** The GGN and the Fisher need ``f`` and ``L`` separately. ``loss_fn`` declares
 them with an attribute ``loss_fn.split = (forward, criterion)``: ``forward(model, batch)`` returns
 the output tensor and ``criterion(outputs, batch)`` the batch-mean loss.
-:func:`~analysis.protocol.supervised` sets it; :func:`~analysis.protocol.split_loss` builds
+:func:`~analysis.core.supervised` sets it; :func:`~analysis.core.split_loss` builds
 such a ``loss_fn`` from any two functions. The exact and Monte-Carlo Fisher also need the
 likelihood: read from ``loss_fn.criterion`` (``nn.CrossEntropyLoss``/``F.cross_entropy``,
 ``nn.MSELoss``/``F.mse_loss``, with mean reduction), or declared with ``likelihood=``
@@ -42,12 +42,10 @@ from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .core.validation import check_choice, check_int
-from .flat import unflatten
+from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, LossFn,
+                   make_generator, ParamSelection, unflatten)
 from .hvp import HessianOperator, _LossModule
 from .preconditioning import Preconditioner
-from .protocol import BatchSizeFn, LossFn, ParamSelection, check_loss, default_batch_size
-from .seeding import make_generator
 
 FISHER_KINDS = ("exact", "mc", "empirical")
 LIKELIHOODS = ("categorical", "gaussian")
@@ -101,13 +99,13 @@ class GGNOperator(HessianOperator):
 
     curvature = "ggn"
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable,
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                  params: ParamSelection = None, model_mode: str = "eval",
-                 batch_size_fn: BatchSizeFn | None = None, reuse_graph: bool = True,
-                 preconditioner: Preconditioner = None):
+                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                 reuse_graph: bool = True, preconditioner: Preconditioner = None):
         self.forward, self.criterion = loss_split(loss_fn)
         super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, reuse_graph=reuse_graph,
+                         batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
                          preconditioner=preconditioner)
 
     def _output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
@@ -169,17 +167,17 @@ class FisherOperator(GGNOperator):
     Other keywords as :class:`GGNOperator`. ``curvature="fisher"`` on the routines is ``"exact"``.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "exact",
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "exact", *,
                  params: ParamSelection = None, model_mode: str = "eval",
-                 batch_size_fn: BatchSizeFn | None = None, mc_samples: int = 1, seed: int = 0,
-                 likelihood: str | None = None, reuse_graph: bool = True,
+                 batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
+                 mc_samples: int = 1, likelihood: str | None = None, reuse_graph: bool = True,
                  preconditioner: Preconditioner = None):
         self.kind = check_choice("kind", kind, FISHER_KINDS)
         self.mc_samples = check_int("mc_samples", mc_samples, low=1)
         self.seed = make_generator(seed).initial_seed()
         self.curvature = "empirical_fisher" if kind == "empirical" else "fisher"
         common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
-                      reuse_graph=reuse_graph, preconditioner=preconditioner)
+                      progress=progress, reuse_graph=reuse_graph, preconditioner=preconditioner)
         if kind == "empirical":
             if model_mode == "train" and any(True for _ in model.buffers()):
                 raise ValueError('kind="empirical" cannot run model_mode="train" on a model with '
@@ -275,13 +273,14 @@ def _batch_seed(seed: int, batch: Any) -> int:
 
 def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                        params: ParamSelection = None, model_mode: str = "eval",
-                       batch_size_fn: BatchSizeFn | None = None, hvp_method: str = "reverse",
-                       preconditioner: Preconditioner = None) -> HessianOperator:
+                       batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                       hvp_method: str = "reverse", preconditioner: Preconditioner = None
+                       ) -> HessianOperator:
     """The operator of ``curvature=`` (one of :data:`CURVATURES`; ``"fisher"`` is the exact
     Fisher), preconditioned when ``preconditioner`` is given."""
     check_choice("curvature", curvature, CURVATURES)
     common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
-                  preconditioner=preconditioner)
+                  progress=progress, preconditioner=preconditioner)
     if curvature == "hessian":
         return HessianOperator(model, loss_fn, data, hvp_method=hvp_method, **common)
     if hvp_method != "reverse":

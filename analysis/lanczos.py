@@ -14,8 +14,7 @@ the pair is converged when that residual is at most ``tol * |theta|``.
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -23,16 +22,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .core import (BatchSizeFn, check_choice, check_int, check_positive, LossFn, make_generator,
+                   ParamSelection, randn, records_metadata, register_result)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
-from .protocol import BatchSizeFn, LossFn, ParamSelection
-from .seeding import make_generator, randn
 
 WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
 MatMat = Callable[[Tensor], Tensor]
 
 
+@register_result
 @dataclass
 class EigenResult:
     """Extreme eigenpairs of the curvature matrix ``curvature`` (``P^-1/2 A P^-1/2`` when
@@ -41,7 +41,7 @@ class EigenResult:
     eigenvalues: numpy, ordered by ``which``: descending for "LA", ascending for "SA",
         descending magnitude for "LM".
     eigenvectors: torch tensor ``[k, n]`` of unit rows, flat over the selected parameters in
-        ``names`` order (``analysis.flat.unflatten(row, params)`` gives per-parameter tensors).
+        ``names`` order (``analysis.core.unflatten(row, params)`` gives per-parameter tensors).
     residuals: numpy, ``||H u - theta u||`` per pair (Ritz estimate for Lanczos, measured for
         the power method).
     n_hvp: Hessian-vector products spent; converged: all ``k`` pairs met the tolerance.
@@ -54,14 +54,7 @@ class EigenResult:
     names: list[str]
     curvature: str = "hessian"
     preconditioned: bool = False
-
-
-def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, numbers.Integral)
-    if bad or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int in {bound}, got {value!r}")
-    return int(value)
+    metadata: dict = field(default_factory=dict)
 
 
 def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
@@ -251,18 +244,19 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
     return theta[order], torch.stack(vecs)[order], torch.tensor(res, dtype=torch.float64)[order], n_hvp, all_ok
 
 
+@records_metadata
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
-                    which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None,
-                    seed: int = 0, params: ParamSelection = None, model_mode: str = "eval",
-                    batch_size_fn: BatchSizeFn | None = None, v0: Tensor | None = None,
-                    method: str = "lanczos", progress: bool = True, block_size: int = 1,
+                    which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None, *,
+                    params: ParamSelection = None, model_mode: str = "eval",
+                    batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
+                    v0: Tensor | None = None, method: str = "lanczos", block_size: int = 1,
                     max_basis: int | None = None, hvp_method: str = "reverse",
                     curvature: str = "hessian", preconditioner: Preconditioner = None
                     ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
-    flat over the selected parameters in ``.names`` order (``analysis.flat.unflatten`` splits
+    flat over the selected parameters in ``.names`` order (``analysis.core.unflatten`` splits
     a row per parameter), in the model's dtype and device.
 
     which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
@@ -283,25 +277,22 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     preconditioner: a diagonal ``P``; the eigenpairs are then those of ``P^-1/2 A P^-1/2``
         (:mod:`analysis.preconditioning`).
     """
-    k = _check_int(k, "k", 1)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    k = check_int("k", k, 1)
+    check_choice("which", which, WHICH)
+    check_choice("method", method, METHODS)
     if method == "power" and which == "SA":
         raise ValueError('method="power" finds largest-magnitude eigenvalues; which="SA" '
                          'needs method="lanczos"')
-    if not (isinstance(tol, numbers.Real) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    check_positive("tol", tol)
     if max_hvp is not None:
-        _check_int(max_hvp, "max_hvp", 1)
-    block_size = _check_int(block_size, "block_size", 1)
+        check_int("max_hvp", max_hvp, 1)
+    block_size = check_int("block_size", block_size, 1)
     seed = make_generator(seed).initial_seed()
     op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
-                            batch_size_fn=batch_size_fn, hvp_method=hvp_method,
+                            batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
                             preconditioner=preconditioner)
     n = op.shape[0]
-    _check_int(k, "k", 1, n)
+    check_int("k", k, 1, n)
     like = op.params[0].detach()
     with op:
         if method == "lanczos":
@@ -313,4 +304,5 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                                   like=like, progress=progress)
     theta, U, resid, n_hvp, ok = out
     return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
-                       list(op.names), op.curvature, op.scale is not None)
+                       list(op.names), curvature=op.curvature,
+                       preconditioned=op.scale is not None)

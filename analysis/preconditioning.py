@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .flat import flatten, numel
+from .core import flatten, numel
 
 Preconditioner = None | Tensor | Mapping[str, Tensor] | Any
 

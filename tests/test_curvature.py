@@ -10,7 +10,8 @@ from torch.func import functional_call, hessian, jacrev
 from torch.nn import functional as F
 
 from analysis import (FisherOperator, GGNOperator, HessianOperator, hessian_trace, layerwise,
-                      spectral_density, split_loss, supervised, top_eigenvalues)
+                      load_result, save_result, spectral_density, split_loss, supervised,
+                      top_eigenvalues)
 from oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp, snapshot,
                      uneven_batches)
 
@@ -174,6 +175,7 @@ def test_routines_take_curvature_and_say_which():
     np.testing.assert_allclose(top.eigenvalues, torch.linalg.eigvalsh(G).flip(0)[:3].numpy(),
                                rtol=1e-8)
     assert (top.curvature, top.preconditioned) == ("fisher", False)
+    assert top.metadata["config"]["curvature"] == "fisher"
     tr = hessian_trace(model, CE, data, n_hvp=3 * n, curvature="ggn", progress=False)
     assert tr.curvature == "ggn"
     np.testing.assert_allclose(tr.estimate, float(torch.trace(G)), rtol=1e-10)
@@ -184,7 +186,7 @@ def test_routines_take_curvature_and_say_which():
     assert emp.curvature == "empirical_fisher"
 
 
-def test_preconditioned_spectrum_matches_dense_p_inverse_h():
+def test_preconditioned_spectrum_matches_dense_p_inverse_h(tmp_path):
     model, _, data, _, _ = problem("ce")
     H = exact_hessian(model, CE, data)
     n = H.shape[0]
@@ -197,6 +199,11 @@ def test_preconditioned_spectrum_matches_dense_p_inverse_h():
     got = top_eigenvalues(model, CE, data, k=3, tol=1e-10, preconditioner=P, progress=False)
     np.testing.assert_allclose(got.eigenvalues, want.flip(0)[:3].numpy(), rtol=1e-8)
     assert got.preconditioned and got.curvature == "hessian"
+    path = tmp_path / "eig.npz"
+    save_result(got, path)
+    back = load_result(path)
+    assert back.preconditioned and back.curvature == "hessian"
+    np.testing.assert_array_equal(back.eigenvalues, got.eigenvalues)
     torch.testing.assert_close(dense(HessianOperator(model, CE, data, preconditioner=P)),
                                dense_pre, rtol=1e-10, atol=1e-13)
     # the dict form, per parameter name
