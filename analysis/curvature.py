@@ -238,9 +238,10 @@ class FisherOperator(GGNOperator):
         return vmap(lambda w: flat(pullback(w)[0]))(gv) / values.shape[0]
 
     def _per_sample_losses(self, batch: Any) -> tuple:
-        """``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one (``vmap``),
-        the primals, the losses and their pullback."""
-        n = (self.batch_size_fn or default_batch_size)(batch)
+        """``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one (``vmap``
+        over the leading dimension of the batch's tensors that have ``n`` rows, ``n`` the
+        default sample count), the primals, the losses and their pullback."""
+        n = default_batch_size(batch)
         leaves, spec = tree_flatten(batch)
         batched = [i for i, t in enumerate(leaves)
                    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]

@@ -50,7 +50,8 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from analysis import HessianOperator, hessian_trace, mnist1d, supervised, top_eigenvalues  # noqa: E402
+from analysis import (FisherOperator, GGNOperator, HessianOperator, hessian_trace, mnist1d,  # noqa: E402
+                      supervised, top_eigenvalues)
 
 CRITERION = nn.CrossEntropyLoss()
 LOSS = supervised(CRITERION)
@@ -369,8 +370,6 @@ def ggn_product_cost(model, x, y, repeat: int) -> dict:
     """Time of one product over 1000 samples / time of one gradient, round-robin, best of
     ``repeat``: our GGN, Fisher and empirical Fisher (one vector, a block of 8, the reused
     one-batch graph), the Hessian's double backward for reference, and the peers' GGN."""
-    from analysis import FisherOperator, GGNOperator
-
     one = [(x, y)]
     params = list(model.parameters())
     v = torch.randn(8, sum(p.numel() for p in params), dtype=torch.float64)
