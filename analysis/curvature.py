@@ -268,7 +268,7 @@ def _batch_seed(seed: int, batch: Any) -> int:
     h = hashlib.blake2b(str(seed).encode(), digest_size=8)
     for leaf in tree_flatten(batch)[0]:
         if isinstance(leaf, Tensor):
-            h.update(leaf.detach().cpu().contiguous().numpy().tobytes())
+            h.update(leaf.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
     return int.from_bytes(h.digest(), "little") >> 1
 
 
