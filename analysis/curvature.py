@@ -5,21 +5,22 @@ batch mean), every operator here is, like :class:`~analysis.hvp.HessianOperator`
 sample-weighted mean over the batches ``sum_b n_b A_b / N`` (one
 :func:`analysis.core.data_mean` reduction, all-reduced under ``torch.distributed``):
 
-* GGN (Schraudolph 2002, Eq. 7; Martens 2020, Sec. 8): ``A_b = J^T H_L J`` with ``H_L`` the
+* GGN (Schraudolph 2002; Martens 2020, JMLR 21(146)): ``A_b = J^T H_L J`` with ``H_L`` the
   Hessian of the criterion w.r.t. the output. Each product is a Jacobian-vector product ``J v``
   (the double-vjp trick: ``J v = d/du <J^T u, v>``), ``H_L`` applied by autograd on the
   criterion alone, and a vector-Jacobian product; no Jacobian is formed.
-* Fisher, ``kind="exact"`` (Martens 2020, Eq. 11): ``J^T F_R J`` with ``F_R`` the Fisher of the
+* Fisher, ``kind="exact"``: ``J^T F_R J`` with ``F_R`` the Fisher of the
   predictive distribution in the output, in closed form: ``diag(p) - p p^T`` per observation for
   the softmax of cross-entropy, ``2 I`` for the mean squared error (a Gaussian of variance 1/2).
-  For these two it equals the GGN (Martens 2020, Sec. 9.2), which the tests check.
+  For these two (natural-parameter exponential families) it equals the GGN (Martens 2020), which
+  the tests check.
 * Fisher, ``kind="mc"``: ``F_R`` replaced by ``(1/S) sum_s r_s r_s^T``, ``r_s`` the output gradient
   of the negative log-likelihood at labels sampled from the model (``mc_samples=S``, ``seed=``).
 * Fisher, ``kind="empirical"``: ``(1/n_b) sum_i g_i g_i^T`` with ``g_i`` the gradient of
-  ``loss_fn`` on the single sample ``i`` (per-sample gradients by ``torch.func``: ``G v`` is a JVP
-  and ``G^T w`` a VJP of the ``vmap``-ed per-sample losses, so ``G`` is never formed), so that over all
-  data it is the **mean** ``(1/N) sum_i g_i g_i^T`` of the outer products, on the scale of the
-  Hessian of the mean loss (Kunstner et al. 2019, Eq. 3 without the factor N).
+  ``loss_fn`` on the single sample ``i`` (per-sample gradients by ``torch.func``: ``G v`` is a
+  JVP and ``G^T w`` a VJP of the ``vmap``-ed per-sample losses, so ``G`` is never formed), so
+  that over all data it is the **mean** ``(1/N) sum_i g_i g_i^T`` of the outer products, on the scale of the
+  Hessian of the mean loss (Kunstner et al. 2019 discuss its limits).
 
 **The loss split.** The GGN and the Fisher need ``f`` and ``L`` separately. ``loss_fn`` declares
 them with an attribute ``loss_fn.split = (forward, criterion)``: ``forward(model, batch)`` returns

@@ -3,7 +3,7 @@
 With a positive diagonal ``P`` the routines work on ``P^-1/2 A P^-1/2`` for the curvature matrix
 ``A`` (Hessian, GGN, Fisher): symmetric, with the spectrum of ``P^-1 A``, the matrix whose largest
 eigenvalue an adaptive optimizer's stability is decided by (Cohen et al. 2022, "Adaptive gradient
-methods at the edge of stability", Sec. 3: preconditioned sharpness ``lambda_max(P^-1 H)``).
+methods at the edge of stability": the preconditioned sharpness ``lambda_max(P^-1 H)``).
 An eigenvector ``u`` of ``P^-1/2 A P^-1/2`` gives ``P^-1/2 u``, the one of ``P^-1 A``.
 
 Accepted forms of ``preconditioner``:
@@ -109,7 +109,7 @@ def inverse_sqrt(preconditioner: Preconditioner, model: nn.Module, names: Sequen
 
 def stability_threshold(optimizer: Any) -> float | None:
     """``(2 + 2 beta1) / ((1 - beta1) lr)``: the stability threshold of preconditioned gradient
-    descent with EMA momentum ``beta1`` (Cohen et al. 2022, Sec. 3; ``2 / lr`` for ``beta1 = 0``),
+    descent with EMA momentum ``beta1`` (Cohen et al. 2022; ``2 / lr`` for ``beta1 = 0``),
     from the first param group's ``lr`` and ``betas``; None when they are missing or lr is 0."""
     groups = getattr(optimizer, "param_groups", None)
     if not groups or "lr" not in groups[0] or "betas" not in groups[0]:

@@ -50,8 +50,8 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from analysis import (FisherOperator, GGNOperator, HessianOperator, hessian_trace, mnist1d,  # noqa: E402
-                      supervised, top_eigenvalues)
+from analysis import (FisherOperator, GGNOperator, HessianOperator,  # noqa: E402
+                      hessian_trace, mnist1d, supervised, top_eigenvalues)
 
 CRITERION = nn.CrossEntropyLoss()
 LOSS = supervised(CRITERION)
