@@ -19,8 +19,8 @@ sample-weighted mean over the batches ``sum_b n_b A_b / N`` (one
 * Fisher, ``kind="empirical"``: ``(1/n_b) sum_i g_i g_i^T`` with ``g_i`` the gradient of
   ``loss_fn`` on the single sample ``i`` (per-sample gradients by ``torch.func``: ``G v`` is a
   JVP and ``G^T w`` a VJP of the ``vmap``-ed per-sample losses, so ``G`` is never formed), so
-  that over all data it is the **mean** ``(1/N) sum_i g_i g_i^T`` of the outer products, on the scale of the
-  Hessian of the mean loss (Kunstner et al. 2019 discuss its limits).
+  that over all data it is the **mean** ``(1/N) sum_i g_i g_i^T`` of the outer products, on the
+  scale of the Hessian of the mean loss (Kunstner et al. 2019 discuss its limits).
 
 **The loss split.** The GGN and the Fisher need ``f`` and ``L`` separately. ``loss_fn`` declares
 them with an attribute ``loss_fn.split = (forward, criterion)``: ``forward(model, batch)`` returns
