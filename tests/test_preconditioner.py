@@ -134,8 +134,9 @@ def test_tracker_logs_preconditioned_lambda_max_and_ratio(make, monkeypatch):
         if isinstance(opt, AGD):
             P = torch.cat([v.reshape(-1) for v in opt.preconditioner().values()])
         else:
-            P = torch.cat([((opt.state[p]["exp_avg_sq"] / (1 - 0.999 ** float(opt.state[p]["step"]))).sqrt()
-                            + 1e-8).reshape(-1) for p in model.parameters()])
+            states = [opt.state[p] for p in model.parameters()]
+            P = torch.cat([((st["exp_avg_sq"] / (1 - 0.999 ** float(st["step"]))).sqrt()
+                            + 1e-8).reshape(-1) for st in states])
         H = exact_hessian(model, LOSS, data)
         lam = float(torch.linalg.eigvalsh(H / P.sqrt()[:, None] / P.sqrt()[None, :])[-1])
         assert rec["preconditioned_lambda_max"] == pytest.approx(lam, rel=1e-8)
