@@ -49,16 +49,20 @@ def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
     """Adapt ``criterion(outputs, targets)`` to the ``loss_fn(model, batch)`` protocol.
 
     ``batch`` is ``(inputs, targets, ...)``; tensors are moved to the model's device. The
-    result carries ``.criterion`` and the ``.split`` of :func:`split_loss`.
+    result carries ``.criterion`` and the ``.split`` of :func:`split_loss` (whose criterion
+    moves the targets to the output's device).
     """
-    def forward(model: nn.Module, batch: Any) -> Any:
+    def moved(model: nn.Module, x: Any) -> Any:
         anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
-        return model(_to_device(batch[0], None if anchor is None else anchor.device))
+        return _to_device(x, None if anchor is None else anchor.device)
 
-    def on_targets(outputs: Any, batch: Any) -> Tensor:
-        return criterion(outputs, _to_device(batch[1], getattr(outputs, "device", None)))
+    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+        return criterion(model(moved(model, batch[0])), moved(model, batch[1]))
 
-    loss_fn = split_loss(forward, on_targets)
+    def on_targets(outputs: Tensor, batch: Any) -> Tensor:
+        return criterion(outputs, _to_device(batch[1], outputs.device))
+
+    loss_fn.split = (lambda model, batch: model(moved(model, batch[0])), on_targets)
     loss_fn.criterion = criterion
     return loss_fn
 
