@@ -108,8 +108,10 @@ def expected_seconds(modules: dict, names: list[str], size, workers: int) -> flo
     the measured time of one standard run here, over the processes."""
     if not names:
         return 0.0
+    calibration = job("calibration", "SGD", "SGD", 0, {"lr": 0.05})
+    execute(calibration, size)                      # the first run also makes the data
     began = time.perf_counter()
-    execute(job("calibration", "SGD", "SGD", 0, {"lr": 0.05}), size)
+    execute(calibration, size)
     unit = time.perf_counter() - began
     return unit * sum(modules[n].cost(size) for n in names) / workers
 

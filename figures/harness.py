@@ -3,6 +3,7 @@ one training run per ``Job``, runs in parallel over processes, and grid searches
 from __future__ import annotations
 
 import contextlib
+import importlib
 import itertools
 import math
 import time
@@ -162,7 +163,9 @@ def solution(opt):
 class Job:
     """One training run: optimizer ``opt`` with hyperparameters ``hp`` from the initialisation
     and batch order of ``seed``. ``track``: Tracker curves ("lambda_max", "grad_norm",
-    "layers", "vector_cosine"); ``measure``: at the solution ("sharpness", "slices", "state")."""
+    "layers", "vector_cosine") and "trajectory" (a state_dict every ``every`` steps);
+    ``measure``: at the solution, "sharpness", "slices", or "module:function" called as
+    ``function(model, loss_fn, curvature_data, size, trajectory) -> (numbers, arrays)``."""
     group: str = field(compare=False)
     label: str = field(compare=False)
     opt: str
@@ -213,6 +216,13 @@ def execute(jb: Job, size: Size) -> dict:
         curves["epoch"].append(epoch)
         curves["train_loss"].append(float(np.mean([float(v) for v in losses])))
 
+    trajectory: list[dict] = []
+
+    def checkpoint() -> None:
+        if "trajectory" in jb.track:
+            trajectory.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    checkpoint()
     model.train()
     tracker.start()
     done, epoch = 0, 0
@@ -235,6 +245,8 @@ def execute(jb: Job, size: Size) -> dict:
             tracker.step(opt, loss)
             losses.append(loss.detach())
             done += 1
+            if done % every == 0:
+                checkpoint()
             if done >= total:
                 break
         epoch += 1
@@ -252,9 +264,13 @@ def execute(jb: Job, size: Size) -> dict:
         if "sharpness" in jb.measure:
             result.update(sharpness(model, CROSS_ENTROPY, curvature, size))
         if "slices" in jb.measure:
-            result["slices"] = slices(model, CROSS_ENTROPY, curvature, size)
-        if "state" in jb.measure:
-            result["state"] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+            result["arrays"] = slices(model, CROSS_ENTROPY, curvature, size)
+        for name in (m for m in jb.measure if ":" in m):         # "module:function"
+            module, function = name.split(":")
+            numbers, arrays = getattr(importlib.import_module(module), function)(
+                model, CROSS_ENTROPY, curvature, size, trajectory)
+            result.setdefault("extra", {}).update(numbers)
+            result.setdefault("arrays", {}).update(arrays)
     result["seconds"] = time.perf_counter() - began
     return result
 
@@ -354,25 +370,26 @@ def compact(result: dict, history: Sequence[str] = ()) -> dict:
     keep = {k: v for k, v in result["history"].items()
             if k in history or any(h.endswith("/") and k.startswith(h) for h in history)}
     return {"seed": result["seed"], "curves": result["curves"], "history": keep,
-            **{k: result[k] for k in SCALARS + ("slices",) if k in result}}
+            **{k: result[k] for k in SCALARS + ("arrays", "extra") if k in result}}
 
 
-def trials(runner: Runner, group: str, configs: dict[str, tuple[str, dict]], *,
+def trials(runner: Runner, group: str, configs: dict[str, tuple], *,
            history: Sequence[str] = (), **options) -> dict[str, list[dict]]:
-    """Every configuration ``label -> (optimizer, hp)`` on seeds 0 .. size.seeds - 1 (the same
-    initialisation and batches for every configuration within a seed), compacted."""
-    jobs = {label: [job(group, label, opt, s, hp, **options) for s in range(runner.size.seeds)]
-            for label, (opt, hp) in configs.items()}
+    """Every configuration ``label -> (optimizer, hp[, job options])`` on seeds 0 ..
+    size.seeds - 1 (the same initialisation and batches for every configuration within a
+    seed), compacted."""
+    jobs = {label: [job(group, label, c[0], s, c[1], **{**options, **(c[2:] or [{}])[0]})
+                    for s in range(runner.size.seeds)] for label, c in configs.items()}
     results = runner.run([j for js in jobs.values() for j in js])
     n = runner.size.seeds
     return {label: [compact(r, history) for r in results[i * n:(i + 1) * n]]
             for i, label in enumerate(jobs)}
 
 
-def pop_slices(runs: dict[str, list[dict]]) -> dict[str, np.ndarray]:
-    """Move the loss slices out of ``runs`` into arrays named ``LABEL__seedS__KEY``."""
+def pop_arrays(runs: dict[str, list[dict]]) -> dict[str, np.ndarray]:
+    """Move the measured arrays out of ``runs`` into arrays named ``LABEL__seedS__KEY``."""
     return {f"{label}__seed{r['seed']}__{k}": v for label, rs in runs.items() for r in rs
-            for k, v in r.pop("slices", {}).items()}
+            for k, v in r.pop("arrays", {}).items()}
 
 
 def per_seed(runs: list[dict], key: str) -> list[float]:

@@ -63,6 +63,11 @@ def outside_legend(ax, **kwargs) -> None:
               **kwargs)
 
 
+def legend_below(ax, ncol: int = 3) -> None:
+    """The legend under the axes (for panels whose right side holds a colour bar)."""
+    ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=ncol)
+
+
 def with_verdict(fig, name: str, entry: dict) -> None:
     """The reproduction's verdict as the title and every check with its interval below."""
     fig.suptitle(f"{name}: {entry['verdict']}", fontsize=12, fontweight="bold")

@@ -1,8 +1,9 @@
 """Three-valued verdicts: each check of a rule is "holds", "refuted" or "undecided".
 
 * ``mean_above``: a claim about the mean over seeds of a per-seed value, decided by the 95%
-  t-interval over seeds: it holds when the whole interval is above the threshold, is refuted
-  when the whole interval is below it, and is undecided otherwise (one seed never decides).
+  t-interval over seeds: it holds when the whole interval is on the claimed side of the
+  threshold, is refuted when the whole interval is on the other side, and is undecided
+  otherwise (one seed never decides).
 * ``paired``: "A is at least B minus a margin" on paired per-seed differences A - B (the same
   initialisation and batches within a seed): ``mean_above`` of the differences at -margin.
 * ``every_seed``: an exact threshold applied to each seed: holds when every seed passes, refuted
@@ -40,11 +41,14 @@ def _spread(values: Sequence[float]) -> dict:
 
 
 def mean_above(statement: str, values: Sequence[float], threshold: float, *,
-               margin: float = 0.0) -> dict:
-    """Check "mean of ``values`` > ``threshold``" (``threshold`` already includes ``margin``,
-    which is recorded with the check)."""
+               margin: float = 0.0, below: bool = False) -> dict:
+    """Check "mean of ``values`` > ``threshold``" (< with ``below``); ``threshold`` already
+    includes ``margin``, which is recorded with the check."""
     lo, hi = interval(values)
-    verdict = "holds" if lo > threshold else "refuted" if hi < threshold else "undecided"
+    if below:
+        verdict = "holds" if hi < threshold else "refuted" if lo > threshold else "undecided"
+    else:
+        verdict = "holds" if lo > threshold else "refuted" if hi < threshold else "undecided"
     return {"kind": "interval", "statement": statement, "verdict": verdict,
             "interval": [lo, hi], "threshold": threshold, "margin": margin, **_spread(values)}
 

@@ -10,7 +10,7 @@ from scipy.stats import spearmanr
 from landscape import LineResult, PlaneResult, plot_contour, plot_line
 
 from . import plotting
-from .harness import ACCURACIES, job, means, per_seed, pop_slices, search, trials
+from .harness import ACCURACIES, job, means, per_seed, pop_arrays, search, trials
 from .verdict import mean_above, paired
 
 NAME = "wsam_sharpness"
@@ -47,7 +47,7 @@ def experiment(size, runner):
     runs = trials(runner, NAME, configs, measure=("sharpness", "slices"))
     sweep = trials(runner, NAME, {f"γ={g:g}": ("WSAM", {**base, **rho["WSAM"].best, "gamma": g})
                                   for g in GAMMAS}, measure=("sharpness",))
-    arrays = pop_slices(runs)
+    arrays = pop_arrays(runs)
     data = {"searches": {"lr": lr.summary(), **{n: s.summary() for n, s in rho.items()}},
             "base": base, "rho": {n: s.best["rho"] for n, s in rho.items()},
             "runs": runs, "sweep": sweep}
@@ -69,8 +69,8 @@ def rule(data):
         f"WSAM acc >= {better} - 0.5pt": paired(
             f"WSAM's final test accuracy - {better}'s > -margin", acc["WSAM"], acc[better],
             MARGIN),
-        "λ_max falls with γ": mean_above("minus the Spearman correlation of (gamma, lambda_max)"
-                                         " > 0", [-s for s in spearman], 0.0)}
+        "λ_max falls with γ": mean_above("the Spearman correlation of (gamma, lambda_max) < 0",
+                                         spearman, 0.0, below=True)}
     m = means(runs, ACCURACIES + ("lambda_max", "trace", "worst_case_sharpness"))
     measured = {**m, "rho": data["rho"], "base": data["base"], "better_of_sgd_sam": better,
                 "searches": data["searches"], "seeds": len(acc["SGD"]),
@@ -101,8 +101,9 @@ def figure(data, arrays, entry, out):
                  for r in runs[n]]
         ax = plot_line(lines, axes[0, i], label=n, xlabel="α (filter-normalised direction)",
                        ylabel="training loss")
-        ax.set_title(f"{n} (ρ {data['rho'].get(n, 0):g}): 1D slices")
-        ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.18), frameon=False, ncol=2)
+        rho = f" (ρ {data['rho'][n]:g})" if n in data["rho"] else ""
+        ax.set_title(f"{n}{rho}: 1D slices")
+        plotting.legend_below(ax)
         clipped = PlaneResult(xs=planes[n].xs, ys=planes[n].ys,
                               losses=np.minimum(planes[n].losses, top))
         ax = plot_contour(clipped, axes[1, i], levels=np.linspace(low, top, 12),
