@@ -18,7 +18,7 @@ from .verdict import every_seed, paired
 
 NAME = "agd_switching"
 BETA1 = 0.9
-AGD_LRS = (3e-4, 1e-3, 3e-3)
+AGD_LRS = (1e-3, 3e-3, 1e-2)
 SGD_LRS = (0.01, 0.03, 0.1, 0.3)          # SGD's grid, and the etas of AGD's SGD branch
 ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
 ADAM_DELTA = 1e-8

@@ -11,7 +11,7 @@ from .harness import ACCURACIES, job, means, per_seed, search, trials
 from .verdict import every_seed, paired
 
 NAME = "ndadam_direction"
-LRS = {"ND-Adam": (0.01, 0.03, 0.1), "Adam": (3e-4, 1e-3, 3e-3), "SGD": (0.02, 0.05, 0.1)}
+LRS = {"ND-Adam": (0.01, 0.03, 0.1), "Adam": (1e-3, 3e-3, 1e-2), "SGD": (0.02, 0.05, 0.1)}
 SCALAR_RATIO = 50                 # alpha_v = 50 alpha_s (Sec. 5)
 SGD = {"momentum": 0.9, "weight_decay": 5e-4}
 SCALES = (1.0, 2.5, 5.0, 10.0)    # BN-softmax gamma_c: set per data set in the paper

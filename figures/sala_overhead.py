@@ -11,7 +11,7 @@ from .verdict import every_seed, paired
 
 NAME = "sala_overhead"
 SGD = {"momentum": 0.9, "weight_decay": 5e-4}
-LRS = (0.02, 0.05, 0.1)
+LRS = (0.05, 0.1, 0.2)
 SALA = {"k": 2, "alpha": 0.5, "rho": 0.2}          # the authors' README default
 LOOKAHEAD = {"k": 2, "alpha": 0.5}                 # SALA's k and alpha without the SAM steps
 SAM_RHO = 0.05                                     # the authors' SAM baseline
@@ -74,10 +74,15 @@ def figure(data, arrays, entry, out):
     plotting.band(ax, steps, [r["history"]["distance"][1] for r in sala], "fast–slow distance")
     ax.axhline(SALA["rho"], color="k", ls="--", lw=0.8, label="ρ = 0.2 (stage 2 below)")
     stage2 = np.mean([np.asarray(r["history"]["stage"][1]) == 2 for r in sala], axis=0)
-    ax.plot(steps[:len(stage2)], stage2 * max(ax.get_ylim()), color="tab:red", lw=0.8,
-            label="share of seeds in stage 2 (scaled)")
+    twin = ax.twinx()
+    twin.step(steps[:len(stage2)], stage2, where="post", color="tab:red", lw=1,
+              label="share of seeds in stage 2 (right axis)")
+    twin.set(ylabel="share of seeds in stage 2", ylim=(-0.05, 1.05))
+    twin.grid(False)
     ax.set(xlabel="step", ylabel="‖θ − φ‖", title="SALA: fast–slow distance and stage")
-    plotting.outside_legend(ax)
+    handles = ax.get_legend_handles_labels()[0] + twin.get_legend_handles_labels()[0]
+    ax.legend(handles=handles, loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False,
+              ncol=2)
     ax = axes[0, 1]
     names = list(runs)
     plotting.bars(ax, names, [per_seed(runs[n], "passes_per_step") for n in names],

@@ -15,7 +15,7 @@ from .verdict import mean_above, paired
 
 NAME = "wsam_sharpness"
 SGD = {"momentum": 0.9, "weight_decay": 5e-4}
-LRS = (0.02, 0.05, 0.1)
+LRS = (0.05, 0.1, 0.2)
 RHOS = (0.01, 0.02, 0.05, 0.1, 0.2)
 GAMMA = 0.9
 GAMMAS = (0.5, 0.7, 0.8, 0.9, 0.95)
@@ -110,6 +110,9 @@ def figure(data, arrays, entry, out):
                           xlabel="direction 1", ylabel="direction 2", colorbar=i == len(names) - 1)
         ax.plot(0, 0, "r*", ms=10)
         ax.set_title(f"{n}: 2D slice, seed 0 (clipped at 90% quantile)")
+    top_line = max(max(arrays[k].max() for k in arrays if k.endswith("__line_losses")), 0)
+    for ax in axes[0]:
+        ax.set_ylim(0, 1.05 * top_line)              # one scale: the slices compare sharpness
     ax = axes[2, 0]
     plotting.bars(ax, names, [per_seed(runs[n], "lambda_max") for n in names])
     ax.set(ylabel="λ_max at the end (± sd over seeds)", title="top Hessian eigenvalue")
