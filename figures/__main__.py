@@ -40,7 +40,8 @@ def parse(argv):
     parser.add_argument("--force", action="store_true",
                         help="recompute reproductions whose saved results are up to date")
     parser.add_argument("--replot", action="store_true",
-                        help="redraw every PNG of OUT from its saved .json/.npz (no training)")
+                        help="re-apply the rules to the saved .json/.npz of OUT and redraw every "
+                             "PNG (no training)")
     parser.add_argument("--table", action="store_true",
                         help="print the claim-versus-measured table of OUT/summary.json")
     parser.add_argument("--markdown", action="store_true", help="the table as Markdown")
@@ -117,24 +118,30 @@ def expected_seconds(modules: dict, names: list[str], size, workers: int) -> flo
 
 
 def run_one(module, name: str, size, runner, out: Path) -> dict:
-    """Experiment, rule, figure: the figure and the rule read the saved files."""
+    """Experiment, then rule and figure on the saved files."""
     data, arrays = module.experiment(size, runner)
     save(out, name, data, arrays, module.CONFIG, size)
+    return decide(module, name, out, {"key": config_key(module, size), "size": size.name})
+
+
+def decide(module, name: str, out: Path, extra: dict) -> dict:
+    """The rule applied to the saved data of ``name`` and its figure drawn: the summary entry."""
     data, arrays = load(out, name)
     measured, checks = module.rule(data)
-    result = entry(module.CLAIM, measured, checks, f"{name}.png")
-    result.update(key=config_key(module, size), size=size.name)
+    result = {**entry(module.CLAIM, measured, checks, f"{name}.png"), **extra}
     module.figure(data, arrays, result, out)
     return result
 
 
 def replot(summary: dict, names: list[str], out: Path) -> dict:
-    for name in names:
-        if name not in summary:
-            continue
+    """Re-apply every rule to its saved data and redraw its figure (no training)."""
+    for name in (n for n in names if n in summary):
         module = importlib.import_module(f"figures.{name}")
-        module.figure(*load(out, name), summary[name], out)
-        print(f"{name}: redrawn {out / summary[name]['figure']}", flush=True)
+        kept = {k: summary[name][k] for k in ("key", "size", "seconds") if k in summary[name]}
+        summary[name] = decide(module, name, out, kept)
+        print(f"{name}: {summary[name]['verdict']}, redrawn {out / summary[name]['figure']}",
+              flush=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
 
 

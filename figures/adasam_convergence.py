@@ -37,6 +37,7 @@ CLAIM = (f"At constant learning rates (each chosen on validation; rho {RHO:g}), 
 
 
 def cost(size) -> float:
+    """Plain training runs this costs (an AdaSAM or SAM run counts 2)."""
     speed = sum(size.speedup_steps * b / 128 for b in BATCHES) / (size.epochs * 25)
     return 4 * 3 * size.select_seeds + 4 * size.seeds + 2 * speed * size.seeds
 
@@ -97,7 +98,7 @@ def rule(data):
                 "pooled_slope_stderr": float(pooled.stderr),
                 "mean_sq_grad_norm": {b: float(v) for b, v in zip(data["speed"], sq.mean(1))},
                 "iterations": data["iterations"],
-                "headline": {"test acc AdaSAM / SAM / AMSGrad": " / ".join(
+                "headline": {"test acc " + " / ".join(KINDS): " / ".join(
                     f"{m['final_test_acc'][n]:.3f}" for n in KINDS),
                     "slope (mean over seeds)": f"{np.mean(per):.2f} (rate −0.5)"}}
     return measured, checks
@@ -120,7 +121,8 @@ def figure(data, arrays, entry, out):
         values += list(per.ravel())
         plotting.band(ax, steps, per, label)
     plotting.autoscale(ax, values)
-    ax.set(xlabel="iteration", ylabel="‖∇f(x_t)‖²", title="AdaSAM: squared full-gradient norm")
+    ax.set(xlabel="iteration", ylabel="‖∇f(x_t)‖²",
+           title="AdaSAM: squared full-gradient norm")
     plotting.outside_legend(ax)
     ax = axes[0, 2]
     b = np.asarray(data["batches"], dtype=float)

@@ -27,7 +27,7 @@ CROSS_ENTROPY = supervised(nn.CrossEntropyLoss())
 
 @dataclass(frozen=True)
 class Size:
-    """How big a run is: ``quick`` (the default), ``tiny`` (CI) or ``full`` (decides at the margins)."""
+    """How big a run is: ``quick`` (the default), ``tiny`` (CI) or ``full`` (more seeds)."""
     name: str
     n_train: int              # MNIST-1D training samples, of which the last n_val are validation
     n_val: int
@@ -62,7 +62,7 @@ SIZES = {
                   width=100, every=25, curvature_samples=1000, lanczos_max_hvp=20,
                   final_max_hvp=100, trace_n_hvp=60, sharpness_steps=10, grid=21, line_points=41,
                   density_lanczos=60, density_vectors=4, speedup_steps=400, toy_steps=1000,
-                  select_seeds=2, seeds=6, extend=3),
+                  select_seeds=2, seeds=8, extend=3),
     "full": Size("full", n_train=4000, n_val=800, n_test=20000, epochs=60, batch_size=128,
                  width=100, every=50, curvature_samples=2000, lanczos_max_hvp=30,
                  final_max_hvp=200, trace_n_hvp=150, sharpness_steps=20, grid=41, line_points=81,

@@ -10,7 +10,7 @@ from landscape import (PlaneResult, LineResult, pca_directions, plane, plot_cont
                        plot_spectral_density, plot_surface3d, plot_trajectory)
 
 from . import plotting
-from .harness import ACCURACIES, means, per_seed, pop_arrays, trials
+from .harness import ACCURACIES, means, pop_arrays, trials
 from .measure import slices
 from .verdict import every_seed
 
@@ -25,7 +25,8 @@ CLAIM = ("The landscape tools agree on SGD-trained MLPs (every seed): the soluti
 
 
 def cost(size) -> float:
-    return 3 * size.seeds
+    """Plain training runs this costs (tracking and the analyses make a run count 4)."""
+    return 4 * size.seeds
 
 
 def analyse(model, loss_fn, data, size, trajectory) -> tuple[dict, dict]:
@@ -99,7 +100,7 @@ def figure(data, arrays, entry, out):
     fig = plotting.figure(0, 0, 16, 9)[0]
     get = lambda key, s=0: arrays[f"SGD__seed{s}__{key}"]  # noqa: E731
     ax = plot_line([LineResult(alphas=get("line_alphas", s), losses=get("line_losses", s))
-                    for s in seeds], fig.add_subplot(2, 3, 1), label="seeds",
+                    for s in seeds], fig.add_subplot(2, 3, 1), label="SGD",
                    xlabel="α (filter-normalised direction)", ylabel="training loss")
     plotting.legend_below(ax)
     ax.set_title("1D slices (mean ± sd over seeds)")

@@ -16,21 +16,25 @@ SCALAR_RATIO = 50                 # alpha_v = 50 alpha_s (Sec. 5)
 SGD = {"momentum": 0.9, "weight_decay": 5e-4}
 SCALES = (1.0, 2.5, 5.0, 10.0)    # BN-softmax gamma_c: set per data set in the paper
 MARGIN = 0.005
-CONFIG = {"lr_grids": LRS, "scalar_ratio": SCALAR_RATIO, "sgd": SGD, "scales": SCALES,
-          "margin": MARGIN, "model": "MLP Linear-BN-ReLU x2 + Linear",
+COSINE_SPAN = 0.9      # the cosine is averaged over the first 90% of training: at the end of the
+                       # cosine schedule the updates fall to float32 rounding of the weights
+CONFIG = {"cosine_span": COSINE_SPAN, "lr_grids": LRS, "scalar_ratio": SCALAR_RATIO, "sgd": SGD,
+          "scales": SCALES, "margin": MARGIN, "model": "MLP Linear-BN-ReLU x2 + Linear",
           "schedule": "cosine per step"}
 CLAIM = ("On an MLP with BatchNorm (lrs and the BN-softmax scale chosen on validation), ND-Adam "
          "keeps every weight vector at unit norm while Adam's hidden weight-vector norms grow, "
          "ND-Adam's update of each weight vector is better aligned with its momentum than "
-         "Adam's (mean per-vector cosine, paired over seeds), ND-Adam's final test accuracy is "
-         f"at least Adam's minus {100 * MARGIN:g} points with and without the BN-softmax, and the"
-         f" BN-softmax lowers no optimizer's final test accuracy by more than {100 * MARGIN:g} "
-         "points.")
+         "Adam's (mean per-vector cosine over the first 90% of training, paired over seeds), "
+         f"ND-Adam's final test accuracy is at least Adam's minus {100 * MARGIN:g} points with "
+         "and without the BN-softmax, and the BN-softmax lowers no optimizer's final test "
+         f"accuracy by more than {100 * MARGIN:g} points.")
 KINDS = {"ND-Adam": "NDAdam", "Adam": "Adam", "SGD": "SGD"}
 
 
 def cost(size) -> float:
-    return (sum(map(len, LRS.values())) + 3 * len(SCALES)) * size.select_seeds + 6 * size.seeds
+    """Plain training runs this costs (a tracked comparison run counts 2.5)."""
+    grids = sum(map(len, LRS.values())) + 3 * len(SCALES) + 2 * size.extend
+    return grids * size.select_seeds + 6 * 2.5 * size.seeds
 
 
 def hyper(name: str, lr: float) -> dict:
@@ -66,11 +70,16 @@ def _rownorms(run: dict) -> dict[str, list[float]]:
             if k.startswith("rownorm/")}
 
 
+def mean_cosine(run: dict) -> float:
+    """The mean per-vector cosine over the records in the first COSINE_SPAN of training."""
+    steps, values = map(np.asarray, run["history"]["vector_cosine"])
+    return float(np.nanmean(values[steps <= COSINE_SPAN * steps[-1]]))
+
+
 def rule(data):
     runs = data["runs"]
     acc = {n: per_seed(rs, "final_test_acc") for n, rs in runs.items()}
-    cos = {n: [float(np.nanmean(r["history"]["vector_cosine"][1])) for r in rs]
-           for n, rs in runs.items()}
+    cos = {n: [mean_cosine(r) for r in rs] for n, rs in runs.items()}
     deviation = [max(abs(v - 1.0) for vs in _rownorms(r).values() for v in vs)
                  for r in runs["ND-Adam"] + runs["ND-Adam + BN-softmax"]]
     growth = [min(vs[-1] / vs[0] for vs in list(_rownorms(r).values())[:-1])
@@ -129,6 +138,9 @@ def figure(data, arrays, entry, out):
         steps = rs[0]["history"]["vector_cosine"][0]
         plotting.band(ax, steps, [r["history"]["vector_cosine"][1] for r in rs], n,
                       colors[n.split(" +")[0]], "--" if "BN" in n else "-")
+    end = runs["Adam"][0]["history"]["vector_cosine"][0][-1]
+    ax.axvspan(COSINE_SPAN * end, end, color="0.85", lw=0,
+               label="left out (float32 rounding at lr → 0)")
     ax.set(xlabel="step", ylabel="per-vector cos(update, −momentum)",
            title="direction preservation per weight vector")
     plotting.outside_legend(ax)

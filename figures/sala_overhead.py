@@ -27,7 +27,8 @@ CLAIM = (f"With the same SGD base (momentum 0.9, lr chosen on validation, cosine
 
 
 def cost(size) -> float:
-    return len(LRS) * size.select_seeds + 5 * size.seeds
+    """Plain training runs this costs (lambda_max tracking makes a run count 2.5)."""
+    return (len(LRS) + size.extend) * size.select_seeds + 5 * 2.5 * size.seeds
 
 
 def experiment(size, runner):

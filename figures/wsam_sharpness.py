@@ -31,7 +31,9 @@ CLAIM = ("With one SGD-momentum base (lr chosen on validation, cosine schedule) 
 
 
 def cost(size) -> float:
-    return (len(LRS) + 4 * len(RHOS)) * size.select_seeds + (5 + 2 * len(GAMMAS)) * size.seeds
+    """Plain training runs this costs (a SAM-type run counts 2, its measurements 1 more)."""
+    return (len(LRS) + 4 * len(RHOS) + 2) * size.select_seeds \
+        + (5 + 3 + 3 * len(GAMMAS)) * size.seeds
 
 
 def experiment(size, runner):
