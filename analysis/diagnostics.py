@@ -53,8 +53,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .protocol import LossFn, check_loss, data_mean
-from .restore import preserved
+from .core import (BatchSizeFn, check_int, check_loss, data_mean, LossFn, ParamSelection,
+                   preserved, select_params)
 
 Record = dict[str, float]
 
@@ -72,22 +72,31 @@ def _classify(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Tensor]:
     return [loss, acc]
 
 
-def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable) -> tuple[float, float]:
-    """(mean loss, accuracy) over ``data`` in eval mode; the model is left unchanged."""
-    with preserved(model, "eval", weights=False), torch.no_grad():
-        loss, acc = data_mean(data, lambda b: _classify(model, loss_fn, b)).values
+def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
+             model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
+             progress: bool = True) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
+
+    params: validated like everywhere (the metrics do not depend on the selection).
+    """
+    select_params(model, params)
+    with preserved(model, model_mode, weights=False), torch.no_grad():
+        loss, acc = data_mean(data, lambda b: _classify(model, loss_fn, b), batch_size_fn,
+                              progress=progress).values
     return float(loss), float(acc)
 
 
-def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable,
-                   model_mode: str = "eval") -> float:
-    """Norm of the gradient of the sample-weighted mean loss over ``data`` (model unchanged)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                   params: ParamSelection = None, model_mode: str = "eval",
+                   batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
+    """Norm of the gradient of the sample-weighted mean loss over ``data`` with respect to the
+    selected parameters (default all with requires_grad); the model is left unchanged."""
+    params = select_params(model, params)[1]
     with preserved(model, model_mode, weights=False):
         def per_batch(batch):
             loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
             return torch.autograd.grad(loss, params)
-        grads = data_mean(data, per_batch).values
+        grads = data_mean(data, per_batch, batch_size_fn, progress=progress).values
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
 
@@ -127,14 +136,12 @@ class Tracker:
                  lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
                  seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        check_int("every", every, 1)
         if (lambda_max or trace or grad_norm) and curvature_data is None:
             raise ValueError("curvature_data is required when lambda_max, trace or grad_norm "
                              "is on")
-        if lanczos_max_hvp < 1 or trace_n_hvp < 3:
-            raise ValueError("lanczos_max_hvp must be >= 1 and trace_n_hvp >= 3, got "
-                             f"{lanczos_max_hvp} and {trace_n_hvp}")
+        check_int("lanczos_max_hvp", lanczos_max_hvp, 1)
+        check_int("trace_n_hvp", trace_n_hvp, 3)
         self.model, self.loss_fn, self.every = model, loss_fn, every
         self.eval_data, self.test_data, self.curvature_data = eval_data, test_data, curvature_data
         self.lambda_max, self.trace, self.grad_norm = lambda_max, trace, grad_norm
@@ -211,16 +218,18 @@ class Tracker:
         if lr is not None:
             rec["lr"] = lr
         if self.eval_data is not None:
-            rec["train_loss"], rec["train_acc"] = evaluate(self.model, self.loss_fn, self.eval_data)
+            rec["train_loss"], rec["train_acc"] = evaluate(self.model, self.loss_fn, self.eval_data,
+                                                           progress=False)
         if self.test_data is not None:
-            rec["test_loss"], rec["test_acc"] = evaluate(self.model, self.loss_fn, self.test_data)
+            rec["test_loss"], rec["test_acc"] = evaluate(self.model, self.loss_fn, self.test_data,
+                                                         progress=False)
         if self.lambda_max:
             rec.update(self._lambda_max(lr))
         if self.trace:
             rec.update(self._trace())
         if self.grad_norm:
             rec["grad_norm"] = full_grad_norm(self.model, self.loss_fn, self.curvature_data,
-                                              self.model_mode)
+                                              model_mode=self.model_mode, progress=False)
         if self.layers:
             rec.update(self._layer_stats())
         if optimizer is not None:

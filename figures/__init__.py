@@ -13,8 +13,8 @@ def _check_own_packages() -> None:
     error, not a silently different experiment."""
     for name in ("analysis", "landscape", "optim"):
         spec = importlib.util.find_spec(name)
-        origin = Path(spec.origin).resolve() if spec is not None and spec.origin else None
-        if origin is None or origin.parent.parent != _ROOT:
+        origin = spec.origin if spec is not None else None
+        if origin is None or Path(origin).resolve().parent.parent != _ROOT:
             raise ImportError(
                 f"figures needs sharpscape's '{name}' package from {_ROOT}, but '{name}' "
                 f"resolves to {origin or 'nothing'}: a module or folder named '{name}' earlier "

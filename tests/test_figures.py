@@ -127,7 +127,7 @@ def test_a_shadowing_package_is_an_error(tmp_path):
                            str(tmp_path / "out")], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=120)
     assert proc.returncode != 0
-    assert "shadows it" in proc.stderr and str((tmp_path / "optim").resolve()) in proc.stderr
+    assert "shadows it" in proc.stderr and str(tmp_path / "optim") in proc.stderr
     assert not (tmp_path / "out" / "summary.json").exists()
 
 

@@ -12,12 +12,14 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .validation import check_choice
+
 MODEL_MODES = ("eval", "train")
 
 
-def check_model_mode(model_mode: str) -> None:
-    if model_mode not in MODEL_MODES:
-        raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
+def check_model_mode(model_mode: str) -> str:
+    """``model_mode`` if it is "eval" or "train"."""
+    return check_choice("model_mode", model_mode, MODEL_MODES)
 
 
 @contextmanager
