@@ -89,6 +89,19 @@ class AdaSAM(TwoPassOptimizer):
             fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps=steps, lr=group["lr"],
                betas=group["betas"], bias_correction=group["bias_correction"])
 
+    @torch.no_grad()
+    def preconditioner(self) -> dict[Tensor, Tensor]:
+        """Per stepped parameter (keyed like ``state``), the diagonal P = sqrt(v^_t) of the step (with
+        ``bias_correction``, sqrt(v^_t / (1 - beta2^t)) against the bias-corrected m)."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state.get("step", 0) > 0:
+                    _, v_scale = _step_size(group["lr"], group["betas"], state["step"], group["bias_correction"])
+                    out[p] = (state["max_exp_avg_sq"] * v_scale).sqrt_()
+        return out
+
 
 def _step_size(lr: float, betas: tuple[float, float], step: int, bias_correction: bool) -> tuple[float, float]:
     """(lr / (1 - beta1^t), 1 / (1 - beta2^t)) with bias correction, else (lr, 1)."""

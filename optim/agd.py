@@ -121,6 +121,11 @@ class AGD(CheckedState):
                [s["step"] for s in states], work=scratch(self), **_options(group))
         return loss
 
+    def _second_moment(self, group: dict, p: Tensor) -> Tensor:
+        """B: the amsgrad running max of b when amsgrad is on, else b."""
+        state = self.state[p]
+        return state["max_exp_avg_diff_sq"] if group["amsgrad"] else state["exp_avg_diff_sq"]
+
     @torch.no_grad()
     def sgd_fraction(self, per_param: bool = False) -> float | dict[int, float]:
         """Share of elements on the SGD branch in each parameter's last step: sqrt(B) < δ sqrt(1 - β2^t).
@@ -137,8 +142,7 @@ class AGD(CheckedState):
                 state = self.state.get(p)
                 if state and state["step"] > 0:
                     threshold = group["delta"] * math.sqrt(1.0 - beta2 ** state["step"])
-                    second = state["max_exp_avg_diff_sq"] if group["amsgrad"] else state["exp_avg_diff_sq"]
-                    counts.append(torch.count_nonzero(second.sqrt() < threshold))
+                    counts.append(torch.count_nonzero(self._second_moment(group, p).sqrt() < threshold))
                     keys.append(index)
                     sizes.append(p.numel())
                 index += 1
@@ -147,6 +151,21 @@ class AGD(CheckedState):
             return {k: int(n) / size for k, n, size in zip(keys, host, sizes)}
         return int(sum(host)) / sum(sizes) if sizes else float("nan")
 
+    @torch.no_grad()
+    def preconditioner(self, sgd_mask: bool = False) -> dict[Tensor, Tensor]:
+        """Per stepped parameter (keyed like ``state``), the diagonal P = max(sqrt(b̂_t), δ) of the textbook
+        form x_{t+1} = x_t - α m̂_t / P (eq. 4 divided by sqrt(1 - β2^t)). ``sgd_mask=True``: instead, the boolean
+        mask of the elements on the SGD branch (P = δ there), the comparison ``sgd_fraction`` counts."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state["step"] > 0:
+                    root_bc2 = math.sqrt(1.0 - group["betas"][1] ** state["step"])
+                    root = self._second_moment(group, p).sqrt()
+                    out[p] = (root < group["delta"] * root_bc2 if sgd_mask
+                              else root.div_(root_bc2).clamp_min_(group["delta"]))
+        return out
 
 def _options(group: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of the update functions, read from a param group."""
