@@ -252,3 +252,34 @@ def test_sala_refuses_a_grad_scaler():
     opt = optim.SALA(torch.optim.SGD(model.parameters(), lr=0.1))
     with pytest.raises(NotImplementedError, match="GradScaler"):
         opt.step(lambda: None, grad_scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("name", ["SAM", "WSAM", "AdaSAM"])
+def test_phase_is_saved_between_the_two_steps(name):
+    """A state saved after first_step() resumes at w + e: second_step() of the loaded optimizer restores
+    w and makes the same step as the uninterrupted run."""
+    def make(model):
+        base = torch.optim.SGD(param_groups(model, *LRS), momentum=0.9)
+        return {"SAM": lambda: optim.SAM(base, rho=0.1), "WSAM": lambda: optim.WSAM(base, rho=0.1),
+                "AdaSAM": lambda: optim.AdaSAM(param_groups(model, *LRS), rho=0.1)}[name]()
+
+    x, y = batch(0)
+    runs = []
+    for resume in (False, True):
+        model = Softmax()
+        opt = make(model)
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        assert opt.phase == "perturbed"
+        if resume:
+            state = opt.state_dict()
+            assert state["phase"] == "perturbed"
+            opt = make(model)   # the model holds w + e
+            opt.load_state_dict(state)
+            with pytest.raises(RuntimeError, match="twice"):
+                opt.first_step()
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step()
+        assert opt.phase == "ready"
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
