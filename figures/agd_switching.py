@@ -13,7 +13,8 @@ import torch
 import optim
 
 from . import plotting
-from .harness import ACCURACIES, job, means, per_seed, search, trials
+from .harness import job
+from .runner import ACCURACIES, means, per_seed, search, trials
 from .verdict import every_seed, paired
 
 NAME = "agd_switching"
