@@ -82,6 +82,7 @@ def main(argv: list[str] | None = None) -> dict:
         todo = [n for n in names if args.force or not up_to_date(summary, n, modules[n], size,
                                                                    args.out)]
         if todo:
+            print(f"{size.name} size: timing one training run for the estimate ...", flush=True)
             print(f"{size.name} size, {args.jobs} process(es) x {args.threads} thread(s): "
                   f"expected about {expected_seconds(modules, todo, size, args.jobs) / 60:.1f} "
                   f"min for {', '.join(todo)}", flush=True)
