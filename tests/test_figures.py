@@ -238,3 +238,13 @@ def test_each_rule_returns_each_verdict(tiny, name):
             data["runs"]["SGD"][0]["extra"]["density_top_node"] = 3.0
         _, checks = module.rule(data)
         assert combine(checks) == mode, (name, mode, {k: c["verdict"] for k, c in checks.items()})
+
+
+def test_readme_table_and_images_come_from_the_committed_run(capsys):
+    results = "figures/results"
+    main(["--table", "--markdown", "--out", str(ROOT / results)])
+    table = capsys.readouterr().out.strip().replace(str(ROOT / results), results)
+    readme = (ROOT / "README.md").read_text()
+    assert table in readme
+    for name in REPRODUCTIONS:
+        assert f"]({results}/{name}.png)" in readme and (ROOT / results / f"{name}.png").exists()
