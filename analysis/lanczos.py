@@ -70,10 +70,15 @@ def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
 
 def _project_out(w: Tensor, basis: Tensor) -> Tensor:
     """Subtract from ``w`` (in place) its components on the rows of ``basis``, which may be in
-    another dtype or on another device; return the coefficients in ``w``'s dtype and device."""
-    h = basis @ w.to(basis)
-    w -= (basis.T @ h).to(w)
-    return h.to(w)
+    another dtype or on another device; return the coefficients in ``w``'s dtype and device.
+    With the basis beside ``w``, no vector-sized temporary is made."""
+    if basis.dtype != w.dtype or basis.device != w.device:
+        h = basis @ w.to(basis)
+        w -= (basis.T @ h).to(w)
+        return h.to(w)
+    h = basis @ w
+    w.addmv_(basis.T, h, alpha=-1)
+    return h
 
 
 def _rotate_(V: Tensor, Y: Tensor, m: int) -> None:
@@ -89,14 +94,15 @@ def _rotate_(V: Tensor, Y: Tensor, m: int) -> None:
 def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Orthonormalise the rows of ``block`` against ``basis`` rows and each other.
 
-    Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]``: ``C[:m]`` are the
+    Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]`` (``Q`` is ``block``,
+    overwritten in place): ``C[:m]`` are the
     coefficients on the ``m`` basis rows, ``C[m:]`` is upper triangular. A row that vanishes
     (an invariant subspace was found) is replaced by a random unit vector orthogonal to
     everything, keeping its (tiny) coefficient.
     """
     b, m = block.shape[0], basis.shape[0]
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
-    out = block.clone()
+    out = block
     for i in range(b):
         w = out[i]
         before = torch.linalg.vector_norm(w)
@@ -187,7 +193,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None
             ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     """Block Lanczos with full reorthogonalisation and thick restart on any symmetric
-    ``matmat`` (rows in, rows out). Returns ``(theta, U, residuals, n_hvp, converged)``.
+    ``matmat`` (rows in, new rows out: they are overwritten). Returns
+    ``(theta, U, residuals, n_hvp, converged)``.
 
     Convergence: residual ``<= max(max(tol, 50 eps) |theta|, 50 eps max|theta|)`` for all
     ``k`` wanted pairs, with ``eps`` the machine epsilon of ``like`` (float32 stops near its
