@@ -21,8 +21,8 @@ from tqdm.auto import trange
 
 from .hvp import HessianOperator
 from .lanczos import Krylov
-from .core import (BatchSizeFn, check_int, check_positive, LossFn, make_generator, ParamSelection,
-                   rademacher, records_metadata, register_result)
+from .core import (BatchSizeFn, check_int, check_positive, guarded, LossFn, make_generator,
+                   ParamSelection, rademacher, records_metadata, register_result)
 
 
 @register_result
@@ -82,18 +82,21 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
 
 
 @records_metadata
+@guarded
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczos: int = 80,
                      n_vectors: int = 10, *, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
                      seed: int = 0, progress: bool = True, sigma: float | None = None,
                      n_grid: int = 1000, log_scale: bool = False,
-                     hvp_method: str = "reverse") -> DensityResult:
+                     hvp_method: str = "reverse", check_deterministic: bool = True
+                     ) -> DensityResult:
     """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
     ``n_vectors * min(n_lanczos, n)`` Hessian-vector products.
     log_scale: smooth ``log10 |lambda|`` instead of ``lambda`` (the grid is then in log10
         units; negative eigenvalues are counted by magnitude).
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)

@@ -32,8 +32,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_loss, check_model_mode,
-                   data_mean, flatten, LossFn, numel, ParamSelection, preserved, select_params,
-                   unflatten)
+                   data_mean, flatten, guarded, loss_reduction, LossFn, numel, ParamSelection,
+                   preserved, select_params, unflatten)
 
 HVP_METHODS = ("reverse", "forward")
 
@@ -67,12 +67,19 @@ class HessianOperator:
         batch_size_fn: sample count of a batch (default ``len(batch[0])``).
         hvp_method: ``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
         reuse_graph: keep the gradient graph of a one-batch ``data`` inside ``with`` blocks.
+        check_deterministic: first check that two passes over ``data`` give the same sample
+            counts and loss (``analysis.core.guards``); False skips the two forward passes.
+
+    For a sum-reduced ``loss_fn`` (``loss_fn.reduction == "sum"``) it is the Hessian of the
+    total loss ``sum_b L_b``.
     """
 
+    @guarded
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
-                 hvp_method: str = "reverse", reuse_graph: bool = True):
+                 hvp_method: str = "reverse", reuse_graph: bool = True,
+                 check_deterministic: bool = True):
         check_data(data)
         check_model_mode(model_mode)
         check_choice("hvp_method", hvp_method, HVP_METHODS)
@@ -81,6 +88,7 @@ class HessianOperator:
                              'buffers (BatchNorm updates them in place inside torch.func '
                              'transforms); use hvp_method="reverse"')
         self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.reduction = loss_reduction(loss_fn)
         self.model_mode, self.batch_size_fn, self.hvp_method = model_mode, batch_size_fn, hvp_method
         self.progress = check_bool("progress", progress)
         self.names, self.params = select_params(model, params)
@@ -125,8 +133,9 @@ class HessianOperator:
         vs = vs.to(self.device, self.dtype)
         product = self._reverse if self.hvp_method == "reverse" else self._forward
         with self, torch.enable_grad():
-            out = data_mean(self.data, lambda batch: [product(batch, vs)],
-                            self.batch_size_fn, progress=self.progress).values[0]
+            out = data_mean(self.data, lambda batch: [product(batch, vs)], self.batch_size_fn,
+                            reduction=self.reduction, zeros=lambda: [torch.zeros_like(vs)],
+                            progress=self.progress).values[0]
         self.n_hvp += vs.shape[0]
         return out
 
@@ -184,6 +193,7 @@ class HessianOperator:
                               dtype=np.float64)
 
 
+@guarded
 def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         params: ParamSelection = None, model_mode: str = "eval",
         batch_size_fn: BatchSizeFn | None = None, progress: bool = True,

@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .hvp import HessianOperator
-from .core import (BatchSizeFn, check_choice, check_int, check_positive, LossFn, make_generator,
-                   ParamSelection, randn, records_metadata, register_result)
+from .core import (BatchSizeFn, check_choice, check_int, check_positive, guarded, LossFn,
+                   make_generator, ParamSelection, randn, records_metadata, register_result)
 
 WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
@@ -241,12 +241,14 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
 
 
 @records_metadata
+@guarded
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
                     which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None, *,
                     params: ParamSelection = None, model_mode: str = "eval",
                     batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
                     v0: Tensor | None = None, method: str = "lanczos", block_size: int = 1,
-                    max_basis: int | None = None, hvp_method: str = "reverse") -> EigenResult:
+                    max_basis: int | None = None, hvp_method: str = "reverse",
+                    check_deterministic: bool = True) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
@@ -267,6 +269,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         eigenvalue) and shares each forward pass among ``b`` products.
     max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``);
         the memory is ``max_basis * n`` elements.
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes;
+        ``analysis.core.guards``).
     """
     k = check_int("k", k, 1)
     check_choice("which", which, WHICH)

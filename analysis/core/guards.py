@@ -1,0 +1,131 @@
+"""Guards run before a public routine passes over ``data``: the data must be deterministic, and
+under ``torch.distributed`` the arguments must agree between ranks.
+
+* Deterministic data (curvlinops' check): routines that pass over ``data`` more than once
+  (``check_deterministic=True`` by default) first make two forward-only passes and compare the
+  per-batch sample counts and the total loss (to ``64 eps`` of the loss dtype, relative). A
+  shuffled ``DataLoader(drop_last=True)``, random augmentation, or Dropout with
+  ``model_mode="train"`` would otherwise change the operator between products and give
+  confident wrong answers. Cost: two forward passes.
+* Agreement between ranks: every argument but the shard itself (``data``, ``bn_data``) and
+  the progress/path options is fingerprinted (numbers, strings, tensors, the model's
+  parameters) and compared in one all-reduce, which also carries the determinism verdict of
+  every rank; a mismatch raises the same ``ValueError`` on every rank.
+
+The guard runs once per outermost call: routines called by a guarded routine (the operator
+inside ``top_eigenvalues``, the solvers inside ``layerwise``) are not checked again.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .distributed import check_same_on_ranks
+from .restore import check_model_mode, preserved
+from .validation import check_bool
+
+# arguments that may differ between ranks: each rank's shard, and rank-local options
+LOCAL = ("self", "data", "bn_data", "progress", "path", "check_deterministic")
+COUNTS, RANDOM_LAYERS, LOSS = 1, 2, 3   # why two passes differed
+_state = threading.local()
+
+
+def _one_pass(model: nn.Module, loss_fn, data: Iterable, batch_size_fn
+              ) -> tuple[list[int], float, torch.dtype]:
+    """Per-batch sample counts, the (weighted) total loss and the loss dtype of one pass."""
+    from .protocol import check_data, check_loss, default_batch_size, loss_reduction  # a cycle
+
+    check_data(data)
+    size, weighted = batch_size_fn or default_batch_size, loss_reduction(loss_fn) == "mean"
+    counts, total, dtype = [], torch.zeros((), dtype=torch.float64), torch.float64
+    for batch in data:
+        n = size(batch)
+        counts.append(n)
+        if n > 0:
+            loss = check_loss(loss_fn(model, batch), " in the determinism check").detach()
+            total, dtype = total + loss.to("cpu", torch.float64) * (n if weighted else 1), loss.dtype
+    return counts, float(total), dtype
+
+
+def _random_layers(model: nn.Module) -> list[str]:
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.modules.dropout._DropoutNd)})
+
+
+def _explain(code: int, model_mode: str, layers: list[str], detail: str = "") -> str:
+    head = "data must give the same batches on every pass (analysis passes over it repeatedly)"
+    cause = {
+        COUNTS: "the batches' sample counts differ between two passes: a DataLoader with "
+                "shuffle=True and drop_last=True, or a sampler that changes between passes; pass "
+                "the batches in a fixed order (shuffle=False, or a list of batches)",
+        RANDOM_LAYERS: f"the loss differs between two passes, and the model has random layers "
+                       f"({', '.join(layers)}) that model_mode={model_mode!r} switches on: use "
+                       "model_mode='eval', or data in a fixed order",
+        LOSS: "the loss differs between two passes: a shuffled DataLoader (with drop_last=True "
+              "it drops other samples each pass; with train-mode BatchNorm any shuffling changes "
+              "the loss) or random augmentation; pass the batches in a fixed order "
+              "(shuffle=False, or a list of batches)",
+    }[code]
+    return f"{head}, but {cause}{detail}; check_deterministic=False skips this check"
+
+
+def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=None,
+                    model_mode: str = "eval") -> tuple[int, str]:
+    """Two forward-only passes over ``data`` in ``model_mode`` (model restored): ``(0, "")``
+    if they agree, else a cause code and the numbers that differed."""
+    with preserved(model, check_model_mode(model_mode), weights=False), torch.no_grad():
+        (c1, t1, dtype), (c2, t2, _) = (_one_pass(model, loss_fn, data, batch_size_fn)
+                                        for _ in range(2))
+    if c1 != c2:
+        return COUNTS, f" ({c1} then {c2})"
+    if abs(t1 - t2) > 64 * torch.finfo(dtype).eps * max(abs(t1), abs(t2)):
+        code = RANDOM_LAYERS if model_mode == "train" and _random_layers(model) else LOSS
+        return code, f" (total loss {t1!r} then {t2!r})"
+    return 0, ""
+
+
+def guarded(fn: Callable) -> Callable:
+    """Decorator of a public routine ``f(model, loss_fn, data, ...)`` (or a class's
+    ``__init__``): the determinism check when its ``check_deterministic`` argument is True, then
+    the agreement of its arguments between ranks (module docstring)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if getattr(_state, "inside", False):
+            return fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        model = a.get("model", a.get("model_a"))
+        mode = a.get("model_mode", "eval")
+        code, detail = 0, ""
+        if check_bool("check_deterministic", a.get("check_deterministic", False)):
+            code, detail = repeated_passes(model, a["loss_fn"], a["data"],
+                                           a.get("batch_size_fn"), mode)
+        check_same_on_ranks({k: v for k, v in a.items() if k not in LOCAL}, code,
+                            lambda c: _explain(c, mode, _random_layers(model)))
+        if code:
+            raise ValueError(_explain(code, mode, _random_layers(model), detail))
+        _state.inside = True
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _state.inside = False
+
+    wrapper.guarded = True
+    return wrapper
+
+
+def is_guarded(fn: Callable) -> bool:
+    """Whether ``fn`` (or a class's ``__init__``) runs the guards."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    return getattr(target, "guarded", False)
+
+
+__all__ = ["guarded", "is_guarded", "repeated_passes"]
