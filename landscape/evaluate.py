@@ -178,7 +178,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
                 return [values, mine.to(dtype)]
 
             def zeros():
-                return [torch.zeros(len(chunk), dtype=dtype, device=device), mine.to(dtype)]
+                return [torch.zeros(len(chunk), dtype=dtype, device=device) for _ in range(2)]
 
             total, owned = data_mean(data, per_batch, batch_size_fn, reduction=reduction,
                                      zeros=zeros).values

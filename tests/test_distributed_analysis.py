@@ -1,13 +1,19 @@
-"""Two gloo processes on CPU, each with its own (uneven) shard, give the one-process result."""
+"""Two gloo processes on CPU, each with its own (uneven) shard, give the one-process result;
+an empty shard joins in; arguments that differ between ranks raise on every rank."""
+import json
 import os
+from datetime import timedelta
 
 import numpy as np
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
+from torch.utils.data import DataLoader, TensorDataset
 
-from analysis import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
+from analysis import (average_sharpness, evaluate, full_grad_norm, HessianOperator, hessian_trace,
+                      mean_loss, spectral_density, top_eigenvalues, worst_case_sharpness)
+from landscape import line, plane, random_direction
 from oracles import classification_data, cnn_bn, uneven_batches
 
 SIZES = (7, 3, 9, 4)
@@ -53,5 +59,69 @@ def test_two_processes_match_one_process_on_all_data(tmp_path):
     single = analyse(all_data())
     for rank in range(2):
         got = np.load(tmp_path / f"rank{rank}.npz")
+        for key, value in single.items():
+            np.testing.assert_allclose(got[key], value, rtol=1e-8, atol=1e-12, err_msg=key)
+
+
+def analyse_more(data) -> dict:
+    """``analyse`` and the routines built on plain loss evaluations."""
+    model = cnn_bn(12)
+    d = random_direction(model, seed=2)
+    worst = worst_case_sharpness(model, ce, data, rho=0.1, steps=2, progress=False)
+    return {**analyse(data), "mean_loss": np.array(mean_loss(model, ce, data, progress=False)),
+            "evaluate": np.array(evaluate(model, ce, data, progress=False)),
+            "grad_norm": np.array(full_grad_norm(model, ce, data, progress=False)),
+            "line": line(model, ce, data, d, [-0.5, 0.5], progress=False).losses,
+            "plane": plane(model, ce, data, d, d, [0.5], [0.0, 1.0], progress=False).losses,
+            "average": np.array(average_sharpness(model, ce, data, n_samples=2,
+                                                  progress=False).value),
+            "worst": np.array([worst.value, worst.loss])}
+
+
+def _guard_worker(rank: int, world: int, init: str, out: str) -> None:
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, shard = cnn_bn(12), [all_data()[i] for i in SHARDS[rank]]
+        errors = {}
+        calls = {
+            "seed": lambda: hessian_trace(model, ce, shard, n_hvp=4, seed=rank, progress=False),
+            "direction": lambda: line(model, ce, shard, random_direction(model, seed=rank),
+                                      [0.5], progress=False),
+            # rank 1 alone passes a shuffled drop_last loader (4 samples, batches of 3)
+            "determinism": lambda: top_eigenvalues(
+                model, ce, shard if rank == 0 else DataLoader(
+                    TensorDataset(*shard[0]), batch_size=3, shuffle=True, drop_last=True,
+                    generator=torch.Generator().manual_seed(0)),
+                max_hvp=3, progress=False),
+        }
+        for key, call in calls.items():
+            try:
+                call()
+                errors[key] = ""
+            except ValueError as err:
+                errors[key] = str(err)
+        with open(os.path.join(out, f"errors{rank}.json"), "w") as fh:
+            json.dump(errors, fh)
+        # rank 1's shard is empty: the result is that of rank 0's shard, all the data
+        np.savez(os.path.join(out, f"empty{rank}.npz"),
+                 **analyse_more(all_data() if rank == 0 else []))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_mismatched_arguments_raise_on_every_rank_and_an_empty_shard_joins(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_guard_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    errors = [json.loads((tmp_path / f"errors{r}.json").read_text()) for r in range(2)]
+    assert errors[0] == errors[1]  # the same error on every rank, and no rank left waiting
+    assert errors[0]["seed"].startswith("seed must be the same on every rank")
+    assert errors[0]["direction"].startswith("direction must be the same on every rank")
+    assert errors[0]["determinism"].startswith("data must give the same batches on every pass")
+    assert "shuffled DataLoader" in errors[0]["determinism"]
+    single = analyse_more(all_data())
+    for rank in range(2):
+        got = np.load(tmp_path / f"empty{rank}.npz")
         for key, value in single.items():
             np.testing.assert_allclose(got[key], value, rtol=1e-8, atol=1e-12, err_msg=key)
