@@ -95,6 +95,9 @@ def _guard_worker(rank: int, world: int, init: str, out: str) -> None:
                     TensorDataset(*shard[0]), batch_size=3, shuffle=True, drop_last=True,
                     generator=torch.Generator().manual_seed(0)),
                 max_hvp=3, progress=False),
+            # rank 1 alone passes one batch where the iterable of batches belongs
+            "one_batch": lambda: hessian_trace(model, ce, shard if rank == 0 else shard[0],
+                                               n_hvp=4, progress=False),
         }
         for key, call in calls.items():
             try:
@@ -115,7 +118,11 @@ def test_mismatched_arguments_raise_on_every_rank_and_an_empty_shard_joins(tmp_p
     init = f"file://{tmp_path / 'rendezvous'}"
     mp.spawn(_guard_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
     errors = [json.loads((tmp_path / f"errors{r}.json").read_text()) for r in range(2)]
-    assert errors[0] == errors[1]  # the same error on every rank, and no rank left waiting
+    # the refusing rank says why, the other that it was refused; no rank is left waiting
+    assert errors[1].pop("one_batch").startswith("data must be an iterable of batches, got a "
+                                                 "tuple of tensors")
+    assert errors[0].pop("one_batch").startswith("another rank's arguments or data were refused")
+    assert errors[0] == errors[1]  # the same error on every rank
     assert errors[0]["seed"].startswith("seed must be the same on every rank")
     assert errors[0]["direction"].startswith("direction must be the same on every rank")
     assert errors[0]["determinism"].startswith("data must give the same batches on every pass")

@@ -10,7 +10,9 @@ under ``torch.distributed`` the arguments must agree between ranks.
 * Agreement between ranks: every argument but the shard itself (``data``, ``bn_data``) and
   the progress/path options is fingerprinted (numbers, strings, tensors, the model's
   parameters) and compared in one all-reduce, which also carries the determinism verdict of
-  every rank; a mismatch raises the same ``ValueError`` on every rank.
+  every rank; a mismatch raises the same ``ValueError`` on every rank. A rank whose data is
+  refused while checked (``data=(X, Y)`` on one rank) raises its own error after that
+  all-reduce, and the others say so, so no rank is left waiting.
 
 The guard runs once per outermost call: routines called by a guarded routine (the operator
 inside ``top_eigenvalues``, the solvers inside ``layerwise``) are not checked again.
@@ -31,7 +33,7 @@ from .validation import check_bool
 
 # arguments that may differ between ranks: each rank's shard, and rank-local options
 LOCAL = ("self", "data", "bn_data", "progress", "path", "check_deterministic")
-COUNTS, RANDOM_LAYERS, LOSS = 1, 2, 3   # why two passes differed
+COUNTS, RANDOM_LAYERS, LOSS, RAISED = 1, 2, 3, 4   # why two passes differed, or an error
 _state = threading.local()
 
 
@@ -58,6 +60,8 @@ def _random_layers(model: nn.Module) -> list[str]:
 
 
 def _explain(code: int, model_mode: str, layers: list[str], detail: str = "") -> str:
+    if code == RAISED:
+        return "another rank's arguments or data were refused (that rank raised why)"
     head = "data must give the same batches on every pass (analysis passes over it repeatedly)"
     cause = {
         COUNTS: "the batches' sample counts differ between two passes: a DataLoader with "
@@ -104,12 +108,21 @@ def guarded(fn: Callable) -> Callable:
         a = bound.arguments
         model = a.get("model", a.get("model_a"))
         mode = a.get("model_mode", "eval")
-        code, detail = 0, ""
-        if check_bool("check_deterministic", a.get("check_deterministic", False)):
-            code, detail = repeated_passes(model, a["loss_fn"], a["data"],
-                                           a.get("batch_size_fn"), mode)
-        check_same_on_ranks({k: v for k, v in a.items() if k not in LOCAL}, code,
-                            lambda c: _explain(c, mode, _random_layers(model)))
+        code, detail, error = 0, "", None
+        try:
+            if check_bool("check_deterministic", a.get("check_deterministic", False)):
+                code, detail = repeated_passes(model, a["loss_fn"], a["data"],
+                                               a.get("batch_size_fn"), mode)
+        except Exception as err:  # raised after the all-reduce, so no other rank waits for us
+            code, error = RAISED, err
+        try:
+            check_same_on_ranks({k: v for k, v in a.items() if k not in LOCAL}, code,
+                                lambda c: _explain(c, mode, _random_layers(model)))
+        except ValueError:
+            if error is None:
+                raise
+        if error is not None:
+            raise error
         if code:
             raise ValueError(_explain(code, mode, _random_layers(model), detail))
         _state.inside = True
