@@ -113,10 +113,11 @@ class PerturbedLoss:
         if self.batch is not None:
             out = [t.detach() for t in self._per_batch(self.batch, grad)]
         else:
-            zero = self.base.new_zeros(())
+            def zeros():  # an empty shard's share: the loss and, with grad, the gradient
+                return [self.base.new_zeros(())] + ([torch.zeros_like(self.base)] if grad else [])
+
             out = data_mean(self.data, lambda b: self._per_batch(b, grad), self.batch_size_fn,
-                            reduction=self.reduction,
-                            zeros=lambda: [zero, torch.zeros_like(self.base)][:1 + grad]).values
+                            reduction=self.reduction, zeros=zeros).values
         return float(out[0]), (out[1] if grad else None)
 
 

@@ -150,7 +150,9 @@ def test_shuffling_without_drop_last_keeps_the_operator_and_passes():
 # ----------------------------------------------------------------------------- a single batch
 
 @pytest.mark.parametrize("data, what", [
-    (lambda x, y: (x, y), "a tuple of tensors"), (lambda x, y: x, "a Tensor"),
+    (lambda x, y: (x, y), "a tuple of tensors"), (lambda x, y: (x.numpy(), y.numpy()),
+                                                  "a tuple of tensors"),
+    (lambda x, y: x, "a Tensor"),
     (lambda x, y: {"x": x, "y": y}, "a dict"), (lambda x, y: x.numpy(), "a ndarray")])
 def test_a_single_batch_as_data_is_refused_with_the_fix(data, what):
     model, x, y = problem()

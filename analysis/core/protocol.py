@@ -81,12 +81,14 @@ def default_batch_size(batch: Any) -> int:
 
 def _single_batch(data: Any) -> str | None:
     """What ``data`` is if it is one batch rather than an iterable of batches: a tensor or
-    array, a dict, or a tuple of tensors (``(X, Y)``). A list of tensors is a list of batches."""
-    if isinstance(data, (Tensor, np.ndarray)):
+    array, a dict, or a tuple of tensors or arrays (``(X, Y)``). A list of tensors is a list
+    of batches."""
+    arrays = (Tensor, np.ndarray)
+    if isinstance(data, arrays):
         return f"a {type(data).__name__}"
     if isinstance(data, Mapping):
         return "a dict"
-    if isinstance(data, tuple) and data and all(isinstance(x, Tensor) for x in data):
+    if isinstance(data, tuple) and data and all(isinstance(x, arrays) for x in data):
         return "a tuple of tensors"
     return None
 
