@@ -75,7 +75,9 @@ def analyse_more(data) -> dict:
             "plane": plane(model, ce, data, d, d, [0.5], [0.0, 1.0], progress=False).losses,
             "average": np.array(average_sharpness(model, ce, data, n_samples=2,
                                                   progress=False).value),
-            "worst": np.array([worst.value, worst.loss])}
+            "worst": np.array([worst.value, worst.loss]),
+            "m_sharpness": np.array(worst_case_sharpness(model, ce, data, rho=0.1, steps=2, m=5,
+                                                         progress=False).value)}
 
 
 def _guard_worker(rank: int, world: int, init: str, out: str) -> None:
