@@ -143,7 +143,8 @@ def _recalibrated(model, loss_fn, data, bn_data, vectors, coords, store: Progres
             store.n_forward += recalibrate_bn(model, loss_fn, bn_data)
             model.train(model_mode == "train")
             mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), f" at {describe(i)}")],
-                             batch_size_fn, reduction=loss_reduction(loss_fn), zeros=scalar_zeros(1))
+                             batch_size_fn, reduction=loss_reduction(loss_fn),
+                             zeros=scalar_zeros(1))
             store.losses[i] = float(mean.values[0])
             store.n_forward += mean.n_batches
             store.write(complete=not np.isnan(store.losses).any())

@@ -44,14 +44,15 @@ def _one_pass(model: nn.Module, loss_fn, data: Iterable, batch_size_fn
 
     check_data(data)
     size, weighted = batch_size_fn or default_batch_size, loss_reduction(loss_fn) == "mean"
-    counts, total, dtype = [], torch.zeros((), dtype=torch.float64), torch.float64
+    counts, terms, dtype = [], [], torch.float64
     for batch in data:
         n = size(batch)
         counts.append(n)
         if n > 0:
             loss = check_loss(loss_fn(model, batch), " in the determinism check").detach()
-            total, dtype = total + loss.to("cpu", torch.float64) * (n if weighted else 1), loss.dtype
-    return counts, float(total), dtype
+            terms.append(loss.to(torch.float64) * (n if weighted else 1))  # no sync per batch
+            dtype = loss.dtype
+    return counts, float(sum(t.cpu() for t in terms)), dtype
 
 
 def _random_layers(model: nn.Module) -> list[str]:
@@ -86,7 +87,9 @@ def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=Non
         (c1, t1, dtype), (c2, t2, _) = (_one_pass(model, loss_fn, data, batch_size_fn)
                                         for _ in range(2))
     if c1 != c2:
-        return COUNTS, f" ({c1} then {c2})"
+        first = next((i for i, (a, b) in enumerate(zip(c1, c2)) if a != b), min(len(c1), len(c2)))
+        return COUNTS, (f" ({len(c1)} batches of {sum(c1)} samples, then {len(c2)} of "
+                        f"{sum(c2)}; they first differ at batch {first})")
     if abs(t1 - t2) > 64 * torch.finfo(dtype).eps * max(abs(t1), abs(t2)):
         code = RANDOM_LAYERS if model_mode == "train" and _random_layers(model) else LOSS
         return code, f" (total loss {t1!r} then {t2!r})"
