@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader, TensorDataset
 from analysis import (average_sharpness, evaluate, full_grad_norm, HessianOperator, hessian_trace,
                       mean_loss, spectral_density, top_eigenvalues, worst_case_sharpness)
 from landscape import line, plane, random_direction
+from landscape.evaluate import _activation_bytes
 from oracles import classification_data, cnn_bn, uneven_batches
 
 SIZES = (7, 3, 9, 4)
@@ -68,10 +69,16 @@ def analyse_more(data) -> dict:
     model = cnn_bn(12)
     d = random_direction(model, seed=2)
     worst = worst_case_sharpness(model, ce, data, rho=0.1, steps=2, progress=False)
+    # memory for 2 points at the smallest first batch (4 samples, rank 1's) but 1 at 7 samples:
+    # every rank must size its chunks for the largest batch, or they make different passes
+    weights = 3 * sum(t.numel() * t.element_size() for t in d.values())
+    memory = 2 * (weights + _activation_bytes(model, ce, all_data()[3])[0])
     return {**analyse(data), "mean_loss": np.array(mean_loss(model, ce, data, progress=False)),
             "evaluate": np.array(evaluate(model, ce, data, progress=False)),
             "grad_norm": np.array(full_grad_norm(model, ce, data, progress=False)),
             "line": line(model, ce, data, d, [-0.5, 0.5], progress=False).losses,
+            "chunks": line(model, ce, data, d, [-0.5, 0.0, 0.5], max_memory=memory,
+                           progress=False).losses,
             "plane": plane(model, ce, data, d, d, [0.5], [0.0, 1.0], progress=False).losses,
             "average": np.array(average_sharpness(model, ce, data, n_samples=2,
                                                   progress=False).value),
