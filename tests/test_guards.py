@@ -13,8 +13,8 @@ from analysis import (average_sharpness, evaluate, full_grad_norm, HessianOperat
                       sharpness_vs_curvature, spectral_density, supervised, top_eigenvalues,
                       worst_case_sharpness)
 from landscape import eigenvector_directions, interpolate, line, plane, random_direction
-from oracles import (assert_unchanged, classification_data, exact_grad, exact_hessian, mlp,
-                     snapshot, uneven_batches)
+from oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian,
+                     mlp, snapshot, uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 CE_SUM = supervised(nn.CrossEntropyLoss(reduction="sum"))
@@ -146,6 +146,18 @@ def test_shuffling_without_drop_last_keeps_the_operator_and_passes():
     res = top_eigenvalues(model, CE, loader, k=1, tol=1e-10, **QUIET)
     exact = torch.linalg.eigvalsh(exact_hessian(model, CE, [(x, y)]))[-1]
     assert res.eigenvalues[0] == pytest.approx(float(exact), rel=1e-8)
+
+
+def test_train_mode_batchnorm_with_any_shuffling_is_refused():
+    """Batch statistics depend on which samples share a batch: shuffling without drop_last
+    keeps the eval-mode operator but changes the train-mode one."""
+    x, y = classification_data(n=23, d=12)
+    model = cnn_bn()
+    loader = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True,
+                        generator=torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="with train-mode BatchNorm any shuffling"):
+        top_eigenvalues(model, CE, loader, model_mode="train", **QUIET)
+    top_eigenvalues(model, CE, loader, max_hvp=3, **QUIET)
 
 
 # ----------------------------------------------------------------------------- a single batch
