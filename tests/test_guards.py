@@ -12,6 +12,7 @@ from analysis import (average_sharpness, evaluate, full_grad_norm, HessianOperat
                       hvp, keskar_sharpness, layerwise, mean_loss, pac_bayes_sigma,
                       sharpness_vs_curvature, spectral_density, supervised, top_eigenvalues,
                       worst_case_sharpness)
+from analysis.core import fingerprint
 from landscape import eigenvector_directions, interpolate, line, plane, random_direction
 from oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian,
                      mlp, snapshot, uneven_batches)
@@ -241,3 +242,16 @@ def test_sum_reduced_losses_everywhere_and_a_user_flag():
         supervised(nn.CrossEntropyLoss(reduction="none"))
     with pytest.raises(ValueError, match="m-sharpness.*'mean'"):
         worst_case_sharpness(model, CE_SUM, data, m=5, **QUIET)
+
+
+def test_fingerprints_tell_apart_what_must_agree_between_ranks():
+    model = mlp((6, 5, 3))
+    d0, d1 = random_direction(model, seed=0), random_direction(model, seed=1)
+    same = {"seed": 3, "which": "LA", "direction": d0, "alphas": np.linspace(0, 1, 3)}
+    assert fingerprint(same) == fingerprint({**same, "direction": random_direction(model, seed=0)})
+    assert fingerprint(dict(reversed(list(d0.items())))) == fingerprint(d0)  # order of building
+    for changed in ({"seed": 4}, {"which": "SA"}, {"direction": d1}, {"alphas": [0, 0.5, 2]}):
+        assert fingerprint({**same, **changed}) != fingerprint(same), changed
+    assert fingerprint(model) != fingerprint(mlp((6, 5, 3), seed=1))
+    assert fingerprint(np.array(["a", "b"])) == fingerprint(["a", "b"])
+    assert fingerprint(lambda: 0) == fingerprint(print)  # callables are not compared

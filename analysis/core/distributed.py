@@ -71,6 +71,8 @@ def _digest(value: Any, h) -> None:
         h.update(b"n" + struct.pack("<d", float(value)))
     elif isinstance(value, str):
         h.update(b"s" + value.encode() + b"\0")
+    elif isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
+        _digest(value.tolist(), h)
     elif isinstance(value, (Tensor, np.ndarray)):
         t = torch.as_tensor(value).detach()
         h.update(b"t" + repr(tuple(t.shape)).encode())
@@ -81,7 +83,7 @@ def _digest(value: Any, h) -> None:
         _digest(dict(value.named_parameters()), h)
     elif isinstance(value, Mapping):
         h.update(b"d%d" % len(value))
-        for key in value:
+        for key in sorted(value, key=str):  # the same entries built in another order agree
             _digest(key, h)
             _digest(value[key], h)
     elif isinstance(value, (list, tuple)):
