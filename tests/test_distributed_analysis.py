@@ -65,15 +65,20 @@ def test_two_processes_match_one_process_on_all_data(tmp_path):
 
 
 def analyse_more(data) -> dict:
-    """``analyse`` and the routines built on plain loss evaluations."""
+    """One call of every reduction of the package: the operator, a solver, loss evaluations."""
     model = cnn_bn(12)
     d = random_direction(model, seed=2)
+    v = torch.randn(2, sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(5))
     worst = worst_case_sharpness(model, ce, data, rho=0.1, steps=2, progress=False)
     # memory for 2 points at the smallest first batch (4 samples, rank 1's) but 1 at 7 samples:
     # every rank must size its chunks for the largest batch, or they make different passes
     weights = 3 * sum(t.numel() * t.element_size() for t in d.values())
     memory = 2 * (weights + _activation_bytes(model, ce, all_data()[3])[0])
-    return {**analyse(data), "mean_loss": np.array(mean_loss(model, ce, data, progress=False)),
+    return {"hvp": HessianOperator(model, ce, data).matmat(v).numpy(),
+            "eig": top_eigenvalues(model, ce, data, tol=1e-8, progress=False).eigenvalues,
+            "trace": np.array(hessian_trace(model, ce, data, n_hvp=8, progress=False).estimate),
+            "mean_loss": np.array(mean_loss(model, ce, data, progress=False)),
             "evaluate": np.array(evaluate(model, ce, data, progress=False)),
             "grad_norm": np.array(full_grad_norm(model, ce, data, progress=False)),
             "line": line(model, ce, data, d, [-0.5, 0.5], progress=False).losses,
