@@ -34,6 +34,7 @@ from analysis.core import (all_reduce_max_, BatchSizeFn, check_choice, check_dat
 
 from .directions import named_targets
 from .results import Progress
+from .stacked import sequential_plan
 
 VECTORIZE = ("auto", True, False)
 DISTRIBUTE = ("data", "grid")
@@ -170,10 +171,10 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             mine = torch.as_tensor(np.arange(len(chunk)) % share == me, device=device)
             cs = torch.as_tensor(coords[chunk], dtype=dtype, device=device)[mine]
 
-            def per_batch(batch):
-                values = torch.zeros(len(chunk), dtype=dtype, device=device)
+            def per_batch(batch):  # the loss's dtype may differ from the weights'
+                values = torch.zeros(len(chunk), dtype=torch.float64, device=device)
                 if len(cs):
-                    values[mine] = fn(cs, batch)
+                    values[mine] = fn(cs, batch).to(values.dtype)
                     store.n_forward += len(cs)
                 return [values, mine.to(dtype)]
 
@@ -185,7 +186,13 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             # a mean: owned == 1 unless distribute="grid"; a sum is the owner's alone already
             return (total / owned if reduction == "mean" else total).cpu().double().numpy()
 
-        mode = looped if vectorize is False else vmapped
+        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
+        group = chunk_size  # points per forward of the sequential plan
+
+        def stacked(cs: Tensor, batch) -> Tensor:
+            return torch.stack([_scalar(v) for v in plan.losses(cs, batch, group, device)])
+
+        mode = stacked if plan else looped if vectorize is False else vmapped
         if chunk_size is None:
             weight_bytes = sum(v.numel() * v.element_size() for v in vectors[0].values())
             first = next(iter(data), None)  # None: this rank's shard is empty
@@ -196,6 +203,9 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             all_reduce_max_([sizes])
             act, largest = (int(x) for x in sizes.tolist())
             chunk_size = max(1, min(len(todo), max_memory // (3 * weight_bytes + act)))
+            group = chunk_size
+            if plan and device.type == "cpu":
+                group = max(1, min(chunk_size, CPU_TENSOR_BYTES // max(largest, plan.weight_bytes(), 1)))
             if mode is vmapped and device.type == "cpu":
                 cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
                 if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:

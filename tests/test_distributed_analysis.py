@@ -11,8 +11,9 @@ import torch.multiprocessing as mp
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from analysis import (average_sharpness, evaluate, full_grad_norm, HessianOperator, hessian_trace,
-                      mean_loss, spectral_density, top_eigenvalues, worst_case_sharpness)
+from analysis import (average_sharpness, evaluate, FisherOperator, full_grad_norm, GGNOperator,
+                      HessianOperator, hessian_trace, mean_loss, spectral_density, supervised,
+                      top_eigenvalues, worst_case_sharpness)
 from landscape import line, plane, random_direction
 from landscape.evaluate import _activation_bytes
 from oracles import classification_data, cnn_bn, uneven_batches
@@ -36,7 +37,20 @@ def analyse(data) -> dict:
     return {"hvp": HessianOperator(model, ce, data).matmat(v).numpy(),
             "eig": eig.eigenvalues, "n_hvp": np.array([eig.n_hvp, bottom.n_hvp]),
             "bottom": bottom.eigenvalues, "trace": np.array([trace.estimate, trace.stderr]),
-            "nodes": slq.nodes, "weights": slq.weights}
+            "nodes": slq.nodes, "weights": slq.weights, **curvatures(model, data, v)}
+
+
+def curvatures(model, data, v) -> dict:
+    """GGN, exact / Monte-Carlo / empirical Fisher products and a preconditioned eigenvalue."""
+    loss = supervised(F.cross_entropy)
+    P = torch.linspace(0.5, 2.0, v.shape[1], dtype=torch.float64)
+    pre = top_eigenvalues(model, loss, data, k=2, tol=1e-10, curvature="ggn", preconditioner=P,
+                          progress=False)
+    return {"ggn": GGNOperator(model, loss, data).matmat(v).numpy(),
+            **{f"fisher_{kind}": FisherOperator(model, loss, data, kind=kind, mc_samples=2,
+                                                seed=4).matmat(v).numpy()
+               for kind in ("exact", "mc", "empirical")},
+            "preconditioned_ggn_eig": pre.eigenvalues}
 
 
 def all_data():
@@ -76,6 +90,7 @@ def analyse_more(data) -> dict:
     weights = 3 * sum(t.numel() * t.element_size() for t in d.values())
     memory = 2 * (weights + _activation_bytes(model, ce, all_data()[3])[0])
     return {"hvp": HessianOperator(model, ce, data).matmat(v).numpy(),
+            "ggn": GGNOperator(model, supervised(F.cross_entropy), data).matmat(v).numpy(),
             "eig": top_eigenvalues(model, ce, data, tol=1e-8, progress=False).eigenvalues,
             "trace": np.array(hessian_trace(model, ce, data, n_hvp=8, progress=False).estimate),
             "mean_loss": np.array(mean_loss(model, ce, data, progress=False)),

@@ -8,8 +8,8 @@ from torch import nn
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
-from analysis import (average_sharpness, evaluate, full_grad_norm, HessianOperator, hessian_trace,
-                      hvp, keskar_sharpness, layerwise, mean_loss, pac_bayes_sigma,
+from analysis import (average_sharpness, evaluate, FisherOperator, full_grad_norm, GGNOperator,
+                      HessianOperator, hessian_trace, hvp, keskar_sharpness, layerwise, mean_loss, pac_bayes_sigma,
                       sharpness_vs_curvature, spectral_density, supervised, top_eigenvalues,
                       worst_case_sharpness)
 from analysis.core import fingerprint
@@ -61,6 +61,8 @@ def direction(model):
 # every routine that passes over data more than once, called cheaply
 ROUTINES = {
     "HessianOperator": lambda m, d, **kw: HessianOperator(m, CE, d, **kw),
+    "GGNOperator": lambda m, d, **kw: GGNOperator(m, CE, d, **kw),
+    "FisherOperator": lambda m, d, **kw: FisherOperator(m, CE, d, kind="mc", **kw),
     "top_eigenvalues": lambda m, d, **kw: top_eigenvalues(m, CE, d, k=1, max_hvp=3, **kw),
     "hessian_trace": lambda m, d, **kw: hessian_trace(m, CE, d, n_hvp=4, **kw),
     "spectral_density": lambda m, d, **kw: spectral_density(m, CE, d, 2, 1, **kw),
@@ -217,6 +219,11 @@ def test_sum_reduced_criterion_gives_the_hessian_of_the_total_loss():
     np.testing.assert_allclose(top, torch.linalg.eigvalsh(H_total).flip(0)[:2].numpy(), rtol=1e-8)
     tr = hessian_trace(model, CE_SUM, data, n_hvp=3 * H_total.shape[0], **QUIET).estimate
     assert tr == pytest.approx(float(H_total.trace()), rel=1e-10)
+    # the GGN of the total loss likewise; the Fisher is that of the mean loss only
+    torch.testing.assert_close(GGNOperator(model, CE_SUM, data).matmat(V),
+                               n * GGNOperator(model, CE, data).matmat(V), rtol=1e-10, atol=1e-10)
+    with pytest.raises(ValueError, match="Fisher is defined for the mean loss"):
+        FisherOperator(model, CE_SUM, data, kind="empirical")
 
 
 def test_sum_reduced_losses_everywhere_and_a_user_flag():

@@ -2,9 +2,9 @@
 
 Modules, each holding one piece of the protocol:
 
-* ``protocol``: the loss/data protocol: ``LossFn``, ``supervised``, ``loss_reduction``,
-  ``default_batch_size``, ``check_data``, ``check_loss``, ``data_mean`` (the one
-  sample-weighted reduction), ``scalar_zeros`` and ``mean_loss``.
+* ``protocol``: the loss/data protocol: ``LossFn``, ``supervised``, ``split_loss``,
+  ``loss_reduction``, ``default_batch_size``, ``check_data``, ``check_loss``, ``data_mean``
+  (the one sample-weighted reduction), ``scalar_zeros`` and ``mean_loss``.
 * ``guards``: ``guarded``, the decorator of every public data routine (deterministic data,
   arguments that agree between ranks), ``is_guarded`` and ``repeated_passes``.
 * ``params``: ``select_params``, the ``params=`` argument of every routine.
@@ -25,7 +25,7 @@ from .flat import flatten, numel, unflatten
 from .params import ParamSelection, select_params
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
                        data_mean, default_batch_size, loss_reduction, mean_loss, scalar_zeros,
-                       supervised)
+                       split_loss, supervised)
 from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
@@ -35,8 +35,9 @@ from .validation import (ArgumentTypeError, check_bool, check_choice, check_int,
 
 __all__ = [
     # protocol
-    "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "supervised", "loss_reduction",
-    "default_batch_size", "check_data", "check_loss", "data_mean", "scalar_zeros", "mean_loss",
+    "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "supervised", "split_loss",
+    "loss_reduction", "default_batch_size", "check_data", "check_loss", "data_mean",
+    "scalar_zeros", "mean_loss",
     # guards
     "guarded", "is_guarded", "repeated_passes",
     # params
