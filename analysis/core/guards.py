@@ -12,7 +12,9 @@ under ``torch.distributed`` the arguments must agree between ranks.
   parameters) and compared in one all-reduce, which also carries the determinism verdict of
   every rank; a mismatch raises the same ``ValueError`` on every rank. A rank whose data is
   refused while checked (``data=(X, Y)`` on one rank) raises its own error after that
-  all-reduce, and the others say so, so no rank is left waiting.
+  all-reduce, and the others say so, so no rank is left waiting. In one process, a loss that
+  fails in the check's forward pass lets the routine run first, so that its own argument
+  checks name the problem.
 
 The guard runs once per outermost call: routines called by a guarded routine (the operator
 inside ``top_eigenvalues``, the solvers inside ``layerwise``) are not checked again.
@@ -27,7 +29,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from .distributed import check_same_on_ranks
+from .distributed import check_same_on_ranks, is_distributed
 from .restore import check_model_mode, preserved
 from .validation import check_bool
 
@@ -111,9 +113,10 @@ def guarded(fn: Callable) -> Callable:
         a = bound.arguments
         model = a.get("model", a.get("model_a"))
         mode = a.get("model_mode", "eval")
+        check = check_bool("check_deterministic", a.get("check_deterministic", False))
         code, detail, error = 0, "", None
         try:
-            if check_bool("check_deterministic", a.get("check_deterministic", False)):
+            if check:
                 code, detail = repeated_passes(model, a["loss_fn"], a["data"],
                                                a.get("batch_size_fn"), mode)
         except Exception as err:  # raised after the all-reduce, so no other rank waits for us
@@ -124,15 +127,21 @@ def guarded(fn: Callable) -> Callable:
         except ValueError:
             if error is None:
                 raise
-        if error is not None:
+        if error is not None and is_distributed():
             raise error
-        if code:
+        if code and error is None:
             raise ValueError(_explain(code, mode, _random_layers(model), detail))
         _state.inside = True
         try:
-            return fn(*args, **kwargs)
+            # if the check's forward pass failed, the routine's own argument checks speak first
+            result = fn(*args, **kwargs)
         finally:
             _state.inside = False
+        if error is not None:
+            raise ValueError(f"data could not be checked for determinism: loss_fn raised "
+                             f"{type(error).__name__}: {error} in a forward pass without "
+                             "gradients; check_deterministic=False skips the check") from error
+        return result
 
     wrapper.guarded = True
     return wrapper
