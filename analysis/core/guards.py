@@ -137,10 +137,11 @@ def guarded(fn: Callable) -> Callable:
             result = fn(*args, **kwargs)
         finally:
             _state.inside = False
-        if error is not None:
-            raise ValueError(f"data could not be checked for determinism: loss_fn raised "
-                             f"{type(error).__name__}: {error} in a forward pass without "
-                             "gradients; check_deterministic=False skips the check") from error
+        if error is not None:  # the routine ran, the check could not: never skip it silently
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note("raised by loss_fn in the determinism check's forward pass without "
+                               "gradients; check_deterministic=False skips the check")
+            raise error
         return result
 
     wrapper.guarded = True
