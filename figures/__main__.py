@@ -20,7 +20,7 @@ from .runner import Runner
 from .verdict import entry
 
 REPRODUCTIONS = ["agd_switching", "wsam_sharpness", "ndadam_direction", "adasam_convergence",
-                 "sala_overhead", "landscape_gallery"]
+                 "sala_overhead", "landscape_gallery", "adaptive_eos"]
 
 
 def parse(argv):

@@ -6,7 +6,7 @@ import contextlib
 import importlib
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from functools import lru_cache
 from typing import Any, Callable
 
@@ -170,6 +170,7 @@ class Job:
     seed: int
     batch_size: int | None = None
     steps: int | None = None          # a fixed number of iterations instead of epochs
+    subset: int | None = None         # train on the first ``subset`` training samples only
     schedule: str = "cosine"          # or "constant"
     batchnorm: bool = False
     head_scale: float | None = None
@@ -190,6 +191,8 @@ def execute(jb: Job, size: Size) -> dict:
     passes, the tracked curves and the measurements at the solution (a picklable dict)."""
     began = time.perf_counter()
     data = split(size)
+    if jb.subset is not None:
+        data = replace(data, x=data.x[:jb.subset], y=data.y[:jb.subset])
     model = mlp(size, jb.seed, batchnorm=jb.batchnorm, head_scale=jb.head_scale)
     opt = OPTIMIZERS[jb.opt](model, jb.params)
     curvature = data.curvature(size.curvature_samples)

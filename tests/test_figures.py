@@ -76,6 +76,27 @@ def test_required_measurements(tiny):
     assert len(summary["adasam_convergence"]["measured"]["slope_per_seed"]) == 2
 
 
+def test_adaptive_eos_ratios_use_each_optimizers_threshold(tiny):
+    """GD's ratio is lambda_max / (2 / lr), Adam's and AGD's the preconditioned sharpness over
+    (2 + 2 beta1) / ((1 - beta1) lr) with beta1 0.9, at every record; the rule window is the
+    last half of the records."""
+    from figures.adaptive_eos import RATIO, SHARPNESS, SIZE, late_median
+    out, summary = tiny
+    data, _ = load(out, "adaptive_eos")
+    for name, by_lr in data["runs"].items():
+        for lr, runs in by_lr.items():
+            threshold = 2 / float(lr) if name == "GD" else 3.8 / (0.1 * float(lr))
+            for run in runs:
+                sharp, ratio = (np.asarray(run["history"][k][1]) for k in (SHARPNESS[name],
+                                                                           RATIO[name]))
+                assert sharp / ratio == pytest.approx(threshold, rel=1e-4), (name, lr)
+                assert len(sharp) >= SIZE["tiny"]["steps"] - 1
+                if name != "GD":          # a different operator than plain lambda_max
+                    assert not np.allclose(sharp, run["history"]["lambda_max"][1], rtol=0.01)
+    run = {"history": {"r": [[1, 2, 3, 4, 5, 6], [9.0, 9.0, 9.0, 1.0, 2.0, 3.0]]}}
+    assert late_median(run, "r") == 2.0
+
+
 def test_rerun_skips_unchanged_and_force_recomputes(tiny, tmp_path, capsys, monkeypatch):
     out, summary = tiny
     for f in out.iterdir():
@@ -216,12 +237,27 @@ def _gallery(data, mode):
     for run in data["runs"]["SGD"]:
         run["extra"].update(lambda_max_lanczos=2.0, density_top_node=2.01,
                             line_min_at_centre=True, plane_min_at_centre=mode != "refuted")
+    if mode == "undecided":
+        data["runs"]["SGD"][0]["extra"]["density_top_node"] = 3.0
+    return None, None
+
+
+def _eos(data, mode):
+    """Every ratio curve at 1.05 late in training (0.3 when refuted); when undecided seed 0's
+    sits at 1.5, above the band."""
+    from figures.adaptive_eos import RATIO
+    for name, by_lr in data["runs"].items():
+        for runs in by_lr.values():
+            for run in runs:
+                late = 0.3 if mode == "refuted" else 1.5 if (
+                    mode == "undecided" and run["seed"] == 0) else 1.05
+                run["history"][RATIO[name]] = [[1, 2, 3, 4], [0.1, 0.1, late, late]]
     return None, None
 
 
 CONSTRUCT = {"agd_switching": _agd, "wsam_sharpness": _wsam, "ndadam_direction": _ndadam,
              "adasam_convergence": _adasam, "sala_overhead": _sala,
-             "landscape_gallery": _gallery}
+             "landscape_gallery": _gallery, "adaptive_eos": _eos}
 
 
 @pytest.mark.parametrize("name", REPRODUCTIONS)
@@ -236,8 +272,6 @@ def test_each_rule_returns_each_verdict(tiny, name):
             _set(data["runs"][better], "final_test_acc", [0.70, 0.71])
             _set(data["runs"][worse], "final_test_acc",
                  [0.60, 0.61] if mode != "undecided" else [0.50, 0.90])
-        elif mode == "undecided":
-            data["runs"]["SGD"][0]["extra"]["density_top_node"] = 3.0
         _, checks = module.rule(data)
         assert combine(checks) == mode, (name, mode, {k: c["verdict"] for k, c in checks.items()})
 
@@ -273,3 +307,27 @@ def test_search_extends_a_grid_past_an_edge_optimum(grid, peak, extended):
     assert found.axes["lr"] == pytest.approx(extended) and found.best["lr"] == pytest.approx(peak)
     assert found.interior == {"lr": True}
     assert len(set(runner.calls)) == runner.size.select_seeds * len(extended)   # each point once
+
+
+def test_a_subset_job_trains_full_batch_on_the_first_samples():
+    """``subset=n`` with ``batch_size=n``: one full-batch GD step on the first n training
+    samples, and the Tracker's lambda_max is that of the loss on those n samples."""
+    import torch
+    from analysis import top_eigenvalues
+    from figures.harness import CROSS_ENTROPY, SIZES, execute, mlp, split
+    size, n, lr = SIZES["tiny"], 64, 0.5
+    result = execute(job("test", "GD", "SGD", 0, {"lr": lr, "momentum": 0.0}, batch_size=n,
+                         steps=1, schedule="constant", subset=n, track=("lambda_max",)), size)
+    data = split(size)
+    batch = [(data.x[:n], data.y[:n])]
+    model = mlp(size, 0)
+    loss = CROSS_ENTROPY(model, batch[0])
+    assert result["curves"]["train_loss"] == [pytest.approx(float(loss.detach()), rel=1e-6)]
+    grads = torch.autograd.grad(loss, list(model.parameters()))
+    with torch.no_grad():
+        for p, g in zip(model.parameters(), grads):
+            p -= lr * g
+    eig = top_eigenvalues(model, CROSS_ENTROPY, batch, k=1, which="LA", tol=1e-3,
+                          max_hvp=size.lanczos_max_hvp, seed=0, progress=False)
+    assert result["history"]["lambda_max"][1] == [pytest.approx(float(eig.eigenvalues[0]),
+                                                                rel=1e-5)]
