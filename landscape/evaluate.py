@@ -120,7 +120,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
     The losses are written to ``store`` (and its file) after every chunk. A non-finite loss
     raises ValueError naming the point (``describe(index)``). ``store.n_forward`` counts
     forward passes: one per point and batch, plus one probe sizing the chunks when
-    ``chunk_size`` is None. The data is not fingerprinted: resuming with other data mixes them.
+    ``chunk_size`` is None.
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")

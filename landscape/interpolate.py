@@ -15,7 +15,7 @@ from analysis.core import (BatchSizeFn, check_loss, check_model_mode, data_mean,
 
 from .directions import named_targets, load_state, state_tensors
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
-from .results import InterpolationResult, Progress, surface_metadata
+from .results import data_probe, InterpolationResult, Progress, surface_metadata
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -104,7 +104,8 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
         losses[ends] = result.loss_a, result.loss_b
         return losses
 
-    store = Progress(path, (len(points),), meta, build, losses_of)
+    store = Progress(path, (len(points),), meta, build, losses_of,
+                     lambda: data_probe(model_a, loss_fn, data, model_mode, batch_size_fn))
 
     def describe(i: int) -> str:
         return f"alpha={fmt(points[i])}"

@@ -7,7 +7,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from landscape import interpolate, line, load_result, plane, random_direction, save_result
+from landscape import (interpolate, line, LineResult, load_result, plane, random_direction,
+                       save_result)
 from oracles import classification_data, mlp, uneven_batches
 from test_surface import quad_loss, quadratic_problem
 from test_surface import ce as CE
@@ -33,7 +34,7 @@ def test_interrupted_plane_resumes_without_recomputing(tmp_path):
     model, data, _, d1, d2 = quadratic_problem()
     path = tmp_path / "plane.npz"
     full = plane(model, quad_loss, data, d1, d2, XS, YS, chunk_size=2, progress=False)
-    with pytest.raises(Interrupt):  # 3 batches per chunk: dies in the third chunk
+    with pytest.raises(Interrupt):  # the probe, then 3 batches per chunk: dies in the third chunk
         plane(model, counting(limit=7), data, d1, d2, XS, YS, chunk_size=2, progress=False,
               path=path)
     partial = load_result(path)
@@ -42,13 +43,13 @@ def test_interrupted_plane_resumes_without_recomputing(tmp_path):
     resumed_fn = counting()
     resumed = plane(model, resumed_fn, data, d1, d2, XS, YS, chunk_size=2, progress=False,
                     path=path)
-    assert resumed_fn.calls == 4 * 3  # the 8 unfinished points in 4 chunks, 3 batches each
+    assert resumed_fn.calls == 1 + 4 * 3  # the probe; the 8 unfinished points in 4 chunks
     np.testing.assert_array_equal(resumed.losses, full.losses)
     again = counting()
     plane(model, again, data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
-    assert again.calls == 0
+    assert again.calls == 1  # only the probe
     done = load_result(path)
-    assert done.metadata["complete"] and done.n_forward == 12 * 3
+    assert done.metadata["complete"] and done.n_forward == 12 * 3 + 2  # and the 2 probes
     np.testing.assert_array_equal(done.losses, full.losses)
     with pytest.raises(ValueError, match="cannot resume"):  # other directions
         plane(model, quad_loss, data, d2, d1, XS, YS, progress=False, path=path)
@@ -106,3 +107,87 @@ def test_distributed_plane_equals_one_process(tmp_path):
         np.testing.assert_allclose(got[1], want, rtol=1e-12)
     assert (tmp_path / "data0.npz").exists() and not (tmp_path / "data1.npz").exists()
     assert not (tmp_path / "grid1.npz").exists()
+
+
+def scaled(factor):
+    def loss_fn(model, batch):
+        return factor * quad_loss(model, batch)
+    return loss_fn
+
+
+def test_resume_refuses_other_data_or_loss_fn(tmp_path):
+    model, data, _, d1, d2 = quadratic_problem()
+    path = tmp_path / "plane.npz"
+    with pytest.raises(Interrupt):  # a partial file: the probe and one chunk
+        plane(model, counting(limit=4), data, d1, d2, XS, YS, chunk_size=2, progress=False,
+              path=path)
+    (c0,), *rest = data
+    others = {"other data": [(c0 + 0.5,), *rest], "fewer samples": data[:-1],
+              "another last batch": [*data[:-1], (data[-1][0] * 2,)]}
+    for why, other in others.items():
+        with pytest.raises(ValueError, match="data .*differ.*remove the file or choose another"):
+            plane(model, quad_loss, other, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
+    with pytest.raises(ValueError, match="loss at the origin"):
+        plane(model, scaled(2.0), data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
+    with pytest.raises(ValueError, match="configuration"):
+        plane(model, quad_loss, data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path,
+              model_mode="train")
+    full = plane(model, quad_loss, data, d1, d2, XS, YS, chunk_size=2, progress=False)
+    same = [(c.clone(),) for c, in data]  # equal batches in new tensors resume
+    resumed = plane(model, quad_loss, same, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+
+
+def test_interpolate_and_line_resumes_check_the_loss_fn(tmp_path):
+    model, data, _, d1, _ = quadratic_problem()
+    line(model, quad_loss, data, d1, [0.0, 1.0], progress=False, path=tmp_path / "l.npz")
+    with pytest.raises(ValueError, match="loss at the origin"):
+        line(model, scaled(3.0), data, d1, [0.0, 1.0], progress=False, path=tmp_path / "l.npz")
+    other = {n: p.detach() + 0.1 for n, p in model.state_dict().items()}
+    interpolate(model, other, quad_loss, data, [0.5], progress=False, path=tmp_path / "i.npz")
+    with pytest.raises(ValueError, match="loss at the origin"):
+        interpolate(model, other, scaled(3.0), data, [0.5], progress=False,
+                    path=tmp_path / "i.npz")
+
+
+def test_bad_paths_fail_before_any_computation(tmp_path):
+    model, data, _, d1, d2 = quadratic_problem()
+    fn = counting()
+    with pytest.raises(ValueError, match="does not exist"):
+        plane(model, fn, data, d1, d2, XS, YS, progress=False, path=tmp_path / "no" / "p.npz")
+    with pytest.raises(ValueError, match="is a directory"):
+        line(model, fn, data, d1, XS, progress=False, path=tmp_path)
+    assert fn.calls == 0
+    for name, content in {"corrupt.npz": b"PK\x03\x04 not a zip", "empty.npz": b"",
+                          "text.npz": b"hello"}.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match="not a sharpscape result file.*remove the file"):
+            plane(model, fn, data, d1, d2, XS, YS, progress=False, path=tmp_path / name)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="not a sharpscape result file"):
+        line(model, fn, data, d1, XS, progress=False, path=tmp_path / "array.npy")
+    foreign = tmp_path / "foreign.npz"
+    line(model, quad_loss, data, d1, XS, progress=False, path=foreign)
+    with pytest.raises(ValueError, match="kind.*differ"):
+        plane(model, fn, data, d1, d2, XS, YS, progress=False, path=foreign)
+    assert fn.calls == 5  # no grid point: only the probes of the last 5 calls (one forward each)
+
+
+def _writer(index, path, barrier):
+    barrier.wait()
+    for k in range(20):
+        save_result(LineResult(np.arange(3.0), np.full(3, float(index)), k), path)
+
+
+def test_concurrent_writers_never_share_a_temporary_file(tmp_path):
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(3)
+    path = str(tmp_path / "shared.npz")
+    procs = [ctx.Process(target=_writer, args=(i, path, barrier)) for i in range(3)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    assert [p.exitcode for p in procs] == [0, 0, 0]
+    assert load_result(path).losses[0] in (0.0, 1.0, 2.0)
+    assert os.listdir(tmp_path) == ["shared.npz"]  # no temporary file left behind
