@@ -52,8 +52,14 @@ def _load(result):
 
 def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")
                 ) -> list[str]:
-    """Save ``fig`` as ``path`` with each extension in ``formats``; returns the file names."""
-    stem = os.path.splitext(os.fspath(path))[0]
+    """Save ``fig`` as ``path`` with each extension in ``formats``; returns the file names.
+
+    The extensions are appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.png``);
+    a name already ending in one of ``formats`` has that ending replaced.
+    """
+    stem, ext = os.path.splitext(os.fspath(path))
+    if ext[1:].lower() not in {f.lower() for f in formats}:
+        stem = os.fspath(path)
     out = []
     with style():
         for ext in formats:
