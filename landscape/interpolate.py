@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.core import (BatchSizeFn, check_loss, check_model_mode, data_mean, LossFn,
-                           ParamSelection, preserved, select_params)
+from analysis.core import (BatchSizeFn, check_data, check_loss, check_model_mode, data_mean,
+                           LossFn, ParamSelection, preserved, select_params)
 
 from .directions import named_targets, load_state, state_tensors
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
@@ -25,31 +25,33 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
 
     The statistics are reset and re-estimated in train mode with a cumulative average
     (``momentum=None``), one forward per batch through ``loss_fn``. The model's weights are
-    used as they are; its BatchNorm buffers are overwritten (callers wrap this in
-    ``analysis.core.preserved``). Returns the number of forward passes.
+    used as they are; on success its BatchNorm buffers hold the new statistics (callers that
+    want them back wrap this in ``analysis.core.preserved``); on any error (e.g. empty
+    ``data``) the model is left exactly as it was. Returns the number of forward passes.
     """
+    check_data(data)
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return 0
     momenta = [m.momentum for m in bns]
-    was_training = [(m, m.training) for m in model.modules()]
     n = 0
     try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
+        with preserved(model, "train", weights=False), torch.no_grad():
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
             for batch in data:
                 loss_fn(model, batch)
                 n += 1
+            if n == 0:
+                raise ValueError("bn_data is empty: BatchNorm statistics cannot be recalibrated")
+            fresh = [[b.clone() for b in m.buffers(recurse=False)] for m in bns]
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
-        for m, t in was_training:
-            m.training = t
-    if n == 0:
-        raise ValueError("bn_data is empty: BatchNorm statistics cannot be recalibrated")
+    with torch.no_grad():  # preserved put the old statistics back: install the new ones
+        for m, values in zip(bns, fresh):
+            torch._foreach_copy_(list(m.buffers(recurse=False)), values)
     return n
 
 
