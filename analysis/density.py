@@ -21,8 +21,8 @@ from tqdm.auto import trange
 
 from .hvp import HessianOperator
 from .lanczos import Krylov
-from .core import (BatchSizeFn, check_int, check_positive, LossFn, make_generator, ParamSelection,
-                   rademacher, records_metadata, register_result)
+from .core import (BatchSizeFn, check_bool, check_int, check_positive, LossFn, make_generator,
+                   ParamSelection, rademacher, records_metadata, register_result)
 
 
 @register_result
@@ -98,6 +98,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)
     n_grid = check_int("n_grid", n_grid, 2)
+    log_scale = check_bool("log_scale", log_scale)
     if sigma is not None:
         check_positive("sigma", sigma)
     make_generator(seed)

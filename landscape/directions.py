@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import (BatchSizeFn, check_choice, LossFn, make_generator, ParamSelection, randn,
-                           register_result, select_params, unflatten)
+from analysis.core import (BatchSizeFn, check_bool, check_choice, LossFn, make_generator,
+                           ParamSelection, randn, register_result, select_params, unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
@@ -92,6 +92,7 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     params: which parameters get a direction (default: all with requires_grad).
     """
     check_choice("normalization", normalization, NORMALIZATIONS)
+    ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
     gen = make_generator(seed)
     names, tensors = select_params(model, params)
     out = {}

@@ -10,8 +10,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.core import (BatchSizeFn, check_data, check_loss, check_model_mode, data_mean,
-                           LossFn, ParamSelection, preserved, select_params)
+from analysis.core import (BatchSizeFn, check_bool, check_data, check_loss, check_model_mode,
+                           data_mean, LossFn, ParamSelection, preserved, select_params)
 
 from .directions import named_targets, load_state, state_tensors
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
@@ -76,6 +76,7 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     Other keywords as in :func:`landscape.line`. Both models are left unchanged.
     """
     check_model_mode(model_mode)
+    buffers = check_bool("buffers", buffers)
     alphas = check_coords(alphas, "alphas")
     names = list(dict(model_a.named_parameters())) if params is None else \
         select_params(model_a, params)[0]

@@ -9,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.core import (check_choice, check_int, flatten, ParamSelection, records_metadata,
-                           register_result, select_params)
+from analysis.core import (check_bool, check_choice, check_int, flatten, ParamSelection,
+                           records_metadata, register_result, select_params)
 
 from .directions import Direction, named_targets, check_direction, state_tensors
 
@@ -89,6 +89,7 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
     The sign of each direction makes its largest-magnitude entry positive.
     """
     check_choice("method", method, METHODS)
+    ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
     names, like = select_params(model, params)
     like = [p.detach() for p in like]
     theta = _matrix(trajectory, model, names, like)

@@ -84,6 +84,7 @@ def test_save_figure_keeps_the_whole_name(tmp_path):
     for stem in ("run_lr0.1", "run_lr0.01"):
         files = save_figure(ax.figure, tmp_path / stem)
         assert files == [str(tmp_path / f"{stem}.{ext}") for ext in ("png", "pdf")]
-    assert save_figure(ax.figure, tmp_path / "fig.png", formats=("png",)) == [str(tmp_path / "fig.png")]
+    png = str(tmp_path / "fig.png")
+    assert save_figure(ax.figure, png, formats=("png",)) == [png]
     assert sorted(os.listdir(tmp_path)) == ["fig.png", "run_lr0.01.pdf", "run_lr0.01.png",
                                             "run_lr0.1.pdf", "run_lr0.1.png"]

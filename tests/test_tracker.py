@@ -290,7 +290,7 @@ def test_bad_arguments(setup):
     ({"model_mode": "bogus"}, "model_mode must be one of"),
     ({"seed": -1}, "seed must be an int >= 0"),
     ({"seed": 1.5}, "seed must be an int"),
-    ({"curvature_data": "generator", "lambda_max": True}, "curvature_data: data must be re-iterable"),
+    ({"curvature_data": "generator", "lambda_max": True}, "curvature_data: data must be re-iter"),
     ({"eval_data": "generator"}, "eval_data: data must be re-iterable"),
     ({"trace_n_hvp": 3, "trace": True}, "trace_n_hvp must be an int >= 4"),
     ({"lanczos_tol": float("nan")}, "lanczos_tol must be a finite number > 0"),
