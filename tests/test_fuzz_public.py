@@ -106,6 +106,16 @@ DIR2 = {"3.weight": torch.ones(2, 3, dtype=torch.float64)}
 TRAJECTORY = [{n: t + 0.1 * k ** (1 + i % 3) if t.is_floating_point() else t
                for i, (n, t) in enumerate(small_model().state_dict().items())} for k in range(4)]
 
+GRID = np.linspace(-1.0, 1.0, 5)
+BOWL = L.PlaneResult(GRID, GRID, 1.0 + GRID[None, :] ** 2 + GRID[:, None] ** 2)
+LEVELS = Arg("int", 2)
+
+
+def drawn(ax) -> None:
+    """A plot call's result: nothing to check but that it did not raise."""
+    assert ax.figure is not None
+
+
 # routine -> (call with the fuzzed keyword, {keyword: accepted range})
 SPEC: dict[str, tuple[Callable[..., Any], dict[str, Arg]]] = {
     "top_eigenvalues": (lambda m, **kw: A.top_eigenvalues(m, CE, DATA, progress=False, **kw), {
@@ -164,6 +174,11 @@ SPEC: dict[str, tuple[Callable[..., Any], dict[str, Arg]]] = {
         "k": I(1, N), "tol": R(), "max_hvp": I(1, none=True), "seed": SEED}),
     "pca_directions": (lambda m, **kw: L.pca_directions(TRAJECTORY, m, **kw), {
         "n": I(1, 3), "method": C("auto", "svd", "gram"), "ignore_bias_bn": B}),
+    "plot_contour": (lambda m, **kw: drawn(L.plot_contour(BOWL, **kw)), {
+        "levels": LEVELS, "log": B, "filled": B, "colorbar": B}),
+    "plot_spectral_density": (lambda m, **kw: drawn(L.plot_spectral_density(
+        A.DensityResult(GRID, np.exp(-GRID ** 2), GRID[None], np.ones((1, 5)) / 5, 0.1, False, 5),
+        **kw)), {"log": B, "floor": R()}),
     "Tracker": (lambda m, **kw: A.Tracker(m, CE, curvature_data=DATA, **kw).log(), {
         "every": I(1), "lanczos_tol": R(), "lanczos_max_hvp": I(1), "trace_n_hvp": I(4),
         "seed": SEED, "model_mode": MODE, "lambda_max": B, "trace": B, "grad_norm": B,
