@@ -88,7 +88,8 @@ class HessianOperator:
         self.shape = (n, n)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.n_hvp = 0
-        self._reuse = reuse_graph and isinstance(data, (list, tuple)) and len(data) == 1
+        self._reuse = (check_bool("reuse_graph", reuse_graph) and isinstance(data, (list, tuple))
+                       and len(data) == 1)
         self._graph: tuple[Tensor, list[Tensor | None]] | None = None
         self._context = None
         self._depth = 0
@@ -122,6 +123,8 @@ class HessianOperator:
             shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
             raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
                              f"selected parameter elements), got {shape}")
+        if not bool(torch.isfinite(vs).all()):
+            raise ValueError("vectors must be finite (they hold NaN or inf)")
         vs = vs.to(self.device, self.dtype)
         product = self._reverse if self.hvp_method == "reverse" else self._forward
         with self, torch.enable_grad():

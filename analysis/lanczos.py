@@ -104,6 +104,8 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
         if v0.shape[1] != n:
             raise ValueError(f"v0 must have {n} columns (the number of selected parameter "
                              f"elements), got shape {tuple(v0.shape)}")
+        if not bool(torch.isfinite(v0).all()):
+            raise ValueError("v0 must be finite (it holds NaN or inf)")
         folded = torch.zeros_like(block)
         folded.index_add_(0, torch.arange(len(v0), device=like.device) % b, v0.to(like))
         given = torch.linalg.vector_norm(folded, dim=1) > 0

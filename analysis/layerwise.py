@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from torch import nn
 from tqdm.auto import tqdm
 
 from .lanczos import top_eigenvalues
-from .core import (BatchSizeFn, LossFn, ParamSelection, records_metadata, register_result,
-                   select_params)
+from .core import (ArgumentTypeError, BatchSizeFn, LossFn, ParamSelection, records_metadata,
+                   register_result, select_params)
 from .trace import hessian_trace
 
 Groups = dict[str, list[str] | Callable[[str, nn.Parameter], bool]]
@@ -63,6 +63,9 @@ def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups 
         and blocks left empty are dropped.
     """
     groups = default_groups(model) if groups is None else groups
+    if not isinstance(groups, Mapping):
+        raise ArgumentTypeError("groups must be a dict {block name: parameter names or "
+                                f"predicate}}, got {type(groups).__name__}")
     if not groups:
         raise ValueError("groups must name at least one block")
     chosen = set(select_params(model, params)[0])

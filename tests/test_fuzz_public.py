@@ -254,3 +254,23 @@ def test_the_unfuzzed_calls_succeed(name):
     snap = snapshot(model)
     assert not has_nan(SPEC[name][0](model))
     assert_unchanged(model, snap)
+
+
+def test_non_finite_vectors_and_directions_are_refused():
+    model = small_model()
+    snap = snapshot(model)
+    bad = torch.full((N,), math.nan, dtype=torch.float64)
+    with pytest.raises(ValueError, match="vectors must be finite"):
+        A.hvp(model, CE, DATA, bad, progress=False)
+    with pytest.raises(ValueError, match="v0 must be finite"):
+        A.top_eigenvalues(model, CE, DATA, v0=bad, progress=False)
+    with pytest.raises(ValueError, match="must be finite"):
+        L.line(model, CE, DATA, {"0.weight": torch.full((3, 4), math.inf, dtype=torch.float64)},
+               [0.0, 1.0], progress=False)
+    with pytest.raises(TypeError, match="groups must be a dict"):
+        A.layerwise(model, CE, DATA, groups="0.weight", progress=False)
+    with pytest.raises(TypeError, match="reuse_graph must be True or False"):
+        A.HessianOperator(model, CE, DATA, reuse_graph="no")
+    with pytest.raises(TypeError, match="buffers must be True or False"):
+        L.update_direction(TRAJECTORY[0], TRAJECTORY[1], model, buffers="no")
+    assert_unchanged(model, snap)
