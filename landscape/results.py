@@ -146,7 +146,7 @@ class Progress:
 AGAIN = "remove the file or choose another path"
 LOSS_RTOL = 1e-6   # the loss at the origin may differ in its last bits (threads, devices)
 _PARTS = {"origin": "origin weights", "config": "configuration",
-          "data": "data (sample count or first/last batch)",
+          "data": "data (sample count or first/last batch; a shuffled DataLoader changes them)",
           "loss": "loss at the origin (another loss_fn, data or model mode)"}
 
 

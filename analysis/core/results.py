@@ -13,13 +13,14 @@ pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import json
 import os
-import tempfile
+import uuid
 import zipfile
 from importlib import metadata as _pkg_metadata
 from typing import Any, Callable, Mapping
@@ -173,15 +174,16 @@ def save_result(result: Any, path: str | os.PathLike) -> None:
     if rank() != 0:
         return
     path = os.fspath(path)
-    # a unique temporary file in the target directory: concurrent writers never share it
-    fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".", suffix=".tmp",
-                               dir=os.path.dirname(path) or ".")
+    # a unique temporary file next to the target (so os.replace is atomic): concurrent writers
+    # never share it; open(..., "x") keeps the usual (umask) permissions, unlike mkstemp's 0600
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
     try:
-        with os.fdopen(fd, "wb") as fh:
+        with open(tmp, "xb") as fh:
             np.savez(fh, **{_KEY: np.array(json.dumps(doc, sort_keys=True))}, **encode.arrays)
         os.replace(tmp, path)
     except BaseException:
-        os.unlink(tmp)
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
         raise
 
 
