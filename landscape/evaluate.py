@@ -34,6 +34,7 @@ from analysis.core import (ArgumentTypeError, BatchSizeFn, check_choice, check_d
 
 from .directions import named_targets
 from .results import Progress
+from .stacked import sequential_plan
 
 VECTORIZE = ("auto", True, False)
 DISTRIBUTE = ("data", "grid")
@@ -172,22 +173,31 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             mine = torch.as_tensor(np.arange(len(chunk)) % share == me, device=device)
             cs = torch.as_tensor(coords[chunk], dtype=dtype, device=device)[mine]
 
-            def per_batch(batch):
-                values = torch.zeros(len(chunk), dtype=dtype, device=device)
+            def per_batch(batch):  # the loss's dtype may differ from the weights'
+                values = torch.zeros(len(chunk), dtype=torch.float64, device=device)
                 if len(cs):
-                    values[mine] = fn(cs, batch)
+                    values[mine] = fn(cs, batch).to(values.dtype)
                     store.n_forward += len(cs)
                 return [values, mine.to(dtype)]
 
             total, owned = data_mean(data, per_batch, batch_size_fn).values
             return (total / owned).cpu().double().numpy()  # owned == 1 unless distribute="grid"
 
-        mode = looped if vectorize is False else vmapped
+        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
+        group = chunk_size  # points per forward of the sequential plan
+
+        def stacked(cs: Tensor, batch) -> Tensor:
+            return torch.stack([_scalar(v) for v in plan.losses(cs, batch, group, device)])
+
+        mode = stacked if plan else looped if vectorize is False else vmapped
         if chunk_size is None:
             weight_bytes = sum(v.numel() * v.element_size() for v in vectors[0].values())
             act, largest = _activation_bytes(model, loss_fn, next(iter(data)))
             store.n_forward += 1
             chunk_size = max(1, min(len(todo), max_memory // (3 * weight_bytes + act)))
+            group = chunk_size
+            if plan and device.type == "cpu":
+                group = max(1, min(chunk_size, CPU_TENSOR_BYTES // max(largest, plan.weight_bytes(), 1)))
             if mode is vmapped and device.type == "cpu":
                 cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
                 if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:

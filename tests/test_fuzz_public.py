@@ -95,6 +95,7 @@ def C(*choices, none=False):
 
 
 B = Arg("bool")
+CURVATURE = C("hessian", "ggn", "fisher", "empirical_fisher")
 SEED = I(0)
 MODE = C("eval", "train")
 ADAPTIVE = C(False, True, "elementwise", "filter", none=True)  # None: plain, as False
@@ -121,13 +122,14 @@ SPEC: dict[str, tuple[Callable[..., Any], dict[str, Arg]]] = {
     "top_eigenvalues": (lambda m, **kw: A.top_eigenvalues(m, CE, DATA, progress=False, **kw), {
         "k": I(1, N), "tol": R(), "max_hvp": I(1, none=True), "block_size": I(1),
         "max_basis": I(1, none=True), "seed": SEED, "which": C("LA", "SA", "LM"),
-        "method": C("lanczos", "power"), "model_mode": MODE}),
+        "method": C("lanczos", "power"), "model_mode": MODE, "curvature": CURVATURE}),
     "hessian_trace": (lambda m, **kw: A.hessian_trace(m, CE, DATA, progress=False, **kw), {
-        "n_hvp": I(4), "chunk": I(1), "seed": SEED, "method": C("hutch++", "hutchinson", "xtrace")}),
+        "n_hvp": I(4), "chunk": I(1), "seed": SEED, "method": C("hutch++", "hutchinson", "xtrace"),
+        "curvature": CURVATURE}),
     "spectral_density": (lambda m, **kw: A.spectral_density(m, CE, DATA, n_lanczos=6, n_vectors=2,
                                                             n_grid=50, progress=False, **kw), {
         "n_lanczos": I(1), "n_vectors": I(1), "sigma": R(none=True), "n_grid": I(2), "seed": SEED,
-        "log_scale": B}),
+        "log_scale": B, "curvature": CURVATURE}),
     "layerwise": (lambda m, **kw: A.layerwise(m, CE, DATA, n_hvp_trace=12, progress=False, **kw), {
         "tol": R(), "n_hvp_trace": I(4), "seed": SEED,
         "trace_method": C("hutch++", "hutchinson", "xtrace")}),
