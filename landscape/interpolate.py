@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import inspect
 import os
+from functools import partial
 from typing import Iterable
 
 import numpy as np
@@ -108,7 +109,7 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
         return losses
 
     store = Progress(path, (len(points),), meta, build, losses_of,
-                     lambda: data_probe(model_a, loss_fn, data, model_mode, batch_size_fn))
+                     partial(data_probe, model_a, loss_fn, data, model_mode, batch_size_fn))
 
     def describe(i: int) -> str:
         return f"alpha={fmt(points[i])}"

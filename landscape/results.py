@@ -152,7 +152,7 @@ _PARTS = {"origin": "origin weights", "config": "configuration",
 
 def _same(key: str, old: Any, new: Any) -> bool:
     if key == "loss" and isinstance(old, float) and isinstance(new, float):
-        return math.isclose(old, new, rel_tol=LOSS_RTOL, abs_tol=LOSS_RTOL * 1e-6)
+        return math.isclose(old, new, rel_tol=LOSS_RTOL, abs_tol=1e-12)
     return json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True)
 
 

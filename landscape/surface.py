@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -42,8 +43,7 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     config = {"model_mode": model_mode, "names": names,
               "shape": [len(a) for a in axes[::-1]]}
     meta = surface_metadata(kind, dirs, origin, axes, config)
-    probe = lambda: data_probe(model, loss_fn, data, model_mode,  # noqa: E731
-                               options["batch_size_fn"])
+    probe = partial(data_probe, model, loss_fn, data, model_mode, options["batch_size_fn"])
     store = Progress(path, tuple(len(a) for a in axes[::-1]), meta, build, probe=probe)
     labels = ("alpha",) if kind == "line" else ("x", "y")
 
