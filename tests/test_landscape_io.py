@@ -125,7 +125,8 @@ def test_resume_refuses_other_data_or_loss_fn(tmp_path):
     others = {"other data": [(c0 + 0.5,), *rest], "fewer samples": data[:-1],
               "another last batch": [*data[:-1], (data[-1][0] * 2,)]}
     for why, other in others.items():
-        with pytest.raises(ValueError, match="data .*differ.*remove the file or choose another"):
+        with pytest.raises(ValueError, match=r"\(data \(sample count or first/last batch.*"
+                                             r"differ\); remove the file or choose another path"):
             plane(model, quad_loss, other, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
     with pytest.raises(ValueError, match="loss at the origin"):
         plane(model, scaled(2.0), data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
