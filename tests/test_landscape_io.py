@@ -124,7 +124,7 @@ def test_resume_refuses_other_data_or_loss_fn(tmp_path):
     (c0,), *rest = data
     others = {"other data": [(c0 + 0.5,), *rest], "fewer samples": data[:-1],
               "another last batch": [*data[:-1], (data[-1][0] * 2,)]}
-    for why, other in others.items():
+    for other in others.values():
         with pytest.raises(ValueError, match=r"\(data \(sample count or first/last batch.*"
                                              r"differ\); remove the file or choose another path"):
             plane(model, quad_loss, other, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
