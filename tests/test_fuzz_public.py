@@ -47,6 +47,7 @@ gen = torch.Generator().manual_seed(1)
 X, Y = torch.randn(10, 4, generator=gen, dtype=torch.float64), torch.randint(0, 2, (10,), generator=gen)
 DATA = [(X[:6], Y[:6]), (X[6:], Y[6:])]
 N = 26  # parameters with requires_grad (the default selection)
+ONES = torch.ones(N, dtype=torch.float64)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -157,9 +158,14 @@ SPEC: dict[str, tuple[Callable[..., Any], dict[str, Arg]]] = {
                  {"model_mode": MODE}),
     "full_grad_norm": (lambda m, **kw: A.full_grad_norm(m, CE, DATA, progress=False, **kw),
                        {"model_mode": MODE}),
-    "hvp": (lambda m, **kw: A.hvp(m, CE, DATA, torch.ones(N, dtype=torch.float64),
-                                  progress=False, **kw),
+    "hvp": (lambda m, **kw: A.hvp(m, CE, DATA, ONES, progress=False, **kw),
             {"model_mode": MODE, "hvp_method": C("reverse", "forward")}),
+    "GGNOperator": (lambda m, **kw: A.GGNOperator(m, CE, DATA, progress=False, **kw).matvec(ONES),
+                    {"model_mode": MODE, "reuse_graph": B}),
+    "FisherOperator": (lambda m, **kw: A.FisherOperator(m, CE, DATA, progress=False,
+                                                        **kw).matvec(ONES), {
+        "kind": C("exact", "mc", "empirical"), "mc_samples": I(1), "seed": SEED,
+        "likelihood": C("categorical", "gaussian", none=True), "reuse_graph": B}),
     "line": (lambda m, alphas=(-1.0, 0.0, 1.0), **kw: L.line(m, CE, DATA, DIR, alphas,
                                                               progress=False, **kw),
              {**SURFACE, "alphas": COORDINATE}),
