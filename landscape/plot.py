@@ -17,8 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.core import (check_bool, check_choice, check_int, check_number, check_positive,
-                           load_result)
+from analysis.core import (ArgumentTypeError, check_bool, check_choice, check_int, check_number,
+                           check_positive, load_result)
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
@@ -58,6 +58,10 @@ def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = (
     The extensions are appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.png``);
     a name already ending in one of ``formats`` has that ending replaced.
     """
+    if (isinstance(formats, str) or not formats
+            or not all(isinstance(f, str) and f.isalnum() for f in formats)):
+        raise ArgumentTypeError(f"formats must be a sequence of file extensions such as "
+                                f"('png', 'pdf'), got {formats!r}")
     stem, ext = os.path.splitext(os.fspath(path))
     if ext[1:].lower() not in {f.lower() for f in formats}:
         stem = os.fspath(path)

@@ -88,6 +88,9 @@ def test_save_figure_keeps_the_whole_name(tmp_path):
     assert save_figure(ax.figure, png, formats=("png",)) == [png]
     assert sorted(os.listdir(tmp_path)) == ["fig.png", "run_lr0.01.pdf", "run_lr0.01.png",
                                             "run_lr0.1.pdf", "run_lr0.1.png"]
+    for formats in ("png", (), ("png", 1), (".png",)):
+        with pytest.raises(TypeError, match="formats must be"):
+            save_figure(ax.figure, tmp_path / "x", formats=formats)
 
 
 @pytest.mark.parametrize("levels", [[1.0, 0.5], [], [1.0, float("nan")], 1, True, 2.5, "10"])
