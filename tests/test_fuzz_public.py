@@ -44,7 +44,8 @@ def small_model() -> nn.Module:
 
 
 gen = torch.Generator().manual_seed(1)
-X, Y = torch.randn(10, 4, generator=gen, dtype=torch.float64), torch.randint(0, 2, (10,), generator=gen)
+X = torch.randn(10, 4, generator=gen, dtype=torch.float64)
+Y = torch.randint(0, 2, (10,), generator=gen)
 DATA = [(X[:6], Y[:6]), (X[6:], Y[6:])]
 N = 26  # parameters with requires_grad (the default selection)
 ONES = torch.ones(N, dtype=torch.float64)
@@ -144,7 +145,8 @@ SPEC: dict[str, tuple[Callable[..., Any], dict[str, Arg]]] = {
         "adaptive": ADAPTIVE}),
     "sharpness_vs_curvature": (lambda m, rhos=(0.01,), **kw: A.sharpness_vs_curvature(
         m, CE, DATA, rhos, steps=2, progress=False, **kw), {
-        "rhos": R(listed=True), "steps": I(1), "restarts": I(1), "tol": R(), "max_hvp": I(1, none=True), "seed": SEED}),
+        "rhos": R(listed=True), "steps": I(1), "restarts": I(1), "tol": R(),
+        "max_hvp": I(1, none=True), "seed": SEED}),
     "keskar_sharpness": (lambda m, **kw: A.keskar_sharpness(m, CE, DATA, maxiter=2,
                                                             progress=False, **kw), {
         "eps": R(), "subspace_dim": I(1, N, none=True), "maxiter": I(1), "seed": SEED}),
