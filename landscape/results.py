@@ -4,7 +4,9 @@ The results follow ``analysis.core.results`` (save with ``save_result``, read wi
 ``load_result``). Their ``metadata`` holds the kind of result, seed and direction info, a hash
 of the directions and of the origin weights, the configuration, and the torch/numpy/sharpscape
 versions. A surface computed with ``path=`` is mirrored to that file after every chunk (NaN
-where a point is not computed yet), so an interrupted run resumes where it stopped.
+where a point is not computed yet), so an interrupted run resumes where it stopped; its
+fingerprint then also holds what :func:`data_probe` can tell about the data and ``loss_fn``, and
+resuming from a file of another computation is refused (:class:`Progress`).
 """
 from __future__ import annotations
 
