@@ -104,35 +104,47 @@ class Progress:
         self.losses = np.full(shape, np.nan)
         self.n_forward = 0
         if self.path is not None:
+            old = self._read() if rank() == 0 else None  # before anything is computed
+            refused = broadcast_object(old if isinstance(old, str) else None)
+            if refused is not None:
+                raise ValueError(refused)
             if probe is not None:
                 extra, self.n_forward = probe()
                 self.meta = {**meta, "fingerprint": {**meta["fingerprint"], **extra}}
-            loaded = self._resume() if rank() == 0 else None
-            loaded = broadcast_object(loaded)
+            loaded = broadcast_object(self._resume(old) if old is not None else None)
             if isinstance(loaded, str):
                 raise ValueError(loaded)
             if loaded is not None:
                 losses, n_forward = loaded
                 self.losses, self.n_forward = losses, self.n_forward + n_forward
 
-    def _resume(self):
+    def _read(self) -> Any:
+        """The result in the file (rank 0), None without a file, or why it cannot be resumed
+        (unreadable, or another kind of result)."""
         if not os.path.exists(self.path):
             return None
-        cannot = f"cannot resume from {self.path}"
         try:
-            old_result = load_result(self.path)
-            old = dict(old_result.metadata)
+            old = load_result(self.path)
+            kind = dict(old.metadata).get("kind")
         except (ValueError, TypeError, AttributeError) as err:
-            return f"{cannot}: {err}; {AGAIN}"
-        mine, theirs = self.meta["fingerprint"], old.get("fingerprint") or {}
-        diff = ["kind"] if old.get("kind") != self.meta.get("kind") else []
-        diff += [_PARTS.get(k, k) for k in mine if not _same(k, theirs.get(k), mine[k])]
+            return f"cannot resume from {self.path}: {err}; {AGAIN}"
+        if kind != self.meta.get("kind"):
+            return (f"cannot resume from {self.path}: it holds a different computation (kind "
+                    f"{kind!r}, not {self.meta.get('kind')!r}); {AGAIN}")
+        return old
+
+    def _resume(self, old: Any):
+        """The finished losses and cost of ``old`` if its fingerprint is this computation's,
+        else why not."""
+        cannot = f"cannot resume from {self.path}"
+        mine, theirs = self.meta["fingerprint"], old.metadata.get("fingerprint") or {}
+        diff = [_PARTS.get(k, k) for k in mine if not _same(k, theirs.get(k), mine[k])]
         if diff:
             return f"{cannot}: it holds a different computation ({', '.join(diff)} differ); {AGAIN}"
-        losses = self.losses_of(old_result)
+        losses = self.losses_of(old)
         if losses.shape != self.losses.shape:
             return f"{cannot}: losses have shape {losses.shape}; {AGAIN}"
-        return losses.astype(np.float64), int(old_result.n_forward)
+        return losses.astype(np.float64), int(old.n_forward)
 
     def result(self, complete: bool = False) -> Any:
         """The result as computed so far."""
