@@ -5,7 +5,7 @@ bool, float-for-int, numpy scalars; strings; None), the call either returns a re
 NaN or raises ValueError/TypeError; the model is never changed (parameters, buffers, grads,
 training and requires_grad flags); and a value outside the keyword's accepted range (the
 ``SPEC`` below, written from the docstrings, independently of the validation code) is always
-refused. Small model, few examples: the whole file runs in seconds.
+refused. Small model (29 parameters), few examples (derandomized, so CI is reproducible).
 """
 from __future__ import annotations
 
