@@ -197,7 +197,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             chunk_size = max(1, min(len(todo), max_memory // (3 * weight_bytes + act)))
             group = chunk_size
             if plan and device.type == "cpu":
-                group = max(1, min(chunk_size, CPU_TENSOR_BYTES // max(largest, plan.weight_bytes(), 1)))
+                group = plan.cpu_group(largest, chunk_size)
             if mode is vmapped and device.type == "cpu":
                 cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
                 if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:

@@ -24,8 +24,9 @@ from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
 from .seeding import make_generator, rademacher, randn, uniform
-from .validation import (ArgumentTypeError, check_bool, check_choice, check_int, check_nonnegative,
-                         check_number, check_positive, check_probability)
+from .validation import (ArgumentTypeError, check_bool, check_choice, check_device, check_dtype,
+                         check_int, check_nonnegative, check_number, check_positive,
+                         check_probability)
 
 __all__ = [
     # protocol
@@ -46,5 +47,5 @@ __all__ = [
     "records_metadata",
     # validation
     "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_nonnegative",
-    "check_number", "check_positive", "check_probability",
+    "check_number", "check_positive", "check_probability", "check_dtype", "check_device",
 ]
