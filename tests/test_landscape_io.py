@@ -36,17 +36,18 @@ def test_interrupted_plane_resumes_without_recomputing(tmp_path):
     full = plane(model, quad_loss, data, d1, d2, XS, YS, chunk_size=2, progress=False)
     with pytest.raises(Interrupt):  # the probe, then 3 batches per chunk: dies in the third chunk
         plane(model, counting(limit=7), data, d1, d2, XS, YS, chunk_size=2, progress=False,
-              path=path)
+              path=path, check_deterministic=False)
     partial = load_result(path)
     assert np.isfinite(partial.losses).sum() == 4 and not partial.metadata["complete"]
     np.testing.assert_array_equal(partial.losses.reshape(-1)[:4], full.losses.reshape(-1)[:4])
     resumed_fn = counting()
     resumed = plane(model, resumed_fn, data, d1, d2, XS, YS, chunk_size=2, progress=False,
-                    path=path)
+                    path=path, check_deterministic=False)
     assert resumed_fn.calls == 1 + 4 * 3  # the probe; the 8 unfinished points in 4 chunks
     np.testing.assert_array_equal(resumed.losses, full.losses)
     again = counting()
-    plane(model, again, data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
+    plane(model, again, data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path,
+          check_deterministic=False)
     assert again.calls == 1  # only the probe
     done = load_result(path)
     assert done.metadata["complete"] and done.n_forward == 12 * 3 + 2  # and the 2 probes
@@ -120,7 +121,7 @@ def test_resume_refuses_other_data_or_loss_fn(tmp_path):
     path = tmp_path / "plane.npz"
     with pytest.raises(Interrupt):  # a partial file: the probe and one chunk
         plane(model, counting(limit=4), data, d1, d2, XS, YS, chunk_size=2, progress=False,
-              path=path)
+              path=path, check_deterministic=False)
     (c0,), *rest = data
     others = {"other data": [(c0 + 0.5,), *rest], "fewer samples": data[:-1],
               "another last batch": [*data[:-1], (data[-1][0] * 2,)]}
@@ -154,23 +155,24 @@ def test_interpolate_and_line_resumes_check_the_loss_fn(tmp_path):
 def test_bad_paths_fail_before_any_computation(tmp_path):
     model, data, _, d1, d2 = quadratic_problem()
     fn = counting()
+    quiet = dict(progress=False, check_deterministic=False)  # count the routine's own forwards
     with pytest.raises(ValueError, match="does not exist"):
-        plane(model, fn, data, d1, d2, XS, YS, progress=False, path=tmp_path / "no" / "p.npz")
+        plane(model, fn, data, d1, d2, XS, YS, **quiet, path=tmp_path / "no" / "p.npz")
     with pytest.raises(ValueError, match="is a directory"):
-        line(model, fn, data, d1, XS, progress=False, path=tmp_path)
+        line(model, fn, data, d1, XS, **quiet, path=tmp_path)
     assert fn.calls == 0
     for name, content in {"corrupt.npz": b"PK\x03\x04 not a zip", "empty.npz": b"",
                           "text.npz": b"hello"}.items():
         (tmp_path / name).write_bytes(content)
         with pytest.raises(ValueError, match="not a sharpscape result file.*remove the file"):
-            plane(model, fn, data, d1, d2, XS, YS, progress=False, path=tmp_path / name)
+            plane(model, fn, data, d1, d2, XS, YS, **quiet, path=tmp_path / name)
     np.save(tmp_path / "array.npy", np.zeros(3))
     with pytest.raises(ValueError, match="not a sharpscape result file"):
-        line(model, fn, data, d1, XS, progress=False, path=tmp_path / "array.npy")
+        line(model, fn, data, d1, XS, **quiet, path=tmp_path / "array.npy")
     foreign = tmp_path / "foreign.npz"
-    line(model, quad_loss, data, d1, XS, progress=False, path=foreign)
+    line(model, quad_loss, data, d1, XS, **quiet, path=foreign)
     with pytest.raises(ValueError, match="different computation \\(kind 'line', not 'plane'"):
-        plane(model, fn, data, d1, d2, XS, YS, progress=False, path=foreign)
+        plane(model, fn, data, d1, d2, XS, YS, **quiet, path=foreign)
     assert fn.calls == 0  # every path was refused before anything was computed
 
 
