@@ -19,8 +19,9 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .core import (BatchSizeFn, check_device, check_dtype, check_int, check_positive, LossFn,
-                   make_generator, ParamSelection, rademacher, records_metadata, register_result)
+from .core import (BatchSizeFn, check_device, check_dtype, check_int, check_positive, guarded,
+                   LossFn, make_generator, ParamSelection, rademacher, records_metadata,
+                   register_result)
 from .curvature import curvature_operator
 from .lanczos import BASIS_DTYPES, Krylov
 from .preconditioning import Preconditioner
@@ -87,6 +88,7 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
 
 
 @records_metadata
+@guarded
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczos: int = 80,
                      n_vectors: int = 10, *, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
@@ -94,7 +96,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                      n_grid: int = 1000, log_scale: bool = False,
                      hvp_method: str = "reverse", curvature: str = "hessian",
                      preconditioner: Preconditioner = None, basis_dtype: torch.dtype | None = None,
-                     basis_device: torch.device | str | None = None) -> DensityResult:
+                     basis_device: torch.device | str | None = None,
+                     check_deterministic: bool = True) -> DensityResult:
     """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
@@ -103,6 +106,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
         units; negative eigenvalues are counted by magnitude).
     curvature, preconditioner, basis_dtype, basis_device: as in :func:`analysis.top_eigenvalues`
         (the matrix whose density it is; where the basis lives).
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)

@@ -57,8 +57,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import (BatchSizeFn, check_int, check_loss, data_mean, LossFn, ParamSelection,
-                   preserved, select_params)
+from .core import (BatchSizeFn, check_int, check_loss, data_mean, guarded, loss_reduction, LossFn,
+                   ParamSelection, preserved, scalar_zeros, select_params)
 from .preconditioning import optimizer_preconditioner, stability_threshold
 
 Record = dict[str, float]
@@ -66,31 +66,37 @@ Record = dict[str, float]
 
 def _classify(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Tensor]:
     """[mean loss, accuracy] of one batch ``(inputs, targets)``, with one forward when
-    ``loss_fn`` comes from ``supervised`` (it carries ``.criterion``)."""
+    ``loss_fn`` comes from ``supervised`` (it carries ``.criterion``); [summed loss, number
+    correct] for a sum-reduced ``loss_fn``."""
     device = next(model.parameters()).device
     inputs, targets = batch[0].to(device), batch[1].to(device)
     outputs = model(inputs)
     criterion = getattr(loss_fn, "criterion", None)
     loss = criterion(outputs, targets) if criterion is not None else loss_fn(model, batch)
     loss = check_loss(loss, " in Tracker evaluation")
-    acc = (outputs.argmax(dim=-1) == targets).to(loss.dtype).mean()
-    return [loss, acc]
+    correct = (outputs.argmax(dim=-1) == targets).to(loss.dtype)
+    return [loss, correct.sum() if loss_reduction(loss_fn) == "sum" else correct.mean()]
 
 
+@guarded
 def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
              model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
              progress: bool = True) -> tuple[float, float]:
     """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
+    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean).
 
     params: validated like everywhere (the metrics do not depend on the selection).
     """
     select_params(model, params)
+    reduction = loss_reduction(loss_fn)
     with preserved(model, model_mode, weights=False), torch.no_grad():
-        loss, acc = data_mean(data, lambda b: _classify(model, loss_fn, b), batch_size_fn,
-                              progress=progress).values
-    return float(loss), float(acc)
+        out = data_mean(data, lambda b: _classify(model, loss_fn, b), batch_size_fn,
+                        reduction=reduction, zeros=scalar_zeros(2), progress=progress)
+    loss, acc = out.values
+    return float(loss), float(acc) / (out.n_samples if reduction == "sum" else 1)
 
 
+@guarded
 def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                    params: ParamSelection = None, model_mode: str = "eval",
                    batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
@@ -101,7 +107,9 @@ def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
         def per_batch(batch):
             loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
             return torch.autograd.grad(loss, params)
-        grads = data_mean(data, per_batch, batch_size_fn, progress=progress).values
+        grads = data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
+                          zeros=lambda: [torch.zeros_like(p) for p in params],
+                          progress=progress).values
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
 

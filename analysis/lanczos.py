@@ -23,8 +23,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core import (BatchSizeFn, check_choice, check_device, check_dtype, check_int,
-                   check_positive, LossFn, make_generator, ParamSelection, randn, records_metadata,
-                   register_result)
+                   check_positive, guarded, LossFn, make_generator, ParamSelection, randn,
+                   records_metadata, register_result)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 
@@ -278,6 +278,7 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
 
 
 @records_metadata
+@guarded
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
                     which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None, *,
                     params: ParamSelection = None, model_mode: str = "eval",
@@ -286,7 +287,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                     max_basis: int | None = None, hvp_method: str = "reverse",
                     curvature: str = "hessian", preconditioner: Preconditioner = None,
                     basis_dtype: torch.dtype | None = None,
-                    basis_device: torch.device | str | None = None) -> EigenResult:
+                    basis_device: torch.device | str | None = None,
+                    check_deterministic: bool = True) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
@@ -313,6 +315,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     basis_dtype, basis_device: where the Lanczos basis lives (default: the model's dtype and
         device), e.g. ``basis_device="cpu"`` for a model on a GPU, or ``basis_dtype=torch.float32``
         for a float64 model (eigenvalues then to float32 accuracy, see :func:`lanczos`).
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes;
+        ``analysis.core.guards``).
     """
     k = check_int("k", k, 1)
     basis_dtype = check_dtype("basis_dtype", basis_dtype, BASIS_DTYPES)
