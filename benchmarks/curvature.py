@@ -265,7 +265,7 @@ def peak_lanczos_memory(n_params: int, k: int) -> dict:
             "peak_vectors": peak / (4 * n), "target_vectors": max_basis + 4}
 
 
-LANCZOS_CASES = {f"{n // 10 ** 6}M-k{k}": (n, k) for n in (10 ** 6, 10 ** 7) for k in (1, 10)}
+LANCZOS_CASES = {f"{n // 10 ** 6}M-k{k}": (n, k) for n in (10 ** 6, 10 ** 7, 5 * 10 ** 7) for k in (1, 10)}
 
 
 def memory_in_fresh_process(case: str) -> dict:
