@@ -101,7 +101,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                          batch_size_fn=batch_size_fn, hvp_method=hvp_method)
     with op:
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
-                                                   seed=seed, like=op.params[0].detach(),
+                                                   seed=seed, like=op.like,
                                                    progress=progress)
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)
     return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp)

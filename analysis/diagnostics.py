@@ -53,40 +53,32 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .protocol import LossFn, check_loss, data_mean
+from .compiled import unwrap_compiled
+from .evaluation import EvalFn, evaluate_metrics
+from .ops import gradients
+from .protocol import BatchSizeFn, LossFn, check_loss, data_mean
 from .restore import preserved
 
 Record = dict[str, float]
 
 
-def _classify(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Tensor]:
-    """[mean loss, accuracy] of one batch ``(inputs, targets)``, with one forward when
-    ``loss_fn`` comes from ``supervised`` (it carries ``.criterion``)."""
-    device = next(model.parameters()).device
-    inputs, targets = batch[0].to(device), batch[1].to(device)
-    outputs = model(inputs)
-    criterion = getattr(loss_fn, "criterion", None)
-    loss = criterion(outputs, targets) if criterion is not None else loss_fn(model, batch)
-    loss = check_loss(loss, " in Tracker evaluation")
-    acc = (outputs.argmax(dim=-1) == targets).to(loss.dtype).mean()
-    return [loss, acc]
-
-
 def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable) -> tuple[float, float]:
-    """(mean loss, accuracy) over ``data`` in eval mode; the model is left unchanged."""
-    with preserved(model, "eval", weights=False), torch.no_grad():
-        loss, acc = data_mean(data, lambda b: _classify(model, loss_fn, b)).values
-    return float(loss), float(acc)
+    """(mean loss, accuracy) over ``data`` in eval mode, the model left unchanged (NaN accuracy
+    where the batches define none, see :mod:`analysis.evaluation`)."""
+    metrics = evaluate_metrics(model, loss_fn, data)
+    return metrics["loss"], metrics.get("acc", math.nan)
 
 
 def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable,
                    model_mode: str = "eval") -> float:
-    """Norm of the gradient of the sample-weighted mean loss over ``data`` (model unchanged)."""
+    """Norm of the gradient of the sample-weighted mean loss over ``data`` (model unchanged;
+    parameters the loss does not use contribute zero)."""
+    model = unwrap_compiled(model)
     params = [p for p in model.parameters() if p.requires_grad]
     with preserved(model, model_mode, weights=False):
         def per_batch(batch):
             loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
-            return torch.autograd.grad(loss, params)
+            return [g for g in gradients(loss, params) if g is not None] or [loss.new_zeros(())]
         grads = data_mean(data, per_batch).values
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
@@ -110,7 +102,11 @@ class Tracker:
 
     model, loss_fn: the trained model and the ``loss_fn(model, batch)`` protocol.
     every: log every ``every`` optimizer steps (and whenever ``log`` is called).
-    eval_data, test_data: iterables of ``(inputs, targets)`` batches for loss and accuracy.
+    eval_data, test_data: iterables of batches, recorded as ``train_<metric>`` and
+        ``test_<metric>``: loss and accuracy by default (``(inputs, targets)`` tuples, dict
+        batches with ``"labels"``, outputs that are tensors or have ``.loss``/``.logits``), or
+        the metrics of ``eval_fn(model, batch) -> dict``, sample-weighted over the batches
+        (counted by ``batch_size_fn``, default :func:`analysis.protocol.default_batch_size`).
     curvature_data: the batches on which lambda_max and the trace are computed.
     lambda_max, trace: switch those (HVP-based, so the costly) quantities on.
     grad_norm: log the norm of the gradient of the mean loss over ``curvature_data``.
@@ -122,6 +118,7 @@ class Tracker:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
                  eval_data: Iterable | None = None, test_data: Iterable | None = None,
+                 eval_fn: EvalFn | None = None, batch_size_fn: BatchSizeFn | None = None,
                  curvature_data: Iterable | None = None, lambda_max: bool = False,
                  trace: bool = False, grad_norm: bool = False, lanczos_tol: float = 1e-3,
                  lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
@@ -135,7 +132,8 @@ class Tracker:
         if lanczos_max_hvp < 1 or trace_n_hvp < 3:
             raise ValueError("lanczos_max_hvp must be >= 1 and trace_n_hvp >= 3, got "
                              f"{lanczos_max_hvp} and {trace_n_hvp}")
-        self.model, self.loss_fn, self.every = model, loss_fn, every
+        self.model, self.loss_fn, self.every = unwrap_compiled(model), loss_fn, every
+        self.eval_fn, self.batch_size_fn = eval_fn, batch_size_fn
         self.eval_data, self.test_data, self.curvature_data = eval_data, test_data, curvature_data
         self.lambda_max, self.trace, self.grad_norm = lambda_max, trace, grad_norm
         self.layers = layers
@@ -210,10 +208,11 @@ class Tracker:
         lr = self._lr(optimizer)
         if lr is not None:
             rec["lr"] = lr
-        if self.eval_data is not None:
-            rec["train_loss"], rec["train_acc"] = evaluate(self.model, self.loss_fn, self.eval_data)
-        if self.test_data is not None:
-            rec["test_loss"], rec["test_acc"] = evaluate(self.model, self.loss_fn, self.test_data)
+        for prefix, data in (("train", self.eval_data), ("test", self.test_data)):
+            if data is not None:
+                found = evaluate_metrics(self.model, self.loss_fn, data, self.eval_fn,
+                                         self.batch_size_fn)
+                rec.update({f"{prefix}_{key}": value for key, value in found.items()})
         if self.lambda_max:
             rec.update(self._lambda_max(lr))
         if self.trace:

@@ -31,7 +31,10 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
+from .compiled import unwrap_compiled
 from .flat import flatten, numel, unflatten
+from .ops import curvature_ops, gradients
+from .precision import working_dtype
 from .protocol import (BatchSizeFn, LossFn, ParamSelection, check_data, check_loss, data_mean,
                        select_params)
 from .restore import check_model_mode, preserved
@@ -74,6 +77,7 @@ class HessianOperator:
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, hvp_method: str = "reverse",
                  reuse_graph: bool = True):
+        model = unwrap_compiled(model)
         check_data(data)
         check_model_mode(model_mode)
         if hvp_method not in HVP_METHODS:
@@ -88,6 +92,8 @@ class HessianOperator:
         n = numel(self.params)
         self.shape = (n, n)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        # products come back in the working precision (float32 for bfloat16/float16 models)
+        self.like = torch.empty((), dtype=working_dtype(self.dtype), device=self.device)
         self.n_hvp = 0
         self._reuse = reuse_graph and isinstance(data, (list, tuple)) and len(data) == 1
         self._graph: tuple[Tensor, list[Tensor | None]] | None = None
@@ -125,7 +131,7 @@ class HessianOperator:
                              f"selected parameter elements), got {shape}")
         vs = vs.to(self.device, self.dtype)
         product = self._reverse if self.hvp_method == "reverse" else self._forward
-        with self, torch.enable_grad():
+        with self, torch.enable_grad(), curvature_ops():
             out = data_mean(self.data, lambda batch: [product(batch, vs)],
                             self.batch_size_fn).values[0]
         self.n_hvp += vs.shape[0]
@@ -135,7 +141,7 @@ class HessianOperator:
         if self._reuse and self._graph is not None:
             return self._graph[1]
         loss = check_loss(self.loss_fn(self.model, batch), " in the Hessian-vector product")
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads = gradients(loss, self.params, create_graph=True)
         grads = [g if g is not None and g.requires_grad else None for g in grads]
         if self._reuse and self._depth > 1:  # inside a user's or a routine's `with` block
             self._graph = (loss, grads)

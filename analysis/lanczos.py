@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import warnings
 from dataclasses import dataclass
 from typing import Callable, Iterable
 
@@ -25,6 +26,7 @@ from tqdm.auto import tqdm
 
 from .hvp import HessianOperator
 from .protocol import BatchSizeFn, LossFn, ParamSelection
+from .precision import product_eps
 from .seeding import make_generator, randn
 
 WHICH = ("LA", "SA", "LM")
@@ -163,8 +165,8 @@ class Krylov:
 
 def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
             max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
-            v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False
-            ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+            v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
+            product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     """Block Lanczos with full reorthogonalisation and thick restart on any symmetric
     ``matmat`` (rows in, rows out). Returns ``(theta, U, residuals, n_hvp, converged)``.
 
@@ -172,6 +174,14 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     ``k`` wanted pairs, with ``eps`` the machine epsilon of ``like`` (float32 stops near its
     attainable accuracy; eigenvalues near zero are resolved to rounding level relative to the
     largest Ritz value), or an exhausted basis (``n`` vectors: the Ritz pairs are exact).
+
+    product_dtype: the dtype ``matmat`` computes in, when it is coarser than ``like``'s
+    (bfloat16/float16 models; the basis stays in ``like``'s dtype). Its products are accurate to
+    about ``eps = finfo(product_dtype).eps`` relative, below which the Ritz estimates (exact for
+    exact products) mean nothing: the iteration stops once they reach ``eps max|theta|``, the
+    residuals of the wanted pairs are measured by ``k`` more products, and ``converged`` is
+    judged on those; a ``tol`` they cannot meet gives ``converged=False`` and a warning naming
+    the dtype.
     """
     b = min(block_size, n)
     m_max = min(n, max_basis or max(30, 3 * k + 2 * b))
@@ -193,7 +203,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
                 resid.zero_()
             pick = _wanted(theta, k, which)
             floor = 50 * torch.finfo(like.dtype).eps * theta.abs().max()
-            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=floor)
+            noise = product_eps(product_dtype) * theta.abs().max() if product_dtype else 0.0
+            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=max(floor, noise))
             if bool(ok.all()) or K.m == n or K.n_hvp + b > budget:
                 break
             if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
@@ -201,7 +212,21 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
     finally:
         bar.close()
-    return theta[pick], K.vectors(Y[:, pick]), resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
+    U = K.vectors(Y[:, pick])
+    if not product_dtype or not product_eps(product_dtype):
+        return theta[pick], U, resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
+    measured = torch.linalg.vector_norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U, dim=1)
+    measured = measured.to(torch.float64)
+    ok = measured <= torch.clamp(rel * theta[pick].abs(), min=floor)
+    if not bool(ok.all()):
+        worst = float((measured / theta[pick].abs().clamp_min(floor)).max())
+        warnings.warn(f"Lanczos on {product_dtype} Hessian-vector products: the measured residuals"
+                      f" reach {worst:.2g} relative to the eigenvalues, above tol={tol:g}; "
+                      f"{product_dtype} products are accurate to about "
+                      f"{product_eps(product_dtype):.1g}, so converged=False. Pass a tol above "
+                      "the measured residual, or analyse a float32 copy of the model",
+                      RuntimeWarning, stacklevel=3)
+    return theta[pick], U, measured, K.n_hvp + len(U), bool(ok.all())
 
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
@@ -257,7 +282,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
     flat over the selected parameters in ``.names`` order (``analysis.flat.unflatten`` splits
-    a row per parameter), in the model's dtype and device.
+    a row per parameter), on the model's device, in its dtype (float32 for bfloat16/float16
+    models, whose basis is kept in float32; their residuals are measured, see :func:`lanczos`).
 
     which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
         (largest magnitude).
@@ -292,15 +318,14 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                          batch_size_fn=batch_size_fn, hvp_method=hvp_method)
     n = op.shape[0]
     _check_int(k, "k", 1, n)
-    like = op.params[0].detach()
     with op:
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
                           block_size=block_size, max_basis=max_basis, v0=v0, seed=seed,
-                          like=like, progress=progress)
+                          like=op.like, progress=progress, product_dtype=op.dtype)
         else:
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
-                                  like=like, progress=progress)
+                                  like=op.like, progress=progress)
     theta, U, resid, n_hvp, ok = out
     return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
                        list(op.names))

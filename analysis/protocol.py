@@ -10,12 +10,14 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
+from .compiled import unwrap_compiled
 from .distributed import all_reduce_sum_, is_distributed
+from .precision import accumulable
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 BatchSizeFn = Callable[[Any], int]
@@ -42,17 +44,27 @@ def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
     return loss_fn
 
 
-def default_batch_size(batch: Any) -> int:
-    """Number of samples in ``batch``: ``len(batch[0])`` for tuples/lists, ``len`` of the
-    first value for dicts, ``len(batch)`` for a tensor."""
+def _tensors(batch: Any) -> Iterator[Tensor]:
+    """The tensors of ``batch``, depth first through tuples, lists and dicts."""
     if isinstance(batch, Tensor):
-        return len(batch)
-    if isinstance(batch, dict):
-        return len(next(iter(batch.values())))
-    if isinstance(batch, (tuple, list)):
-        return len(batch[0])
-    raise TypeError(f"cannot infer the sample count of a {type(batch).__name__} batch; "
-                    "pass batch_size_fn=")
+        yield batch
+    elif isinstance(batch, (tuple, list, Mapping)):
+        for item in batch.values() if isinstance(batch, Mapping) else batch:
+            yield from _tensors(item)
+
+
+def default_batch_size(batch: Any) -> int:
+    """Number of samples in ``batch``: the leading dimension of its first tensor, found depth
+    first through tuples, lists and dicts (0-d tensors aside). ``ValueError`` asking for
+    ``batch_size_fn`` when the batch holds no such tensor or their leading dimensions differ."""
+    dims = [len(t) for t in _tensors(batch) if t.dim() > 0]
+    if not dims:
+        raise ValueError(f"cannot infer the sample count of a {type(batch).__name__} batch that "
+                         "holds no tensor with a leading dimension; pass batch_size_fn=")
+    if len(set(dims)) > 1:
+        raise ValueError("cannot infer the sample count of a batch whose tensors have different "
+                         f"leading dimensions {sorted(set(dims))}; pass batch_size_fn=")
+    return dims[0]
 
 
 def check_data(data: Iterable) -> None:
@@ -84,7 +96,7 @@ def select_params(model: nn.Module, params: ParamSelection = None
     None: all with requires_grad; a list of names; a list of parameters; or a predicate
     ``f(name, parameter) -> bool``.
     """
-    named = list(model.named_parameters())
+    named = list(unwrap_compiled(model).named_parameters())
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     elif callable(params):
@@ -126,6 +138,7 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
 
     This is the one sample-weighted reduction of the package: since ``loss_fn`` returns the
     batch mean, weighting by ``n_b`` gives the quantity of the mean loss over all samples.
+    bfloat16/float16 tensors are accumulated (and returned) in float32.
     Under ``torch.distributed`` the sums and counts are all-reduced together.
     """
     check_data(data)
@@ -137,7 +150,7 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
         n = size(batch)
         if n <= 0:
             continue
-        out = [t.detach() for t in per_batch(batch)]
+        out = [accumulable(t.detach()) for t in per_batch(batch)]
         if first is None:
             first, n_first = out, n
         else:

@@ -34,9 +34,11 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .compiled import unwrap_compiled
 from .distributed import all_reduce_sum_, rank
 from .flat import flatten, unflatten
 from .lanczos import top_eigenvalues
+from .ops import gradients
 from .protocol import (BatchSizeFn, LossFn, ParamSelection, check_data, check_loss, data_mean,
                        default_batch_size, select_params)
 from .restore import preserved
@@ -127,7 +129,7 @@ class PerturbedLoss:
             if not grad:
                 return [loss]
             self.n_backward += 1
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            grads = gradients(loss, self.params)
         return [loss, flatten([torch.zeros_like(p) if g is None else g
                                for g, p in zip(grads, self.params)])]
 
@@ -383,6 +385,7 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     averaged (weighted by sample count; under torch.distributed each rank cuts its own shard).
     Batch b uses seed ``seed + b``. The model is left exactly as it was.
     """
+    model = unwrap_compiled(model)
     rho = check_positive(rho, "rho")
     ball = Ball(check_choice(norm, "norm", NORMS), rho)
     kind = adaptivity(adaptive)
@@ -462,6 +465,7 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
     first-order term cancels, which removes most of the variance away from a minimum);
     n_samples then counts evaluations and must be even.
     """
+    model = unwrap_compiled(model)
     sigma = check_positive(sigma, "sigma")
     ball = Ball(check_choice(norm, "norm", NORMS), 1.0)
     kind = adaptivity(adaptive)

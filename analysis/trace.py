@@ -134,4 +134,4 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
                          batch_size_fn=batch_size_fn, hvp_method=hvp_method)
     with op:
         return trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
-                              like=op.params[0].detach(), chunk=chunk, progress=progress)
+                              like=op.like, chunk=chunk, progress=progress)

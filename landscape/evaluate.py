@@ -171,10 +171,10 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             mine = torch.as_tensor(np.arange(len(chunk)) % share == me, device=device)
             cs = torch.as_tensor(coords[chunk], dtype=dtype, device=device)[mine]
 
-            def per_batch(batch):
-                values = torch.zeros(len(chunk), dtype=dtype, device=device)
+            def per_batch(batch):  # the loss's dtype may differ from the weights'
+                values = torch.zeros(len(chunk), dtype=torch.float64, device=device)
                 if len(cs):
-                    values[mine] = fn(cs, batch)
+                    values[mine] = fn(cs, batch).to(values.dtype)
                     store.n_forward += len(cs)
                 return [values, mine.to(dtype)]
 

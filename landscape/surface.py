@@ -7,6 +7,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from torch import Tensor, nn
 
+from analysis.compiled import unwrap_compiled
 from analysis.protocol import LossFn
 from analysis.restore import check_model_mode
 
@@ -20,6 +21,7 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
              model_mode: str, path, options: dict) -> Progress:
     """Evaluate ``L(w + sum_k x_k d_k)`` on the grid ``axes`` (last axis fastest)."""
     check_model_mode(model_mode)
+    model = unwrap_compiled(model)
     dirs = [Direction(check_direction(model, d, f"d{k + 1}" if len(directions) > 1 else "direction"),
                       getattr(d, "info", None)) for k, d in enumerate(directions)]
     names = list(dict.fromkeys(n for d in dirs for n in d))

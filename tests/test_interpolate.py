@@ -85,5 +85,5 @@ def test_batchnorm_recalibration_at_each_point():
 
 def test_interpolate_rejects_mismatched_models():
     a = cnn_bn()
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(ValueError, match="model_b lacks"):
         interpolate(a, {"fc.weight": torch.zeros(3, 36)}, CE, [classification_data(d=12)], [0.5])
