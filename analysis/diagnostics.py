@@ -55,7 +55,7 @@ from torch import Tensor, nn
 
 from .compiled import unwrap_compiled
 from .evaluation import EvalFn, evaluate_metrics
-from .ops import gradients
+from .ops import explained_errors, gradients
 from .protocol import BatchSizeFn, LossFn, check_loss, data_mean
 from .restore import preserved
 
@@ -77,8 +77,10 @@ def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable,
     params = [p for p in model.parameters() if p.requires_grad]
     with preserved(model, model_mode, weights=False):
         def per_batch(batch):
-            loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
-            return [g for g in gradients(loss, params) if g is not None] or [loss.new_zeros(())]
+            with explained_errors():
+                loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
+            return [torch.zeros_like(p) if g is None else g
+                    for g, p in zip(gradients(loss, params), params)]
         grads = data_mean(data, per_batch).values
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 

@@ -99,6 +99,7 @@ class HessianOperator:
         self._graph: tuple[Tensor, list[Tensor | None]] | None = None
         self._context = None
         self._depth = 0
+        self._mask = self._padding_mask() if hvp_method == "forward" else None
 
     # -- model restoration -------------------------------------------------------------
     def __enter__(self) -> "HessianOperator":
@@ -163,7 +164,24 @@ class HessianOperator:
                     r.copy_(h)
         return out
 
+    def _padding_mask(self) -> Tensor | None:
+        """Zeros at the padding rows of ``nn.Embedding(padding_idx=...)`` weights, ones
+        elsewhere; None when there are none. PyTorch gives those rows no gradient (they are
+        constants of training), so the reverse product has zero rows and columns there; forward
+        mode would differentiate their use in the forward pass, a non-symmetric product."""
+        rows = {id(m.weight): m.padding_idx for m in self.model.modules()
+                if isinstance(m, nn.Embedding) and m.padding_idx is not None}
+        if not any(id(p) in rows for p in self.params):
+            return None
+        parts = [torch.ones_like(p) for p in self.params]
+        for part, p in zip(parts, self.params):
+            if id(p) in rows:
+                part[rows[id(p)]] = 0
+        return flatten(parts)
+
     def _forward(self, batch: Any, vs: Tensor) -> Tensor:
+        if self._mask is not None:
+            vs = vs * self._mask
         wrapper = _LossModule(self.model, self.loss_fn)
         primals = {"model." + n: p.detach() for n, p in zip(self.names, self.params)}
 

@@ -7,13 +7,15 @@
   products it encloses only: ``sdpa_kernel`` restores the caller's backend choice on exit.
 * Any other op without a second derivative raises an error naming the op and the fix, instead
   of PyTorch's "derivative for ... is not implemented".
-* :func:`gradients` is ``torch.autograd.grad`` with ``allow_unused=True`` (unused parameters get
-  ``None``) that refuses a reentrant ``torch.utils.checkpoint``: its segments are invisible to
-  ``autograd.grad``, whose gradients would silently be ``None``, i.e. zero.
+* A reentrant ``torch.utils.checkpoint`` is refused inside :func:`explained_errors`: its segments
+  are invisible to ``torch.autograd.grad``, which raises when their inputs need gradients and
+  otherwise silently returns ``None`` (zero) for the parameters inside, after torch's warning
+  "None of the inputs have requires_grad=True", which the block turns into this error.
 """
 from __future__ import annotations
 
 import re
+import warnings
 from contextlib import contextmanager
 from typing import Iterator, Sequence
 
@@ -23,6 +25,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 _NO_DOUBLE_BACKWARD = re.compile(r"derivative for (\S+) is not implemented")
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
+_ONCE = "marked with @once_differentiable"
+_NO_INPUT_GRAD = "None of the inputs have requires_grad=True"
 _FUNC_LIMITS = ("saved tensor hooks", "setup_context")
 REENTRANT = ("torch.utils.checkpoint(use_reentrant=True) hides the parameters of its segments "
              "from torch.autograd.grad (their gradients would silently be zero); use "
@@ -31,39 +35,47 @@ REENTRANT = ("torch.utils.checkpoint(use_reentrant=True) hides the parameters of
              "Face models do not checkpoint")
 
 
-def _explained(err: Exception) -> Exception | None:
-    """``err`` rephrased with the op and the fix, or None if it is not about derivatives."""
+def _explained(err: Exception) -> str | None:
+    """The message of ``err`` rephrased with the op and the fix, or None if it is not about
+    derivatives."""
     text = str(err)
-    if (found := _NO_DOUBLE_BACKWARD.search(text)) is not None:
-        return RuntimeError(
-            f"{found[1]} has no second derivative in PyTorch, and Hessian-vector products "
-            "differentiate the gradient. Fused attention is switched to the math backend "
-            "automatically; for this op, use an implementation without it (for Hugging Face "
-            "models attn_implementation=\"eager\"), or leave the parameters before it out with "
-            "params=")
+    if (found := _NO_DOUBLE_BACKWARD.search(text)) or _ONCE in text:
+        op = found[1].strip("'\"") if found else "a custom autograd.Function (@once_differentiable)"
+        return (f"{op} has no second derivative in PyTorch, and Hessian-vector products "
+                "differentiate the gradient. Fused attention is switched to the math backend "
+                "automatically; for this op, use an implementation without it (for Hugging Face "
+                "models attn_implementation=\"eager\"), or leave the parameters before it out "
+                "with params=")
     if (found := _NO_FORWARD_AD.search(text)) is not None:
-        return NotImplementedError(f"{found[1]} has no forward-mode derivative, which "
-                                   "hvp_method=\"forward\" needs; use hvp_method=\"reverse\"")
+        return (f"{found[1]} has no forward-mode derivative, which hvp_method=\"forward\" "
+                "needs; use hvp_method=\"reverse\"")
     if any(limit in text for limit in _FUNC_LIMITS):
-        return RuntimeError(f"hvp_method=\"forward\" (torch.func) cannot differentiate this model "
-                            f"({text.splitlines()[0]}); this is the case for torch.utils."
-                            "checkpoint and other custom autograd.Functions: use "
-                            "hvp_method=\"reverse\"")
+        return (f"hvp_method=\"forward\" (torch.func) cannot differentiate this model "
+                f"({text.splitlines()[0]}); this is the case for torch.utils.checkpoint and other "
+                "custom autograd.Functions: use hvp_method=\"reverse\"")
     if "Checkpointing is not compatible with .grad()" in text:
-        return RuntimeError(REENTRANT)
+        return REENTRANT
     return None
 
 
 @contextmanager
-def explained_errors() -> Iterator[None]:
-    """Re-raise derivative errors of the block with the op's name and the fix."""
-    try:
+def explained_errors(enabled: bool = True) -> Iterator[None]:
+    """Re-raise derivative errors of the block (forward and backward passes that need
+    gradients) with the op's name and the fix; a no-op when not ``enabled``."""
+    if not enabled:
         yield
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=_NO_INPUT_GRAD, category=UserWarning)
+            yield
+    except UserWarning as err:
+        raise RuntimeError(REENTRANT) from err
     except (RuntimeError, NotImplementedError) as err:
         better = _explained(err)
         if better is None:
             raise
-        raise better from err
+        raise type(err)(better) from err
 
 
 @contextmanager
@@ -73,25 +85,9 @@ def curvature_ops() -> Iterator[None]:
         yield
 
 
-def _reentrant_checkpoint(loss: Tensor) -> bool:
-    """Whether the autograd graph of ``loss`` holds a reentrant checkpoint segment."""
-    stack, seen = [loss.grad_fn], set()
-    while stack:
-        node = stack.pop()
-        if node is None or id(node) in seen:
-            continue
-        seen.add(id(node))
-        if node.name() == "CheckpointFunctionBackward":
-            return True
-        stack.extend(fn for fn, _ in node.next_functions)
-    return False
-
-
 def gradients(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool = False
               ) -> list[Tensor | None]:
     """``d loss / d params``, ``None`` for parameters the loss does not depend on."""
     with explained_errors():
-        grads = torch.autograd.grad(loss, params, create_graph=create_graph, allow_unused=True)
-    if any(g is None for g in grads) and _reentrant_checkpoint(loss):
-        raise RuntimeError(REENTRANT)
-    return list(grads)
+        return list(torch.autograd.grad(loss, params, create_graph=create_graph,
+                                        allow_unused=True))

@@ -38,7 +38,7 @@ from .compiled import unwrap_compiled
 from .distributed import all_reduce_sum_, rank
 from .flat import flatten, unflatten
 from .lanczos import top_eigenvalues
-from .ops import gradients
+from .ops import explained_errors, gradients
 from .protocol import (BatchSizeFn, LossFn, ParamSelection, check_data, check_loss, data_mean,
                        default_batch_size, select_params)
 from .restore import preserved
@@ -124,7 +124,7 @@ class PerturbedLoss:
 
     def _per_batch(self, batch: Any, grad: bool) -> list[Tensor]:
         self.n_forward += 1
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), explained_errors(grad):
             loss = check_loss(self.loss_fn(self.model, batch), " at a perturbed point")
             if not grad:
                 return [loss]
