@@ -1,7 +1,6 @@
 """Curvature, sharpness and training diagnostics on the ``loss_fn(model, batch)`` protocol."""
 from .datasets import mnist1d
-from .protocol import mean_loss, select_params, supervised
-from .restore import preserved
+from .core import load_result, mean_loss, preserved, save_result, select_params, supervised
 from .hvp import HessianOperator, hvp
 from .lanczos import EigenResult, top_eigenvalues
 from .trace import TraceResult, hessian_trace
@@ -10,7 +9,14 @@ from .layerwise import LayerwiseResult, layerwise
 from .sharpness import (AverageSharpness, SharpnessVsCurvature, WorstCaseSharpness,
                         average_sharpness, sharpness_vs_curvature, worst_case_sharpness)
 from .flatness import KeskarSharpness, PacBayesSigma, keskar_sharpness, pac_bayes_sigma
-from .diagnostics import Tracker, full_grad_norm
+from .diagnostics import Tracker, evaluate, full_grad_norm
 
-__all__ = ["HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
-           "DensityResult", "spectral_density", "LayerwiseResult", "layerwise", "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness", "sharpness_vs_curvature", "worst_case_sharpness", "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma", "mnist1d", "mean_loss", "preserved", "select_params", "supervised", "Tracker", "full_grad_norm"]
+__all__ = [
+    "supervised", "mean_loss", "evaluate", "preserved", "select_params", "mnist1d",
+    "HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
+    "DensityResult", "spectral_density", "LayerwiseResult", "layerwise",
+    "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness",
+    "sharpness_vs_curvature", "worst_case_sharpness",
+    "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma",
+    "Tracker", "full_grad_norm", "save_result", "load_result",
+]

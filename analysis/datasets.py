@@ -9,6 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .core import check_int
+
 
 @dataclass(frozen=True)
 class TensorDataset:
@@ -21,8 +23,7 @@ class TensorDataset:
     def batches(self, batch_size: int, *, split: str = "train", shuffle_seed: int | None = None,
                 limit: int | None = None) -> list[tuple[Tensor, Tensor]]:
         """The split as a list of ``(x, y)`` batches (the last one may be smaller)."""
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        check_int("batch_size", batch_size, 1)
         x, y = (self.x, self.y) if split == "train" else (self.x_test, self.y_test)
         if limit is not None:
             x, y = x[:limit], y[:limit]
@@ -55,9 +56,8 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, dtype: torch.dtype = torch.
 
     The default (5000 samples, seed 42) is the canonical data set: 4000 train, 1000 test.
     """
-    if num_samples < 10:
-        raise ValueError(f"num_samples must be >= 10 (one per class), got {num_samples}")
-    d = _make(int(num_samples), int(seed))
+    check_int("num_samples", num_samples, 10)  # one per class
+    d = _make(int(num_samples), check_int("seed", seed))
     return TensorDataset(
         x=torch.as_tensor(d["x"], dtype=dtype), y=torch.as_tensor(d["y"], dtype=torch.long),
         x_test=torch.as_tensor(d["x_test"], dtype=dtype),

@@ -11,7 +11,7 @@ Xiao 2019, Eq. 5).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable
 
 import numpy as np
@@ -20,11 +20,12 @@ from torch import nn
 from tqdm.auto import trange
 
 from .hvp import HessianOperator
-from .lanczos import Krylov, _check_int
-from .protocol import BatchSizeFn, LossFn, ParamSelection
-from .seeding import make_generator, rademacher
+from .lanczos import Krylov
+from .core import (BatchSizeFn, check_int, check_positive, LossFn, make_generator, ParamSelection,
+                   rademacher, records_metadata, register_result)
 
 
+@register_result
 @dataclass
 class DensityResult:
     """``density`` on ``grid`` (integrates to 1 there). ``nodes``/``weights``: the quadrature
@@ -37,6 +38,7 @@ class DensityResult:
     sigma: float
     log_scale: bool
     n_hvp: int
+    metadata: dict = field(default_factory=dict)
 
 
 def lanczos_quadrature(matmat, n: int, steps: int, n_vectors: int, *, seed: int = 0,
@@ -79,11 +81,13 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
     return grid, density / np.trapezoid(density, grid), float(sigma)
 
 
+@records_metadata
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczos: int = 80,
-                     n_vectors: int = 10, seed: int = 0, params: ParamSelection = None,
+                     n_vectors: int = 10, *, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-                     sigma: float | None = None, n_grid: int = 1000, log_scale: bool = False,
-                     progress: bool = True, hvp_method: str = "reverse") -> DensityResult:
+                     seed: int = 0, progress: bool = True, sigma: float | None = None,
+                     n_grid: int = 1000, log_scale: bool = False,
+                     hvp_method: str = "reverse") -> DensityResult:
     """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
@@ -91,14 +95,14 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     log_scale: smooth ``log10 |lambda|`` instead of ``lambda`` (the grid is then in log10
         units; negative eigenvalues are counted by magnitude).
     """
-    n_lanczos = _check_int(n_lanczos, "n_lanczos", 1)
-    n_vectors = _check_int(n_vectors, "n_vectors", 1)
-    n_grid = _check_int(n_grid, "n_grid", 2)
-    if sigma is not None and not sigma > 0:
-        raise ValueError(f"sigma must be positive or None, got {sigma!r}")
+    n_lanczos = check_int("n_lanczos", n_lanczos, 1)
+    n_vectors = check_int("n_vectors", n_vectors, 1)
+    n_grid = check_int("n_grid", n_grid, 2)
+    if sigma is not None:
+        check_positive("sigma", sigma)
     make_generator(seed)
     op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+                         batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method)
     with op:
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
                                                    seed=seed, like=op.like,

@@ -53,35 +53,43 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .compiled import unwrap_compiled
+from .core import (BatchSizeFn, check_int, check_loss, data_mean, LossFn, ParamSelection,
+                   preserved, select_params, unwrap_compiled)
 from .evaluation import EvalFn, evaluate_metrics
 from .ops import explained_errors, gradients
-from .protocol import BatchSizeFn, LossFn, check_loss, data_mean
-from .restore import preserved
 
 Record = dict[str, float]
 
 
-def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable) -> tuple[float, float]:
-    """(mean loss, accuracy) over ``data`` in eval mode, the model left unchanged (NaN accuracy
-    where the batches define none, see :mod:`analysis.evaluation`)."""
-    metrics = evaluate_metrics(model, loss_fn, data)
+def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
+             model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
+             progress: bool = True) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
+    NaN accuracy where the batches define none (see :mod:`analysis.evaluation`).
+
+    params: validated like everywhere (the metrics do not depend on the selection).
+    """
+    select_params(model, params)
+    metrics = evaluate_metrics(model, loss_fn, data, model_mode=model_mode,
+                               batch_size_fn=batch_size_fn, progress=progress)
     return metrics["loss"], metrics.get("acc", math.nan)
 
 
-def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable,
-                   model_mode: str = "eval") -> float:
-    """Norm of the gradient of the sample-weighted mean loss over ``data`` (model unchanged;
-    parameters the loss does not use contribute zero)."""
+def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                   params: ParamSelection = None, model_mode: str = "eval",
+                   batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
+    """Norm of the gradient of the sample-weighted mean loss over ``data`` with respect to the
+    selected parameters (default all with requires_grad; parameters the loss does not use
+    contribute zero); the model is left unchanged."""
     model = unwrap_compiled(model)
-    params = [p for p in model.parameters() if p.requires_grad]
+    params = select_params(model, params)[1]
     with preserved(model, model_mode, weights=False):
         def per_batch(batch):
             with explained_errors():
                 loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
             return [torch.zeros_like(p) if g is None else g
                     for g, p in zip(gradients(loss, params), params)]
-        grads = data_mean(data, per_batch).values
+        grads = data_mean(data, per_batch, batch_size_fn, progress=progress).values
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
 
@@ -108,7 +116,7 @@ class Tracker:
         ``test_<metric>``: loss and accuracy by default (``(inputs, targets)`` tuples, dict
         batches with ``"labels"``, outputs that are tensors or have ``.loss``/``.logits``), or
         the metrics of ``eval_fn(model, batch) -> dict``, sample-weighted over the batches
-        (counted by ``batch_size_fn``, default :func:`analysis.protocol.default_batch_size`).
+        (counted by ``batch_size_fn``, default :func:`analysis.core.default_batch_size`).
     curvature_data: the batches on which lambda_max and the trace are computed.
     lambda_max, trace: switch those (HVP-based, so the costly) quantities on.
     grad_norm: log the norm of the gradient of the mean loss over ``curvature_data``.
@@ -126,14 +134,12 @@ class Tracker:
                  lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
                  seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"every must be an int >= 1, got {every!r}")
+        check_int("every", every, 1)
         if (lambda_max or trace or grad_norm) and curvature_data is None:
             raise ValueError("curvature_data is required when lambda_max, trace or grad_norm "
                              "is on")
-        if lanczos_max_hvp < 1 or trace_n_hvp < 3:
-            raise ValueError("lanczos_max_hvp must be >= 1 and trace_n_hvp >= 3, got "
-                             f"{lanczos_max_hvp} and {trace_n_hvp}")
+        check_int("lanczos_max_hvp", lanczos_max_hvp, 1)
+        check_int("trace_n_hvp", trace_n_hvp, 3)
         self.model, self.loss_fn, self.every = unwrap_compiled(model), loss_fn, every
         self.eval_fn, self.batch_size_fn = eval_fn, batch_size_fn
         self.eval_data, self.test_data, self.curvature_data = eval_data, test_data, curvature_data
@@ -212,8 +218,8 @@ class Tracker:
             rec["lr"] = lr
         for prefix, data in (("train", self.eval_data), ("test", self.test_data)):
             if data is not None:
-                found = evaluate_metrics(self.model, self.loss_fn, data, self.eval_fn,
-                                         self.batch_size_fn)
+                found = evaluate_metrics(self.model, self.loss_fn, data, eval_fn=self.eval_fn,
+                                         batch_size_fn=self.batch_size_fn, progress=False)
                 rec.update({f"{prefix}_{key}": value for key, value in found.items()})
         if self.lambda_max:
             rec.update(self._lambda_max(lr))
@@ -221,7 +227,7 @@ class Tracker:
             rec.update(self._trace())
         if self.grad_norm:
             rec["grad_norm"] = full_grad_norm(self.model, self.loss_fn, self.curvature_data,
-                                              self.model_mode)
+                                              model_mode=self.model_mode, progress=False)
         if self.layers:
             rec.update(self._layer_stats())
         if optimizer is not None:

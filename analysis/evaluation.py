@@ -23,8 +23,7 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .protocol import BatchSizeFn, LossFn, check_loss, data_mean
-from .restore import preserved
+from .core import BatchSizeFn, LossFn, check_loss, data_mean, preserved
 
 EvalFn = Callable[[nn.Module, Any], Mapping[str, Any]]
 IGNORE_INDEX = -100
@@ -74,12 +73,13 @@ def default_metrics(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, 
     return metrics
 
 
-def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable,
-                     eval_fn: EvalFn | None = None, batch_size_fn: BatchSizeFn | None = None
+def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                     eval_fn: EvalFn | None = None, model_mode: str = "eval",
+                     batch_size_fn: BatchSizeFn | None = None, progress: bool = True
                      ) -> dict[str, float]:
     """Sample-weighted means over ``data`` of the metrics of ``eval_fn`` (default
-    :func:`default_metrics`), in eval mode without grad; the model is left unchanged. Every
-    batch must give the same keys."""
+    :func:`default_metrics`), without grad, in ``model_mode``; the model is left unchanged.
+    Every batch must give the same keys."""
     keys: list[str] = []
 
     def per_batch(batch: Any) -> list[Tensor]:
@@ -96,6 +96,6 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable,
         return [torch.as_tensor(v, dtype=torch.float64).detach().reshape(()) for v in
                 found.values()]
 
-    with preserved(model, "eval", weights=False), torch.no_grad():
-        values = data_mean(data, per_batch, batch_size_fn).values
+    with preserved(model, model_mode, weights=False), torch.no_grad():
+        values = data_mean(data, per_batch, batch_size_fn, progress=progress).values
     return {k: float(v) for k, v in zip(keys, values)}

@@ -3,7 +3,7 @@ the PAC-Bayes sigma of Jiang et al. (2020), on the ``loss_fn(model, batch)`` pro
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 import numpy as np
@@ -12,23 +12,24 @@ from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .distributed import rank
-from .protocol import BatchSizeFn, LossFn, ParamSelection, check_data, select_params
-from .restore import preserved
-from .seeding import make_generator, randn, uniform
-from .sharpness import PerturbedLoss, check_choice, check_int, check_positive
+from .core import (BatchSizeFn, check_choice, check_data, check_int, check_positive, LossFn,
+                   make_generator, ParamSelection, preserved, randn, rank, records_metadata,
+                   register_result, select_params, uniform)
+from .sharpness import PerturbedLoss
 
 METRICS = ("loss", "error")
 MAX_HALVINGS = 60  # sigma_max / 2^60: the metric no longer moves in floating point
 
 
+@register_result
 @dataclass
 class KeskarSharpness:
     """Keskar et al. (2017) epsilon-sharpness, ``100 (max_{y in C_eps} L(w + A y) - L(w)) / (1 + L(w))``.
 
     value: the sharpness (percent); max_increase: ``max L - L(w)`` over the points evaluated;
     loss: ``L(w)``; n_iter: L-BFGS-B iterations; n_forward / n_backward: per-batch passes;
-    subspace: the ``[n, p]`` orthonormal basis ``A`` of the random subspace (None: full space).
+    subspace: the ``[n, p]`` orthonormal basis ``A`` of the random subspace, a torch tensor
+        (None: full space).
     """
     value: float
     max_increase: float
@@ -37,10 +38,12 @@ class KeskarSharpness:
     n_forward: int
     n_backward: int
     subspace: Tensor | None = None
+    metadata: dict = field(default_factory=dict)
 
 
+@records_metadata
 def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: float = 1e-3,
-                     subspace_dim: int | None = None, seed: int = 0, maxiter: int = 10, *,
+                     subspace_dim: int | None = None, *, seed: int = 0, maxiter: int = 10,
                      params: ParamSelection = None, model_mode: str = "eval",
                      batch_size_fn: BatchSizeFn | None = None,
                      progress: bool = True) -> KeskarSharpness:
@@ -54,8 +57,8 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
     ``maxiter`` L-BFGS-B iterations (Keskar et al. used 10) on float64 numpy vectors with
     gradients from autograd, and the best point evaluated is reported (``y = 0`` included).
     """
-    eps = check_positive(eps, "eps")
-    maxiter = check_int(maxiter, "maxiter", 1)
+    eps = check_positive("eps", eps)
+    maxiter = check_int("maxiter", maxiter, 1)
     gen = make_generator(seed)
     check_data(data)
     _, chosen = select_params(model, params)
@@ -64,7 +67,7 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
         w = objective.base
         basis = None
         if subspace_dim is not None:
-            p = check_int(subspace_dim, "subspace_dim", 1)
+            p = check_int("subspace_dim", subspace_dim, 1)
             if p > w.numel():
                 raise ValueError(f"subspace_dim must be at most the number of selected "
                                  f"parameter elements ({w.numel()}), got {p}")
@@ -100,6 +103,7 @@ def classification_error(model: nn.Module, batch: Any) -> Tensor:
     return (scores.argmax(-1) != batch[1].to(device)).to(scores.dtype).mean()
 
 
+@register_result
 @dataclass
 class PacBayesSigma:
     """Result of the PAC-Bayes sigma search (Jiang et al. 2020).
@@ -115,8 +119,10 @@ class PacBayesSigma:
     converged: bool
     n_evaluations: int
     n_forward: int
+    metadata: dict = field(default_factory=dict)
 
 
+@records_metadata
 def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: float = 0.1, *,
                     metric: str = "loss", magnitude_aware: bool = False,
                     magnitude_eps: float = 1e-3, n_samples: int = 10, depth: int = 15,
@@ -142,14 +148,14 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: f
     most ``depth`` steps, stopping when ``|increase - target| <= tolerance``; the sigma whose
     increase is closest to the target is returned.
     """
-    target = check_positive(target, "target")
-    tolerance = check_positive(tolerance, "tolerance")
-    sigma_max = check_positive(sigma_max, "sigma_max")
-    metric = check_choice(metric, "metric", METRICS)
-    n_samples = check_int(n_samples, "n_samples", 1)
-    depth = check_int(depth, "depth", 1)
+    target = check_positive("target", target)
+    tolerance = check_positive("tolerance", tolerance)
+    sigma_max = check_positive("sigma_max", sigma_max)
+    metric = check_choice("metric", metric, METRICS)
+    n_samples = check_int("n_samples", n_samples, 1)
+    depth = check_int("depth", depth, 1)
     if magnitude_aware:
-        magnitude_eps = check_positive(magnitude_eps, "magnitude_eps")
+        magnitude_eps = check_positive("magnitude_eps", magnitude_eps)
     make_generator(seed)
     check_data(data)
     fn = loss_fn if metric == "loss" else (error_fn or classification_error)

@@ -2,7 +2,7 @@
 
 ``H = d^2/dtheta^2 (1/N) sum_b n_b L_b(theta)`` for the selected parameters ``theta``, where
 ``L_b = loss_fn(model, batch_b)`` is the batch mean. Each product is reduced with
-:func:`analysis.protocol.data_mean`, so it is sample-weighted and, under ``torch.distributed``,
+:func:`analysis.core.data_mean`, so it is sample-weighted and, under ``torch.distributed``,
 all-reduced over the ranks' shards.
 
 Two products are available (``hvp_method=``):
@@ -31,13 +31,10 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .compiled import unwrap_compiled
-from .flat import flatten, numel, unflatten
+from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_loss, check_model_mode,
+                   data_mean, flatten, LossFn, numel, ParamSelection, preserved, select_params,
+                   unflatten, unwrap_compiled, working_dtype)
 from .ops import curvature_ops, gradients
-from .precision import working_dtype
-from .protocol import (BatchSizeFn, LossFn, ParamSelection, check_data, check_loss, data_mean,
-                       select_params)
-from .restore import check_model_mode, preserved
 
 HVP_METHODS = ("reverse", "forward")
 
@@ -73,21 +70,21 @@ class HessianOperator:
         reuse_graph: keep the gradient graph of a one-batch ``data`` inside ``with`` blocks.
     """
 
-    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable,
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                  params: ParamSelection = None, model_mode: str = "eval",
-                 batch_size_fn: BatchSizeFn | None = None, hvp_method: str = "reverse",
-                 reuse_graph: bool = True):
+                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                 hvp_method: str = "reverse", reuse_graph: bool = True):
         model = unwrap_compiled(model)
         check_data(data)
         check_model_mode(model_mode)
-        if hvp_method not in HVP_METHODS:
-            raise ValueError(f"hvp_method must be one of {HVP_METHODS}, got {hvp_method!r}")
+        check_choice("hvp_method", hvp_method, HVP_METHODS)
         if hvp_method == "forward" and model_mode == "train" and any(True for _ in model.buffers()):
             raise ValueError('hvp_method="forward" cannot run model_mode="train" on a model with '
                              'buffers (BatchNorm updates them in place inside torch.func '
                              'transforms); use hvp_method="reverse"')
         self.model, self.loss_fn, self.data = model, loss_fn, data
         self.model_mode, self.batch_size_fn, self.hvp_method = model_mode, batch_size_fn, hvp_method
+        self.progress = check_bool("progress", progress)
         self.names, self.params = select_params(model, params)
         n = numel(self.params)
         self.shape = (n, n)
@@ -134,7 +131,7 @@ class HessianOperator:
         product = self._reverse if self.hvp_method == "reverse" else self._forward
         with self, torch.enable_grad(), curvature_ops():
             out = data_mean(self.data, lambda batch: [product(batch, vs)],
-                            self.batch_size_fn).values[0]
+                            self.batch_size_fn, progress=self.progress).values[0]
         self.n_hvp += vs.shape[0]
         return out
 
@@ -209,12 +206,13 @@ class HessianOperator:
                               dtype=np.float64)
 
 
-def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor,
+def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         params: ParamSelection = None, model_mode: str = "eval",
-        batch_size_fn: BatchSizeFn | None = None, hvp_method: str = "reverse") -> Tensor:
+        batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+        hvp_method: str = "reverse") -> Tensor:
     """``H @ v`` (or ``H @ v_i`` for each row of a 2-D ``v``) of the mean loss over ``data``."""
     op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+                         batch_size_fn=batch_size_fn, progress=progress, hvp_method=hvp_method)
     if isinstance(v, Tensor) and v.dim() == 2:
         return op.matmat(v)
     return op.matvec(v)

@@ -14,9 +14,8 @@ the pair is converged when that residual is at most ``tol * |theta|``.
 from __future__ import annotations
 
 import math
-import numbers
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -25,15 +24,15 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .hvp import HessianOperator
-from .protocol import BatchSizeFn, LossFn, ParamSelection
-from .precision import product_eps
-from .seeding import make_generator, randn
+from .core import (BatchSizeFn, check_choice, check_int, check_positive, LossFn, make_generator,
+                   ParamSelection, product_eps, randn, records_metadata, register_result)
 
 WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
 MatMat = Callable[[Tensor], Tensor]
 
 
+@register_result
 @dataclass
 class EigenResult:
     """Extreme eigenpairs of the Hessian.
@@ -41,7 +40,7 @@ class EigenResult:
     eigenvalues: numpy, ordered by ``which``: descending for "LA", ascending for "SA",
         descending magnitude for "LM".
     eigenvectors: torch tensor ``[k, n]`` of unit rows, flat over the selected parameters in
-        ``names`` order (``analysis.flat.unflatten(row, params)`` gives per-parameter tensors).
+        ``names`` order (``analysis.core.unflatten(row, params)`` gives per-parameter tensors).
     residuals: numpy, ``||H u - theta u||`` per pair (Ritz estimate for Lanczos, measured for
         the power method).
     n_hvp: Hessian-vector products spent; converged: all ``k`` pairs met the tolerance.
@@ -52,14 +51,7 @@ class EigenResult:
     n_hvp: int
     converged: bool
     names: list[str]
-
-
-def _check_int(value, name: str, low: int, high: int | None = None) -> int:
-    bad = isinstance(value, bool) or not isinstance(value, numbers.Integral)
-    if bad or value < low or (high is not None and value > high):
-        bound = f"[{low}, {high}]" if high is not None else f">= {low}"
-        raise ValueError(f"{name} must be an int in {bound}, got {value!r}")
-    return int(value)
+    metadata: dict = field(default_factory=dict)
 
 
 def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
@@ -272,16 +264,17 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
     return theta[order], torch.stack(vecs)[order], torch.tensor(res, dtype=torch.float64)[order], n_hvp, all_ok
 
 
+@records_metadata
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
-                    which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None,
-                    seed: int = 0, params: ParamSelection = None, model_mode: str = "eval",
-                    batch_size_fn: BatchSizeFn | None = None, v0: Tensor | None = None,
-                    method: str = "lanczos", progress: bool = True, block_size: int = 1,
+                    which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None, *,
+                    params: ParamSelection = None, model_mode: str = "eval",
+                    batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
+                    v0: Tensor | None = None, method: str = "lanczos", block_size: int = 1,
                     max_basis: int | None = None, hvp_method: str = "reverse") -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
-    flat over the selected parameters in ``.names`` order (``analysis.flat.unflatten`` splits
+    flat over the selected parameters in ``.names`` order (``analysis.core.unflatten`` splits
     a row per parameter), on the model's device, in its dtype (float32 for bfloat16/float16
     models, whose basis is kept in float32; their residuals are measured, see :func:`lanczos`).
 
@@ -300,24 +293,21 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``);
         the memory is ``max_basis * n`` elements.
     """
-    k = _check_int(k, "k", 1)
-    if which not in WHICH:
-        raise ValueError(f"which must be one of {WHICH}, got {which!r}")
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    k = check_int("k", k, 1)
+    check_choice("which", which, WHICH)
+    check_choice("method", method, METHODS)
     if method == "power" and which == "SA":
         raise ValueError('method="power" finds largest-magnitude eigenvalues; which="SA" '
                          'needs method="lanczos"')
-    if not (isinstance(tol, numbers.Real) and tol > 0):
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    check_positive("tol", tol)
     if max_hvp is not None:
-        _check_int(max_hvp, "max_hvp", 1)
-    block_size = _check_int(block_size, "block_size", 1)
+        check_int("max_hvp", max_hvp, 1)
+    block_size = check_int("block_size", block_size, 1)
     seed = make_generator(seed).initial_seed()
     op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+                         batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method)
     n = op.shape[0]
-    _check_int(k, "k", 1, n)
+    check_int("k", k, 1, n)
     with op:
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,

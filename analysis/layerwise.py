@@ -1,7 +1,7 @@
 """Per-block curvature: the top eigenvalue and the trace of each diagonal Hessian block."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -9,12 +9,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .lanczos import top_eigenvalues
-from .protocol import BatchSizeFn, LossFn, select_params
+from .core import (BatchSizeFn, LossFn, ParamSelection, records_metadata, register_result,
+                   select_params)
 from .trace import hessian_trace
 
 Groups = dict[str, list[str] | Callable[[str, nn.Parameter], bool]]
 
 
+@register_result
 @dataclass
 class LayerwiseResult:
     """One entry per block, in block order. ``trace`` sums to the full trace (diagonal
@@ -33,6 +35,7 @@ class LayerwiseResult:
                     "n_params": int(p)}
                 for b, e, t, s, p in zip(self.blocks, self.top_eigenvalue, self.trace,
                                          self.trace_stderr, self.n_params)}
+    metadata: dict = field(default_factory=dict)
 
 
 def default_groups(model: nn.Module) -> dict[str, list[str]]:
@@ -45,20 +48,29 @@ def default_groups(model: nn.Module) -> dict[str, list[str]]:
     return groups
 
 
-def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups | None = None,
+@records_metadata
+def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups | None = None, *,
+              params: ParamSelection = None, model_mode: str = "eval",
+              batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
               tol: float = 1e-6, n_hvp_trace: int = 99, trace_method: str = "hutch++",
-              seed: int = 0, model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-              progress: bool = True, hvp_method: str = "reverse") -> LayerwiseResult:
+              hvp_method: str = "reverse") -> LayerwiseResult:
     """Top eigenvalue (Lanczos, ``tol``) and trace (``trace_method`` with ``n_hvp_trace``
     products; exact, with ``2 * size`` products, for blocks of at most ``n_hvp_trace // 3``
     parameters) of each block.
 
     groups: ``{block name: parameter names or predicate}``; default :func:`default_groups`.
+    params: the parameters analysed (default all with requires_grad); blocks keep only these,
+        and blocks left empty are dropped.
     """
     groups = default_groups(model) if groups is None else groups
     if not groups:
         raise ValueError("groups must name at least one block")
+    chosen = set(select_params(model, params)[0])
     resolved = {b: select_params(model, sel)[0] for b, sel in groups.items()}
+    resolved = {b: [n for n in names if n in chosen] for b, names in resolved.items()}
+    resolved = {b: names for b, names in resolved.items() if names}
+    if not resolved:
+        raise ValueError("params selects no parameter of any block")
     rows, n_hvp = [], 0
     common = dict(seed=seed, model_mode=model_mode, batch_size_fn=batch_size_fn,
                   progress=False, hvp_method=hvp_method)

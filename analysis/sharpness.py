@@ -25,8 +25,7 @@ exact minimum) the restarts start at random points of the set.
 from __future__ import annotations
 
 import math
-import numbers
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
@@ -34,44 +33,17 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .compiled import unwrap_compiled
-from .distributed import all_reduce_sum_, rank
-from .flat import flatten, unflatten
+from .core import (all_reduce_sum_, BatchSizeFn, check_choice, check_data, check_int, check_loss,
+                   check_positive, data_mean, default_batch_size, flatten, LossFn, make_generator,
+                   ParamSelection, preserved, randn, rank, records_metadata, register_result,
+                   select_params, unflatten, uniform, unwrap_compiled)
 from .lanczos import top_eigenvalues
 from .ops import explained_errors, gradients
-from .protocol import (BatchSizeFn, LossFn, ParamSelection, check_data, check_loss, data_mean,
-                       default_batch_size, select_params)
-from .restore import preserved
-from .seeding import make_generator, randn, uniform
 
 NORMS = ("l2", "linf")
 ADAPTIVE = ("elementwise", "filter")
 MOMENTUM = 0.75       # APGD's alpha (Croce & Hein 2020, Alg. 1)
 MIN_UPDATE_RATIO = 0.75
-
-
-# ----------------------------------------------------------------------------- validation
-
-def check_positive(value: Any, name: str) -> float:
-    """``value`` as a float; ``ValueError`` unless it is a finite number > 0."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value) \
-            or value <= 0:
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
-
-
-def check_int(value: Any, name: str, low: int) -> int:
-    """``value`` as an int; ``ValueError`` unless it is an int >= ``low``."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < low:
-        raise ValueError(f"{name} must be an int >= {low}, got {value!r}")
-    return int(value)
-
-
-def check_choice(value: Any, name: str, choices: Sequence[str]) -> str:
-    """``value`` if it is one of ``choices``; ``ValueError`` naming them otherwise."""
-    if value not in choices:
-        raise ValueError(f"{name} must be one of {tuple(choices)}, got {value!r}")
-    return value
 
 
 def adaptivity(adaptive: bool | str | None) -> str | None:
@@ -323,6 +295,7 @@ def split_batches(data: Iterable, m: int, batch_size_fn: BatchSizeFn | None = No
 
 # ----------------------------------------------------------------------------- public API
 
+@register_result
 @dataclass
 class WorstCaseSharpness:
     """Worst-case sharpness ``max_{||delta / c|| <= rho} L(w + delta) - L(w)``.
@@ -332,7 +305,8 @@ class WorstCaseSharpness:
         (same averaging); loss: ``L(w)``.
     delta_norm: ``||delta / c||_p`` of the worst perturbation found (<= rho; for m-sharpness
         the sample-weighted mean over batches).
-    delta: the worst perturbation per parameter name (full-data only, else None).
+    delta: the worst perturbation per parameter name, torch tensors shaped like the parameters
+        (to add to the weights; full-data only, else None).
     batch_values / batch_sizes: per-batch sharpness and sample counts of this rank
         (m-sharpness only, else None).
     n_forward / n_backward: per-batch forward / backward passes spent on this rank.
@@ -346,6 +320,7 @@ class WorstCaseSharpness:
     delta: dict[str, Tensor] | None = None
     batch_values: np.ndarray | None = None
     batch_sizes: np.ndarray | None = None
+    metadata: dict = field(default_factory=dict)
 
 
 def _start_vector(start: Tensor | Mapping[str, Tensor], names: list[str],
@@ -367,9 +342,10 @@ def _start_vector(start: Tensor | Mapping[str, Tensor], names: list[str],
     return torch.where(scale > 0, start / torch.where(scale > 0, scale, 1), 0)
 
 
+@records_metadata
 def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho: float = 0.05,
-                         norm: str = "l2", adaptive: bool | str = False, steps: int = 20,
-                         seed: int = 0, *, m: int | None = None, restarts: int = 1,
+                         norm: str = "l2", adaptive: bool | str = False, steps: int = 20, *,
+                         seed: int = 0, m: int | None = None, restarts: int = 1,
                          start: Tensor | Mapping[str, Tensor] | None = None,
                          params: ParamSelection = None, model_mode: str = "eval",
                          batch_size_fn: BatchSizeFn | None = None,
@@ -386,12 +362,12 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     Batch b uses seed ``seed + b``. The model is left exactly as it was.
     """
     model = unwrap_compiled(model)
-    rho = check_positive(rho, "rho")
-    ball = Ball(check_choice(norm, "norm", NORMS), rho)
+    rho = check_positive("rho", rho)
+    ball = Ball(check_choice("norm", norm, NORMS), rho)
     kind = adaptivity(adaptive)
-    steps = check_int(steps, "steps", 1)
-    restarts = check_int(restarts, "restarts", 1)
-    m = None if m is None else check_int(m, "m", 1)
+    steps = check_int("steps", steps, 1)
+    restarts = check_int("restarts", restarts, 1)
+    m = None if m is None else check_int("m", m, 1)
     make_generator(seed)  # validates the seed
     check_data(data)
     names, chosen = select_params(model, params)
@@ -437,6 +413,7 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
                               batch_sizes=np.asarray(sizes, dtype=np.int64))
 
 
+@register_result
 @dataclass
 class AverageSharpness:
     """Average sharpness ``E_delta L(w + delta) - L(w)``.
@@ -450,10 +427,12 @@ class AverageSharpness:
     loss: float
     samples: np.ndarray
     n_forward: int
+    metadata: dict = field(default_factory=dict)
 
 
+@records_metadata
 def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: float = 0.01,
-                      adaptive: bool | str = False, n_samples: int = 32, seed: int = 0, *,
+                      adaptive: bool | str = False, n_samples: int = 32, *, seed: int = 0,
                       norm: str = "l2", antithetic: bool = False, params: ParamSelection = None,
                       model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
                       progress: bool = True) -> AverageSharpness:
@@ -466,10 +445,10 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
     n_samples then counts evaluations and must be even.
     """
     model = unwrap_compiled(model)
-    sigma = check_positive(sigma, "sigma")
-    ball = Ball(check_choice(norm, "norm", NORMS), 1.0)
+    sigma = check_positive("sigma", sigma)
+    ball = Ball(check_choice("norm", norm, NORMS), 1.0)
     kind = adaptivity(adaptive)
-    n_samples = check_int(n_samples, "n_samples", 4 if antithetic else 2)
+    n_samples = check_int("n_samples", n_samples, 4 if antithetic else 2)
     if antithetic and n_samples % 2:
         raise ValueError(f"n_samples must be even with antithetic=True, got {n_samples}")
     gen = make_generator(seed)
@@ -495,6 +474,7 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
                             loss, samples, objective.n_forward)
 
 
+@register_result
 @dataclass
 class SharpnessVsCurvature:
     """Worst-case L2 sharpness beside its second-order prediction ``rho^2 lambda_max / 2``.
@@ -515,8 +495,10 @@ class SharpnessVsCurvature:
     @property
     def ratio(self) -> np.ndarray:
         return self.sharpness / self.prediction
+    metadata: dict = field(default_factory=dict)
 
 
+@records_metadata
 def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
                            rhos: Sequence[float] = (1e-3, 1e-2, 1e-1), *, steps: int = 20,
                            restarts: int = 1, seed: int = 0, tol: float = 1e-6,
@@ -531,14 +513,14 @@ def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
     prediction. Away from a minimum the first-order term ``rho ||grad||`` dominates at small
     rho and the ratio exceeds 1; at large rho higher-order terms take over.
     """
-    radii = np.asarray([check_positive(r, "rhos entries") for r in rhos], dtype=np.float64)
+    radii = np.asarray([check_positive("rhos entries", r) for r in rhos], dtype=np.float64)
     if radii.size == 0:
         raise ValueError("rhos must hold at least one radius")
     eig = top_eigenvalues(model, loss_fn, data, k=1, which="LA", tol=tol, max_hvp=max_hvp,
                           seed=seed, params=params, model_mode=model_mode,
                           batch_size_fn=batch_size_fn, progress=progress)
     lam, v = float(eig.eigenvalues[0]), eig.eigenvectors[0]
-    found = [worst_case_sharpness(model, loss_fn, data, rho, "l2", False, steps, seed,
+    found = [worst_case_sharpness(model, loss_fn, data, rho, "l2", False, steps, seed=seed,
                                   restarts=restarts, start=rho * v, params=params,
                                   model_mode=model_mode, batch_size_fn=batch_size_fn,
                                   progress=progress) for rho in radii]

@@ -16,7 +16,7 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
 import numpy as np
@@ -25,14 +25,14 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .hvp import HessianOperator
-from .lanczos import _check_int
-from .protocol import BatchSizeFn, LossFn, ParamSelection
-from .seeding import make_generator, rademacher
+from .core import (BatchSizeFn, check_choice, check_int, LossFn, make_generator, ParamSelection,
+                   rademacher, records_metadata, register_result)
 
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
 MatMat = Callable[[Tensor], Tensor]
 
 
+@register_result
 @dataclass
 class TraceResult:
     """``estimate`` of ``tr H``, its ``stderr``, the products spent, and the per-probe values
@@ -42,6 +42,7 @@ class TraceResult:
     n_hvp: int
     method: str
     samples: np.ndarray
+    metadata: dict = field(default_factory=dict)
 
 
 def _apply(matmat: MatMat, rows: Tensor, chunk: int, bar) -> Tensor:
@@ -113,10 +114,11 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
         return _hutchpp(apply, n, n_hvp, gen, like, method)
 
 
+@records_metadata
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int = 99,
-                  method: str = "hutch++", seed: int = 0, params: ParamSelection = None,
+                  method: str = "hutch++", *, params: ParamSelection = None,
                   model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-                  progress: bool = True, chunk: int = 8, hvp_method: str = "reverse"
+                  seed: int = 0, progress: bool = True, chunk: int = 8, hvp_method: str = "reverse"
                   ) -> TraceResult:
     """An unbiased estimate of the Hessian trace from ``n_hvp`` Hessian-vector products.
 
@@ -125,13 +127,12 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
     chunk: probes per pass over the data (memory ``chunk * n`` per pass).
     Probes are Rademacher vectors drawn from ``seed`` (identical on every rank).
     """
-    if method not in TRACE_METHODS:
-        raise ValueError(f"method must be one of {TRACE_METHODS}, got {method!r}")
-    n_hvp = _check_int(n_hvp, "n_hvp", 2 if method == "hutchinson" else 4)
-    chunk = _check_int(chunk, "chunk", 1)
+    check_choice("method", method, TRACE_METHODS)
+    n_hvp = check_int("n_hvp", n_hvp, 2 if method == "hutchinson" else 4)
+    chunk = check_int("chunk", chunk, 1)
     make_generator(seed)
     op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, hvp_method=hvp_method)
+                         batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method)
     with op:
         return trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
                               like=op.like, chunk=chunk, progress=progress)

@@ -102,8 +102,9 @@ def hvp_ratios(model: nn.Module, x, y, repeat: int) -> dict:
     one = [(x, y)]
     params = list(model.parameters())
     v = torch.randn(8, sum(p.numel() for p in params), dtype=torch.float64)
-    ops = {m: HessianOperator(model, LOSS, one, hvp_method=m) for m in ("reverse", "forward")}
-    reused = HessianOperator(model, LOSS, one)
+    ops = {m: HessianOperator(model, LOSS, one, progress=False, hvp_method=m)
+           for m in ("reverse", "forward")}
+    reused = HessianOperator(model, LOSS, one, progress=False)
     candidates = {
         "gradient": lambda: torch.autograd.grad(LOSS(model, one[0]), params),
         **{f"{m}_matvec": (lambda op=op: op.matvec(v[0])) for m, op in ops.items()},
@@ -208,7 +209,7 @@ def peak_hvp_memory(hvp_method: str, dtype=torch.float32) -> dict:
     x, y = torch.randn(64, 1000, dtype=dtype), torch.randint(0, 10, (64,))
     n = sum(p.numel() for p in model.parameters())
     v = torch.randn(n, dtype=dtype)
-    op = HessianOperator(model, LOSS, [(x, y)], hvp_method=hvp_method)
+    op = HessianOperator(model, LOSS, [(x, y)], progress=False, hvp_method=hvp_method)
     op.matvec(v)  # warm-up: one-time allocations of the libraries
     gc.collect()
     Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark

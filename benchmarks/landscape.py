@@ -33,7 +33,7 @@ import loss_landscapes.main as ll_main  # noqa: E402
 from loss_landscapes.metrics import Loss  # noqa: E402
 
 from analysis import supervised  # noqa: E402
-from analysis.datasets import mnist1d  # noqa: E402
+from analysis import mnist1d  # noqa: E402
 from landscape import plane  # noqa: E402
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from analysis.diagnostics import full_grad_norm
+from analysis import full_grad_norm
 
 from .common import (CROSS_ENTROPY, SEED, Missing, Size, dataset, entry, eval_batches, mlp, need,
                      not_available, plot_histories, pyplot, save_result, save_runs, savefig,
@@ -82,7 +82,7 @@ def run(size: Size, out: Path) -> dict:
 def initial_grad_norm(ds, size: Size, seed: int) -> float:
     """||grad f(x_0)|| on the curvature subset at the initialisation of ``seed``."""
     return full_grad_norm(mlp(size, seed=seed), CROSS_ENTROPY,
-                          eval_batches(ds, size)["curvature_data"])
+                          eval_batches(ds, size)["curvature_data"], progress=False)
 
 
 def plot(runs, speed, batches, initial, avg_sq, out: Path) -> str:

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from analysis import mnist1d, supervised
-from analysis.diagnostics import Tracker, evaluate
+from analysis import Tracker, evaluate
 
 SEED = 0
 
@@ -257,8 +257,8 @@ def trials(name: str, make_model: Callable[[int], nn.Module], make_opt: Callable
 
 
 def _final_metrics(model, loss_fn, data) -> dict:
-    test_loss, test_acc = evaluate(model, loss_fn, data["test_data"])
-    train_loss, train_acc = evaluate(model, loss_fn, data["eval_data"])
+    test_loss, test_acc = evaluate(model, loss_fn, data["test_data"], progress=False)
+    train_loss, train_acc = evaluate(model, loss_fn, data["eval_data"], progress=False)
     return {"test_loss": test_loss, "test_acc": test_acc, "train_loss": train_loss,
             "train_acc": train_acc}
 

@@ -1,10 +1,21 @@
 """Loss landscapes: directions, 1D/2D surfaces, interpolation, trajectories, plots."""
+import importlib.util as _util
+import os as _os
+
+_spec = _util.find_spec("analysis")  # a user's analysis.py in the cwd would shadow ours
+_where = list(_spec.submodule_search_locations or []) if _spec else []
+if not _where or not _os.path.isfile(_os.path.join(_where[0], "core", "protocol.py")):
+    raise ImportError(f"landscape needs sharpscape's analysis package, but 'import analysis' finds "
+                      f"{getattr(_spec, 'origin', None) or _where}: rename that file or folder, it "
+                      "shadows sharpscape's analysis package")
+
 from .directions import (Direction, eigenvector_directions, random_direction,
                          update_direction)
 from .interpolate import interpolate, recalibrate_bn
 from .plot import (plot_contour, plot_line, plot_spectral_density, plot_surface3d,
                    plot_trajectory, save_figure)
-from .results import InterpolationResult, LineResult, PlaneResult, load_result, save_result
+from analysis.core import load_result, save_result
+from .results import InterpolationResult, LineResult, PlaneResult
 from .surface import line, plane
 from .trajectory import PCAResult, pca_directions, project_trajectory
 

@@ -12,13 +12,14 @@ from typing import Any, Mapping
 import torch
 from torch import Tensor, nn
 
-from analysis.flat import unflatten
-from analysis.protocol import ParamSelection, select_params
-from analysis.seeding import make_generator, randn
+from analysis import top_eigenvalues
+from analysis.core import (BatchSizeFn, check_choice, LossFn, make_generator, ParamSelection, randn,
+                           register_result, select_params, unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
 
+@register_result
 class Direction(dict):
     """``dict`` name -> tensor, plus ``info`` describing how it was made."""
 
@@ -97,8 +98,7 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     seed: draws come from a private generator on the CPU (same on every device and rank).
     params: which parameters get a direction (default: all with requires_grad).
     """
-    if normalization not in NORMALIZATIONS:
-        raise ValueError(f"normalization must be one of {NORMALIZATIONS}, got {normalization!r}")
+    check_choice("normalization", normalization, NORMALIZATIONS)
     gen = make_generator(seed)
     names, tensors = select_params(model, params)
     out = {}
@@ -152,19 +152,20 @@ def update_direction(start, end, model: nn.Module, *, params: ParamSelection = N
     return Direction({n: b[n] - a[n] for n in names}, {"kind": "update", "buffers": buffers})
 
 
-def eigenvector_directions(model: nn.Module, loss_fn, data, k: int = 2, *,
+def eigenvector_directions(model: nn.Module, loss_fn: LossFn, data, k: int = 2, *,
                            params: ParamSelection = None, model_mode: str = "eval",
-                           **lanczos_kwargs) -> list[Direction]:
+                           batch_size_fn: BatchSizeFn | None = None, seed: int = 0,
+                           progress: bool = True, which: str = "LA", tol: float = 1e-6,
+                           max_hvp: int | None = None) -> list[Direction]:
     """Unit directions along the top-``k`` Hessian eigenvectors (``analysis.top_eigenvalues``).
 
     Each Direction's ``info`` holds its eigenvalue (so the second difference of ``line``
-    along it at 0 is that eigenvalue). Extra keywords go to ``top_eigenvalues`` (which, tol,
-    seed, max_hvp, ...); ``info["converged"]`` says whether the eigenpairs met ``tol``.
+    along it at 0 is that eigenvalue). The keywords are ``top_eigenvalues``'s;
+    ``info["converged"]`` says whether the eigenpairs met ``tol``.
     """
-    from analysis.lanczos import top_eigenvalues
-
-    res = top_eigenvalues(model, loss_fn, data, k=k, params=params, model_mode=model_mode,
-                          **lanczos_kwargs)
+    res = top_eigenvalues(model, loss_fn, data, k, which, tol, max_hvp, params=params,
+                          model_mode=model_mode, batch_size_fn=batch_size_fn, seed=seed,
+                          progress=progress)
     named = dict(model.named_parameters())
     like = [named[n].detach() for n in res.names]
     out = []
@@ -172,6 +173,6 @@ def eigenvector_directions(model: nn.Module, loss_fn, data, k: int = 2, *,
         chunks = unflatten(row.detach(), like)
         out.append(Direction({n: c.to(t) for n, c, t in zip(res.names, chunks, like)},
                              {"kind": "hessian_eigenvector", "index": i, "eigenvalue": float(value),
-                              "which": lanczos_kwargs.get("which", "LA"),
+                              "which": which,
                               "converged": bool(res.converged)}))
     return out

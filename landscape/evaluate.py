@@ -3,7 +3,7 @@
 Every surface of the package is a set of points, each a linear combination of a few weight
 vectors (the origin and one or two directions for ``line``/``plane``; two endpoints for
 ``interpolate``). Points are evaluated in chunks: ``torch.func.vmap`` over the points of a
-chunk, ``functional_call`` for the forward, and ``analysis.protocol.data_mean`` for the
+chunk, ``functional_call`` for the forward, and ``analysis.core.data_mean`` for the
 sample-weighted mean over the data (all-reduced over ranks). Models that cannot be vmapped
 (random layers, in-place buffer updates, data-dependent control flow) are evaluated point by
 point with the weights written into the model; both paths give the same values.
@@ -28,9 +28,8 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from analysis.distributed import rank, world_size
-from analysis.protocol import BatchSizeFn, LossFn, check_data, data_mean
-from analysis.restore import preserved
+from analysis.core import (BatchSizeFn, check_choice, check_data, check_int, check_number,
+                           check_positive, data_mean, LossFn, preserved, rank, world_size)
 
 from .directions import named_targets
 from .results import Progress
@@ -69,7 +68,7 @@ def _scalar(loss: Any) -> Tensor:
     return loss.reshape(())
 
 
-def _combine(parts: Sequence[tuple[int, Tensor]], c: Tensor) -> Tensor:
+def combine(parts: Sequence[tuple[int, Tensor]], c: Tensor) -> Tensor:
     """``sum_j c[j] * V_j`` in a fixed order (the same arithmetic with and without vmap)."""
     j, t = parts[0]
     out = t * c[j]
@@ -125,12 +124,10 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
     """
     if vectorize not in VECTORIZE:
         raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")
-    if distribute not in DISTRIBUTE:
-        raise ValueError(f"distribute must be one of {DISTRIBUTE}, got {distribute!r}")
-    if chunk_size is not None and (isinstance(chunk_size, bool) or int(chunk_size) < 1):
-        raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
-    if max_memory <= 0:
-        raise ValueError(f"max_memory must be > 0 bytes, got {max_memory!r}")
+    check_choice("distribute", distribute, DISTRIBUTE)
+    if chunk_size is not None:
+        check_int("chunk_size", chunk_size, 1)
+    check_positive("max_memory", max_memory)
     check_data(data)
     flat = store.losses.reshape(-1)
     todo = np.flatnonzero(np.isnan(flat))
@@ -148,7 +145,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
 
         def vmapped(cs: Tensor, batch) -> Tensor:
             def one(c):
-                mapping = {f"model.{n}": _combine(p, c) for n, p in parts.items()}
+                mapping = {f"model.{n}": combine(p, c) for n, p in parts.items()}
                 return _scalar(functional_call(caller, mapping, (batch,)))
             return vmap(one)(cs)
 
@@ -159,7 +156,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
 
         def looped(cs: Tensor, batch) -> Tensor:
             out = []
-            for c in cs:  # _combine's arithmetic, one multi-tensor op per vector
+            for c in cs:  # combine's arithmetic, one multi-tensor op per vector
                 (j, moving, values), *rest = terms
                 torch._foreach_copy_(moving, torch._foreach_mul(values, c[j]))
                 for j, moved, values in rest:
@@ -227,8 +224,8 @@ def check_coords(values, name: str) -> np.ndarray:
         arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of coordinates, got shape {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{name} must be finite, got {arr}")
+    for x in arr:
+        check_number(name + " entries", x)
     return arr
 
 

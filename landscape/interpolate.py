@@ -2,6 +2,7 @@
 Frankle et al. 2020), with optional BatchNorm statistics recalibration at each point."""
 from __future__ import annotations
 
+import inspect
 import os
 from typing import Iterable
 
@@ -9,13 +10,13 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.compiled import unwrap_compiled
-from analysis.protocol import LossFn, check_loss, data_mean
-from analysis.restore import check_model_mode, preserved
+from analysis.core import (BatchSizeFn, check_loss, check_model_mode, data_mean, LossFn,
+                           ParamSelection, preserved, select_params,
+                           unwrap_compiled)
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
-from .evaluate import _combine, check_coords, evaluate_points, fmt
-from .results import InterpolationResult, Progress, make_metadata
+from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
+from .results import InterpolationResult, Progress, surface_metadata
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -26,7 +27,7 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
     The statistics are reset and re-estimated in train mode with a cumulative average
     (``momentum=None``), one forward per batch through ``loss_fn``. The model's weights are
     used as they are; its BatchNorm buffers are overwritten (callers wrap this in
-    ``analysis.restore.preserved``). Returns the number of forward passes.
+    ``analysis.core.preserved``). Returns the number of forward passes.
     """
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
@@ -54,23 +55,30 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
 
 
 def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
-                buffers: bool = True, bn_data: Iterable | None = None, model_mode: str = "eval",
-                path: str | os.PathLike | None = None, **options) -> InterpolationResult:
+                params: ParamSelection = None, model_mode: str = "eval",
+                batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                buffers: bool = True, bn_data: Iterable | None = None,
+                path: str | os.PathLike | None = None, chunk_size: int | None = None,
+                max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
+                distribute: str = "data") -> InterpolationResult:
     """Losses at ``w(alpha) = (1 - alpha) w_a + alpha w_b`` and the barrier above the chord.
 
     model_b: a model of the same architecture, a state_dict or a checkpoint path.
+    params: the parameters interpolated (default all); the others stay at model_a's values.
     buffers: interpolate floating buffers (BatchNorm running statistics) along with the
         parameters (Li et al.'s "states" directions); otherwise model_a's buffers are used.
     bn_data: if given, BatchNorm statistics are recalibrated on these batches at each point
         (:func:`recalibrate_bn`) before the loss is evaluated; points are then evaluated one by
-        one. barrier = max over alphas of ``L(alpha) - ((1 - alpha) L(a) + alpha L(b))``, with
+        one (chunk_size, max_memory, vectorize and distribute must keep their defaults).
+        barrier = max over alphas of ``L(alpha) - ((1 - alpha) L(a) + alpha L(b))``, with
         L(a), L(b) evaluated the same way (at alpha = 0 and 1).
     Other keywords as in :func:`landscape.line`. Both models are left unchanged.
     """
     check_model_mode(model_mode)
     alphas = check_coords(alphas, "alphas")
     model_a = unwrap_compiled(model_a, "model_a")
-    names = list(dict(model_a.named_parameters()))
+    names = list(dict(model_a.named_parameters())) if params is None else \
+        select_params(model_a, params)[0]
     if buffers or bn_data is not None:
         names += state_buffers(model_a)
     targets = named_targets(model_a)
@@ -85,45 +93,59 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     points = np.concatenate([alphas, [a for a in (0.0, 1.0) if a not in alphas]])
     coords = np.stack([1.0 - points, points], axis=1)
     config = {"model_mode": model_mode, "buffers": buffers, "recalibrate_bn": bn_data is not None}
-    meta = make_metadata("interpolate", [w_b], w_a, [points], config)
-    store = Progress(path, {"alphas": points}, (len(points),), meta)
+    meta = surface_metadata("interpolate", [w_b], w_a, [points], config)
+    keep = len(alphas)
+    ends = [int(np.flatnonzero(points == a)[0]) for a in (0.0, 1.0)]
+
+    def build(losses: np.ndarray, n_forward: int, metadata: dict) -> InterpolationResult:
+        loss_a, loss_b = (float(losses[i]) for i in ends)
+        barrier = float(np.max(losses[:keep] - ((1.0 - alphas) * loss_a + alphas * loss_b)))
+        return InterpolationResult(alphas, losses[:keep], barrier, loss_a, loss_b, n_forward,
+                                   metadata)
+
+    def losses_of(result: InterpolationResult) -> np.ndarray:
+        losses = np.full(len(points), np.nan)
+        losses[:len(result.losses)] = result.losses
+        losses[ends] = result.loss_a, result.loss_b
+        return losses
+
+    store = Progress(path, (len(points),), meta, build, losses_of)
 
     def describe(i: int) -> str:
         return f"alpha={fmt(points[i])}"
 
+    evaluation = dict(chunk_size=chunk_size, max_memory=max_memory, vectorize=vectorize,
+                      distribute=distribute)
     if bn_data is None:
         evaluate_points(model_a, loss_fn, data, [w_a, w_b], coords, store, describe,
-                        model_mode=model_mode, desc="interpolate", **options)
+                        model_mode=model_mode, batch_size_fn=batch_size_fn, progress=progress,
+                        desc="interpolate", **evaluation)
     else:
+        changed = [k for k, v in evaluation.items()
+                   if v != inspect.signature(interpolate).parameters[k].default]
+        if changed:
+            raise ValueError(f"{', '.join(changed)} do not apply with bn_data= (points are "
+                             "evaluated one by one)")
         _recalibrated(model_a, loss_fn, data, bn_data, [w_a, w_b], coords, store, describe,
-                      model_mode, options)
-    losses = store.losses
-    loss_a, loss_b = (float(losses[np.flatnonzero(points == a)[0]]) for a in (0.0, 1.0))
-    keep = len(alphas)
-    barrier = float(np.max(losses[:keep] - ((1.0 - alphas) * loss_a + alphas * loss_b)))
-    store.meta.update(barrier=barrier, loss_a=loss_a, loss_b=loss_b, n_alphas=keep)
+                      model_mode, batch_size_fn)
     store.write(complete=True)
-    return InterpolationResult(alphas, losses[:keep].copy(), barrier, loss_a, loss_b,
-                               store.n_forward, store.meta)
+    return store.result(complete=True)
 
 
 def _recalibrated(model, loss_fn, data, bn_data, vectors, coords, store: Progress, describe,
-                  model_mode: str, options: dict) -> None:
+                  model_mode: str, batch_size_fn: BatchSizeFn | None) -> None:
     """Point by point: load the weights, recalibrate BatchNorm on ``bn_data``, evaluate."""
-    unknown = set(options) - {"batch_size_fn", "progress"}
-    if unknown:
-        raise ValueError(f"options {sorted(unknown)} do not apply with bn_data= (points are "
-                         "evaluated one by one)")
     targets = named_targets(model)
     with preserved(model, model_mode), torch.no_grad():
         for i in np.flatnonzero(np.isnan(store.losses)):
             c = torch.as_tensor(coords[i])
             for n in vectors[0]:
-                targets[n].copy_(_combine([(0, vectors[0][n]), (1, vectors[1][n])], c.to(targets[n])))
+                parts = [(0, vectors[0][n]), (1, vectors[1][n])]
+                targets[n].copy_(combine(parts, c.to(targets[n])))
             store.n_forward += recalibrate_bn(model, loss_fn, bn_data)
             model.train(model_mode == "train")
             mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), f" at {describe(i)}")],
-                             options.get("batch_size_fn"))
+                             batch_size_fn)
             store.losses[i] = float(mean.values[0])
             store.n_forward += mean.n_batches
             store.write(complete=not np.isnan(store.losses).any())

@@ -17,7 +17,7 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from .results import load_result
+from analysis.core import check_choice, load_result
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
@@ -67,8 +67,7 @@ def plot_line(results, ax: Axes | None = None, label: str | None = None, band: s
     """Loss along a line (or interpolation). Several results on the same alphas (e.g. one
     per seed) are drawn as their mean with a band: ``band="std"`` (mean +- one standard
     deviation) or ``"minmax"``."""
-    if band not in ("std", "minmax"):
-        raise ValueError(f"band must be 'std' or 'minmax', got {band!r}")
+    check_choice("band", band, ("std", "minmax"))
     results = [_load(r) for r in (results if isinstance(results, (list, tuple)) else [results])]
     alphas = results[0].alphas
     if any(r.alphas.shape != alphas.shape or not np.allclose(r.alphas, alphas) for r in results):
@@ -138,9 +137,12 @@ def plot_surface3d(result, ax: Axes | None = None, log: bool = False) -> Axes:
 
 
 def plot_trajectory(result, coords: np.ndarray, ax: Axes | None = None,
-                    explained_variance_ratio: Sequence[float] | None = None, **contour) -> Axes:
+                    explained_variance_ratio: Sequence[float] | None = None,
+                    levels: int | Sequence[float] = 15, log: bool = False, filled: bool = True,
+                    colorbar: bool = True) -> Axes:
     """A training path (``PCAResult.coords`` or ``project_trajectory``) over the contour of
-    the plane spanned by the same directions; axis labels give the explained variance."""
+    the plane spanned by the same directions; axis labels give the explained variance.
+    levels, log, filled, colorbar: as in :func:`plot_contour`."""
     coords = np.asarray(coords, dtype=float)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"coords must have shape [T, 2], got {coords.shape}")
@@ -148,7 +150,7 @@ def plot_trajectory(result, coords: np.ndarray, ax: Axes | None = None,
     if explained_variance_ratio is not None:
         labels = tuple(f"PC{i + 1} ({100 * r:.1f}% var.)"
                        for i, r in enumerate(explained_variance_ratio[:2]))
-    ax = plot_contour(result, ax, xlabel=labels[0], ylabel=labels[1], **contour)
+    ax = plot_contour(result, ax, levels, log, filled, labels[0], labels[1], colorbar)
     with style():
         ax.plot(coords[:, 0], coords[:, 1], "-o", color=PATH_COLOR, markersize=3, linewidth=1.4,
                 label="trajectory")

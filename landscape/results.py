@@ -1,9 +1,10 @@
-"""Result types of surfaces, and their ``.npz`` + JSON storage (provenance, resume, re-plotting).
+"""Result types of surfaces, and the resumable computation that fills them.
 
-A file holds the coordinate arrays, the losses (NaN where a point is not computed yet) and a
-JSON string ``metadata`` with the kind of result, seed and direction info, a hash of the
-directions and of the origin weights, the configuration, and the torch/numpy/sharpscape
-versions. Files are written atomically and by rank 0 only.
+The results follow ``analysis.core.results`` (save with ``save_result``, read with
+``load_result``). Their ``metadata`` holds the kind of result, seed and direction info, a hash
+of the directions and of the origin weights, the configuration, and the torch/numpy/sharpscape
+versions. A surface computed with ``path=`` is mirrored to that file after every chunk (NaN
+where a point is not computed yet), so an interrupted run resumes where it stopped.
 """
 from __future__ import annotations
 
@@ -12,18 +13,19 @@ import hashlib
 import json
 import os
 from dataclasses import dataclass, field
-from importlib import metadata as _pkg_metadata
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from analysis.distributed import broadcast_object, rank
+from analysis.core import (broadcast_object, load_result, make_metadata, rank, register_result,
+                           save_result)
 
 FORMAT = 1
 
 
+@register_result
 @dataclass
 class LineResult:
     """Losses ``L(w + alpha d)`` at ``alphas``."""
@@ -33,6 +35,7 @@ class LineResult:
     metadata: dict = field(default_factory=dict)
 
 
+@register_result
 @dataclass
 class PlaneResult:
     """Losses ``L(w + x d1 + y d2)``; ``losses[i, j]`` is at ``(xs[j], ys[i])``."""
@@ -43,6 +46,7 @@ class PlaneResult:
     metadata: dict = field(default_factory=dict)
 
 
+@register_result
 @dataclass
 class InterpolationResult:
     """Losses along ``(1 - alpha) w_a + alpha w_b`` and the barrier above the chord."""
@@ -53,11 +57,6 @@ class InterpolationResult:
     loss_b: float
     n_forward: int = 0
     metadata: dict = field(default_factory=dict)
-
-
-_ARRAYS = {"line": ("alphas", "losses"), "plane": ("xs", "ys", "losses"),
-           "interpolate": ("alphas", "losses")}
-_TYPES = {"line": LineResult, "plane": PlaneResult, "interpolate": InterpolationResult}
 
 
 def tensors_hash(vectors: Sequence[Mapping[str, Tensor]]) -> str:
@@ -79,62 +78,21 @@ def array_hash(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-def versions() -> dict[str, str]:
-    try:
-        ours = _pkg_metadata.version("sharpscape")
-    except _pkg_metadata.PackageNotFoundError:
-        ours = "unknown (not installed)"
-    return {"torch": torch.__version__, "numpy": np.__version__, "sharpscape": ours}
-
-
-def _write_npz(path: str, arrays: Mapping[str, np.ndarray], meta: Mapping[str, Any]) -> None:
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, metadata=np.array(json.dumps(meta, sort_keys=True)), **arrays)
-    os.replace(tmp, path)
-
-
-def _read_npz(path: str) -> tuple[dict[str, np.ndarray], dict]:
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in f.files if k != "metadata"}
-        meta = json.loads(str(f["metadata"]))
-    return arrays, meta
-
-
-def save_result(result, path: str | os.PathLike) -> None:
-    """Write a result to ``path`` (.npz with JSON metadata); rank 0 only."""
-    kind = result.metadata.get("kind")
-    if kind not in _ARRAYS:
-        raise ValueError(f"result metadata has no known kind: {kind!r}")
-    if rank() == 0:
-        meta = {**result.metadata, "n_forward": int(result.n_forward)}
-        _write_npz(os.fspath(path), {k: getattr(result, k) for k in _ARRAYS[kind]}, meta)
-
-
-def load_result(path: str | os.PathLike):
-    """The result stored in ``path`` (LineResult, PlaneResult or InterpolationResult)."""
-    arrays, meta = _read_npz(os.fspath(path))
-    kind = meta.get("kind")
-    if kind not in _TYPES:
-        raise ValueError(f"{path} is not a sharpscape landscape file (kind={kind!r})")
-    extra, keep = {}, None
-    if kind == "interpolate":  # the file also holds the endpoints appended for the chord
-        extra, keep = {k: meta[k] for k in ("barrier", "loss_a", "loss_b")}, meta["n_alphas"]
-    return _TYPES[kind](**{k: arrays[k][:keep] for k in _ARRAYS[kind]}, **extra,
-                        n_forward=int(meta.get("n_forward", 0)), metadata=meta)
-
-
 class Progress:
-    """The losses of a computation in progress, mirrored to an .npz file for resuming.
+    """The losses of a computation in progress, mirrored to a result file for resuming.
 
-    ``losses`` starts as NaN (not computed). With a ``path`` that exists, finished points are
-    read back, after checking that its fingerprint (kind, direction and origin hashes,
-    coordinates, config) equals this computation's; a mismatch raises ValueError.
+    ``losses`` starts as NaN (not computed). ``build(losses, n_forward, metadata)`` makes the
+    result written to ``path`` and returned by :meth:`result`; ``losses_of(result)`` reads the
+    losses back from a file. With a ``path`` that exists, finished points are read back, after
+    checking that its fingerprint (kind, direction and origin hashes, coordinates, config)
+    equals this computation's; a mismatch raises ValueError.
     """
 
-    def __init__(self, path: str | os.PathLike | None, arrays: Mapping[str, np.ndarray],
-                 shape: tuple[int, ...], meta: dict):
+    def __init__(self, path: str | os.PathLike | None, shape: tuple[int, ...], meta: dict,
+                 build: Callable[[np.ndarray, int, dict], Any],
+                 losses_of: Callable[[Any], np.ndarray] = lambda result: result.losses):
         self.path = None if path is None else os.fspath(path)
-        self.arrays, self.meta = dict(arrays), meta
+        self.meta, self.build, self.losses_of = meta, build, losses_of
         self.losses = np.full(shape, np.nan)
         self.n_forward = 0
         if self.path is not None:
@@ -148,7 +106,8 @@ class Progress:
     def _resume(self):
         if not os.path.exists(self.path):
             return None
-        arrays, old = _read_npz(self.path)
+        old_result = load_result(self.path)
+        old = old_result.metadata
         keys = ("kind", "fingerprint")
         diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True)
                 != json.dumps(self.meta.get(k), sort_keys=True)]
@@ -156,28 +115,30 @@ class Progress:
             return (f"cannot resume from {self.path}: it holds a different computation "
                     f"({', '.join(diff)} differ: directions, origin weights, coordinates or config "
                     "changed); remove the file or pass another path")
-        losses = arrays["losses"]
+        losses = self.losses_of(old_result)
         if losses.shape != self.losses.shape:
             return f"cannot resume from {self.path}: losses have shape {losses.shape}"
-        return losses.astype(np.float64), int(old.get("n_forward", 0))
+        return losses.astype(np.float64), int(old_result.n_forward)
+
+    def result(self, complete: bool = False) -> Any:
+        """The result as computed so far."""
+        meta = {**self.meta, "complete": complete,
+                "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}
+        return self.build(self.losses.copy(), self.n_forward, meta)
 
     def write(self, complete: bool = False) -> None:
-        if self.path is None or rank() != 0:
-            return
-        meta = {**self.meta, "complete": complete, "n_forward": self.n_forward,
-                "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}
-        _write_npz(self.path, {**self.arrays, "losses": self.losses}, meta)
+        if self.path is not None and rank() == 0:
+            save_result(self.result(complete), self.path)
 
 
-def make_metadata(kind: str, vectors: Sequence[Mapping[str, Tensor]], origin: Mapping[str, Tensor],
-                  coords: Sequence[np.ndarray], config: Mapping[str, Any],
-                  extra: Mapping[str, Any] | None = None) -> dict:
+def surface_metadata(kind: str, vectors: Sequence[Mapping[str, Tensor]],
+                     origin: Mapping[str, Tensor], coords: Sequence[np.ndarray],
+                     config: Mapping[str, Any]) -> dict:
     """Provenance of a surface: direction info and seed, hashes, config, versions."""
     infos = [dict(getattr(v, "info", {})) for v in vectors]
     seeds = [i["seed"] for i in infos if "seed" in i]
     fingerprint = {"directions": tensors_hash(vectors), "origin": tensors_hash([origin]),
                    "coordinates": array_hash(*coords), "config": dict(config)}
-    return {"kind": kind, "format": FORMAT, "seed": seeds[0] if len(seeds) == 1 else seeds or None,
-            "directions": infos, "directions_hash": fingerprint["directions"],
-            "fingerprint": fingerprint, "config": dict(config), "versions": versions(),
-            **(extra or {})}
+    return make_metadata(seeds[0] if len(seeds) == 1 else seeds or None, config, kind=kind,
+                         format=FORMAT, directions=infos, directions_hash=fingerprint["directions"],
+                         fingerprint=fingerprint)

@@ -7,23 +7,35 @@ from typing import Mapping, Sequence
 import numpy as np
 from torch import Tensor, nn
 
-from analysis.compiled import unwrap_compiled
-from analysis.protocol import LossFn
-from analysis.restore import check_model_mode
+from analysis.core import (BatchSizeFn, check_model_mode, LossFn, ParamSelection, select_params,
+                           unwrap_compiled)
 
 from .directions import Direction, check_direction, named_targets
-from .evaluate import check_coords, evaluate_points, fmt
-from .results import LineResult, PlaneResult, Progress, make_metadata
+from .evaluate import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
+from .results import LineResult, PlaneResult, Progress, surface_metadata
+
+
+def moving(model: nn.Module, params: ParamSelection, direction: dict[str, Tensor], argname: str
+           ) -> dict[str, Tensor]:
+    """``direction`` restricted to the parameters ``params`` selects (all of it for None)."""
+    if params is None:
+        return direction
+    chosen = set(select_params(model, params)[0])
+    out = {n: t for n, t in direction.items() if n in chosen}
+    if not out:
+        raise ValueError(f"{argname} moves none of the parameters params selects")
+    return out
 
 
 def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
              directions: Sequence[Mapping[str, Tensor]], axes: Sequence[np.ndarray],
-             model_mode: str, path, options: dict) -> Progress:
+             params: ParamSelection, model_mode: str, path, build, options: dict) -> Progress:
     """Evaluate ``L(w + sum_k x_k d_k)`` on the grid ``axes`` (last axis fastest)."""
     check_model_mode(model_mode)
     model = unwrap_compiled(model)
-    dirs = [Direction(check_direction(model, d, f"d{k + 1}" if len(directions) > 1 else "direction"),
-                      getattr(d, "info", None)) for k, d in enumerate(directions)]
+    labels = [f"d{k + 1}" if len(directions) > 1 else "direction" for k in range(len(directions))]
+    dirs = [Direction(moving(model, params, check_direction(model, d, lab), lab),
+                      getattr(d, "info", None)) for d, lab in zip(directions, labels)]
     names = list(dict.fromkeys(n for d in dirs for n in d))
     targets = named_targets(model)
     origin = {n: targets[n].detach().clone() for n in names}
@@ -31,9 +43,8 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     coords = np.stack([np.ones(grid[0].size)] + [g.reshape(-1) for g in grid], axis=1)
     config = {"model_mode": model_mode, "names": names,
               "shape": [len(a) for a in axes[::-1]]}
-    arrays = dict(zip(("alphas",) if kind == "line" else ("xs", "ys"), axes))
-    meta = make_metadata(kind, dirs, origin, axes, config)
-    store = Progress(path, arrays, tuple(len(a) for a in axes[::-1]), meta)
+    meta = surface_metadata(kind, dirs, origin, axes, config)
+    store = Progress(path, tuple(len(a) for a in axes[::-1]), meta, build)
     labels = ("alpha",) if kind == "line" else ("x", "y")
 
     def describe(i: int) -> str:
@@ -45,30 +56,44 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
 
 
 def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor], alphas, *,
-         model_mode: str = "eval", path: str | os.PathLike | None = None, **options) -> LineResult:
+         params: ParamSelection = None, model_mode: str = "eval",
+         batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+         path: str | os.PathLike | None = None, chunk_size: int | None = None,
+         max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
+         distribute: str = "data") -> LineResult:
     """``L(w + alpha d)`` for each alpha: the exact sample-weighted mean loss over ``data``.
 
     direction: dict name -> tensor (e.g. ``random_direction``); names left out stay fixed.
+    params: only the selected parameters move (default: all the direction names).
     model_mode: "eval" (default; BatchNorm uses running statistics) or "train".
-    path: an .npz file written after every chunk; an existing file of the same computation
-        is resumed (finished points are not recomputed).
-    options: chunk_size, max_memory, vectorize, distribute, batch_size_fn, progress
+    path: an .npz result file written after every chunk; an existing file of the same
+        computation is resumed (finished points are not recomputed).
+    chunk_size, max_memory, vectorize, distribute: how points are batched and shared
         (see ``landscape.evaluate.evaluate_points``).
     The model is left unchanged.
     """
     alphas = check_coords(alphas, "alphas")
-    store = _surface("line", model, loss_fn, data, [direction], [alphas], model_mode, path, options)
-    return LineResult(alphas, store.losses, store.n_forward, store.meta)
+    options = dict(batch_size_fn=batch_size_fn, progress=progress, chunk_size=chunk_size,
+                   max_memory=max_memory, vectorize=vectorize, distribute=distribute)
+    store = _surface("line", model, loss_fn, data, [direction], [alphas], params, model_mode, path,
+                     lambda losses, n, meta: LineResult(alphas, losses, n, meta), options)
+    return store.result(complete=True)
 
 
 def plane(model: nn.Module, loss_fn: LossFn, data, d1: Mapping[str, Tensor], d2: Mapping[str, Tensor],
-          xs, ys, *, model_mode: str = "eval", path: str | os.PathLike | None = None,
-          **options) -> PlaneResult:
+          xs, ys, *, params: ParamSelection = None, model_mode: str = "eval",
+          batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+          path: str | os.PathLike | None = None, chunk_size: int | None = None,
+          max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
+          distribute: str = "data") -> PlaneResult:
     """``L(w + x d1 + y d2)`` on the grid ``xs`` x ``ys``; ``losses[i, j]`` is at ``(xs[j], ys[i])``.
 
     Same keywords as :func:`line`. Under torch.distributed, ``distribute="grid"`` splits the
     grid points across ranks (each rank holding all the data); the default splits the data.
     """
     xs, ys = check_coords(xs, "xs"), check_coords(ys, "ys")
-    store = _surface("plane", model, loss_fn, data, [d1, d2], [xs, ys], model_mode, path, options)
-    return PlaneResult(xs, ys, store.losses, store.n_forward, store.meta)
+    options = dict(batch_size_fn=batch_size_fn, progress=progress, chunk_size=chunk_size,
+                   max_memory=max_memory, vectorize=vectorize, distribute=distribute)
+    store = _surface("plane", model, loss_fn, data, [d1, d2], [xs, ys], params, model_mode, path,
+                     lambda losses, n, meta: PlaneResult(xs, ys, losses, n, meta), options)
+    return store.result(complete=True)

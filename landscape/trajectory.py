@@ -1,28 +1,30 @@
 """PCA directions of a training trajectory and its projection onto them (Li et al. 2018, Sec. 7)."""
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.flat import flatten
-from analysis.protocol import ParamSelection, select_params
+from analysis.core import (check_choice, check_int, flatten, ParamSelection, records_metadata,
+                           register_result, select_params)
 
 from .directions import Direction, named_targets, check_direction, state_tensors
 
 METHODS = ("auto", "svd", "gram")
 
 
+@register_result
 @dataclass
 class PCAResult:
     """Top principal directions of a trajectory (unit norm, orthogonal) and the path on them.
 
     coords[t] are the coordinates of checkpoint t on the directions, relative to the model's
     weights (the origin of a ``plane`` along these directions). Iterating yields directions,
-    so ``d1, d2 = pca_directions(...)`` works.
+    so ``d1, d2 = pca_directions(...)`` works. ``directions`` are :class:`Direction` dicts of
+    torch tensors (to pass to ``plane``); ``n_forward`` is 0 (PCA evaluates no loss).
     """
     directions: list[Direction]
     explained_variance: np.ndarray
@@ -34,6 +36,8 @@ class PCAResult:
 
     def __len__(self) -> int:
         return len(self.directions)
+    n_forward: int = 0
+    metadata: dict = field(default_factory=dict)
 
 
 def _matrix(trajectory: Sequence, model: nn.Module, names: list[str], like: list[Tensor]) -> Tensor:
@@ -52,6 +56,7 @@ def _mask(names: list[str], like: list[Tensor], ignore_bias_bn: bool) -> Tensor:
                                dtype=torch.float64, device=t.device) for t in like])
 
 
+@records_metadata
 def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
                    params: ParamSelection = None, ignore_bias_bn: bool = False,
                    method: str = "auto") -> PCAResult:
@@ -64,15 +69,12 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
         over all T - 1 components. ignore_bias_bn: zero the 1-D tensors' entries first.
     The sign of each direction makes its largest-magnitude entry positive.
     """
-    if method not in METHODS:
-        raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+    check_choice("method", method, METHODS)
     names, like = select_params(model, params)
     like = [p.detach() for p in like]
     theta = _matrix(trajectory, model, names, like)
     T, P = theta.shape
-    if isinstance(n, bool) or not 1 <= int(n) <= min(T - 1, P):
-        raise ValueError(f"n must be in [1, min(len(trajectory) - 1, n_params)] = "
-                         f"[1, {min(T - 1, P)}], got {n!r}")
+    n = check_int("n", n, 1, min(T - 1, P))  # at most len(trajectory) - 1 and n_params
     m = (theta - theta.mean(dim=0)) * _mask(names, like, ignore_bias_bn)
     if method == "svd" or (method == "auto" and T >= P):
         _, s, vh = torch.linalg.svd(m, full_matrices=False)

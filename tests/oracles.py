@@ -5,7 +5,7 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
-from analysis.protocol import default_batch_size
+from analysis.core import default_batch_size
 
 
 def mlp(sizes=(6, 8, 5, 3), act=nn.Tanh, dtype=torch.float64, seed=0, bias=True) -> nn.Sequential:

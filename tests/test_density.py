@@ -6,7 +6,7 @@ from torch.nn import functional as F
 
 from analysis import spectral_density
 from analysis.density import lanczos_quadrature, smooth
-from analysis.seeding import make_generator, rademacher
+from analysis.core import make_generator, rademacher
 from oracles import (assert_unchanged, classification_data, exact_hessian, mlp, snapshot,
                      uneven_batches)
 

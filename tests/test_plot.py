@@ -57,3 +57,22 @@ def test_plot_errors():
         plot_line(a, band="iqr")
     with pytest.raises(ValueError, match="coords"):
         plot_trajectory(bowl(), np.zeros((3, 3)))
+
+
+def test_contour_orientation():
+    """losses[i, j] is at (xs[j], ys[i]): a loss that depends only on x has vertical contours
+    spread along the x axis, over the xs range (a transposed plot fails both)."""
+    from matplotlib.contour import ContourSet
+
+    xs, ys = np.linspace(-1.0, 2.0, 7), np.linspace(10.0, 20.0, 4)
+    flat_in_y = PlaneResult(xs, ys, np.tile(xs, (len(ys), 1)), 0, {})
+    ax = plot_contour(flat_in_y, levels=[-0.5, 0.5, 1.5])
+    assert ax.get_xlim() == pytest.approx((xs[0], xs[-1]))
+    assert ax.get_ylim() == pytest.approx((ys[0], ys[-1]))
+    lines = [c for c in ax.collections if isinstance(c, ContourSet) and not c.filled]
+    assert len(lines) == 1
+    for level, segments in zip(lines[0].levels, lines[0].allsegs):
+        assert segments, f"no contour at level {level}"
+        points = np.concatenate(segments)  # inline labels cut a line into pieces
+        np.testing.assert_allclose(points[:, 0], level, atol=1e-12)  # x = level: vertical
+        assert (points[:, 1].min(), points[:, 1].max()) == pytest.approx((ys[0], ys[-1]))

@@ -4,9 +4,9 @@ import torch
 from torch import nn
 
 from analysis import mean_loss, preserved, select_params, supervised
-from analysis.flat import flatten, unflatten
-from analysis.protocol import check_loss, data_mean
-from analysis.seeding import make_generator, rademacher
+from analysis.core import flatten, unflatten
+from analysis.core import check_loss, data_mean
+from analysis.core import make_generator, rademacher
 from oracles import assert_unchanged, classification_data, cnn_bn, snapshot, uneven_batches
 
 CE = supervised(nn.CrossEntropyLoss())

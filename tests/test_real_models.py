@@ -30,7 +30,7 @@ import analysis  # noqa: E402
 from analysis import (Tracker, average_sharpness, full_grad_norm, hessian_trace, hvp,  # noqa: E402
                       keskar_sharpness, mean_loss, pac_bayes_sigma, spectral_density,
                       supervised, top_eigenvalues, worst_case_sharpness)
-from analysis.protocol import default_batch_size  # noqa: E402
+from analysis.core import default_batch_size  # noqa: E402
 from landscape import interpolate, line, plane, random_direction  # noqa: E402
 from optim import AGD, SALA, WSAM, AdaSAM, NDAdam  # noqa: E402
 

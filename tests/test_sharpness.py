@@ -70,14 +70,15 @@ def trust_region(g, H, rho):
 
 def perturbed_increase(model, loss_fn, data, delta):
     """``L(w + delta) - L(w)`` evaluated independently of the code under test."""
-    base = mean_loss(model, loss_fn, data)
+    mode = "train" if model.training else "eval"  # the model as it is
+    base = mean_loss(model, loss_fn, data, model_mode=mode)
     copy = {n: p.detach().clone() for n, p in model.named_parameters()}
     with torch.no_grad():
         for n, p in model.named_parameters():
             if n in delta:
                 p.add_(delta[n])
     try:
-        return mean_loss(model, loss_fn, data) - base
+        return mean_loss(model, loss_fn, data, model_mode=mode) - base
     finally:
         with torch.no_grad():
             for n, p in model.named_parameters():

@@ -99,7 +99,8 @@ def test_vmap_path_equals_loop_path_and_model_unchanged(make, mode):
         ref = copy.deepcopy(model).train(mode == "train")
         for n, p in ref.named_parameters():
             p.add_(0.5 * d1[n] + 0.3 * d2[n])
-        np.testing.assert_allclose(loop.losses[1, 2], mean_loss(ref, CE, data), rtol=1e-13)
+        np.testing.assert_allclose(loop.losses[1, 2], mean_loss(ref, CE, data, model_mode=mode),
+                                   rtol=1e-13)
     assert_unchanged(model, snap)
 
 

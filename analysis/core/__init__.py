@@ -1,6 +1,58 @@
-"""The documented core shared by ``analysis``, ``landscape`` and ``figures``."""
-from .validation import (check_bool, check_choice, check_int, check_nonnegative, check_number,
-                         check_positive, check_probability)
+"""The documented core shared by ``analysis``, ``landscape`` and ``figures``.
 
-__all__ = ["check_bool", "check_choice", "check_int", "check_nonnegative", "check_number",
-           "check_positive", "check_probability"]
+Modules, each holding one piece of the protocol:
+
+* ``protocol``: the loss/data protocol: ``LossFn``, ``supervised``, ``default_batch_size``,
+  ``check_data``, ``check_loss``, ``data_mean`` (the one sample-weighted reduction) and
+  ``mean_loss``.
+* ``params``: ``select_params``, the ``params=`` argument of every routine.
+* ``flat``: ``flatten`` / ``unflatten`` of parameter-shaped tensor lists.
+* ``restore``: ``preserved`` (snapshot and exact restore of a model) and ``check_model_mode``.
+* ``seeding``: ``make_generator`` and seeded draws (``randn``, ``rademacher``, ``uniform``).
+* ``distributed``: ``all_reduce_sum_`` (the one all-reduce), ``broadcast_object``, ``rank``,
+  ``world_size``, ``is_distributed``.
+* ``results``: the result convention: ``make_metadata``, ``versions``, ``save_result`` /
+  ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
+* ``compiled``: ``unwrap_compiled`` / ``refuse_compiled`` for ``torch.compile``'d modules.
+* ``precision``: ``working_dtype`` (float32 for bfloat16/float16) and ``product_eps``.
+* ``validation``: ``check_*(name, value, ...) -> value`` argument checks.
+"""
+from .compiled import refuse_compiled, unwrap_compiled
+from .distributed import all_reduce_sum_, broadcast_object, is_distributed, rank, world_size
+from .flat import flatten, numel, unflatten
+from .params import ParamSelection, select_params
+from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
+from .protocol import (BatchSizeFn, DataMean, LossFn, check_data, check_loss,
+                       data_mean, default_batch_size, mean_loss, supervised)
+from .restore import MODEL_MODES, check_model_mode, preserved
+from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
+                      versions)
+from .seeding import make_generator, rademacher, randn, uniform
+from .validation import (ArgumentTypeError, check_bool, check_choice, check_int, check_nonnegative,
+                         check_number, check_positive, check_probability)
+
+__all__ = [
+    # protocol
+    "LossFn", "BatchSizeFn", "DataMean", "supervised", "default_batch_size",
+    "check_data", "check_loss", "data_mean", "mean_loss",
+    # params
+    "ParamSelection", "select_params",
+    # flat
+    "flatten", "unflatten", "numel",
+    # restore
+    "MODEL_MODES", "preserved", "check_model_mode",
+    # seeding
+    "make_generator", "randn", "rademacher", "uniform",
+    # distributed
+    "all_reduce_sum_", "broadcast_object", "is_distributed", "rank", "world_size",
+    # results
+    "make_metadata", "versions", "save_result", "load_result", "register_result",
+    "records_metadata",
+    # compiled modules
+    "unwrap_compiled", "refuse_compiled",
+    # precision
+    "LOW_PRECISION", "working_dtype", "accumulable", "product_eps",
+    # validation
+    "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_nonnegative",
+    "check_number", "check_positive", "check_probability",
+]

@@ -2,7 +2,9 @@
 
 One signature, ``check_*(name, value, ...) -> value``, and one message format,
 ``"NAME must be <accepted range>, got VALUE"``: ``TypeError`` for a value of the wrong kind,
-``ValueError`` for one outside its range. numpy scalars are accepted wherever Python numbers are;
+``ValueError`` for one outside its range. The ``TypeError`` is an :class:`ArgumentTypeError`,
+also a ``ValueError``, so code that caught the ``ValueError`` of earlier versions (every check
+raised ValueError then) keeps working. numpy scalars are accepted wherever Python numbers are;
 ``bool`` is never taken for a number. ``optim._validation`` has the same signature and wording.
 """
 from __future__ import annotations
@@ -13,8 +15,13 @@ from typing import Any, Sequence
 
 import numpy as np
 
-__all__ = ["check_number", "check_int", "check_positive", "check_nonnegative", "check_probability",
+__all__ = ["ArgumentTypeError", "check_number", "check_int", "check_positive", "check_nonnegative",
+           "check_probability",
            "check_choice", "check_bool"]
+
+
+class ArgumentTypeError(TypeError, ValueError):
+    """An argument of the wrong kind (a ``TypeError``; also a ``ValueError``, see above)."""
 
 
 def _fail(name: str, accepted: str, value: Any, error: type[Exception] = ValueError) -> Exception:
@@ -36,7 +43,7 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
     accepted = ("an int" if integer else "a number" if allow_inf else "a finite number") + \
         (f" {accepted}" if accepted else "")
     if isinstance(value, bool) or not isinstance(value, kind):
-        raise _fail(name, accepted, value, TypeError)
+        raise _fail(name, accepted, value, ArgumentTypeError)
     out = int(value) if integer else float(value)
     if not integer and (math.isnan(out) or (math.isinf(out) and not (allow_inf and out > 0))):
         raise _fail(name, accepted, value)
@@ -71,12 +78,12 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
     """One of ``choices`` (strings)."""
     if not isinstance(value, str) or value not in choices:
         raise _fail(name, "one of " + ", ".join(repr(c) for c in choices), value,
-                    ValueError if isinstance(value, str) else TypeError)
+                    ValueError if isinstance(value, str) else ArgumentTypeError)
     return value
 
 
 def check_bool(name: str, value: Any) -> bool:
     """A ``bool`` (numpy bools too); never a string or a number."""
     if not isinstance(value, (bool, np.bool_)):
-        raise _fail(name, "True or False", value, TypeError)
+        raise _fail(name, "True or False", value, ArgumentTypeError)
     return bool(value)

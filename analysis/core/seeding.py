@@ -5,18 +5,16 @@ and on every rank of a process group.
 """
 from __future__ import annotations
 
-import numbers
-
 import torch
 from torch import Tensor
+
+from .validation import check_int
 
 
 def make_generator(seed: int) -> torch.Generator:
     """A CPU generator seeded with ``seed`` (a non-negative int)."""
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be a non-negative int, got {seed!r}")
     gen = torch.Generator(device="cpu")
-    gen.manual_seed(int(seed))
+    gen.manual_seed(check_int("seed", seed, 0))
     return gen
 
 

@@ -13,13 +13,14 @@ import torch
 from torch import nn
 
 from .compiled import refuse_compiled
+from .validation import check_choice
 
 MODEL_MODES = ("eval", "train")
 
 
-def check_model_mode(model_mode: str) -> None:
-    if model_mode not in MODEL_MODES:
-        raise ValueError(f"model_mode must be one of {MODEL_MODES}, got {model_mode!r}")
+def check_model_mode(model_mode: str) -> str:
+    """``model_mode`` if it is "eval" or "train"."""
+    return check_choice("model_mode", model_mode, MODEL_MODES)
 
 
 @contextmanager

@@ -15,13 +15,15 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .compiled import unwrap_compiled
-from .distributed import all_reduce_sum_, is_distributed
+from tqdm.auto import tqdm
+
+from .distributed import all_reduce_sum_, is_distributed, rank
+from .params import ParamSelection, select_params
 from .precision import accumulable
+from .restore import preserved
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 BatchSizeFn = Callable[[Any], int]
-ParamSelection = None | Sequence[str] | Sequence[nn.Parameter] | Callable[[str, nn.Parameter], bool]
 
 
 def _to_device(x: Any, device: torch.device) -> Any:
@@ -89,41 +91,6 @@ def check_loss(loss: Any, where: str = "") -> Tensor:
     return loss
 
 
-def select_params(model: nn.Module, params: ParamSelection = None
-                  ) -> tuple[list[str], list[nn.Parameter]]:
-    """Resolve ``params=`` to ``(names, parameters)`` in ``model.named_parameters()`` order.
-
-    None: all with requires_grad; a list of names; a list of parameters; or a predicate
-    ``f(name, parameter) -> bool``.
-    """
-    named = list(unwrap_compiled(model).named_parameters())
-    if params is None:
-        chosen = [(n, p) for n, p in named if p.requires_grad]
-    elif callable(params):
-        chosen = [(n, p) for n, p in named if params(n, p)]
-    else:
-        params = list(params)
-        if all(isinstance(x, str) for x in params):
-            known = {n for n, _ in named}
-            unknown = [x for x in params if x not in known]
-            if unknown:
-                raise ValueError(f"params names not found in the model: {unknown}; "
-                                 f"known names: {sorted(known)}")
-            wanted = set(params)
-            chosen = [(n, p) for n, p in named if n in wanted]
-        elif all(isinstance(x, Tensor) for x in params):
-            ids = {id(x) for x in params}
-            chosen = [(n, p) for n, p in named if id(p) in ids]
-            if len(chosen) != len(ids):
-                raise ValueError("params contains tensors that are not parameters of the model")
-        else:
-            raise ValueError("params must be None, a list of names, a list of parameters, "
-                             "or a predicate f(name, parameter) -> bool")
-    if not chosen:
-        raise ValueError("params selects no parameters")
-    return [n for n, _ in chosen], [p for _, p in chosen]
-
-
 @dataclass
 class DataMean:
     """Sample-weighted means of per-batch tensors over all data (and ranks)."""
@@ -133,20 +100,21 @@ class DataMean:
 
 
 def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
-              batch_size_fn: BatchSizeFn | None = None) -> DataMean:
+              batch_size_fn: BatchSizeFn | None = None, *, progress: bool = False) -> DataMean:
     """``sum_b n_b f(b) / sum_b n_b`` for each tensor returned by ``per_batch(batch)``.
 
     This is the one sample-weighted reduction of the package: since ``loss_fn`` returns the
     batch mean, weighting by ``n_b`` gives the quantity of the mean loss over all samples.
     bfloat16/float16 tensors are accumulated (and returned) in float32.
-    Under ``torch.distributed`` the sums and counts are all-reduced together.
+    Under ``torch.distributed`` the sums and counts are all-reduced together. ``progress``
+    shows a bar over the batches (rank 0).
     """
     check_data(data)
     size = batch_size_fn or default_batch_size
     first: list[Tensor] | None = None   # the first batch's tensors, weight n_first, uncopied
     sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
     total, n_first, n_batches = 0, 0, 0
-    for batch in data:
+    for batch in tqdm(data, desc="data", leave=False, disable=not progress or rank() != 0):
         n = size(batch)
         if n <= 0:
             continue
@@ -177,11 +145,18 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
     return DataMean(sums, n_total, n_batches)
 
 
-def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable,
-              batch_size_fn: BatchSizeFn | None = None) -> float:
-    """The mean loss over all samples of ``data`` (no grad; the model as it is)."""
+def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+              params: ParamSelection = None, model_mode: str = "eval",
+              batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
+    """The sample-weighted mean loss over all samples of ``data`` (no grad; model unchanged).
+
+    params: validated like everywhere (the loss itself does not depend on the selection).
+    model_mode: the mode the model is evaluated in (restored afterwards).
+    """
+    select_params(model, params)
+
     def per_batch(batch):
         return [check_loss(loss_fn(model, batch), " in mean_loss")]
 
-    with torch.no_grad():
-        return float(data_mean(data, per_batch, batch_size_fn).values[0])
+    with preserved(model, model_mode, weights=False), torch.no_grad():
+        return float(data_mean(data, per_batch, batch_size_fn, progress=progress).values[0])

@@ -19,10 +19,12 @@ def is_distributed() -> bool:
 
 
 def rank() -> int:
+    """This process's rank (0 without a process group)."""
     return dist.get_rank() if is_distributed() else 0
 
 
 def world_size() -> int:
+    """The number of ranks (1 without a process group)."""
     return dist.get_world_size() if is_distributed() else 1
 
 

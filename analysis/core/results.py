@@ -1,0 +1,189 @@
+"""The result convention: small dataclasses with numpy/float fields, their cost and ``metadata``.
+
+Every public result of ``analysis`` and ``landscape`` is a dataclass registered here with
+:func:`register_result`. Its fields are numpy arrays, Python floats/ints/strings, lists and
+dicts of those, and torch tensors only where a user needs tensors (eigenvectors, directions;
+each such field says so in its docstring). It carries its cost (``n_hvp`` for curvature
+routines, ``n_forward`` for surfaces and sharpness) and ``metadata``: the seed, the call's
+configuration and the torch/numpy/sharpscape versions (:func:`make_metadata`).
+
+:func:`save_result` writes any registered result to one ``.npz`` file: the arrays and tensors as
+npz arrays, everything else as one JSON document. :func:`load_result` reads it back without
+pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic and by rank 0 only.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import inspect
+import json
+import os
+from importlib import metadata as _pkg_metadata
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from .distributed import rank
+
+FORMAT = 2
+_KEY = "__result__"
+_PACKAGES = ("analysis", "landscape")   # modules load_result may import to find a result type
+_TYPES: dict[str, type] = {}
+
+
+def versions() -> dict[str, str]:
+    """Versions of torch, numpy and sharpscape (for ``metadata``)."""
+    try:
+        ours = _pkg_metadata.version("sharpscape")
+    except _pkg_metadata.PackageNotFoundError:
+        ours = "unknown (not installed)"
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "sharpscape": ours}
+
+
+def make_metadata(seed: Any = None, config: Mapping[str, Any] | None = None, **extra: Any) -> dict:
+    """``{"seed", "config", "versions", **extra}``: the provenance every result carries."""
+    return {"seed": seed, "config": dict(config or {}), "versions": versions(), **extra}
+
+
+def _type_name(cls: type) -> str:
+    return f"{cls.__module__}:{cls.__qualname__}"
+
+
+def register_result(cls: type) -> type:
+    """Class decorator: make ``cls`` (a dataclass, or a ``dict`` subclass with an ``info``
+    attribute) storable by :func:`save_result` / :func:`load_result`."""
+    if not (dataclasses.is_dataclass(cls) or issubclass(cls, dict)):
+        raise TypeError(f"cls must be a dataclass or a dict subclass, got {cls!r}")
+    _TYPES[_type_name(cls)] = cls
+    return cls
+
+
+def _jsonable(value: Any) -> bool:
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return True
+    if isinstance(value, (list, tuple)):
+        return all(_jsonable(v) for v in value)
+    return isinstance(value, np.generic) and value.ndim == 0
+
+
+def records_metadata(fn: Callable) -> Callable:
+    """Decorator of a public routine: fill its result's ``metadata`` with the seed and the
+    call's JSON-representable arguments (numbers, strings, flags; not the model, loss_fn,
+    data, tensors or callables), unless the routine filled it itself."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        result = fn(*args, **kwargs)
+        if not result.metadata:
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            config = {k: (v.item() if isinstance(v, np.generic) else v)
+                      for k, v in bound.arguments.items() if _jsonable(v)}
+            result.metadata = make_metadata(config.pop("seed", None), config)
+        return result
+
+    return wrapper
+
+
+class _Encoder:
+    """JSON structure of a value, with its arrays and tensors set aside for the npz file."""
+
+    def __init__(self):
+        self.arrays: dict[str, np.ndarray] = {}
+
+    def _array(self, a: np.ndarray) -> str:
+        if a.dtype.hasobject:
+            raise TypeError("object arrays cannot be stored without pickle")
+        key = f"a{len(self.arrays)}"
+        self.arrays[key] = a
+        return key
+
+    def __call__(self, v: Any) -> Any:
+        if isinstance(v, Tensor):
+            t = v.detach().cpu()
+            wide = t.to(torch.float32) if t.dtype == torch.bfloat16 else t
+            return {"__tensor__": self._array(wide.numpy()), "dtype": str(t.dtype).split(".")[-1]}
+        if isinstance(v, np.ndarray):
+            return {"__array__": self._array(v)}
+        if isinstance(v, np.generic):
+            return {"__scalar__": self._array(np.asarray(v))}
+        if dataclasses.is_dataclass(v) or (isinstance(v, dict) and type(v) is not dict):
+            cls = type(v)
+            if _TYPES.get(_type_name(cls)) is not cls:
+                raise TypeError(f"{cls.__qualname__} is not a registered result type")
+            if isinstance(v, dict):
+                fields = {"items": self(dict(v)), "info": self(v.info)}
+            else:
+                fields = {f.name: self(getattr(v, f.name)) for f in dataclasses.fields(v)}
+            return {"__type__": _type_name(cls), "fields": fields}
+        if isinstance(v, dict):
+            return {"__dict__": [[self(k), self(x)] for k, x in v.items()]}
+        if isinstance(v, tuple):
+            return {"__tuple__": [self(x) for x in v]}
+        if isinstance(v, list):
+            return [self(x) for x in v]
+        if v is None or isinstance(v, (bool, int, float, str)):
+            return v
+        raise TypeError(f"cannot store a {type(v).__name__} in a result file")
+
+
+def _result_type(name: str) -> type:
+    if name not in _TYPES:
+        module = name.split(":")[0]
+        if module.split(".")[0] not in _PACKAGES:
+            raise ValueError(f"unknown result type {name!r} (not a sharpscape result)")
+        importlib.import_module(module)
+    if name not in _TYPES:
+        raise ValueError(f"unknown result type {name!r}")
+    return _TYPES[name]
+
+
+def _decode(v: Any, arrays: Mapping[str, np.ndarray]) -> Any:
+    if isinstance(v, list):
+        return [_decode(x, arrays) for x in v]
+    if not isinstance(v, dict):
+        return v
+    if "__tensor__" in v:
+        return torch.from_numpy(np.array(arrays[v["__tensor__"]])).to(getattr(torch, v["dtype"]))
+    if "__array__" in v:
+        return arrays[v["__array__"]]
+    if "__scalar__" in v:
+        return arrays[v["__scalar__"]][()]
+    if "__tuple__" in v:
+        return tuple(_decode(x, arrays) for x in v["__tuple__"])
+    if "__dict__" in v:
+        return {_decode(k, arrays): _decode(x, arrays) for k, x in v["__dict__"]}
+    cls = _result_type(v["__type__"])
+    fields = {k: _decode(x, arrays) for k, x in v["fields"].items()}
+    return cls(fields["items"], fields["info"]) if issubclass(cls, dict) else cls(**fields)
+
+
+def save_result(result: Any, path: str | os.PathLike) -> None:
+    """Write ``result`` (any registered result type) to ``path`` (.npz + JSON); rank 0 only."""
+    if not dataclasses.is_dataclass(result) or isinstance(result, type):
+        raise TypeError(f"result must be a result dataclass, got {type(result).__name__}")
+    encode = _Encoder()
+    doc = {"format": FORMAT, "result": encode(result)}
+    if rank() != 0:
+        return
+    path = os.fspath(path)
+    tmp = f"{path}.tmp.npz"
+    np.savez(tmp, **{_KEY: np.array(json.dumps(doc, sort_keys=True))}, **encode.arrays)
+    os.replace(tmp, path)
+
+
+def load_result(path: str | os.PathLike) -> Any:
+    """The result stored by :func:`save_result` in ``path`` (no pickle)."""
+    with np.load(os.fspath(path), allow_pickle=False) as f:
+        if _KEY not in f.files:
+            raise ValueError(f"{path} is not a sharpscape result file")
+        doc = json.loads(str(f[_KEY]))
+        arrays = {k: f[k] for k in f.files if k != _KEY}
+    if doc.get("format") != FORMAT:
+        raise ValueError(f"{path} has result format {doc.get('format')!r}; "
+                         f"this version reads {FORMAT}")
+    return _decode(doc["result"], arrays)
