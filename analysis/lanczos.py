@@ -30,6 +30,7 @@ from .core import (BatchSizeFn, check_choice, check_int, check_positive, LossFn,
 WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
 MatMat = Callable[[Tensor], Tensor]
+BASIS_BYTES = 2 ** 32  # default cap of the Lanczos basis (4 GiB: 8 vectors of GPT-2 small)
 
 
 @register_result
@@ -117,7 +118,7 @@ class Krylov:
     block at a time with full reorthogonalisation."""
 
     def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator):
-        self.V = torch.zeros(capacity, n, dtype=like.dtype, device=like.device)
+        self.V = torch.empty(capacity, n, dtype=like.dtype, device=like.device)  # rows < m used
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen = 0, 0, gen
 
@@ -176,7 +177,10 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     the dtype.
     """
     b = min(block_size, n)
-    m_max = min(n, max_basis or max(30, 3 * k + 2 * b))
+    if max_basis is None:  # at most BASIS_BYTES of basis, unless k + 2 b vectors need more
+        fit = BASIS_BYTES // (n * like.element_size())
+        max_basis = max(k + 2 * b, min(max(30, 3 * k + 2 * b), fit))
+    m_max = min(n, max_basis)
     if m_max < k + b and m_max < n:
         raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")
     budget = max_hvp if max_hvp is not None else max(300, 50 * k)
@@ -290,8 +294,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     block_size: vectors per Lanczos block; a block of size ``b`` resolves eigenvalues of
         multiplicity up to ``b`` (single-vector Krylov spaces see one copy of a repeated
         eigenvalue) and shares each forward pass among ``b`` products.
-    max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``);
-        the memory is ``max_basis * n`` elements.
+    max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
+        vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
+        ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
     """
     k = check_int("k", k, 1)
     check_choice("which", which, WHICH)
