@@ -78,13 +78,14 @@ def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[
     for i in range(b):
         w = out[i]
         before = torch.linalg.vector_norm(w)
-        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+        for _ in range(2):  # twice is enough (Giraud et al. 2005); in place: no n-temporaries
             h = basis @ w
-            w -= basis.T @ h
+            w.addmv_(basis.T, h, alpha=-1)
             coef[:m, i] += h
-            g = out[:i] @ w
-            w -= out[:i].T @ g
-            coef[m:m + i, i] += g
+            if i:
+                g = out[:i] @ w
+                w.addmv_(out[:i].T, g, alpha=-1)
+                coef[m:m + i, i] += g
         norm = torch.linalg.vector_norm(w)
         coef[m + i, i] = norm
         if norm <= math.sqrt(torch.finfo(w.dtype).eps) * before or norm == 0:
@@ -92,7 +93,8 @@ def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[
             for _ in range(2):
                 w -= basis.T @ (basis @ w) + out[:i].T @ (out[:i] @ w)
             norm = torch.linalg.vector_norm(w)
-        out[i] = w / norm
+            out[i] = w
+        out[i].div_(norm)
     return out, coef
 
 

@@ -533,3 +533,23 @@ def test_interpolate_ignores_non_persistent_buffers():
     gpt2, _ = build("gpt2")
     with pytest.raises(ValueError, match="model_b lacks tensors of the model"):
         interpolate(a, gpt2, hf_loss, data, [0.5], progress=False)
+
+
+def test_forward_hvp_treats_embedding_padding_rows_as_constants():
+    model, data = build("bert")  # word embeddings with padding_idx=0: PyTorch gives row 0 no grad
+    assert model.bert.embeddings.word_embeddings.padding_idx == 0
+    v = torch.randn(sum(p.numel() for p in model.parameters()), dtype=torch.float64,
+                    generator=torch.Generator().manual_seed(0))
+    reverse, forward = (hvp(model, hf_loss, data, v, hvp_method=m) for m in ("reverse", "forward"))
+    np.testing.assert_allclose(forward.numpy(), reverse.numpy(), rtol=1e-10, atol=1e-12)
+
+
+def test_lanczos_basis_capped_by_memory(monkeypatch):
+    import analysis.lanczos as lanczos
+    model, data = build("vit")
+    n = sum(p.numel() for p in model.parameters())
+    full = top_eigenvalues(model, hf_loss, data, k=2, progress=False)
+    monkeypatch.setattr(lanczos, "BASIS_BYTES", 6 * n * 8)  # six float64 vectors: restarts
+    capped = top_eigenvalues(model, hf_loss, data, k=2, progress=False)
+    assert capped.converged and capped.n_hvp > full.n_hvp
+    np.testing.assert_allclose(capped.eigenvalues, full.eigenvalues, rtol=1e-6)
