@@ -1,7 +1,9 @@
 """Curvature, sharpness and training diagnostics on the ``loss_fn(model, batch)`` protocol."""
 from .datasets import mnist1d
-from .core import load_result, mean_loss, preserved, save_result, select_params, supervised
+from .core import (load_result, mean_loss, preserved, save_result, select_params, split_loss,
+                   supervised)
 from .hvp import HessianOperator, hvp
+from .curvature import FisherOperator, GGNOperator
 from .lanczos import EigenResult, top_eigenvalues
 from .trace import TraceResult, hessian_trace
 from .density import DensityResult, spectral_density
@@ -12,9 +14,10 @@ from .flatness import KeskarSharpness, PacBayesSigma, keskar_sharpness, pac_baye
 from .diagnostics import Tracker, evaluate, full_grad_norm
 
 __all__ = [
-    "supervised", "mean_loss", "evaluate", "preserved", "select_params", "mnist1d",
-    "HessianOperator", "hvp", "EigenResult", "top_eigenvalues", "TraceResult", "hessian_trace",
-    "DensityResult", "spectral_density", "LayerwiseResult", "layerwise",
+    "supervised", "split_loss", "mean_loss", "evaluate", "preserved", "select_params", "mnist1d",
+    "HessianOperator", "GGNOperator", "FisherOperator", "hvp", "EigenResult", "top_eigenvalues",
+    "TraceResult", "hessian_trace", "DensityResult", "spectral_density", "LayerwiseResult",
+    "layerwise",
     "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness",
     "sharpness_vs_curvature", "worst_case_sharpness",
     "KeskarSharpness", "PacBayesSigma", "keskar_sharpness", "pac_bayes_sigma",

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .hvp import HessianOperator
-from .lanczos import Krylov
 from .core import (BatchSizeFn, check_int, check_positive, LossFn, make_generator, ParamSelection,
                    rademacher, records_metadata, register_result)
+from .curvature import curvature_operator
+from .lanczos import Krylov
+from .preconditioning import Preconditioner
 
 
 @register_result
@@ -38,6 +39,8 @@ class DensityResult:
     sigma: float
     log_scale: bool
     n_hvp: int
+    curvature: str = "hessian"
+    preconditioned: bool = False
     metadata: dict = field(default_factory=dict)
 
 
@@ -87,13 +90,16 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
                      seed: int = 0, progress: bool = True, sigma: float | None = None,
                      n_grid: int = 1000, log_scale: bool = False,
-                     hvp_method: str = "reverse") -> DensityResult:
+                     hvp_method: str = "reverse", curvature: str = "hessian",
+                     preconditioner: Preconditioner = None) -> DensityResult:
     """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
     ``n_vectors * min(n_lanczos, n)`` Hessian-vector products.
     log_scale: smooth ``log10 |lambda|`` instead of ``lambda`` (the grid is then in log10
         units; negative eigenvalues are counted by magnitude).
+    curvature, preconditioner: the matrix whose density it is, as in
+        :func:`analysis.top_eigenvalues`.
     """
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)
@@ -101,11 +107,13 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     if sigma is not None:
         check_positive("sigma", sigma)
     make_generator(seed)
-    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method)
+    op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
+                            batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
+                            preconditioner=preconditioner)
     with op:
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
                                                    seed=seed, like=op.like,
                                                    progress=progress)
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)
-    return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp)
+    return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp,
+                         curvature=op.curvature, preconditioned=op.scale is not None)

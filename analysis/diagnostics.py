@@ -22,6 +22,10 @@ Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight
 * ``lambda_max`` of the Hessian on ``curvature_data`` by Lanczos, warm-started from the last
   top eigenvector, and ``eos_ratio`` = lambda_max / (2 / lr): gradient descent with step lr is
   stable on a quadratic only while this is <= 1 (the edge of stability, Cohen et al. 2021).
+* With ``lambda_max`` on and an optimizer exposing a preconditioner P (``preconditioner()``, or
+  a torch Adam/AdamW that has stepped): ``preconditioned_lambda_max`` = lambda_max(P^-1 H),
+  warm-started likewise, and ``preconditioned_eos_ratio`` = it over the threshold
+  (2 + 2 beta1) / ((1 - beta1) lr) of adaptive methods with EMA momentum (Cohen et al. 2022).
 * ``trace`` of the Hessian (Hutch++).
 * ``grad_norm``: the norm of the full gradient on ``curvature_data`` (``grad_norm=True``).
 * ``sgd_fraction`` (global and per layer) from an optimizer with ``sgd_fraction()`` (AGD).
@@ -57,6 +61,7 @@ from .core import (BatchSizeFn, check_int, check_loss, data_mean, LossFn, ParamS
                    preserved, select_params, unwrap_compiled)
 from .evaluation import EvalFn, evaluate_metrics
 from .ops import explained_errors, gradients
+from .preconditioning import optimizer_preconditioner, stability_threshold
 
 Record = dict[str, float]
 
@@ -156,7 +161,7 @@ class Tracker:
         self.overhead = 0.0
         self.n_hvp = 0
         self._losses: list[Tensor | float] = []
-        self._v0: Tensor | None = None
+        self._v0: dict[bool, Tensor] = {}   # warm starts, keyed by preconditioned or not
         self._previous: tuple[int, dict[str, Tensor]] | None = None   # (step, weights)
         self._clock: float | None = None
 
@@ -223,6 +228,9 @@ class Tracker:
                 rec.update({f"{prefix}_{key}": value for key, value in found.items()})
         if self.lambda_max:
             rec.update(self._lambda_max(lr))
+            named = optimizer_preconditioner(optimizer, self.model)
+            if named:  # an optimizer with a diagonal preconditioner, after its first step
+                rec.update(self._lambda_max(lr, named, stability_threshold(optimizer)))
         if self.trace:
             rec.update(self._trace())
         if self.grad_norm:
@@ -245,15 +253,24 @@ class Tracker:
             return None
         return float(groups[0]["lr"])
 
-    def _lambda_max(self, lr: float | None) -> Record:
+    def _lambda_max(self, lr: float | None, preconditioner: dict[str, Tensor] | None = None,
+                    threshold: float | None = None) -> Record:
+        """lambda_max of H, or of P^-1 H with the optimizer's ``preconditioner``."""
         from .lanczos import top_eigenvalues
 
+        key = preconditioner is not None
         res = top_eigenvalues(self.model, self.loss_fn, self.curvature_data, k=1, which="LA",
                               tol=self.lanczos_tol, max_hvp=self.lanczos_max_hvp, seed=self.seed,
-                              v0=self._v0, model_mode=self.model_mode, progress=False)
+                              v0=self._v0.get(key), model_mode=self.model_mode, progress=False,
+                              preconditioner=preconditioner)
         self.n_hvp += int(res.n_hvp)
-        self._v0 = res.eigenvectors[0].detach().clone()
+        self._v0[key] = res.eigenvectors[0].detach().clone()
         lam = float(res.eigenvalues[0])
+        if key:
+            out = {"preconditioned_lambda_max": lam, "preconditioned_lanczos_hvp": float(res.n_hvp)}
+            if threshold is not None:
+                out["preconditioned_eos_ratio"] = lam / threshold
+            return out
         out = {"lambda_max": lam, "lanczos_hvp": float(res.n_hvp)}
         if lr is not None:
             out["eos_ratio"] = lam * lr / 2.0
@@ -355,7 +372,7 @@ class Tracker:
 
         groups: dict[str, list[str]] = {}
         for key in self.keys():
-            if key in ("step", "n_hvp", "lanczos_hvp"):
+            if key in ("step", "n_hvp", "lanczos_hvp", "preconditioned_lanczos_hvp"):
                 continue
             groups.setdefault(key.split("/")[0], []).append(key)
         for pair in (("train_loss", "loss"), ("test_loss", "loss"), ("train_acc", "test_acc")):

@@ -23,7 +23,7 @@ The forward-over-reverse product needs a ``loss_fn`` that ``torch.func`` can tra
 """
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -35,6 +35,7 @@ from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_loss
                    data_mean, flatten, LossFn, numel, ParamSelection, preserved, select_params,
                    unflatten, unwrap_compiled, working_dtype)
 from .ops import curvature_ops, gradients
+from .preconditioning import Preconditioner, inverse_sqrt
 
 HVP_METHODS = ("reverse", "forward")
 
@@ -68,12 +69,17 @@ class HessianOperator:
         batch_size_fn: sample count of a batch (default ``len(batch[0])``).
         hvp_method: ``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
         reuse_graph: keep the gradient graph of a one-batch ``data`` inside ``with`` blocks.
+        preconditioner: a diagonal ``P`` (see :mod:`analysis.preconditioning`); the operator
+            is then ``P^-1/2 H P^-1/2``, read from an optimizer once, at construction.
     """
+
+    curvature = "hessian"
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
-                 hvp_method: str = "reverse", reuse_graph: bool = True):
+                 hvp_method: str = "reverse", reuse_graph: bool = True,
+                 preconditioner: Preconditioner = None):
         model = unwrap_compiled(model)
         check_data(data)
         check_model_mode(model_mode)
@@ -89,11 +95,12 @@ class HessianOperator:
         n = numel(self.params)
         self.shape = (n, n)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.scale = inverse_sqrt(preconditioner, model, self.names, self.params)
         # products come back in the working precision (float32 for bfloat16/float16 models)
         self.like = torch.empty((), dtype=working_dtype(self.dtype), device=self.device)
         self.n_hvp = 0
         self._reuse = reuse_graph and isinstance(data, (list, tuple)) and len(data) == 1
-        self._graph: tuple[Tensor, list[Tensor | None]] | None = None
+        self._graph: Any = None  # the cached per-batch state of `_cached`
         self._context = None
         self._depth = 0
         self._mask = self._padding_mask() if hvp_method == "forward" else None
@@ -128,25 +135,34 @@ class HessianOperator:
             raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
                              f"selected parameter elements), got {shape}")
         vs = vs.to(self.device, self.dtype)
-        product = self._reverse if self.hvp_method == "reverse" else self._forward
+        if self.scale is not None:
+            vs = vs * self.scale
         with self, torch.enable_grad(), curvature_ops():
-            out = data_mean(self.data, lambda batch: [product(batch, vs)],
+            out = data_mean(self.data, lambda batch: [self._product(batch, vs)],
                             self.batch_size_fn, progress=self.progress).values[0]
         self.n_hvp += vs.shape[0]
-        return out
+        return out if self.scale is None else out.mul_(self.scale)
+
+    def _product(self, batch: Any, vs: Tensor) -> Tensor:
+        """The curvature matrix of one batch's mean loss times each row of ``vs``."""
+        return (self._reverse if self.hvp_method == "reverse" else self._forward)(batch, vs)
+
+    def _cached(self, build: Callable[[], Any]) -> Any:
+        """``build()``, kept for the rest of a ``with`` block when ``data`` is one batch."""
+        if self._reuse and self._graph is not None:
+            return self._graph
+        value = build()
+        if self._reuse and self._depth > 1:  # inside a user's or a routine's `with` block
+            self._graph = value
+        return value
 
     def _gradient_graph(self, batch: Any) -> list[Tensor | None]:
-        if self._reuse and self._graph is not None:
-            return self._graph[1]
         loss = check_loss(self.loss_fn(self.model, batch), " in the Hessian-vector product")
         grads = gradients(loss, self.params, create_graph=True)
-        grads = [g if g is not None and g.requires_grad else None for g in grads]
-        if self._reuse and self._depth > 1:  # inside a user's or a routine's `with` block
-            self._graph = (loss, grads)
-        return grads
+        return [g if g is not None and g.requires_grad else None for g in grads]
 
     def _reverse(self, batch: Any, vs: Tensor) -> Tensor:
-        grads = self._gradient_graph(batch)
+        grads = self._cached(lambda: self._gradient_graph(batch))
         live = [i for i, g in enumerate(grads) if g is not None]
         out = torch.zeros_like(vs)
         if not live:  # the loss is at most linear in the selected parameters: H = 0

@@ -23,9 +23,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hvp import HessianOperator
 from .core import (BatchSizeFn, check_choice, check_int, check_positive, LossFn, make_generator,
                    ParamSelection, product_eps, randn, records_metadata, register_result)
+from .curvature import curvature_operator
+from .preconditioning import Preconditioner
 
 WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
@@ -36,7 +37,8 @@ BASIS_BYTES = 2 ** 32  # default cap of the Lanczos basis (4 GiB: 8 vectors of G
 @register_result
 @dataclass
 class EigenResult:
-    """Extreme eigenpairs of the Hessian.
+    """Extreme eigenpairs of the curvature matrix ``curvature`` (``P^-1/2 A P^-1/2`` when
+    ``preconditioned``).
 
     eigenvalues: numpy, ordered by ``which``: descending for "LA", ascending for "SA",
         descending magnitude for "LM".
@@ -52,6 +54,8 @@ class EigenResult:
     n_hvp: int
     converged: bool
     names: list[str]
+    curvature: str = "hessian"
+    preconditioned: bool = False
     metadata: dict = field(default_factory=dict)
 
 
@@ -276,7 +280,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                     params: ParamSelection = None, model_mode: str = "eval",
                     batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
                     v0: Tensor | None = None, method: str = "lanczos", block_size: int = 1,
-                    max_basis: int | None = None, hvp_method: str = "reverse") -> EigenResult:
+                    max_basis: int | None = None, hvp_method: str = "reverse",
+                    curvature: str = "hessian", preconditioner: Preconditioner = None
+                    ) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
@@ -299,6 +305,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
         vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
         ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
+    curvature: "hessian", "ggn", "fisher" (exact) or "empirical_fisher" (:mod:`analysis.curvature`).
+    preconditioner: a diagonal ``P``; the eigenpairs are then those of ``P^-1/2 A P^-1/2``
+        (:mod:`analysis.preconditioning`).
     """
     k = check_int("k", k, 1)
     check_choice("which", which, WHICH)
@@ -311,8 +320,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         check_int("max_hvp", max_hvp, 1)
     block_size = check_int("block_size", block_size, 1)
     seed = make_generator(seed).initial_seed()
-    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method)
+    op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
+                            batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
+                            preconditioner=preconditioner)
     n = op.shape[0]
     check_int("k", k, 1, n)
     with op:
@@ -325,4 +335,5 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                                   like=op.like, progress=progress)
     theta, U, resid, n_hvp, ok = out
     return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
-                       list(op.names))
+                       list(op.names), curvature=op.curvature,
+                       preconditioned=op.scale is not None)

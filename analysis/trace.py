@@ -24,9 +24,10 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .hvp import HessianOperator
 from .core import (BatchSizeFn, check_choice, check_int, LossFn, make_generator, ParamSelection,
                    rademacher, records_metadata, register_result)
+from .curvature import curvature_operator
+from .preconditioning import Preconditioner
 
 TRACE_METHODS = ("hutch++", "hutchinson", "xtrace")
 MatMat = Callable[[Tensor], Tensor]
@@ -42,6 +43,8 @@ class TraceResult:
     n_hvp: int
     method: str
     samples: np.ndarray
+    curvature: str = "hessian"
+    preconditioned: bool = False
     metadata: dict = field(default_factory=dict)
 
 
@@ -118,7 +121,8 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int = 99,
                   method: str = "hutch++", *, params: ParamSelection = None,
                   model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-                  seed: int = 0, progress: bool = True, chunk: int = 8, hvp_method: str = "reverse"
+                  seed: int = 0, progress: bool = True, chunk: int = 8, hvp_method: str = "reverse",
+                  curvature: str = "hessian", preconditioner: Preconditioner = None
                   ) -> TraceResult:
     """An unbiased estimate of the Hessian trace from ``n_hvp`` Hessian-vector products.
 
@@ -126,13 +130,17 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
         "xtrace" (``n_hvp >= 4``; uses an even number of products).
     chunk: probes per pass over the data (memory ``chunk * n`` per pass).
     Probes are Rademacher vectors drawn from ``seed`` (identical on every rank).
+    curvature, preconditioner: the matrix estimated, as in :func:`analysis.top_eigenvalues`.
     """
     check_choice("method", method, TRACE_METHODS)
     n_hvp = check_int("n_hvp", n_hvp, 2 if method == "hutchinson" else 4)
     chunk = check_int("chunk", chunk, 1)
     make_generator(seed)
-    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method)
+    op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
+                            batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
+                            preconditioner=preconditioner)
     with op:
-        return trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
-                              like=op.like, chunk=chunk, progress=progress)
+        out = trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
+                             like=op.like, chunk=chunk, progress=progress)
+    out.curvature, out.preconditioned = op.curvature, op.scale is not None
+    return out

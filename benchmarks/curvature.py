@@ -12,7 +12,14 @@
    data as 5 batches of 200 (``dataloader=``) and as one batch (``data=``, graph reuse).
 3. Trace error against the HVP budget: Hutchinson, Hutch++ and XTrace (ours) and
    PyHessian's Hutchinson, over seeds.
-4. Peak memory of one HVP on a ~10M-parameter float32 MLP, beyond the model and data: the
+4. GGN and Fisher rows (``--ggn-only`` runs just these, into ``<out>/curvature_ggn.json``):
+   product / gradient time of our GGN, Fisher and empirical Fisher beside the Hessian's and
+   the peers' GGN products; top-5 eigenvalues of the GGN (= the Fisher here) and of the
+   empirical Fisher against explicit matrices (:func:`exact_ggn_spectra`): relative error,
+   products and time, ours (Lanczos) vs curvlinops (``GGNLinearOperator``/``EFLinearOperator``
+   + ARPACK ``eigsh``) and hessian-eigenthings 1.0a5 (``GGNOperator``/``EmpiricalFisherOperator``
+   + its ``lanczos``), at their defaults.
+5. Peak memory of one HVP on a ~10M-parameter float32 MLP, beyond the model and data: the
    kernel's resident-set high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs``
    just before the product, minus the resident set (``VmRSS``) at that moment.
 
@@ -43,7 +50,8 @@ from torch import nn
 from torch.func import functional_call, jacrev
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from analysis import HessianOperator, hessian_trace, mnist1d, supervised, top_eigenvalues  # noqa: E402
+from analysis import (FisherOperator, GGNOperator, HessianOperator,  # noqa: E402
+                      hessian_trace, mnist1d, supervised, top_eigenvalues)
 
 CRITERION = nn.CrossEntropyLoss()
 LOSS = supervised(CRITERION)
@@ -111,9 +119,15 @@ def hvp_ratios(model: nn.Module, x, y, repeat: int) -> dict:
         **{f"{m}_matmat8_per_vector": (lambda op=op: op.matmat(v)) for m, op in ops.items()},
         "reverse_reused_graph_matvec": lambda: reused.matvec(v[0]),
     }
+    return round_robin_ratios(candidates, reused, v[0], repeat)
+
+
+def round_robin_ratios(candidates: dict, reused, v: torch.Tensor, repeat: int) -> dict:
+    """Best-of-``repeat`` time of each candidate over the ``"gradient"``'s, per vector for the
+    ``matmat8`` ones, inside ``with reused:`` after a first product has built its graph."""
     best = dict.fromkeys(candidates, float("inf"))
     with reused:
-        reused.matvec(v[0])  # builds the graph once
+        reused.matvec(v)  # builds the graph once
         for _ in range(repeat):
             for name, fn in candidates.items():
                 best[name] = min(best[name], timed(fn)[1])
@@ -237,10 +251,169 @@ def memory_in_fresh_process(case: str) -> dict:
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
+# -- GGN and Fisher rows (curvatures issue) --------------------------------------------------
+def exact_ggn_spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> dict:
+    """Top-5 eigenvalues of the GGN and of the empirical Fisher, from explicit matrices.
+
+    GGN = A^T A with A_i = S_i J_i per sample (J_i by ``jacrev``, S_i the symmetric root of the
+    cross-entropy's output Hessian (diag(p) - p p^T) / N), so ARPACK runs at machine precision on
+    the dense [10 N, n] matrix A; the empirical Fisher's eigenvalues are the squared singular
+    values of the [N, n] per-sample gradients (a plain autograd loop) over sqrt(N).
+    """
+    if path.exists():
+        return dict(np.load(path))
+    names = [n for n, _ in model.named_parameters()]
+    shapes = [p.shape for p in model.parameters()]
+    sizes = [p.numel() for p in model.parameters()]
+    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+
+    def f(th, xb):
+        return functional_call(model, {n: t.view(s) for n, t, s in
+                                       zip(names, torch.split(th, sizes), shapes)}, (xb,))
+
+    t0 = time.perf_counter()
+    rows = []
+    for i in range(0, len(y), 100):
+        xb = x[i:i + 100]
+        J = jacrev(f)(theta, xb)                                  # [100, 10, n]
+        p = torch.softmax(f(theta, xb), dim=1).detach()
+        H = (torch.diag_embed(p) - p[:, :, None] * p[:, None, :]) / len(y)
+        w, U = torch.linalg.eigh(H)
+        S = U @ torch.diag_embed(w.clamp_min(0).sqrt()) @ U.transpose(1, 2)
+        rows.append((S @ J).reshape(-1, len(theta)).numpy())
+    A = np.concatenate(rows)
+    gram = scipy.sparse.linalg.LinearOperator((A.shape[1],) * 2, matvec=lambda v: A.T @ (A @ v),
+                                              dtype=np.float64)
+    ggn = np.sort(eigsh(gram, k=5, which="LA", tol=0, ncv=40)[0])[::-1].copy()
+    del A, rows
+    params = list(model.parameters())
+    G = np.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
+        CRITERION(model(x[i:i + 1]), y[i:i + 1]), params)]).numpy() for i in range(len(y))])
+    ef = (np.linalg.svd(G, compute_uv=False)[:5] ** 2 / len(y)).copy()
+    out = {"ggn_top5": ggn, "ef_top5": ef, "seconds": time.perf_counter() - t0}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.savez(path, **out)
+    return out
+
+
+class Counted:
+    """``fn`` counting its calls (products of a peer, which does not report them)."""
+
+    def __init__(self, fn):
+        self.fn, self.n = fn, 0
+
+    def __call__(self, *args):
+        self.n += 1
+        return self.fn(*args)
+
+
+def peer_operators(model: nn.Module, loader: list) -> dict:
+    """curvlinops' and hessian-eigenthings' GGN and empirical Fisher on ``loader``."""
+    import curvlinops
+    import hessian_eigenthings as he
+
+    params = [p for p in model.parameters()]
+    return {
+        ("ggn", "curvlinops"): curvlinops.GGNLinearOperator(model, CRITERION, params, loader),
+        ("empirical_fisher", "curvlinops"): curvlinops.EFLinearOperator(model, CRITERION,
+                                                                        params, loader),
+        ("ggn", "hessian-eigenthings"): he.GGNOperator(
+            model, loader, he.supervised_forward, he.supervised_loss_of_output(CRITERION)),
+        ("empirical_fisher", "hessian-eigenthings"): he.EmpiricalFisherOperator(
+            model, loader, he.supervised_per_sample_loss(
+                nn.CrossEntropyLoss(reduction="none"))),
+    }
+
+
+def peer_top5(name: str, op, max_iter: int | None = None) -> tuple[np.ndarray, int]:
+    """Top-5 by each peer's documented route at its defaults: curvlinops' ``to_scipy()`` with
+    ARPACK ``eigsh(k=5, which="LA")`` (tol 0), hessian-eigenthings' ``lanczos(k=5, which="LA")``
+    (``max_iter`` Lanczos steps, default 2k)."""
+    if name == "curvlinops":
+        scipy_op = op.to_scipy()
+        counted = Counted(scipy_op.matvec)
+        wrapped = scipy.sparse.linalg.LinearOperator(scipy_op.shape, matvec=counted,
+                                                     dtype=scipy_op.dtype)
+        return np.sort(eigsh(wrapped, k=5, which="LA")[0])[::-1], counted.n
+    import hessian_eigenthings as he
+
+    counted = Counted(type(op).matvec.__get__(op))
+    op.matvec = counted
+    res = he.lanczos(op, k=5, which="LA", seed=0, max_iter=max_iter)
+    return np.sort(res.eigenvalues.numpy())[::-1], counted.n
+
+
+def ggn_fisher_top5(model, x, y, exact: dict) -> dict:
+    """Top-5 eigenvalues of the GGN (= the Fisher for cross-entropy) and of the empirical Fisher:
+    relative error, products and time, ours against both peers, on 5 batches of 200."""
+    loader = [(x[i:i + 200], y[i:i + 200]) for i in range(0, len(y), 200)]
+    peers = peer_operators(model, loader)
+    rows = {}
+    for curvature, ref in (("ggn", exact["ggn_top5"]), ("fisher", exact["ggn_top5"]),
+                           ("empirical_fisher", exact["ef_top5"])):
+        rel = lambda v: float(np.max(np.abs(np.sort(v)[::-1] - ref) / ref))  # noqa: E731
+        ours, t_ours = timed(lambda: top_eigenvalues(model, LOSS, loader, k=5, progress=False,
+                                                     curvature=curvature))
+        row = {"ours": {"rel_error": rel(ours.eigenvalues), "n_products": ours.n_hvp,
+                        "seconds": t_ours, "converged": ours.converged}}
+        runs = (("curvlinops", None), ("hessian-eigenthings", None),
+                ("hessian-eigenthings", ours.n_hvp))  # the last: as many products as ours
+        for peer, max_iter in runs:
+            key = ("ggn" if curvature == "fisher" else curvature, peer)
+            (values, n), t = timed(lambda: peer_top5(peer, peers[key], max_iter))
+            label = peer if max_iter is None else f"{peer}_max_iter_{max_iter}"
+            row[label] = {"rel_error": rel(values), "n_products": n, "seconds": t}
+            row[f"time_ratio_ours_over_{label}"] = t_ours / t
+        rows[curvature] = row
+    return rows
+
+
+def ggn_product_cost(model, x, y, repeat: int) -> dict:
+    """Time of one product over 1000 samples / time of one gradient, round-robin, best of
+    ``repeat``: our GGN, Fisher and empirical Fisher (one vector, a block of 8, the reused
+    one-batch graph), the Hessian's double backward for reference, and the peers' GGN."""
+    one = [(x, y)]
+    params = list(model.parameters())
+    v = torch.randn(8, sum(p.numel() for p in params), dtype=torch.float64)
+    ops = {"hessian": HessianOperator(model, LOSS, one), "ggn": GGNOperator(model, LOSS, one),
+           "fisher": FisherOperator(model, LOSS, one),
+           "empirical_fisher": FisherOperator(model, LOSS, one, kind="empirical")}
+    reused = GGNOperator(model, LOSS, one)
+    peers = peer_operators(model, one)
+    curvlinops_ggn = peers[("ggn", "curvlinops")].to_scipy()
+    he_ggn = peers[("ggn", "hessian-eigenthings")]
+    v0 = v[0].numpy()
+    candidates = {
+        "gradient": lambda: torch.autograd.grad(LOSS(model, one[0]), params),
+        **{f"{k}_matvec": (lambda op=op: op.matvec(v[0])) for k, op in ops.items()},
+        **{f"{k}_matmat8_per_vector": (lambda op=op: op.matmat(v)) for k, op in ops.items()},
+        "ggn_reused_graph_matvec": lambda: reused.matvec(v[0]),
+        "curvlinops_ggn_matvec": lambda: curvlinops_ggn.matvec(v0),
+        "hessian_eigenthings_ggn_matvec": lambda: he_ggn.matvec(v[0]),
+    }
+    return round_robin_ratios(candidates, reused, v[0], repeat)
+
+
+def ggn_section(model, x, y, out_dir: Path, repeat: int) -> dict:
+    import curvlinops
+    import hessian_eigenthings
+
+    exact = exact_ggn_spectra(model, x, y, out_dir / "curvature_ggn_exact.npz")
+    print(f"exact GGN top-5 {exact['ggn_top5']}, empirical Fisher top-5 {exact['ef_top5']}")
+    return {"versions": {"curvlinops": getattr(curvlinops, "__version__", "3.0.1"),
+                         "hessian-eigenthings": getattr(hessian_eigenthings, "__version__",
+                                                        "1.0.0a5")},
+            "exact": {k: exact[k].tolist() for k in ("ggn_top5", "ef_top5")},
+            "product_over_gradient_time": ggn_product_cost(model, x, y, 4 * repeat),
+            "top5": ggn_fisher_top5(model, x, y, exact)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default="benchmarks/out")
     parser.add_argument("--quick", action="store_true", help="fewer seeds and repeats")
+    parser.add_argument("--ggn-only", action="store_true",
+                        help="only the GGN / Fisher rows (into curvature_ggn.json)")
     parser.add_argument("--memory", choices=MEMORY_CASES,
                         help="only print the peak HVP memory of this case (JSON)")
     args = parser.parse_args()
@@ -255,6 +428,12 @@ def main() -> None:
     ds = mnist1d(dtype=torch.float64)
     x, y = ds.x[:1000], ds.y[:1000]
     model = trained_mlp(x, y)
+    if args.ggn_only:
+        ggn = ggn_section(model, x, y, out_dir, 2 if args.quick else 5)
+        print("GGN / Fisher:", json.dumps(ggn, indent=1, default=float))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "curvature_ggn.json").write_text(json.dumps(ggn, indent=1, default=float))
+        return
     exact = exact_spectrum(model, x, y, out_dir / "curvature_exact.npz")
     print(f"exact top-5 {exact['top5']}, trace {float(exact['trace']):.6g}")
     repeat, seeds = (2, 3) if args.quick else (5, 10)
@@ -270,6 +449,8 @@ def main() -> None:
     results["trace"] = trace_budget(model, x, y, float(exact["trace"]), pyhessian,
                                     (12, 33, 99, 300), seeds)
     print("trace:", json.dumps(results["trace"], indent=1))
+    results["ggn"] = ggn_section(model, x, y, out_dir, repeat)
+    print("GGN / Fisher:", json.dumps(results["ggn"], indent=1, default=float))
     results["hvp_memory"] = {m: memory_in_fresh_process(m) for m in MEMORY_CASES}
     print("memory:", json.dumps(results["hvp_memory"], indent=1))
     out_dir.mkdir(parents=True, exist_ok=True)

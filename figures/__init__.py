@@ -1,2 +1,25 @@
-"""Reproductions of each paper's diagnostic claims on MNIST-1D (``python -m figures``)."""
-import landscape  # noqa: E402,F401  (raises a clear ImportError if analysis is shadowed)
+"""Reproductions of the papers' claims on MNIST-1D (``python -m figures``)."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+
+
+def _check_own_packages() -> None:
+    """figures composes sharpscape's own ``analysis``, ``landscape`` and ``optim``: a module or
+    folder of the same name earlier on ``sys.path`` (e.g. in the working directory) is an
+    error, not a silently different experiment."""
+    for name in ("analysis", "landscape", "optim"):
+        spec = importlib.util.find_spec(name)
+        origin = spec.origin if spec is not None else None
+        if origin is None or Path(origin).resolve().parent.parent != _ROOT:
+            raise ImportError(
+                f"figures needs sharpscape's '{name}' package from {_ROOT}, but '{name}' "
+                f"resolves to {origin or 'nothing'}: a module or folder named '{name}' earlier "
+                "on sys.path (e.g. in the working directory) shadows it; run from another "
+                "directory or rename it")
+
+
+_check_own_packages()

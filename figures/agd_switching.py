@@ -1,29 +1,122 @@
-"""AGD (Yue et al. 2023): how often it takes the SGD branch, per delta and per layer (Sec. 1.3
-of the optimizer spec), its test accuracy against Adam and SGD, and its path on Beale's function."""
-from __future__ import annotations
+"""AGD (Yue et al. 2023): how often it takes its SGD branch as a function of delta, and its test
+accuracy against SGD-momentum and Adam, each with its learning rate chosen on validation.
 
-from pathlib import Path
+On its SGD branch AGD is heavy-ball SGD with effective learning rate alpha (1 - beta1) / delta
+(the paper's Algorithm 1 with sqrt(b_t) < delta), so AGD's (alpha, delta) grid is laid out as
+(alpha, eta) with delta = alpha (1 - beta1) / eta and eta over SGD's own lr grid, plus
+delta = 1e-8 (the Adam-like limit) at every alpha."""
+from __future__ import annotations
 
 import numpy as np
 import torch
 
-from .common import (Missing, Size, dataset, entry, mlp, need, not_available, plot_histories,
-                     pyplot, save_result, save_runs, savefig, trials)
+import optim
+
+from . import plotting
+from .harness import ACCURACIES, job, means, per_seed, search, trials
+from .verdict import every_seed, paired
 
 NAME = "agd_switching"
-DELTAS = (1e-2, 1e-3, 1e-4, 1e-5, 1e-8)
-AGD_LR = 1e-3                      # for the delta sweep
-AGD_LRS = (3e-3, 1e-2, 3e-2)       # then tried at the best delta: 4 lrs, as for the baselines
-BASELINE_LRS = {"Adam": (1e-3, 3e-3, 1e-2, 3e-2), "SGD": (0.02, 0.05, 0.1, 0.2)}   # tuned on a grid
-CLAIM = ("AGD switches between SGD-like and adaptive updates according to delta: its mean "
-         "fraction of SGD-branch elements never decreases as delta grows and spans < 0.1 to > "
-         "0.9 over the delta grid, for some delta the fraction moves by > 0.1 during training, "
-         "and AGD at its best (delta tuned at lr 1e-3, then lr over 4 values at that delta) "
-         "reaches a mean test accuracy over seeds within 1 point of the better of Adam and SGD "
-         "(momentum 0.9), each at its best of 4 learning rates.")
+BETA1 = 0.9
+AGD_LRS = (1e-3, 3e-3, 1e-2)
+SGD_LRS = (0.01, 0.03, 0.1, 0.3)          # SGD's grid, and the etas of AGD's SGD branch
+ADAM_LRS = (3e-4, 1e-3, 3e-3, 1e-2)
+ADAM_DELTA = 1e-8
+SWEEP_DELTAS = (1e-8, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1)
+MARGIN = 0.01
+TOLERANCE = 0.01       # "never decreases" between separate runs, up to this much
+CONFIG = {"beta1": BETA1, "agd_lrs": AGD_LRS, "sgd_lrs": SGD_LRS, "adam_lrs": ADAM_LRS,
+          "adam_delta": ADAM_DELTA, "sweep_deltas": SWEEP_DELTAS, "margin": MARGIN,
+          "tolerance": TOLERANCE,
+          "sgd_momentum": 0.9, "schedule": "cosine per step",
+          "toy": {"start": (1.0, 1.5), "AGD": {"lr": 0.1, "delta": 0.1}, "Adam": {"lr": 0.1},
+                  "SGD": {"lr": 1e-3, "momentum": 0.9}}}
+CLAIM = ("AGD switches between SGD-like and adaptive updates according to delta: at its chosen "
+         "lr, its mean fraction of SGD-branch elements never decreases as delta grows (up to "
+         f"{TOLERANCE:g} between runs), spans < 0.1 to > 0.9 over delta in "
+         f"{list(SWEEP_DELTAS)}, and moves by > 0.1 during training for some delta; and AGD "
+         "with (lr, delta) chosen jointly on validation reaches a final test accuracy at least "
+         "that of the better of SGD-momentum and Adam (each with its lr chosen on validation) "
+         f"minus {100 * MARGIN:g} point (paired over seeds).")
 
 BEALE_MIN = (3.0, 0.5)
-BEALE_START = (1.0, 1.5)
+
+
+def cost(size) -> float:
+    """Plain training runs this costs (grid extensions included at their limit; the tracked
+    sweep runs count 1.5)."""
+    agd = (len(AGD_LRS) + size.extend) * (len(SGD_LRS) + 2)
+    return (agd + len(SGD_LRS) + len(ADAM_LRS) + 2) * size.select_seeds \
+        + (3 + 1.5 * len(SWEEP_DELTAS)) * size.seeds
+
+
+def agd_job(point: dict, seed: int, **options):
+    delta = point.get("delta") or point["lr"] * (1 - BETA1) / point["eta"]
+    label = f"AGD lr={point['lr']:.3g} δ={delta:.3g}"
+    return job(NAME, label, "AGD", seed, {"lr": point["lr"], "delta": delta}, **options)
+
+
+def experiment(size, runner):
+    agd = search(runner, {"lr": AGD_LRS, "eta": SGD_LRS}, agd_job,
+                 fixed=[{"lr": a, "delta": ADAM_DELTA} for a in AGD_LRS])
+    sgd = search(runner, {"lr": SGD_LRS},
+                 lambda p, s: job(NAME, f"SGD lr={p['lr']:g}", "SGD", s, p))
+    adam = search(runner, {"lr": ADAM_LRS},
+                  lambda p, s: job(NAME, f"Adam lr={p['lr']:g}", "Adam", s, p))
+    best = agd_job(agd.best, 0)
+    baseline = "SGD" if max(s for _, s in sgd.scores) >= max(s for _, s in adam.scores) else "Adam"
+    configs = {"AGD": ("AGD", best.params), "SGD": ("SGD", sgd.best), "Adam": ("Adam", adam.best)}
+    runs = trials(runner, NAME, configs)
+    sweep = trials(runner, NAME, {f"δ={d:g}": ("AGD", {"lr": best.params["lr"], "delta": d})
+                                  for d in SWEEP_DELTAS},
+                   track=("layers",), history=("sgd_fraction", "sgd_fraction/"))
+    paths = {n: toy_path(n, size.toy_steps) for n in ("AGD", "Adam", "SGD")}
+    data = {"searches": {"AGD": agd.summary(), "SGD": sgd.summary(), "Adam": adam.summary()},
+            "best": {"AGD": best.params, "SGD": sgd.best, "Adam": adam.best},
+            "baseline": baseline, "runs": runs, "sweep": sweep}
+    return data, {f"path_{n}": p for n, p in paths.items()}
+
+
+def rule(data):
+    runs, sweep = data["runs"], data["sweep"]
+    fractions = np.array([[np.nanmean(r["history"]["sgd_fraction"][1]) for r in rs]
+                          for rs in sweep.values()])                # delta x seed
+    swings = np.array([[np.ptp(r["history"]["sgd_fraction"][1]) for r in rs]
+                       for rs in sweep.values()])
+    ordered = fractions.T                                           # seed x delta (ascending)
+    base = data["baseline"]
+    checks = {
+        "fraction nondecreasing in δ": every_seed(
+            "the mean SGD-branch fraction never decreases as delta grows",
+            np.min(np.diff(ordered, axis=1), axis=1),
+            [bool(np.all(np.diff(f) >= -TOLERANCE)) for f in ordered]),
+        "fraction spans <0.1 to >0.9": every_seed(
+            "min over delta < 0.1 and max > 0.9 (values: max - min)",
+            ordered.max(axis=1) - ordered.min(axis=1),
+            [f.min() < 0.1 and f.max() > 0.9 for f in ordered]),
+        "fraction moves >0.1 in training": every_seed(
+            "for some delta the fraction's range over training > 0.1 (values: largest range)",
+            swings.max(axis=0), list(swings.max(axis=0) > 0.1)),
+        f"AGD acc >= {base} - 1pt": paired(
+            f"AGD's final test accuracy - {base}'s > -margin",
+            per_seed(runs["AGD"], "final_test_acc"), per_seed(runs[base], "final_test_acc"),
+            MARGIN)}
+    acc = means(runs, ACCURACIES)
+    measured = {**acc, "best": data["best"], "baseline": base, "searches": data["searches"],
+                "seeds": len(runs["AGD"]),
+                "mean_sgd_fraction": {d: float(v) for d, v in zip(sweep, fractions.mean(1))},
+                "per_layer_mean_sgd_fraction": {
+                    d: {k.split("/", 1)[1]: float(np.mean([np.nanmean(r["history"][k][1])
+                                                           for r in rs]))
+                        for k in rs[0]["history"] if k.startswith("sgd_fraction/")}
+                    for d, rs in sweep.items()},
+                "headline": {"test acc AGD / SGD / Adam": " / ".join(
+                    f"{acc['final_test_acc'][n]:.3f}" for n in ("AGD", "SGD", "Adam")),
+                    "AGD (lr, δ)": f"({data['best']['AGD']['lr']:.3g}, "
+                                   f"{data['best']['AGD']['delta']:.3g})",
+                    "SGD-branch fraction over δ": ", ".join(
+                        f"{v:.2f}" for v in fractions.mean(1))}}
+    return measured, checks
 
 
 def beale(xy: torch.Tensor) -> torch.Tensor:
@@ -33,115 +126,85 @@ def beale(xy: torch.Tensor) -> torch.Tensor:
             + (2.625 - x + x * y ** 3) ** 2)
 
 
-def toy_path(make_opt, steps: int) -> np.ndarray:
-    """The iterates of an optimizer on Beale's function from ``BEALE_START``."""
-    xy = torch.nn.Parameter(torch.tensor(BEALE_START, dtype=torch.float64))
-    opt = make_opt([xy])
+def toy_path(name: str, steps: int = 1000) -> np.ndarray:
+    """The iterates of AGD, Adam or SGD (CONFIG["toy"]) on Beale's function."""
+    xy = torch.nn.Parameter(torch.tensor(CONFIG["toy"]["start"], dtype=torch.float64))
+    hp = CONFIG["toy"][name]
+    opt = {"AGD": lambda: optim.AGD([xy], **hp), "Adam": lambda: torch.optim.Adam([xy], **hp),
+           "SGD": lambda: torch.optim.SGD([xy], **hp)}[name]()
     path = [xy.detach().clone()]
     for _ in range(steps):
-        def closure():
-            opt.zero_grad()
-            loss = beale(xy)
-            loss.backward()
-            return loss
-        opt.step(closure)
+        opt.zero_grad()
+        beale(xy).backward()
+        opt.step()
         path.append(xy.detach().clone())
     return torch.stack(path).numpy()
 
 
-def optimizers(AGD):
-    """name -> factory(params) for the MNIST-1D runs."""
-    makers = {f"AGD d={d:g}": (lambda ps, d=d: AGD(ps, lr=AGD_LR, delta=d)) for d in DELTAS}
-    for lr in BASELINE_LRS["Adam"]:
-        makers[f"Adam lr={lr:g}"] = lambda ps, lr=lr: torch.optim.Adam(ps, lr=lr)
-    for lr in BASELINE_LRS["SGD"]:
-        makers[f"SGD lr={lr:g}"] = lambda ps, lr=lr: torch.optim.SGD(ps, lr=lr, momentum=0.9)
-    return makers
+def grid_panel(ax, found: dict) -> None:
+    """AGD's validation accuracy over its (lr, eta) grid, the chosen point circled."""
+    lrs, etas = found["axes"]["lr"], found["axes"]["eta"]
+    acc = np.full((len(etas), len(lrs)), np.nan)
+    for p in found["val_acc"]:
+        if "eta" in p:
+            acc[etas.index(p["eta"]), lrs.index(p["lr"])] = p["val_acc"]
+    image = ax.imshow(acc, origin="lower", cmap="viridis", aspect="auto")
+    ax.figure.colorbar(image, ax=ax, label="validation accuracy")
+    ax.set_xticks(range(len(lrs)), [f"{v:.2g}" for v in lrs])
+    ax.set_yticks(range(len(etas)), [f"{v:.2g}" for v in etas])
+    best = found["best"]
+    if "eta" in best:
+        ax.plot(lrs.index(best["lr"]), etas.index(best["eta"]), "o", mfc="none", mec="red",
+                ms=14, mew=2)
+    ax.set(xlabel="AGD lr α", ylabel="η = α(1 − β₁)/δ (SGD-branch lr)",
+           title="joint (α, δ) search on validation")
+    ax.grid(False)
 
 
-def run(size: Size, out: Path) -> dict:
-    try:
-        (AGD,) = need("optim", "AGD")
-    except Missing as err:
-        return not_available(CLAIM, str(err))
-    ds = dataset(size)
-
-    def run_one(name, make):
-        return trials(name, lambda seed: mlp(size, seed=seed),
-                      lambda model: make(model.parameters()), ds, size, schedule=True)
-
-    runs = [run_one(name, make) for name, make in optimizers(AGD).items()]
-    agd = [r for r in runs if r.name.startswith("AGD")]
-    best_delta = DELTAS[int(np.argmax([r.test_acc for r in agd]))]
-    agd_lr = [run_one(f"AGD lr={lr:g} d={best_delta:g}",
-                      lambda ps, lr=lr: AGD(ps, lr=lr, delta=best_delta)) for lr in AGD_LRS]
-    runs += agd_lr
-    mean_frac = {f"{d:g}": r.curve_mean("sgd_fraction") for d, r in zip(DELTAS, agd)}
-    swing = {f"{d:g}": max(float(np.ptp(run.tracker.history("sgd_fraction")[1]))
-                           for run in r.runs) for d, r in zip(DELTAS, agd)}
-    per_layer = {f"{d:g}": {k.split("/", 1)[1]: r.curve_mean(k)
-                            for k in r.first.tracker.keys() if k.startswith("sgd_fraction/")}
-                 for d, r in zip(DELTAS, agd)}
-    acc = {r.name: r.test_acc for r in runs}
-    best = max(agd + agd_lr, key=lambda r: r.test_acc)
-    best_of = {b: max((r for r in runs if r.name.startswith(b)), key=lambda r: r.test_acc)
-               for b in BASELINE_LRS}
-    ordered = [mean_frac[f"{d:g}"] for d in sorted(DELTAS)]
-    checks = {
-        "fraction_nondecreasing_in_delta": all(a <= b + 1e-12 for a, b in zip(ordered, ordered[1:])),
-        "fraction_spans_0.1_to_0.9": ordered[0] < 0.1 and ordered[-1] > 0.9,
-        "fraction_moves_during_training": max(swing.values()) > 0.1,
-        "best_agd_within_1pt_of_best_baseline":
-            best.test_acc >= max(r.test_acc for r in best_of.values()) - 0.01,
-    }
-    steps = size.toy_steps
-    toy_makers = {"AGD": lambda ps: AGD(ps, lr=0.1, delta=1e-1),
-                  "Adam": lambda ps: torch.optim.Adam(ps, lr=0.1),
-                  "SGD": lambda ps: torch.optim.SGD(ps, lr=1e-3, momentum=0.9)}
-    paths = {n: toy_path(m, steps) for n, m in toy_makers.items()}
-    toy_dist = {n: float(np.hypot(*(p[-1] - np.array(BEALE_MIN)))) for n, p in paths.items()}
-    config = {"deltas": DELTAS, "agd_lr": AGD_LR, "agd_lrs_at_best_delta": AGD_LRS,
-              "baseline_lrs": BASELINE_LRS, "toy": {"start": BEALE_START, "steps": steps,
-              "AGD": {"lr": 0.1, "delta": 0.1}, "Adam": {"lr": 0.1},
-              "SGD": {"lr": 1e-3, "momentum": 0.9}}, "schedule": "cosine per step"}
-    save_runs(out, NAME, runs, size, config)
-    arrays = {f"path_{n}": p for n, p in paths.items()}
-    for r in agd:
-        arrays[f"sgd_fraction_{r.name}"] = np.array(r.first.tracker.history("sgd_fraction"))
-    save_result(out, NAME, arrays, config)
-    figure = plot([best] + list(best_of.values()), agd, paths, out)
-    measured = {"mean_sgd_fraction": mean_frac, "seeds": size.seeds,
-                "test_acc_per_seed": {r.name: r.values("test_acc") for r in runs},
-                "sgd_fraction_range_over_training": swing,
-                "per_layer_mean_sgd_fraction": per_layer, "test_acc": acc,
-                "best_agd": best.name,
-                "best_baselines": {b: r.name for b, r in best_of.items()},
-                "beale_final_distance_to_min": toy_dist,
-                "beale_steps": steps}
-    return entry(CLAIM, measured, checks, figure)
-
-
-def plot(runs, agd, paths, out: Path) -> str:
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 2, figsize=(11, 8))
-    plot_histories(axes[0, 0], agd, "sgd_fraction", "fraction of elements on the SGD branch")
-    axes[0, 0].set_title("AGD: SGD-branch fraction, per delta")
-    mid = min((r.first for r in agd),
-              key=lambda r: abs(np.mean(r.tracker.history("sgd_fraction")[1]) - 0.5))
-    for key in [k for k in mid.tracker.keys() if k.startswith("sgd_fraction/")]:
-        axes[0, 1].plot(*mid.tracker.history(key), label=key.split("/", 1)[1])
-    axes[0, 1].set(xlabel="step", ylabel="SGD-branch fraction",
-                   title=f"per layer, {mid.name}")
-    axes[0, 1].legend(fontsize=7)
-    plot_histories(axes[1, 0], runs, "test_acc", "test accuracy")
-    axes[1, 0].set_title("MNIST-1D test accuracy, best setting of each (seed 0)")
+def figure(data, arrays, entry, out):
+    runs, sweep = data["runs"], data["sweep"]
+    fig, axes = plotting.figure(2, 3, 17, 8.5)
+    ax = axes[0, 0]
+    for d, rs in sweep.items():
+        steps = rs[0]["history"]["sgd_fraction"][0]
+        plotting.band(ax, steps, [r["history"]["sgd_fraction"][1] for r in rs], d)
+    ax.set(xlabel="step", ylabel="fraction of elements on the SGD branch",
+           title=f"AGD at lr {data['best']['AGD']['lr']:.3g}: SGD-branch fraction per δ")
+    plotting.outside_legend(ax)
+    ax = axes[0, 1]
+    deltas = [float(d.split("=")[1]) for d in sweep]
+    fr = np.array([[np.nanmean(r["history"]["sgd_fraction"][1]) for r in rs]
+                   for rs in sweep.values()])
+    ax.errorbar(deltas, fr.mean(1), yerr=fr.std(1, ddof=1) if fr.shape[1] > 1 else None,
+                fmt="o-", capsize=3)
+    ax.set(xscale="log", xlabel="δ", ylabel="mean SGD-branch fraction (± sd over seeds)",
+           ylim=(-0.05, 1.05), title="switching as a function of δ")
+    ax = axes[1, 0]
+    for n, rs in runs.items():
+        best = data["best"][n]
+        label = ", ".join(f"{'δ' if k == 'delta' else k} {v:.3g}" for k, v in best.items()
+                          if k in ("lr", "delta"))
+        plotting.band(ax, rs[0]["curves"]["epoch"], [r["curves"]["test_acc"] for r in rs],
+                      f"{n} ({label})")
+    ax.set(xlabel="epoch", ylabel="test accuracy", title="chosen on validation: test accuracy")
+    plotting.outside_legend(ax)
+    grid_panel(axes[0, 2], data["searches"]["AGD"])
+    ax = axes[1, 2]
+    names = list(runs)
+    plotting.bars(ax, names, [per_seed(runs[n], "final_test_acc") for n in names], offset=-0.2,
+                  width=0.4, label="final epoch")
+    plotting.bars(ax, names, [per_seed(runs[n], "best_epoch_test_acc") for n in names],
+                  color="tab:orange", offset=0.2, width=0.4, label="best epoch (on test)")
+    ax.set(ylabel="test accuracy (± sd over seeds)", title="final and best-epoch test accuracy")
+    plotting.outside_legend(ax)
     ax = axes[1, 1]
     xs, ys = np.meshgrid(np.linspace(-0.5, 4.0, 200), np.linspace(-1.5, 2.0, 200))
     zs = beale(torch.tensor(np.stack([xs, ys], -1))).numpy()
     ax.contour(xs, ys, np.log10(zs + 1e-6), levels=30, cmap="viridis", linewidths=0.6)
-    for name, path in paths.items():
+    for name in ("AGD", "Adam", "SGD"):
+        path = arrays[f"path_{name}"]
         ax.plot(path[:, 0], path[:, 1], ".-", ms=2, lw=1, label=name)
     ax.plot(*BEALE_MIN, "r*", ms=12, label="minimum (3, 0.5)")
     ax.set(xlabel="x", ylabel="y", title=f"Beale's function, {len(path) - 1} steps")
-    ax.legend(fontsize=7)
-    return savefig(fig, out, f"{NAME}.png")
+    plotting.outside_legend(ax)
+    return plotting.save(fig, out, NAME, entry)

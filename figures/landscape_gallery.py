@@ -1,112 +1,134 @@
-"""A landscape gallery of one trained model: 1D and 2D filter-normalised slices, the 3D surface, the
-training trajectory on its PCA plane, the Hessian spectral density, and lambda_max along training
-against the edge-of-stability bound 2/lr."""
+"""A landscape gallery of SGD-trained MLPs (one per seed): 1D and 2D filter-normalised slices,
+the 3D surface, the training trajectory on its PCA plane, the Hessian spectral density, and
+lambda_max along training against the edge-of-stability bound 2/lr."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import torch
 
-from .common import (CROSS_ENTROPY, SEED, Missing, Size, Trials, dataset, entry, eval_batches, mlp,
-                     need, not_available, pyplot, save_result, save_runs, savefig, train)
+from analysis import spectral_density, top_eigenvalues
+from landscape import (PlaneResult, LineResult, pca_directions, plane, plot_contour, plot_line,
+                       plot_spectral_density, plot_surface3d, plot_trajectory)
+
+from . import plotting
+from .harness import ACCURACIES, means, pop_arrays, trials
+from .measure import slices
+from .verdict import every_seed
 
 NAME = "landscape_gallery"
 SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 5e-4}
-CLAIM = ("The landscape tools agree on one SGD-trained MLP: the solution is the lowest point of "
-         "its 1D and 2D filter-normalised slices, and the largest node of the SLQ spectral "
-         "density matches the Lanczos lambda_max within 5%.")
+TOLERANCE = 0.05
+CONFIG = {"sgd": SGD, "schedule": "cosine per step", "tolerance": TOLERANCE,
+          "density": "SLQ on the curvature subset", "trajectory": "a checkpoint every record"}
+CLAIM = ("The landscape tools agree on SGD-trained MLPs (every seed): the solution is the lowest "
+         "point of its 1D and 2D filter-normalised slices, and the largest node of the SLQ "
+         f"spectral density matches the Lanczos lambda_max within {100 * TOLERANCE:g}%.")
 
 
-def run(size: Size, out: Path) -> dict:
-    try:
-        ls = need("landscape", "random_direction", "line", "plane", "pca_directions",
-                  "plot_line", "plot_contour", "plot_surface3d", "plot_trajectory",
-                  "plot_spectral_density")
-        (spectral_density,) = need("analysis.density", "spectral_density")
-        (top_eigenvalues,) = need("analysis", "top_eigenvalues")
-    except Missing as err:
-        return not_available(CLAIM, str(err))
-    (random_direction, line, plane, pca_directions, plot_line, plot_contour, plot_surface3d,
-     plot_trajectory, plot_spectral_density) = ls
-    ds = dataset(size)
-    model = mlp(size)
-    opt = torch.optim.SGD(model.parameters(), **SGD)
-    run_ = train("SGD", model, opt, ds, size, schedule=True, lambda_max=True,
-                 checkpoint_every=size.every)
-    data = eval_batches(ds, size)["curvature_data"]
-    d1 = random_direction(model, normalization="filter", seed=SEED)
-    d2 = random_direction(model, normalization="filter", seed=SEED + 1)
-    alphas = np.linspace(-1.0, 1.0, size.line_points)
-    grid = np.linspace(-1.0, 1.0, size.grid)
-    ln = line(model, CROSS_ENTROPY, data, d1, alphas, progress=False)
-    pl = plane(model, CROSS_ENTROPY, data, d1, d2, grid, grid, progress=False)
-    pca = pca_directions(run_.trajectory, model, n=2)
+def cost(size) -> float:
+    """Plain training runs this costs (tracking and the analyses make a run count 4)."""
+    return 4 * size.seeds
+
+
+def analyse(model, loss_fn, data, size, trajectory) -> tuple[dict, dict]:
+    """Slices, the PCA plane of ``trajectory``, the spectral density and lambda_max."""
+    arrays = slices(model, loss_fn, data, size)
+    pca = pca_directions(trajectory, model)
     reach = np.abs(pca.coords).max(axis=0) * 1.25
-    pca_plane = plane(model, CROSS_ENTROPY, data, pca.directions[0], pca.directions[1],
-                      np.linspace(-reach[0], reach[0], size.grid),
-                      np.linspace(-reach[1], reach[1], size.grid), progress=False)
-    density = spectral_density(model, CROSS_ENTROPY, data, n_lanczos=size.density_lanczos,
-                               n_vectors=size.density_vectors, seed=SEED, progress=False)
-    eig = top_eigenvalues(model, CROSS_ENTROPY, data, k=1, tol=1e-6, max_hvp=size.final_max_hvp,
-                          seed=SEED, progress=False)
-    lam = float(eig.eigenvalues[0])
-    top_node = float(np.max(density.nodes))
-    centre = (len(grid) // 2, len(grid) // 2)
-    checks = {"minimum_of_1d_slice_at_solution": int(np.argmin(ln.losses)) == len(alphas) // 2,
-              "minimum_of_2d_slice_at_solution":
-                  np.unravel_index(int(np.argmin(pl.losses)), pl.losses.shape) == centre,
-              "density_top_node_within_5pct_of_lambda_max": abs(top_node - lam) <= 0.05 * abs(lam)}
-    measured = {"lambda_max": lam, "lambda_max_converged": bool(eig.converged),
-                "density_top_node": top_node, "density_n_hvp": int(density.n_hvp),
-                "pca_explained_variance_ratio": [float(v) for v in pca.explained_variance_ratio[:2]],
-                "test_acc": run_.test_acc, "train_loss_at_solution": float(ln.losses[len(alphas) // 2]),
-                "min_1d_slice_loss": float(np.min(ln.losses)),
-                "min_2d_slice_loss": float(np.min(pl.losses)),
-                "max_eos_ratio_plain_gd": max(run_.tracker.history("eos_ratio")[1], default=None),
-                "max_lambda_over_momentum_bound": max(
-                    (lam_t * lr / (2 * (1 + SGD["momentum"])) for lam_t, lr in
-                     zip(run_.tracker.history("lambda_max")[1], run_.tracker.history("lr")[1])),
-                    default=None)}
-    config = {"sgd": SGD, "schedule": "cosine per step", "grid": size.grid,
-              "line_points": size.line_points, "density": {"n_lanczos": size.density_lanczos,
-                                                           "n_vectors": size.density_vectors},
-              "checkpoint_every": size.every}
-    save_runs(out, NAME, [Trials("SGD", [run_])], size, config)
-    save_result(out, NAME, {"line_alphas": ln.alphas, "line_losses": ln.losses,
-                            "plane_xs": pl.xs, "plane_ys": pl.ys, "plane_losses": pl.losses,
-                            "pca_xs": pca_plane.xs, "pca_ys": pca_plane.ys,
-                            "pca_losses": pca_plane.losses, "pca_coords": pca.coords,
-                            "density_grid": density.grid, "density": density.density,
-                            "density_nodes": density.nodes, "density_weights": density.weights,
-                            "lambda_max_history": np.array(run_.tracker.history("lambda_max")),
-                            "lr_history": np.array(run_.tracker.history("lr"))}, config)
-    plt = pyplot()
-    fig = plt.figure(figsize=(16, 9))
-    plot_line(ln, fig.add_subplot(2, 3, 1), label="filter-normalised direction",
-              xlabel="alpha", ylabel="training loss")
-    fig.axes[0].set_title("1D slice")
+    pl = plane(model, loss_fn, data, pca.directions[0], pca.directions[1],
+               np.linspace(-reach[0], reach[0], size.grid),
+               np.linspace(-reach[1], reach[1], size.grid), progress=False)
+    density = spectral_density(model, loss_fn, data, n_lanczos=size.density_lanczos,
+                               n_vectors=size.density_vectors, seed=0, progress=False)
+    eig = top_eigenvalues(model, loss_fn, data, tol=1e-6, max_hvp=size.final_max_hvp, seed=0,
+                          progress=False)
+    arrays.update(pca_xs=np.asarray(pl.xs), pca_ys=np.asarray(pl.ys),
+                  pca_losses=np.asarray(pl.losses), pca_coords=np.asarray(pca.coords),
+                  density_grid=np.asarray(density.grid), density=np.asarray(density.density))
+    numbers = {"lambda_max_lanczos": float(eig.eigenvalues[0]),
+               "density_top_node": float(np.max(density.nodes)),
+               "pca_explained_variance_ratio": [float(v) for v in
+                                                pca.explained_variance_ratio[:2]]}
+    return numbers, arrays
+
+
+def experiment(size, runner):
+    runs = trials(runner, NAME, {"SGD": ("SGD", SGD)}, track=("lambda_max", "trajectory"),
+                  measure=(f"{__name__}:analyse",), history=("lambda_max", "lr"))
+    arrays = pop_arrays(runs)
+    for r in runs["SGD"]:
+        s = r["seed"]
+        line_min = int(np.argmin(arrays[f"SGD__seed{s}__line_losses"]))
+        losses = arrays[f"SGD__seed{s}__plane_losses"]
+        r["extra"].update(
+            line_min_at_centre=line_min == size.line_points // 2,
+            plane_min_at_centre=np.unravel_index(int(np.argmin(losses)), losses.shape)
+            == (size.grid // 2, size.grid // 2))
+    return {"runs": runs}, arrays
+
+
+def rule(data):
+    runs = data["runs"]["SGD"]
+    extra = [r["extra"] for r in runs]
+    lam = np.array([e["lambda_max_lanczos"] for e in extra])
+    rel = np.abs(np.array([e["density_top_node"] for e in extra]) - lam) / np.abs(lam)
+    checks = {"1D slice minimum at the solution": every_seed(
+                  "argmin of the 1D slice is its centre (values: 1 if so)",
+                  [float(e["line_min_at_centre"]) for e in extra],
+                  [e["line_min_at_centre"] for e in extra]),
+              "2D slice minimum at the solution": every_seed(
+                  "argmin of the 2D slice is its centre (values: 1 if so)",
+                  [float(e["plane_min_at_centre"]) for e in extra],
+                  [e["plane_min_at_centre"] for e in extra]),
+              "density top node ≈ λ_max (5%)": every_seed(
+                  "|top SLQ node - lambda_max| / lambda_max < 0.05 (values: that ratio)",
+                  rel, list(rel < TOLERANCE))}
+    eos = [max(np.asarray(r["history"]["lambda_max"][1]) * np.asarray(r["history"]["lr"][1]) / 2)
+           for r in runs]
+    measured = {**means(data["runs"], ACCURACIES), "lambda_max": lam.tolist(),
+                "density_relative_error": rel.tolist(), "max_eos_ratio_plain_gd": eos,
+                "pca_explained_variance_ratio": [e["pca_explained_variance_ratio"] for e in extra],
+                "seeds": len(runs),
+                "headline": {"λ_max (Lanczos)": f"{lam.mean():.3f} ± {lam.std():.3f}",
+                             "top SLQ node relative error": f"{rel.max():.2g} (max)",
+                             "max λ·lr/2": f"{max(eos):.2f}"}}
+    return measured, checks
+
+
+def figure(data, arrays, entry, out):
+    runs = data["runs"]["SGD"]
+    seeds = [r["seed"] for r in runs]
+    fig = plotting.figure(0, 0, 16, 9)[0]
+    get = lambda key, s=0: arrays[f"SGD__seed{s}__{key}"]  # noqa: E731
+    ax = plot_line([LineResult(alphas=get("line_alphas", s), losses=get("line_losses", s))
+                    for s in seeds], fig.add_subplot(2, 3, 1), label="SGD",
+                   xlabel="α (filter-normalised direction)", ylabel="training loss")
+    plotting.legend_below(ax)
+    ax.set_title("1D slices (mean ± sd over seeds)")
+    pl = PlaneResult(xs=get("plane_xs"), ys=get("plane_ys"), losses=get("plane_losses"))
     ax = plot_contour(pl, fig.add_subplot(2, 3, 2), xlabel="direction 1", ylabel="direction 2")
-    ax.set_title("2D slice (contours)")
+    ax.set_title("2D slice, seed 0")
     ax = plot_surface3d(pl, fig.add_subplot(2, 3, 3, projection="3d"))
-    ax.set_title("2D slice (surface)")
-    ax = plot_trajectory(pca_plane, pca.coords, fig.add_subplot(2, 3, 4),
-                         explained_variance_ratio=pca.explained_variance_ratio)
-    ax.set_title("training trajectory on its PCA plane")
+    ax.set_title("2D slice as a surface, seed 0")
+    pca = PlaneResult(xs=get("pca_xs"), ys=get("pca_ys"), losses=get("pca_losses"))
+    ax = plot_trajectory(pca, get("pca_coords"), fig.add_subplot(2, 3, 4),
+                         explained_variance_ratio=runs[0]["extra"]["pca_explained_variance_ratio"])
+    ax.set_title("training trajectory on its PCA plane, seed 0")
+    plotting.legend_below(ax)
+    density = type("Density", (), {"grid": get("density_grid"), "density": get("density")})
     ax = plot_spectral_density(density, fig.add_subplot(2, 3, 5))
-    ax.axvline(lam, color="tab:red", ls="--", lw=0.8, label=f"Lanczos lambda_max {lam:.3g}")
-    ax.set(xlabel="eigenvalue", ylabel="density", title="Hessian spectral density (SLQ)")
-    ax.legend(fontsize=8)
+    lam = runs[0]["extra"]["lambda_max_lanczos"]
+    ax.axvline(lam, color="tab:red", ls="--", lw=0.8, label=f"Lanczos λ_max {lam:.3g}")
+    ax.set(xlabel="eigenvalue", title="Hessian spectral density (SLQ), seed 0")
+    plotting.legend_below(ax)
     ax = fig.add_subplot(2, 3, 6)
-    steps, lams = run_.tracker.history("lambda_max")
-    ax.plot(steps, lams, label="lambda_max (warm-started Lanczos)")
-    lr_steps, lrs = run_.tracker.history("lr")
-    ax.plot(lr_steps, [2.0 / v if v > 0 else np.nan for v in lrs], "k--", lw=0.8,
-            label="2 / lr (edge of stability, plain GD)")
+    steps = runs[0]["history"]["lambda_max"][0]
+    plotting.band(ax, steps, [r["history"]["lambda_max"][1] for r in runs], "λ_max (Lanczos)")
+    lrs = np.asarray(runs[0]["history"]["lr"][1])
     beta = SGD["momentum"]
-    ax.plot(lr_steps, [2.0 * (1 + beta) / v if v > 0 else np.nan for v in lrs], "k:", lw=0.8,
-            label=f"2 (1 + {beta:g}) / lr (heavy-ball momentum)")
-    ax.set(xlabel="step", ylabel="sharpness", yscale="log", title="sharpness along training")
-    ax.legend(fontsize=8)
-    figure = savefig(fig, out, f"{NAME}.png")
-    return entry(CLAIM, measured, checks, figure)
+    with np.errstate(divide="ignore"):
+        ax.plot(runs[0]["history"]["lr"][0], np.where(lrs > 0, 2 * (1 + beta) / lrs, np.nan),
+                "k:", lw=1, label=f"2(1 + β)/lr, heavy-ball bound (β {beta:g})")
+    ax.set(xlabel="step", ylabel="sharpness", yscale="log",
+           title="λ_max along training (log: the bound spans decades)")
+    plotting.outside_legend(ax)
+    return plotting.save(fig, out, NAME, entry)

@@ -1,143 +1,172 @@
 """ND-Adam (Zhang et al. 2017) against Adam and SGD on an MLP with BatchNorm: weight-vector norms,
-angular steps per layer, the cosine between the update and the negative gradient, and test
-accuracy with and without the paper's batch-normalised softmax (logit regularisation)."""
+the cosine between each weight vector's update and its momentum (the direction ND-Adam
+preserves, Sec. 3), and test accuracy with and without the batch-normalised softmax (Sec. 4),
+its scale chosen on validation."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
-import torch
 
-from .common import (Missing, Size, dataset, entry, mlp, need, not_available, plot_histories,
-                     pyplot, save_result, save_runs, savefig, trials)
+from . import plotting
+from .harness import ACCURACIES, job, means, per_seed, search, trials
+from .verdict import every_seed, paired
 
 NAME = "ndadam_direction"
-ND_LR, SCALAR_LR = 0.05, 1e-3          # alpha_v = 50 alpha_s (spec Sec. 3.3)
-ADAM_LR = 1e-3
-SGD = {"lr": 0.05, "momentum": 0.9, "weight_decay": 1e-3}
-LOGIT_SCALE = 2.5                       # BN-softmax gamma_c (CIFAR-10 value)
-CLAIM = ("On an MLP with BatchNorm, ND-Adam keeps every weight vector at unit norm while Adam's "
-         "hidden weight-vector norms grow over training, ND-Adam's update is better aligned with"
-         " the negative gradient than Adam's (mean layer cosine), ND-Adam's mean test accuracy "
-         "over seeds is at least Adam's, and the batch-normalised softmax (logit regularisation)"
-         " does not lower any optimizer's test accuracy.")
+LRS = {"ND-Adam": (0.01, 0.03, 0.1), "Adam": (1e-3, 3e-3, 1e-2), "SGD": (0.02, 0.05, 0.1)}
+SCALAR_RATIO = 50                 # alpha_v = 50 alpha_s (Sec. 5)
+SGD = {"momentum": 0.9, "weight_decay": 5e-4}
+SCALES = (1.0, 2.5, 5.0, 10.0)    # BN-softmax gamma_c: set per data set in the paper
+MARGIN = 0.005
+COSINE_SPAN = 0.9      # the cosine is averaged over the first 90% of training: at the end of the
+                       # cosine schedule the updates fall to float32 rounding of the weights
+CONFIG = {"cosine_span": COSINE_SPAN, "lr_grids": LRS, "scalar_ratio": SCALAR_RATIO, "sgd": SGD,
+          "scales": SCALES, "margin": MARGIN, "model": "MLP Linear-BN-ReLU x2 + Linear",
+          "schedule": "cosine per step"}
+CLAIM = ("On an MLP with BatchNorm (lrs and the BN-softmax scale chosen on validation), ND-Adam "
+         "keeps every weight vector at unit norm while Adam's hidden weight-vector norms grow, "
+         "ND-Adam's update of each weight vector is better aligned with its momentum than "
+         "Adam's (mean per-vector cosine over the first 90% of training, paired over seeds), "
+         f"ND-Adam's final test accuracy is at least Adam's minus {100 * MARGIN:g} points with "
+         "and without the BN-softmax, and the BN-softmax lowers no optimizer's final test "
+         f"accuracy by more than {100 * MARGIN:g} points.")
+KINDS = {"ND-Adam": "NDAdam", "Adam": "Adam", "SGD": "SGD"}
 
 
-def optimizers(NDAdam, normalize_vectors_):
-    def ndadam(model):
-        normalize_vectors_(model.parameters())          # start on the sphere (spec Sec. 3.2)
-        vectors = [p for p in model.parameters() if p.dim() >= 2]
-        scalars = [p for p in model.parameters() if p.dim() < 2]
-        return NDAdam([{"params": vectors, "lr": ND_LR}, {"params": scalars, "lr": SCALAR_LR}])
-    return {"ND-Adam": ndadam,
-            "Adam": lambda model: torch.optim.Adam(model.parameters(), lr=ADAM_LR),
-            "SGD": lambda model: torch.optim.SGD(model.parameters(), **SGD)}
+def cost(size) -> float:
+    """Plain training runs this costs (a tracked comparison run counts 2.5)."""
+    grids = sum(map(len, LRS.values())) + 3 * len(SCALES) + 2 * size.extend
+    return grids * size.select_seeds + 6 * 2.5 * size.seeds
 
 
-def run(size: Size, out: Path) -> dict:
-    try:
-        NDAdam, normalize_vectors_, BNSoftmax = need("optim", "NDAdam", "normalize_vectors_",
-                                                     "BNSoftmax")
-    except Missing as err:
-        return not_available(CLAIM, str(err))
-    ds = dataset(size)
-    runs = {}
-    for reg in (False, True):
-        for name, make in optimizers(NDAdam, normalize_vectors_).items():
-            label = f"{name} + BN-softmax" if reg else name
-            def model(seed, reg=reg):
-                head = BNSoftmax(10, scale=LOGIT_SCALE) if reg else None
-                return mlp(size, seed=seed, batchnorm=True, head=head)
-            runs[label] = trials(label, model, make, ds, size, schedule=True)
-    vector_layers = [k.split("/", 1)[1] for k in runs["Adam"].first.tracker.keys()
-                     if k.startswith("rownorm/")]
-    hidden = vector_layers[:-1]
+def hyper(name: str, lr: float) -> dict:
+    return {"NDAdam": {"lr": lr, "scalar_lr": lr / SCALAR_RATIO}, "Adam": {"lr": lr},
+            "SGD": {**SGD, "lr": lr}}[KINDS[name]]
 
-    def rownorm(run_, n):
-        return run_.tracker.history(f"rownorm/{n}")[1]
 
-    nd_dev = max(abs(v - 1.0) for label in ("ND-Adam", "ND-Adam + BN-softmax")
-                 for run_ in runs[label].runs for n in vector_layers for v in rownorm(run_, n))
-    adam_growth = {label: {n: [rownorm(r, n)[-1] / rownorm(r, n)[0] for r in runs[label].runs]
-                           for n in hidden} for label in ("Adam", "Adam + BN-softmax")}
-    cosines = {label: float(np.mean([t.curve_mean(f"cos/{n}") for n in vector_layers]))
-               for label, t in runs.items()}
-    angles = {label: {n: t.curve_mean(f"angle/{n}") for n in vector_layers}
-              for label, t in runs.items()}
-    acc = {label: t.test_acc for label, t in runs.items()}
-    own = runs["ND-Adam"].first.tracker
-    own_keys = [k for k in own.keys() if k.startswith("opt_angular_step/")]
-    agreement = max((abs(a - b) for k in own_keys
-                     for a, b in zip(own.history(k)[1], own.history("angle/" + k.split("/", 1)[1])[1])),
-                    default=float("nan"))
+def experiment(size, runner):
+    lrs, scales, configs = {}, {}, {}
+    for name, kind in KINDS.items():
+        lrs[name] = search(runner, {"lr": LRS[name]},
+                           lambda p, s, name=name: job(NAME, f"{name} lr={p['lr']:g}", KINDS[name],
+                                                       s, hyper(name, p["lr"]), batchnorm=True))
+        hp = hyper(name, lrs[name].best["lr"])
+        scales[name] = search(runner, {"scale": SCALES},
+                              lambda p, s, name=name, hp=hp: job(
+                                  NAME, f"{name} + BN-softmax γ_c={p['scale']:g}", KINDS[name], s,
+                                  hp, batchnorm=True, head_scale=p["scale"]))
+        configs[name] = (kind, hp, {"batchnorm": True})
+        configs[f"{name} + BN-softmax"] = (kind, hp, {"batchnorm": True,
+                                                      "head_scale": scales[name].best["scale"]})
+    runs = trials(runner, NAME, configs, track=("layers", "vector_cosine"),
+                  history=("rownorm/", "vector_cosine"))
+    data = {"searches": {**{f"{n} lr": s.summary() for n, s in lrs.items()},
+                         **{f"{n} scale": s.summary() for n, s in scales.items()}},
+            "lr": {n: s.best["lr"] for n, s in lrs.items()},
+            "scale": {n: s.best["scale"] for n, s in scales.items()}, "runs": runs}
+    return data, {}
+
+
+def _rownorms(run: dict) -> dict[str, list[float]]:
+    return {k.split("/", 1)[1]: v[1] for k, v in run["history"].items()
+            if k.startswith("rownorm/")}
+
+
+def mean_cosine(run: dict) -> float:
+    """The mean per-vector cosine over the records in the first COSINE_SPAN of training."""
+    steps, values = map(np.asarray, run["history"]["vector_cosine"])
+    return float(np.nanmean(values[steps <= COSINE_SPAN * steps[-1]]))
+
+
+def rule(data):
+    runs = data["runs"]
+    acc = {n: per_seed(rs, "final_test_acc") for n, rs in runs.items()}
+    cos = {n: [mean_cosine(r) for r in rs] for n, rs in runs.items()}
+    deviation = [max(abs(v - 1.0) for vs in _rownorms(r).values() for v in vs)
+                 for r in runs["ND-Adam"] + runs["ND-Adam + BN-softmax"]]
+    growth = [min(vs[-1] / vs[0] for vs in list(_rownorms(r).values())[:-1])
+              for r in runs["Adam"] + runs["Adam + BN-softmax"]]
     checks = {
-        "ndadam_unit_norm": nd_dev < 1e-3,
-        "adam_hidden_norms_grow": all(g > 1.0 for d in adam_growth.values() for gs in d.values()
-                                      for g in gs),
-        "ndadam_cosine_above_adam": cosines["ND-Adam"] > cosines["Adam"]
-                                    and cosines["ND-Adam + BN-softmax"] > cosines["Adam + BN-softmax"],
-        "ndadam_acc_at_least_adam": acc["ND-Adam"] >= acc["Adam"]
-                                    and acc["ND-Adam + BN-softmax"] >= acc["Adam + BN-softmax"],
-        "bn_softmax_does_not_hurt": all(acc[f"{n} + BN-softmax"] >= acc[n]
-                                        for n in ("ND-Adam", "Adam", "SGD")),
-    }
-    measured = {"test_acc": acc, "seeds": size.seeds,
-                "test_acc_per_seed": {label: t.values("test_acc") for label, t in runs.items()},
-                "mean_update_neg_grad_cosine": cosines,
-                "mean_angular_step_rad": angles,
-                "adam_rownorm_growth_final_over_initial": adam_growth,
-                "ndadam_max_rownorm_deviation": nd_dev,
-                "ndadam_own_vs_tracker_angle_max_diff": agreement,
-                "final_mean_rownorm_seed0": {label: {n: rownorm(t.first, n)[-1] for n in vector_layers}
-                                             for label, t in runs.items()}}
-    config = {"nd_lr": ND_LR, "scalar_lr": SCALAR_LR, "adam_lr": ADAM_LR, "sgd": SGD,
-              "logit_regularisation": f"BN-softmax, scale {LOGIT_SCALE}",
-              "model": "MLP Linear-BN-ReLU x2 + Linear", "schedule": "cosine per step"}
-    save_runs(out, NAME, list(runs.values()), size, config)
-    save_result(out, NAME, {f"rownorm_{label}_{n}": np.array(t.first.tracker.history(f"rownorm/{n}"))
-                            for label, t in runs.items() for n in vector_layers}, config)
-    figure = plot({label: t.first for label, t in runs.items()}, acc, vector_layers, out)
-    return entry(CLAIM, measured, checks, figure)
+        "ND-Adam unit norm": every_seed("max |mean weight-vector norm - 1| < 1e-3 (values: the "
+                                        "deviation; both heads)", deviation,
+                                        [d < 1e-3 for d in deviation]),
+        "Adam hidden norms grow": every_seed("final / initial mean weight-vector norm > 1 in "
+                                             "every hidden layer (values: the smallest ratio)",
+                                             growth, [g > 1.0 for g in growth]),
+        "ND-Adam cosine > Adam": paired("ND-Adam's mean per-vector cos(update, -momentum) - "
+                                        "Adam's > 0", cos["ND-Adam"], cos["Adam"], 0.0)}
+    for head in ("", " + BN-softmax"):
+        checks[f"ND-Adam acc >= Adam - 0.5pt{head}"] = paired(
+            f"ND-Adam{head}'s final test accuracy - Adam{head}'s > -margin",
+            acc[f"ND-Adam{head}"], acc[f"Adam{head}"], MARGIN)
+    for name in KINDS:
+        checks[f"BN-softmax keeps {name} acc"] = paired(
+            f"{name} + BN-softmax's final test accuracy - {name}'s > -margin",
+            acc[f"{name} + BN-softmax"], acc[name], MARGIN)
+    m = means(runs, ACCURACIES)
+    measured = {**m, "lr": data["lr"], "scale": data["scale"], "searches": data["searches"],
+                "mean_vector_cosine": {n: float(np.mean(v)) for n, v in cos.items()},
+                "ndadam_max_rownorm_deviation": max(deviation),
+                "adam_smallest_hidden_norm_growth": min(growth), "seeds": len(acc["Adam"]),
+                "headline": {
+                    "test acc plain / BN-softmax": ", ".join(
+                        f"{n} {m['final_test_acc'][n]:.3f} / "
+                        f"{m['final_test_acc'][n + ' + BN-softmax']:.3f}" for n in KINDS),
+                    "per-vector cos(update, −m)": ", ".join(
+                        f"{n} {np.mean(cos[n]):.3f}" for n in KINDS),
+                    "BN-softmax γ_c": ", ".join(f"{n} {v:g}" for n, v in data["scale"].items())}}
+    return measured, checks
 
 
-def plot(runs, acc, layers, out: Path) -> str:
-    plt = pyplot()
-    fig, axes = plt.subplots(2, 3, figsize=(15, 8.5))
-    plain = [r for label, r in runs.items() if "BN-softmax" not in label]
-    reg = [r for label, r in runs.items() if "BN-softmax" in label]
-    first = layers[0]
-    for group, style in ((plain, "-"), (reg, "--")):
-        for i, r in enumerate(group):
-            axes[0, 0].plot(*r.tracker.history(f"rownorm/{first}"), style, color=f"C{i}",
-                            label=r.name)
-    axes[0, 0].set(xlabel="step", ylabel=f"mean weight-vector norm ({first})", yscale="log",
-                   title="weight-vector norms, first hidden layer (dashed: BN-softmax)")
-    axes[0, 0].legend(fontsize=7)
-    styles = dict(zip(layers, ["-", "--", ":"]))
-    for ax, key, ylabel, title in [
-            (axes[0, 1], "angle", "mean angular step (rad)",
-             "angular step per layer (with BN-softmax)"),
-            (axes[0, 2], "cos", "cos(update, -gradient)",
-             "update vs negative gradient (with BN-softmax)")]:
-        for i, r in enumerate(reg):
-            for n in layers:
-                steps, vals = r.tracker.history(f"{key}/{n}")
-                ax.plot(steps, vals, styles[n], color=f"C{i}", label=f"{r.name.split(' +')[0]} {n}")
-        ax.set(xlabel="step", ylabel=ylabel, title=title)
-        if key == "angle":
-            ax.set_yscale("log")
-        ax.legend(fontsize=6, ncol=2)
-    plot_histories(axes[1, 0], plain, "test_acc", "test accuracy")
-    axes[1, 0].set_title("test accuracy, plain softmax (seed 0)")
-    plot_histories(axes[1, 1], reg, "test_acc", "test accuracy")
-    axes[1, 1].set_title("test accuracy, BN-softmax (seed 0)")
-    names = [r.name for r in plain]
-    x = np.arange(len(names))
-    axes[1, 2].bar(x - 0.2, [acc[r.name] for r in plain], 0.4, label="plain softmax")
-    axes[1, 2].bar(x + 0.2, [acc[r.name] for r in reg], 0.4, label="BN-softmax")
-    axes[1, 2].set_xticks(x, names)
-    lo = min(acc.values())
-    axes[1, 2].set(ylabel="final test accuracy (mean over seeds)", title="final test accuracy",
-                   ylim=(max(0.0, lo - 0.1), None))
-    axes[1, 2].legend(fontsize=8)
-    return savefig(fig, out, f"{NAME}.png")
+def figure(data, arrays, entry, out):
+    runs = data["runs"]
+    fig, axes = plotting.figure(2, 3, 16, 8.5)
+    colors = dict(zip(KINDS, ("tab:blue", "tab:orange", "tab:green")))
+    ax = axes[0, 0]
+    first = next(iter(_rownorms(runs["Adam"][0])))
+    values = []
+    for n, rs in runs.items():
+        base = n.split(" +")[0]
+        steps = rs[0]["history"][f"rownorm/{first}"][0]
+        per = [r["history"][f"rownorm/{first}"][1] for r in rs]
+        values += per
+        plotting.band(ax, steps, per, n, colors[base], "--" if "BN" in n else "-")
+    plotting.autoscale(ax, values)
+    ax.set(xlabel="step", ylabel=f"mean weight-vector norm ({first})",
+           title="weight-vector norms, first hidden layer")
+    plotting.outside_legend(ax)
+    ax = axes[0, 1]
+    for n, rs in runs.items():
+        steps = rs[0]["history"]["vector_cosine"][0]
+        plotting.band(ax, steps, [r["history"]["vector_cosine"][1] for r in rs], n,
+                      colors[n.split(" +")[0]], "--" if "BN" in n else "-")
+    end = runs["Adam"][0]["history"]["vector_cosine"][0][-1]
+    ax.axvspan(COSINE_SPAN * end, end, color="0.85", lw=0,
+               label="left out (float32 rounding at lr → 0)")
+    ax.set(xlabel="step", ylabel="per-vector cos(update, −momentum)",
+           title="direction preservation per weight vector")
+    plotting.outside_legend(ax)
+    ax = axes[0, 2]
+    for n in KINDS:
+        points = data["searches"][f"{n} scale"]["val_acc"]
+        ax.plot([p["scale"] for p in points], [p["val_acc"] for p in points], "o-",
+                color=colors[n], label=f"{n} (chosen {data['scale'][n]:g})")
+    ax.set(xlabel="BN-softmax scale γ_c", ylabel="validation accuracy (search seeds)",
+           title="BN-softmax scale chosen on validation")
+    plotting.outside_legend(ax)
+    for ax, head in ((axes[1, 0], ""), (axes[1, 1], " + BN-softmax")):
+        for n in KINDS:
+            rs = runs[n + head]
+            plotting.band(ax, rs[0]["curves"]["epoch"], [r["curves"]["test_acc"] for r in rs],
+                          n, colors[n])
+        ax.set(xlabel="epoch", ylabel="test accuracy",
+               title="test accuracy, " + ("BN-softmax" if head else "plain softmax"))
+        plotting.outside_legend(ax)
+    ax = axes[1, 2]
+    names = list(KINDS)
+    plotting.bars(ax, names, [per_seed(runs[n], "final_test_acc") for n in names],
+                  offset=-0.2, width=0.4, label="plain softmax")
+    plotting.bars(ax, names, [per_seed(runs[n + " + BN-softmax"], "final_test_acc")
+                              for n in names], color="tab:orange", offset=0.2, width=0.4,
+                  label="BN-softmax")
+    ax.set(ylabel="final test accuracy (± sd over seeds)", title="final test accuracy")
+    plotting.outside_legend(ax)
+    return plotting.save(fig, out, NAME, entry)

@@ -1,43 +1,87 @@
-"""The claim-versus-measured table of a ``summary.json`` as Markdown (``python -m figures --table``)."""
+"""Saved results and the report: each reproduction's data (``NAME.json`` + ``NAME.npz``), the key
+that says whether its config changed, and the claim-versus-measured table of a summary.json."""
 from __future__ import annotations
 
-HEADLINE = {"agd_switching": ("mean_sgd_fraction", "test_acc"),
-            "wsam_sharpness": ("lambda_max", "test_acc", "gamma_lambda_max_spearman"),
-            "ndadam_direction": ("test_acc", "mean_update_neg_grad_cosine"),
-            "adasam_convergence": ("test_acc", "avg_sq_grad_norm_ratio_to_smallest_batch",
-                                   "predicted_ratio_1/sqrt(b)"),
-            "sala_overhead": ("passes_per_step", "test_acc", "lambda_max"),
-            "landscape_gallery": ("lambda_max", "density_top_node", "test_acc")}
+import hashlib
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+
+from .verdict import clean
+
+SCHEMA = 2
 
 
-def _fmt(value) -> str:
-    if isinstance(value, dict):
-        return ", ".join(f"{k}: {_fmt(v)}" for k, v in value.items())
-    if isinstance(value, float):
-        return f"{value:.4g}"
-    return str(value)
+def versions() -> dict:
+    import matplotlib
+    import scipy
+    import torch
+    return {"python": platform.python_version(), "torch": torch.__version__,
+            "numpy": np.__version__, "scipy": scipy.__version__,
+            "matplotlib": matplotlib.__version__}
 
 
-def holds_text(entry: dict) -> str:
-    if entry["holds"] is None:
-        return f"not measured ({entry.get('reason', '')})"
-    return "yes" if entry["holds"] else "**no**"
+def config_key(module, size) -> str:
+    """A hash of the size, the reproduction's CONFIG and CLAIM: a rerun skips an entry whose
+    key is unchanged."""
+    text = json.dumps({"schema": SCHEMA, "size": asdict(size), "config": module.CONFIG,
+                       "claim": module.CLAIM}, sort_keys=True, default=str)
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def table(summary: dict, figure_dir: str = "") -> str:
-    """One row per reproduction: the claim (with its rule), headline numbers, each check, holds;
-    figure links are prefixed with ``figure_dir``."""
+def save(out: Path, name: str, data: dict, arrays: dict, config: dict, size) -> None:
+    """``NAME.json`` (data, config, size, versions) and ``NAME.npz`` (arrays) for re-plotting."""
+    np.savez(out / f"{name}.npz", **{k: np.asarray(v) for k, v in arrays.items()})
+    meta = {"seed": 0, "config": config, "size": asdict(size), "versions": versions(),
+            "arrays": sorted(arrays), "data": clean(data)}
+    (out / f"{name}.json").write_text(json.dumps(meta, indent=1, default=str))
+
+
+def load(out: Path, name: str) -> tuple[dict, dict[str, np.ndarray]]:
+    """The data and arrays written by ``save`` (numbers as JSON gave them back)."""
+    meta = json.loads((out / f"{name}.json").read_text())
+    with np.load(out / f"{name}.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    return meta["data"], arrays
+
+
+def saved(out: Path, name: str) -> bool:
+    return all((out / f"{name}{ext}").exists() for ext in (".json", ".npz", ".png"))
+
+
+def _num(value) -> str:
+    return "–" if value is None else f"{value:.3g}"
+
+
+def check_text(name: str, check: dict, markdown: bool) -> str:
+    """``name: verdict (mean m, 95% CI [lo, hi], n seeds, margin)``."""
+    verdict = check["verdict"]
+    verdict = f"**{verdict}**" if markdown and verdict == "refuted" else verdict
+    lo, hi = check["interval"]
+    margin = f", margin {check['margin']:g}" if check.get("margin") else ""
+    seeds = (f"{check['seeds_passed']}/{check['n_seeds']} seeds pass"
+             if check["kind"] == "every seed" else f"n={check['n_seeds']}")
+    return (f"{name}: {verdict} (mean {_num(check['mean'])}, 95% CI [{_num(lo)}, {_num(hi)}], "
+            f"{seeds}{margin})")
+
+
+def table(summary: dict, figure_dir: str = "", markdown: bool = True) -> str:
+    """One row per reproduction: the claim, headline numbers, every check with its interval,
+    and the verdict; figure links are prefixed with ``figure_dir``."""
     prefix = f"{figure_dir.rstrip('/')}/" if figure_dir else ""
-    rows = ["| reproduction | claim (the rule) | measured | checks | holds |",
+    sep = "<br>" if markdown else "; "
+    rows = ["| reproduction | claim (the rule) | measured | checks | verdict |",
             "|---|---|---|---|---|"]
-    for name, entry in summary.items():
+    for name, e in summary.items():
         if name.startswith("_"):
             continue
-        measured = entry.get("measured", {})
-        numbers = "<br>".join(f"{key}: {_fmt(measured[key])}"
-                              for key in HEADLINE.get(name, ()) if key in measured)
-        checks = "<br>".join(f"{k}: {'pass' if v else '**fail**'}"
-                             for k, v in measured.get("checks", {}).items())
-        rows.append(f"| `{name}` ([figure]({prefix}{entry.get('figure')})) | {entry['claim']} | "
-                    f"{numbers} | {checks} | {holds_text(entry)} |")
+        head = e["measured"].get("headline", {})
+        numbers = sep.join(f"{k}: {v}" for k, v in head.items())
+        checks = sep.join(check_text(k, c, markdown) for k, c in e["checks"].items())
+        link = f" ([figure]({prefix}{e['figure']}))" if markdown else ""
+        rows.append(f"| `{name}`{link} | {e['claim']} | {numbers} | {checks} | "
+                    f"{e['verdict']} |")
     return "\n".join(rows)

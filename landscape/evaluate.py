@@ -33,6 +33,7 @@ from analysis.core import (BatchSizeFn, check_choice, check_data, check_int, che
 
 from .directions import named_targets
 from .results import Progress
+from .stacked import sequential_plan
 
 VECTORIZE = ("auto", True, False)
 DISTRIBUTE = ("data", "grid")
@@ -178,12 +179,21 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             total, owned = data_mean(data, per_batch, batch_size_fn).values
             return (total / owned).cpu().double().numpy()  # owned == 1 unless distribute="grid"
 
-        mode = looped if vectorize is False else vmapped
+        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
+        group = chunk_size  # points per forward of the sequential plan
+
+        def stacked(cs: Tensor, batch) -> Tensor:
+            return torch.stack([_scalar(v) for v in plan.losses(cs, batch, group, device)])
+
+        mode = stacked if plan else looped if vectorize is False else vmapped
         if chunk_size is None:
             weight_bytes = sum(v.numel() * v.element_size() for v in vectors[0].values())
             act, largest = _activation_bytes(model, loss_fn, next(iter(data)))
             store.n_forward += 1
             chunk_size = max(1, min(len(todo), max_memory // (3 * weight_bytes + act)))
+            group = chunk_size
+            if plan and device.type == "cpu":
+                group = max(1, min(chunk_size, CPU_TENSOR_BYTES // max(largest, plan.weight_bytes(), 1)))
             if mode is vmapped and device.type == "cpu":
                 cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
                 if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:

@@ -79,6 +79,19 @@ class AdaSAM(SharpnessAware, CountingOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["max_exp_avg_sq"] = torch.full_like(p, eps * eps, memory_format=torch.preserve_format)
 
+    @torch.no_grad()
+    def preconditioner(self) -> dict[Tensor, Tensor]:
+        """Per stepped parameter (keyed like ``state``), the diagonal P = sqrt(v^_t) of the step (with
+        ``bias_correction``, sqrt(v^_t / (1 - beta2^t)) against the bias-corrected m)."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state.get("step", 0) > 0:
+                    _, v_scale = _step_size(group["lr"], group["betas"], state["step"], group["bias_correction"])
+                    out[p] = (state["max_exp_avg_sq"] * v_scale).sqrt_()
+        return out
+
 
 def _step_size(lr: float, betas: tuple[float, float], step: int, bias_correction: bool
                ) -> tuple[float, float]:

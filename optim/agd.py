@@ -196,3 +196,19 @@ class AGD(Optimizer):
         if per_param:
             return {k: int(n) / size for k, n, size in zip(keys, host, sizes)}
         return int(sum(host)) / sum(sizes) if sizes else float("nan")
+
+    @torch.no_grad()
+    def preconditioner(self, sgd_mask: bool = False) -> dict[Tensor, Tensor]:
+        """Per stepped parameter (keyed like ``state``), the diagonal P = max(sqrt(b̂_t), δ) of the textbook
+        form x_{t+1} = x_t - α m̂_t / P (eq. 4 divided by sqrt(1 - β2^t)). ``sgd_mask=True``: instead, the boolean
+        mask of the elements on the SGD branch (P = δ there), the comparison ``sgd_fraction`` counts."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state["step"] > 0:
+                    root_bc2 = math.sqrt(1.0 - group["betas"][1] ** state["step"])
+                    root = self._second_moment(group, p).sqrt()
+                    out[p] = (root < group["delta"] * root_bc2 if sgd_mask
+                              else root.div_(root_bc2).clamp_min_(group["delta"]))
+        return out

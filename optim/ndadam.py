@@ -246,6 +246,19 @@ class NDAdam(Optimizer):
         """Per vector parameter: cosine between the last update direction and the projected -gradient."""
         return self._vector_diagnostic("update_cosine")
 
+    @torch.no_grad()
+    def preconditioner(self) -> dict[Tensor, Tensor]:
+        """Per stepped parameter (keyed like ``state``), the diagonal P = sqrt(v̂) + ε of the step, in the
+        parameter's shape (a unit vector's scalar v̂ repeated over its elements)."""
+        out = {}
+        for group in self.param_groups:
+            for p in group["params"]:
+                state = self.state.get(p)
+                if state and state["step"] > 0:
+                    _, bc2_sqrt = self._bias_corrections(group, p)
+                    out[p] = (state["exp_avg_sq"].sqrt() / bc2_sqrt + group["eps"]).expand_as(p).clone()
+        return out
+
 
 class BNSoftmax(nn.Module):
     """The paper's batch-normalised softmax input (spec §3.4): each class logit is batch-normalised over the

@@ -89,3 +89,22 @@ class WrapperOptimizer(CountingOptimizer):
         self.base_optimizer.load_state_dict(state_dict.pop("base"))
         super().load_state_dict(state_dict)  # replaces self.param_groups by copies ...
         self.param_groups = self.base_optimizer.param_groups  # ... so share the base's again
+
+    @torch.no_grad()
+    def preconditioner(self) -> dict[torch.Tensor, torch.Tensor] | None:
+        """The base optimizer's diagonal preconditioner per stepped parameter: its own
+        ``preconditioner()``, or for torch's Adam/AdamW sqrt(v̂) + eps with v̂ = exp_avg_sq / (1 - beta2^t)
+        (``max_exp_avg_sq`` with amsgrad), the denominator of their step. None for other bases (SGD)."""
+        base = self.base_optimizer
+        if callable(getattr(base, "preconditioner", None)):
+            return base.preconditioner()
+        if not isinstance(base, torch.optim.Adam):
+            return None
+        out = {}
+        for group in base.param_groups:
+            for p in group["params"]:
+                state = base.state.get(p)
+                if state:
+                    v = state["max_exp_avg_sq"] if group["amsgrad"] else state["exp_avg_sq"]
+                    out[p] = (v / (1.0 - group["betas"][1] ** float(state["step"]))).sqrt_().add_(group["eps"])
+        return out

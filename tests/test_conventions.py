@@ -20,7 +20,7 @@ SEED = 0
 
 # the routine's own leading arguments (api.md where it lists them), in order
 LEADING = {
-    "HessianOperator": [], "hvp": ["v"], "mean_loss": [], "evaluate": [], "full_grad_norm": [],
+    "HessianOperator": [], "GGNOperator": [], "FisherOperator": ["kind"], "hvp": ["v"], "mean_loss": [], "evaluate": [], "full_grad_norm": [],
     "top_eigenvalues": ["k", "which", "tol", "max_hvp"],
     "hessian_trace": ["n_hvp", "method"],
     "spectral_density": ["n_lanczos", "n_vectors"],
@@ -36,7 +36,7 @@ LEADING = {
     "interpolate": ["alphas"],
 }
 # no random draw: seed would be dead
-DETERMINISTIC = {"HessianOperator", "hvp", "mean_loss", "evaluate", "full_grad_norm", "line",
+DETERMINISTIC = {"HessianOperator", "GGNOperator", "hvp", "mean_loss", "evaluate", "full_grad_norm", "line",
                  "plane", "interpolate"}
 # a state-changing helper, not an analysis routine: it always runs BatchNorm in train mode
 # over all of the model and leaves the new statistics in place

@@ -7,7 +7,8 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch.nn import functional as F
 
-from analysis import HessianOperator, hessian_trace, spectral_density, top_eigenvalues
+from analysis import (FisherOperator, GGNOperator, HessianOperator, hessian_trace,
+                      spectral_density, supervised, top_eigenvalues)
 from oracles import classification_data, cnn_bn, uneven_batches
 
 SIZES = (7, 3, 9, 4)
@@ -29,7 +30,20 @@ def analyse(data) -> dict:
     return {"hvp": HessianOperator(model, ce, data).matmat(v).numpy(),
             "eig": eig.eigenvalues, "n_hvp": np.array([eig.n_hvp, bottom.n_hvp]),
             "bottom": bottom.eigenvalues, "trace": np.array([trace.estimate, trace.stderr]),
-            "nodes": slq.nodes, "weights": slq.weights}
+            "nodes": slq.nodes, "weights": slq.weights, **curvatures(model, data, v)}
+
+
+def curvatures(model, data, v) -> dict:
+    """GGN, exact / Monte-Carlo / empirical Fisher products and a preconditioned eigenvalue."""
+    loss = supervised(F.cross_entropy)
+    P = torch.linspace(0.5, 2.0, v.shape[1], dtype=torch.float64)
+    pre = top_eigenvalues(model, loss, data, k=2, tol=1e-10, curvature="ggn", preconditioner=P,
+                          progress=False)
+    return {"ggn": GGNOperator(model, loss, data).matmat(v).numpy(),
+            **{f"fisher_{kind}": FisherOperator(model, loss, data, kind=kind, mc_samples=2,
+                                                seed=4).matmat(v).numpy()
+               for kind in ("exact", "mc", "empirical")},
+            "preconditioned_ggn_eig": pre.eigenvalues}
 
 
 def all_data():

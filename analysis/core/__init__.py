@@ -23,7 +23,7 @@ from .flat import flatten, numel, unflatten
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, check_data, check_loss,
-                       data_mean, default_batch_size, mean_loss, supervised)
+                       data_mean, default_batch_size, mean_loss, split_loss, supervised)
 from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
@@ -33,7 +33,7 @@ from .validation import (ArgumentTypeError, check_bool, check_choice, check_int,
 
 __all__ = [
     # protocol
-    "LossFn", "BatchSizeFn", "DataMean", "supervised", "default_batch_size",
+    "LossFn", "BatchSizeFn", "DataMean", "supervised", "split_loss", "default_batch_size",
     "check_data", "check_loss", "data_mean", "mean_loss",
     # params
     "ParamSelection", "select_params",

@@ -26,22 +26,44 @@ LossFn = Callable[[nn.Module, Any], Tensor]
 BatchSizeFn = Callable[[Any], int]
 
 
-def _to_device(x: Any, device: torch.device) -> Any:
-    return x.to(device, non_blocking=True) if isinstance(x, Tensor) else x
+def _to_device(x: Any, device: torch.device | None) -> Any:
+    return x.to(device, non_blocking=True) if isinstance(x, Tensor) and device is not None else x
+
+
+def split_loss(forward: Callable[[nn.Module, Any], Any],
+               criterion: Callable[[Any, Any], Tensor]) -> LossFn:
+    """``loss_fn(model, batch) = criterion(forward(model, batch), batch)``, declaring the split.
+
+    The generalised Gauss-Newton and the Fisher (:mod:`analysis.curvature`) need the model
+    output and the criterion separately: they read ``loss_fn.split = (forward, criterion)``,
+    which this sets. ``forward(model, batch)`` returns the output tensor, ``criterion(outputs,
+    batch)`` the mean loss over the batch. Any ``loss_fn`` may carry such an attribute.
+    """
+    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+        return criterion(forward(model, batch), batch)
+
+    loss_fn.split = (forward, criterion)
+    return loss_fn
 
 
 def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
     """Adapt ``criterion(outputs, targets)`` to the ``loss_fn(model, batch)`` protocol.
 
-    ``batch`` is ``(inputs, targets, ...)``; tensors are moved to the model's device.
+    ``batch`` is ``(inputs, targets, ...)``; tensors are moved to the model's device. The
+    result carries ``.criterion`` and the ``.split`` of :func:`split_loss` (whose criterion
+    moves the targets to the output's device).
     """
-    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+    def moved(model: nn.Module, x: Any) -> Any:
         anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
-        inputs, targets = batch[0], batch[1]
-        if anchor is not None:
-            inputs, targets = _to_device(inputs, anchor.device), _to_device(targets, anchor.device)
-        return criterion(model(inputs), targets)
+        return _to_device(x, None if anchor is None else anchor.device)
 
+    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
+        return criterion(model(moved(model, batch[0])), moved(model, batch[1]))
+
+    def on_targets(outputs: Tensor, batch: Any) -> Tensor:
+        return criterion(outputs, _to_device(batch[1], outputs.device))
+
+    loss_fn.split = (lambda model, batch: model(moved(model, batch[0])), on_targets)
     loss_fn.criterion = criterion
     return loss_fn
 

@@ -1,0 +1,120 @@
+"""Diagonal preconditioners for the curvature routines (``preconditioner=``).
+
+With a positive diagonal ``P`` the routines work on ``P^-1/2 A P^-1/2`` for the curvature matrix
+``A`` (Hessian, GGN, Fisher): symmetric, with the spectrum of ``P^-1 A``, the matrix whose largest
+eigenvalue an adaptive optimizer's stability is decided by (Cohen et al. 2022, "Adaptive gradient
+methods at the edge of stability": the preconditioned sharpness ``lambda_max(P^-1 H)``).
+An eigenvector ``u`` of ``P^-1/2 A P^-1/2`` gives ``P^-1/2 u``, the one of ``P^-1 A``.
+
+Accepted forms of ``preconditioner``:
+
+* a flat positive tensor over the selected parameters (``names`` order);
+* a ``{parameter name: tensor}`` dict with one tensor of the parameter's shape per selected name;
+* an optimizer with a ``preconditioner()`` method returning ``{parameter: tensor}`` (keyed like
+  ``optimizer.state``), as sharpscape's adaptive optimizers do;
+* a ``torch.optim.Adam`` / ``AdamW``, read from its state: ``P = sqrt(v_hat) + eps`` with
+  ``v_hat = exp_avg_sq / (1 - beta2^t)`` (``max_exp_avg_sq`` with amsgrad), Cohen et al.'s
+  definition (the learning rate stays in the threshold, not in ``P``).
+
+Optimizers are read by duck typing only; ``analysis`` never imports ``optim``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Mapping, Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .core import flatten, numel
+
+Preconditioner = None | Tensor | Mapping[str, Tensor] | Any
+
+ACCEPTED = ("None, a flat positive tensor over the selected parameters, a {name: tensor} dict, "
+            "an optimizer with preconditioner(), or a torch.optim.Adam/AdamW")
+
+
+def adam_preconditioner(optimizer: torch.optim.Adam) -> dict[Tensor, Tensor]:
+    """``{parameter: sqrt(v_hat) + eps}`` for every parameter a torch Adam/AdamW has stepped."""
+    out = {}
+    for group in optimizer.param_groups:
+        beta2 = group["betas"][1]
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if not state:
+                continue
+            v = state["max_exp_avg_sq"] if group.get("amsgrad") else state["exp_avg_sq"]
+            bc2 = 1.0 - beta2 ** float(state["step"])
+            out[p] = (v.detach() / bc2).sqrt_().add_(group["eps"])
+    return out
+
+
+def optimizer_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor] | None:
+    """``{name: P}`` from ``optimizer.preconditioner()`` or a torch Adam/AdamW's state, for the
+    parameters it has stepped; None if it has no diagonal preconditioner (e.g. SAM over SGD)."""
+    method = getattr(optimizer, "preconditioner", None)
+    if callable(method):
+        by_param = method()
+    elif isinstance(optimizer, torch.optim.Adam):
+        by_param = adam_preconditioner(optimizer)
+    else:
+        return None
+    if by_param is None:
+        return None
+    return {name: by_param[p] for name, p in model.named_parameters() if p in by_param}
+
+
+def per_parameter(preconditioner: Preconditioner, model: nn.Module) -> Mapping[str, Tensor] | None:
+    """The optimizer and dict forms as ``{name: tensor}`` (None and flat tensors pass through)."""
+    if preconditioner is None or isinstance(preconditioner, (Tensor, Mapping)):
+        return preconditioner
+    named = optimizer_preconditioner(preconditioner, model)
+    if named is None:
+        raise TypeError(f"preconditioner must be {ACCEPTED}, got {type(preconditioner).__name__} "
+                        "(without a diagonal preconditioner)")
+    return named
+
+
+def inverse_sqrt(preconditioner: Preconditioner, model: nn.Module, names: Sequence[str],
+                 params: Sequence[Tensor]) -> Tensor | None:
+    """``P^-1/2`` flat over the selected parameters, or None without a preconditioner.
+
+    Raises ``ValueError`` naming the parameter when a selected one has no entry or a wrong
+    shape, and when ``P`` is not finite and positive.
+    """
+    named = per_parameter(preconditioner, model)
+    if named is None:
+        return None
+    like = params[0]
+    if isinstance(named, Tensor):
+        if named.dim() != 1 or named.numel() != numel(params):
+            raise ValueError(f"preconditioner must be a 1-D tensor of length {numel(params)} (the "
+                             f"selected parameter elements), got shape {tuple(named.shape)}")
+        flat = named.detach().to(like.device, like.dtype)
+    else:
+        missing = [n for n in names if n not in named]
+        if missing:
+            raise ValueError(f"preconditioner has no entry for the parameters {missing} (an "
+                             "optimizer has one only for parameters it has stepped)")
+        for n, p in zip(names, params):
+            if tuple(named[n].shape) != tuple(p.shape):
+                raise ValueError(f"preconditioner[{n!r}] must have the parameter's shape "
+                                 f"{tuple(p.shape)}, got {tuple(named[n].shape)}")
+        flat = flatten([named[n].detach().to(like.device, like.dtype) for n in names])
+    if not bool(torch.isfinite(flat).all()) or not bool((flat > 0).all()):
+        raise ValueError(f"preconditioner must be finite and positive, got values in "
+                         f"[{flat.min().item():.3g}, {flat.max().item():.3g}]")
+    return flat.rsqrt()
+
+
+def stability_threshold(optimizer: Any) -> float | None:
+    """``(2 + 2 beta1) / ((1 - beta1) lr)``: the stability threshold of preconditioned gradient
+    descent with EMA momentum ``beta1`` (Cohen et al. 2022; ``2 / lr`` for ``beta1 = 0``),
+    from the first param group's ``lr`` and ``betas``; None when they are missing or lr is 0."""
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups or "lr" not in groups[0] or "betas" not in groups[0]:
+        return None
+    lr, beta1 = float(groups[0]["lr"]), float(groups[0]["betas"][0])
+    if lr <= 0 or not math.isfinite(lr):
+        return None
+    return (2.0 + 2.0 * beta1) / ((1.0 - beta1) * lr)

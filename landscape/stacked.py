@@ -1,0 +1,192 @@
+"""Many grid points in one forward for sequential models: stacked weights, a first layer computed once.
+
+Applies to an ``nn.Sequential`` (nested ones are flattened) of sample-wise layers without hooks,
+evaluated with a ``loss_fn`` made by ``analysis.supervised``. A point ``w = sum_j c_j V_j`` is
+given by its coordinates ``c`` on the vectors ``V_j``; a group of points runs as one forward over
+a leading points dimension:
+
+* the first layer whose tensors move, when it is a Linear or convolution layer reading the
+  batch's inputs, is linear in its weights: ``layer(x; sum_j c_j V_j) = sum_j c_j layer(x; V_j)``,
+  so each ``layer(x; V_j)`` is computed once per batch and the points only combine them;
+* a later Linear layer whose tensors move: one ``baddbmm`` with the points' stacked weights
+  (formed by one product ``coords @ V``);
+* a layer none of whose tensors move: once on all the points' samples together;
+* any other layer whose tensors move: point by point (``functional_call``).
+
+The loss is the user's criterion on each point's outputs. Only the order of the sums differs
+from the plain evaluation, so the values agree to rounding. The model is only read.
+"""
+from __future__ import annotations
+
+import inspect
+from dataclasses import dataclass
+from typing import Any, Callable, Mapping, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from analysis.core import LossFn, supervised
+
+Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
+
+_SUPERVISED = supervised(nn.MSELoss()).__code__
+PRECOMPUTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # linear in their weights
+ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
+               nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish,
+               nn.Hardsigmoid, nn.Identity)
+PER_SAMPLE = (nn.LayerNorm, nn.GroupNorm, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
+              nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
+EVAL_ONLY = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout)  # batch-mixing or random in training
+DIM_ONE = (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)  # sample-wise unless they act on dim 0
+
+
+def _samplewise(m: nn.Module) -> bool:
+    """True when ``m`` acts on each sample alone, so it may run on the points' samples stacked."""
+    kind = type(m)
+    if kind in PRECOMPUTED or kind in ELEMENTWISE:
+        return True
+    if kind in PER_SAMPLE:
+        return not getattr(m, "return_indices", False)
+    if kind in EVAL_ONLY:
+        return not m.training and getattr(m, "track_running_stats", True)
+    if kind in DIM_ONE:
+        dim = m.start_dim if kind is nn.Flatten else m.dim
+        return isinstance(dim, int) and (dim >= 1 or dim == -1 and kind is not nn.Flatten)
+    return False
+
+
+def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]] | None:
+    """The layers of a (nested) ``nn.Sequential`` in call order, or None if it is not one."""
+    if type(module) is not nn.Sequential or module._parameters or module._buffers:
+        return None
+    out = []
+    for name, child in module.named_children():
+        if type(child) is nn.Sequential:
+            inner = _leaves(child, prefix + name + ".")
+            if inner is None:
+                return None
+            out += inner
+        elif child._modules or not _samplewise(child):
+            return None
+        else:
+            out.append((prefix + name, child))
+    return out
+
+
+def _no_hooks(model: nn.Module) -> bool:
+    from torch.nn.modules import module as torch_module
+    if torch_module._global_forward_hooks or torch_module._global_forward_pre_hooks:
+        return False
+    return not any(m._forward_hooks or m._forward_pre_hooks for m in model.modules())
+
+
+class _Stack:
+    """Vectors' values ``V_j`` of one tensor, stacked once; ``at(cs)`` gives every point's
+    ``sum_j c_j V_j`` ([P, *shape]) as one product."""
+
+    def __init__(self, parts: Sequence[tuple[int, Tensor]]):
+        self.idx = [j for j, _ in parts]
+        self.shape = parts[0][1].shape
+        self.flat = torch.stack([t.reshape(-1) for _, t in parts])
+
+    def at(self, cs: Tensor) -> Tensor:
+        return (cs[:, self.idx] @ self.flat).view(len(cs), *self.shape)
+
+    def values(self) -> list[tuple[int, Tensor]]:
+        return list(zip(self.idx, self.flat.view(len(self.idx), *self.shape)))
+
+
+@dataclass
+class _Layer:
+    module: nn.Module
+    moving: dict[str, _Stack]  # attribute -> the vectors' values for it
+
+
+class SequentialPlan:
+    """The layers of a sequential model with the vector parts of its moving tensors."""
+
+    def __init__(self, layers: list[_Layer], criterion: Callable[[Tensor, Tensor], Tensor]):
+        self.layers, self.criterion = layers, criterion
+        self.first = next((i for i, layer in enumerate(layers) if layer.moving), len(layers))
+        self.precompute = self.first < len(layers) and type(layers[self.first].module) in PRECOMPUTED
+
+    def weight_bytes(self) -> int:
+        """Bytes of the largest moving tensor of one point (the points' stacked weights)."""
+        return max((s.flat[0].numel() * s.flat.element_size()
+                    for layer in self.layers for s in layer.moving.values()), default=0)
+
+    def _first_terms(self, x: Tensor) -> Callable[[Tensor], Tensor]:
+        """The first moving layer on the batch ``x``, as a function of the points' coordinates."""
+        layer = self.layers[self.first]
+        m = layer.module
+        apply = (lambda w: F.linear(x, w)) if type(m) is nn.Linear else (lambda w: m._conv_forward(x, w, None))
+        weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
+        fixed = apply(m.weight) if weight is None else None
+        terms = None if weight is None else _Stack([(j, apply(v)) for j, v in weight.values()])
+        # the bias broadcast over one sample's output
+        shape = (-1,) if type(m) is nn.Linear else (-1,) + (1,) * (x.dim() - 2)
+
+        def out(cs: Tensor) -> Tensor:
+            h = terms.at(cs) if terms is not None else fixed.expand(len(cs), *fixed.shape)
+            if bias is not None:
+                return h + bias.at(cs).view(len(cs), 1, *shape)
+            return h if m.bias is None else h + m.bias.view(shape)
+        return out
+
+    def losses(self, cs: Tensor, batch: Any, group: int, device: torch.device) -> list[Any]:
+        """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per forward."""
+        x, y = (t.to(device) if isinstance(t, Tensor) else t for t in (batch[0], batch[1]))
+        for layer in self.layers[:self.first]:  # nothing moves yet: shared by all points
+            x = layer.module(x)
+        first = self._first_terms(x) if self.precompute else None
+        rest = self.layers[self.first + (first is not None):]
+        out = []
+        for start in range(0, len(cs), group):
+            c = cs[start:start + group]
+            h = first(c) if first is not None else x.expand(len(c), *x.shape)
+            for layer in rest:
+                h = _apply(layer, h, c)
+            out += [self.criterion(hp, y) for hp in h]
+        return out
+
+
+def _apply(layer: _Layer, h: Tensor, cs: Tensor) -> Tensor:
+    """``layer`` at each point ``cs[p]`` on its activations ``h[p]`` ([P, N, ...])."""
+    m, P = layer.module, len(cs)
+    if not layer.moving:
+        return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
+    tensors = {attr: s.at(cs) for attr, s in layer.moving.items()}
+    if type(m) is not nn.Linear:
+        return torch.stack([functional_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
+                            for p in range(P)])
+    flat = h.reshape(P, -1, h.shape[-1])
+    bias = tensors["bias"].unsqueeze(1) if "bias" in tensors else m.bias
+    if "weight" not in tensors:
+        z = F.linear(flat, m.weight) + bias
+    elif bias is None:
+        z = torch.bmm(flat, tensors["weight"].transpose(1, 2))
+    else:
+        z = torch.baddbmm(bias, flat, tensors["weight"].transpose(1, 2))
+    return z.view(*h.shape[:-1], z.shape[-1])
+
+
+def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> SequentialPlan | None:
+    """The plan for ``model`` and ``loss_fn`` moving ``parts`` (name -> [(j, V_j[name])]), or
+    None when they are not a hook-free sequential model of sample-wise layers and a
+    ``supervised`` loss (the caller then evaluates the points another way)."""
+    if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
+        return None
+    leaves = _leaves(model)
+    if leaves is None:
+        return None
+    owner = {f"{prefix}.{attr}": (i, attr) for i, (prefix, m) in enumerate(leaves)
+             for attr in (*m._parameters, *m._buffers)}
+    layers = [_Layer(m, {}) for _, m in leaves]
+    for name, p in parts.items():
+        if name not in owner:
+            return None
+        i, attr = owner[name]
+        layers[i].moving[attr] = _Stack(p)
+    return SequentialPlan(layers, inspect.getclosurevars(loss_fn).nonlocals["criterion"])

@@ -1,0 +1,141 @@
+"""The batched sequential path (stacked weights, first layer computed once) against a plain loop.
+
+The oracle evaluates every grid point alone: ``functional_call`` of the model at
+``w + x d1 + y d2``, the criterion on each batch, the sample-weighted mean over the batches.
+"""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from analysis import supervised
+from landscape import line, plane, random_direction
+from landscape import stacked
+from oracles import assert_unchanged, classification_data, snapshot, uneven_batches
+
+pytestmark = pytest.mark.filterwarnings("error:the model cannot be vmapped")  # no silent fallback
+XS, YS = np.linspace(-0.7, 0.9, 5), np.array([-0.4, 0.0, 0.6])
+
+
+def plain(model, criterion, data, d1, d2):
+    """losses[i, j] at (XS[j], YS[i]), one point at a time."""
+    state = dict(model.named_parameters()) | dict(model.named_buffers())
+    out = np.zeros((len(YS), len(XS)))
+    with torch.no_grad():
+        for i, b in enumerate(YS):
+            for j, a in enumerate(XS):
+                point = {n: t + a * d1.get(n, 0) + b * d2.get(n, 0) for n, t in state.items()}
+                total = sum(len(y) * criterion(functional_call(model, point, (x,)), y).item()
+                            for x, y in data)
+                out[i, j] = total / sum(len(y) for _, y in data)
+    return out
+
+
+def trained_bn(model):
+    model.train()
+    with torch.no_grad():
+        for _ in range(3):
+            model(torch.randn(16, 12) * 2 + 0.5)
+    return model
+
+
+def models():
+    torch.manual_seed(0)
+    return {
+        "mlp": nn.Sequential(nn.Linear(12, 16), nn.Tanh(), nn.Linear(16, 16), nn.ReLU(),
+                             nn.Linear(16, 3)),
+        "layernorm first": nn.Sequential(nn.LayerNorm(12), nn.Linear(12, 16), nn.GELU(),
+                                         nn.Linear(16, 3)),
+        "conv first": nn.Sequential(nn.Unflatten(1, (1, 12)), nn.Conv1d(1, 4, 3, padding=1),
+                                    nn.ReLU(), nn.Flatten(), nn.Sequential(nn.Linear(48, 3))),
+        "batchnorm": trained_bn(nn.Sequential(nn.Linear(12, 16), nn.BatchNorm1d(16), nn.ReLU(),
+                                              nn.Linear(16, 3))),
+    }
+
+
+CE = nn.CrossEntropyLoss()
+
+
+def ce64(out, y):  # a loss in another dtype than the model
+    return nn.functional.cross_entropy(out.double(), y)
+
+
+@pytest.mark.parametrize("name", list(models()))
+@pytest.mark.parametrize("criterion", [CE, ce64], ids=["float32 loss", "float64 loss"])
+def test_batched_plane_equals_plain_loop(name, criterion):
+    model = models()[name]
+    x, y = classification_data(n=23, d=12, dtype=torch.float32)
+    data = uneven_batches(x, y)
+    d1, d2 = random_direction(model, seed=1), random_direction(model, "layer", seed=2)
+    if name == "batchnorm":  # running statistics move too
+        d2["1.running_mean"] = torch.randn(16) * 0.1
+    model.eval()
+    snap = snapshot(model)
+    plan = stacked.sequential_plan(model, supervised(criterion),
+                                   {n: [(1, d1[n])] for n in d1})
+    assert plan is not None and plan.precompute == (name != "layernorm first")
+    got = plane(model, supervised(criterion), data, d1, d2, XS, YS, progress=False)
+    want = plain(model, criterion, data, d1, d2)
+    np.testing.assert_allclose(got.losses, want, rtol=2e-6, atol=1e-6)
+    assert got.n_forward == XS.size * YS.size * len(data) + 1
+    assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("case", ["params subset", "zero on some tensors", "bias only"])
+def test_batched_subsets_and_partial_directions(case):
+    model = models()["mlp"]
+    x, y = classification_data(n=23, d=12, dtype=torch.float32)
+    data = uneven_batches(x, y, (11, 12))
+    d1, d2 = random_direction(model, seed=1), random_direction(model, seed=2, ignore_bias_bn=False)
+    kw = {}
+    if case == "params subset":  # the first moving layer reads the fixed layers' output
+        kw["params"] = ["2.weight", "4.bias"]
+        keep = set(kw["params"])
+    elif case == "zero on some tensors":
+        keep = {"0.weight", "2.bias", "4.weight"}
+        d2 = {n: t for n, t in d2.items() if n in {"0.bias", "2.weight"}}
+    else:
+        keep = {"0.bias", "4.bias"}
+    d1 = {n: t for n, t in d1.items() if n in keep}
+    if case != "zero on some tensors":
+        d2 = {n: t for n, t in d2.items() if n in keep}
+    got = plane(model, supervised(CE), data, d1, d2, XS, YS, progress=False, **kw)
+    np.testing.assert_allclose(got.losses, plain(model.eval(), CE, data, d1, d2), rtol=2e-6, atol=1e-6)
+
+
+def test_batched_path_is_taken_in_groups_and_falls_back(monkeypatch):
+    """A sequential model goes through the plan (in several groups when the CPU budget is small);
+    a model that is not one, or a loss_fn that is not ``supervised``, gets no plan."""
+    from landscape import evaluate
+
+    model = models()["mlp"]
+    x, y = classification_data(n=40, d=12, dtype=torch.float32)
+    d1 = random_direction(model, seed=1)
+    calls = []
+    original = stacked.SequentialPlan.losses
+
+    def counted(self, cs, batch, group, device):
+        calls.append((len(cs), group))
+        return original(self, cs, batch, group, device)
+
+    monkeypatch.setattr(stacked.SequentialPlan, "losses", counted)
+    monkeypatch.setattr(evaluate, "CPU_TENSOR_BYTES", 3 * 40 * 16 * 4)
+    alphas = np.linspace(-1, 1, 9)
+    res = line(model, supervised(CE), [(x, y)], d1, alphas, progress=False)
+    assert calls == [(9, 3)]
+    origin = plain(model.eval(), CE, [(x, y)], {}, {})[0, 0]
+    assert res.losses[4] == pytest.approx(origin, rel=1e-6)
+
+    def custom(m, batch):
+        return CE(m(batch[0]), batch[1])
+
+    assert stacked.sequential_plan(model, custom, {"0.weight": [(1, d1["0.weight"])]}) is None
+    wrapped = nn.Sequential(nn.Sequential(nn.Linear(12, 3)), nn.Dropout(0.5))
+    assert stacked.sequential_plan(wrapped.train(), supervised(CE), {}) is None
+    hooked = models()["mlp"]
+    hooked[1].register_forward_hook(lambda *a: None)
+    assert stacked.sequential_plan(hooked, supervised(CE), {}) is None
+    for module in (nn.Softmax(dim=0), nn.Flatten(0), nn.BatchNorm1d(3, track_running_stats=False)):
+        assert stacked.sequential_plan(nn.Sequential(nn.Linear(12, 3), module.eval()),
+                                       supervised(CE), {}) is None
