@@ -137,11 +137,10 @@ def round_robin_ratios(candidates: dict, reused, v: torch.Tensor, repeat: int) -
     return out
 
 
-def pyhessian_eigs(pyhessian, model, criterion=CRITERION, top_n: int = 5, max_iter: int = 100,
-                   **data):
+def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, **data):
     """PyHessian's top eigenvalues (power iteration, tol 1e-3) and the products it spent."""
     torch.manual_seed(0)
-    peer = pyhessian.hessian(copy.deepcopy(model), criterion, cuda=False, **data)
+    peer = pyhessian.hessian(copy.deepcopy(model), CRITERION, cuda=False, **data)
     calls = {"n": 0}
     inner = peer.dataloader_hv_product
 

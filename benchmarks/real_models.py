@@ -14,7 +14,7 @@ PyHessian needs ``model(inputs)`` and ``criterion(outputs, targets)``: it gets a
 returns the (shifted, for GPT-2) logits, and, for GPT-2, runs under the math SDPA backend (the
 fused kernels have no double backward: without it, it crashes). Printed as ratios:
 
-1. time of one HVP over the time of one gradient: ours (double backward; forward-over-reverse;
+1. time of one HVP over the time of one gradient (``round_robin_ratios``): ours (double backward; forward-over-reverse;
    a single batch's graph reused inside ``with op:``) and PyHessian's product (graph reused);
 2. peak resident memory of one product from scratch, beyond the model and the data (the
    kernel's ``VmHWM`` high-water mark, reset just before, minus the resident set then), over
@@ -43,7 +43,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from analysis import HessianOperator, top_eigenvalues  # noqa: E402
 from analysis.core import versions  # noqa: E402
-from curvature import CRITERION, _status, pyhessian_eigs, timed  # noqa: E402
+from curvature import (CRITERION, _status, pyhessian_eigs, round_robin_ratios,  # noqa: E402
+                       timed)
 
 def hf_loss(model, batch):
     return model(**batch).loss
@@ -103,15 +104,7 @@ def hvp_ratios(name, model, batch, wrapper, data, repeat: int) -> dict:
         "ours_reused_graph": lambda: reused.matvec(v),
         "pyhessian_reused_graph": lambda: hessian_vector_product(peer.gradsH, peer.params, pieces),
     }
-    best = dict.fromkeys(candidates, float("inf"))
-    with reused:
-        reused.matvec(v)  # builds the graph once
-        for _ in range(repeat):
-            for key, fn in candidates.items():
-                best[key] = min(best[key], timed(fn)[1])
-    out = {"n_params": n, "gradient_s": best.pop("gradient")}
-    out.update({f"{k}_over_gradient": s / out["gradient_s"] for k, s in best.items()})
-    return out
+    return {"n_params": n, **round_robin_ratios(candidates, reused, v, repeat)}
 
 
 def top_eigenvalue(name, model, batch, wrapper, data, max_hvp: int) -> dict:
