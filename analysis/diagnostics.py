@@ -18,7 +18,9 @@ Usage::
 Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight"``).
 
 * ``loss`` (mean of the step losses since the last record), ``train_loss``/``train_acc`` on
-  ``eval_data``, ``test_loss``/``test_acc`` on ``test_data`` (eval mode).
+  ``eval_data``, ``test_loss``/``test_acc`` on ``test_data`` (eval mode; any batch structure,
+  see :mod:`analysis.evaluation`), or ``train_<key>``/``test_<key>`` for the keys of
+  ``eval_fn(model, batch) -> dict``.
 * ``lambda_max`` of the Hessian on ``curvature_data`` by Lanczos, warm-started from the last
   top eigenvector, and ``eos_ratio`` = lambda_max / (2 / lr): gradient descent with step lr is
   stable on a quadratic only while this is <= 1 (the edge of stability, Cohen et al. 2021).
