@@ -43,8 +43,8 @@ from torch.func import functional_call, jvp, vjp, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, LossFn,
-                   make_generator, ParamSelection, unflatten)
+from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
+                   loss_reduction, LossFn, make_generator, ParamSelection, unflatten)
 from .hvp import HessianOperator, _LossModule
 from .preconditioning import Preconditioner
 
@@ -100,14 +100,16 @@ class GGNOperator(HessianOperator):
 
     curvature = "ggn"
 
+    @guarded
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
-                 reuse_graph: bool = True, preconditioner: Preconditioner = None):
+                 reuse_graph: bool = True, preconditioner: Preconditioner = None,
+                 check_deterministic: bool = True):
         self.forward, self.criterion = loss_split(loss_fn)
         super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
                          batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
-                         preconditioner=preconditioner)
+                         preconditioner=preconditioner, check_deterministic=check_deterministic)
 
     def _output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
         """``w -> H_L w`` for the criterion's Hessian w.r.t. the (detached) outputs."""
@@ -166,19 +168,26 @@ class FisherOperator(GGNOperator):
         hashed from its tensors, one host copy of the batch per product.
     likelihood: ``"categorical"`` or ``"gaussian"`` (default: read from ``loss_fn.criterion``).
     Other keywords as :class:`GGNOperator`. ``curvature="fisher"`` on the routines is ``"exact"``.
+    The Fisher is that of the mean loss: a sum-reduced ``loss_fn`` is refused.
     """
 
+    @guarded
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "exact", *,
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
                  mc_samples: int = 1, likelihood: str | None = None, reuse_graph: bool = True,
-                 preconditioner: Preconditioner = None):
+                 preconditioner: Preconditioner = None, check_deterministic: bool = True):
+        if loss_reduction(loss_fn) == "sum":
+            raise ValueError("the Fisher is defined for the mean loss: loss_fn.reduction must be "
+                             "'mean', got 'sum' (use a mean-reduced loss_fn and multiply by the "
+                             "number of samples, or the GGN)")
         self.kind = check_choice("kind", kind, FISHER_KINDS)
         self.mc_samples = check_int("mc_samples", mc_samples, low=1)
         self.seed = make_generator(seed).initial_seed()
         self.curvature = "empirical_fisher" if kind == "empirical" else "fisher"
         common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
-                      progress=progress, reuse_graph=reuse_graph, preconditioner=preconditioner)
+                      progress=progress, reuse_graph=reuse_graph, preconditioner=preconditioner,
+                      check_deterministic=check_deterministic)
         if kind == "empirical":
             if model_mode == "train" and any(True for _ in model.buffers()):
                 raise ValueError('kind="empirical" cannot run model_mode="train" on a model with '

@@ -19,10 +19,11 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .core import (BatchSizeFn, check_int, check_positive, LossFn, make_generator, ParamSelection,
-                   rademacher, records_metadata, register_result)
+from .core import (BatchSizeFn, check_device, check_dtype, check_int, check_positive, guarded,
+                   LossFn, make_generator, ParamSelection, rademacher, records_metadata,
+                   register_result)
 from .curvature import curvature_operator
-from .lanczos import Krylov
+from .lanczos import BASIS_DTYPES, Krylov
 from .preconditioning import Preconditioner
 
 
@@ -45,7 +46,9 @@ class DensityResult:
 
 
 def lanczos_quadrature(matmat, n: int, steps: int, n_vectors: int, *, seed: int = 0,
-                       like: torch.Tensor, progress: bool = False
+                       like: torch.Tensor, progress: bool = False,
+                       basis_dtype: torch.dtype | None = None,
+                       basis_device: torch.device | str | None = None
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """Nodes and weights ``[n_vectors, min(steps, n)]`` of SLQ on any symmetric ``matmat``.
 
@@ -57,7 +60,7 @@ def lanczos_quadrature(matmat, n: int, steps: int, n_vectors: int, *, seed: int 
     m = min(steps, n)
     nodes, weights, n_hvp = np.zeros((n_vectors, m)), np.zeros((n_vectors, m)), 0
     for run in trange(n_vectors, desc="SLQ", disable=not progress, leave=False):
-        K = Krylov(m, n, like, gen)
+        K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device)
         Q = K.start(rademacher((1, n), gen, like=like))
         for _ in range(m):
             Q, _ = K.extend(matmat, Q)
@@ -85,25 +88,31 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
 
 
 @records_metadata
+@guarded
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczos: int = 80,
                      n_vectors: int = 10, *, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
                      seed: int = 0, progress: bool = True, sigma: float | None = None,
                      n_grid: int = 1000, log_scale: bool = False,
                      hvp_method: str = "reverse", curvature: str = "hessian",
-                     preconditioner: Preconditioner = None) -> DensityResult:
+                     preconditioner: Preconditioner = None, basis_dtype: torch.dtype | None = None,
+                     basis_device: torch.device | str | None = None,
+                     check_deterministic: bool = True) -> DensityResult:
     """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
     ``n_vectors * min(n_lanczos, n)`` Hessian-vector products.
     log_scale: smooth ``log10 |lambda|`` instead of ``lambda`` (the grid is then in log10
         units; negative eigenvalues are counted by magnitude).
-    curvature, preconditioner: the matrix whose density it is, as in
-        :func:`analysis.top_eigenvalues`.
+    curvature, preconditioner, basis_dtype, basis_device: as in :func:`analysis.top_eigenvalues`
+        (the matrix whose density it is; where the basis lives).
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)
     n_grid = check_int("n_grid", n_grid, 2)
+    basis_dtype = check_dtype("basis_dtype", basis_dtype, BASIS_DTYPES)
+    basis_device = check_device("basis_device", basis_device)
     if sigma is not None:
         check_positive("sigma", sigma)
     make_generator(seed)
@@ -113,7 +122,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     with op:
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
                                                    seed=seed, like=op.like,
-                                                   progress=progress)
+                                                   progress=progress, basis_dtype=basis_dtype,
+                                                   basis_device=basis_device)
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)
     return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp,
                          curvature=op.curvature, preconditioned=op.scale is not None)

@@ -59,8 +59,8 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import (BatchSizeFn, check_int, check_loss, data_mean, LossFn, ParamSelection,
-                   preserved, select_params, unwrap_compiled)
+from .core import (BatchSizeFn, check_int, check_loss, data_mean, guarded, loss_reduction, LossFn,
+                   ParamSelection, preserved, select_params, unwrap_compiled)
 from .evaluation import EvalFn, evaluate_metrics
 from .ops import explained_errors, gradients
 from .preconditioning import optimizer_preconditioner, stability_threshold
@@ -68,10 +68,12 @@ from .preconditioning import optimizer_preconditioner, stability_threshold
 Record = dict[str, float]
 
 
+@guarded
 def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
              model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
              progress: bool = True) -> tuple[float, float]:
     """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
+    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean);
     NaN accuracy where the batches define none (see :mod:`analysis.evaluation`).
 
     params: validated like everywhere (the metrics do not depend on the selection).
@@ -79,9 +81,10 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: Param
     select_params(model, params)
     metrics = evaluate_metrics(model, loss_fn, data, model_mode=model_mode,
                                batch_size_fn=batch_size_fn, progress=progress)
-    return metrics["loss"], metrics.get("acc", math.nan)
+    return metrics["loss"], metrics["acc"]
 
 
+@guarded
 def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                    params: ParamSelection = None, model_mode: str = "eval",
                    batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
@@ -96,7 +99,9 @@ def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                 loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
             return [torch.zeros_like(p) if g is None else g
                     for g, p in zip(gradients(loss, params), params)]
-        grads = data_mean(data, per_batch, batch_size_fn, progress=progress).values
+        grads = data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
+                          zeros=lambda: [torch.zeros_like(p) for p in params],
+                          progress=progress).values
     return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
 

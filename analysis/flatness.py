@@ -12,9 +12,9 @@ from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (BatchSizeFn, check_choice, check_data, check_int, check_positive, LossFn,
-                   make_generator, ParamSelection, preserved, randn, rank, records_metadata,
-                   register_result, select_params, uniform)
+from .core import (BatchSizeFn, check_choice, check_data, check_int, check_positive, guarded,
+                   LossFn, make_generator, ParamSelection, preserved, randn, rank,
+                   records_metadata, register_result, select_params, uniform)
 from .sharpness import PerturbedLoss
 
 METRICS = ("loss", "error")
@@ -42,11 +42,12 @@ class KeskarSharpness:
 
 
 @records_metadata
+@guarded
 def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: float = 1e-3,
                      subspace_dim: int | None = None, *, seed: int = 0, maxiter: int = 10,
                      params: ParamSelection = None, model_mode: str = "eval",
                      batch_size_fn: BatchSizeFn | None = None,
-                     progress: bool = True) -> KeskarSharpness:
+                     progress: bool = True, check_deterministic: bool = True) -> KeskarSharpness:
     """Keskar et al. (2017), Metric 2.1: the largest loss increase over the box
     ``C_eps = {|y_i| <= eps (|(A^+ w)_i| + 1)}``, maximised with scipy's L-BFGS-B.
 
@@ -56,6 +57,7 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
     uniform point of the box (at a minimum the gradient at ``y = 0`` vanishes), runs at most
     ``maxiter`` L-BFGS-B iterations (Keskar et al. used 10) on float64 numpy vectors with
     gradients from autograd, and the best point evaluated is reported (``y = 0`` included).
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
     eps = check_positive("eps", eps)
     maxiter = check_int("maxiter", maxiter, 1)
@@ -123,6 +125,7 @@ class PacBayesSigma:
 
 
 @records_metadata
+@guarded
 def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: float = 0.1, *,
                     metric: str = "loss", magnitude_aware: bool = False,
                     magnitude_eps: float = 1e-3, n_samples: int = 10, depth: int = 15,
@@ -130,7 +133,7 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: f
                     error_fn: Callable[[nn.Module, Any], Tensor] | None = None, seed: int = 0,
                     params: ParamSelection = None, model_mode: str = "eval",
                     batch_size_fn: BatchSizeFn | None = None,
-                    progress: bool = True) -> PacBayesSigma:
+                    progress: bool = True, check_deterministic: bool = True) -> PacBayesSigma:
     """The largest sigma whose Gaussian weight noise raises the metric by ``target``
     (Jiang et al. 2020, "pacbayes.flatness" and "pacbayes.mag.flatness"; defaults as theirs:
     10 draws, search depth 15, tolerance 0.01, sigma at most 2).
@@ -147,6 +150,7 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: f
     ``sigma_max`` until the increase falls below the target, then bisects geometrically for at
     most ``depth`` steps, stopping when ``|increase - target| <= tolerance``; the sigma whose
     increase is closest to the target is returned.
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
     target = check_positive("target", target)
     tolerance = check_positive("tolerance", tolerance)

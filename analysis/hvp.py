@@ -32,8 +32,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_loss, check_model_mode,
-                   data_mean, flatten, LossFn, numel, ParamSelection, preserved, select_params,
-                   unflatten, unwrap_compiled, working_dtype)
+                   data_mean, flatten, guarded, loss_reduction, LossFn, numel, ParamSelection,
+                   preserved, select_params, unflatten, unwrap_compiled,
+                   working_dtype)
 from .ops import curvature_ops, gradients
 from .preconditioning import Preconditioner, inverse_sqrt
 
@@ -71,15 +72,21 @@ class HessianOperator:
         reuse_graph: keep the gradient graph of a one-batch ``data`` inside ``with`` blocks.
         preconditioner: a diagonal ``P`` (see :mod:`analysis.preconditioning`); the operator
             is then ``P^-1/2 H P^-1/2``, read from an optimizer once, at construction.
+        check_deterministic: first check that two passes over ``data`` give the same sample
+            counts and loss (``analysis.core.guards``); False skips the two forward passes.
+
+    For a sum-reduced ``loss_fn`` (``loss_fn.reduction == "sum"``) it is the Hessian of the
+    total loss ``sum_b L_b``.
     """
 
     curvature = "hessian"
 
+    @guarded
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                  hvp_method: str = "reverse", reuse_graph: bool = True,
-                 preconditioner: Preconditioner = None):
+                 preconditioner: Preconditioner = None, check_deterministic: bool = True):
         model = unwrap_compiled(model)
         check_data(data)
         check_model_mode(model_mode)
@@ -89,6 +96,7 @@ class HessianOperator:
                              'buffers (BatchNorm updates them in place inside torch.func '
                              'transforms); use hvp_method="reverse"')
         self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.reduction = loss_reduction(loss_fn)
         self.model_mode, self.batch_size_fn, self.hvp_method = model_mode, batch_size_fn, hvp_method
         self.progress = check_bool("progress", progress)
         self.names, self.params = select_params(model, params)
@@ -139,7 +147,9 @@ class HessianOperator:
             vs = vs * self.scale
         with self, torch.enable_grad(), curvature_ops():
             out = data_mean(self.data, lambda batch: [self._product(batch, vs)],
-                            self.batch_size_fn, progress=self.progress).values[0]
+                            self.batch_size_fn, reduction=self.reduction,
+                            zeros=lambda: [torch.zeros_like(vs)],
+                            progress=self.progress).values[0]
         self.n_hvp += vs.shape[0]
         return out if self.scale is None else out.mul_(self.scale)
 
@@ -222,6 +232,7 @@ class HessianOperator:
                               dtype=np.float64)
 
 
+@guarded
 def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         params: ParamSelection = None, model_mode: str = "eval",
         batch_size_fn: BatchSizeFn | None = None, progress: bool = True,

@@ -23,13 +23,15 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (BatchSizeFn, check_choice, check_int, check_positive, LossFn, make_generator,
-                   ParamSelection, product_eps, randn, records_metadata, register_result)
+from .core import (BatchSizeFn, check_choice, check_device, check_dtype, check_int,
+                   check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps, randn,
+                   records_metadata, register_result)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 
 WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
+BASIS_DTYPES = (torch.float64, torch.float32)
 MatMat = Callable[[Tensor], Tensor]
 BASIS_BYTES = 2 ** 32  # default cap of the Lanczos basis (4 GiB: 8 vectors of GPT-2 small)
 
@@ -68,37 +70,58 @@ def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)[:count]
 
 
+def _project_out(w: Tensor, basis: Tensor) -> Tensor:
+    """Subtract from ``w`` (in place) its components on the rows of ``basis``, which may be in
+    another dtype or on another device; return the coefficients in ``w``'s dtype and device.
+    With the basis beside ``w``, no vector-sized temporary is made."""
+    if basis.dtype != w.dtype or basis.device != w.device:
+        h = basis @ w.to(basis)
+        w -= (basis.T @ h).to(w)
+        return h.to(w)
+    h = basis @ w
+    w.addmv_(basis.T, h, alpha=-1)
+    return h
+
+
+def _rotate_(V: Tensor, Y: Tensor, m: int) -> None:
+    """``V[:r] = Y^T V[:m]`` in place (``Y`` is ``[m, r]``, ``r <= m``), one block of columns at
+    a time, so the only temporary is ``r x (n / r)`` elements: one row of ``V``."""
+    r, n = Y.shape[1], V.shape[1]
+    Yt = Y.T.to(V)
+    step = max(1, -(-n // r))
+    for start in range(0, n, step):
+        V[:r, start:start + step] = Yt @ V[:m, start:start + step]
+
+
 def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
     """Orthonormalise the rows of ``block`` against ``basis`` rows and each other.
 
-    Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]``: ``C[:m]`` are the
+    Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]`` (``Q`` is ``block``,
+    overwritten in place): ``C[:m]`` are the
     coefficients on the ``m`` basis rows, ``C[m:]`` is upper triangular. A row that vanishes
     (an invariant subspace was found) is replaced by a random unit vector orthogonal to
     everything, keeping its (tiny) coefficient.
     """
     b, m = block.shape[0], basis.shape[0]
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
-    out = block.clone()
+    out = block
     for i in range(b):
         w = out[i]
         before = torch.linalg.vector_norm(w)
-        for _ in range(2):  # twice is enough (Giraud et al. 2005); in place: no n-temporaries
-            h = basis @ w
-            w.addmv_(basis.T, h, alpha=-1)
-            coef[:m, i] += h
-            if i:
-                g = out[:i] @ w
-                w.addmv_(out[:i].T, g, alpha=-1)
-                coef[m:m + i, i] += g
+        for _ in range(2):  # twice is enough (Giraud et al. 2005)
+            coef[:m, i] += _project_out(w, basis)
+            g = out[:i] @ w
+            w -= out[:i].T @ g
+            coef[m:m + i, i] += g
         norm = torch.linalg.vector_norm(w)
         coef[m + i, i] = norm
         if norm <= math.sqrt(torch.finfo(w.dtype).eps) * before or norm == 0:
             w = randn(w.shape, gen, like=w)
             for _ in range(2):
-                w -= basis.T @ (basis @ w) + out[:i].T @ (out[:i] @ w)
+                _project_out(w, basis)
+                w -= out[:i].T @ (out[:i] @ w)
             norm = torch.linalg.vector_norm(w)
-            out[i] = w
-        out[i].div_(norm)
+        out[i] = w / norm
     return out, coef
 
 
@@ -121,12 +144,16 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
 
 class Krylov:
     """An orthonormal basis ``V`` (rows, at most ``capacity``) and ``T = V H V^T``, extended a
-    block at a time with full reorthogonalisation."""
+    block at a time with full reorthogonalisation. The blocks are in ``like``'s dtype and on
+    its device; ``V`` may be kept in another (``basis_dtype``, ``basis_device``)."""
 
-    def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator):
-        self.V = torch.empty(capacity, n, dtype=like.dtype, device=like.device)  # rows < m used
+    def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator, *,
+                 basis_dtype: torch.dtype | None = None,
+                 basis_device: torch.device | str | None = None):
+        self.V = torch.empty(capacity, n, dtype=basis_dtype or like.dtype,  # rows < m used
+                             device=basis_device or like.device)
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
-        self.m, self.n_hvp, self.gen = 0, 0, gen
+        self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
 
     def start(self, block: Tensor) -> Tensor:
         return _orthogonalise(block, self.V[:0], self.gen)[0]
@@ -151,48 +178,52 @@ class Krylov:
         return torch.linalg.eigh((T + T.T) / 2)
 
     def restart(self, theta: Tensor, Y: Tensor, keep: Tensor) -> None:
-        """Thick restart: keep the Ritz vectors ``keep``; the next block's coupling to them
-        is recomputed by projection when it is appended."""
-        self.V[:len(keep)] = Y[:, keep].T.to(self.V.dtype) @ self.V[:self.m]
+        """Thick restart: keep the Ritz vectors ``keep`` (built in place in ``V``); the next
+        block's coupling to them is recomputed by projection when it is appended."""
+        _rotate_(self.V, Y[:, keep], self.m)
         self.T.zero_()
         self.T[:len(keep), :len(keep)] = torch.diag(theta[keep])
         self.m = len(keep)
 
     def vectors(self, Y: Tensor) -> Tensor:
-        return Y.T.to(self.V.dtype) @ self.V[:self.m]
+        return (Y.T.to(self.V) @ self.V[:self.m]).to(self.like)
 
 
 def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
             max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
+            basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None,
             product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     """Block Lanczos with full reorthogonalisation and thick restart on any symmetric
-    ``matmat`` (rows in, rows out). Returns ``(theta, U, residuals, n_hvp, converged)``.
+    ``matmat`` (rows in, new rows out: they are overwritten). Returns
+    ``(theta, U, residuals, n_hvp, converged)``.
 
     Convergence: residual ``<= max(max(tol, 50 eps) |theta|, 50 eps max|theta|)`` for all
     ``k`` wanted pairs, with ``eps`` the machine epsilon of ``like`` (float32 stops near its
     attainable accuracy; eigenvalues near zero are resolved to rounding level relative to the
     largest Ritz value), or an exhausted basis (``n`` vectors: the Ritz pairs are exact).
+    With ``basis_dtype`` coarser than ``like``'s, ``eps`` is that of ``basis_dtype``.
 
     product_dtype: the dtype ``matmat`` computes in, when it is coarser than ``like``'s
-    (bfloat16/float16 models; the basis stays in ``like``'s dtype). Its products are accurate to
-    about ``eps = finfo(product_dtype).eps`` relative, below which the Ritz estimates (exact for
-    exact products) mean nothing: the iteration stops once they reach ``eps max|theta|``, the
+    (bfloat16/float16 models; ``like`` is then float32). Its products are accurate to about
+    ``eps = finfo(product_dtype).eps`` relative, below which the Ritz estimates (exact for exact
+    products) mean nothing: the iteration stops once they reach ``eps max|theta|``, the
     residuals of the wanted pairs are measured by ``k`` more products, and ``converged`` is
     judged on those; a ``tol`` they cannot meet gives ``converged=False`` and a warning naming
     the dtype.
     """
     b = min(block_size, n)
     if max_basis is None:  # at most BASIS_BYTES of basis, unless k + 2 b vectors need more
-        fit = BASIS_BYTES // (n * like.element_size())
-        max_basis = max(k + 2 * b, min(max(30, 3 * k + 2 * b), fit))
+        item = torch.finfo(basis_dtype or like.dtype).bits // 8
+        max_basis = max(k + 2 * b, min(max(30, 3 * k + 2 * b), BASIS_BYTES // (n * item)))
     m_max = min(n, max_basis)
     if m_max < k + b and m_max < n:
         raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")
     budget = max_hvp if max_hvp is not None else max(300, 50 * k)
-    rel = max(tol, 50 * torch.finfo(like.dtype).eps)
+    eps = max(torch.finfo(like.dtype).eps, torch.finfo(basis_dtype or like.dtype).eps)
+    rel = max(tol, 50 * eps)
     gen = make_generator(seed)
-    K = Krylov(m_max, n, like, gen)
+    K = Krylov(m_max, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device)
     Q = K.start(_start_block(v0, n, b, gen, like))
     bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
     try:
@@ -204,7 +235,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             if K.m == n:
                 resid.zero_()
             pick = _wanted(theta, k, which)
-            floor = 50 * torch.finfo(like.dtype).eps * theta.abs().max()
+            floor = 50 * eps * theta.abs().max()
             noise = product_eps(product_dtype) * theta.abs().max() if product_dtype else 0.0
             ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=max(floor, noise))
             if bool(ok.all()) or K.m == n or K.n_hvp + b > budget:
@@ -217,8 +248,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     U = K.vectors(Y[:, pick])
     if not product_dtype or not product_eps(product_dtype):
         return theta[pick], U, resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
-    measured = torch.linalg.vector_norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U, dim=1)
-    measured = measured.to(torch.float64)
+    measured = torch.linalg.vector_norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U,
+                                        dim=1).to(torch.float64)
     ok = measured <= torch.clamp(rel * theta[pick].abs(), min=floor)
     if not bool(ok.all()):
         worst = float((measured / theta[pick].abs().clamp_min(floor)).max())
@@ -275,14 +306,17 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
 
 
 @records_metadata
+@guarded
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
                     which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None, *,
                     params: ParamSelection = None, model_mode: str = "eval",
                     batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
                     v0: Tensor | None = None, method: str = "lanczos", block_size: int = 1,
                     max_basis: int | None = None, hvp_method: str = "reverse",
-                    curvature: str = "hessian", preconditioner: Preconditioner = None
-                    ) -> EigenResult:
+                    curvature: str = "hessian", preconditioner: Preconditioner = None,
+                    basis_dtype: torch.dtype | None = None,
+                    basis_device: torch.device | str | None = None,
+                    check_deterministic: bool = True) -> EigenResult:
     """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
@@ -308,8 +342,15 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     curvature: "hessian", "ggn", "fisher" (exact) or "empirical_fisher" (:mod:`analysis.curvature`).
     preconditioner: a diagonal ``P``; the eigenpairs are then those of ``P^-1/2 A P^-1/2``
         (:mod:`analysis.preconditioning`).
+    basis_dtype, basis_device: where the Lanczos basis lives (default: the model's dtype and
+        device), e.g. ``basis_device="cpu"`` for a model on a GPU, or ``basis_dtype=torch.float32``
+        for a float64 model (eigenvalues then to float32 accuracy, see :func:`lanczos`).
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes;
+        ``analysis.core.guards``).
     """
     k = check_int("k", k, 1)
+    basis_dtype = check_dtype("basis_dtype", basis_dtype, BASIS_DTYPES)
+    basis_device = check_device("basis_device", basis_device)
     check_choice("which", which, WHICH)
     check_choice("method", method, METHODS)
     if method == "power" and which == "SA":
@@ -329,7 +370,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
                           block_size=block_size, max_basis=max_basis, v0=v0, seed=seed,
-                          like=op.like, progress=progress, product_dtype=op.dtype)
+                          like=op.like, progress=progress, basis_dtype=basis_dtype,
+                          basis_device=basis_device, product_dtype=op.dtype)
         else:
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
                                   like=op.like, progress=progress)

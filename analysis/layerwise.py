@@ -9,8 +9,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .lanczos import top_eigenvalues
-from .core import (BatchSizeFn, LossFn, ParamSelection, records_metadata, register_result,
-                   select_params, unflatten)
+from .core import (BatchSizeFn, guarded, LossFn, ParamSelection, records_metadata,
+                   register_result, select_params, unflatten)
 from .preconditioning import Preconditioner, per_parameter
 from .trace import hessian_trace
 
@@ -52,12 +52,14 @@ def default_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 @records_metadata
+@guarded
 def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups | None = None, *,
               params: ParamSelection = None, model_mode: str = "eval",
               batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
               tol: float = 1e-6, n_hvp_trace: int = 99, trace_method: str = "hutch++",
               hvp_method: str = "reverse", curvature: str = "hessian",
-              preconditioner: Preconditioner = None) -> LayerwiseResult:
+              preconditioner: Preconditioner = None, check_deterministic: bool = True
+              ) -> LayerwiseResult:
     """Top eigenvalue (Lanczos, ``tol``) and trace (``trace_method`` with ``n_hvp_trace``
     products; exact, with ``2 * size`` products, for blocks of at most ``n_hvp_trace // 3``
     parameters) of each block.
@@ -67,6 +69,7 @@ def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups 
         and blocks left empty are dropped.
     curvature, preconditioner: as in :func:`analysis.top_eigenvalues`, each block using its
         part of ``P`` (a flat ``P`` runs over the parameters ``params`` selects).
+    check_deterministic: check once that two passes over ``data`` agree (two forward passes).
     """
     groups = default_groups(model) if groups is None else groups
     if not groups:

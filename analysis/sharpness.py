@@ -34,9 +34,9 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core import (all_reduce_sum_, BatchSizeFn, check_choice, check_data, check_int, check_loss,
-                   check_positive, data_mean, default_batch_size, flatten, LossFn, make_generator,
-                   ParamSelection, preserved, randn, rank, records_metadata, register_result,
-                   select_params, unflatten, uniform, unwrap_compiled)
+                   check_positive, data_mean, default_batch_size, flatten, guarded, loss_reduction,
+                   LossFn, make_generator, ParamSelection, preserved, randn, rank,
+                   records_metadata, register_result, select_params, unflatten, uniform, unwrap_compiled)
 from .lanczos import top_eigenvalues
 from .ops import explained_errors, gradients
 
@@ -92,6 +92,7 @@ class PerturbedLoss:
         self.model, self.loss_fn, self.data, self.params = model, loss_fn, data, list(params)
         self.batch_size_fn, self.batch = batch_size_fn, batch
         self.base = flatten([p.detach() for p in self.params]) if base is None else base
+        self.reduction = loss_reduction(loss_fn)
         self.n_forward = self.n_backward = 0
 
     def _per_batch(self, batch: Any, grad: bool) -> list[Tensor]:
@@ -113,8 +114,11 @@ class PerturbedLoss:
         if self.batch is not None:
             out = [t.detach() for t in self._per_batch(self.batch, grad)]
         else:
-            out = data_mean(self.data, lambda b: self._per_batch(b, grad),
-                            self.batch_size_fn).values
+            def zeros():  # an empty shard's share: the loss and, with grad, the gradient
+                return [self.base.new_zeros(())] + ([torch.zeros_like(self.base)] if grad else [])
+
+            out = data_mean(self.data, lambda b: self._per_batch(b, grad), self.batch_size_fn,
+                            reduction=self.reduction, zeros=zeros).values
         return float(out[0]), (out[1] if grad else None)
 
 
@@ -343,13 +347,15 @@ def _start_vector(start: Tensor | Mapping[str, Tensor], names: list[str],
 
 
 @records_metadata
+@guarded
 def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho: float = 0.05,
                          norm: str = "l2", adaptive: bool | str = False, steps: int = 20, *,
                          seed: int = 0, m: int | None = None, restarts: int = 1,
                          start: Tensor | Mapping[str, Tensor] | None = None,
                          params: ParamSelection = None, model_mode: str = "eval",
                          batch_size_fn: BatchSizeFn | None = None,
-                         progress: bool = True) -> WorstCaseSharpness:
+                         progress: bool = True, check_deterministic: bool = True
+                         ) -> WorstCaseSharpness:
     """Worst-case sharpness by projected gradient ascent with APGD's schedule (module doc).
 
     norm: "l2" (ball) or "linf" (box). adaptive: False, True / "elementwise" (``c = |w|``),
@@ -359,7 +365,9 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     m: None for the full-data loss; an int for m-sharpness (Foret et al. 2021): the data is
     cut into consecutive batches of m samples, each maximised on its own, and the values
     averaged (weighted by sample count; under torch.distributed each rank cuts its own shard).
-    Batch b uses seed ``seed + b``. The model is left exactly as it was.
+    Batch b uses seed ``seed + b``; m-sharpness needs a mean-reduced ``loss_fn``. The model is
+    left exactly as it was. check_deterministic: first check that two passes over ``data``
+    agree (two forward passes).
     """
     model = unwrap_compiled(model)
     rho = check_positive("rho", rho)
@@ -368,6 +376,9 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     steps = check_int("steps", steps, 1)
     restarts = check_int("restarts", restarts, 1)
     m = None if m is None else check_int("m", m, 1)
+    if m is not None and loss_reduction(loss_fn) == "sum":
+        raise ValueError("m-sharpness averages the sharpness of batch means: loss_fn.reduction "
+                         "must be 'mean' with m=, got 'sum' (use a mean-reduced loss_fn)")
     make_generator(seed)  # validates the seed
     check_data(data)
     names, chosen = select_params(model, params)
@@ -431,11 +442,13 @@ class AverageSharpness:
 
 
 @records_metadata
+@guarded
 def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: float = 0.01,
                       adaptive: bool | str = False, n_samples: int = 32, *, seed: int = 0,
                       norm: str = "l2", antithetic: bool = False, params: ParamSelection = None,
                       model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-                      progress: bool = True) -> AverageSharpness:
+                      progress: bool = True, check_deterministic: bool = True
+                      ) -> AverageSharpness:
     """Average sharpness with ``delta = sigma * c * xi``: ``xi`` standard normal (norm="l2")
     or uniform on [-1, 1] (norm="linf"), ``c`` as in ``worst_case_sharpness``.
 
@@ -443,6 +456,7 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
     antithetic: evaluate ``+delta`` and ``-delta`` and average the pair (same expectation; the
     first-order term cancels, which removes most of the variance away from a minimum);
     n_samples then counts evaluations and must be even.
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
     model = unwrap_compiled(model)
     sigma = check_positive("sigma", sigma)
@@ -499,12 +513,14 @@ class SharpnessVsCurvature:
 
 
 @records_metadata
+@guarded
 def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
                            rhos: Sequence[float] = (1e-3, 1e-2, 1e-1), *, steps: int = 20,
                            restarts: int = 1, seed: int = 0, tol: float = 1e-6,
                            max_hvp: int | None = None, params: ParamSelection = None,
                            model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-                           progress: bool = True) -> SharpnessVsCurvature:
+                           progress: bool = True, check_deterministic: bool = True
+                           ) -> SharpnessVsCurvature:
     """Where does the quadratic picture hold? At a minimum (zero gradient, PSD Hessian)
     ``max_{||delta|| <= rho} L(w + delta) - L(w) = rho^2 lambda_max / 2 + O(rho^3)``.
 
@@ -512,6 +528,7 @@ def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
     ``rho * v_max``, the top eigenvector from ``top_eigenvalues``) is reported beside the
     prediction. Away from a minimum the first-order term ``rho ||grad||`` dominates at small
     rho and the ratio exceeds 1; at large rho higher-order terms take over.
+    check_deterministic: check once that two passes over ``data`` agree (two forward passes).
     """
     radii = np.asarray([check_positive("rhos entries", r) for r in rhos], dtype=np.float64)
     if radii.size == 0:

@@ -24,8 +24,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (BatchSizeFn, check_choice, check_int, LossFn, make_generator, ParamSelection,
-                   rademacher, records_metadata, register_result)
+from .core import (BatchSizeFn, check_choice, check_int, guarded, LossFn, make_generator,
+                   ParamSelection, rademacher, records_metadata, register_result)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 
@@ -118,12 +118,13 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
 
 
 @records_metadata
+@guarded
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int = 99,
                   method: str = "hutch++", *, params: ParamSelection = None,
                   model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
                   seed: int = 0, progress: bool = True, chunk: int = 8, hvp_method: str = "reverse",
-                  curvature: str = "hessian", preconditioner: Preconditioner = None
-                  ) -> TraceResult:
+                  curvature: str = "hessian", preconditioner: Preconditioner = None,
+                  check_deterministic: bool = True) -> TraceResult:
     """An unbiased estimate of the Hessian trace from ``n_hvp`` Hessian-vector products.
 
     method: "hutch++" (default; needs ``n_hvp >= 4``), "hutchinson" (``n_hvp >= 2``) or
@@ -131,6 +132,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
     chunk: probes per pass over the data (memory ``chunk * n`` per pass).
     Probes are Rademacher vectors drawn from ``seed`` (identical on every rank).
     curvature, preconditioner: the matrix estimated, as in :func:`analysis.top_eigenvalues`.
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
     check_choice("method", method, TRACE_METHODS)
     n_hvp = check_int("n_hvp", n_hvp, 2 if method == "hutchinson" else 4)

@@ -22,6 +22,9 @@
 5. Peak memory of one HVP on a ~10M-parameter float32 MLP, beyond the model and data: the
    kernel's resident-set high-water mark (``VmHWM``), reset through ``/proc/self/clear_refs``
    just before the product, minus the resident set (``VmRSS``) at that moment.
+6. Peak memory of ``top_eigenvalues(k=1)`` and ``k=10`` (float32 MLPs of 1M and 10M
+   parameters, one batch of 64, a budget of products that fills the basis and restarts it)
+   in parameter-sized vectors, measured the same way (``--memory-only`` runs 5 and 6 alone).
 
 Timings use one intra-op thread (``torch.set_num_threads(1)``) for ours and PyHessian alike:
 on the shared 2-core machine, two threads per process oversubscribe the cores and inflate
@@ -242,9 +245,33 @@ MEMORY_CASES = {"reverse-float32": ("reverse", torch.float32),
                 "reverse-float64": ("reverse", torch.float64)}
 
 
+def peak_lanczos_memory(n_params: int, k: int) -> dict:
+    """Peak resident memory of ``top_eigenvalues`` beyond the model and data, in vectors of
+    ``n_params`` float32 elements, on an MLP 1000-w-w-10 (Tanh) of about ``n_params``."""
+    torch.manual_seed(0)
+    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)  # w^2 + 1010 w = n
+    model = nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                          nn.Linear(width, 10))
+    x, y = torch.randn(64, 1000), torch.randint(0, 10, (64,))
+    n = sum(p.numel() for p in model.parameters())
+    HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(torch.randn(n))  # warm-up
+    gc.collect()
+    max_basis = max(30, 3 * k + 2)  # the default
+    Path("/proc/self/clear_refs").write_text("5")
+    base = _status("VmRSS")
+    res = top_eigenvalues(model, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=max_basis + 8,
+                          progress=False)
+    peak = _status("VmHWM") - base
+    return {"n_params": n, "k": k, "max_basis": max_basis, "n_hvp": res.n_hvp,
+            "peak_vectors": peak / (4 * n), "target_vectors": max_basis + 4}
+
+
+LANCZOS_CASES = {f"{n // 10 ** 6}M-k{k}": (n, k) for n in (10 ** 6, 10 ** 7) for k in (1, 10)}
+
+
 def memory_in_fresh_process(case: str) -> dict:
-    """Run :func:`peak_hvp_memory` in a new interpreter: in this one, memory freed by earlier
-    work stays resident and would hide the peak."""
+    """Run :func:`peak_hvp_memory` or :func:`peak_lanczos_memory` in a new interpreter: in this
+    one, memory freed by earlier work stays resident and would hide the peak."""
     done = subprocess.run([sys.executable, __file__, "--memory", case], check=True,
                           capture_output=True, text=True)
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -413,12 +440,30 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true", help="fewer seeds and repeats")
     parser.add_argument("--ggn-only", action="store_true",
                         help="only the GGN / Fisher rows (into curvature_ggn.json)")
-    parser.add_argument("--memory", choices=MEMORY_CASES,
-                        help="only print the peak HVP memory of this case (JSON)")
+    parser.add_argument("--memory", choices=[*MEMORY_CASES, *LANCZOS_CASES],
+                        help="only print the peak memory of this case (JSON)")
+    parser.add_argument("--memory-only", action="store_true",
+                        help="only the memory figures (each in a fresh process)")
     args = parser.parse_args()
+    if args.memory in MEMORY_CASES:
+        print(json.dumps(peak_hvp_memory(*MEMORY_CASES[args.memory])))
+        return
     if args.memory:
-        method, dtype = MEMORY_CASES[args.memory]
-        print(json.dumps(peak_hvp_memory(method, dtype)))
+        print(json.dumps(peak_lanczos_memory(*LANCZOS_CASES[args.memory])))
+        return
+    if args.memory_only:
+        torch.set_num_threads(1)
+        for case in [*MEMORY_CASES, *LANCZOS_CASES]:
+            r = memory_in_fresh_process(case)
+            if case in MEMORY_CASES:
+                ok = r["peak_over_params"] <= 4
+                line = f"HVP {case}: {r['peak_over_params']:.2f}x the parameter bytes"
+                print(f"{line} (target <= 4x: {'met' if ok else 'NOT met'})", flush=True)
+            else:
+                ok = r["peak_vectors"] <= r["target_vectors"]
+                print(f"top_eigenvalues {case} ({r['n_params']} parameters, max_basis "
+                      f"{r['max_basis']}, {r['n_hvp']} HVPs): {r['peak_vectors']:.1f} vectors "
+                      f"(target <= {r['target_vectors']}: {'met' if ok else 'NOT met'})", flush=True)
         return
     import pyhessian
     torch.set_num_threads(1)  # stable timings on a shared machine (no thread oversubscription)

@@ -1,18 +1,26 @@
-"""41x41 filter-normalised plane of the MNIST-1D MLP 40-100-100-10 over 4000 samples:
-``landscape.plane`` against loss-landscapes' ``random_plane``, in one process, at identical points.
+"""Filter-normalised planes of MNIST-1D MLPs: ``landscape.plane`` against loss-landscapes'
+``random_plane`` at identical points, and against the bare matrix products of those points.
+
+Cases: the MLPs 40-100-100-10 and 40-1000-1000-10 (ReLU, float32; the first trained 300 Adam
+steps, the second at its initialisation) on 32, 512 and 4000 samples, the data in 1 and in 4
+batches. The grid has ``steps x steps`` points, fewer for the expensive cases (see ``steps_for``).
 
 The peer draws its own directions; we capture them (after its normalisation and scaling) by
 wrapping its ``orthogonal_to``, and evaluate ours on the same weights. The peer walks its grid
-in a serpentine with in-place adds and, because of an off-by-one in that walk, its even
-columns are shifted by one step along the second direction; the grid below (41 x 42 points,
-a superset) holds every point the peer evaluates, and each peer value is compared with ours
-at the peer's actual coordinates.
+in a serpentine with in-place adds and, because of an off-by-one in that walk, its even columns
+are shifted by one step along the second direction; our grid (steps x (steps + 1) points, a
+superset) holds every point the peer evaluates, each peer value is compared with ours at the
+peer's actual coordinates, and times are compared per point. With 4 batches the peer's metric
+is the sample-weighted mean of its ``Loss`` over the batches.
 
-The script also measures the machine's float32 matrix-multiply throughput (a 2048^3 product) and
-prints the rate each tool reaches on the model's matrix products, to show how far from the
-hardware limit each run is.
+*bare* is the time of the model's matrix products alone for one point on all the data (into
+preallocated outputs, weights fixed): what any evaluation at identical values must at least do,
+except for the first layer, which ours computes once per batch for the whole grid.
 
-Run: ``python benchmarks/landscape.py [--steps 41] [--repeats 3] [--threads N]``.
+Targets (issue 16): never slower than the peer; at least 2x faster at 32 samples; within
+1.15x of bare at 4000 samples.
+
+Run: ``python benchmarks/landscape.py [--repeats 3] [--threads N] [--only 100]``.
 """
 from __future__ import annotations
 
@@ -30,17 +38,20 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import loss_landscapes  # noqa: E402
 import loss_landscapes.main as ll_main  # noqa: E402
-from loss_landscapes.metrics import Loss  # noqa: E402
+from loss_landscapes.metrics import Metric  # noqa: E402
 
-from analysis import supervised  # noqa: E402
-from analysis import mnist1d  # noqa: E402
+from analysis import mnist1d, supervised  # noqa: E402
 from landscape import plane  # noqa: E402
 
+SAMPLES = (32, 512, 4000)
+BATCHES = (1, 4)
+WIDTHS = (100, 1000)
 
-def trained_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> nn.Module:
+
+def mlp(width: int, x: torch.Tensor, y: torch.Tensor, steps: int) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                          nn.Linear(100, 10))
+    model = nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10))
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
     for _ in range(steps):
         opt.zero_grad()
@@ -49,8 +60,21 @@ def trained_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> nn.Module
     return model
 
 
-def peer_plane(model: nn.Module, x, y, steps: int):
-    """The peer's plane and the directions it used (per grid step)."""
+class BatchesLoss(Metric):
+    """The peer's ``Loss`` over several batches, weighted by their sizes."""
+
+    def __init__(self, criterion, batches):
+        super().__init__()
+        self.criterion, self.batches = criterion, batches
+        self.n = sum(len(y) for _, y in batches)
+
+    def __call__(self, model_wrapper) -> float:
+        return sum(len(y) * self.criterion(model_wrapper.forward(x), y).item()
+                   for x, y in self.batches) / self.n
+
+
+def peer_plane(model: nn.Module, batches, steps: int):
+    """The peer's plane, the directions it used (per grid step) and its time."""
     captured = {}
     original = ll_main.orthogonal_to
 
@@ -60,27 +84,41 @@ def peer_plane(model: nn.Module, x, y, steps: int):
 
     ll_main.orthogonal_to = capture
     try:
-        metric = Loss(nn.CrossEntropyLoss(), x, y)
-        start = time.perf_counter()
-        with torch.no_grad():
+        metric = BatchesLoss(nn.CrossEntropyLoss(), batches)
+        with torch.no_grad(), Clock() as clock:
             values = loss_landscapes.random_plane(model, metric, distance=1, steps=steps,
                                                   normalization="filter", deepcopy_model=True)
-        elapsed = time.perf_counter() - start
     finally:
         ll_main.orthogonal_to = original
-    return np.asarray(values), captured["d1"], captured["d2"], elapsed
+    return np.asarray(values), captured["d1"], captured["d2"], clock
 
 
-def matmul_peak(n: int = 2048, repeats: int = 5) -> float:
-    """Best float32 GFLOP/s of an n x n x n product on this machine."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = min(best, time.perf_counter() - start)
-    return 2 * n ** 3 / best / 1e9
+class Clock:
+    """Wall and process CPU seconds of a block (the CPU time is steadier on a shared machine)."""
+
+    def __enter__(self):
+        self.wall, self.cpu = time.perf_counter(), time.process_time()
+        return self
+
+    def __exit__(self, *exc):
+        self.wall, self.cpu = time.perf_counter() - self.wall, time.process_time() - self.cpu
+
+
+def bare_time(model: nn.Module, batches, points: int) -> Clock:
+    """The time of the model's matrix products for ``points`` points on all batches."""
+    layers = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    work = []
+    for x, _ in batches:
+        h = x
+        for m in layers:
+            out = torch.empty(len(x), m.out_features)
+            work.append((h, m.weight.detach().T, out))
+            h = out
+    with Clock() as clock:
+        for _ in range(points):
+            for h, w, out in work:
+                torch.mm(h, w, out=out)
+    return clock
 
 
 def linear_flops(model: nn.Module, n_samples: int) -> int:
@@ -89,58 +127,72 @@ def linear_flops(model: nn.Module, n_samples: int) -> int:
                for m in model.modules() if isinstance(m, nn.Linear))
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=41)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    s = args.steps
-    data = mnist1d()
-    x, y = data.x[:4000], data.y[:4000]
-    model = trained_mlp(x, y)
+def steps_for(flops: int) -> int:
+    """Grid steps: about 4e10 FLOP of products per tool and repeat, between 5 and 21."""
+    return int(np.clip(np.sqrt(4e10 / flops), 5, 21))
+
+
+def run_case(model: nn.Module, x, y, n_batches: int, repeats: int) -> dict:
+    batches = [(a, b) for a, b in zip(x.chunk(n_batches), y.chunk(n_batches))]
+    s = steps_for(linear_flops(model, len(y)))
     names = [n for n, _ in model.named_parameters()]
     loss_fn = supervised(nn.CrossEntropyLoss())
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"{sum(p.numel() for p in model.parameters())} parameters, {len(y)} samples, {s}x{s} grid")
+    times: dict[str, list[np.ndarray]] = {"peer": [], "ours": [], "bare": []}
 
-    runs = {"ours": ({}, s + 1), "vmap": ({"vectorize": True}, s), "loop": ({"vectorize": False}, s)}
-    times: dict[str, list[float]] = {"peer": [], **{k: [] for k in runs}}
-    for _ in range(args.repeats):
-        peer, d1, d2, t_peer = peer_plane(copy.deepcopy(model), x, y, s)
-        times["peer"].append(t_peer)
+    def record(key: str, clock: Clock, points: int) -> None:
+        times[key].append(np.array([clock.wall, clock.cpu]) / points)
+
+    for _ in range(repeats):
+        peer, d1, d2, clock = peer_plane(copy.deepcopy(model), batches, s)
+        record("peer", clock, s * s)
         dirs = [{n: t.detach().clone() for n, t in zip(names, d.parameters)} for d in (d1, d2)]
         xs = np.arange(s) - s / 2           # peer column i is at x = i - s/2
         ys = np.arange(s + 1) - s / 2       # peer rows are at y = j - s/2 or j + 1 - s/2
-        for key, (options, rows) in runs.items():
-            start = time.perf_counter()
-            res = plane(model, loss_fn, [(x, y)], dirs[0], dirs[1], xs, ys[:rows], progress=False,
-                        **options)
-            times[key].append(time.perf_counter() - start)
-            if key == "ours":
-                ours = res
-
+        with Clock() as clock:
+            ours = plane(model, loss_fn, batches, dirs[0], dirs[1], xs, ys, progress=False)
+        record("ours", clock, s * (s + 1))
+        record("bare", bare_time(model, batches, s * s), s * s)
     # peer[i][j] is at (x = i - s/2, y = j + (1 if i is even else 0) - s/2)
     rows = np.arange(s)[None, :] + (np.arange(s)[:, None] % 2 == 0)
-    matched = ours.losses[rows, np.arange(s)[:, None]]
-    diff = np.abs(matched - peer).max()
-    per_point = {k: float(np.median(t)) / (s * (s + 1) if k == "ours" else s * s) for k, t in times.items()}
-    flops = linear_flops(model, len(y))
-    peak = matmul_peak()
-    labels = {"peer": "loss-landscapes random_plane", "ours": "sharpscape plane (default)",
-              "vmap": "sharpscape vectorize=True", "loop": "sharpscape vectorize=False"}
-    print(f"median of {args.repeats}; per point; {flops / 1e6:.0f} MFLOP of matrix products per point; "
-          f"machine float32 matmul peak {peak:.0f} GFLOP/s")
-    for key, t in per_point.items():
-        print(f"{labels[key]:30s}: {t * 1e3:6.3f} ms/point  speed-up x{per_point['peer'] / t:5.2f}  "
-              f"{flops / t / 1e9:5.0f} GFLOP/s ({flops / t / 1e9 / peak:4.0%} of peak)")
-    print(f"5x the peer would need {5 * flops / per_point['peer'] / 1e9:.0f} GFLOP/s, "
-          f"{5 * flops / per_point['peer'] / 1e9 / peak:.1f}x this machine's matmul peak")
-    print(f"max |ours - peer| at the peer's points: {diff:.3e} (losses {peer.min():.3f}..{peer.max():.3f})")
-    naive = np.abs(ours.losses[:s] - peer.T).max()
-    print(f"(peer values vs the grid it claims, ignoring its serpentine offset: max diff {naive:.3e})")
+    diff = np.abs(ours.losses[rows, np.arange(s)[:, None]] - peer)
+    return {"steps": s, **{k: np.median(v, axis=0) for k, v in times.items()},
+            "max_rel_diff": float((diff / np.abs(peer)).max())}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
+    parser.add_argument("--only", type=int, choices=WIDTHS, default=None, help="one MLP width")
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    data = mnist1d()
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {args.repeats}; "
+          f"wall times per grid point; load average {os.getloadavg()[0]:.2f} at the start")
+    print("| MLP | samples | batches | grid | peer ms | ours ms | bare ms | peer / ours (CPU time) "
+          "| ours / bare (CPU time) | max rel. diff | targets (wall) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
+    met_all = True
+    for width in WIDTHS if args.only is None else (args.only,):
+        for n in SAMPLES:
+            x, y = data.x[:n], data.y[:n]
+            model = mlp(width, data.x[:4000], data.y[:4000], 300 if width == 100 else 0)
+            for n_batches in BATCHES:
+                r = run_case(model, x, y, n_batches, args.repeats)
+                speed, over_bare = r["peer"] / r["ours"], r["ours"] / r["bare"]
+                marks = [f"faster than peer {'met' if speed[0] >= 1 else 'NOT met'}"]
+                if n == 32:
+                    marks.append(f">= 2x {'met' if speed[0] >= 2 else 'NOT met'}")
+                if n == 4000:
+                    marks.append(f"<= 1.15x bare {'met' if over_bare[0] <= 1.15 else 'NOT met'}")
+                met_all &= not any("NOT" in m for m in marks)
+                print(f"| 40-{width}-{width}-10 | {n} | {n_batches} | {r['steps']}x{r['steps']} "
+                      f"| {r['peer'][0] * 1e3:.3f} | {r['ours'][0] * 1e3:.3f} | {r['bare'][0] * 1e3:.3f} "
+                      f"| {speed[0]:.2f} ({speed[1]:.2f}) | {over_bare[0]:.2f} ({over_bare[1]:.2f}) "
+                      f"| {r['max_rel_diff']:.1e} | {'; '.join(marks)} |", flush=True)
+    print("all targets met" if met_all else "some targets NOT met")
+
 
 if __name__ == "__main__":
     main()

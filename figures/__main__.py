@@ -14,8 +14,9 @@ from pathlib import Path
 
 import torch
 
-from .harness import SIZES, Runner, job, execute
+from .harness import SIZES, execute, job
 from .report import config_key, load, save, saved, table
+from .runner import Runner
 from .verdict import entry
 
 REPRODUCTIONS = ["agd_switching", "wsam_sharpness", "ndadam_direction", "adasam_convergence",
@@ -80,9 +81,11 @@ def main(argv: list[str] | None = None) -> dict:
         modules = {n: importlib.import_module(f"figures.{n}") for n in names}
         todo = [n for n in names if args.force or not up_to_date(summary, n, modules[n], size,
                                                                    args.out)]
-        print(f"{size.name} size, {args.jobs} process(es) x {args.threads} thread(s): expected "
-              f"about {expected_seconds(modules, todo, size, args.jobs) / 60:.1f} min for "
-              f"{', '.join(todo) or 'nothing'}", flush=True)
+        if todo:
+            print(f"{size.name} size: timing one training run for the estimate ...", flush=True)
+            print(f"{size.name} size, {args.jobs} process(es) x {args.threads} thread(s): "
+                  f"expected about {expected_seconds(modules, todo, size, args.jobs) / 60:.1f} "
+                  f"min for {', '.join(todo)}", flush=True)
         for name in names:
             if name not in todo:
                 print(f"{name}: unchanged, skipped (--force recomputes)", flush=True)
@@ -107,8 +110,6 @@ def up_to_date(summary: dict, name: str, module, size, out: Path) -> bool:
 def expected_seconds(modules: dict, names: list[str], size, workers: int) -> float:
     """The run count of each reproduction (``module.cost``, in standard training runs) times
     the measured time of one standard run here, over the processes."""
-    if not names:
-        return 0.0
     calibration = job("calibration", "SGD", "SGD", 0, {"lr": 0.05})
     execute(calibration, size)                      # the first run also makes the data
     began = time.perf_counter()

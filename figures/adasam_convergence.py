@@ -11,7 +11,8 @@ import numpy as np
 from scipy import stats
 
 from . import plotting
-from .harness import ACCURACIES, job, means, per_seed, search, trials
+from .harness import job
+from .runner import ACCURACIES, means, per_seed, search, trials
 from .verdict import mean_above, paired
 
 NAME = "adasam_convergence"

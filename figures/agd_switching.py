@@ -13,7 +13,8 @@ import torch
 import optim
 
 from . import plotting
-from .harness import ACCURACIES, job, means, per_seed, search, trials
+from .harness import job
+from .runner import ACCURACIES, means, per_seed, search, trials
 from .verdict import every_seed, paired
 
 NAME = "agd_switching"
@@ -156,8 +157,11 @@ def grid_panel(ax, found: dict) -> None:
     if "eta" in best:
         ax.plot(lrs.index(best["lr"]), etas.index(best["eta"]), "o", mfc="none", mec="red",
                 ms=14, mew=2)
+        chosen = "circled"
+    else:
+        chosen = f"chosen: α {best['lr']:.2g}, δ {best['delta']:g} (off this grid)"
     ax.set(xlabel="AGD lr α", ylabel="η = α(1 − β₁)/δ (SGD-branch lr)",
-           title="joint (α, δ) search on validation")
+           title=f"joint (α, δ) search on validation; {chosen}")
     ax.grid(False)
 
 

@@ -6,12 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from analysis import spectral_density, top_eigenvalues
-from landscape import (PlaneResult, LineResult, pca_directions, plane, plot_contour, plot_line,
+from landscape import (LineResult, PlaneResult, pca_directions, plane, plot_contour, plot_line,
                        plot_spectral_density, plot_surface3d, plot_trajectory)
 
 from . import plotting
-from .harness import ACCURACIES, means, pop_arrays, trials
 from .measure import slices
+from .runner import ACCURACIES, means, pop_arrays, trials
 from .verdict import every_seed
 
 NAME = "landscape_gallery"

@@ -26,7 +26,8 @@ def figure(rows: int, cols: int, width: float, height: float, **kwargs):
 
 
 def band(ax, x, per_seed: Sequence[Sequence[float]], label: str, color=None, style="-"):
-    """The mean over seeds of ``per_seed`` curves with a band of +- one standard deviation."""
+    """The mean over seeds of ``per_seed`` curves with the band of their range over seeds (it
+    never leaves the data, so it stays positive on a log axis)."""
     y = np.asarray(per_seed, dtype=float)
     n = min(len(x), y.shape[1])
     x, y = np.asarray(x, dtype=float)[:n], y[:, :n]
@@ -34,8 +35,8 @@ def band(ax, x, per_seed: Sequence[Sequence[float]], label: str, color=None, sty
     label = f"{label} (n={len(y)})" if len(y) > 1 else label
     (ln,) = ax.plot(x, mean, style, color=color, label=label, lw=1.4)
     if len(y) > 1:
-        sd = np.nanstd(y, axis=0, ddof=1)
-        ax.fill_between(x, mean - sd, mean + sd, color=ln.get_color(), alpha=0.2, lw=0)
+        ax.fill_between(x, np.nanmin(y, axis=0), np.nanmax(y, axis=0), color=ln.get_color(),
+                        alpha=0.2, lw=0)
     return ln
 
 

@@ -6,7 +6,8 @@ from __future__ import annotations
 import numpy as np
 
 from . import plotting
-from .harness import ACCURACIES, job, means, per_seed, search, trials
+from .harness import job
+from .runner import ACCURACIES, means, per_seed, search, trials
 from .verdict import every_seed, paired
 
 NAME = "sala_overhead"

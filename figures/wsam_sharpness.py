@@ -10,7 +10,8 @@ from scipy.stats import spearmanr
 from landscape import LineResult, PlaneResult, plot_contour, plot_line
 
 from . import plotting
-from .harness import ACCURACIES, job, means, per_seed, pop_arrays, search, trials
+from .harness import job
+from .runner import ACCURACIES, means, per_seed, pop_arrays, search, trials
 from .verdict import mean_above, paired
 
 NAME = "wsam_sharpness"

@@ -13,8 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import (BatchSizeFn, check_choice, LossFn, make_generator, ParamSelection, randn,
-                           register_result, select_params, unflatten)
+from analysis.core import (BatchSizeFn, check_choice, guarded, LossFn, make_generator,
+                           ParamSelection, randn, register_result, select_params, unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
@@ -152,11 +152,13 @@ def update_direction(start, end, model: nn.Module, *, params: ParamSelection = N
     return Direction({n: b[n] - a[n] for n in names}, {"kind": "update", "buffers": buffers})
 
 
+@guarded
 def eigenvector_directions(model: nn.Module, loss_fn: LossFn, data, k: int = 2, *,
                            params: ParamSelection = None, model_mode: str = "eval",
                            batch_size_fn: BatchSizeFn | None = None, seed: int = 0,
                            progress: bool = True, which: str = "LA", tol: float = 1e-6,
-                           max_hvp: int | None = None) -> list[Direction]:
+                           max_hvp: int | None = None, check_deterministic: bool = True
+                           ) -> list[Direction]:
     """Unit directions along the top-``k`` Hessian eigenvectors (``analysis.top_eigenvalues``).
 
     Each Direction's ``info`` holds its eigenvalue (so the second difference of ``line``

@@ -28,8 +28,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from analysis.core import (BatchSizeFn, check_choice, check_data, check_int, check_number,
-                           check_positive, data_mean, LossFn, preserved, rank, world_size)
+from analysis.core import (all_reduce_max_, BatchSizeFn, check_choice, check_data, check_int,
+                           check_number, check_positive, data_mean, loss_reduction, LossFn,
+                           preserved, rank, world_size)
 
 from .directions import named_targets
 from .results import Progress
@@ -136,6 +137,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
         return
     parts = {n: [(j, v[n]) for j, v in enumerate(vectors) if n in v] for n in vectors[0]}
     share, me = (world_size(), rank()) if distribute == "grid" else (1, 0)
+    reduction = loss_reduction(loss_fn)
 
     with preserved(model, model_mode), torch.no_grad():
         targets = named_targets(model)
@@ -176,8 +178,13 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
                     store.n_forward += len(cs)
                 return [values, mine.to(dtype)]
 
-            total, owned = data_mean(data, per_batch, batch_size_fn).values
-            return (total / owned).cpu().double().numpy()  # owned == 1 unless distribute="grid"
+            def zeros():
+                return [torch.zeros(len(chunk), dtype=dtype, device=device) for _ in range(2)]
+
+            total, owned = data_mean(data, per_batch, batch_size_fn, reduction=reduction,
+                                     zeros=zeros).values
+            # a mean: owned == 1 unless distribute="grid"; a sum is the owner's alone already
+            return (total / owned if reduction == "mean" else total).cpu().double().numpy()
 
         plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
         group = chunk_size  # points per forward of the sequential plan
@@ -188,12 +195,17 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
         mode = stacked if plan else looped if vectorize is False else vmapped
         if chunk_size is None:
             weight_bytes = sum(v.numel() * v.element_size() for v in vectors[0].values())
-            act, largest = _activation_bytes(model, loss_fn, next(iter(data)))
-            store.n_forward += 1
+            first = next(iter(data), None)  # None: this rank's shard is empty
+            act, largest = (0, 0) if first is None else _activation_bytes(model, loss_fn, first)
+            store.n_forward += first is not None
+            # every rank must make the same passes over its shard: size for the largest batch
+            sizes = torch.tensor([float(act), float(largest)], dtype=torch.float64)
+            all_reduce_max_([sizes])
+            act, largest = (int(x) for x in sizes.tolist())
             chunk_size = max(1, min(len(todo), max_memory // (3 * weight_bytes + act)))
             group = chunk_size
             if plan and device.type == "cpu":
-                group = max(1, min(chunk_size, CPU_TENSOR_BYTES // max(largest, plan.weight_bytes(), 1)))
+                group = plan.cpu_group(largest, chunk_size)
             if mode is vmapped and device.type == "cpu":
                 cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
                 if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:

@@ -10,9 +10,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.core import (BatchSizeFn, check_loss, check_model_mode, data_mean, LossFn,
-                           ParamSelection, preserved, select_params,
-                           unwrap_compiled)
+from analysis.core import (BatchSizeFn, check_loss, check_model_mode, data_mean, guarded,
+                           loss_reduction, LossFn, ParamSelection, preserved, scalar_zeros,
+                           select_params, unwrap_compiled)
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
@@ -54,13 +54,15 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
     return n
 
 
+@guarded
 def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
                 params: ParamSelection = None, model_mode: str = "eval",
                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                 buffers: bool = True, bn_data: Iterable | None = None,
                 path: str | os.PathLike | None = None, chunk_size: int | None = None,
                 max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
-                distribute: str = "data") -> InterpolationResult:
+                distribute: str = "data", check_deterministic: bool = True
+                ) -> InterpolationResult:
     """Losses at ``w(alpha) = (1 - alpha) w_a + alpha w_b`` and the barrier above the chord.
 
     model_b: a model of the same architecture, a state_dict or a checkpoint path.
@@ -145,7 +147,8 @@ def _recalibrated(model, loss_fn, data, bn_data, vectors, coords, store: Progres
             store.n_forward += recalibrate_bn(model, loss_fn, bn_data)
             model.train(model_mode == "train")
             mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), f" at {describe(i)}")],
-                             batch_size_fn)
+                             batch_size_fn, reduction=loss_reduction(loss_fn),
+                             zeros=scalar_zeros(1))
             store.losses[i] = float(mean.values[0])
             store.n_forward += mean.n_batches
             store.write(complete=not np.isnan(store.losses).any())

@@ -13,8 +13,9 @@ a leading points dimension:
 * a layer none of whose tensors move: once on all the points' samples together;
 * any other layer whose tensors move: point by point (``functional_call``).
 
-The loss is the user's criterion on each point's outputs. Only the order of the sums differs
-from the plain evaluation, so the values agree to rounding. The model is only read.
+The loss is the user's criterion on each point's outputs (a mean cross-entropy or squared error
+on all the points' outputs at once). Only the order of the sums differs from the plain
+evaluation, so the values agree to rounding. The model is only read.
 """
 from __future__ import annotations
 
@@ -32,6 +33,8 @@ from analysis.core import LossFn, supervised
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
 _SUPERVISED = supervised(nn.MSELoss()).__code__
+GROUP_ACTIVATION_BYTES = 2 ** 19  # on a CPU: one activation tensor of a group of points
+GROUP_WEIGHT_BYTES = 2 ** 21      # on a CPU: one stacked weight tensor of a group of points
 PRECOMPUTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # linear in their weights
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish,
@@ -112,10 +115,15 @@ class SequentialPlan:
         self.first = next((i for i, layer in enumerate(layers) if layer.moving), len(layers))
         self.precompute = self.first < len(layers) and type(layers[self.first].module) in PRECOMPUTED
 
-    def weight_bytes(self) -> int:
-        """Bytes of the largest moving tensor of one point (the points' stacked weights)."""
-        return max((s.flat[0].numel() * s.flat.element_size()
-                    for layer in self.layers for s in layer.moving.values()), default=0)
+    def cpu_group(self, largest: int, limit: int) -> int:
+        """Points per forward on a CPU: at most ``limit``, with each activation tensor (one point's
+        largest is ``largest`` bytes) within ``GROUP_ACTIVATION_BYTES`` and the stacked weights
+        within ``GROUP_WEIGHT_BYTES`` (beyond, fresh allocations page-fault and cache misses
+        cost more than the batching saves; benchmarks/README.md)."""
+        weight = max((s.flat[0].numel() * s.flat.element_size()
+                      for layer in self.layers for s in layer.moving.values()), default=0)
+        return max(1, min(limit, GROUP_ACTIVATION_BYTES // max(largest, 1),
+                          GROUP_WEIGHT_BYTES // max(weight, 1)))
 
     def _first_terms(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """The first moving layer on the batch ``x``, as a function of the points' coordinates."""
@@ -123,16 +131,21 @@ class SequentialPlan:
         m = layer.module
         apply = (lambda w: F.linear(x, w)) if type(m) is nn.Linear else (lambda w: m._conv_forward(x, w, None))
         weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
-        fixed = apply(m.weight) if weight is None else None
-        terms = None if weight is None else _Stack([(j, apply(v)) for j, v in weight.values()])
-        # the bias broadcast over one sample's output
-        shape = (-1,) if type(m) is nn.Linear else (-1,) + (1,) * (x.dim() - 2)
+        shape = (-1,) if type(m) is nn.Linear else (-1,) + (1,) * (x.dim() - 2)  # a bias's view
+        fixed = apply(m.weight) if weight is None else None  # a fixed weight's part
+        terms = {} if weight is None else {j: apply(v) for j, v in weight.values()}
+        size = (fixed if fixed is not None else next(iter(terms.values()))).shape
+        for j, b in bias.values() if bias is not None else ():  # layer(x; W_j, b_j) per vector
+            terms[j] = terms[j] + b.view(shape) if j in terms else b.view(shape).expand(size)
+        stack = _Stack(sorted(terms.items()))
 
         def out(cs: Tensor) -> Tensor:
-            h = terms.at(cs) if terms is not None else fixed.expand(len(cs), *fixed.shape)
-            if bias is not None:
-                return h + bias.at(cs).view(len(cs), 1, *shape)
-            return h if m.bias is None else h + m.bias.view(shape)
+            h = stack.at(cs)
+            if fixed is not None:
+                h += fixed
+            if bias is None and m.bias is not None:
+                h += m.bias.view(shape)
+            return h
         return out
 
     def losses(self, cs: Tensor, batch: Any, group: int, device: torch.device) -> list[Any]:
@@ -146,15 +159,41 @@ class SequentialPlan:
         for start in range(0, len(cs), group):
             c = cs[start:start + group]
             h = first(c) if first is not None else x.expand(len(c), *x.shape)
-            for layer in rest:
-                h = _apply(layer, h, c)
-            out += [self.criterion(hp, y) for hp in h]
+            for i, layer in enumerate(rest):
+                h = _apply(layer, h, c, owned=first is not None or i > 0)
+            out += _point_losses(self.criterion, h, y)
         return out
 
 
-def _apply(layer: _Layer, h: Tensor, cs: Tensor) -> Tensor:
-    """``layer`` at each point ``cs[p]`` on its activations ``h[p]`` ([P, N, ...])."""
+def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], h: Tensor, y: Any) -> list[Any]:
+    """``criterion(h[p], y)`` for every point ``p``: one call on all points for a mean
+    ``CrossEntropyLoss`` (class targets, no class weights) or ``MSELoss`` (the same means,
+    summed in another order), one call per point for any other criterion."""
+    P, N = h.shape[:2]
+    kind = type(criterion)
+    if kind is nn.CrossEntropyLoss and criterion.reduction == "mean" and criterion.weight is None \
+            and h.dim() == 3 and isinstance(y, Tensor) and y.shape == (N,) and not y.is_floating_point():
+        if criterion.label_smoothing:
+            per = F.cross_entropy(h.flatten(0, 1), y.repeat(P), reduction="none",
+                                  ignore_index=criterion.ignore_index,
+                                  label_smoothing=criterion.label_smoothing).view(P, N)
+        else:  # -log_softmax(h)[y] = logsumexp(h) - h[y], without the log_softmax tensor
+            valid = y != criterion.ignore_index
+            picked = h.gather(2, torch.where(valid, y, 0).expand(P, N)[..., None])[..., 0]
+            per = (h.logsumexp(2) - picked) * valid
+        return list(per.sum(1) / (y != criterion.ignore_index).sum())
+    if kind is nn.MSELoss and criterion.reduction == "mean" and isinstance(y, Tensor) \
+            and y.shape == h.shape[1:]:
+        return list(F.mse_loss(h, y.expand_as(h), reduction="none").flatten(1).mean(1))
+    return [criterion(hp, y) for hp in h]
+
+
+def _apply(layer: _Layer, h: Tensor, cs: Tensor, owned: bool) -> Tensor:
+    """``layer`` at each point ``cs[p]`` on its activations ``h[p]`` ([P, N, ...]); ``owned``:
+    ``h`` is this evaluation's temporary (a ReLU may overwrite it)."""
     m, P = layer.module, len(cs)
+    if type(m) is nn.ReLU and owned:
+        return h.relu_()
     if not layer.moving:
         return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
     tensors = {attr: s.at(cs) for attr, s in layer.moving.items()}

@@ -7,8 +7,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from torch import Tensor, nn
 
-from analysis.core import (BatchSizeFn, check_model_mode, LossFn, ParamSelection, select_params,
-                           unwrap_compiled)
+from analysis.core import (BatchSizeFn, check_model_mode, guarded, LossFn, ParamSelection,
+                           select_params, unwrap_compiled)
 
 from .directions import Direction, check_direction, named_targets
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
@@ -55,12 +55,13 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     return store
 
 
+@guarded
 def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor], alphas, *,
          params: ParamSelection = None, model_mode: str = "eval",
          batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
          path: str | os.PathLike | None = None, chunk_size: int | None = None,
          max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
-         distribute: str = "data") -> LineResult:
+         distribute: str = "data", check_deterministic: bool = True) -> LineResult:
     """``L(w + alpha d)`` for each alpha: the exact sample-weighted mean loss over ``data``.
 
     direction: dict name -> tensor (e.g. ``random_direction``); names left out stay fixed.
@@ -70,6 +71,8 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
         computation is resumed (finished points are not recomputed).
     chunk_size, max_memory, vectorize, distribute: how points are batched and shared
         (see ``landscape.evaluate.evaluate_points``).
+    check_deterministic: first check that two passes over ``data`` agree (two forward passes:
+        each chunk of points is one pass).
     The model is left unchanged.
     """
     alphas = check_coords(alphas, "alphas")
@@ -80,12 +83,13 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
     return store.result(complete=True)
 
 
+@guarded
 def plane(model: nn.Module, loss_fn: LossFn, data, d1: Mapping[str, Tensor], d2: Mapping[str, Tensor],
           xs, ys, *, params: ParamSelection = None, model_mode: str = "eval",
           batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
           path: str | os.PathLike | None = None, chunk_size: int | None = None,
           max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
-          distribute: str = "data") -> PlaneResult:
+          distribute: str = "data", check_deterministic: bool = True) -> PlaneResult:
     """``L(w + x d1 + y d2)`` on the grid ``xs`` x ``ys``; ``losses[i, j]`` is at ``(xs[j], ys[i])``.
 
     Same keywords as :func:`line`. Under torch.distributed, ``distribute="grid"`` splits the

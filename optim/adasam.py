@@ -1,25 +1,15 @@
-"""AdaSAM: SAM with adaptive learning rate and momentum (Sun et al., arXiv 2303.00565, Algorithm 1).
-
-With s_t the gradient at the SAM point x_t + rho * g_t / ||g_t|| (same minibatch, global norm):
-
-    m_t = beta1 m_{t-1} + (1 - beta1) s_t
-    v_t = beta2 v_{t-1} + (1 - beta2) s_t^2
-    v^_t = max(v^_{t-1}, v_t),            v^_{-1} = eps^2   (eps enters only here)
-    x_{t+1} = x_t - lr * m_t / sqrt(v^_t)
-
-No bias correction and no additive eps (``bias_correction=True`` divides m by 1 - beta1^t and v^
-by 1 - beta2^t, as Adam does). Two forward-backward passes per step.
-"""
+"""AdaSAM: SAM with adaptive learning rate and momentum (Sun, Shen, Zhong, Ding, Chen, Sun, Li, Sun, Tao;
+arXiv 2303.00565)."""
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Any, Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ._checks import check_betas, check_nonnegative, check_positive
-from .sam import SharpnessAware, check_rho, grouped
-from .wrapper import CountingOptimizer
+from ._fused import FusedKernel, fusable, scalars_tensor
+from ._two_pass import TwoPassOptimizer, grouped
+from ._validation import check_betas, check_bool, check_nonnegative, check_positive
 
 
 def use_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
@@ -29,55 +19,75 @@ def use_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
     return bool(tensors) and all(t.device.type != "cpu" for t in tensors)
 
 
-class AdaSAM(SharpnessAware, CountingOptimizer):
-    """AdaSAM (Algorithm 1 of the paper). Its own optimizer, not a wrapper.
+def state_dtype(p: Tensor) -> torch.dtype:
+    """float32 moments for float16/bfloat16 parameters (eps^2 and s^2 underflow there), else p's dtype."""
+    return torch.promote_types(p.dtype, torch.float32)
 
-    Per-parameter state: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (v^, starts at
-    eps^2), ``origin`` (x_t during the perturbed pass). Counters: ``n_steps``, ``n_closure_calls``.
+
+class AdaSAM(TwoPassOptimizer):
+    """AdaSAM, the paper's Algorithm 1. Its own optimizer, not a wrapper::
+
+        g_t   = grad f_B(x_t)
+        s_t   = grad f_B(x_t + rho g_t / ||g_t||_2)          SAM gradient, same minibatch, global norm
+        m_t   = beta1 m_{t-1} + (1 - beta1) s_t
+        v_t   = beta2 v_{t-1} + (1 - beta2) s_t^2
+        v^_t  = max(v^_{t-1}, v_t),        v^_{-1} = eps^2      (eps enters only here)
+        x_{t+1} = x_t - lr m_t / sqrt(v^_t)                    no bias correction, no additive eps
+
+    ``bias_correction=True`` divides m by 1 - beta1^t and v^ by 1 - beta2^t, as Adam does. Per-parameter
+    state: ``step``, ``exp_avg`` (m), ``exp_avg_sq`` (v), ``max_exp_avg_sq`` (v^), ``origin`` (x_t during
+    the perturbed pass); the moments are float32 for float16/bfloat16 parameters. ``fused=True`` compiles
+    each tensor's update into one kernel (``torch.compile``; the eager per-tensor path if that fails, with a
+    warning); ``fused=None`` (default) means False for now. Counters: ``n_steps``, ``n_closure_calls``
+    (2 per step).
     """
 
     _rho_key = "rho"
     _adaptive_key = None
+    _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "origin"})
 
     def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  rho: float = 0.05, eps: float = 1e-8, model: nn.Module | None = None, *,
-                 bias_correction: bool = False, foreach: bool | None = None):
-        check_nonnegative("lr", lr)
-        check_positive("eps", eps)
-        check_betas(betas)
-        defaults = dict(lr=float(lr), betas=(float(betas[0]), float(betas[1])), rho=check_rho(rho), eps=float(eps),
-                        bias_correction=bool(bias_correction))
+                 bias_correction: bool = False, foreach: bool | None = None, fused: bool | None = None):
+        defaults = dict(lr=check_nonnegative("lr", lr), betas=check_betas("betas", betas),
+                        rho=check_nonnegative("rho", rho), eps=check_positive("eps", eps),
+                        bias_correction=check_bool("bias_correction", bias_correction))
         super().__init__(params, defaults)
-        self.foreach = foreach
+        self.foreach = None if foreach is None else check_bool("foreach", foreach)
+        self.fused = None if fused is None else check_bool("fused", fused)
         self._set_model(model)
 
-    @torch.no_grad()
-    def second_step(self, zero_grad: bool = False) -> None:
-        """Back to x; the AMSGrad-type update with the gradient s at the SAM point."""
-        for group, params in self._return_to_origin():
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list, list, list, list, list]:
+        """Create state where missing, advance the steps; (grads, m, v, v^, steps) of ``params``."""
+        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
+        for p in params:
+            state = self.state[p]
+            if "step" not in state:
+                dtype = state_dtype(p)
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
+                state["max_exp_avg_sq"] = torch.full_like(p, group["eps"] ** 2, dtype=dtype,
+                                                          memory_format=torch.preserve_format)
+            state["step"] += 1
+            grads.append(p.grad)
+            exp_avgs.append(state["exp_avg"])
+            exp_avg_sqs.append(state["exp_avg_sq"])
+            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
+            steps.append(state["step"])
+        return grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+
+    def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        """The AMSGrad-type update with the gradient s at the SAM point."""
+        for group, params in perturbed:
             if not params:
                 continue
-            for p in params:
-                self._init_state(p, group["eps"])
-            states = [self.state[p] for p in params]
-            for s in states:
-                s["step"] += 1
-            steps = [s["step"] for s in states]
-            multi = use_foreach(self.foreach, params) and len(set(steps)) == 1
-            fn = _multi_tensor_adasam if multi else _single_tensor_adasam
-            fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-               [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states],
-               steps=steps, lr=group["lr"], betas=group["betas"],
-               bias_correction=group["bias_correction"])
-        self._finish_step(zero_grad)
-
-    def _init_state(self, p: Tensor, eps: float) -> None:
-        state = self.state[p]
-        if "step" not in state:
-            state["step"] = 0
-            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            state["max_exp_avg_sq"] = torch.full_like(p, eps * eps, memory_format=torch.preserve_format)
+            grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._init_group(group, params)
+            multi = use_foreach(self.foreach, params) and len(set(steps)) == 1 \
+                and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params))
+            fn = _fused_adasam if self.fused else _multi_tensor_adasam if multi else _single_tensor_adasam
+            fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps=steps, lr=group["lr"],
+               betas=group["betas"], bias_correction=group["bias_correction"])
 
     @torch.no_grad()
     def preconditioner(self) -> dict[Tensor, Tensor]:
@@ -93,8 +103,7 @@ class AdaSAM(SharpnessAware, CountingOptimizer):
         return out
 
 
-def _step_size(lr: float, betas: tuple[float, float], step: int, bias_correction: bool
-               ) -> tuple[float, float]:
+def _step_size(lr: float, betas: tuple[float, float], step: int, bias_correction: bool) -> tuple[float, float]:
     """(lr / (1 - beta1^t), 1 / (1 - beta2^t)) with bias correction, else (lr, 1)."""
     if not bias_correction:
         return lr, 1.0
@@ -110,12 +119,15 @@ def _single_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs,
         v.mul_(beta2).addcmul_(s, s, value=1.0 - beta2)
         torch.maximum(v_max, v, out=v_max)
         denom = (v_max * v_scale).sqrt_() if bias_correction else v_max.sqrt()
-        p.addcdiv_(m, denom, value=-step_size)
+        if m.dtype == p.dtype:
+            p.addcdiv_(m, denom, value=-step_size)
+        else:   # float32 moments of a low-precision parameter: one rounding, at the end
+            p.copy_(p.to(m.dtype).addcdiv_(m, denom, value=-step_size))
 
 
 def _multi_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
                          bias_correction) -> None:
-    """The same update with ``torch._foreach_*`` (all ``steps`` equal)."""
+    """The same update with ``torch._foreach_*`` (all ``steps`` equal, moments in the parameters' dtype)."""
     beta1, beta2 = betas
     step_size, v_scale = _step_size(lr, betas, steps[0], bias_correction)
     for ps, ss, ms, vs, v_maxs in grouped(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs):
@@ -126,3 +138,38 @@ def _multi_tensor_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, 
         torch._foreach_maximum_(v_maxs, vs)
         denom = torch._foreach_sqrt(torch._foreach_mul(v_maxs, v_scale) if bias_correction else v_maxs)
         torch._foreach_addcdiv_(ps, ms, denom, value=-step_size)
+
+
+def _adasam_kernel(p: Tensor, s: Tensor, m: Tensor, v: Tensor, v_max: Tensor, c: Tensor, *,
+                   bias_correction: bool) -> None:
+    """The update of ``_single_tensor_adasam`` for one tensor, written for ``torch.compile``."""
+    beta1, beta2, step_size, v_scale = c.to(m.dtype).unbind()
+    s = s.to(m.dtype)
+    m.copy_(beta1 * m + (1.0 - beta1) * s)
+    v.copy_(beta2 * v + (1.0 - beta2) * s * s)
+    v_max.copy_(torch.maximum(v_max, v))
+    denom = (v_max * v_scale).sqrt() if bias_correction else v_max.sqrt()
+    p.copy_(p.to(m.dtype) - step_size * m / denom)
+
+
+def _adasam_group(tensors: list[tuple[Tensor, ...]], scalars: Tensor, **flags: bool) -> None:
+    for i, ts in enumerate(tensors):
+        _adasam_kernel(*ts, scalars[i], **flags)
+
+
+_ADASAM_KERNEL = FusedKernel(_adasam_group, "AdaSAM")
+
+
+def _fused_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
+                  bias_correction) -> None:
+    """The group's updates in one compiled call; the eager per-tensor path for the tensors it cannot take."""
+    rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs))
+    fused = [i for i, ts in enumerate(rows) if fusable(*ts)]
+    scalars = scalars_tensor([(betas[0], betas[1], *_step_size(lr, betas, steps[i], bias_correction)) for i in fused])
+    done = bool(fused) and _ADASAM_KERNEL([rows[i] for i in fused], scalars,
+                                          bias_correction=bias_correction)[0]
+    eager = [i for i in range(len(rows)) if not (done and i in set(fused))]
+    if eager:
+        _single_tensor_adasam(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_sqs,
+                                                                   max_exp_avg_sqs)),
+                              steps=[steps[i] for i in eager], lr=lr, betas=betas, bias_correction=bias_correction)

@@ -1,32 +1,20 @@
-"""AGD: auto-switchable optimizer using the stepwise gradient difference (Yue et al., NeurIPS 2023).
-
-Per element, with m̂_t = m_t / (1 - β1^t) (spec §1.1, the paper's Algorithm 1):
-
-    s_t = m̂_t - m̂_{t-1}   (s_1 = g_1)                   stepwise difference      (1)
-    b_t = β2 b_{t-1} + (1 - β2) s_t²                      second moment of s       (2)
-    D_t = max(sqrt(B_t), δ sqrt(1 - β2^t))   B = b or the amsgrad max of b           (3)
-    x_{t+1} = x_t - α sqrt(1 - β2^t) / (1 - β1^t) · clip(m_t / D_t)                 (4)
-
-that is x_{t+1} = x_t - α m̂_t / max(sqrt(b̂_t), δ): Adam-like where sqrt(b̂_t) > δ, SGD with EMA momentum and
-learning rate α/δ elsewhere. ``sgd_fraction()`` reports the share of elements on the SGD branch.
-
-No copy of m is kept: before m is updated, s_t = c_g (g_t + (c_m / c_g) m_{t-1}) with c_g = (1-β1)/bc1_t and
-c_m = β1/bc1_t - 1/bc1_{t-1} (expand m_t in (1)); the factor c_g² goes into the b update. This also holds for β1 = 0.
-"""
+"""AGD: auto-switchable optimizer using the stepwise gradient difference (Yue, Ye, Jiang, Liu, Zhang;
+NeurIPS 2023, arXiv 2312.01658)."""
 from __future__ import annotations
 
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
-from ._checks import check_betas, check_nonnegative, check_positive
+from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import to_host
-from ._scratch import scratch
+from ._scratch import Scratch, scratch
+from ._validation import check_betas, check_bool, check_nonnegative, check_optional_positive, check_positive
+from .wrapper import CheckedState
 
 
 @dataclass(frozen=True)
@@ -46,29 +34,51 @@ def _step_scalars(t: int, lr: float, beta1: float, beta2: float, delta: float) -
                         threshold=delta * math.sqrt(bc2), step_size=lr * math.sqrt(bc2) / bc1)
 
 
-class AGD(Optimizer):
-    """AGD (spec §1). ``clip`` bounds the ratio m/D before the lr scaling; ``weight_decouple`` selects
-    decoupled decay x <- x (1 - α λ) (or x (1 - λ) with ``fixed_decay``) against L2 added to a copy of the
-    gradient (``p.grad`` is never modified). ``foreach=None`` uses the multi-tensor path off the CPU."""
+class AGD(CheckedState):
+    """AGD, the paper's Algorithm 1, per element, with m̂_t = m_t / (1 - β1^t)::
+
+        s_t = m̂_t - m̂_{t-1}   (s_1 = g_1)                   stepwise difference of the moments
+        b_t = β2 b_{t-1} + (1 - β2) s_t²                     B_t = b_t, or max(B_{t-1}, b_t) with amsgrad
+        D_t = max(sqrt(B_t), δ sqrt(1 - β2^t))               the auto-switch
+        x_{t+1} = x_t - α sqrt(1 - β2^t) / (1 - β1^t) · clip(m_t / D_t)
+
+    that is x_{t+1} = x_t - α m̂_t / max(sqrt(b̂_t), δ): Adam-like where sqrt(b̂_t) > δ, SGD with EMA
+    momentum and learning rate α/δ elsewhere. ``sgd_fraction()`` reports the share of elements
+    on the SGD branch.
+
+    ``clip`` bounds the ratio m/D before the lr scaling; ``weight_decouple`` selects decoupled decay
+    x <- x (1 - α λ) (or x (1 - λ) with ``fixed_decay``) against L2 added to a copy of the gradient
+    (``p.grad`` is never modified). ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True``
+    compiles each tensor's update into one kernel (``torch.compile``; the eager per-tensor path if that
+    fails, with a warning); ``fused=None`` (default) means False for now, see the README.
+    No copy of m is kept: before m is updated, s_t = c_g (g_t + (c_m / c_g) m_{t-1}) with
+    c_g = (1-β1)/bc1_t and c_m = β1/bc1_t - 1/bc1_{t-1}; the factor c_g² goes into the b update.
+    """
+
+    _state_keys = frozenset({"step", "exp_avg", "exp_avg_diff_sq", "max_exp_avg_diff_sq"})
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
                  delta: float = 1e-5, weight_decay: float = 0.0, weight_decouple: bool = True,
                  fixed_decay: bool = False, amsgrad: bool = False, clip: float | None = None, *,
-                 foreach: bool | None = None):
+                 foreach: bool | None = None, fused: bool | None = None):
         defaults = dict(lr=lr, betas=betas, delta=delta, weight_decay=weight_decay,
                         weight_decouple=weight_decouple, fixed_decay=fixed_decay, amsgrad=amsgrad,
-                        clip=clip, foreach=foreach)
+                        clip=clip, foreach=foreach, fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_nonnegative("lr", group["lr"])
-        check_betas(group["betas"])
-        check_positive("delta", group["delta"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        if group["clip"] is not None:
-            check_positive("clip", group["clip"])
+        group["lr"] = check_nonnegative("lr", group["lr"])
+        group["betas"] = check_betas("betas", group["betas"])
+        group["delta"] = check_positive("delta", group["delta"])
+        group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
+        for flag in ("weight_decouple", "fixed_decay", "amsgrad"):
+            group[flag] = check_bool(flag, group[flag])
+        group["clip"] = check_optional_positive("clip", group["clip"])
+        for flag in ("foreach", "fused"):
+            if group[flag] is not None:
+                group[flag] = check_bool(flag, group[flag])
 
     def _init_group(self, group: dict) -> list[Tensor]:
         """Create state where missing, advance the step counters; return the params that have a grad."""
@@ -103,74 +113,18 @@ class AGD(Optimizer):
             foreach = group["foreach"]
             if foreach is None:
                 foreach = all(p.device.type != "cpu" for p in params)
-            (self._foreach_update if foreach else self._single_update)(group, params)
+            states = [self.state[p] for p in params]
+            fn = _fused_agd if group["fused"] else _multi_tensor_agd if foreach else _single_tensor_agd
+            fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],
+               [s["exp_avg_diff_sq"] for s in states],
+               [s["max_exp_avg_diff_sq"] if group["amsgrad"] else s["exp_avg_diff_sq"] for s in states],
+               [s["step"] for s in states], work=scratch(self), **_options(group))
         return loss
 
     def _second_moment(self, group: dict, p: Tensor) -> Tensor:
-        """B of eq. (3): the amsgrad running max of b when amsgrad is on, else b."""
+        """B: the amsgrad running max of b when amsgrad is on, else b."""
         state = self.state[p]
         return state["max_exp_avg_diff_sq"] if group["amsgrad"] else state["exp_avg_diff_sq"]
-
-    def _decay_factor(self, group: dict) -> float:
-        return 1.0 - group["weight_decay"] * (1.0 if group["fixed_decay"] else group["lr"])
-
-    def _single_update(self, group: dict, params: list[Tensor]) -> None:
-        beta1, beta2 = group["betas"]
-        wd, clip = group["weight_decay"], group["clip"]
-        work = scratch(self)
-        for p in params:
-            state = self.state[p]
-            c = _step_scalars(state["step"], group["lr"], beta1, beta2, group["delta"])
-            m, b = state["exp_avg"], state["exp_avg_diff_sq"]
-            g = p.grad
-            if wd != 0 and group["weight_decouple"]:
-                p.mul_(self._decay_factor(group))
-            elif wd != 0:
-                g = torch.add(g, p, alpha=wd, out=work.like(p, 1))      # L2 on a copy of the grad
-            # eq. (1), up to the factor c_g
-            s = torch.add(g, m, alpha=c.diff_coef, out=work.like(p, 0)) if c.diff_coef else g
-            m.lerp_(g, 1.0 - beta1)
-            b.mul_(beta2).addcmul_(s, s, value=c.sq_coef)                # eq. (2)
-            if group["amsgrad"]:
-                torch.maximum(state["max_exp_avg_diff_sq"], b, out=state["max_exp_avg_diff_sq"])
-            denom = torch.sqrt(self._second_moment(group, p), out=work.like(p, 0))
-            denom.clamp_min_(c.threshold)                                # eq. (3)
-            if clip is None:                                             # eq. (4)
-                p.addcdiv_(m, denom, value=-c.step_size)
-            else:
-                p.add_(torch.div(m, denom, out=denom).clamp_(-clip, clip), alpha=-c.step_size)
-
-    def _foreach_update(self, group: dict, params: list[Tensor]) -> None:
-        beta1, beta2 = group["betas"]
-        wd, clip = group["weight_decay"], group["clip"]
-        buckets: dict[tuple, list[Tensor]] = defaultdict(list)
-        for p in params:
-            buckets[(p.device, p.dtype, self.state[p]["step"])].append(p)
-        for (_, _, t), ps in buckets.items():
-            c = _step_scalars(t, group["lr"], beta1, beta2, group["delta"])
-            states = [self.state[p] for p in ps]
-            ms = [st["exp_avg"] for st in states]
-            bs = [st["exp_avg_diff_sq"] for st in states]
-            grads = [p.grad for p in ps]
-            if wd != 0 and group["weight_decouple"]:
-                torch._foreach_mul_(ps, self._decay_factor(group))
-            elif wd != 0:
-                grads = torch._foreach_add(grads, ps, alpha=wd)
-            diffs = torch._foreach_add(grads, ms, alpha=c.diff_coef) if c.diff_coef else grads
-            torch._foreach_lerp_(ms, grads, 1.0 - beta1)
-            torch._foreach_mul_(bs, beta2)
-            torch._foreach_addcmul_(bs, diffs, diffs, value=c.sq_coef)
-            if group["amsgrad"]:
-                torch._foreach_maximum_([st["max_exp_avg_diff_sq"] for st in states], bs)
-            denoms = torch._foreach_sqrt([self._second_moment(group, p) for p in ps])
-            torch._foreach_clamp_min_(denoms, c.threshold)
-            if clip is None:
-                torch._foreach_addcdiv_(ps, ms, denoms, value=-c.step_size)
-            else:
-                ratios = torch._foreach_div(ms, denoms)
-                torch._foreach_clamp_min_(ratios, -clip)
-                torch._foreach_clamp_max_(ratios, clip)
-                torch._foreach_add_(ps, ratios, alpha=-c.step_size)
 
     @torch.no_grad()
     def sgd_fraction(self, per_param: bool = False) -> float | dict[int, float]:
@@ -212,3 +166,119 @@ class AGD(Optimizer):
                     out[p] = (root < group["delta"] * root_bc2 if sgd_mask
                               else root.div_(root_bc2).clamp_min_(group["delta"]))
         return out
+
+def _options(group: dict[str, Any]) -> dict[str, Any]:
+    """The keyword arguments of the update functions, read from a param group."""
+    wd = group["weight_decay"]
+    return dict(lr=group["lr"], betas=group["betas"], delta=group["delta"], amsgrad=group["amsgrad"],
+                clip=group["clip"],
+                decay=1.0 - wd * (1.0 if group["fixed_decay"] else group["lr"])
+                if wd != 0 and group["weight_decouple"] else None,
+                l2=wd if wd != 0 and not group["weight_decouple"] else 0.0)
+
+
+def _single_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                       exp_avg_diff_sqs: list[Tensor], second_moments: list[Tensor], steps: list[int], *,
+                       lr: float, betas: tuple[float, float], delta: float, amsgrad: bool, clip: float | None,
+                       decay: float | None, l2: float, work: Scratch) -> None:
+    """One tensor at a time; temporaries in ``work``. ``second_moments`` is B (b, or its running max)."""
+    beta1, beta2 = betas
+    for p, g, m, b, big_b, t in zip(params, grads, exp_avgs, exp_avg_diff_sqs, second_moments, steps):
+        c = _step_scalars(t, lr, beta1, beta2, delta)
+        if decay is not None:
+            p.mul_(decay)
+        elif l2:
+            g = torch.add(g, p, alpha=l2, out=work.like(p, 1))           # L2 on a copy of the grad
+        s = torch.add(g, m, alpha=c.diff_coef, out=work.like(p, 0)) if c.diff_coef else g   # s_t / c_g
+        m.lerp_(g, 1.0 - beta1)
+        b.mul_(beta2).addcmul_(s, s, value=c.sq_coef)
+        if amsgrad:
+            torch.maximum(big_b, b, out=big_b)
+        denom = torch.sqrt(big_b, out=work.like(p, 0)).clamp_min_(c.threshold)
+        if clip is None:
+            p.addcdiv_(m, denom, value=-c.step_size)
+        else:
+            p.add_(torch.div(m, denom, out=denom).clamp_(-clip, clip), alpha=-c.step_size)
+
+
+def _multi_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
+                      exp_avg_diff_sqs: list[Tensor], second_moments: list[Tensor], steps: list[int], *,
+                      lr: float, betas: tuple[float, float], delta: float, amsgrad: bool, clip: float | None,
+                      decay: float | None, l2: float, work: Scratch) -> None:
+    """The same update with ``torch._foreach_*``, per device, dtype and step count."""
+    beta1, beta2 = betas
+    buckets: dict[tuple, list[int]] = defaultdict(list)
+    for i, (p, t) in enumerate(zip(params, steps)):
+        buckets[(p.device, p.dtype, t)].append(i)
+    for (_, _, t), rows in buckets.items():
+        ps, gs, ms, bs, big_bs = ([xs[i] for i in rows] for xs in (params, grads, exp_avgs, exp_avg_diff_sqs,
+                                                                    second_moments))
+        c = _step_scalars(t, lr, beta1, beta2, delta)
+        if decay is not None:
+            torch._foreach_mul_(ps, decay)
+        elif l2:
+            gs = torch._foreach_add(gs, ps, alpha=l2)
+        diffs = torch._foreach_add(gs, ms, alpha=c.diff_coef) if c.diff_coef else gs
+        torch._foreach_lerp_(ms, gs, 1.0 - beta1)
+        torch._foreach_mul_(bs, beta2)
+        torch._foreach_addcmul_(bs, diffs, diffs, value=c.sq_coef)
+        if amsgrad:
+            torch._foreach_maximum_(big_bs, bs)
+        denoms = torch._foreach_sqrt(big_bs)
+        torch._foreach_clamp_min_(denoms, c.threshold)
+        if clip is None:
+            torch._foreach_addcdiv_(ps, ms, denoms, value=-c.step_size)
+        else:
+            ratios = torch._foreach_div(ms, denoms)
+            torch._foreach_clamp_min_(ratios, -clip)
+            torch._foreach_clamp_max_(ratios, clip)
+            torch._foreach_add_(ps, ratios, alpha=-c.step_size)
+
+
+def _agd_kernel(p: Tensor, g: Tensor, m: Tensor, b: Tensor, b_max: Tensor | None, c: Tensor, *,
+                decoupled: bool, coupled: bool, clipped: bool) -> None:
+    """The update of ``_single_tensor_agd`` for one tensor, written for ``torch.compile``."""
+    diff_coef, sq_coef, threshold, step_size, beta1, beta2, decay, l2, clip = c.to(p.dtype).unbind()
+    if decoupled:
+        p.mul_(decay)
+    if coupled:
+        g = g + l2 * p
+    s = g + diff_coef * m
+    m.copy_(m + (1.0 - beta1) * (g - m))
+    b.copy_(beta2 * b + sq_coef * s * s)
+    if b_max is not None:
+        b_max.copy_(torch.maximum(b_max, b))
+    ratio = m / torch.maximum((b if b_max is None else b_max).sqrt(), threshold)
+    if clipped:
+        ratio = torch.minimum(torch.maximum(ratio, -clip), clip)
+    p.copy_(p - step_size * ratio)
+
+
+def _agd_group(tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: bool) -> None:
+    for i, ts in enumerate(tensors):
+        _agd_kernel(*ts, scalars[i], **flags)
+
+
+_AGD_KERNEL = FusedKernel(_agd_group, "AGD")
+
+
+def _fused_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_diff_sqs: list[Tensor],
+               second_moments: list[Tensor], steps: list[int], *, lr: float, betas: tuple[float, float],
+               delta: float, amsgrad: bool, clip: float | None, decay: float | None, l2: float,
+               work: Scratch) -> None:
+    """The group's updates in one compiled call; the eager per-tensor path for the tensors it cannot take."""
+    beta1, beta2 = betas
+    rows = list(zip(params, grads, exp_avgs, exp_avg_diff_sqs, [b if amsgrad else None for b in second_moments]))
+    fused = [i for i, ts in enumerate(rows) if fusable(*ts)]
+    scalars = []
+    for i in fused:
+        c = _step_scalars(steps[i], lr, beta1, beta2, delta)
+        scalars.append((c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2,
+                        1.0 if decay is None else decay, l2, 0.0 if clip is None else clip))
+    done = bool(fused) and _AGD_KERNEL([rows[i] for i in fused], scalars_tensor(scalars),
+                                       decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)[0]
+    eager = [i for i in range(len(rows)) if not (done and i in set(fused))]
+    if eager:
+        _single_tensor_agd(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_diff_sqs,
+                                                                second_moments, steps)),
+                           lr=lr, betas=betas, delta=delta, amsgrad=amsgrad, clip=clip, decay=decay, l2=l2, work=work)

@@ -1,9 +1,4 @@
-"""Lookahead (Zhang, Lucas, Hinton, Ba; NeurIPS 2019, Algorithm 1).
-
-The base optimizer takes k fast steps from the slow weights; then phi <- phi + alpha (theta - phi)
-and theta <- phi. The slow weights start at the parameters at construction (phi_0 = theta_0) and the
-base optimizer's state is kept across cycles.
-"""
+"""Lookahead (Zhang, Lucas, Hinton, Ba; NeurIPS 2019), and the slow-weight swap it shares with SALA."""
 from __future__ import annotations
 
 import contextlib
@@ -13,20 +8,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .sam import grouped
+from ._two_pass import grouped
+from ._validation import check_int, check_number
 from .wrapper import Closure, WrapperOptimizer
-
-
-def check_k(k: int, minimum: int = 1) -> int:
-    if isinstance(k, bool) or not isinstance(k, int) or k < minimum:
-        raise ValueError(f"k must be an integer >= {minimum}, got {k!r}")
-    return k
-
-
-def check_alpha(alpha: float) -> float:
-    if not (isinstance(alpha, (int, float)) and 0.0 < alpha <= 1.0):
-        raise ValueError(f"alpha must be in (0, 1], got {alpha!r}")
-    return float(alpha)
 
 
 @contextlib.contextmanager
@@ -49,29 +33,45 @@ def _swap(a: Tensor, b: Tensor) -> None:
     b.copy_(tmp)
 
 
-class Lookahead(WrapperOptimizer):
-    """Lookahead over an already-built base optimizer.
+def check_alpha(alpha: Any) -> float:
+    """The slow step alpha in (0, 1]."""
+    return check_number("alpha", alpha, low=0, low_open=True, high=1)
 
-    Param-group key ``lookahead_alpha``; per-parameter state ``slow`` (phi). ``step(closure)`` passes
-    the closure to the base optimizer (one pass for SGD/Adam); ``step()`` after the caller's own
-    backward also works. ``slow_weights()`` swaps phi in for evaluation. Counters: ``n_steps``,
-    ``n_closure_calls``.
+
+class Lookahead(WrapperOptimizer):
+    """Lookahead over an already-built base optimizer (the paper's Algorithm 1)::
+
+        phi_0 = theta_0
+        for t = 1, 2, ...:
+            theta_{t,0} = phi_{t-1}
+            theta_{t,i} = theta_{t,i-1} + A(L, theta_{t,i-1}, minibatch)     i = 1..k, base optimizer A
+            phi_t = phi_{t-1} + alpha (theta_{t,k} - phi_{t-1})
+
+    The base optimizer's state is kept across cycles (the paper's "maintain" option). Param-group key
+    ``lookahead_alpha``; per-parameter state ``slow`` (phi). ``step(closure)`` passes the closure to the
+    base optimizer (one pass for SGD/Adam); ``step()`` after the caller's own backward also works.
+    ``slow_weights()`` swaps phi in for evaluation. Counters: ``n_steps``, ``n_closure_calls``.
     """
+
+    _state_keys = frozenset({"slow"})
 
     def __init__(self, base_optimizer: Optimizer, k: int = 5, alpha: float = 0.5):
         super().__init__(base_optimizer, dict(lookahead_alpha=check_alpha(alpha)))
-        self.k = check_k(k)
+        self.k = check_int("k", k, low=1)
         for group in self.param_groups:
-            self._init_slow(group)
+            self._init_group(group)
 
-    def _init_slow(self, group: dict[str, Any]) -> None:
+    def _init_group(self, group: dict[str, Any]) -> list[Tensor]:
+        """The slow buffers of ``group``, phi = theta where missing."""
         for p in group["params"]:
-            self.state[p]["slow"] = p.detach().clone(memory_format=torch.preserve_format)
+            if "slow" not in self.state[p]:
+                self.state[p]["slow"] = p.detach().clone(memory_format=torch.preserve_format)
+        return [self.state[p]["slow"] for p in group["params"]]
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         super().add_param_group(param_group)
         if "base_optimizer" in self.__dict__:
-            self._init_slow(param_group)
+            self._init_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:
@@ -79,14 +79,14 @@ class Lookahead(WrapperOptimizer):
         self.n_steps += 1
         if self.n_steps % self.k == 0:
             for group in self.param_groups:
-                params = group["params"]
-                slows = [self.state[p]["slow"] for p in params]
-                for ps, ss in grouped(params, slows):
+                for ps, ss in grouped(group["params"], self._init_group(group)):
                     torch._foreach_lerp_(ss, ps, group["lookahead_alpha"])  # phi += alpha (theta - phi)
                     torch._foreach_copy_(ps, ss)  # theta <- phi
         return loss
 
     def slow_weights(self) -> contextlib.AbstractContextManager:
         """Context manager: the parameters hold the slow weights inside, the fast ones after."""
-        return swapped_slow_weights([(p, self.state[p]["slow"]) for g in self.param_groups
-                                     for p in g["params"]])
+        return swapped_slow_weights([(p, self.state[p]["slow"]) for p in self._params()])
+
+    def _params(self) -> list[Tensor]:
+        return [p for g in self.param_groups for p in g["params"]]

@@ -1,31 +1,5 @@
 """ND-Adam: normalized direction-preserving Adam (Zhang, Ma, Li, Wu, arXiv 1709.04546), and the paper's
-softmax logit regularisers.
-
-For each weight vector w (one slice along dim 0: a row of a linear weight, an output channel of a conv
-kernel), kept at unit norm, with step t (spec §3.2, the paper's Algorithm 1):
-
-    ḡ = g - (g·w) w                              tangent projection of the gradient
-    m <- β1 m + (1 - β1) ḡ,   v <- β2 v + (1 - β2) ||ḡ||²   (one scalar v per vector)
-    w̄ = w - α m̂ / (sqrt(v̂) + ε),   w <- w̄ / ||w̄||    (m̂, v̂ bias corrected)
-
-ε is added to sqrt(v̂), as in the spec and the TF reference (the PyTorch port adds it to sqrt(v)).
-
-Parameters of a group with ``nd=False`` (default: those with ndim < 2, i.e. biases and norm offsets) take plain
-Adam, written as ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient;
-weight decay never applies to unit vectors, whose norm is fixed. The reference code uses a larger lr for the
-vectors (α_v = 50 α_s in the paper's runs): give them their own param group.
-
-Start on the sphere: when a vector parameter gets its state (its first step), each vector is normalised
-in place before the first projection, so that the projection is exactly onto the tangent space at a unit
-vector. The first gradient was taken at the unnormalised weights; normalise the model beforehand
-(``normalize_vectors_``) to have it taken on the sphere too.
-
-Diagnostics (spec §3.5), kept per vector parameter as 0-d device tensors and synchronised only when read:
-``angular_step()`` (mean over the vectors of arccos(w_t · w_{t-1}), radians) and ``update_cosine()`` (cosine
-between the step -α m̂/(sqrt(v̂) + ε), before renormalisation, and -ḡ over the whole tensor). The angle is
-computed as atan2(α|u_⊥|, 1 - α w·u) with u = m̂/(sqrt(v̂) + ε), equal to the arccos for unit w but accurate
-for small angles, where the arccos of a float32 dot product is not.
-"""
+softmax logit regularisers (its regularized-softmax section)."""
 from __future__ import annotations
 
 import math
@@ -34,11 +8,12 @@ from typing import Callable, Iterable
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.optim import Optimizer
 
-from ._checks import check_betas, check_nonnegative, check_positive
+from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import to_host
-from ._scratch import scratch
+from ._scratch import Scratch, scratch
+from ._validation import check_betas, check_bool, check_int, check_nonnegative, check_positive
+from .wrapper import CheckedState
 
 
 def _vector_dims(w: Tensor) -> tuple[int, ...]:
@@ -55,41 +30,71 @@ def _row_norms(w: Tensor) -> Tensor:
     return torch.linalg.vector_norm(w, dim=_vector_dims(w), keepdim=True)
 
 
-def _foreach_denominators(exp_avg_sqs: list[Tensor], scalars: list[tuple[float, float]],
-                          eps: float) -> list[Tensor]:
-    """Adam's ``sqrt(v_t) / sqrt(1 - beta2^t) + eps`` for each tensor (new tensors)."""
-    denoms = torch._foreach_sqrt(exp_avg_sqs)
-    torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in scalars])
-    torch._foreach_add_(denoms, eps)
-    return denoms
+def _compute_dtype(p: Tensor) -> torch.dtype:
+    """float32 state and arithmetic for float16/bfloat16 parameters (eps and small norms underflow there)."""
+    return torch.promote_types(p.dtype, torch.float32)
 
 
 @torch.no_grad()
 def normalize_vectors_(params: Iterable[Tensor]) -> None:
-    """Scale every slice along dim 0 of each tensor with ndim >= 2 to unit norm, in place."""
+    """Scale every slice along dim 0 of each tensor with ndim >= 2 to unit norm, in place (norms in
+    float32 or better); an all-zero slice stays zero."""
     for p in params:
         if p.dim() >= 2:
-            p.div_(_row_norms(p))
+            norms = _row_norms(p.to(_compute_dtype(p)))
+            p.div_(norms.clamp_min_(torch.finfo(norms.dtype).tiny))
 
 
-class NDAdam(Optimizer):
-    """ND-Adam (spec §3). Param-group key ``nd``: True -> unit weight vectors; False -> plain Adam;
-    None (default) -> True for tensors with ndim >= 2. ``foreach=None`` uses the multi-tensor path off the CPU."""
+class NDAdam(CheckedState):
+    """ND-Adam, the paper's Algorithm 1. For each weight vector w (one slice along dim 0: a row of a linear
+    weight, an output channel of a conv kernel), kept at unit norm::
+
+        ḡ_t = g_t - (g_t·w_{t-1}) w_{t-1}                   tangent projection of the gradient
+        m_t = β1 m_{t-1} + (1 - β1) ḡ_t,   v_t = β2 v_{t-1} + (1 - β2) ||ḡ_t||²   (one scalar v per vector)
+        w̄_t = w_{t-1} - α m̂_t / (sqrt(v̂_t) + ε),   w_t = w̄_t / ||w̄_t||          (m̂, v̂ bias corrected)
+
+    ε is added to sqrt(v̂), as in the TF reference (the PyTorch port adds it to sqrt(v)).
+
+    Param-group key ``nd``: True -> unit weight vectors; False -> plain Adam, written as
+    ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient (weight
+    decay never applies to unit vectors); None (default) -> True for tensors with ndim >= 2. The paper's
+    runs use a larger lr for the vectors (α_v = 50 α_s): give them their own param group.
+    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles each vector parameter's
+    update into one kernel (``torch.compile``; the eager per-tensor path if that fails, with a warning);
+    ``fused=None`` (default) means False for now. float16/bfloat16 parameters keep float32 state.
+
+    Start on the sphere: when a vector parameter gets its state (its first step), each vector is normalised
+    in place before the first projection. The first gradient was taken at the unnormalised weights;
+    normalise the model beforehand (``normalize_vectors_``) to have it taken on the sphere too.
+
+    Diagnostics (the angular step the paper discusses), kept per vector parameter as 0-d device tensors and synchronised only when read:
+    ``angular_step()`` (mean over the vectors of arccos(w_t · w_{t-1}), radians) and ``update_cosine()``
+    (cosine between the step -α m̂/(sqrt(v̂) + ε), before renormalisation, and -ḡ over the whole tensor).
+    The angle is computed as atan2(α|u_⊥|, 1 - α w·u) with u = m̂/(sqrt(v̂) + ε), equal to the arccos for
+    unit w but accurate for small angles.
+    """
+
+    _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "angle", "update_cosine"})
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, weight_decay: float = 0.0, *, foreach: bool | None = None):
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nd=None, foreach=foreach)
+                 eps: float = 1e-8, weight_decay: float = 0.0, *, foreach: bool | None = None,
+                 fused: bool | None = None):
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, nd=None, foreach=foreach,
+                        fused=fused)
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        check_nonnegative("lr", group["lr"])
-        check_betas(group["betas"])
-        check_nonnegative("eps", group["eps"])
-        check_nonnegative("weight_decay", group["weight_decay"])
-        if group["nd"] not in (None, True, False):
-            raise ValueError(f"nd must be True, False or None (automatic), got {group['nd']!r}")
+        group["lr"] = check_nonnegative("lr", group["lr"])
+        group["betas"] = check_betas("betas", group["betas"])
+        group["eps"] = check_nonnegative("eps", group["eps"])
+        group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
+        if group["nd"] is not None:
+            group["nd"] = check_bool("nd (True, False or None for automatic)", group["nd"])
+        for flag in ("foreach", "fused"):
+            if group[flag] is not None:
+                group[flag] = check_bool(flag, group[flag])
         if group["nd"] and any(p.dim() < 2 for p in group["params"]):
             raise ValueError("nd=True needs parameters with ndim >= 2 (one unit vector per slice along dim 0)")
 
@@ -108,19 +113,20 @@ class NDAdam(Optimizer):
             nd = self._is_nd(group, p)
             state = self.state[p]
             if not state:
-                norms = _row_norms(p) if nd else None
+                dtype = _compute_dtype(p)
+                norms = _row_norms(p.to(dtype)) if nd else None
                 if nd and not bool((norms > 0).all()):   # a host sync, once per parameter (its first step)
                     raise ValueError("NDAdam: a weight vector (slice along dim 0) is all zeros; give it a "
                                      "nonzero init or put the parameter in a group with nd=False")
                 state["step"] = 0
-                state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                state["exp_avg"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
                 if nd:
                     p.div_(norms)
-                    state["exp_avg_sq"] = p.new_zeros((len(p),) + (1,) * (p.dim() - 1))
-                    state["angle"] = p.new_zeros(())
-                    state["update_cosine"] = p.new_zeros(())
+                    state["exp_avg_sq"] = p.new_zeros((len(p),) + (1,) * (p.dim() - 1), dtype=dtype)
+                    state["angle"] = p.new_zeros((), dtype=dtype)
+                    state["update_cosine"] = p.new_zeros((), dtype=dtype)
                 else:
-                    state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+                    state["exp_avg_sq"] = torch.zeros_like(p, dtype=dtype, memory_format=torch.preserve_format)
             state["step"] += 1
             (vectors if nd else scalars).append(p)
         return vectors, scalars
@@ -137,94 +143,17 @@ class NDAdam(Optimizer):
             foreach = group["foreach"]
             if foreach is None:
                 foreach = all(p.device.type != "cpu" for p in vectors + scalars)
-            if foreach:
-                self._foreach_vectors(group, vectors)
-                self._foreach_adam(group, scalars)
-            else:
-                for p in vectors:
-                    self._single_vector(group, p)
-                for p in scalars:
-                    self._single_adam(group, p)
+            vector_fns = (_fused_vectors,) * 2 if group["fused"] else _VECTOR_FNS
+            for fns, params in ((vector_fns, vectors), (_ADAM_FNS, scalars)):
+                # the multi-tensor path for parameters with state in their own dtype; the others one by one
+                own = [foreach and self.state[p]["exp_avg"].dtype == p.dtype for p in params]
+                multi = [p for p, o in zip(params, own) if o]
+                for fn, ps in ((fns[1], multi), (fns[0], [p for p, o in zip(params, own) if not o])):
+                    if ps:
+                        fn(ps, [self.state[p] for p in ps], _bias_corrections(group, [self.state[p] for p in ps]),
+                           beta1=group["betas"][0], beta2=group["betas"][1], eps=group["eps"],
+                           weight_decay=group["weight_decay"], work=scratch(self))
         return loss
-
-    def _bias_corrections(self, group: dict, p: Tensor) -> tuple[float, float]:
-        """(α / (1 - β1^t), sqrt(1 - β2^t)) in float64."""
-        beta1, beta2 = group["betas"]
-        t = self.state[p]["step"]
-        return group["lr"] / (1.0 - beta1 ** t), math.sqrt(1.0 - beta2 ** t)
-
-    def _foreach_gather(self, group: dict, ps: list[Tensor]) -> tuple[list, list, list, list]:
-        """Bias corrections, grads, first and second moments of ``ps`` for a multi-tensor step."""
-        states = [self.state[p] for p in ps]
-        return ([self._bias_corrections(group, p) for p in ps], [p.grad for p in ps],
-                [st["exp_avg"] for st in states], [st["exp_avg_sq"] for st in states])
-
-    def _record_diagnostics(self, p: Tensor, denom: Tensor, tangent: Tensor, tangent_sq: Tensor,
-                            step_size: float, work: Tensor | None = None) -> None:
-        """On the device, for the step w_{t+1} = normalise(w_t - step_size·u) with u = m/denom:
-        the angle atan2(step_size·|u_perp|, 1 - step_size·(w_t·u)) averaged over the vectors, and cos(u, ḡ)."""
-        state = self.state[p]
-        exp_avg = state["exp_avg"]
-        along = _rowdot(p, exp_avg, work) / denom                      # w·u per vector (|w| = 1)
-        update_sq = _row_norms(exp_avg).square_() / denom.square()     # |u|² per vector
-        across = (update_sq - along * along).clamp_min_(0.0).sqrt_()
-        state["angle"] = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
-        norms = (update_sq.sum() * tangent_sq.sum()).sqrt().clamp_min_(torch.finfo(p.dtype).tiny)
-        state["update_cosine"] = (_rowdot(exp_avg, tangent, work) / denom).sum() / norms
-
-    def _single_vector(self, group: dict, p: Tensor) -> None:
-        beta1, beta2 = group["betas"]
-        state = self.state[p]
-        step_size, bc2_sqrt = self._bias_corrections(group, p)
-        work = scratch(self)
-        product = work.like(p, 1)
-        tangent = torch.addcmul(p.grad, _rowdot(p.grad, p, product), p, value=-1.0, out=work.like(p, 0))  # ḡ
-        tangent_sq = _row_norms(tangent).square_()                            # |ḡ|² per vector
-        state["exp_avg"].lerp_(tangent, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).add_(tangent_sq, alpha=1.0 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])   # per vector
-        self._record_diagnostics(p, denom, tangent, tangent_sq, step_size, product)
-        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
-        p.div_(_row_norms(p))
-
-    def _foreach_vectors(self, group: dict, ps: list[Tensor]) -> None:
-        if not ps:
-            return
-        beta1, beta2 = group["betas"]
-        scalars, grads, exp_avgs, exp_avg_sqs = self._foreach_gather(group, ps)
-        tangents = torch._foreach_addcmul(grads, [_rowdot(g, p) for g, p in zip(grads, ps)], ps, value=-1.0)
-        tangent_sqs = torch._foreach_pow([_row_norms(x) for x in tangents], 2)
-        torch._foreach_lerp_(exp_avgs, tangents, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_add_(exp_avg_sqs, tangent_sqs, alpha=1.0 - beta2)
-        denoms = _foreach_denominators(exp_avg_sqs, scalars, group["eps"])
-        for p, d, x, sq, (step_size, _) in zip(ps, denoms, tangents, tangent_sqs, scalars):
-            self._record_diagnostics(p, d, x, sq, step_size)
-        torch._foreach_addcdiv_(ps, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
-        torch._foreach_div_(ps, [_row_norms(p) for p in ps])
-
-    def _single_adam(self, group: dict, p: Tensor) -> None:
-        beta1, beta2 = group["betas"]
-        state = self.state[p]
-        step_size, bc2_sqrt = self._bias_corrections(group, p)
-        grad = p.grad if group["weight_decay"] == 0 else p.grad.add(p, alpha=group["weight_decay"])
-        state["exp_avg"].lerp_(grad, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(group["eps"])
-        p.addcdiv_(state["exp_avg"], denom, value=-step_size)
-
-    def _foreach_adam(self, group: dict, ps: list[Tensor]) -> None:
-        if not ps:
-            return
-        beta1, beta2 = group["betas"]
-        scalars, grads, exp_avgs, exp_avg_sqs = self._foreach_gather(group, ps)
-        if group["weight_decay"] != 0:
-            grads = torch._foreach_add(grads, ps, alpha=group["weight_decay"])
-        torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
-        torch._foreach_mul_(exp_avg_sqs, beta2)
-        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
-        denoms = _foreach_denominators(exp_avg_sqs, scalars, group["eps"])
-        torch._foreach_addcdiv_(ps, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
 
     def _vector_diagnostic(self, key: str) -> dict[int, float]:
         index, keys, values = 0, [], []
@@ -255,24 +184,178 @@ class NDAdam(Optimizer):
             for p in group["params"]:
                 state = self.state.get(p)
                 if state and state["step"] > 0:
-                    _, bc2_sqrt = self._bias_corrections(group, p)
+                    ((_, bc2_sqrt),) = _bias_corrections(group, [state])
                     out[p] = (state["exp_avg_sq"].sqrt() / bc2_sqrt + group["eps"]).expand_as(p).clone()
         return out
 
 
+def _bias_corrections(group: dict, states: list[dict]) -> list[tuple[float, float]]:
+    """(α / (1 - β1^t), sqrt(1 - β2^t)) in float64, per parameter."""
+    beta1, beta2 = group["betas"]
+    return [(group["lr"] / (1.0 - beta1 ** s["step"]), math.sqrt(1.0 - beta2 ** s["step"])) for s in states]
+
+
+def _record_diagnostics(state: dict, w: Tensor, denom: Tensor, tangent: Tensor, tangent_sq: Tensor,
+                        step_size: float, work: Tensor | None = None) -> None:
+    """On the device, for the step w_{t+1} = normalise(w_t - step_size·u) with u = m/denom:
+    the angle atan2(step_size·|u_perp|, 1 - step_size·(w_t·u)) averaged over the vectors, and cos(u, ḡ)."""
+    exp_avg = state["exp_avg"]
+    along = _rowdot(w, exp_avg, work) / denom                      # w·u per vector (|w| = 1)
+    update_sq = _row_norms(exp_avg).square_() / denom.square()     # |u|² per vector
+    across = (update_sq - along * along).clamp_min_(0.0).sqrt_()
+    state["angle"] = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
+    norms = (update_sq.sum() * tangent_sq.sum()).sqrt().clamp_min_(torch.finfo(w.dtype).tiny)
+    state["update_cosine"] = (_rowdot(exp_avg, tangent, work) / denom).sum() / norms
+
+
+def _vector_denominator(exp_avg_sq: Tensor, bc2_sqrt: float, eps: float) -> Tensor:
+    """sqrt(v̂) + ε per vector, never 0 (a vector whose tangent gradients were all 0 has m = 0 too)."""
+    return (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps).clamp_min_(torch.finfo(exp_avg_sq.dtype).tiny)
+
+
+def _single_tensor_vectors(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
+                           beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
+    """ND-Adam's vector update one tensor at a time, in the state's dtype; temporaries in ``work``."""
+    for p, state, (step_size, bc2_sqrt) in zip(params, states, scalars):
+        acc = state["exp_avg"].dtype
+        w, grad = p.to(acc), p.grad.to(acc)        # the tensors themselves unless p is float16/bfloat16
+        product = work.like(w, 1)
+        tangent = torch.addcmul(grad, _rowdot(grad, w, product), w, value=-1.0, out=work.like(w, 0))  # ḡ
+        tangent_sq = _row_norms(tangent).square_()                            # |ḡ|² per vector
+        state["exp_avg"].lerp_(tangent, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).add_(tangent_sq, alpha=1.0 - beta2)
+        denom = _vector_denominator(state["exp_avg_sq"], bc2_sqrt, eps)
+        _record_diagnostics(state, w, denom, tangent, tangent_sq, step_size, product)
+        w.addcdiv_(state["exp_avg"], denom, value=-step_size)
+        w.div_(_row_norms(w))
+        if w is not p:
+            p.copy_(w)
+
+
+def _multi_tensor_vectors(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
+                          beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
+    """The same update with ``torch._foreach_*`` (state in the parameters' dtype)."""
+    grads, exp_avgs, exp_avg_sqs = _gather(params, states)
+    tangents = torch._foreach_addcmul(grads, [_rowdot(g, p) for g, p in zip(grads, params)], params, value=-1.0)
+    tangent_sqs = torch._foreach_pow([_row_norms(x) for x in tangents], 2)
+    torch._foreach_lerp_(exp_avgs, tangents, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_add_(exp_avg_sqs, tangent_sqs, alpha=1.0 - beta2)
+    denoms = [_vector_denominator(v, bc2_sqrt, eps) for v, (_, bc2_sqrt) in zip(exp_avg_sqs, scalars)]
+    for p, state, d, x, sq, (step_size, _) in zip(params, states, denoms, tangents, tangent_sqs, scalars):
+        _record_diagnostics(state, p, d, x, sq, step_size)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
+    torch._foreach_div_(params, [_row_norms(p) for p in params])
+
+
+def _single_tensor_adam(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
+                        beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
+    """Adam as ``torch.optim.Adam`` writes it (L2 on a copy of the gradient), one tensor at a time."""
+    for p, state, (step_size, bc2_sqrt) in zip(params, states, scalars):
+        acc = state["exp_avg"].dtype
+        w, grad = p.to(acc), p.grad.to(acc)
+        grad = grad if weight_decay == 0 else grad.add(w, alpha=weight_decay)
+        state["exp_avg"].lerp_(grad, 1.0 - beta1)
+        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
+        w.addcdiv_(state["exp_avg"], denom, value=-step_size)
+        if w is not p:
+            p.copy_(w)
+
+
+def _multi_tensor_adam(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
+                       beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
+    grads, exp_avgs, exp_avg_sqs = _gather(params, states)
+    if weight_decay != 0:
+        grads = torch._foreach_add(grads, params, alpha=weight_decay)
+    torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1.0 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, [bc2_sqrt for _, bc2_sqrt in scalars])
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
+
+
+def _gather(params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    return [p.grad for p in params], [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
+
+
+def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+    """``_single_tensor_vectors`` for one tensor viewed as [vectors, elements], written for ``torch.compile``;
+    returns the diagnostics (angle, cosine).
+
+    Every per-vector quantity is expanded into six dot products of the inputs (g·w, w·w, g·g, w·m, m·m,
+    m·g), so the kernel reads w, g and m once to reduce and once to write m and w, instead of once per
+    dependent reduction (ḡ, then |ḡ|², then the norm of w̄). The expansions agree with the eager path to
+    rounding unless g is almost radial (|ḡ|² is then a difference of nearly equal numbers).
+    """
+    beta1, beta2, eps, step_size, bc2_sqrt, tiny = c.to(m.dtype).unbind()
+    wa, ga = w.to(m.dtype), g.to(m.dtype)
+
+    def dot(a: Tensor, b: Tensor) -> Tensor:
+        return (a * b).sum(1, keepdim=True)
+
+    gw, ww, gg, wm, mm, mg = dot(ga, wa), dot(wa, wa), dot(ga, ga), dot(wa, m), dot(m, m), dot(m, ga)
+    tangent_sq = (gg - gw * gw * (2.0 - ww)).clamp_min(0.0)                  # |ḡ|², ḡ = g - (g·w) w
+    m_tangent = mg - gw * wm                                                  # m·ḡ
+    v_new = beta2 * v + (1.0 - beta2) * tangent_sq
+    denom = torch.maximum(v_new.sqrt() / bc2_sqrt + eps, tiny)
+    along = (beta1 * wm + (1.0 - beta1) * gw * (1.0 - ww)) / denom           # w·u, u = m_new / denom
+    update_sq = (beta1 * beta1 * mm + 2.0 * beta1 * (1.0 - beta1) * m_tangent
+                 + (1.0 - beta1) ** 2 * tangent_sq) / (denom * denom)         # |u|²
+    across = (update_sq - along * along).clamp_min(0.0).sqrt()
+    angle = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
+    cosine = ((beta1 * m_tangent + (1.0 - beta1) * tangent_sq) / denom).sum() \
+        / torch.maximum((update_sq.sum() * tangent_sq.sum()).sqrt(), tiny)   # Σ u·ḡ / (|u| |ḡ|)
+    norm = (ww - 2.0 * step_size * along + step_size * step_size * update_sq).sqrt()   # |w - step u|
+    m_new = m + (1.0 - beta1) * (ga - gw * wa - m)
+    m.copy_(m_new)
+    v.copy_(v_new)
+    w.copy_((wa - (step_size / denom) * m_new) / norm)
+    return angle, cosine
+
+
+def _vector_group(tensors: list[tuple[Tensor, ...]], scalars: Tensor) -> list[tuple[Tensor, Tensor]]:
+    return [_vector_kernel(*ts, scalars[i]) for i, ts in enumerate(tensors)]
+
+
+_VECTOR_KERNEL = FusedKernel(_vector_group, "NDAdam")
+
+
+def _fused_vectors(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
+                   beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
+    """The group's vector updates in one compiled call; the eager per-tensor path for the others."""
+    fused = [i for i, (p, s) in enumerate(zip(params, states)) if fusable(p, p.grad, s["exp_avg"])]
+    views = [(p.view(len(p), -1), p.grad.view(len(p), -1), s["exp_avg"].view(len(p), -1), s["exp_avg_sq"].view(len(p), 1))
+             for p, s in ((params[i], states[i]) for i in fused)]
+    rows = scalars_tensor([(beta1, beta2, eps, *scalars[i], torch.finfo(states[i]["exp_avg"].dtype).tiny)
+                           for i in fused])
+    done, diagnostics = _VECTOR_KERNEL(views, rows) if fused else (False, None)
+    for i, (angle, cosine) in zip(fused, diagnostics if done else ()):
+        states[i]["angle"], states[i]["update_cosine"] = angle, cosine
+    eager = [i for i in range(len(params)) if not (done and i in set(fused))]
+    if eager:
+        _single_tensor_vectors([params[i] for i in eager], [states[i] for i in eager], [scalars[i] for i in eager],
+                               beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, work=work)
+
+
+#: (per-tensor, multi-tensor) update functions of the two kinds of parameter
+_VECTOR_FNS = (_single_tensor_vectors, _multi_tensor_vectors)
+_ADAM_FNS = (_single_tensor_adam, _multi_tensor_adam)
+
+
 class BNSoftmax(nn.Module):
-    """The paper's batch-normalised softmax input (spec §3.4): each class logit is batch-normalised over the
+    """The paper's batch-normalised softmax input (its regularized softmax): each class logit is batch-normalised over the
     batch (eps 1e-3; running statistics in eval mode), multiplied by the constant ``scale`` and shifted by
     a learned offset. Feed the output to the cross-entropy. ``scale`` 2.5 for CIFAR-10, 1.0 for CIFAR-100."""
 
     def __init__(self, num_classes: int, scale: float = 2.5, momentum: float = 0.1, eps: float = 1e-3):
         super().__init__()
-        if int(num_classes) < 1:
-            raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-        check_positive("scale", scale)
-        self.scale = float(scale)
-        self.norm = nn.BatchNorm1d(int(num_classes), eps=eps, momentum=momentum, affine=False)
-        self.bias = nn.Parameter(torch.zeros(int(num_classes)))
+        num_classes = check_int("num_classes", num_classes, low=1)
+        self.scale = check_positive("scale", scale)
+        self.norm = nn.BatchNorm1d(num_classes, eps=eps, momentum=momentum, affine=False)
+        self.bias = nn.Parameter(torch.zeros(num_classes))
 
     def forward(self, logits: Tensor) -> Tensor:
         if logits.dim() != 2:

@@ -1,10 +1,11 @@
-"""Machinery shared by the optimizers of this package that count passes or wrap a base optimizer.
+"""What every optimizer of this package shares: checked state loading, pass counters, and wrapping.
 
-``CountingOptimizer`` keeps two counters, ``n_steps`` (completed optimizer steps) and
-``n_closure_calls`` (forward-backward passes run through ``step(closure)``), and saves them in
-``state_dict()`` so that a resumed run continues them. ``WrapperOptimizer`` shares an already-built
-base optimizer's ``param_groups`` (so LR schedulers attached to either act on both) and saves the
-base optimizer's state inside its own state dict.
+``CheckedState`` tags ``state_dict()`` with the optimizer's class and refuses, before anything is
+changed, a state dict made by another class or lacking the keys this one needs. ``CountingOptimizer``
+adds ``n_steps`` (completed steps) and ``n_closure_calls`` (forward-backward passes run through
+``step(closure)``), saved so that a resumed run continues them. ``WrapperOptimizer`` shares an
+already-built base optimizer's ``param_groups`` (so LR schedulers attached to either act on both) and
+saves the base optimizer's state inside its own.
 """
 from __future__ import annotations
 
@@ -13,14 +14,77 @@ from typing import Any, Callable
 import torch
 from torch.optim import Optimizer
 
+from ._validation import HyperparameterTypeError
+
 Closure = Callable[[], torch.Tensor]
 
+#: param-group keys that torch.optim fills in itself when an older state dict lacks them
+_TORCH_FILLED = frozenset({"foreach", "maximize", "capturable", "differentiable", "fused",
+                           "decoupled_weight_decay"})
 
-class CountingOptimizer(Optimizer):
-    """An ``Optimizer`` that counts its steps and closure calls and resumes them."""
+
+def check_state_dict(optimizer: Optimizer, state_dict: Any, extra: tuple[str, ...] = (),
+                     state_keys: frozenset[str] | None = None) -> None:
+    """Raise ``ValueError`` unless ``state_dict`` can be ``optimizer``'s: its class tag (when present),
+    the top-level keys ``state``, ``param_groups`` and ``extra``, the group and parameter counts, every
+    hyperparameter key of ``optimizer.defaults``, and (``state_keys``) the per-parameter state keys."""
+    name = type(optimizer).__name__
+    if not isinstance(state_dict, dict):
+        raise TypeError(f"state_dict must be a dict made by {name}.state_dict(), got {type(state_dict).__name__}")
+    made_by = state_dict.get("optimizer")
+    if made_by is not None and made_by != name:
+        raise ValueError(f"state_dict was made by {made_by}, not by {name}")
+    missing = sorted({"state", "param_groups", *extra} - state_dict.keys())
+    if missing:
+        raise ValueError(f"state_dict lacks {missing}: it was not made by {name}.state_dict()")
+    groups = state_dict["param_groups"]
+    sizes = [len(g["params"]) for g in groups]
+    if sizes != [len(g["params"]) for g in optimizer.param_groups]:
+        raise ValueError(f"state_dict has param groups of sizes {sizes}, {name} has "
+                         f"{[len(g['params']) for g in optimizer.param_groups]}")
+    needed = set(optimizer.defaults) - _TORCH_FILLED
+    for i, group in enumerate(groups):
+        lacking = sorted(needed - group.keys())
+        if lacking:
+            raise ValueError(f"state_dict param group {i} lacks {lacking}: it was made by another optimizer "
+                             f"class than {name}")
+    if state_keys is not None:
+        for index, state in state_dict["state"].items():
+            foreign = sorted(set(state) - state_keys)
+            if foreign:
+                raise ValueError(f"state_dict holds per-parameter state {foreign} (parameter {index}) that "
+                                 f"{name} does not use: it was made by another optimizer class")
+
+
+class CheckedState(Optimizer):
+    """An ``Optimizer`` whose ``load_state_dict`` checks class and keys before changing anything.
+
+    Subclasses name the per-parameter state keys they may hold in ``_state_keys`` and any extra
+    top-level entries of their state dict in ``_extra_keys``.
+    """
+
+    _state_keys: frozenset[str] | None = None
+    _extra_keys: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["optimizer"] = type(self).__name__
+        return state
+
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        check_state_dict(self, state_dict, self._extra_keys, self._state_keys)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.check_state_dict(state_dict)
+        super().load_state_dict({k: v for k, v in state_dict.items() if k in ("state", "param_groups")})
+
+
+class CountingOptimizer(CheckedState):
+    """An optimizer that counts its steps and closure calls and resumes them."""
 
     #: attributes saved under ``state_dict()["counters"]``; subclasses extend the tuple.
     _counter_names: tuple[str, ...] = ("n_steps", "n_closure_calls")
+    _extra_keys = ("counters",)
 
     def __init__(self, params, defaults: dict[str, Any]):
         super().__init__(params, defaults)
@@ -42,12 +106,16 @@ class CountingOptimizer(Optimizer):
         state["counters"] = {name: getattr(self, name) for name in self._counter_names}
         return state
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().check_state_dict(state_dict)
+        missing = sorted(set(self._counter_names) - set(state_dict["counters"]))
+        if missing:
+            raise ValueError(f"state_dict counters lack {missing}: it was not made by {type(self).__name__}")
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        counters = state_dict.pop("counters")
         super().load_state_dict(state_dict)
         for name in self._counter_names:
-            setattr(self, name, counters[name])
+            setattr(self, name, state_dict["counters"][name])
 
 
 class WrapperOptimizer(CountingOptimizer):
@@ -57,10 +125,12 @@ class WrapperOptimizer(CountingOptimizer):
     do not collide with torch's optimizers (``sam_rho``, ``wsam_alpha``, ...).
     """
 
+    _extra_keys = ("counters", "base")
+
     def __init__(self, base_optimizer: Optimizer, defaults: dict[str, Any]):
         if not isinstance(base_optimizer, Optimizer):
-            raise ValueError("base_optimizer must be an already-built torch.optim.Optimizer, "
-                             f"got {type(base_optimizer).__name__}")
+            raise HyperparameterTypeError("base_optimizer must be an already-built torch.optim.Optimizer, "
+                            f"got {type(base_optimizer).__name__}")
         collide = sorted(k for k in defaults if k in base_optimizer.defaults)
         if collide:
             raise ValueError(f"base_optimizer already uses the param-group keys {collide}")
@@ -84,11 +154,21 @@ class WrapperOptimizer(CountingOptimizer):
         state["base"] = self.base_optimizer.state_dict()
         return state
 
+    def check_state_dict(self, state_dict: dict[str, Any]) -> None:
+        super().check_state_dict(state_dict)
+        base = self.base_optimizer
+        if isinstance(base, CheckedState):
+            base.check_state_dict(state_dict["base"])
+        else:
+            check_state_dict(base, state_dict["base"])
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        state_dict = dict(state_dict)
-        self.base_optimizer.load_state_dict(state_dict.pop("base"))
-        super().load_state_dict(state_dict)  # replaces self.param_groups by copies ...
-        self.param_groups = self.base_optimizer.param_groups  # ... so share the base's again
+        self.check_state_dict(state_dict)
+        try:
+            self.base_optimizer.load_state_dict(state_dict["base"])
+            super().load_state_dict(state_dict)  # replaces self.param_groups by copies ...
+        finally:
+            self.param_groups = self.base_optimizer.param_groups  # ... so share the base's again
 
     @torch.no_grad()
     def preconditioner(self) -> dict[torch.Tensor, torch.Tensor] | None:

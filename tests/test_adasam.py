@@ -1,4 +1,4 @@
-"""AdaSAM against Algorithm 1 of the paper (optimizer spec section 4.1)."""
+"""AdaSAM against Algorithm 1 of the paper."""
 from __future__ import annotations
 
 import pytest
@@ -68,3 +68,23 @@ def test_zero_rho_is_amsgrad_without_bias_correction_or_eps():
     g = grad(initial(), batch(0))["W"]
     want = w0 - 0.01 * 0.1 * g / torch.sqrt(0.01 * g ** 2)
     torch.testing.assert_close(model.W.detach(), want, rtol=1e-12, atol=1e-14)
+
+
+def test_float16_parameters_step_like_float32():
+    """eps^2 = 1e-16 underflows to 0 in float16 (and with it v^, so m / sqrt(v^) was NaN from step 1): the
+    moments are float32 for float16 parameters, and the result is the float32 step rounded once."""
+    gen = torch.Generator().manual_seed(0)
+    w0, grads = torch.randn(4, 3, generator=gen), [1e-3 * torch.randn(4, 3, generator=gen) for _ in range(6)]
+    grads[0][0, 0] = 0.0   # an element with s = 0: 0 / sqrt(eps^2) must stay 0
+    out = {}
+    for dtype in (torch.float16, torch.float32):
+        w = w0.to(dtype).requires_grad_()
+        opt = optim.AdaSAM([w], lr=1e-2, rho=0.0)
+        for t in range(3):
+            w.grad = grads[2 * t].to(dtype)
+            opt.first_step(zero_grad=True)
+            w.grad = grads[2 * t + 1 if t else 0].to(dtype)
+            opt.second_step(zero_grad=True)
+        assert torch.isfinite(w).all() and opt.state[w]["exp_avg"].dtype == torch.float32
+        out[dtype] = w.detach().float()
+    torch.testing.assert_close(out[torch.float16], out[torch.float32], rtol=1e-3, atol=1e-3)

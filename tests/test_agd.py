@@ -1,4 +1,4 @@
-"""AGD against an independent plain implementation of spec §1.1, its SGD limit, and sgd_fraction."""
+"""AGD against an independent plain implementation of the paper's Algorithm 1, its SGD limit, and sgd_fraction."""
 from __future__ import annotations
 
 import math
@@ -33,7 +33,7 @@ def _grads(xs: list[torch.Tensor]) -> list[torch.Tensor]:
 
 def reference_agd(steps, lr=1e-2, betas=(0.9, 0.999), delta=1e-3, weight_decay=0.0, weight_decouple=True,
                   fixed_decay=False, amsgrad=False, clip=None):
-    """Spec §1.1 written out literally (m_prev copied), one float64 tensor per parameter.
+    """Algorithm 1 written out literally (m_prev copied), one float64 tensor per parameter.
     Yields (params, fraction of elements with sqrt(B) < delta sqrt(1 - beta2^t)) after every step."""
     beta1, beta2 = betas
     xs = _start()

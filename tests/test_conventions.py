@@ -8,12 +8,15 @@ batch_size_fn=None, seed=0, progress=True, ...)``:
 * the leading arguments are exactly those of the API contract, positional-or-keyword;
 * everything after them is keyword-only, and no public function takes ``*args``/``**kwargs``;
 * the five common keywords are present with these defaults; ``seed`` is left out exactly by
-  the deterministic routines (no random draw), and present in every other one.
+  the deterministic routines (no random draw), and present in every other one;
+* ``check_deterministic=True`` is present exactly in the routines that pass over ``data`` more
+  than once, and every routine runs the guards of ``analysis.core.guards``.
 """
 import inspect
 
 import analysis
 import landscape
+from analysis.core import is_guarded
 
 COMMON = {"params": None, "model_mode": "eval", "batch_size_fn": None, "progress": True}
 SEED = 0
@@ -38,6 +41,8 @@ LEADING = {
 # no random draw: seed would be dead
 DETERMINISTIC = {"HessianOperator", "GGNOperator", "hvp", "mean_loss", "evaluate", "full_grad_norm", "line",
                  "plane", "interpolate"}
+# one pass over data: nothing to compare, so check_deterministic would be dead
+SINGLE_PASS = {"hvp", "mean_loss", "evaluate", "full_grad_norm"}
 # a state-changing helper, not an analysis routine: it always runs BatchNorm in train mode
 # over all of the model and leaves the new statistics in place
 EXEMPT = {"recalibrate_bn"}
@@ -90,6 +95,18 @@ def test_common_keywords_and_defaults():
             assert "seed" not in params, f"{pkg}.{name} draws nothing: seed= would be dead"
         else:
             assert params["seed"].default == SEED, f"{pkg}.{name} is stochastic: needs seed=0"
+
+
+def test_check_deterministic_where_data_is_passed_over_repeatedly_and_every_routine_guarded():
+    for name, (pkg, obj, _) in data_routines().items():
+        params = signature(obj).parameters
+        assert is_guarded(obj), f"{pkg}.{name} does not run analysis.core.guards"
+        if name in SINGLE_PASS:
+            assert "check_deterministic" not in params, f"{pkg}.{name} passes over data once"
+        else:
+            key = params.get("check_deterministic")
+            assert key is not None and key.default is True and key.kind is key.KEYWORD_ONLY, \
+                f"{pkg}.{name} passes over data repeatedly: needs check_deterministic=True"
 
 
 def test_no_var_arguments_in_public_functions():

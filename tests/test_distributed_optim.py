@@ -56,6 +56,54 @@ def reference(kind: str, m_sharpness: bool = True) -> list:
     return out
 
 
+def m_sharpness_gradient(theta, i: int, per_tensor_norm: bool = False):
+    """Mean over ranks of the gradient at theta + rho g_r / ||g_r||, g_r the rank's own gradient (the
+    norm over all parameters, or per tensor: SALA's per-group norm with one tensor per group)."""
+    tilde = []
+    for r in range(WORLD):
+        g_r = grad(theta, shard(i, r))
+        n = {k: float(g_r[k].norm()) if per_tensor_norm else norm(g_r) for k in g_r}
+        tilde.append(grad({k: theta[k] + RHO * g_r[k] / (n[k] + 1e-12) for k in theta}, shard(i, r)))
+    return mean(tilde)
+
+
+def reference_adasam(steps: int, betas=(0.9, 0.999), eps=1e-8) -> list:
+    """AdaSAM's Algorithm 1 run in one process on both shards (defaults of optim.AdaSAM)."""
+    theta, out = initial(), []
+    m = {k: torch.zeros_like(v) for k, v in theta.items()}
+    v = {k: torch.zeros_like(t) for k, t in theta.items()}
+    v_hat = {k: torch.full_like(t, eps ** 2) for k, t in theta.items()}
+    for i in range(steps):
+        s = m_sharpness_gradient(theta, i)
+        for k in theta:
+            m[k] = betas[0] * m[k] + (1 - betas[0]) * s[k]
+            v[k] = betas[1] * v[k] + (1 - betas[1]) * s[k] ** 2
+            v_hat[k] = torch.maximum(v_hat[k], v[k])
+        theta = {k: theta[k] - LRS[GROUP[k]] * m[k] / v_hat[k].sqrt() for k in theta}
+        out.append(theta)
+    return out
+
+
+def reference_sala(steps: int, k: int = 2, alpha: float = 0.8) -> list:
+    """SALA (the authors' algorithm) over SGD(momentum 0.9) in one process: plain gradients on the union
+    of the shards, SAM gradients with each rank's own perturbation."""
+    theta, base, phi, dist_, out = initial(), RefSGD(LRS, momentum=0.9), None, 0.0, []
+    for s in range(1, steps + 1):
+        g = grad(theta, batch(s - 1))
+        if s % k == 0:
+            if dist_ < RHO:
+                g = m_sharpness_gradient(theta, s - 1, per_tensor_norm=True)
+            theta = dict(phi)
+        theta = base.step(theta, g)
+        if s % k == k - 1:
+            phi = phi or dict(theta)
+            dist_ = (1 - alpha) * norm({n: theta[n] - phi[n] for n in theta})
+            phi = {n: phi[n] + alpha * (theta[n] - phi[n]) for n in phi}
+            theta = dict(phi) if dist_ < RHO else theta
+        out.append(theta)
+    return out
+
+
 def assert_same_on_all_ranks(model) -> None:
     flat = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
     gathered = [torch.empty_like(flat) for _ in range(WORLD)]
@@ -87,10 +135,11 @@ def _worker(rank: int, init_file: str) -> None:
             assert_trajectories_close(got, reference(kind))
             global_perturbation = reference(kind, m_sharpness=False)
             assert not torch.allclose(got[-1]["W"], global_perturbation[-1]["W"], rtol=1e-6, atol=0)
-        for kind in ("AdaSAM", "SALA"):
+        for kind, want in (("AdaSAM", reference_adasam(5)), ("SALA", reference_sala(7))):
             model, opt = build(kind)
-            run_model(opt, model, 5, data=lambda i: shard(i, rank))
+            got = run_model(opt, model, len(want), data=lambda i: shard(i, rank))
             assert_same_on_all_ranks(model)
+            assert_trajectories_close(got, want)
         del model, opt  # release the DDP reducers before the group goes away
         gc.collect()
         dist.barrier()

@@ -18,7 +18,9 @@ import pytest
 import figures.__main__ as cli
 import figures.harness
 from figures.__main__ import REPRODUCTIONS, main
+from figures.harness import job
 from figures.report import load
+from figures.runner import search
 from figures.verdict import VERDICTS, combine, every_seed, interval, mean_above, paired
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -238,3 +240,36 @@ def test_each_rule_returns_each_verdict(tiny, name):
             data["runs"]["SGD"][0]["extra"]["density_top_node"] = 3.0
         _, checks = module.rule(data)
         assert combine(checks) == mode, (name, mode, {k: c["verdict"] for k, c in checks.items()})
+
+
+def test_readme_table_and_images_come_from_the_committed_run(capsys):
+    results = "figures/results"
+    main(["--table", "--markdown", "--out", str(ROOT / results)])
+    table = capsys.readouterr().out.strip().replace(str(ROOT / results), results)
+    readme = (ROOT / "README.md").read_text()
+    assert table in readme
+    for name in REPRODUCTIONS:
+        assert f"]({results}/{name}.png)" in readme and (ROOT / results / f"{name}.png").exists()
+
+
+class FakeRunner:
+    """Validation accuracy peaked at lr = ``peak`` (log scale), no training."""
+
+    def __init__(self, peak: float):
+        self.size = figures.harness.SIZES["quick"]
+        self.peak, self.calls = peak, []
+
+    def run(self, jobs):
+        self.calls += jobs
+        return [{"final_val_acc": -abs(math.log10(j.params["lr"] / self.peak))} for j in jobs]
+
+
+@pytest.mark.parametrize("grid, peak, extended", [([0.01, 0.1], 1.0, [0.01, 0.1, 1.0, 10.0]),
+                                                   ([0.01, 0.1], 1e-3, [1e-4, 1e-3, 0.01, 0.1]),
+                                                   ([0.01, 0.1, 1.0], 0.1, [0.01, 0.1, 1.0])])
+def test_search_extends_a_grid_past_an_edge_optimum(grid, peak, extended):
+    runner = FakeRunner(peak)
+    found = search(runner, {"lr": grid}, lambda p, s: job("test", "x", "SGD", s, p))
+    assert found.axes["lr"] == pytest.approx(extended) and found.best["lr"] == pytest.approx(peak)
+    assert found.interior == {"lr": True}
+    assert len(set(runner.calls)) == runner.size.select_seeds * len(extended)   # each point once

@@ -99,7 +99,7 @@ def test_single_batch_graph_is_reused_inside_a_with_block():
     H = exact_hessian(model, ce, batch)
     V = vectors(H.shape[0], 4)
     snap = snapshot(model)
-    with HessianOperator(model, counting, batch) as op:
+    with HessianOperator(model, counting, batch, check_deterministic=False) as op:
         out = torch.stack([op.matvec(v) for v in V])
         assert not model.training  # analysis mode (eval) inside the block
     torch.testing.assert_close(out, V @ H, rtol=1e-10, atol=1e-12)

@@ -107,8 +107,6 @@ def test_batched_subsets_and_partial_directions(case):
 def test_batched_path_is_taken_in_groups_and_falls_back(monkeypatch):
     """A sequential model goes through the plan (in several groups when the CPU budget is small);
     a model that is not one, or a loss_fn that is not ``supervised``, gets no plan."""
-    from landscape import evaluate
-
     model = models()["mlp"]
     x, y = classification_data(n=40, d=12, dtype=torch.float32)
     d1 = random_direction(model, seed=1)
@@ -120,7 +118,7 @@ def test_batched_path_is_taken_in_groups_and_falls_back(monkeypatch):
         return original(self, cs, batch, group, device)
 
     monkeypatch.setattr(stacked.SequentialPlan, "losses", counted)
-    monkeypatch.setattr(evaluate, "CPU_TENSOR_BYTES", 3 * 40 * 16 * 4)
+    monkeypatch.setattr(stacked, "GROUP_ACTIVATION_BYTES", 3 * 40 * 16 * 4)
     alphas = np.linspace(-1, 1, 9)
     res = line(model, supervised(CE), [(x, y)], d1, alphas, progress=False)
     assert calls == [(9, 3)]

@@ -1,4 +1,4 @@
-"""Lookahead against Algorithm 1 of Zhang et al. (optimizer spec section 6.1), resume and slow weights."""
+"""Lookahead against Algorithm 1 of Zhang et al., resume and slow weights."""
 from __future__ import annotations
 
 import io

@@ -1,5 +1,5 @@
-"""ND-Adam against an independent per-vector implementation of spec §3.2, Adam for 1-D parameters, the
-diagnostics, and the softmax logit regularisers of §3.4."""
+"""ND-Adam against an independent per-vector implementation of the paper's Algorithm 1, Adam for 1-D parameters, the
+diagnostics, and the softmax logit regularisers."""
 from __future__ import annotations
 
 import math
@@ -34,7 +34,7 @@ ND = [True, True, False, False]   # what the optimizer must do with SHAPES given
 
 
 def reference_ndadam(steps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """Spec §3.2 written per vector with explicit loops; Adam (textbook form, L2 decay) for the others.
+    """Algorithm 1 written per vector with explicit loops; Adam (textbook form, L2 decay) for the others.
     Yields (params, per-vector-param mean angle, per-vector-param update/-ḡ cosine) after every step."""
     beta1, beta2 = betas
     xs = [x.clone() for x in _fixed(0)]
@@ -223,3 +223,29 @@ def test_zero_vector_is_rejected_before_any_state():
     with pytest.raises(ValueError, match="all zeros"):
         opt.step()
     assert not any(opt.state.values())   # no half-built state left behind
+
+
+def test_float16_vector_with_zero_tangent_gradient_stays_finite():
+    """A row with a zero gradient has a zero tangent (v = 0): eps = 1e-8 underflows in float16, so the
+    update was 0/0. State and arithmetic are float32 for float16 parameters; the row stays put."""
+    w0 = torch.tensor([[3.0, 4.0, 0.0], [1.0, -2.0, 2.0]])
+    out = {}
+    for dtype in (torch.float16, torch.float32):
+        w = w0.to(dtype).requires_grad_()
+        opt = NDAdam([w], lr=0.1)
+        for _ in range(3):
+            w.grad = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.1, -0.3]], dtype=dtype)
+            opt.step()
+        assert torch.isfinite(w).all()
+        assert all(math.isfinite(v) for v in (*opt.angular_step().values(), *opt.update_cosine().values()))
+        out[dtype] = w.detach().float()
+    torch.testing.assert_close(out[torch.float16], out[torch.float32], rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(out[torch.float16][0], torch.tensor([0.6, 0.8, 0.0]), rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
+def test_normalize_vectors_leaves_zero_rows_zero(dtype):
+    w = torch.tensor([[0.0, 0.0], [3e-4, 4e-4], [3.0, 4.0]], dtype=dtype)   # row 1's squares underflow float16
+    normalize_vectors_([w])
+    want = torch.tensor([[0.0, 0.0], [0.6, 0.8], [0.6, 0.8]], dtype=dtype)
+    torch.testing.assert_close(w, want, rtol=1e-3, atol=1e-3)

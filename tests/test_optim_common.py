@@ -191,3 +191,118 @@ def test_bad_hyperparameter_raises(name, overrides, needle):
     model = mlp(seed=0)
     with pytest.raises(ValueError, match=needle):
         OPTIMIZERS[name](model.parameters(), **overrides)
+
+
+def _state_of(name: str) -> dict:
+    model = mlp(seed=0)
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, range(2))
+    return _roundtrip(opt.state_dict())
+
+
+FOREIGN = {
+    "torch-Adam": lambda: _roundtrip(torch.optim.Adam(mlp(seed=0).parameters()).state_dict()),
+    "torch-SGD": lambda: _roundtrip(torch.optim.SGD(mlp(seed=0).parameters(), lr=0.1).state_dict()),
+}
+
+
+def _other_class(name: str) -> str:
+    """An optimizer of OPTIMIZERS of another class than ``name``'s."""
+    kind = type(OPTIMIZERS[name](mlp(seed=0).parameters()))
+    return next(n for n in NAMES if type(OPTIMIZERS[n](mlp(seed=0).parameters())) is not kind)
+
+
+@pytest.mark.parametrize("source", ["other", *FOREIGN])
+@pytest.mark.parametrize("name", NAMES)
+def test_loading_another_optimizers_state_raises_and_changes_nothing(name, source):
+    model = mlp(seed=0)
+    opt = OPTIMIZERS[name](model.parameters())
+    _train(model, opt, range(3))
+    before = _roundtrip(opt.state_dict())
+    foreign = _state_of(_other_class(name)) if source == "other" else FOREIGN[source]()
+    with pytest.raises(ValueError, match="state_dict"):
+        opt.load_state_dict(foreign)
+    after = opt.state_dict()
+    assert after.keys() == before.keys() and str(after) == str(before)
+    if hasattr(opt, "base_optimizer"):
+        assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+def test_numpy_scalars_are_hyperparameters_and_strings_are_not():
+    import numpy as np
+
+    params = list(mlp(seed=0).parameters())
+    wsam = optim.WSAM(torch.optim.SGD(params, lr=0.1), gamma=np.float32(0.9), rho=np.float64(0.05))
+    assert wsam.param_groups[0]["wsam_alpha"] == pytest.approx(9.0, rel=1e-6)
+    assert optim.Lookahead(torch.optim.SGD(params, lr=0.1), k=np.int64(5)).k == 5
+    assert optim.AGD(params, lr=np.float32(1e-3)).param_groups[0]["lr"] == pytest.approx(1e-3)
+    for make, needle in [(lambda: optim.AGD(params, amsgrad="no"), "amsgrad"),
+                         (lambda: optim.AGD(params, weight_decouple=1), "weight_decouple"),
+                         (lambda: optim.SAM(torch.optim.SGD(params, lr=0.1), adaptive="yes"), "adaptive"),
+                         (lambda: optim.WSAM(torch.optim.SGD(params, lr=0.1), decouple="no"), "decouple"),
+                         (lambda: optim.AdaSAM(params, bias_correction="no"), "bias_correction"),
+                         (lambda: optim.Lookahead(torch.optim.SGD(params, lr=0.1), k="5"), "k")]:
+        with pytest.raises(TypeError, match=needle):
+            make()
+
+
+# ---------------------------------------------------------------------------------------------------
+# fused=True: one compiled kernel per tensor, with the eager per-tensor path as its fallback
+# ---------------------------------------------------------------------------------------------------
+
+FUSED = {  # name -> (factory(params, fused), module holding the kernel, kernel attribute)
+    "AGD": (lambda ps, fused: optim.AGD(ps, lr=1e-2, delta=1e-3, weight_decay=1e-2, fused=fused), "agd", "_AGD_KERNEL"),
+    "AGD-amsgrad-clip-coupled": (lambda ps, fused: optim.AGD(ps, lr=1e-2, delta=1e-3, weight_decay=1e-2,
+                                                             weight_decouple=False, amsgrad=True, clip=0.5,
+                                                             fused=fused), "agd", "_AGD_KERNEL"),
+    "NDAdam": (lambda ps, fused: optim.NDAdam(ps, lr=1e-2, fused=fused), "ndadam", "_VECTOR_KERNEL"),
+    "AdaSAM": (lambda ps, fused: optim.AdaSAM(ps, lr=1e-2, bias_correction=True, fused=fused), "adasam",
+               "_ADASAM_KERNEL"),
+}
+
+
+def _fused_run(name: str, fused: bool, dtype=torch.float64, steps: int = 3):
+    model = mlp(seed=0, dtype=dtype)
+    opt = FUSED[name][0](model.parameters(), fused)
+    _train(model, opt, range(steps), dtype=dtype)
+    return _params(model), opt
+
+
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_falls_back_to_the_eager_path_bit_for_bit(name, monkeypatch):
+    """Without a compiler, fused=True warns once and is the per-tensor path exactly (float64)."""
+    import importlib
+
+    from optim._fused import FusedKernel
+
+    module = importlib.import_module(f"optim.{FUSED[name][1]}")
+    kernel = getattr(module, FUSED[name][2])
+    monkeypatch.setattr(module, FUSED[name][2], FusedKernel(kernel.fn, kernel.name))
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch, "compile", no_compiler)
+    with pytest.warns(RuntimeWarning, match="no C\\+\\+ compiler"):
+        fused, _ = _fused_run(name, True)
+    eager, _ = _fused_run(name, False)
+    assert all(torch.equal(a, b) for a, b in zip(fused, eager))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("dtype,rtol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("name", sorted(FUSED))
+def test_fused_matches_eager_to_rounding(name, dtype, rtol):
+    import importlib
+
+    fused, opt = _fused_run(name, True, dtype)
+    kernel = getattr(importlib.import_module(f"optim.{FUSED[name][1]}"), FUSED[name][2])
+    if kernel.error is not None:
+        pytest.skip(f"torch.compile is not available here: {kernel.error}")
+    eager, ref = _fused_run(name, False, dtype)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
+    if name == "NDAdam":
+        for key in (0, 2):
+            assert opt.angular_step()[key] == pytest.approx(ref.angular_step()[key], rel=100 * rtol, abs=rtol)
+            assert opt.update_cosine()[key] == pytest.approx(ref.update_cosine()[key], rel=100 * rtol, abs=rtol)

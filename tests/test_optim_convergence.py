@@ -64,3 +64,62 @@ def test_training_loss_falls(name):
         opt.step(closure)
     end = train_loss()
     assert end < RATIO * start, f"{name}: training loss {start:.3f} -> {end:.3f}"
+
+
+class TwoBasins(nn.Module):
+    """L(u, v) = -log(exp(-q_sharp) + exp(-q_flat)): a sharp basin (curvature 100 in u) holding the global
+    minimum at u = 0, and a flat one (curvature 1, loss 0.1 higher) at u = 3. Training starts in the sharp one."""
+
+    def __init__(self):
+        super().__init__()
+        self.x = nn.Parameter(torch.tensor([0.05, 0.5], dtype=torch.float64))
+
+    def forward(self) -> torch.Tensor:
+        u, v = self.x
+        sharp = 50.0 * u ** 2 + 0.5 * v ** 2
+        flat = 0.5 * (u - 3.0) ** 2 + 0.5 * v ** 2 + 0.1
+        return -torch.logsumexp(torch.stack([-sharp, -flat]), 0)
+
+
+def _sgd(model: nn.Module) -> torch.optim.Optimizer:
+    return torch.optim.SGD(model.parameters(), lr=0.02, momentum=0.9)
+
+
+FLAT_BASIN: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "SAM": lambda m: optim.SAM(_sgd(m), rho=0.8),
+    "WSAM": lambda m: optim.WSAM(_sgd(m), rho=0.8),
+    "AdaSAM": lambda m: optim.AdaSAM(m.parameters(), lr=0.1, rho=0.8),
+    "SALA": lambda m: optim.SALA(_sgd(m), k=2, alpha=0.5, rho=0.8),
+}
+#: the same runs without the sharpness term: they stay in the sharp basin
+PLAIN: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
+    "SGD": _sgd,
+    "AMSGrad": lambda m: torch.optim.Adam(m.parameters(), lr=0.1, amsgrad=True),
+    "Lookahead": lambda m: optim.Lookahead(_sgd(m), k=2, alpha=0.5),
+}
+
+
+def _final_u(factory) -> float:
+    model = TwoBasins()
+    opt = factory(model)
+
+    def closure():
+        opt.zero_grad()
+        loss = model()
+        loss.backward()
+        return loss
+
+    for _ in range(400):
+        opt.step(closure)
+    return float(model.x[0])
+
+
+@pytest.mark.parametrize("name", sorted(FLAT_BASIN) + sorted(PLAIN))
+def test_sharpness_aware_optimizers_leave_the_sharp_basin(name):
+    """The SAM family ends in the flat basin (|u - 3| < 0.1); its base optimizers, at the same lr, converge
+    to the sharp global minimum (|u| < 0.01), so this is a claim plain descent fails."""
+    u = _final_u({**FLAT_BASIN, **PLAIN}[name])
+    if name in FLAT_BASIN:
+        assert abs(u - 3.0) < 0.1, f"{name} ended at u = {u:.3f}, not in the flat basin"
+    else:
+        assert abs(u) < 0.01, f"{name} ended at u = {u:.3f}"

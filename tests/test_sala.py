@@ -1,4 +1,4 @@
-"""SALA against the behaviour of its authors' code (optimizer spec section 5.2): trajectory, stage,
+"""SALA against the behaviour of its authors' code (cltan023/sala2023): trajectory, stage,
 distance and forward-backward passes on a scripted run whose decaying lr moves it from stage 1 to 2."""
 from __future__ import annotations
 
@@ -16,19 +16,21 @@ DECAY = 0.8
 STEPS = 30
 
 
-def reference_sala(k, alpha, rho, steps=STEPS):
-    theta, base = initial(), RefSGD(LRS, momentum=0.9)
+def reference_sala(k, alpha, rho, steps=STEPS, lrs=LRS, groups=(("W",), ("b",))):
+    """``groups``: the parameter names of each param group (one perturbation norm per group)."""
+    theta, base = initial(), RefSGD(lrs, momentum=0.9)
     phi, dist, s, passes = None, 0.0, 0, 0
     trajectory, stages, dists, pass_counts = [], [], [], []
     for i in range(steps):
-        base.lrs = tuple(lr * DECAY ** i for lr in LRS)
+        base.lrs = tuple(lr * DECAY ** i for lr in lrs)
         xy = batch(i)
         s += 1
         g = grad(theta, xy)
         passes += 1
         if s % k == 0:
             if dist < rho:  # stage 2: SAM step from theta (= phi), one norm per param group
-                theta = {n: theta[n] + rho * g[n] / (float(g[n].norm()) + 1e-12) for n in theta}
+                norms = {n: math.sqrt(sum(float(g[m].norm()) ** 2 for m in names)) for names in groups for n in names}
+                theta = {n: theta[n] + rho * g[n] / (norms[n] + 1e-12) for n in theta}
                 g = grad(theta, xy)
                 passes += 1
             theta = {n: v.clone() for n, v in phi.items()}
@@ -37,7 +39,7 @@ def reference_sala(k, alpha, rho, steps=STEPS):
             if phi is None:
                 phi = {n: v.clone() for n, v in theta.items()}
             d = {n: theta[n] - phi[n] for n in theta}
-            dist = math.sqrt(sum((float(d[n].norm()) * (1 - alpha)) ** 2 for n in d))  # per group, combined
+            dist = (1 - alpha) * math.sqrt(sum(float(d[n].norm()) ** 2 for n in d))
             phi = {n: phi[n] + alpha * d[n] for n in phi}
             if dist < rho:
                 theta = {n: v.clone() for n, v in phi.items()}
@@ -72,6 +74,19 @@ def test_sala_matches_the_authors_algorithm(k, alpha, rho):
     assert passes == want_passes
     torch.testing.assert_close(torch.tensor(dists), torch.tensor(want_dists), rtol=1e-10, atol=1e-12)
     assert opt.n_steps == STEPS
+
+
+@pytest.mark.parametrize("k,alpha,rho", [(3, 0.5, 0.25), (2, 0.8, 0.1)])
+def test_a_group_of_several_tensors_takes_one_norm(k, alpha, rho):
+    """W and b in one param group: the SAM ascent divides by the norm over both, not by each tensor's."""
+    model = Softmax()
+    opt = optim.SALA(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), k=k, alpha=alpha, rho=rho)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: DECAY ** t)
+    stages = []
+    got = run_model(opt, model, STEPS, on_step=lambda i: (sched.step(), stages.append(opt.stage)))
+    want, want_stages, _, _ = reference_sala(k, alpha, rho, lrs=(0.5, 0.5), groups=(("W", "b"),))
+    assert_trajectories_close(got, want)
+    assert stages == want_stages and stages.count(2) > 3
 
 
 def test_scripted_run_visits_both_stages_and_counts_passes():

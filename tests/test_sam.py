@@ -166,3 +166,120 @@ def test_add_param_group_reaches_the_base():
     opt.add_param_group({"params": [extra], "lr": 0.5})
     assert base.param_groups[-1]["params"] == [extra]
     assert base.param_groups[-1]["sam_rho"] == 0.2 and base.param_groups[-1]["momentum"] == 0.9
+
+
+AMP_FAMILY = {
+    "SAM": lambda m: optim.SAM(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9), rho=0.1),
+    "WSAM": lambda m: optim.WSAM(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9), rho=0.1, max_norm=1.0),
+    "AdaSAM": lambda m: optim.AdaSAM(m.parameters(), lr=0.05, rho=0.1),
+}
+
+
+def _amp_run(name, scaler=None, steps=5, overflow_at=()):
+    """float32 training with ``opt.step(closure, grad_scaler=scaler)``; the closure calls numbered in
+    ``overflow_at`` (0-based) produce an infinite loss. Returns model, optimizer and the scales seen."""
+    model = Softmax().float()
+    opt = AMP_FAMILY[name](model)
+    calls, scales = [0], []
+    for i in range(steps):
+        x, y = batch(i)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x.float()), y)
+            if calls[0] in overflow_at:
+                loss = loss * float("inf")
+            calls[0] += 1
+            (loss if scaler is None else scaler.scale(loss)).backward()
+            return loss
+
+        if scaler is None:
+            opt.step(closure)
+        else:
+            opt.step(closure, grad_scaler=scaler)
+            scaler.update()
+            scales.append(scaler.get_scale())
+    return model, opt, scales
+
+
+@pytest.mark.parametrize("name", sorted(AMP_FAMILY))
+def test_grad_scaler_run_equals_the_float32_run(name):
+    """With the scale 2^20 (a power of two, so unscaling is exact) the run is the float32 run bit for bit;
+    a step with the scaled gradients would be 2^20 times too large."""
+    plain, _, _ = _amp_run(name)
+    scaled, opt, scales = _amp_run(name, torch.amp.GradScaler("cpu", init_scale=2.0 ** 20))
+    for a, b in zip(plain.parameters(), scaled.parameters()):
+        assert torch.equal(a, b)
+    assert scales == [2.0 ** 20] * 5 and opt.n_steps == 5
+
+
+@pytest.mark.parametrize("overflow_at", [(2,), (3,)], ids=["first-pass", "second-pass"])
+@pytest.mark.parametrize("name", sorted(AMP_FAMILY))
+def test_grad_scaler_skips_a_step_with_inf_and_backs_off(name, overflow_at):
+    """An inf in either pass of step 2 leaves the weights and the optimizer state as they were, and the
+    scaler halves its scale; with the first pass overflowing, the second pass is not run."""
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
+    before, _, _ = _amp_run(name, torch.amp.GradScaler("cpu", init_scale=2.0 ** 20), steps=1)
+    model, opt, scales = _amp_run(name, scaler, steps=2, overflow_at=overflow_at)
+    for a, b in zip(before.parameters(), model.parameters()):
+        assert torch.equal(a, b)
+    assert scales == [2.0 ** 20, 2.0 ** 19]
+    assert opt.n_steps == 1 and opt.phase == "ready"
+    assert opt.n_closure_calls == 2 + (1 if overflow_at == (2,) else 2)
+
+
+def test_grad_scaler_step_with_backward_before_is_refused():
+    """The pattern ``scaler.scale(loss).backward(); scaler.step(sam, closure)`` (which let the closure's
+    scaled gradients reach the update) raises, naming the recipe."""
+    model = Softmax().float()
+    opt = AMP_FAMILY["SAM"](model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    x, y = batch(0)
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x.float()), y)
+        scaler.scale(loss).backward()
+        return loss
+
+    closure()
+    with pytest.warns(FutureWarning), pytest.raises(RuntimeError, match="grad_scaler=scaler"):
+        scaler.step(opt, closure)
+
+
+def test_sala_refuses_a_grad_scaler():
+    model = Softmax().float()
+    opt = optim.SALA(torch.optim.SGD(model.parameters(), lr=0.1))
+    with pytest.raises(NotImplementedError, match="GradScaler"):
+        opt.step(lambda: None, grad_scaler=torch.amp.GradScaler("cpu"))
+
+
+@pytest.mark.parametrize("name", ["SAM", "WSAM", "AdaSAM"])
+def test_phase_is_saved_between_the_two_steps(name):
+    """A state saved after first_step() resumes at w + e: second_step() of the loaded optimizer restores
+    w and makes the same step as the uninterrupted run."""
+    def make(model):
+        base = torch.optim.SGD(param_groups(model, *LRS), momentum=0.9)
+        return {"SAM": lambda: optim.SAM(base, rho=0.1), "WSAM": lambda: optim.WSAM(base, rho=0.1),
+                "AdaSAM": lambda: optim.AdaSAM(param_groups(model, *LRS), rho=0.1)}[name]()
+
+    x, y = batch(0)
+    runs = []
+    for resume in (False, True):
+        model = Softmax()
+        opt = make(model)
+        F.cross_entropy(model(x), y).backward()
+        opt.first_step(zero_grad=True)
+        assert opt.phase == "perturbed"
+        if resume:
+            state = opt.state_dict()
+            assert state["phase"] == "perturbed"
+            opt = make(model)   # the model holds w + e
+            opt.load_state_dict(state)
+            with pytest.raises(RuntimeError, match="twice"):
+                opt.first_step()
+        F.cross_entropy(model(x), y).backward()
+        opt.second_step()
+        assert opt.phase == "ready"
+        runs.append([p.detach().clone() for p in model.parameters()])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -1,4 +1,4 @@
-"""WSAM against the algorithm of the optimizer spec (section 2.2), and its limits."""
+"""WSAM against Algorithm 1 of the paper (decoupled and coupled), and its limits."""
 from __future__ import annotations
 
 import pytest
@@ -103,3 +103,36 @@ def test_gradient_norms_report_the_last_step():
     assert stats["grad"] == pytest.approx(n, rel=1e-12)
     assert stats["sharpness"] == pytest.approx(norm({k: g_tilde[k] - g[k] for k in g}), rel=1e-10)
     assert stats["ratio"] == pytest.approx(stats["sharpness"] / stats["grad"], rel=1e-12)
+
+
+def _ported_loop(opt, model, zero_first: bool):
+    """pytorch_optimizer's WSAM loop: backward before step(closure), a closure without zero_grad."""
+    x, y = batch(0)
+
+    def closure():
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        return loss
+
+    if zero_first:
+        opt.zero_grad(set_to_none=False)
+    else:
+        closure()
+    opt.step(closure)
+
+
+@pytest.mark.parametrize("name", ["WSAM", "SAM", "AdaSAM", "SALA"])
+def test_gradients_present_on_entry_are_refused(name):
+    """They would be added to the first pass (WSAM stored 2g); zeroed gradients are harmless."""
+    model = Softmax()
+    base = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt = {"WSAM": lambda: optim.WSAM(base), "SAM": lambda: optim.SAM(base),
+           "AdaSAM": lambda: optim.AdaSAM(model.parameters()), "SALA": lambda: optim.SALA(base, k=2)}[name]()
+    run_model(opt, model, 2)  # the gradients our own steps leave behind are fine
+    before = {k: v.detach().clone() for k, v in model.named_parameters()}
+    with pytest.raises(RuntimeError, match="backward"):
+        _ported_loop(opt, model, zero_first=False)
+    assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
+    assert all(p.grad is not None for p in model.parameters())
+    _ported_loop(opt, model, zero_first=True)   # zero_grad(set_to_none=False): zeros, one ordinary step
+    assert not all(torch.equal(before[k], v) for k, v in model.named_parameters())

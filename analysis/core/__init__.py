@@ -2,15 +2,18 @@
 
 Modules, each holding one piece of the protocol:
 
-* ``protocol``: the loss/data protocol: ``LossFn``, ``supervised``, ``default_batch_size``,
-  ``check_data``, ``check_loss``, ``data_mean`` (the one sample-weighted reduction) and
-  ``mean_loss``.
+* ``protocol``: the loss/data protocol: ``LossFn``, ``supervised``, ``split_loss``,
+  ``loss_reduction``, ``default_batch_size``, ``check_data``, ``check_loss``, ``data_mean``
+  (the one sample-weighted reduction), ``scalar_zeros`` and ``mean_loss``.
+* ``guards``: ``guarded``, the decorator of every public data routine (deterministic data,
+  arguments that agree between ranks), ``is_guarded`` and ``repeated_passes``.
 * ``params``: ``select_params``, the ``params=`` argument of every routine.
 * ``flat``: ``flatten`` / ``unflatten`` of parameter-shaped tensor lists.
 * ``restore``: ``preserved`` (snapshot and exact restore of a model) and ``check_model_mode``.
 * ``seeding``: ``make_generator`` and seeded draws (``randn``, ``rademacher``, ``uniform``).
-* ``distributed``: ``all_reduce_sum_`` (the one all-reduce), ``broadcast_object``, ``rank``,
-  ``world_size``, ``is_distributed``.
+* ``distributed``: ``all_reduce_sum_`` (the one all-reduce of results), ``all_reduce_max_``,
+  ``check_same_on_ranks``, ``fingerprint``, ``broadcast_object``, ``rank``, ``world_size``,
+  ``is_distributed``.
 * ``results``: the result convention: ``make_metadata``, ``versions``, ``save_result`` /
   ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
 * ``compiled``: ``unwrap_compiled`` / ``refuse_compiled`` for ``torch.compile``'d modules.
@@ -18,23 +21,30 @@ Modules, each holding one piece of the protocol:
 * ``validation``: ``check_*(name, value, ...) -> value`` argument checks.
 """
 from .compiled import refuse_compiled, unwrap_compiled
-from .distributed import all_reduce_sum_, broadcast_object, is_distributed, rank, world_size
+from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, check_same_on_ranks,
+                          fingerprint, is_distributed, rank, world_size)
+from .guards import guarded, is_guarded, repeated_passes
 from .flat import flatten, numel, unflatten
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
-from .protocol import (BatchSizeFn, DataMean, LossFn, check_data, check_loss,
-                       data_mean, default_batch_size, mean_loss, split_loss, supervised)
+from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
+                       data_mean, default_batch_size, loss_reduction, mean_loss, scalar_zeros,
+                       split_loss, supervised)
 from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
 from .seeding import make_generator, rademacher, randn, uniform
-from .validation import (ArgumentTypeError, check_bool, check_choice, check_int, check_nonnegative,
-                         check_number, check_positive, check_probability)
+from .validation import (ArgumentTypeError, check_bool, check_choice, check_device, check_dtype,
+                         check_int, check_nonnegative, check_number, check_positive,
+                         check_probability)
 
 __all__ = [
     # protocol
-    "LossFn", "BatchSizeFn", "DataMean", "supervised", "split_loss", "default_batch_size",
-    "check_data", "check_loss", "data_mean", "mean_loss",
+    "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "supervised", "split_loss",
+    "loss_reduction", "default_batch_size", "check_data", "check_loss", "data_mean",
+    "scalar_zeros", "mean_loss",
+    # guards
+    "guarded", "is_guarded", "repeated_passes",
     # params
     "ParamSelection", "select_params",
     # flat
@@ -44,7 +54,8 @@ __all__ = [
     # seeding
     "make_generator", "randn", "rademacher", "uniform",
     # distributed
-    "all_reduce_sum_", "broadcast_object", "is_distributed", "rank", "world_size",
+    "all_reduce_sum_", "all_reduce_max_", "check_same_on_ranks", "fingerprint",
+    "broadcast_object", "is_distributed", "rank", "world_size",
     # results
     "make_metadata", "versions", "save_result", "load_result", "register_result",
     "records_metadata",
@@ -54,5 +65,5 @@ __all__ = [
     "LOW_PRECISION", "working_dtype", "accumulable", "product_eps",
     # validation
     "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_nonnegative",
-    "check_number", "check_positive", "check_probability",
+    "check_number", "check_positive", "check_probability", "check_dtype", "check_device",
 ]

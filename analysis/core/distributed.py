@@ -6,11 +6,15 @@ the shards.
 """
 from __future__ import annotations
 
-from typing import Sequence
+import hashlib
+import numbers
+import struct
+from typing import Any, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 def is_distributed() -> bool:
@@ -28,23 +32,100 @@ def world_size() -> int:
     return dist.get_world_size() if is_distributed() else 1
 
 
+def _all_reduce_(tensors: Sequence[Tensor], op) -> None:
+    if not is_distributed() or not tensors:
+        return
+    buf = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
+    if dist.get_backend() == "nccl" and buf.device.type != "cuda":
+        buf = buf.cuda()
+    dist.all_reduce(buf, op=op)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(buf[offset:offset + n].view_as(t))
+        offset += n
+
+
 def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
     """Sum ``tensors`` over all ranks, in place, with one collective call.
 
     A no-op without a process group. The tensors are packed into one float64 buffer so that
     sums of many small tensors cost one message.
     """
-    if not is_distributed() or not tensors:
+    _all_reduce_(tensors, dist.ReduceOp.SUM)
+
+
+def all_reduce_max_(tensors: Sequence[Tensor]) -> None:
+    """The elementwise maximum of ``tensors`` over all ranks, in place, in one collective call
+    (``-max(-x)`` is the minimum)."""
+    _all_reduce_(tensors, dist.ReduceOp.MAX)
+
+
+def _digest(value: Any, h) -> None:
+    """Feed a canonical encoding of ``value`` to the hash ``h``: numbers, strings, None,
+    tensors and arrays (shape, sum and sum of squares in float64), modules (their parameters)
+    and containers of these; other objects (callables) are not compared."""
+    if value is None or isinstance(value, (bool, np.bool_)):
+        h.update(repr(value if value is None else bool(value)).encode())
+    elif isinstance(value, numbers.Real):
+        h.update(b"n" + struct.pack("<d", float(value)))
+    elif isinstance(value, str):
+        h.update(b"s" + value.encode() + b"\0")
+    elif isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":
+        _digest(value.tolist(), h)
+    elif isinstance(value, (Tensor, np.ndarray)):
+        t = torch.as_tensor(value).detach()
+        h.update(b"t" + repr(tuple(t.shape)).encode())
+        if t.numel() and not t.is_complex():
+            d = t.to(torch.float64)
+            h.update(torch.stack([d.sum(), (d * d).sum()]).cpu().numpy().tobytes())
+    elif isinstance(value, nn.Module):
+        _digest(dict(value.named_parameters()), h)
+    elif isinstance(value, Mapping):
+        h.update(b"d%d" % len(value))
+        for key in sorted(value, key=str):  # the same entries built in another order agree
+            _digest(key, h)
+            _digest(value[key], h)
+    elif isinstance(value, (list, tuple)):
+        h.update(b"l%d" % len(value))
+        for v in value:
+            _digest(v, h)
+    else:
+        h.update(b"?")
+
+
+def fingerprint(value: Any) -> float:
+    """A 48-bit hash of ``value`` as an exact float64: equal values give equal fingerprints on
+    every rank (see ``_digest`` for what is compared)."""
+    h = hashlib.blake2b(digest_size=6)
+    _digest(value, h)
+    return float(int.from_bytes(h.digest(), "little"))
+
+
+def check_same_on_ranks(values: Mapping[str, Any], failure: int = 0,
+                        explain=lambda code: "") -> None:
+    """Raise the same ``ValueError`` on every rank if ``values`` differ between ranks, or if
+    some rank reports a ``failure`` code (> 0; the largest is explained by ``explain(code)``).
+
+    One all-reduce of ``2 len(values) + 1`` numbers (``max`` of each fingerprint and of its
+    negation, and of the code), so no rank is left waiting in a collective that others skip.
+    A no-op without a process group.
+    """
+    if not is_distributed():
         return
-    buf = torch.cat([t.detach().reshape(-1).to(torch.float64) for t in tensors])
-    if dist.get_backend() == "nccl" and buf.device.type != "cuda":
-        buf = buf.cuda()
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    offset = 0
-    for t in tensors:
-        n = t.numel()
-        t.copy_(buf[offset:offset + n].view_as(t))
-        offset += n
+    names = list(values)
+    prints = torch.tensor([fingerprint(values[n]) for n in names], dtype=torch.float64)
+    buf = torch.cat([prints, -prints, torch.tensor([float(failure)], dtype=torch.float64)])
+    all_reduce_max_([buf])
+    k = len(names)
+    differ = [n for i, n in enumerate(names) if buf[i] != -buf[k + i]]
+    if differ:
+        raise ValueError(f"{', '.join(differ)} must be the same on every rank (torch.distributed "
+                         "runs one computation on the union of the shards), got values that "
+                         "differ between ranks")
+    code = int(buf[2 * k])
+    if code:
+        raise ValueError(explain(code) + " (on at least one rank)")
 
 
 def broadcast_object(obj, src: int = 0):

@@ -1,10 +1,12 @@
 """The loss/data protocol shared by ``analysis`` and ``landscape``.
 
-* ``loss_fn(model, batch) -> Tensor``: a scalar, the mean loss over the batch.
-* ``data``: a re-iterable of batches (a DataLoader, a list of batches).
+* ``loss_fn(model, batch) -> Tensor``: a scalar, the mean loss over the batch, or its sum when
+  ``loss_fn.reduction == "sum"`` (``supervised`` copies ``criterion.reduction``).
+* ``data``: a deterministic re-iterable of batches (a DataLoader, a list of batches).
 * Full-data quantities weight each batch by its sample count, so they equal the quantity of
   the mean loss over all samples, whatever the batch sizes, and (under ``torch.distributed``)
-  over all ranks' shards.
+  over all ranks' shards. For a sum-reduced ``loss_fn`` they are those of the total loss
+  ``sum_b L_b`` (unweighted, not divided by the sample count).
 """
 from __future__ import annotations
 
@@ -12,18 +14,23 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor, nn
+from torch.utils.data import Dataset, IterableDataset
 
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum_, is_distributed, rank
+from .guards import guarded
 from .params import ParamSelection, select_params
 from .precision import accumulable
 from .restore import preserved
+from .validation import check_choice
 
 LossFn = Callable[[nn.Module, Any], Tensor]
 BatchSizeFn = Callable[[Any], int]
+REDUCTIONS = ("mean", "sum")
 
 
 def _to_device(x: Any, device: torch.device | None) -> Any:
@@ -46,13 +53,25 @@ def split_loss(forward: Callable[[nn.Module, Any], Any],
     return loss_fn
 
 
+def loss_reduction(loss_fn: Callable) -> str:
+    """How ``loss_fn`` reduces a batch: its ``reduction`` attribute, "mean" (default) or "sum"."""
+    return check_choice("loss_fn.reduction", getattr(loss_fn, "reduction", "mean"), REDUCTIONS)
+
+
 def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
     """Adapt ``criterion(outputs, targets)`` to the ``loss_fn(model, batch)`` protocol.
 
     ``batch`` is ``(inputs, targets, ...)``; tensors are moved to the model's device. The
     result carries ``.criterion`` and the ``.split`` of :func:`split_loss` (whose criterion
-    moves the targets to the output's device).
+    moves the targets to the output's device), and ``criterion.reduction`` ("mean" when
+    absent): with "sum", e.g. ``nn.CrossEntropyLoss(reduction="sum")``, every routine computes
+    the quantities of the total loss; "none" is refused (the protocol needs a scalar).
     """
+    reduction = getattr(criterion, "reduction", "mean")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"criterion.reduction must be one of 'mean', 'sum' (loss_fn returns a "
+                         f"scalar), got {reduction!r}")
+
     def moved(model: nn.Module, x: Any) -> Any:
         anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
         return _to_device(x, None if anchor is None else anchor.device)
@@ -65,6 +84,7 @@ def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
 
     loss_fn.split = (lambda model, batch: model(moved(model, batch[0])), on_targets)
     loss_fn.criterion = criterion
+    loss_fn.reduction = reduction
     return loss_fn
 
 
@@ -91,10 +111,34 @@ def default_batch_size(batch: Any) -> int:
     return dims[0]
 
 
+def _single_batch(data: Any) -> str | None:
+    """What ``data`` is if it is one batch rather than an iterable of batches: a tensor or
+    array, a dict, or a tuple of tensors or arrays (``(X, Y)``). A list of tensors is a list
+    of batches."""
+    arrays = (Tensor, np.ndarray)
+    if isinstance(data, arrays):
+        return f"a {type(data).__name__}"
+    if isinstance(data, Mapping):
+        return "a dict"
+    if isinstance(data, tuple) and data and all(isinstance(x, arrays) for x in data):
+        return "a tuple of tensors"
+    return None
+
+
 def check_data(data: Iterable) -> None:
-    """Reject one-shot iterators: analysis passes over the data many times."""
+    """Reject what cannot be the iterable of batches analysis passes over many times: one-shot
+    iterators, a single batch (a tensor, a dict, a tuple of tensors) and a map-style Dataset
+    (it yields samples, not batches)."""
     if data is None:
         raise ValueError("data must be an iterable of batches (pass a single batch as [batch])")
+    single = _single_batch(data)
+    if single is not None:
+        raise ValueError(f"data must be an iterable of batches, got {single}, which is one batch: "
+                         "pass [batch] (a list of batches; a tuple of tensors is read as one "
+                         "batch (inputs, targets, ...), a list of tensors as batches)")
+    if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
+        raise ValueError(f"data must be an iterable of batches, got a {type(data).__name__} "
+                         "(a Dataset yields samples): pass DataLoader(dataset, batch_size=...)")
     if iter(data) is data:
         raise ValueError("data must be re-iterable (a DataLoader or a list of batches), "
                          "not a one-shot iterator or generator")
@@ -113,6 +157,11 @@ def check_loss(loss: Any, where: str = "") -> Tensor:
     return loss
 
 
+def scalar_zeros(count: int) -> Callable[[], list[Tensor]]:
+    """``zeros=`` for :func:`data_mean` when ``per_batch`` returns ``count`` scalars."""
+    return lambda: [torch.zeros((), dtype=torch.float64) for _ in range(count)]
+
+
 @dataclass
 class DataMean:
     """Sample-weighted means of per-batch tensors over all data (and ranks)."""
@@ -122,55 +171,69 @@ class DataMean:
 
 
 def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
-              batch_size_fn: BatchSizeFn | None = None, *, progress: bool = False) -> DataMean:
+              batch_size_fn: BatchSizeFn | None = None, *, reduction: str = "mean",
+              zeros: Callable[[], Sequence[Tensor]] | None = None,
+              progress: bool = False) -> DataMean:
     """``sum_b n_b f(b) / sum_b n_b`` for each tensor returned by ``per_batch(batch)``.
 
     This is the one sample-weighted reduction of the package: since ``loss_fn`` returns the
     batch mean, weighting by ``n_b`` gives the quantity of the mean loss over all samples.
     bfloat16/float16 tensors are accumulated (and returned) in float32.
-    Under ``torch.distributed`` the sums and counts are all-reduced together. ``progress``
-    shows a bar over the batches (rank 0).
+    reduction: "sum" (``loss_reduction(loss_fn)`` of a sum-reduced ``loss_fn``) gives
+    ``sum_b f(b)`` instead, the quantity of the total loss.
+    Under ``torch.distributed`` the sums and counts are all-reduced together; a rank whose
+    shard is empty joins with ``zeros()`` (tensors shaped like ``per_batch``'s), so the result
+    is that of the union of the shards. ``progress`` shows a bar over the batches (rank 0).
     """
     check_data(data)
+    check_choice("reduction", reduction, REDUCTIONS)
     size = batch_size_fn or default_batch_size
-    first: list[Tensor] | None = None   # the first batch's tensors, weight n_first, uncopied
+    first: list[Tensor] | None = None   # the first batch's tensors, weight w_first, uncopied
     sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
-    total, n_first, n_batches = 0, 0, 0
+    total, w_first, n_batches = 0, 0, 0
     for batch in tqdm(data, desc="data", leave=False, disable=not progress or rank() != 0):
         n = size(batch)
         if n <= 0:
             continue
+        w = n if reduction == "mean" else 1
         out = [accumulable(t.detach()) for t in per_batch(batch)]
         if first is None:
-            first, n_first = out, n
+            first, w_first = out, w
         else:
             if sums is None:
-                sums = [f * n_first for f in first]
+                sums = [f * w_first for f in first]
             for s, t in zip(sums, out):
-                s.add_(t, alpha=n)
+                s.add_(t, alpha=w)
         total += n
         n_batches += 1
-    if first is None:
+    if first is None and (zeros is None or not is_distributed()):
         raise ValueError("data is empty: it yielded no batch with samples"
-                         + (" on this rank" if is_distributed() else ""))
+                         + (" on this rank (pass zeros= to data_mean)" if is_distributed()
+                            else ""))
     if sums is None and not is_distributed():
-        # One batch: its tensors are the mean (no copy, which keeps the peak memory of a
+        # One batch: its tensors are the result (no copy, which keeps the peak memory of a
         # one-batch Hessian-vector product at the product itself).
         return DataMean(first, float(total), n_batches)
     if sums is None:
-        sums = [f * n_first for f in first]
+        sums = [t.detach().clone() for t in zeros()] if first is None else \
+            [f * w_first for f in first]
     count = torch.tensor([float(total)], dtype=torch.float64, device=sums[0].device)
     all_reduce_sum_([*sums, count])
     n_total = float(count.item())
-    for s in sums:
-        s.div_(n_total)
+    if n_total == 0:
+        raise ValueError("data is empty: it yielded no batch with samples on any rank")
+    if reduction == "mean":
+        for s in sums:
+            s.div_(n_total)
     return DataMean(sums, n_total, n_batches)
 
 
+@guarded
 def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
               params: ParamSelection = None, model_mode: str = "eval",
               batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
-    """The sample-weighted mean loss over all samples of ``data`` (no grad; model unchanged).
+    """The sample-weighted mean loss over all samples of ``data`` (no grad; model unchanged);
+    the total loss for a sum-reduced ``loss_fn``.
 
     params: validated like everywhere (the loss itself does not depend on the selection).
     model_mode: the mode the model is evaluated in (restored afterwards).
@@ -181,4 +244,5 @@ def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
         return [check_loss(loss_fn(model, batch), " in mean_loss")]
 
     with preserved(model, model_mode, weights=False), torch.no_grad():
-        return float(data_mean(data, per_batch, batch_size_fn, progress=progress).values[0])
+        return float(data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
+                               zeros=scalar_zeros(1), progress=progress).values[0])

@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["ArgumentTypeError", "check_number", "check_int", "check_positive", "check_nonnegative",
            "check_probability",
-           "check_choice", "check_bool"]
+           "check_choice", "check_bool", "check_dtype", "check_device"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -87,3 +87,28 @@ def check_bool(name: str, value: Any) -> bool:
     if not isinstance(value, (bool, np.bool_)):
         raise _fail(name, "True or False", value, ArgumentTypeError)
     return bool(value)
+
+
+def check_dtype(name: str, value: Any, choices: Sequence[Any]) -> Any:
+    """None or one of the torch dtypes ``choices``."""
+    if value is not None and value not in choices:
+        import torch
+        raise _fail(name, "None or one of " + ", ".join(str(c) for c in choices), value,
+                    ValueError if isinstance(value, torch.dtype) else ArgumentTypeError)
+    return value
+
+
+def check_device(name: str, value: Any) -> Any:
+    """None, or a ``torch.device`` (or its string, e.g. "cpu", "cuda:0") of a usable device."""
+    if value is None:
+        return None
+    import torch
+    if not isinstance(value, (str, torch.device)):
+        raise _fail(name, 'None, a torch.device or a device string such as "cpu"', value,
+                    ArgumentTypeError)
+    try:
+        device = torch.device(value)
+        torch.empty(0, device=device)
+    except (RuntimeError, AssertionError) as err:
+        raise _fail(name, f"a usable device ({err})", value) from None
+    return device

@@ -1,0 +1,159 @@
+"""Guards run before a public routine passes over ``data``: the data must be deterministic, and
+under ``torch.distributed`` the arguments must agree between ranks.
+
+* Deterministic data (curvlinops' check): routines that pass over ``data`` more than once
+  (``check_deterministic=True`` by default) first make two forward-only passes and compare the
+  per-batch sample counts and the total loss (to ``64 eps`` of the loss dtype, relative). A
+  shuffled ``DataLoader(drop_last=True)``, random augmentation, or Dropout with
+  ``model_mode="train"`` would otherwise change the operator between products and give
+  confident wrong answers. Cost: two forward passes.
+* Agreement between ranks: every argument but the shard itself (``data``, ``bn_data``) and
+  the progress/path options is fingerprinted (numbers, strings, tensors, the model's
+  parameters) and compared in one all-reduce, which also carries the determinism verdict of
+  every rank; a mismatch raises the same ``ValueError`` on every rank. A rank whose data is
+  refused while checked (``data=(X, Y)`` on one rank) raises its own error after that
+  all-reduce, and the others say so, so no rank is left waiting. In one process, a loss that
+  fails in the check's forward pass lets the routine run first, so that its own argument
+  checks name the problem.
+
+The guard runs once per outermost call: routines called by a guarded routine (the operator
+inside ``top_eigenvalues``, the solvers inside ``layerwise``) are not checked again.
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import threading
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from .compiled import is_compiled
+from .distributed import check_same_on_ranks, is_distributed
+from .restore import check_model_mode, preserved
+from .validation import check_bool
+
+# arguments that may differ between ranks: each rank's shard, and rank-local options
+LOCAL = ("self", "data", "bn_data", "progress", "path", "check_deterministic")
+COUNTS, RANDOM_LAYERS, LOSS, RAISED = 1, 2, 3, 4   # why two passes differed, or an error
+_state = threading.local()
+
+
+def _one_pass(model: nn.Module, loss_fn, data: Iterable, batch_size_fn
+              ) -> tuple[list[int], float, torch.dtype]:
+    """Per-batch sample counts, the (weighted) total loss and the loss dtype of one pass."""
+    from .protocol import check_data, check_loss, default_batch_size, loss_reduction  # a cycle
+
+    check_data(data)
+    size, weighted = batch_size_fn or default_batch_size, loss_reduction(loss_fn) == "mean"
+    counts, terms, dtype = [], [], torch.float64
+    for batch in data:
+        n = size(batch)
+        counts.append(n)
+        if n > 0:
+            loss = check_loss(loss_fn(model, batch), " in the determinism check").detach()
+            terms.append(loss.to(torch.float64) * (n if weighted else 1))  # no sync per batch
+            dtype = loss.dtype
+    return counts, float(sum(t.cpu() for t in terms)), dtype
+
+
+def _random_layers(model: nn.Module) -> list[str]:
+    return sorted({type(m).__name__ for m in model.modules()
+                   if isinstance(m, nn.modules.dropout._DropoutNd)})
+
+
+def _explain(code: int, model_mode: str, layers: list[str], detail: str = "") -> str:
+    if code == RAISED:
+        return "another rank's arguments or data were refused (that rank raised why)"
+    head = "data must give the same batches on every pass (analysis passes over it repeatedly)"
+    cause = {
+        COUNTS: "the batches' sample counts differ between two passes: a DataLoader with "
+                "shuffle=True and drop_last=True, or a sampler that changes between passes; pass "
+                "the batches in a fixed order (shuffle=False, or a list of batches)",
+        RANDOM_LAYERS: f"the loss differs between two passes, and the model has random layers "
+                       f"({', '.join(layers)}) that model_mode={model_mode!r} switches on: use "
+                       "model_mode='eval', or data in a fixed order",
+        LOSS: "the loss differs between two passes: a shuffled DataLoader (with drop_last=True "
+              "it drops other samples each pass; with train-mode BatchNorm any shuffling changes "
+              "the loss) or random augmentation; pass the batches in a fixed order "
+              "(shuffle=False, or a list of batches)",
+    }[code]
+    return f"{head}, but {cause}{detail}; check_deterministic=False skips this check"
+
+
+def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=None,
+                    model_mode: str = "eval") -> tuple[int, str]:
+    """Two forward-only passes over ``data`` in ``model_mode`` (model restored): ``(0, "")``
+    if they agree, else a cause code and the numbers that differed."""
+    with preserved(model, check_model_mode(model_mode), weights=False), torch.no_grad():
+        (c1, t1, dtype), (c2, t2, _) = (_one_pass(model, loss_fn, data, batch_size_fn)
+                                        for _ in range(2))
+    if c1 != c2:
+        first = next((i for i, (a, b) in enumerate(zip(c1, c2)) if a != b), min(len(c1), len(c2)))
+        return COUNTS, (f" ({len(c1)} batches of {sum(c1)} samples, then {len(c2)} of "
+                        f"{sum(c2)}; they first differ at batch {first})")
+    if abs(t1 - t2) > 64 * torch.finfo(dtype).eps * max(abs(t1), abs(t2)):
+        code = RANDOM_LAYERS if model_mode == "train" and _random_layers(model) else LOSS
+        return code, f" (total loss {t1!r} then {t2!r})"
+    return 0, ""
+
+
+def guarded(fn: Callable) -> Callable:
+    """Decorator of a public routine ``f(model, loss_fn, data, ...)`` (or a class's
+    ``__init__``): the determinism check when its ``check_deterministic`` argument is True, then
+    the agreement of its arguments between ranks (module docstring)."""
+    signature = inspect.signature(fn)
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        if getattr(_state, "inside", False):
+            return fn(*args, **kwargs)
+        bound = signature.bind(*args, **kwargs)
+        bound.apply_defaults()
+        a = bound.arguments
+        model = a.get("model", a.get("model_a"))
+        model = model._orig_mod if is_compiled(model) else model  # the routine warns
+        mode = a.get("model_mode", "eval")
+        check = check_bool("check_deterministic", a.get("check_deterministic", False))
+        code, detail, error = 0, "", None
+        try:
+            if check:
+                code, detail = repeated_passes(model, a["loss_fn"], a["data"],
+                                               a.get("batch_size_fn"), mode)
+        except Exception as err:  # raised after the all-reduce, so no other rank waits for us
+            code, error = RAISED, err
+        try:
+            check_same_on_ranks({k: v for k, v in a.items() if k not in LOCAL}, code,
+                                lambda c: _explain(c, mode, _random_layers(model)))
+        except ValueError:
+            if error is None:
+                raise
+        if error is not None and is_distributed():
+            raise error
+        if code and error is None:
+            raise ValueError(_explain(code, mode, _random_layers(model), detail))
+        _state.inside = True
+        try:
+            # if the check's forward pass failed, the routine's own argument checks speak first
+            result = fn(*args, **kwargs)
+        finally:
+            _state.inside = False
+        if error is not None:  # the routine ran, the check could not: never skip it silently
+            if hasattr(error, "add_note"):  # Python >= 3.11
+                error.add_note("raised by loss_fn in the determinism check's forward pass without "
+                               "gradients; check_deterministic=False skips the check")
+            raise error
+        return result
+
+    wrapper.guarded = True
+    return wrapper
+
+
+def is_guarded(fn: Callable) -> bool:
+    """Whether ``fn`` (or a class's ``__init__``) runs the guards."""
+    target = fn.__init__ if inspect.isclass(fn) else fn
+    return getattr(target, "guarded", False)
+
+
+__all__ = ["guarded", "is_guarded", "repeated_passes"]

@@ -1,0 +1,53 @@
+"""Fused updates: each tensor's whole update compiled by ``torch.compile`` into one kernel.
+
+``FusedKernel(fn)`` compiles, on first use and with dynamic shapes, ``fn(tensors, scalars, **flags)``, which
+applies one tensor's update to every tuple in ``tensors`` (one Python call per param group, so the
+per-call overhead does not grow with the number of tensors). Each optimizer module defines its own ``fn``:
+``torch.compile`` caches per function, and its recompilation limit (8) then counts one optimizer's variants
+(flags, dtypes, thread counts) only. The step's scalars travel in one
+float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When compiling
+fails (no C++ compiler or Triton, an unsupported backend), the call returns ``(False, None)`` once with a
+``RuntimeWarning`` naming the cause, and the optimizer takes its eager per-tensor path from then on.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+import torch
+from torch import Tensor
+
+
+def scalars_tensor(rows: list[tuple[float, ...]]) -> Tensor:
+    """The step's Python scalars, one row per tensor, as one float64 CPU tensor (no host-to-device copy,
+    no recompilation)."""
+    return torch.tensor(rows, dtype=torch.float64)
+
+
+class FusedKernel:
+    """A param group's update function, compiled on first call; falls back (returns False) if it cannot be."""
+
+    def __init__(self, fn: Callable[..., Any], name: str):
+        self.fn, self.name = fn, name
+        self._compiled: Callable[..., Any] | None = None
+        self.error: str | None = None
+
+    def __call__(self, tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: Any) -> tuple[bool, Any]:
+        """(True, what the compiled ``fn`` returns), or (False, None) when no kernel is available (the caller
+        then runs its eager path)."""
+        if self.error is not None:
+            return False, None
+        try:
+            if self._compiled is None:
+                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+            return True, self._compiled(tensors, scalars, **flags)
+        except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager path is the fallback)
+            self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+            warnings.warn(f"{self.name}(fused=True): torch.compile failed ({self.error}); using the eager "
+                          "per-tensor update instead", RuntimeWarning, stacklevel=3)
+            return False, None
+
+
+def fusable(*tensors: Tensor | None) -> bool:
+    """Dense, contiguous tensors (what the kernels are compiled for)."""
+    return all(t is None or (t.is_contiguous() and t.layout == torch.strided) for t in tensors)

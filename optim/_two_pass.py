@@ -1,0 +1,309 @@
+"""The two-pass step of the SAM family (SAM, WSAM, AdaSAM) and the building blocks SALA shares with it.
+
+``TwoPassOptimizer.step(closure)`` runs, for Foret et al.'s eq. (2) and its variants:
+
+    phase READY:      g = grad L(w)                   (pass 1; under DDP inside ``model.no_sync()``)
+    first_step():     e = rho * g / (||g||_2 + 1e-12)  (ASAM: rho * w^2 g / (|| |w| g || + 1e-12))
+                      w <- w + e; BatchNorm statistics frozen          -> phase PERTURBED
+    pass 2:           g~ = grad L(w + e)
+    second_step():    w <- w (copied back exactly); the subclass's update with g~ (and g) -> phase READY
+
+The phase is a named attribute (``Phase``) saved in ``state_dict()``. With a ``torch.amp.GradScaler``
+(``scaler.step(opt, closure)`` or ``opt.step(closure, grad_scaler=scaler)``, the closure calling
+``scaler.scale(loss).backward()``), each pass's gradients are unscaled before use and the step is
+skipped when either pass has inf/NaN, which ``scaler.update()`` then sees.
+"""
+from __future__ import annotations
+
+import contextlib
+import enum
+import weakref
+from typing import Any, Iterator, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.parallel import DistributedDataParallel
+from torch.optim import Optimizer
+
+from ._validation import check_model
+from .wrapper import Closure, CountingOptimizer
+
+SAM_EPS = 1e-12  # added to the norm in e = rho * g / (||g|| + eps), as in the authors' code
+
+
+def grouped(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
+    """Equal-length tensor lists split into runs on one device and dtype (for ``torch._foreach_*``)."""
+    if not tensor_lists[0]:
+        return
+    for lists, _ in Optimizer._group_tensors_by_device_and_dtype(list(tensor_lists)).values():
+        yield tuple(lists)
+
+
+def perturbation_norm(params: Sequence[Tensor], adaptive: Sequence[bool] | None = None) -> Tensor:
+    """|| concat_p (|w_p| if adaptive_p else 1) * grad_p ||_2 over all ``params`` (all have a grad),
+    each tensor's norm accumulated in float32 or better; on the first parameter's device."""
+    adaptive = adaptive or [False] * len(params)
+    norms = []
+    for p, ada in zip(params, adaptive):
+        acc = torch.promote_types(p.dtype, torch.float32)
+        g = p.grad.to(acc)
+        norms.append(torch.linalg.vector_norm(g * p.detach().abs().to(acc) if ada else g))
+    acc = max((n.dtype for n in norms), key=lambda dt: torch.finfo(dt).bits)
+    return torch.linalg.vector_norm(torch.stack([n.to(params[0].device, acc) for n in norms]))
+
+
+class BatchNormFreeze:
+    """Keeps the running statistics of every ``_BatchNorm`` layer of ``model`` unchanged.
+
+    ``freeze()`` sets momentum to 0 (running mean/var then stay bitwise equal, also for
+    ``momentum=None``) and remembers ``num_batches_tracked``; ``restore()`` puts both back.
+    Without a model both are no-ops.
+    """
+
+    def __init__(self, model: nn.Module | None):
+        self.model = model
+        self._saved: list[tuple[_BatchNorm, float | None, Tensor | None]] = []
+
+    def freeze(self) -> None:
+        if self.model is None or self._saved:
+            return
+        for m in self.model.modules():
+            if isinstance(m, _BatchNorm):
+                tracked = m.num_batches_tracked
+                self._saved.append((m, m.momentum, None if tracked is None else tracked.clone()))
+                m.momentum = 0.0
+
+    def restore(self) -> None:
+        for m, momentum, tracked in self._saved:
+            m.momentum = momentum
+            if tracked is not None:
+                m.num_batches_tracked.copy_(tracked)
+        self._saved = []
+
+
+def is_ddp(model: nn.Module | None) -> bool:
+    return isinstance(model, DistributedDataParallel)
+
+
+def first_pass(model: nn.Module | None) -> contextlib.AbstractContextManager:
+    """``model.no_sync()`` under DDP (gradients stay local: m-sharpness), else a null context."""
+    return model.no_sync() if is_ddp(model) else contextlib.nullcontext()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_mean_(tensors: list[Tensor]) -> None:
+    """Average ``tensors`` over ranks in place (one collective per tensor); no-op without a group."""
+    if not is_distributed():
+        return
+    world = dist.get_world_size()
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(world)
+
+
+def ascend_(params: list[Tensor], steps: list[Tensor], factor: Tensor) -> None:
+    """w <- w + factor * step for each parameter (multi-tensor per device and dtype)."""
+    for ps, ss in grouped(params, steps):
+        torch._foreach_add_(ps, torch._foreach_mul(ss, factor.to(ps[0])))
+
+
+class GradGuard:
+    """Detects gradients that were already accumulated when ``step(closure)`` was entered.
+
+    ``remember(params)`` notes the gradients a step leaves; ``check(params)`` raises when a parameter
+    holds another gradient, or one changed in place since, that is not all zeros (a ``backward()``
+    before ``step(closure)`` would otherwise be added to the first pass's gradient).
+    """
+
+    def __init__(self) -> None:
+        self._left: dict[int, tuple[weakref.ref, int]] = {}
+
+    def remember(self, params: list[Tensor]) -> None:
+        self._left = {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+
+    def check(self, owner: str, params: list[Tensor]) -> None:
+        foreign = []
+        for p in params:
+            if p.grad is None:
+                continue
+            ref, version = self._left.get(id(p), (None, None))
+            if ref is None or ref() is not p.grad or p.grad._version != version:
+                foreign.append(p.grad)
+        if foreign and any(bool(g.any()) for g in foreign):
+            raise RuntimeError(f"{owner}.step(closure) found gradients already accumulated: the closure computes "
+                               "them itself. Do not call backward() before step(closure) (with a torch.amp.GradScaler: "
+                               "opt.step(closure, grad_scaler=scaler), then scaler.update()), and clear the "
+                               "gradients (opt.zero_grad()) at the start of the closure")
+
+
+def unscale_(params: list[Tensor], inv_scale: float) -> bool:
+    """grad <- grad * inv_scale in place; True when every gradient is finite (agreed over ranks)."""
+    found = []
+    for (gs,) in grouped([p.grad for p in params]):
+        found_inf = torch.zeros((), dtype=torch.float32, device=gs[0].device)
+        torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf, torch.full_like(found_inf, inv_scale))
+        found.append(found_inf.cpu() if is_distributed() else found_inf)
+    total = torch.stack(found).sum() if found else torch.zeros(())
+    if is_distributed():
+        dist.all_reduce(total, op=dist.ReduceOp.MAX)
+    return not bool(total)
+
+
+class Phase(str, enum.Enum):
+    """Where a two-pass step stands: READY for the plain gradient, PERTURBED at w + e."""
+    READY = "ready"
+    PERTURBED = "perturbed"
+
+
+class TwoPassOptimizer(CountingOptimizer):
+    """Base class of the SAM family: the two-pass ``step(closure)`` and the ascent / restore steps.
+
+    Subclasses call ``_set_model(model)``, name their group keys for the radius and the adaptive flag
+    (``_rho_key``, ``_adaptive_key``; ``None`` for "never adaptive"), and implement ``_update(perturbed)``
+    (the step from w with the gradient at w + e); ``_store_plain(params)`` may keep the plain gradient.
+    ``state[p]["origin"]`` holds the weights a step started from, copied back exactly.
+
+    Two-step API: ``first_step()`` after the plain backward (it freezes BatchNorm statistics when
+    ``model`` is given), the perturbed forward-backward, then ``second_step()``. Under DDP run the plain
+    backward inside ``model.no_sync()`` yourself for m-sharpness; ``step(closure)`` does it for you.
+    """
+
+    _rho_key: str = "sam_rho"
+    _adaptive_key: str | None = "sam_adaptive"
+    _step_supports_amp_scaling = True   # GradScaler.step hands itself over: see step()
+    model: nn.Module | None
+
+    def _set_model(self, model: nn.Module | None) -> None:
+        self.model = check_model("model", model)
+        self._bn = BatchNormFreeze(self.model)
+        self._guard = GradGuard()
+        self.phase = Phase.READY
+        self._perturbed: list[tuple[dict[str, Any], list[Tensor]]] = []
+
+    def _all_params(self) -> list[Tensor]:
+        return [p for group in self.param_groups for p in group["params"]]
+
+    @torch.no_grad()
+    def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
+        """One two-pass step. ``closure`` clears the grads, computes the loss, calls backward (with a
+        ``grad_scaler``: ``grad_scaler.scale(loss).backward()``) and returns the loss; it is called twice.
+        Returns the loss at the weights the step started from. Do not call ``backward()`` before."""
+        name = type(self).__name__
+        if closure is None:
+            raise ValueError(f"{name}.step() needs a closure (it runs two forward-backward passes); "
+                             "or call first_step() and second_step() yourself")
+        if getattr(self, "grad_scale", None) is not None:
+            raise RuntimeError(f"{name}: this GradScaler did not hand itself over; call "
+                               f"{name.lower()}.step(closure, grad_scaler=scaler) and then scaler.update()")
+        self._guard.check(name, self._all_params())
+        closure = self._counted(closure)
+        with first_pass(self.model):
+            loss = closure()
+        if grad_scaler is None or self._unscaled(grad_scaler, final=False):
+            self.first_step(zero_grad=True)
+            closure()
+            if grad_scaler is None or self._unscaled(grad_scaler, final=True):
+                self.second_step()
+            else:
+                self._return_to_origin()
+        self._guard.remember(self._all_params())
+        return loss
+
+    def _unscaled(self, grad_scaler: Any, final: bool) -> bool:
+        """Unscales the gradients for ``grad_scaler``; False (and cleared grads) when any is inf/NaN on
+        any rank. The last pass is unscaled by ``grad_scaler.unscale_`` itself, and an overflow is
+        reported to it the same way, so that ``scaler.update()`` backs off on every rank alike."""
+        params = [p for p in self._all_params() if p.grad is not None]
+        if final:
+            grad_scaler.unscale_(self)
+        finite = unscale_(params, 1.0 if final else 1.0 / grad_scaler.get_scale())
+        if not finite:
+            for p in params:
+                p.grad.fill_(float("nan"))
+            if not final:
+                grad_scaler.unscale_(self)
+            self.zero_grad()
+        return finite
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False) -> None:
+        """Moves to ``w + e`` using the current gradients (the plain gradient at ``w``)."""
+        if self.phase is Phase.PERTURBED:
+            raise RuntimeError("first_step() called twice without second_step() in between")
+        self._perturbed = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        params = [p for _, ps in self._perturbed for p in ps]
+        if params:
+            adaptive = [self._is_adaptive(g) for g, ps in self._perturbed for _ in ps]
+            scale = 1.0 / (perturbation_norm(params, adaptive) + SAM_EPS)
+            for group, ps in self._perturbed:
+                origins = [self._buffer(p, "origin") for p in ps]
+                for ps_, os_ in grouped(ps, origins):
+                    torch._foreach_copy_(os_, ps_)
+                steps = [p.grad * p * p if self._is_adaptive(group) else p.grad for p in ps]
+                ascend_(ps, steps, scale * group[self._rho_key])
+        self._bn.freeze()
+        self.phase = Phase.PERTURBED
+        self._store_plain(params)
+        if zero_grad:
+            self.zero_grad()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Moves back to ``w`` and steps with the gradient at ``w + e``."""
+        self._update(self._return_to_origin())
+        self.n_steps += 1
+        if zero_grad:
+            self.zero_grad()
+
+    def _store_plain(self, params: list[Tensor]) -> None:
+        """Hook: keep what the update needs from the plain gradient (nothing by default)."""
+
+    def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
+        raise NotImplementedError
+
+    def _is_adaptive(self, group: dict[str, Any]) -> bool:
+        return bool(self._adaptive_key and group[self._adaptive_key])
+
+    def _buffer(self, p: Tensor, name: str) -> Tensor:
+        """``state[p][name]``, allocated like ``p`` on first use."""
+        state = self.state[p]
+        if name not in state:
+            state[name] = torch.empty_like(p, memory_format=torch.preserve_format)
+        return state[name]
+
+    def _return_to_origin(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
+        """Restores BatchNorm momentum and the weights; averages the perturbed gradient over ranks
+        unless DDP already did. Returns, per param group, the perturbed parameters that still have
+        a gradient."""
+        if self.phase is not Phase.PERTURBED:
+            raise RuntimeError("second_step() called without a preceding first_step()")
+        self._bn.restore()
+        perturbed, self._perturbed, self.phase = self._perturbed, [], Phase.READY
+        for _, ps in perturbed:
+            for ps_, os_ in grouped(ps, [self.state[p]["origin"] for p in ps]):
+                torch._foreach_copy_(ps_, os_)
+        out = [(g, [p for p in ps if p.grad is not None]) for g, ps in perturbed]
+        if not is_ddp(self.model):
+            all_reduce_mean_([p.grad for _, ps in out for p in ps])
+        return out
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        state["phase"] = self.phase.value
+        index = {id(p): i for i, p in enumerate(self._all_params())}
+        state["perturbed"] = [index[id(p)] for _, ps in self._perturbed for p in ps]
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        phase = Phase(state_dict.get("phase", Phase.READY.value))
+        super().load_state_dict(state_dict)
+        chosen, index, self._perturbed = set(state_dict.get("perturbed", ())), 0, []
+        for group in self.param_groups if phase is Phase.PERTURBED else ():
+            self._perturbed.append((group, [p for i, p in enumerate(group["params"], index) if i in chosen]))
+            index += len(group["params"])
+        self.phase = phase

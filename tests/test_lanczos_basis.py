@@ -1,0 +1,90 @@
+"""Lanczos with the basis in another dtype or on another device, and the in-place thick restart,
+against eigvalsh of the exact Hessian."""
+import numpy as np
+import pytest
+import torch
+
+from analysis import spectral_density, top_eigenvalues
+from analysis.lanczos import _rotate_, lanczos
+from oracles import classification_data, exact_hessian, mlp, uneven_batches
+from test_lanczos import ce, expected
+
+
+@pytest.fixture(scope="module")
+def problem():
+    x, y = classification_data(n=23, d=12)
+    model, data = mlp((12, 8, 5, 3)), uneven_batches(x, y)
+    return model, data, exact_hessian(model, ce, data)
+
+
+def test_float32_basis_matches_float64_within_float32_accuracy(problem):
+    model, data, H = problem
+    kw = dict(k=3, tol=1e-5, progress=False)
+    ref = top_eigenvalues(model, ce, data, **kw)
+    low = top_eigenvalues(model, ce, data, basis_dtype=torch.float32, **kw)
+    assert ref.converged and low.converged
+    assert low.eigenvectors.dtype == torch.float64  # results stay in the model's dtype
+    np.testing.assert_allclose(low.eigenvalues, ref.eigenvalues, rtol=1e-5)
+    np.testing.assert_allclose(low.eigenvalues, expected(H, 3, "LA"), rtol=1e-5)
+    rayleigh = torch.einsum("kn,nm,km->k", low.eigenvectors, H, low.eigenvectors)
+    np.testing.assert_allclose(rayleigh.numpy(), expected(H, 3, "LA"), rtol=1e-5)
+
+
+def test_basis_on_the_cpu_is_a_no_op_for_a_cpu_model(problem):
+    """(The GPU model with a CPU basis cannot be run on this machine, which has no GPU.)"""
+    model, data, _ = problem
+    a = top_eigenvalues(model, ce, data, k=2, progress=False)
+    b = top_eigenvalues(model, ce, data, k=2, progress=False, basis_device="cpu")
+    np.testing.assert_array_equal(a.eigenvalues, b.eigenvalues)
+    assert torch.equal(a.eigenvectors, b.eigenvectors) and a.n_hvp == b.n_hvp
+    d = spectral_density(model, ce, data, 10, 2, progress=False)
+    e = spectral_density(model, ce, data, 10, 2, progress=False, basis_device=torch.device("cpu"),
+                         basis_dtype=torch.float64)
+    np.testing.assert_array_equal(d.nodes, e.nodes)
+
+
+@pytest.mark.parametrize("basis_dtype", [None, torch.float32])
+def test_in_place_thick_restart_finds_the_exact_eigenvalues(problem, basis_dtype):
+    """A basis of k + 3 vectors forces many restarts; n = 167 is not a multiple of the kept
+    count, so every column block of the in-place rotation matters."""
+    model, data, H = problem
+    for which in ("LA", "SA"):
+        res = top_eigenvalues(model, ce, data, k=2, which=which, max_basis=5, tol=1e-5,
+                              max_hvp=3000, progress=False, basis_dtype=basis_dtype)
+        assert res.converged and res.n_hvp > 5
+        np.testing.assert_allclose(res.eigenvalues, expected(H, 2, which), rtol=1e-5, atol=1e-7)
+
+
+def test_rotate_equals_the_out_of_place_product():
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(7, 23, generator=gen, dtype=torch.float64)
+    Y = torch.randn(5, 3, generator=gen, dtype=torch.float64)
+    want = Y.T @ V[:5]
+    rest = V[3:].clone()
+    _rotate_(V, Y, 5)
+    torch.testing.assert_close(V[:3], want, rtol=1e-14, atol=1e-14)
+    assert torch.equal(V[3:], rest)
+
+
+def test_lanczos_on_a_dense_matrix_with_a_float32_basis():
+    gen = torch.Generator().manual_seed(1)
+    Q, _ = torch.linalg.qr(torch.randn(90, 90, generator=gen, dtype=torch.float64))
+    lam = torch.linspace(-1, 3, 90, dtype=torch.float64)
+    A = Q @ torch.diag(lam) @ Q.T
+    theta, U, _, _, ok = lanczos(lambda V: V @ A, 90, 3, max_basis=8, tol=1e-5, max_hvp=3000,
+                                 like=torch.zeros(1, dtype=torch.float64),
+                                 basis_dtype=torch.float32)
+    assert ok and U.dtype == torch.float64
+    torch.testing.assert_close(theta, lam.flip(0)[:3], rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("kwargs,error", [
+    ({"basis_dtype": torch.float16}, ValueError), ({"basis_dtype": "float32"}, TypeError),
+    ({"basis_device": "nowhere"}, ValueError), ({"basis_device": 0}, TypeError)])
+def test_bad_basis_arguments_name_themselves(problem, kwargs, error):
+    model, data, _ = problem
+    name = next(iter(kwargs))
+    with pytest.raises(error, match=name):
+        top_eigenvalues(model, ce, data, progress=False, **kwargs)
+    with pytest.raises(error, match=name):
+        spectral_density(model, ce, data, progress=False, **kwargs)
