@@ -24,8 +24,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core import (BatchSizeFn, check_choice, check_device, check_dtype, check_int,
-                   check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps, randn,
-                   records_metadata, register_result)
+                   check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps,
+                   randn, records_metadata, register_result)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 

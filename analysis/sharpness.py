@@ -36,7 +36,8 @@ from tqdm.auto import tqdm
 from .core import (all_reduce_sum_, BatchSizeFn, check_choice, check_data, check_int, check_loss,
                    check_positive, data_mean, default_batch_size, flatten, guarded, loss_reduction,
                    LossFn, make_generator, ParamSelection, preserved, randn, rank,
-                   records_metadata, register_result, select_params, unflatten, uniform, unwrap_compiled)
+                   records_metadata, register_result, select_params, unflatten, uniform,
+                   unwrap_compiled)
 from .lanczos import top_eigenvalues
 from .ops import explained_errors, gradients
 
