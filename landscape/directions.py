@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import (BatchSizeFn, check_choice, guarded, LossFn, make_generator,
+from analysis.core import (BatchSizeFn, check_bool, check_choice, guarded, LossFn, make_generator,
                            ParamSelection, randn, register_result, select_params, unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
@@ -33,6 +33,13 @@ def named_targets(model: nn.Module) -> dict[str, Tensor]:
     out = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
     out.update(dict(model.named_parameters()))
     return out
+
+
+def state_buffers(model: nn.Module) -> list[str]:
+    """Names of the floating buffers a state_dict holds (BatchNorm statistics; not the
+    non-persistent ones such as rotary-embedding frequencies, which are recomputed)."""
+    state = model.state_dict(keep_vars=True)
+    return [n for n, b in model.named_buffers() if b.is_floating_point() and n in state]
 
 
 def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: str = "direction"
@@ -56,6 +63,8 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
     for name, t in direction.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ValueError(f"{argname}[{name!r}] must be a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{argname}[{name!r}] must be finite (it holds NaN or inf)")
         if t.shape != targets[name].shape:
             raise ValueError(f"{argname}[{name!r}] has shape {tuple(t.shape)}, but the model's "
                              f"tensor has shape {tuple(targets[name].shape)}")
@@ -92,6 +101,7 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     params: which parameters get a direction (default: all with requires_grad).
     """
     check_choice("normalization", normalization, NORMALIZATIONS)
+    ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
     gen = make_generator(seed)
     names, tensors = select_params(model, params)
     out = {}
@@ -120,13 +130,15 @@ def load_state(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str,
     return source
 
 
-def state_tensors(model: nn.Module, source, names: list[str]) -> dict[str, Tensor]:
-    """The tensors ``names`` of a state_dict or checkpoint, on the model's device and dtype."""
+def state_tensors(model: nn.Module, source, names: list[str], argname: str = "checkpoint"
+                  ) -> dict[str, Tensor]:
+    """The tensors ``names`` of a state_dict or checkpoint, on the model's device and dtype;
+    errors name the source as ``argname``."""
     state = load_state(source)
     missing = [n for n in names if n not in state]
     if missing:
-        raise ValueError(f"checkpoint lacks tensors of the model: {missing[:5]}")
-    return check_direction(model, {n: state[n] for n in names}, "checkpoint")
+        raise ValueError(f"{argname} lacks tensors of the model: {missing[:5]}")
+    return check_direction(model, {n: state[n] for n in names}, argname)
 
 
 def update_direction(start, end, model: nn.Module, *, params: ParamSelection = None,
@@ -137,9 +149,9 @@ def update_direction(start, end, model: nn.Module, *, params: ParamSelection = N
     (BatchNorm running statistics), as Li et al.'s ``dir_type="states"`` does.
     """
     names, _ = select_params(model, params)
-    if buffers:
-        names += [n for n, b in model.named_buffers() if b.is_floating_point()]
-    a, b = state_tensors(model, start, names), state_tensors(model, end, names)
+    if check_bool("buffers", buffers):
+        names += state_buffers(model)
+    a, b = state_tensors(model, start, names, "start"), state_tensors(model, end, names, "end")
     return Direction({n: b[n] - a[n] for n in names}, {"kind": "update", "buffers": buffers})
 
 

@@ -1,4 +1,4 @@
-"""Many grid points in one forward for sequential models: stacked weights, a first layer computed once.
+"""Many grid points in one forward of a sequential model: stacked weights, a first layer once.
 
 Applies to an ``nn.Sequential`` (nested ones are flattened) of sample-wise layers without hooks,
 evaluated with a ``loss_fn`` made by ``analysis.supervised``. A point ``w = sum_j c_j V_j`` is
@@ -41,8 +41,10 @@ ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CE
                nn.Hardsigmoid, nn.Identity)
 PER_SAMPLE = (nn.LayerNorm, nn.GroupNorm, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool1d, nn.AvgPool2d,
               nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d)
-EVAL_ONLY = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout)  # batch-mixing or random in training
-DIM_ONE = (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)  # sample-wise unless they act on dim 0
+# batch-mixing or random in training mode
+EVAL_ONLY = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout)
+# sample-wise unless they act on dim 0
+DIM_ONE = (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
 
 
 def _samplewise(m: nn.Module) -> bool:
@@ -87,15 +89,19 @@ def _no_hooks(model: nn.Module) -> bool:
 
 class _Stack:
     """Vectors' values ``V_j`` of one tensor, stacked once; ``at(cs)`` gives every point's
-    ``sum_j c_j V_j`` ([P, *shape]) as one product."""
+    ``sum_j c_j V_j`` ([P, *shape]) as one product, written into a buffer reused by the next
+    call (a fresh multi-megabyte tensor per group costs more than the product on a CPU)."""
 
     def __init__(self, parts: Sequence[tuple[int, Tensor]]):
         self.idx = [j for j, _ in parts]
         self.shape = parts[0][1].shape
         self.flat = torch.stack([t.reshape(-1) for _, t in parts])
+        self.buffer = self.flat[:0]
 
     def at(self, cs: Tensor) -> Tensor:
-        return (cs[:, self.idx] @ self.flat).view(len(cs), *self.shape)
+        if len(self.buffer) != len(cs):
+            self.buffer = self.flat.new_empty(len(cs), self.flat.shape[1])
+        return torch.mm(cs[:, self.idx], self.flat, out=self.buffer).view(len(cs), *self.shape)
 
     def values(self) -> list[tuple[int, Tensor]]:
         return list(zip(self.idx, self.flat.view(len(self.idx), *self.shape)))
@@ -113,7 +119,8 @@ class SequentialPlan:
     def __init__(self, layers: list[_Layer], criterion: Callable[[Tensor, Tensor], Tensor]):
         self.layers, self.criterion = layers, criterion
         self.first = next((i for i, layer in enumerate(layers) if layer.moving), len(layers))
-        self.precompute = self.first < len(layers) and type(layers[self.first].module) in PRECOMPUTED
+        self.precompute = (self.first < len(layers)
+                           and type(layers[self.first].module) in PRECOMPUTED)
 
     def cpu_group(self, largest: int, limit: int) -> int:
         """Points per forward on a CPU: at most ``limit``, with each activation tensor (one point's
@@ -129,7 +136,10 @@ class SequentialPlan:
         """The first moving layer on the batch ``x``, as a function of the points' coordinates."""
         layer = self.layers[self.first]
         m = layer.module
-        apply = (lambda w: F.linear(x, w)) if type(m) is nn.Linear else (lambda w: m._conv_forward(x, w, None))
+        if type(m) is nn.Linear:
+            def apply(w): return F.linear(x, w)
+        else:
+            def apply(w): return m._conv_forward(x, w, None)
         weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
         shape = (-1,) if type(m) is nn.Linear else (-1,) + (1,) * (x.dim() - 2)  # a bias's view
         fixed = apply(m.weight) if weight is None else None  # a fixed weight's part
@@ -149,7 +159,8 @@ class SequentialPlan:
         return out
 
     def losses(self, cs: Tensor, batch: Any, group: int, device: torch.device) -> list[Any]:
-        """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per forward."""
+        """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per
+        forward."""
         x, y = (t.to(device) if isinstance(t, Tensor) else t for t in (batch[0], batch[1]))
         for layer in self.layers[:self.first]:  # nothing moves yet: shared by all points
             x = layer.module(x)
@@ -172,7 +183,8 @@ def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], h: Tensor, y: A
     P, N = h.shape[:2]
     kind = type(criterion)
     if kind is nn.CrossEntropyLoss and criterion.reduction == "mean" and criterion.weight is None \
-            and h.dim() == 3 and isinstance(y, Tensor) and y.shape == (N,) and not y.is_floating_point():
+            and h.dim() == 3 and isinstance(y, Tensor) and y.shape == (N,) \
+            and not y.is_floating_point():
         if criterion.label_smoothing:
             per = F.cross_entropy(h.flatten(0, 1), y.repeat(P), reduction="none",
                                   ignore_index=criterion.ignore_index,
