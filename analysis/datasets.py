@@ -57,7 +57,7 @@ def mnist1d(num_samples: int = 5000, seed: int = 42, dtype: torch.dtype = torch.
     The default (5000 samples, seed 42) is the canonical data set: 4000 train, 1000 test.
     """
     check_int("num_samples", num_samples, 10)  # one per class
-    d = _make(int(num_samples), check_int("seed", seed))
+    d = _make(int(num_samples), check_int("seed", seed, 0))
     return TensorDataset(
         x=torch.as_tensor(d["x"], dtype=dtype), y=torch.as_tensor(d["y"], dtype=torch.long),
         x_test=torch.as_tensor(d["x_test"], dtype=dtype),

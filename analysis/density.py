@@ -19,8 +19,8 @@ import torch
 from torch import nn
 from tqdm.auto import trange
 
-from .core import (BatchSizeFn, check_device, check_dtype, check_int, check_positive, guarded,
-                   LossFn, make_generator, ParamSelection, rademacher, records_metadata,
+from .core import (BatchSizeFn, check_bool, check_device, check_dtype, check_int, check_positive,
+                   guarded, LossFn, make_generator, ParamSelection, rademacher, records_metadata,
                    register_result)
 from .curvature import curvature_operator
 from .lanczos import BASIS_DTYPES, Krylov
@@ -111,6 +111,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)
     n_grid = check_int("n_grid", n_grid, 2)
+    log_scale = check_bool("log_scale", log_scale)
     basis_dtype = check_dtype("basis_dtype", basis_dtype, BASIS_DTYPES)
     basis_device = check_device("basis_device", basis_device)
     if sigma is not None:

@@ -57,8 +57,9 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import (BatchSizeFn, check_int, check_loss, data_mean, guarded, loss_reduction, LossFn,
-                   ParamSelection, preserved, scalar_zeros, select_params)
+from .core import (ArgumentTypeError, BatchSizeFn, check_bool, check_data, check_int, check_loss,
+                   check_model_mode, check_positive, data_mean, guarded, loss_reduction, LossFn,
+                   make_generator, ParamSelection, preserved, scalar_zeros, select_params)
 from .preconditioning import optimizer_preconditioner, stability_threshold
 
 Record = dict[str, float]
@@ -149,12 +150,29 @@ class Tracker:
                  lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
                  seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
-        check_int("every", every, 1)
+        every = check_int("every", every, 1)
+        lambda_max, trace, grad_norm, layers = (check_bool(k, v) for k, v in (
+            ("lambda_max", lambda_max), ("trace", trace), ("grad_norm", grad_norm),
+            ("layers", layers)))
         if (lambda_max or trace or grad_norm) and curvature_data is None:
             raise ValueError("curvature_data is required when lambda_max, trace or grad_norm "
                              "is on")
-        check_int("lanczos_max_hvp", lanczos_max_hvp, 1)
-        check_int("trace_n_hvp", trace_n_hvp, 3)
+        for name, value in (("eval_data", eval_data), ("test_data", test_data),
+                            ("curvature_data", curvature_data)):
+            try:
+                if value is not None:
+                    check_data(value)
+            except ValueError as err:
+                raise type(err)(f"{name}: {err}") from None
+        lanczos_tol = check_positive("lanczos_tol", lanczos_tol)
+        lanczos_max_hvp = check_int("lanczos_max_hvp", lanczos_max_hvp, 1)
+        trace_n_hvp = check_int("trace_n_hvp", trace_n_hvp, 4)   # Hutch++ needs 4 products
+        seed = make_generator(seed).initial_seed()
+        check_model_mode(model_mode)
+        if isinstance(optimizer_methods, str) or not all(
+                isinstance(m, str) for m in optimizer_methods):
+            raise ArgumentTypeError("optimizer_methods must be a sequence of method names, "
+                                    f"got {optimizer_methods!r}")
         self.model, self.loss_fn, self.every = model, loss_fn, every
         self.eval_data, self.test_data, self.curvature_data = eval_data, test_data, curvature_data
         self.lambda_max, self.trace, self.grad_norm = lambda_max, trace, grad_norm
@@ -361,10 +379,16 @@ class Tracker:
         return [s for s, _ in pairs], [v for _, v in pairs]
 
     def save(self, stem: str | Path, meta: dict | None = None) -> tuple[Path, Path]:
-        """Write ``stem.json`` (records plus ``meta``) and ``stem.csv``; return both paths."""
+        """Write ``stem.json`` (records plus ``meta``) and ``stem.csv``; return both paths.
+
+        The suffixes are appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.json``);
+        a name ending in ``.json`` or ``.csv`` has that ending replaced.
+        """
         stem = Path(stem)
+        if stem.suffix.lower() in (".json", ".csv"):
+            stem = stem.with_suffix("")
         stem.parent.mkdir(parents=True, exist_ok=True)
-        js, cs = stem.with_suffix(".json"), stem.with_suffix(".csv")
+        js, cs = (stem.with_name(stem.name + ext) for ext in (".json", ".csv"))
         js.write_text(json.dumps({"meta": meta or {}, "records": self.records}, indent=1,
                                  allow_nan=True))
         keys = self.keys()

@@ -12,8 +12,8 @@ from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (BatchSizeFn, check_choice, check_data, check_int, check_positive, guarded,
-                   LossFn, make_generator, ParamSelection, preserved, randn, rank,
+from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_int, check_positive,
+                   guarded, LossFn, make_generator, ParamSelection, preserved, randn, rank,
                    records_metadata, register_result, select_params, uniform)
 from .sharpness import PerturbedLoss
 
@@ -158,8 +158,8 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: f
     metric = check_choice("metric", metric, METRICS)
     n_samples = check_int("n_samples", n_samples, 1)
     depth = check_int("depth", depth, 1)
-    if magnitude_aware:
-        magnitude_eps = check_positive("magnitude_eps", magnitude_eps)
+    magnitude_aware = check_bool("magnitude_aware", magnitude_aware)
+    magnitude_eps = check_positive("magnitude_eps", magnitude_eps)
     make_generator(seed)
     check_data(data)
     fn = loss_fn if metric == "loss" else (error_fn or classification_error)

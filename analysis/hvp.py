@@ -102,7 +102,8 @@ class HessianOperator:
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.scale = inverse_sqrt(preconditioner, model, self.names, self.params)
         self.n_hvp = 0
-        self._reuse = reuse_graph and isinstance(data, (list, tuple)) and len(data) == 1
+        self._reuse = (check_bool("reuse_graph", reuse_graph) and isinstance(data, (list, tuple))
+                       and len(data) == 1)
         self._graph: Any = None  # the cached per-batch state of `_cached`
         self._context = None
         self._depth = 0
@@ -136,6 +137,8 @@ class HessianOperator:
             shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
             raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
                              f"selected parameter elements), got {shape}")
+        if not bool(torch.isfinite(vs).all()):
+            raise ValueError("vectors must be finite (they hold NaN or inf)")
         vs = vs.to(self.device, self.dtype)
         if self.scale is not None:
             vs = vs * self.scale

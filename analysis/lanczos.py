@@ -133,6 +133,8 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
         if v0.shape[1] != n:
             raise ValueError(f"v0 must have {n} columns (the number of selected parameter "
                              f"elements), got shape {tuple(v0.shape)}")
+        if not bool(torch.isfinite(v0).all()):
+            raise ValueError("v0 must be finite (it holds NaN or inf)")
         folded = torch.zeros_like(block)
         folded.index_add_(0, torch.arange(len(v0), device=like.device) % b, v0.to(like))
         given = torch.linalg.vector_norm(folded, dim=1) > 0
@@ -203,7 +205,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     With ``basis_dtype`` coarser than ``like``'s, ``eps`` is that of ``basis_dtype``.
     """
     b = min(block_size, n)
-    m_max = min(n, max_basis or max(30, 3 * k + 2 * b))
+    m_max = min(n, max(30, 3 * k + 2 * b) if max_basis is None else max_basis)
     if m_max < k + b and m_max < n:
         raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")
     budget = max_hvp if max_hvp is not None else max(300, 50 * k)
@@ -251,7 +253,7 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
         found = torch.stack(vecs) if vecs else start[:0]
         v, lam, ok = start[i], None, False
         for _ in range(max_iter):
-            if n_hvp >= budget:
+            if n_hvp >= budget - (k - 1 - i):  # keep one product for each pair still to find
                 break
             v = v - found.T @ (found @ v)
             v = v / torch.linalg.vector_norm(v)
@@ -300,7 +302,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     tol: Lanczos stops when every wanted Ritz pair has ``||H u - theta u|| <= tol |theta|``;
         for ``method="power"`` it is PyHessian's relative-change tolerance instead.
     max_hvp: budget of Hessian-vector products (default ``max(300, 50 k)`` for Lanczos,
-        ``100 k`` for the power method); ``converged`` says whether the tolerance was met.
+        ``100 k`` for the power method); at least ``k`` (Lanczos: ``k`` rounded up to whole
+        blocks); ``converged`` says whether the tolerance was met.
     v0: warm start, ``[n]`` or ``[r, n]`` (e.g. the last result's ``eigenvectors``).
     method: "lanczos" or "power" (PyHessian's deflated power iteration; "LA"/"LM" only, both
         meaning largest magnitude there).
@@ -326,16 +329,19 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     if method == "power" and which == "SA":
         raise ValueError('method="power" finds largest-magnitude eigenvalues; which="SA" '
                          'needs method="lanczos"')
-    check_positive("tol", tol)
-    if max_hvp is not None:
-        check_int("max_hvp", max_hvp, 1)
+    tol = check_positive("tol", tol)
     block_size = check_int("block_size", block_size, 1)
+    if max_basis is not None:
+        max_basis = check_int("max_basis", max_basis, 1)
     seed = make_generator(seed).initial_seed()
     op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
                             batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
                             preconditioner=preconditioner)
     n = op.shape[0]
     check_int("k", k, 1, n)
+    if max_hvp is not None:  # enough products for k Ritz values (whole blocks for Lanczos)
+        b = min(block_size, n)
+        max_hvp = check_int("max_hvp", max_hvp, k if method == "power" else b * math.ceil(k / b))
     like = op.params[0].detach()
     with op:
         if method == "lanczos":

@@ -2,15 +2,15 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Mapping
 
 import numpy as np
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .lanczos import top_eigenvalues
-from .core import (BatchSizeFn, guarded, LossFn, ParamSelection, records_metadata,
-                   register_result, select_params, unflatten)
+from .core import (ArgumentTypeError, BatchSizeFn, guarded, LossFn, ParamSelection,
+                   records_metadata, register_result, select_params, unflatten)
 from .preconditioning import Preconditioner, per_parameter
 from .trace import hessian_trace
 
@@ -72,6 +72,9 @@ def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups 
     check_deterministic: check once that two passes over ``data`` agree (two forward passes).
     """
     groups = default_groups(model) if groups is None else groups
+    if not isinstance(groups, Mapping):
+        raise ArgumentTypeError("groups must be a dict {block name: parameter names or "
+                                f"predicate}}, got {type(groups).__name__}")
     if not groups:
         raise ValueError("groups must name at least one block")
     chosen_names, chosen_params = select_params(model, params)

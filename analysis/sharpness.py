@@ -33,9 +33,9 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (all_reduce_sum_, BatchSizeFn, check_choice, check_data, check_int, check_loss,
-                   check_positive, data_mean, default_batch_size, flatten, guarded, loss_reduction,
-                   LossFn, make_generator, ParamSelection, preserved, randn, rank,
+from .core import (all_reduce_sum_, BatchSizeFn, check_bool, check_choice, check_data, check_int,
+                   check_loss, check_positive, data_mean, default_batch_size, flatten, guarded,
+                   loss_reduction, LossFn, make_generator, ParamSelection, preserved, randn, rank,
                    records_metadata, register_result, select_params, unflatten, uniform)
 from .lanczos import top_eigenvalues
 
@@ -459,6 +459,7 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
     sigma = check_positive("sigma", sigma)
     ball = Ball(check_choice("norm", norm, NORMS), 1.0)
     kind = adaptivity(adaptive)
+    antithetic = check_bool("antithetic", antithetic)
     n_samples = check_int("n_samples", n_samples, 4 if antithetic else 2)
     if antithetic and n_samples % 2:
         raise ValueError(f"n_samples must be even with antithetic=True, got {n_samples}")

@@ -9,7 +9,9 @@
   estimate is unbiased given ``Q``, and its standard error is that of the Hutchinson part:
   the sample standard deviation of its ``g`` probe values over ``sqrt(g)`` (conditional on
   the sketch). It is exact when ``rank H <= n_hvp // 3``; when ``n <= n_hvp // 3`` the
-  sketch spans everything and only ``2n`` products are spent (stderr 0).
+  sketch spans everything and only ``2n`` products are spent.
+* Every stderr is at least the rounding level ``eps sqrt(n) size`` (:func:`rounding_stderr`):
+  an estimate exact but for rounding reports that, never 0 or 1e-31.
 * XTrace (Epperly, Tropp & Webber 2024): the exchangeable version of Hutch++, exact when
   ``rank H < n_hvp // 2``; see :func:`_xtrace`.
 """
@@ -61,18 +63,30 @@ def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> Trace
     """Hutch++ (a zero sketch makes it Hutchinson)."""
     sketch = min(n_hvp // 3, n) if method == "hutch++" else 0
     g = n_hvp - 2 * sketch if sketch < n else 0  # a full sketch makes the trace exact
-    exact, Q = 0.0, like.new_zeros(0, n)
+    exact, size, Q = 0.0, 0.0, like.new_zeros(0, n)
     if sketch:
         S = rademacher((sketch, n), gen, like=like)
         Q = torch.linalg.qr(apply(S).T.to(torch.float64))[0].T.to(like)
-        exact = float((Q.to(torch.float64) * apply(Q)).sum())
+        parts = (Q.to(torch.float64) * apply(Q)).sum(1)
+        exact, size = float(parts.sum()), float(parts.abs().sum())
     G = rademacher((g, n), gen, like=like)
     G = G - (G @ Q.T) @ Q
     samples = (G.to(torch.float64) * apply(G)).sum(1).cpu().numpy()
+    floor = rounding_stderr(size + float(np.abs(samples).mean()) if g else size, n, like)
     if g == 0:
-        return TraceResult(exact, 0.0, 2 * sketch, method, samples)
-    return TraceResult(exact + float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(g)),
+        return TraceResult(exact, floor, 2 * sketch, method, samples)
+    return TraceResult(exact + float(samples.mean()),
+                       max(float(samples.std(ddof=1) / math.sqrt(g)), floor),
                        2 * sketch + g, method, samples)
+
+
+def rounding_stderr(size: float, n: int, like: Tensor) -> float:
+    """The floor of every reported stderr: ``eps sqrt(n) size``, the error rounding alone
+    leaves in a trace of magnitude ``size`` (the sum of the absolute values of the terms
+    added) made of length-``n`` products in ``like``'s dtype (``eps`` its machine epsilon).
+    Without it an estimate that is exact but for rounding (a low-rank Hessian, a sketch
+    spanning everything) would report a stderr of 0 or 1e-31 below its actual error."""
+    return float(torch.finfo(like.dtype).eps * math.sqrt(n) * size)
 
 
 def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
@@ -101,8 +115,9 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
         samples[i] = (torch.trace(U.T @ QZ @ U) + WY[i] - WZ[i] @ c - c @ R[:, i]
                       + c @ QZ @ c)
     samples = samples.cpu().numpy()
-    return TraceResult(float(samples.mean()), float(samples.std(ddof=1) / math.sqrt(m)), 2 * m,
-                       "xtrace", samples)
+    stderr = max(float(samples.std(ddof=1) / math.sqrt(m)),
+                 rounding_stderr(float(np.abs(samples).mean()), n, like))
+    return TraceResult(float(samples.mean()), stderr, 2 * m, "xtrace", samples)
 
 
 def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++",

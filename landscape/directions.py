@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import (BatchSizeFn, check_choice, guarded, LossFn, make_generator,
+from analysis.core import (BatchSizeFn, check_bool, check_choice, guarded, LossFn, make_generator,
                            ParamSelection, randn, register_result, select_params, unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
@@ -56,6 +56,8 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
     for name, t in direction.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ValueError(f"{argname}[{name!r}] must be a floating-point tensor")
+        if not bool(torch.isfinite(t).all()):
+            raise ValueError(f"{argname}[{name!r}] must be finite (it holds NaN or inf)")
         if t.shape != targets[name].shape:
             raise ValueError(f"{argname}[{name!r}] has shape {tuple(t.shape)}, but the model's "
                              f"tensor has shape {tuple(targets[name].shape)}")
@@ -92,6 +94,7 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     params: which parameters get a direction (default: all with requires_grad).
     """
     check_choice("normalization", normalization, NORMALIZATIONS)
+    ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
     gen = make_generator(seed)
     names, tensors = select_params(model, params)
     out = {}
@@ -137,7 +140,7 @@ def update_direction(start, end, model: nn.Module, *, params: ParamSelection = N
     (BatchNorm running statistics), as Li et al.'s ``dir_type="states"`` does.
     """
     names, _ = select_params(model, params)
-    if buffers:
+    if check_bool("buffers", buffers):
         names += [n for n, b in model.named_buffers() if b.is_floating_point()]
     a, b = state_tensors(model, start, names), state_tensors(model, end, names)
     return Direction({n: b[n] - a[n] for n in names}, {"kind": "update", "buffers": buffers})

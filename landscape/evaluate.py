@@ -31,9 +31,9 @@ from torch import Tensor, nn
 from torch.func import functional_call, vmap
 from tqdm.auto import tqdm
 
-from analysis.core import (all_reduce_max_, BatchSizeFn, check_choice, check_data, check_int,
-                           check_number, check_positive, data_mean, loss_reduction, LossFn,
-                           preserved, rank, world_size)
+from analysis.core import (all_reduce_max_, ArgumentTypeError, BatchSizeFn, check_choice,
+                           check_data, check_int, check_number, check_positive, data_mean,
+                           loss_reduction, LossFn, preserved, rank, world_size)
 
 from .directions import named_targets
 from .results import Progress
@@ -125,10 +125,13 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
     The losses are written to ``store`` (and its file) after every chunk. A non-finite loss
     raises ValueError naming the point (``describe(index)``). ``store.n_forward`` counts
     forward passes: one per point and batch, plus one probe sizing the chunks when
-    ``chunk_size`` is None. The data is not fingerprinted: resuming with other data mixes them.
+    ``chunk_size`` is None.
     """
-    if vectorize not in VECTORIZE:
-        raise ValueError(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")
+    if not (isinstance(vectorize, (bool, np.bool_)) or (isinstance(vectorize, str)
+                                                        and vectorize == "auto")):
+        error = ValueError if isinstance(vectorize, str) else ArgumentTypeError
+        raise error(f"vectorize must be one of {VECTORIZE}, got {vectorize!r}")
+    vectorize = vectorize if isinstance(vectorize, str) else bool(vectorize)
     check_choice("distribute", distribute, DISTRIBUTE)
     if chunk_size is not None:
         check_int("chunk_size", chunk_size, 1)
@@ -244,15 +247,18 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
 
 
 def check_coords(values, name: str) -> np.ndarray:
-    """A non-empty 1-D float64 array of finite coordinates."""
-    arr = np.asarray(values, dtype=np.float64)
+    """A non-empty 1-D float64 array of finite coordinates (each entry a real number: never
+    a bool, a string or None, which numpy would silently convert)."""
+    if isinstance(values, Tensor):
+        values = values.detach().cpu().numpy()
+    arr = np.asarray(values)
     if arr.ndim == 0:
         arr = arr.reshape(1)
     if arr.ndim != 1 or arr.size == 0:
         raise ValueError(f"{name} must be a non-empty 1-D sequence of coordinates, got shape {arr.shape}")
-    for x in arr:
-        check_number(name + " entries", x)
-    return arr
+    entries = values if isinstance(values, (list, tuple)) else arr
+    return np.array([check_number(name + " entries", x.item() if isinstance(x, Tensor) else x)
+                     for x in entries], dtype=np.float64)
 
 
 def fmt(x: float) -> str:

@@ -4,19 +4,20 @@ from __future__ import annotations
 
 import inspect
 import os
+from functools import partial
 from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from analysis.core import (BatchSizeFn, check_loss, check_model_mode, data_mean, guarded,
-                           loss_reduction, LossFn, ParamSelection, preserved, scalar_zeros,
-                           select_params)
+from analysis.core import (BatchSizeFn, check_bool, check_data, check_loss, check_model_mode,
+                           data_mean, guarded, loss_reduction, LossFn, ParamSelection, preserved,
+                           scalar_zeros, select_params)
 
 from .directions import named_targets, load_state, state_tensors
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
-from .results import InterpolationResult, Progress, surface_metadata
+from .results import data_probe, InterpolationResult, Progress, surface_metadata
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -26,31 +27,33 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
 
     The statistics are reset and re-estimated in train mode with a cumulative average
     (``momentum=None``), one forward per batch through ``loss_fn``. The model's weights are
-    used as they are; its BatchNorm buffers are overwritten (callers wrap this in
-    ``analysis.core.preserved``). Returns the number of forward passes.
+    used as they are; on success its BatchNorm buffers hold the new statistics (callers that
+    want them back wrap this in ``analysis.core.preserved``); on any error (e.g. empty
+    ``data``) the model is left exactly as it was. Returns the number of forward passes.
     """
+    check_data(data)
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
         return 0
     momenta = [m.momentum for m in bns]
-    was_training = [(m, m.training) for m in model.modules()]
     n = 0
     try:
-        for m in bns:
-            m.reset_running_stats()
-            m.momentum = None
-        model.train()
-        with torch.no_grad():
+        with preserved(model, "train", weights=False), torch.no_grad():
+            for m in bns:
+                m.reset_running_stats()
+                m.momentum = None
             for batch in data:
                 loss_fn(model, batch)
                 n += 1
+            if n == 0:
+                raise ValueError("bn_data is empty: BatchNorm statistics cannot be recalibrated")
+            fresh = [[b.clone() for b in m.buffers(recurse=False)] for m in bns]
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
-        for m, t in was_training:
-            m.training = t
-    if n == 0:
-        raise ValueError("bn_data is empty: BatchNorm statistics cannot be recalibrated")
+    with torch.no_grad():  # preserved put the old statistics back: install the new ones
+        for m, values in zip(bns, fresh):
+            torch._foreach_copy_(list(m.buffers(recurse=False)), values)
     return n
 
 
@@ -77,6 +80,7 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     Other keywords as in :func:`landscape.line`. Both models are left unchanged.
     """
     check_model_mode(model_mode)
+    buffers = check_bool("buffers", buffers)
     alphas = check_coords(alphas, "alphas")
     names = list(dict(model_a.named_parameters())) if params is None else \
         select_params(model_a, params)[0]
@@ -107,7 +111,8 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
         losses[ends] = result.loss_a, result.loss_b
         return losses
 
-    store = Progress(path, (len(points),), meta, build, losses_of)
+    store = Progress(path, (len(points),), meta, build, losses_of,
+                     partial(data_probe, model_a, loss_fn, data, model_mode, batch_size_fn))
 
     def describe(i: int) -> str:
         return f"alpha={fmt(points[i])}"

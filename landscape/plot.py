@@ -17,7 +17,8 @@ from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from analysis.core import check_choice, load_result
+from analysis.core import (ArgumentTypeError, check_bool, check_choice, check_int, check_number,
+                           check_positive, load_result)
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
@@ -52,8 +53,18 @@ def _load(result):
 
 def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")
                 ) -> list[str]:
-    """Save ``fig`` as ``path`` with each extension in ``formats``; returns the file names."""
-    stem = os.path.splitext(os.fspath(path))[0]
+    """Save ``fig`` as ``path`` with each extension in ``formats``; returns the file names.
+
+    The extensions are appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.png``);
+    a name already ending in one of ``formats`` has that ending replaced.
+    """
+    if (isinstance(formats, str) or not formats
+            or not all(isinstance(f, str) and f.isalnum() for f in formats)):
+        raise ArgumentTypeError(f"formats must be a sequence of file extensions such as "
+                                f"('png', 'pdf'), got {formats!r}")
+    stem, ext = os.path.splitext(os.fspath(path))
+    if ext[1:].lower() not in {f.lower() for f in formats}:
+        stem = os.fspath(path)
     out = []
     with style():
         for ext in formats:
@@ -92,8 +103,13 @@ def plot_line(results, ax: Axes | None = None, label: str | None = None, band: s
 
 
 def _levels(z: np.ndarray, levels: int | Sequence[float], log: bool) -> np.ndarray:
-    if not isinstance(levels, int):
-        return np.asarray(levels, dtype=float)
+    """``levels`` contour values: a count (an int >= 2) or increasing finite values."""
+    if isinstance(levels, (list, tuple, np.ndarray)):
+        values = np.array([check_number("levels entries", v) for v in np.ravel(levels)])
+        if len(values) == 0 or (np.diff(values) <= 0).any():
+            raise ValueError(f"levels must be increasing values, got {levels!r}")
+        return values
+    levels = check_int("levels", levels, 2)
     lo, hi = np.nanmin(z), np.nanmax(z)
     if log and lo > 0:
         return np.geomspace(lo, hi, levels)
@@ -104,6 +120,8 @@ def plot_contour(result, ax: Axes | None = None, levels: int | Sequence[float] =
                  log: bool = False, filled: bool = True, xlabel: str = "x", ylabel: str = "y",
                  colorbar: bool = True) -> Axes:
     """Contours of a plane with labelled levels (geometric levels with ``log=True``)."""
+    log, filled, colorbar = (check_bool(k, v) for k, v in (("log", log), ("filled", filled),
+                                                            ("colorbar", colorbar)))
     res = _load(result)
     ax = _axes(ax)
     with style():
@@ -124,6 +142,7 @@ def plot_contour(result, ax: Axes | None = None, levels: int | Sequence[float] =
 
 def plot_surface3d(result, ax: Axes | None = None, log: bool = False) -> Axes:
     """The plane as a 3D surface (``log=True`` plots log10 of the loss)."""
+    log = check_bool("log", log)
     res = _load(result)
     ax = _axes(ax, projection="3d")
     with style():
@@ -166,6 +185,7 @@ def plot_spectral_density(density, ax: Axes | None = None, log: bool = True,
     """A Hessian spectral density (anything with ``.grid`` and ``.density``, e.g. the result
     of ``analysis.spectral_density``); ``log=True`` uses a log y axis clipped at ``floor``.
     Quadrature nodes (``.nodes``), if present, are marked on the x axis."""
+    log, floor = check_bool("log", log), check_positive("floor", floor)
     grid = np.asarray(density.grid, dtype=float)
     dens = np.asarray(density.density, dtype=float)
     ax = _axes(ax)

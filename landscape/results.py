@@ -4,23 +4,27 @@ The results follow ``analysis.core.results`` (save with ``save_result``, read wi
 ``load_result``). Their ``metadata`` holds the kind of result, seed and direction info, a hash
 of the directions and of the origin weights, the configuration, and the torch/numpy/sharpscape
 versions. A surface computed with ``path=`` is mirrored to that file after every chunk (NaN
-where a point is not computed yet), so an interrupted run resumes where it stopped.
+where a point is not computed yet), so an interrupted run resumes where it stopped; its
+fingerprint then also holds what :func:`data_probe` can tell about the data and ``loss_fn``, and
+resuming from a file of another computation is refused (:class:`Progress`).
 """
 from __future__ import annotations
 
 import datetime
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from analysis.core import (broadcast_object, load_result, make_metadata, rank, register_result,
-                           save_result)
+from analysis.core import (BatchSizeFn, broadcast_object, check_data, check_loss,
+                           default_batch_size, load_result, LossFn, make_metadata, preserved, rank,
+                           register_result, save_result)
 
 FORMAT = 1
 
@@ -84,41 +88,63 @@ class Progress:
     ``losses`` starts as NaN (not computed). ``build(losses, n_forward, metadata)`` makes the
     result written to ``path`` and returned by :meth:`result`; ``losses_of(result)`` reads the
     losses back from a file. With a ``path`` that exists, finished points are read back, after
-    checking that its fingerprint (kind, direction and origin hashes, coordinates, config)
-    equals this computation's; a mismatch raises ValueError.
+    checking that its fingerprint equals this computation's: kind, direction and origin
+    hashes, coordinates, config, and (from ``probe()``, run only with a path) the data's
+    sample count and first/last batch checksums and the loss at the origin; a mismatch, or
+    a file that is not a readable result, raises ValueError. The path is checked (its
+    directory must exist) before anything is computed.
     """
 
     def __init__(self, path: str | os.PathLike | None, shape: tuple[int, ...], meta: dict,
                  build: Callable[[np.ndarray, int, dict], Any],
-                 losses_of: Callable[[Any], np.ndarray] = lambda result: result.losses):
-        self.path = None if path is None else os.fspath(path)
+                 losses_of: Callable[[Any], np.ndarray] = lambda result: result.losses,
+                 probe: Callable[[], tuple[dict, int]] | None = None):
+        self.path = None if path is None else _check_path(path)
         self.meta, self.build, self.losses_of = meta, build, losses_of
         self.losses = np.full(shape, np.nan)
         self.n_forward = 0
         if self.path is not None:
-            loaded = self._resume() if rank() == 0 else None
-            loaded = broadcast_object(loaded)
+            old = self._read() if rank() == 0 else None  # before anything is computed
+            refused = broadcast_object(old if isinstance(old, str) else None)
+            if refused is not None:
+                raise ValueError(refused)
+            if probe is not None:
+                extra, self.n_forward = probe()
+                self.meta = {**meta, "fingerprint": {**meta["fingerprint"], **extra}}
+            loaded = broadcast_object(self._resume(old) if old is not None else None)
             if isinstance(loaded, str):
                 raise ValueError(loaded)
             if loaded is not None:
-                self.losses, self.n_forward = loaded
+                losses, n_forward = loaded
+                self.losses, self.n_forward = losses, self.n_forward + n_forward
 
-    def _resume(self):
+    def _read(self) -> Any:
+        """The result in the file (rank 0), None without a file, or why it cannot be resumed
+        (unreadable, or another kind of result)."""
         if not os.path.exists(self.path):
             return None
-        old_result = load_result(self.path)
-        old = old_result.metadata
-        keys = ("kind", "fingerprint")
-        diff = [k for k in keys if json.dumps(old.get(k), sort_keys=True)
-                != json.dumps(self.meta.get(k), sort_keys=True)]
+        try:
+            old = load_result(self.path)
+            kind = dict(old.metadata).get("kind")
+        except (ValueError, TypeError, AttributeError) as err:
+            return f"cannot resume from {self.path}: {err}; {AGAIN}"
+        if kind != self.meta.get("kind"):
+            return (f"cannot resume from {self.path}: it holds a different computation (kind "
+                    f"{kind!r}, not {self.meta.get('kind')!r}); {AGAIN}")
+        return old
+
+    def _resume(self, old: Any):
+        """The finished losses and cost of ``old`` if its fingerprint is this computation's,
+        else why not."""
+        cannot = f"cannot resume from {self.path}"
+        mine, theirs = self.meta["fingerprint"], old.metadata.get("fingerprint") or {}
+        diff = [_PARTS.get(k, k) for k in mine if not _same(k, theirs.get(k), mine[k])]
         if diff:
-            return (f"cannot resume from {self.path}: it holds a different computation "
-                    f"({', '.join(diff)} differ: directions, origin weights, coordinates or config "
-                    "changed); remove the file or pass another path")
-        losses = self.losses_of(old_result)
+            return f"{cannot}: it holds a different computation ({', '.join(diff)} differ); {AGAIN}"
+        losses = self.losses_of(old)
         if losses.shape != self.losses.shape:
-            return f"cannot resume from {self.path}: losses have shape {losses.shape}"
-        return losses.astype(np.float64), int(old_result.n_forward)
+            return f"{cannot}: losses have shape {losses.shape}; {AGAIN}"
+        return losses.astype(np.float64), int(old.n_forward)
 
     def result(self, complete: bool = False) -> Any:
         """The result as computed so far."""
@@ -129,6 +155,79 @@ class Progress:
     def write(self, complete: bool = False) -> None:
         if self.path is not None and rank() == 0:
             save_result(self.result(complete), self.path)
+
+
+AGAIN = "remove the file or choose another path"
+LOSS_RTOL = 1e-6   # the loss at the origin may differ in its last bits (threads, devices)
+_PARTS = {"origin": "origin weights", "config": "configuration",
+          "data": "data (sample count or first/last batch; a shuffled DataLoader changes them)",
+          "loss": "loss at the origin (another loss_fn, data or model mode)"}
+
+
+def _same(key: str, old: Any, new: Any) -> bool:
+    if key == "loss" and isinstance(old, float) and isinstance(new, float):
+        return math.isclose(old, new, rel_tol=LOSS_RTOL, abs_tol=1e-12)
+    return json.dumps(old, sort_keys=True) == json.dumps(new, sort_keys=True)
+
+
+def _check_path(path: str | os.PathLike) -> str:
+    """``path`` as a string, if a result file can be written there (checked up front)."""
+    path = os.fspath(path)
+    folder = os.path.dirname(path) or "."
+    if os.path.isdir(path):
+        raise ValueError(f"path {path!r} is a directory; pass a file name (e.g. surface.npz)")
+    if not os.path.isdir(folder):
+        raise ValueError(f"path {path!r}: the directory {folder!r} does not exist; create it or "
+                         "choose another path")
+    if not os.access(folder, os.W_OK):
+        raise ValueError(f"path {path!r}: the directory {folder!r} is not writable; choose "
+                         "another path")
+    return path
+
+
+def _batch_hash(batch: Any) -> str:
+    """SHA-256 of the tensors (dtype, shape, bytes) and plain values of a batch."""
+    h = hashlib.sha256()
+
+    def feed(x: Any) -> None:
+        if isinstance(x, Tensor):
+            t = x.detach().cpu().contiguous().reshape(-1)
+            h.update(f"{t.dtype}{tuple(x.shape)};".encode())
+            h.update(t.view(torch.uint8).numpy().tobytes())
+        elif isinstance(x, Mapping):
+            for k in sorted(x, key=str):
+                feed(str(k))
+                feed(x[k])
+        elif isinstance(x, (list, tuple)):
+            for v in x:
+                feed(v)
+        else:
+            h.update((repr(x) if isinstance(x, (str, int, float, bool, type(None)))
+                      else type(x).__name__).encode() + b";")
+
+    feed(batch)
+    return h.hexdigest()
+
+
+def data_probe(model: nn.Module, loss_fn: LossFn, data: Iterable, model_mode: str,
+               batch_size_fn: BatchSizeFn | None) -> tuple[dict, int]:
+    """What resuming checks about ``data`` and ``loss_fn`` (one pass over the data, one forward):
+    ``{"data": {n_batches, n_samples, first, last}, "loss": loss on the first batch at the
+    model's weights}``, and the number of forward passes spent (1)."""
+    check_data(data)
+    size = batch_size_fn or default_batch_size
+    n_batches, n_samples, first, last = 0, 0, None, None
+    for batch in data:
+        n_batches, n_samples = n_batches + 1, n_samples + size(batch)
+        last = batch
+        if first is None:
+            first = batch
+            with preserved(model, model_mode, weights=False), torch.no_grad():
+                loss = float(check_loss(loss_fn(model, batch), " at the origin"))
+    described = {"n_batches": n_batches, "n_samples": int(n_samples),
+                 "first": None if first is None else _batch_hash(first),
+                 "last": None if last is None else _batch_hash(last)}
+    return {"data": described, "loss": None if first is None else loss}, int(first is not None)
 
 
 def surface_metadata(kind: str, vectors: Sequence[Mapping[str, Tensor]],

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import os
+from functools import partial
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -12,7 +13,7 @@ from analysis.core import (BatchSizeFn, check_model_mode, guarded, LossFn, Param
 
 from .directions import Direction, check_direction, named_targets
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
-from .results import LineResult, PlaneResult, Progress, surface_metadata
+from .results import data_probe, LineResult, PlaneResult, Progress, surface_metadata
 
 
 def moving(model: nn.Module, params: ParamSelection, direction: dict[str, Tensor], argname: str
@@ -43,7 +44,8 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     config = {"model_mode": model_mode, "names": names,
               "shape": [len(a) for a in axes[::-1]]}
     meta = surface_metadata(kind, dirs, origin, axes, config)
-    store = Progress(path, tuple(len(a) for a in axes[::-1]), meta, build)
+    probe = partial(data_probe, model, loss_fn, data, model_mode, options["batch_size_fn"])
+    store = Progress(path, tuple(len(a) for a in axes[::-1]), meta, build, probe=probe)
     labels = ("alpha",) if kind == "line" else ("x", "y")
 
     def describe(i: int) -> str:
@@ -67,7 +69,10 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
     params: only the selected parameters move (default: all the direction names).
     model_mode: "eval" (default; BatchNorm uses running statistics) or "train".
     path: an .npz result file written after every chunk; an existing file of the same
-        computation is resumed (finished points are not recomputed).
+        computation is resumed (finished points are not recomputed). Resuming checks the
+        directions, weights, coordinates, config, the data's sample count and first/last
+        batches and the loss at the origin (one extra pass over the data, one forward), and
+        refuses a file of another computation.
     chunk_size, max_memory, vectorize, distribute: how points are batched and shared
         (see ``landscape.evaluate.evaluate_points``).
     check_deterministic: first check that two passes over ``data`` agree (two forward passes:

@@ -1,6 +1,7 @@
 """PCA directions of a training trajectory and its projection onto them (Li et al. 2018, Sec. 7)."""
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Iterator, Mapping, Sequence
 
@@ -8,8 +9,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.core import (check_choice, check_int, flatten, ParamSelection, records_metadata,
-                           register_result, select_params)
+from analysis.core import (check_bool, check_choice, check_int, flatten, ParamSelection,
+                           records_metadata, register_result, select_params)
 
 from .directions import Direction, named_targets, check_direction, state_tensors
 
@@ -56,6 +57,24 @@ def _mask(names: list[str], like: list[Tensor], ignore_bias_bn: bool) -> Tensor:
                                dtype=torch.float64, device=t.device) for t in like])
 
 
+def _check_moves(var: Tensor, n: int, theta: Tensor) -> None:
+    """Refuse a trajectory that moves in fewer than ``n`` directions. A component carries no
+    direction (its vector would be rounding noise) when its variance ``sigma^2`` is below
+    the rounding level of the centring, ``(10 eps sqrt(T P) max |theta|)^2``, or of the Gram
+    eigenvalues, ``10 T eps sigma_1^2`` (the same rule for both methods)."""
+    T, P = theta.shape
+    eps = torch.finfo(theta.dtype).eps
+    floor = max((10 * eps * math.sqrt(T * P) * float(theta.abs().max())) ** 2,
+                10 * T * eps * float(var[0]))
+    rank = int((var > floor).sum())
+    if rank == 0:
+        raise ValueError("trajectory does not move: its checkpoints are identical on the "
+                         "selected parameters (up to rounding), so it has no principal direction")
+    if n > rank:
+        raise ValueError(f"n must be <= {rank}: the trajectory moves in only {rank} "
+                         f"direction(s) (up to rounding), got {n}")
+
+
 @records_metadata
 def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
                    params: ParamSelection = None, ignore_bias_bn: bool = False,
@@ -70,6 +89,7 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
     The sign of each direction makes its largest-magnitude entry positive.
     """
     check_choice("method", method, METHODS)
+    ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
     names, like = select_params(model, params)
     like = [p.detach() for p in like]
     theta = _matrix(trajectory, model, names, like)
@@ -78,12 +98,16 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
     m = (theta - theta.mean(dim=0)) * _mask(names, like, ignore_bias_bn)
     if method == "svd" or (method == "auto" and T >= P):
         _, s, vh = torch.linalg.svd(m, full_matrices=False)
-        var, vecs = s ** 2, vh[:n]
+        var, vecs = s ** 2, vh
     else:
         lam, u = torch.linalg.eigh(m @ m.T)
-        lam, u = lam.flip(0).clamp_min(0), u.flip(1)
-        var = lam
-        vecs = (m.T @ u[:, :n] / lam[:n].sqrt()).T
+        var, u = lam.flip(0).clamp_min(0), u.flip(1)
+        vecs = None
+    _check_moves(var, n, theta)
+    if vecs is None:
+        vecs = m.T @ u[:, :n] / var[:n].sqrt()
+        vecs = vecs.T
+    vecs = vecs[:n]
     idx = vecs.abs().argmax(dim=1)
     vecs = vecs * torch.sign(vecs.gather(1, idx[:, None]))
     dirs = []

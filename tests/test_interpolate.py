@@ -83,6 +83,30 @@ def test_batchnorm_recalibration_at_each_point():
         recalibrate_bn(copy.deepcopy(a), CE, [])
 
 
+def test_recalibrate_bn_changes_nothing_on_error():
+    model = cnn_bn()
+    model.train()
+    x, y = classification_data(n=23, d=12)
+    snap = snapshot(model)
+
+    def failing(model, batch, calls=[]):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+        return CE(model, batch)
+
+    for data, error in [([], ValueError), (iter([(x, y)]), ValueError),
+                        ([(x[:9], y[:9]), (x[9:], y[9:])], RuntimeError)]:
+        with pytest.raises(error):
+            recalibrate_bn(model, failing if error is RuntimeError else CE, data)
+        assert_unchanged(model, snap)
+        assert model.bn.momentum == 0.1
+    assert recalibrate_bn(model, CE, [(x, y)]) == 1  # success: the new statistics stay
+    h = model.conv(x.unsqueeze(1)).detach()
+    torch.testing.assert_close(model.bn.running_mean, h.mean(dim=(0, 2)))
+    assert model.training and model.bn.momentum == 0.1
+
+
 def test_interpolate_rejects_mismatched_models():
     a = cnn_bn()
     with pytest.raises(ValueError, match="checkpoint"):

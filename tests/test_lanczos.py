@@ -144,6 +144,24 @@ def test_budget_and_power_method():
                                  * power.eigenvectors, dim=1), rtol=1e-8, atol=1e-12)
 
 
+@pytest.mark.parametrize("kwargs", [{}, {"block_size": 2}, {"method": "power"}])
+def test_a_budget_below_k_products_is_refused(kwargs):
+    model, data, _ = setup("mlp")
+    need = 4 if kwargs.get("block_size") == 2 else 3
+    with pytest.raises(ValueError, match=f"max_hvp must be an int >= {need}, got {need - 1}"):
+        top_eigenvalues(model, ce, data, k=3, max_hvp=need - 1, progress=False, **kwargs)
+    tight = top_eigenvalues(model, ce, data, k=3, max_hvp=need, progress=False, **kwargs)
+    assert len(tight.eigenvalues) == 3 and tight.eigenvectors.shape[0] == 3
+    assert len(tight.residuals) == 3 and tight.n_hvp <= need
+
+
+@pytest.mark.parametrize("max_basis", [0, -3, 1.5, True, np.float64(40.0)])
+def test_a_bad_basis_size_is_refused(max_basis):
+    model, data, _ = setup("mlp")
+    with pytest.raises(ValueError, match="max_basis must be"):
+        top_eigenvalues(model, ce, data, k=2, max_basis=max_basis, progress=False)
+
+
 def test_bad_input_and_restoration_after_errors():
     model, data, H = setup("cnn_bn")
     n = H.shape[0]

@@ -7,7 +7,8 @@ import pytest
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from landscape import interpolate, line, load_result, plane, random_direction, save_result
+from landscape import (interpolate, line, LineResult, load_result, plane, random_direction,
+                       save_result)
 from oracles import classification_data, mlp, uneven_batches
 from test_surface import quad_loss, quadratic_problem
 from test_surface import ce as CE
@@ -33,7 +34,7 @@ def test_interrupted_plane_resumes_without_recomputing(tmp_path):
     model, data, _, d1, d2 = quadratic_problem()
     path = tmp_path / "plane.npz"
     full = plane(model, quad_loss, data, d1, d2, XS, YS, chunk_size=2, progress=False)
-    with pytest.raises(Interrupt):  # 3 batches per chunk: dies in the third chunk
+    with pytest.raises(Interrupt):  # the probe, then 3 batches per chunk: dies in the third chunk
         plane(model, counting(limit=7), data, d1, d2, XS, YS, chunk_size=2, progress=False,
               path=path, check_deterministic=False)
     partial = load_result(path)
@@ -42,14 +43,14 @@ def test_interrupted_plane_resumes_without_recomputing(tmp_path):
     resumed_fn = counting()
     resumed = plane(model, resumed_fn, data, d1, d2, XS, YS, chunk_size=2, progress=False,
                     path=path, check_deterministic=False)
-    assert resumed_fn.calls == 4 * 3  # the 8 unfinished points in 4 chunks, 3 batches each
+    assert resumed_fn.calls == 1 + 4 * 3  # the probe; the 8 unfinished points in 4 chunks
     np.testing.assert_array_equal(resumed.losses, full.losses)
     again = counting()
     plane(model, again, data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path,
           check_deterministic=False)
-    assert again.calls == 0
+    assert again.calls == 1  # only the probe
     done = load_result(path)
-    assert done.metadata["complete"] and done.n_forward == 12 * 3
+    assert done.metadata["complete"] and done.n_forward == 12 * 3 + 2  # and the 2 probes
     np.testing.assert_array_equal(done.losses, full.losses)
     with pytest.raises(ValueError, match="cannot resume"):  # other directions
         plane(model, quad_loss, data, d2, d1, XS, YS, progress=False, path=path)
@@ -107,3 +108,88 @@ def test_distributed_plane_equals_one_process(tmp_path):
         np.testing.assert_allclose(got[1], want, rtol=1e-12)
     assert (tmp_path / "data0.npz").exists() and not (tmp_path / "data1.npz").exists()
     assert not (tmp_path / "grid1.npz").exists()
+
+
+def scaled(factor):
+    def loss_fn(model, batch):
+        return factor * quad_loss(model, batch)
+    return loss_fn
+
+
+def test_resume_refuses_other_data_or_loss_fn(tmp_path):
+    model, data, _, d1, d2 = quadratic_problem()
+    path = tmp_path / "plane.npz"
+    with pytest.raises(Interrupt):  # a partial file: the probe and one chunk
+        plane(model, counting(limit=4), data, d1, d2, XS, YS, chunk_size=2, progress=False,
+              path=path, check_deterministic=False)
+    (c0,), *rest = data
+    others = {"other data": [(c0 + 0.5,), *rest], "fewer samples": data[:-1],
+              "another last batch": [*data[:-1], (data[-1][0] * 2,)]}
+    for other in others.values():
+        with pytest.raises(ValueError, match=r"\(data \(sample count or first/last batch.*"
+                                             r"differ\); remove the file or choose another path"):
+            plane(model, quad_loss, other, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
+    with pytest.raises(ValueError, match="loss at the origin"):
+        plane(model, scaled(2.0), data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
+    with pytest.raises(ValueError, match="configuration"):
+        plane(model, quad_loss, data, d1, d2, XS, YS, chunk_size=2, progress=False, path=path,
+              model_mode="train")
+    full = plane(model, quad_loss, data, d1, d2, XS, YS, chunk_size=2, progress=False)
+    same = [(c.clone(),) for c, in data]  # equal batches in new tensors resume
+    resumed = plane(model, quad_loss, same, d1, d2, XS, YS, chunk_size=2, progress=False, path=path)
+    np.testing.assert_array_equal(resumed.losses, full.losses)
+
+
+def test_interpolate_and_line_resumes_check_the_loss_fn(tmp_path):
+    model, data, _, d1, _ = quadratic_problem()
+    line(model, quad_loss, data, d1, [0.0, 1.0], progress=False, path=tmp_path / "l.npz")
+    with pytest.raises(ValueError, match="loss at the origin"):
+        line(model, scaled(3.0), data, d1, [0.0, 1.0], progress=False, path=tmp_path / "l.npz")
+    other = {n: p.detach() + 0.1 for n, p in model.state_dict().items()}
+    interpolate(model, other, quad_loss, data, [0.5], progress=False, path=tmp_path / "i.npz")
+    with pytest.raises(ValueError, match="loss at the origin"):
+        interpolate(model, other, scaled(3.0), data, [0.5], progress=False,
+                    path=tmp_path / "i.npz")
+
+
+def test_bad_paths_fail_before_any_computation(tmp_path):
+    model, data, _, d1, d2 = quadratic_problem()
+    fn = counting()
+    quiet = dict(progress=False, check_deterministic=False)  # count the routine's own forwards
+    with pytest.raises(ValueError, match="does not exist"):
+        plane(model, fn, data, d1, d2, XS, YS, **quiet, path=tmp_path / "no" / "p.npz")
+    with pytest.raises(ValueError, match="is a directory"):
+        line(model, fn, data, d1, XS, **quiet, path=tmp_path)
+    assert fn.calls == 0
+    for name, content in {"corrupt.npz": b"PK\x03\x04 not a zip", "empty.npz": b"",
+                          "text.npz": b"hello"}.items():
+        (tmp_path / name).write_bytes(content)
+        with pytest.raises(ValueError, match="not a sharpscape result file.*remove the file"):
+            plane(model, fn, data, d1, d2, XS, YS, **quiet, path=tmp_path / name)
+    np.save(tmp_path / "array.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="not a sharpscape result file"):
+        line(model, fn, data, d1, XS, **quiet, path=tmp_path / "array.npy")
+    foreign = tmp_path / "foreign.npz"
+    line(model, quad_loss, data, d1, XS, **quiet, path=foreign)
+    with pytest.raises(ValueError, match="different computation \\(kind 'line', not 'plane'"):
+        plane(model, fn, data, d1, d2, XS, YS, **quiet, path=foreign)
+    assert fn.calls == 0  # every path was refused before anything was computed
+
+
+def test_concurrent_writers_never_share_a_temporary_file(tmp_path, monkeypatch):
+    """A second writer of the same path runs while the first one is writing its temporary
+    file (the interleaving of two processes, made deterministic): both must succeed."""
+    path = tmp_path / "shared.npz"
+    savez = np.savez
+
+    def interleaved(file, *args, **kwargs):
+        savez(file, *args, **kwargs)
+        if not interleaved.done:
+            interleaved.done = True
+            save_result(LineResult(np.arange(3.0), np.full(3, 2.0)), path)  # the other writer
+
+    interleaved.done = False
+    monkeypatch.setattr(np, "savez", interleaved)
+    save_result(LineResult(np.arange(3.0), np.full(3, 1.0)), path)
+    assert interleaved.done and load_result(path).losses[0] == 1.0  # the last replace wins
+    assert os.listdir(tmp_path) == ["shared.npz"]  # no temporary file left behind

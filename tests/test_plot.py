@@ -1,4 +1,5 @@
 """Every figure kind renders from a result or its file, and is saved as PNG and PDF."""
+import os
 from types import SimpleNamespace
 
 import numpy as np
@@ -76,3 +77,23 @@ def test_contour_orientation():
         points = np.concatenate(segments)  # inline labels cut a line into pieces
         np.testing.assert_allclose(points[:, 0], level, atol=1e-12)  # x = level: vertical
         assert (points[:, 1].min(), points[:, 1].max()) == pytest.approx((ys[0], ys[-1]))
+
+
+def test_save_figure_keeps_the_whole_name(tmp_path):
+    ax = plot_contour(bowl())
+    for stem in ("run_lr0.1", "run_lr0.01"):
+        files = save_figure(ax.figure, tmp_path / stem)
+        assert files == [str(tmp_path / f"{stem}.{ext}") for ext in ("png", "pdf")]
+    png = str(tmp_path / "fig.png")
+    assert save_figure(ax.figure, png, formats=("png",)) == [png]
+    assert sorted(os.listdir(tmp_path)) == ["fig.png", "run_lr0.01.pdf", "run_lr0.01.png",
+                                            "run_lr0.1.pdf", "run_lr0.1.png"]
+    for formats in ("png", (), ("png", 1), (".png",)):
+        with pytest.raises(TypeError, match="formats must be"):
+            save_figure(ax.figure, tmp_path / "x", formats=formats)
+
+
+@pytest.mark.parametrize("levels", [[1.0, 0.5], [], [1.0, float("nan")], 1, True, 2.5, "10"])
+def test_bad_contour_levels_are_refused(levels):
+    with pytest.raises(ValueError, match="levels"):
+        plot_contour(bowl(), levels=levels)

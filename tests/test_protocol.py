@@ -80,3 +80,15 @@ def test_preserved_restores_everything_even_on_error():
     with pytest.raises(ValueError, match="model_mode"):
         with preserved(model, "test"):
             pass
+
+
+@pytest.mark.parametrize("model_mode", ["eval", "train"])
+def test_mean_loss_leaves_a_train_mode_batchnorm_model_unchanged(model_mode):
+    model = cnn_bn()
+    model.train()
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    x, y = classification_data(n=23, d=12)
+    snap = snapshot(model)
+    mean_loss(model, CE, uneven_batches(x, y), model_mode=model_mode, progress=False)
+    assert_unchanged(model, snap)

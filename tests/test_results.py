@@ -1,6 +1,7 @@
 """Every public result is a registered dataclass with its cost and metadata, and survives
 ``save_result`` / ``load_result`` (npz + JSON, no pickle) with all fields equal."""
 import dataclasses
+import os
 
 import numpy as np
 import pytest
@@ -124,3 +125,24 @@ def test_unknown_files_and_types_are_refused(tmp_path):
 
     with pytest.raises(TypeError, match="registered"):
         analysis.save_result(Mine(1.0), tmp_path / "mine.npz")
+
+
+def test_save_result_errors_leave_no_file_and_name_the_cause(tmp_path):
+    result = analysis.TraceResult(1.0, 0.1, 4, "hutch++", np.zeros(2))
+    with pytest.raises(FileNotFoundError):
+        analysis.save_result(result, tmp_path / "missing" / "r.npz")
+    analysis.save_result(result, tmp_path / "r.npz")
+    assert os.listdir(tmp_path) == ["r.npz"]
+    assert (os.stat(tmp_path / "r.npz").st_mode & 0o777) == 0o666 & ~current_umask()
+    for content in (b"", b"PK\x03\x04junk", b"\x93NUMPY"):
+        (tmp_path / "bad.npz").write_bytes(content)
+        with pytest.raises(ValueError, match="bad.npz is not a sharpscape result file"):
+            analysis.load_result(tmp_path / "bad.npz")
+    with pytest.raises(FileNotFoundError):
+        analysis.load_result(tmp_path / "absent.npz")
+
+
+def current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask

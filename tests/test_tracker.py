@@ -284,3 +284,34 @@ def test_bad_arguments(setup):
         Tracker(model, LOSS, every=0)
     with pytest.raises(ValueError, match="curvature_data"):
         Tracker(model, LOSS, lambda_max=True)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"model_mode": "bogus"}, "model_mode must be one of"),
+    ({"seed": -1}, "seed must be an int >= 0"),
+    ({"seed": 1.5}, "seed must be an int"),
+    ({"curvature_data": "generator", "lambda_max": True}, "curvature_data: data must be re-iter"),
+    ({"eval_data": "generator"}, "eval_data: data must be re-iterable"),
+    ({"trace_n_hvp": 3, "trace": True}, "trace_n_hvp must be an int >= 4"),
+    ({"lanczos_tol": float("nan")}, "lanczos_tol must be a finite number > 0"),
+    ({"lanczos_max_hvp": 0}, "lanczos_max_hvp must be an int >= 1"),
+    ({"every": 2.0}, "every must be an int"),
+    ({"trace": "no"}, "trace must be True or False"),
+    ({"optimizer_methods": "angular_step"}, "optimizer_methods must be a sequence"),
+])
+def test_bad_settings_are_refused_at_construction(setup, kwargs, match):
+    model, data = setup
+    kwargs = {k: ((b for b in data) if v == "generator" else v) for k, v in kwargs.items()}
+    kwargs.setdefault("curvature_data", data)
+    with pytest.raises((ValueError, TypeError), match=match):
+        Tracker(model, LOSS, **kwargs)
+
+
+@pytest.mark.parametrize("stem", ["run_lr0.1", "run_lr0.01", "run.v2"])
+def test_save_keeps_the_whole_name(setup, tmp_path, stem):
+    model, data = setup
+    tracker = Tracker(model, LOSS, every=1)
+    tracker.log()
+    js, cs = tracker.save(tmp_path / stem)
+    assert (js.name, cs.name) == (stem + ".json", stem + ".csv") and js.exists() and cs.exists()
+    assert tracker.save(tmp_path / "x.json")[0].name == "x.json"

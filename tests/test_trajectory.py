@@ -71,3 +71,18 @@ def test_projection_onto_non_orthogonal_directions_is_least_squares():
     coords = [(0.3, -1.2), (2.0, 0.5)]
     traj = [{n: w[n] + a * d1[n] + b * d2[n] for n in w} for a, b in coords]
     np.testing.assert_allclose(project_trajectory(traj, model, [d1, d2]), coords, atol=1e-10)
+
+
+@pytest.mark.parametrize("method", ["gram", "svd"])
+def test_a_trajectory_that_does_not_move_is_refused(method):
+    model = mlp()
+    sd = {n: p.detach().clone() for n, p in model.named_parameters()}
+    with pytest.raises(ValueError, match="trajectory does not move"):
+        pca_directions([sd, sd, sd], model, method=method)
+    moved = {n: t + 0.1 for n, t in sd.items()}
+    with pytest.raises(ValueError, match="n must be <= 1: the trajectory moves in only 1"):
+        pca_directions([sd, moved, sd], model, n=2, method=method)
+    one = pca_directions([sd, moved, sd], model, n=1, method=method)
+    flat = torch.cat([t.reshape(-1) for t in one.directions[0].values()])
+    assert torch.isfinite(flat).all() and float(flat.norm()) == pytest.approx(1.0, rel=1e-12)
+    assert one.explained_variance_ratio[0] == pytest.approx(1.0, rel=1e-12)

@@ -13,12 +13,15 @@ pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic a
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import json
 import os
+import uuid
+import zipfile
 from importlib import metadata as _pkg_metadata
 from typing import Any, Callable, Mapping
 
@@ -171,18 +174,34 @@ def save_result(result: Any, path: str | os.PathLike) -> None:
     if rank() != 0:
         return
     path = os.fspath(path)
-    tmp = f"{path}.tmp.npz"
-    np.savez(tmp, **{_KEY: np.array(json.dumps(doc, sort_keys=True))}, **encode.arrays)
-    os.replace(tmp, path)
+    # a unique temporary file next to the target (so os.replace is atomic): concurrent writers
+    # never share it; open(..., "x") keeps the usual (umask) permissions, unlike mkstemp's 0600
+    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
+    try:
+        with open(tmp, "xb") as fh:
+            np.savez(fh, **{_KEY: np.array(json.dumps(doc, sort_keys=True))}, **encode.arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
 
 
 def load_result(path: str | os.PathLike) -> Any:
-    """The result stored by :func:`save_result` in ``path`` (no pickle)."""
-    with np.load(os.fspath(path), allow_pickle=False) as f:
-        if _KEY not in f.files:
-            raise ValueError(f"{path} is not a sharpscape result file")
-        doc = json.loads(str(f[_KEY]))
-        arrays = {k: f[k] for k in f.files if k != _KEY}
+    """The result stored by :func:`save_result` in ``path`` (no pickle).
+
+    A file that is not a readable result file (corrupt, truncated, another format) raises
+    ValueError naming it; a missing file raises FileNotFoundError.
+    """
+    try:
+        with np.load(os.fspath(path), allow_pickle=False) as f:
+            doc = json.loads(str(f[_KEY]))
+            arrays = {k: f[k] for k in f.files if k != _KEY}
+    except FileNotFoundError:
+        raise
+    except (zipfile.BadZipFile, EOFError, KeyError, TypeError, ValueError, OSError) as err:
+        raise ValueError(f"{path} is not a sharpscape result file (reading it failed with "
+                         f"{type(err).__name__}: {err})") from err
     if doc.get("format") != FORMAT:
         raise ValueError(f"{path} has result format {doc.get('format')!r}; "
                          f"this version reads {FORMAT}")
