@@ -122,7 +122,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                             preconditioner=preconditioner)
     with op:
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
-                                                   seed=seed, like=op.params[0].detach(),
+                                                   seed=seed, like=op.like,
                                                    progress=progress, basis_dtype=basis_dtype,
                                                    basis_device=basis_device)
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)

@@ -18,7 +18,9 @@ Usage::
 Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight"``).
 
 * ``loss`` (mean of the step losses since the last record), ``train_loss``/``train_acc`` on
-  ``eval_data``, ``test_loss``/``test_acc`` on ``test_data`` (eval mode).
+  ``eval_data``, ``test_loss``/``test_acc`` on ``test_data`` (eval mode; any batch structure,
+  see :mod:`analysis.evaluation`), or ``train_<key>``/``test_<key>`` for the keys of
+  ``eval_fn(model, batch) -> dict``.
 * ``lambda_max`` of the Hessian on ``curvature_data`` by Lanczos, warm-started from the last
   top eigenvector, and ``eos_ratio`` = lambda_max / (2 / lr): gradient descent with step lr is
   stable on a quadratic only while this is <= 1 (the edge of stability, Cohen et al. 2021).
@@ -59,24 +61,13 @@ from torch import Tensor, nn
 
 from .core import (ArgumentTypeError, BatchSizeFn, check_bool, check_data, check_int, check_loss,
                    check_model_mode, check_positive, data_mean, guarded, loss_reduction, LossFn,
-                   make_generator, ParamSelection, preserved, scalar_zeros, select_params)
+                   make_generator, ParamSelection, preserved, select_params,
+                   unwrap_compiled)
+from .evaluation import EvalFn, evaluate_metrics
+from .ops import explained_errors, gradients
 from .preconditioning import optimizer_preconditioner, stability_threshold
 
 Record = dict[str, float]
-
-
-def _classify(model: nn.Module, loss_fn: LossFn, batch: Any) -> list[Tensor]:
-    """[mean loss, accuracy] of one batch ``(inputs, targets)``, with one forward when
-    ``loss_fn`` comes from ``supervised`` (it carries ``.criterion``); [summed loss, number
-    correct] for a sum-reduced ``loss_fn``."""
-    device = next(model.parameters()).device
-    inputs, targets = batch[0].to(device), batch[1].to(device)
-    outputs = model(inputs)
-    criterion = getattr(loss_fn, "criterion", None)
-    loss = criterion(outputs, targets) if criterion is not None else loss_fn(model, batch)
-    loss = check_loss(loss, " in Tracker evaluation")
-    correct = (outputs.argmax(dim=-1) == targets).to(loss.dtype)
-    return [loss, correct.sum() if loss_reduction(loss_fn) == "sum" else correct.mean()]
 
 
 @guarded
@@ -84,17 +75,15 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: Param
              model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
              progress: bool = True) -> tuple[float, float]:
     """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
-    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean).
+    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean);
+    NaN accuracy where the batches define none (see :mod:`analysis.evaluation`).
 
     params: validated like everywhere (the metrics do not depend on the selection).
     """
     select_params(model, params)
-    reduction = loss_reduction(loss_fn)
-    with preserved(model, model_mode, weights=False), torch.no_grad():
-        out = data_mean(data, lambda b: _classify(model, loss_fn, b), batch_size_fn,
-                        reduction=reduction, zeros=scalar_zeros(2), progress=progress)
-    loss, acc = out.values
-    return float(loss), float(acc) / (out.n_samples if reduction == "sum" else 1)
+    metrics = evaluate_metrics(model, loss_fn, data, model_mode=model_mode,
+                               batch_size_fn=batch_size_fn, progress=progress)
+    return metrics["loss"], metrics["acc"]
 
 
 @guarded
@@ -102,12 +91,16 @@ def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                    params: ParamSelection = None, model_mode: str = "eval",
                    batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
     """Norm of the gradient of the sample-weighted mean loss over ``data`` with respect to the
-    selected parameters (default all with requires_grad); the model is left unchanged."""
+    selected parameters (default all with requires_grad; parameters the loss does not use
+    contribute zero); the model is left unchanged."""
+    model = unwrap_compiled(model)
     params = select_params(model, params)[1]
     with preserved(model, model_mode, weights=False):
         def per_batch(batch):
-            loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
-            return torch.autograd.grad(loss, params)
+            with explained_errors():
+                loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
+            return [torch.zeros_like(p) if g is None else g
+                    for g, p in zip(gradients(loss, params), params)]
         grads = data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
                           zeros=lambda: [torch.zeros_like(p) for p in params],
                           progress=progress).values
@@ -133,7 +126,11 @@ class Tracker:
 
     model, loss_fn: the trained model and the ``loss_fn(model, batch)`` protocol.
     every: log every ``every`` optimizer steps (and whenever ``log`` is called).
-    eval_data, test_data: iterables of ``(inputs, targets)`` batches for loss and accuracy.
+    eval_data, test_data: iterables of batches, recorded as ``train_<metric>`` and
+        ``test_<metric>``: loss and accuracy by default (``(inputs, targets)`` tuples, dict
+        batches with ``"labels"``, outputs that are tensors or have ``.loss``/``.logits``), or
+        the metrics of ``eval_fn(model, batch) -> dict``, sample-weighted over the batches
+        (counted by ``batch_size_fn``, default :func:`analysis.core.default_batch_size`).
     curvature_data: the batches on which lambda_max and the trace are computed.
     lambda_max, trace: switch those (HVP-based, so the costly) quantities on.
     grad_norm: log the norm of the gradient of the mean loss over ``curvature_data``.
@@ -145,6 +142,7 @@ class Tracker:
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
                  eval_data: Iterable | None = None, test_data: Iterable | None = None,
+                 eval_fn: EvalFn | None = None, batch_size_fn: BatchSizeFn | None = None,
                  curvature_data: Iterable | None = None, lambda_max: bool = False,
                  trace: bool = False, grad_norm: bool = False, lanczos_tol: float = 1e-3,
                  lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
@@ -173,7 +171,8 @@ class Tracker:
                 isinstance(m, str) for m in optimizer_methods):
             raise ArgumentTypeError("optimizer_methods must be a sequence of method names, "
                                     f"got {optimizer_methods!r}")
-        self.model, self.loss_fn, self.every = model, loss_fn, every
+        self.model, self.loss_fn, self.every = unwrap_compiled(model), loss_fn, every
+        self.eval_fn, self.batch_size_fn = eval_fn, batch_size_fn
         self.eval_data, self.test_data, self.curvature_data = eval_data, test_data, curvature_data
         self.lambda_max, self.trace, self.grad_norm = lambda_max, trace, grad_norm
         self.layers = layers
@@ -248,12 +247,11 @@ class Tracker:
         lr = self._lr(optimizer)
         if lr is not None:
             rec["lr"] = lr
-        if self.eval_data is not None:
-            rec["train_loss"], rec["train_acc"] = evaluate(self.model, self.loss_fn, self.eval_data,
-                                                           progress=False)
-        if self.test_data is not None:
-            rec["test_loss"], rec["test_acc"] = evaluate(self.model, self.loss_fn, self.test_data,
-                                                         progress=False)
+        for prefix, data in (("train", self.eval_data), ("test", self.test_data)):
+            if data is not None:
+                found = evaluate_metrics(self.model, self.loss_fn, data, eval_fn=self.eval_fn,
+                                         batch_size_fn=self.batch_size_fn, progress=False)
+                rec.update({f"{prefix}_{key}": value for key, value in found.items()})
         if self.lambda_max:
             rec.update(self._lambda_max(lr))
             named = optimizer_preconditioner(optimizer, self.model)

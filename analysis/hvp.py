@@ -33,7 +33,9 @@ from torch.func import functional_call, grad, jvp, vmap
 
 from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_loss, check_model_mode,
                    data_mean, flatten, guarded, loss_reduction, LossFn, numel, ParamSelection,
-                   preserved, select_params, unflatten)
+                   preserved, select_params, unflatten, unwrap_compiled,
+                   working_dtype)
+from .ops import curvature_ops, gradients
 from .preconditioning import Preconditioner, inverse_sqrt
 
 HVP_METHODS = ("reverse", "forward")
@@ -85,6 +87,7 @@ class HessianOperator:
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                  hvp_method: str = "reverse", reuse_graph: bool = True,
                  preconditioner: Preconditioner = None, check_deterministic: bool = True):
+        model = unwrap_compiled(model)
         check_data(data)
         check_model_mode(model_mode)
         check_choice("hvp_method", hvp_method, HVP_METHODS)
@@ -101,12 +104,15 @@ class HessianOperator:
         self.shape = (n, n)
         self.dtype, self.device = self.params[0].dtype, self.params[0].device
         self.scale = inverse_sqrt(preconditioner, model, self.names, self.params)
+        # products come back in the working precision (float32 for bfloat16/float16 models)
+        self.like = torch.empty((), dtype=working_dtype(self.dtype), device=self.device)
         self.n_hvp = 0
         self._reuse = (check_bool("reuse_graph", reuse_graph) and isinstance(data, (list, tuple))
                        and len(data) == 1)
         self._graph: Any = None  # the cached per-batch state of `_cached`
         self._context = None
         self._depth = 0
+        self._mask = self._padding_mask() if hvp_method == "forward" else None
 
     # -- model restoration -------------------------------------------------------------
     def __enter__(self) -> "HessianOperator":
@@ -142,7 +148,7 @@ class HessianOperator:
         vs = vs.to(self.device, self.dtype)
         if self.scale is not None:
             vs = vs * self.scale
-        with self, torch.enable_grad():
+        with self, torch.enable_grad(), curvature_ops():
             out = data_mean(self.data, lambda batch: [self._product(batch, vs)],
                             self.batch_size_fn, reduction=self.reduction,
                             zeros=lambda: [torch.zeros_like(vs)],
@@ -165,7 +171,7 @@ class HessianOperator:
 
     def _gradient_graph(self, batch: Any) -> list[Tensor | None]:
         loss = check_loss(self.loss_fn(self.model, batch), " in the Hessian-vector product")
-        grads = torch.autograd.grad(loss, self.params, create_graph=True, allow_unused=True)
+        grads = gradients(loss, self.params, create_graph=True)
         return [g if g is not None and g.requires_grad else None for g in grads]
 
     def _reverse(self, batch: Any, vs: Tensor) -> Tensor:
@@ -184,7 +190,24 @@ class HessianOperator:
                     r.copy_(h)
         return out
 
+    def _padding_mask(self) -> Tensor | None:
+        """Zeros at the padding rows of ``nn.Embedding(padding_idx=...)`` weights, ones
+        elsewhere; None when there are none. PyTorch gives those rows no gradient (they are
+        constants of training), so the reverse product has zero rows and columns there; forward
+        mode would differentiate their use in the forward pass, a non-symmetric product."""
+        rows = {id(m.weight): m.padding_idx for m in self.model.modules()
+                if isinstance(m, nn.Embedding) and m.padding_idx is not None}
+        if not any(id(p) in rows for p in self.params):
+            return None
+        parts = [torch.ones_like(p) for p in self.params]
+        for part, p in zip(parts, self.params):
+            if id(p) in rows:
+                part[rows[id(p)]] = 0
+        return flatten(parts)
+
     def _forward(self, batch: Any, vs: Tensor) -> Tensor:
+        if self._mask is not None:
+            vs = vs * self._mask
         wrapper = _LossModule(self.model, self.loss_fn)
         primals = {"model." + n: p.detach() for n, p in zip(self.names, self.params)}
 

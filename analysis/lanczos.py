@@ -14,6 +14,7 @@ the pair is converged when that residual is at most ``tol * |theta|``.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterable
 
@@ -23,8 +24,8 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core import (BatchSizeFn, check_choice, check_device, check_dtype, check_int,
-                   check_positive, guarded, LossFn, make_generator, ParamSelection, randn,
-                   records_metadata, register_result)
+                   check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps,
+                   randn, records_metadata, register_result)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 
@@ -32,6 +33,7 @@ WHICH = ("LA", "SA", "LM")
 METHODS = ("lanczos", "power")
 BASIS_DTYPES = (torch.float64, torch.float32)
 MatMat = Callable[[Tensor], Tensor]
+BASIS_BYTES = 2 ** 32  # default cap of the Lanczos basis (4 GiB: 8 vectors of GPT-2 small)
 
 
 @register_result
@@ -150,7 +152,7 @@ class Krylov:
     def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator, *,
                  basis_dtype: torch.dtype | None = None,
                  basis_device: torch.device | str | None = None):
-        self.V = torch.zeros(capacity, n, dtype=basis_dtype or like.dtype,
+        self.V = torch.empty(capacity, n, dtype=basis_dtype or like.dtype,  # rows < m used
                              device=basis_device or like.device)
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
@@ -192,8 +194,8 @@ class Krylov:
 def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
             max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
-            basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None
-            ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+            basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None,
+            product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     """Block Lanczos with full reorthogonalisation and thick restart on any symmetric
     ``matmat`` (rows in, new rows out: they are overwritten). Returns
     ``(theta, U, residuals, n_hvp, converged)``.
@@ -203,9 +205,20 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     attainable accuracy; eigenvalues near zero are resolved to rounding level relative to the
     largest Ritz value), or an exhausted basis (``n`` vectors: the Ritz pairs are exact).
     With ``basis_dtype`` coarser than ``like``'s, ``eps`` is that of ``basis_dtype``.
+
+    product_dtype: the dtype ``matmat`` computes in, when it is coarser than ``like``'s
+    (bfloat16/float16 models; ``like`` is then float32). Its products are accurate to about
+    ``eps = finfo(product_dtype).eps`` relative, below which the Ritz estimates (exact for exact
+    products) mean nothing: the iteration stops once they reach ``eps max|theta|``, the
+    residuals of the wanted pairs are measured by ``k`` more products, and ``converged`` is
+    judged on those; a ``tol`` they cannot meet gives ``converged=False`` and a warning naming
+    the dtype.
     """
     b = min(block_size, n)
-    m_max = min(n, max(30, 3 * k + 2 * b) if max_basis is None else max_basis)
+    if max_basis is None:  # at most BASIS_BYTES of basis, unless k + 2 b vectors need more
+        item = torch.finfo(basis_dtype or like.dtype).bits // 8
+        max_basis = max(k + 2 * b, min(max(30, 3 * k + 2 * b), BASIS_BYTES // (n * item)))
+    m_max = min(n, max_basis)
     if m_max < k + b and m_max < n:
         raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")
     budget = max_hvp if max_hvp is not None else max(300, 50 * k)
@@ -225,7 +238,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
                 resid.zero_()
             pick = _wanted(theta, k, which)
             floor = 50 * eps * theta.abs().max()
-            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=floor)
+            noise = product_eps(product_dtype) * theta.abs().max() if product_dtype else 0.0
+            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=max(floor, noise))
             if bool(ok.all()) or K.m == n or K.n_hvp + b > budget:
                 break
             if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
@@ -233,7 +247,21 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
     finally:
         bar.close()
-    return theta[pick], K.vectors(Y[:, pick]), resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
+    U = K.vectors(Y[:, pick])
+    if not product_dtype or not product_eps(product_dtype):
+        return theta[pick], U, resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
+    measured = torch.linalg.vector_norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U,
+                                        dim=1).to(torch.float64)
+    ok = measured <= torch.clamp(rel * theta[pick].abs(), min=floor)
+    if not bool(ok.all()):
+        worst = float((measured / theta[pick].abs().clamp_min(floor)).max())
+        warnings.warn(f"Lanczos on {product_dtype} Hessian-vector products: the measured residuals"
+                      f" reach {worst:.2g} relative to the eigenvalues, above tol={tol:g}; "
+                      f"{product_dtype} products are accurate to about "
+                      f"{product_eps(product_dtype):.1g}, so converged=False. Pass a tol above "
+                      "the measured residual, or analyse a float32 copy of the model",
+                      RuntimeWarning, stacklevel=3)
+    return theta[pick], U, measured, K.n_hvp + len(U), bool(ok.all())
 
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
@@ -295,7 +323,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
 
     Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
     flat over the selected parameters in ``.names`` order (``analysis.core.unflatten`` splits
-    a row per parameter), in the model's dtype and device.
+    a row per parameter), on the model's device, in its dtype (float32 for bfloat16/float16
+    models, whose basis is kept in float32; their residuals are measured, see :func:`lanczos`).
 
     which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
         (largest magnitude).
@@ -310,8 +339,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     block_size: vectors per Lanczos block; a block of size ``b`` resolves eigenvalues of
         multiplicity up to ``b`` (single-vector Krylov spaces see one copy of a repeated
         eigenvalue) and shares each forward pass among ``b`` products.
-    max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``);
-        the memory is ``max_basis * n`` elements.
+    max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
+        vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
+        ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
     curvature: "hessian", "ggn", "fisher" (exact) or "empirical_fisher" (:mod:`analysis.curvature`).
     preconditioner: a diagonal ``P``; the eigenpairs are then those of ``P^-1/2 A P^-1/2``
         (:mod:`analysis.preconditioning`).
@@ -342,16 +372,15 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     if max_hvp is not None:  # enough products for k Ritz values (whole blocks for Lanczos)
         b = min(block_size, n)
         max_hvp = check_int("max_hvp", max_hvp, k if method == "power" else b * math.ceil(k / b))
-    like = op.params[0].detach()
     with op:
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
                           block_size=block_size, max_basis=max_basis, v0=v0, seed=seed,
-                          like=like, progress=progress, basis_dtype=basis_dtype,
-                          basis_device=basis_device)
+                          like=op.like, progress=progress, basis_dtype=basis_dtype,
+                          basis_device=basis_device, product_dtype=op.dtype)
         else:
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
-                                  like=like, progress=progress)
+                                  like=op.like, progress=progress)
     theta, U, resid, n_hvp, ok = out
     return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
                        list(op.names), curvature=op.curvature,

@@ -36,8 +36,10 @@ from tqdm.auto import tqdm
 from .core import (all_reduce_sum_, BatchSizeFn, check_bool, check_choice, check_data, check_int,
                    check_loss, check_positive, data_mean, default_batch_size, flatten, guarded,
                    loss_reduction, LossFn, make_generator, ParamSelection, preserved, randn, rank,
-                   records_metadata, register_result, select_params, unflatten, uniform)
+                   records_metadata, register_result, select_params, unflatten, uniform,
+                   unwrap_compiled)
 from .lanczos import top_eigenvalues
+from .ops import explained_errors, gradients
 
 NORMS = ("l2", "linf")
 ADAPTIVE = ("elementwise", "filter")
@@ -96,12 +98,12 @@ class PerturbedLoss:
 
     def _per_batch(self, batch: Any, grad: bool) -> list[Tensor]:
         self.n_forward += 1
-        with torch.set_grad_enabled(grad):
+        with torch.set_grad_enabled(grad), explained_errors(grad):
             loss = check_loss(self.loss_fn(self.model, batch), " at a perturbed point")
             if not grad:
                 return [loss]
             self.n_backward += 1
-            grads = torch.autograd.grad(loss, self.params, allow_unused=True)
+            grads = gradients(loss, self.params)
         return [loss, flatten([torch.zeros_like(p) if g is None else g
                                for g, p in zip(grads, self.params)])]
 
@@ -368,6 +370,7 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     left exactly as it was. check_deterministic: first check that two passes over ``data``
     agree (two forward passes).
     """
+    model = unwrap_compiled(model)
     rho = check_positive("rho", rho)
     ball = Ball(check_choice("norm", norm, NORMS), rho)
     kind = adaptivity(adaptive)
@@ -456,6 +459,7 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
     n_samples then counts evaluations and must be even.
     check_deterministic: first check that two passes over ``data`` agree (two forward passes).
     """
+    model = unwrap_compiled(model)
     sigma = check_positive("sigma", sigma)
     ball = Ball(check_choice("norm", norm, NORMS), 1.0)
     kind = adaptivity(adaptive)

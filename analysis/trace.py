@@ -158,6 +158,6 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
                             preconditioner=preconditioner)
     with op:
         out = trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
-                             like=op.params[0].detach(), chunk=chunk, progress=progress)
+                             like=op.like, chunk=chunk, progress=progress)
     out.curvature, out.preconditioned = op.curvature, op.scale is not None
     return out

@@ -140,7 +140,8 @@ def round_robin_ratios(candidates: dict, reused, v: torch.Tensor, repeat: int) -
     return out
 
 
-def pyhessian_eigs(pyhessian, model, **data):
+def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, **data):
+    """PyHessian's top eigenvalues (power iteration, tol 1e-3) and the products it spent."""
     torch.manual_seed(0)
     peer = pyhessian.hessian(copy.deepcopy(model), CRITERION, cuda=False, **data)
     calls = {"n": 0}
@@ -160,7 +161,7 @@ def pyhessian_eigs(pyhessian, model, **data):
 
     module.hessian_vector_product = counting_plain
     try:
-        values, _ = peer.eigenvalues(top_n=5)
+        values, _ = peer.eigenvalues(maxIter=max_iter, top_n=top_n)
     finally:
         module.hessian_vector_product = plain
     return np.array(values), calls["n"]

@@ -35,6 +35,13 @@ def named_targets(model: nn.Module) -> dict[str, Tensor]:
     return out
 
 
+def state_buffers(model: nn.Module) -> list[str]:
+    """Names of the floating buffers a state_dict holds (BatchNorm statistics; not the
+    non-persistent ones such as rotary-embedding frequencies, which are recomputed)."""
+    state = model.state_dict(keep_vars=True)
+    return [n for n, b in model.named_buffers() if b.is_floating_point() and n in state]
+
+
 def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: str = "direction"
                     ) -> dict[str, Tensor]:
     """Validate ``direction`` against ``model``; return it detached, on the model's device/dtype.
@@ -123,13 +130,15 @@ def load_state(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str,
     return source
 
 
-def state_tensors(model: nn.Module, source, names: list[str]) -> dict[str, Tensor]:
-    """The tensors ``names`` of a state_dict or checkpoint, on the model's device and dtype."""
+def state_tensors(model: nn.Module, source, names: list[str], argname: str = "checkpoint"
+                  ) -> dict[str, Tensor]:
+    """The tensors ``names`` of a state_dict or checkpoint, on the model's device and dtype;
+    errors name the source as ``argname``."""
     state = load_state(source)
     missing = [n for n in names if n not in state]
     if missing:
-        raise ValueError(f"checkpoint lacks tensors of the model: {missing[:5]}")
-    return check_direction(model, {n: state[n] for n in names}, "checkpoint")
+        raise ValueError(f"{argname} lacks tensors of the model: {missing[:5]}")
+    return check_direction(model, {n: state[n] for n in names}, argname)
 
 
 def update_direction(start, end, model: nn.Module, *, params: ParamSelection = None,
@@ -141,8 +150,8 @@ def update_direction(start, end, model: nn.Module, *, params: ParamSelection = N
     """
     names, _ = select_params(model, params)
     if check_bool("buffers", buffers):
-        names += [n for n, b in model.named_buffers() if b.is_floating_point()]
-    a, b = state_tensors(model, start, names), state_tensors(model, end, names)
+        names += state_buffers(model)
+    a, b = state_tensors(model, start, names, "start"), state_tensors(model, end, names, "end")
     return Direction({n: b[n] - a[n] for n in names}, {"kind": "update", "buffers": buffers})
 
 

@@ -13,9 +13,9 @@ from torch import nn
 
 from analysis.core import (BatchSizeFn, check_bool, check_data, check_loss, check_model_mode,
                            data_mean, guarded, loss_reduction, LossFn, ParamSelection, preserved,
-                           scalar_zeros, select_params)
+                           scalar_zeros, select_params, unwrap_compiled)
 
-from .directions import named_targets, load_state, state_tensors
+from .directions import load_state, named_targets, state_buffers, state_tensors
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
 from .results import data_probe, InterpolationResult, Progress, surface_metadata
 
@@ -82,14 +82,18 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     check_model_mode(model_mode)
     buffers = check_bool("buffers", buffers)
     alphas = check_coords(alphas, "alphas")
+    model_a = unwrap_compiled(model_a, "model_a")
     names = list(dict(model_a.named_parameters())) if params is None else \
         select_params(model_a, params)[0]
     if buffers or bn_data is not None:
-        names += [n for n, b in model_a.named_buffers() if b.is_floating_point()]
+        names += state_buffers(model_a)
     targets = named_targets(model_a)
-    state_b = model_b.state_dict() if isinstance(model_b, nn.Module) else load_state(model_b)
+    if isinstance(model_b, nn.Module):
+        state_b = unwrap_compiled(model_b, "model_b").state_dict()
+    else:
+        state_b = load_state(model_b)
     w_a = {n: targets[n].detach().clone() for n in names}
-    w_b = state_tensors(model_a, state_b, names)
+    w_b = state_tensors(model_a, state_b, names, "model_b")
     if not buffers:  # BN statistics of model_a at every point (recalibration overrides them)
         w_b.update({n: w_a[n] for n in names if n not in dict(model_a.named_parameters())})
     points = np.concatenate([alphas, [a for a in (0.0, 1.0) if a not in alphas]])

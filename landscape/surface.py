@@ -9,7 +9,7 @@ import numpy as np
 from torch import Tensor, nn
 
 from analysis.core import (BatchSizeFn, check_model_mode, guarded, LossFn, ParamSelection,
-                           select_params)
+                           select_params, unwrap_compiled)
 
 from .directions import Direction, check_direction, named_targets
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
@@ -33,6 +33,7 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
              params: ParamSelection, model_mode: str, path, build, options: dict) -> Progress:
     """Evaluate ``L(w + sum_k x_k d_k)`` on the grid ``axes`` (last axis fastest)."""
     check_model_mode(model_mode)
+    model = unwrap_compiled(model)
     labels = [f"d{k + 1}" if len(directions) > 1 else "direction" for k in range(len(directions))]
     dirs = [Direction(moving(model, params, check_direction(model, d, lab), lab),
                       getattr(d, "info", None)) for d, lab in zip(directions, labels)]

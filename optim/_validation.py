@@ -67,6 +67,22 @@ def check_optional_positive(name: str, value: Any) -> float | None:
     return None if value is None else check_positive(name, value)
 
 
+def check_optional_bool(name: str, value: Any) -> bool | None:
+    """``None`` (automatic) or a ``bool``."""
+    return None if value is None else check_bool(name, value)
+
+
+def check_adam_group(group: dict, denominator: str, check_denominator) -> None:
+    """Validate in place the keys that the Adam-like groups share: ``lr``, ``betas``, ``weight_decay``,
+    ``foreach``, ``fused`` and the denominator's floor (AGD's ``delta``, NDAdam's ``eps``)."""
+    group["lr"] = check_nonnegative("lr", group["lr"])
+    group["betas"] = check_betas("betas", group["betas"])
+    group[denominator] = check_denominator(denominator, group[denominator])
+    group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
+    for flag in ("foreach", "fused"):
+        group[flag] = check_optional_bool(flag, group[flag])
+
+
 def check_model(name: str, value: Any) -> Any:
     """``None`` or a ``torch.nn.Module`` (checked by duck typing on ``modules``, so no torch import)."""
     if value is not None and not callable(getattr(value, "modules", None)):

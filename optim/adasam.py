@@ -2,7 +2,7 @@
 arXiv 2303.00565)."""
 from __future__ import annotations
 
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -10,13 +10,7 @@ from torch import Tensor, nn
 from ._fused import FusedKernel, fusable, scalars_tensor
 from ._two_pass import TwoPassOptimizer, grouped
 from ._validation import check_betas, check_bool, check_nonnegative, check_positive
-
-
-def use_foreach(foreach: bool | None, tensors: Sequence[Tensor]) -> bool:
-    """The multi-tensor path by default on accelerators (where it is faster), as torch.optim does."""
-    if foreach is not None:
-        return foreach
-    return bool(tensors) and all(t.device.type != "cpu" for t in tensors)
+from .wrapper import use_foreach
 
 
 def state_dtype(p: Tensor) -> torch.dtype:

@@ -13,8 +13,8 @@ from torch import Tensor
 from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import to_host
 from ._scratch import Scratch, scratch
-from ._validation import check_betas, check_bool, check_nonnegative, check_optional_positive, check_positive
-from .wrapper import CheckedState
+from ._validation import check_adam_group, check_bool, check_optional_positive, check_positive
+from .wrapper import CheckedState, closure_loss, use_foreach
 
 
 @dataclass(frozen=True)
@@ -69,16 +69,10 @@ class AGD(CheckedState):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = check_nonnegative("lr", group["lr"])
-        group["betas"] = check_betas("betas", group["betas"])
-        group["delta"] = check_positive("delta", group["delta"])
-        group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
+        check_adam_group(group, "delta", check_positive)
         for flag in ("weight_decouple", "fixed_decay", "amsgrad"):
             group[flag] = check_bool(flag, group[flag])
         group["clip"] = check_optional_positive("clip", group["clip"])
-        for flag in ("foreach", "fused"):
-            if group[flag] is not None:
-                group[flag] = check_bool(flag, group[flag])
 
     def _init_group(self, group: dict) -> list[Tensor]:
         """Create state where missing, advance the step counters; return the params that have a grad."""
@@ -102,17 +96,12 @@ class AGD(CheckedState):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One AGD step; with ``closure`` (called under grad mode) returns its loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             params = self._init_group(group)
             if not params:
                 continue
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.device.type != "cpu" for p in params)
+            foreach = use_foreach(group["foreach"], params)
             states = [self.state[p] for p in params]
             fn = _fused_agd if group["fused"] else _multi_tensor_agd if foreach else _single_tensor_agd
             fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import to_host
 from ._scratch import Scratch, scratch
-from ._validation import check_betas, check_bool, check_int, check_nonnegative, check_positive
-from .wrapper import CheckedState
+from ._validation import check_adam_group, check_bool, check_int, check_nonnegative, check_positive
+from .wrapper import CheckedState, closure_loss, use_foreach
 
 
 def _vector_dims(w: Tensor) -> tuple[int, ...]:
@@ -86,15 +86,9 @@ class NDAdam(CheckedState):
     def add_param_group(self, param_group: dict) -> None:
         super().add_param_group(param_group)
         group = self.param_groups[-1]
-        group["lr"] = check_nonnegative("lr", group["lr"])
-        group["betas"] = check_betas("betas", group["betas"])
-        group["eps"] = check_nonnegative("eps", group["eps"])
-        group["weight_decay"] = check_nonnegative("weight_decay", group["weight_decay"])
+        check_adam_group(group, "eps", check_nonnegative)
         if group["nd"] is not None:
             group["nd"] = check_bool("nd (True, False or None for automatic)", group["nd"])
-        for flag in ("foreach", "fused"):
-            if group[flag] is not None:
-                group[flag] = check_bool(flag, group[flag])
         if group["nd"] and any(p.dim() < 2 for p in group["params"]):
             raise ValueError("nd=True needs parameters with ndim >= 2 (one unit vector per slice along dim 0)")
 
@@ -134,15 +128,10 @@ class NDAdam(CheckedState):
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One ND-Adam step; with ``closure`` (called under grad mode) returns its loss."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = closure_loss(closure)
         for group in self.param_groups:
             vectors, scalars = self._init_group(group)
-            foreach = group["foreach"]
-            if foreach is None:
-                foreach = all(p.device.type != "cpu" for p in vectors + scalars)
+            foreach = use_foreach(group["foreach"], vectors + scalars)
             vector_fns = (_fused_vectors,) * 2 if group["fused"] else _VECTOR_FNS
             for fns, params in ((vector_fns, vectors), (_ADAM_FNS, scalars)):
                 # the multi-tensor path for parameters with state in their own dtype; the others one by one

@@ -5,6 +5,8 @@ import torch
 from torch import nn
 from torch.func import functional_call
 
+from analysis.core import default_batch_size
+
 
 def mlp(sizes=(6, 8, 5, 3), act=nn.Tanh, dtype=torch.float64, seed=0, bias=True) -> nn.Sequential:
     torch.manual_seed(seed)
@@ -63,22 +65,23 @@ def _flat_loss(model, loss_fn, data, names, params):
     sizes = [p.numel() for p in params]
     others = {n: p.detach() for n, p in model.named_parameters() if n not in set(names)}
     buffers = dict(model.named_buffers())
-    total = sum(len(b[0]) for b in data)
+    sizes_of = [default_batch_size(b) for b in data]
+    total = sum(sizes_of)
 
     class _View(nn.Module):  # lets loss_fn(model, batch) call a functional model
         def __init__(self, mapping):
             super().__init__()
             self.mapping = mapping
 
-        def forward(self, *args):
-            return functional_call(model, self.mapping, args)
+        def forward(self, *args, **kwargs):
+            return functional_call(model, self.mapping, args, kwargs)
 
     def f(theta):
         chunks = torch.split(theta, sizes)
         mapping = {**others, **buffers,
                    **{n: c.view(s) for n, c, s in zip(names, chunks, shapes)}}
         view = _View(mapping)
-        return sum(loss_fn(view, b) * len(b[0]) for b in data) / total
+        return sum(loss_fn(view, b) * n for b, n in zip(data, sizes_of)) / total
 
     theta0 = torch.cat([p.detach().reshape(-1) for p in params])
     return f, theta0

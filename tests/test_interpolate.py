@@ -109,5 +109,5 @@ def test_recalibrate_bn_changes_nothing_on_error():
 
 def test_interpolate_rejects_mismatched_models():
     a = cnn_bn()
-    with pytest.raises(ValueError, match="checkpoint"):
+    with pytest.raises(ValueError, match="model_b lacks"):
         interpolate(a, {"fc.weight": torch.zeros(3, 36)}, CE, [classification_data(d=12)], [0.5])

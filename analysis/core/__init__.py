@@ -16,13 +16,17 @@ Modules, each holding one piece of the protocol:
   ``is_distributed``.
 * ``results``: the result convention: ``make_metadata``, ``versions``, ``save_result`` /
   ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
+* ``compiled``: ``unwrap_compiled`` / ``refuse_compiled`` for ``torch.compile``'d modules.
+* ``precision``: ``working_dtype`` (float32 for bfloat16/float16) and ``product_eps``.
 * ``validation``: ``check_*(name, value, ...) -> value`` argument checks.
 """
+from .compiled import refuse_compiled, unwrap_compiled
 from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, check_same_on_ranks,
                           fingerprint, is_distributed, rank, world_size)
 from .guards import guarded, is_guarded, repeated_passes
 from .flat import flatten, numel, unflatten
 from .params import ParamSelection, select_params
+from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
                        data_mean, default_batch_size, loss_reduction, mean_loss, scalar_zeros,
                        split_loss, supervised)
@@ -55,6 +59,10 @@ __all__ = [
     # results
     "make_metadata", "versions", "save_result", "load_result", "register_result",
     "records_metadata",
+    # compiled modules
+    "unwrap_compiled", "refuse_compiled",
+    # precision
+    "LOW_PRECISION", "working_dtype", "accumulable", "product_eps",
     # validation
     "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_nonnegative",
     "check_number", "check_positive", "check_probability", "check_dtype", "check_device",

@@ -29,6 +29,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
+from .compiled import is_compiled
 from .distributed import check_same_on_ranks, is_distributed
 from .restore import check_model_mode, preserved
 from .validation import check_bool
@@ -112,6 +113,7 @@ def guarded(fn: Callable) -> Callable:
         bound.apply_defaults()
         a = bound.arguments
         model = a.get("model", a.get("model_a"))
+        model = model._orig_mod if is_compiled(model) else model  # the routine warns
         mode = a.get("model_mode", "eval")
         check = check_bool("check_deterministic", a.get("check_deterministic", False))
         code, detail, error = 0, "", None

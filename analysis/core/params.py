@@ -5,6 +5,8 @@ from typing import Callable, Sequence
 
 from torch import Tensor, nn
 
+from .compiled import unwrap_compiled
+
 ParamSelection = None | Sequence[str] | Sequence[nn.Parameter] | Callable[[str, nn.Parameter], bool]
 
 
@@ -15,7 +17,7 @@ def select_params(model: nn.Module, params: ParamSelection = None
     None: all with requires_grad; a list of names; a list of parameters; or a predicate
     ``f(name, parameter) -> bool``.
     """
-    named = list(model.named_parameters())
+    named = list(unwrap_compiled(model).named_parameters())
     if params is None:
         chosen = [(n, p) for n, p in named if p.requires_grad]
     elif callable(params):

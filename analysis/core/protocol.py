@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -24,6 +24,7 @@ from tqdm.auto import tqdm
 from .distributed import all_reduce_sum_, is_distributed, rank
 from .guards import guarded
 from .params import ParamSelection, select_params
+from .precision import accumulable
 from .restore import preserved
 from .validation import check_choice
 
@@ -87,17 +88,27 @@ def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
     return loss_fn
 
 
-def default_batch_size(batch: Any) -> int:
-    """Number of samples in ``batch``: ``len(batch[0])`` for tuples/lists, ``len`` of the
-    first value for dicts, ``len(batch)`` for a tensor."""
+def _tensors(batch: Any) -> Iterator[Tensor]:
+    """The tensors of ``batch``, depth first through tuples, lists and dicts."""
     if isinstance(batch, Tensor):
-        return len(batch)
-    if isinstance(batch, dict):
-        return len(next(iter(batch.values())))
-    if isinstance(batch, (tuple, list)):
-        return len(batch[0])
-    raise TypeError(f"cannot infer the sample count of a {type(batch).__name__} batch; "
-                    "pass batch_size_fn=")
+        yield batch
+    elif isinstance(batch, (tuple, list, Mapping)):
+        for item in batch.values() if isinstance(batch, Mapping) else batch:
+            yield from _tensors(item)
+
+
+def default_batch_size(batch: Any) -> int:
+    """Number of samples in ``batch``: the leading dimension of its first tensor, found depth
+    first through tuples, lists and dicts (0-d tensors aside). ``ValueError`` asking for
+    ``batch_size_fn`` when the batch holds no such tensor or their leading dimensions differ."""
+    dims = [len(t) for t in _tensors(batch) if t.dim() > 0]
+    if not dims:
+        raise ValueError(f"cannot infer the sample count of a {type(batch).__name__} batch that "
+                         "holds no tensor with a leading dimension; pass batch_size_fn=")
+    if len(set(dims)) > 1:
+        raise ValueError("cannot infer the sample count of a batch whose tensors have different "
+                         f"leading dimensions {sorted(set(dims))}; pass batch_size_fn=")
+    return dims[0]
 
 
 def _single_batch(data: Any) -> str | None:
@@ -167,6 +178,7 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
 
     This is the one sample-weighted reduction of the package: since ``loss_fn`` returns the
     batch mean, weighting by ``n_b`` gives the quantity of the mean loss over all samples.
+    bfloat16/float16 tensors are accumulated (and returned) in float32.
     reduction: "sum" (``loss_reduction(loss_fn)`` of a sum-reduced ``loss_fn``) gives
     ``sum_b f(b)`` instead, the quantity of the total loss.
     Under ``torch.distributed`` the sums and counts are all-reduced together; a rank whose
@@ -184,7 +196,7 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
         if n <= 0:
             continue
         w = n if reduction == "mean" else 1
-        out = [t.detach() for t in per_batch(batch)]
+        out = [accumulable(t.detach()) for t in per_batch(batch)]
         if first is None:
             first, w_first = out, w
         else:

@@ -12,6 +12,7 @@ from typing import Iterable, Iterator
 import torch
 from torch import nn
 
+from .compiled import refuse_compiled
 from .validation import check_choice
 
 MODEL_MODES = ("eval", "train")
@@ -35,6 +36,7 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     user's gradient tensors.
     """
     check_model_mode(model_mode)
+    refuse_compiled(model)
     params = list(model.parameters())
     flags = [(m, m.training) for m in model.modules()]
     requires = [(p, p.requires_grad) for p in params]

@@ -1,0 +1,114 @@
+"""Sample-weighted evaluation metrics over batches of any structure (the Tracker's
+``eval_data``/``test_data`` records).
+
+``eval_fn(model, batch) -> dict[str, float | Tensor]`` gives the metrics of one batch; the
+default handles
+
+* ``(inputs, targets, ...)`` tuples/lists: ``model(inputs)``;
+* dict batches (Hugging Face style): ``model(**batch)``, with the targets under ``"labels"``;
+
+and model outputs that are tensors (the logits) or objects with ``.loss`` / ``.logits``. The loss
+is ``loss_fn.criterion(logits, targets)`` for a ``loss_fn`` made by ``supervised`` (one
+forward), else the output's ``.loss`` when it has one, else ``loss_fn(model, batch)``. The accuracy
+(``argmax`` of the logits against integer targets, ignoring targets equal to -100) is reported
+where one prediction per target is well defined: for tuples whenever the logits' leading shape
+is the targets' shape, for dict batches only for one label per sample (sequence or image
+classification; a causal LM's token labels are shifted inside the model, so no accuracy there).
+"""
+from __future__ import annotations
+
+import itertools
+import math
+from typing import Any, Callable, Iterable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from .core import (BatchSizeFn, LossFn, check_loss, data_mean, default_batch_size, loss_reduction,
+                   preserved, scalar_zeros)
+
+EvalFn = Callable[[nn.Module, Any], Mapping[str, Any]]
+IGNORE_INDEX = -100
+
+
+def _to(x: Any, device: torch.device | None) -> Any:
+    return x.to(device) if isinstance(x, Tensor) and device is not None else x
+
+
+def _logits(outputs: Any) -> Tensor | None:
+    if isinstance(outputs, Tensor):
+        return outputs
+    logits = getattr(outputs, "logits", None)
+    return logits if isinstance(logits, Tensor) else None
+
+
+def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
+    valid = targets != IGNORE_INDEX
+    hits = (logits.argmax(dim=-1) == targets) & valid
+    return hits.sum().to(torch.float64) / valid.sum().clamp_min(1)
+
+
+def default_metrics(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, Tensor]:
+    """``{"loss": ..., "acc": ...}`` of one batch (module doc; ``acc`` is NaN where undefined)."""
+    anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    device = None if anchor is None else anchor.device
+    if isinstance(batch, Mapping):
+        kwargs = {k: _to(v, device) for k, v in batch.items()}
+        outputs, targets = model(**kwargs), kwargs.get("labels")
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        targets = _to(batch[1], device)
+        outputs = model(_to(batch[0], device))
+    else:
+        raise ValueError("the default evaluation takes (inputs, targets, ...) tuples or dict "
+                         f"batches with \"labels\", got a {type(batch).__name__}; pass "
+                         "eval_fn=(model, batch) -> dict of metrics")
+    logits, criterion = _logits(outputs), getattr(loss_fn, "criterion", None)
+    loss = getattr(outputs, "loss", None)
+    if criterion is not None and logits is not None and targets is not None:
+        loss = criterion(logits, targets)
+    elif not isinstance(loss, Tensor):
+        loss = loss_fn(model, batch)
+    loss = check_loss(loss, " in the evaluation")
+    per_sample = not isinstance(batch, Mapping) or (logits is not None and logits.dim() == 2)
+    if (per_sample and logits is not None and isinstance(targets, Tensor)
+            and not targets.is_floating_point() and logits.shape[:-1] == targets.shape):
+        return {"loss": loss, "acc": _accuracy(logits, targets)}
+    return {"loss": loss, "acc": torch.tensor(math.nan, dtype=torch.float64)}
+
+
+def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                     eval_fn: EvalFn | None = None, model_mode: str = "eval",
+                     batch_size_fn: BatchSizeFn | None = None, progress: bool = True
+                     ) -> dict[str, float]:
+    """Sample-weighted means over ``data`` of the metrics of ``eval_fn`` (default
+    :func:`default_metrics`), without grad, in ``model_mode``; the model is left unchanged.
+    Every batch must give the same keys. For a sum-reduced ``loss_fn`` the default loss is the
+    total loss (the accuracy is still a mean)."""
+    keys: list[str] = [] if eval_fn is not None else ["loss", "acc"]
+    reduction = "mean" if eval_fn is not None else loss_reduction(loss_fn)
+    size = batch_size_fn or default_batch_size
+
+    def per_batch(batch: Any) -> list[Tensor]:
+        found = eval_fn(model, batch) if eval_fn is not None else \
+            default_metrics(model, loss_fn, batch)
+        if not isinstance(found, Mapping) or not found:
+            raise ValueError("eval_fn must return a non-empty dict of metrics, got "
+                             f"{type(found).__name__}")
+        if not keys:
+            keys.extend(found)
+        elif list(found) != keys:
+            raise ValueError(f"the evaluation must give the same metrics on every batch: "
+                             f"{keys} on the first, {list(found)} on another")
+        values = [torch.as_tensor(v, dtype=torch.float64).detach().reshape(()) for v in
+                  found.values()]
+        if reduction == "sum":  # the loss is the batch's total; the accuracy a mean: weight it
+            values[1] = values[1] * size(batch)
+        return values
+
+    with preserved(model, model_mode, weights=False), torch.no_grad():
+        out = data_mean(data, per_batch, batch_size_fn, reduction=reduction,
+                        zeros=scalar_zeros(len(keys)) if keys else None, progress=progress)
+    values = [float(v) for v in out.values]
+    if reduction == "sum":
+        values[1] /= out.n_samples
+    return dict(zip(keys, values))

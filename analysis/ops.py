@@ -1,0 +1,93 @@
+"""What curvature products need from the ops of a model: second derivatives.
+
+* Fused scaled-dot-product-attention kernels (flash, memory-efficient, cuDNN: the Hugging Face
+  default ``attn_implementation="sdpa"``, timm's fused attention) have a backward but neither a
+  double backward nor a forward-mode derivative. :func:`curvature_ops` selects the math backend,
+  built from ordinary differentiable ops (its values equal eager attention to rounding), for the
+  products it encloses only: ``sdpa_kernel`` restores the caller's backend choice on exit.
+* Any other op without a second derivative raises an error naming the op and the fix, instead
+  of PyTorch's "derivative for ... is not implemented".
+* A reentrant ``torch.utils.checkpoint`` is refused inside :func:`explained_errors`: its segments
+  are invisible to ``torch.autograd.grad``, which raises when their inputs need gradients and
+  otherwise silently returns ``None`` (zero) for the parameters inside, after torch's warning
+  "None of the inputs have requires_grad=True", which the block turns into this error.
+"""
+from __future__ import annotations
+
+import re
+import warnings
+from contextlib import contextmanager
+from typing import Iterator, Sequence
+
+import torch
+from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+_NO_DOUBLE_BACKWARD = re.compile(r"derivative for (\S+) is not implemented")
+_NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
+_ONCE = "marked with @once_differentiable"
+_NO_INPUT_GRAD = "None of the inputs have requires_grad=True"
+_FUNC_LIMITS = ("saved tensor hooks", "setup_context")
+REENTRANT = ("torch.utils.checkpoint(use_reentrant=True) hides the parameters of its segments "
+             "from torch.autograd.grad (their gradients would silently be zero); use "
+             "use_reentrant=False (exact results; the default of Hugging Face's "
+             "gradient_checkpointing_enable()), or analyse in model_mode=\"eval\", where Hugging "
+             "Face models do not checkpoint")
+
+
+def _explained(err: Exception) -> str | None:
+    """The message of ``err`` rephrased with the op and the fix, or None if it is not about
+    derivatives."""
+    text = str(err)
+    if (found := _NO_DOUBLE_BACKWARD.search(text)) or _ONCE in text:
+        op = found[1].strip("'\"") if found else "a custom autograd.Function (@once_differentiable)"
+        return (f"{op} has no second derivative in PyTorch, and Hessian-vector products "
+                "differentiate the gradient. Fused attention is switched to the math backend "
+                "automatically; for this op, use an implementation without it (for Hugging Face "
+                "models attn_implementation=\"eager\"), or leave the parameters before it out "
+                "with params=")
+    if (found := _NO_FORWARD_AD.search(text)) is not None:
+        return (f"{found[1]} has no forward-mode derivative, which hvp_method=\"forward\" "
+                "needs; use hvp_method=\"reverse\"")
+    if any(limit in text for limit in _FUNC_LIMITS):
+        return (f"hvp_method=\"forward\" (torch.func) cannot differentiate this model "
+                f"({text.splitlines()[0]}); this is the case for torch.utils.checkpoint and other "
+                "custom autograd.Functions: use hvp_method=\"reverse\"")
+    if "Checkpointing is not compatible with .grad()" in text:
+        return REENTRANT
+    return None
+
+
+@contextmanager
+def explained_errors(enabled: bool = True) -> Iterator[None]:
+    """Re-raise derivative errors of the block (forward and backward passes that need
+    gradients) with the op's name and the fix; a no-op when not ``enabled``."""
+    if not enabled:
+        yield
+        return
+    try:
+        with warnings.catch_warnings():
+            warnings.filterwarnings("error", message=_NO_INPUT_GRAD, category=UserWarning)
+            yield
+    except UserWarning as err:
+        raise RuntimeError(REENTRANT) from err
+    except (RuntimeError, NotImplementedError) as err:
+        better = _explained(err)
+        if better is None:
+            raise
+        raise type(err)(better) from err
+
+
+@contextmanager
+def curvature_ops() -> Iterator[None]:
+    """The math SDPA backend and explained derivative errors, for the enclosed products only."""
+    with explained_errors(), sdpa_kernel(SDPBackend.MATH):
+        yield
+
+
+def gradients(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool = False
+              ) -> list[Tensor | None]:
+    """``d loss / d params``, ``None`` for parameters the loss does not depend on."""
+    with explained_errors():
+        return list(torch.autograd.grad(loss, params, create_graph=create_graph,
+                                        allow_unused=True))
