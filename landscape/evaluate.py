@@ -6,7 +6,10 @@ vectors (the origin and one or two directions for ``line``/``plane``; two endpoi
 chunk, ``functional_call`` for the forward, and ``analysis.core.data_mean`` for the
 sample-weighted mean over the data (all-reduced over ranks). Models that cannot be vmapped
 (random layers, in-place buffer updates, data-dependent control flow) are evaluated point by
-point with the weights written into the model; both paths give the same values.
+point with the weights written into the model; both paths give the same values. With
+``vectorize="auto"``, a hook-free ``nn.Sequential`` of sample-wise layers and a ``supervised``
+loss take a faster path with the same values to rounding: :mod:`landscape.stacked` (stacked
+weights, the first Linear/convolution layer computed once per batch).
 
 On a CPU, batching points pays only for small per-point work: a vmap call costs about 0.5 ms of
 fixed overhead, and once one of a chunk's activation tensors outgrows about 2 MiB, every call
@@ -189,7 +192,8 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             # a mean: owned == 1 unless distribute="grid"; a sum is the owner's alone already
             return (total / owned if reduction == "mean" else total).cpu().double().numpy()
 
-        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
+        single = hasattr(data, "__len__") and len(data) == 1  # one batch: nothing to reuse
+        plan = sequential_plan(model, loss_fn, parts, not single) if vectorize == "auto" else None
         group = chunk_size  # points per forward of the sequential plan
 
         def stacked(cs: Tensor, batch) -> Tensor:

@@ -9,7 +9,7 @@ a leading points dimension:
   batch's inputs, is linear in its weights: ``layer(x; sum_j c_j V_j) = sum_j c_j layer(x; V_j)``,
   so each ``layer(x; V_j)`` is computed once per batch and the points only combine them;
 * a later Linear layer whose tensors move: one ``baddbmm`` with the points' stacked weights
-  (formed by one product ``coords @ V``);
+  (formed by one product ``coords @ V``, once per chunk of points for all batches);
 * a layer none of whose tensors move: once on all the points' samples together;
 * any other layer whose tensors move: point by point (``functional_call``).
 
@@ -34,7 +34,6 @@ Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
 _SUPERVISED = supervised(nn.MSELoss()).__code__
 GROUP_ACTIVATION_BYTES = 2 ** 19  # on a CPU: one activation tensor of a group of points
-GROUP_WEIGHT_BYTES = 2 ** 21      # on a CPU: one stacked weight tensor of a group of points
 PRECOMPUTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # linear in their weights
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish,
@@ -116,21 +115,25 @@ class _Layer:
 class SequentialPlan:
     """The layers of a sequential model with the vector parts of its moving tensors."""
 
-    def __init__(self, layers: list[_Layer], criterion: Callable[[Tensor, Tensor], Tensor]):
-        self.layers, self.criterion = layers, criterion
+    def __init__(self, layers: list[_Layer], criterion: Callable[[Tensor, Tensor], Tensor],
+                 reuse: bool):
+        self.layers, self.criterion, self.reuse = layers, criterion, reuse
         self.first = next((i for i, layer in enumerate(layers) if layer.moving), len(layers))
         self.precompute = (self.first < len(layers)
                            and type(layers[self.first].module) in PRECOMPUTED)
+        self._chunk: Tensor | None = None  # the points whose stacked tensors are in _tensors
+        self._tensors: list[dict[str, Tensor]] = []
 
-    def cpu_group(self, largest: int, limit: int) -> int:
+    def _stacked(self, cs: Tensor) -> list[dict[str, Tensor]]:
+        """Per layer, its moving tensors at the points ``cs`` ([P, *shape] each)."""
+        return [{a: s.at(cs) for a, s in layer.moving.items()} for layer in self.layers]
+
+    @staticmethod
+    def cpu_group(largest: int, limit: int) -> int:
         """Points per forward on a CPU: at most ``limit``, with each activation tensor (one point's
-        largest is ``largest`` bytes) within ``GROUP_ACTIVATION_BYTES`` and the stacked weights
-        within ``GROUP_WEIGHT_BYTES`` (beyond, fresh allocations page-fault and cache misses
-        cost more than the batching saves; benchmarks/README.md)."""
-        weight = max((s.flat[0].numel() * s.flat.element_size()
-                      for layer in self.layers for s in layer.moving.values()), default=0)
-        return max(1, min(limit, GROUP_ACTIVATION_BYTES // max(largest, 1),
-                          GROUP_WEIGHT_BYTES // max(weight, 1)))
+        largest is ``largest`` bytes) within ``GROUP_ACTIVATION_BYTES`` (beyond, fresh
+        allocations page-fault and miss the cache more than the batching saves)."""
+        return max(1, min(limit, GROUP_ACTIVATION_BYTES // max(largest, 1)))
 
     def _first_terms(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """The first moving layer on the batch ``x``, as a function of the points' coordinates."""
@@ -162,16 +165,20 @@ class SequentialPlan:
         """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per
         forward."""
         x, y = (t.to(device) if isinstance(t, Tensor) else t for t in (batch[0], batch[1]))
+        if self.reuse and self._chunk is not cs:  # new points: stacked once for all batches
+            self._chunk, self._tensors = cs, self._stacked(cs)
         for layer in self.layers[:self.first]:  # nothing moves yet: shared by all points
             x = layer.module(x)
         first = self._first_terms(x) if self.precompute else None
-        rest = self.layers[self.first + (first is not None):]
+        skip = self.first + (first is not None)
         out = []
         for start in range(0, len(cs), group):
             c = cs[start:start + group]
             h = first(c) if first is not None else x.expand(len(c), *x.shape)
-            for i, layer in enumerate(rest):
-                h = _apply(layer, h, c, owned=first is not None or i > 0)
+            stacked = ([{a: t[start:start + group] for a, t in ts.items()} for ts in self._tensors]
+                       if self.reuse else self._stacked(c))  # per group: while in the cache
+            for i, (layer, tensors) in enumerate(zip(self.layers[skip:], stacked[skip:])):
+                h = _apply(layer, h, tensors, owned=first is not None or i > 0)
             out += _point_losses(self.criterion, h, y)
         return out
 
@@ -200,15 +207,15 @@ def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], h: Tensor, y: A
     return [criterion(hp, y) for hp in h]
 
 
-def _apply(layer: _Layer, h: Tensor, cs: Tensor, owned: bool) -> Tensor:
-    """``layer`` at each point ``cs[p]`` on its activations ``h[p]`` ([P, N, ...]); ``owned``:
-    ``h`` is this evaluation's temporary (a ReLU may overwrite it)."""
-    m, P = layer.module, len(cs)
+def _apply(layer: _Layer, h: Tensor, tensors: dict[str, Tensor], owned: bool) -> Tensor:
+    """``layer`` on the activations ``h[p]`` ([P, N, ...]) of each point, with its moving
+    tensors ``tensors[attr][p]``; ``owned``: ``h`` is this evaluation's temporary (a ReLU may
+    overwrite it)."""
+    m, P = layer.module, len(h)
     if type(m) is nn.ReLU and owned:
         return h.relu_()
-    if not layer.moving:
+    if not tensors:
         return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
-    tensors = {attr: s.at(cs) for attr, s in layer.moving.items()}
     if type(m) is not nn.Linear:
         return torch.stack([functional_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
                             for p in range(P)])
@@ -223,10 +230,13 @@ def _apply(layer: _Layer, h: Tensor, cs: Tensor, owned: bool) -> Tensor:
     return z.view(*h.shape[:-1], z.shape[-1])
 
 
-def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> SequentialPlan | None:
+def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts, reuse: bool = True
+                    ) -> SequentialPlan | None:
     """The plan for ``model`` and ``loss_fn`` moving ``parts`` (name -> [(j, V_j[name])]), or
     None when they are not a hook-free sequential model of sample-wise layers and a
-    ``supervised`` loss (the caller then evaluates the points another way)."""
+    ``supervised`` loss (the caller then evaluates the points another way). ``reuse``: keep a
+    chunk's stacked weights for all its batches (for one batch, they are formed per group of
+    points instead, while they are in the cache)."""
     if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
         return None
     leaves = _leaves(model)
@@ -240,4 +250,4 @@ def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> Sequenti
             return None
         i, attr = owner[name]
         layers[i].moving[attr] = _Stack(p)
-    return SequentialPlan(layers, inspect.getclosurevars(loss_fn).nonlocals["criterion"])
+    return SequentialPlan(layers, inspect.getclosurevars(loss_fn).nonlocals["criterion"], reuse)
