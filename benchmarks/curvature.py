@@ -311,7 +311,7 @@ def exact_ggn_spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: 
     gram = scipy.sparse.linalg.LinearOperator((A.shape[1],) * 2, matvec=lambda v: A.T @ (A @ v),
                                               dtype=np.float64)
     ggn = np.sort(eigsh(gram, k=5, which="LA", tol=0, ncv=40)[0])[::-1].copy()
-    del A, rows
+    A = rows = None  # free the Jacobian rows before the per-sample gradients (gram holds A)
     params = list(model.parameters())
     G = np.stack([torch.cat([g.reshape(-1) for g in torch.autograd.grad(
         CRITERION(model(x[i:i + 1]), y[i:i + 1]), params)]).numpy() for i in range(len(y))])

@@ -35,7 +35,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.attention import SDPBackend, sdpa_kernel
