@@ -1,7 +1,9 @@
-"""Reading device-side optimizer statistics on the host: one synchronisation per device, on request only."""
+"""Reading optimizer statistics: the stepped parameters' state, and on the host one synchronisation per device,
+on request only."""
 from __future__ import annotations
 
 from collections import defaultdict
+from typing import Any, Iterator
 
 import torch
 from torch import Tensor
@@ -19,3 +21,14 @@ def to_host(values: list[Tensor]) -> list[float]:
         for i, value in zip(rows, stacked.tolist()):
             host[i] = value
     return host
+
+
+def stepped(optimizer: torch.optim.Optimizer) -> Iterator[tuple[int, dict[str, Any], Tensor, dict[str, Any]]]:
+    """(index in ``param_groups`` order, group, parameter, state) of each parameter that has taken a step."""
+    index = 0
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state and state.get("step", 0) > 0:
+                yield index, group, p, state
+            index += 1

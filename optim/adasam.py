@@ -8,6 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from ._fused import FusedKernel, fusable, scalars_tensor
+from ._host import stepped
 from ._two_pass import TwoPassOptimizer, grouped
 from ._validation import check_betas, check_bool, check_nonnegative, check_positive
 from .wrapper import use_foreach
@@ -88,12 +89,9 @@ class AdaSAM(TwoPassOptimizer):
         """Per stepped parameter (keyed like ``state``), the diagonal P = sqrt(v^_t) of the step (with
         ``bias_correction``, sqrt(v^_t / (1 - beta2^t)) against the bias-corrected m)."""
         out = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and state.get("step", 0) > 0:
-                    _, v_scale = _step_size(group["lr"], group["betas"], state["step"], group["bias_correction"])
-                    out[p] = (state["max_exp_avg_sq"] * v_scale).sqrt_()
+        for _, group, p, state in stepped(self):
+            _, v_scale = _step_size(group["lr"], group["betas"], state["step"], group["bias_correction"])
+            out[p] = (state["max_exp_avg_sq"] * v_scale).sqrt_()
         return out
 
 

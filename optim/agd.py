@@ -11,7 +11,7 @@ import torch
 from torch import Tensor
 
 from ._fused import FusedKernel, fusable, scalars_tensor
-from ._host import to_host
+from ._host import stepped, to_host
 from ._scratch import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_optional_positive, check_positive
 from .wrapper import CheckedState, closure_loss, use_foreach
@@ -124,17 +124,12 @@ class AGD(CheckedState):
         float over all stepped parameters (NaN before the first step). ``per_param=True``: a dict from the
         parameter's index in ``param_groups`` order to its fraction (stepped parameters only).
         """
-        index, keys, counts, sizes = 0, [], [], []
-        for group in self.param_groups:
-            beta2 = group["betas"][1]
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and state["step"] > 0:
-                    threshold = group["delta"] * math.sqrt(1.0 - beta2 ** state["step"])
-                    counts.append(torch.count_nonzero(self._second_moment(group, p).sqrt() < threshold))
-                    keys.append(index)
-                    sizes.append(p.numel())
-                index += 1
+        keys, counts, sizes = [], [], []
+        for index, group, p, state in stepped(self):
+            threshold = group["delta"] * math.sqrt(1.0 - group["betas"][1] ** state["step"])
+            counts.append(torch.count_nonzero(self._second_moment(group, p).sqrt() < threshold))
+            keys.append(index)
+            sizes.append(p.numel())
         host = to_host(counts)
         if per_param:
             return {k: int(n) / size for k, n, size in zip(keys, host, sizes)}
@@ -146,14 +141,10 @@ class AGD(CheckedState):
         form x_{t+1} = x_t - α m̂_t / P (eq. 4 divided by sqrt(1 - β2^t)). ``sgd_mask=True``: instead, the boolean
         mask of the elements on the SGD branch (P = δ there), the comparison ``sgd_fraction`` counts."""
         out = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and state["step"] > 0:
-                    root_bc2 = math.sqrt(1.0 - group["betas"][1] ** state["step"])
-                    root = self._second_moment(group, p).sqrt()
-                    out[p] = (root < group["delta"] * root_bc2 if sgd_mask
-                              else root.div_(root_bc2).clamp_min_(group["delta"]))
+        for _, group, p, state in stepped(self):
+            root_bc2 = math.sqrt(1.0 - group["betas"][1] ** state["step"])
+            root = self._second_moment(group, p).sqrt()
+            out[p] = root < group["delta"] * root_bc2 if sgd_mask else root.div_(root_bc2).clamp_min_(group["delta"])
         return out
 
 def _options(group: dict[str, Any]) -> dict[str, Any]:

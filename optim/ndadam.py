@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._fused import FusedKernel, fusable, scalars_tensor
-from ._host import to_host
+from ._host import stepped, to_host
 from ._scratch import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_int, check_nonnegative, check_positive
 from .wrapper import CheckedState, closure_loss, use_foreach
@@ -169,12 +169,9 @@ class NDAdam(CheckedState):
         """Per stepped parameter (keyed like ``state``), the diagonal P = sqrt(v̂) + ε of the step, in the
         parameter's shape (a unit vector's scalar v̂ repeated over its elements)."""
         out = {}
-        for group in self.param_groups:
-            for p in group["params"]:
-                state = self.state.get(p)
-                if state and state["step"] > 0:
-                    ((_, bc2_sqrt),) = _bias_corrections(group, [state])
-                    out[p] = (state["exp_avg_sq"].sqrt() / bc2_sqrt + group["eps"]).expand_as(p).clone()
+        for _, group, p, state in stepped(self):
+            ((_, bc2_sqrt),) = _bias_corrections(group, [state])
+            out[p] = (state["exp_avg_sq"].sqrt() / bc2_sqrt + group["eps"]).expand_as(p).clone()
         return out
 
 

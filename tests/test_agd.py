@@ -163,6 +163,15 @@ def test_sgd_fraction_zero_one_and_between():
     assert opt.sgd_fraction() == pytest.approx((0 + 6 + 2) / 16, abs=0)
 
 
+def test_sgd_fraction_keys_count_unstepped_parameters():
+    """A parameter without a gradient is not stepped, yet keeps its index in param_groups order."""
+    opt, params = _constant_grad_optimizer()
+    params[0].grad = None
+    opt.step()
+    assert opt.sgd_fraction(per_param=True) == {1: 1.0, 2: 0.5}
+    assert opt.sgd_fraction() == pytest.approx((6 + 2) / 10, abs=0)
+
+
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_sgd_fraction_follows_the_last_step(amsgrad):
     """A constant gradient g = 10 delta with beta2 = 0.5: adaptive at t = 1 (|g| > delta). Then s = 0, so
