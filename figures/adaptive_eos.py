@@ -99,16 +99,12 @@ def figure(data, arrays, entry, out):
     for col, (name, by_lr) in enumerate(data["runs"].items()):
         top, bottom = axes[0, col], axes[1, col]
         for lr, rs in by_lr.items():
-            steps = rs[0]["history"][SHARPNESS[name]][0]
-            line = plotting.band(top, steps, [r["history"][SHARPNESS[name]][1] for r in rs],
-                                 f"lr {lr}")
+            line = plotting.history_band(top, rs, SHARPNESS[name], f"lr {lr}")
             ratio = np.asarray(rs[0]["history"][RATIO[name]][1])
             sharp = np.asarray(rs[0]["history"][SHARPNESS[name]][1])
             top.axhline(float(np.median(sharp / ratio)), color=line.get_color(), ls="--", lw=1,
                         label=f"{THRESHOLD[name]}, lr {lr}")
-            plotting.band(bottom, rs[0]["history"][RATIO[name]][0],
-                          [r["history"][RATIO[name]][1] for r in rs], f"lr {lr}",
-                          color=line.get_color())
+            plotting.history_band(bottom, rs, RATIO[name], f"lr {lr}", color=line.get_color())
         label = "λ_max(H)" if name == "GD" else "λ_max(P⁻¹H)"
         top.set(xlabel="step", ylabel=f"{label} (full-batch loss)", yscale="log",
                 title=f"{name}: {'sharpness' if name == 'GD' else 'preconditioned sharpness'}"

@@ -170,8 +170,7 @@ def figure(data, arrays, entry, out):
     fig, axes = plotting.figure(2, 3, 17, 8.5)
     ax = axes[0, 0]
     for d, rs in sweep.items():
-        steps = rs[0]["history"]["sgd_fraction"][0]
-        plotting.band(ax, steps, [r["history"]["sgd_fraction"][1] for r in rs], d)
+        plotting.history_band(ax, rs, "sgd_fraction", d)
     ax.set(xlabel="step", ylabel="fraction of elements on the SGD branch",
            title=f"AGD at lr {data['best']['AGD']['lr']:.3g}: SGD-branch fraction per δ")
     plotting.outside_legend(ax)

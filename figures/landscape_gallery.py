@@ -121,8 +121,7 @@ def figure(data, arrays, entry, out):
     ax.set(xlabel="eigenvalue", title="Hessian spectral density (SLQ), seed 0")
     plotting.legend_below(ax)
     ax = fig.add_subplot(2, 3, 6)
-    steps = runs[0]["history"]["lambda_max"][0]
-    plotting.band(ax, steps, [r["history"]["lambda_max"][1] for r in runs], "λ_max (Lanczos)")
+    plotting.history_band(ax, runs, "lambda_max", "λ_max (Lanczos)")
     lrs = np.asarray(runs[0]["history"]["lr"][1])
     beta = SGD["momentum"]
     with np.errstate(divide="ignore"):

@@ -136,9 +136,8 @@ def figure(data, arrays, entry, out):
     plotting.outside_legend(ax)
     ax = axes[0, 1]
     for n, rs in runs.items():
-        steps = rs[0]["history"]["vector_cosine"][0]
-        plotting.band(ax, steps, [r["history"]["vector_cosine"][1] for r in rs], n,
-                      colors[n.split(" +")[0]], "--" if "BN" in n else "-")
+        plotting.history_band(ax, rs, "vector_cosine", n, colors[n.split(" +")[0]],
+                              "--" if "BN" in n else "-")
     end = runs["Adam"][0]["history"]["vector_cosine"][0][-1]
     ax.axvspan(COSINE_SPAN * end, end, color="0.85", lw=0,
                label="left out (float32 rounding at lr → 0)")

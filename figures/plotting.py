@@ -40,6 +40,12 @@ def band(ax, x, per_seed: Sequence[Sequence[float]], label: str, color=None, sty
     return ln
 
 
+def history_band(ax, runs: Sequence[dict], key: str, label: str, color=None, style="-"):
+    """``band`` of the history curve ``key`` over the seeds' ``runs`` (steps from the first)."""
+    return band(ax, runs[0]["history"][key][0], [r["history"][key][1] for r in runs], label, color,
+                style)
+
+
 def bars(ax, names: Sequence[str], per_seed: Sequence[Sequence[float]], color="tab:blue",
          offset: float = 0.0, width: float = 0.8, label: str | None = None):
     """Bars of the mean over seeds with +- one standard deviation, the axis from zero."""
