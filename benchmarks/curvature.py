@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import scipy
@@ -74,19 +75,28 @@ def trained_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> nn.Module
     return model
 
 
-def exact_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> dict:
-    """Top-5 eigenvalues and the trace of the explicit Hessian (torch.func, float64)."""
-    if path.exists():
-        return dict(np.load(path))
+def flat_model(model: nn.Module) -> tuple[torch.Tensor, Callable]:
+    """The model's parameters as one flat vector theta, and f(theta, x): the model's output at them."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
 
-    def loss(theta):
-        params = {n: t.view(s) for n, t, s in zip(names, torch.split(theta, sizes), shapes)}
-        return CRITERION(functional_call(model, params, (x,)), y)
+    def f(theta, xb):
+        return functional_call(model, {n: t.view(s) for n, t, s in
+                                       zip(names, torch.split(theta, sizes), shapes)}, (xb,))
 
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    return torch.cat([p.detach().reshape(-1) for p in model.parameters()]), f
+
+
+def exact_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> dict:
+    """Top-5 eigenvalues and the trace of the explicit Hessian (torch.func, float64)."""
+    if path.exists():
+        return dict(np.load(path))
+    theta, f = flat_model(model)
+
+    def loss(th):
+        return CRITERION(f(th, x), y)
+
     t0 = time.perf_counter()
     H = jacrev(jacrev(loss), chunk_size=128)(theta).numpy()
     # ARPACK on the explicit matrix, to machine precision (a full eigh of 15k x 15k takes
@@ -288,15 +298,7 @@ def exact_ggn_spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: 
     """
     if path.exists():
         return dict(np.load(path))
-    names = [n for n, _ in model.named_parameters()]
-    shapes = [p.shape for p in model.parameters()]
-    sizes = [p.numel() for p in model.parameters()]
-    theta = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
-
-    def f(th, xb):
-        return functional_call(model, {n: t.view(s) for n, t, s in
-                                       zip(names, torch.split(th, sizes), shapes)}, (xb,))
-
+    theta, f = flat_model(model)
     t0 = time.perf_counter()
     rows = []
     for i in range(0, len(y), 100):
