@@ -185,9 +185,6 @@ class TwoPassOptimizer(CountingOptimizer):
         self.phase = Phase.READY
         self._perturbed: list[tuple[dict[str, Any], list[Tensor]]] = []
 
-    def _all_params(self) -> list[Tensor]:
-        return [p for group in self.param_groups for p in group["params"]]
-
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
         """One two-pass step. ``closure`` clears the grads, computes the loss, calls backward (with a
@@ -200,7 +197,7 @@ class TwoPassOptimizer(CountingOptimizer):
         if getattr(self, "grad_scale", None) is not None:
             raise RuntimeError(f"{name}: this GradScaler did not hand itself over; call "
                                f"{name.lower()}.step(closure, grad_scaler=scaler) and then scaler.update()")
-        self._guard.check(name, self._all_params())
+        self._guard.check(name, self._params())
         closure = self._counted(closure)
         with first_pass(self.model):
             loss = closure()
@@ -211,14 +208,14 @@ class TwoPassOptimizer(CountingOptimizer):
                 self.second_step()
             else:
                 self._return_to_origin()
-        self._guard.remember(self._all_params())
+        self._guard.remember(self._params())
         return loss
 
     def _unscaled(self, grad_scaler: Any, final: bool) -> bool:
         """Unscales the gradients for ``grad_scaler``; False (and cleared grads) when any is inf/NaN on
         any rank. The last pass is unscaled by ``grad_scaler.unscale_`` itself, and an overflow is
         reported to it the same way, so that ``scaler.update()`` backs off on every rank alike."""
-        params = [p for p in self._all_params() if p.grad is not None]
+        params = [p for p in self._params() if p.grad is not None]
         if final:
             grad_scaler.unscale_(self)
         finite = unscale_(params, 1.0 if final else 1.0 / grad_scaler.get_scale())
@@ -295,7 +292,7 @@ class TwoPassOptimizer(CountingOptimizer):
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["phase"] = self.phase.value
-        index = {id(p): i for i, p in enumerate(self._all_params())}
+        index = {id(p): i for i, p in enumerate(self._params())}
         state["perturbed"] = [index[id(p)] for _, ps in self._perturbed for p in ps]
         return state
 

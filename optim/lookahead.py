@@ -87,6 +87,3 @@ class Lookahead(WrapperOptimizer):
     def slow_weights(self) -> contextlib.AbstractContextManager:
         """Context manager: the parameters hold the slow weights inside, the fast ones after."""
         return swapped_slow_weights([(p, self.state[p]["slow"]) for p in self._params()])
-
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]

@@ -65,9 +65,6 @@ class SALA(WrapperOptimizer):
         """The parameters of ``group`` that have a gradient."""
         return [p for p in group["params"] if p.grad is not None]
 
-    def _params(self) -> list[Tensor]:
-        return [p for g in self.param_groups for p in g["params"]]
-
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
         """One SALA step; ``closure`` is called once, twice on the SAM steps of stage 2."""

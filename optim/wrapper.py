@@ -116,6 +116,10 @@ class CountingOptimizer(CheckedState):
 
         return counted
 
+    def _params(self) -> list[torch.Tensor]:
+        """Every parameter of every param group, in ``param_groups`` order."""
+        return [p for group in self.param_groups for p in group["params"]]
+
     def state_dict(self) -> dict[str, Any]:
         state = super().state_dict()
         state["counters"] = {name: getattr(self, name) for name in self._counter_names}

@@ -48,7 +48,7 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
     def _clip(self) -> None:
         """``clip_grad_norm_`` over all parameters with a gradient (no-op without ``max_norm``)."""
         if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self._all_params() if p.grad is not None], self.max_norm)
+            torch.nn.utils.clip_grad_norm_([p for p in self._params() if p.grad is not None], self.max_norm)
 
     def _store_plain(self, params: list[Tensor]) -> None:
         """g averaged over ranks (the first pass was local), clipped, kept in ``state[p]["grad"]``."""
@@ -80,7 +80,7 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
         """Diagnostics of the last step: ``grad`` = ||g||, ``sharpness`` = ||g~ - g|| and their ``ratio``,
         over all parameters (g after averaging and clipping). Empty before the first completed step.
         Synchronises with the device only when called."""
-        states = [self.state[p] for p in self._all_params() if "sharpness" in self.state[p]]
+        states = [self.state[p] for p in self._params() if "sharpness" in self.state[p]]
         if self.n_steps == 0 or not states:
             return {}
         plain = _norm([s["grad"] for s in states])
