@@ -28,7 +28,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.optim import Optimizer
 
 from ._validation import check_model
-from .wrapper import Closure, CountingOptimizer
+from .wrapper import Closure, CountingOptimizer, state_dtype
 
 SAM_EPS = 1e-12  # added to the norm in e = rho * g / (||g|| + eps), as in the authors' code
 
@@ -47,7 +47,7 @@ def perturbation_norm(params: Sequence[Tensor], adaptive: Sequence[bool] | None 
     adaptive = adaptive or [False] * len(params)
     norms = []
     for p, ada in zip(params, adaptive):
-        acc = torch.promote_types(p.dtype, torch.float32)
+        acc = state_dtype(p)
         g = p.grad.to(acc)
         norms.append(torch.linalg.vector_norm(g * p.detach().abs().to(acc) if ada else g))
     acc = max((n.dtype for n in norms), key=lambda dt: torch.finfo(dt).bits)

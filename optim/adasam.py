@@ -11,12 +11,7 @@ from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import stepped
 from ._two_pass import TwoPassOptimizer, grouped
 from ._validation import check_betas, check_bool, check_nonnegative, check_positive
-from .wrapper import use_foreach
-
-
-def state_dtype(p: Tensor) -> torch.dtype:
-    """float32 moments for float16/bfloat16 parameters (eps^2 and s^2 underflow there), else p's dtype."""
-    return torch.promote_types(p.dtype, torch.float32)
+from .wrapper import state_dtype, use_foreach
 
 
 class AdaSAM(TwoPassOptimizer):

@@ -13,7 +13,7 @@ from ._fused import FusedKernel, fusable, scalars_tensor
 from ._host import stepped, to_host
 from ._scratch import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_int, check_nonnegative, check_positive
-from .wrapper import CheckedState, closure_loss, use_foreach
+from .wrapper import CheckedState, closure_loss, state_dtype, use_foreach
 
 
 def _vector_dims(w: Tensor) -> tuple[int, ...]:
@@ -30,18 +30,13 @@ def _row_norms(w: Tensor) -> Tensor:
     return torch.linalg.vector_norm(w, dim=_vector_dims(w), keepdim=True)
 
 
-def _compute_dtype(p: Tensor) -> torch.dtype:
-    """float32 state and arithmetic for float16/bfloat16 parameters (eps and small norms underflow there)."""
-    return torch.promote_types(p.dtype, torch.float32)
-
-
 @torch.no_grad()
 def normalize_vectors_(params: Iterable[Tensor]) -> None:
     """Scale every slice along dim 0 of each tensor with ndim >= 2 to unit norm, in place (norms in
     float32 or better); an all-zero slice stays zero."""
     for p in params:
         if p.dim() >= 2:
-            norms = _row_norms(p.to(_compute_dtype(p)))
+            norms = _row_norms(p.to(state_dtype(p)))
             p.div_(norms.clamp_min_(torch.finfo(norms.dtype).tiny))
 
 
@@ -107,7 +102,7 @@ class NDAdam(CheckedState):
             nd = self._is_nd(group, p)
             state = self.state[p]
             if not state:
-                dtype = _compute_dtype(p)
+                dtype = state_dtype(p)
                 norms = _row_norms(p.to(dtype)) if nd else None
                 if nd and not bool((norms > 0).all()):   # a host sync, once per parameter (its first step)
                     raise ValueError("NDAdam: a weight vector (slice along dim 0) is all zeros; give it a "

@@ -25,6 +25,12 @@ def use_foreach(foreach: bool | None, tensors: list[torch.Tensor]) -> bool:
     return bool(tensors) and all(t.device.type != "cpu" for t in tensors)
 
 
+def state_dtype(p: torch.Tensor) -> torch.dtype:
+    """float32 for float16/bfloat16 parameters (moments, eps^2 and small norms underflow there), else p's
+    dtype: the dtype of the state and arithmetic kept for ``p``."""
+    return torch.promote_types(p.dtype, torch.float32)
+
+
 def closure_loss(closure: Closure | None) -> torch.Tensor | None:
     """The loss of ``closure`` run under grad mode (the steps themselves run under no_grad), or None."""
     if closure is None:
