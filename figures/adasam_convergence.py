@@ -12,7 +12,7 @@ from scipy import stats
 
 from . import plotting
 from .harness import job
-from .runner import ACCURACIES, means, per_seed, search, trials
+from .runner import ACCURACIES, means, per_seed, search, slashed, trials
 from .verdict import mean_above, paired
 
 NAME = "adasam_convergence"
@@ -99,8 +99,8 @@ def rule(data):
                 "pooled_slope_stderr": float(pooled.stderr),
                 "mean_sq_grad_norm": {b: float(v) for b, v in zip(data["speed"], sq.mean(1))},
                 "iterations": data["iterations"],
-                "headline": {"test acc " + " / ".join(KINDS): " / ".join(
-                    f"{m['final_test_acc'][n]:.3f}" for n in KINDS),
+                "headline": {"test acc " + " / ".join(KINDS):
+                             slashed(m["final_test_acc"], KINDS, ".3f"),
                     "slope (mean over seeds)": f"{np.mean(per):.2f} (rate −0.5)"}}
     return measured, checks
 

@@ -14,7 +14,7 @@ import optim
 
 from . import plotting
 from .harness import job
-from .runner import ACCURACIES, means, per_seed, search, trials
+from .runner import ACCURACIES, means, per_seed, search, slashed, trials
 from .verdict import every_seed, paired
 
 NAME = "agd_switching"
@@ -111,8 +111,8 @@ def rule(data):
                                                            for r in rs]))
                         for k in rs[0]["history"] if k.startswith("sgd_fraction/")}
                     for d, rs in sweep.items()},
-                "headline": {"test acc AGD / SGD / Adam": " / ".join(
-                    f"{acc['final_test_acc'][n]:.3f}" for n in ("AGD", "SGD", "Adam")),
+                "headline": {"test acc AGD / SGD / Adam": slashed(acc["final_test_acc"],
+                                                                  ("AGD", "SGD", "Adam"), ".3f"),
                     "AGD (lr, δ)": f"({data['best']['AGD']['lr']:.3g}, "
                                    f"{data['best']['AGD']['delta']:.3g})",
                     "SGD-branch fraction over δ": ", ".join(

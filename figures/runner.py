@@ -143,3 +143,8 @@ def means(runs: dict[str, list[dict]], keys: Sequence[str]) -> dict[str, dict[st
     """``key -> label -> mean over seeds`` for every configuration of ``runs``."""
     return {k: {label: float(np.mean(per_seed(rs, k))) for label, rs in runs.items()}
             for k in keys}
+
+
+def slashed(values: dict[str, float], names: Sequence[str], fmt: str) -> str:
+    """``values`` of ``names`` formatted with ``fmt`` and joined by " / " (a headline entry)."""
+    return " / ".join(format(values[n], fmt) for n in names)

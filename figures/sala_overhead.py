@@ -7,7 +7,7 @@ import numpy as np
 
 from . import plotting
 from .harness import job
-from .runner import ACCURACIES, means, per_seed, search, trials
+from .runner import ACCURACIES, means, per_seed, search, slashed, trials
 from .verdict import every_seed, paired
 
 NAME = "sala_overhead"
@@ -58,12 +58,10 @@ def rule(data):
                     lr_search=data["search"], seeds=len(passes),
                     headline={"passes/step SALA": f"{np.mean(passes):.3f}",
                               "stage-2 fraction": f"{np.mean(stage2):.2f}",
-                              "test acc SALA / SAM / SGD": " / ".join(
-                                  f"{measured['final_test_acc'][n]:.3f}"
-                                  for n in ("SALA", "SAM", "SGD")),
-                              "λ_max SALA / SAM / SGD": " / ".join(
-                                  f"{measured['lambda_max'][n]:.2f}"
-                                  for n in ("SALA", "SAM", "SGD"))})
+                              "test acc SALA / SAM / SGD": slashed(
+                                  measured["final_test_acc"], ("SALA", "SAM", "SGD"), ".3f"),
+                              "λ_max SALA / SAM / SGD": slashed(
+                                  measured["lambda_max"], ("SALA", "SAM", "SGD"), ".2f")})
     return measured, checks
 
 

@@ -11,7 +11,7 @@ from landscape import LineResult, PlaneResult, plot_contour, plot_line
 
 from . import plotting
 from .harness import job
-from .runner import ACCURACIES, means, per_seed, pop_arrays, search, trials
+from .runner import ACCURACIES, means, per_seed, pop_arrays, search, slashed, trials
 from .verdict import mean_above, paired
 
 NAME = "wsam_sharpness"
@@ -81,10 +81,8 @@ def rule(data):
                     np.mean(per_seed(sweep[g], "final_test_acc")))}
                     for g, v in zip(sweep, sweep_lam)},
                 "spearman_per_seed": spearman,
-                "headline": {"λ_max SGD / SAM / WSAM": " / ".join(
-                    f"{m['lambda_max'][n]:.2f}" for n in runs),
-                    "test acc SGD / SAM / WSAM": " / ".join(
-                        f"{m['final_test_acc'][n]:.3f}" for n in runs),
+                "headline": {"λ_max SGD / SAM / WSAM": slashed(m["lambda_max"], runs, ".2f"),
+                    "test acc SGD / SAM / WSAM": slashed(m["final_test_acc"], runs, ".3f"),
                     "ρ SAM / WSAM": f"{data['rho']['SAM']:g} / {data['rho']['WSAM']:g}"}}
     return measured, checks
 
