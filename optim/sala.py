@@ -20,8 +20,8 @@ class SALA(WrapperOptimizer):
     """Sharpness-Aware Lookahead over an already-built base optimizer.
 
     The paper's two stages (its abstract: stage 1 steers along a quadratic approximation of the trajectory
-    at no extra cost, stage 2 takes SAM steps; the steps as in the authors' code), with a global step counter s, slow weights phi and the
-    fast-slow distance D (0 until the first slow update)::
+    at no extra cost, stage 2 takes SAM steps; the steps as in the authors' code), with a global step
+    counter s, slow weights phi and the fast-slow distance D (0 until the first slow update)::
 
         s <- s + 1;  g = grad L(theta)
         if s % k == 0:                                  first inner step of a cycle
