@@ -62,11 +62,11 @@ class NDAdam(CheckedState):
     in place before the first projection. The first gradient was taken at the unnormalised weights;
     normalise the model beforehand (``normalize_vectors_``) to have it taken on the sphere too.
 
-    Diagnostics (the angular step the paper discusses), kept per vector parameter as 0-d device tensors and synchronised only when read:
-    ``angular_step()`` (mean over the vectors of arccos(w_t · w_{t-1}), radians) and ``update_cosine()``
-    (cosine between the step -α m̂/(sqrt(v̂) + ε), before renormalisation, and -ḡ over the whole tensor).
-    The angle is computed as atan2(α|u_⊥|, 1 - α w·u) with u = m̂/(sqrt(v̂) + ε), equal to the arccos for
-    unit w but accurate for small angles.
+    Diagnostics (the angular step the paper discusses), kept per vector parameter as 0-d device tensors and
+    synchronised only when read: ``angular_step()`` (mean over the vectors of arccos(w_t · w_{t-1}),
+    radians) and ``update_cosine()`` (cosine between the step -α m̂/(sqrt(v̂) + ε), before renormalisation,
+    and -ḡ over the whole tensor). The angle is computed as atan2(α|u_⊥|, 1 - α w·u) with
+    u = m̂/(sqrt(v̂) + ε), equal to the arccos for unit w but accurate for small angles.
     """
 
     _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "angle", "update_cosine"})
