@@ -33,8 +33,19 @@ BatchSizeFn = Callable[[Any], int]
 REDUCTIONS = ("mean", "sum")
 
 
-def _to_device(x: Any, device: torch.device | None) -> Any:
-    return x.to(device, non_blocking=True) if isinstance(x, Tensor) and device is not None else x
+def to_device(x: Any, device: torch.device | None) -> Any:
+    """A tensor ``x`` on ``device`` (anything else, or ``device=None``, as it is). Copies to an
+    accelerator do not block (they are ordered on its stream); copies to the CPU do, since a
+    non-blocking device-to-host copy may be read before it has landed."""
+    if not isinstance(x, Tensor) or device is None:
+        return x
+    return x.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter or buffer (None when it has neither)."""
+    anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return None if anchor is None else anchor.device
 
 
 def split_loss(forward: Callable[[nn.Module, Any], Any],
@@ -73,14 +84,13 @@ def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
                          f"scalar), got {reduction!r}")
 
     def moved(model: nn.Module, x: Any) -> Any:
-        anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
-        return _to_device(x, None if anchor is None else anchor.device)
+        return to_device(x, model_device(model))
 
     def loss_fn(model: nn.Module, batch: Any) -> Tensor:
         return criterion(model(moved(model, batch[0])), moved(model, batch[1]))
 
     def on_targets(outputs: Tensor, batch: Any) -> Tensor:
-        return criterion(outputs, _to_device(batch[1], outputs.device))
+        return criterion(outputs, to_device(batch[1], outputs.device))
 
     loss_fn.split = (lambda model, batch: model(moved(model, batch[0])), on_targets)
     loss_fn.criterion = criterion
