@@ -64,10 +64,8 @@ from .core import (ArgumentTypeError, BatchSizeFn, check_bool, check_data, check
                    make_generator, ParamSelection, preserved, select_params,
                    unwrap_compiled)
 from .evaluation import EvalFn, evaluate_metrics
-from .lanczos import top_eigenvalues
 from .ops import explained_errors, gradients
 from .preconditioning import optimizer_preconditioner, stability_threshold
-from .trace import hessian_trace
 
 Record = dict[str, float]
 
@@ -287,6 +285,8 @@ class Tracker:
     def _lambda_max(self, lr: float | None, preconditioner: dict[str, Tensor] | None = None,
                     threshold: float | None = None) -> Record:
         """lambda_max of H, or of P^-1 H with the optimizer's ``preconditioner``."""
+        from .lanczos import top_eigenvalues
+
         key = preconditioner is not None
         res = top_eigenvalues(self.model, self.loss_fn, self.curvature_data, k=1, which="LA",
                               tol=self.lanczos_tol, max_hvp=self.lanczos_max_hvp, seed=self.seed,
@@ -308,6 +308,8 @@ class Tracker:
         return out
 
     def _trace(self) -> Record:
+        from .trace import hessian_trace
+
         res = hessian_trace(self.model, self.loss_fn, self.curvature_data, n_hvp=self.trace_n_hvp,
                             seed=self.seed, model_mode=self.model_mode, progress=False,
                             check_deterministic=not self._checked)
