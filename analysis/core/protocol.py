@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tqdm.auto import tqdm
 
@@ -149,6 +149,8 @@ def check_data(data: Iterable) -> None:
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         raise ValueError(f"data must be an iterable of batches, got a {type(data).__name__} "
                          "(a Dataset yields samples): pass DataLoader(dataset, batch_size=...)")
+    if getattr(type(data), "__iter__", None) is DataLoader.__iter__:
+        return  # a fresh iterator per pass; asking for one here would start its workers
     if iter(data) is data:
         raise ValueError("data must be re-iterable (a DataLoader or a list of batches), "
                          "not a one-shot iterator or generator")
@@ -170,6 +172,14 @@ def check_loss(loss: Any, where: str = "") -> Tensor:
 def scalar_zeros(count: int) -> Callable[[], list[Tensor]]:
     """``zeros=`` for :func:`data_mean` when ``per_batch`` returns ``count`` scalars."""
     return lambda: [torch.zeros((), dtype=torch.float64) for _ in range(count)]
+
+
+def _length(data: Iterable) -> int | None:
+    """``len(data)``, or None where it has none (an IterableDataset's DataLoader)."""
+    try:
+        return len(data)
+    except (TypeError, NotImplementedError):
+        return None
 
 
 @dataclass
@@ -201,7 +211,9 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
     first: list[Tensor] | None = None   # the first batch's tensors, weight w_first, uncopied
     sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
     total, w_first, n_batches = 0, 0, 0
-    for batch in tqdm(data, desc="data", leave=False, disable=not progress or rank() != 0):
+    # one iterator per pass: given ``data`` itself, tqdm.auto's bar would ask it for two
+    for batch in tqdm(iter(data), total=_length(data), desc="data", leave=False,
+                      disable=not progress or rank() != 0):
         n = size(batch)
         if n <= 0:
             continue
