@@ -138,6 +138,8 @@ class Tracker:
     trace_n_hvp: Hessian-vector products per trace estimate.
     layers: record per-layer quantities (norms, angles, cosines, sgd_fraction per layer).
     seed: seed of the stochastic estimators (the same at every record, so the curves are smooth).
+    The determinism check of ``curvature_data`` (two forward passes) runs at the first
+    curvature computation only: the batches are the same at every record.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
@@ -190,6 +192,7 @@ class Tracker:
         self._v0: dict[bool, Tensor] = {}   # warm starts, keyed by preconditioned or not
         self._previous: tuple[int, dict[str, Tensor]] | None = None   # (step, weights)
         self._clock: float | None = None
+        self._checked = False   # curvature_data passed the determinism check (first record)
 
     # -- hooks called by the training loop ------------------------------------------------
     def count(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
@@ -288,7 +291,9 @@ class Tracker:
         res = top_eigenvalues(self.model, self.loss_fn, self.curvature_data, k=1, which="LA",
                               tol=self.lanczos_tol, max_hvp=self.lanczos_max_hvp, seed=self.seed,
                               v0=self._v0.get(key), model_mode=self.model_mode, progress=False,
-                              preconditioner=preconditioner)
+                              preconditioner=preconditioner,
+                              check_deterministic=not self._checked)
+        self._checked = True
         self.n_hvp += int(res.n_hvp)
         self._v0[key] = res.eigenvectors[0].detach().clone()
         lam = float(res.eigenvalues[0])
@@ -306,7 +311,9 @@ class Tracker:
         from .trace import hessian_trace
 
         res = hessian_trace(self.model, self.loss_fn, self.curvature_data, n_hvp=self.trace_n_hvp,
-                            seed=self.seed, model_mode=self.model_mode, progress=False)
+                            seed=self.seed, model_mode=self.model_mode, progress=False,
+                            check_deterministic=not self._checked)
+        self._checked = True
         self.n_hvp += int(res.n_hvp)
         return {"trace": float(res.estimate)}
 

@@ -17,7 +17,6 @@ classification; a causal LM's token labels are shifted inside the model, so no a
 """
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Any, Callable, Iterable, Mapping
 
@@ -26,13 +25,10 @@ from torch import Tensor, nn
 
 from .core import (BatchSizeFn, LossFn, check_loss, data_mean, default_batch_size, loss_reduction,
                    preserved, scalar_zeros)
+from .core.protocol import model_device, to_device
 
 EvalFn = Callable[[nn.Module, Any], Mapping[str, Any]]
 IGNORE_INDEX = -100
-
-
-def _to(x: Any, device: torch.device | None) -> Any:
-    return x.to(device) if isinstance(x, Tensor) and device is not None else x
 
 
 def _logits(outputs: Any) -> Tensor | None:
@@ -50,14 +46,13 @@ def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
 
 def default_metrics(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, Tensor]:
     """``{"loss": ..., "acc": ...}`` of one batch (module doc; ``acc`` is NaN where undefined)."""
-    anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
-    device = None if anchor is None else anchor.device
+    device = model_device(model)
     if isinstance(batch, Mapping):
-        kwargs = {k: _to(v, device) for k, v in batch.items()}
+        kwargs = {k: to_device(v, device) for k, v in batch.items()}
         outputs, targets = model(**kwargs), kwargs.get("labels")
     elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
-        targets = _to(batch[1], device)
-        outputs = model(_to(batch[0], device))
+        targets = to_device(batch[1], device)
+        outputs = model(to_device(batch[0], device))
     else:
         raise ValueError("the default evaluation takes (inputs, targets, ...) tuples or dict "
                          f"batches with \"labels\", got a {type(batch).__name__}; pass "

@@ -67,7 +67,8 @@ class HessianOperator:
         params: ``None`` (all with requires_grad), names, parameters or a predicate
             ``f(name, parameter)``; the operator is the matching block of the full Hessian.
         model_mode: ``"eval"`` or ``"train"``, the mode during the products.
-        batch_size_fn: sample count of a batch (default ``len(batch[0])``).
+        batch_size_fn: sample count of a batch (default :func:`analysis.core.default_batch_size`,
+            the leading dimension of its first tensor).
         hvp_method: ``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
         reuse_graph: keep the gradient graph of a one-batch ``data`` inside ``with`` blocks.
         preconditioner: a diagonal ``P`` (see :mod:`analysis.preconditioning`); the operator

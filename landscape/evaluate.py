@@ -11,11 +11,11 @@ point with the weights written into the model; both paths give the same values. 
 loss take a faster path with the same values to rounding: :mod:`landscape.stacked` (stacked
 weights, the first Linear/convolution layer computed once per batch).
 
-On a CPU, batching points pays only for small per-point work: a vmap call costs about 0.5 ms of
-fixed overhead, and once one of a chunk's activation tensors outgrows about 2 MiB, every call
+On a CPU, batching points pays only for small per-point work: a vmap call has a fixed
+overhead, and once one of a chunk's activation tensors outgrows about 2 MiB, every call
 page-faults its fresh allocations and runs slower per point than one point at a time (MNIST-1D
-MLP: 4000 samples, 1.6-3.6 ms per point vmapped in chunks of 4-38, 1.1 ms in the loop;
-32 samples, 0.03 ms vmapped, 0.11 ms in the loop; see benchmarks/README.md). So
+MLP: with 4000 samples, vmapped chunks of 4-38 points take 1.5-3.3 times the loop's time per
+point; with 32 samples, about a quarter of it; see benchmarks/README.md). So
 ``vectorize="auto"`` on a CPU vmaps chunks whose largest activation tensor stays within
 ``CPU_TENSOR_BYTES``, and loops when fewer than ``MIN_CPU_CHUNK`` points fit.
 """

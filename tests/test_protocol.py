@@ -5,7 +5,7 @@ from torch import nn
 
 from analysis import mean_loss, preserved, select_params, supervised
 from analysis.core import flatten, unflatten
-from analysis.core import check_loss, data_mean
+from analysis.core import check_data, check_loss, data_mean
 from analysis.core import make_generator, rademacher
 from oracles import assert_unchanged, classification_data, cnn_bn, snapshot, uneven_batches
 
@@ -26,6 +26,24 @@ def test_data_mean_rejects_empty_and_one_shot_data():
         data_mean([], lambda b: [torch.zeros(1)])
     with pytest.raises(ValueError, match="re-iterable"):
         data_mean(iter([(torch.zeros(2), torch.zeros(2))]), lambda b: [torch.zeros(1)])
+
+
+def test_each_pass_over_a_dataloader_makes_one_iterator(monkeypatch):
+    """check_data asks a DataLoader for no iterator (with workers, each one starts them), and
+    data_mean's progress bar asks for one per pass (tqdm.auto, given the loader, asks twice)."""
+    from torch.utils.data import DataLoader, TensorDataset
+
+    made = []
+    real = DataLoader._get_iterator
+    monkeypatch.setattr(DataLoader, "_get_iterator", lambda self: made.append(1) or real(self))
+    x, y = classification_data(n=23)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5)
+    check_data(loader)
+    assert made == []
+    model = cnn_bn(length=6)
+    assert mean_loss(model, CE, loader) == pytest.approx(  # with its progress bar
+        mean_loss(model, CE, uneven_batches(x, y), progress=False), rel=1e-12)
+    assert len(made) == 1
 
 
 def test_check_loss_rejects_non_scalar_and_non_finite():

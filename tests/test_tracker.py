@@ -315,3 +315,28 @@ def test_save_keeps_the_whole_name(setup, tmp_path, stem):
     js, cs = tracker.save(tmp_path / stem)
     assert (js.name, cs.name) == (stem + ".json", stem + ".csv") and js.exists() and cs.exists()
     assert tracker.save(tmp_path / "x.json")[0].name == "x.json"
+
+
+def test_determinism_check_runs_at_the_first_curvature_record_only(setup, monkeypatch):
+    from torch.utils.data import DataLoader, TensorDataset
+    from analysis.core import guards
+
+    model, data = setup
+    calls = []
+    real = guards.repeated_passes
+    monkeypatch.setattr(guards, "repeated_passes",
+                        lambda *a, **kw: calls.append(1) or real(*a, **kw))
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)   # preconditioned lambda_max too
+    tracker = Tracker(model, LOSS, every=1, curvature_data=data, lambda_max=True, trace=True,
+                      lanczos_max_hvp=5, trace_n_hvp=8, layers=False)
+    train(model, opt, data, tracker, 3)
+    assert len(tracker.records) == 3 and "preconditioned_lambda_max" in tracker.records[-1]
+    assert len(calls) == 1
+    # a shuffled drop_last loader is still refused, at the first record
+    x, y = classification_data(n=23)
+    loader = DataLoader(TensorDataset(x, y), batch_size=5, shuffle=True, drop_last=True,
+                        generator=torch.Generator().manual_seed(0))
+    for quantity in ("lambda_max", "trace"):
+        tracker = Tracker(model, LOSS, curvature_data=loader, layers=False, **{quantity: True})
+        with pytest.raises(ValueError, match="shuffle"):
+            tracker.log()

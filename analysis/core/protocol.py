@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, IterableDataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tqdm.auto import tqdm
 
@@ -33,8 +33,19 @@ BatchSizeFn = Callable[[Any], int]
 REDUCTIONS = ("mean", "sum")
 
 
-def _to_device(x: Any, device: torch.device | None) -> Any:
-    return x.to(device, non_blocking=True) if isinstance(x, Tensor) and device is not None else x
+def to_device(x: Any, device: torch.device | None) -> Any:
+    """A tensor ``x`` on ``device`` (anything else, or ``device=None``, as it is). Copies to an
+    accelerator do not block (they are ordered on its stream); copies to the CPU do, since a
+    non-blocking device-to-host copy may be read before it has landed."""
+    if not isinstance(x, Tensor) or device is None:
+        return x
+    return x.to(device, non_blocking=torch.device(device).type != "cpu")
+
+
+def model_device(model: nn.Module) -> torch.device | None:
+    """The device of ``model``'s first parameter or buffer (None when it has neither)."""
+    anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
+    return None if anchor is None else anchor.device
 
 
 def split_loss(forward: Callable[[nn.Module, Any], Any],
@@ -73,14 +84,13 @@ def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
                          f"scalar), got {reduction!r}")
 
     def moved(model: nn.Module, x: Any) -> Any:
-        anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
-        return _to_device(x, None if anchor is None else anchor.device)
+        return to_device(x, model_device(model))
 
     def loss_fn(model: nn.Module, batch: Any) -> Tensor:
         return criterion(model(moved(model, batch[0])), moved(model, batch[1]))
 
     def on_targets(outputs: Tensor, batch: Any) -> Tensor:
-        return criterion(outputs, _to_device(batch[1], outputs.device))
+        return criterion(outputs, to_device(batch[1], outputs.device))
 
     loss_fn.split = (lambda model, batch: model(moved(model, batch[0])), on_targets)
     loss_fn.criterion = criterion
@@ -139,6 +149,8 @@ def check_data(data: Iterable) -> None:
     if isinstance(data, Dataset) and not isinstance(data, IterableDataset):
         raise ValueError(f"data must be an iterable of batches, got a {type(data).__name__} "
                          "(a Dataset yields samples): pass DataLoader(dataset, batch_size=...)")
+    if getattr(type(data), "__iter__", None) is DataLoader.__iter__:
+        return  # a fresh iterator per pass; asking for one here would start its workers
     if iter(data) is data:
         raise ValueError("data must be re-iterable (a DataLoader or a list of batches), "
                          "not a one-shot iterator or generator")
@@ -160,6 +172,14 @@ def check_loss(loss: Any, where: str = "") -> Tensor:
 def scalar_zeros(count: int) -> Callable[[], list[Tensor]]:
     """``zeros=`` for :func:`data_mean` when ``per_batch`` returns ``count`` scalars."""
     return lambda: [torch.zeros((), dtype=torch.float64) for _ in range(count)]
+
+
+def _length(data: Iterable) -> int | None:
+    """``len(data)``, or None where it has none (an IterableDataset's DataLoader)."""
+    try:
+        return len(data)
+    except (TypeError, NotImplementedError):
+        return None
 
 
 @dataclass
@@ -191,7 +211,9 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
     first: list[Tensor] | None = None   # the first batch's tensors, weight w_first, uncopied
     sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
     total, w_first, n_batches = 0, 0, 0
-    for batch in tqdm(data, desc="data", leave=False, disable=not progress or rank() != 0):
+    # one iterator per pass: given ``data`` itself, tqdm.auto's bar would ask it for two
+    for batch in tqdm(iter(data), total=_length(data), desc="data", leave=False,
+                      disable=not progress or rank() != 0):
         n = size(batch)
         if n <= 0:
             continue
