@@ -61,9 +61,9 @@ def lanczos_quadrature(matmat, n: int, steps: int, n_vectors: int, *, seed: int 
     nodes, weights, n_hvp = np.zeros((n_vectors, m)), np.zeros((n_vectors, m)), 0
     for run in trange(n_vectors, desc="SLQ", disable=not progress, leave=False):
         K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device)
-        Q = K.start(rademacher((1, n), gen, like=like))
+        K.start(rademacher((1, n), gen, like=like))
         for _ in range(m):
-            Q, _ = K.extend(matmat, Q)
+            K.extend(matmat)
         theta, Y = K.ritz()
         nodes[run], weights[run] = theta.cpu().numpy(), (Y[0] ** 2).cpu().numpy()
         n_hvp += K.n_hvp

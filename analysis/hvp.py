@@ -178,15 +178,17 @@ class HessianOperator:
     def _reverse(self, batch: Any, vs: Tensor) -> Tensor:
         grads = self._cached(lambda: self._gradient_graph(batch))
         live = [i for i, g in enumerate(grads) if g is not None]
-        out = torch.zeros_like(vs)
         if not live:  # the loss is at most linear in the selected parameters: H = 0
-            return out
-        for row, v in zip(out, vs):
+            return torch.zeros_like(vs)
+        out = None
+        for row, v in enumerate(vs):
             pieces = unflatten(v, self.params)
             hv = torch.autograd.grad([grads[i] for i in live], self.params,
                                      grad_outputs=[pieces[i] for i in live],
                                      retain_graph=True, allow_unused=True)
-            for r, h in zip(unflatten(row, self.params), hv):
+            if out is None:  # after the first backward, whose peak then excludes it
+                out = torch.zeros_like(vs)
+            for r, h in zip(unflatten(out[row], self.params), hv):
                 if h is not None:
                     r.copy_(h)
         return out

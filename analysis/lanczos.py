@@ -70,31 +70,94 @@ def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
     return torch.argsort(theta.abs(), descending=True)[:count]
 
 
-def _project_out(w: Tensor, basis: Tensor) -> Tensor:
-    """Subtract from ``w`` (in place) its components on the rows of ``basis``, which may be in
-    another dtype or on another device; return the coefficients in ``w``'s dtype and device.
-    With the basis beside ``w``, no vector-sized temporary is made."""
-    if basis.dtype != w.dtype or basis.device != w.device:
-        h = basis @ w.to(basis)
-        w -= (basis.T @ h).to(w)
-        return h.to(w)
-    h = basis @ w
-    w.addmv_(basis.T, h, alpha=-1)
-    return h
+def _project_out(w: Tensor, basis: "Basis", m: int) -> Tensor:
+    """Subtract from ``w`` (in place) its components on the first ``m`` rows of ``basis``
+    (classical Gram-Schmidt: all coefficients from the same ``w``), which may be in another dtype
+    or on another device; return the coefficients in ``w``'s dtype and device. With the basis
+    beside ``w``, no vector-sized temporary is made."""
+    parts = basis.rows(m)
+    if not parts:
+        return w.new_zeros(0)
+    if parts[0].dtype != w.dtype or parts[0].device != w.device:
+        x = w.to(parts[0])
+        hs = [part @ x for part in parts]
+        for part, h in zip(parts, hs):
+            w -= (part.T @ h).to(w)
+        return torch.cat(hs).to(w)
+    hs = [part @ w for part in parts]
+    for part, h in zip(parts, hs):
+        w.addmv_(part.T, h, alpha=-1)
+    return torch.cat(hs)
 
 
-def _rotate_(V: Tensor, Y: Tensor, m: int) -> None:
-    """``V[:r] = Y^T V[:m]`` in place (``Y`` is ``[m, r]``, ``r <= m``), one block of columns at
-    a time, so the only temporary is ``r x (n / r)`` elements: one row of ``V``."""
-    r, n = Y.shape[1], V.shape[1]
-    Yt = Y.T.to(V)
-    step = max(1, -(-n // r))
-    for start in range(0, n, step):
-        V[:r, start:start + step] = Yt @ V[:m, start:start + step]
+class Basis:
+    """The Lanczos basis: ``capacity`` rows of length ``n``, stored as a head of ``head`` rows and
+    a tail, so that the ``head`` wanted Ritz vectors can be formed in place (:meth:`rotate_`) and
+    returned after the tail is freed (:meth:`release`): the eigenvectors then cost no memory
+    beyond the basis."""
+
+    def __init__(self, capacity: int, n: int, *, head: int, dtype: torch.dtype,
+                 device: torch.device | str):
+        head = min(head, capacity)
+        self.parts = [torch.empty(rows, n, dtype=dtype, device=device)
+                      for rows in (head, capacity - head) if rows]
+        self.dtype, self.device = dtype, device
+
+    def rows(self, m: int) -> list[Tensor]:
+        """Views of rows ``[0, m)``, one per part they touch."""
+        out, left = [], m
+        for part in self.parts:
+            if left <= 0:
+                break
+            out.append(part[:left])
+            left -= len(part)
+        return out
+
+    def _spans(self, start: int, stop: int):
+        """``(part, rows in it, rows of the range)`` for each part that rows ``[start, stop)`` touch."""
+        offset = 0
+        for part in self.parts:
+            lo, hi = max(start, offset), min(stop, offset + len(part))
+            if lo < hi:
+                yield part, slice(lo - offset, hi - offset), slice(lo - start, hi - start)
+            offset += len(part)
+
+    def put(self, start: int, block: Tensor) -> None:
+        for part, rows, src in self._spans(start, start + len(block)):
+            part[rows] = block[src]
+
+    def get(self, start: int, stop: int) -> Tensor:
+        """Rows ``[start, stop)``: a view when they lie in one part, else a copy."""
+        pieces = [part[rows] for part, rows, _ in self._spans(start, stop)]
+        return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
+
+    def rotate_(self, Y: Tensor, m: int) -> None:
+        """Rows ``[0, r)`` become ``Y^T V[:m]`` in place (``Y`` is ``[m, r]``, ``r <= m``), one block
+        of columns at a time, so the only temporary is ``r x n / (8 r)`` elements: an eighth of a
+        row of ``V``."""
+        r, n = Y.shape[1], self.parts[0].shape[1]
+        Yt, parts = Y.T.to(self.dtype).to(self.device), self.rows(m)
+        bounds = torch.tensor([0] + [len(p) for p in parts]).cumsum(0).tolist()
+        step = max(1, -(-n // (8 * r)))
+        for start in range(0, n, step):
+            cols = slice(start, start + step)
+            new = Yt[:, :bounds[1]] @ parts[0][:, cols]
+            for i in range(1, len(parts)):
+                new.addmm_(Yt[:, bounds[i]:bounds[i + 1]], parts[i][:, cols])
+            for part, rows, src in self._spans(0, r):
+                part[rows, cols] = new[src]
+
+    def release(self, r: int) -> Tensor:
+        """Rows ``[0, r)`` (``r`` at most the head), after freeing every other row."""
+        head = self.parts[0]
+        self.parts = []
+        return head if r == len(head) else head[:r].clone()
 
 
-def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Orthonormalise the rows of ``block`` against ``basis`` rows and each other.
+def _orthogonalise(block: Tensor, basis: Basis, m: int,
+                   gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """Orthonormalise the rows of ``block`` against the first ``m`` rows of ``basis`` and each
+    other.
 
     Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]`` (``Q`` is ``block``,
     overwritten in place): ``C[:m]`` are the
@@ -102,26 +165,26 @@ def _orthogonalise(block: Tensor, basis: Tensor, gen: torch.Generator) -> tuple[
     (an invariant subspace was found) is replaced by a random unit vector orthogonal to
     everything, keeping its (tiny) coefficient.
     """
-    b, m = block.shape[0], basis.shape[0]
+    b = block.shape[0]
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
     out = block
     for i in range(b):
         w = out[i]
         before = torch.linalg.vector_norm(w)
         for _ in range(2):  # twice is enough (Giraud et al. 2005)
-            coef[:m, i] += _project_out(w, basis)
+            coef[:m, i] += _project_out(w, basis, m)
             g = out[:i] @ w
-            w -= out[:i].T @ g
+            w.addmv_(out[:i].T, g, alpha=-1)
             coef[m:m + i, i] += g
         norm = torch.linalg.vector_norm(w)
         coef[m + i, i] = norm
         if norm <= math.sqrt(torch.finfo(w.dtype).eps) * before or norm == 0:
-            w = randn(w.shape, gen, like=w)
+            out[i] = randn(w.shape, gen, like=w)
             for _ in range(2):
-                _project_out(w, basis)
-                w -= out[:i].T @ (out[:i] @ w)
+                _project_out(w, basis, m)
+                w.addmv_(out[:i].T, out[:i] @ w, alpha=-1)
             norm = torch.linalg.vector_norm(w)
-        out[i] = w / norm
+        w /= norm
     return out, coef
 
 
@@ -147,32 +210,41 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
 class Krylov:
     """An orthonormal basis ``V`` (rows, at most ``capacity``) and ``T = V H V^T``, extended a
     block at a time with full reorthogonalisation. The blocks are in ``like``'s dtype and on
-    its device; ``V`` may be kept in another (``basis_dtype``, ``basis_device``)."""
+    its device; ``V`` may be kept in another (``basis_dtype``, ``basis_device``). The pending
+    block ``Q`` (orthonormal to ``V``, not yet multiplied) is held here, so that no copy of it
+    outlives its move into ``V``; ``head`` rows of ``V`` can be returned as vectors
+    (:meth:`vectors`) without a second copy."""
 
     def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator, *,
-                 basis_dtype: torch.dtype | None = None,
+                 head: int = 0, basis_dtype: torch.dtype | None = None,
                  basis_device: torch.device | str | None = None):
-        self.V = torch.empty(capacity, n, dtype=basis_dtype or like.dtype,  # rows < m used
-                             device=basis_device or like.device)
+        self.V = Basis(capacity, n, head=head, dtype=basis_dtype or like.dtype,
+                       device=basis_device or like.device)
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
+        self.Q: Tensor | None = None
 
-    def start(self, block: Tensor) -> Tensor:
-        return _orthogonalise(block, self.V[:0], self.gen)[0]
+    def start(self, block: Tensor) -> None:
+        self.Q = _orthogonalise(block, self.V, 0, self.gen)[0]
 
-    def extend(self, matmat: MatMat, Q: Tensor) -> tuple[Tensor, Tensor]:
-        """Append the rows of ``Q`` (orthonormal to ``V``); return the next block ``Qn`` and
-        its coefficients ``B`` with ``H V^T = V^T T + Qn^T B E_last^T``."""
-        m, b = self.m, Q.shape[0]
-        self.V[m:m + b] = Q
-        Z = matmat(Q)
+    def extend(self, matmat: MatMat, count: int | None = None) -> Tensor:
+        """Append (up to ``count`` rows of) the pending block ``Q`` and make the next one
+        ``Qn``; return its coefficients ``B``, with ``H V^T = V^T T + Qn^T B E_last^T``."""
+        m, Q = self.m, self.Q[:count]
+        b = Q.shape[0]
+        self.V.put(m, Q)
+        self.Q = Q = None  # its only copy is now in V
+        block = self.V.get(m, m + b)
+        Z = matmat(block if block.dtype == self.like.dtype and block.device == self.like.device
+                   else block.to(self.like))
+        del block
         self.n_hvp += b
-        Qn, coef = _orthogonalise(Z, self.V[:m + b], self.gen)
+        self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen)
         block = coef[:m + b].to(torch.float64)
         self.T[:m + b, m:m + b] = block
         self.T[m:m + b, :m + b] = block.T
         self.m = m + b
-        return Qn, coef[m + b:].to(torch.float64)
+        return coef[m + b:].to(torch.float64)
 
     def ritz(self) -> tuple[Tensor, Tensor]:
         """Ritz values (ascending) and the coordinates ``Y`` of the Ritz vectors in ``V``."""
@@ -182,13 +254,17 @@ class Krylov:
     def restart(self, theta: Tensor, Y: Tensor, keep: Tensor) -> None:
         """Thick restart: keep the Ritz vectors ``keep`` (built in place in ``V``); the next
         block's coupling to them is recomputed by projection when it is appended."""
-        _rotate_(self.V, Y[:, keep], self.m)
+        self.V.rotate_(Y[:, keep], self.m)
         self.T.zero_()
         self.T[:len(keep), :len(keep)] = torch.diag(theta[keep])
         self.m = len(keep)
 
     def vectors(self, Y: Tensor) -> Tensor:
-        return (Y.T.to(self.V) @ self.V[:self.m]).to(self.like)
+        """The Ritz vectors ``Y^T V`` (at most ``head`` of them), formed in place in ``V``, which
+        is freed: the Krylov space cannot be extended afterwards."""
+        self.Q = None
+        self.V.rotate_(Y, self.m)
+        return self.V.release(Y.shape[1]).to(self.like)
 
 
 def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
@@ -225,12 +301,12 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     eps = max(torch.finfo(like.dtype).eps, torch.finfo(basis_dtype or like.dtype).eps)
     rel = max(tol, 50 * eps)
     gen = make_generator(seed)
-    K = Krylov(m_max, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device)
-    Q = K.start(_start_block(v0, n, b, gen, like))
+    K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
+    K.start(_start_block(v0, n, b, gen, like))
     bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
     try:
         while True:
-            Q, B = K.extend(matmat, Q[:m_max - K.m])
+            B = K.extend(matmat, m_max - K.m)
             bar.update(B.shape[0])
             theta, Y = K.ritz()
             resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[0]:], dim=0)

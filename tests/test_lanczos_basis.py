@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from analysis import spectral_density, top_eigenvalues
-from analysis.lanczos import _rotate_, lanczos
+from analysis.lanczos import Basis, lanczos
 from oracles import classification_data, exact_hessian, mlp, uneven_batches
 from test_lanczos import ce, expected
 
@@ -55,15 +55,23 @@ def test_in_place_thick_restart_finds_the_exact_eigenvalues(problem, basis_dtype
         np.testing.assert_allclose(res.eigenvalues, expected(H, 2, which), rtol=1e-5, atol=1e-7)
 
 
-def test_rotate_equals_the_out_of_place_product():
+@pytest.mark.parametrize("head", [0, 1, 2, 3, 4, 7])
+def test_rotate_equals_the_out_of_place_product(head):
+    """The in-place rotation over a basis split into head and tail at every boundary (inside
+    the kept rows, at their end, inside the rotated rows, beyond them)."""
     gen = torch.Generator().manual_seed(0)
     V = torch.randn(7, 23, generator=gen, dtype=torch.float64)
     Y = torch.randn(5, 3, generator=gen, dtype=torch.float64)
-    want = Y.T @ V[:5]
-    rest = V[3:].clone()
-    _rotate_(V, Y, 5)
-    torch.testing.assert_close(V[:3], want, rtol=1e-14, atol=1e-14)
-    assert torch.equal(V[3:], rest)
+    basis = Basis(7, 23, head=head, dtype=torch.float64, device="cpu")
+    basis.put(0, V)
+    assert torch.equal(basis.get(0, 7), V) and torch.equal(basis.get(2, 5), V[2:5])
+    basis.rotate_(Y, 5)
+    torch.testing.assert_close(basis.get(0, 3), Y.T @ V[:5], rtol=1e-14, atol=1e-14)
+    assert torch.equal(basis.get(3, 7), V[3:])
+    if head >= 3:
+        kept = basis.release(3)
+        torch.testing.assert_close(kept, Y.T @ V[:5], rtol=1e-14, atol=1e-14)
+        assert basis.parts == []
 
 
 def test_lanczos_on_a_dense_matrix_with_a_float32_basis():
