@@ -191,7 +191,7 @@ class HessianOperator:
             for r, h in zip(unflatten(out[row], self.params), hv):
                 if h is not None:
                     r.copy_(h)
-        return out
+        return out if out is not None else torch.zeros_like(vs)  # (no rows)
 
     def _padding_mask(self) -> Tensor | None:
         """Zeros at the padding rows of ``nn.Embedding(padding_idx=...)`` weights, ones

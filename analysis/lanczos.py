@@ -267,6 +267,14 @@ class Krylov:
         return self.V.release(Y.shape[1]).to(self.like)
 
 
+def default_max_basis(n: int, k: int, block_size: int, dtype: torch.dtype) -> int:
+    """``max(30, 3k + 2b)`` rows of ``n`` elements of ``dtype``, fewer when they would take more
+    than ``BASIS_BYTES``, but at least ``k + 2b``."""
+    item = torch.finfo(dtype).bits // 8
+    return max(k + 2 * block_size,
+               min(max(30, 3 * k + 2 * block_size), BASIS_BYTES // (n * item)))
+
+
 def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1e-6,
             max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
@@ -291,9 +299,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     the dtype.
     """
     b = min(block_size, n)
-    if max_basis is None:  # at most BASIS_BYTES of basis, unless k + 2 b vectors need more
-        item = torch.finfo(basis_dtype or like.dtype).bits // 8
-        max_basis = max(k + 2 * b, min(max(30, 3 * k + 2 * b), BASIS_BYTES // (n * item)))
+    if max_basis is None:
+        max_basis = default_max_basis(n, k, b, basis_dtype or like.dtype)
     m_max = min(n, max_basis)
     if m_max < k + b and m_max < n:
         raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")

@@ -60,6 +60,7 @@ from torch.func import functional_call, jacrev
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from analysis import (FisherOperator, GGNOperator, HessianOperator,  # noqa: E402
                       hessian_trace, mnist1d, supervised, top_eigenvalues)
+from analysis.lanczos import default_max_basis  # noqa: E402
 
 CRITERION = nn.CrossEntropyLoss()
 LOSS = supervised(CRITERION)
@@ -294,9 +295,8 @@ def peak_lanczos_memory(n_params: int, k: int) -> dict:
     n = sum(p.numel() for p in model.parameters())
     HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(torch.randn(n))  # warm-up
     small = nn.Sequential(nn.Linear(1000, 8), nn.Tanh(), nn.Linear(8, 10))  # faults the code in
-    top_eigenvalues(small, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=max(30, 3 * k + 2) + 8,
-                    progress=False)
-    max_basis = max(30, 3 * k + 2)  # the default
+    top_eigenvalues(small, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=38 + 3 * k, progress=False)
+    max_basis = default_max_basis(n, k, 1, torch.float32)
     runs = []
 
     def call():

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import gc
 import json
 import subprocess
 import sys
@@ -42,7 +41,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from analysis import HessianOperator, top_eigenvalues  # noqa: E402
 from analysis.core import versions  # noqa: E402
-from curvature import (CRITERION, _status, pyhessian_eigs, round_robin_ratios,  # noqa: E402
+from curvature import (CRITERION, pyhessian_eigs, rss_peak, round_robin_ratios,  # noqa: E402
                        timed)
 
 def hf_loss(model, batch):
@@ -145,12 +144,7 @@ def peak_memory(name: str, case: str, layers: int, tokens: int) -> dict:
         return HessianOperator(model, hf_loss, [batch], progress=False, hvp_method=case).matvec(v)
 
     run()  # warm-up: one-time allocations of the libraries
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-    base = _status("VmRSS")
-    out = run()
-    peak = _status("VmHWM") - base
-    del out
+    peak = rss_peak(run)
     param_bytes = sum(p.numel() * p.element_size() for p in params)
     return {"peak_mb": peak / 2 ** 20, "peak_over_params": peak / param_bytes}
 

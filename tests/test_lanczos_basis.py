@@ -96,3 +96,34 @@ def test_bad_basis_arguments_name_themselves(problem, kwargs, error):
         top_eigenvalues(model, ce, data, progress=False, **kwargs)
     with pytest.raises(error, match=name):
         spectral_density(model, ce, data, progress=False, **kwargs)
+
+
+def _torch_peak(fn) -> int:
+    """Peak bytes of live torch CPU allocations while ``fn`` runs (profiler allocation events)."""
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        fn()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    return int(np.cumsum([e.nbytes() for e in events]).max())
+
+
+@pytest.mark.parametrize("k", [1, 10])
+def test_memory_is_the_basis_plus_one_product(k):
+    """Allocation sizes, not timings: with one batch (graph reuse) the peak is the basis plus
+    one product (the gradient graph, the product and its output); the pending block is not
+    copied, and the eigenvectors are formed in the basis, which is freed before they are
+    returned, so they hold exactly k rows."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(50, 200), torch.nn.Tanh(), torch.nn.Linear(200, 200),
+                                torch.nn.Tanh(), torch.nn.Linear(200, 5))
+    x, y = torch.randn(8, 50), torch.randint(0, 5, (8,))
+    n = sum(p.numel() for p in model.parameters())
+    max_basis = max(30, 3 * k + 2)
+    out = []
+    peak = _torch_peak(lambda: out.append(top_eigenvalues(
+        model, ce, [(x, y)], k=k, tol=1e-12, max_hvp=max_basis + 8, progress=False)))
+    res = out[0]
+    assert res.n_hvp == max_basis + 8  # the basis filled and was restarted
+    assert res.eigenvectors.untyped_storage().nbytes() == k * n * 4
+    assert peak / (4 * n) <= max_basis + 4
