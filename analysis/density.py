@@ -127,4 +127,4 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                                                    basis_device=basis_device)
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)
     return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp,
-                         curvature=op.curvature, preconditioned=op.scale is not None)
+                         curvature=op.curvature, preconditioned=op.preconditioned)

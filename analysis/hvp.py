@@ -115,6 +115,11 @@ class HessianOperator:
         self._depth = 0
         self._mask = self._padding_mask() if hvp_method == "forward" else None
 
+    @property
+    def preconditioned(self) -> bool:
+        """Whether the operator is ``P^-1/2 H P^-1/2`` (a ``preconditioner`` was given)."""
+        return self.scale is not None
+
     # -- model restoration -------------------------------------------------------------
     def __enter__(self) -> "HessianOperator":
         if self._depth == 0:

@@ -467,4 +467,4 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     theta, U, resid, n_hvp, ok = out
     return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
                        list(op.names), curvature=op.curvature,
-                       preconditioned=op.scale is not None)
+                       preconditioned=op.preconditioned)

@@ -159,5 +159,5 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
     with op:
         out = trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
                              like=op.like, chunk=chunk, progress=progress)
-    out.curvature, out.preconditioned = op.curvature, op.scale is not None
+    out.curvature, out.preconditioned = op.curvature, op.preconditioned
     return out

@@ -135,7 +135,6 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
                              "evaluated one by one)")
         _recalibrated(model_a, loss_fn, data, bn_data, [w_a, w_b], coords, store, describe,
                       model_mode, batch_size_fn)
-    store.write(complete=True)
     return store.result(complete=True)
 
 

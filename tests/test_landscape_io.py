@@ -77,6 +77,7 @@ def test_results_roundtrip_with_provenance(tmp_path):
     np.testing.assert_array_equal(back.alphas, [0.25, 0.75])
     np.testing.assert_array_equal(back.losses, inter.losses)
     assert back.barrier == inter.barrier and back.loss_b == inter.loss_b
+    assert back.metadata["complete"] and inter.metadata["complete"]
 
 
 def _worker(rank, port, out, x, y, d1, d2):
