@@ -182,15 +182,19 @@ class HessianOperator:
 
     def _reverse(self, batch: Any, vs: Tensor) -> Tensor:
         grads = self._cached(lambda: self._gradient_graph(batch))
+        kept = self._graph is grads  # reused by later products of this `with` block
         live = [i for i, g in enumerate(grads) if g is not None]
         if not live:  # the loss is at most linear in the selected parameters: H = 0
             return torch.zeros_like(vs)
         out = None
         for row, v in enumerate(vs):
             pieces = unflatten(v, self.params)
+            last = row == len(vs) - 1
             hv = torch.autograd.grad([grads[i] for i in live], self.params,
                                      grad_outputs=[pieces[i] for i in live],
-                                     retain_graph=True, allow_unused=True)
+                                     retain_graph=kept or not last, allow_unused=True)
+            if last and not kept:
+                grads = None  # the graph is freed before the output is allocated
             if out is None:  # after the first backward, whose peak then excludes it
                 out = torch.zeros_like(vs)
             for r, h in zip(unflatten(out[row], self.params), hv):
