@@ -37,13 +37,20 @@ _PACKAGES = ("analysis", "landscape")   # modules load_result may import to find
 _TYPES: dict[str, type] = {}
 
 
+@functools.lru_cache(maxsize=1)
+def _installed_version() -> str:
+    """sharpscape's installed version, read once per process (reading package metadata scans
+    the environment's ``site-packages``)."""
+    try:
+        return _pkg_metadata.version("sharpscape")
+    except _pkg_metadata.PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def versions() -> dict[str, str]:
     """Versions of torch, numpy and sharpscape (for ``metadata``)."""
-    try:
-        ours = _pkg_metadata.version("sharpscape")
-    except _pkg_metadata.PackageNotFoundError:
-        ours = "unknown (not installed)"
-    return {"torch": str(torch.__version__), "numpy": str(np.__version__), "sharpscape": ours}
+    return {"torch": str(torch.__version__), "numpy": str(np.__version__),
+            "sharpscape": _installed_version()}
 
 
 def make_metadata(seed: Any = None, config: Mapping[str, Any] | None = None, **extra: Any) -> dict:
