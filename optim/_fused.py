@@ -32,7 +32,7 @@ class FusedKernel:
         self._compiled: Callable[..., Any] | None = None
         self.error: str | None = None
 
-    def __call__(self, tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: Any) -> tuple[bool, Any]:
+    def __call__(self, *args: Any, **flags: Any) -> tuple[bool, Any]:
         """(True, what the compiled ``fn`` returns), or (False, None) when no kernel is available (the caller
         then runs its eager path)."""
         if self.error is not None:
@@ -40,7 +40,7 @@ class FusedKernel:
         try:
             if self._compiled is None:
                 self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-            return True, self._compiled(tensors, scalars, **flags)
+            return True, self._compiled(*args, **flags)
         except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager path is the fallback)
             self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             warnings.warn(f"{self.name}(fused=True): torch.compile failed ({self.error}); using the eager "

@@ -255,7 +255,7 @@ FUSED = {  # name -> (factory(params, fused), module holding the kernel, kernel 
     "AGD-amsgrad-clip-coupled": (lambda ps, fused: optim.AGD(ps, lr=1e-2, delta=1e-3, weight_decay=1e-2,
                                                              weight_decouple=False, amsgrad=True, clip=0.5,
                                                              fused=fused), "agd", "_AGD_KERNEL"),
-    "NDAdam": (lambda ps, fused: optim.NDAdam(ps, lr=1e-2, fused=fused), "ndadam", "_VECTOR_KERNEL"),
+    "NDAdam": (lambda ps, fused: optim.NDAdam(ps, lr=1e-2, fused=fused), "ndadam", "_NDADAM_KERNEL"),
     "AdaSAM": (lambda ps, fused: optim.AdaSAM(ps, lr=1e-2, bias_correction=True, fused=fused), "adasam",
                "_ADASAM_KERNEL"),
 }
