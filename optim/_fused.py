@@ -18,6 +18,10 @@ import torch
 from torch import Tensor
 
 
+#: Inductor options: no per-call re-checks of the sizes and alignment it compiled for (the guards have checked them)
+_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
+
+
 def scalars_tensor(rows: list[tuple[float, ...]]) -> Tensor:
     """The step's Python scalars, one row per tensor, as one float64 CPU tensor (no host-to-device copy,
     no recompilation)."""
@@ -39,7 +43,7 @@ class FusedKernel:
             return False, None
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
+                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, options=_OPTIONS)
             return True, self._compiled(*args, **flags)
         except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager path is the fallback)
             self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
