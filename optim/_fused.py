@@ -1,13 +1,14 @@
-"""Fused updates: each tensor's whole update compiled by ``torch.compile`` into one kernel.
+"""Fused updates: a param group's whole update compiled by ``torch.compile`` into one kernel call.
 
-``FusedKernel(fn)`` compiles, on first use and with dynamic shapes, ``fn(tensors, scalars, **flags)``, which
-applies one tensor's update to every tuple in ``tensors`` (one Python call per param group, so the
-per-call overhead does not grow with the number of tensors). Each optimizer module defines its own ``fn``:
-``torch.compile`` caches per function, and its recompilation limit (8) then counts one optimizer's variants
-(flags, dtypes, thread counts) only. The step's scalars travel in one
-float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When compiling
-fails (no C++ compiler or Triton, an unsupported backend), the call returns ``(False, None)`` once with a
-``RuntimeWarning`` naming the cause, and the optimizer takes its eager per-tensor path from then on.
+``FusedKernel(fn)`` compiles ``fn(*args, **flags)`` on first use; ``fn`` applies one tensor's update to
+every tuple of tensors it is given (one Python call per param group, so the per-call overhead does not grow
+with the number of tensors). ``nn.Parameter`` shapes are compiled as static (torch.compile's default), so a
+new model compiles again. Each optimizer module defines its own ``fn``: ``torch.compile`` caches per
+function, and its recompilation limit (8) then counts one optimizer's variants (flags, dtypes, thread
+counts, models) only; past it, ``fn`` runs uncompiled (unfused). The step's scalars travel in
+one float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When
+compiling fails (no C++ compiler or Triton, an unsupported backend), the call returns ``(False, None)`` once
+with a ``RuntimeWarning`` naming the cause, and the optimizer takes its eager per-tensor path from then on.
 """
 from __future__ import annotations
 

@@ -54,8 +54,9 @@ class NDAdam(CheckedState):
     ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient (weight
     decay never applies to unit vectors); None (default) -> True for tensors with ndim >= 2. The paper's
     runs use a larger lr for the vectors (α_v = 50 α_s): give them their own param group.
-    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles each vector parameter's
-    update into one kernel (``torch.compile``; the eager per-tensor path if that fails, with a warning);
+    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles a param group's update (unit
+    vectors and plain-Adam tensors) into one kernel call (``torch.compile``; the eager per-tensor path if that
+    fails, with a warning);
     ``fused=None`` (default) means False for now. float16/bfloat16 parameters keep float32 state.
 
     Start on the sphere: when a vector parameter gets its state (its first step), each vector is normalised
@@ -294,7 +295,7 @@ def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tup
     angle = torch.atan2(step * (m_sq - along * along).clamp_min(0.0).sqrt() * inv_norm,   # sin, cos of (w_t, w_t+1)
                         (1.0 - step * along) * inv_norm).mean()
     cosine = (inv_denom * (beta1 * m_tangent + (1.0 - beta1) * tangent_sq)).sum() \
-        / torch.maximum(((inv_denom * inv_denom * m_sq).sum() * tangent_sq.sum()).sqrt(), tiny)   # Σ u·ḡ / (|u| |ḡ|)
+        / torch.maximum(((inv_denom * inv_denom * m_sq).sum() * tangent_sq.sum()).sqrt(), tiny)   # Σu·ḡ/(|u||ḡ|)
     m_new = ma + (1.0 - beta1) * (ga - gw * wa - ma)
     m.copy_(m_new.view_as(m))
     v.copy_(v_new.view_as(v))
@@ -326,10 +327,12 @@ def _ndadam_group(vectors: list[tuple[Tensor, ...]], others: list[tuple[Tensor, 
 _NDADAM_KERNEL = FusedKernel(_ndadam_group, "NDAdam")
 
 
-def _fused_step(state: dict, group: dict, vectors: list[Tensor], others: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+def _fused_step(state: dict, group: dict, vectors: list[Tensor],
+                others: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
     """The group's dense, contiguous parameters updated in one compiled call; returns (vectors, others) left
     for the eager paths (all of them when no kernel is available)."""
-    fused_vectors, fused_others = ([p for p in ps if fusable(p, p.grad, state[p]["exp_avg"])] for ps in (vectors, others))
+    fused_vectors, fused_others = ([p for p in ps if fusable(p, p.grad, state[p]["exp_avg"])]
+                                   for ps in (vectors, others))
     if not fused_vectors and not fused_others:
         return vectors, others
     beta1, beta2 = group["betas"]
