@@ -54,10 +54,10 @@ class NDAdam(CheckedState):
     ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient (weight
     decay never applies to unit vectors); None (default) -> True for tensors with ndim >= 2. The paper's
     runs use a larger lr for the vectors (α_v = 50 α_s): give them their own param group.
-    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles a param group's update (unit
-    vectors and plain-Adam tensors) into one kernel call (``torch.compile``; the eager per-tensor path if that
-    fails, with a warning);
-    ``fused=None`` (default) means False for now. float16/bfloat16 parameters keep float32 state.
+    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles a param group's update
+    (unit vectors and plain-Adam tensors) into one kernel call (``torch.compile``; the eager per-tensor path
+    if that fails, with a warning); ``fused=None`` (default) means False for now. float16/bfloat16 parameters
+    keep float32 state.
 
     Start on the sphere: when a vector parameter gets its state (its first step), each vector is normalised
     in place before the first projection. The first gradient was taken at the unnormalised weights;
