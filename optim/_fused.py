@@ -1,13 +1,14 @@
-"""Fused updates: each tensor's whole update compiled by ``torch.compile`` into one kernel.
+"""Fused updates: a param group's whole update compiled by ``torch.compile`` into one kernel call.
 
-``FusedKernel(fn)`` compiles, on first use and with dynamic shapes, ``fn(tensors, scalars, **flags)``, which
-applies one tensor's update to every tuple in ``tensors`` (one Python call per param group, so the
-per-call overhead does not grow with the number of tensors). Each optimizer module defines its own ``fn``:
-``torch.compile`` caches per function, and its recompilation limit (8) then counts one optimizer's variants
-(flags, dtypes, thread counts) only. The step's scalars travel in one
-float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When compiling
-fails (no C++ compiler or Triton, an unsupported backend), the call returns ``(False, None)`` once with a
-``RuntimeWarning`` naming the cause, and the optimizer takes its eager per-tensor path from then on.
+``FusedKernel(fn)`` compiles ``fn(*args, **flags)`` on first use; ``fn`` applies one tensor's update to
+every tuple of tensors it is given (one Python call per param group, so the per-call overhead does not grow
+with the number of tensors). ``nn.Parameter`` shapes are compiled as static (torch.compile's default), so a
+new model compiles again. Each optimizer module defines its own ``fn``: ``torch.compile`` caches per
+function, and its recompilation limit (8) then counts one optimizer's variants (flags, dtypes, thread
+counts, models) only; past it, ``fn`` runs uncompiled (unfused). The step's scalars travel in
+one float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When
+compiling fails (no C++ compiler or Triton, an unsupported backend), the call returns ``(False, None)`` once
+with a ``RuntimeWarning`` naming the cause, and the optimizer takes its eager per-tensor path from then on.
 """
 from __future__ import annotations
 
@@ -16,6 +17,10 @@ from typing import Any, Callable
 
 import torch
 from torch import Tensor
+
+
+#: Inductor options: no per-call re-checks of the sizes and alignment it compiled for (the guards have checked them)
+_OPTIONS = {"size_asserts": False, "alignment_asserts": False}
 
 
 def scalars_tensor(rows: list[tuple[float, ...]]) -> Tensor:
@@ -32,15 +37,15 @@ class FusedKernel:
         self._compiled: Callable[..., Any] | None = None
         self.error: str | None = None
 
-    def __call__(self, tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flags: Any) -> tuple[bool, Any]:
+    def __call__(self, *args: Any, **flags: Any) -> tuple[bool, Any]:
         """(True, what the compiled ``fn`` returns), or (False, None) when no kernel is available (the caller
         then runs its eager path)."""
         if self.error is not None:
             return False, None
         try:
             if self._compiled is None:
-                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True)
-            return True, self._compiled(tensors, scalars, **flags)
+                self._compiled = torch.compile(self.fn, dynamic=True, fullgraph=True, options=_OPTIONS)
+            return True, self._compiled(*args, **flags)
         except Exception as exc:  # noqa: BLE001  (any compiler failure: the eager path is the fallback)
             self.error = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
             warnings.warn(f"{self.name}(fused=True): torch.compile failed ({self.error}); using the eager "

@@ -54,9 +54,10 @@ class NDAdam(CheckedState):
     ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient (weight
     decay never applies to unit vectors); None (default) -> True for tensors with ndim >= 2. The paper's
     runs use a larger lr for the vectors (α_v = 50 α_s): give them their own param group.
-    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles each vector parameter's
-    update into one kernel (``torch.compile``; the eager per-tensor path if that fails, with a warning);
-    ``fused=None`` (default) means False for now. float16/bfloat16 parameters keep float32 state.
+    ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True`` compiles a param group's update
+    (unit vectors and plain-Adam tensors) into one kernel call (``torch.compile``; the eager per-tensor path
+    if that fails, with a warning); ``fused=None`` (default) means False for now. float16/bfloat16 parameters
+    keep float32 state.
 
     Start on the sphere: when a vector parameter gets its state (its first step), each vector is normalised
     in place before the first projection. The first gradient was taken at the unnormalised weights;
@@ -126,9 +127,10 @@ class NDAdam(CheckedState):
         loss = closure_loss(closure)
         for group in self.param_groups:
             vectors, scalars = self._init_group(group)
+            if group["fused"]:   # what the compiled kernel cannot take goes on to the eager paths below
+                vectors, scalars = _fused_step(self.state, group, vectors, scalars)
             foreach = use_foreach(group["foreach"], vectors + scalars)
-            vector_fns = (_fused_vectors,) * 2 if group["fused"] else _VECTOR_FNS
-            for fns, params in ((vector_fns, vectors), (_ADAM_FNS, scalars)):
+            for fns, params in ((_VECTOR_FNS, vectors), (_ADAM_FNS, scalars)):
                 # the multi-tensor path for parameters with state in their own dtype; the others one by one
                 own = [foreach and self.state[p]["exp_avg"].dtype == p.dtype for p in params]
                 multi = [p for p, o in zip(params, own) if o]
@@ -263,62 +265,91 @@ def _gather(params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], lis
 
 
 def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
-    """``_single_tensor_vectors`` for one tensor viewed as [vectors, elements], written for ``torch.compile``;
-    returns the diagnostics (angle, cosine).
+    """``_single_tensor_vectors`` for one tensor, written for ``torch.compile``; returns the diagnostics
+    (angle, cosine).
 
     Every per-vector quantity is expanded into six dot products of the inputs (g·w, w·w, g·g, w·m, m·m,
     m·g), so the kernel reads w, g and m once to reduce and once to write m and w, instead of once per
-    dependent reduction (ḡ, then |ḡ|², then the norm of w̄). The expansions agree with the eager path to
-    rounding unless g is almost radial (|ḡ|² is then a difference of nearly equal numbers).
+    dependent reduction (ḡ, then |ḡ|², then the norm of w̄). The per-vector factors of the write, the step
+    a = α/(sqrt(v̂) + ε) and 1/|w - a m_t|, are computed once per vector, so the elementwise pass is
+    w <- (w - a m_t)/|w - a m_t| with m_t = m + (1 - β1)(g - (g·w) w - m): no division or square root per
+    element. The expansions agree with the eager path to rounding unless g is almost radial (|ḡ|² is then
+    a difference of nearly equal numbers).
     """
     beta1, beta2, eps, step_size, bc2_sqrt, tiny = c.to(m.dtype).unbind()
-    wa, ga = w.to(m.dtype), g.to(m.dtype)
+    rows = (w.shape[0], -1)
+    wa, ga, ma = w.to(m.dtype).view(rows), g.to(m.dtype).view(rows), m.view(rows)
 
     def dot(a: Tensor, b: Tensor) -> Tensor:
         return (a * b).sum(1, keepdim=True)
 
-    gw, ww, gg, wm, mm, mg = dot(ga, wa), dot(wa, wa), dot(ga, ga), dot(wa, m), dot(m, m), dot(m, ga)
+    gw, ww, gg, wm, mm, mg = dot(ga, wa), dot(wa, wa), dot(ga, ga), dot(wa, ma), dot(ma, ma), dot(ma, ga)
     tangent_sq = (gg - gw * gw * (2.0 - ww)).clamp_min(0.0)                  # |ḡ|², ḡ = g - (g·w) w
     m_tangent = mg - gw * wm                                                  # m·ḡ
-    v_new = beta2 * v + (1.0 - beta2) * tangent_sq
-    denom = torch.maximum(v_new.sqrt() / bc2_sqrt + eps, tiny)
-    along = (beta1 * wm + (1.0 - beta1) * gw * (1.0 - ww)) / denom           # w·u, u = m_new / denom
-    update_sq = (beta1 * beta1 * mm + 2.0 * beta1 * (1.0 - beta1) * m_tangent
-                 + (1.0 - beta1) ** 2 * tangent_sq) / (denom * denom)         # |u|²
-    across = (update_sq - along * along).clamp_min(0.0).sqrt()
-    angle = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
-    cosine = ((beta1 * m_tangent + (1.0 - beta1) * tangent_sq) / denom).sum() \
-        / torch.maximum((update_sq.sum() * tangent_sq.sum()).sqrt(), tiny)   # Σ u·ḡ / (|u| |ḡ|)
-    norm = (ww - 2.0 * step_size * along + step_size * step_size * update_sq).sqrt()   # |w - step u|
-    m_new = m + (1.0 - beta1) * (ga - gw * wa - m)
-    m.copy_(m_new)
-    v.copy_(v_new)
-    w.copy_((wa - (step_size / denom) * m_new) / norm)
+    v_new = beta2 * v.view(-1, 1) + (1.0 - beta2) * tangent_sq
+    inv_denom = 1.0 / torch.maximum(v_new.sqrt() / bc2_sqrt + eps, tiny)
+    step = step_size * inv_denom                                              # a
+    along = beta1 * wm + (1.0 - beta1) * gw * (1.0 - ww)                      # w·m_t
+    m_sq = beta1 * beta1 * mm + 2.0 * beta1 * (1.0 - beta1) * m_tangent + (1.0 - beta1) ** 2 * tangent_sq   # |m_t|²
+    inv_norm = 1.0 / (ww - 2.0 * step * along + step * step * m_sq).sqrt()   # 1/|w - a m_t|
+    angle = torch.atan2(step * (m_sq - along * along).clamp_min(0.0).sqrt() * inv_norm,   # sin, cos of (w_t, w_t+1)
+                        (1.0 - step * along) * inv_norm).mean()
+    cosine = (inv_denom * (beta1 * m_tangent + (1.0 - beta1) * tangent_sq)).sum() \
+        / torch.maximum(((inv_denom * inv_denom * m_sq).sum() * tangent_sq.sum()).sqrt(), tiny)   # Σu·ḡ/(|u||ḡ|)
+    m_new = ma + (1.0 - beta1) * (ga - gw * wa - ma)
+    m.copy_(m_new.view_as(m))
+    v.copy_(v_new.view_as(v))
+    w.copy_(((wa - step * m_new) * inv_norm).view_as(w))
     return angle, cosine
 
 
-def _vector_group(tensors: list[tuple[Tensor, ...]], scalars: Tensor) -> list[tuple[Tensor, Tensor]]:
-    return [_vector_kernel(*ts, scalars[i]) for i, ts in enumerate(tensors)]
+def _adam_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor, *, coupled: bool) -> None:
+    """``_single_tensor_adam`` for one tensor, written for ``torch.compile``."""
+    beta1, beta2, eps, step_size, bc2_sqrt, weight_decay = c.to(m.dtype).unbind()
+    wa, ga = w.to(m.dtype), g.to(m.dtype)
+    if coupled:
+        ga = ga + weight_decay * wa
+    m_new = m + (1.0 - beta1) * (ga - m)
+    v_new = beta2 * v + (1.0 - beta2) * ga * ga
+    m.copy_(m_new)
+    v.copy_(v_new)
+    w.copy_(wa - step_size * m_new / (v_new.sqrt() / bc2_sqrt + eps))
 
 
-_VECTOR_KERNEL = FusedKernel(_vector_group, "NDAdam")
+def _ndadam_group(vectors: list[tuple[Tensor, ...]], others: list[tuple[Tensor, ...]], scalars: Tensor, *,
+                  coupled: bool) -> list[tuple[Tensor, Tensor]]:
+    """A param group's update: the unit vectors (scalar rows first), then the plain-Adam tensors."""
+    for i, ts in enumerate(others):
+        _adam_kernel(*ts, scalars[len(vectors) + i], coupled=coupled)
+    return [_vector_kernel(*ts, scalars[i]) for i, ts in enumerate(vectors)]
 
 
-def _fused_vectors(params: list[Tensor], states: list[dict], scalars: list[tuple[float, float]], *,
-                   beta1: float, beta2: float, eps: float, weight_decay: float, work: Scratch) -> None:
-    """The group's vector updates in one compiled call; the eager per-tensor path for the others."""
-    fused = [i for i, (p, s) in enumerate(zip(params, states)) if fusable(p, p.grad, s["exp_avg"])]
-    views = [(p.view(len(p), -1), p.grad.view(len(p), -1), s["exp_avg"].view(len(p), -1), s["exp_avg_sq"].view(len(p), 1))
-             for p, s in ((params[i], states[i]) for i in fused)]
-    rows = scalars_tensor([(beta1, beta2, eps, *scalars[i], torch.finfo(states[i]["exp_avg"].dtype).tiny)
-                           for i in fused])
-    done, diagnostics = _VECTOR_KERNEL(views, rows) if fused else (False, None)
-    for i, (angle, cosine) in zip(fused, diagnostics if done else ()):
-        states[i]["angle"], states[i]["update_cosine"] = angle, cosine
-    eager = [i for i in range(len(params)) if not (done and i in set(fused))]
-    if eager:
-        _single_tensor_vectors([params[i] for i in eager], [states[i] for i in eager], [scalars[i] for i in eager],
-                               beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay, work=work)
+_NDADAM_KERNEL = FusedKernel(_ndadam_group, "NDAdam")
+
+
+def _fused_step(state: dict, group: dict, vectors: list[Tensor],
+                others: list[Tensor]) -> tuple[list[Tensor], list[Tensor]]:
+    """The group's dense, contiguous parameters updated in one compiled call; returns (vectors, others) left
+    for the eager paths (all of them when no kernel is available)."""
+    fused_vectors, fused_others = ([p for p in ps if fusable(p, p.grad, state[p]["exp_avg"])]
+                                   for ps in (vectors, others))
+    if not fused_vectors and not fused_others:
+        return vectors, others
+    beta1, beta2 = group["betas"]
+    states = [state[p] for p in fused_vectors + fused_others]
+    last = [torch.finfo(s["exp_avg"].dtype).tiny for s in states[:len(fused_vectors)]] \
+        + [group["weight_decay"]] * len(fused_others)
+    rows = scalars_tensor([(beta1, beta2, group["eps"], step_size, bc2_sqrt, x)
+                           for (step_size, bc2_sqrt), x in zip(_bias_corrections(group, states), last)])
+    tensors = [(p, p.grad, s["exp_avg"], s["exp_avg_sq"]) for p, s in zip(fused_vectors + fused_others, states)]
+    done, diagnostics = _NDADAM_KERNEL(tensors[:len(fused_vectors)], tensors[len(fused_vectors):], rows,
+                                       coupled=group["weight_decay"] != 0)
+    if not done:
+        return vectors, others
+    for s, (angle, cosine) in zip(states, diagnostics):
+        s["angle"], s["update_cosine"] = angle, cosine
+    taken = {id(p) for p in fused_vectors + fused_others}
+    return [p for p in vectors if id(p) not in taken], [p for p in others if id(p) not in taken]
 
 
 #: (per-tensor, multi-tensor) update functions of the two kinds of parameter
