@@ -33,7 +33,8 @@ from tqdm.auto import tqdm
 
 from analysis.core import (all_reduce_max_, ArgumentTypeError, BatchSizeFn, check_choice,
                            check_data, check_int, check_number, check_positive, data_mean,
-                           loss_reduction, LossFn, preserved, rank, world_size)
+                           default_batch_size, loss_reduction, LossFn, preserved, rank,
+                           world_size)
 
 from .directions import named_targets
 from .results import Progress
@@ -192,8 +193,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             # a mean: owned == 1 unless distribute="grid"; a sum is the owner's alone already
             return (total / owned if reduction == "mean" else total).cpu().double().numpy()
 
-        single = hasattr(data, "__len__") and len(data) == 1  # one batch: nothing to reuse
-        plan = sequential_plan(model, loss_fn, parts, not single) if vectorize == "auto" else None
+        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
         group = chunk_size  # points per forward of the sequential plan
 
         def stacked(cs: Tensor, batch) -> Tensor:
@@ -213,6 +213,10 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             group = chunk_size
             if plan and device.type == "cpu":
                 group = plan.cpu_group(largest, chunk_size)
+            if plan:  # it holds one group's weights: a chunk sets how often the first layer runs
+                chunk_size = max(chunk_size, min(len(todo), max_memory // max(weight_bytes, 1)))
+                if isinstance(data, (list, tuple)) and first is not None:
+                    plan.bunch(data, batch_size_fn or default_batch_size, device, largest, group)
             if mode is vmapped and device.type == "cpu":
                 cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
                 if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:
