@@ -7,15 +7,20 @@ a leading points dimension:
 
 * the first layer whose tensors move, when it is a Linear or convolution layer reading the
   batch's inputs, is linear in its weights: ``layer(x; sum_j c_j V_j) = sum_j c_j layer(x; V_j)``,
-  so each ``layer(x; V_j)`` is computed once per batch and the points only combine them;
-* a later Linear layer whose tensors move: one ``baddbmm`` with the points' stacked weights
-  (formed by one product ``coords @ V``, once per chunk of points for all batches);
+  so each ``layer(x; V_j)`` is computed once per batch and chunk and the points only combine
+  them;
+* a later Linear layer whose tensors move: one ``baddbmm`` per tile of rows of the points'
+  weights (each tile formed by one product ``coords @ V`` and used while in the cache; one tile
+  unless the points' inputs are small and their weights large, see ``_tile_rows``), computed
+  as ``z^T = W x^T``, into an output buffer reused by every group;
 * a layer none of whose tensors move: once on all the points' samples together;
 * any other layer whose tensors move: point by point (``functional_call``).
 
-The loss is the user's criterion on each point's outputs (a mean cross-entropy or squared error
-on all the points' outputs at once). Only the order of the sums differs from the plain
-evaluation, so the values agree to rounding. The model is only read.
+Consecutive batches of a list (inputs of one shape) run as one forward per chunk of points
+(``SequentialPlan.bunch``): the layers are sample-wise, so each sample's outputs are those of its
+own batch. The loss is the user's criterion on each point's outputs on each batch (a mean
+cross-entropy or squared error on all the points and batches at once). Only the order of the
+sums differs from the plain evaluation, so the values agree to rounding. The model is only read.
 """
 from __future__ import annotations
 
