@@ -132,8 +132,7 @@ class _Bunch:
     """Consecutive batches run as one forward: their inputs concatenated (the layers are
     sample-wise, so every sample's outputs are those of its own batch's forward), the
     criterion on each batch's outputs; ``values`` are the losses at the points ``cs``."""
-    x: Tensor
-    ys: list[Any]
+    batches: list[Any]
     group: int
     cs: Tensor | None = None
     values: list[list[Any]] = field(default_factory=list)
@@ -147,7 +146,7 @@ class SequentialPlan:
         self.first = next((i for i, layer in enumerate(layers) if layer.moving), len(layers))
         self.precompute = (self.first < len(layers)
                            and type(layers[self.first].module) in PRECOMPUTED)
-        self._bunches: dict[int, tuple[list[Any], _Bunch, int]] = {}  # id(batch) -> its bunch
+        self._bunches: dict[int, tuple[_Bunch, int]] = {}  # id(batch) -> its bunch, position
         self._buffers: dict[Any, Tensor] = {}  # reused outputs (fresh ones page-fault on a CPU)
 
     @staticmethod
@@ -165,8 +164,9 @@ class SequentialPlan:
         larger products, and each point's weights formed once for all of them. Only batches
         ``(x, y, ...)`` whose inputs ``x`` agree in shape past dim 0, dtype and device join."""
         live = [b for b in batches if size(b) > 0]
-        if not live or live[0] is not batches[0] or not all(isinstance(b, (tuple, list)) and len(b) >= 2
-                               and isinstance(b[0], Tensor) and b[0].dim() for b in live):
+        if not live or live[0] is not batches[0] or not all(
+                isinstance(b, (tuple, list)) and len(b) >= 2 and isinstance(b[0], Tensor)
+                and b[0].dim() for b in live):
             return
         per_sample = largest / max(len(live[0][0]), 1)
         runs: list[list[Any]] = []
@@ -180,30 +180,35 @@ class SequentialPlan:
             else:
                 run.append(b)
         for run in (r for r in runs if len(r) > 1):
-            x = torch.cat([b[0] for b in run]).to(device)
-            ys = [b[1].to(device) if isinstance(b[1], Tensor) else b[1] for b in run]
-            shared = _Bunch(x, ys, max(1, group * len(live[0][0]) // len(x)))
+            shared = _Bunch(run, max(1, group * len(live[0][0]) // sum(len(b[0]) for b in run)))
             for k, b in enumerate(run):
-                self._bunches[id(b)] = (run, shared, k)
+                self._bunches[id(b)] = (shared, k)
 
     def losses(self, cs: Tensor, batch: Any, group: int, device: torch.device) -> list[Any]:
         """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per
         forward (or its bunch's, with the bunch's other batches, see ``bunch``)."""
-        run, shared, k = self._bunches.get(id(batch), (None, None, 0))
-        if run is None or run[k] is not batch:
-            x, y = (t.to(device) if isinstance(t, Tensor) else t for t in (batch[0], batch[1]))
-            return self._forward(cs, x, [y], group)[0]
-        if shared.cs is not cs:  # new points: the whole bunch at once
-            shared.cs, shared.values = cs, self._forward(cs, shared.x, shared.ys, shared.group)
+        shared, k = self._bunches.get(id(batch), (None, 0))
+        if shared is None or shared.batches[k] is not batch:
+            shared, k = _Bunch([batch], group), 0
+        if shared.cs is not cs:  # new points: the whole bunch at once (concatenated per chunk)
+            x = torch.cat([b[0] for b in shared.batches]) if len(shared.batches) > 1 \
+                else shared.batches[0][0]
+            ys = [_to(b[1], device) for b in shared.batches]
+            sizes = [len(b[0]) if isinstance(b[0], Tensor) and b[0].dim() else 0
+                     for b in shared.batches]
+            shared.cs, shared.values = cs, self._forward(cs, _to(x, device), ys, sizes,
+                                                         shared.group)
         return shared.values[k]
 
-    def _forward(self, cs: Tensor, x: Tensor, ys: list[Any], group: int) -> list[list[Any]]:
-        """Per target ``ys[b]`` (of consecutive samples of ``x``), the losses at the points."""
+    def _forward(self, cs: Tensor, x: Tensor, ys: list[Any], sizes: list[int], group: int
+                 ) -> list[list[Any]]:
+        """Per target ``ys[b]`` (of the next ``sizes[b]`` samples of ``x``), the losses at the
+        points."""
         for layer in self.layers[:self.first]:  # nothing moves yet: shared by all points
             x = layer.module(x)
         first = self._first_terms(x) if self.precompute else None
         skip = self.first + (first is not None)
-        loss = _point_losses(self.criterion, ys)
+        loss = _point_losses(self.criterion, ys, sizes)
         out: list[list[Any]] = [[] for _ in ys]
         for start in range(0, len(cs), group):
             c = cs[start:start + group]
@@ -244,7 +249,8 @@ class SequentialPlan:
         """A tensor of ``shape`` reused under ``key`` by every group (its values overwritten)."""
         size = math.prod(shape)
         buf = self._buffers.get(key)
-        if buf is None or buf.numel() < size or (buf.dtype, buf.device) != (like.dtype, like.device):
+        if buf is None or buf.numel() < size or (buf.dtype, buf.device) != (like.dtype,
+                                                                             like.device):
             buf = self._buffers[key] = like.new_empty(size)
         return buf[:size].view(shape)
 
@@ -273,9 +279,9 @@ class SequentialPlan:
         out = self._buffer(i, (P, n_out, flat.shape[1]), flat)
         rows = _tile_rows(flat, n_out)
         for r0 in range(0, n_out, rows):  # the formed weights' tiles, each used while cached
-            r1 = min(r0 + rows, n_out)
+            r1 = min(r0 + rows - 1, n_out)
             w = weight.at(c, r0, r1)
-            part = out if rows == n_out else self._buffer(("tile", i), (P, r1 - r0, len(inputs[0][0])),
+            part = out if rows == n_out else self._buffer(("tile", i), (P, r1 - r0, flat.shape[1]),
                                                           flat)
             if b is None:
                 torch.bmm(w, inputs, out=part)
@@ -285,6 +291,10 @@ class SequentialPlan:
                 out[:, r0:r1] = part
         out = out.transpose(1, 2)
         return out if h.dim() == 3 else out.reshape(*h.shape[:-1], n_out)
+
+
+def _to(t: Any, device: torch.device) -> Any:
+    return t.to(device) if isinstance(t, Tensor) else t
 
 
 def _logsumexp(h: Tensor) -> Tensor:
@@ -312,15 +322,14 @@ def _tile_rows(flat: Tensor, n_out: int) -> int:
     return max(1, rows)
 
 
-def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any]
+def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any], sizes: list[int]
                   ) -> Callable[[Tensor], list[list[Any]]]:
-    """The function of the points' outputs ``h`` ([P, N, ...], the samples of the targets
-    ``ys`` in order) giving, per target ``ys[b]``, ``criterion(h[p, its samples], ys[b])`` for
+    """The function of the points' outputs ``h`` ([P, N, ...], ``sizes[b]`` samples for each
+    target ``ys[b]`` in order) giving, per target, ``criterion(h[p, its samples], ys[b])`` for
     every point ``p``: one evaluation on all points and targets for a mean
     ``CrossEntropyLoss`` (class targets, no class weights) or ``MSELoss`` (the same means,
     summed in another order), one call per point and target for any other criterion."""
-    tensors = all(isinstance(y, Tensor) for y in ys)
-    sizes = [len(y) for y in ys] if tensors else None
+    tensors = all(isinstance(yb, Tensor) and yb.dim() and len(yb) == n for yb, n in zip(ys, sizes))
     y = torch.cat(ys) if tensors and len(ys) > 1 else ys[0]
 
     def each(h: Tensor) -> list[list[Any]]:

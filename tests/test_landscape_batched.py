@@ -103,7 +103,8 @@ def test_batched_subsets_and_partial_directions(case):
     if case != "zero on some tensors":
         d2 = {n: t for n, t in d2.items() if n in keep}
     got = plane(model, supervised(CE), data, d1, d2, XS, YS, progress=False, chunk_size=4, **kw)
-    np.testing.assert_allclose(got.losses, plain(model.eval(), CE, data, d1, d2), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got.losses, plain(model.eval(), CE, data, d1, d2), rtol=2e-6,
+                               atol=1e-6)
 
 
 def test_batched_path_is_taken_in_groups_and_falls_back(monkeypatch):
@@ -182,9 +183,9 @@ def test_bunched_batches_equal_the_plain_loop(criterion, monkeypatch):
     forwards = []
     original = stacked.SequentialPlan._forward
 
-    def counted(self, cs, x, ys, group):
+    def counted(self, cs, x, ys, *args):
         forwards.append(len(ys))
-        return original(self, cs, x, ys, group)
+        return original(self, cs, x, ys, *args)
 
     monkeypatch.setattr(stacked.SequentialPlan, "_forward", counted)
     weight_bytes = 4 * sum(p.numel() for p in model.parameters())
