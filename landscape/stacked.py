@@ -279,7 +279,7 @@ class SequentialPlan:
         out = self._buffer(i, (P, n_out, flat.shape[1]), flat)
         rows = _tile_rows(flat, n_out)
         for r0 in range(0, n_out, rows):  # the formed weights' tiles, each used while cached
-            r1 = min(r0 + rows - 1, n_out)
+            r1 = min(r0 + rows, n_out)
             w = weight.at(c, r0, r1)
             part = out if rows == n_out else self._buffer(("tile", i), (P, r1 - r0, flat.shape[1]),
                                                           flat)
