@@ -33,11 +33,12 @@ from tqdm.auto import tqdm
 
 from analysis.core import (all_reduce_max_, ArgumentTypeError, BatchSizeFn, check_choice,
                            check_data, check_int, check_number, check_positive, data_mean,
-                           loss_reduction, LossFn, preserved, rank, world_size)
+                           default_batch_size, loss_reduction, LossFn, preserved, rank,
+                           world_size)
 
 from .directions import named_targets
 from .results import Progress
-from .stacked import sequential_plan
+from .stacked import SequentialPlan, sequential_plan
 
 VECTORIZE = ("auto", True, False)
 DISTRIBUTE = ("data", "grid")
@@ -102,6 +103,19 @@ def _activation_bytes(model: nn.Module, loss_fn: LossFn, batch: Any) -> tuple[in
     return total, largest
 
 
+def _probe(model: nn.Module, loss_fn: LossFn, batch: Any, plan: SequentialPlan | None
+           ) -> tuple[int, int]:
+    """``_activation_bytes`` of ``batch``; for the sequential plan's sample-wise layers, from
+    its first sample times the batch's samples (the same sizes, for a forward of one sample)."""
+    n = len(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) >= 2 \
+        and all(isinstance(t, Tensor) and t.dim() for t in batch[:2]) \
+        and len(batch[1]) == len(batch[0]) else 0
+    if plan is None or n < 2:
+        return _activation_bytes(model, loss_fn, batch)
+    one = (batch[0][:1], batch[1][:1], *batch[2:])
+    return tuple(n * size for size in _activation_bytes(model, loss_fn, one))
+
+
 def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[Mapping[str, Tensor]],
                     coords: np.ndarray, store: Progress, describe: Callable[[int], str], *,
                     model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
@@ -125,7 +139,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
     The losses are written to ``store`` (and its file) after every chunk. A non-finite loss
     raises ValueError naming the point (``describe(index)``). ``store.n_forward`` counts
     forward passes: one per point and batch, plus one probe sizing the chunks when
-    ``chunk_size`` is None.
+    ``chunk_size`` is None (of one sample, scaled, for the sequential plan).
     """
     if not (isinstance(vectorize, (bool, np.bool_)) or (isinstance(vectorize, str)
                                                         and vectorize == "auto")):
@@ -192,8 +206,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             # a mean: owned == 1 unless distribute="grid"; a sum is the owner's alone already
             return (total / owned if reduction == "mean" else total).cpu().double().numpy()
 
-        single = hasattr(data, "__len__") and len(data) == 1  # one batch: nothing to reuse
-        plan = sequential_plan(model, loss_fn, parts, not single) if vectorize == "auto" else None
+        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
         group = chunk_size  # points per forward of the sequential plan
 
         def stacked(cs: Tensor, batch) -> Tensor:
@@ -203,7 +216,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
         if chunk_size is None:
             weight_bytes = sum(v.numel() * v.element_size() for v in vectors[0].values())
             first = next(iter(data), None)  # None: this rank's shard is empty
-            act, largest = (0, 0) if first is None else _activation_bytes(model, loss_fn, first)
+            act, largest = (0, 0) if first is None else _probe(model, loss_fn, first, plan)
             store.n_forward += first is not None
             # every rank must make the same passes over its shard: size for the largest batch
             sizes = torch.tensor([float(act), float(largest)], dtype=torch.float64)
@@ -213,6 +226,10 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data, vectors: Sequence[M
             group = chunk_size
             if plan and device.type == "cpu":
                 group = plan.cpu_group(largest, chunk_size)
+            if plan:  # it holds one group's weights: a chunk sets how often the first layer runs
+                chunk_size = max(chunk_size, min(len(todo), max_memory // max(weight_bytes, 1)))
+                if isinstance(data, (list, tuple)) and first is not None:
+                    plan.bunch(data, batch_size_fn or default_batch_size, device, largest, group)
             if mode is vmapped and device.type == "cpu":
                 cached = min(chunk_size, CPU_TENSOR_BYTES // max(largest, 1))
                 if cached >= min(MIN_CPU_CHUNK, len(todo)) or vectorize is True:

@@ -7,20 +7,26 @@ a leading points dimension:
 
 * the first layer whose tensors move, when it is a Linear or convolution layer reading the
   batch's inputs, is linear in its weights: ``layer(x; sum_j c_j V_j) = sum_j c_j layer(x; V_j)``,
-  so each ``layer(x; V_j)`` is computed once per batch and the points only combine them;
-* a later Linear layer whose tensors move: one ``baddbmm`` with the points' stacked weights
-  (formed by one product ``coords @ V``, once per chunk of points for all batches);
+  so each ``layer(x; V_j)`` is computed once per batch and chunk and the points only combine
+  them;
+* a later Linear layer whose tensors move: one ``baddbmm`` per tile of rows of the points'
+  weights (each tile formed by one product ``coords @ V`` and used while in the cache; one tile
+  unless the points' inputs are small and their weights large, see ``_tile_rows``), computed
+  as ``z^T = W x^T``, into an output buffer reused by every group;
 * a layer none of whose tensors move: once on all the points' samples together;
 * any other layer whose tensors move: point by point (``functional_call``).
 
-The loss is the user's criterion on each point's outputs (a mean cross-entropy or squared error
-on all the points' outputs at once). Only the order of the sums differs from the plain
-evaluation, so the values agree to rounding. The model is only read.
+Consecutive batches of a list (inputs of one shape) run as one forward per chunk of points
+(``SequentialPlan.bunch``): the layers are sample-wise, so each sample's outputs are those of its
+own batch. The loss is the user's criterion on each point's outputs on each batch (a mean
+cross-entropy or squared error on all the points and batches at once). Only the order of the
+sums differs from the plain evaluation, so the values agree to rounding. The model is only read.
 """
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -33,7 +39,9 @@ from analysis.core import LossFn, supervised
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
 _SUPERVISED = supervised(nn.MSELoss()).__code__
-GROUP_ACTIVATION_BYTES = 2 ** 19  # on a CPU: one activation tensor of a group of points
+GROUP_ACTIVATION_BYTES = 2 ** 21  # on a CPU: one activation tensor of a group of points
+TILE_BYTES = 2 ** 22  # on a CPU: one tile of a group's formed Linear weights (see _tile_rows)
+BUNCH_ACTIVATION_BYTES = 2 ** 24  # one point's largest activation on a bunch of batches
 PRECOMPUTED = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)  # linear in their weights
 ELEMENTWISE = (nn.ReLU, nn.ReLU6, nn.LeakyReLU, nn.PReLU, nn.ELU, nn.SELU, nn.CELU, nn.GELU,
                nn.SiLU, nn.Mish, nn.Sigmoid, nn.Tanh, nn.Softplus, nn.Hardtanh, nn.Hardswish,
@@ -89,18 +97,25 @@ def _no_hooks(model: nn.Module) -> bool:
 class _Stack:
     """Vectors' values ``V_j`` of one tensor, stacked once; ``at(cs)`` gives every point's
     ``sum_j c_j V_j`` ([P, *shape]) as one product, written into a buffer reused by the next
-    call (a fresh multi-megabyte tensor per group costs more than the product on a CPU)."""
+    call (a fresh multi-megabyte tensor per group costs more than the product on a CPU);
+    ``at(cs, start, stop)`` gives rows ``start:stop`` of it (a tile) alone."""
 
     def __init__(self, parts: Sequence[tuple[int, Tensor]]):
         self.idx = [j for j, _ in parts]
         self.shape = parts[0][1].shape
         self.flat = torch.stack([t.reshape(-1) for _, t in parts])
-        self.buffer = self.flat[:0]
+        self.buffer = self.flat[0, :0]
 
-    def at(self, cs: Tensor) -> Tensor:
-        if len(self.buffer) != len(cs):
-            self.buffer = self.flat.new_empty(len(cs), self.flat.shape[1])
-        return torch.mm(cs[:, self.idx], self.flat, out=self.buffer).view(len(cs), *self.shape)
+    def at(self, cs: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+        rows = self.shape[0] if self.shape else 1
+        stop = rows if stop is None else stop
+        row = self.flat.shape[1] // max(rows, 1)
+        size = len(cs) * (stop - start) * row
+        if self.buffer.numel() < size:
+            self.buffer = self.flat.new_empty(size)
+        out = self.buffer[:size].view(len(cs), -1)
+        torch.mm(cs[:, self.idx], self.flat[:, start * row:stop * row], out=out)
+        return out.view(len(cs), stop - start, *self.shape[1:])
 
     def values(self) -> list[tuple[int, Tensor]]:
         return list(zip(self.idx, self.flat.view(len(self.idx), *self.shape)))
@@ -112,28 +127,97 @@ class _Layer:
     moving: dict[str, _Stack]  # attribute -> the vectors' values for it
 
 
+@dataclass
+class _Bunch:
+    """Consecutive batches run as one forward: their inputs concatenated (the layers are
+    sample-wise, so every sample's outputs are those of its own batch's forward), the
+    criterion on each batch's outputs; ``values`` are the losses at the points ``cs``."""
+    batches: list[Any]
+    group: int
+    cs: Tensor | None = None
+    values: list[list[Any]] = field(default_factory=list)
+
+
 class SequentialPlan:
     """The layers of a sequential model with the vector parts of its moving tensors."""
 
-    def __init__(self, layers: list[_Layer], criterion: Callable[[Tensor, Tensor], Tensor],
-                 reuse: bool):
-        self.layers, self.criterion, self.reuse = layers, criterion, reuse
+    def __init__(self, layers: list[_Layer], criterion: Callable[[Tensor, Tensor], Tensor]):
+        self.layers, self.criterion = layers, criterion
         self.first = next((i for i, layer in enumerate(layers) if layer.moving), len(layers))
         self.precompute = (self.first < len(layers)
                            and type(layers[self.first].module) in PRECOMPUTED)
-        self._chunk: Tensor | None = None  # the points whose stacked tensors are in _tensors
-        self._tensors: list[dict[str, Tensor]] = []
-
-    def _stacked(self, cs: Tensor) -> list[dict[str, Tensor]]:
-        """Per layer, its moving tensors at the points ``cs`` ([P, *shape] each)."""
-        return [{a: s.at(cs) for a, s in layer.moving.items()} for layer in self.layers]
+        self._bunches: dict[int, tuple[_Bunch, int]] = {}  # id(batch) -> its bunch, position
+        self._buffers: dict[Any, Tensor] = {}  # reused outputs (fresh ones page-fault on a CPU)
 
     @staticmethod
     def cpu_group(largest: int, limit: int) -> int:
         """Points per forward on a CPU: at most ``limit``, with each activation tensor (one point's
-        largest is ``largest`` bytes) within ``GROUP_ACTIVATION_BYTES`` (beyond, fresh
-        allocations page-fault and miss the cache more than the batching saves)."""
+        largest is ``largest`` bytes) within ``GROUP_ACTIVATION_BYTES`` (beyond, the activations
+        miss the cache more than the batching saves)."""
         return max(1, min(limit, GROUP_ACTIVATION_BYTES // max(largest, 1)))
+
+    def bunch(self, batches: Sequence[Any], size: Callable[[Any], int], device: torch.device,
+              largest: int, group: int) -> None:
+        """Run consecutive batches of ``batches`` (a list already in memory) as one forward,
+        while one point's largest activation on them stays within ``BUNCH_ACTIVATION_BYTES``
+        (the first batch's is ``largest`` bytes, ``group`` points per forward): fewer,
+        larger products, and each point's weights formed once for all of them. Only batches
+        ``(x, y, ...)`` whose inputs ``x`` agree in shape past dim 0, dtype and device join."""
+        live = [b for b in batches if size(b) > 0]
+        if not live or live[0] is not batches[0] or not all(
+                isinstance(b, (tuple, list)) and len(b) >= 2 and isinstance(b[0], Tensor)
+                and b[0].dim() for b in live):
+            return
+        per_sample = largest / max(len(live[0][0]), 1)
+        runs: list[list[Any]] = []
+        for b in live:
+            run = runs[-1] if runs else None
+            if run is None or b[0].shape[1:] != run[0][0].shape[1:] \
+                    or (b[0].dtype, b[0].device) != (run[0][0].dtype, run[0][0].device) \
+                    or (sum(len(a[0]) for a in run) + len(b[0])) * per_sample \
+                    > BUNCH_ACTIVATION_BYTES:
+                runs.append([b])
+            else:
+                run.append(b)
+        for run in (r for r in runs if len(r) > 1):
+            shared = _Bunch(run, max(1, group * len(live[0][0]) // sum(len(b[0]) for b in run)))
+            for k, b in enumerate(run):
+                self._bunches[id(b)] = (shared, k)
+
+    def losses(self, cs: Tensor, batch: Any, group: int, device: torch.device) -> list[Any]:
+        """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per
+        forward (or its bunch's, with the bunch's other batches, see ``bunch``)."""
+        shared, k = self._bunches.get(id(batch), (None, 0))
+        if shared is None or shared.batches[k] is not batch:
+            shared, k = _Bunch([batch], group), 0
+        if shared.cs is not cs:  # new points: the whole bunch at once (concatenated per chunk)
+            x = torch.cat([b[0] for b in shared.batches]) if len(shared.batches) > 1 \
+                else shared.batches[0][0]
+            ys = [_to(b[1], device) for b in shared.batches]
+            sizes = [len(b[0]) if isinstance(b[0], Tensor) and b[0].dim() else 0
+                     for b in shared.batches]
+            shared.cs, shared.values = cs, self._forward(cs, _to(x, device), ys, sizes,
+                                                         shared.group)
+        return shared.values[k]
+
+    def _forward(self, cs: Tensor, x: Tensor, ys: list[Any], sizes: list[int], group: int
+                 ) -> list[list[Any]]:
+        """Per target ``ys[b]`` (of the next ``sizes[b]`` samples of ``x``), the losses at the
+        points."""
+        for layer in self.layers[:self.first]:  # nothing moves yet: shared by all points
+            x = layer.module(x)
+        first = self._first_terms(x) if self.precompute else None
+        skip = self.first + (first is not None)
+        loss = _point_losses(self.criterion, ys, sizes)
+        out: list[list[Any]] = [[] for _ in ys]
+        for start in range(0, len(cs), group):
+            c = cs[start:start + group]
+            h = first(c) if first is not None else x.expand(len(c), *x.shape)
+            for i in range(skip, len(self.layers)):
+                h = self._apply(i, h, c, owned=first is not None or i > skip)
+            for values, more in zip(out, loss(h)):
+                values += more
+        return out
 
     def _first_terms(self, x: Tensor) -> Callable[[Tensor], Tensor]:
         """The first moving layer on the batch ``x``, as a function of the points' coordinates."""
@@ -161,82 +245,134 @@ class SequentialPlan:
             return h
         return out
 
-    def losses(self, cs: Tensor, batch: Any, group: int, device: torch.device) -> list[Any]:
-        """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per
-        forward."""
-        x, y = (t.to(device) if isinstance(t, Tensor) else t for t in (batch[0], batch[1]))
-        if self.reuse and self._chunk is not cs:  # new points: stacked once for all batches
-            self._chunk, self._tensors = cs, self._stacked(cs)
-        for layer in self.layers[:self.first]:  # nothing moves yet: shared by all points
-            x = layer.module(x)
-        first = self._first_terms(x) if self.precompute else None
-        skip = self.first + (first is not None)
-        out = []
-        for start in range(0, len(cs), group):
-            c = cs[start:start + group]
-            h = first(c) if first is not None else x.expand(len(c), *x.shape)
-            stacked = ([{a: t[start:start + group] for a, t in ts.items()} for ts in self._tensors]
-                       if self.reuse else self._stacked(c))  # per group: while in the cache
-            for i, (layer, tensors) in enumerate(zip(self.layers[skip:], stacked[skip:])):
-                h = _apply(layer, h, tensors, owned=first is not None or i > 0)
-            out += _point_losses(self.criterion, h, y)
-        return out
+    def _buffer(self, key: Any, shape: tuple[int, ...], like: Tensor) -> Tensor:
+        """A tensor of ``shape`` reused under ``key`` by every group (its values overwritten)."""
+        size = math.prod(shape)
+        buf = self._buffers.get(key)
+        if buf is None or buf.numel() < size or (buf.dtype, buf.device) != (like.dtype,
+                                                                             like.device):
+            buf = self._buffers[key] = like.new_empty(size)
+        return buf[:size].view(shape)
+
+    def _apply(self, i: int, h: Tensor, c: Tensor, owned: bool) -> Tensor:
+        """Layer ``i`` on the activations ``h[p]`` ([P, N, ...]) of each point ``c[p]``;
+        ``owned``: ``h`` is this evaluation's temporary (a ReLU may overwrite it)."""
+        layer = self.layers[i]
+        m, P = layer.module, len(h)
+        if type(m) is nn.ReLU and owned:
+            return h.relu_()
+        if not layer.moving:
+            return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
+        if type(m) is not nn.Linear:
+            tensors = {a: s.at(c) for a, s in layer.moving.items()}
+            return torch.stack([functional_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
+                                for p in range(P)])
+        flat = h.reshape(P, -1, h.shape[-1])
+        weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
+        if weight is None:
+            b = bias.at(c).unsqueeze(1)
+            return (F.linear(flat, m.weight) + b).view(*h.shape[:-1], -1)
+        # z^T = W x^T ([P, out, N]): as fast as x W^T or faster (3x for 10 outputs) on a CPU
+        b = bias.at(c).unsqueeze(2) if bias is not None else m.bias
+        b = b[:, None] if b is not None and b.dim() == 1 else b  # [P, out, 1] or [out, 1]
+        n_out, inputs = m.out_features, flat.transpose(1, 2)
+        out = self._buffer(i, (P, n_out, flat.shape[1]), flat)
+        rows = _tile_rows(flat, n_out)
+        for r0 in range(0, n_out, rows):  # the formed weights' tiles, each used while cached
+            r1 = min(r0 + rows, n_out)
+            w = weight.at(c, r0, r1)
+            part = out if rows == n_out else self._buffer(("tile", i), (P, r1 - r0, flat.shape[1]),
+                                                          flat)
+            if b is None:
+                torch.bmm(w, inputs, out=part)
+            else:
+                torch.baddbmm(b[..., r0:r1, :], w, inputs, out=part)
+            if part is not out:
+                out[:, r0:r1] = part
+        out = out.transpose(1, 2)
+        return out if h.dim() == 3 else out.reshape(*h.shape[:-1], n_out)
 
 
-def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], h: Tensor, y: Any) -> list[Any]:
-    """``criterion(h[p], y)`` for every point ``p``: one call on all points for a mean
+def _to(t: Any, device: torch.device) -> Any:
+    return t.to(device) if isinstance(t, Tensor) else t
+
+
+def _logsumexp(h: Tensor) -> Tensor:
+    """``h.logsumexp(2)`` ([P, N, C] -> [P, N]), reduced over the classes in a [P, C, N] copy
+    (a reduction over the innermost 10 entries is slow), with the exponents clamped at -87:
+    the largest term is 1 and the clamped ones stay below 10^-37, under the rounding of the
+    sum in float32 and float64, so the value is unchanged while exp never returns a subnormal
+    (which a CPU computes 3-6 times slower, as happens for the far points of a plane)."""
+    t = h.transpose(1, 2).contiguous()
+    m = t.amax(1, keepdim=True)
+    return (t - m).clamp_min_(-87).exp_().sum(1).log_().add_(m[:, 0])
+
+
+def _tile_rows(flat: Tensor, n_out: int) -> int:
+    """Rows of a Linear layer's weights formed at once for the points of ``flat`` ([P, N, in]).
+    On a CPU, when the points' inputs are small (within ``GROUP_ACTIVATION_BYTES``) and their
+    formed weights are not, tiles of ``TILE_BYTES``: each is formed and multiplied while in the
+    cache, so the stored vectors are streamed once per group and the formed weights never go
+    to memory. Otherwise all rows (the inputs would be re-read per tile)."""
+    P, N, n_in = flat.shape
+    item = flat.element_size()
+    rows = TILE_BYTES // max(P * n_in * item, 1)
+    if flat.device.type != "cpu" or P * N * n_in * item > GROUP_ACTIVATION_BYTES or rows >= n_out:
+        return n_out
+    return max(1, rows)
+
+
+def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any], sizes: list[int]
+                  ) -> Callable[[Tensor], list[list[Any]]]:
+    """The function of the points' outputs ``h`` ([P, N, ...], ``sizes[b]`` samples for each
+    target ``ys[b]`` in order) giving, per target, ``criterion(h[p, its samples], ys[b])`` for
+    every point ``p``: one evaluation on all points and targets for a mean
     ``CrossEntropyLoss`` (class targets, no class weights) or ``MSELoss`` (the same means,
-    summed in another order), one call per point for any other criterion."""
-    P, N = h.shape[:2]
+    summed in another order), one call per point and target for any other criterion."""
+    tensors = all(isinstance(yb, Tensor) and yb.dim() and len(yb) == n for yb, n in zip(ys, sizes))
+    y = torch.cat(ys) if tensors and len(ys) > 1 else ys[0]
+
+    def each(h: Tensor) -> list[list[Any]]:
+        parts = h.split(sizes, 1) if len(ys) > 1 else (h,)
+        return [[criterion(hp, yb) for hp in part] for part, yb in zip(parts, ys)]
+
+    def means(per: Tensor, counts: Sequence[Tensor]) -> list[list[Any]]:
+        return [list(part.flatten(1).sum(1) / n) for part, n in zip(per.split(sizes, 1), counts)]
+
     kind = type(criterion)
     if kind is nn.CrossEntropyLoss and criterion.reduction == "mean" and criterion.weight is None \
-            and h.dim() == 3 and isinstance(y, Tensor) and y.shape == (N,) \
-            and not y.is_floating_point():
-        if criterion.label_smoothing:
-            per = F.cross_entropy(h.flatten(0, 1), y.repeat(P), reduction="none",
-                                  ignore_index=criterion.ignore_index,
-                                  label_smoothing=criterion.label_smoothing).view(P, N)
-        else:  # -log_softmax(h)[y] = logsumexp(h) - h[y], without the log_softmax tensor
-            valid = y != criterion.ignore_index
-            picked = h.gather(2, torch.where(valid, y, 0).expand(P, N)[..., None])[..., 0]
-            per = (h.logsumexp(2) - picked) * valid
-        return list(per.sum(1) / (y != criterion.ignore_index).sum())
-    if kind is nn.MSELoss and criterion.reduction == "mean" and isinstance(y, Tensor) \
-            and y.shape == h.shape[1:]:
-        return list(F.mse_loss(h, y.expand_as(h), reduction="none").flatten(1).mean(1))
-    return [criterion(hp, y) for hp in h]
+            and tensors and y.dim() == 1 and not y.is_floating_point():
+        valid = y != criterion.ignore_index
+        counts = [v.sum() for v in valid.split(sizes)]
+        safe = torch.where(valid, y, 0)
+
+        def cross_entropy(h: Tensor) -> list[list[Any]]:
+            if h.dim() != 3 or h.shape[1] != len(y):
+                return each(h)
+            P, N = h.shape[:2]
+            if criterion.label_smoothing:
+                per = F.cross_entropy(h.flatten(0, 1), y.repeat(P), reduction="none",
+                                      ignore_index=criterion.ignore_index,
+                                      label_smoothing=criterion.label_smoothing).view(P, N)
+            else:  # -log_softmax(h)[y] = logsumexp(h) - h[y], without the log_softmax tensor
+                per = (_logsumexp(h) - h.gather(2, safe.expand(P, N)[..., None])[..., 0]) * valid
+            return means(per, counts)
+        return cross_entropy
+    if kind is nn.MSELoss and criterion.reduction == "mean" and tensors \
+            and all(yb.shape[1:] == ys[0].shape[1:] for yb in ys):
+        def squared_error(h: Tensor) -> list[list[Any]]:
+            if h.shape[1:] != y.shape:
+                return each(h)
+            per = F.mse_loss(h, y.expand_as(h), reduction="none")
+            return means(per, [yb.numel() for yb in ys])
+        return squared_error
+    return each
 
 
-def _apply(layer: _Layer, h: Tensor, tensors: dict[str, Tensor], owned: bool) -> Tensor:
-    """``layer`` on the activations ``h[p]`` ([P, N, ...]) of each point, with its moving
-    tensors ``tensors[attr][p]``; ``owned``: ``h`` is this evaluation's temporary (a ReLU may
-    overwrite it)."""
-    m, P = layer.module, len(h)
-    if type(m) is nn.ReLU and owned:
-        return h.relu_()
-    if not tensors:
-        return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
-    if type(m) is not nn.Linear:
-        return torch.stack([functional_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
-                            for p in range(P)])
-    flat = h.reshape(P, -1, h.shape[-1])
-    bias = tensors["bias"].unsqueeze(1) if "bias" in tensors else m.bias
-    if "weight" not in tensors:
-        z = F.linear(flat, m.weight) + bias
-    elif bias is None:
-        z = torch.bmm(flat, tensors["weight"].transpose(1, 2))
-    else:
-        z = torch.baddbmm(bias, flat, tensors["weight"].transpose(1, 2))
-    return z.view(*h.shape[:-1], z.shape[-1])
-
-
-def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts, reuse: bool = True
-                    ) -> SequentialPlan | None:
+def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> SequentialPlan | None:
     """The plan for ``model`` and ``loss_fn`` moving ``parts`` (name -> [(j, V_j[name])]), or
     None when they are not a hook-free sequential model of sample-wise layers and a
-    ``supervised`` loss (the caller then evaluates the points another way). ``reuse``: keep a
-    chunk's stacked weights for all its batches (for one batch, they are formed per group of
-    points instead, while they are in the cache)."""
+    ``supervised`` loss (the caller then evaluates the points another way)."""
     if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
         return None
     leaves = _leaves(model)
@@ -250,4 +386,4 @@ def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts, reuse: bool
             return None
         i, attr = owner[name]
         layers[i].moving[attr] = _Stack(p)
-    return SequentialPlan(layers, inspect.getclosurevars(loss_fn).nonlocals["criterion"], reuse)
+    return SequentialPlan(layers, inspect.getclosurevars(loss_fn).nonlocals["criterion"])

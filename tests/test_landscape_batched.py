@@ -103,7 +103,8 @@ def test_batched_subsets_and_partial_directions(case):
     if case != "zero on some tensors":
         d2 = {n: t for n, t in d2.items() if n in keep}
     got = plane(model, supervised(CE), data, d1, d2, XS, YS, progress=False, chunk_size=4, **kw)
-    np.testing.assert_allclose(got.losses, plain(model.eval(), CE, data, d1, d2), rtol=2e-6, atol=1e-6)
+    np.testing.assert_allclose(got.losses, plain(model.eval(), CE, data, d1, d2), rtol=2e-6,
+                               atol=1e-6)
 
 
 def test_batched_path_is_taken_in_groups_and_falls_back(monkeypatch):
@@ -139,3 +140,69 @@ def test_batched_path_is_taken_in_groups_and_falls_back(monkeypatch):
     for module in (nn.Softmax(dim=0), nn.Flatten(0), nn.BatchNorm1d(3, track_running_stats=False)):
         assert stacked.sequential_plan(nn.Sequential(nn.Linear(12, 3), module.eval()),
                                        supervised(CE), {}) is None
+
+
+def test_tiled_linear_layers_equal_the_plain_loop(monkeypatch):
+    """Weights formed in tiles of 3 rows (16 = 5 x 3 + 1: a partial last tile) for each group
+    of points, on several batches run as one bunch: the plain loop's values."""
+    model = models()["mlp"]
+    x, y = classification_data(n=23, d=12, dtype=torch.float32)
+    data = uneven_batches(x, y)
+    d1, d2 = random_direction(model, seed=1), random_direction(model, seed=2)
+    tiles = []
+    original = stacked._tile_rows
+
+    def spied(flat, n_out):
+        rows = original(flat, n_out)
+        tiles.append((len(flat), rows, n_out))
+        return rows
+
+    monkeypatch.setattr(stacked, "_tile_rows", spied)
+    monkeypatch.setattr(stacked, "TILE_BYTES", 3 * 4 * 16 * 4)  # 3 rows for 4 points of 16 inputs
+    got = plane(model, supervised(CE), data, d1, d2, XS, YS, progress=False, chunk_size=4)
+    np.testing.assert_allclose(got.losses, plain(model.eval(), CE, data, d1, d2), rtol=2e-6,
+                               atol=1e-6)
+    assert (4, 3, 16) in tiles  # the hidden layer of a full group: tiled
+    assert got.n_forward == XS.size * YS.size * len(data)
+
+
+@pytest.mark.parametrize("criterion", [nn.CrossEntropyLoss(ignore_index=1),
+                                       nn.CrossEntropyLoss(label_smoothing=0.2), nn.MSELoss()],
+                         ids=["ignore_index", "label smoothing", "mse"])
+def test_bunched_batches_equal_the_plain_loop(criterion, monkeypatch):
+    """The batches of a list run as one forward per chunk of points (a batch of another input
+    shape alone); each batch's mean is its own."""
+    torch.manual_seed(0)
+    model = models()["mlp"]
+    x, y = classification_data(n=23, d=12, dtype=torch.float32)
+    mse = isinstance(criterion, nn.MSELoss)
+    y = torch.randn(23, 3) if mse else y
+    other = torch.randn(5, 2, 3) if mse else torch.randint(0, 2, (5, 3))  # classes on dim 1
+    data = uneven_batches(x, y) + [(torch.randn(5, 2, 12), other)]
+    d1, d2 = random_direction(model, seed=1), random_direction(model, seed=2)
+    forwards = []
+    original = stacked.SequentialPlan._forward
+
+    def counted(self, cs, x, ys, *args):
+        forwards.append(len(ys))
+        return original(self, cs, x, ys, *args)
+
+    monkeypatch.setattr(stacked.SequentialPlan, "_forward", counted)
+    weight_bytes = 4 * sum(p.numel() for p in model.parameters())
+    got = plane(model, supervised(criterion), data, d1, d2, XS, YS, progress=False,
+                max_memory=4 * weight_bytes)  # chunks of 4 points
+    np.testing.assert_allclose(got.losses, plain(model.eval(), criterion, data, d1, d2), rtol=2e-6,
+                               atol=1e-6)
+    # per chunk: the four (N, 12) batches together, then the (N, 2, 12) one
+    assert forwards == [4, 1] * 4
+
+
+def test_logsumexp_without_subnormals_equals_torch():
+    """Exponents clamped at -87 change no value, in float32 or float64, however spread the
+    logits (terms at e^-20 still count)."""
+    for dtype in (torch.float32, torch.float64):
+        h = torch.tensor([[0.0] + [-20.0] * 9, [0.0] + [-90.0] * 9, [1e3, -1e3] + [0.0] * 8,
+                          [5.0, 4.0, -86.0, -88.0, -200.0, 3.0, 2.0, 1.0, 0.0, -1.0]], dtype=dtype)
+        h = torch.cat([h, torch.randn(6, 10, dtype=dtype) * 50])[None]
+        eps = torch.finfo(dtype).eps
+        torch.testing.assert_close(stacked._logsumexp(h), h.logsumexp(2), rtol=2 * eps, atol=eps)
