@@ -31,9 +31,9 @@ from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
-from .core import (BatchSizeFn, check_bool, check_choice, check_data, check_loss, check_model_mode,
-                   data_mean, flatten, guarded, loss_reduction, LossFn, numel, ParamSelection,
-                   preserved, select_params, unflatten, unwrap_compiled,
+from .core import (all_finite, BatchSizeFn, check_bool, check_choice, check_data, check_loss,
+                   check_model_mode, data_mean, flatten, guarded, loss_reduction, LossFn, numel,
+                   ParamSelection, preserved, select_params, unflatten, unwrap_compiled,
                    working_dtype)
 from .ops import curvature_ops, gradients
 from .preconditioning import Preconditioner, inverse_sqrt
@@ -149,7 +149,7 @@ class HessianOperator:
             shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
             raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
                              f"selected parameter elements), got {shape}")
-        if not bool(torch.isfinite(vs).all()):
+        if not all_finite(vs):
             raise ValueError("vectors must be finite (they hold NaN or inf)")
         vs = vs.to(self.device, self.dtype)
         if self.scale is not None:
@@ -196,9 +196,11 @@ class HessianOperator:
             if last and not kept:
                 grads = None  # the graph is freed before the output is allocated
             if out is None:  # after the first backward, whose peak then excludes it
-                out = torch.zeros_like(vs)
+                out = torch.empty_like(vs)
             for r, h in zip(unflatten(out[row], self.params), hv):
-                if h is not None:
+                if h is None:  # a parameter the loss does not reach
+                    r.zero_()
+                else:
                     r.copy_(h)
         return out if out is not None else torch.zeros_like(vs)  # (no rows)
 

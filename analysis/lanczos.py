@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
-from .core import (BatchSizeFn, check_choice, check_device, check_dtype, check_int,
+from .core import (all_finite, BatchSizeFn, check_choice, check_device, check_dtype, check_int,
                    check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps,
                    randn, records_metadata, register_result)
 from .curvature import curvature_operator
@@ -198,7 +198,7 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
         if v0.shape[1] != n:
             raise ValueError(f"v0 must have {n} columns (the number of selected parameter "
                              f"elements), got shape {tuple(v0.shape)}")
-        if not bool(torch.isfinite(v0).all()):
+        if not all_finite(v0):
             raise ValueError("v0 must be finite (it holds NaN or inf)")
         folded = torch.zeros_like(block)
         folded.index_add_(0, torch.arange(len(v0), device=like.device) % b, v0.to(like))

@@ -26,7 +26,7 @@ from typing import Any, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import flatten, numel
+from .core import all_finite, flatten, numel
 
 Preconditioner = None | Tensor | Mapping[str, Tensor] | Any
 
@@ -101,7 +101,7 @@ def inverse_sqrt(preconditioner: Preconditioner, model: nn.Module, names: Sequen
                 raise ValueError(f"preconditioner[{n!r}] must have the parameter's shape "
                                  f"{tuple(p.shape)}, got {tuple(named[n].shape)}")
         flat = flatten([named[n].detach().to(like.device, like.dtype) for n in names])
-    if not bool(torch.isfinite(flat).all()) or not bool((flat > 0).all()):
+    if not all_finite(flat) or not bool((flat > 0).all()):
         raise ValueError(f"preconditioner must be finite and positive, got values in "
                          f"[{flat.min().item():.3g}, {flat.max().item():.3g}]")
     return flat.rsqrt()

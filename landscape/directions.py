@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import (BatchSizeFn, check_bool, check_choice, guarded, LossFn, make_generator,
-                           ParamSelection, randn, register_result, select_params, unflatten)
+from analysis.core import (all_finite, BatchSizeFn, check_bool, check_choice, guarded, LossFn,
+                           make_generator, ParamSelection, randn, register_result, select_params,
+                           unflatten)
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
@@ -63,7 +64,7 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
     for name, t in direction.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ValueError(f"{argname}[{name!r}] must be a floating-point tensor")
-        if not bool(torch.isfinite(t).all()):
+        if not all_finite(t):
             raise ValueError(f"{argname}[{name!r}] must be finite (it holds NaN or inf)")
         if t.shape != targets[name].shape:
             raise ValueError(f"{argname}[{name!r}] has shape {tuple(t.shape)}, but the model's "

@@ -265,3 +265,29 @@ def test_fingerprints_tell_apart_what_must_agree_between_ranks():
     assert fingerprint(model) != fingerprint(mlp((6, 5, 3), seed=1))
     assert fingerprint(np.array(["a", "b"])) == fingerprint(["a", "b"])
     assert fingerprint(lambda: 0) == fingerprint(print)  # callables are not compared
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.complex64])
+def test_non_finite_vectors_are_refused_wherever_they_sit(dtype):
+    """``all_finite`` (one min/max pass) against ``isfinite().all()``: NaN, +inf and -inf at the
+    first, a middle and the last element, in a non-contiguous view too; the Hessian product and
+    the Lanczos warm start name the argument."""
+    from analysis import HessianOperator, top_eigenvalues
+    from analysis.core import all_finite
+    base = torch.randn(6, 7).to(dtype)
+    assert all_finite(base) and all_finite(base[:0]) and all_finite(torch.arange(4))
+    for bad in (float("nan"), float("inf"), -float("inf")):
+        for index in ((0, 0), (3, 4), (5, 6)):
+            x = base.clone()
+            x[index] = bad if not x.is_complex() else complex(0.0, bad)
+            assert not all_finite(x) and not all_finite(x.T)
+            assert all_finite(x) == bool(torch.isfinite(x).all())
+    x, y = classification_data(n=12, d=5)
+    model = mlp((5, 4, 3))
+    op = HessianOperator(model, CE, [(x, y)], progress=False)
+    v = torch.zeros(op.shape[0], dtype=torch.float64)
+    v[-1] = -float("inf")
+    with pytest.raises(ValueError, match="finite"):
+        op.matvec(v)
+    with pytest.raises(ValueError, match="v0 must be finite"):
+        top_eigenvalues(model, CE, [(x, y)], v0=v, progress=False)

@@ -12,7 +12,6 @@ second-order model of the loss for the sharpness measures.
 from __future__ import annotations
 
 import copy
-import warnings
 
 import numpy as np
 import pytest
@@ -20,7 +19,6 @@ import torch
 from scipy.sparse.linalg import eigsh
 import torch.nn.functional as F
 from torch import nn
-from torch.func import functional_call
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.checkpoint import checkpoint
 

@@ -34,8 +34,8 @@ from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
 from .seeding import make_generator, rademacher, randn, uniform
-from .validation import (ArgumentTypeError, check_bool, check_choice, check_device, check_dtype,
-                         check_int, check_nonnegative, check_number, check_positive,
+from .validation import (ArgumentTypeError, all_finite, check_bool, check_choice, check_device,
+                         check_dtype, check_int, check_nonnegative, check_number, check_positive,
                          check_probability)
 
 __all__ = [
@@ -66,4 +66,5 @@ __all__ = [
     # validation
     "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_nonnegative",
     "check_number", "check_positive", "check_probability", "check_dtype", "check_device",
+    "all_finite",
 ]

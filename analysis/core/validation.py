@@ -17,7 +17,7 @@ import numpy as np
 
 __all__ = ["ArgumentTypeError", "check_number", "check_int", "check_positive", "check_nonnegative",
            "check_probability",
-           "check_choice", "check_bool", "check_dtype", "check_device"]
+           "check_choice", "check_bool", "check_dtype", "check_device", "all_finite"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -112,3 +112,16 @@ def check_device(name: str, value: Any) -> Any:
     except (RuntimeError, AssertionError) as err:
         raise _fail(name, f"a usable device ({err})", value) from None
     return device
+
+
+def all_finite(tensor: Any) -> bool:
+    """Whether every element of a tensor is finite, from one min/max reduction (NaN propagates
+    through both, and an infinity is the minimum or the maximum), without the vector-sized
+    boolean temporaries of ``isfinite(tensor).all()``."""
+    import torch
+    if tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.is_complex()):
+        return True
+    if tensor.is_complex():
+        return all_finite(torch.view_as_real(tensor))
+    low, high = torch.aminmax(tensor)
+    return bool(torch.isfinite(low) & torch.isfinite(high))
