@@ -155,7 +155,8 @@ def _fused_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, step
     scalars = scalars_tensor([(betas[0], betas[1], *_step_size(lr, betas, steps[i], bias_correction)) for i in fused])
     done = bool(fused) and _ADASAM_KERNEL([rows[i] for i in fused], scalars,
                                           bias_correction=bias_correction)[0]
-    eager = [i for i in range(len(rows)) if not (done and i in set(fused))]
+    taken = set(fused) if done else set()
+    eager = [i for i in range(len(rows)) if i not in taken]
     if eager:
         _single_tensor_adasam(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_sqs,
                                                                    max_exp_avg_sqs)),

@@ -257,7 +257,8 @@ def _fused_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor]
                         1.0 if decay is None else decay, l2, 0.0 if clip is None else clip))
     done = bool(fused) and _AGD_KERNEL([rows[i] for i in fused], scalars_tensor(scalars),
                                        decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)[0]
-    eager = [i for i in range(len(rows)) if not (done and i in set(fused))]
+    taken = set(fused) if done else set()
+    eager = [i for i in range(len(rows)) if i not in taken]
     if eager:
         _single_tensor_agd(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_diff_sqs,
                                                                 second_moments, steps)),
