@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from analysis.core import LossFn, supervised
+from analysis.core import LossFn, supervised, to_device
 
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
@@ -193,10 +193,10 @@ class SequentialPlan:
         if shared.cs is not cs:  # new points: the whole bunch at once (concatenated per chunk)
             x = torch.cat([b[0] for b in shared.batches]) if len(shared.batches) > 1 \
                 else shared.batches[0][0]
-            ys = [_to(b[1], device) for b in shared.batches]
+            ys = [to_device(b[1], device) for b in shared.batches]
             sizes = [len(b[0]) if isinstance(b[0], Tensor) and b[0].dim() else 0
                      for b in shared.batches]
-            shared.cs, shared.values = cs, self._forward(cs, _to(x, device), ys, sizes,
+            shared.cs, shared.values = cs, self._forward(cs, to_device(x, device), ys, sizes,
                                                          shared.group)
         return shared.values[k]
 
@@ -291,10 +291,6 @@ class SequentialPlan:
                 out[:, r0:r1] = part
         out = out.transpose(1, 2)
         return out if h.dim() == 3 else out.reshape(*h.shape[:-1], n_out)
-
-
-def _to(t: Any, device: torch.device) -> Any:
-    return t.to(device) if isinstance(t, Tensor) else t
 
 
 def _logsumexp(h: Tensor) -> Tensor:

@@ -29,7 +29,7 @@ from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
                        data_mean, default_batch_size, loss_reduction, mean_loss, scalar_zeros,
-                       split_loss, supervised)
+                       split_loss, supervised, to_device)
 from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
@@ -42,7 +42,7 @@ __all__ = [
     # protocol
     "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "supervised", "split_loss",
     "loss_reduction", "default_batch_size", "check_data", "check_loss", "data_mean",
-    "scalar_zeros", "mean_loss",
+    "scalar_zeros", "mean_loss", "to_device",
     # guards
     "guarded", "is_guarded", "repeated_passes",
     # params
