@@ -294,9 +294,10 @@ def peak_lanczos_memory(n_params: int, k: int) -> dict:
     x, y = torch.randn(64, 1000), torch.randint(0, 10, (64,))
     n = sum(p.numel() for p in model.parameters())
     HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(torch.randn(n))  # warm-up
-    small = nn.Sequential(nn.Linear(1000, 8), nn.Tanh(), nn.Linear(8, 10))  # faults the code in
-    top_eigenvalues(small, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=38 + 3 * k, progress=False)
     max_basis = default_max_basis(n, k, 1, torch.float32)
+    small = nn.Sequential(nn.Linear(1000, 8), nn.Tanh(), nn.Linear(8, 10))  # faults the code in
+    small_basis = default_max_basis(sum(p.numel() for p in small.parameters()), k, 1, torch.float32)
+    top_eigenvalues(small, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=small_basis + 8, progress=False)
     runs = []
 
     def call():
