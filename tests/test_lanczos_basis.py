@@ -127,3 +127,43 @@ def test_memory_is_the_basis_plus_one_product(k):
     assert res.n_hvp == max_basis + 8  # the basis filled and was restarted
     assert res.eigenvectors.untyped_storage().nbytes() == k * n * 4
     assert peak / (4 * n) <= max_basis + 4
+
+
+def _orthonormal_basis(m: int, n: int, seed: int = 0) -> tuple[Basis, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.linalg.qr(torch.randn(n, m, dtype=torch.float64, generator=gen))[0].T.contiguous()
+    basis = Basis(m, n, head=0, dtype=torch.float64, device="cpu")
+    basis.put(0, V)
+    return basis, V
+
+
+@pytest.mark.parametrize("scale", [1e-3, 1e-6])
+def test_a_vector_nearly_in_the_basis_is_orthogonalised_to_rounding(scale):
+    """Cancellation: one classical Gram-Schmidt pass would leave components of size
+    ``eps * ||w|| / scale`` on the basis; the DGKS criterion makes the second pass."""
+    from analysis.lanczos import _orthogonalise
+    m, n = 20, 400
+    basis, V = _orthonormal_basis(m, n)
+    gen = torch.Generator().manual_seed(1)
+    c = torch.randn(m, dtype=torch.float64, generator=gen)
+    w = V.T @ c + scale * torch.randn(n, dtype=torch.float64, generator=gen)
+    q, coef = _orthogonalise(w.clone()[None], basis, m, gen)
+    assert (V @ q[0]).abs().max() < 1e-14
+    assert abs(torch.linalg.vector_norm(q[0]).item() - 1) < 1e-14
+    rebuilt = V.T @ coef[:m, 0] + q[0] * coef[m, 0]
+    assert (rebuilt - w).abs().max() < 1e-14 * torch.linalg.vector_norm(w)
+
+
+def test_one_pass_when_little_of_the_norm_is_removed(monkeypatch):
+    """A vector far from the basis is orthogonal to rounding after one pass (the saving)."""
+    import analysis.lanczos as lz
+    m, n = 20, 400
+    basis, V = _orthonormal_basis(m, n)
+    gen = torch.Generator().manual_seed(2)
+    block = torch.randn(2, n, dtype=torch.float64, generator=gen)
+    calls = []
+    project = lz._project_out
+    monkeypatch.setattr(lz, "_project_out", lambda *a: calls.append(1) or project(*a))
+    q, _ = lz._orthogonalise(block, basis, m, gen)
+    assert len(calls) == 2  # one pass per row
+    assert (V @ q.T).abs().max() < 1e-14 and (q @ q.T - torch.eye(2, dtype=q.dtype)).abs().max() < 1e-14
