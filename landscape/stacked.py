@@ -34,7 +34,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from analysis.core import LossFn, supervised, to_device
+from analysis.core import BatchSizeFn, LossFn, preserved, supervised, to_device
 
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
@@ -52,6 +52,19 @@ PER_SAMPLE = (nn.LayerNorm, nn.GroupNorm, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool
 EVAL_ONLY = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout)
 # sample-wise unless they act on dim 0
 DIM_ONE = (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
+# criteria that are functions of their arguments alone (see fixed_passes)
+DETERMINISTIC_CRITERIA = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss,
+                          nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
+
+
+def xy_batch(batch: Any, targets: bool = False) -> bool:
+    """Whether ``batch`` is ``(x, y, ...)`` with ``x`` a tensor of at least one dimension (and,
+    with ``targets``, ``y`` a tensor of as many samples)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2
+            and isinstance(batch[0], Tensor) and batch[0].dim()):
+        return False
+    y = batch[1]
+    return not targets or isinstance(y, Tensor) and bool(y.dim()) and len(y) == len(batch[0])
 
 
 def _samplewise(m: nn.Module) -> bool:
@@ -164,9 +177,7 @@ class SequentialPlan:
         larger products, and each point's weights formed once for all of them. Only batches
         ``(x, y, ...)`` whose inputs ``x`` agree in shape past dim 0, dtype and device join."""
         live = [b for b in batches if size(b) > 0]
-        if not live or live[0] is not batches[0] or not all(
-                isinstance(b, (tuple, list)) and len(b) >= 2 and isinstance(b[0], Tensor)
-                and b[0].dim() for b in live):
+        if not live or live[0] is not batches[0] or not all(map(xy_batch, live)):
             return
         per_sample = largest / max(len(live[0][0]), 1)
         runs: list[list[Any]] = []
@@ -365,13 +376,50 @@ def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any], 
     return each
 
 
+def _planned_layers(model: nn.Module, loss_fn: LossFn) -> list[tuple[str, nn.Module]] | None:
+    """The layers of ``model`` (in its current modes) when it is a hook-free sequential model of
+    sample-wise layers and ``loss_fn`` a ``supervised`` loss, else None."""
+    if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
+        return None
+    return _leaves(model)
+
+
+def _criterion(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+    return inspect.getclosurevars(loss_fn).nonlocals["criterion"]
+
+
+def fixed_passes(model: nn.Module, loss_fn: LossFn, data: Any, batch_size_fn: BatchSizeFn | None,
+                 model_mode: str) -> bool:
+    """Whether two passes of ``loss_fn(model, batch)`` over ``data`` in ``model_mode`` give the
+    same values by construction (the determinism check's verdict known): ``data`` a list or
+    tuple of batches ``(x, y, ...)`` of tensors (the same tensors on every pass, counted by the
+    default batch size); ``model`` and ``loss_fn`` those of the plan in ``model_mode`` (its
+    layers have no randomness: Dropout and BatchNorm only in eval mode), with a criterion of
+    ``DETERMINISTIC_CRITERIA`` without hooks and no in-place layer before the first Linear or
+    convolution (it would change the batch's own tensor)."""
+    if batch_size_fn is not None or type(data) not in (list, tuple) \
+            or not all(xy_batch(b, targets=True) for b in data):
+        return False
+    with preserved(model, model_mode, weights=False):
+        leaves = _planned_layers(model, loss_fn)
+    if leaves is None:
+        return False
+    criterion = _criterion(loss_fn)
+    if type(criterion) not in DETERMINISTIC_CRITERIA or not _no_hooks(criterion):
+        return False
+    for _, m in leaves:
+        if type(m) in PRECOMPUTED:  # a fresh output: in-place layers after it write their own
+            return True
+        if getattr(m, "inplace", False):
+            return False
+    return True
+
+
 def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> SequentialPlan | None:
     """The plan for ``model`` and ``loss_fn`` moving ``parts`` (name -> [(j, V_j[name])]), or
     None when they are not a hook-free sequential model of sample-wise layers and a
     ``supervised`` loss (the caller then evaluates the points another way)."""
-    if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
-        return None
-    leaves = _leaves(model)
+    leaves = _planned_layers(model, loss_fn)
     if leaves is None:
         return None
     owner = {f"{prefix}.{attr}": (i, attr) for i, (prefix, m) in enumerate(leaves)
@@ -382,4 +430,4 @@ def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> Sequenti
             return None
         i, attr = owner[name]
         layers[i].moving[attr] = _Stack(p)
-    return SequentialPlan(layers, inspect.getclosurevars(loss_fn).nonlocals["criterion"])
+    return SequentialPlan(layers, _criterion(loss_fn))
