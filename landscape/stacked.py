@@ -111,15 +111,25 @@ class _Stack:
     """Vectors' values ``V_j`` of one tensor, stacked once; ``at(cs)`` gives every point's
     ``sum_j c_j V_j`` ([P, *shape]) as one product, written into a buffer reused by the next
     call (a fresh multi-megabyte tensor per group costs more than the product on a CPU);
-    ``at(cs, start, stop)`` gives rows ``start:stop`` of it (a tile) alone."""
+    ``at(cs, start, stop)`` gives rows ``start:stop`` of it (a tile) alone.
 
-    def __init__(self, parts: Sequence[tuple[int, Tensor]]):
-        self.idx = [j for j, _ in parts]
-        self.shape = parts[0][1].shape
-        self.flat = torch.stack([t.reshape(-1) for _, t in parts])
-        self.buffer = self.flat[0, :0]
+    ``along=(m, key)``: the points ``cs`` differ only in their coefficient on ``V_m``, ``key``
+    being their other coefficients (the points of a grid row): the other vectors' sum, the
+    base, is formed once per key and each point adds ``c_m V_m`` to it (one multiply-add per
+    element instead of one per vector)."""
 
-    def at(self, cs: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    def __init__(self, idx: list[int], flat: Tensor, shape: torch.Size):
+        self.idx, self.flat, self.shape = idx, flat, shape
+        self.buffer = self.base = flat[0, :0]
+        self.key: Any = None  # the coefficients of the base
+
+    @classmethod
+    def of(cls, parts: Sequence[tuple[int, Tensor]]) -> "_Stack":
+        return cls([j for j, _ in parts], torch.stack([t.reshape(-1) for _, t in parts]),
+                   parts[0][1].shape)
+
+    def at(self, cs: Tensor, start: int = 0, stop: int | None = None,
+           along: tuple[int, Any] | None = None) -> Tensor:
         rows = self.shape[0] if self.shape else 1
         stop = rows if stop is None else stop
         row = self.flat.shape[1] // max(rows, 1)
@@ -127,11 +137,44 @@ class _Stack:
         if self.buffer.numel() < size:
             self.buffer = self.flat.new_empty(size)
         out = self.buffer[:size].view(len(cs), -1)
-        torch.mm(cs[:, self.idx], self.flat[:, start * row:stop * row], out=out)
+        c, cols = cs[:, self.idx], slice(start * row, stop * row)
+        if along is None or along[0] not in self.idx or len(self.idx) == 1:
+            torch.mm(c, self.flat[:, cols], out=out)
+        else:
+            k = self.idx.index(along[0])
+            if self.key != along[1]:  # the vectors before and after V_m (views, not copies)
+                if self.base.numel() < self.flat.shape[1]:
+                    self.base = self.flat.new_empty(self.flat.shape[1])
+                parts = [p for p in (slice(0, k), slice(k + 1, None)) if p.stop != p.start]
+                base = self.base[None]
+                torch.mm(c[:1, parts[0]], self.flat[parts[0]], out=base)
+                for p in parts[1:]:
+                    base.addmm_(c[:1, p], self.flat[p])
+                self.key = along[1]
+            torch.addcmul(self.base[cols], c[:, k, None], self.flat[k, cols], out=out)
         return out.view(len(cs), stop - start, *self.shape[1:])
 
     def values(self) -> list[tuple[int, Tensor]]:
         return list(zip(self.idx, self.flat.view(len(self.idx), *self.shape)))
+
+
+def _rows(cs: Tensor, group: int) -> list[tuple[int, Any] | None]:
+    """Per group of ``group`` consecutive points of ``cs``: ``(m, key)`` when its points differ
+    only in their coefficient ``m`` (``key``: their other coefficients), else None. ``m`` is
+    the coefficient that varies along the runs of consecutive points (a grid's fastest axis);
+    None everywhere unless those runs hold two points on average (a base per run then pays)."""
+    host = cs.cpu().tolist()
+    best: tuple[int, int, list[tuple]] | None = None
+    for m in range(cs.shape[1]):
+        keys = [tuple(r[:m] + r[m + 1:]) for r in host]
+        runs = 1 + sum(a != b for a, b in zip(keys, keys[1:]))
+        if best is None or runs < best[0]:
+            best = (runs, m, keys)
+    starts = range(0, len(host), group)
+    if best is None or 2 * best[0] > len(host):
+        return [None for _ in starts]
+    _, m, keys = best
+    return [(m, keys[i]) if len(set(keys[i:i + group])) == 1 else None for i in starts]
 
 
 @dataclass
@@ -221,34 +264,54 @@ class SequentialPlan:
         skip = self.first + (first is not None)
         loss = _point_losses(self.criterion, ys, sizes)
         out: list[list[Any]] = [[] for _ in ys]
-        for start in range(0, len(cs), group):
+        for start, along in zip(range(0, len(cs), group), _rows(cs, group)):
             c = cs[start:start + group]
-            h = first(c) if first is not None else x.expand(len(c), *x.shape)
+            h = first(c, along) if first is not None else x.expand(len(c), *x.shape)
             for i in range(skip, len(self.layers)):
-                h = self._apply(i, h, c, owned=first is not None or i > skip)
+                h = self._apply(i, h, c, along, owned=first is not None or i > skip)
             for values, more in zip(out, loss(h)):
                 values += more
         return out
 
-    def _first_terms(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """The first moving layer on the batch ``x``, as a function of the points' coordinates."""
+    def _first_terms(self, x: Tensor) -> Callable[[Tensor, Any], Tensor]:
+        """The first moving layer on the batch ``x``, as a function of the points' coordinates
+        (and ``along``, see ``_Stack.at``)."""
         layer = self.layers[self.first]
         m = layer.module
-        if type(m) is nn.Linear:
-            def apply(w): return F.linear(x, w)
-        else:
-            def apply(w): return m._conv_forward(x, w, None)
-        weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
-        shape = (-1,) if type(m) is nn.Linear else (-1,) + (1,) * (x.dim() - 2)  # a bias's view
-        fixed = apply(m.weight) if weight is None else None  # a fixed weight's part
-        terms = {} if weight is None else {j: apply(v) for j, v in weight.values()}
-        size = (fixed if fixed is not None else next(iter(terms.values()))).shape
-        for j, b in bias.values() if bias is not None else ():  # layer(x; W_j, b_j) per vector
-            terms[j] = terms[j] + b.view(shape) if j in terms else b.view(shape).expand(size)
-        stack = _Stack(sorted(terms.items()))
+        linear = type(m) is nn.Linear
+        if linear:
+            rows = x.reshape(-1, x.shape[-1])
+            size = (*x.shape[:-1], m.out_features)
 
-        def out(cs: Tensor) -> Tensor:
-            h = stack.at(cs)
+            def apply(w, out=None):
+                if out is None:
+                    return F.linear(x, w)
+                return torch.mm(rows, w.T, out=out.view(-1, m.out_features))
+        else:  # the output's shape, from one sample
+            size = (len(x), *m._conv_forward(x[:1], m.weight, None).shape[1:])
+
+            def apply(w, out=None):
+                h = m._conv_forward(x, w, None)
+                return h if out is None else out.view(h.shape).copy_(h)
+        weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
+        shape = (-1,) if linear else (-1,) + (1,) * (x.dim() - 2)  # a bias's view
+        fixed = apply(m.weight) if weight is None else None  # a fixed weight's part
+        weights = dict(weight.values()) if weight is not None else {}
+        biases = dict(bias.values()) if bias is not None else {}
+        idx = sorted(weights.keys() | biases.keys())
+        flat = x.new_empty(len(idx), math.prod(size))  # layer(x; W_j, b_j) per vector, in place
+        for k, j in enumerate(idx):
+            term = flat[k].view(size)
+            if j in weights:
+                apply(weights[j], term)
+                if j in biases:
+                    term += biases[j].view(shape)
+            else:
+                term.copy_(biases[j].view(shape).expand(size))
+        stack = _Stack(idx, flat, torch.Size(size))
+
+        def out(cs: Tensor, along: tuple[int, Any] | None = None) -> Tensor:
+            h = stack.at(cs, along=along)
             if fixed is not None:
                 h += fixed
             if bias is None and m.bias is not None:
@@ -265,9 +328,11 @@ class SequentialPlan:
             buf = self._buffers[key] = like.new_empty(size)
         return buf[:size].view(shape)
 
-    def _apply(self, i: int, h: Tensor, c: Tensor, owned: bool) -> Tensor:
-        """Layer ``i`` on the activations ``h[p]`` ([P, N, ...]) of each point ``c[p]``;
-        ``owned``: ``h`` is this evaluation's temporary (a ReLU may overwrite it)."""
+    def _apply(self, i: int, h: Tensor, c: Tensor, along: tuple[int, Any] | None, owned: bool
+               ) -> Tensor:
+        """Layer ``i`` on the activations ``h[p]`` ([P, N, ...]) of each point ``c[p]``
+        (``along``: see ``_Stack.at``); ``owned``: ``h`` is this evaluation's temporary (a ReLU
+        may overwrite it)."""
         layer = self.layers[i]
         m, P = layer.module, len(h)
         if type(m) is nn.ReLU and owned:
@@ -275,23 +340,23 @@ class SequentialPlan:
         if not layer.moving:
             return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
         if type(m) is not nn.Linear:
-            tensors = {a: s.at(c) for a, s in layer.moving.items()}
+            tensors = {a: s.at(c, along=along) for a, s in layer.moving.items()}
             return torch.stack([functional_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
                                 for p in range(P)])
         flat = h.reshape(P, -1, h.shape[-1])
         weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
         if weight is None:
-            b = bias.at(c).unsqueeze(1)
+            b = bias.at(c, along=along).unsqueeze(1)
             return (F.linear(flat, m.weight) + b).view(*h.shape[:-1], -1)
         # z^T = W x^T ([P, out, N]): as fast as x W^T or faster (3x for 10 outputs) on a CPU
-        b = bias.at(c).unsqueeze(2) if bias is not None else m.bias
+        b = bias.at(c, along=along).unsqueeze(2) if bias is not None else m.bias
         b = b[:, None] if b is not None and b.dim() == 1 else b  # [P, out, 1] or [out, 1]
         n_out, inputs = m.out_features, flat.transpose(1, 2)
         out = self._buffer(i, (P, n_out, flat.shape[1]), flat)
         rows = _tile_rows(flat, n_out)
         for r0 in range(0, n_out, rows):  # the formed weights' tiles, each used while cached
             r1 = min(r0 + rows, n_out)
-            w = weight.at(c, r0, r1)
+            w = weight.at(c, r0, r1, along)
             part = out if rows == n_out else self._buffer(("tile", i), (P, r1 - r0, flat.shape[1]),
                                                           flat)
             if b is None:
@@ -429,5 +494,5 @@ def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> Sequenti
         if name not in owner:
             return None
         i, attr = owner[name]
-        layers[i].moving[attr] = _Stack(p)
+        layers[i].moving[attr] = _Stack.of(p)
     return SequentialPlan(layers, _criterion(loss_fn))
