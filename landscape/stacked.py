@@ -29,6 +29,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -163,18 +164,19 @@ def _rows(cs: Tensor, group: int) -> list[tuple[int, Any] | None]:
     only in their coefficient ``m`` (``key``: their other coefficients), else None. ``m`` is
     the coefficient that varies along the runs of consecutive points (a grid's fastest axis);
     None everywhere unless those runs hold two points on average (a base per run then pays)."""
-    host = cs.cpu().tolist()
-    best: tuple[int, int, list[tuple]] | None = None
-    for m in range(cs.shape[1]):
-        keys = [tuple(r[:m] + r[m + 1:]) for r in host]
-        runs = 1 + sum(a != b for a, b in zip(keys, keys[1:]))
-        if best is None or runs < best[0]:
-            best = (runs, m, keys)
+    host = cs.detach().cpu().double().numpy()
+    best = None
+    for m in range(host.shape[1]):
+        others = np.delete(host, m, axis=1)
+        run = np.concatenate([[0], np.cumsum((others[1:] != others[:-1]).any(1))])
+        if best is None or run[-1] < best[2][-1]:
+            best = (m, others, run)
     starts = range(0, len(host), group)
-    if best is None or 2 * best[0] > len(host):
+    if best is None or 2 * (best[2][-1] + 1) > len(host):
         return [None for _ in starts]
-    _, m, keys = best
-    return [(m, keys[i]) if len(set(keys[i:i + group])) == 1 else None for i in starts]
+    m, others, run = best
+    return [(m, tuple(others[i].tolist())) if run[i] == run[min(i + group, len(host)) - 1]
+            else None for i in starts]
 
 
 @dataclass
