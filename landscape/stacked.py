@@ -16,6 +16,10 @@ a leading points dimension:
 * a layer none of whose tensors move: once on all the points' samples together;
 * any other layer whose tensors move: point by point (``functional_call``).
 
+Where consecutive points differ in one coefficient only (a grid row: ``x`` changes, ``y`` does
+not), the other vectors' sum is formed once per row and each point adds one vector to it
+(``_rows``, ``_Stack.at``): one multiply-add per element and point instead of one per vector.
+
 Consecutive batches of a list (inputs of one shape) run as one forward per chunk of points
 (``SequentialPlan.bunch``): the layers are sample-wise, so each sample's outputs are those of its
 own batch. The loss is the user's criterion on each point's outputs on each batch (a mean
