@@ -39,7 +39,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from analysis.core import BatchSizeFn, LossFn, preserved, supervised, to_device
+from analysis.core import BatchSizeFn, check_model_mode, LossFn, supervised, to_device
 
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
@@ -72,33 +72,36 @@ def xy_batch(batch: Any, targets: bool = False) -> bool:
     return not targets or isinstance(y, Tensor) and bool(y.dim()) and len(y) == len(batch[0])
 
 
-def _samplewise(m: nn.Module) -> bool:
-    """True when ``m`` acts on each sample alone, so it may run on the points' samples stacked."""
+def _samplewise(m: nn.Module, training: bool | None = None) -> bool:
+    """True when ``m`` acts on each sample alone, so it may run on the points' samples stacked
+    (in its own mode, or in training mode if ``training``)."""
     kind = type(m)
     if kind in PRECOMPUTED or kind in ELEMENTWISE:
         return True
     if kind in PER_SAMPLE:
         return not getattr(m, "return_indices", False)
     if kind in EVAL_ONLY:
-        return not m.training and getattr(m, "track_running_stats", True)
+        return not (m.training if training is None else training) \
+            and getattr(m, "track_running_stats", True)
     if kind in DIM_ONE:
         dim = m.start_dim if kind is nn.Flatten else m.dim
         return isinstance(dim, int) and (dim >= 1 or dim == -1 and kind is not nn.Flatten)
     return False
 
 
-def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]] | None:
+def _leaves(module: nn.Module, prefix: str = "", training: bool | None = None
+            ) -> list[tuple[str, nn.Module]] | None:
     """The layers of a (nested) ``nn.Sequential`` in call order, or None if it is not one."""
     if type(module) is not nn.Sequential or module._parameters or module._buffers:
         return None
     out = []
     for name, child in module.named_children():
         if type(child) is nn.Sequential:
-            inner = _leaves(child, prefix + name + ".")
+            inner = _leaves(child, prefix + name + ".", training)
             if inner is None:
                 return None
             out += inner
-        elif child._modules or not _samplewise(child):
+        elif child._modules or not _samplewise(child, training):
             return None
         else:
             out.append((prefix + name, child))
@@ -447,12 +450,14 @@ def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any], 
     return each
 
 
-def _planned_layers(model: nn.Module, loss_fn: LossFn) -> list[tuple[str, nn.Module]] | None:
-    """The layers of ``model`` (in its current modes) when it is a hook-free sequential model of
-    sample-wise layers and ``loss_fn`` a ``supervised`` loss, else None."""
+def _planned_layers(model: nn.Module, loss_fn: LossFn, training: bool | None = None
+                    ) -> list[tuple[str, nn.Module]] | None:
+    """The layers of ``model`` (in its modules' modes, or all in training mode if ``training``)
+    when it is a hook-free sequential model of sample-wise layers and ``loss_fn`` a
+    ``supervised`` loss, else None."""
     if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
         return None
-    return _leaves(model)
+    return _leaves(model, training=training)
 
 
 def _criterion(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
@@ -471,8 +476,7 @@ def fixed_passes(model: nn.Module, loss_fn: LossFn, data: Any, batch_size_fn: Ba
     if batch_size_fn is not None or type(data) not in (list, tuple) \
             or not all(xy_batch(b, targets=True) for b in data):
         return False
-    with preserved(model, model_mode, weights=False):
-        leaves = _planned_layers(model, loss_fn)
+    leaves = _planned_layers(model, loss_fn, check_model_mode(model_mode) == "train")
     if leaves is None:
         return False
     criterion = _criterion(loss_fn)
