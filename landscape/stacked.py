@@ -69,7 +69,7 @@ def xy_batch(batch: Any, targets: bool = False) -> bool:
             and isinstance(batch[0], Tensor) and batch[0].dim()):
         return False
     y = batch[1]
-    return not targets or isinstance(y, Tensor) and bool(y.dim()) and len(y) == len(batch[0])
+    return not targets or (isinstance(y, Tensor) and bool(y.dim()) and len(y) == len(batch[0]))
 
 
 def _samplewise(m: nn.Module, training: bool | None = None) -> bool:
@@ -153,7 +153,7 @@ class _Stack:
             if self.key != along[1]:  # the vectors before and after V_m (views, not copies)
                 if self.base.numel() < self.flat.shape[1]:
                     self.base = self.flat.new_empty(self.flat.shape[1])
-                parts = [p for p in (slice(0, k), slice(k + 1, None)) if p.stop != p.start]
+                parts = [p for p in (slice(0, k), slice(k + 1, len(self.idx))) if p.start < p.stop]
                 base = self.base[None]
                 torch.mm(c[:1, parts[0]], self.flat[parts[0]], out=base)
                 for p in parts[1:]:
@@ -292,19 +292,17 @@ class SequentialPlan:
             rows = x.reshape(-1, x.shape[-1])
             size = (*x.shape[:-1], m.out_features)
 
-            def apply(w, out=None):
-                if out is None:
-                    return F.linear(x, w)
-                return torch.mm(rows, w.T, out=out.view(-1, m.out_features))
+            def apply(w: Tensor, out: Tensor) -> Tensor:  # the layer without its bias, into out
+                torch.mm(rows, w.T, out=out.view(-1, m.out_features))
+                return out
         else:  # the output's shape, from one sample
             size = (len(x), *m._conv_forward(x[:1], m.weight, None).shape[1:])
 
-            def apply(w, out=None):
-                h = m._conv_forward(x, w, None)
-                return h if out is None else out.view(h.shape).copy_(h)
+            def apply(w: Tensor, out: Tensor) -> Tensor:
+                return out.copy_(m._conv_forward(x, w, None))
         weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
         shape = (-1,) if linear else (-1,) + (1,) * (x.dim() - 2)  # a bias's view
-        fixed = apply(m.weight) if weight is None else None  # a fixed weight's part
+        fixed = apply(m.weight, x.new_empty(size)) if weight is None else None  # fixed weight
         weights = dict(weight.values()) if weight is not None else {}
         biases = dict(bias.values()) if bias is not None else {}
         idx = sorted(weights.keys() | biases.keys())
