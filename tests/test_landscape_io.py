@@ -194,3 +194,17 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path, monkeypatch):
     save_result(LineResult(np.arange(3.0), np.full(3, 1.0)), path)
     assert interleaved.done and load_result(path).losses[0] == 1.0  # the last replace wins
     assert os.listdir(tmp_path) == ["shared.npz"]  # no temporary file left behind
+
+
+def test_direction_hashes_keep_their_byte_layout():
+    """Result files are matched by these digests: SHA-256 of '|' per vector, then per name (in
+    order) 'name:shape;' and the float64 values in C order, on any device or dtype."""
+    import hashlib
+
+    import torch
+    from landscape.results import tensors_hash
+    vectors = [{"w": torch.arange(6.0).view(2, 3).T, "b": torch.tensor([1.5], dtype=torch.float16)},
+               {"s": torch.tensor(2.0, dtype=torch.float64)}]
+    layout = (b"|b:(1,);" + np.array([1.5]).tobytes() + b"w:(3, 2);"
+              + np.arange(6.0).reshape(2, 3).T.copy().tobytes() + b"|s:();" + np.array(2.0).tobytes())
+    assert tensors_hash(vectors) == hashlib.sha256(layout).hexdigest()
