@@ -20,7 +20,8 @@ except for the first layer, which ours computes once per batch for the whole gri
 Targets (issue 16): never slower than the peer; at least 2x faster at 32 samples; within
 1.15x of bare at 4000 samples.
 
-Run: ``python benchmarks/landscape.py [--repeats 3] [--threads N] [--only 100]``.
+Run: ``python benchmarks/landscape.py [--repeats 3] [--threads N] [--only 100] [--samples 4000]
+[--batches 4]`` (the last three select cases).
 """
 from __future__ import annotations
 
@@ -164,6 +165,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads")
     parser.add_argument("--only", type=int, choices=WIDTHS, default=None, help="one MLP width")
+    parser.add_argument("--samples", type=int, choices=SAMPLES, default=None, help="one data size")
+    parser.add_argument("--batches", type=int, choices=BATCHES, default=None,
+                        help="one number of batches")
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -175,10 +179,10 @@ def main() -> None:
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     met_all = True
     for width in WIDTHS if args.only is None else (args.only,):
-        for n in SAMPLES:
+        for n in SAMPLES if args.samples is None else (args.samples,):
             x, y = data.x[:n], data.y[:n]
             model = mlp(width, data.x[:4000], data.y[:4000], 300 if width == 100 else 0)
-            for n_batches in BATCHES:
+            for n_batches in BATCHES if args.batches is None else (args.batches,):
                 r = run_case(model, x, y, n_batches, args.repeats)
                 speed, over_bare = r["peer"] / r["ours"], r["ours"] / r["bare"]
                 marks = [f"faster than peer {'met' if speed[0] >= 1 else 'NOT met'}"]

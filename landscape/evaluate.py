@@ -38,7 +38,7 @@ from analysis.core import (all_reduce_max_, ArgumentTypeError, BatchSizeFn, chec
 
 from .directions import named_targets
 from .results import Progress
-from .stacked import SequentialPlan, sequential_plan
+from .stacked import SequentialPlan, sequential_plan, xy_batch
 
 VECTORIZE = ("auto", True, False)
 DISTRIBUTE = ("data", "grid")
@@ -107,9 +107,7 @@ def _probe(model: nn.Module, loss_fn: LossFn, batch: Any, plan: SequentialPlan |
            ) -> tuple[int, int]:
     """``_activation_bytes`` of ``batch``; for the sequential plan's sample-wise layers, from
     its first sample times the batch's samples (the same sizes, for a forward of one sample)."""
-    n = len(batch[0]) if isinstance(batch, (tuple, list)) and len(batch) >= 2 \
-        and all(isinstance(t, Tensor) and t.dim() for t in batch[:2]) \
-        and len(batch[1]) == len(batch[0]) else 0
+    n = len(batch[0]) if xy_batch(batch, targets=True) else 0
     if plan is None or n < 2:
         return _activation_bytes(model, loss_fn, batch)
     one = (batch[0][:1], batch[1][:1], *batch[2:])

@@ -18,6 +18,7 @@ from analysis.core import (BatchSizeFn, check_bool, check_data, check_loss, chec
 from .directions import load_state, named_targets, state_buffers, state_tensors
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
 from .results import data_probe, InterpolationResult, Progress, surface_metadata
+from .stacked import fixed_passes
 
 _BN = nn.modules.batchnorm._BatchNorm
 
@@ -57,7 +58,7 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
     return n
 
 
-@guarded
+@guarded(known_deterministic=fixed_passes)
 def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
                 params: ParamSelection = None, model_mode: str = "eval",
                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
@@ -77,7 +78,8 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
         one (chunk_size, max_memory, vectorize and distribute must keep their defaults).
         barrier = max over alphas of ``L(alpha) - ((1 - alpha) L(a) + alpha L(b))``, with
         L(a), L(b) evaluated the same way (at alpha = 0 and 1).
-    Other keywords as in :func:`landscape.line`. Both models are left unchanged.
+    Other keywords as in :func:`landscape.line` (the determinism check too, skipped in the same
+    case, with model_a). Both models are left unchanged.
     """
     check_model_mode(model_mode)
     buffers = check_bool("buffers", buffers)

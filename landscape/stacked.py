@@ -16,6 +16,10 @@ a leading points dimension:
 * a layer none of whose tensors move: once on all the points' samples together;
 * any other layer whose tensors move: point by point (``functional_call``).
 
+Where consecutive points differ in one coefficient only (a grid row: ``x`` changes, ``y`` does
+not), the other vectors' sum is formed once per row and each point adds one vector to it
+(``_rows``, ``_Stack.at``): one multiply-add per element and point instead of one per vector.
+
 Consecutive batches of a list (inputs of one shape) run as one forward per chunk of points
 (``SequentialPlan.bunch``): the layers are sample-wise, so each sample's outputs are those of its
 own batch. The loss is the user's criterion on each point's outputs on each batch (a mean
@@ -29,12 +33,13 @@ import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from analysis.core import LossFn, supervised, to_device
+from analysis.core import BatchSizeFn, check_model_mode, LossFn, supervised, to_device
 
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
@@ -52,35 +57,51 @@ PER_SAMPLE = (nn.LayerNorm, nn.GroupNorm, nn.MaxPool1d, nn.MaxPool2d, nn.AvgPool
 EVAL_ONLY = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.Dropout)
 # sample-wise unless they act on dim 0
 DIM_ONE = (nn.Flatten, nn.Unflatten, nn.Softmax, nn.LogSoftmax)
+# criteria that are functions of their arguments alone (see fixed_passes)
+DETERMINISTIC_CRITERIA = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss, nn.SmoothL1Loss,
+                          nn.HuberLoss, nn.BCELoss, nn.BCEWithLogitsLoss)
 
 
-def _samplewise(m: nn.Module) -> bool:
-    """True when ``m`` acts on each sample alone, so it may run on the points' samples stacked."""
+def xy_batch(batch: Any, targets: bool = False) -> bool:
+    """Whether ``batch`` is ``(x, y, ...)`` with ``x`` a tensor of at least one dimension (and,
+    with ``targets``, ``y`` a tensor of as many samples)."""
+    if not (isinstance(batch, (tuple, list)) and len(batch) >= 2
+            and isinstance(batch[0], Tensor) and batch[0].dim()):
+        return False
+    y = batch[1]
+    return not targets or (isinstance(y, Tensor) and bool(y.dim()) and len(y) == len(batch[0]))
+
+
+def _samplewise(m: nn.Module, training: bool | None = None) -> bool:
+    """True when ``m`` acts on each sample alone, so it may run on the points' samples stacked
+    (in its own mode, or in training mode if ``training``)."""
     kind = type(m)
     if kind in PRECOMPUTED or kind in ELEMENTWISE:
         return True
     if kind in PER_SAMPLE:
         return not getattr(m, "return_indices", False)
     if kind in EVAL_ONLY:
-        return not m.training and getattr(m, "track_running_stats", True)
+        return not (m.training if training is None else training) \
+            and getattr(m, "track_running_stats", True)
     if kind in DIM_ONE:
         dim = m.start_dim if kind is nn.Flatten else m.dim
         return isinstance(dim, int) and (dim >= 1 or dim == -1 and kind is not nn.Flatten)
     return False
 
 
-def _leaves(module: nn.Module, prefix: str = "") -> list[tuple[str, nn.Module]] | None:
+def _leaves(module: nn.Module, prefix: str = "", training: bool | None = None
+            ) -> list[tuple[str, nn.Module]] | None:
     """The layers of a (nested) ``nn.Sequential`` in call order, or None if it is not one."""
     if type(module) is not nn.Sequential or module._parameters or module._buffers:
         return None
     out = []
     for name, child in module.named_children():
         if type(child) is nn.Sequential:
-            inner = _leaves(child, prefix + name + ".")
+            inner = _leaves(child, prefix + name + ".", training)
             if inner is None:
                 return None
             out += inner
-        elif child._modules or not _samplewise(child):
+        elif child._modules or not _samplewise(child, training):
             return None
         else:
             out.append((prefix + name, child))
@@ -98,15 +119,25 @@ class _Stack:
     """Vectors' values ``V_j`` of one tensor, stacked once; ``at(cs)`` gives every point's
     ``sum_j c_j V_j`` ([P, *shape]) as one product, written into a buffer reused by the next
     call (a fresh multi-megabyte tensor per group costs more than the product on a CPU);
-    ``at(cs, start, stop)`` gives rows ``start:stop`` of it (a tile) alone."""
+    ``at(cs, start, stop)`` gives rows ``start:stop`` of it (a tile) alone.
 
-    def __init__(self, parts: Sequence[tuple[int, Tensor]]):
-        self.idx = [j for j, _ in parts]
-        self.shape = parts[0][1].shape
-        self.flat = torch.stack([t.reshape(-1) for _, t in parts])
-        self.buffer = self.flat[0, :0]
+    ``along=(m, key)``: the points ``cs`` differ only in their coefficient on ``V_m``, ``key``
+    being their other coefficients (the points of a grid row): the other vectors' sum, the
+    base, is formed once per key and each point adds ``c_m V_m`` to it (one multiply-add per
+    element instead of one per vector)."""
 
-    def at(self, cs: Tensor, start: int = 0, stop: int | None = None) -> Tensor:
+    def __init__(self, idx: list[int], flat: Tensor, shape: torch.Size):
+        self.idx, self.flat, self.shape = idx, flat, shape
+        self.buffer = self.base = flat[0, :0]
+        self.key: Any = None  # the coefficients of the base
+
+    @classmethod
+    def of(cls, parts: Sequence[tuple[int, Tensor]]) -> "_Stack":
+        return cls([j for j, _ in parts], torch.stack([t.reshape(-1) for _, t in parts]),
+                   parts[0][1].shape)
+
+    def at(self, cs: Tensor, start: int = 0, stop: int | None = None,
+           along: tuple[int, Any] | None = None) -> Tensor:
         rows = self.shape[0] if self.shape else 1
         stop = rows if stop is None else stop
         row = self.flat.shape[1] // max(rows, 1)
@@ -114,11 +145,45 @@ class _Stack:
         if self.buffer.numel() < size:
             self.buffer = self.flat.new_empty(size)
         out = self.buffer[:size].view(len(cs), -1)
-        torch.mm(cs[:, self.idx], self.flat[:, start * row:stop * row], out=out)
+        c, cols = cs[:, self.idx], slice(start * row, stop * row)
+        if along is None or along[0] not in self.idx or len(self.idx) == 1:
+            torch.mm(c, self.flat[:, cols], out=out)
+        else:
+            k = self.idx.index(along[0])
+            if self.key != along[1]:  # the vectors before and after V_m (views, not copies)
+                if self.base.numel() < self.flat.shape[1]:
+                    self.base = self.flat.new_empty(self.flat.shape[1])
+                parts = [p for p in (slice(0, k), slice(k + 1, len(self.idx))) if p.start < p.stop]
+                base = self.base[None]
+                torch.mm(c[:1, parts[0]], self.flat[parts[0]], out=base)
+                for p in parts[1:]:
+                    base.addmm_(c[:1, p], self.flat[p])
+                self.key = along[1]
+            torch.addcmul(self.base[cols], c[:, k, None], self.flat[k, cols], out=out)
         return out.view(len(cs), stop - start, *self.shape[1:])
 
     def values(self) -> list[tuple[int, Tensor]]:
         return list(zip(self.idx, self.flat.view(len(self.idx), *self.shape)))
+
+
+def _rows(cs: Tensor, group: int) -> list[tuple[int, Any] | None]:
+    """Per group of ``group`` consecutive points of ``cs``: ``(m, key)`` when its points differ
+    only in their coefficient ``m`` (``key``: their other coefficients), else None. ``m`` is
+    the coefficient that varies along the runs of consecutive points (a grid's fastest axis);
+    None everywhere unless those runs hold two points on average (a base per run then pays)."""
+    host = cs.detach().cpu().double().numpy()
+    best = None
+    for m in range(host.shape[1]):
+        others = np.delete(host, m, axis=1)
+        run = np.concatenate([[0], np.cumsum((others[1:] != others[:-1]).any(1))])
+        if best is None or run[-1] < best[2][-1]:
+            best = (m, others, run)
+    starts = range(0, len(host), group)
+    if best is None or 2 * (best[2][-1] + 1) > len(host):
+        return [None for _ in starts]
+    m, others, run = best
+    return [(m, tuple(others[i].tolist())) if run[i] == run[min(i + group, len(host)) - 1]
+            else None for i in starts]
 
 
 @dataclass
@@ -164,9 +229,7 @@ class SequentialPlan:
         larger products, and each point's weights formed once for all of them. Only batches
         ``(x, y, ...)`` whose inputs ``x`` agree in shape past dim 0, dtype and device join."""
         live = [b for b in batches if size(b) > 0]
-        if not live or live[0] is not batches[0] or not all(
-                isinstance(b, (tuple, list)) and len(b) >= 2 and isinstance(b[0], Tensor)
-                and b[0].dim() for b in live):
+        if not live or live[0] is not batches[0] or not all(map(xy_batch, live)):
             return
         per_sample = largest / max(len(live[0][0]), 1)
         runs: list[list[Any]] = []
@@ -210,34 +273,52 @@ class SequentialPlan:
         skip = self.first + (first is not None)
         loss = _point_losses(self.criterion, ys, sizes)
         out: list[list[Any]] = [[] for _ in ys]
-        for start in range(0, len(cs), group):
+        for start, along in zip(range(0, len(cs), group), _rows(cs, group)):
             c = cs[start:start + group]
-            h = first(c) if first is not None else x.expand(len(c), *x.shape)
+            h = first(c, along) if first is not None else x.expand(len(c), *x.shape)
             for i in range(skip, len(self.layers)):
-                h = self._apply(i, h, c, owned=first is not None or i > skip)
+                h = self._apply(i, h, c, along, owned=first is not None or i > skip)
             for values, more in zip(out, loss(h)):
                 values += more
         return out
 
-    def _first_terms(self, x: Tensor) -> Callable[[Tensor], Tensor]:
-        """The first moving layer on the batch ``x``, as a function of the points' coordinates."""
+    def _first_terms(self, x: Tensor) -> Callable[[Tensor, Any], Tensor]:
+        """The first moving layer on the batch ``x``, as a function of the points' coordinates
+        (and ``along``, see ``_Stack.at``)."""
         layer = self.layers[self.first]
         m = layer.module
-        if type(m) is nn.Linear:
-            def apply(w): return F.linear(x, w)
-        else:
-            def apply(w): return m._conv_forward(x, w, None)
-        weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
-        shape = (-1,) if type(m) is nn.Linear else (-1,) + (1,) * (x.dim() - 2)  # a bias's view
-        fixed = apply(m.weight) if weight is None else None  # a fixed weight's part
-        terms = {} if weight is None else {j: apply(v) for j, v in weight.values()}
-        size = (fixed if fixed is not None else next(iter(terms.values()))).shape
-        for j, b in bias.values() if bias is not None else ():  # layer(x; W_j, b_j) per vector
-            terms[j] = terms[j] + b.view(shape) if j in terms else b.view(shape).expand(size)
-        stack = _Stack(sorted(terms.items()))
+        linear = type(m) is nn.Linear
+        if linear:
+            rows = x.reshape(-1, x.shape[-1])
+            size = (*x.shape[:-1], m.out_features)
 
-        def out(cs: Tensor) -> Tensor:
-            h = stack.at(cs)
+            def apply(w: Tensor, out: Tensor) -> Tensor:  # the layer without its bias, into out
+                torch.mm(rows, w.T, out=out.view(-1, m.out_features))
+                return out
+        else:  # the output's shape, from one sample
+            size = (len(x), *m._conv_forward(x[:1], m.weight, None).shape[1:])
+
+            def apply(w: Tensor, out: Tensor) -> Tensor:
+                return out.copy_(m._conv_forward(x, w, None))
+        weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
+        shape = (-1,) if linear else (-1,) + (1,) * (x.dim() - 2)  # a bias's view
+        fixed = apply(m.weight, x.new_empty(size)) if weight is None else None  # fixed weight
+        weights = dict(weight.values()) if weight is not None else {}
+        biases = dict(bias.values()) if bias is not None else {}
+        idx = sorted(weights.keys() | biases.keys())
+        flat = x.new_empty(len(idx), math.prod(size))  # layer(x; W_j, b_j) per vector, in place
+        for k, j in enumerate(idx):
+            term = flat[k].view(size)
+            if j in weights:
+                apply(weights[j], term)
+                if j in biases:
+                    term += biases[j].view(shape)
+            else:
+                term.copy_(biases[j].view(shape).expand(size))
+        stack = _Stack(idx, flat, torch.Size(size))
+
+        def out(cs: Tensor, along: tuple[int, Any] | None = None) -> Tensor:
+            h = stack.at(cs, along=along)
             if fixed is not None:
                 h += fixed
             if bias is None and m.bias is not None:
@@ -254,9 +335,11 @@ class SequentialPlan:
             buf = self._buffers[key] = like.new_empty(size)
         return buf[:size].view(shape)
 
-    def _apply(self, i: int, h: Tensor, c: Tensor, owned: bool) -> Tensor:
-        """Layer ``i`` on the activations ``h[p]`` ([P, N, ...]) of each point ``c[p]``;
-        ``owned``: ``h`` is this evaluation's temporary (a ReLU may overwrite it)."""
+    def _apply(self, i: int, h: Tensor, c: Tensor, along: tuple[int, Any] | None, owned: bool
+               ) -> Tensor:
+        """Layer ``i`` on the activations ``h[p]`` ([P, N, ...]) of each point ``c[p]``
+        (``along``: see ``_Stack.at``); ``owned``: ``h`` is this evaluation's temporary (a ReLU
+        may overwrite it)."""
         layer = self.layers[i]
         m, P = layer.module, len(h)
         if type(m) is nn.ReLU and owned:
@@ -264,23 +347,23 @@ class SequentialPlan:
         if not layer.moving:
             return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
         if type(m) is not nn.Linear:
-            tensors = {a: s.at(c) for a, s in layer.moving.items()}
+            tensors = {a: s.at(c, along=along) for a, s in layer.moving.items()}
             return torch.stack([functional_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
                                 for p in range(P)])
         flat = h.reshape(P, -1, h.shape[-1])
         weight, bias = layer.moving.get("weight"), layer.moving.get("bias")
         if weight is None:
-            b = bias.at(c).unsqueeze(1)
+            b = bias.at(c, along=along).unsqueeze(1)
             return (F.linear(flat, m.weight) + b).view(*h.shape[:-1], -1)
         # z^T = W x^T ([P, out, N]): as fast as x W^T or faster (3x for 10 outputs) on a CPU
-        b = bias.at(c).unsqueeze(2) if bias is not None else m.bias
+        b = bias.at(c, along=along).unsqueeze(2) if bias is not None else m.bias
         b = b[:, None] if b is not None and b.dim() == 1 else b  # [P, out, 1] or [out, 1]
         n_out, inputs = m.out_features, flat.transpose(1, 2)
         out = self._buffer(i, (P, n_out, flat.shape[1]), flat)
         rows = _tile_rows(flat, n_out)
         for r0 in range(0, n_out, rows):  # the formed weights' tiles, each used while cached
             r1 = min(r0 + rows, n_out)
-            w = weight.at(c, r0, r1)
+            w = weight.at(c, r0, r1, along)
             part = out if rows == n_out else self._buffer(("tile", i), (P, r1 - r0, flat.shape[1]),
                                                           flat)
             if b is None:
@@ -365,13 +448,51 @@ def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any], 
     return each
 
 
+def _planned_layers(model: nn.Module, loss_fn: LossFn, training: bool | None = None
+                    ) -> list[tuple[str, nn.Module]] | None:
+    """The layers of ``model`` (in its modules' modes, or all in training mode if ``training``)
+    when it is a hook-free sequential model of sample-wise layers and ``loss_fn`` a
+    ``supervised`` loss, else None."""
+    if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
+        return None
+    return _leaves(model, training=training)
+
+
+def _criterion(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
+    return inspect.getclosurevars(loss_fn).nonlocals["criterion"]
+
+
+def fixed_passes(model: nn.Module, loss_fn: LossFn, data: Any, batch_size_fn: BatchSizeFn | None,
+                 model_mode: str) -> bool:
+    """Whether two passes of ``loss_fn(model, batch)`` over ``data`` in ``model_mode`` give the
+    same values by construction (the determinism check's verdict known): ``data`` a list or
+    tuple of batches ``(x, y, ...)`` of tensors (the same tensors on every pass, counted by the
+    default batch size); ``model`` and ``loss_fn`` those of the plan in ``model_mode`` (its
+    layers have no randomness: Dropout and BatchNorm only in eval mode), with a criterion of
+    ``DETERMINISTIC_CRITERIA`` without hooks and no in-place layer before the first Linear or
+    convolution (it would change the batch's own tensor)."""
+    if batch_size_fn is not None or type(data) not in (list, tuple) \
+            or not all(xy_batch(b, targets=True) for b in data):
+        return False
+    leaves = _planned_layers(model, loss_fn, check_model_mode(model_mode) == "train")
+    if leaves is None:
+        return False
+    criterion = _criterion(loss_fn)
+    if type(criterion) not in DETERMINISTIC_CRITERIA or not _no_hooks(criterion):
+        return False
+    for _, m in leaves:
+        if type(m) in PRECOMPUTED:  # a fresh output: in-place layers after it write their own
+            return True
+        if getattr(m, "inplace", False):
+            return False
+    return True
+
+
 def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> SequentialPlan | None:
     """The plan for ``model`` and ``loss_fn`` moving ``parts`` (name -> [(j, V_j[name])]), or
     None when they are not a hook-free sequential model of sample-wise layers and a
     ``supervised`` loss (the caller then evaluates the points another way)."""
-    if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
-        return None
-    leaves = _leaves(model)
+    leaves = _planned_layers(model, loss_fn)
     if leaves is None:
         return None
     owner = {f"{prefix}.{attr}": (i, attr) for i, (prefix, m) in enumerate(leaves)
@@ -381,5 +502,5 @@ def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> Sequenti
         if name not in owner:
             return None
         i, attr = owner[name]
-        layers[i].moving[attr] = _Stack(p)
-    return SequentialPlan(layers, inspect.getclosurevars(loss_fn).nonlocals["criterion"])
+        layers[i].moving[attr] = _Stack.of(p)
+    return SequentialPlan(layers, _criterion(loss_fn))

@@ -13,6 +13,7 @@ from analysis.core import (BatchSizeFn, check_model_mode, guarded, LossFn, Param
 
 from .directions import Direction, check_direction, named_targets
 from .evaluate import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
+from .stacked import fixed_passes
 from .results import data_probe, LineResult, PlaneResult, Progress, surface_metadata
 
 
@@ -57,7 +58,7 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     return store
 
 
-@guarded
+@guarded(known_deterministic=fixed_passes)
 def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor], alphas, *,
          params: ParamSelection = None, model_mode: str = "eval",
          batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
@@ -77,7 +78,11 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
     chunk_size, max_memory, vectorize, distribute: how points are batched and shared
         (see ``landscape.evaluate.evaluate_points``).
     check_deterministic: first check that two passes over ``data`` agree (two forward passes:
-        each chunk of points is one pass).
+        each chunk of points is one pass). Skipped where its answer is known: ``data`` a list
+        or tuple of ``(x, y, ...)`` tensor batches, the default batch sizes, and a model and
+        loss of the stacked path without randomness in ``model_mode`` (a hook-free
+        ``nn.Sequential`` of its layers and a ``supervised`` torch criterion, see
+        ``landscape.stacked.fixed_passes``).
     The model is left unchanged.
     """
     alphas = check_coords(alphas, "alphas")
@@ -88,7 +93,7 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
     return store.result(complete=True)
 
 
-@guarded
+@guarded(known_deterministic=fixed_passes)
 def plane(model: nn.Module, loss_fn: LossFn, data, d1: Mapping[str, Tensor], d2: Mapping[str, Tensor],
           xs, ys, *, params: ParamSelection = None, model_mode: str = "eval",
           batch_size_fn: BatchSizeFn | None = None, progress: bool = True,

@@ -1,6 +1,8 @@
 """Guards of the data and loss protocol (issue 13, "Data and losses"): non-deterministic data is
 refused by every routine that passes over it repeatedly, a single batch is not taken for an
 iterable of batches, and sum-reduced losses give the quantities of the total loss."""
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -291,3 +293,119 @@ def test_non_finite_vectors_are_refused_wherever_they_sit(dtype):
         op.matvec(v)
     with pytest.raises(ValueError, match="v0 must be finite"):
         top_eigenvalues(model, CE, [(x, y)], v0=v, progress=False)
+
+
+# ----------------------------------------------------------------------------- known verdicts
+
+def seen_by_check(monkeypatch, call) -> int:
+    """Samples that ``nn.Sequential.forward`` sees in the determinism check of ``call(**kw)``
+    (its samples with the check on, less those with it off; a class patch, not a hook, so the
+    model keeps the stacked path)."""
+    seen = []
+    forward = nn.Sequential.forward
+
+    def counting(self, x):
+        seen.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(nn.Sequential, "forward", counting)
+    call(check_deterministic=True)
+    checked = sum(seen)
+    seen.clear()
+    call(check_deterministic=False)
+    return checked - sum(seen)
+
+
+class Rotating(list):
+    """A list of batches whose passes differ: each pass starts one batch later, the last dropped."""
+    passes = 0
+
+    def __iter__(self):
+        Rotating.passes += 1
+        k = Rotating.passes % len(self)
+        return iter((self[k:] + self[:k])[:-1])
+
+
+class Wrapped(nn.Module):
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x):
+        return self.inner(x)
+
+
+def hooked(model):
+    model.register_forward_hook(lambda *_: None)
+    return model
+
+
+def hooked_ce():
+    criterion = nn.CrossEntropyLoss()
+    criterion.register_forward_hook(lambda *_: None)
+    return criterion
+
+
+def ce_function(out, y):
+    return F.cross_entropy(out, y)
+
+
+def surfaces(model, loss_fn, data, **kw):
+    """line, plane and interpolate (to a copy of ``model``): each a function of more keywords."""
+    other = copy.deepcopy(model)
+    return {"line": lambda **k: line(model, loss_fn, data, direction(model), [0.0, 0.5],
+                                     **QUIET, **kw, **k),
+            "plane": lambda **k: plane(model, loss_fn, data, direction(model), direction(model),
+                                       [0.0], [0.5], **QUIET, **kw, **k),
+            "interpolate": lambda **k: interpolate(model, other, loss_fn, data, [0.5], **QUIET,
+                                                   **kw, **k)}
+
+
+def batchnorm_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(6, 5), nn.BatchNorm1d(5), nn.Tanh(), nn.Linear(5, 3)).double()
+
+
+@pytest.mark.filterwarnings("ignore:the model cannot be vmapped")  # train-mode BatchNorm
+@pytest.mark.parametrize("name", ["line", "plane", "interpolate"])
+def test_surfaces_skip_the_check_exactly_where_its_verdict_is_known(monkeypatch, name):
+    """Fixed tensor batches through the stacked path's deterministic layers: the check's two
+    passes are skipped; any other data, model or loss keeps them."""
+    model, x, y = problem()
+    data = uneven_batches(x, y)
+
+    def passes(model=model, loss_fn=CE, data=data, **kw):
+        return seen_by_check(monkeypatch, surfaces(model, loss_fn, data, **kw)[name])
+
+    assert passes() == 0 and passes(data=tuple(data)) == 0
+    assert passes(model_mode="train") == 0  # Linear and Tanh: nothing random in train mode
+    assert passes(model=with_dropout()) == 0  # eval-mode Dropout is the identity
+    assert passes(model=batchnorm_mlp()) == 0  # eval-mode BatchNorm: running statistics
+    assert passes(vectorize=False) == 0  # the verdict does not depend on the path
+    checked = [dict(data=DataLoader(TensorDataset(x, y), batch_size=5)),  # same batches
+               dict(data=Rotating(data[:3] + data[3:])),  # a list, but not a plain one
+               dict(loss_fn=lambda m, b: CE(m, b)),  # a custom loss, not supervised
+               dict(loss_fn=supervised(ce_function)), dict(loss_fn=supervised(hooked_ce())),
+               dict(model=hooked(mlp((6, 5, 3)))), dict(model=Wrapped(mlp((6, 5, 3)))),
+               dict(batch_size_fn=lambda b: len(b[1])),
+               dict(model=batchnorm_mlp(), model_mode="train")]  # batch statistics
+    for case in checked:
+        if isinstance(case.get("data"), Rotating):
+            with pytest.raises(ValueError, match="sample counts differ"):
+                surfaces(model, CE, case["data"])[name]()
+        else:
+            assert passes(**case) == 2 * len(x), case
+
+
+@pytest.mark.parametrize("name", ["line", "plane", "interpolate"])
+def test_randomness_the_plan_excludes_is_still_caught(name):
+    """Dropout in train mode (the model left in eval mode by the user), an in-place layer
+    changing the batch's own tensor before the first Linear: the check runs and raises."""
+    _, x, y = problem()
+    with pytest.raises(ValueError, match="random layers \\(Dropout\\)"):
+        surfaces(with_dropout().eval(), CE, uneven_batches(x, y), model_mode="train")[name]()
+    torch.manual_seed(0)
+    elu = nn.Sequential(nn.ELU(inplace=True), nn.Linear(6, 5), nn.Tanh(),
+                        nn.Linear(5, 3)).double()
+    with pytest.raises(ValueError, match="the loss differs between two passes"):
+        surfaces(elu, CE, [(x - 1, y)])[name]()

@@ -197,6 +197,50 @@ def test_bunched_batches_equal_the_plain_loop(criterion, monkeypatch):
     assert forwards == [4, 1] * 4
 
 
+@pytest.mark.parametrize("name", list(models()))
+def test_points_of_a_grid_row_add_one_vector_to_a_shared_base(name, monkeypatch):
+    """One point per forward (as on large data): along a row of the plane only x changes, so
+    the other vectors' sum (origin + y d2) is formed once per row and each point adds x d1;
+    the plain loop's values, for every kind of moving layer."""
+    monkeypatch.setattr(stacked, "GROUP_ACTIVATION_BYTES", 1)  # groups of one point
+    seen = []
+    original = stacked._Stack.at
+
+    def spied(self, cs, start=0, stop=None, along=None):
+        seen.append(along)
+        return original(self, cs, start, stop, along)
+
+    monkeypatch.setattr(stacked._Stack, "at", spied)
+    model = models()[name]
+    x, y = classification_data(n=23, d=12, dtype=torch.float32)
+    data = uneven_batches(x, y)
+    d1, d2 = random_direction(model, seed=1), random_direction(model, "layer", seed=2)
+    if name == "batchnorm":
+        d2["1.running_mean"] = torch.randn(16) * 0.1
+    got = plane(model, supervised(CE), data, d1, d2, XS, YS, progress=False)
+    np.testing.assert_allclose(got.losses, plain(model.eval(), CE, data, d1, d2), rtol=2e-6,
+                               atol=1e-6)
+    assert None not in seen and {m for m, _ in seen} == {1}
+    assert sorted({key for _, key in seen}) == [(1.0, float(np.float32(b))) for b in YS]
+
+
+def test_rows_find_the_coefficient_that_varies_along_runs_of_points():
+    xs, ys = [-0.5, 0.25, 1.0], [0.5, 2.0]
+    plane_cs = torch.tensor([[1.0, a, b] for b in ys for a in xs])
+    rows = [(1, (1.0, b)) for b in ys]
+    assert stacked._rows(plane_cs, 1) == [rows[0]] * 3 + [rows[1]] * 3
+    assert stacked._rows(plane_cs, 3) == rows
+    assert stacked._rows(plane_cs, 2) == [rows[0], None, rows[1]]  # the middle group spans both
+    assert stacked._rows(plane_cs, 6) == [None]
+    line_cs = torch.tensor([[1.0, a] for a in xs])
+    assert stacked._rows(line_cs, 1) == [(1, (1.0,))] * 3  # the base is the origin alone
+    interpolation = torch.tensor([[1 - a, a] for a in xs])
+    assert stacked._rows(interpolation, 1) == [None] * 3  # every coefficient changes
+    walk = [(2, (1.0, a)) for a in xs[:2]]  # down the columns: y varies along the runs
+    assert stacked._rows(plane_cs[[0, 3, 1, 4]], 1) == [walk[0]] * 2 + [walk[1]] * 2
+    assert stacked._rows(plane_cs[[0, 4, 2]], 1) == [None] * 3  # runs of one point
+
+
 def test_logsumexp_without_subnormals_equals_torch():
     """Exponents clamped at -87 change no value, in float32 or float64, however spread the
     logits (terms at e^-20 still count)."""

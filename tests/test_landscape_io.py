@@ -1,14 +1,17 @@
 """Saving, loading and resuming surfaces; the distributed grid (two gloo processes)."""
+import hashlib
 import os
 import socket
 
 import numpy as np
 import pytest
+import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from landscape import (interpolate, line, LineResult, load_result, plane, random_direction,
                        save_result)
+from landscape.results import tensors_hash
 from oracles import classification_data, mlp, uneven_batches
 from test_surface import quad_loss, quadratic_problem
 from test_surface import ce as CE
@@ -194,3 +197,13 @@ def test_concurrent_writers_never_share_a_temporary_file(tmp_path, monkeypatch):
     save_result(LineResult(np.arange(3.0), np.full(3, 1.0)), path)
     assert interleaved.done and load_result(path).losses[0] == 1.0  # the last replace wins
     assert os.listdir(tmp_path) == ["shared.npz"]  # no temporary file left behind
+
+
+def test_direction_hashes_keep_their_byte_layout():
+    """Result files are matched by these digests: SHA-256 of '|' per vector, then per name (in
+    order) 'name:shape;' and the float64 values in C order, on any device or dtype."""
+    vectors = [{"w": torch.arange(6.0).view(2, 3).T, "b": torch.tensor([1.5], dtype=torch.float16)},
+               {"s": torch.tensor(2.0, dtype=torch.float64)}]
+    layout = (b"|b:(1,);" + np.array([1.5]).tobytes() + b"w:(3, 2);"
+              + np.arange(6.0).reshape(2, 3).T.copy().tobytes() + b"|s:();" + np.array(2.0).tobytes())
+    assert tensors_hash(vectors) == hashlib.sha256(layout).hexdigest()

@@ -15,6 +15,9 @@ under ``torch.distributed`` the arguments must agree between ranks.
   all-reduce, and the others say so, so no rank is left waiting. In one process, a loss that
   fails in the check's forward pass lets the routine run first, so that its own argument
   checks name the problem.
+* A routine may know the check's verdict by construction (``guarded(known_deterministic=...)``:
+  e.g. fixed tensors through layers without randomness); the two passes are then skipped, their
+  answer known, and every other guard runs as before.
 
 The guard runs once per outermost call: routines called by a guarded routine (the operator
 inside ``top_eigenvalues``, the solvers inside ``layerwise``) are not checked again.
@@ -99,10 +102,18 @@ def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=Non
     return 0, ""
 
 
-def guarded(fn: Callable) -> Callable:
+def guarded(fn: Callable | None = None, *,
+            known_deterministic: Callable[..., bool] | None = None) -> Callable:
     """Decorator of a public routine ``f(model, loss_fn, data, ...)`` (or a class's
     ``__init__``): the determinism check when its ``check_deterministic`` argument is True, then
-    the agreement of its arguments between ranks (module docstring)."""
+    the agreement of its arguments between ranks (module docstring).
+
+    known_deterministic: ``(model, loss_fn, data, batch_size_fn, model_mode) -> bool``, True
+        only where two passes over ``data`` necessarily agree (the routine knows it by
+        construction); the check is then skipped. Used as ``@guarded(known_deterministic=f)``.
+    """
+    if fn is None:
+        return functools.partial(guarded, known_deterministic=known_deterministic)
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -118,9 +129,9 @@ def guarded(fn: Callable) -> Callable:
         check = check_bool("check_deterministic", a.get("check_deterministic", False))
         code, detail, error = 0, "", None
         try:
-            if check:
-                code, detail = repeated_passes(model, a["loss_fn"], a["data"],
-                                               a.get("batch_size_fn"), mode)
+            over = (model, a["loss_fn"], a["data"], a.get("batch_size_fn"), mode)
+            if check and not (known_deterministic is not None and known_deterministic(*over)):
+                code, detail = repeated_passes(*over)
         except Exception as err:  # raised after the all-reduce, so no other rank waits for us
             code, error = RAISED, err
         try:
