@@ -129,7 +129,7 @@ class _Stack:
     def __init__(self, idx: list[int], flat: Tensor, shape: torch.Size):
         self.idx, self.flat, self.shape = idx, flat, shape
         self.buffer = self.base = flat[0, :0]
-        self.key: Any = None  # the coefficients of the base
+        self.key: Any = None  # the ``along`` of the base: the varying index and the others' values
 
     @classmethod
     def of(cls, parts: Sequence[tuple[int, Tensor]]) -> "_Stack":
@@ -150,7 +150,7 @@ class _Stack:
             torch.mm(c, self.flat[:, cols], out=out)
         else:
             k = self.idx.index(along[0])
-            if self.key != along[1]:  # the vectors before and after V_m (views, not copies)
+            if self.key != along:  # the vectors before and after V_m (views, not copies)
                 if self.base.numel() < self.flat.shape[1]:
                     self.base = self.flat.new_empty(self.flat.shape[1])
                 parts = [p for p in (slice(0, k), slice(k + 1, len(self.idx))) if p.start < p.stop]
@@ -158,7 +158,7 @@ class _Stack:
                 torch.mm(c[:1, parts[0]], self.flat[parts[0]], out=base)
                 for p in parts[1:]:
                     base.addmm_(c[:1, p], self.flat[p])
-                self.key = along[1]
+                self.key = along
             torch.addcmul(self.base[cols], c[:, k, None], self.flat[k, cols], out=out)
         return out.view(len(cs), stop - start, *self.shape[1:])
 

@@ -224,6 +224,19 @@ def test_points_of_a_grid_row_add_one_vector_to_a_shared_base(name, monkeypatch)
     assert sorted({key for _, key in seen}) == [(1.0, float(np.float32(b))) for b in YS]
 
 
+def test_a_shared_base_is_keyed_by_the_varying_coefficient_too():
+    """Symmetric grids give rows and columns the same other coefficients, (1, 0.5): a base of
+    origin + 0.5 d2 must not be reused where origin + 0.5 d1 is wanted."""
+    gen = torch.Generator().manual_seed(0)
+    vs = torch.randn(3, 7, 5, dtype=torch.float64, generator=gen)
+    stack = stacked._Stack.of(list(enumerate(vs)))
+    for along, cs in [((1, (1.0, 0.5)), [[1.0, -1.0, 0.5], [1.0, 2.0, 0.5]]),
+                      ((2, (1.0, 0.5)), [[1.0, 0.5, -1.0], [1.0, 0.5, 2.0]])]:
+        cs = torch.tensor(cs, dtype=torch.float64)
+        np.testing.assert_allclose(stack.at(cs, along=along).numpy(),
+                                   torch.einsum("pj,jab->pab", cs, vs).numpy(), rtol=1e-12)
+
+
 def test_rows_find_the_coefficient_that_varies_along_runs_of_points():
     xs, ys = [-0.5, 0.25, 1.0], [0.5, 2.0]
     plane_cs = torch.tensor([[1.0, a, b] for b in ys for a in xs])
