@@ -52,7 +52,33 @@ class FusedKernel:
                           "per-tensor update instead", RuntimeWarning, stacklevel=3)
             return False, None
 
+    def update(self, params: list[Tensor], tensors_of: Callable[[Tensor], tuple[Tensor | None, ...]],
+               step_of: Callable[[Tensor], int], row_of: Callable[[int], tuple[float, ...]],
+               **flags: Any) -> list[Tensor]:
+        """A group's update in one call on the params whose ``tensors_of(p)`` are all fusable; returns the params
+        left for the eager path (all of them when no kernel is available). One pass over ``params``, and
+        ``row_of(step)`` (the scalars of a step count) once per distinct ``step_of(p)``: one row object for the
+        whole group unless some parameters missed steps."""
+        tensors, rows, left, by_step = [], [], [], {}
+        for p in params:
+            ts = tensors_of(p)
+            if not fusable(*ts):
+                left.append(p)
+                continue
+            step = step_of(p)
+            row = by_step.get(step)
+            if row is None:
+                row = by_step[step] = row_of(step)
+            tensors.append(ts)
+            rows.append(row)
+        if tensors and not self(tensors, scalars_tensor(rows), **flags)[0]:
+            return params
+        return left
+
 
 def fusable(*tensors: Tensor | None) -> bool:
     """Dense, contiguous tensors (what the kernels are compiled for)."""
-    return all(t is None or (t.is_contiguous() and t.layout == torch.strided) for t in tensors)
+    for t in tensors:   # a plain loop: this runs for every tensor of every step
+        if t is not None and not (t.is_contiguous() and t.layout == torch.strided):
+            return False
+    return True
