@@ -52,28 +52,29 @@ class FusedKernel:
                           "per-tensor update instead", RuntimeWarning, stacklevel=3)
             return False, None
 
-    def update(self, params: list[Tensor], tensors_of: Callable[[Tensor], tuple[Tensor | None, ...]],
-               step_of: Callable[[Tensor], int], row_of: Callable[[int], tuple[float, ...]],
-               **flags: Any) -> list[Tensor]:
-        """A group's update in one call on the params whose ``tensors_of(p)`` are all fusable; returns the params
-        left for the eager path (all of them when no kernel is available). One pass over ``params``, and
-        ``row_of(step)`` (the scalars of a step count) once per distinct ``step_of(p)``: one row object for the
-        whole group unless some parameters missed steps."""
-        tensors, rows, left, by_step = [], [], [], {}
-        for p in params:
-            ts = tensors_of(p)
+    def update(self, params: list[Tensor], states: list[dict[str, Any]],
+               tensors_of: Callable[[Tensor, dict[str, Any]], tuple[Tensor | None, ...]],
+               row_of: Callable[[int], tuple[float, ...]], **flags: Any) -> tuple[list[Tensor], list[dict[str, Any]]]:
+        """A group's update in one call on the params whose ``tensors_of(p, state)`` are all fusable; returns the
+        (params, states) left for the eager path (all of them when no kernel is available). One pass, and
+        ``row_of(step)`` (the scalars of a step count) once per distinct ``state["step"]``: one row object for
+        the whole group unless some parameters missed steps."""
+        tensors, rows, left, left_states, by_step = [], [], [], [], {}
+        for p, state in zip(params, states):
+            ts = tensors_of(p, state)
             if not fusable(*ts):
                 left.append(p)
+                left_states.append(state)
                 continue
-            step = step_of(p)
+            step = state["step"]
             row = by_step.get(step)
             if row is None:
                 row = by_step[step] = row_of(step)
             tensors.append(ts)
             rows.append(row)
         if tensors and not self(tensors, scalars_tensor(rows), **flags)[0]:
-            return params
-        return left
+            return params, states
+        return left, left_states
 
 
 def fusable(*tensors: Tensor | None) -> bool:

@@ -47,8 +47,9 @@ class AdaSAM(TwoPassOptimizer):
         self.fused = None if fused is None else check_bool("fused", fused)
         self._set_model(model)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> None:
-        """Create state where missing, advance the steps."""
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> list[dict[str, Any]]:
+        """Create state where missing, advance the steps; the states of ``params``."""
+        states = []
         for p in params:
             state = self.state[p]
             if "step" not in state:
@@ -59,16 +60,17 @@ class AdaSAM(TwoPassOptimizer):
                 state["max_exp_avg_sq"] = torch.full_like(p, group["eps"] ** 2, dtype=dtype,
                                                           memory_format=torch.preserve_format)
             state["step"] += 1
+            states.append(state)
+        return states
 
     def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         """The AMSGrad-type update with the gradient s at the SAM point."""
         for group, params in perturbed:
-            self._init_group(group, params)
+            states = self._init_group(group, params)
             if params and self.fused:   # what the compiled kernel cannot take goes on to the eager path
-                params = _fused_adasam(self.state, group, params)
+                params, states = _fused_adasam(group, params, states)
             if not params:
                 continue
-            states = [self.state[p] for p in params]
             exp_avgs = [s["exp_avg"] for s in states]
             steps = [s["step"] for s in states]
             multi = use_foreach(self.foreach, params) and len(set(steps)) == 1 \
@@ -146,15 +148,12 @@ def _adasam_group(tensors: list[tuple[Tensor, ...]], scalars: Tensor, **flags: b
 _ADASAM_KERNEL = FusedKernel(_adasam_group, "AdaSAM")
 
 
-def _fused_adasam(state: dict, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-    """The group's dense, contiguous tensors updated in one compiled call; returns the params left for the eager
-    path (all of them when no kernel is available)."""
+def _fused_adasam(group: dict[str, Any], params: list[Tensor],
+                  states: list[dict[str, Any]]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """The group's dense, contiguous tensors updated in one compiled call; returns the (params, states) left for
+    the eager path (all of them when no kernel is available)."""
     lr, betas, bias_correction = group["lr"], group["betas"], group["bias_correction"]
-
-    def tensors_of(p: Tensor) -> tuple[Tensor, ...]:
-        s = state[p]
-        return p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"]
-
-    return _ADASAM_KERNEL.update(params, tensors_of, lambda p: state[p]["step"],
+    return _ADASAM_KERNEL.update(params, states,
+                                 lambda p, s: (p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"]),
                                  lambda t: (betas[0], betas[1], *_step_size(lr, betas, t, bias_correction)),
                                  bias_correction=bias_correction)

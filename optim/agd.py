@@ -74,9 +74,9 @@ class AGD(CheckedState):
             group[flag] = check_bool(flag, group[flag])
         group["clip"] = check_optional_positive("clip", group["clip"])
 
-    def _init_group(self, group: dict) -> list[Tensor]:
-        """Create state where missing, advance the step counters; return the params that have a grad."""
-        params = []
+    def _init_group(self, group: dict) -> tuple[list[Tensor], list[dict]]:
+        """Create state where missing, advance the step counters; (params that have a grad, their states)."""
+        params, states = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -91,20 +91,20 @@ class AGD(CheckedState):
                 state["max_exp_avg_diff_sq"] = state["exp_avg_diff_sq"].clone()
             state["step"] += 1
             params.append(p)
-        return params
+            states.append(state)
+        return params, states
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One AGD step; with ``closure`` (called under grad mode) returns its loss."""
         loss = closure_loss(closure)
         for group in self.param_groups:
-            params = self._init_group(group)
+            params, states = self._init_group(group)
             if params and group["fused"]:   # what the compiled kernel cannot take goes on to the eager path
-                params = _fused_agd(self.state, group, params)
+                params, states = _fused_agd(group, params, states)
             if not params:
                 continue
             foreach = use_foreach(group["foreach"], params)
-            states = [self.state[p] for p in params]
             fn = _multi_tensor_agd if foreach else _single_tensor_agd
             fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                [s["exp_avg_diff_sq"] for s in states],
@@ -244,15 +244,14 @@ def _agd_group(tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flag
 _AGD_KERNEL = FusedKernel(_agd_group, "AGD")
 
 
-def _fused_agd(state: dict, group: dict[str, Any], params: list[Tensor]) -> list[Tensor]:
-    """The group's dense, contiguous tensors updated in one compiled call; returns the params left for the eager
-    path (all of them when no kernel is available)."""
+def _fused_agd(group: dict[str, Any], params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[dict]]:
+    """The group's dense, contiguous tensors updated in one compiled call; returns the (params, states) left for
+    the eager path (all of them when no kernel is available)."""
     o = _options(group)
     beta1, beta2 = o["betas"]
     decay, l2, clip, amsgrad = o["decay"], o["l2"], o["clip"], o["amsgrad"]
 
-    def tensors_of(p: Tensor) -> tuple[Tensor | None, ...]:
-        s = state[p]
+    def tensors_of(p: Tensor, s: dict) -> tuple[Tensor | None, ...]:
         return p, p.grad, s["exp_avg"], s["exp_avg_diff_sq"], s["max_exp_avg_diff_sq"] if amsgrad else None
 
     def row_of(t: int) -> tuple[float, ...]:
@@ -260,5 +259,5 @@ def _fused_agd(state: dict, group: dict[str, Any], params: list[Tensor]) -> list
         return (c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2, 1.0 if decay is None else decay, l2,
                 0.0 if clip is None else clip)
 
-    return _AGD_KERNEL.update(params, tensors_of, lambda p: state[p]["step"], row_of,
+    return _AGD_KERNEL.update(params, states, tensors_of, row_of,
                               decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)
