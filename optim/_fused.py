@@ -2,8 +2,9 @@
 
 ``FusedKernel(fn)`` compiles ``fn(*args, **flags)`` on first use; ``fn`` applies one tensor's update to
 every tuple of tensors it is given (one Python call per param group, so the per-call overhead does not grow
-with the number of tensors). ``nn.Parameter`` shapes are compiled as static (torch.compile's default), so a
-new model compiles again. Each optimizer module defines its own ``fn``: ``torch.compile`` caches per
+with the number of tensors); ``update`` gathers a group's tensors and scalar rows in one pass, calls it and
+hands back the parameters left for the eager path. ``nn.Parameter`` shapes are compiled as static
+(torch.compile's default), so a new model compiles again. Each optimizer module defines its own ``fn``: ``torch.compile`` caches per
 function, and its recompilation limit (8) then counts one optimizer's variants (flags, dtypes, thread
 counts, models) only; past it, ``fn`` runs uncompiled (unfused). The step's scalars travel in
 one float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When
