@@ -2,8 +2,9 @@
 
 ``FusedKernel(fn)`` compiles ``fn(*args, **flags)`` on first use; ``fn`` applies one tensor's update to
 every tuple of tensors it is given (one Python call per param group, so the per-call overhead does not grow
-with the number of tensors). ``nn.Parameter`` shapes are compiled as static (torch.compile's default), so a
-new model compiles again. Each optimizer module defines its own ``fn``: ``torch.compile`` caches per
+with the number of tensors); ``update`` gathers a group's tensors and scalar rows in one pass, calls it and
+hands back the parameters left for the eager path. ``nn.Parameter`` shapes are compiled as static
+(torch.compile's default), so a new model compiles again. Each optimizer module defines its own ``fn``: ``torch.compile`` caches per
 function, and its recompilation limit (8) then counts one optimizer's variants (flags, dtypes, thread
 counts, models) only; past it, ``fn`` runs uncompiled (unfused). The step's scalars travel in
 one float64 CPU tensor, a row per tensor, so a new learning rate or step count never recompiles. When
@@ -52,7 +53,34 @@ class FusedKernel:
                           "per-tensor update instead", RuntimeWarning, stacklevel=3)
             return False, None
 
+    def update(self, params: list[Tensor], states: list[dict[str, Any]],
+               tensors_of: Callable[[Tensor, dict[str, Any]], tuple[Tensor | None, ...]],
+               row_of: Callable[[int], tuple[float, ...]], **flags: Any) -> tuple[list[Tensor], list[dict[str, Any]]]:
+        """A group's update in one call on the params whose ``tensors_of(p, state)`` are all fusable; returns the
+        (params, states) left for the eager path (all of them when no kernel is available). One pass, and
+        ``row_of(step)`` (the scalars of a step count) once per distinct ``state["step"]``: one row object for
+        the whole group unless some parameters missed steps."""
+        tensors, rows, left, left_states, by_step = [], [], [], [], {}
+        for p, state in zip(params, states):
+            ts = tensors_of(p, state)
+            if not fusable(*ts):
+                left.append(p)
+                left_states.append(state)
+                continue
+            step = state["step"]
+            row = by_step.get(step)
+            if row is None:
+                row = by_step[step] = row_of(step)
+            tensors.append(ts)
+            rows.append(row)
+        if tensors and not self(tensors, scalars_tensor(rows), **flags)[0]:
+            return params, states
+        return left, left_states
+
 
 def fusable(*tensors: Tensor | None) -> bool:
     """Dense, contiguous tensors (what the kernels are compiled for)."""
-    return all(t is None or (t.is_contiguous() and t.layout == torch.strided) for t in tensors)
+    for t in tensors:   # a plain loop: this runs for every tensor of every step
+        if t is not None and not (t.is_contiguous() and t.layout == torch.strided):
+            return False
+    return True

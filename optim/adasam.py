@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._fused import FusedKernel, fusable, scalars_tensor
+from ._fused import FusedKernel
 from ._host import stepped
 from ._two_pass import TwoPassOptimizer, grouped
 from ._validation import check_betas, check_bool, check_nonnegative, check_positive
@@ -47,9 +47,9 @@ class AdaSAM(TwoPassOptimizer):
         self.fused = None if fused is None else check_bool("fused", fused)
         self._set_model(model)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> tuple[list, list, list, list, list]:
-        """Create state where missing, advance the steps; (grads, m, v, v^, steps) of ``params``."""
-        grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = [], [], [], [], []
+    def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> list[dict[str, Any]]:
+        """Create state where missing, advance the steps; the states of ``params``."""
+        states = []
         for p in params:
             state = self.state[p]
             if "step" not in state:
@@ -60,24 +60,25 @@ class AdaSAM(TwoPassOptimizer):
                 state["max_exp_avg_sq"] = torch.full_like(p, group["eps"] ** 2, dtype=dtype,
                                                           memory_format=torch.preserve_format)
             state["step"] += 1
-            grads.append(p.grad)
-            exp_avgs.append(state["exp_avg"])
-            exp_avg_sqs.append(state["exp_avg_sq"])
-            max_exp_avg_sqs.append(state["max_exp_avg_sq"])
-            steps.append(state["step"])
-        return grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps
+            states.append(state)
+        return states
 
     def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         """The AMSGrad-type update with the gradient s at the SAM point."""
         for group, params in perturbed:
+            states = self._init_group(group, params)
+            if params and self.fused:   # what the compiled kernel cannot take goes on to the eager path
+                params, states = _fused_adasam(group, params, states)
             if not params:
                 continue
-            grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps = self._init_group(group, params)
+            exp_avgs = [s["exp_avg"] for s in states]
+            steps = [s["step"] for s in states]
             multi = use_foreach(self.foreach, params) and len(set(steps)) == 1 \
                 and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params))
-            fn = _fused_adasam if self.fused else _multi_tensor_adasam if multi else _single_tensor_adasam
-            fn(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, steps=steps, lr=group["lr"],
-               betas=group["betas"], bias_correction=group["bias_correction"])
+            fn = _multi_tensor_adasam if multi else _single_tensor_adasam
+            fn(params, [p.grad for p in params], exp_avgs, [s["exp_avg_sq"] for s in states],
+               [s["max_exp_avg_sq"] for s in states], steps=steps, lr=group["lr"], betas=group["betas"],
+               bias_correction=group["bias_correction"])
 
     @torch.no_grad()
     def preconditioner(self) -> dict[Tensor, Tensor]:
@@ -147,17 +148,12 @@ def _adasam_group(tensors: list[tuple[Tensor, ...]], scalars: Tensor, **flags: b
 _ADASAM_KERNEL = FusedKernel(_adasam_group, "AdaSAM")
 
 
-def _fused_adasam(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs, *, steps, lr, betas,
-                  bias_correction) -> None:
-    """The group's updates in one compiled call; the eager per-tensor path for the tensors it cannot take."""
-    rows = list(zip(params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs))
-    fused = [i for i, ts in enumerate(rows) if fusable(*ts)]
-    scalars = scalars_tensor([(betas[0], betas[1], *_step_size(lr, betas, steps[i], bias_correction)) for i in fused])
-    done = bool(fused) and _ADASAM_KERNEL([rows[i] for i in fused], scalars,
-                                          bias_correction=bias_correction)[0]
-    taken = set(fused) if done else set()
-    eager = [i for i in range(len(rows)) if i not in taken]
-    if eager:
-        _single_tensor_adasam(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_sqs,
-                                                                   max_exp_avg_sqs)),
-                              steps=[steps[i] for i in eager], lr=lr, betas=betas, bias_correction=bias_correction)
+def _fused_adasam(group: dict[str, Any], params: list[Tensor],
+                  states: list[dict[str, Any]]) -> tuple[list[Tensor], list[dict[str, Any]]]:
+    """The group's dense, contiguous tensors updated in one compiled call; returns the (params, states) left for
+    the eager path (all of them when no kernel is available)."""
+    lr, betas, bias_correction = group["lr"], group["betas"], group["bias_correction"]
+    return _ADASAM_KERNEL.update(params, states,
+                                 lambda p, s: (p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"]),
+                                 lambda t: (betas[0], betas[1], *_step_size(lr, betas, t, bias_correction)),
+                                 bias_correction=bias_correction)

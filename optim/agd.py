@@ -10,7 +10,7 @@ from typing import Any, Callable, Iterable
 import torch
 from torch import Tensor
 
-from ._fused import FusedKernel, fusable, scalars_tensor
+from ._fused import FusedKernel
 from ._host import stepped, to_host
 from ._scratch import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_optional_positive, check_positive
@@ -74,9 +74,9 @@ class AGD(CheckedState):
             group[flag] = check_bool(flag, group[flag])
         group["clip"] = check_optional_positive("clip", group["clip"])
 
-    def _init_group(self, group: dict) -> list[Tensor]:
-        """Create state where missing, advance the step counters; return the params that have a grad."""
-        params = []
+    def _init_group(self, group: dict) -> tuple[list[Tensor], list[dict]]:
+        """Create state where missing, advance the step counters; (params that have a grad, their states)."""
+        params, states = [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -91,19 +91,21 @@ class AGD(CheckedState):
                 state["max_exp_avg_diff_sq"] = state["exp_avg_diff_sq"].clone()
             state["step"] += 1
             params.append(p)
-        return params
+            states.append(state)
+        return params, states
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
         """One AGD step; with ``closure`` (called under grad mode) returns its loss."""
         loss = closure_loss(closure)
         for group in self.param_groups:
-            params = self._init_group(group)
+            params, states = self._init_group(group)
+            if params and group["fused"]:   # what the compiled kernel cannot take goes on to the eager path
+                params, states = _fused_agd(group, params, states)
             if not params:
                 continue
             foreach = use_foreach(group["foreach"], params)
-            states = [self.state[p] for p in params]
-            fn = _fused_agd if group["fused"] else _multi_tensor_agd if foreach else _single_tensor_agd
+            fn = _multi_tensor_agd if foreach else _single_tensor_agd
             fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],
                [s["exp_avg_diff_sq"] for s in states],
                [s["max_exp_avg_diff_sq"] if group["amsgrad"] else s["exp_avg_diff_sq"] for s in states],
@@ -242,24 +244,20 @@ def _agd_group(tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flag
 _AGD_KERNEL = FusedKernel(_agd_group, "AGD")
 
 
-def _fused_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_diff_sqs: list[Tensor],
-               second_moments: list[Tensor], steps: list[int], *, lr: float, betas: tuple[float, float],
-               delta: float, amsgrad: bool, clip: float | None, decay: float | None, l2: float,
-               work: Scratch) -> None:
-    """The group's updates in one compiled call; the eager per-tensor path for the tensors it cannot take."""
-    beta1, beta2 = betas
-    rows = list(zip(params, grads, exp_avgs, exp_avg_diff_sqs, [b if amsgrad else None for b in second_moments]))
-    fused = [i for i, ts in enumerate(rows) if fusable(*ts)]
-    scalars = []
-    for i in fused:
-        c = _step_scalars(steps[i], lr, beta1, beta2, delta)
-        scalars.append((c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2,
-                        1.0 if decay is None else decay, l2, 0.0 if clip is None else clip))
-    done = bool(fused) and _AGD_KERNEL([rows[i] for i in fused], scalars_tensor(scalars),
-                                       decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)[0]
-    taken = set(fused) if done else set()
-    eager = [i for i in range(len(rows)) if i not in taken]
-    if eager:
-        _single_tensor_agd(*([xs[i] for i in eager] for xs in (params, grads, exp_avgs, exp_avg_diff_sqs,
-                                                                second_moments, steps)),
-                           lr=lr, betas=betas, delta=delta, amsgrad=amsgrad, clip=clip, decay=decay, l2=l2, work=work)
+def _fused_agd(group: dict[str, Any], params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[dict]]:
+    """The group's dense, contiguous tensors updated in one compiled call; returns the (params, states) left for
+    the eager path (all of them when no kernel is available)."""
+    o = _options(group)
+    beta1, beta2 = o["betas"]
+    decay, l2, clip, amsgrad = o["decay"], o["l2"], o["clip"], o["amsgrad"]
+
+    def tensors_of(p: Tensor, s: dict) -> tuple[Tensor | None, ...]:
+        return p, p.grad, s["exp_avg"], s["exp_avg_diff_sq"], s["max_exp_avg_diff_sq"] if amsgrad else None
+
+    def row_of(t: int) -> tuple[float, ...]:
+        c = _step_scalars(t, o["lr"], beta1, beta2, o["delta"])
+        return (c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2, 1.0 if decay is None else decay, l2,
+                0.0 if clip is None else clip)
+
+    return _AGD_KERNEL.update(params, states, tensors_of, row_of,
+                              decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)

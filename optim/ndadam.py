@@ -346,7 +346,7 @@ def _fused_step(state: dict, group: dict, vectors: list[Tensor],
                                        coupled=group["weight_decay"] != 0)
     if not done:
         return vectors, others
-    for s, (angle, cosine) in zip(states, diagnostics):
+    for s, (angle, cosine) in zip(states[:len(fused_vectors)], diagnostics, strict=True):   # unit vectors only
         s["angle"], s["update_cosine"] = angle, cosine
     taken = {id(p) for p in fused_vectors + fused_others}
     return [p for p in vectors if id(p) not in taken], [p for p in others if id(p) not in taken]

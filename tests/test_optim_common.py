@@ -326,10 +326,13 @@ GROUPED = {  # name -> factory(model, fused): several param groups with differen
 
 
 def _grouped_run(name: str, fused: bool, steps: int = 20):
-    """float32 MLP whose first weight is a transposed (non-contiguous) view: fused=True takes it eagerly."""
+    """float32 MLP whose first weight is a transposed (non-contiguous) view and whose last bias is a strided one
+    (after fusable parameters of its group): fused=True takes both eagerly, each with its own state."""
     model = mlp(seed=0, dtype=torch.float32)
     model[0].weight = torch.nn.Parameter(model[0].weight.detach().t().contiguous().t())
-    assert not model[0].weight.is_contiguous()
+    bias = model[4].bias.detach()
+    model[4].bias = torch.nn.Parameter(torch.zeros(2 * len(bias))[::2].copy_(bias))
+    assert not model[0].weight.is_contiguous() and not model[4].bias.is_contiguous()
     opt = GROUPED[name](model, fused)
     _train(model, opt, range(steps), dtype=torch.float32)
     return model, opt
@@ -339,7 +342,7 @@ def _grouped_run(name: str, fused: bool, steps: int = 20):
 @pytest.mark.parametrize("name", sorted(GROUPED))
 def test_fused_matches_the_per_tensor_path_over_many_steps(name):
     """float32, 20 steps, several param groups (weight decay coupled and decoupled, amsgrad, clip, plain-Adam
-    tensors, bias correction), one parameter the kernel cannot take: parameters and every state tensor agree
+    tensors, bias correction), two parameters the kernel cannot take: parameters and every state tensor agree
     with the eager per-tensor path to float32 rounding, and the kernel ran (no fallback)."""
     import importlib
 
@@ -358,6 +361,49 @@ def test_fused_matches_the_per_tensor_path_over_many_steps(name):
                 torch.testing.assert_close(value, ref.state[q][key], rtol=1e-3, atol=1e-6, msg=f"{key}")
             else:
                 assert value == ref.state[q][key]
+
+
+def _skipping_run(name: str, fused: bool, steps: int = 6):
+    """float64; the last bias has no gradient on steps 1 and 3, so its step count lags the group's."""
+    model = mlp(seed=0)
+    opt = FUSED[name][0](model.parameters(), fused)
+    bias = list(model.parameters())[-1]
+    for i in range(steps):
+        x, y = _batch(i)
+
+        def closure():
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            if i in (1, 3):
+                bias.grad = None
+
+        opt.step(closure)
+    return _params(model), opt
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("name", ["AGD", "AGD-amsgrad-clip-coupled", "AdaSAM"])
+def test_fused_scalars_follow_each_parameters_own_step_count(name, monkeypatch):
+    """Parameters of one group at different step counts in one kernel call: each gets the scalars of its own
+    step (one scalar row per distinct step count), as on the per-tensor path, to float64 rounding. A fresh
+    kernel and a higher recompilation limit: this test's variants come on top of every other test's."""
+    import importlib
+
+    from optim._fused import FusedKernel
+
+    module = importlib.import_module(f"optim.{FUSED[name][1]}")
+    original = getattr(module, FUSED[name][2])
+    kernel = FusedKernel(original.fn, original.name)
+    monkeypatch.setattr(module, FUSED[name][2], kernel)
+    with torch._dynamo.config.patch(recompile_limit=64):
+        fused, opt = _skipping_run(name, True)
+    if kernel.error is not None:
+        pytest.skip(f"torch.compile is not available here: {kernel.error}")
+    steps = [opt.state[p]["step"] for p in opt.param_groups[0]["params"]]
+    assert steps[-1] == steps[0] - 2
+    eager, _ = _skipping_run(name, False)
+    for a, b in zip(fused, eager):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
 
 
 @pytest.mark.slow
