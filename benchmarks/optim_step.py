@@ -14,12 +14,19 @@ process CPU time (with one thread: the work done, unaffected by descheduling on 
   (first step minus a warm step), with an empty Inductor cache (a fresh ``TORCHINDUCTOR_CACHE_DIR``), and
   printed separately. Kernels shared between rows (the AdaSAM rows) compile once.
 
+* ``--breakdown``: also times, in the same calls, the kernel call inside each fused row's step:
+  ``torch._fused_adamw_`` for AdamW-fused, the ``torch.compile``d function (Dynamo's guards and entry, the AOT
+  wrappers and Inductor's kernel) for ours; the rest of the step is the optimizer's Python. The wrappers that
+  time it add about a microsecond per call, so record the ratios from a run without it.
+
 Targets (CPU, ratio to AdamW-fused): AGD <= 1.3x, NDAdam <= 1.6x, AdaSAM <= 1.5x.
-Run: ``python benchmarks/optim_step.py [--rounds 7] [--threads 1 2] [--sizes 1M 10M] [--only AGD ...]``.
+Run: ``python benchmarks/optim_step.py [--rounds 7] [--threads 1 2] [--sizes 1M 10M] [--only AGD ...]
+[--breakdown]``.
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import sys
@@ -27,13 +34,14 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 import optim  # noqa: E402
+from optim import _fused  # noqa: E402  (the compiled-call entry, timed by --breakdown)
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,36 @@ SIZES = {"1M": (512, 1024, 512, 10), "10M": (1024, 2048, 2560, 1024, 10)}
 class Timing:
     wall: list[float] = field(default_factory=list)
     cpu: list[float] = field(default_factory=list)
+    kernel: list[float] = field(default_factory=list)
+
+
+class _KernelClock:
+    """Seconds spent inside the kernel calls of the step being timed (``--breakdown``)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+
+    def wrap(self, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            start = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                self.seconds += time.perf_counter() - start
+        return timed
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[None]:
+        """Time ``torch._fused_adamw_`` and every ``FusedKernel`` call while the context is open."""
+        adamw, kernel = torch._fused_adamw_, _fused.FusedKernel.__call__
+        torch._fused_adamw_, _fused.FusedKernel.__call__ = self.wrap(adamw), self.wrap(kernel)
+        try:
+            yield
+        finally:
+            torch._fused_adamw_, _fused.FusedKernel.__call__ = adamw, kernel
+
+
+CLOCK = _KernelClock()
 
 
 def _model(sizes: tuple[int, ...]) -> nn.Module:
@@ -104,10 +142,12 @@ class _Runner:
             with torch.no_grad():
                     self.opt._update([(g, list(g["params"])) for g in self.opt.param_groups])
 
-    def timed(self) -> tuple[float, float]:
+    def timed(self) -> tuple[float, float, float]:
+        """Wall and CPU seconds of one call, and the seconds ``CLOCK`` saw inside its kernel calls."""
+        CLOCK.seconds = 0.0
         start, start_cpu = time.perf_counter(), time.process_time()
         self.call()
-        return time.perf_counter() - start, time.process_time() - start_cpu
+        return time.perf_counter() - start, time.process_time() - start_cpu, CLOCK.seconds
 
 
 def run(names: list[str], sizes: tuple[int, ...], rounds: int, per_round: int, warmup: int,
@@ -122,8 +162,9 @@ def run(names: list[str], sizes: tuple[int, ...], rounds: int, per_round: int, w
     for _ in range(rounds):
         for name, runner in runners.items():
             calls = [runner.timed() for _ in range(per_round)]
-            timings[name].wall.append(statistics.median(w for w, _ in calls))
-            timings[name].cpu.append(statistics.median(c for _, c in calls))
+            timings[name].wall.append(statistics.median(w for w, _, _ in calls))
+            timings[name].cpu.append(statistics.median(c for _, c, _ in calls))
+            timings[name].kernel.append(statistics.median(k for _, _, k in calls))
     return timings
 
 
@@ -135,6 +176,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
     parser.add_argument("--only", nargs="*", default=None, help="optimizer names (the baselines always run)")
+    parser.add_argument("--breakdown", action="store_true", help="also time the kernel call inside each step")
     args = parser.parse_args()
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="optim_step_inductor_")  # cold compiles
     names = list(BASELINES) + [n for n in BENCH if n not in BASELINES and (args.only is None or n in args.only)]
@@ -145,22 +187,28 @@ def main() -> None:
         for threads in args.threads:
             torch.set_num_threads(threads)
             n_params = sum(p.numel() for p in _model(SIZES[size]).parameters())
-            timings = run(names, SIZES[size], args.rounds, args.per_round, args.warmup, compile_times)
+            with CLOCK.installed() if args.breakdown else contextlib.nullcontext():
+                timings = run(names, SIZES[size], args.rounds, args.per_round, args.warmup, compile_times)
             base = {b: (statistics.median(timings[b].wall), statistics.median(timings[b].cpu)) for b in BASELINES}
             print(f"\n{size} ({n_params / 1e6:.2f}M params), {threads} thread(s), load {os.getloadavg()[0]:.2f}")
-            print(f"{'optimizer':<30}{'ms':>9}{'x foreach':>11}{'x fused':>9}{'(cpu)':>7}  target")
+            print(f"{'optimizer':<30}{'ms':>9}{'x foreach':>11}{'x fused':>9}{'(cpu)':>7}"
+                  + (f"{'kernel ms':>11}{'rest ms':>9}" if args.breakdown else "") + "  target")
             for name in names:
                 wall, cpu = statistics.median(timings[name].wall), statistics.median(timings[name].cpu)
                 ratio = wall / base["AdamW fused"][0]
                 target = TARGETS.get(name)
                 verdict = "" if target is None else f"<= {target}: {'met' if ratio <= target else 'NOT met'}"
+                kernel = statistics.median(timings[name].kernel)
+                split = f"{1e3 * kernel:>11.2f}{1e3 * (wall - kernel):>9.2f}" if args.breakdown and kernel else (
+                    " " * 20 if args.breakdown else "")
                 print(f"{name:<30}{1e3 * wall:>9.2f}{wall / base['AdamW foreach'][0]:>11.2f}{ratio:>9.2f}"
-                      f"{cpu / base['AdamW fused'][1]:>7.2f}  {verdict}")
+                      f"{cpu / base['AdamW fused'][1]:>7.2f}{split}  {verdict}")
     print("\ncompile time of the fused kernels (first step minus a warm one, once per process):")
     for name, seconds in compile_times.items():
         print(f"  {name:<28}{seconds:>7.1f} s")
     print(f"\nms: median wall time of one update; x foreach / x fused: its ratio to AdamW(foreach=True) / "
-          f"AdamW(fused=True); (cpu): the ratio of process CPU times to AdamW-fused's; target: the ratio x fused "
+          f"AdamW(fused=True); (cpu): the ratio of process CPU times to AdamW-fused's; kernel ms / rest ms "
+          f"(--breakdown): median time inside the kernel call / the rest of the step; target: the ratio x fused "
           f"against the target. Load average at the end {os.getloadavg()[0]:.2f} (figures are comparable only "
           f"on an idle machine).")
 
