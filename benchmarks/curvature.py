@@ -1,6 +1,6 @@
 """Curvature benchmark: sharpscape vs PyHessian on an MNIST-1D MLP (CPU, one process).
 
-    python3 benchmarks/curvature.py [--out benchmarks/out] [--quick]
+    python3 benchmarks/curvature.py [--out benchmarks/out] [--quick] [--device cuda]
 
 1. HVP cost: time of one Hessian-vector product over the 1000 training samples divided by
    the time of one gradient, for each product (double backward, forward-over-reverse,
@@ -28,6 +28,13 @@
    parameters, one batch of 64, a budget of products that fills the basis and restarts it)
    in parameter-sized vectors, measured the same three ways (``--memory-only`` runs 5 and 6
    alone, each case in fresh processes).
+
+7. ``--device cuda`` runs only the GPU checks, into ``<out>/curvature_cuda.json``: section 2 with
+   the model and data on the GPU (PyHessian with ``cuda=True``; the exact spectrum from the
+   explicit Hessian built on the GPU), and ``top_eigenvalues(k=5)`` of a 50M-parameter float32
+   MLP with its basis on the GPU and with ``basis_device="cpu"`` (the memory benchmark's budget of
+   products): eigenvalues, products, time and the peak GPU memory beyond the model and data
+   (``torch.cuda.max_memory_allocated``) in parameter-sized vectors.
 
 Timings use one intra-op thread (``torch.set_num_threads(1)``) for ours and PyHessian alike:
 on the shared 2-core machine, two threads per process oversubscribe the cores and inflate
@@ -103,7 +110,7 @@ def exact_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Pat
         return CRITERION(f(th, x), y)
 
     t0 = time.perf_counter()
-    H = jacrev(jacrev(loss), chunk_size=128)(theta).numpy()
+    H = jacrev(jacrev(loss), chunk_size=128)(theta).cpu().numpy()
     # ARPACK on the explicit matrix, to machine precision (a full eigh of 15k x 15k takes
     # tens of minutes on the shared 2-core machine); independent of our Lanczos and HVPs
     top = np.sort(eigsh(H, k=5, which="LA", tol=0, ncv=40)[0])[::-1].copy()
@@ -155,10 +162,10 @@ def round_robin_ratios(candidates: dict, reused, v: torch.Tensor, repeat: int) -
     return out
 
 
-def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, **data):
+def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, cuda: bool = False, **data):
     """PyHessian's top eigenvalues (power iteration, tol 1e-3) and the products it spent."""
     torch.manual_seed(0)
-    peer = pyhessian.hessian(copy.deepcopy(model), CRITERION, cuda=False, **data)
+    peer = pyhessian.hessian(copy.deepcopy(model), CRITERION, cuda=cuda, **data)
     calls = {"n": 0}
     inner = peer.dataloader_hv_product
 
@@ -183,11 +190,13 @@ def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, **data
 
 
 def eigen_comparison(model, x, y, exact: dict, pyhessian) -> dict:
+    """Top-5 eigenvalues, ours against PyHessian's, on the device of ``model`` and the data."""
     loader = [(x[i:i + 200], y[i:i + 200]) for i in range(0, len(y), 200)]
+    cuda = x.device.type == "cuda"
     rows = {}
     for label, ours_data, theirs in (("5 batches of 200", loader, {"dataloader": loader}),
                                      ("one batch of 1000", [(x, y)], {"data": (x, y)})):
-        (values, n_hvp), t_theirs = timed(lambda: pyhessian_eigs(pyhessian, model, **theirs))
+        (values, n_hvp), t_theirs = timed(lambda: pyhessian_eigs(pyhessian, model, cuda=cuda, **theirs))
         ours, t_ours = timed(lambda: top_eigenvalues(model, LOSS, ours_data, k=5, progress=False))
         rel = lambda v: float(np.max(np.abs(np.sort(v)[::-1] - exact["top5"]) / exact["top5"]))
         rows[label] = {
@@ -311,6 +320,58 @@ def peak_lanczos_memory(n_params: int, k: int) -> dict:
     return {"n_params": n, "k": k, "max_basis": max_basis, "n_hvp": runs[0].n_hvp,
             "peak_vectors": rss / (4 * n), "torch_vectors": exact / (4 * n),
             "target_vectors": max_basis + 4}
+
+
+def basis_device_check(device: torch.device, n_params: int = 5 * 10 ** 7, k: int = 5) -> dict:
+    """``top_eigenvalues`` of a float32 MLP 1000-w-w-10 of about ``n_params`` on ``device``, its basis
+    there and with ``basis_device="cpu"`` (``peak_lanczos_memory``'s budget of products):
+    eigenvalues, products, seconds and, on a GPU, the peak GPU memory beyond the model and data
+    in parameter-sized vectors."""
+    cuda = device.type == "cuda"
+    sync = torch.cuda.synchronize if cuda else (lambda: None)
+    torch.manual_seed(0)
+    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)
+    model = nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                          nn.Linear(width, 10)).float().to(device)
+    x = torch.randn(64, 1000, dtype=torch.float32).to(device)
+    y = torch.randint(0, 10, (64,)).to(device)
+    n = sum(p.numel() for p in model.parameters())
+    HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(torch.randn(n, device=device))  # warm-up
+    max_basis = default_max_basis(n, k, 1, torch.float32)
+    out = {"n_params": n, "k": k, "max_basis": max_basis}
+    for label, where in (("basis_on_device", None), ("basis_on_cpu", "cpu")):
+        sync()
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated() if cuda else 0
+        t0 = time.perf_counter()
+        r = top_eigenvalues(model, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=max_basis + 8, basis_device=where,
+                            progress=False)
+        sync()
+        out[label] = {"eigenvalues": np.asarray(r.eigenvalues).tolist(), "n_hvp": r.n_hvp,
+                      "seconds": time.perf_counter() - t0,
+                      "peak_gpu_vectors": (torch.cuda.max_memory_allocated() - base) / (4 * n) if cuda else None}
+        del r
+    a, b = (np.asarray(out[key]["eigenvalues"]) for key in ("basis_on_device", "basis_on_cpu"))
+    out["max_rel_diff"] = float(np.max(np.abs(a - b) / np.abs(a)))
+    return out
+
+
+def device_section(out_dir: Path, pyhessian, device: torch.device, n_params: int = 5 * 10 ** 7) -> dict:
+    """The GPU checks (``--device cuda``): the top-5 comparison on ``device`` and the basis placement."""
+    ds = mnist1d(dtype=torch.float64)
+    x, y = ds.x[:1000], ds.y[:1000]
+    model = trained_mlp(x, y).to(device)  # trained on the CPU: the same model as the CPU rows
+    x, y = x.to(device), y.to(device)
+    exact = exact_spectrum(model, x, y, out_dir / f"curvature_exact_{device.type}.npz")
+    results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
+               "torch": torch.__version__, "exact_top5": exact["top5"].tolist(),
+               "top5": eigen_comparison(model, x, y, exact, pyhessian)}
+    print("top-5:", json.dumps(results["top5"], indent=1), flush=True)
+    torch.set_default_dtype(torch.float32)
+    results["basis_device"] = basis_device_check(device, n_params)
+    print("basis placement:", json.dumps(results["basis_device"], indent=1))
+    return results
 
 
 LANCZOS_CASES = {f"{n // 10 ** 6}M-k{k}": (n, k) for n in (10 ** 6, 10 ** 7, 5 * 10 ** 7) for k in (1, 10)}
@@ -514,7 +575,11 @@ def main() -> None:
                         help="only the memory figures (each in a fresh process)")
     parser.add_argument("--no-memory", action="store_true",
                         help="everything but the memory figures (they take about 25 min)")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
+                        help="cuda: only the GPU checks (section 7)")
     args = parser.parse_args()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
     if args.memory in MEMORY_CASES:
         print(json.dumps(peak_hvp_memory(*MEMORY_CASES[args.memory])))
         return
@@ -529,6 +594,11 @@ def main() -> None:
     torch.set_num_threads(1)  # stable timings on a shared machine (no thread oversubscription)
     torch.set_default_dtype(torch.float64)  # PyHessian draws its vectors in the default dtype
     out_dir = Path(args.out)
+    if args.device == "cuda":
+        results = device_section(out_dir, pyhessian, torch.device("cuda"))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / "curvature_cuda.json").write_text(json.dumps(results, indent=1, default=float))
+        return
     ds = mnist1d(dtype=torch.float64)
     x, y = ds.x[:1000], ds.y[:1000]
     model = trained_mlp(x, y)

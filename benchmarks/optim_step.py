@@ -1,6 +1,7 @@
-"""Optimizer update time against torch.optim.AdamW(foreach=True) and AdamW(fused=True), on CPU, in one process.
+"""Optimizer update time against torch.optim.AdamW(foreach=True) and AdamW(fused=True), in one process.
 
-Models: MLPs of about 1M (512-1024-512-10) and 10M (1024-2048-2560-1024-10) parameters; fixed gradients.
+Models: MLPs of about 1M (512-1024-512-10), 10M (1024-2048-2560-1024-10) and 100M (4096-8192-8192-10, with
+``--sizes 100M``) parameters; fixed gradients.
 For each size and thread count every optimizer's update is timed in rounds that interleave the optimizers
 (so load drifts hit all of them alike), after a warm-up; the median over rounds of the median of
 ``--per-round`` calls is reported with its ratio to both AdamW baselines, next to the ratio of the median
@@ -19,9 +20,12 @@ process CPU time (with one thread: the work done, unaffected by descheduling on 
   wrappers and Inductor's kernel) for ours; the rest of the step is the optimizer's Python. The wrappers that
   time it add about a microsecond per call, so record the ratios from a run without it.
 
-Targets (CPU, ratio to AdamW-fused): AGD <= 1.3x, NDAdam <= 1.6x, AdaSAM <= 1.5x.
-Run: ``python benchmarks/optim_step.py [--rounds 7] [--threads 1 2] [--sizes 1M 10M] [--only AGD ...]
-[--breakdown]``.
+* ``--device cuda``: the same rows on the GPU (every call timed between two ``torch.cuda.synchronize()``;
+  ``--threads`` does not apply; the *cpu* column is then the host's CPU time).
+
+Targets (ratio to AdamW-fused, CPU and CUDA): AGD <= 1.3x, NDAdam <= 1.6x, AdaSAM <= 1.5x.
+Run: ``python benchmarks/optim_step.py [--rounds 7] [--threads 1 2] [--sizes 1M 10M 100M] [--only AGD ...]
+[--breakdown] [--device cuda]``.
 """
 from __future__ import annotations
 
@@ -75,7 +79,8 @@ BENCH: dict[str, Bench] = {
 }
 COMPILED = ("AGD fused", "AGD amsgrad+clip fused", "NDAdam fused", "AdaSAM fused")
 TARGETS = {"AGD fused": 1.3, "NDAdam fused": 1.6, "AdaSAM fused": 1.5}
-SIZES = {"1M": (512, 1024, 512, 10), "10M": (1024, 2048, 2560, 1024, 10)}
+SIZES = {"1M": (512, 1024, 512, 10), "10M": (1024, 2048, 2560, 1024, 10), "100M": (4096, 8192, 8192, 10)}
+DEFAULT_SIZES = ("1M", "10M")
 
 
 @dataclass
@@ -123,13 +128,14 @@ def _model(sizes: tuple[int, ...]) -> nn.Module:
 
 
 class _Runner:
-    """One optimizer on its own copy of the model, with fixed small gradients."""
+    """One optimizer on its own copy of the model (on ``device``), with fixed small gradients."""
 
-    def __init__(self, bench: Bench, sizes: tuple[int, ...]):
-        self.model = _model(sizes)
+    def __init__(self, bench: Bench, sizes: tuple[int, ...], device: torch.device):
+        self.model = _model(sizes).to(device)
+        self.sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
         gen = torch.Generator().manual_seed(1)
         for p in self.model.parameters():
-            p.grad = 1e-3 * torch.randn(p.shape, generator=gen)
+            p.grad = (1e-3 * torch.randn(p.shape, generator=gen)).to(device)
         self.opt, self.mode = bench.factory(self.model), bench.mode
 
     def call(self) -> None:
@@ -145,14 +151,16 @@ class _Runner:
     def timed(self) -> tuple[float, float, float]:
         """Wall and CPU seconds of one call, and the seconds ``CLOCK`` saw inside its kernel calls."""
         CLOCK.seconds = 0.0
+        self.sync()
         start, start_cpu = time.perf_counter(), time.process_time()
         self.call()
+        self.sync()
         return time.perf_counter() - start, time.process_time() - start_cpu, CLOCK.seconds
 
 
 def run(names: list[str], sizes: tuple[int, ...], rounds: int, per_round: int, warmup: int,
-        compile_times: dict[str, float]) -> dict[str, Timing]:
-    runners = {name: _Runner(BENCH[name], sizes) for name in names}
+        compile_times: dict[str, float], device: torch.device) -> dict[str, Timing]:
+    runners = {name: _Runner(BENCH[name], sizes, device) for name in names}
     for name, runner in runners.items():
         first = runner.timed()[0]
         warm = [runner.timed()[0] for _ in range(warmup)]
@@ -174,23 +182,32 @@ def main() -> None:
     parser.add_argument("--per-round", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    parser.add_argument("--sizes", nargs="+", default=list(SIZES), choices=list(SIZES))
+    parser.add_argument("--sizes", nargs="+", default=list(DEFAULT_SIZES), choices=list(SIZES))
     parser.add_argument("--only", nargs="*", default=None, help="optimizer names (the baselines always run)")
     parser.add_argument("--breakdown", action="store_true", help="also time the kernel call inside each step")
+    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     args = parser.parse_args()
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: CUDA is not available here")
+    if device.type == "cuda" and args.breakdown:
+        parser.error("--breakdown times host calls, which return before a GPU kernel ends: use it with --device cpu")
     os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="optim_step_inductor_")  # cold compiles
     names = list(BASELINES) + [n for n in BENCH if n not in BASELINES and (args.only is None or n in args.only)]
-    print(f"torch {torch.__version__}, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, "
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"torch {torch.__version__}, {where}, load average {os.getloadavg()[0]:.2f} {os.getloadavg()[1]:.2f}, "
           f"median of {args.rounds} rounds x {args.per_round}")
     compile_times: dict[str, float] = {}
     for size in args.sizes:
-        for threads in args.threads:
-            torch.set_num_threads(threads)
+        for threads in args.threads if device.type == "cpu" else [None]:
+            if threads is not None:
+                torch.set_num_threads(threads)
             n_params = sum(p.numel() for p in _model(SIZES[size]).parameters())
             with CLOCK.installed() if args.breakdown else contextlib.nullcontext():
-                timings = run(names, SIZES[size], args.rounds, args.per_round, args.warmup, compile_times)
+                timings = run(names, SIZES[size], args.rounds, args.per_round, args.warmup, compile_times, device)
             base = {b: (statistics.median(timings[b].wall), statistics.median(timings[b].cpu)) for b in BASELINES}
-            print(f"\n{size} ({n_params / 1e6:.2f}M params), {threads} thread(s), load {os.getloadavg()[0]:.2f}")
+            on = f"{threads} thread(s)" if threads is not None else where
+            print(f"\n{size} ({n_params / 1e6:.2f}M params), {on}, load {os.getloadavg()[0]:.2f}")
             print(f"{'optimizer':<30}{'ms':>9}{'x foreach':>11}{'x fused':>9}{'(cpu)':>7}"
                   + (f"{'kernel ms':>11}{'rest ms':>9}" if args.breakdown else "") + "  target")
             for name in names:
