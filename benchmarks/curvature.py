@@ -322,7 +322,7 @@ def peak_lanczos_memory(n_params: int, k: int) -> dict:
             "target_vectors": max_basis + 4}
 
 
-def basis_device_check(device: torch.device, n_params: int = 5 * 10 ** 7, k: int = 5) -> dict:
+def basis_device_check(device: torch.device, n_params: int, k: int = 5) -> dict:
     """``top_eigenvalues`` of a float32 MLP 1000-w-w-10 of about ``n_params`` on ``device``, its basis
     there and with ``basis_device="cpu"`` (``peak_lanczos_memory``'s budget of products):
     eigenvalues, products, seconds and, on a GPU, the peak GPU memory beyond the model and data
