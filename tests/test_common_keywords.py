@@ -11,7 +11,7 @@ from torch import nn
 
 from analysis import evaluate, full_grad_norm, layerwise, mean_loss, supervised
 from landscape import interpolate, line, random_direction
-from oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, mlp, snapshot,
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, mlp, snapshot,
                      uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())

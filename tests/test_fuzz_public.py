@@ -23,7 +23,7 @@ from torch import nn
 
 import analysis as A
 import landscape as L
-from oracles import assert_unchanged, snapshot
+from tests.oracles import assert_unchanged, snapshot
 
 CE = A.supervised(nn.CrossEntropyLoss())
 FEW = settings(max_examples=30, deadline=None, derandomize=True,
