@@ -36,7 +36,7 @@ from .results import (load_result, make_metadata, records_metadata, register_res
 from .seeding import make_generator, rademacher, randn, uniform
 from .validation import (ArgumentTypeError, all_finite, check_bool, check_choice, check_device,
                          check_dtype, check_int, check_nonnegative, check_number, check_positive,
-                         check_probability)
+                         check_probability, renamed_keywords)
 
 __all__ = [
     # protocol
@@ -66,5 +66,5 @@ __all__ = [
     # validation
     "ArgumentTypeError", "check_bool", "check_choice", "check_int", "check_nonnegative",
     "check_number", "check_positive", "check_probability", "check_dtype", "check_device",
-    "all_finite",
+    "all_finite", "renamed_keywords",
 ]

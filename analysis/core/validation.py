@@ -17,7 +17,8 @@ import numpy as np
 
 __all__ = ["ArgumentTypeError", "check_number", "check_int", "check_positive", "check_nonnegative",
            "check_probability",
-           "check_choice", "check_bool", "check_dtype", "check_device", "all_finite"]
+           "check_choice", "check_bool", "check_dtype", "check_device", "all_finite",
+           "renamed_keywords"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -125,3 +126,41 @@ def all_finite(tensor: Any) -> bool:
         return all_finite(torch.view_as_real(tensor))
     low, high = torch.aminmax(tensor)
     return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
+def renamed_keywords(**old_to_new: str):
+    """Accept the old names of renamed keyword arguments for one release, with a warning.
+
+    A decorator: ``@renamed_keywords(tolerance="tol")`` lets callers still pass ``tolerance=``,
+    which is forwarded as ``tol=`` with a ``DeprecationWarning`` naming both; passing both
+    names is an error. The wrapped function's signature (``inspect.signature``) stays the
+    new one.
+
+    Args:
+        **old_to_new: Each old keyword name mapped to its new name.
+
+    Returns:
+        The decorator.
+
+    Raises:
+        TypeError: At call time, when both the old and the new name are passed.
+    """
+    import functools
+    import warnings
+
+    def decorate(func):
+        @functools.wraps(func)
+        def wrapper(*args, **kwargs):
+            for old, new in old_to_new.items():
+                if old in kwargs:
+                    if new in kwargs:
+                        raise TypeError(f"{func.__name__}() got both {old}= (the old name) "
+                                        f"and {new}=; pass only {new}=")
+                    warnings.warn(f"{func.__name__}(): {old}= is renamed {new}=; the old name "
+                                  "will be removed in the next release",
+                                  DeprecationWarning, stacklevel=2)
+                    kwargs[new] = kwargs.pop(old)
+            return func(*args, **kwargs)
+        wrapper.__renamed_keywords__ = dict(old_to_new)
+        return wrapper
+    return decorate
