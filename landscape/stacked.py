@@ -28,7 +28,6 @@ sums differs from the plain evaluation, so the values agree to rounding. The mod
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -39,11 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from analysis.core import BatchSizeFn, check_model_mode, LossFn, supervised, to_device
+from analysis.core import BatchSizeFn, check_model_mode, LossFn, Supervised, to_device
 
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
-_SUPERVISED = supervised(nn.MSELoss()).__code__
 GROUP_ACTIVATION_BYTES = 2 ** 21  # on a CPU: one activation tensor of a group of points
 TILE_BYTES = 2 ** 22  # on a CPU: one tile of a group's formed Linear weights (see _tile_rows)
 BUNCH_ACTIVATION_BYTES = 2 ** 24  # one point's largest activation on a bunch of batches
@@ -452,14 +450,12 @@ def _planned_layers(model: nn.Module, loss_fn: LossFn, training: bool | None = N
                     ) -> list[tuple[str, nn.Module]] | None:
     """The layers of ``model`` (in its modules' modes, or all in training mode if ``training``)
     when it is a hook-free sequential model of sample-wise layers and ``loss_fn`` a
-    ``supervised`` loss, else None."""
-    if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
+    ``supervised`` loss (a :class:`analysis.core.Supervised` whose call is not overridden: the
+    plan computes ``criterion(model(x), y)`` its own way), else None."""
+    if not isinstance(loss_fn, Supervised) or type(loss_fn).__call__ is not Supervised.__call__ \
+            or not _no_hooks(model):
         return None
     return _leaves(model, training=training)
-
-
-def _criterion(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
-    return inspect.getclosurevars(loss_fn).nonlocals["criterion"]
 
 
 def fixed_passes(model: nn.Module, loss_fn: LossFn, data: Any, batch_size_fn: BatchSizeFn | None,
@@ -477,7 +473,7 @@ def fixed_passes(model: nn.Module, loss_fn: LossFn, data: Any, batch_size_fn: Ba
     leaves = _planned_layers(model, loss_fn, check_model_mode(model_mode) == "train")
     if leaves is None:
         return False
-    criterion = _criterion(loss_fn)
+    criterion = loss_fn.criterion
     if type(criterion) not in DETERMINISTIC_CRITERIA or not _no_hooks(criterion):
         return False
     for _, m in leaves:
@@ -503,4 +499,4 @@ def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> Sequenti
             return None
         i, attr = owner[name]
         layers[i].moving[attr] = _Stack.of(p)
-    return SequentialPlan(layers, _criterion(loss_fn))
+    return SequentialPlan(layers, loss_fn.criterion)
