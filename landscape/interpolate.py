@@ -16,7 +16,7 @@ from analysis.core import (BatchSizeFn, check_bool, check_data, check_loss, chec
                            scalar_zeros, select_params, unwrap_compiled)
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
-from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
+from .points import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
 from .results import data_probe, InterpolationResult, Progress, surface_metadata
 from .stacked import fixed_passes
 

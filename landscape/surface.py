@@ -12,7 +12,7 @@ from analysis.core import (BatchSizeFn, check_model_mode, guarded, LossFn, Param
                            select_params, unwrap_compiled)
 
 from .directions import Direction, check_direction, named_targets
-from .evaluate import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
+from .points import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
 from .stacked import fixed_passes
 from .results import data_probe, LineResult, PlaneResult, Progress, surface_metadata
 
@@ -76,7 +76,7 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
         batches and the loss at the origin (one extra pass over the data, one forward), and
         refuses a file of another computation.
     chunk_size, max_memory, vectorize, distribute: how points are batched and shared
-        (see ``landscape.evaluate.evaluate_points``).
+        (see ``landscape.points.evaluate_points``).
     check_deterministic: first check that two passes over ``data`` agree (two forward passes:
         each chunk of points is one pass). Skipped where its answer is known: ``data`` a list
         or tuple of ``(x, y, ...)`` tensor batches, the default batch sizes, and a model and

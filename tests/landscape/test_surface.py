@@ -107,7 +107,7 @@ def test_vmap_path_equals_loop_path_and_model_unchanged(make, mode):
 def test_cpu_auto_vmaps_small_work_and_loops_large(recwarn):
     """On a CPU, "auto" tries vmap only when MIN_CPU_CHUNK points fit the per-tensor budget; a
     loss that cannot be vmapped (``.item()``) shows which path was tried: the fallback warns."""
-    from landscape import evaluate
+    from landscape import points as evaluate
 
     model = mlp()
     d1 = random_direction(model, seed=1)
