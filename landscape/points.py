@@ -457,6 +457,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data,
         return
     parts = {n: [(j, v[n]) for j, v in enumerate(vectors) if n in v] for n in vectors[0]}
     share, me = (world_size(), rank()) if distribute == "grid" else (1, 0)
+    reduction = loss_reduction(loss_fn)
     like = next(iter(vectors[0].values()))
     with preserved(model, model_mode), torch.no_grad():
         plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
@@ -474,8 +475,7 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data,
                      else LoopedPoints(model, loss_fn, vectors, parts))
         fallback = None if chunks.evaluator == "loop" or vectorize is True else \
             (lambda: LoopedPoints(model, loss_fn, vectors, parts))
-        run = _ChunkLosses(data, coords, store, batch_size_fn, loss_reduction(loss_fn), like,
-                           share, me)
+        run = _ChunkLosses(data, coords, store, batch_size_fn, reduction, like, share, me)
         bar = tqdm(total=len(todo), desc=desc, disable=not progress or rank() != 0)
         try:
             _fill(store, point_chunks(todo, chunks.size, share), run, evaluator, fallback,
