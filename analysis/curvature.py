@@ -44,8 +44,9 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
-                   loss_reduction, LossFn, make_generator, ParamSelection, unflatten)
-from .hvp import HessianOperator, _LossModule
+                   loss_reduction, LossFn, LossModule, make_generator, ParamSelection,
+                   unflatten)
+from .hvp import HessianOperator
 from .preconditioning import Preconditioner
 
 FISHER_KINDS = ("exact", "mc", "empirical")
@@ -256,7 +257,7 @@ class FisherOperator(GGNOperator):
         batched = [i for i, t in enumerate(leaves)
                    if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]
         samples = [leaves[i] for i in batched]
-        wrapper = _LossModule(self.model, self.loss_fn)
+        wrapper = LossModule(self.model, self.loss_fn)
         primals = {"model." + name: p.detach() for name, p in zip(self.names, self.params)}
 
         def one(theta: dict[str, Tensor], xs: list[Tensor]) -> Tensor:

@@ -32,26 +32,13 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, jvp, vmap
 
 from .core import (all_finite, BatchSizeFn, check_bool, check_choice, check_data, check_loss,
-                   check_model_mode, data_mean, flatten, guarded, loss_reduction, LossFn, numel,
-                   ParamSelection, preserved, select_params, unflatten, unwrap_compiled,
-                   working_dtype)
+                   check_model_mode, data_mean, flatten, guarded, loss_reduction, LossFn,
+                   LossModule, numel, ParamSelection, preserved, select_params, unflatten,
+                   unwrap_compiled, working_dtype)
 from .ops import curvature_ops, gradients
 from .preconditioning import Preconditioner, inverse_sqrt
 
 HVP_METHODS = ("reverse", "forward")
-
-
-class _LossModule(nn.Module):
-    """``forward(batch) = loss_fn(model, batch)``, so ``functional_call`` can swap the
-    parameters of ``model`` while ``loss_fn`` keeps its ``(model, batch)`` signature."""
-
-    def __init__(self, model: nn.Module, loss_fn: LossFn):
-        super().__init__()
-        self.model = model
-        self.loss_fn = loss_fn
-
-    def forward(self, batch: Any) -> Tensor:
-        return self.loss_fn(self.model, batch)
 
 
 class HessianOperator:
@@ -222,7 +209,7 @@ class HessianOperator:
     def _forward(self, batch: Any, vs: Tensor) -> Tensor:
         if self._mask is not None:
             vs = vs * self._mask
-        wrapper = _LossModule(self.model, self.loss_fn)
+        wrapper = LossModule(self.model, self.loss_fn)
         primals = {"model." + n: p.detach() for n, p in zip(self.names, self.params)}
 
         def loss(theta: dict[str, Tensor]) -> tuple[Tensor, Tensor]:

@@ -9,15 +9,16 @@ if not _where or not _os.path.isfile(_os.path.join(_where[0], "core", "protocol.
                       f"{getattr(_spec, 'origin', None) or _where}: rename that file or folder, it "
                       "shadows sharpscape's analysis package")
 
-from .directions import (Direction, eigenvector_directions, random_direction,
+# the imports follow the check above: a shadowing package would fail them less clearly
+from .directions import (Direction, eigenvector_directions, random_direction,  # noqa: E402
                          update_direction)
-from .interpolate import interpolate, recalibrate_bn
-from .plot import (plot_contour, plot_line, plot_spectral_density, plot_surface3d,
+from .interpolate import interpolate, recalibrate_bn  # noqa: E402
+from .plot import (plot_contour, plot_line, plot_spectral_density, plot_surface3d,  # noqa: E402
                    plot_trajectory, save_figure)
-from analysis.core import load_result, save_result
-from .results import InterpolationResult, LineResult, PlaneResult
-from .surface import line, plane
-from .trajectory import PCAResult, pca_directions, project_trajectory
+from analysis.core import load_result, save_result  # noqa: E402
+from .results import InterpolationResult, LineResult, PlaneResult  # noqa: E402
+from .surface import line, plane  # noqa: E402
+from .trajectory import PCAResult, pca_directions, project_trajectory  # noqa: E402
 
 __all__ = [
     "Direction", "random_direction", "update_direction", "eigenvector_directions",

@@ -1,4 +1,4 @@
-"""Directions in weight space: random (filter/layer-normalised), between checkpoints, Hessian eigenvectors.
+"""Directions in weight space: random (filter/layer-normalised), updates, Hessian eigenvectors.
 
 A direction is a dict from a parameter (or floating buffer) name to a tensor of the same
 shape. The helpers here return :class:`Direction`, a dict that also carries ``info`` (how it
@@ -22,7 +22,13 @@ NORMALIZATIONS = ("filter", "layer", "none")
 
 @register_result
 class Direction(dict):
-    """``dict`` name -> tensor, plus ``info`` describing how it was made."""
+    """``dict`` name -> tensor, plus ``info`` describing how it was made.
+
+    Args:
+        tensors: name -> tensor of the parameter's (or floating buffer's) shape.
+        info: how it was made (kind, seed, normalisation, ...); surfaces copy it into their
+            metadata.
+    """
 
     def __init__(self, tensors: Mapping[str, Tensor], info: Mapping[str, Any] | None = None):
         super().__init__(tensors)
@@ -30,15 +36,31 @@ class Direction(dict):
 
 
 def named_targets(model: nn.Module) -> dict[str, Tensor]:
-    """Everything a direction may move: parameters and floating-point buffers."""
+    """Everything a direction may move: parameters and floating-point buffers.
+
+    Args:
+        model: the model.
+
+    Returns:
+        name -> tensor (the model's own tensors, not copies), buffers first.
+    """
     out = {n: b for n, b in model.named_buffers() if b.is_floating_point()}
     out.update(dict(model.named_parameters()))
     return out
 
 
 def state_buffers(model: nn.Module) -> list[str]:
-    """Names of the floating buffers a state_dict holds (BatchNorm statistics; not the
-    non-persistent ones such as rotary-embedding frequencies, which are recomputed)."""
+    """Names of the floating buffers a state_dict holds.
+
+    BatchNorm statistics; not the non-persistent ones such as rotary-embedding frequencies,
+    which are recomputed.
+
+    Args:
+        model: the model.
+
+    Returns:
+        The buffers' names, in ``named_buffers`` order.
+    """
     state = model.state_dict(keep_vars=True)
     return [n for n, b in model.named_buffers() if b.is_floating_point() and n in state]
 
@@ -49,6 +71,18 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
 
     Keys must name parameters (or floating buffers, e.g. BatchNorm running statistics) and
     shapes must match. Names the direction leaves out stay fixed.
+
+    Args:
+        model: the model the direction moves.
+        direction: name -> floating-point tensor.
+        argname: the argument's name, for the error messages.
+
+    Returns:
+        name -> detached tensor on the model's tensor's device and dtype.
+
+    Raises:
+        ValueError: ``direction`` is not a non-empty dict of finite floating-point tensors
+            naming the model's parameters or floating buffers with their shapes.
     """
     if not isinstance(direction, Mapping):
         raise ValueError(f"{argname} must be a dict from parameter name to tensor, "
@@ -58,8 +92,9 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
     targets = named_targets(model)
     unknown = [k for k in direction if k not in targets]
     if unknown:
+        known = list(dict(model.named_parameters()))[:5]
         raise ValueError(f"{argname} has keys that are not parameters or floating buffers of the "
-                         f"model: {unknown[:5]}; model parameters: {list(dict(model.named_parameters()))[:5]}...")
+                         f"model: {unknown[:5]}; model parameters: {known}...")
     out = {}
     for name, t in direction.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
@@ -74,11 +109,25 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
 
 
 def normalize_(direction: Tensor, weight: Tensor, normalization: str) -> Tensor:
-    """Rescale ``direction`` in place to the scale of ``weight`` (Li et al. 2018, Sec. 4).
+    r"""Rescale ``direction`` in place to the scale of ``weight`` (Li et al. 2018, Sec. 4).
 
     "filter": each slice along dim 0 (a conv filter, a Linear row) gets the norm of the matching
-    slice of ``weight``; 1-D tensors are one filter. "layer": the whole tensor gets the norm of
-    ``weight``. "none": unchanged. A zero slice of ``direction`` stays zero.
+    slice of ``weight`` (filter-wise normalisation, Li et al. 2018, Sec. 4):
+
+    $$d_{i,j} \leftarrow \frac{d_{i,j}}{\|d_{i,j}\|} \, \|w_{i,j}\|,$$
+
+    with $d_{i,j}$, $w_{i,j}$ the $j$-th filter of tensor $i$; 1-D tensors are one filter.
+    "layer": the whole tensor gets the norm of ``weight``,
+    $d_i \leftarrow d_i \|w_i\| / \|d_i\|$. "none": unchanged. A zero slice of ``direction``
+    stays zero.
+
+    Args:
+        direction: the direction's tensor, rescaled in place.
+        weight: the model's tensor of the same shape.
+        normalization: "filter", "layer" or "none".
+
+    Returns:
+        ``direction``.
     """
     if normalization == "none":
         return direction
@@ -93,13 +142,32 @@ def normalize_(direction: Tensor, weight: Tensor, normalization: str) -> Tensor:
 
 def random_direction(model: nn.Module, normalization: str = "filter", ignore_bias_bn: bool = True,
                      seed: int = 0, *, params: ParamSelection = None) -> Direction:
-    """A Gaussian direction over the parameters, normalised to the weights' scale.
+    r"""A Gaussian direction over the parameters, normalised to the weights' scale.
 
-    normalization: "filter" (Li et al.: each filter/row of d rescaled to the norm of the matching
-        filter/row of w), "layer" (whole tensor), or "none" (plain N(0, 1) entries).
-    ignore_bias_bn: 1-D parameters (biases, BatchNorm weights) get a zero direction.
-    seed: draws come from a private generator on the CPU (same on every device and rank).
-    params: which parameters get a direction (default: all with requires_grad).
+    With filter normalisation (Li et al. 2018, Sec. 4), each filter (a convolution's output
+    channel, a Linear row) of the Gaussian draw $d$ gets the norm of the model's filter:
+
+    $$d_{i,j} \leftarrow \frac{d_{i,j}}{\|d_{i,j}\|} \, \|w_{i,j}\|,$$
+
+    so a plot along $d$ is comparable between models whose weights differ in scale.
+
+    Args:
+        model: the model (only read).
+        normalization: "filter" (each filter/row of d rescaled to the norm of the matching
+            filter/row of w, see :func:`normalize_`), "layer" (whole tensor), or "none" (plain
+            N(0, 1) entries).
+        ignore_bias_bn: 1-D parameters (biases, BatchNorm weights) get a zero direction, as in
+            Li et al.'s plots. (:func:`landscape.pca_directions` keeps ``False`` as its
+            default; see there why.)
+        seed: draws come from a private generator on the CPU (same on every device and rank).
+        params: which parameters get a direction (default: all with requires_grad).
+
+    Returns:
+        The :class:`Direction`; its ``info`` holds the seed and the options.
+
+    Raises:
+        ValueError: ``normalization`` is not one of ``NORMALIZATIONS``.
+        ArgumentTypeError: ``ignore_bias_bn`` is not a bool.
     """
     check_choice("normalization", normalization, NORMALIZATIONS)
     ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
@@ -120,6 +188,15 @@ def load_state(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str,
     """A state_dict, given directly or as a checkpoint path (``torch.load(weights_only=True)``).
 
     A checkpoint holding ``{"state_dict": ...}`` or ``{"model": ...}`` is unwrapped.
+
+    Args:
+        source: a state_dict (any mapping of tensors) or the path of a checkpoint.
+
+    Returns:
+        The state_dict.
+
+    Raises:
+        ValueError: ``source`` (or the loaded checkpoint) is not a mapping.
     """
     if isinstance(source, (str, os.PathLike)):
         source = torch.load(source, map_location="cpu", weights_only=True)
@@ -133,8 +210,20 @@ def load_state(source: Mapping[str, Tensor] | str | os.PathLike) -> Mapping[str,
 
 def state_tensors(model: nn.Module, source, names: list[str], argname: str = "checkpoint"
                   ) -> dict[str, Tensor]:
-    """The tensors ``names`` of a state_dict or checkpoint, on the model's device and dtype;
-    errors name the source as ``argname``."""
+    """The tensors ``names`` of a state_dict or checkpoint, on the model's device and dtype.
+
+    Args:
+        model: the model whose tensors they replace.
+        source: a state_dict or a checkpoint path (:func:`load_state`).
+        names: the tensors to read.
+        argname: the source's name in the error messages.
+
+    Returns:
+        name -> tensor, validated by :func:`check_direction`.
+
+    Raises:
+        ValueError: the source lacks one of ``names`` or holds a tensor of another shape.
+    """
     state = load_state(source)
     missing = [n for n in names if n not in state]
     if missing:
@@ -146,8 +235,19 @@ def update_direction(start, end, model: nn.Module, *, params: ParamSelection = N
                      buffers: bool = False) -> Direction:
     """``end - start`` over the model's parameters: the update between two checkpoints.
 
-    start, end: state_dicts or checkpoint paths. buffers: also include floating buffers
-    (BatchNorm running statistics), as Li et al.'s ``dir_type="states"`` does.
+    Args:
+        start: the first checkpoint, a state_dict or a checkpoint path.
+        end: the second checkpoint, the same.
+        model: a model of their architecture (only read).
+        params: the parameters the direction covers (default: all with requires_grad).
+        buffers: also include floating buffers (BatchNorm running statistics), as Li et al.'s
+            ``dir_type="states"`` does.
+
+    Returns:
+        The :class:`Direction` ``end - start``.
+
+    Raises:
+        ValueError: a checkpoint lacks a tensor or holds one of another shape.
     """
     names, _ = select_params(model, params)
     if check_bool("buffers", buffers):
@@ -166,8 +266,30 @@ def eigenvector_directions(model: nn.Module, loss_fn: LossFn, data, k: int = 2, 
     """Unit directions along the top-``k`` Hessian eigenvectors (``analysis.top_eigenvalues``).
 
     Each Direction's ``info`` holds its eigenvalue (so the second difference of ``line``
-    along it at 0 is that eigenvalue). The keywords are ``top_eigenvalues``'s;
-    ``info["converged"]`` says whether the eigenpairs met ``tol``.
+    along it at 0 is that eigenvalue); ``info["converged"]`` says whether the eigenpairs met
+    ``tol``.
+
+    Args:
+        model: the model (left as found).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: the iterable of batches.
+        k: the number of directions.
+        params: the parameters the directions cover (default: all with requires_grad).
+        model_mode: "eval" or "train", the mode during the products.
+        batch_size_fn: the sample count of a batch (default: the leading dimension).
+        seed: the seed of the eigensolver's start vectors.
+        progress: show a progress bar.
+        which: "LA" (largest algebraic) or another mode of ``top_eigenvalues``.
+        tol: the eigensolver's tolerance.
+        max_hvp: the most Hessian-vector products (``top_eigenvalues``'s budget; None: its
+            default).
+        check_deterministic: first check that two passes over ``data`` agree.
+
+    Returns:
+        ``k`` :class:`Direction` dicts of unit norm over the selected parameters.
+
+    Raises:
+        ValueError: as :func:`analysis.top_eigenvalues`.
     """
     res = top_eigenvalues(model, loss_fn, data, k, which, tol, max_hvp, params=params,
                           model_mode=model_mode, batch_size_fn=batch_size_fn, seed=seed,

@@ -1,5 +1,8 @@
-"""Linear interpolation between two models and the loss barrier (Goodfellow et al. 2015;
-Frankle et al. 2020), with optional BatchNorm statistics recalibration at each point."""
+"""Linear interpolation between two models and the loss barrier above the chord.
+
+Goodfellow et al. 2015 (the loss along the segment), Frankle et al. 2020 and Entezari et al.
+2022 (the barrier), with optional BatchNorm statistics recalibration at each point.
+"""
 from __future__ import annotations
 
 import inspect
@@ -16,7 +19,7 @@ from analysis.core import (BatchSizeFn, check_bool, check_data, check_loss, chec
                            scalar_zeros, select_params, unwrap_compiled)
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
-from .evaluate import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
+from .points import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
 from .results import data_probe, InterpolationResult, Progress, surface_metadata
 from .stacked import fixed_passes
 
@@ -30,7 +33,18 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
     (``momentum=None``), one forward per batch through ``loss_fn``. The model's weights are
     used as they are; on success its BatchNorm buffers hold the new statistics (callers that
     want them back wrap this in ``analysis.core.preserved``); on any error (e.g. empty
-    ``data``) the model is left exactly as it was. Returns the number of forward passes.
+    ``data``) the model is left exactly as it was.
+
+    Args:
+        model: the model whose BatchNorm statistics are recomputed.
+        loss_fn: ``loss_fn(model, batch)``, run for its forward pass (its value is unused).
+        data: the iterable of batches.
+
+    Returns:
+        The number of forward passes (0 for a model without tracked BatchNorm statistics).
+
+    Raises:
+        ValueError: ``data`` is not an iterable of batches, or is empty.
     """
     check_data(data)
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
@@ -67,19 +81,49 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
                 max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
                 distribute: str = "data", check_deterministic: bool = True
                 ) -> InterpolationResult:
-    """Losses at ``w(alpha) = (1 - alpha) w_a + alpha w_b`` and the barrier above the chord.
+    r"""Losses at $w(\alpha) = (1 - \alpha) w_a + \alpha w_b$ and the barrier above the chord.
 
-    model_b: a model of the same architecture, a state_dict or a checkpoint path.
-    params: the parameters interpolated (default all); the others stay at model_a's values.
-    buffers: interpolate floating buffers (BatchNorm running statistics) along with the
-        parameters (Li et al.'s "states" directions); otherwise model_a's buffers are used.
-    bn_data: if given, BatchNorm statistics are recalibrated on these batches at each point
-        (:func:`recalibrate_bn`) before the loss is evaluated; points are then evaluated one by
-        one (chunk_size, max_memory, vectorize and distribute must keep their defaults).
-        barrier = max over alphas of ``L(alpha) - ((1 - alpha) L(a) + alpha L(b))``, with
-        L(a), L(b) evaluated the same way (at alpha = 0 and 1).
-    Other keywords as in :func:`landscape.line` (the determinism check too, skipped in the same
-    case, with model_a). Both models are left unchanged.
+    The barrier (Entezari et al. 2022, Sec. 2; Frankle et al. 2020 measure it above the
+    endpoints' mean instead) is taken over the given alphas:
+
+    $$B = \max_{\alpha} \; L(w(\alpha)) - \big((1 - \alpha) L(w_a) + \alpha L(w_b)\big),$$
+
+    with $L(w_a)$, $L(w_b)$ evaluated the same way (at alpha = 0 and 1, added to the points
+    when absent). Both models are left unchanged.
+
+    Args:
+        model_a: the first model ($\alpha = 0$); its tensors are written and restored.
+        model_b: a model of the same architecture, a state_dict or a checkpoint path
+            ($\alpha = 1$).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: the iterable of batches.
+        alphas: the coordinates, a non-empty 1-D sequence of finite numbers (any real
+            number: outside [0, 1] extrapolates).
+        params: the parameters interpolated (default all); the others stay at model_a's
+            values.
+        model_mode: "eval" (default) or "train".
+        batch_size_fn: the sample count of a batch (default: the leading dimension).
+        progress: show a progress bar.
+        buffers: interpolate floating buffers (BatchNorm running statistics) along with the
+            parameters (Li et al.'s "states" directions); otherwise model_a's buffers are used.
+        bn_data: if given, BatchNorm statistics are recalibrated on these batches at each
+            point (:func:`recalibrate_bn`) before the loss is evaluated; points are then
+            evaluated one by one (chunk_size, max_memory, vectorize and distribute must keep
+            their defaults).
+        path: an .npz result file, resumed as in :func:`landscape.line`.
+        chunk_size: as in :func:`landscape.line`.
+        max_memory: as in :func:`landscape.line`.
+        vectorize: as in :func:`landscape.line`.
+        distribute: as in :func:`landscape.line`.
+        check_deterministic: as in :func:`landscape.line` (skipped in the same case, with
+            model_a).
+
+    Returns:
+        The :class:`InterpolationResult` (``losses``, ``barrier``, ``loss_a``, ``loss_b``).
+
+    Raises:
+        ValueError: models of different architectures, invalid coordinates, options or data,
+            an option other than its default with ``bn_data``, or a non-finite loss.
     """
     check_model_mode(model_mode)
     buffers = check_bool("buffers", buffers)
@@ -152,7 +196,8 @@ def _recalibrated(model, loss_fn, data, bn_data, vectors, coords, store: Progres
                 targets[n].copy_(combine(parts, c.to(targets[n])))
             store.n_forward += recalibrate_bn(model, loss_fn, bn_data)
             model.train(model_mode == "train")
-            mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), f" at {describe(i)}")],
+            where = f" at {describe(i)}"
+            mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), where)],
                              batch_size_fn, reduction=loss_reduction(loss_fn),
                              zeros=scalar_zeros(1))
             store.losses[i] = float(mean.values[0])

@@ -1,6 +1,8 @@
-"""Figures of landscape results in one style: 1D curves, contours, 3D surfaces, trajectories,
-Hessian spectral densities. Built on ``matplotlib.figure.Figure`` with the Agg canvas (no
-pyplot, no GUI, nothing shown); :func:`save_figure` writes PNG and PDF.
+"""Figures of landscape results in one style.
+
+1D curves, contours, 3D surfaces, trajectories, Hessian spectral densities. Built on
+``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no GUI, nothing shown);
+:func:`save_figure` writes PNG and PDF.
 
 Every function takes a result object (or the path of its .npz file, so figures can be re-made
 from the file alone) and an optional ``ax``; without one it creates a figure.
@@ -33,7 +35,11 @@ PATH_COLOR = "#d1495b"
 
 @contextmanager
 def style() -> Iterator[None]:
-    """The package's matplotlib style (rcParams) for the duration of the block."""
+    """The package's matplotlib style (rcParams) for the duration of the block.
+
+    Yields:
+        None; ``STYLE`` applies inside the block.
+    """
     with matplotlib.rc_context(STYLE):
         yield
 
@@ -53,10 +59,21 @@ def _load(result):
 
 def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")
                 ) -> list[str]:
-    """Save ``fig`` as ``path`` with each extension in ``formats``; returns the file names.
+    """Save ``fig`` as ``path`` with each extension in ``formats``.
 
     The extensions are appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.png``);
     a name already ending in one of ``formats`` has that ending replaced.
+
+    Args:
+        fig: the figure (e.g. ``ax.figure``).
+        path: the file name, with or without an extension.
+        formats: the file extensions, e.g. ``("png", "pdf")``.
+
+    Returns:
+        The names of the files written.
+
+    Raises:
+        ArgumentTypeError: ``formats`` is not a non-empty sequence of alphanumeric extensions.
     """
     if (isinstance(formats, str) or not formats
             or not all(isinstance(f, str) and f.isalnum() for f in formats)):
@@ -75,9 +92,26 @@ def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = (
 
 def plot_line(results, ax: Axes | None = None, label: str | None = None, band: str = "std",
               xlabel: str = r"$\alpha$", ylabel: str = "loss") -> Axes:
-    """Loss along a line (or interpolation). Several results on the same alphas (e.g. one
-    per seed) are drawn as their mean with a band: ``band="std"`` (mean +- one standard
-    deviation) or ``"minmax"``."""
+    """Loss along a line (or interpolation).
+
+    Several results on the same alphas (e.g. one per seed) are drawn as their mean with a
+    band.
+
+    Args:
+        results: a :class:`LineResult` or :class:`InterpolationResult`, the path of its file,
+            or a list of them.
+        ax: the axes to draw on (default: a new figure's).
+        label: the curve's legend label.
+        band: "std" (mean +- one standard deviation) or "minmax".
+        xlabel: the x axis label.
+        ylabel: the y axis label.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: an unknown ``band``, or results on different alphas.
+    """
     check_choice("band", band, ("std", "minmax"))
     results = [_load(r) for r in (results if isinstance(results, (list, tuple)) else [results])]
     alphas = results[0].alphas
@@ -119,7 +153,25 @@ def _levels(z: np.ndarray, levels: int | Sequence[float], log: bool) -> np.ndarr
 def plot_contour(result, ax: Axes | None = None, levels: int | Sequence[float] = 15,
                  log: bool = False, filled: bool = True, xlabel: str = "x", ylabel: str = "y",
                  colorbar: bool = True) -> Axes:
-    """Contours of a plane with labelled levels (geometric levels with ``log=True``)."""
+    """Contours of a plane with labelled levels.
+
+    Args:
+        result: a :class:`PlaneResult` or the path of its file.
+        ax: the axes to draw on (default: a new figure's).
+        levels: the number of levels (an int >= 2) or increasing level values.
+        log: geometric levels (for positive losses) instead of evenly spaced ones.
+        filled: fill between the levels.
+        xlabel: the x axis label.
+        ylabel: the y axis label.
+        colorbar: draw a colour bar (with ``filled``).
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: invalid ``levels``.
+        ArgumentTypeError: ``log``, ``filled`` or ``colorbar`` is not a bool.
+    """
     log, filled, colorbar = (check_bool(k, v) for k, v in (("log", log), ("filled", filled),
                                                             ("colorbar", colorbar)))
     res = _load(result)
@@ -141,7 +193,19 @@ def plot_contour(result, ax: Axes | None = None, levels: int | Sequence[float] =
 
 
 def plot_surface3d(result, ax: Axes | None = None, log: bool = False) -> Axes:
-    """The plane as a 3D surface (``log=True`` plots log10 of the loss)."""
+    """The plane as a 3D surface.
+
+    Args:
+        result: a :class:`PlaneResult` or the path of its file.
+        ax: 3D axes to draw on (default: a new figure's).
+        log: plot log10 of the loss.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ArgumentTypeError: ``log`` is not a bool.
+    """
     log = check_bool("log", log)
     res = _load(result)
     ax = _axes(ax, projection="3d")
@@ -159,9 +223,24 @@ def plot_trajectory(result, coords: np.ndarray, ax: Axes | None = None,
                     explained_variance_ratio: Sequence[float] | None = None,
                     levels: int | Sequence[float] = 15, log: bool = False, filled: bool = True,
                     colorbar: bool = True) -> Axes:
-    """A training path (``PCAResult.coords`` or ``project_trajectory``) over the contour of
-    the plane spanned by the same directions; axis labels give the explained variance.
-    levels, log, filled, colorbar: as in :func:`plot_contour`."""
+    """A training path over the contour of the plane spanned by the same directions.
+
+    Args:
+        result: a :class:`PlaneResult` (or its file) along the directions of ``coords``.
+        coords: the path, [T, 2] (``PCAResult.coords`` or ``project_trajectory``).
+        ax: the axes to draw on (default: a new figure's).
+        explained_variance_ratio: the directions' ratios, given in the axis labels.
+        levels: as in :func:`plot_contour`.
+        log: as in :func:`plot_contour`.
+        filled: as in :func:`plot_contour`.
+        colorbar: as in :func:`plot_contour`.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: ``coords`` is not of shape [T, 2], or as :func:`plot_contour`.
+    """
     coords = np.asarray(coords, dtype=float)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"coords must have shape [T, 2], got {coords.shape}")
@@ -182,9 +261,22 @@ def plot_trajectory(result, coords: np.ndarray, ax: Axes | None = None,
 
 def plot_spectral_density(density, ax: Axes | None = None, log: bool = True,
                           floor: float = 1e-12) -> Axes:
-    """A Hessian spectral density (anything with ``.grid`` and ``.density``, e.g. the result
-    of ``analysis.spectral_density``); ``log=True`` uses a log y axis clipped at ``floor``.
-    Quadrature nodes (``.nodes``), if present, are marked on the x axis."""
+    """A Hessian spectral density; quadrature nodes (``.nodes``), if present, marked.
+
+    Args:
+        density: anything with ``.grid`` and ``.density``, e.g. the result of
+            ``analysis.spectral_density``.
+        ax: the axes to draw on (default: a new figure's).
+        log: a log y axis, the density clipped at ``floor``.
+        floor: the smallest density shown with ``log``.
+
+    Returns:
+        The axes.
+
+    Raises:
+        ValueError: ``floor`` is not positive.
+        ArgumentTypeError: ``log`` is not a bool.
+    """
     log, floor = check_bool("log", log), check_positive("floor", floor)
     grid = np.asarray(density.grid, dtype=float)
     dens = np.asarray(density.density, dtype=float)
@@ -196,8 +288,8 @@ def plot_spectral_density(density, ax: Axes | None = None, log: bool = True,
             ax.set_ylim(bottom=max(floor, dens[dens > 0].min() if (dens > 0).any() else floor))
         nodes = getattr(density, "nodes", None)
         if nodes is not None:
-            ax.plot(np.ravel(np.asarray(nodes, dtype=float)),
-                    np.zeros(np.size(nodes)) if not log else np.full(np.size(nodes), ax.get_ylim()[0]),
+            at = ax.get_ylim()[0] if log else 0.0
+            ax.plot(np.ravel(np.asarray(nodes, dtype=float)), np.full(np.size(nodes), at),
                     "|", color=PATH_COLOR, markersize=8, alpha=0.5, label="Ritz values")
             ax.legend(frameon=False)
         ax.set_xlabel("eigenvalue")

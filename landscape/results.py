@@ -32,7 +32,14 @@ FORMAT = 1
 @register_result
 @dataclass
 class LineResult:
-    """Losses ``L(w + alpha d)`` at ``alphas``."""
+    r"""Losses $L(w + \alpha d)$ at ``alphas`` (:func:`landscape.line`).
+
+    Attributes:
+        alphas: the coordinates.
+        losses: ``losses[k]`` at ``alphas[k]``.
+        n_forward: forward passes spent (one per point and batch, plus probes).
+        metadata: seed, direction info, hashes, config and versions.
+    """
     alphas: np.ndarray
     losses: np.ndarray
     n_forward: int = 0
@@ -42,7 +49,15 @@ class LineResult:
 @register_result
 @dataclass
 class PlaneResult:
-    """Losses ``L(w + x d1 + y d2)``; ``losses[i, j]`` is at ``(xs[j], ys[i])``."""
+    """Losses $L(w + x d_1 + y d_2)$ on a grid (:func:`landscape.plane`).
+
+    Attributes:
+        xs: the x coordinates (along ``d1``).
+        ys: the y coordinates (along ``d2``).
+        losses: [len(ys), len(xs)]; ``losses[i, j]`` is at ``(xs[j], ys[i])``.
+        n_forward: forward passes spent.
+        metadata: seed, direction info, hashes, config and versions.
+    """
     xs: np.ndarray
     ys: np.ndarray
     losses: np.ndarray
@@ -53,7 +68,18 @@ class PlaneResult:
 @register_result
 @dataclass
 class InterpolationResult:
-    """Losses along ``(1 - alpha) w_a + alpha w_b`` and the barrier above the chord."""
+    r"""Losses along $(1 - \alpha) w_a + \alpha w_b$ and the barrier above the chord.
+
+    Attributes:
+        alphas: the coordinates.
+        losses: ``losses[k]`` at ``alphas[k]``.
+        barrier: $\max_\alpha L(\alpha) - ((1 - \alpha) L(w_a) + \alpha L(w_b))$ over
+            ``alphas`` (:func:`landscape.interpolate`).
+        loss_a: $L(w_a)$.
+        loss_b: $L(w_b)$.
+        n_forward: forward passes spent.
+        metadata: hashes, config and versions.
+    """
     alphas: np.ndarray
     losses: np.ndarray
     barrier: float
@@ -64,7 +90,16 @@ class InterpolationResult:
 
 
 def tensors_hash(vectors: Sequence[Mapping[str, Tensor]]) -> str:
-    """SHA-256 of names, shapes and float64 values of a list of directions (device-independent)."""
+    """SHA-256 of names, shapes and float64 values of a list of directions.
+
+    Device-independent: the values are hashed on the CPU in float64.
+
+    Args:
+        vectors: dicts name -> tensor.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     for vec in vectors:
         h.update(b"|")
@@ -76,6 +111,14 @@ def tensors_hash(vectors: Sequence[Mapping[str, Tensor]]) -> str:
 
 
 def array_hash(*arrays: np.ndarray) -> str:
+    """SHA-256 of the float64 values of ``arrays`` (coordinates), in order.
+
+    Args:
+        *arrays: the arrays.
+
+    Returns:
+        The hex digest.
+    """
     h = hashlib.sha256()
     for a in arrays:
         h.update(np.ascontiguousarray(a, dtype=np.float64).tobytes() + b"|")
@@ -93,6 +136,18 @@ class Progress:
     sample count and first/last batch checksums and the loss at the origin; a mismatch, or
     a file that is not a readable result, raises ValueError. The path is checked (its
     directory must exist) before anything is computed.
+
+    Args:
+        path: the result file, or None (nothing written).
+        shape: the shape of ``losses``.
+        meta: the computation's metadata, with its ``fingerprint``.
+        build: ``build(losses, n_forward, metadata)``, the result.
+        losses_of: ``losses_of(result)``, the losses of a result read back.
+        probe: ``probe() -> (fingerprint entries, forwards spent)`` (:func:`data_probe`).
+
+    Raises:
+        ValueError: ``path`` cannot be written, or holds another computation or an
+            unreadable file.
     """
 
     def __init__(self, path: str | os.PathLike | None, shape: tuple[int, ...], meta: dict,
@@ -147,7 +202,14 @@ class Progress:
         return losses.astype(np.float64), int(old.n_forward)
 
     def result(self, complete: bool = False) -> Any:
-        """The result as computed so far."""
+        """The result as computed so far (NaN where a point is not computed yet).
+
+        Args:
+            complete: whether every point is computed (recorded in the metadata).
+
+        Returns:
+            ``build(losses, n_forward, metadata)``.
+        """
         meta = {**self.meta, "complete": complete,
                 "written": datetime.datetime.now(datetime.timezone.utc).isoformat()}
         return self.build(self.losses.copy(), self.n_forward, meta)
@@ -211,9 +273,23 @@ def _batch_hash(batch: Any) -> str:
 
 def data_probe(model: nn.Module, loss_fn: LossFn, data: Iterable, model_mode: str,
                batch_size_fn: BatchSizeFn | None) -> tuple[dict, int]:
-    """What resuming checks about ``data`` and ``loss_fn`` (one pass over the data, one forward):
-    ``{"data": {n_batches, n_samples, first, last}, "loss": loss on the first batch at the
-    model's weights}``, and the number of forward passes spent (1)."""
+    """What resuming checks about ``data`` and ``loss_fn``: one pass over the data, one forward.
+
+    Args:
+        model: the model (left as found).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: the iterable of batches.
+        model_mode: the mode of the forward.
+        batch_size_fn: the sample count of a batch (default: the leading dimension).
+
+    Returns:
+        ``{"data": {n_batches, n_samples, first, last}, "loss": loss on the first batch at
+        the model's weights}`` and the number of forward passes spent (1, or 0 for no data).
+
+    Raises:
+        ValueError: ``data`` is not an iterable of batches, or the loss is not a finite
+            scalar.
+    """
     check_data(data)
     size = batch_size_fn or default_batch_size
     n_batches, n_samples, first, last = 0, 0, None, None
@@ -233,7 +309,18 @@ def data_probe(model: nn.Module, loss_fn: LossFn, data: Iterable, model_mode: st
 def surface_metadata(kind: str, vectors: Sequence[Mapping[str, Tensor]],
                      origin: Mapping[str, Tensor], coords: Sequence[np.ndarray],
                      config: Mapping[str, Any]) -> dict:
-    """Provenance of a surface: direction info and seed, hashes, config, versions."""
+    """Provenance of a surface: direction info and seed, hashes, config, versions.
+
+    Args:
+        kind: "line", "plane" or "interpolate".
+        vectors: the directions (their ``info`` is recorded).
+        origin: the weights at the origin.
+        coords: the coordinate arrays.
+        config: the options that change the losses.
+
+    Returns:
+        The metadata dict, with the ``fingerprint`` a resumed file must match.
+    """
     infos = [dict(getattr(v, "info", {})) for v in vectors]
     seeds = [i["seed"] for i in infos if "seed" in i]
     fingerprint = {"directions": tensors_hash(vectors), "origin": tensors_hash([origin]),

@@ -28,7 +28,6 @@ sums differs from the plain evaluation, so the values agree to rounding. The mod
 """
 from __future__ import annotations
 
-import inspect
 import math
 from dataclasses import dataclass, field
 from typing import Any, Callable, Mapping, Sequence
@@ -39,11 +38,10 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from analysis.core import BatchSizeFn, check_model_mode, LossFn, supervised, to_device
+from analysis.core import BatchSizeFn, check_model_mode, LossFn, Supervised, to_device
 
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
-_SUPERVISED = supervised(nn.MSELoss()).__code__
 GROUP_ACTIVATION_BYTES = 2 ** 21  # on a CPU: one activation tensor of a group of points
 TILE_BYTES = 2 ** 22  # on a CPU: one tile of a group's formed Linear weights (see _tile_rows)
 BUNCH_ACTIVATION_BYTES = 2 ** 24  # one point's largest activation on a bunch of batches
@@ -63,8 +61,15 @@ DETERMINISTIC_CRITERIA = (nn.CrossEntropyLoss, nn.NLLLoss, nn.MSELoss, nn.L1Loss
 
 
 def xy_batch(batch: Any, targets: bool = False) -> bool:
-    """Whether ``batch`` is ``(x, y, ...)`` with ``x`` a tensor of at least one dimension (and,
-    with ``targets``, ``y`` a tensor of as many samples)."""
+    """Whether ``batch`` is ``(x, y, ...)`` with ``x`` a tensor of at least one dimension.
+
+    Args:
+        batch: a batch of the data.
+        targets: also require ``y`` to be a tensor of as many samples as ``x``.
+
+    Returns:
+        True for such a batch.
+    """
     if not (isinstance(batch, (tuple, list)) and len(batch) >= 2
             and isinstance(batch[0], Tensor) and batch[0].dim()):
         return False
@@ -73,8 +78,10 @@ def xy_batch(batch: Any, targets: bool = False) -> bool:
 
 
 def _samplewise(m: nn.Module, training: bool | None = None) -> bool:
-    """True when ``m`` acts on each sample alone, so it may run on the points' samples stacked
-    (in its own mode, or in training mode if ``training``)."""
+    """True when ``m`` acts on each sample alone, so it may run on the points' samples stacked.
+
+    In its own mode, or in training mode if ``training``.
+    """
     kind = type(m)
     if kind in PRECOMPUTED or kind in ELEMENTWISE:
         return True
@@ -116,15 +123,18 @@ def _no_hooks(model: nn.Module) -> bool:
 
 
 class _Stack:
-    """Vectors' values ``V_j`` of one tensor, stacked once; ``at(cs)`` gives every point's
-    ``sum_j c_j V_j`` ([P, *shape]) as one product, written into a buffer reused by the next
-    call (a fresh multi-megabyte tensor per group costs more than the product on a CPU);
-    ``at(cs, start, stop)`` gives rows ``start:stop`` of it (a tile) alone.
+    """Vectors' values ``V_j`` of one tensor, stacked once.
+
+    ``at(cs)`` gives every point's ``sum_j c_j V_j`` ([P, *shape]) as one product, written
+    into a buffer reused by the next call (a fresh multi-megabyte tensor per group costs more
+    than the product on a CPU); ``at(cs, start, stop)`` gives rows ``start:stop`` of it (a
+    tile) alone.
 
     ``along=(m, key)``: the points ``cs`` differ only in their coefficient on ``V_m``, ``key``
     being their other coefficients (the points of a grid row): the other vectors' sum, the
     base, is formed once per key and each point adds ``c_m V_m`` to it (one multiply-add per
-    element instead of one per vector)."""
+    element instead of one per vector).
+    """
 
     def __init__(self, idx: list[int], flat: Tensor, shape: torch.Size):
         self.idx, self.flat, self.shape = idx, flat, shape
@@ -167,10 +177,13 @@ class _Stack:
 
 
 def _rows(cs: Tensor, group: int) -> list[tuple[int, Any] | None]:
-    """Per group of ``group`` consecutive points of ``cs``: ``(m, key)`` when its points differ
-    only in their coefficient ``m`` (``key``: their other coefficients), else None. ``m`` is
+    """Per group of ``group`` consecutive points of ``cs``: ``(m, key)``, or None.
+
+    ``(m, key)`` when the group's points differ only in their coefficient ``m`` (``key``: their
+    other coefficients), else None. ``m`` is
     the coefficient that varies along the runs of consecutive points (a grid's fastest axis);
-    None everywhere unless those runs hold two points on average (a base per run then pays)."""
+    None everywhere unless those runs hold two points on average (a base per run then pays).
+    """
     host = cs.detach().cpu().double().numpy()
     best = None
     for m in range(host.shape[1]):
@@ -194,9 +207,12 @@ class _Layer:
 
 @dataclass
 class _Bunch:
-    """Consecutive batches run as one forward: their inputs concatenated (the layers are
-    sample-wise, so every sample's outputs are those of its own batch's forward), the
-    criterion on each batch's outputs; ``values`` are the losses at the points ``cs``."""
+    """Consecutive batches run as one forward.
+
+    Their inputs are concatenated (the layers are sample-wise, so every sample's outputs are
+    those of its own batch's forward), the criterion applied on each batch's outputs;
+    ``values`` are the losses at the points ``cs``.
+    """
     batches: list[Any]
     group: int
     cs: Tensor | None = None
@@ -204,7 +220,15 @@ class _Bunch:
 
 
 class SequentialPlan:
-    """The layers of a sequential model with the vector parts of its moving tensors."""
+    """The layers of a sequential model with the vector parts of its moving tensors.
+
+    Made by :func:`sequential_plan`; :meth:`losses` evaluates many points per forward.
+
+    Args:
+        layers: the model's layers in call order, each with the vectors' values of its moving
+            tensors.
+        criterion: ``criterion(outputs, targets)``, the ``supervised`` loss's criterion.
+    """
 
     def __init__(self, layers: list[_Layer], criterion: Callable[[Tensor, Tensor], Tensor]):
         self.layers, self.criterion = layers, criterion
@@ -216,18 +240,36 @@ class SequentialPlan:
 
     @staticmethod
     def cpu_group(largest: int, limit: int) -> int:
-        """Points per forward on a CPU: at most ``limit``, with each activation tensor (one point's
-        largest is ``largest`` bytes) within ``GROUP_ACTIVATION_BYTES`` (beyond, the activations
-        miss the cache more than the batching saves)."""
+        """Points per forward on a CPU.
+
+        At most ``limit``, with each activation tensor within ``GROUP_ACTIVATION_BYTES``
+        (beyond, the activations miss the cache more than the batching saves).
+
+        Args:
+            largest: bytes of one point's largest activation tensor.
+            limit: the most points per forward.
+
+        Returns:
+            The points per forward, at least 1.
+        """
         return max(1, min(limit, GROUP_ACTIVATION_BYTES // max(largest, 1)))
 
     def bunch(self, batches: Sequence[Any], size: Callable[[Any], int], device: torch.device,
               largest: int, group: int) -> None:
-        """Run consecutive batches of ``batches`` (a list already in memory) as one forward,
-        while one point's largest activation on them stays within ``BUNCH_ACTIVATION_BYTES``
-        (the first batch's is ``largest`` bytes, ``group`` points per forward): fewer,
-        larger products, and each point's weights formed once for all of them. Only batches
-        ``(x, y, ...)`` whose inputs ``x`` agree in shape past dim 0, dtype and device join."""
+        """Run consecutive batches of ``batches`` as one forward, where they fit.
+
+        Batches join while one point's largest activation on them stays within
+        ``BUNCH_ACTIVATION_BYTES``: fewer, larger products, and each point's weights formed
+        once for all of them. Only batches ``(x, y, ...)`` whose inputs ``x`` agree in shape
+        past dim 0, dtype and device join. :meth:`losses` then finds each batch's bunch.
+
+        Args:
+            batches: the data, a list already in memory.
+            size: the sample count of a batch.
+            device: the device of the points' weights.
+            largest: bytes of one point's largest activation on the first batch.
+            group: points per forward on one batch.
+        """
         live = [b for b in batches if size(b) > 0]
         if not live or live[0] is not batches[0] or not all(map(xy_batch, live)):
             return
@@ -248,8 +290,18 @@ class SequentialPlan:
                 self._bunches[id(b)] = (shared, k)
 
     def losses(self, cs: Tensor, batch: Any, group: int, device: torch.device) -> list[Any]:
-        """The criterion's value at each point ``cs[p]`` on ``batch``, ``group`` points per
-        forward (or its bunch's, with the bunch's other batches, see ``bunch``)."""
+        """The criterion's value at each point ``cs[p]`` on ``batch``.
+
+        Args:
+            cs: the points' coordinates, [P, n_vectors].
+            batch: ``(x, y, ...)``; if it is part of a bunch (:meth:`bunch`), the whole bunch
+                is evaluated once for these points and its batches' values are kept.
+            group: points per forward (a bunch has its own).
+            device: the device of the points' weights.
+
+        Returns:
+            The P criterion values (0-d tensors).
+        """
         shared, k = self._bunches.get(id(batch), (None, 0))
         if shared is None or shared.batches[k] is not batch:
             shared, k = _Bunch([batch], group), 0
@@ -265,8 +317,7 @@ class SequentialPlan:
 
     def _forward(self, cs: Tensor, x: Tensor, ys: list[Any], sizes: list[int], group: int
                  ) -> list[list[Any]]:
-        """Per target ``ys[b]`` (of the next ``sizes[b]`` samples of ``x``), the losses at the
-        points."""
+        """Per target ``ys[b]`` (of the next ``sizes[b]`` samples of ``x``), the points' losses."""
         for layer in self.layers[:self.first]:  # nothing moves yet: shared by all points
             x = layer.module(x)
         first = self._first_terms(x) if self.precompute else None
@@ -283,8 +334,10 @@ class SequentialPlan:
         return out
 
     def _first_terms(self, x: Tensor) -> Callable[[Tensor, Any], Tensor]:
-        """The first moving layer on the batch ``x``, as a function of the points' coordinates
-        (and ``along``, see ``_Stack.at``)."""
+        """The first moving layer on the batch ``x``, a function of the points' coordinates.
+
+        Its second argument is ``along`` (see ``_Stack.at``).
+        """
         layer = self.layers[self.first]
         m = layer.module
         linear = type(m) is nn.Linear
@@ -337,9 +390,11 @@ class SequentialPlan:
 
     def _apply(self, i: int, h: Tensor, c: Tensor, along: tuple[int, Any] | None, owned: bool
                ) -> Tensor:
-        """Layer ``i`` on the activations ``h[p]`` ([P, N, ...]) of each point ``c[p]``
-        (``along``: see ``_Stack.at``); ``owned``: ``h`` is this evaluation's temporary (a ReLU
-        may overwrite it)."""
+        """Layer ``i`` on the activations ``h[p]`` ([P, N, ...]) of each point ``c[p]``.
+
+        ``along``: see ``_Stack.at``; ``owned``: ``h`` is this evaluation's temporary (a ReLU
+        may overwrite it).
+        """
         layer = self.layers[i]
         m, P = layer.module, len(h)
         if type(m) is nn.ReLU and owned:
@@ -377,11 +432,14 @@ class SequentialPlan:
 
 
 def _logsumexp(h: Tensor) -> Tensor:
-    """``h.logsumexp(2)`` ([P, N, C] -> [P, N]), reduced over the classes in a [P, C, N] copy
-    (a reduction over the innermost 10 entries is slow), with the exponents clamped at -87:
-    the largest term is 1 and the clamped ones stay below 10^-37, under the rounding of the
-    sum in float32 and float64, so the value is unchanged while exp never returns a subnormal
-    (which a CPU computes 3-6 times slower, as happens for the far points of a plane)."""
+    """``h.logsumexp(2)`` ([P, N, C] -> [P, N]), without slow reductions or subnormals.
+
+    Reduced over the classes in a [P, C, N] copy (a reduction over the innermost 10 entries
+    is slow), with the exponents clamped at -87: the largest term is 1 and the clamped ones
+    stay below 10^-37, under the rounding of the sum in float32 and float64, so the value is
+    unchanged while exp never returns a subnormal (which a CPU computes 3-6 times slower, as
+    happens for the far points of a plane).
+    """
     t = h.transpose(1, 2).contiguous()
     m = t.amax(1, keepdim=True)
     return (t - m).clamp_min_(-87).exp_().sum(1).log_().add_(m[:, 0])
@@ -389,10 +447,12 @@ def _logsumexp(h: Tensor) -> Tensor:
 
 def _tile_rows(flat: Tensor, n_out: int) -> int:
     """Rows of a Linear layer's weights formed at once for the points of ``flat`` ([P, N, in]).
+
     On a CPU, when the points' inputs are small (within ``GROUP_ACTIVATION_BYTES``) and their
     formed weights are not, tiles of ``TILE_BYTES``: each is formed and multiplied while in the
     cache, so the stored vectors are streamed once per group and the formed weights never go
-    to memory. Otherwise all rows (the inputs would be re-read per tile)."""
+    to memory. Otherwise all rows (the inputs would be re-read per tile).
+    """
     P, N, n_in = flat.shape
     item = flat.element_size()
     rows = TILE_BYTES // max(P * n_in * item, 1)
@@ -403,11 +463,14 @@ def _tile_rows(flat: Tensor, n_out: int) -> int:
 
 def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any], sizes: list[int]
                   ) -> Callable[[Tensor], list[list[Any]]]:
-    """The function of the points' outputs ``h`` ([P, N, ...], ``sizes[b]`` samples for each
-    target ``ys[b]`` in order) giving, per target, ``criterion(h[p, its samples], ys[b])`` for
-    every point ``p``: one evaluation on all points and targets for a mean
+    """The function of the points' outputs ``h`` giving the criterion per target and point.
+
+    ``h`` is [P, N, ...], ``sizes[b]`` samples for each target ``ys[b]`` in order; per target,
+    the function gives ``criterion(h[p, its samples], ys[b])`` for every point ``p``: one
+    evaluation on all points and targets for a mean
     ``CrossEntropyLoss`` (class targets, no class weights) or ``MSELoss`` (the same means,
-    summed in another order), one call per point and target for any other criterion."""
+    summed in another order), one call per point and target for any other criterion.
+    """
     tensors = all(isinstance(yb, Tensor) and yb.dim() and len(yb) == n for yb, n in zip(ys, sizes))
     y = torch.cat(ys) if tensors and len(ys) > 1 else ys[0]
 
@@ -450,34 +513,50 @@ def _point_losses(criterion: Callable[[Tensor, Tensor], Tensor], ys: list[Any], 
 
 def _planned_layers(model: nn.Module, loss_fn: LossFn, training: bool | None = None
                     ) -> list[tuple[str, nn.Module]] | None:
-    """The layers of ``model`` (in its modules' modes, or all in training mode if ``training``)
-    when it is a hook-free sequential model of sample-wise layers and ``loss_fn`` a
-    ``supervised`` loss, else None."""
-    if getattr(loss_fn, "__code__", None) is not _SUPERVISED or not _no_hooks(model):
+    """The layers of ``model`` when it and ``loss_fn`` fit the plan, else None.
+
+    The layers in their modules' modes, or all in training mode if ``training``; the plan
+    needs a hook-free sequential model of sample-wise layers and a ``supervised`` loss (a
+    :class:`analysis.core.Supervised` whose call is not overridden: the plan computes
+    ``criterion(model(x), y)`` its own way).
+    """
+    if not isinstance(loss_fn, Supervised) or type(loss_fn).__call__ is not Supervised.__call__ \
+            or not _no_hooks(model):
         return None
     return _leaves(model, training=training)
 
 
-def _criterion(loss_fn: LossFn) -> Callable[[Tensor, Tensor], Tensor]:
-    return inspect.getclosurevars(loss_fn).nonlocals["criterion"]
-
-
 def fixed_passes(model: nn.Module, loss_fn: LossFn, data: Any, batch_size_fn: BatchSizeFn | None,
                  model_mode: str) -> bool:
-    """Whether two passes of ``loss_fn(model, batch)`` over ``data`` in ``model_mode`` give the
-    same values by construction (the determinism check's verdict known): ``data`` a list or
-    tuple of batches ``(x, y, ...)`` of tensors (the same tensors on every pass, counted by the
-    default batch size); ``model`` and ``loss_fn`` those of the plan in ``model_mode`` (its
-    layers have no randomness: Dropout and BatchNorm only in eval mode), with a criterion of
-    ``DETERMINISTIC_CRITERIA`` without hooks and no in-place layer before the first Linear or
-    convolution (it would change the batch's own tensor)."""
+    """Whether two passes over ``data`` give the same losses by construction.
+
+    The determinism check's verdict is then known (``guarded(known_deterministic=...)``):
+    ``data`` is a list or tuple of batches ``(x, y, ...)`` of tensors (the same tensors on
+    every pass, counted by the default batch size); ``model`` and ``loss_fn`` are those of the
+    plan in ``model_mode`` (its layers have no randomness: Dropout and BatchNorm only in eval
+    mode), with a criterion of ``DETERMINISTIC_CRITERIA`` without hooks and no in-place layer
+    before the first Linear or convolution (it would change the batch's own tensor).
+
+    Args:
+        model: the model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: the iterable of batches.
+        batch_size_fn: the caller's ``batch_size_fn`` (only None qualifies).
+        model_mode: "eval" or "train", the mode of the passes.
+
+    Returns:
+        True when two passes give the same values; False when that is not known.
+
+    Raises:
+        ValueError: ``model_mode`` is neither "eval" nor "train".
+    """
     if batch_size_fn is not None or type(data) not in (list, tuple) \
             or not all(xy_batch(b, targets=True) for b in data):
         return False
     leaves = _planned_layers(model, loss_fn, check_model_mode(model_mode) == "train")
     if leaves is None:
         return False
-    criterion = _criterion(loss_fn)
+    criterion = loss_fn.criterion
     if type(criterion) not in DETERMINISTIC_CRITERIA or not _no_hooks(criterion):
         return False
     for _, m in leaves:
@@ -489,9 +568,17 @@ def fixed_passes(model: nn.Module, loss_fn: LossFn, data: Any, batch_size_fn: Ba
 
 
 def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> SequentialPlan | None:
-    """The plan for ``model`` and ``loss_fn`` moving ``parts`` (name -> [(j, V_j[name])]), or
-    None when they are not a hook-free sequential model of sample-wise layers and a
-    ``supervised`` loss (the caller then evaluates the points another way)."""
+    """The plan evaluating many points of ``model`` per forward, or None where none applies.
+
+    Args:
+        model: a hook-free ``nn.Sequential`` (nested ones flattened) of sample-wise layers.
+        loss_fn: a ``supervised`` loss (:class:`analysis.core.Supervised`).
+        parts: the moving tensors, name -> ``[(j, V_j[name])]``.
+
+    Returns:
+        The :class:`SequentialPlan`, or None when ``model``, ``loss_fn`` or ``parts`` do not fit
+        it (the caller then evaluates the points another way).
+    """
     leaves = _planned_layers(model, loss_fn)
     if leaves is None:
         return None
@@ -503,4 +590,4 @@ def sequential_plan(model: nn.Module, loss_fn: LossFn, parts: Parts) -> Sequenti
             return None
         i, attr = owner[name]
         layers[i].moving[attr] = _Stack.of(p)
-    return SequentialPlan(layers, _criterion(loss_fn))
+    return SequentialPlan(layers, loss_fn.criterion)

@@ -1,4 +1,8 @@
-"""1D and 2D loss surfaces: the exact full-data ``L(w + a d1 + b d2)`` on a grid (Li et al. 2018)."""
+r"""1D and 2D loss surfaces: the exact full-data $L(w + a d_1 + b d_2)$ on a grid.
+
+Li et al. 2018, Sec. 3: $f(\alpha) = L(w + \alpha d)$ along one direction and
+$f(\alpha, \beta) = L(w + \alpha d_1 + \beta d_2)$ on a plane.
+"""
 from __future__ import annotations
 
 import os
@@ -12,14 +16,27 @@ from analysis.core import (BatchSizeFn, check_model_mode, guarded, LossFn, Param
                            select_params, unwrap_compiled)
 
 from .directions import Direction, check_direction, named_targets
-from .evaluate import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
+from .points import DEFAULT_MAX_MEMORY, check_coords, evaluate_points, fmt
 from .stacked import fixed_passes
 from .results import data_probe, LineResult, PlaneResult, Progress, surface_metadata
 
 
 def moving(model: nn.Module, params: ParamSelection, direction: dict[str, Tensor], argname: str
            ) -> dict[str, Tensor]:
-    """``direction`` restricted to the parameters ``params`` selects (all of it for None)."""
+    """``direction`` restricted to the parameters ``params`` selects (all of it for None).
+
+    Args:
+        model: the model.
+        params: the parameter selection (names, tensors, a predicate or None).
+        direction: the validated direction.
+        argname: the direction's name in the error message.
+
+    Returns:
+        The entries of ``direction`` that ``params`` selects.
+
+    Raises:
+        ValueError: none of the direction's entries is selected.
+    """
     if params is None:
         return direction
     chosen = set(select_params(model, params)[0])
@@ -51,7 +68,8 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     labels = ("alpha",) if kind == "line" else ("x", "y")
 
     def describe(i: int) -> str:
-        return "grid point (" + ", ".join(f"{lab}={fmt(c)}" for lab, c in zip(labels, coords[i, 1:])) + ")"
+        named = ", ".join(f"{lab}={fmt(c)}" for lab, c in zip(labels, coords[i, 1:]))
+        return f"grid point ({named})"
 
     evaluate_points(model, loss_fn, data, [origin, *dirs], coords, store, describe,
                     model_mode=model_mode, desc=kind, **options)
@@ -65,25 +83,46 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
          path: str | os.PathLike | None = None, chunk_size: int | None = None,
          max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
          distribute: str = "data", check_deterministic: bool = True) -> LineResult:
-    """``L(w + alpha d)`` for each alpha: the exact sample-weighted mean loss over ``data``.
+    r"""$f(\alpha) = L(w + \alpha d)$ for each alpha: the exact sample-weighted mean loss.
 
-    direction: dict name -> tensor (e.g. ``random_direction``); names left out stay fixed.
-    params: only the selected parameters move (default: all the direction names).
-    model_mode: "eval" (default; BatchNorm uses running statistics) or "train".
-    path: an .npz result file written after every chunk; an existing file of the same
-        computation is resumed (finished points are not recomputed). Resuming checks the
-        directions, weights, coordinates, config, the data's sample count and first/last
-        batches and the loss at the origin (one extra pass over the data, one forward), and
-        refuses a file of another computation.
-    chunk_size, max_memory, vectorize, distribute: how points are batched and shared
-        (see ``landscape.evaluate.evaluate_points``).
-    check_deterministic: first check that two passes over ``data`` agree (two forward passes:
-        each chunk of points is one pass). Skipped where its answer is known: ``data`` a list
-        or tuple of ``(x, y, ...)`` tensor batches, the default batch sizes, and a model and
-        loss of the stacked path without randomness in ``model_mode`` (a hook-free
-        ``nn.Sequential`` of its layers and a ``supervised`` torch criterion, see
-        ``landscape.stacked.fixed_passes``).
-    The model is left unchanged.
+    Li et al. 2018, Sec. 3, at the model's weights $w$ along ``direction`` $d$, with $L$ the
+    mean of ``loss_fn`` over all samples of ``data`` (the total loss for a sum-reduced
+    ``loss_fn``). The model is left unchanged.
+
+    Args:
+        model: the model; its weights are the origin $w$.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: the iterable of batches.
+        direction: dict name -> tensor (e.g. ``random_direction``); names left out stay fixed.
+        alphas: the coordinates, a non-empty 1-D sequence of finite numbers.
+        params: only the selected parameters move (default: all the direction names).
+        model_mode: "eval" (default; BatchNorm uses running statistics) or "train".
+        batch_size_fn: the sample count of a batch (default: the leading dimension).
+        progress: show a progress bar.
+        path: an .npz result file written after every chunk; an existing file of the same
+            computation is resumed (finished points are not recomputed). Resuming checks the
+            directions, weights, coordinates, config, the data's sample count and first/last
+            batches and the loss at the origin (one extra pass over the data, one forward),
+            and refuses a file of another computation.
+        chunk_size: points per chunk (default: sized by ``max_memory``; see
+            :func:`landscape.points.evaluate_points`).
+        max_memory: bytes of weights and activations per chunk of points.
+        vectorize: "auto", True (vmap only) or False (point by point).
+        distribute: under torch.distributed, "data" (each rank a data shard) or "grid" (each
+            rank all the data and a share of the points).
+        check_deterministic: first check that two passes over ``data`` agree (two forward
+            passes: each chunk of points is one pass). Skipped where its answer is known:
+            ``data`` a list or tuple of ``(x, y, ...)`` tensor batches, the default batch
+            sizes, and a model and loss of the stacked path without randomness in
+            ``model_mode`` (a hook-free ``nn.Sequential`` of its layers and a ``supervised``
+            torch criterion, see ``landscape.stacked.fixed_passes``).
+
+    Returns:
+        The :class:`LineResult` (``losses[k]`` at ``alphas[k]``, ``n_forward``, metadata).
+
+    Raises:
+        ValueError: an invalid direction, coordinates, option or data, a non-finite loss
+            (naming the point), or a ``path`` file of another computation.
     """
     alphas = check_coords(alphas, "alphas")
     options = dict(batch_size_fn=batch_size_fn, progress=progress, chunk_size=chunk_size,
@@ -94,16 +133,43 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
 
 
 @guarded(known_deterministic=fixed_passes)
-def plane(model: nn.Module, loss_fn: LossFn, data, d1: Mapping[str, Tensor], d2: Mapping[str, Tensor],
-          xs, ys, *, params: ParamSelection = None, model_mode: str = "eval",
+def plane(model: nn.Module, loss_fn: LossFn, data, d1: Mapping[str, Tensor],
+          d2: Mapping[str, Tensor], xs, ys, *, params: ParamSelection = None,
+          model_mode: str = "eval",
           batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
           path: str | os.PathLike | None = None, chunk_size: int | None = None,
           max_memory: int = DEFAULT_MAX_MEMORY, vectorize: bool | str = "auto",
           distribute: str = "data", check_deterministic: bool = True) -> PlaneResult:
-    """``L(w + x d1 + y d2)`` on the grid ``xs`` x ``ys``; ``losses[i, j]`` is at ``(xs[j], ys[i])``.
+    r"""$f(x, y) = L(w + x d_1 + y d_2)$ on the grid ``xs`` x ``ys`` (Li et al. 2018, Sec. 3).
 
-    Same keywords as :func:`line`. Under torch.distributed, ``distribute="grid"`` splits the
-    grid points across ranks (each rank holding all the data); the default splits the data.
+    ``losses[i, j]`` is at ``(xs[j], ys[i])``. Under torch.distributed,
+    ``distribute="grid"`` splits the grid points across ranks (each rank holding all the
+    data); the default splits the data. The model is left unchanged.
+
+    Args:
+        model: the model; its weights are the origin $w$.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: the iterable of batches.
+        d1: the first direction (the x axis), dict name -> tensor.
+        d2: the second direction (the y axis).
+        xs: the x coordinates, a non-empty 1-D sequence of finite numbers.
+        ys: the y coordinates, the same.
+        params: only the selected parameters move (default: all the directions' names).
+        model_mode: "eval" (default) or "train".
+        batch_size_fn: the sample count of a batch (default: the leading dimension).
+        progress: show a progress bar.
+        path: an .npz result file, resumed as in :func:`line`.
+        chunk_size: points per chunk, as in :func:`line`.
+        max_memory: bytes of weights and activations per chunk of points.
+        vectorize: "auto", True (vmap only) or False (point by point).
+        distribute: "data" or "grid", as in :func:`line`.
+        check_deterministic: as in :func:`line`.
+
+    Returns:
+        The :class:`PlaneResult`, ``losses`` of shape ``[len(ys), len(xs)]``.
+
+    Raises:
+        ValueError: as :func:`line`.
     """
     xs, ys = check_coords(xs, "xs"), check_coords(ys, "ys")
     options = dict(batch_size_fn=batch_size_fn, progress=progress, chunk_size=chunk_size,

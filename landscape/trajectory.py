@@ -20,12 +20,18 @@ METHODS = ("auto", "svd", "gram")
 @register_result
 @dataclass
 class PCAResult:
-    """Top principal directions of a trajectory (unit norm, orthogonal) and the path on them.
+    r"""Top principal directions of a trajectory (unit norm, orthogonal) and the path on them.
 
-    coords[t] are the coordinates of checkpoint t on the directions, relative to the model's
-    weights (the origin of a ``plane`` along these directions). Iterating yields directions,
-    so ``d1, d2 = pca_directions(...)`` works. ``directions`` are :class:`Direction` dicts of
-    torch tensors (to pass to ``plane``); ``n_forward`` is 0 (PCA evaluates no loss).
+    Iterating yields directions, so ``d1, d2 = pca_directions(...)`` works.
+
+    Attributes:
+        directions: :class:`Direction` dicts of torch tensors (to pass to ``plane``).
+        explained_variance: $\sigma_k^2 / (T - 1)$ per direction, as in sklearn's PCA.
+        explained_variance_ratio: its share of the total over all $T - 1$ components.
+        coords: [T, n]; ``coords[t]`` are the coordinates of checkpoint t on the directions,
+            relative to the model's weights (the origin of a ``plane`` along them).
+        n_forward: 0 (PCA evaluates no loss).
+        metadata: seed, config and versions (``analysis.core.records_metadata``).
     """
     directions: list[Direction]
     explained_variance: np.ndarray
@@ -53,15 +59,19 @@ def _matrix(trajectory: Sequence, model: nn.Module, names: list[str], like: list
 
 
 def _mask(names: list[str], like: list[Tensor], ignore_bias_bn: bool) -> Tensor:
+    """1 for each flat entry the PCA sees, 0 for the 1-D tensors' with ``ignore_bias_bn``."""
     return flatten([torch.full((t.numel(),), float(not (ignore_bias_bn and t.dim() <= 1)),
                                dtype=torch.float64, device=t.device) for t in like])
 
 
 def _check_moves(var: Tensor, n: int, theta: Tensor) -> None:
-    """Refuse a trajectory that moves in fewer than ``n`` directions. A component carries no
+    """Refuse a trajectory that moves in fewer than ``n`` directions.
+
+    A component carries no
     direction (its vector would be rounding noise) when its variance ``sigma^2`` is below
     the rounding level of the centring, ``(10 eps sqrt(T P) max |theta|)^2``, or of the Gram
-    eigenvalues, ``10 T eps sigma_1^2`` (the same rule for both methods)."""
+    eigenvalues, ``10 T eps sigma_1^2`` (the same rule for both methods).
+    """
     T, P = theta.shape
     eps = torch.finfo(theta.dtype).eps
     floor = max((10 * eps * math.sqrt(T * P) * float(theta.abs().max())) ** 2,
@@ -79,14 +89,39 @@ def _check_moves(var: Tensor, n: int, theta: Tensor) -> None:
 def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
                    params: ParamSelection = None, ignore_bias_bn: bool = False,
                    method: str = "auto") -> PCAResult:
-    """The ``n`` principal directions of the checkpoints ``trajectory`` around their mean.
+    r"""The ``n`` principal directions of the checkpoints ``trajectory`` around their mean.
 
-    trajectory: a list of state_dicts or checkpoint paths (loaded with weights_only=True).
-    method: "svd" of the centred [T, P] matrix M, or "gram": eigendecomposition of the T x T
-        matrix M M^T with directions M^T u / sigma (cheaper when T << P); "auto" picks "gram"
-        when T < P. explained_variance = sigma^2 / (T - 1) as in sklearn's PCA; its ratio is
-        over all T - 1 components. ignore_bias_bn: zero the 1-D tensors' entries first.
-    The sign of each direction makes its largest-magnitude entry positive.
+    Li et al. 2018, Sec. 7: the rows of the centred matrix $M = [\theta_t - \bar\theta]_t$
+    ([T, P]) are decomposed, $M = U \Sigma V^\top$, and the directions are the first ``n``
+    rows of $V^\top$, with explained variance $\sigma_k^2 / (T - 1)$ (sklearn's convention;
+    its ratio is over all $T - 1$ components). The sign of each direction makes its
+    largest-magnitude entry positive.
+
+    ``ignore_bias_bn`` defaults to False, unlike :func:`landscape.random_direction`'s True (fixed
+    by the API contract): Li et al.'s trajectory code also includes the 1-D tensors unless
+    asked (``--ignore biasbn``), the directions then follow the whole trajectory, and
+    switching the default would silently change the directions of every existing call.
+    Pass ``ignore_bias_bn=True`` to leave biases and BatchNorm out, as Li et al.'s random
+    directions do.
+
+    Args:
+        trajectory: a list of state_dicts or checkpoint paths (loaded with weights_only=True).
+        model: a model of their architecture; its weights are the origin of ``coords``.
+        n: the number of directions, at most ``len(trajectory) - 1`` and the number of
+            parameters.
+        params: the parameters the directions cover (default: all with requires_grad).
+        ignore_bias_bn: zero the 1-D tensors' (biases', BatchNorm's) entries first.
+        method: "svd" of $M$, or "gram": eigendecomposition of the T x T matrix $M M^\top$
+            with directions $M^\top u / \sigma$ (cheaper when T << P); "auto" picks "gram"
+            when T < P.
+
+    Returns:
+        The :class:`PCAResult`.
+
+    Raises:
+        ValueError: an empty trajectory, a checkpoint that lacks a tensor, ``n`` outside its
+            range, a trajectory that moves in fewer than ``n`` directions (up to rounding), or
+            an unknown ``method``.
     """
     check_choice("method", method, METHODS)
     ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
@@ -113,8 +148,8 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
     dirs = []
     for k, v in enumerate(vecs):
         parts = torch.split(v, [t.numel() for t in like])
-        dirs.append(Direction({name: c.reshape(t.shape).to(t) for name, c, t in zip(names, parts, like)},
-                              {"kind": "pca", "index": k}))
+        tensors = {name: c.reshape(t.shape).to(t) for name, c, t in zip(names, parts, like)}
+        dirs.append(Direction(tensors, {"kind": "pca", "index": k}))
     total = float(var.sum())
     explained = (var[:n] / (T - 1)).cpu().numpy()
     ratio = (var[:n] / total).cpu().numpy() if total > 0 else np.zeros(n)
@@ -123,10 +158,21 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
 
 def project_trajectory(trajectory: Sequence, model: nn.Module,
                        directions: Sequence[Mapping[str, Tensor]]) -> np.ndarray:
-    """Coordinates [T, k] of each checkpoint minus the model's weights on ``directions``.
+    r"""Coordinates [T, k] of each checkpoint minus the model's weights on ``directions``.
 
-    Least squares ``argmin_c || theta_t - w - sum_k c_k d_k ||`` (exact projection also for
-    directions that are not orthogonal, e.g. two random ones).
+    The least-squares coordinates $c_t = \arg\min_c \|\theta_t - w - \sum_k c_k d_k\|$
+    (the exact projection also for directions that are not orthogonal, e.g. two random ones).
+
+    Args:
+        trajectory: a list of state_dicts or checkpoint paths.
+        model: a model of their architecture; its weights are the origin $w$.
+        directions: the directions $d_k$ (dicts name -> tensor).
+
+    Returns:
+        The coordinates, a [T, k] numpy array.
+
+    Raises:
+        ValueError: an invalid direction, or a checkpoint that lacks a tensor.
     """
     dirs = [check_direction(model, d, f"directions[{k}]") for k, d in enumerate(directions)]
     names = list(dict.fromkeys(n for d in dirs for n in d))

@@ -2,9 +2,12 @@
 
 Modules, each holding one piece of the protocol:
 
-* ``protocol``: the loss/data protocol: ``LossFn``, ``supervised``, ``split_loss``,
-  ``loss_reduction``, ``default_batch_size``, ``check_data``, ``check_loss``, ``data_mean``
-  (the one sample-weighted reduction), ``scalar_zeros`` and ``mean_loss``.
+* ``protocol``: the loss/data protocol: ``LossFn``, ``supervised`` (which makes a
+  ``Supervised`` loss), ``split_loss``, ``loss_reduction``, ``default_batch_size``,
+  ``check_data``, ``check_loss``, ``data_mean`` (the one sample-weighted reduction),
+  ``scalar_zeros`` and ``mean_loss``.
+* ``loss_module``: ``LossModule``, ``loss_fn(model, batch)`` as a module for
+  ``torch.func.functional_call`` (the model's tensors swapped for the whole loss).
 * ``guards``: ``guarded``, the decorator of every public data routine (deterministic data,
   arguments that agree between ranks), ``is_guarded`` and ``repeated_passes``.
 * ``params``: ``select_params``, the ``params=`` argument of every routine.
@@ -25,11 +28,12 @@ from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, ch
                           fingerprint, is_distributed, rank, world_size)
 from .guards import guarded, is_guarded, repeated_passes
 from .flat import flatten, numel, unflatten
+from .loss_module import LossModule
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
                        data_mean, default_batch_size, loss_reduction, mean_loss, scalar_zeros,
-                       split_loss, supervised, to_device)
+                       split_loss, Supervised, supervised, to_device)
 from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
@@ -40,9 +44,11 @@ from .validation import (ArgumentTypeError, all_finite, check_bool, check_choice
 
 __all__ = [
     # protocol
-    "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "supervised", "split_loss",
-    "loss_reduction", "default_batch_size", "check_data", "check_loss", "data_mean",
-    "scalar_zeros", "mean_loss", "to_device",
+    "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "Supervised", "supervised",
+    "split_loss", "loss_reduction", "default_batch_size", "check_data", "check_loss",
+    "data_mean", "scalar_zeros", "mean_loss", "to_device",
+    # loss_module
+    "LossModule",
     # guards
     "guarded", "is_guarded", "repeated_passes",
     # params

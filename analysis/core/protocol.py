@@ -69,33 +69,81 @@ def loss_reduction(loss_fn: Callable) -> str:
     return check_choice("loss_fn.reduction", getattr(loss_fn, "reduction", "mean"), REDUCTIONS)
 
 
-def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> LossFn:
+class Supervised:
+    """``loss_fn(model, batch) = criterion(model(batch[0]), batch[1])``: a supervised loss.
+
+    Made by :func:`supervised`; code that needs the criterion (the stacked landscape path, the
+    Fisher's likelihood) recognises it with ``isinstance(loss_fn, Supervised)`` and reads
+    ``loss_fn.criterion``.
+
+    Attributes:
+        criterion: the ``criterion(outputs, targets)`` it wraps.
+        reduction: ``criterion.reduction`` ("mean" when absent), "mean" or "sum".
+        split: ``(forward, criterion)`` as :func:`split_loss` declares them: ``forward(model,
+            batch)`` returns the model's output, and the criterion moves the targets to the
+            output's device.
+    """
+
+    def __init__(self, criterion: Callable[[Tensor, Tensor], Tensor]):
+        """Wrap ``criterion``; see :func:`supervised` for the arguments and errors."""
+        reduction = getattr(criterion, "reduction", "mean")
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"criterion.reduction must be one of 'mean', 'sum' (loss_fn returns "
+                             f"a scalar), got {reduction!r}")
+        self.criterion = criterion
+        self.reduction = reduction
+        self.split = (self.outputs, self.on_targets)
+
+    @staticmethod
+    def _moved(model: nn.Module, x: Any) -> Any:
+        return to_device(x, model_device(model))
+
+    def __call__(self, model: nn.Module, batch: Any) -> Tensor:
+        """The criterion on ``model``'s outputs for ``batch[0]`` and the targets ``batch[1]``.
+
+        Args:
+            model: the model; the batch's tensors are moved to its device.
+            batch: ``(inputs, targets, ...)``.
+
+        Returns:
+            The criterion's value (a scalar for a "mean" or "sum" reduction).
+        """
+        return self.criterion(model(self._moved(model, batch[0])), self._moved(model, batch[1]))
+
+    def outputs(self, model: nn.Module, batch: Any) -> Tensor:
+        """``model(batch[0])``, the inputs moved to the model's device (``split[0]``)."""
+        return model(self._moved(model, batch[0]))
+
+    def on_targets(self, outputs: Tensor, batch: Any) -> Tensor:
+        """The criterion on ``outputs`` and ``batch[1]`` moved to their device (``split[1]``)."""
+        return self.criterion(outputs, to_device(batch[1], outputs.device))
+
+    def __repr__(self) -> str:
+        """``supervised(<criterion>)``."""
+        return f"supervised({self.criterion!r})"
+
+
+def supervised(criterion: Callable[[Tensor, Tensor], Tensor]) -> Supervised:
     """Adapt ``criterion(outputs, targets)`` to the ``loss_fn(model, batch)`` protocol.
 
     ``batch`` is ``(inputs, targets, ...)``; tensors are moved to the model's device. The
-    result carries ``.criterion`` and the ``.split`` of :func:`split_loss` (whose criterion
-    moves the targets to the output's device), and ``criterion.reduction`` ("mean" when
-    absent): with "sum", e.g. ``nn.CrossEntropyLoss(reduction="sum")``, every routine computes
-    the quantities of the total loss; "none" is refused (the protocol needs a scalar).
+    result, a :class:`Supervised`, carries ``.criterion``, ``.reduction`` and the ``.split`` of
+    :func:`split_loss` (whose criterion moves the targets to the output's device). With
+    ``reduction="sum"``, e.g. ``nn.CrossEntropyLoss(reduction="sum")``, every routine computes
+    the quantities of the total loss.
+
+    Args:
+        criterion: ``criterion(outputs, targets) -> Tensor``, e.g. ``nn.CrossEntropyLoss()``;
+            its ``reduction`` attribute ("mean" when absent) is the loss's.
+
+    Returns:
+        The loss function ``loss_fn(model, batch) = criterion(model(batch[0]), batch[1])``.
+
+    Raises:
+        ValueError: ``criterion.reduction`` is neither "mean" nor "sum" ("none" is refused:
+            the protocol needs a scalar).
     """
-    reduction = getattr(criterion, "reduction", "mean")
-    if reduction not in REDUCTIONS:
-        raise ValueError(f"criterion.reduction must be one of 'mean', 'sum' (loss_fn returns a "
-                         f"scalar), got {reduction!r}")
-
-    def moved(model: nn.Module, x: Any) -> Any:
-        return to_device(x, model_device(model))
-
-    def loss_fn(model: nn.Module, batch: Any) -> Tensor:
-        return criterion(model(moved(model, batch[0])), moved(model, batch[1]))
-
-    def on_targets(outputs: Tensor, batch: Any) -> Tensor:
-        return criterion(outputs, to_device(batch[1], outputs.device))
-
-    loss_fn.split = (lambda model, batch: model(moved(model, batch[0])), on_targets)
-    loss_fn.criterion = criterion
-    loss_fn.reduction = reduction
-    return loss_fn
+    return Supervised(criterion)
 
 
 def _tensors(batch: Any) -> Iterator[Tensor]:

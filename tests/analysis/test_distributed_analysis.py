@@ -15,7 +15,7 @@ from analysis import (average_sharpness, evaluate, FisherOperator, full_grad_nor
                       HessianOperator, hessian_trace, mean_loss, spectral_density, supervised,
                       top_eigenvalues, worst_case_sharpness)
 from landscape import line, plane, random_direction
-from landscape.evaluate import _activation_bytes
+from landscape.points import _activation_bytes
 from tests.oracles import classification_data, cnn_bn, uneven_batches
 
 SIZES = (7, 3, 9, 4)

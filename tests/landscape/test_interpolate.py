@@ -51,8 +51,8 @@ def test_endpoints_and_interpolated_batchnorm_buffers(tmp_path):
     assert res.losses[2] == pytest.approx(mean_loss(b.eval(), CE, data), rel=1e-13)
     mid = copy.deepcopy(a)
     sd_a, sd_b = a.state_dict(), b.state_dict()
-    mid.load_state_dict({k: 0.5 * sd_a[k] + 0.5 * sd_b[k] if sd_a[k].is_floating_point() else sd_a[k]
-                         for k in sd_a})
+    mid.load_state_dict({k: 0.5 * sd_a[k] + 0.5 * sd_b[k] if sd_a[k].is_floating_point()
+                         else sd_a[k] for k in sd_a})
     assert res.losses[1] == pytest.approx(mean_loss(mid.eval(), CE, data), rel=1e-12)
     fixed = interpolate(a, b, CE, data, [0.5], buffers=False, progress=False)
     with torch.no_grad():

@@ -75,7 +75,8 @@ def test_results_roundtrip_with_provenance(tmp_path):
     assert len(meta["directions_hash"]) == 64 and meta["config"]["model_mode"] == "eval"
     assert set(meta["versions"]) == {"torch", "numpy", "sharpscape"}
     other = mlp(seed=3)
-    inter = interpolate(model, other, CE, data, [0.25, 0.75], path=tmp_path / "i.npz", progress=False)
+    inter = interpolate(model, other, CE, data, [0.25, 0.75], path=tmp_path / "i.npz",
+                        progress=False)
     back = load_result(tmp_path / "i.npz")
     np.testing.assert_array_equal(back.alphas, [0.25, 0.75])
     np.testing.assert_array_equal(back.losses, inter.losses)
@@ -205,5 +206,6 @@ def test_direction_hashes_keep_their_byte_layout():
     vectors = [{"w": torch.arange(6.0).view(2, 3).T, "b": torch.tensor([1.5], dtype=torch.float16)},
                {"s": torch.tensor(2.0, dtype=torch.float64)}]
     layout = (b"|b:(1,);" + np.array([1.5]).tobytes() + b"w:(3, 2);"
-              + np.arange(6.0).reshape(2, 3).T.copy().tobytes() + b"|s:();" + np.array(2.0).tobytes())
+              + np.arange(6.0).reshape(2, 3).T.copy().tobytes() + b"|s:();"
+              + np.array(2.0).tobytes())
     assert tensors_hash(vectors) == hashlib.sha256(layout).hexdigest()

@@ -1,4 +1,5 @@
-"""line/plane: exact values on a quadratic, curvature d'Hd, vmap == loop, errors, model unchanged."""
+"""line/plane: exact values on a quadratic, curvature d'Hd, vmap == loop, errors, model
+unchanged."""
 import numpy as np
 import pytest
 import torch
@@ -6,8 +7,8 @@ from torch import nn
 
 from analysis import mean_loss, supervised
 from landscape import line, plane, random_direction
-from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp, snapshot,
-                     uneven_batches)
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp,
+                           snapshot, uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 
@@ -107,7 +108,7 @@ def test_vmap_path_equals_loop_path_and_model_unchanged(make, mode):
 def test_cpu_auto_vmaps_small_work_and_loops_large(recwarn):
     """On a CPU, "auto" tries vmap only when MIN_CPU_CHUNK points fit the per-tensor budget; a
     loss that cannot be vmapped (``.item()``) shows which path was tried: the fallback warns."""
-    from landscape import evaluate
+    from landscape import points as evaluate
 
     model = mlp()
     d1 = random_direction(model, seed=1)
@@ -135,7 +136,8 @@ def test_cpu_auto_vmaps_small_work_and_loops_large(recwarn):
 def test_direction_subset_and_buffer_keys():
     model = cnn_bn()
     x, y = classification_data(n=10, d=12)
-    d = {"fc.weight": torch.ones_like(model.fc.weight), "bn.running_mean": torch.ones(3, dtype=torch.float64)}
+    d = {"fc.weight": torch.ones_like(model.fc.weight),
+         "bn.running_mean": torch.ones(3, dtype=torch.float64)}
     res = line(model, CE, [(x, y)], d, [0.1], progress=False)
     import copy
     ref = copy.deepcopy(model).eval()
@@ -190,7 +192,7 @@ def test_filter_normalised_line_is_invariant_to_relu_rescaling():
     alphas = np.linspace(-1, 1, 5)
     curves = {}
     for norm in ("filter", "none"):
-        curves[norm] = [line(m, ce, data, random_direction(m, norm, seed=3), alphas, progress=False).losses
-                        for m in (model, scaled)]
+        curves[norm] = [line(m, ce, data, random_direction(m, norm, seed=3), alphas,
+                             progress=False).losses for m in (model, scaled)]
     np.testing.assert_allclose(curves["filter"][0], curves["filter"][1], rtol=1e-12)
     assert np.abs(curves["none"][0] - curves["none"][1]).max() > 1e-3
