@@ -67,7 +67,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from analysis import (FisherOperator, GGNOperator, HessianOperator,  # noqa: E402
                       hessian_trace, mnist1d, supervised, top_eigenvalues)
 from analysis.lanczos import default_max_basis  # noqa: E402
-from harness import (CACHE, Recorder, best_wall, fresh_process, interleaved, parse,  # noqa: E402
+from harness import (CACHE, Clock, Recorder, best_wall, fresh_process, interleaved, parse,  # noqa: E402
                      parser, rss_peak, timed, torch_peak)
 
 CRITERION = nn.CrossEntropyLoss()
@@ -262,16 +262,21 @@ MEMORY_CASES = {"reverse-float32": ("reverse", torch.float32),
                 "reverse-float64": ("reverse", torch.float64)}
 
 
+def tanh_mlp(n_params: int) -> nn.Module:
+    """An MLP 1000-w-w-10 (Tanh) of about ``n_params`` parameters, seeded."""
+    torch.manual_seed(0)
+    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)  # w^2 + 1010 w = n
+    return nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, 10))
+
+
 def peak_lanczos_memory(n_params: int, k: int) -> dict:
     """Peak memory of ``top_eigenvalues`` beyond the model and data, in vectors of ``n_params``
     float32 elements, on an MLP 1000-w-w-10 (Tanh) of about ``n_params``: the process's
     resident high-water mark on the first call, the torch allocations' peak on a second. One
     HVP of the model and one ``top_eigenvalues`` of a small model come first, so that one-time
     costs (code pages faulted in, library workspaces) are not counted."""
-    torch.manual_seed(0)
-    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)  # w^2 + 1010 w = n
-    model = nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                          nn.Linear(width, 10))
+    model = tanh_mlp(n_params)
     x, y = torch.randn(64, 1000), torch.randint(0, 10, (64,))
     n = sum(p.numel() for p in model.parameters())
     HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(torch.randn(n))  # warm-up
@@ -300,11 +305,7 @@ def basis_device_check(device: torch.device, n_params: int, k: int = 5) -> dict:
     eigenvalues, products, seconds and, on a GPU, the peak GPU memory beyond the model and data
     in parameter-sized vectors."""
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    torch.manual_seed(0)
-    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)
-    model = nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                          nn.Linear(width, 10)).float().to(device)
+    model = tanh_mlp(n_params).float().to(device)
     x = torch.randn(64, 1000, dtype=torch.float32).to(device)
     y = torch.randint(0, 10, (64,)).to(device)
     n = sum(p.numel() for p in model.parameters())
@@ -313,16 +314,15 @@ def basis_device_check(device: torch.device, n_params: int, k: int = 5) -> dict:
     max_basis = default_max_basis(n, k, 1, torch.float32)
     out = {"n_params": n, "k": k, "max_basis": max_basis}
     for label, where in (("basis_on_device", None), ("basis_on_cpu", "cpu")):
-        sync()
         if cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if cuda else 0
-        t0 = time.perf_counter()
-        r = top_eigenvalues(model, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=max_basis + 8,
-                            basis_device=where, progress=False)
-        sync()
+        with Clock.for_device(device) as clock:
+            r = top_eigenvalues(model, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=max_basis + 8,
+                                basis_device=where, progress=False)
         out[label] = {"eigenvalues": np.asarray(r.eigenvalues).tolist(), "n_hvp": r.n_hvp,
-                      "seconds": time.perf_counter() - t0,
+                      "seconds": clock.wall,
                       "peak_gpu_vectors": ((torch.cuda.max_memory_allocated() - base) / (4 * n)
                                            if cuda else None)}
         del r
