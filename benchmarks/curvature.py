@@ -388,7 +388,7 @@ def memory_section(cases: list[str], repeats: int = 3) -> dict:
     return out
 
 
-# -- GGN and Fisher rows (curvatures issue) --------------------------------------------------
+# -- GGN and Fisher rows ------------------------------------------------------------------------
 def exact_ggn_spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> dict:
     """Top-5 eigenvalues of the GGN and of the empirical Fisher, from explicit matrices.
 

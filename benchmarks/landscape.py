@@ -17,7 +17,7 @@ is the sample-weighted mean of its ``Loss`` over the batches.
 preallocated outputs, weights fixed): what any evaluation at identical values must at least do,
 except for the first layer, which ours computes once per batch for the whole grid.
 
-Targets (issue 16): never slower than the peer; on the CPU at least 2x faster at 32 samples and
+Targets: never slower than the peer; on the CPU at least 2x faster at 32 samples and
 within 1.15x of bare at 4000 samples; on CUDA (``--device cuda``: models and data on the GPU, our
 grid in batches of points, every timed block between two ``torch.cuda.synchronize()``) at least
 5x faster than the peer at 4000 samples.
