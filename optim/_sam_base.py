@@ -1,14 +1,20 @@
-"""The two-pass step of the SAM family (SAM, WSAM, AdaSAM) and the building blocks SALA shares with it.
+r"""Base class of the SAM family (SAM, WSAM, AdaSAM) and the building blocks SALA shares with it.
 
-``TwoPassOptimizer.step(closure)`` runs, for Foret et al.'s eq. (2) and its variants:
+:class:`TwoPassOptimizer` runs the two passes of Foret et al. (2021), eq. (2), and its variants:
 
-    phase READY:      g = grad L(w)                   (pass 1; under DDP inside ``model.no_sync()``)
-    first_step():     e = rho * g / (||g||_2 + 1e-12)  (ASAM: rho * w^2 g / (|| |w| g || + 1e-12))
-                      w <- w + e; BatchNorm statistics frozen          -> phase PERTURBED
-    pass 2:           g~ = grad L(w + e)
-    second_step():    w <- w (copied back exactly); the subclass's update with g~ (and g) -> phase READY
+$$
+\begin{aligned}
+&\text{READY:} && g = \nabla L_B(w) \quad\text{(pass 1; under DDP inside model.no\_sync())}\\
+&\text{first\_step():} && e = \rho\, g / (\lVert g \rVert_2 + 10^{-12}),\quad w \leftarrow w + e
+  \quad\text{(BatchNorm statistics frozen; PERTURBED)}\\
+&\text{pass 2:} && \tilde g = \nabla L_B(w + e)\\
+&\text{second\_step():} && w \leftarrow w \text{ (copied back exactly)};
+  \text{ the subclass's update with } \tilde g \text{ (and } g\text{); READY}
+\end{aligned}
+$$
 
-The phase is a named attribute (``Phase``) saved in ``state_dict()``. With a ``torch.amp.GradScaler``
+(ASAM: $e = \rho\, w^2 g / (\lVert |w| g \rVert_2 + 10^{-12})$.) The phase is a named attribute
+(:class:`Phase`) saved in ``state_dict()``. With a ``torch.amp.GradScaler``
 (``scaler.step(opt, closure)`` or ``opt.step(closure, grad_scaler=scaler)``, the closure calling
 ``scaler.scale(loss).backward()``), each pass's gradients are unscaled before use and the step is
 skipped when either pass has inf/NaN, which ``scaler.update()`` then sees.
@@ -18,32 +24,32 @@ from __future__ import annotations
 import contextlib
 import enum
 import weakref
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
-from torch.optim import Optimizer
 
+from ._base import Closure, CountingOptimizer, grouped, state_dtype
 from ._validation import check_model
-from .wrapper import Closure, CountingOptimizer, state_dtype
 
 SAM_EPS = 1e-12  # added to the norm in e = rho * g / (||g|| + eps), as in the authors' code
 
 
-def grouped(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
-    """Equal-length tensor lists split into runs on one device and dtype (for ``torch._foreach_*``)."""
-    if not tensor_lists[0]:
-        return
-    for lists, _ in Optimizer._group_tensors_by_device_and_dtype(list(tensor_lists)).values():
-        yield tuple(lists)
+def perturbation_norm(params: Sequence[Tensor],
+                      adaptive: Sequence[bool] | None = None) -> Tensor:
+    r"""The norm of SAM's ascent, $\lVert \mathrm{concat}_p\, a_p \odot g_p \rVert_2$.
 
+    Args:
+        params: Parameters that all have a gradient $g_p$.
+        adaptive: Per parameter, whether $a_p = |w_p|$ (ASAM) instead of 1.
 
-def perturbation_norm(params: Sequence[Tensor], adaptive: Sequence[bool] | None = None) -> Tensor:
-    """|| concat_p (|w_p| if adaptive_p else 1) * grad_p ||_2 over all ``params`` (all have a grad),
-    each tensor's norm accumulated in float32 or better; on the first parameter's device."""
+    Returns:
+        The norm as a 0-d tensor on the first parameter's device, each tensor's norm
+        accumulated in float32 or better.
+    """
     adaptive = adaptive or [False] * len(params)
     norms = []
     for p, ada in zip(params, adaptive):
@@ -60,6 +66,9 @@ class BatchNormFreeze:
     ``freeze()`` sets momentum to 0 (running mean/var then stay bitwise equal, also for
     ``momentum=None``) and remembers ``num_batches_tracked``; ``restore()`` puts both back.
     Without a model both are no-ops.
+
+    Args:
+        model: The model, or None.
     """
 
     def __init__(self, model: nn.Module | None):
@@ -67,6 +76,7 @@ class BatchNormFreeze:
         self._saved: list[tuple[_BatchNorm, float | None, Tensor | None]] = []
 
     def freeze(self) -> None:
+        """Set every BatchNorm layer's momentum to 0, remembering what to restore."""
         if self.model is None or self._saved:
             return
         for m in self.model.modules():
@@ -76,6 +86,7 @@ class BatchNormFreeze:
                 m.momentum = 0.0
 
     def restore(self) -> None:
+        """Put back the momentum and ``num_batches_tracked`` that ``freeze`` found."""
         for m, momentum, tracked in self._saved:
             m.momentum = momentum
             if tracked is not None:
@@ -84,6 +95,7 @@ class BatchNormFreeze:
 
 
 def is_ddp(model: nn.Module | None) -> bool:
+    """Whether ``model`` is wrapped in ``DistributedDataParallel``."""
     return isinstance(model, DistributedDataParallel)
 
 
@@ -93,11 +105,12 @@ def first_pass(model: nn.Module | None) -> contextlib.AbstractContextManager:
 
 
 def is_distributed() -> bool:
+    """Whether a process group of more than one rank is initialised."""
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
 
 
 def all_reduce_mean_(tensors: list[Tensor]) -> None:
-    """Average ``tensors`` over ranks in place (one collective per tensor); no-op without a group."""
+    """Average ``tensors`` over ranks in place (one collective per tensor); no-op alone."""
     if not is_distributed():
         return
     world = dist.get_world_size()
@@ -107,7 +120,7 @@ def all_reduce_mean_(tensors: list[Tensor]) -> None:
 
 
 def ascend_(params: list[Tensor], steps: list[Tensor], factor: Tensor) -> None:
-    """w <- w + factor * step for each parameter (multi-tensor per device and dtype)."""
+    """Add ``factor * step`` to each parameter (multi-tensor per device and dtype)."""
     for ps, ss in grouped(params, steps):
         torch._foreach_add_(ps, torch._foreach_mul(ss, factor.to(ps[0])))
 
@@ -115,18 +128,26 @@ def ascend_(params: list[Tensor], steps: list[Tensor], factor: Tensor) -> None:
 class GradGuard:
     """Detects gradients that were already accumulated when ``step(closure)`` was entered.
 
-    ``remember(params)`` notes the gradients a step leaves; ``check(params)`` raises when a parameter
-    holds another gradient, or one changed in place since, that is not all zeros (a ``backward()``
-    before ``step(closure)`` would otherwise be added to the first pass's gradient).
+    ``remember(params)`` notes the gradients a step leaves; ``check(params)`` raises when a
+    parameter holds another gradient, or one changed in place since, that is not all zeros (a
+    ``backward()`` before ``step(closure)`` would otherwise be added to the first pass's).
     """
 
     def __init__(self) -> None:
         self._left: dict[int, tuple[weakref.ref, int]] = {}
 
     def remember(self, params: list[Tensor]) -> None:
-        self._left = {id(p): (weakref.ref(p.grad), p.grad._version) for p in params if p.grad is not None}
+        """Note the gradients ``params`` hold now."""
+        self._left = {id(p): (weakref.ref(p.grad), p.grad._version)
+                      for p in params if p.grad is not None}
 
     def check(self, owner: str, params: list[Tensor]) -> None:
+        """Raise ``RuntimeError`` if a nonzero gradient appeared since ``remember``.
+
+        Args:
+            owner: The optimizer's class name, for the message.
+            params: The parameters to check.
+        """
         foreign = []
         for p in params:
             if p.grad is None:
@@ -135,18 +156,25 @@ class GradGuard:
             if ref is None or ref() is not p.grad or p.grad._version != version:
                 foreign.append(p.grad)
         if foreign and any(bool(g.any()) for g in foreign):
-            raise RuntimeError(f"{owner}.step(closure) found gradients already accumulated: the closure computes "
-                               "them itself. Do not call backward() before step(closure) (with a torch.amp.GradScaler: "
-                               "opt.step(closure, grad_scaler=scaler), then scaler.update()), and clear the "
-                               "gradients (opt.zero_grad()) at the start of the closure")
+            raise RuntimeError(
+                f"{owner}.step(closure) found gradients already accumulated: the closure "
+                "computes them itself. Do not call backward() before step(closure) (with a "
+                "torch.amp.GradScaler: opt.step(closure, grad_scaler=scaler), then "
+                "scaler.update()), and clear the gradients (opt.zero_grad()) at the start of "
+                "the closure")
 
 
 def unscale_(params: list[Tensor], inv_scale: float) -> bool:
-    """grad <- grad * inv_scale in place; True when every gradient is finite (agreed over ranks)."""
+    """Multiply every gradient by ``inv_scale`` in place.
+
+    Returns:
+        True when every gradient is finite (agreed over ranks).
+    """
     found = []
     for (gs,) in grouped([p.grad for p in params]):
         found_inf = torch.zeros((), dtype=torch.float32, device=gs[0].device)
-        torch._amp_foreach_non_finite_check_and_unscale_(gs, found_inf, torch.full_like(found_inf, inv_scale))
+        torch._amp_foreach_non_finite_check_and_unscale_(
+            gs, found_inf, torch.full_like(found_inf, inv_scale))
         found.append(found_inf.cpu() if is_distributed() else found_inf)
     total = torch.stack(found).sum() if found else torch.zeros(())
     if is_distributed():
@@ -156,21 +184,24 @@ def unscale_(params: list[Tensor], inv_scale: float) -> bool:
 
 class Phase(str, enum.Enum):
     """Where a two-pass step stands: READY for the plain gradient, PERTURBED at w + e."""
+
     READY = "ready"
     PERTURBED = "perturbed"
 
 
 class TwoPassOptimizer(CountingOptimizer):
-    """Base class of the SAM family: the two-pass ``step(closure)`` and the ascent / restore steps.
+    """Base class of the SAM family: the two-pass ``step(closure)``, the ascent and the restore.
 
-    Subclasses call ``_set_model(model)``, name their group keys for the radius and the adaptive flag
-    (``_rho_key``, ``_adaptive_key``; ``None`` for "never adaptive"), and implement ``_update(perturbed)``
-    (the step from w with the gradient at w + e); ``_store_plain(params)`` may keep the plain gradient.
-    ``state[p]["origin"]`` holds the weights a step started from, copied back exactly.
+    Subclasses call ``_set_model(model)``, name their group keys for the radius and the adaptive
+    flag (``_rho_key``, ``_adaptive_key``; ``None`` for "never adaptive"), and implement
+    ``_update(perturbed)`` (the step from w with the gradient at w + e); ``_store_plain(params)``
+    may keep the plain gradient. ``state[p]["origin"]`` holds the weights a step started from,
+    copied back exactly.
 
     Two-step API: ``first_step()`` after the plain backward (it freezes BatchNorm statistics when
-    ``model`` is given), the perturbed forward-backward, then ``second_step()``. Under DDP run the plain
-    backward inside ``model.no_sync()`` yourself for m-sharpness; ``step(closure)`` does it for you.
+    ``model`` is given), the perturbed forward-backward, then ``second_step()``. Under DDP run the
+    plain backward inside ``model.no_sync()`` yourself for m-sharpness; ``step(closure)`` does it
+    for you.
     """
 
     _rho_key: str = "sam_rho"
@@ -187,16 +218,31 @@ class TwoPassOptimizer(CountingOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
-        """One two-pass step. ``closure`` clears the grads, computes the loss, calls backward (with a
-        ``grad_scaler``: ``grad_scaler.scale(loss).backward()``) and returns the loss; it is called twice.
-        Returns the loss at the weights the step started from. Do not call ``backward()`` before."""
+        """One two-pass step.
+
+        Args:
+            closure: Clears the gradients, computes the loss, calls ``backward()`` (with a
+                ``grad_scaler``: ``grad_scaler.scale(loss).backward()``) and returns the loss;
+                called twice. Do not call ``backward()`` before ``step``.
+            grad_scaler: A ``torch.amp.GradScaler`` whose scaled gradients the closure makes;
+                call ``grad_scaler.update()`` after the step.
+
+        Returns:
+            The loss at the weights the step started from.
+
+        Raises:
+            ValueError: ``closure`` is None.
+            RuntimeError: gradients were already accumulated before the step, or a GradScaler
+                did not hand itself over.
+        """
         name = type(self).__name__
         if closure is None:
-            raise ValueError(f"{name}.step() needs a closure (it runs two forward-backward passes); "
-                             "or call first_step() and second_step() yourself")
+            raise ValueError(f"{name}.step() needs a closure (it runs two forward-backward "
+                             "passes); or call first_step() and second_step() yourself")
         if getattr(self, "grad_scale", None) is not None:
             raise RuntimeError(f"{name}: this GradScaler did not hand itself over; call "
-                               f"{name.lower()}.step(closure, grad_scaler=scaler) and then scaler.update()")
+                               f"{name.lower()}.step(closure, grad_scaler=scaler) and then "
+                               "scaler.update()")
         self._guard.check(name, self._params())
         closure = self._counted(closure)
         with first_pass(self.model):
@@ -212,9 +258,14 @@ class TwoPassOptimizer(CountingOptimizer):
         return loss
 
     def _unscaled(self, grad_scaler: Any, final: bool) -> bool:
-        """Unscales the gradients for ``grad_scaler``; False (and cleared grads) when any is inf/NaN on
-        any rank. The last pass is unscaled by ``grad_scaler.unscale_`` itself, and an overflow is
-        reported to it the same way, so that ``scaler.update()`` backs off on every rank alike."""
+        """Unscale the gradients for ``grad_scaler``.
+
+        The last pass is unscaled by ``grad_scaler.unscale_`` itself, and an overflow is reported
+        to it the same way, so that ``scaler.update()`` backs off on every rank alike.
+
+        Returns:
+            False (and cleared gradients) when any is inf/NaN on any rank.
+        """
         params = [p for p in self._params() if p.grad is not None]
         if final:
             grad_scaler.unscale_(self)
@@ -229,10 +280,18 @@ class TwoPassOptimizer(CountingOptimizer):
 
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
-        """Moves to ``w + e`` using the current gradients (the plain gradient at ``w``)."""
+        """Move to ``w + e`` using the current gradients (the plain gradient at ``w``).
+
+        Args:
+            zero_grad: Clear the gradients afterwards.
+
+        Raises:
+            RuntimeError: the optimizer is already at a perturbed point.
+        """
         if self.phase is Phase.PERTURBED:
             raise RuntimeError("first_step() called twice without second_step() in between")
-        self._perturbed = [(g, [p for p in g["params"] if p.grad is not None]) for g in self.param_groups]
+        self._perturbed = [(g, [p for p in g["params"] if p.grad is not None])
+                           for g in self.param_groups]
         params = [p for _, ps in self._perturbed for p in ps]
         if params:
             adaptive = [self._is_adaptive(g) for g, ps in self._perturbed for _ in ps]
@@ -251,14 +310,21 @@ class TwoPassOptimizer(CountingOptimizer):
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
-        """Moves back to ``w`` and steps with the gradient at ``w + e``."""
+        """Move back to ``w`` and step with the gradient at ``w + e``.
+
+        Args:
+            zero_grad: Clear the gradients afterwards.
+
+        Raises:
+            RuntimeError: no ``first_step()`` preceded it.
+        """
         self._update(self._return_to_origin())
         self.n_steps += 1
         if zero_grad:
             self.zero_grad()
 
     def _store_plain(self, params: list[Tensor]) -> None:
-        """Hook: keep what the update needs from the plain gradient (nothing by default)."""
+        """Keep what the update needs from the plain gradient (hook; nothing by default)."""
 
     def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         raise NotImplementedError
@@ -274,9 +340,13 @@ class TwoPassOptimizer(CountingOptimizer):
         return state[name]
 
     def _return_to_origin(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """Restores BatchNorm momentum and the weights; averages the perturbed gradient over ranks
-        unless DDP already did. Returns, per param group, the perturbed parameters that still have
-        a gradient."""
+        """Restore BatchNorm momentum and the weights.
+
+        Averages the perturbed gradient over ranks unless DDP already did.
+
+        Returns:
+            Per param group, the perturbed parameters that still have a gradient.
+        """
         if self.phase is not Phase.PERTURBED:
             raise RuntimeError("second_step() called without a preceding first_step()")
         self._bn.restore()
@@ -290,6 +360,11 @@ class TwoPassOptimizer(CountingOptimizer):
         return out
 
     def state_dict(self) -> dict[str, Any]:
+        """The optimizer's state with its phase and the perturbed parameters.
+
+        Returns:
+            The counted state dict plus ``"phase"`` and ``"perturbed"`` (parameter indices).
+        """
         state = super().state_dict()
         state["phase"] = self.phase.value
         index = {id(p): i for i, p in enumerate(self._params())}
@@ -297,10 +372,17 @@ class TwoPassOptimizer(CountingOptimizer):
         return state
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load ``state_dict`` (checked first), its phase included.
+
+        Args:
+            state_dict: A dict made by this class's ``state_dict()``.
+        """
         phase = Phase(state_dict.get("phase", Phase.READY.value))
         super().load_state_dict(state_dict)
         chosen, index, self._perturbed = set(state_dict.get("perturbed", ())), 0, []
         for group in self.param_groups if phase is Phase.PERTURBED else ():
-            self._perturbed.append((group, [p for i, p in enumerate(group["params"], index) if i in chosen]))
-            index += len(group["params"])
+            params = group["params"]
+            self._perturbed.append((group, [p for i, p in enumerate(params, index)
+                                            if i in chosen]))
+            index += len(params)
         self.phase = phase
