@@ -90,10 +90,12 @@ def _check_layout(optimizer: Optimizer, state_dict: Any, extra: tuple[str, ...])
                              f"optimizer class than {name}")
 
 
+RequiredState = Callable[[int, dict[str, Any], dict[str, Any]], frozenset[str]]
+
+
 def check_state_dict(optimizer: Optimizer, state_dict: Any, extra: tuple[str, ...] = (),
                      state_keys: frozenset[str] | None = None,
-                     required: Callable[[int, dict[str, Any]], frozenset[str]] | None = None,
-                     ) -> None:
+                     required: RequiredState | None = None) -> None:
     """Check that ``state_dict`` can be ``optimizer``'s before anything is loaded.
 
     Args:
@@ -101,8 +103,8 @@ def check_state_dict(optimizer: Optimizer, state_dict: Any, extra: tuple[str, ..
         state_dict: The candidate.
         extra: Top-level keys it must hold besides ``state`` and ``param_groups``.
         state_keys: The per-parameter state keys ``optimizer`` may hold (None: any).
-        required: ``required(index, entry)``, the keys parameter ``index``'s state entry must
-            hold (None: no requirement).
+        required: ``required(index, entry, state_dict)``, the keys the state entry of
+            parameter ``index`` (``{}`` when it has none) must hold (None: no requirement).
 
     Raises:
         TypeError: ``state_dict`` is not a dict.
@@ -112,16 +114,74 @@ def check_state_dict(optimizer: Optimizer, state_dict: Any, extra: tuple[str, ..
     _check_layout(optimizer, state_dict, extra)
     name = type(optimizer).__name__
     for index, entry in state_dict["state"].items():
-        if state_keys is not None:
-            foreign = sorted(set(entry) - state_keys)
-            if foreign:
-                raise ValueError(f"state_dict holds per-parameter state {foreign} (parameter "
-                                 f"{index}) that {name} does not use: it was made by another "
-                                 "optimizer class")
-        lacking = sorted(required(index, entry) - entry.keys()) if required else []
+        foreign = sorted(set(entry) - state_keys) if state_keys is not None else []
+        if foreign:
+            raise ValueError(f"state_dict holds per-parameter state {foreign} (parameter "
+                             f"{index}) that {name} does not use: it was made by another "
+                             "optimizer class")
+    if required is None:
+        return
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    for index, p in enumerate(params):
+        entry = state_dict["state"].get(index, {})
+        lacking = sorted(required(index, entry, state_dict) - entry.keys())
         if lacking:
             raise ValueError(f"state_dict lacks the per-parameter state {lacking} of parameter "
-                             f"{index}: it was not made by {name}.state_dict() or was edited")
+                             f"{index} (shape {tuple(p.shape)}, in param_groups order): it was "
+                             f"not made by {name}.state_dict() or was edited; nothing was loaded")
+
+
+def _torch_required(base: Optimizer) -> RequiredState | None:
+    """The per-parameter keys a state entry of torch's Adam/AdamW must hold, once it has any."""
+    if not isinstance(base, torch.optim.Adam):
+        return None
+    amsgrad = [g.get("amsgrad", False) for g in base.param_groups for _ in g["params"]]
+
+    def required(index: int, entry: dict[str, Any], state_dict: dict[str, Any]) -> frozenset:
+        if not entry:
+            return frozenset()
+        keys = {"step", "exp_avg", "exp_avg_sq"}
+        return frozenset(keys | {"max_exp_avg_sq"} if amsgrad[index] else keys)
+
+    return required
+
+
+def param_dtype(p: Tensor) -> torch.dtype:
+    """The parameter's own dtype (for ``check_in_dtype``: arithmetic done in it)."""
+    return p.dtype
+
+
+def check_in_dtype(name: str, value: float, params: list[Tensor], *, power: int = 1,
+                   nonzero: bool = False,
+                   dtype_of: Callable[[Tensor], torch.dtype] | None = None) -> float:
+    """Refuse a hyperparameter whose ``value**power`` overflows in the parameters' arithmetic.
+
+    Args:
+        name: The hyperparameter's name, for the message.
+        value: Its (already checked, finite, nonnegative) value.
+        params: The parameters it acts on.
+        power: The power of ``value`` the update computes (2 for AdaSAM's eps**2).
+        nonzero: Also refuse a ``value**power`` that rounds to 0 there.
+        dtype_of: The dtype of the arithmetic for a parameter (default: ``state_dtype``).
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ValueError: ``value**power`` is not finite (or, with ``nonzero``, is 0) in that dtype.
+    """
+    dtype_of = dtype_of or state_dtype
+    for dtype in sorted({dtype_of(p) for p in params if p.is_floating_point()}, key=str):
+        info = torch.finfo(dtype)
+        high = info.max ** (1.0 / power)
+        low = (info.tiny * info.eps) ** (1.0 / power) if nonzero else 0.0
+        if value > high or value < low:
+            expr = name if power == 1 else f"{name}**{power}"
+            accepted = f"<= {high:.4g}" + (f" and >= {low:.4g}" if nonzero else "")
+            nonzero_text = " and nonzero" if nonzero else ""
+            raise ValueError(f"{name} must be {accepted} (so that {expr} is finite{nonzero_text} "
+                             f"in {str(dtype).removeprefix('torch.')}), got {value!r}")
+    return value
 
 
 class CheckedState(Optimizer):
@@ -145,8 +205,9 @@ class CheckedState(Optimizer):
         state["optimizer"] = type(self).__name__
         return state
 
-    def _required_state(self, index: int, entry: dict[str, Any]) -> frozenset[str]:
-        """The keys the saved state entry of parameter ``index`` must hold (none by default)."""
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """The keys the saved state ``entry`` of parameter ``index`` must hold (none here)."""
         return frozenset()
 
     def check_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -288,7 +349,7 @@ class WrapperOptimizer(CountingOptimizer):
         if isinstance(base, CheckedState):
             base.check_state_dict(state_dict["base"])
         else:
-            check_state_dict(base, state_dict["base"])
+            check_state_dict(base, state_dict["base"], required=_torch_required(base))
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load the wrapper's and the base optimizer's state, all checked first.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import contextlib
 import enum
+import warnings
 import weakref
 from typing import Any, Sequence
 
@@ -125,6 +126,55 @@ def ascend_(params: list[Tensor], steps: list[Tensor], factor: Tensor) -> None:
         torch._foreach_add_(ps, torch._foreach_mul(ss, factor.to(ps[0])))
 
 
+def batchnorm_buffers(model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
+    """A copy of every buffer of ``model``'s BatchNorm layers, to undo a failed step.
+
+    Returns:
+        (buffer, copy) pairs; empty without a model.
+    """
+    if model is None:
+        return []
+    return [(b, b.clone()) for m in model.modules() if isinstance(m, _BatchNorm)
+            for b in m.buffers(recurse=False)]
+
+
+def restore_buffers(saved: list[tuple[Tensor, Tensor]]) -> None:
+    """Copy each saved buffer back (see :func:`batchnorm_buffers`)."""
+    with torch.no_grad():
+        for buffer, copy in saved:
+            buffer.copy_(copy)
+
+
+GradMark = tuple[weakref.ref, int] | None
+
+
+def grad_marks(params: list[Tensor]) -> list[GradMark]:
+    """What each parameter's gradient is now (a weak reference and its version), or None."""
+    return [None if p.grad is None else (weakref.ref(p.grad), p.grad._version) for p in params]
+
+
+def grad_changed(p: Tensor, mark: GradMark) -> bool:
+    """Whether ``p`` holds a gradient other than, or changed in place since, ``mark``."""
+    if p.grad is None:
+        return False
+    return mark is None or mark[0]() is not p.grad or p.grad._version != mark[1]
+
+
+def require_gradients(owner: str, produced: bool, which: str) -> None:
+    """Raise ``RuntimeError`` unless a pass ``produced`` gradients.
+
+    Args:
+        owner: The optimizer's class name.
+        produced: Whether any parameter's gradient was set or changed by the pass.
+        which: "first" or "second", for the message.
+    """
+    if not produced:
+        raise RuntimeError(f"{owner}.step(closure): the {which} call of the closure produced no "
+                           "gradients (no parameter's .grad was set or changed); the closure "
+                           "must clear the gradients, compute the loss, call loss.backward() "
+                           "and return the loss")
+
+
 class GradGuard:
     """Detects gradients that were already accumulated when ``step(closure)`` was entered.
 
@@ -138,8 +188,8 @@ class GradGuard:
 
     def remember(self, params: list[Tensor]) -> None:
         """Note the gradients ``params`` hold now."""
-        self._left = {id(p): (weakref.ref(p.grad), p.grad._version)
-                      for p in params if p.grad is not None}
+        self._left = {id(p): mark for p, mark in zip(params, grad_marks(params))
+                      if mark is not None}
 
     def check(self, owner: str, params: list[Tensor]) -> None:
         """Raise ``RuntimeError`` if a nonzero gradient appeared since ``remember``.
@@ -148,13 +198,7 @@ class GradGuard:
             owner: The optimizer's class name, for the message.
             params: The parameters to check.
         """
-        foreign = []
-        for p in params:
-            if p.grad is None:
-                continue
-            ref, version = self._left.get(id(p), (None, None))
-            if ref is None or ref() is not p.grad or p.grad._version != version:
-                foreign.append(p.grad)
+        foreign = [p.grad for p in params if grad_changed(p, self._left.get(id(p)))]
         if foreign and any(bool(g.any()) for g in foreign):
             raise RuntimeError(
                 f"{owner}.step(closure) found gradients already accumulated: the closure "
@@ -220,6 +264,11 @@ class TwoPassOptimizer(CountingOptimizer):
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
         """One two-pass step.
 
+        Exception safe: on any exception in either pass (a KeyboardInterrupt, an out-of-memory
+        error in the second forward), the weights, BatchNorm statistics and momenta are put
+        back as the step found them, the gradients are cleared, and the exception propagates;
+        the next step starts afresh.
+
         Args:
             closure: Clears the gradients, computes the loss, calls ``backward()`` (with a
                 ``grad_scaler``: ``grad_scaler.scale(loss).backward()``) and returns the loss;
@@ -232,8 +281,8 @@ class TwoPassOptimizer(CountingOptimizer):
 
         Raises:
             ValueError: ``closure`` is None.
-            RuntimeError: gradients were already accumulated before the step, or a GradScaler
-                did not hand itself over.
+            RuntimeError: gradients were already accumulated before the step, a call of the
+                closure produced no gradients, or a GradScaler did not hand itself over.
         """
         name = type(self).__name__
         if closure is None:
@@ -243,18 +292,40 @@ class TwoPassOptimizer(CountingOptimizer):
             raise RuntimeError(f"{name}: this GradScaler did not hand itself over; call "
                                f"{name.lower()}.step(closure, grad_scaler=scaler) and then "
                                "scaler.update()")
+        if self.phase is Phase.PERTURBED:
+            warnings.warn(f"{name}.step(closure) found the weights perturbed (first_step() "
+                          "without second_step(), or a state saved in between); it returned to "
+                          "the unperturbed weights first", RuntimeWarning, stacklevel=2)
+            self.cancel_step()
+            self.zero_grad()
         self._guard.check(name, self._params())
-        closure = self._counted(closure)
+        saved = batchnorm_buffers(self.model)
+        try:
+            loss = self._two_passes(self._counted(closure), grad_scaler)
+        except BaseException:
+            self.cancel_step()
+            restore_buffers(saved)
+            self.zero_grad()
+            raise
+        finally:
+            self._guard.remember(self._params())
+        return loss
+
+    def _two_passes(self, closure: Closure, grad_scaler: Any) -> Tensor:
+        """The passes of ``step``: gradient at w, ascent, gradient at w + e, update."""
+        name, params = type(self).__name__, self._params()
+        marks = grad_marks(params)
         with first_pass(self.model):
             loss = closure()
+        require_gradients(name, any(grad_changed(p, m) for p, m in zip(params, marks)), "first")
         if grad_scaler is None or self._unscaled(grad_scaler, final=False):
             self.first_step(zero_grad=True)
             closure()
+            require_gradients(name, any(p.grad is not None for p in params), "second")
             if grad_scaler is None or self._unscaled(grad_scaler, final=True):
                 self.second_step()
             else:
                 self._return_to_origin()
-        self._guard.remember(self._params())
         return loss
 
     def _unscaled(self, grad_scaler: Any, final: bool) -> bool:
@@ -286,24 +357,27 @@ class TwoPassOptimizer(CountingOptimizer):
             zero_grad: Clear the gradients afterwards.
 
         Raises:
-            RuntimeError: the optimizer is already at a perturbed point.
+            RuntimeError: the optimizer is already at a perturbed point, or no parameter has
+                a gradient (nothing is changed then).
         """
         if self.phase is Phase.PERTURBED:
             raise RuntimeError("first_step() called twice without second_step() in between")
-        self._perturbed = [(g, [p for p in g["params"] if p.grad is not None])
-                           for g in self.param_groups]
-        params = [p for _, ps in self._perturbed for p in ps]
-        if params:
-            adaptive = [self._is_adaptive(g) for g, ps in self._perturbed for _ in ps]
-            scale = 1.0 / (perturbation_norm(params, adaptive) + SAM_EPS)
-            for group, ps in self._perturbed:
-                origins = [self._buffer(p, "origin") for p in ps]
-                for ps_, os_ in grouped(ps, origins):
-                    torch._foreach_copy_(os_, ps_)
-                steps = [p.grad * p * p if self._is_adaptive(group) else p.grad for p in ps]
-                ascend_(ps, steps, scale * group[self._rho_key])
+        perturbed = [(g, [p for p in g["params"] if p.grad is not None])
+                     for g in self.param_groups]
+        params = [p for _, ps in perturbed for p in ps]
+        if not params:
+            raise RuntimeError(f"{type(self).__name__}.first_step() found no gradients: call "
+                               "loss.backward() before first_step()")
+        adaptive = [self._is_adaptive(g) for g, ps in perturbed for _ in ps]
+        scale = 1.0 / (perturbation_norm(params, adaptive) + SAM_EPS)
+        origins = [self._buffer(p, "origin") for p in params]
+        for ps_, os_ in grouped(params, origins):   # every origin first: see cancel_step()
+            torch._foreach_copy_(os_, ps_)
+        self._perturbed, self.phase = perturbed, Phase.PERTURBED
         self._bn.freeze()
-        self.phase = Phase.PERTURBED
+        for group, ps in perturbed:
+            steps = [p.grad * p * p if self._is_adaptive(group) else p.grad for p in ps]
+            ascend_(ps, steps, scale * group[self._rho_key])
         self._store_plain(params)
         if zero_grad:
             self.zero_grad()
@@ -316,12 +390,34 @@ class TwoPassOptimizer(CountingOptimizer):
             zero_grad: Clear the gradients afterwards.
 
         Raises:
-            RuntimeError: no ``first_step()`` preceded it.
+            RuntimeError: no ``first_step()`` preceded it, or no parameter has a gradient (the
+                weights are then put back to ``w`` without a step).
         """
+        if self.phase is Phase.PERTURBED and \
+                not any(p.grad is not None for _, ps in self._perturbed for p in ps):
+            self.cancel_step()
+            raise RuntimeError(f"{type(self).__name__}.second_step() found no gradients: call "
+                               "loss.backward() at the perturbed weights before second_step(); "
+                               "the weights were put back without a step")
         self._update(self._return_to_origin())
         self.n_steps += 1
         if zero_grad:
             self.zero_grad()
+
+    @torch.no_grad()
+    def cancel_step(self) -> None:
+        """Return to the unperturbed weights ``w`` without a step (no-op unless perturbed).
+
+        For the two-step API when the perturbed pass fails: BatchNorm momenta and the weights
+        are put back exactly, and ``first_step()`` may be called again.
+        """
+        if self.phase is not Phase.PERTURBED:
+            return
+        self._bn.restore()
+        perturbed, self._perturbed, self.phase = self._perturbed, [], Phase.READY
+        params = [p for _, ps in perturbed for p in ps]
+        for ps_, os_ in grouped(params, [self.state[p]["origin"] for p in params]):
+            torch._foreach_copy_(ps_, os_)
 
     def _store_plain(self, params: list[Tensor]) -> None:
         """Keep what the update needs from the plain gradient (hook; nothing by default)."""
@@ -349,11 +445,8 @@ class TwoPassOptimizer(CountingOptimizer):
         """
         if self.phase is not Phase.PERTURBED:
             raise RuntimeError("second_step() called without a preceding first_step()")
-        self._bn.restore()
-        perturbed, self._perturbed, self.phase = self._perturbed, [], Phase.READY
-        for _, ps in perturbed:
-            for ps_, os_ in grouped(ps, [self.state[p]["origin"] for p in ps]):
-                torch._foreach_copy_(ps_, os_)
+        perturbed = self._perturbed
+        self.cancel_step()
         out = [(g, [p for p in ps if p.grad is not None]) for g, ps in perturbed]
         if not is_ddp(self.model):
             all_reduce_mean_([p.grad for _, ps in out for p in ps])
@@ -370,6 +463,14 @@ class TwoPassOptimizer(CountingOptimizer):
         index = {id(p): i for i, p in enumerate(self._params())}
         state["perturbed"] = [index[id(p)] for _, ps in self._perturbed for p in ps]
         return state
+
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """A parameter perturbed when the state was saved needs its ``origin``."""
+        required = super()._required_state(index, entry, state_dict)
+        perturbed = state_dict.get("phase") == Phase.PERTURBED.value \
+            and index in state_dict.get("perturbed", ())
+        return required | {"origin"} if perturbed else required
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load ``state_dict`` (checked first), its phase included.

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import grouped, state_dtype, use_foreach
+from ._base import check_in_dtype, grouped, param_dtype, state_dtype, use_foreach
 from ._diagnostics import stepped
 from ._fused import FusedKernel
 from ._sam_base import TwoPassOptimizer
@@ -87,6 +87,38 @@ class AdaSAM(TwoPassOptimizer):
         self.foreach = None if foreach is None else check_bool("foreach", foreach)
         self.fused = None if fused is None else check_bool("fused", fused)
         self._set_model(model)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        r"""Add a param group, its hyperparameters checked.
+
+        Besides the ranges of ``__init__``, ``eps**2`` (the initial $\hat v$) must be finite
+        and nonzero, and ``lr`` and ``rho`` finite, in the dtype of the group's state.
+
+        Args:
+            param_group: As for ``torch.optim.Optimizer.add_param_group``.
+
+        Raises:
+            ArgumentTypeError: a hyperparameter of the wrong kind.
+            ValueError: a hyperparameter outside its range.
+        """
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        params = group["params"]
+        group["lr"] = check_in_dtype("lr", check_nonnegative("lr", group["lr"]), params,
+                                     dtype_of=param_dtype)
+        group["betas"] = check_betas("betas", group["betas"])
+        group["rho"] = check_in_dtype("rho", check_nonnegative("rho", group["rho"]), params,
+                                      dtype_of=param_dtype)
+        group["eps"] = check_in_dtype("eps", check_positive("eps", group["eps"]), params,
+                                      power=2, nonzero=True)
+        group["bias_correction"] = check_bool("bias_correction", group["bias_correction"])
+
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """A parameter that has stepped needs its step count and all three moments."""
+        required = super()._required_state(index, entry, state_dict)
+        moments = {"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq"}
+        return required | moments if moments & entry.keys() else required
 
     def _init_group(self, group: dict[str, Any], params: list[Tensor]) -> list[dict[str, Any]]:
         """Create state where missing, advance the steps; the states of ``params``."""

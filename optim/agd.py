@@ -17,7 +17,7 @@ from ._fused import FusedKernel
 from ._diagnostics import stepped, to_host
 from ._workspace import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_optional_positive, check_positive
-from ._base import CheckedState, closure_loss, use_foreach
+from ._base import CheckedState, check_in_dtype, closure_loss, param_dtype, use_foreach
 
 
 @dataclass(frozen=True)
@@ -136,9 +136,15 @@ class AGD(CheckedState):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_adam_group(group, "delta", check_positive)
+        for key in ("lr", "delta", "weight_decay"):   # the state and update are in p's dtype
+            check_in_dtype(key, group[key], group["params"], dtype_of=param_dtype)
         for flag in ("weight_decouple", "fixed_decay", "amsgrad"):
             group[flag] = check_bool(flag, group[flag])
         group["clip"] = check_optional_positive("clip", group["clip"])
+
+    def _required_state(self, index: int, entry: dict, state_dict: dict) -> frozenset[str]:
+        """A parameter that has stepped needs its step count and both moments."""
+        return frozenset({"step", "exp_avg", "exp_avg_diff_sq"}) if entry else frozenset()
 
     def _init_group(self, group: dict) -> tuple[list[Tensor], list[dict]]:
         """Create state where missing and advance the step counters.

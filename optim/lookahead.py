@@ -85,6 +85,11 @@ class Lookahead(WrapperOptimizer):
                 self.state[p]["slow"] = p.detach().clone(memory_format=torch.preserve_format)
         return [self.state[p]["slow"] for p in group["params"]]
 
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """Every parameter has slow weights from construction on."""
+        return frozenset({"slow"})
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
         """Add a param group to the base optimizer, with slow weights phi = theta.
 

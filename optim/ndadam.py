@@ -17,7 +17,7 @@ from ._diagnostics import stepped, to_host
 from ._workspace import Scratch, scratch
 from ._validation import (ArgumentTypeError, check_adam_group, check_bool, check_int,
                           check_nonnegative, check_positive)
-from ._base import CheckedState, closure_loss, state_dtype, use_foreach
+from ._base import CheckedState, check_in_dtype, closure_loss, state_dtype, use_foreach
 
 
 def _vector_dims(w: Tensor) -> tuple[int, ...]:
@@ -145,6 +145,8 @@ class NDAdam(CheckedState):
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_adam_group(group, "eps", check_nonnegative)
+        for key in ("lr", "eps", "weight_decay"):
+            check_in_dtype(key, group[key], group["params"])
         nd = group["nd"]
         if nd is not None and not isinstance(nd, bool) and type(nd).__module__ != "numpy":
             raise ArgumentTypeError(f"nd must be True, False or None (automatic), got {nd!r}")
@@ -155,6 +157,14 @@ class NDAdam(CheckedState):
             raise ValueError("nd must be False or None for parameters with ndim < 2 (nd=True "
                              f"needs one unit vector per slice along dim 0), got nd=True for "
                              f"shapes {shapes}")
+
+    def _required_state(self, index: int, entry: dict, state_dict: dict) -> frozenset[str]:
+        """A stepped parameter needs its moments; a unit-vector one its diagnostics too."""
+        if not entry:
+            return frozenset()
+        group, p = [(g, p) for g in self.param_groups for p in g["params"]][index]
+        keys = {"step", "exp_avg", "exp_avg_sq"}
+        return frozenset(keys | {"angle", "update_cosine"} if self._is_nd(group, p) else keys)
 
     @staticmethod
     def _is_nd(group: dict, p: Tensor) -> bool:

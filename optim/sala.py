@@ -13,8 +13,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import Closure, WrapperOptimizer, grouped
-from ._sam_base import SAM_EPS, GradGuard, ascend_, first_pass, perturbation_norm
+from ._base import Closure, WrapperOptimizer, check_in_dtype, grouped, param_dtype
+from ._sam_base import (SAM_EPS, GradGuard, ascend_, batchnorm_buffers, first_pass, grad_changed,
+                        grad_marks, perturbation_norm, require_gradients, restore_buffers)
 from ._validation import check_int, check_model, check_nonnegative, keyword_only
 from .lookahead import check_alpha, swapped_slow_weights
 
@@ -77,11 +78,18 @@ class SALA(WrapperOptimizer):
                  rho: float = 0.05, *, model: nn.Module | None = None):
         defaults = dict(sala_alpha=check_alpha(alpha), sala_rho=check_nonnegative("rho", rho))
         super().__init__(base_optimizer, defaults)
+        check_in_dtype("rho", defaults["sala_rho"], self._params(), dtype_of=param_dtype)
         self.k = check_int("k", k, low=2)
         self.rho = defaults["sala_rho"]
         self.model = check_model("model", model)
         self.distance = 0.0
         self._guard = GradGuard()
+
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """Slow weights are created for every parameter at once: all or none."""
+        started = any("slow" in e for e in state_dict["state"].values())
+        return frozenset({"slow"}) if started else frozenset()
 
     @property
     def stage(self) -> int:
@@ -96,6 +104,10 @@ class SALA(WrapperOptimizer):
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
         """One SALA step.
 
+        On any exception in a pass (a KeyboardInterrupt, an out-of-memory error), the weights,
+        BatchNorm statistics and step counter are put back as the step found them, the
+        gradients are cleared, and the exception propagates.
+
         Args:
             closure: Clears the gradients, computes the loss, calls ``backward()`` and returns
                 the loss; called once, twice on the SAM steps of stage 2. Do not call
@@ -108,7 +120,8 @@ class SALA(WrapperOptimizer):
         Raises:
             ValueError: ``closure`` is None.
             NotImplementedError: a GradScaler is used.
-            RuntimeError: gradients were already accumulated before the step.
+            RuntimeError: gradients were already accumulated before the step, or a call of
+                the closure produced no gradients.
         """
         if closure is None:
             raise ValueError("SALA.step() needs a closure (it evaluates the gradient itself)")
@@ -119,24 +132,47 @@ class SALA(WrapperOptimizer):
                 "bfloat16 autocast without a scaler"
             )
         self._guard.check("SALA", self._params())
-        closure = self._counted(closure)
+        saved = batchnorm_buffers(self.model)
+        weights: list[tuple[Tensor, Tensor]] = []   # the weights before a SAM ascent
         self.n_steps += 1
-        cycle_start = self.n_steps % self.k == 0
-        sam_step = cycle_start and self.stage == 2
-        with first_pass(self.model) if sam_step else contextlib.nullcontext():
-            loss = closure()
-        if sam_step:
-            self._sam_ascent()
+        try:
+            loss = self._passes(self._counted(closure), weights)
+        except BaseException:
+            self.n_steps -= 1
+            restore_buffers(weights + saved)
             self.zero_grad()
-            closure()
-        if cycle_start:
-            self._to_slow()
+            raise
+        finally:
+            self._guard.remember(self._params())
         self.base_optimizer.step()
         if self.n_steps % self.k == self.k - 1:
             self._update_slow()
             if self.stage == 2:
                 self._to_slow()
-        self._guard.remember(self._params())
+        return loss
+
+    def _passes(self, closure: Closure, weights: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """The closure calls of a step and, on a SAM step, the ascent between them.
+
+        The parameters then hold the point the base optimizer steps from. ``weights`` receives
+        (parameter, copy) pairs of the weights before an ascent.
+        """
+        params = self._params()
+        marks = grad_marks(params)
+        cycle_start = self.n_steps % self.k == 0
+        sam_step = cycle_start and self.stage == 2
+        with first_pass(self.model) if sam_step else contextlib.nullcontext():
+            loss = closure()
+        require_gradients("SALA", any(grad_changed(p, m) for p, m in zip(params, marks)),
+                          "first")
+        if sam_step:
+            weights.extend((p, p.detach().clone()) for p in params if p.grad is not None)
+            self._sam_ascent()
+            self.zero_grad()
+            closure()
+            require_gradients("SALA", any(p.grad is not None for p in params), "second")
+        if cycle_start:
+            self._to_slow()
         return loss
 
     def _sam_ascent(self) -> None:

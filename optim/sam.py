@@ -9,7 +9,7 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import WrapperOptimizer
+from ._base import WrapperOptimizer, check_in_dtype, param_dtype
 from ._sam_base import TwoPassOptimizer
 from ._validation import check_bool, check_nonnegative, keyword_only
 
@@ -58,6 +58,7 @@ class SAM(TwoPassOptimizer, WrapperOptimizer):
         defaults = dict(sam_rho=check_nonnegative("rho", rho),
                         sam_adaptive=check_bool("adaptive", adaptive))
         super().__init__(base_optimizer, defaults)
+        check_in_dtype("rho", defaults["sam_rho"], self._params(), dtype_of=param_dtype)
         self._set_model(model)
 
     def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:

@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import WrapperOptimizer, grouped
+from ._base import WrapperOptimizer, check_in_dtype, grouped, param_dtype
 from ._sam_base import TwoPassOptimizer, all_reduce_mean_
 from ._validation import (check_bool, check_nonnegative, check_optional_positive,
                           check_probability, keyword_only)
@@ -69,9 +69,17 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
                         sam_adaptive=check_bool("adaptive", adaptive),
                         wsam_alpha=gamma / (1.0 - gamma))
         super().__init__(base_optimizer, defaults)
+        check_in_dtype("rho", defaults["sam_rho"], self._params(), dtype_of=param_dtype)
         self.decouple = check_bool("decouple", decouple)
         self.max_norm = check_optional_positive("max_norm", max_norm)
         self._set_model(model)
+
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """A parameter with a sharpness term needs the plain gradient it came from."""
+        required = super()._required_state(index, entry, state_dict)
+        needs_grad = "sharpness" in entry or "origin" in required   # or perturbed when saved
+        return required | {"grad"} if needs_grad else required
 
     def _clip(self) -> None:
         """``clip_grad_norm_`` over all parameters with a gradient (no-op without ``max_norm``)."""
