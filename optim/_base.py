@@ -146,6 +146,13 @@ def _torch_required(base: Optimizer) -> RequiredState | None:
     return required
 
 
+def optimizer_params(optimizer: Any) -> list[Tensor]:
+    """Every parameter of ``optimizer``'s param groups (none when it is not an optimizer)."""
+    if not isinstance(optimizer, Optimizer):
+        return []
+    return [p for group in optimizer.param_groups for p in group["params"]]
+
+
 def param_dtype(p: Tensor) -> torch.dtype:
     """The parameter's own dtype (for ``check_in_dtype``: arithmetic done in it)."""
     return p.dtype

@@ -73,8 +73,9 @@ class Lookahead(WrapperOptimizer):
     _state_keys = frozenset({"slow"})
 
     def __init__(self, base_optimizer: Optimizer, k: int = 5, alpha: float = 0.5):
-        super().__init__(base_optimizer, dict(lookahead_alpha=check_alpha(alpha)))
-        self.k = check_int("k", k, low=1)
+        alpha, k = check_alpha(alpha), check_int("k", k, low=1)   # before touching the base
+        super().__init__(base_optimizer, dict(lookahead_alpha=alpha))
+        self.k = k
         for group in self.param_groups:
             self._init_group(group)
 

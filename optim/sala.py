@@ -13,7 +13,8 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import Closure, WrapperOptimizer, check_in_dtype, grouped, param_dtype
+from ._base import (Closure, WrapperOptimizer, check_in_dtype, grouped, optimizer_params,
+                    param_dtype)
 from ._sam_base import (SAM_EPS, GradGuard, ascend_, batchnorm_buffers, first_pass, grad_changed,
                         grad_marks, perturbation_norm, require_gradients, restore_buffers)
 from ._validation import check_int, check_model, check_nonnegative, keyword_only
@@ -77,11 +78,12 @@ class SALA(WrapperOptimizer):
     def __init__(self, base_optimizer: Optimizer, k: int = 5, alpha: float = 0.8,
                  rho: float = 0.05, *, model: nn.Module | None = None):
         defaults = dict(sala_alpha=check_alpha(alpha), sala_rho=check_nonnegative("rho", rho))
+        check_in_dtype("rho", defaults["sala_rho"], optimizer_params(base_optimizer),
+                       dtype_of=param_dtype)
+        k = check_int("k", k, low=2)
+        model = check_model("model", model)   # all checked before the base's groups are touched
         super().__init__(base_optimizer, defaults)
-        check_in_dtype("rho", defaults["sala_rho"], self._params(), dtype_of=param_dtype)
-        self.k = check_int("k", k, low=2)
-        self.rho = defaults["sala_rho"]
-        self.model = check_model("model", model)
+        self.k, self.rho, self.model = k, defaults["sala_rho"], model
         self.distance = 0.0
         self._guard = GradGuard()
 

@@ -9,9 +9,9 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import WrapperOptimizer, check_in_dtype, param_dtype
+from ._base import WrapperOptimizer, check_in_dtype, optimizer_params, param_dtype
 from ._sam_base import TwoPassOptimizer
-from ._validation import check_bool, check_nonnegative, keyword_only
+from ._validation import check_bool, check_model, check_nonnegative, keyword_only
 
 
 class SAM(TwoPassOptimizer, WrapperOptimizer):
@@ -57,8 +57,10 @@ class SAM(TwoPassOptimizer, WrapperOptimizer):
                  model: nn.Module | None = None):
         defaults = dict(sam_rho=check_nonnegative("rho", rho),
                         sam_adaptive=check_bool("adaptive", adaptive))
+        check_in_dtype("rho", defaults["sam_rho"], optimizer_params(base_optimizer),
+                       dtype_of=param_dtype)
+        check_model("model", model)   # everything checked before the base's groups are touched
         super().__init__(base_optimizer, defaults)
-        check_in_dtype("rho", defaults["sam_rho"], self._params(), dtype_of=param_dtype)
         self._set_model(model)
 
     def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:

@@ -10,9 +10,9 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._base import WrapperOptimizer, check_in_dtype, grouped, param_dtype
+from ._base import WrapperOptimizer, check_in_dtype, grouped, optimizer_params, param_dtype
 from ._sam_base import TwoPassOptimizer, all_reduce_mean_
-from ._validation import (check_bool, check_nonnegative, check_optional_positive,
+from ._validation import (check_bool, check_model, check_nonnegative, check_optional_positive,
                           check_probability, keyword_only)
 
 
@@ -68,10 +68,13 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
         defaults = dict(sam_rho=check_nonnegative("rho", rho),
                         sam_adaptive=check_bool("adaptive", adaptive),
                         wsam_alpha=gamma / (1.0 - gamma))
+        check_in_dtype("rho", defaults["sam_rho"], optimizer_params(base_optimizer),
+                       dtype_of=param_dtype)
+        decouple = check_bool("decouple", decouple)
+        max_norm = check_optional_positive("max_norm", max_norm)
+        check_model("model", model)   # everything checked before the base's groups are touched
         super().__init__(base_optimizer, defaults)
-        check_in_dtype("rho", defaults["sam_rho"], self._params(), dtype_of=param_dtype)
-        self.decouple = check_bool("decouple", decouple)
-        self.max_norm = check_optional_positive("max_norm", max_norm)
+        self.decouple, self.max_norm = decouple, max_norm
         self._set_model(model)
 
     def _required_state(self, index: int, entry: dict[str, Any],

@@ -286,3 +286,32 @@ def test_the_largest_accepted_eps_gives_a_finite_step():
         x, y = batch(0)
         opt.step(_softmax_closure(model, opt, x.to(dtype), y))
         assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+FAILED_WRAPS = {  # a wrapper refused for one bad argument, then built right on the same base
+    "SAM-rho-overflow": (lambda b: optim.SAM(b, rho=1e39), lambda b: optim.SAM(b, rho=0.1)),
+    "SAM-model": (lambda b: optim.SAM(b, rho=0.5, model="net"), lambda b: optim.SAM(b, rho=0.1)),
+    "WSAM-decouple": (lambda b: optim.WSAM(b, rho=0.5, decouple="no"),
+                      lambda b: optim.WSAM(b, rho=0.1)),
+    "WSAM-max_norm": (lambda b: optim.WSAM(b, gamma=0.5, max_norm=-1.0),
+                      lambda b: optim.WSAM(b, rho=0.1)),
+    "SALA-k": (lambda b: optim.SALA(b, rho=0.5, k=1), lambda b: optim.SALA(b, rho=0.1)),
+    "Lookahead-k": (lambda b: optim.Lookahead(b, alpha=0.9, k=0),
+                    lambda b: optim.Lookahead(b, alpha=0.5)),
+}
+
+
+@pytest.mark.parametrize("case", FAILED_WRAPS)
+def test_a_refused_wrapper_leaves_the_base_optimizer_untouched(case):
+    """Otherwise the refused wrapper's values stay in the base's param groups and the next
+    wrapper built on it silently takes them instead of its own arguments."""
+    bad, good = FAILED_WRAPS[case]
+    base = torch.optim.SGD(_params(torch.float32), lr=0.1)
+    keys = [set(g) for g in base.param_groups]
+    with pytest.raises(ValueError):
+        bad(base)
+    assert [set(g) for g in base.param_groups] == keys
+    opt = good(base)
+    want = good(torch.optim.SGD(_params(torch.float32), lr=0.1)).param_groups[0]
+    assert {k: v for k, v in opt.param_groups[0].items() if k != "params"} == \
+        {k: v for k, v in want.items() if k != "params"}
