@@ -124,7 +124,7 @@ class CurvatureOperator(abc.ABC):
 
         Args:
             batch: One batch of ``data``.
-            V: ``[n, k]``, ``k`` vectors as columns, flat over the selected parameters
+            V: ``[n, k]``, ``k >= 1`` vectors as columns, flat over the selected parameters
                 (``analysis.core.unflatten(V[:, j], self.params)`` splits one per parameter).
                 In :meth:`matmat` it is the transpose of a contiguous ``[k, n]`` tensor, so
                 ``V.T`` is contiguous.
@@ -195,7 +195,7 @@ class CurvatureOperator(abc.ABC):
         """The product with each row of ``vs``, in one pass over the data.
 
         Args:
-            vs: ``[b, n]``, one vector per row.
+            vs: ``[b, n]``, one vector per row; with ``b = 0`` nothing is computed.
 
         Returns:
             ``[b, n]``: ``A v`` for each row ``v``, in the working dtype (:attr:`like`).
@@ -210,6 +210,8 @@ class CurvatureOperator(abc.ABC):
                              f"selected parameter elements), got {shape}")
         if not all_finite(vs):
             raise ValueError("vectors must be finite (they hold NaN or inf)")
+        if not len(vs):  # no vector (e.g. Hutch++ whose sketch spans everything): no pass
+            return torch.zeros_like(vs, dtype=self.like.dtype, device=self.device)
         vs = vs.to(self.device, self.dtype)
         if self.scale is not None:
             vs = vs * self.scale
