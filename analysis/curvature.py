@@ -7,7 +7,7 @@ sample-weighted mean over the batches $\frac{1}{N} \sum_b n_b A_b$ (one
 :func:`analysis.core.data_mean` reduction, all-reduced under ``torch.distributed``). Each is
 registered for ``curvature=`` (:func:`~analysis.operator.register_curvature`):
 
-* ``"ggn"``, :class:`GGNOperator` (Schraudolph 2002; Martens 2020, JMLR 21(146), Sec. 8):
+* ``"ggn"``, :class:`GGNOperator` (Schraudolph 2002; Martens 2020, JMLR 21(146)):
   $A_b = J^\top H_L J$ with $H_L = \nabla^2_f L$ the Hessian of the criterion w.r.t. the output.
   Each product is a Jacobian-vector product $J v$ (the double-vjp trick:
   $J v = \partial_u \langle J^\top u, v \rangle$), $H_L$ applied by autograd on the criterion
@@ -17,7 +17,7 @@ registered for ``curvature=`` (:func:`~analysis.operator.register_curvature`):
   $F_R = \mathbb{E}_{y \sim r(\cdot \mid f)}[\nabla_f \log r \, \nabla_f \log r^\top]$, in
   closed form: $\mathrm{diag}(p) - p p^\top$ per observation for the softmax of cross-entropy,
   $2 I$ for the mean squared error (a Gaussian of variance 1/2). For these two
-  (natural-parameter exponential families) it equals the GGN (Martens 2020, Sec. 9.2), which the
+  (natural-parameter exponential families) it equals the GGN (Martens 2020), which the
   tests check.
 * :class:`FisherOperator` with ``kind="mc"``: $F_R$ replaced by
   $\frac{1}{S} \sum_s r_s r_s^\top$, $r_s$ the output gradient of the negative log-likelihood
@@ -73,7 +73,18 @@ OutputProduct = Callable[[Tensor], Tensor]
 
 
 def loss_split(loss_fn: LossFn) -> tuple[Callable, Callable]:
-    """``(forward, criterion)`` declared by ``loss_fn.split``; ValueError if it has none."""
+    """The split of ``loss_fn`` into model output and criterion (module docstring).
+
+    Args:
+        loss_fn: A ``loss_fn`` built by :func:`~analysis.core.supervised` or
+            :func:`~analysis.core.split_loss` (or with its own ``split`` attribute).
+
+    Returns:
+        ``(forward, criterion)`` declared by ``loss_fn.split``.
+
+    Raises:
+        ValueError: When ``loss_fn`` declares no split.
+    """
     split = getattr(loss_fn, "split", None)
     if not (isinstance(split, tuple) and len(split) == 2 and all(map(callable, split))):
         raise ValueError("loss_fn must declare its split into model output and criterion "
@@ -159,8 +170,11 @@ class OutputCurvatureOperator(CurvatureOperator):
         """
 
     def _linearise(self, batch: Any) -> tuple:
-        """The batch's output with its graph, ``J^T u`` as a function of a dummy ``u`` (for the
-        double-vjp ``J v``), the parameters it depends on, and ``w -> M w``."""
+        """The batch's linearisation, built once per batch (or ``with`` block).
+
+        Returns the output with its graph, ``J^T u`` as a function of a dummy ``u`` (for the
+        double-vjp ``J v``), the parameters it depends on, and ``w -> M w``.
+        """
         outputs = self.forward(self.model, batch)
         if not isinstance(outputs, Tensor):
             raise ValueError("the forward of loss_fn.split must return the output tensor, got "
@@ -207,7 +221,7 @@ class GGNOperator(OutputCurvatureOperator):
     r"""The generalised Gauss-Newton $G = J^\top H_L J$ of the mean loss over ``data``.
 
     $H_L = \nabla^2_f L$ is the Hessian of the criterion w.r.t. the model output (Schraudolph
-    2002; Martens 2020, Sec. 8). Same constructor keywords, vectors, restoration and ``with``
+    2002; Martens 2020). Same constructor keywords, vectors, restoration and ``with``
     semantics as :class:`~analysis.hvp.HessianOperator` (inside ``with op:`` a one-batch
     ``data`` keeps its forward graph, so each later product costs two backward passes through
     it). ``loss_fn`` must declare its split (module docstring). Positive semi-definite for
@@ -256,7 +270,7 @@ class FisherOperator(OutputCurvatureOperator):
 
     $F_R = \mathbb{E}_{y \sim r(\cdot \mid f)}[\nabla_f \log r(y \mid f)\,
     \nabla_f \log r(y \mid f)^\top]$, exact (closed form; equals the GGN for cross-entropy and
-    MSE, Martens 2020, Sec. 9.2) or by Monte Carlo. ``FisherOperator(..., kind="empirical")``
+    MSE, Martens 2020) or by Monte Carlo. ``FisherOperator(..., kind="empirical")``
     builds an :class:`EmpiricalFisherOperator` instead (the same call shape as before the
     curvature registry). Registered as ``curvature="fisher"`` (the exact Fisher). The Fisher is
     that of the mean loss: a sum-reduced ``loss_fn`` is refused.
@@ -370,9 +384,9 @@ class FisherOperator(OutputCurvatureOperator):
 
 
 class EmpiricalFisherOperator(CurvatureOperator):
-    r"""The empirical Fisher $\frac{1}{N} \sum_i g_i g_i^\top$, the mean of per-sample gradient
-    outer products.
+    r"""The empirical Fisher $\frac{1}{N} \sum_i g_i g_i^\top$ (per-sample gradients $g_i$).
 
+    The mean of the per-sample gradient outer products.
     $g_i$ is the gradient of ``loss_fn`` on sample $i$ as a batch of one (module docstring;
     ``torch.func`` per-sample gradients, never formed: $G v$ is a JVP and $G^\top w$ a VJP of
     the ``vmap``-ed per-sample losses), so ``loss_fn`` must be ``torch.func``-transformable; it
@@ -442,9 +456,12 @@ class EmpiricalFisherOperator(CurvatureOperator):
         return (vmap(lambda w: flat(pullback(w)[0]))(gv) / values.shape[0]).T
 
     def _per_sample_losses(self, batch: Any) -> tuple:
-        """``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one (``vmap``
-        over the leading dimension of the batch's tensors that have ``n`` rows, ``n`` the
-        default sample count), the primals, the losses and their pullback."""
+        """The per-sample losses of the batch, as a function of the parameters.
+
+        Returns ``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one
+        (``vmap`` over the leading dimension of the batch's tensors that have ``n`` rows, ``n``
+        the default sample count), the primals, the losses and their pullback.
+        """
         n = default_batch_size(batch)
         leaves, spec = tree_flatten(batch)
         batched = [i for i, t in enumerate(leaves)

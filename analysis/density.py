@@ -67,7 +67,7 @@ def lanczos_quadrature(matmat, n: int, n_lanczos: int, n_vectors: int, *, seed: 
                        ) -> tuple[np.ndarray, np.ndarray, int]:
     """Nodes and weights of stochastic Lanczos quadrature on any symmetric ``matmat``.
 
-    Lin, Saad & Yang 2016, Alg. 1 (module docstring). If a run's Krylov space becomes
+    Lin, Saad & Yang 2016, Eq. 3.8 (module docstring). If a run's Krylov space becomes
     invariant early, Lanczos continues from a random vector orthogonal to it; the new nodes
     then carry zero weight (up to rounding), so the quadrature is unchanged.
 

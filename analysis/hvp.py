@@ -10,7 +10,7 @@ Two products are available (``hvp_method=``):
 
 * ``"reverse"`` (default, reverse-over-reverse, Pearlmutter 1994): per batch one forward and a
   ``create_graph`` backward build the gradient graph; each vector then costs one more backward
-  through it (Pearlmutter 1994, Eq. 1: $H v = \nabla_\theta (\nabla_\theta L \cdot v)$). A block
+  through it ($H v = \nabla_\theta (\nabla_\theta L \cdot v)$). A block
   of vectors (:meth:`HessianOperator.matmat`) shares the forward pass.
   When ``data`` is a one-element list, the gradient graph is kept for the lifetime of a
   ``with operator:`` block, so every later product costs a single backward (PyHessian's trick).
@@ -54,9 +54,9 @@ class _LossModule(nn.Module):
 
 
 class HessianOperator(CurvatureOperator):
-    r"""The Hessian $H = \nabla^2_\theta \frac{1}{N} \sum_b n_b L_b(\theta)$ of the mean loss
-    over ``data`` w.r.t. the selected parameters.
+    r"""The Hessian $H = \nabla^2_\theta \frac{1}{N} \sum_b n_b L_b(\theta)$ of the mean loss.
 
+    W.r.t. the selected parameters, over ``data``.
     A :class:`~analysis.operator.CurvatureOperator` (vectors, restoration, ``with`` semantics,
     preconditioning as there) whose batch product is a Hessian-vector product
     (module docstring); registered as ``curvature="hessian"``. For a sum-reduced ``loss_fn``
@@ -148,10 +148,12 @@ class HessianOperator(CurvatureOperator):
         return out if out is not None else torch.zeros_like(vs)  # (no rows)
 
     def _padding_mask(self) -> Tensor | None:
-        """Zeros at the padding rows of ``nn.Embedding(padding_idx=...)`` weights, ones
-        elsewhere; None when there are none. PyTorch gives those rows no gradient (they are
-        constants of training), so the reverse product has zero rows and columns there; forward
-        mode would differentiate their use in the forward pass, a non-symmetric product."""
+        """Zeros at the padding rows of ``nn.Embedding(padding_idx=...)`` weights, ones elsewhere.
+
+        None when there are none. PyTorch gives those rows no gradient (they are constants of
+        training), so the reverse product has zero rows and columns there; forward mode would
+        differentiate their use in the forward pass, a non-symmetric product.
+        """
         rows = {id(m.weight): m.padding_idx for m in self.model.modules()
                 if isinstance(m, nn.Embedding) and m.padding_idx is not None}
         if not any(id(p) in rows for p in self.params):
