@@ -321,6 +321,10 @@ class FisherOperator(OutputCurvatureOperator):
             batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
             preconditioner=preconditioner, check_deterministic=check_deterministic)
 
+    def __getnewargs__(self) -> tuple:
+        """The arguments :meth:`__new__` needs again for ``copy`` and ``pickle``."""
+        return self.model, self.loss_fn, self.data, self.kind
+
     @guarded
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "exact", *,
                  params: ParamSelection = None, model_mode: str = "eval",

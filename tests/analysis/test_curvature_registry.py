@@ -2,6 +2,7 @@
 checked against dense float64 oracles, and the README's how-to run as written."""
 from __future__ import annotations
 
+import copy
 import pathlib
 import re
 
@@ -165,6 +166,8 @@ def test_batch_product_gets_columns_and_its_shape_is_checked():
     V = torch.randn(3, n, dtype=torch.float64)
     torch.testing.assert_close(op.matmat(V), V)
     assert seen == [(n, 3)] * len(data) and op.n_hvp == 3
+    empty = op.matmat(V[:0])  # no vector: batch_product is never asked for k = 0
+    assert empty.shape == (0, n) and len(seen) == len(data) and op.n_hvp == 3
 
     class Wrong(CurvatureOperator):
         def batch_product(self, batch, V):
@@ -203,4 +206,7 @@ def test_fisher_kind_empirical_is_the_empirical_fisher_sibling():
                                rtol=0, atol=0)
     with pytest.raises(ValueError, match="mc_samples"):  # validated as before the split
         FisherOperator(model, CE, data, kind="empirical", mc_samples=0)
-    assert type(FisherOperator(model, CE, data, kind="mc")) is FisherOperator
+    mc = FisherOperator(model, CE, data, kind="mc", mc_samples=2, seed=5)
+    assert type(mc) is FisherOperator
+    twin = copy.deepcopy(mc)  # __new__ takes the constructor's arguments: copies still work
+    torch.testing.assert_close(twin.matmat(V), mc.matmat(V), rtol=0, atol=0)
