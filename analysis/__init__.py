@@ -2,8 +2,9 @@
 from .datasets import mnist1d
 from .core import (load_result, mean_loss, preserved, save_result, select_params, split_loss,
                    supervised)
+from .operator import CurvatureOperator, register_curvature, registered_curvatures
 from .hvp import HessianOperator, hvp
-from .curvature import FisherOperator, GGNOperator
+from .curvature import EmpiricalFisherOperator, FisherOperator, GGNOperator
 from .lanczos import EigenResult, top_eigenvalues
 from .trace import TraceResult, hessian_trace
 from .density import DensityResult, spectral_density
@@ -15,8 +16,9 @@ from .diagnostics import Tracker, evaluate, full_grad_norm
 
 __all__ = [
     "supervised", "split_loss", "mean_loss", "evaluate", "preserved", "select_params", "mnist1d",
-    "HessianOperator", "GGNOperator", "FisherOperator", "hvp", "EigenResult", "top_eigenvalues",
-    "TraceResult", "hessian_trace", "DensityResult", "spectral_density", "LayerwiseResult",
+    "CurvatureOperator", "register_curvature", "registered_curvatures", "HessianOperator",
+    "GGNOperator", "FisherOperator", "EmpiricalFisherOperator", "hvp", "EigenResult",
+    "top_eigenvalues", "TraceResult", "hessian_trace", "DensityResult", "spectral_density", "LayerwiseResult",
     "layerwise",
     "AverageSharpness", "SharpnessVsCurvature", "WorstCaseSharpness", "average_sharpness",
     "sharpness_vs_curvature", "worst_case_sharpness",
