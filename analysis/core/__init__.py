@@ -4,7 +4,8 @@ Modules, each holding one piece of the protocol:
 
 * ``protocol``: the loss/data protocol: ``LossFn``, ``supervised``, ``split_loss``,
   ``loss_reduction``, ``default_batch_size``, ``check_data``, ``check_loss``, ``data_mean``
-  (the one sample-weighted reduction), ``scalar_zeros`` and ``mean_loss``.
+  (the one sample-weighted reduction) and ``scalar_zeros``.
+* ``loss``: ``mean_loss``, the sample-weighted mean loss over data.
 * ``guards``: ``guarded``, the decorator of every public data routine (deterministic data,
   arguments that agree between ranks), ``is_guarded`` and ``repeated_passes``.
 * ``params``: ``select_params``, the ``params=`` argument of every routine.
@@ -28,8 +29,9 @@ from .flat import flatten, numel, unflatten
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
-                       data_mean, default_batch_size, loss_reduction, mean_loss, scalar_zeros,
+                       data_mean, default_batch_size, loss_reduction, scalar_zeros,
                        split_loss, supervised, to_device)
+from .loss import mean_loss
 from .restore import MODEL_MODES, check_model_mode, preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)

@@ -22,7 +22,6 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum_, is_distributed, rank
-from .guards import guarded
 from .params import ParamSelection, select_params
 from .precision import accumulable
 from .restore import preserved
@@ -248,23 +247,3 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
         for s in sums:
             s.div_(n_total)
     return DataMean(sums, n_total, n_batches)
-
-
-@guarded
-def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
-              params: ParamSelection = None, model_mode: str = "eval",
-              batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
-    """The sample-weighted mean loss over all samples of ``data`` (no grad; model unchanged);
-    the total loss for a sum-reduced ``loss_fn``.
-
-    params: validated like everywhere (the loss itself does not depend on the selection).
-    model_mode: the mode the model is evaluated in (restored afterwards).
-    """
-    select_params(model, params)
-
-    def per_batch(batch):
-        return [check_loss(loss_fn(model, batch), " in mean_loss")]
-
-    with preserved(model, model_mode, weights=False), torch.no_grad():
-        return float(data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
-                               zeros=scalar_zeros(1), progress=progress).values[0])
