@@ -35,7 +35,7 @@ from .core import (all_finite, BatchSizeFn, check_bool, check_choice, check_data
                    check_model_mode, data_mean, flatten, guarded, loss_reduction, LossFn, numel,
                    ParamSelection, preserved, select_params, unflatten, unwrap_compiled,
                    working_dtype)
-from .ops import curvature_ops, gradients
+from .derivatives import curvature_ops, gradients
 from .preconditioning import Preconditioner, inverse_sqrt
 
 HVP_METHODS = ("reverse", "forward")

@@ -73,8 +73,8 @@ ROUTINES = {
     "average_sharpness": lambda m, d, **kw: average_sharpness(m, CE, d, n_samples=2, **kw),
     "sharpness_vs_curvature": lambda m, d, **kw: sharpness_vs_curvature(
         m, CE, d, [0.1], steps=1, max_hvp=3, **kw),
-    "keskar_sharpness": lambda m, d, **kw: keskar_sharpness(m, CE, d, maxiter=1, **kw),
-    "pac_bayes_sigma": lambda m, d, **kw: pac_bayes_sigma(m, CE, d, n_samples=1, depth=1, **kw),
+    "keskar_sharpness": lambda m, d, **kw: keskar_sharpness(m, CE, d, max_iter=1, **kw),
+    "pac_bayes_sigma": lambda m, d, **kw: pac_bayes_sigma(m, CE, d, n_samples=1, max_iter=1, **kw),
     "eigenvector_directions": lambda m, d, **kw: eigenvector_directions(m, CE, d, 1, max_hvp=3,
                                                                         **kw),
     "line": lambda m, d, **kw: line(m, CE, d, direction(m), [0.0, 0.5], **kw),

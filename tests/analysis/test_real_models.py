@@ -388,8 +388,8 @@ def test_loss_dtype_may_differ_from_the_parameters():
     assert np.isfinite(interpolate(model, mlp(seed=1), loss32, data, [0.5], progress=False).barrier)
     assert worst_case_sharpness(model, loss32, data, rho=0.01, steps=2, progress=False).value >= 0
     assert np.isfinite(average_sharpness(model, loss32, data, n_samples=2, progress=False).value)
-    assert np.isfinite(keskar_sharpness(model, loss32, data, maxiter=2, progress=False).value)
-    assert pac_bayes_sigma(model, loss32, data, n_samples=2, depth=3, progress=False).sigma > 0
+    assert np.isfinite(keskar_sharpness(model, loss32, data, max_iter=2, progress=False).value)
+    assert pac_bayes_sigma(model, loss32, data, n_samples=2, max_iter=3, progress=False).sigma > 0
     assert_unchanged(model, snap)
 
 

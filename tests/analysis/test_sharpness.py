@@ -15,7 +15,7 @@ from torch import nn
 
 from analysis import (average_sharpness, mean_loss, sharpness_vs_curvature, supervised,
                       worst_case_sharpness)
-from analysis.sharpness import apgd_checkpoints
+from analysis.sharpness.apgd import apgd_checkpoints
 from tests.oracles import _flat_loss as flat_loss
 from tests.oracles import assert_unchanged, classification_data, cnn_bn, mlp, snapshot, uneven_batches
 

@@ -1,5 +1,6 @@
-"""Sample-weighted evaluation metrics over batches of any structure (the Tracker's
-``eval_data``/``test_data`` records).
+"""Full-data metrics of a model: :func:`evaluate` (mean loss and accuracy),
+:func:`full_grad_norm`, and the sample-weighted metrics over batches of any structure behind
+them and the Tracker's ``eval_data``/``test_data`` records (:func:`evaluate_metrics`).
 
 ``eval_fn(model, batch) -> dict[str, float | Tensor]`` gives the metrics of one batch; the
 default handles
@@ -23,9 +24,11 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
-from .core import (BatchSizeFn, LossFn, check_loss, data_mean, default_batch_size, loss_reduction,
-                   preserved, scalar_zeros)
+from .core import (BatchSizeFn, LossFn, ParamSelection, check_loss, data_mean, default_batch_size,
+                   guarded, loss_reduction, preserved, scalar_zeros, select_params,
+                   unwrap_compiled)
 from .core.protocol import model_device, to_device
+from .derivatives import explained_errors, gradients
 
 EvalFn = Callable[[nn.Module, Any], Mapping[str, Any]]
 IGNORE_INDEX = -100
@@ -107,3 +110,40 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
     if reduction == "sum":
         values[1] /= out.n_samples
     return dict(zip(keys, values))
+
+
+@guarded
+def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
+             model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
+             progress: bool = True) -> tuple[float, float]:
+    """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
+    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean);
+    NaN accuracy where the batches define none (see :mod:`analysis.evaluation`).
+
+    params: validated like everywhere (the metrics do not depend on the selection).
+    """
+    select_params(model, params)
+    metrics = evaluate_metrics(model, loss_fn, data, model_mode=model_mode,
+                               batch_size_fn=batch_size_fn, progress=progress)
+    return metrics["loss"], metrics["acc"]
+
+
+@guarded
+def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                   params: ParamSelection = None, model_mode: str = "eval",
+                   batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
+    """Norm of the gradient of the sample-weighted mean loss over ``data`` with respect to the
+    selected parameters (default all with requires_grad; parameters the loss does not use
+    contribute zero); the model is left unchanged."""
+    model = unwrap_compiled(model)
+    params = select_params(model, params)[1]
+    with preserved(model, model_mode, weights=False):
+        def per_batch(batch):
+            with explained_errors():
+                loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
+            return [torch.zeros_like(p) if g is None else g
+                    for g, p in zip(gradients(loss, params), params)]
+        grads = data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
+                          zeros=lambda: [torch.zeros_like(p) for p in params],
+                          progress=progress).values
+    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))

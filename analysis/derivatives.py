@@ -1,4 +1,5 @@
-"""What curvature products need from the ops of a model: second derivatives.
+"""Derivatives of the loss through the ops of a model: gradients, and the second derivatives
+that curvature products need.
 
 * Fused scaled-dot-product-attention kernels (flash, memory-efficient, cuDNN: the Hugging Face
   default ``attn_implementation="sdpa"``, timm's fused attention) have a backward but neither a

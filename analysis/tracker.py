@@ -19,7 +19,7 @@ Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight
 
 * ``loss`` (mean of the step losses since the last record), ``train_loss``/``train_acc`` on
   ``eval_data``, ``test_loss``/``test_acc`` on ``test_data`` (eval mode; any batch structure,
-  see :mod:`analysis.evaluation`), or ``train_<key>``/``test_<key>`` for the keys of
+  see :mod:`analysis.metrics`), or ``train_<key>``/``test_<key>`` for the keys of
   ``eval_fn(model, batch) -> dict``.
 * ``lambda_max`` of the Hessian on ``curvature_data`` by Lanczos, warm-started from the last
   top eigenvector, and ``eos_ratio`` = lambda_max / (2 / lr): gradient descent with step lr is
@@ -59,52 +59,12 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import (ArgumentTypeError, BatchSizeFn, check_bool, check_data, check_int, check_loss,
-                   check_model_mode, check_positive, data_mean, guarded, loss_reduction, LossFn,
-                   make_generator, ParamSelection, preserved, select_params,
-                   unwrap_compiled)
-from .evaluation import EvalFn, evaluate_metrics
-from .ops import explained_errors, gradients
+from .core import (ArgumentTypeError, BatchSizeFn, LossFn, check_bool, check_data, check_int,
+                   check_model_mode, check_positive, make_generator, unwrap_compiled)
+from .metrics import EvalFn, evaluate_metrics, full_grad_norm
 from .preconditioning import optimizer_preconditioner, stability_threshold
 
 Record = dict[str, float]
-
-
-@guarded
-def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
-             model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-             progress: bool = True) -> tuple[float, float]:
-    """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
-    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean);
-    NaN accuracy where the batches define none (see :mod:`analysis.evaluation`).
-
-    params: validated like everywhere (the metrics do not depend on the selection).
-    """
-    select_params(model, params)
-    metrics = evaluate_metrics(model, loss_fn, data, model_mode=model_mode,
-                               batch_size_fn=batch_size_fn, progress=progress)
-    return metrics["loss"], metrics["acc"]
-
-
-@guarded
-def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
-                   params: ParamSelection = None, model_mode: str = "eval",
-                   batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
-    """Norm of the gradient of the sample-weighted mean loss over ``data`` with respect to the
-    selected parameters (default all with requires_grad; parameters the loss does not use
-    contribute zero); the model is left unchanged."""
-    model = unwrap_compiled(model)
-    params = select_params(model, params)[1]
-    with preserved(model, model_mode, weights=False):
-        def per_batch(batch):
-            with explained_errors():
-                loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
-            return [torch.zeros_like(p) if g is None else g
-                    for g, p in zip(gradients(loss, params), params)]
-        grads = data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
-                          zeros=lambda: [torch.zeros_like(p) for p in params],
-                          progress=progress).values
-    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
 
 
 def _row_angles(a: Tensor, b: Tensor) -> Tensor:
