@@ -1,6 +1,8 @@
-"""Full-data metrics of a model: :func:`evaluate` (mean loss and accuracy),
-:func:`full_grad_norm`, and the sample-weighted metrics over batches of any structure behind
-them and the Tracker's ``eval_data``/``test_data`` records (:func:`evaluate_metrics`).
+"""Full-data metrics of a model.
+
+:func:`evaluate` (mean loss and accuracy), :func:`full_grad_norm`, and the sample-weighted
+metrics over batches of any structure behind them and the Tracker's ``eval_data``/``test_data``
+records (:func:`evaluate_metrics`).
 
 ``eval_fn(model, batch) -> dict[str, float | Tensor]`` gives the metrics of one batch; the
 default handles
@@ -48,7 +50,19 @@ def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
 
 
 def default_metrics(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, Tensor]:
-    """``{"loss": ..., "acc": ...}`` of one batch (module doc; ``acc`` is NaN where undefined)."""
+    """The loss and accuracy of one batch (module docstring).
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor`` (its ``.criterion`` is used when set).
+        batch: ``(inputs, targets, ...)`` or a dict batch with ``"labels"``.
+
+    Returns:
+        ``{"loss": ..., "acc": ...}``, 0-d tensors; ``acc`` is NaN where undefined.
+
+    Raises:
+        ValueError: Another kind of batch, or a loss that is not a finite scalar.
+    """
     device = model_device(model)
     if isinstance(batch, Mapping):
         kwargs = {k: to_device(v, device) for k, v in batch.items()}
@@ -78,10 +92,27 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                      eval_fn: EvalFn | None = None, model_mode: str = "eval",
                      batch_size_fn: BatchSizeFn | None = None, progress: bool = True
                      ) -> dict[str, float]:
-    """Sample-weighted means over ``data`` of the metrics of ``eval_fn`` (default
-    :func:`default_metrics`), without grad, in ``model_mode``; the model is left unchanged.
-    Every batch must give the same keys. For a sum-reduced ``loss_fn`` the default loss is the
-    total loss (the accuracy is still a mean)."""
+    """Sample-weighted means over ``data`` of the metrics of one batch.
+
+    Computed without grad, in ``model_mode``; the model is left unchanged. For a sum-reduced
+    ``loss_fn`` the default loss is the total loss (the accuracy is still a mean).
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: A re-iterable of batches.
+        eval_fn: ``eval_fn(model, batch) -> dict`` of metrics (default
+            :func:`default_metrics`); every batch must give the same keys.
+        model_mode: "eval" or "train".
+        batch_size_fn: ``batch -> int`` sample count (default: the leading dimension).
+        progress: Show a progress bar over the batches (rank 0).
+
+    Returns:
+        The metrics by name, as floats.
+
+    Raises:
+        ValueError: ``eval_fn`` returns no dict, or other keys on another batch.
+    """
     keys: list[str] = [] if eval_fn is not None else ["loss", "acc"]
     reduction = "mean" if eval_fn is not None else loss_reduction(loss_fn)
     size = batch_size_fn or default_batch_size
@@ -116,11 +147,25 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
 def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
              model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
              progress: bool = True) -> tuple[float, float]:
-    """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
-    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean);
-    NaN accuracy where the batches define none (see :mod:`analysis.evaluation`).
+    r"""The mean loss and the accuracy over ``data``; the model is left unchanged.
 
-    params: validated like everywhere (the metrics do not depend on the selection).
+    $$L = \frac{\sum_b n_b L_b}{\sum_b n_b}, \qquad
+    \mathrm{acc} = \frac{\sum_b n_b\, \mathrm{acc}_b}{\sum_b n_b}.$$
+
+    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean).
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: A re-iterable of batches.
+        params: Validated like everywhere (the metrics do not depend on the selection).
+        model_mode: "eval" (default) or "train".
+        batch_size_fn: ``batch -> int`` sample count (default: the leading dimension).
+        progress: Show a progress bar over the batches (rank 0).
+
+    Returns:
+        ``(loss, accuracy)``; the accuracy is NaN where the batches define none (module
+        docstring).
     """
     select_params(model, params)
     metrics = evaluate_metrics(model, loss_fn, data, model_mode=model_mode,
@@ -132,9 +177,24 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: Param
 def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                    params: ParamSelection = None, model_mode: str = "eval",
                    batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
-    """Norm of the gradient of the sample-weighted mean loss over ``data`` with respect to the
-    selected parameters (default all with requires_grad; parameters the loss does not use
-    contribute zero); the model is left unchanged."""
+    r"""The norm $\|\nabla_w L(w)\|_2$ of the gradient of the mean loss over ``data``.
+
+    $L$ is the sample-weighted mean loss (the total loss for a sum-reduced ``loss_fn``), $w$
+    the selected parameters; parameters the loss does not use contribute zero. The model is
+    left unchanged.
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: A re-iterable of batches.
+        params: The parameter selection (default: all with requires_grad).
+        model_mode: "eval" (default) or "train".
+        batch_size_fn: ``batch -> int`` sample count (default: the leading dimension).
+        progress: Show a progress bar over the batches (rank 0).
+
+    Returns:
+        The gradient norm as a float.
+    """
     model = unwrap_compiled(model)
     params = select_params(model, params)[1]
     with preserved(model, model_mode, weights=False):

@@ -1,5 +1,7 @@
-"""Guards run before a public routine passes over ``data``: the data must be deterministic, and
-under ``torch.distributed`` the arguments must agree between ranks.
+"""Guards run before a public routine passes over ``data``.
+
+The data must be deterministic, and under ``torch.distributed`` the arguments must agree
+between ranks.
 
 * Deterministic data (curvlinops' check): routines that pass over ``data`` more than once
   (``check_deterministic=True`` by default) first make two forward-only passes and compare the
@@ -87,8 +89,19 @@ def _explain(code: int, model_mode: str, layers: list[str], detail: str = "") ->
 
 def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=None,
                     model_mode: str = "eval") -> tuple[int, str]:
-    """Two forward-only passes over ``data`` in ``model_mode`` (model restored): ``(0, "")``
-    if they agree, else a cause code and the numbers that differed."""
+    """Two forward-only passes over ``data`` in ``model_mode`` (the model restored).
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: The batches.
+        batch_size_fn: ``batch -> int`` sample count (default: the leading dimension).
+        model_mode: "eval" or "train".
+
+    Returns:
+        ``(0, "")`` if the passes agree (sample counts, and the total loss to ``64 eps``),
+        else a cause code and the numbers that differed.
+    """
     with preserved(model, check_model_mode(model_mode), weights=False), torch.no_grad():
         (c1, t1, dtype), (c2, t2, _) = (_one_pass(model, loss_fn, data, batch_size_fn)
                                         for _ in range(2))
@@ -235,7 +248,14 @@ def guarded(fn: Callable | None = None, *,
 
 
 def is_guarded(fn: Callable) -> bool:
-    """Whether ``fn`` (or a class's ``__init__``) runs the guards."""
+    """Whether ``fn`` (or a class's ``__init__``) runs the guards.
+
+    Args:
+        fn: A function or a class.
+
+    Returns:
+        True when it is wrapped by :func:`guarded`.
+    """
     target = fn.__init__ if inspect.isclass(fn) else fn
     return getattr(target, "guarded", False)
 

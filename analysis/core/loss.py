@@ -1,5 +1,7 @@
-"""The mean loss over data: the one full-data quantity of the core (``landscape`` evaluates it
-at every point; the curvature and sharpness routines start from it)."""
+"""The mean loss over data, the one full-data quantity of the core.
+
+``landscape`` evaluates it at every point; the sharpness measures start from it.
+"""
 from __future__ import annotations
 
 from typing import Iterable

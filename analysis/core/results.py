@@ -39,8 +39,10 @@ _TYPES: dict[str, type] = {}
 
 @functools.lru_cache(maxsize=1)
 def _installed_version() -> str:
-    """sharpscape's installed version, read once per process (reading package metadata scans
-    the environment's ``site-packages``)."""
+    """The installed version of sharpscape, read once per process.
+
+    Reading package metadata scans the environment's ``site-packages``.
+    """
     try:
         return _pkg_metadata.version("sharpscape")
     except _pkg_metadata.PackageNotFoundError:
@@ -48,13 +50,26 @@ def _installed_version() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of torch, numpy and sharpscape (for ``metadata``)."""
+    """The versions of torch, numpy and sharpscape (for ``metadata``).
+
+    Returns:
+        ``{"torch": ..., "numpy": ..., "sharpscape": ...}``.
+    """
     return {"torch": str(torch.__version__), "numpy": str(np.__version__),
             "sharpscape": _installed_version()}
 
 
 def make_metadata(seed: Any = None, config: Mapping[str, Any] | None = None, **extra: Any) -> dict:
-    """``{"seed", "config", "versions", **extra}``: the provenance every result carries."""
+    """The provenance every result carries.
+
+    Args:
+        seed: The call's seed (None for deterministic routines).
+        config: The call's configuration.
+        **extra: Further entries.
+
+    Returns:
+        ``{"seed", "config", "versions", **extra}``.
+    """
     return {"seed": seed, "config": dict(config or {}), "versions": versions(), **extra}
 
 
@@ -103,9 +118,18 @@ def _jsonable(value: Any) -> bool:
 
 
 def records_metadata(fn: Callable) -> Callable:
-    """Decorator of a public routine: fill its result's ``metadata`` with the seed and the
-    call's JSON-representable arguments (numbers, strings, flags; not the model, loss_fn,
-    data, tensors or callables), unless the routine filled it itself."""
+    """Decorate a public routine so that its result's ``metadata`` records the call.
+
+    The seed and the call's JSON-representable arguments (numbers, strings, flags; not the
+    model, loss_fn, data, tensors or callables) fill ``metadata``, unless the routine filled it
+    itself.
+
+    Args:
+        fn: A routine returning a result with a ``metadata`` field.
+
+    Returns:
+        The wrapped routine.
+    """
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)

@@ -39,7 +39,8 @@ def apgd_checkpoints(steps: int) -> set[int]:
     r"""The iterations after which APGD checks its progress.
 
     $\lceil p_j \cdot \mathrm{steps} \rceil$ with $p_0 = 0$, $p_1 = 0.22$,
-    $p_{j+1} = p_j + \max(p_j - p_{j-1} - 0.03, 0.06)$ (Croce & Hein 2020, the checkpoints of Alg. 1).
+    $p_{j+1} = p_j + \max(p_j - p_{j-1} - 0.03, 0.06)$ (Croce & Hein 2020, the checkpoints
+    of Alg. 1).
 
     Args:
         steps: The ascent steps.

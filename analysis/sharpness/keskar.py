@@ -1,5 +1,7 @@
-r"""Keskar et al.'s epsilon-sharpness (2017, "On large-batch training for deep learning:
-generalization gap and sharp minima", Metric 2.1).
+r"""Keskar et al.'s epsilon-sharpness.
+
+Keskar et al. 2017, "On large-batch training for deep learning: generalization gap and sharp
+minima", Metric 2.1:
 
 $$\phi_{w}(\epsilon, A) = 100\, \frac{\max_{y \in C_\epsilon} L(w + A y) - L(w)}{1 + L(w)},
 \qquad C_\epsilon = \{y : |y_i| \le \epsilon (|(A^{+} w)_i| + 1)\},$$

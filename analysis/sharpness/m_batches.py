@@ -1,5 +1,7 @@
-"""The batches of m-sharpness (Foret et al. 2021): the data cut into consecutive batches of
-``m`` samples."""
+"""The batches of m-sharpness (Foret et al. 2021).
+
+The data cut into consecutive batches of ``m`` samples.
+"""
 from __future__ import annotations
 
 from typing import Any, Iterable, Mapping

@@ -1,5 +1,7 @@
-r"""The PAC-Bayes sigma of Jiang et al. (2020, "Fantastic generalization measures and where to
-find them", the measures "pacbayes.flatness" and "pacbayes.mag.flatness").
+r"""The PAC-Bayes sigma.
+
+Jiang et al. 2020, "Fantastic generalization measures and where to find them", the measures
+"pacbayes.flatness" and "pacbayes.mag.flatness".
 
 The largest noise scale whose Gaussian weight noise raises the metric $M$ (loss or error) by
 at most the target $d$:

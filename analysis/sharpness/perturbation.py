@@ -1,5 +1,6 @@
-r"""The perturbation model shared by the sharpness measures: the loss at perturbed weights, the
-scale of adaptive perturbations and the constraint sets.
+r"""The perturbation model shared by the sharpness measures.
+
+The loss at perturbed weights, the scale of adaptive perturbations and the constraint sets.
 
 A perturbation $\delta$ of the selected parameters $w$ is written in scaled coordinates
 $u = \delta / c$, with $c = 1$ (plain), $c = |w|$ (elementwise adaptive, as ASAM, Kwon et al.
@@ -149,30 +150,67 @@ class Ball:
     rho: float
 
     def size(self, u: Tensor) -> float:
-        r"""The norm $\|u\|_p$."""
+        r"""The norm $\|u\|_p$.
+
+        Args:
+            u: A point in the scaled coordinates.
+
+        Returns:
+            The norm as a float.
+        """
         return float(torch.linalg.vector_norm(u, ord=2 if self.norm == "l2" else math.inf))
 
     def project(self, u: Tensor) -> Tensor:
-        """The Euclidean projection of ``u`` onto the set."""
+        """The Euclidean projection of ``u`` onto the set.
+
+        Args:
+            u: A point in the scaled coordinates.
+
+        Returns:
+            The nearest point of the set.
+        """
         if self.norm == "linf":
             return u.clamp(-self.rho, self.rho)
         size = self.size(u)
         return u * (self.rho / size) if size > self.rho else u
 
     def direction(self, g: Tensor) -> Tensor:
-        r"""The steepest-ascent unit step for this norm: $g / \|g\|_2$ or $\mathrm{sign}(g)$."""
+        r"""The steepest-ascent unit step for this norm: $g / \|g\|_2$ or $\mathrm{sign}(g)$.
+
+        Args:
+            g: A gradient in the scaled coordinates.
+
+        Returns:
+            The step (zero where ``g`` is zero).
+        """
         if self.norm == "linf":
             return torch.sign(g)
         size = float(torch.linalg.vector_norm(g))
         return g / size if size > 0 else torch.zeros_like(g)
 
     def noise(self, gen: torch.Generator, like: Tensor) -> Tensor:
-        """Unit-scale noise: standard normal for L2, uniform on [-1, 1] for L-infinity."""
+        """Unit-scale noise: standard normal for L2, uniform on [-1, 1] for L-infinity.
+
+        Args:
+            gen: The generator.
+            like: A tensor whose shape, device and dtype the noise takes.
+
+        Returns:
+            The noise.
+        """
         draw = randn if self.norm == "l2" else uniform
         return draw(like.shape, gen, like=like)
 
     def random_point(self, gen: torch.Generator, like: Tensor) -> Tensor:
-        """A random start in the set: on the L2 sphere, or uniform in the box."""
+        """A random start in the set: on the L2 sphere, or uniform in the box.
+
+        Args:
+            gen: The generator.
+            like: A tensor whose shape, device and dtype the point takes.
+
+        Returns:
+            The point.
+        """
         u = self.noise(gen, like)
         if self.norm == "l2":
             return u * (self.rho / max(self.size(u), torch.finfo(u.dtype).tiny))

@@ -9,8 +9,10 @@ from torch import nn
 
 from analysis import keskar_sharpness, pac_bayes_sigma, supervised
 from analysis.sharpness.pac_bayes import classification_error
-from tests.oracles import assert_unchanged, classification_data, cnn_bn, mlp, snapshot, uneven_batches
-from tests.analysis.test_sharpness import DATA, QUIET, Quadratic, check_restored_on_failure, quad_loss, w_star
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, mlp, snapshot,
+                           uneven_batches)
+from tests.analysis.test_sharpness import (DATA, QUIET, Quadratic, check_restored_on_failure,
+                                           quad_loss, w_star)
 
 CE = supervised(nn.CrossEntropyLoss())
 
@@ -111,7 +113,8 @@ def test_pac_bayes_reports_when_the_target_is_out_of_reach():
     (keskar_sharpness, dict(subspace_dim=0), "subspace_dim"),
     (keskar_sharpness, dict(subspace_dim=10 ** 6), "subspace_dim"),
     (pac_bayes_sigma, dict(target=-0.1), "target"), (pac_bayes_sigma, dict(metric="acc"), "metric"),
-    (pac_bayes_sigma, dict(n_samples=0), "n_samples"), (pac_bayes_sigma, dict(max_iter=0), "max_iter"),
+    (pac_bayes_sigma, dict(n_samples=0), "n_samples"),
+    (pac_bayes_sigma, dict(max_iter=0), "max_iter"),
     (pac_bayes_sigma, dict(magnitude_aware=True, magnitude_eps=-1.0), "magnitude_eps"),
 ])
 def test_flatness_rejects_bad_arguments(fn, kwargs, match):

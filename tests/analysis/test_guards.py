@@ -11,13 +11,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import (average_sharpness, evaluate, FisherOperator, full_grad_norm, GGNOperator,
-                      HessianOperator, hessian_trace, hvp, keskar_sharpness, layerwise, mean_loss, pac_bayes_sigma,
+                      HessianOperator, hessian_trace, hvp, keskar_sharpness, layerwise, mean_loss,
+                      pac_bayes_sigma,
                       sharpness_vs_curvature, spectral_density, supervised, top_eigenvalues,
                       worst_case_sharpness)
 from analysis.core import fingerprint
 from landscape import eigenvector_directions, interpolate, line, plane, random_direction
 from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian,
-                     mlp, snapshot, uneven_batches)
+                           mlp, snapshot, uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 CE_SUM = supervised(nn.CrossEntropyLoss(reduction="sum"))

@@ -17,7 +17,8 @@ from analysis import (average_sharpness, mean_loss, sharpness_vs_curvature, supe
                       worst_case_sharpness)
 from analysis.sharpness.apgd import apgd_checkpoints
 from tests.oracles import _flat_loss as flat_loss
-from tests.oracles import assert_unchanged, classification_data, cnn_bn, mlp, snapshot, uneven_batches
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, mlp, snapshot,
+                           uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 MSE = supervised(nn.MSELoss())
