@@ -10,7 +10,7 @@ Modules, each holding one piece of the protocol:
   arguments that agree between ranks), ``is_guarded`` and ``repeated_passes``.
 * ``params``: ``select_params``, the ``params=`` argument of every routine.
 * ``flat``: ``flatten`` / ``unflatten`` of parameter-shaped tensor lists.
-* ``restore``: ``preserved`` (snapshot and exact restore of a model) and ``check_model_mode``.
+* ``restore``: ``preserved`` (snapshot and exact restore of a model).
 * ``seeding``: ``make_generator`` and seeded draws (``randn``, ``rademacher``, ``uniform``).
 * ``distributed``: ``all_reduce_sum_`` (the one all-reduce of results), ``all_reduce_max_``,
   ``check_same_on_ranks``, ``fingerprint``, ``broadcast_object``, ``rank``, ``world_size``,
@@ -19,7 +19,8 @@ Modules, each holding one piece of the protocol:
   ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
 * ``compiled``: ``unwrap_compiled`` / ``refuse_compiled`` for ``torch.compile``'d modules.
 * ``precision``: ``working_dtype`` (float32 for bfloat16/float16) and ``product_eps``.
-* ``validation``: ``check_*(name, value, ...) -> value`` argument checks.
+* ``validation``: ``check_*(name, value, ...) -> value`` argument checks (``check_model_mode``
+  included), ``ArgumentTypeError`` and ``renamed_keywords``.
 """
 from .compiled import refuse_compiled, unwrap_compiled
 from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, check_same_on_ranks,
@@ -32,13 +33,14 @@ from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, ch
                        data_mean, default_batch_size, loss_reduction, scalar_zeros,
                        split_loss, supervised, to_device)
 from .loss import mean_loss
-from .restore import MODEL_MODES, check_model_mode, preserved
+from .restore import preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
 from .seeding import make_generator, rademacher, randn, uniform
-from .validation import (ArgumentTypeError, all_finite, check_bool, check_choice, check_device,
-                         check_dtype, check_int, check_nonnegative, check_number, check_positive,
-                         check_probability, renamed_keywords)
+from .validation import (MODEL_MODES, ArgumentTypeError, all_finite, check_bool, check_choice,
+                         check_device, check_dtype, check_int, check_model_mode,
+                         check_nonnegative, check_number, check_positive, check_probability,
+                         renamed_keywords)
 
 __all__ = [
     # protocol

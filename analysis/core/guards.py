@@ -38,8 +38,8 @@ from torch import nn
 from .compiled import is_compiled
 from .distributed import check_same_on_ranks, is_distributed
 from .protocol import check_data, check_loss, default_batch_size, loss_reduction
-from .restore import check_model_mode, preserved
-from .validation import check_bool
+from .restore import preserved
+from .validation import check_bool, check_model_mode
 
 # arguments that may differ between ranks: each rank's shard, and rank-local options
 LOCAL = ("self", "data", "bn_data", "progress", "path", "check_deterministic")

@@ -13,25 +13,7 @@ import torch
 from torch import nn
 
 from .compiled import refuse_compiled
-from .validation import check_choice
-
-MODEL_MODES = ("eval", "train")
-
-
-def check_model_mode(model_mode: str) -> str:
-    """Validate ``model_mode=``.
-
-    Args:
-        model_mode: "eval" or "train".
-
-    Returns:
-        ``model_mode``.
-
-    Raises:
-        ValueError: Any other string (``ArgumentTypeError`` for a non-string).
-    """
-    return check_choice("model_mode", model_mode, MODEL_MODES)
-
+from .validation import check_model_mode
 
 @contextmanager
 def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = True,

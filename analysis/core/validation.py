@@ -16,9 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["ArgumentTypeError", "check_number", "check_int", "check_positive", "check_nonnegative",
-           "check_probability",
-           "check_choice", "check_bool", "check_dtype", "check_device", "all_finite",
-           "renamed_keywords"]
+           "check_probability", "check_choice", "check_model_mode", "MODEL_MODES", "check_bool",
+           "check_dtype", "check_device", "all_finite", "renamed_keywords"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -162,6 +161,24 @@ def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
         raise _fail(name, "one of " + ", ".join(repr(c) for c in choices), value,
                     ValueError if isinstance(value, str) else ArgumentTypeError)
     return value
+
+
+MODEL_MODES = ("eval", "train")
+
+
+def check_model_mode(model_mode: str) -> str:
+    """Validate ``model_mode=``.
+
+    Args:
+        model_mode: "eval" or "train".
+
+    Returns:
+        ``model_mode``.
+
+    Raises:
+        ValueError: Any other string (``ArgumentTypeError`` for a non-string).
+    """
+    return check_choice("model_mode", model_mode, MODEL_MODES)
 
 
 def check_bool(name: str, value: Any) -> bool:

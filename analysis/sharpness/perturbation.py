@@ -17,8 +17,8 @@ from typing import Any, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from ..core import (BatchSizeFn, LossFn, check_loss, data_mean, flatten, loss_reduction, randn,
-                    unflatten, uniform)
+from ..core import (ArgumentTypeError, BatchSizeFn, LossFn, check_loss, data_mean, flatten,
+                    loss_reduction, randn, unflatten, uniform)
 from ..derivatives import explained_errors, gradients
 
 NORMS = ("l2", "linf")
@@ -35,7 +35,8 @@ def adaptivity(adaptive: bool | str | None) -> str | None:
         None, "elementwise" or "filter".
 
     Raises:
-        ValueError: Any other value.
+        ArgumentTypeError: Neither None, a bool nor a string.
+        ValueError: Another string.
     """
     if adaptive is None or adaptive is False:
         return None
@@ -43,7 +44,8 @@ def adaptivity(adaptive: bool | str | None) -> str | None:
         return "elementwise"
     if isinstance(adaptive, str) and adaptive in ADAPTIVE:
         return adaptive
-    raise ValueError(f"adaptive must be False, True, 'elementwise' or 'filter', got {adaptive!r}")
+    error = ValueError if isinstance(adaptive, str) else ArgumentTypeError
+    raise error(f"adaptive must be False, True, 'elementwise' or 'filter', got {adaptive!r}")
 
 
 def weight_scale(params: Sequence[Tensor], kind: str | None) -> Tensor | None:
