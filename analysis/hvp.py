@@ -34,7 +34,7 @@ from torch.func import functional_call, grad, jvp, vmap
 from .core import (BatchSizeFn, check_choice, check_loss, flatten, guarded, LossFn,
                    LossModule, ParamSelection, unflatten)
 from .operator import CurvatureOperator, register_curvature
-from .ops import gradients
+from .derivatives import gradients
 from .preconditioning import Preconditioner
 
 HVP_METHODS = ("reverse", "forward")

@@ -35,7 +35,7 @@ from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check
                    check_data, check_model_mode, data_mean, guarded, loss_reduction, LossFn,
                    numel, ParamSelection, preserved, select_params, unwrap_compiled,
                    working_dtype)
-from .ops import curvature_ops
+from .derivatives import curvature_ops
 from .preconditioning import Preconditioner, inverse_sqrt
 
 _REGISTRY: dict[str, type["CurvatureOperator"]] = {}
