@@ -119,7 +119,6 @@ def _cycles(graph):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="landscape evaluate_points (issue 22)")
 def test_no_function_is_longer_than_the_limit():
     assert long_functions() == []
 
