@@ -4,13 +4,16 @@ Started as ``python -m tests.figures.forked NAME ...``: imports ``figures`` and 
 ``NAME``, makes the tiny data and runs one training job (so that the forks skip the seconds of
 start-up), prints ``{"ready": true}``, then serves one JSON command per line of stdin::
 
-    {"argv": [...], "log": "PATH", "kill_after": SECONDS or null}
+    {"argv": [...], "log": "PATH", "kill_after": SECONDS or null, "kill_at_fsync": N or null}
 
 Each command runs ``figures.__main__.main(argv)`` in a fresh ``os.fork()`` child, with its stdout
 and stderr in ``PATH``, exactly as ``python -m figures`` would end (exit status 0; a SystemExit's
 message on stderr and status 1; an uncaught exception's traceback and status 70). The server
 SIGKILLs the child once ``kill_after`` seconds have passed (if it is still running) and answers
-``{"killed": bool, "status": int, "seconds": float}`` (status -9 when killed).
+``{"killed": bool, "status": int, "seconds": float}`` (status -9 when killed). With
+``kill_at_fsync`` the child SIGKILLs itself at its N-th ``os.fsync`` instead: the atomic writer
+fsyncs each file just before its rename and the folder just after, so N = 1, 2, ... stops a run
+before and after each rename in turn.
 """
 from __future__ import annotations
 
@@ -22,11 +25,21 @@ import time
 import traceback
 
 
-def _child(argv: list[str], log: str) -> None:
+def _child(argv: list[str], log: str, kill_at_fsync: int | None) -> None:
     from figures.__main__ import main
     fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
     os.dup2(fd, 1)
     os.dup2(fd, 2)
+    if kill_at_fsync is not None:      # SIGKILL at the n-th fsync (of a file, or of its folder)
+        calls, fsync = [0], os.fsync
+
+        def counted(descriptor: int) -> None:
+            calls[0] += 1
+            if calls[0] == kill_at_fsync:
+                os.kill(os.getpid(), signal.SIGKILL)
+            fsync(descriptor)
+
+        os.fsync = counted
     code = 0
     try:
         main(argv)
@@ -48,9 +61,13 @@ def _serve(command: dict) -> dict:
     began = time.monotonic()
     pid = os.fork()
     if pid == 0:
-        _child(command["argv"], command["log"])
+        _child(command["argv"], command["log"], command.get("kill_at_fsync"))
     limit = command.get("kill_after")
     killed = False
+    if command.get("kill_at_fsync") is not None:
+        _, status = os.waitpid(pid, 0)
+        return {"killed": os.WIFSIGNALED(status), "status": os.waitstatus_to_exitcode(status),
+                "seconds": time.monotonic() - began}
     while True:
         done, status = os.waitpid(pid, os.WNOHANG)
         if done:

@@ -199,8 +199,10 @@ class Forked:
                                      stdout=subprocess.PIPE, text=True)
         assert json.loads(self.proc.stdout.readline()) == {"ready": True}
 
-    def __call__(self, argv: list[str], kill_after: float | None = None) -> dict:
-        command = {"argv": argv, "log": str(self.log), "kill_after": kill_after}
+    def __call__(self, argv: list[str], kill_after: float | None = None,
+                 kill_at_fsync: int | None = None) -> dict:
+        command = {"argv": argv, "log": str(self.log), "kill_after": kill_after,
+                   "kill_at_fsync": kill_at_fsync}
         self.proc.stdin.write(json.dumps(command) + "\n")
         self.proc.stdin.flush()
         answer = json.loads(self.proc.stdout.readline())
@@ -214,40 +216,69 @@ class Forked:
         self.proc.wait(timeout=60)
 
 
+@pytest.fixture(scope="module")
+def forked(tmp_path_factory):
+    """One server of forked runs for the kill tests (it starts in seconds, a fork in none)."""
+    server = Forked(tmp_path_factory.mktemp("forked"))
+    yield server
+    server.close()
+
+
+def recovers(run: Forked, out: Path, expected: dict, replot: bool = True) -> None:
+    """A rerun, ``--replot`` and ``--table`` in ``out`` succeed, and every verdict is that of
+    ``expected`` (an uninterrupted run's summary)."""
+    for argv in ([*RUN, str(out)], ["--replot", "--out", str(out)])[:1 + replot]:
+        assert run(argv)["status"] == 0
+        summary = json.loads((out / "summary.json").read_text())
+        assert deterministic(summary) == deterministic(expected)
+    table = run(["--table", "--out", str(out)])
+    assert table["status"] == 0 and f"`{NAME}`" in table["output"]
+    assert expected[NAME]["verdict"] in table["output"]
+    readable(out)
+    assert temporaries(out) == []
+
+
 @pytest.mark.slow
-def test_runs_killed_at_random_moments_leave_complete_files(tmp_path):
+def test_runs_killed_at_random_moments_leave_complete_files(forked, tmp_path):
     """At least 12 SIGKILLs at seeded random moments of reruns, forced reruns and --replot,
     each followed by a check that every file reads; then a rerun, --replot and --table all
     succeed, and every verdict is that of an uninterrupted run."""
     rng = random.Random(27)
     reference, out = tmp_path / "reference", tmp_path / "out"
-    run = Forked(tmp_path)
-    try:
-        first = run([*RUN, str(reference)])
-        assert first["status"] == 0
-        expected = json.loads((reference / "summary.json").read_text())
-        commands = [[*RUN, str(out)], [*RUN, str(out), "--force"], ["--replot", "--out", str(out)]]
-        kills = 0
-        for _ in range(60):
-            out.mkdir(exist_ok=True)
-            answer = run(rng.choice(commands), kill_after=rng.uniform(0.0, first["seconds"]))
-            kills += answer["killed"]
-            assert answer["killed"] or answer["status"] in (0, 1), answer
-            if answer["status"] == 1:                 # a refusal: one line, naming the fix
-                last = answer["output"].strip().splitlines()[-1]
-                assert last.startswith("figures: ") and "python -m figures" in last, last
-            readable(out)
-            if kills >= 12:
-                break
-        assert kills >= 12
-        for argv in ([*RUN, str(out)], ["--replot", "--out", str(out)]):
-            assert run(argv)["status"] == 0
-            summary = json.loads((out / "summary.json").read_text())
-            assert deterministic(summary) == deterministic(expected)
-        table = run(["--table", "--out", str(out)])
-        assert table["status"] == 0 and f"`{NAME}`" in table["output"]
-        assert expected[NAME]["verdict"] in table["output"]
+    first = forked([*RUN, str(reference)])
+    assert first["status"] == 0
+    commands = [[*RUN, str(out)], [*RUN, str(out), "--force"], ["--replot", "--out", str(out)]]
+    kills = 0
+    for _ in range(60):
+        out.mkdir(exist_ok=True)
+        answer = forked(rng.choice(commands), kill_after=rng.uniform(0.0, first["seconds"]))
+        kills += answer["killed"]
+        assert answer["killed"] or answer["status"] in (0, 1), answer
+        if answer["status"] == 1:                 # a refusal: one line, naming the fix
+            last = answer["output"].strip().splitlines()[-1]
+            assert last.startswith("figures: ") and "python -m figures" in last, last
         readable(out)
-        assert temporaries(out) == []
-    finally:
-        run.close()
+        if kills >= 12:
+            break
+    assert kills >= 12
+    recovers(forked, out, json.loads((reference / "summary.json").read_text()))
+
+
+@pytest.mark.slow
+def test_a_run_killed_before_and_after_each_rename_recovers(forked, tmp_path):
+    """A forced rerun SIGKILLed at its n-th fsync for n = 1, 2, ... (before and after the
+    rename of each of the four files it writes), each time followed by a rerun and --table
+    that succeed with the verdicts of an uninterrupted run (then --replot too)."""
+    out = tmp_path / "out"
+    assert forked([*RUN, str(out)])["status"] == 0
+    expected = json.loads((out / "summary.json").read_text())
+    n = 0
+    while True:
+        n += 1
+        answer = forked([*RUN, str(out), "--force"], kill_at_fsync=n)
+        readable(out)
+        if not answer["killed"]:
+            break
+        recovers(forked, out, expected, replot=False)
+    assert answer["status"] == 0 and n == 2 * 4 + 1       # npz, json, png, summary.json
+    recovers(forked, out, expected)
