@@ -9,18 +9,17 @@ configuration and the torch/numpy/sharpscape versions (:func:`make_metadata`).
 
 :func:`save_result` writes any registered result to one ``.npz`` file: the arrays and tensors as
 npz arrays, everything else as one JSON document. :func:`load_result` reads it back without
-pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic and by rank 0 only.
+pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic
+(:func:`analysis.core.files.atomic_write`) and by rank 0 only.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import json
 import os
-import uuid
 import zipfile
 from importlib import metadata as _pkg_metadata
 from typing import Any, Callable, Mapping
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .distributed import rank
+from .files import atomic_write
 
 FORMAT = 2
 _KEY = "__result__"
@@ -238,25 +238,21 @@ def _decode(v: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 
 
 def save_result(result: Any, path: str | os.PathLike) -> None:
-    """Write ``result`` (any registered result type) to ``path`` (.npz + JSON); rank 0 only."""
+    """Write ``result`` (any registered result type) to ``path`` (.npz + JSON); rank 0 only.
+
+    The file is written atomically (:func:`analysis.core.files.atomic_write`): a process killed
+    while saving leaves the previous file (or none), never a truncated one; a symbolic link at
+    ``path`` is replaced by the file, not written through.
+    """
     if not dataclasses.is_dataclass(result) or isinstance(result, type):
         raise TypeError(f"result must be a result dataclass, got {type(result).__name__}")
     encode = _Encoder()
     doc = {"format": FORMAT, "result": encode(result)}
     if rank() != 0:
         return
-    path = os.fspath(path)
-    # a unique temporary file next to the target (so os.replace is atomic): concurrent writers
-    # never share it; open(..., "x") keeps the usual (umask) permissions, unlike mkstemp's 0600
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            np.savez(fh, **{_KEY: np.array(json.dumps(doc, sort_keys=True))}, **encode.arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    stored = {_KEY: np.array(json.dumps(doc, sort_keys=True)), **encode.arrays}
+    # a complete file or none: a unique temporary in the folder, fsynced, then os.replace'd
+    atomic_write(path, lambda fh: np.savez(fh, **stored))
 
 
 def load_result(path: str | os.PathLike) -> Any:
