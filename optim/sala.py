@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._base import (Closure, WrapperOptimizer, check_in_dtype, grouped, optimizer_params,
-                    param_dtype)
-from ._sam_base import (SAM_EPS, GradGuard, ascend_, batchnorm_buffers, first_pass, grad_changed,
-                        grad_marks, perturbation_norm, require_gradients, restore_buffers)
+                    param_dtype, real)
+from ._sam_base import (SAM_EPS, GradGuard, RunningStatsFreeze, ascend_, first_pass,
+                        grad_changed, grad_marks, perturbation_norm, require_gradients,
+                        restore_buffers, running_stats_buffers)
 from ._validation import check_int, check_model, check_nonnegative, keyword_only
 from .lookahead import check_alpha, swapped_slow_weights
 
@@ -49,7 +50,13 @@ class SALA(WrapperOptimizer):
     \end{aligned}
     $$
 
-    BatchNorm statistics are not frozen in the SAM pass (the authors' code does not). Param-group
+    With ``model=``, the running statistics of every module that keeps them (BatchNorm,
+    InstanceNorm with ``track_running_stats=True``, user modules with ``running_*`` buffers) are
+    frozen in the SAM pass, as in the rest of the SAM family (the authors' code does not freeze
+    them). Complex parameters are handled as their ``view_as_real``. Meta-device parameters are
+    refused by ``step`` (the stage switch reads the fast-slow distance, a value they do not
+    hold). ``torch.compile(opt.step)`` runs ``step`` eagerly (``torch.compiler.disable``: it
+    runs the closure and branches on host values). Param-group
     keys ``sala_alpha`` and ``sala_rho`` (the SAM radius); the stage threshold is the ``rho``
     given at construction (one hyperparameter in the authors' code). Per-parameter state
     ``slow``. Attributes: ``stage`` (1 or 2), ``distance``, counters ``n_steps`` and
@@ -62,8 +69,8 @@ class SALA(WrapperOptimizer):
             that do not exist yet).
         alpha: The slow step $\alpha \in (0, 1]$.
         rho: The SAM radius and stage threshold $\rho \ge 0$.
-        model: Keyword-only (positional is deprecated). The model, for DDP ``no_sync()`` in the
-            first pass of a SAM step; None otherwise.
+        model: Keyword-only (positional is deprecated). The model, for freezing running
+            statistics in the SAM pass and DDP ``no_sync()`` in its first pass; None otherwise.
 
     Raises:
         ArgumentTypeError: an argument of the wrong kind.
@@ -102,12 +109,13 @@ class SALA(WrapperOptimizer):
         """The parameters of ``group`` that have a gradient."""
         return [p for p in group["params"] if p.grad is not None]
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
         """One SALA step.
 
         On any exception in a pass (a KeyboardInterrupt, an out-of-memory error), the weights,
-        BatchNorm statistics and step counter are put back as the step found them, the
+        running statistics and step counter are put back as the step found them, the
         gradients are cleared, and the exception propagates.
 
         Args:
@@ -121,7 +129,7 @@ class SALA(WrapperOptimizer):
 
         Raises:
             ValueError: ``closure`` is None.
-            NotImplementedError: a GradScaler is used.
+            NotImplementedError: a GradScaler is used, or a parameter is on the meta device.
             RuntimeError: gradients were already accumulated before the step, or a call of
                 the closure produced no gradients.
         """
@@ -133,8 +141,13 @@ class SALA(WrapperOptimizer):
                 "gradients would reach the base optimizer; train SALA in float32 or "
                 "bfloat16 autocast without a scaler"
             )
+        if any(p.device.type == "meta" for p in self._params()):
+            raise NotImplementedError(
+                "SALA cannot step meta-device parameters: its stage switch compares the "
+                "fast-slow distance with rho, a value meta tensors do not hold; materialise the "
+                "model (to_empty() and an init) first")
         self._guard.check("SALA", self._params())
-        saved = batchnorm_buffers(self.model)
+        saved = running_stats_buffers(self.model)
         weights: list[tuple[Tensor, Tensor]] = []   # the weights before a SAM ascent
         self.n_steps += 1
         try:
@@ -171,7 +184,12 @@ class SALA(WrapperOptimizer):
             weights.extend((p, p.detach().clone()) for p in params if p.grad is not None)
             self._sam_ascent()
             self.zero_grad()
-            closure()
+            frozen = RunningStatsFreeze(self.model)
+            frozen.freeze()
+            try:
+                closure()
+            finally:
+                frozen.restore()
             require_gradients("SALA", any(p.grad is not None for p in params), "second")
         if cycle_start:
             self._to_slow()
@@ -204,7 +222,8 @@ class SALA(WrapperOptimizer):
                 if "slow" not in self.state[p]:
                     self.state[p]["slow"] = p.detach().clone(memory_format=torch.preserve_format)
             group_sq = 0.0
-            for ps, ss in grouped(params, [self.state[p]["slow"] for p in params]):
+            reals = [real(p) for p in params]
+            for ps, ss in grouped(reals, [real(self.state[p]["slow"]) for p in params]):
                 diffs = torch._foreach_sub(ps, ss)
                 group_sq += float(
                     torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float64)).square().sum()
