@@ -15,7 +15,7 @@ from torch.optim import Optimizer
 
 from ._base import (Closure, WrapperOptimizer, check_in_dtype, grouped, optimizer_params,
                     param_dtype, real)
-from ._sam_base import (SAM_EPS, GradGuard, RunningStatsFreeze, ascend_, first_pass,
+from ._sam_base import (SAM_EPS, GradGuard, ascend_, first_pass,
                         grad_changed, grad_marks, perturbation_norm, require_gradients,
                         restore_buffers, running_stats_buffers)
 from ._validation import check_int, check_model, check_nonnegative, keyword_only
@@ -50,12 +50,11 @@ class SALA(WrapperOptimizer):
     \end{aligned}
     $$
 
-    With ``model=``, the running statistics of every module that keeps them (BatchNorm,
-    InstanceNorm with ``track_running_stats=True``, user modules with ``running_*`` buffers) are
-    frozen in the SAM pass, as in the rest of the SAM family (the authors' code does not freeze
-    them). Complex parameters are handled as their ``view_as_real``. Meta-device parameters are
-    refused by ``step`` (the stage switch reads the fast-slow distance, a value they do not
-    hold). ``torch.compile(opt.step)`` runs ``step`` eagerly (``torch.compiler.disable``: it
+    Running statistics (BatchNorm and the like) are updated in the SAM pass as in the authors'
+    code, unlike the rest of the SAM family, which freezes them; a step interrupted by an
+    exception puts them back. Complex parameters are handled as their ``view_as_real``.
+    Meta-device parameters are refused by ``step`` (the stage switch reads the fast-slow
+    distance, a value they do not hold). ``torch.compile(opt.step)`` runs ``step`` eagerly (``torch.compiler.disable``: it
     runs the closure and branches on host values). Param-group
     keys ``sala_alpha`` and ``sala_rho`` (the SAM radius); the stage threshold is the ``rho``
     given at construction (one hyperparameter in the authors' code). Per-parameter state
@@ -69,8 +68,9 @@ class SALA(WrapperOptimizer):
             that do not exist yet).
         alpha: The slow step $\alpha \in (0, 1]$.
         rho: The SAM radius and stage threshold $\rho \ge 0$.
-        model: Keyword-only (positional is deprecated). The model, for freezing running
-            statistics in the SAM pass and DDP ``no_sync()`` in its first pass; None otherwise.
+        model: Keyword-only (positional is deprecated). The model, for DDP ``no_sync()`` in its
+            first pass and for restoring running statistics after an interrupted step; None
+            otherwise.
 
     Raises:
         ArgumentTypeError: an argument of the wrong kind.
@@ -184,12 +184,7 @@ class SALA(WrapperOptimizer):
             weights.extend((p, p.detach().clone()) for p in params if p.grad is not None)
             self._sam_ascent()
             self.zero_grad()
-            frozen = RunningStatsFreeze(self.model)
-            frozen.freeze()
-            try:
-                closure()
-            finally:
-                frozen.restore()
+            closure()
             require_gradients("SALA", any(p.grad is not None for p in params), "second")
         if cycle_start:
             self._to_slow()
