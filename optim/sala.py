@@ -54,8 +54,8 @@ class SALA(WrapperOptimizer):
     code, unlike the rest of the SAM family, which freezes them; a step interrupted by an
     exception puts them back. Complex parameters are handled as their ``view_as_real``.
     Meta-device parameters are refused by ``step`` (the stage switch reads the fast-slow
-    distance, a value they do not hold). ``torch.compile(opt.step)`` runs ``step`` eagerly (``torch.compiler.disable``: it
-    runs the closure and branches on host values). Param-group
+    distance, a value they do not hold). ``torch.compile(opt.step)`` runs ``step`` eagerly
+    (``torch.compiler.disable``: it runs the closure and branches on host values). Param-group
     keys ``sala_alpha`` and ``sala_rho`` (the SAM radius); the stage threshold is the ``rho``
     given at construction (one hyperparameter in the authors' code). Per-parameter state
     ``slow``. Attributes: ``stage`` (1 or 2), ``distance``, counters ``n_steps`` and
