@@ -139,7 +139,8 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
         buffers: interpolate floating buffers (BatchNorm running statistics) along with the
             parameters (Li et al.'s "states" directions); otherwise model_a's buffers are used.
         bn_data: if given, BatchNorm statistics are recalibrated on these batches at each
-            point (:func:`recalibrate_bn`) before the loss is evaluated; points are then
+            point (:func:`recalibrate_bn`; under torch.distributed this rank's shard, possibly
+            empty, the statistics all-reduced) before the loss is evaluated; points are then
             evaluated one by one (chunk_size, max_memory, vectorize and distribute must keep
             their defaults).
         path: an .npz result file, resumed as in :func:`landscape.line`.
