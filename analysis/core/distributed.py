@@ -36,6 +36,7 @@ from torch import Tensor, nn
 MESSAGE_BYTES = 4096   # a failing rank's message is cut to this many UTF-8 bytes
 ALL_REDUCE, BROADCAST, DONE, FAILED = 1, 2, 3, 4   # header kinds
 _settings = {"timeout": None}
+_unmarkable: list[BaseException] = []   # agreed errors that take no attribute
 
 
 class RankError(RuntimeError):
@@ -181,6 +182,34 @@ def _header(kind: int, size: int, failure: str | None = None) -> None:
                         "error outside sharpscape and carried on)")
 
 
+def mark_agreed(error: BaseException) -> BaseException:
+    """Mark ``error`` as known to every rank, so that it is never announced (again).
+
+    Args:
+        error: An exception that every rank raises, or that was announced.
+
+    Returns:
+        ``error``.
+    """
+    try:
+        error.agreed = True
+    except AttributeError:  # an exception without a __dict__: remember the last few
+        _unmarkable[:] = [*_unmarkable[-7:], error]
+    return error
+
+
+def is_agreed(error: BaseException) -> bool:
+    """Whether ``error`` was marked by :func:`mark_agreed` (or is a :class:`RankError`).
+
+    Args:
+        error: An exception.
+
+    Returns:
+        True when no announcement is needed.
+    """
+    return bool(getattr(error, "agreed", False)) or any(e is error for e in _unmarkable)
+
+
 def announce_failure(error: BaseException) -> None:
     """Tell every rank that this rank failed with ``error`` (once per error).
 
@@ -192,10 +221,9 @@ def announce_failure(error: BaseException) -> None:
     Args:
         error: The exception this rank is about to raise.
     """
-    if not is_distributed() or not isinstance(error, Exception) or getattr(error, "agreed", False):
+    if not is_distributed() or not isinstance(error, Exception) or is_agreed(error):
         return
-    with contextlib.suppress(AttributeError):
-        error.agreed = True
+    mark_agreed(error)
     with contextlib.suppress(RankError):   # undeliverable (timeout): raise our own error
         _header(FAILED, 0, f"{type(error).__name__}: {error}")
 
@@ -275,6 +303,18 @@ def _tensor_bytes(t: Tensor) -> bytes:
     return head + t.contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
+def _const_repr(const: Any) -> str:
+    """``repr`` of a code constant, frozensets sorted.
+
+    A frozenset's order follows the string hash seed, which differs between processes.
+    """
+    if isinstance(const, frozenset):
+        return "frozenset" + repr(sorted(_const_repr(c) for c in const))
+    if isinstance(const, tuple):
+        return "(" + ",".join(_const_repr(c) for c in const) + ")"
+    return repr(const)
+
+
 def _code_digest(code, h) -> None:
     """Feed a code object's bytecode, names and constants (recursively) to ``h``."""
     h.update(code.co_code + repr(code.co_names).encode())
@@ -282,7 +322,7 @@ def _code_digest(code, h) -> None:
         if hasattr(const, "co_code"):
             _code_digest(const, h)
         else:
-            h.update(repr(const).encode())
+            h.update(_const_repr(const).encode())
 
 
 def module_structure(module: nn.Module) -> list[str]:
@@ -422,8 +462,7 @@ def check_same_on_ranks(values: Mapping[str, Any], failure: int = 0,
     elif int(buf[2 * k]):
         error = ValueError(explain(int(buf[2 * k])) + " (on at least one rank)")
     if error is not None:
-        error.agreed = True
-        raise error
+        raise mark_agreed(error)
 
 
 def broadcast_object(obj, src: int = 0):

@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from .compiled import is_compiled
-from .distributed import check_same_on_ranks, failures_shared, is_distributed
+from .distributed import check_same_on_ranks, failures_shared, is_distributed, mark_agreed
 from .protocol import check_data, check_loss, default_batch_size, loss_reduction
 from .restore import preserved
 from .validation import check_bool, check_model_mode
@@ -191,8 +191,7 @@ def _raise_verdict(model: nn.Module, arguments: dict[str, Any], verdict: _Verdic
     argument checks speak first); under ``torch.distributed`` it is raised at once.
     """
     if verdict.error is not None and is_distributed():
-        verdict.error.agreed = True  # the other ranks raise "another rank's ... were refused"
-        raise verdict.error
+        raise mark_agreed(verdict.error)  # the others raise "another rank's ... were refused"
     if verdict.code and verdict.error is None:
         mode = arguments.get("model_mode", "eval")
         raise ValueError(_explain(verdict.code, mode, _random_layers(model), verdict.detail))

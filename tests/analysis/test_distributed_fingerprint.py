@@ -5,8 +5,11 @@ every rank, naming what differs (two gloo ranks on CPU)."""
 import copy
 import json
 import os
+import subprocess
+import sys
 from datetime import timedelta
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -14,7 +17,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from analysis import top_eigenvalues
-from analysis.core import fingerprint, set_collective_timeout
+from analysis.core import collective_timeout, fingerprint, set_collective_timeout
 from tests.oracles import classification_data, cnn_bn, mlp, SmallCNN, uneven_batches
 
 
@@ -93,3 +96,41 @@ def test_models_and_vectors_that_differ_subtly_raise_on_every_rank(tmp_path):
                 "permuted_v0": "v0 must be the same on every rank"}
     for key, start in expected.items():
         assert errors[0][key].startswith(start), (key, errors[0][key])
+
+
+PROBE = """
+import pytest
+import torch
+from torch import nn
+from analysis.core import fingerprint
+
+class M(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(2, 2)
+
+    def forward(self, x):
+        return self.fc(x) if "relu" in {"relu", "gelu", "tanh", "silu", "elu"} else x
+
+torch.manual_seed(0)
+print(fingerprint(M()))
+"""
+
+
+def test_fingerprint_does_not_depend_on_the_string_hash_seed():
+    """Each rank is a process with its own hash seed (sets in ``forward``'s constants)."""
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    prints = {subprocess.run([sys.executable, "-c", PROBE], cwd=root, check=True, text=True,
+                             capture_output=True,
+                             env={**os.environ, "PYTHONHASHSEED": seed}).stdout
+              for seed in ("1", "2")}
+    assert len(prints) == 1, prints
+
+
+def test_collective_timeout_setting():
+    assert set_collective_timeout(2.5) is None
+    assert collective_timeout() == 2.5
+    for bad in (0, -1.0, float("inf"), float("nan"), True, "5"):
+        with pytest.raises(ValueError, match="seconds must be None or a positive"):
+            set_collective_timeout(bad)
+    assert set_collective_timeout(None) == 2.5 and collective_timeout() is None
