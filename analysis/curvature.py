@@ -453,7 +453,8 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
     (:class:`FisherOperator`; the cross terms of a datum's observations vanish in
     expectation). A datum is a row of the output (its leading dim). curvlinops flattens the
     positions of a sequence into separate rows; here a datum's positions are summed first
-    (the per-datum gradient; for ``[N, C]`` outputs the two agree). The product is reverse-mode only:
+    (the per-datum gradient; for ``[N, C]`` outputs the two agree). The product is reverse
+    mode only:
     $J^\top (c\, g g^\top) J v$ per datum, with $g = \partial L / \partial f$ the output
     gradient of the batch's mean criterion (a GGN of curvlinops' pseudo-loss), so any model
     the GGN works on works here (``UserDict`` batches, attention fast paths, in-place layers).
