@@ -72,7 +72,9 @@ class CurvatureOperator(abc.ABC):
         preconditioner: A diagonal $P$ (see :mod:`analysis.preconditioning`); the operator is
             then $P^{-1/2} A P^{-1/2}$, read from an optimizer once, at construction.
         check_deterministic: First check that two passes over ``data`` give the same sample
-            counts and loss (``analysis.core.guards``); False skips the two forward passes.
+            counts and loss (``analysis.core.guards``), and that the first products are
+            symmetric ($\langle v, A w \rangle = \langle w, A v \rangle$ on the first block of
+            two or more vectors, free); False skips both.
 
     Raises:
         ValueError: For a bad ``data``, ``model_mode``, ``params`` or ``preconditioner``.
@@ -115,7 +117,9 @@ class CurvatureOperator(abc.ABC):
         self._graph: Any = None  # the per-batch state kept by `cached`
         self._context = None
         self._depth = 0
-        self._probe: Any = None  # the first product, for the symmetry probe (then False)
+        # the first product, for the symmetry probe (then False); off when the user lets the
+        # products vary (check_deterministic=False: shuffled data, stochastic layers)
+        self._probe: Any = None if check_deterministic else False
         self._weight_norm = uses_weight_norm(model)
 
     @abc.abstractmethod
@@ -208,6 +212,8 @@ class CurvatureOperator(abc.ABC):
         Raises:
             ValueError: When ``vs`` is not ``[b, n]`` or not finite, and when
                 :meth:`batch_product` returns a wrong shape.
+            RuntimeError: When the first products are not symmetric (an op with a wrong
+                second derivative; the message names the parameters and modules).
         """
         if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.shape[0]:
             shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
@@ -228,38 +234,41 @@ class CurvatureOperator(abc.ABC):
                             progress=self.progress).values[0]
         self.n_hvp += vs.shape[0]
         out = out if self.scale is None else out.mul_(self.scale)
-        if self._probe is not False:
+        if self._probe is None:
             self._check_symmetry(given, out)
         return out
 
     def _check_symmetry(self, vs: Tensor, out: Tensor) -> None:
         r"""The symmetry probe $\langle v, A w \rangle = \langle w, A v \rangle$, first products.
 
-        Free: it uses the first two vectors the operator is given (the rows of the first
-        ``matmat`` or the first two calls). A curvature matrix is symmetric; an op whose second
-        derivative PyTorch gets wrong makes the products asymmetric, which no spectrum or trace
-        would reveal.
+        Free: on the first ``matmat`` of two or more vectors (Hutch++, XTrace, block
+        products), its first two rows; single-vector products (Lanczos) are not probed, as the
+        probe would need a third vector in memory. A curvature matrix is symmetric; an op
+        whose second derivative PyTorch gets wrong makes the products asymmetric, which no
+        spectrum or trace would reveal. Products that vary from call to call (shuffled data,
+        stochastic layers) are left to the determinism guards.
 
         Raises:
             RuntimeError: When the two inner products differ beyond the working precision,
                 naming the parameters (and their modules) where the asymmetry concentrates.
         """
-        pairs = [(vs[i], out[i]) for i in range(min(len(vs), 2))]
-        if self._probe is not None:
-            pairs.insert(0, self._probe)
-        if len(pairs) < 2:
-            self._probe = (vs[0].detach().clone(), out[0].detach().clone())
+        if len(vs) < 2:
             return
         self._probe = False
-        (v, av), (w, aw) = pairs[0], pairs[1]
-        v, av, w, aw = (t.to(out.dtype) for t in (v, av, w, aw))
-        parts = v * aw - w * av  # the asymmetry, element by element
-        bound = float(v.norm() * aw.norm() + w.norm() * av.norm()) / 2
+        count = self.n_hvp
+        (v, av), (w, aw) = (vs[0], out[0]), (vs[1], out[1])
         tol = 30 * torch.finfo(out.dtype).eps ** 0.5
-        gap = abs(float(parts.sum()))
+        v, w = v.to(out.dtype), w.to(out.dtype)  # no copy unless the dtypes differ
+        gap = abs(float(torch.dot(v, aw) - torch.dot(w, av)))
+        bound = float(v.norm() * aw.norm() + w.norm() * av.norm()) / 2
         if gap <= tol * bound or bound == 0:
+            self.n_hvp = count
             return
-        raise RuntimeError(_asymmetry_message(self, parts, gap / bound))
+        again = self.matmat(w.unsqueeze(0).to(vs.dtype))[0]
+        self.n_hvp = count
+        if not torch.allclose(again, aw, rtol=tol, atol=tol * float(aw.abs().max())):
+            return  # the products vary (shuffled data, stochastic layers): the guards' concern
+        raise RuntimeError(_asymmetry_message(self, v * aw - w * av, gap / bound))
 
     def _rows_product(self, batch: Any, vs: Tensor) -> Tensor:
         """:meth:`batch_product` on the rows of ``vs`` (``[b, n]``), its result as rows."""
