@@ -16,9 +16,9 @@ registered for ``curvature=`` (:func:`~analysis.operator.register_curvature`):
   the Fisher of the predictive distribution $r(y \mid f)$ in the output,
   $F_R = \mathbb{E}_{y \sim r(\cdot \mid f)}[\nabla_f \log r \, \nabla_f \log r^\top]$, in
   closed form: $\mathrm{diag}(p) - p p^\top$ per observation for the softmax of cross-entropy,
-  $2 I$ for the mean squared error (a Gaussian of variance 1/2). For these two
-  (natural-parameter exponential families) it equals the GGN (Martens 2020), which the
-  tests check.
+  $2 I$ for the mean squared error (a Gaussian of variance 1/2), $\sigma(f)(1 - \sigma(f))$ per
+  element for BCE-with-logits. For these three (natural-parameter exponential families) it
+  equals the GGN (Martens 2020), which the tests check.
 * :class:`FisherOperator` with ``kind="mc"``: $F_R$ replaced by
   $\frac{1}{S} \sum_s r_s r_s^\top$, $r_s$ the output gradient of the negative log-likelihood
   at labels sampled from the model (``mc_samples=S``, ``seed=``).
@@ -334,7 +334,7 @@ class FisherOperator(OutputCurvatureOperator):
             host copy of the batch per product.
         progress: Show a bar over the batches of each product.
         mc_samples: Draws per observation (``kind="mc"``), at least 1.
-        likelihood: ``"categorical"`` or ``"gaussian"`` (default: read from
+        likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"`` (default: read from
             ``loss_fn.criterion``).
         reuse_graph: Keep the forward graph of a one-batch ``data`` inside ``with`` blocks.
         preconditioner: A diagonal $P$; the operator is then $P^{-1/2} F P^{-1/2}$.
