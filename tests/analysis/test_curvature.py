@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from analysis import (FisherOperator, GGNOperator, HessianOperator, hessian_trace, layerwise,
                       load_result, save_result, spectral_density, split_loss, supervised,
                       top_eigenvalues)
-from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp, snapshot,
-                     uneven_batches)
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp,
+                           snapshot, uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 MSE = supervised(nn.MSELoss())
