@@ -14,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .harness import SIZES, execute, job
+from .harness import SIZES, environment, execute, job
 from .report import config_key, load, save, saved, table
 from .runner import Runner
 from .verdict import entry
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> dict:
     size = SIZES["full" if args.full else "tiny" if args.tiny else "quick"]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    runner = Runner(size, workers=args.jobs)
+    runner = Runner(size, workers=args.jobs, threads=args.threads)
     try:
         modules = {n: importlib.import_module(f"figures.{n}") for n in names}
         todo = [n for n in names if args.force or not up_to_date(summary, n, modules[n], size,
@@ -93,6 +93,7 @@ def main(argv: list[str] | None = None) -> dict:
             began = time.perf_counter()
             summary[name] = run_one(modules[name], name, size, runner, args.out)
             summary[name]["seconds"] = round(time.perf_counter() - began, 1)
+            summary[name]["environment"] = environment(args.jobs, args.threads)
             print(f"{name}: {summary[name]['verdict']} ({summary[name]['seconds']:.0f} s)",
                   flush=True)
             path.write_text(json.dumps(summary, indent=1))
@@ -138,7 +139,8 @@ def replot(summary: dict, names: list[str], out: Path) -> dict:
     """Re-apply every rule to its saved data and redraw its figure (no training)."""
     for name in (n for n in names if n in summary):
         module = importlib.import_module(f"figures.{name}")
-        kept = {k: summary[name][k] for k in ("key", "size", "seconds") if k in summary[name]}
+        kept = {k: summary[name][k] for k in ("key", "size", "seconds", "environment")
+                if k in summary[name]}
         summary[name] = decide(module, name, out, kept)
         print(f"{name}: {summary[name]['verdict']}, redrawn {out / summary[name]['figure']}",
               flush=True)

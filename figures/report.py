@@ -64,6 +64,7 @@ def check_text(name: str, check: dict, markdown: bool) -> str:
     margin = f", margin {check['margin']:g}" if check.get("margin") else ""
     seeds = (f"{check['seeds_passed']}/{check['n_seeds']} seeds pass"
              if check["kind"] == "every seed" else f"n={check['n_seeds']}")
+    name = f"{name} [sanity check]" if check.get("sanity") else name
     return (f"{name}: {verdict} (mean {_num(check['mean'])}, 95% CI [{_num(lo)}, {_num(hi)}], "
             f"{seeds}{margin})")
 
