@@ -208,41 +208,82 @@ class Basis:
         return head if r == len(head) else head[:r].clone()
 
 
-def _orthogonalise(block: Tensor, basis: Basis, m: int,
-                   gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _orthogonalise(block: Tensor, basis: Basis, m: int, gen: torch.Generator,
+                   events: dict | None = None) -> tuple[Tensor, Tensor]:
     r"""Orthonormalise the rows of ``block`` against the first ``m`` rows of ``basis``, each other.
 
     Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]`` (``Q`` is ``block``,
     overwritten in place): ``C[:m]`` are the
     coefficients on the ``m`` basis rows, ``C[m:]`` is upper triangular. A row that vanishes
-    (an invariant subspace was found) is replaced by a random unit vector orthogonal to
-    everything, keeping its (tiny) coefficient. "Vanishes": at most $\sqrt{\epsilon}$ of its
-    norm is left, so at least half its digits were lost to cancellation and its direction is
-    known to $\epsilon / ratio$ only.
+    (an invariant subspace was found: a breakdown) is replaced by a random unit vector
+    orthogonal to everything, keeping its (tiny) coefficient. "Vanishes": at most
+    $\sqrt{\epsilon}$ of its norm is left, so at least half its digits were lost to
+    cancellation and its direction is known to $\epsilon / ratio$ only. When the random vector
+    vanishes too, the basis and the rows before it span the whole space: the row is dropped
+    (``Q`` and ``C[m:]`` lose it), so a block larger than the space left shrinks to it.
+
+    Args:
+        block: ``[b, n]`` rows, overwritten.
+        basis: The basis.
+        m: Its rows used.
+        gen: The generator of the random replacements.
+        events: Counts ``"breakdown"`` (rows replaced) and ``"dropped"`` (rows dropped) into
+            this dict, when given.
+
+    Returns:
+        ``(Q, C)``: ``[b', n]`` orthonormal rows (``b' <= b``) and ``[m + b', b]``.
     """
     b = block.shape[0]
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
-    out = block
+    out, keep = block, []
     for i in range(b):
-        w = out[i]
+        w, done = out[i], (out[:i] if len(keep) == i else out[keep])  # a view unless dropped
         before = norm = torch.linalg.vector_norm(w)
         for _ in range(2):  # twice is enough (Giraud et al. 2005)
             coef[:m, i] += _project_out(w, basis, m)
-            g = out[:i] @ w
-            w.addmv_(out[:i].T, g, alpha=-1)
-            coef[m:m + i, i] += g
+            g = done @ w
+            w.addmv_(done.T, g, alpha=-1)
+            coef[m + torch.tensor(keep, dtype=torch.long, device=coef.device), i] += g
             norm, previous = torch.linalg.vector_norm(w), norm
             if norm > DGKS * previous:  # little was removed: one pass is orthogonal to rounding
                 break
         coef[m + i, i] = norm
-        if norm <= math.sqrt(torch.finfo(w.dtype).eps) * before or norm == 0:
-            out[i] = randn(w.shape, gen, like=w)
-            for _ in range(2):
-                _project_out(w, basis, m)
-                w.addmv_(out[:i].T, out[:i] @ w, alpha=-1)
-            norm = torch.linalg.vector_norm(w)
+        if _vanished(norm, before):
+            norm = _replace(w, basis, m, done, gen)
+            _count(events, "breakdown" if norm > 0 else "dropped")
+            if norm == 0:
+                continue
         w /= norm
-    return out, coef
+        keep.append(i)
+    if len(keep) == b:
+        return out, coef
+    rows = torch.cat([torch.arange(m), m + torch.tensor(keep, dtype=torch.long)])
+    return out[keep], coef[rows.to(coef.device)]
+
+
+def _vanished(norm: Tensor, before: Tensor) -> bool:
+    """Whether a row kept at most ``sqrt(eps)`` of its norm ``before`` (module docstring)."""
+    return bool(norm <= math.sqrt(torch.finfo(norm.dtype).eps) * before or norm == 0)
+
+
+def _replace(w: Tensor, basis: Basis, m: int, done: Tensor, gen: torch.Generator) -> Tensor:
+    """Overwrite ``w`` with a random vector orthogonal to the basis and ``done``; its norm.
+
+    Zero when no such vector exists to rounding (it vanishes too): the space is full.
+    """
+    w.copy_(randn(w.shape, gen, like=w))
+    before = torch.linalg.vector_norm(w)
+    for _ in range(2):
+        _project_out(w, basis, m)
+        w.addmv_(done.T, done @ w, alpha=-1)
+    norm = torch.linalg.vector_norm(w)
+    return norm.new_zeros(()) if _vanished(norm, before) else norm
+
+
+def _count(events: dict | None, key: str) -> None:
+    """Add one to ``events[key]`` when ``events`` is given."""
+    if events is not None:
+        events[key] = events.get(key, 0) + 1
 
 
 def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: Tensor) -> Tensor:
@@ -290,15 +331,20 @@ class Krylov:
                        device=basis_device or like.device)
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
+        self.events: dict = {}  # breakdowns and dropped rows (:func:`_orthogonalise`)
         self.Q: Tensor | None = None
+        self.seg = 0  # products before the current new start (:func:`lanczos`)
 
     def start(self, block: Tensor) -> None:
-        """Orthonormalise ``block`` into the first pending block.
+        """Orthonormalise ``block`` (against ``V``) into the pending block.
+
+        After :meth:`restart`, a random ``block`` starts a new Krylov space orthogonal to the
+        kept vectors (the check of multiplicities, :func:`lanczos`).
 
         Args:
             block: ``[b, n]`` start vectors.
         """
-        self.Q = _orthogonalise(block, self.V, 0, self.gen)[0]
+        self.Q = _orthogonalise(block, self.V, self.m, self.gen, self.events)[0]
 
     def extend(self, matmat: MatMat, count: int | None = None) -> Tensor:
         r"""Append (up to ``count`` rows of) the pending block $Q$ and make the next one $Q_n$.
@@ -308,7 +354,9 @@ class Krylov:
             count: Rows of $Q$ appended (default all).
 
         Returns:
-            $B$, the coefficients of $Q_n$: $H V^\top = V^\top T + Q_n^\top B E_{last}^\top$.
+            $B$, the coefficients of $Q_n$: $H V^\top = V^\top T + Q_n^\top B E_{last}^\top$;
+            ``[b', b]`` for ``b`` rows appended and ``b' <= b`` rows of $Q_n$ (fewer when the
+            space is exhausted).
         """
         m, Q = self.m, self.Q[:count]
         b = Q.shape[0]
@@ -319,7 +367,7 @@ class Krylov:
                    else block.to(self.like))
         del block
         self.n_hvp += b
-        self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen)
+        self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen, self.events)
         block = coef[:m + b].to(torch.float64)
         self.T[:m + b, m:m + b] = block
         self.T[m:m + b, :m + b] = block.T
@@ -440,36 +488,25 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")
     budget = max_hvp if max_hvp is not None else max(300, 50 * k)
     eps = max(torch.finfo(like.dtype).eps, torch.finfo(basis_dtype or like.dtype).eps)
-    rel = max(tol, 50 * eps)
+    test = _Test(k, which, max(tol, 50 * eps), eps,
+                 product_eps(product_dtype) if product_dtype else 0.0)
     gen = make_generator(seed)
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
     K.start(_start_block(v0, n, b, gen, like))
     bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
     try:
-        while True:
-            B = K.extend(matmat, m_max - K.m)
-            bar.update(B.shape[0])
-            theta, Y = K.ritz()
-            resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[0]:], dim=0)
-            if K.m == n:
-                resid.zero_()
-            pick = _wanted(theta, k, which)
-            floor = 50 * eps * theta.abs().max()
-            noise = product_eps(product_dtype) * theta.abs().max() if product_dtype else 0.0
-            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=max(floor, noise))
-            if bool(ok.all()) or K.m == n or K.n_hvp + b > budget:
-                break
-            if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
-                K.restart(theta, Y, _wanted(theta, min(K.m - b, max(k, (m_max + k) // 2)), which))
-            bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
+        theta, Y, pick, resid, ok, checking = _iterate(K, matmat, n, test, b, m_max, budget, bar)
     finally:
         bar.close()
+    if not ok:
+        _warn_unconverged(theta, resid, pick, test, K.n_hvp, checking)
     U = K.vectors(Y[:, pick])
     if not product_dtype or not product_eps(product_dtype):
-        return theta[pick], U, resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
+        return theta[pick], U, resid[pick], K.n_hvp, ok
+    floor = 50 * eps * theta.abs().max()
     measured = torch.linalg.vector_norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U,
                                         dim=1).to(torch.float64)
-    ok = measured <= torch.clamp(rel * theta[pick].abs(), min=floor)
+    ok = measured <= torch.clamp(test.rel * theta[pick].abs(), min=floor)
     if not bool(ok.all()):
         worst = float((measured / theta[pick].abs().clamp_min(floor)).max())
         warnings.warn(f"Lanczos on {product_dtype} Hessian-vector products: the measured residuals"
@@ -479,6 +516,126 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
                       "the measured residual, or analyse a float32 copy of the model",
                       RuntimeWarning, stacklevel=3)
     return theta[pick], U, measured, K.n_hvp + len(U), bool(ok.all())
+
+
+@dataclass
+class _Test:
+    """The convergence test of :func:`lanczos` (its docstring) for ``k`` pairs at ``which``."""
+
+    k: int
+    which: str
+    rel: float
+    eps: float
+    noise: float  # relative accuracy of the products (coarse product dtypes), else 0
+
+    def bounds(self, theta: Tensor, pick: Tensor) -> Tensor:
+        """The residual each picked Ritz pair may have: ``max(rel |theta|, floor)``."""
+        scale = theta.abs().max()
+        floor = 50 * self.eps * scale
+        noise = self.noise * scale if self.noise else 0.0
+        return torch.clamp(self.rel * theta[pick].abs(), min=max(floor, noise))
+
+    def better(self, x: Tensor, y: Tensor, slack: Tensor) -> bool:
+        """Whether ``x`` lies beyond ``y`` at the wanted end by more than ``slack``."""
+        if self.which == "LA":
+            return bool(x > y + slack)
+        if self.which == "SA":
+            return bool(x < y - slack)
+        return bool(x.abs() > y.abs() + slack)
+
+
+def _degenerate(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, events: dict) -> bool:
+    """Whether the wanted values may hide more copies: a breakdown, a zero or a repeated value.
+
+    A single Krylov space holds one copy of each eigenvalue (a block of ``b``, ``b`` copies);
+    the rest of a repeated eigenvalue, e.g. the null space of a rank-deficient curvature, is
+    orthogonal to it and only found from a new start vector.
+    """
+    if events.get("breakdown"):
+        return True
+    bound = torch.maximum(test.bounds(theta, pick), resid[pick])
+    if bool((theta[pick].abs() <= bound).any()):
+        return True
+    values, order = torch.sort(theta[pick])
+    gaps = values[1:] - values[:-1]
+    return bool((gaps <= bound[order][1:] + bound[order][:-1]).any())
+
+
+def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int, budget: int,
+             bar) -> tuple[Tensor, Tensor, Tensor, Tensor, bool, bool]:
+    """The Lanczos loop of :func:`lanczos`: extend, test, check multiplicities, restart.
+
+    Returns:
+        ``(theta, Y, pick, resid, ok, checking)``: all Ritz values and their coordinates, the
+        ``k`` wanted indices, all residuals, whether the ``k`` converged (and their count was
+        checked when needed), and whether a check of multiplicities was under way.
+    """
+    k, locked = test.k, None  # locked: the wanted values when the last new start was injected
+    while True:
+        B = K.extend(matmat, m_max - K.m)
+        bar.update(B.shape[1])
+        theta, Y = K.ritz()
+        resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[1]:], dim=0)
+        exact = K.m == n or len(K.Q) == 0
+        if exact:  # the whole space: the Ritz pairs are the eigenpairs
+            resid.zero_()
+        pick = _wanted(theta, k if locked is None else k + 1, test.which)
+        ok = len(pick) > k - 1 and bool((resid[pick[:k]] <= test.bounds(theta, pick[:k])).all())
+        if ok and not exact:
+            settled, inject = _settled(theta, resid, pick, locked, K, test)
+            if inject:  # look for more copies from a new start orthogonal to the wanted
+                locked, K.seg = theta[pick[:k]].clone(), K.n_hvp
+                K.restart(theta, Y, pick[:k])
+                K.start(randn((b, n), K.gen, like=K.like))
+                continue
+            ok = settled
+        if ok or exact or K.n_hvp + b > budget:
+            return theta, Y, pick[:k], resid, ok or exact, locked is not None
+        if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
+            K.restart(theta, Y, _wanted(theta, min(K.m - b, max(len(pick), (m_max + k) // 2)),
+                                        test.which))
+        bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
+
+
+def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, K: Krylov,
+             test: _Test) -> tuple[bool, bool]:
+    r"""Once the ``k`` wanted pairs converged: ``(done, inject a new start)``.
+
+    Without a check under way, a new start is injected when :func:`_degenerate`. With one
+    (``locked``), the new Krylov space's best Ritz value $\mu$ (pair ``k + 1``) decides: a
+    wanted value beyond ``locked`` means a missed copy, so another new start; otherwise done
+    once $\mu$'s pair converged, or after ``5 b`` products when $\mu$ plus its residual stays
+    short of the ``k``-th value.
+    """
+    k = test.k
+    if locked is None:
+        return (False, True) if _degenerate(theta, resid, pick, test, K.events) else (True, False)
+    slack = test.bounds(theta, pick[k - 1:k])[0]
+    if test.better(theta[pick[k - 1]], locked[-1], slack):
+        return False, True
+    if len(pick) <= k:
+        return False, False
+    mu, r = theta[pick[k]], resid[pick[k]]
+    if r <= test.bounds(theta, pick[k:k + 1])[0]:
+        return True, False
+    reach = mu + r if test.which == "LA" else mu - r if test.which == "SA" else mu.abs() + r
+    short = not test.better(reach, theta[pick[k - 1]], -slack)
+    return short and K.n_hvp - K.seg >= 5 * len(K.Q), False
+
+
+def _warn_unconverged(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, n_hvp: int,
+                      checking: bool) -> None:
+    """Say why :func:`lanczos` returns ``converged=False``."""
+    worst = float((resid[pick] / test.bounds(theta, pick)).max())
+    if checking and worst <= 1:
+        why = ("the wanted end holds a zero or repeated eigenvalue, or the Krylov space was "
+               "invariant (a breakdown), so more copies may lie outside it; their search from a "
+               f"new start vector was cut off by the budget after {n_hvp} products")
+    else:
+        why = (f"the budget of {n_hvp} products ran out with residuals up to {worst:.2g} "
+               f"times their tolerance (relative {test.rel:.2g})")
+    warnings.warn(f"Lanczos did not converge: {why}. Raise max_hvp (or tol), or a block_size "
+                  "of the expected multiplicity", RuntimeWarning, stacklevel=6)
 
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
