@@ -500,6 +500,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         bar.close()
     if not ok:
         _warn_unconverged(theta, resid, pick, test, K.n_hvp, checking)
+    ok = resolvable(theta, like.dtype) and ok
     U = K.vectors(Y[:, pick])
     if not product_dtype or not product_eps(product_dtype):
         return theta[pick], U, resid[pick], K.n_hvp, ok
@@ -516,6 +517,37 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
                       "the measured residual, or analyse a float32 copy of the model",
                       RuntimeWarning, stacklevel=3)
     return theta[pick], U, measured, K.n_hvp + len(U), bool(ok.all())
+
+
+def resolvable(theta: Tensor, dtype: torch.dtype) -> bool:
+    r"""Whether curvature of magnitude ``max|theta|`` is resolved by products in ``dtype``.
+
+    A Hessian-vector product by double backpropagation multiplies first-order terms, each of
+    the loss's scale $s$, so it holds terms of order $s^2$: below $\sqrt{tiny}$ they are
+    subnormal or flushed to zero (a float32 loss scaled by $10^{-22}$ gives a top eigenvalue
+    10 times too small, with small residuals), above $\sqrt{max}$ they overflow. Warns (a
+    ``RuntimeWarning`` naming the way out) when ``max|theta|`` lies outside
+    $[\sqrt{tiny}, \sqrt{max}]$ of ``dtype`` (float32: $[1.1 \cdot 10^{-19}, 1.8 \cdot 10^{19}]$);
+    an all-zero ``theta`` is resolved (a zero matrix).
+
+    Args:
+        theta: The eigenvalues or Ritz values found.
+        dtype: The dtype of the products.
+
+    Returns:
+        Whether the scale is resolved (else the result must say ``converged=False``).
+    """
+    info = torch.finfo(dtype)
+    top = float(theta.abs().max()) if theta.numel() else 0.0
+    if top == 0 or math.sqrt(info.tiny) <= top <= math.sqrt(info.max):
+        return True
+    warnings.warn(f"the curvature's scale, max|eigenvalue| = {top:.3g}, lies outside "
+                  f"[{math.sqrt(info.tiny):.2g}, {math.sqrt(info.max):.2g}], where {dtype} "
+                  "Hessian-vector products (terms of the squared loss scale) underflow or "
+                  "overflow: the values cannot be trusted, so converged=False. Multiply the loss "
+                  f"by a constant c (e.g. c = 1 / {top:.3g}) and divide the eigenvalues by c, or "
+                  "analyse a float64 copy of the model", RuntimeWarning, stacklevel=7)
+    return False
 
 
 @dataclass
@@ -635,7 +667,7 @@ def _warn_unconverged(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, n
         why = (f"the budget of {n_hvp} products ran out with residuals up to {worst:.2g} "
                f"times their tolerance (relative {test.rel:.2g})")
     warnings.warn(f"Lanczos did not converge: {why}. Raise max_hvp (or tol), or a block_size "
-                  "of the expected multiplicity", RuntimeWarning, stacklevel=6)
+                  "of the expected multiplicity", RuntimeWarning, stacklevel=7)
 
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
@@ -701,7 +733,8 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
     theta = torch.tensor(vals, dtype=torch.float64)
     order = _wanted(theta, k, "LM")
     residuals = torch.tensor(res, dtype=torch.float64)[order]
-    return theta[order], torch.stack(vecs)[order], residuals, n_hvp, not missed
+    ok = resolvable(theta, like.dtype) and not missed
+    return theta[order], torch.stack(vecs)[order], residuals, n_hvp, ok
 
 
 def _power_pair(matmat: MatMat, v: Tensor, found: Tensor, steps: int, tol: float, scale: float,
