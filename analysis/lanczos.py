@@ -615,6 +615,8 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
         ok = len(pick) > k - 1 and bool((resid[pick[:k]] <= test.bounds(theta, pick[:k])).all())
         if ok and not exact:
             settled, inject = _settled(theta, resid, pick, locked, K, test)
+            if inject and K.n_hvp + b > budget:  # no product left to look for more copies
+                return theta, Y, pick[:k], resid, False, True
             if inject:  # look for more copies from a new start orthogonal to the wanted
                 locked, K.seg = theta[pick[:k]].clone(), K.n_hvp
                 K.restart(theta, Y, pick[:k])
@@ -623,8 +625,9 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
             ok = settled
         if ok or exact or K.n_hvp + b > budget:
             return theta, Y, pick[:k], resid, ok or exact, locked is not None
-        if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
-            K.restart(theta, Y, _wanted(theta, min(K.m - b, max(len(pick), (m_max + k) // 2)),
+        q = len(K.Q)  # the pending block: b rows, fewer where the space left is smaller
+        if K.m + q > m_max:  # thick restart with the Ritz vectors at the wanted end
+            K.restart(theta, Y, _wanted(theta, min(K.m - q, max(len(pick), (m_max + k) // 2)),
                                         test.which))
         bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
 
