@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from analysis import supervised, top_eigenvalues
 from analysis.lanczos import lanczos, power_iteration
@@ -200,7 +199,10 @@ def test_float32_curvature_outside_the_resolved_scale_is_refused(scale):
     for a true 6.8e-31, converged=True); times 1e30 they overflow."""
     x, y = classification_data()
     model, data = mlp((6, 8, 5, 3)).float(), [(a.float(), b) for a, b in uneven_batches(x, y)]
-    loss = lambda m, b: ce(m, b) * scale
+
+    def loss(m, b):
+        return ce(m, b) * scale
+
     with pytest.warns(RuntimeWarning, match="Multiply the loss by a constant"):
         result = top_eigenvalues(model, loss, data, k=1, max_hvp=60, progress=False)
     assert not result.converged
