@@ -12,7 +12,8 @@ A Ritz pair $(\theta, u = V^\top y)$ has residual $\|H u - \theta u\| = \|B y_{l
 with $B$ the coefficients of the next block and $y_{last}$ the last block of $y$ (Saad 2011,
 Prop. 6.8); the pair is converged when that residual is at most $tol \cdot |\theta|$.
 
-``method="power"`` is PyHessian's deflated power iteration, kept for comparison.
+``method="power"`` is PyHessian's deflated power iteration, kept for comparison (judged by a
+measured residual, with a Rayleigh-Ritz step on its last two iterates).
 """
 from __future__ import annotations
 
@@ -447,6 +448,18 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     attainable accuracy; eigenvalues near zero are resolved to rounding level relative to the
     largest Ritz value), or an exhausted basis (``n`` vectors: the Ritz pairs are exact).
     With ``basis_dtype`` coarser than ``like``'s, ``eps`` is that of ``basis_dtype``.
+
+    Degenerate spectra: convergence is tested only once there are ``k`` Ritz values. A Krylov
+    space from one start vector holds one copy of each eigenvalue (``b`` copies from a block);
+    when it becomes invariant (a breakdown) it continues from a random vector orthogonal to
+    the basis (drawn from the routine's generator). Once the ``k`` wanted pairs converged, if
+    there was a breakdown or a wanted value is zero or repeated (to its tolerance), the basis
+    is restarted with the ``k`` wanted Ritz vectors and a random block orthogonal to them:
+    the new Krylov space sees the copies the first one could not (e.g. the null space of a
+    rank-deficient GGN), and it is repeated while it finds a value beyond the ``k``-th. A
+    block larger than the space left shrinks to it. ``converged=False`` always comes with a
+    ``RuntimeWarning`` that says why (the budget, a cut-off search for more copies, or a
+    curvature scale that the products cannot resolve, :func:`resolvable`).
 
     Args:
         matmat: The matrix, ``[b, n]`` rows in, new rows out (the input rows are overwritten).
