@@ -10,12 +10,15 @@ r"""Stochastic trace estimates of the Hessian with standard errors from their ow
   for every orthonormal $Q$, the estimate is unbiased given $Q$, and its standard error is that
   of the Hutchinson part: the sample standard deviation (``ddof=1``) of its $g$ probe values
   over $\sqrt{g}$ (conditional on the sketch). It is exact when
-  $\mathrm{rank}\, H \le$ ``n_hvp // 3``; when $n \le$ ``n_hvp // 3`` the sketch spans
-  everything and only $2n$ products are spent (and reported).
-* Every stderr is at least the rounding level $\epsilon \sqrt{n}\, size$
-  (:func:`rounding_stderr`): an estimate exact but for rounding reports that, never 0 or 1e-31.
+  $\mathrm{rank}\, H \le$ ``n_hvp // 3``.
 * XTrace (Epperly, Tropp & Webber 2024): the exchangeable version of Hutch++, exact when
-  $\mathrm{rank}\, H <$ ``n_hvp // 2``; see :func:`_xtrace`.
+  $\mathrm{rank}\, H <$ ``n_hvp // 2``, $O(n m^2 + m^3)$ beyond its $2m$ products; its
+  standard error is an unbiased variance estimate from leave-one-out and leave-two-out
+  estimates (:func:`_xtrace_variance`), not the paper's $s/\sqrt{m}$, which is too small.
+* Whatever the method, when $n \le$ ``n_hvp`` the trace is computed exactly from the $n$ unit
+  vectors and only $n$ products are spent (and reported).
+* Every stderr is at least the rounding level $\epsilon \sqrt{n}\, (size + \|H\|_2)$
+  (:func:`rounding_stderr`): an estimate exact but for rounding reports that, never 0 or 1e-31.
 """
 from __future__ import annotations
 
@@ -277,8 +280,8 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
     Args:
         matmat: The matrix, ``[b, n]`` rows in, rows out.
         n: The dimension.
-        n_hvp: Products to spend (Hutch++ spends ``2n`` when ``n <= n_hvp // 3``; XTrace an
-            even number).
+        n_hvp: Products to spend (only ``n`` when ``n <= n_hvp``, the trace then exact; XTrace
+            an even number).
         method: "hutch++" (Meyer et al. 2021, Alg. 1), "hutchinson" or "xtrace".
         seed: Seed of the Rademacher probes.
         like: A tensor of the vectors' dtype and device.
@@ -316,8 +319,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
         model: The model (restored afterwards).
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
         data: An iterable of batches, passed over once per ``chunk`` of probes.
-        n_hvp: Products to spend (Hutch++ spends only $2n$ when $n \le$ ``n_hvp // 3``, the
-            trace then exact).
+        n_hvp: Products to spend (only $n$ when $n \le$ ``n_hvp``, the trace then exact
+            from the unit vectors).
         method: "hutch++" (default; needs ``n_hvp >= 4``), "hutchinson" (``n_hvp >= 2``) or
             "xtrace" (``n_hvp >= 4``; uses an even number of products).
         params: The parameters analysed (default all with requires_grad).
