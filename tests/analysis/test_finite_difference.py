@@ -58,7 +58,8 @@ def test_float64_products_match_the_exact_hessian(richardson):
 def test_the_step_rule():
     eps = torch.finfo(torch.float32).eps
     assert fd_step(torch.float32, 3.0, 2.0, richardson=False) == pytest.approx(eps ** (1 / 3) * 2)
-    assert fd_step(torch.float32, 3.0, 2.0) == pytest.approx(eps ** 0.2 * 2)
+    assert fd_step(torch.float32, 3.0, 2.0, richardson=True) == pytest.approx(eps ** 0.2 * 2)
+    assert fd_step(torch.float32, 3.0, 2.0) == fd_step(torch.float32, 3.0, 2.0, False)
     with pytest.raises(ValueError, match="vector_norm"):
         fd_step(torch.float32, 3.0, 0.0)
 
