@@ -1,28 +1,40 @@
-"""Curvature matrices beyond the Hessian: the generalised Gauss-Newton and the Fisher.
+r"""Curvature matrices beyond the Hessian: the generalised Gauss-Newton and the Fisher.
 
-With ``f(theta)`` the model output of a batch, ``J = df/dtheta`` and ``L(f)`` the criterion (the
-batch mean), every operator here is, like :class:`~analysis.hvp.HessianOperator`, the
-sample-weighted mean over the batches ``sum_b n_b A_b / N`` (one
-:func:`analysis.core.data_mean` reduction, all-reduced under ``torch.distributed``):
+With $f(\theta)$ the model output of a batch, $J = \partial f / \partial \theta$ and $L(f)$ the
+criterion (the batch mean), every operator here is a
+:class:`~analysis.operator.CurvatureOperator` like :class:`~analysis.hvp.HessianOperator`: the
+sample-weighted mean over the batches $\frac{1}{N} \sum_b n_b A_b$ (one
+:func:`analysis.core.data_mean` reduction, all-reduced under ``torch.distributed``). Each is
+registered for ``curvature=`` (:func:`~analysis.operator.register_curvature`):
 
-* GGN (Schraudolph 2002; Martens 2020, JMLR 21(146)): ``A_b = J^T H_L J`` with ``H_L`` the
-  Hessian of the criterion w.r.t. the output. Each product is a Jacobian-vector product ``J v``
-  (the double-vjp trick: ``J v = d/du <J^T u, v>``), ``H_L`` applied by autograd on the
-  criterion alone, and a vector-Jacobian product; no Jacobian is formed.
-* Fisher, ``kind="exact"``: ``J^T F_R J`` with ``F_R`` the Fisher of the
-  predictive distribution in the output, in closed form: ``diag(p) - p p^T`` per observation for
-  the softmax of cross-entropy, ``2 I`` for the mean squared error (a Gaussian of variance 1/2).
-  For these two (natural-parameter exponential families) it equals the GGN (Martens 2020), which
-  the tests check.
-* Fisher, ``kind="mc"``: ``F_R`` replaced by ``(1/S) sum_s r_s r_s^T``, ``r_s`` the output gradient
-  of the negative log-likelihood at labels sampled from the model (``mc_samples=S``, ``seed=``).
-* Fisher, ``kind="empirical"``: ``(1/n_b) sum_i g_i g_i^T`` with ``g_i`` the gradient of
-  ``loss_fn`` on the single sample ``i`` (per-sample gradients by ``torch.func``: ``G v`` is a
-  JVP and ``G^T w`` a VJP of the ``vmap``-ed per-sample losses, so ``G`` is never formed), so
-  that over all data it is the **mean** ``(1/N) sum_i g_i g_i^T`` of the outer products, on the
-  scale of the Hessian of the mean loss (Kunstner et al. 2019 discuss its limits).
+* ``"ggn"``, :class:`GGNOperator` (Schraudolph 2002; Martens 2020, JMLR 21(146)):
+  $A_b = J^\top H_L J$ with $H_L = \nabla^2_f L$ the Hessian of the criterion w.r.t. the output.
+  Each product is a Jacobian-vector product $J v$ (the double-vjp trick:
+  $J v = \partial_u \langle J^\top u, v \rangle$), $H_L$ applied by autograd on the criterion
+  alone, and a vector-Jacobian product; no Jacobian is formed.
+* ``"fisher"``, :class:`FisherOperator` with ``kind="exact"``: $A_b = J^\top F_R J$ with $F_R$
+  the Fisher of the predictive distribution $r(y \mid f)$ in the output,
+  $F_R = \mathbb{E}_{y \sim r(\cdot \mid f)}[\nabla_f \log r \, \nabla_f \log r^\top]$, in
+  closed form: $\mathrm{diag}(p) - p p^\top$ per observation for the softmax of cross-entropy,
+  $2 I$ for the mean squared error (a Gaussian of variance 1/2). For these two
+  (natural-parameter exponential families) it equals the GGN (Martens 2020), which the
+  tests check.
+* :class:`FisherOperator` with ``kind="mc"``: $F_R$ replaced by
+  $\frac{1}{S} \sum_s r_s r_s^\top$, $r_s$ the output gradient of the negative log-likelihood
+  at labels sampled from the model (``mc_samples=S``, ``seed=``).
+* ``"empirical_fisher"``, :class:`EmpiricalFisherOperator` (also
+  ``FisherOperator(kind="empirical")``): $A_b = \frac{1}{n_b} \sum_i g_i g_i^\top$ with $g_i$
+  the gradient of ``loss_fn`` on the single sample $i$ (per-sample gradients by ``torch.func``:
+  $G v$ is a JVP and $G^\top w$ a VJP of the ``vmap``-ed per-sample losses, so $G$ is never
+  formed), so that over all data it is the **mean** $\frac{1}{N} \sum_i g_i g_i^\top$ of the
+  outer products, on the scale of the Hessian of the mean loss (Kunstner et al. 2019 discuss its
+  limits).
 
-**The loss split.** The GGN and the Fisher need ``f`` and ``L`` separately. ``loss_fn`` declares
+The GGN and the two Fishers of the predictive distribution share
+:class:`OutputCurvatureOperator`, the products $J^\top M J v$ for an output-space matrix $M$;
+a subclass of it supplies $M$ (:meth:`OutputCurvatureOperator.output_product`).
+
+**The loss split.** The GGN and the Fisher need $f$ and $L$ separately. ``loss_fn`` declares
 them with an attribute ``loss_fn.split = (forward, criterion)``: ``forward(model, batch)`` returns
 the output tensor and ``criterion(outputs, batch)`` the batch-mean loss.
 :func:`~analysis.core.supervised` sets it; :func:`~analysis.core.split_loss` builds
@@ -33,6 +45,7 @@ likelihood: read from ``loss_fn.criterion`` (``nn.CrossEntropyLoss``/``F.cross_e
 """
 from __future__ import annotations
 
+import abc
 import hashlib
 import math
 from typing import Any, Callable, Iterable
@@ -44,19 +57,33 @@ from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
-                   loss_reduction, LossFn, LossModule, make_generator, ParamSelection,
-                   unflatten)
-from .hvp import HessianOperator
+                   loss_reduction, LossFn, LossModule, make_generator, ParamSelection, unflatten)
+from .operator import (CurvatureOperator, curvature_operator, register_curvature,
+                       registered_curvatures)
 from .preconditioning import Preconditioner
+
+__all__ = ["CurvatureOperator", "OutputCurvatureOperator", "GGNOperator", "FisherOperator",
+           "EmpiricalFisherOperator", "register_curvature", "registered_curvatures",
+           "curvature_operator", "loss_split", "FISHER_KINDS", "LIKELIHOODS"]
 
 FISHER_KINDS = ("exact", "mc", "empirical")
 LIKELIHOODS = ("categorical", "gaussian")
-CURVATURES = ("hessian", "ggn", "fisher", "empirical_fisher")
 OutputProduct = Callable[[Tensor], Tensor]
 
 
 def loss_split(loss_fn: LossFn) -> tuple[Callable, Callable]:
-    """``(forward, criterion)`` declared by ``loss_fn.split``; ValueError if it has none."""
+    """The split of ``loss_fn`` into model output and criterion (module docstring).
+
+    Args:
+        loss_fn: A ``loss_fn`` built by :func:`~analysis.core.supervised` or
+            :func:`~analysis.core.split_loss` (or with its own ``split`` attribute).
+
+    Returns:
+        ``(forward, criterion)`` declared by ``loss_fn.split``.
+
+    Raises:
+        ValueError: When ``loss_fn`` declares no split.
+    """
     split = getattr(loss_fn, "split", None)
     if not (isinstance(split, tuple) and len(split) == 2 and all(map(callable, split))):
         raise ValueError("loss_fn must declare its split into model output and criterion "
@@ -89,17 +116,34 @@ def _observation_dot(likelihood: str, a: Tensor, b: Tensor) -> Tensor:
     return (a * b).sum(1, keepdim=True) if likelihood == "categorical" else a * b
 
 
-class GGNOperator(HessianOperator):
-    """The generalised Gauss-Newton ``J^T H_L J`` of the mean loss over ``data``.
 
-    Same constructor keywords, vectors, restoration and ``with`` semantics as
-    :class:`~analysis.hvp.HessianOperator` (inside ``with op:`` a one-batch ``data`` keeps its
-    forward graph, so each later product costs two backward passes through it). ``loss_fn``
-    must declare its split (module docstring). Positive semi-definite for criteria convex in
-    the output (cross-entropy, squared error).
+class OutputCurvatureOperator(CurvatureOperator):
+    r"""The curvature $J^\top M J$ of a matrix $M$ in the model's output space.
+
+    The shared base of :class:`GGNOperator` ($M = H_L$) and :class:`FisherOperator`
+    ($M = F_R$ or its Monte-Carlo estimate). Per batch, with $f$ the output of
+    ``forward(model, batch)`` (``loss_fn.split``) and $J = \partial f / \partial \theta$, the
+    product is $J^\top (M (J v))$: $J v$ by the double-vjp trick, $M$ by
+    :meth:`output_product`, $J^\top w$ by a vector-Jacobian product. Inside ``with op:`` a
+    one-batch ``data`` keeps its forward graph, so each later product costs two backward
+    passes through it. A subclass implements :meth:`output_product`.
+
+    Args:
+        model: The model.
+        loss_fn: A ``loss_fn`` that declares its split (module docstring).
+        data: An iterable of batches.
+        params: The parameters of the block (as :class:`~analysis.operator.CurvatureOperator`).
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch.
+        progress: Show a bar over the batches of each product.
+        reuse_graph: Keep the forward graph of a one-batch ``data`` inside ``with`` blocks.
+        preconditioner: A diagonal $P$; the operator is then $P^{-1/2} J^\top M J P^{-1/2}$.
+        check_deterministic: First check that two passes over ``data`` agree.
+
+    Raises:
+        ValueError: When ``loss_fn`` declares no split, and as
+            :class:`~analysis.operator.CurvatureOperator`.
     """
-
-    curvature = "ggn"
 
     @guarded
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
@@ -112,23 +156,29 @@ class GGNOperator(HessianOperator):
                          batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
                          preconditioner=preconditioner, check_deterministic=check_deterministic)
 
-    def _output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
-        """``w -> H_L w`` for the criterion's Hessian w.r.t. the (detached) outputs."""
-        o = outputs.detach().requires_grad_()
-        loss = check_loss(self.criterion(o, batch), " in the GGN product")
-        g = torch.autograd.grad(loss, o, create_graph=True)[0]
-        if not g.requires_grad:  # the criterion is linear in the output: H_L = 0
-            return torch.zeros_like
-        return lambda w: torch.autograd.grad(g, o, w, retain_graph=True)[0]
+    @abc.abstractmethod
+    def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
+        r"""The output-space matrix $M$ of one batch, as a function ``w -> M w``.
+
+        Args:
+            outputs: The batch's output $f$ (with its graph; detach it for $M$).
+            batch: The batch (e.g. for its targets).
+
+        Returns:
+            ``w -> M w`` for ``w`` shaped like ``outputs``.
+        """
 
     def _linearise(self, batch: Any) -> tuple:
-        """The batch's output with its graph, ``J^T u`` as a function of a dummy ``u`` (for the
-        double-vjp ``J v``), the parameters it depends on, and ``w -> H_L w``."""
+        """The batch's linearisation, built once per batch (or ``with`` block).
+
+        Returns the output with its graph, ``J^T u`` as a function of a dummy ``u`` (for the
+        double-vjp ``J v``), the parameters it depends on, and ``w -> M w``.
+        """
         outputs = self.forward(self.model, batch)
         if not isinstance(outputs, Tensor):
             raise ValueError("the forward of loss_fn.split must return the output tensor, got "
                              f"{type(outputs).__name__}")
-        product = self._output_product(outputs, batch)
+        product = self.output_product(outputs, batch)
         if not outputs.requires_grad:  # the output does not depend on the selected parameters
             return outputs, None, [], [], product
         dummy = torch.zeros_like(outputs, requires_grad=True)
@@ -137,11 +187,21 @@ class GGNOperator(HessianOperator):
         live = [i for i, g in enumerate(pullback) if g is not None and g.requires_grad]
         return outputs, dummy, [pullback[i] for i in live], live, product
 
-    def _product(self, batch: Any, vs: Tensor) -> Tensor:
-        outputs, dummy, pullback, live, product = self._cached(lambda: self._linearise(batch))
+    def batch_product(self, batch: Any, V: Tensor) -> Tensor:
+        r"""$J_b^\top M_b J_b V$ for one batch.
+
+        Args:
+            batch: One batch of ``data``.
+            V: ``[n, k]``, flat over the selected parameters.
+
+        Returns:
+            ``[n, k]``.
+        """
+        vs = V.T.contiguous()  # a view in `matmat`: its rows are the vectors
+        outputs, dummy, pullback, live, product = self.cached(lambda: self._linearise(batch))
         out = torch.zeros_like(vs)
         if not live:
-            return out
+            return out.T
         chosen = [self.params[i] for i in live]
         for row, v in zip(out, vs):
             pieces = unflatten(v, self.params)
@@ -153,24 +213,116 @@ class GGNOperator(HessianOperator):
             for i, h in zip(live, jtw):
                 if h is not None:
                     rows[i].copy_(h)
-        return out
+        return out.T
 
 
-class FisherOperator(GGNOperator):
-    """The Fisher information of the model's predictive distribution, or the empirical Fisher.
+class GGNOperator(OutputCurvatureOperator):
+    r"""The generalised Gauss-Newton $G = J^\top H_L J$ of the mean loss over ``data``.
 
-    kind: ``"exact"`` (``J^T F_R J``, closed form; equals the GGN for cross-entropy and MSE),
-        ``"mc"`` (``mc_samples`` labels per observation sampled from the model; the draws of a
-        batch depend only on ``seed`` and the batch's contents, so the operator is the same
-        matrix at every product, whatever the order of the batches or their sharding over
-        ranks) or ``"empirical"`` (mean of per-sample gradient outer products, through
-        ``torch.func``: ``loss_fn`` must be ``torch.func``-transformable; it needs no split).
-    mc_samples, seed: draws per observation and their seed (``kind="mc"``); a batch's seed is
-        hashed from its tensors, one host copy of the batch per product.
-    likelihood: ``"categorical"`` or ``"gaussian"`` (default: read from ``loss_fn.criterion``).
-    Other keywords as :class:`GGNOperator`. ``curvature="fisher"`` on the routines is ``"exact"``.
-    The Fisher is that of the mean loss: a sum-reduced ``loss_fn`` is refused.
+    $H_L = \nabla^2_f L$ is the Hessian of the criterion w.r.t. the model output (Schraudolph
+    2002; Martens 2020). Same constructor keywords, vectors, restoration and ``with``
+    semantics as :class:`~analysis.hvp.HessianOperator` (inside ``with op:`` a one-batch
+    ``data`` keeps its forward graph, so each later product costs two backward passes through
+    it). ``loss_fn`` must declare its split (module docstring). Positive semi-definite for
+    criteria convex in the output (cross-entropy, squared error). Registered as
+    ``curvature="ggn"``.
+
+    Args:
+        model: The model.
+        loss_fn: A ``loss_fn`` that declares its split.
+        data: An iterable of batches.
+        params: The parameters of the block (as :class:`~analysis.hvp.HessianOperator`).
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch.
+        progress: Show a bar over the batches of each product.
+        reuse_graph: Keep the forward graph of a one-batch ``data`` inside ``with`` blocks.
+        preconditioner: A diagonal $P$; the operator is then $P^{-1/2} G P^{-1/2}$.
+        check_deterministic: First check that two passes over ``data`` agree.
+
+    Raises:
+        ValueError: When ``loss_fn`` declares no split, and as
+            :class:`~analysis.operator.CurvatureOperator`.
     """
+
+    curvature = "ggn"
+
+    def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
+        r"""``w -> H_L w`` for the criterion's Hessian w.r.t. the (detached) outputs.
+
+        Args:
+            outputs: The batch's output.
+            batch: The batch, passed to the criterion.
+
+        Returns:
+            $w \mapsto H_L w$ (zero when the criterion is linear in the output).
+        """
+        o = outputs.detach().requires_grad_()
+        loss = check_loss(self.criterion(o, batch), " in the GGN product")
+        g = torch.autograd.grad(loss, o, create_graph=True)[0]
+        if not g.requires_grad:  # the criterion is linear in the output: H_L = 0
+            return torch.zeros_like
+        return lambda w: torch.autograd.grad(g, o, w, retain_graph=True)[0]
+
+
+class FisherOperator(OutputCurvatureOperator):
+    r"""The Fisher information $J^\top F_R J$ of the model's predictive distribution.
+
+    $F_R = \mathbb{E}_{y \sim r(\cdot \mid f)}[\nabla_f \log r(y \mid f)\,
+    \nabla_f \log r(y \mid f)^\top]$, exact (closed form; equals the GGN for cross-entropy and
+    MSE, Martens 2020) or by Monte Carlo. ``FisherOperator(..., kind="empirical")``
+    builds an :class:`EmpiricalFisherOperator` instead (the same call shape as before the
+    curvature registry). Registered as ``curvature="fisher"`` (the exact Fisher). The Fisher is
+    that of the mean loss: a sum-reduced ``loss_fn`` is refused.
+
+    Args:
+        model: The model.
+        loss_fn: A ``loss_fn`` that declares its split (module docstring).
+        data: An iterable of batches.
+        kind: ``"exact"``, ``"mc"`` (``mc_samples`` labels per observation sampled from the
+            model; the draws of a batch depend only on ``seed`` and the batch's contents, so
+            the operator is the same matrix at every product, whatever the order of the
+            batches or their sharding over ranks) or ``"empirical"``
+            (:class:`EmpiricalFisherOperator`).
+        params: The parameters of the block (as :class:`~analysis.hvp.HessianOperator`).
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch.
+        seed: Seed of the draws (``kind="mc"``); a batch's seed is hashed from its tensors, one
+            host copy of the batch per product.
+        progress: Show a bar over the batches of each product.
+        mc_samples: Draws per observation (``kind="mc"``), at least 1.
+        likelihood: ``"categorical"`` or ``"gaussian"`` (default: read from
+            ``loss_fn.criterion``).
+        reuse_graph: Keep the forward graph of a one-batch ``data`` inside ``with`` blocks.
+        preconditioner: A diagonal $P$; the operator is then $P^{-1/2} F P^{-1/2}$.
+        check_deterministic: First check that two passes over ``data`` agree.
+
+    Raises:
+        ValueError: For a sum-reduced ``loss_fn``, an unknown ``kind`` or ``likelihood``, a
+            likelihood that cannot be read from the criterion, ``mc_samples < 1``, and as
+            :class:`OutputCurvatureOperator`.
+    """
+
+    curvature = "fisher"
+
+    def __new__(cls, model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "exact", *,
+                params: ParamSelection = None, model_mode: str = "eval",
+                batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
+                mc_samples: int = 1, likelihood: str | None = None, reuse_graph: bool = True,
+                preconditioner: Preconditioner = None, check_deterministic: bool = True
+                ) -> "FisherOperator | EmpiricalFisherOperator":
+        """``kind="empirical"`` on this class builds an :class:`EmpiricalFisherOperator`."""
+        if cls is not FisherOperator or check_choice("kind", kind, FISHER_KINDS) != "empirical":
+            return super().__new__(cls)
+        check_int("mc_samples", mc_samples, low=1)  # validated, unused, as before
+        make_generator(seed)
+        return EmpiricalFisherOperator(
+            model, loss_fn, data, params=params, model_mode=model_mode,
+            batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
+            preconditioner=preconditioner, check_deterministic=check_deterministic)
+
+    def __getnewargs__(self) -> tuple:
+        """The arguments :meth:`__new__` needs again for ``copy`` and ``pickle``."""
+        return self.model, self.loss_fn, self.data, self.kind
 
     @guarded
     def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, kind: str = "exact", *,
@@ -178,28 +330,29 @@ class FisherOperator(GGNOperator):
                  batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
                  mc_samples: int = 1, likelihood: str | None = None, reuse_graph: bool = True,
                  preconditioner: Preconditioner = None, check_deterministic: bool = True):
-        if loss_reduction(loss_fn) == "sum":
-            raise ValueError("the Fisher is defined for the mean loss: loss_fn.reduction must be "
-                             "'mean', got 'sum' (use a mean-reduced loss_fn and multiply by the "
-                             "number of samples, or the GGN)")
-        self.kind = check_choice("kind", kind, FISHER_KINDS)
+        _refuse_sum(loss_fn)
+        self.kind = check_choice("kind", kind, FISHER_KINDS[:2])
         self.mc_samples = check_int("mc_samples", mc_samples, low=1)
         self.seed = make_generator(seed).initial_seed()
-        self.curvature = "empirical_fisher" if kind == "empirical" else "fisher"
-        common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
-                      progress=progress, reuse_graph=reuse_graph, preconditioner=preconditioner,
-                      check_deterministic=check_deterministic)
-        if kind == "empirical":
-            if model_mode == "train" and any(True for _ in model.buffers()):
-                raise ValueError('kind="empirical" cannot run model_mode="train" on a model with '
-                                 'buffers (per-sample gradients cannot update BatchNorm '
-                                 'statistics); use model_mode="eval"')
-            HessianOperator.__init__(self, model, loss_fn, data, **common)
-            return
         self.likelihood = _likelihood(loss_fn, likelihood)
-        super().__init__(model, loss_fn, data, **common)
+        super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
+                         batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
+                         preconditioner=preconditioner, check_deterministic=check_deterministic)
 
-    def _output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
+    def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
+        r"""``w -> F_R w``, exact or from ``mc_samples`` sampled labels, per observation.
+
+        Args:
+            outputs: The batch's output (detached here).
+            batch: The batch (its contents seed the Monte-Carlo draws).
+
+        Returns:
+            $w \mapsto F_R w$, scaled by one over the number of observations (the
+            criterion's mean).
+
+        Raises:
+            ValueError: For a categorical likelihood on outputs with fewer than 2 dims.
+        """
         f = outputs.detach()
         # 1 / (number of observations): the criterion's mean over positions (categorical,
         # classes on dim 1) or over elements (gaussian)
@@ -232,10 +385,67 @@ class FisherOperator(GGNOperator):
         onehot = cdf.new_zeros((self.mc_samples, *cdf.shape)).scatter_(-1, labels, 1.0)
         return [p - h.movedim(-1, 1) for h in onehot]
 
-    def _product(self, batch: Any, vs: Tensor) -> Tensor:
-        if self.kind != "empirical":
-            return super()._product(batch, vs)
-        losses, primals, values, pullback = self._cached(lambda: self._per_sample_losses(batch))
+
+class EmpiricalFisherOperator(CurvatureOperator):
+    r"""The empirical Fisher $\frac{1}{N} \sum_i g_i g_i^\top$ (per-sample gradients $g_i$).
+
+    The mean of the per-sample gradient outer products.
+    $g_i$ is the gradient of ``loss_fn`` on sample $i$ as a batch of one (module docstring;
+    ``torch.func`` per-sample gradients, never formed: $G v$ is a JVP and $G^\top w$ a VJP of
+    the ``vmap``-ed per-sample losses), so ``loss_fn`` must be ``torch.func``-transformable; it
+    needs no split. Registered as ``curvature="empirical_fisher"``; also built by
+    ``FisherOperator(..., kind="empirical")``. Defined for the mean loss: a sum-reduced
+    ``loss_fn`` is refused.
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
+        data: An iterable of batches; a batch's samples are the rows of its tensors whose
+            leading dimension is the default sample count.
+        params: The parameters of the block (as :class:`~analysis.hvp.HessianOperator`).
+        model_mode: ``"eval"`` or ``"train"`` (a model with buffers only in ``"eval"``).
+        batch_size_fn: Sample count of a batch.
+        progress: Show a bar over the batches of each product.
+        reuse_graph: Keep the per-sample linearisation of a one-batch ``data`` inside ``with``
+            blocks.
+        preconditioner: A diagonal $P$; the operator is then $P^{-1/2} F P^{-1/2}$.
+        check_deterministic: First check that two passes over ``data`` agree.
+
+    Raises:
+        ValueError: For a sum-reduced ``loss_fn``, ``model_mode="train"`` on a model with
+            buffers, and as :class:`~analysis.operator.CurvatureOperator`.
+    """
+
+    curvature = "empirical_fisher"
+    kind = "empirical"
+
+    @guarded
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                 params: ParamSelection = None, model_mode: str = "eval",
+                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                 reuse_graph: bool = True, preconditioner: Preconditioner = None,
+                 check_deterministic: bool = True):
+        _refuse_sum(loss_fn)
+        if model_mode == "train" and any(True for _ in model.buffers()):
+            raise ValueError('the empirical Fisher (kind="empirical") cannot run '
+                             'model_mode="train" on a model with buffers (per-sample gradients '
+                             'cannot update BatchNorm statistics); use model_mode="eval"')
+        super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
+                         batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
+                         preconditioner=preconditioner, check_deterministic=check_deterministic)
+
+    def batch_product(self, batch: Any, V: Tensor) -> Tensor:
+        r"""$\frac{1}{n_b} G_b^\top G_b V$ with $G_b$ the per-sample gradients of the batch.
+
+        Args:
+            batch: One batch of ``data``.
+            V: ``[n, k]``, flat over the selected parameters.
+
+        Returns:
+            ``[n, k]``.
+        """
+        vs = V.T.contiguous()  # a view in `matmat`: its rows are the vectors
+        losses, primals, values, pullback = self.cached(lambda: self._per_sample_losses(batch))
 
         def as_dict(v: Tensor) -> dict[str, Tensor]:
             return dict(zip(primals, unflatten(v, self.params)))
@@ -246,12 +456,15 @@ class FisherOperator(GGNOperator):
         # G v = (g_i . v)_i by a JVP of the per-sample losses, G^T w by their VJP: the
         # per-sample gradients g_i are never formed
         gv = vmap(lambda v: jvp(losses, (primals,), (as_dict(v),))[1])(vs)
-        return vmap(lambda w: flat(pullback(w)[0]))(gv) / values.shape[0]
+        return (vmap(lambda w: flat(pullback(w)[0]))(gv) / values.shape[0]).T
 
     def _per_sample_losses(self, batch: Any) -> tuple:
-        """``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one (``vmap``
-        over the leading dimension of the batch's tensors that have ``n`` rows, ``n`` the
-        default sample count), the primals, the losses and their pullback."""
+        """The per-sample losses of the batch, as a function of the parameters.
+
+        Returns ``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one
+        (``vmap`` over the leading dimension of the batch's tensors that have ``n`` rows, ``n``
+        the default sample count), the primals, the losses and their pullback.
+        """
         n = default_batch_size(batch)
         leaves, spec = tree_flatten(batch)
         batched = [i for i, t in enumerate(leaves)
@@ -274,6 +487,14 @@ class FisherOperator(GGNOperator):
         return losses, primals, values, pullback
 
 
+def _refuse_sum(loss_fn: LossFn) -> None:
+    """The Fisher is that of the mean loss: ValueError for a sum-reduced ``loss_fn``."""
+    if loss_reduction(loss_fn) == "sum":
+        raise ValueError("the Fisher is defined for the mean loss: loss_fn.reduction must be "
+                         "'mean', got 'sum' (use a mean-reduced loss_fn and multiply by the "
+                         "number of samples, or the GGN)")
+
+
 def _batch_seed(seed: int, batch: Any) -> int:
     """A seed from ``seed`` and the bytes of the batch's tensors (so draws follow the data)."""
     h = hashlib.blake2b(str(seed).encode(), digest_size=8)
@@ -283,22 +504,6 @@ def _batch_seed(seed: int, batch: Any) -> int:
     return int.from_bytes(h.digest(), "little") >> 1
 
 
-def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
-                       params: ParamSelection = None, model_mode: str = "eval",
-                       batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
-                       hvp_method: str = "reverse", preconditioner: Preconditioner = None
-                       ) -> HessianOperator:
-    """The operator of ``curvature=`` (one of :data:`CURVATURES`; ``"fisher"`` is the exact
-    Fisher), preconditioned when ``preconditioner`` is given."""
-    check_choice("curvature", curvature, CURVATURES)
-    common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
-                  progress=progress, preconditioner=preconditioner)
-    if curvature == "hessian":
-        return HessianOperator(model, loss_fn, data, hvp_method=hvp_method, **common)
-    if hvp_method != "reverse":
-        raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only, '
-                         f'got curvature={curvature!r}')
-    if curvature == "ggn":
-        return GGNOperator(model, loss_fn, data, **common)
-    kind = "exact" if curvature == "fisher" else "empirical"
-    return FisherOperator(model, loss_fn, data, kind=kind, **common)
+register_curvature("ggn", GGNOperator)
+register_curvature("fisher", FisherOperator)
+register_curvature("empirical_fisher", EmpiricalFisherOperator)

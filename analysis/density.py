@@ -1,13 +1,16 @@
-"""Spectral density of the Hessian by stochastic Lanczos quadrature (SLQ).
+r"""Spectral density of the Hessian by stochastic Lanczos quadrature (SLQ).
 
-Each run starts Lanczos (full reorthogonalisation) from a unit Rademacher vector ``v``; the
-tridiagonal ``T_m`` is diagonalised with ``eigh`` (symmetric: never a general ``eig``) as
-``T_m = Y diag(theta) Y^T``, and ``sum_k tau_k delta(x - theta_k)`` with ``tau_k = Y_{1k}^2``
-is the Gauss quadrature of the spectral measure ``v^T delta(x - H) v`` (Golub & Meurant 2010,
-Ch. 6; Lin, Saad & Yang 2016, Eq. 3.8). It integrates polynomials of degree ``<= 2m - 1``
-exactly, so ``n * sum_k tau_k theta_k^j`` is an unbiased estimate of ``tr H^j``. The density
-averages the runs and replaces each node by a Gaussian of width ``sigma`` (Ghorbani, Krishnan &
-Xiao 2019, Eq. 5).
+Each run starts Lanczos (full reorthogonalisation) from a unit Rademacher vector $v$; the
+tridiagonal $T_m$ is diagonalised with ``eigh`` (symmetric: never a general ``eig``) as
+$T_m = Y \,\mathrm{diag}(\theta)\, Y^\top$, and $\sum_k \tau_k \delta(x - \theta_k)$ with
+$\tau_k = Y_{1k}^2$ is the Gauss quadrature of the spectral measure $v^\top \delta(x - H) v$
+(Golub & Meurant 2010, Ch. 6; Lin, Saad & Yang 2016, Eq. 3.8). It integrates polynomials of
+degree $\le 2m - 1$ exactly, so $n \sum_k \tau_k \theta_k^j$ is an unbiased estimate of
+$\mathrm{tr}\, H^j$. The density averages the runs and replaces each node by a Gaussian of
+width $\sigma$ (Ghorbani, Krishnan & Xiao 2019, Eq. 5):
+
+$$\phi_\sigma(x) = \frac{1}{R} \sum_{r=1}^{R} \sum_k \tau_k^{(r)}
+\frac{1}{\sigma\sqrt{2\pi}} e^{-(x - \theta_k^{(r)})^2 / (2\sigma^2)}.$$
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ from tqdm.auto import trange
 
 from .core import (BatchSizeFn, check_bool, check_device, check_dtype, check_int, check_positive,
                    guarded, LossFn, make_generator, ParamSelection, rademacher, records_metadata,
-                   register_result)
+                   register_result, renamed_keywords)
 from .curvature import curvature_operator
 from .lanczos import BASIS_DTYPES, Krylov
 from .preconditioning import Preconditioner
@@ -30,9 +33,20 @@ from .preconditioning import Preconditioner
 @register_result
 @dataclass
 class DensityResult:
-    """``density`` on ``grid`` (integrates to 1 there). ``nodes``/``weights``: the quadrature
-    of each run, ``[n_vectors, m]`` (weights of a run sum to 1). With ``log_scale`` the grid
-    and the smoothing are in ``log10 |lambda|``."""
+    r"""The smoothed spectral density of a curvature matrix, and the quadrature behind it.
+
+    Attributes:
+        grid: The points of ``density``; in $\log_{10} |\lambda|$ with ``log_scale``.
+        density: The density on ``grid`` (integrates to 1 there).
+        nodes: The quadrature nodes $\theta_k$ of each run, ``[n_vectors, m]``.
+        weights: Their weights $\tau_k$, ``[n_vectors, m]`` (those of a run sum to 1).
+        sigma: The width of the Gaussian kernel (in the grid's units).
+        log_scale: Whether the grid and the smoothing are in $\log_{10} |\lambda|$.
+        n_hvp: Products spent.
+        curvature: The registered name of the matrix (``curvature=``).
+        preconditioned: Whether it is $P^{-1/2} A P^{-1/2}$.
+        metadata: Seed, configuration and versions (:func:`analysis.core.make_metadata`).
+    """
     grid: np.ndarray
     density: np.ndarray
     nodes: np.ndarray
@@ -45,19 +59,36 @@ class DensityResult:
     metadata: dict = field(default_factory=dict)
 
 
-def lanczos_quadrature(matmat, n: int, steps: int, n_vectors: int, *, seed: int = 0,
+@renamed_keywords(steps="n_lanczos")
+def lanczos_quadrature(matmat, n: int, n_lanczos: int, n_vectors: int, *, seed: int = 0,
                        like: torch.Tensor, progress: bool = False,
                        basis_dtype: torch.dtype | None = None,
                        basis_device: torch.device | str | None = None
                        ) -> tuple[np.ndarray, np.ndarray, int]:
-    """Nodes and weights ``[n_vectors, min(steps, n)]`` of SLQ on any symmetric ``matmat``.
+    """Nodes and weights of stochastic Lanczos quadrature on any symmetric ``matmat``.
 
-    If a run's Krylov space becomes invariant early, Lanczos continues from a random vector
-    orthogonal to it; the new nodes then carry zero weight (up to rounding), so the quadrature
-    is unchanged.
+    Lin, Saad & Yang 2016, Eq. 3.8 (module docstring). If a run's Krylov space becomes
+    invariant early, Lanczos continues from a random vector orthogonal to it; the new nodes
+    then carry zero weight (up to rounding), so the quadrature is unchanged.
+
+    Args:
+        matmat: Rows in, the matrix times each row out (``[b, n] -> [b, n]``).
+        n: The dimension.
+        n_lanczos: Lanczos steps per run, at most ``n`` are taken (``m = min(n_lanczos, n)``).
+            Formerly ``steps`` (accepted for one release, with a ``DeprecationWarning``).
+        n_vectors: Runs, each from its own Rademacher start vector.
+        seed: Seed of the start vectors (and of restarts after a breakdown).
+        like: A tensor of the vectors' dtype and device.
+        progress: Show a bar over the runs.
+        basis_dtype: Dtype of the Lanczos basis (default ``like``'s).
+        basis_device: Device of the Lanczos basis (default ``like``'s).
+
+    Returns:
+        ``(nodes, weights, n_hvp)``: numpy ``[n_vectors, m]`` each, and the products spent
+        (``n_vectors * m``).
     """
     gen = make_generator(seed)
-    m = min(steps, n)
+    m = min(n_lanczos, n)
     nodes, weights, n_hvp = np.zeros((n_vectors, m)), np.zeros((n_vectors, m)), 0
     for run in trange(n_vectors, desc="SLQ", disable=not progress, leave=False):
         K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device)
@@ -72,8 +103,21 @@ def lanczos_quadrature(matmat, n: int, steps: int, n_vectors: int, *, seed: int 
 
 def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
            n_grid: int = 1000, log_scale: bool = False) -> tuple[np.ndarray, np.ndarray, float]:
-    """Gaussian-smoothed average of the runs on a grid padded by ``5 sigma``, normalised to
-    integrate to 1 (trapezoid rule). ``sigma`` defaults to ``(max - min) / m`` of the nodes."""
+    r"""The Gaussian-smoothed average of the runs' quadratures (Ghorbani et al. 2019, Eq. 5).
+
+    On a grid padded by $5\sigma$ beyond the nodes, normalised to integrate to 1 (trapezoid
+    rule).
+
+    Args:
+        nodes: ``[R, m]`` quadrature nodes.
+        weights: ``[R, m]`` their weights.
+        sigma: Kernel width; default $(\max - \min) / m$ of the (log) nodes, 1 if they agree.
+        n_grid: Grid points.
+        log_scale: Smooth $\log_{10} |\theta|$ (floored at rounding level) instead of $\theta$.
+
+    Returns:
+        ``(grid, density, sigma)``.
+    """
     x = nodes
     if log_scale:
         floor = np.finfo(np.float64).eps * max(np.abs(nodes).max(), np.finfo(np.float64).tiny)
@@ -98,15 +142,41 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                      preconditioner: Preconditioner = None, basis_dtype: torch.dtype | None = None,
                      basis_device: torch.device | str | None = None,
                      check_deterministic: bool = True) -> DensityResult:
-    """The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
+    r"""The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
-    Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
+    Stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019; module
+    docstring). Memory: ``n_lanczos * n`` elements (the basis of one run). Costs
     ``n_vectors * min(n_lanczos, n)`` Hessian-vector products.
-    log_scale: smooth ``log10 |lambda|`` instead of ``lambda`` (the grid is then in log10
-        units; negative eigenvalues are counted by magnitude).
-    curvature, preconditioner, basis_dtype, basis_device: as in :func:`analysis.top_eigenvalues`
-        (the matrix whose density it is; where the basis lives).
-    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
+
+    Args:
+        model: The model (restored afterwards).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
+        data: An iterable of batches, passed over once per product.
+        n_lanczos: Lanczos steps per run (at least 1; at most ``n`` are taken).
+        n_vectors: Runs (at least 1).
+        params: The parameters analysed (default all with requires_grad).
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch.
+        seed: Seed of the start vectors.
+        progress: Show a bar over the runs.
+        sigma: Kernel width (positive); default :func:`smooth`'s.
+        n_grid: Grid points (at least 2).
+        log_scale: Smooth $\log_{10} |\lambda|$ instead of $\lambda$ (the grid is then in
+            log10 units; negative eigenvalues are counted by magnitude).
+        hvp_method: ``"reverse"`` or ``"forward"`` (the Hessian only).
+        curvature: The matrix, a registered name (as in :func:`analysis.top_eigenvalues`).
+        preconditioner: A diagonal $P$; the density is then that of $P^{-1/2} A P^{-1/2}$.
+        basis_dtype: Dtype of the Lanczos basis (as in :func:`analysis.top_eigenvalues`).
+        basis_device: Device of the Lanczos basis (as in :func:`analysis.top_eigenvalues`).
+        check_deterministic: First check that two passes over ``data`` agree (two forward
+            passes).
+
+    Returns:
+        A :class:`DensityResult`.
+
+    Raises:
+        ValueError: For an argument out of its range, an unknown ``curvature``, and as the
+            curvature's operator (:class:`analysis.CurvatureOperator`).
     """
     n_lanczos = check_int("n_lanczos", n_lanczos, 1)
     n_vectors = check_int("n_vectors", n_vectors, 1)

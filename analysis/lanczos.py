@@ -1,15 +1,16 @@
-"""Extreme Hessian eigenpairs: block Lanczos with full reorthogonalisation and thick restart.
+r"""Extreme Hessian eigenpairs: block Lanczos with full reorthogonalisation and thick restart.
 
-The solver keeps an orthonormal basis ``V`` (rows) of the Krylov space and the projected
-matrix ``T = V H V^T``; new blocks are orthogonalised against all of ``V`` by classical
+The solver keeps an orthonormal basis $V$ (rows) of the Krylov space
+$\mathcal{K}_m(H, Q_0) = \mathrm{span}\{Q_0, H Q_0, \dots, H^{m-1} Q_0\}$ and the projected
+matrix $T = V H V^\top$; new blocks are orthogonalised against all of ``V`` by classical
 Gram-Schmidt, with a second pass when the first removed more than ``1 - DGKS`` of the norm
 (Daniel, Gragg, Kaufman & Stewart 1976, the criterion of ARPACK's ``dsaitr``; "twice is enough",
 Giraud et al. 2005), so ``T`` is the block-tridiagonal Lanczos matrix up to rounding (Golub & Van
 Loan, Alg. 10.3.1 with full reorthogonalisation). When the basis is
 full it is thick-restarted (Wu & Simon 2000, Sec. 3) with the Ritz vectors at the wanted end.
-A Ritz pair ``(theta, u = V^T y)`` has residual ``||H u - theta u|| = ||B y_last||``, with ``B``
-the coefficients of the next block and ``y_last`` the last block of ``y`` (Saad 2011, Prop. 6.8);
-the pair is converged when that residual is at most ``tol * |theta|``.
+A Ritz pair $(\theta, u = V^\top y)$ has residual $\|H u - \theta u\| = \|B y_{last}\|$,
+with $B$ the coefficients of the next block and $y_{last}$ the last block of $y$ (Saad 2011,
+Prop. 6.8); the pair is converged when that residual is at most $tol \cdot |\theta|$.
 
 ``method="power"`` is PyHessian's deflated power iteration, kept for comparison.
 """
@@ -42,16 +43,22 @@ DGKS = 2 ** -0.5  # a second Gram-Schmidt pass when one pass leaves less than th
 @register_result
 @dataclass
 class EigenResult:
-    """Extreme eigenpairs of the curvature matrix ``curvature`` (``P^-1/2 A P^-1/2`` when
-    ``preconditioned``).
+    r"""Extreme eigenpairs of a curvature matrix ($P^{-1/2} A P^{-1/2}$ when preconditioned).
 
-    eigenvalues: numpy, ordered by ``which``: descending for "LA", ascending for "SA",
-        descending magnitude for "LM".
-    eigenvectors: torch tensor ``[k, n]`` of unit rows, flat over the selected parameters in
-        ``names`` order (``analysis.core.unflatten(row, params)`` gives per-parameter tensors).
-    residuals: numpy, ``||H u - theta u||`` per pair (Ritz estimate for Lanczos, measured for
-        the power method).
-    n_hvp: Hessian-vector products spent; converged: all ``k`` pairs met the tolerance.
+    Attributes:
+        eigenvalues: numpy, ordered by ``which``: descending for "LA", ascending for "SA",
+            descending magnitude for "LM".
+        eigenvectors: torch tensor ``[k, n]`` of unit rows, flat over the selected parameters
+            in ``names`` order (``analysis.core.unflatten(row, params)`` gives per-parameter
+            tensors).
+        residuals: numpy, $\|A u - \theta u\|$ per pair (Ritz estimate for Lanczos,
+            measured for the power method).
+        n_hvp: Products spent.
+        converged: Whether all ``k`` pairs met the tolerance.
+        names: The selected parameters' names.
+        curvature: The registered name of the matrix (``curvature=``).
+        preconditioned: Whether it is $P^{-1/2} A P^{-1/2}$.
+        metadata: Seed, configuration and versions (:func:`analysis.core.make_metadata`).
     """
     eigenvalues: np.ndarray
     eigenvectors: Tensor
@@ -74,10 +81,12 @@ def _wanted(theta: Tensor, count: int, which: str) -> Tensor:
 
 
 def _project_out(w: Tensor, basis: "Basis", m: int) -> Tensor:
-    """Subtract from ``w`` (in place) its components on the first ``m`` rows of ``basis``
-    (classical Gram-Schmidt: all coefficients from the same ``w``), which may be in another dtype
-    or on another device; return the coefficients in ``w``'s dtype and device. With the basis
-    beside ``w``, no vector-sized temporary is made."""
+    """Subtract from ``w`` (in place) its components on the first ``m`` rows of ``basis``.
+
+    Classical Gram-Schmidt (all coefficients from the same ``w``); the basis may be in another
+    dtype or on another device; returns the coefficients in ``w``'s dtype and device. With the
+    basis beside ``w``, no vector-sized temporary is made.
+    """
     parts = basis.rows(m)
     if not parts:
         return w.new_zeros(0)
@@ -94,10 +103,18 @@ def _project_out(w: Tensor, basis: "Basis", m: int) -> Tensor:
 
 
 class Basis:
-    """The Lanczos basis: ``capacity`` rows of length ``n``, stored as a head of ``head`` rows and
-    a tail, so that the ``head`` wanted Ritz vectors can be formed in place (:meth:`rotate_`) and
-    returned after the tail is freed (:meth:`release`): the eigenvectors then cost no memory
-    beyond the basis."""
+    """The Lanczos basis: ``capacity`` rows of length ``n``, stored as a head and a tail.
+
+    The ``head`` wanted Ritz vectors can then be formed in place (:meth:`rotate_`) and returned
+    after the tail is freed (:meth:`release`): the eigenvectors cost no memory beyond the basis.
+
+    Args:
+        capacity: Rows.
+        n: Row length.
+        head: Rows of the head (at most ``capacity``).
+        dtype: The rows' dtype.
+        device: The rows' device.
+    """
 
     def __init__(self, capacity: int, n: int, *, head: int, dtype: torch.dtype,
                  device: torch.device | str):
@@ -107,7 +124,14 @@ class Basis:
         self.dtype, self.device = dtype, device
 
     def rows(self, m: int) -> list[Tensor]:
-        """Views of rows ``[0, m)``, one per part they touch."""
+        """Views of rows ``[0, m)``.
+
+        Args:
+            m: Number of leading rows.
+
+        Returns:
+            One view per part they touch.
+        """
         out, left = [], m
         for part in self.parts:
             if left <= 0:
@@ -117,7 +141,7 @@ class Basis:
         return out
 
     def _spans(self, start: int, stop: int):
-        """``(part, rows in it, rows of the range)`` for each part that rows ``[start, stop)`` touch."""
+        """``(part, rows in it, rows of the range)`` per part that rows ``[start, stop)`` touch."""
         offset = 0
         for part in self.parts:
             lo, hi = max(start, offset), min(stop, offset + len(part))
@@ -126,18 +150,38 @@ class Basis:
             offset += len(part)
 
     def put(self, start: int, block: Tensor) -> None:
+        """Write ``block`` into rows ``[start, start + len(block))``.
+
+        Args:
+            start: First row.
+            block: ``[b, n]`` rows.
+        """
         for part, rows, src in self._spans(start, start + len(block)):
             part[rows] = block[src]
 
     def get(self, start: int, stop: int) -> Tensor:
-        """Rows ``[start, stop)``: a view when they lie in one part, else a copy."""
+        """Rows ``[start, stop)``: a view when they lie in one part, else a copy.
+
+        Args:
+            start: First row.
+            stop: One past the last row.
+
+        Returns:
+            ``[stop - start, n]``.
+        """
         pieces = [part[rows] for part, rows, _ in self._spans(start, stop)]
         return pieces[0] if len(pieces) == 1 else torch.cat(pieces)
 
     def rotate_(self, Y: Tensor, m: int) -> None:
-        """Rows ``[0, r)`` become ``Y^T V[:m]`` in place (``Y`` is ``[m, r]``, ``r <= m``), one block
-        of columns at a time, so the only temporary is ``r x n / (8 r)`` elements: an eighth of a
-        row of ``V``."""
+        r"""Rows ``[0, r)`` become $Y^\top V_{:m}$ in place.
+
+        One block of columns at a time, so the only temporary is ``r x n / (8 r)`` elements: an
+        eighth of a row of ``V``.
+
+        Args:
+            Y: ``[m, r]``, ``r <= m`` (at most the head).
+            m: Rows of ``V`` combined.
+        """
         r, n = Y.shape[1], self.parts[0].shape[1]
         Yt, parts = Y.T.to(self.dtype).to(self.device), self.rows(m)
         bounds = torch.tensor([0] + [len(p) for p in parts]).cumsum(0).tolist()
@@ -151,7 +195,14 @@ class Basis:
                 part[rows, cols] = new[src]
 
     def release(self, r: int) -> Tensor:
-        """Rows ``[0, r)`` (``r`` at most the head), after freeing every other row."""
+        """Rows ``[0, r)``, after freeing every other row.
+
+        Args:
+            r: Rows kept, at most the head.
+
+        Returns:
+            ``[r, n]``.
+        """
         head = self.parts[0]
         self.parts = []
         return head if r == len(head) else head[:r].clone()
@@ -159,14 +210,15 @@ class Basis:
 
 def _orthogonalise(block: Tensor, basis: Basis, m: int,
                    gen: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Orthonormalise the rows of ``block`` against the first ``m`` rows of ``basis`` and each
-    other.
+    r"""Orthonormalise the rows of ``block`` against the first ``m`` rows of ``basis``, each other.
 
     Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]`` (``Q`` is ``block``,
     overwritten in place): ``C[:m]`` are the
     coefficients on the ``m`` basis rows, ``C[m:]`` is upper triangular. A row that vanishes
     (an invariant subspace was found) is replaced by a random unit vector orthogonal to
-    everything, keeping its (tiny) coefficient.
+    everything, keeping its (tiny) coefficient. "Vanishes": at most $\sqrt{\epsilon}$ of its
+    norm is left, so at least half its digits were lost to cancellation and its direction is
+    known to $\epsilon / ratio$ only.
     """
     b = block.shape[0]
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
@@ -213,12 +265,23 @@ def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: 
 
 
 class Krylov:
-    """An orthonormal basis ``V`` (rows, at most ``capacity``) and ``T = V H V^T``, extended a
-    block at a time with full reorthogonalisation. The blocks are in ``like``'s dtype and on
-    its device; ``V`` may be kept in another (``basis_dtype``, ``basis_device``). The pending
-    block ``Q`` (orthonormal to ``V``, not yet multiplied) is held here, so that no copy of it
-    outlives its move into ``V``; ``head`` rows of ``V`` can be returned as vectors
-    (:meth:`vectors`) without a second copy."""
+    r"""An orthonormal basis $V$ (rows, at most ``capacity``) and $T = V H V^\top$.
+
+    Extended a block at a time with full reorthogonalisation (Golub & Van Loan, Alg. 10.3.1).
+    The blocks are in ``like``'s dtype and on its device; ``V`` may be kept in another
+    (``basis_dtype``, ``basis_device``). The pending block ``Q`` (orthonormal to ``V``, not yet
+    multiplied) is held here, so that no copy of it outlives its move into ``V``; ``head`` rows
+    of ``V`` can be returned as vectors (:meth:`vectors`) without a second copy.
+
+    Args:
+        capacity: Rows of the basis.
+        n: The dimension.
+        like: A tensor of the blocks' dtype and device.
+        gen: The generator of restarts after a breakdown.
+        head: Rows that :meth:`vectors` may return.
+        basis_dtype: Dtype of ``V`` (default ``like``'s).
+        basis_device: Device of ``V`` (default ``like``'s).
+    """
 
     def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator, *,
                  head: int = 0, basis_dtype: torch.dtype | None = None,
@@ -230,11 +293,23 @@ class Krylov:
         self.Q: Tensor | None = None
 
     def start(self, block: Tensor) -> None:
+        """Orthonormalise ``block`` into the first pending block.
+
+        Args:
+            block: ``[b, n]`` start vectors.
+        """
         self.Q = _orthogonalise(block, self.V, 0, self.gen)[0]
 
     def extend(self, matmat: MatMat, count: int | None = None) -> Tensor:
-        """Append (up to ``count`` rows of) the pending block ``Q`` and make the next one
-        ``Qn``; return its coefficients ``B``, with ``H V^T = V^T T + Qn^T B E_last^T``."""
+        r"""Append (up to ``count`` rows of) the pending block $Q$ and make the next one $Q_n$.
+
+        Args:
+            matmat: The matrix, rows in and rows out.
+            count: Rows of $Q$ appended (default all).
+
+        Returns:
+            $B$, the coefficients of $Q_n$: $H V^\top = V^\top T + Q_n^\top B E_{last}^\top$.
+        """
         m, Q = self.m, self.Q[:count]
         b = Q.shape[0]
         self.V.put(m, Q)
@@ -252,29 +327,58 @@ class Krylov:
         return coef[m + b:].to(torch.float64)
 
     def ritz(self) -> tuple[Tensor, Tensor]:
-        """Ritz values (ascending) and the coordinates ``Y`` of the Ritz vectors in ``V``."""
+        """The Ritz pairs of the current basis.
+
+        Returns:
+            The Ritz values (ascending) and the coordinates ``Y`` of the Ritz vectors in ``V``.
+        """
         T = self.T[:self.m, :self.m]
         return torch.linalg.eigh((T + T.T) / 2)
 
     def restart(self, theta: Tensor, Y: Tensor, keep: Tensor) -> None:
-        """Thick restart: keep the Ritz vectors ``keep`` (built in place in ``V``); the next
-        block's coupling to them is recomputed by projection when it is appended."""
+        """Thick restart (Wu & Simon 2000): keep the Ritz vectors ``keep``, built in place in V.
+
+        The next block's coupling to them is recomputed by projection when it is appended.
+
+        Args:
+            theta: Ritz values.
+            Y: Their coordinates in ``V``.
+            keep: Indices of the Ritz pairs kept.
+        """
         self.V.rotate_(Y[:, keep], self.m)
         self.T.zero_()
         self.T[:len(keep), :len(keep)] = torch.diag(theta[keep])
         self.m = len(keep)
 
     def vectors(self, Y: Tensor) -> Tensor:
-        """The Ritz vectors ``Y^T V`` (at most ``head`` of them), formed in place in ``V``, which
-        is freed: the Krylov space cannot be extended afterwards."""
+        r"""The Ritz vectors $Y^\top V$, formed in place in ``V``, which is then freed.
+
+        The Krylov space cannot be extended afterwards.
+
+        Args:
+            Y: ``[m, r]`` coordinates, ``r`` at most ``head``.
+
+        Returns:
+            ``[r, n]`` in ``like``'s dtype and device.
+        """
         self.Q = None
         self.V.rotate_(Y, self.m)
         return self.V.release(Y.shape[1]).to(self.like)
 
 
 def default_max_basis(n: int, k: int, block_size: int, dtype: torch.dtype) -> int:
-    """``max(30, 3k + 2b)`` rows of ``n`` elements of ``dtype``, fewer when they would take more
-    than ``BASIS_BYTES``, but at least ``k + 2b``."""
+    """The default ``max_basis``: ``max(30, 3k + 2b)`` rows, fewer past ``BASIS_BYTES``.
+
+    Args:
+        n: Row length.
+        k: Wanted eigenpairs.
+        block_size: Block size ``b``.
+        dtype: The basis dtype.
+
+    Returns:
+        ``max(30, 3k + 2b)`` rows of ``n`` elements of ``dtype``, fewer when they would take
+        more than ``BASIS_BYTES``, but at least ``k + 2b``.
+    """
     item = torch.finfo(dtype).bits // 8
     return max(k + 2 * block_size,
                min(max(30, 3 * k + 2 * block_size), BASIS_BYTES // (n * item)))
@@ -285,23 +389,48 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
             basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None,
             product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, int, bool]:
-    """Block Lanczos with full reorthogonalisation and thick restart on any symmetric
-    ``matmat`` (rows in, new rows out: they are overwritten). Returns
-    ``(theta, U, residuals, n_hvp, converged)``.
+    r"""Block Lanczos with full reorthogonalisation and thick restart on any symmetric ``matmat``.
 
-    Convergence: residual ``<= max(max(tol, 50 eps) |theta|, 50 eps max|theta|)`` for all
-    ``k`` wanted pairs, with ``eps`` the machine epsilon of ``like`` (float32 stops near its
+    The Krylov recurrence $H V_m^\top = V_m^\top T_m + Q_{m+1}^\top B_m E_m^\top$ (Golub & Van
+    Loan, Alg. 10.3.1; module docstring), restarted with the wanted Ritz vectors when the basis
+    is full (Wu & Simon 2000). Convergence: residual
+    $\le \max(\max(tol, 50\epsilon) |\theta|, 50\epsilon \max|\theta|)$ for all ``k``
+    wanted pairs, with ``eps`` the machine epsilon of ``like`` (float32 stops near its
     attainable accuracy; eigenvalues near zero are resolved to rounding level relative to the
     largest Ritz value), or an exhausted basis (``n`` vectors: the Ritz pairs are exact).
     With ``basis_dtype`` coarser than ``like``'s, ``eps`` is that of ``basis_dtype``.
 
-    product_dtype: the dtype ``matmat`` computes in, when it is coarser than ``like``'s
-    (bfloat16/float16 models; ``like`` is then float32). Its products are accurate to about
-    ``eps = finfo(product_dtype).eps`` relative, below which the Ritz estimates (exact for exact
-    products) mean nothing: the iteration stops once they reach ``eps max|theta|``, the
-    residuals of the wanted pairs are measured by ``k`` more products, and ``converged`` is
-    judged on those; a ``tol`` they cannot meet gives ``converged=False`` and a warning naming
-    the dtype.
+    Args:
+        matmat: The matrix, ``[b, n]`` rows in, new rows out (the input rows are overwritten).
+        n: The dimension.
+        k: Wanted eigenpairs.
+        which: ``"LA"``, ``"SA"`` or ``"LM"`` (as :func:`top_eigenvalues`).
+        tol: Relative residual tolerance.
+        max_hvp: Budget of products (default ``max(300, 50 k)``).
+        block_size: Vectors per block.
+        max_basis: Basis rows before a thick restart (default :func:`default_max_basis`).
+        v0: Start vectors, ``[n]`` or ``[r, n]`` (folded onto the block), random otherwise.
+        seed: Seed of the random start and of restarts after a breakdown.
+        like: A tensor of the vectors' dtype and device.
+        progress: Show a bar over the products.
+        basis_dtype: Dtype of the basis (default ``like``'s).
+        basis_device: Device of the basis (default ``like``'s).
+        product_dtype: The dtype ``matmat`` computes in, when it is coarser than ``like``'s
+            (bfloat16/float16 models; ``like`` is then float32). Its products are accurate to
+            about ``eps = finfo(product_dtype).eps`` relative, below which the Ritz estimates
+            (exact for exact products) mean nothing: the iteration stops once they reach
+            ``eps max|theta|``, the residuals of the wanted pairs are measured by ``k`` more
+            products, and ``converged`` is judged on those; a ``tol`` they cannot meet gives
+            ``converged=False`` and a warning naming the dtype.
+
+    Returns:
+        ``(theta, U, residuals, n_hvp, converged)``: the ``k`` Ritz values in ``which`` order,
+        their unit vectors ``[k, n]``, residual norms, products spent, and whether all ``k``
+        met the tolerance.
+
+    Raises:
+        ValueError: When ``max_basis`` is below ``k + block_size`` (and below ``n``), or for a
+            bad ``v0``.
     """
     b = min(block_size, n)
     if max_basis is None:
@@ -356,10 +485,32 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
                     max_hvp: int | None = None, v0: Tensor | None = None, seed: int = 0,
                     like: Tensor, progress: bool = False
                     ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
-    """PyHessian's method: per eigenpair, power iteration on the iterate projected off the
+    r"""PyHessian's deflated power iteration (Yao et al. 2020), kept for comparison.
+
+    Per eigenpair, power iteration $v \leftarrow H v / \|H v\|$ on the iterate projected off the
     pairs found so far, stopped when the Rayleigh quotient changes by less than ``tol``
-    relative (``|l_t - l_{t-1}| / (|l_{t-1}| + 1e-6)``) or after ``max_iter`` products.
-    Converges to the largest-magnitude eigenvalues."""
+    relative ($|l_t - l_{t-1}| / (|l_{t-1}| + 10^{-6})$) or after ``max_iter`` products.
+    Converges to the largest-magnitude eigenvalues.
+
+    Args:
+        matmat: The matrix, rows in and rows out.
+        n: The dimension.
+        k: Wanted eigenpairs.
+        tol: Relative change of the Rayleigh quotient that stops a pair.
+        max_iter: Products per pair at most.
+        max_hvp: Budget of products over all pairs (default ``k * max_iter``).
+        v0: Start vectors, ``[n]`` or ``[r, n]``, random otherwise.
+        seed: Seed of the random start.
+        like: A tensor of the vectors' dtype and device.
+        progress: Show a bar over the pairs.
+
+    Returns:
+        ``(theta, U, residuals, n_hvp, converged)`` as :func:`lanczos`, by descending
+        magnitude.
+
+    Raises:
+        ValueError: When ``max_hvp`` leaves no product for some pair.
+    """
     gen = make_generator(seed)
     start = _start_block(v0, n, k, gen, like)
     vecs, vals, res = [], [], []
@@ -392,7 +543,8 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
         raise ValueError(f"max_hvp={max_hvp} is too small for k={k} with the power method")
     theta = torch.tensor(vals, dtype=torch.float64)
     order = _wanted(theta, k, "LM")
-    return theta[order], torch.stack(vecs)[order], torch.tensor(res, dtype=torch.float64)[order], n_hvp, all_ok
+    residuals = torch.tensor(res, dtype=torch.float64)[order]
+    return theta[order], torch.stack(vecs)[order], residuals, n_hvp, all_ok
 
 
 @records_metadata
@@ -407,37 +559,63 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                     basis_dtype: torch.dtype | None = None,
                     basis_device: torch.device | str | None = None,
                     check_deterministic: bool = True) -> EigenResult:
-    """The ``k`` extreme eigenpairs of the Hessian of the mean loss over ``data``.
+    r"""The ``k`` extreme eigenpairs of the Hessian (or another curvature) of the mean loss.
 
-    Returns an :class:`EigenResult`; its ``eigenvectors`` are a ``[k, n]`` tensor of unit rows,
-    flat over the selected parameters in ``.names`` order (``analysis.core.unflatten`` splits
-    a row per parameter), on the model's device, in its dtype (float32 for bfloat16/float16
-    models, whose basis is kept in float32; their residuals are measured, see :func:`lanczos`).
+    Block Lanczos with full reorthogonalisation and thick restart (module docstring; Golub &
+    Van Loan, Alg. 10.3.1; Wu & Simon 2000) on the operator of ``curvature``. The
+    ``eigenvectors`` of the result are a ``[k, n]`` tensor of unit rows, flat over the selected
+    parameters in ``.names`` order (``analysis.core.unflatten`` splits a row per parameter), on
+    the model's device, in its dtype (float32 for bfloat16/float16 models, whose basis is kept
+    in float32; their residuals are measured, see :func:`lanczos`).
 
-    which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
-        (largest magnitude).
-    tol: Lanczos stops when every wanted Ritz pair has ``||H u - theta u|| <= tol |theta|``;
-        for ``method="power"`` it is PyHessian's relative-change tolerance instead.
-    max_hvp: budget of Hessian-vector products (default ``max(300, 50 k)`` for Lanczos,
-        ``100 k`` for the power method); at least ``k`` (Lanczos: ``k`` rounded up to whole
-        blocks); ``converged`` says whether the tolerance was met.
-    v0: warm start, ``[n]`` or ``[r, n]`` (e.g. the last result's ``eigenvectors``).
-    method: "lanczos" or "power" (PyHessian's deflated power iteration; "LA"/"LM" only, both
-        meaning largest magnitude there).
-    block_size: vectors per Lanczos block; a block of size ``b`` resolves eigenvalues of
-        multiplicity up to ``b`` (single-vector Krylov spaces see one copy of a repeated
-        eigenvalue) and shares each forward pass among ``b`` products.
-    max_basis: basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
-        vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
-        ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
-    curvature: "hessian", "ggn", "fisher" (exact) or "empirical_fisher" (:mod:`analysis.curvature`).
-    preconditioner: a diagonal ``P``; the eigenpairs are then those of ``P^-1/2 A P^-1/2``
-        (:mod:`analysis.preconditioning`).
-    basis_dtype, basis_device: where the Lanczos basis lives (default: the model's dtype and
-        device), e.g. ``basis_device="cpu"`` for a model on a GPU, or ``basis_dtype=torch.float32``
-        for a float64 model (eigenvalues then to float32 accuracy, see :func:`lanczos`).
-    check_deterministic: first check that two passes over ``data`` agree (two forward passes;
-        ``analysis.core.guards``).
+    Args:
+        model: The model (restored afterwards).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
+        data: An iterable of batches, passed over once per product (block).
+        k: Eigenpairs wanted, from 1 to ``n``.
+        which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
+            (largest magnitude).
+        tol: Lanczos stops when every wanted Ritz pair has
+            $\|H u - \theta u\| \le tol\, |\theta|$; for ``method="power"`` it is
+            PyHessian's relative-change tolerance instead.
+        max_hvp: Budget of products (default ``max(300, 50 k)`` for Lanczos, ``100 k`` for the
+            power method); at least ``k`` (Lanczos: ``k`` rounded up to whole blocks);
+            ``converged`` says whether the tolerance was met.
+        params: The parameters analysed (default all with requires_grad).
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch.
+        seed: Seed of the random start.
+        progress: Show a bar over the products.
+        v0: Warm start, ``[n]`` or ``[r, n]`` (e.g. the last result's ``eigenvectors``).
+        method: "lanczos" or "power" (PyHessian's deflated power iteration; "LA"/"LM" only,
+            both meaning largest magnitude there).
+        block_size: Vectors per Lanczos block; a block of size ``b`` resolves eigenvalues of
+            multiplicity up to ``b`` (single-vector Krylov spaces see one copy of a repeated
+            eigenvalue) and shares each forward pass among ``b`` products.
+        max_basis: Basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
+            vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
+            ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
+        hvp_method: ``"reverse"`` or ``"forward"`` (:class:`analysis.HessianOperator`; the
+            Hessian only).
+        curvature: A registered name: "hessian", "ggn", "fisher" (exact), "empirical_fisher"
+            (:mod:`analysis.curvature`) or one added by :func:`analysis.register_curvature`.
+        preconditioner: A diagonal $P$; the eigenpairs are then those of
+            $P^{-1/2} A P^{-1/2}$ (:mod:`analysis.preconditioning`).
+        basis_dtype: Dtype of the Lanczos basis (default the model's), e.g.
+            ``torch.float32`` for a float64 model (eigenvalues then to float32 accuracy, see
+            :func:`lanczos`).
+        basis_device: Device of the Lanczos basis (default the model's), e.g. ``"cpu"`` for a
+            model on a GPU.
+        check_deterministic: First check that two passes over ``data`` agree (two forward
+            passes; ``analysis.core.guards``).
+
+    Returns:
+        An :class:`EigenResult`.
+
+    Raises:
+        ValueError: For an argument out of its range, ``which="SA"`` with the power method, an
+            unknown ``curvature``, and as the curvature's operator
+            (:class:`analysis.CurvatureOperator`).
     """
     k = check_int("k", k, 1)
     basis_dtype = check_dtype("basis_dtype", basis_dtype, BASIS_DTYPES)

@@ -1,4 +1,10 @@
-"""Per-block curvature: the top eigenvalue and the trace of each diagonal Hessian block."""
+r"""Per-block curvature: the top eigenvalue and the trace of each diagonal Hessian block.
+
+For a partition of the parameters into blocks $\theta = (\theta_1, \dots, \theta_B)$, block
+$i$ is the diagonal block $A_{ii}$ of the curvature matrix ($\partial^2 L / \partial \theta_i^2$
+for the Hessian), so $\sum_i \mathrm{tr}\, A_{ii} = \mathrm{tr}\, A$, while
+$\lambda_{\max}(A_{ii}) \le \lambda_{\max}(A)$ (Cauchy interlacing).
+"""
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -20,8 +26,21 @@ Groups = dict[str, list[str] | Callable[[str, nn.Parameter], bool]]
 @register_result
 @dataclass
 class LayerwiseResult:
-    """One entry per block, in block order. ``trace`` sums to the full trace (diagonal
-    blocks); ``top_eigenvalue`` is that of the block alone."""
+    """Per-block curvature, one entry per block, in block order.
+
+    Attributes:
+        blocks: The block names.
+        params: ``{block: parameter names}``.
+        n_params: Elements per block.
+        top_eigenvalue: The largest eigenvalue of the block alone.
+        trace: The block's trace estimate; they sum to the full trace (diagonal blocks).
+        trace_stderr: Its standard error.
+        converged: Whether Lanczos met ``tol`` for the block.
+        n_hvp: Products spent over all blocks.
+        curvature: The registered name of the matrix (``curvature=``).
+        preconditioned: Whether it is $P^{-1/2} A P^{-1/2}$.
+        metadata: Seed, configuration and versions (:func:`analysis.core.make_metadata`).
+    """
     blocks: list[str]
     params: dict[str, list[str]]
     n_params: np.ndarray
@@ -34,6 +53,11 @@ class LayerwiseResult:
     preconditioned: bool = False
 
     def as_dict(self) -> dict[str, dict[str, float]]:
+        """The result per block.
+
+        Returns:
+            ``{block: {"top_eigenvalue", "trace", "trace_stderr", "n_params"}}``.
+        """
         return {b: {"top_eigenvalue": float(e), "trace": float(t), "trace_stderr": float(s),
                     "n_params": int(p)}
                 for b, e, t, s, p in zip(self.blocks, self.top_eigenvalue, self.trace,
@@ -42,8 +66,17 @@ class LayerwiseResult:
 
 
 def default_groups(model: nn.Module) -> dict[str, list[str]]:
-    """One block per module: parameters grouped by their name without the last component
-    (``"0.weight"`` and ``"0.bias"`` form block ``"0"``), trainable parameters only."""
+    """One block per module, the default ``groups`` of :func:`layerwise`.
+
+    Parameters are grouped by their name without the last component (``"0.weight"`` and
+    ``"0.bias"`` form block ``"0"``), trainable parameters only.
+
+    Args:
+        model: The model.
+
+    Returns:
+        ``{block name: parameter names}``.
+    """
     groups: dict[str, list[str]] = {}
     for name, p in model.named_parameters():
         if p.requires_grad:
@@ -60,16 +93,42 @@ def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups 
               hvp_method: str = "reverse", curvature: str = "hessian",
               preconditioner: Preconditioner = None, check_deterministic: bool = True
               ) -> LayerwiseResult:
-    """Top eigenvalue (Lanczos, ``tol``) and trace (``trace_method`` with ``n_hvp_trace``
-    products; exact, with ``2 * size`` products, for blocks of at most ``n_hvp_trace // 3``
-    parameters) of each block.
+    r"""Top eigenvalue and trace of each diagonal block of the curvature (module docstring).
 
-    groups: ``{block name: parameter names or predicate}``; default :func:`default_groups`.
-    params: the parameters analysed (default all with requires_grad); blocks keep only these,
-        and blocks left empty are dropped.
-    curvature, preconditioner: as in :func:`analysis.top_eigenvalues`, each block using its
-        part of ``P`` (a flat ``P`` runs over the parameters ``params`` selects).
-    check_deterministic: check once that two passes over ``data`` agree (two forward passes).
+    Per block, :func:`~analysis.top_eigenvalues` (Lanczos, ``tol``) and
+    :func:`~analysis.hessian_trace` (``trace_method`` with ``n_hvp_trace`` products; exact, with
+    $2 \cdot size$ products, for blocks of at most ``n_hvp_trace // 3`` parameters).
+
+    Args:
+        model: The model (restored afterwards).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
+        data: An iterable of batches.
+        groups: ``{block name: parameter names or predicate}``; default
+            :func:`default_groups`.
+        params: The parameters analysed (default all with requires_grad); blocks keep only
+            these, and blocks left empty are dropped.
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch.
+        seed: Seed of the Lanczos starts and the trace probes.
+        progress: Show a bar over the blocks.
+        tol: Lanczos tolerance (as :func:`analysis.top_eigenvalues`).
+        n_hvp_trace: Products per block's trace (as ``n_hvp`` of
+            :func:`analysis.hessian_trace`).
+        trace_method: "hutch++", "hutchinson" or "xtrace".
+        hvp_method: ``"reverse"`` or ``"forward"`` (the Hessian only).
+        curvature: A registered name (as in :func:`analysis.top_eigenvalues`).
+        preconditioner: As in :func:`analysis.top_eigenvalues`, each block using its part of
+            $P$ (a flat $P$ runs over the parameters ``params`` selects).
+        check_deterministic: Check once that two passes over ``data`` agree (two forward
+            passes).
+
+    Returns:
+        A :class:`LayerwiseResult`.
+
+    Raises:
+        TypeError: When ``groups`` is not a dict.
+        ValueError: For empty ``groups``, a ``params`` that selects no parameter of any block,
+            and as :func:`analysis.top_eigenvalues` and :func:`analysis.hessian_trace`.
     """
     groups = default_groups(model) if groups is None else groups
     if not isinstance(groups, Mapping):

@@ -1,10 +1,10 @@
-"""Diagonal preconditioners for the curvature routines (``preconditioner=``).
+r"""Diagonal preconditioners for the curvature routines (``preconditioner=``).
 
-With a positive diagonal ``P`` the routines work on ``P^-1/2 A P^-1/2`` for the curvature matrix
-``A`` (Hessian, GGN, Fisher): symmetric, with the spectrum of ``P^-1 A``, the matrix whose largest
+With a positive diagonal $P$ the routines work on $P^{-1/2} A P^{-1/2}$ for the curvature matrix
+$A$ (Hessian, GGN, Fisher): symmetric, with the spectrum of $P^{-1} A$, the matrix whose largest
 eigenvalue an adaptive optimizer's stability is decided by (Cohen et al. 2022, "Adaptive gradient
-methods at the edge of stability": the preconditioned sharpness ``lambda_max(P^-1 H)``).
-An eigenvector ``u`` of ``P^-1/2 A P^-1/2`` gives ``P^-1/2 u``, the one of ``P^-1 A``.
+methods at the edge of stability": the preconditioned sharpness $\lambda_{\max}(P^{-1} H)$).
+An eigenvector $u$ of $P^{-1/2} A P^{-1/2}$ gives $P^{-1/2} u$, the one of $P^{-1} A$.
 
 Accepted forms of ``preconditioner``:
 
@@ -12,8 +12,8 @@ Accepted forms of ``preconditioner``:
 * a ``{parameter name: tensor}`` dict with one tensor of the parameter's shape per selected name;
 * an optimizer with a ``preconditioner()`` method returning ``{parameter: tensor}`` (keyed like
   ``optimizer.state``), as sharpscape's adaptive optimizers do;
-* a ``torch.optim.Adam`` / ``AdamW``, read from its state: ``P = sqrt(v_hat) + eps`` with
-  ``v_hat = exp_avg_sq / (1 - beta2^t)`` (``max_exp_avg_sq`` with amsgrad), Cohen et al.'s
+* a ``torch.optim.Adam`` / ``AdamW``, read from its state: $P = \sqrt{\hat v} + \epsilon$ with
+  $\hat v$ = ``exp_avg_sq`` $/ (1 - \beta_2^t)$ (``max_exp_avg_sq`` with amsgrad), Cohen et al.'s
   definition (the learning rate stays in the threshold, not in ``P``).
 
 Optimizers are read by duck typing only; ``analysis`` never imports ``optim``.
@@ -35,7 +35,14 @@ ACCEPTED = ("None, a flat positive tensor over the selected parameters, a {name:
 
 
 def adam_preconditioner(optimizer: torch.optim.Adam) -> dict[Tensor, Tensor]:
-    """``{parameter: sqrt(v_hat) + eps}`` for every parameter a torch Adam/AdamW has stepped."""
+    r"""$P = \sqrt{\hat v} + \epsilon$ for every parameter a torch Adam/AdamW has stepped.
+
+    Args:
+        optimizer: A ``torch.optim.Adam`` or ``AdamW`` (``max_exp_avg_sq`` with amsgrad).
+
+    Returns:
+        ``{parameter: P}``.
+    """
     out = {}
     for group in optimizer.param_groups:
         beta2 = group["betas"][1]
@@ -50,8 +57,16 @@ def adam_preconditioner(optimizer: torch.optim.Adam) -> dict[Tensor, Tensor]:
 
 
 def optimizer_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tensor] | None:
-    """``{name: P}`` from ``optimizer.preconditioner()`` or a torch Adam/AdamW's state, for the
-    parameters it has stepped; None if it has no diagonal preconditioner (e.g. SAM over SGD)."""
+    """``{name: P}`` from ``optimizer.preconditioner()`` or a torch Adam/AdamW's state.
+
+    Args:
+        optimizer: Any optimizer (read by duck typing).
+        model: The model whose parameter names key the result.
+
+    Returns:
+        ``{name: P}`` for the parameters it has stepped; None if it has no diagonal
+        preconditioner (e.g. SAM over SGD).
+    """
     method = getattr(optimizer, "preconditioner", None)
     if callable(method):
         by_param = method()
@@ -65,7 +80,18 @@ def optimizer_preconditioner(optimizer: Any, model: nn.Module) -> dict[str, Tens
 
 
 def per_parameter(preconditioner: Preconditioner, model: nn.Module) -> Mapping[str, Tensor] | None:
-    """The optimizer and dict forms as ``{name: tensor}`` (None and flat tensors pass through)."""
+    """The optimizer and dict forms as ``{name: tensor}``.
+
+    Args:
+        preconditioner: Any accepted form (module docstring).
+        model: The model whose parameter names key the result.
+
+    Returns:
+        ``{name: tensor}``; None and flat tensors pass through.
+
+    Raises:
+        TypeError: For an optimizer without a diagonal preconditioner.
+    """
     if preconditioner is None or isinstance(preconditioner, (Tensor, Mapping)):
         return preconditioner
     named = optimizer_preconditioner(preconditioner, model)
@@ -77,10 +103,21 @@ def per_parameter(preconditioner: Preconditioner, model: nn.Module) -> Mapping[s
 
 def inverse_sqrt(preconditioner: Preconditioner, model: nn.Module, names: Sequence[str],
                  params: Sequence[Tensor]) -> Tensor | None:
-    """``P^-1/2`` flat over the selected parameters, or None without a preconditioner.
+    r"""$P^{-1/2}$ flat over the selected parameters, or None without a preconditioner.
 
-    Raises ``ValueError`` naming the parameter when a selected one has no entry or a wrong
-    shape, and when ``P`` is not finite and positive.
+    Args:
+        preconditioner: Any accepted form (module docstring).
+        model: The model.
+        names: The selected parameters' names.
+        params: The selected parameters.
+
+    Returns:
+        The flat $P^{-1/2}$ in the parameters' dtype and device, or None.
+
+    Raises:
+        ValueError: Naming the parameter when a selected one has no entry or a wrong shape,
+            for a flat tensor of the wrong length, and when $P$ is not finite and positive.
+        TypeError: For an optimizer without a diagonal preconditioner.
     """
     named = per_parameter(preconditioner, model)
     if named is None:
@@ -108,9 +145,19 @@ def inverse_sqrt(preconditioner: Preconditioner, model: nn.Module, names: Sequen
 
 
 def stability_threshold(optimizer: Any) -> float | None:
-    """``(2 + 2 beta1) / ((1 - beta1) lr)``: the stability threshold of preconditioned gradient
-    descent with EMA momentum ``beta1`` (Cohen et al. 2022; ``2 / lr`` for ``beta1 = 0``),
-    from the first param group's ``lr`` and ``betas``; None when they are missing or lr is 0."""
+    r"""The stability threshold $\frac{2 + 2\beta_1}{(1 - \beta_1)\, \eta}$ of an optimizer.
+
+    That of preconditioned gradient descent with EMA momentum $\beta_1$ and learning rate
+    $\eta$ (Cohen et al. 2022; $2 / \eta$ for $\beta_1 = 0$), from the first param
+    group's ``lr`` and ``betas``.
+
+    Args:
+        optimizer: Any optimizer.
+
+    Returns:
+        The threshold; None when ``lr`` or ``betas`` is missing, or ``lr`` is not positive and
+        finite.
+    """
     groups = getattr(optimizer, "param_groups", None)
     if not groups or "lr" not in groups[0] or "betas" not in groups[0]:
         return None

@@ -1,19 +1,21 @@
-"""Stochastic trace estimates of the Hessian with standard errors from their own probes.
+r"""Stochastic trace estimates of the Hessian with standard errors from their own probes.
 
-* Hutchinson (1989): ``tr H ~ (1/m) sum_i z_i^T H z_i`` with Rademacher ``z_i``; the standard
-  error is the sample standard deviation of the ``m`` probe values over ``sqrt(m)``.
+* Hutchinson (1989): $\mathrm{tr}\, H \approx \frac{1}{m} \sum_i z_i^\top H z_i$ with
+  Rademacher $z_i$; the standard error is the sample standard deviation (``ddof=1``) of the
+  $m$ probe values over $\sqrt{m}$.
 * Hutch++ (Meyer, Musco, Musco & Woodruff 2021, Alg. 1): a third of the budget sketches
-  ``H S``, ``Q = orth(H S)``; a third computes ``tr(Q^T H Q)`` exactly; the rest runs
-  Hutchinson on the deflated ``(I - QQ^T) H (I - QQ^T)``. Since
-  ``tr H = tr(Q^T H Q) + tr((I - QQ^T) H (I - QQ^T))`` for every orthonormal ``Q``, the
-  estimate is unbiased given ``Q``, and its standard error is that of the Hutchinson part:
-  the sample standard deviation of its ``g`` probe values over ``sqrt(g)`` (conditional on
-  the sketch). It is exact when ``rank H <= n_hvp // 3``; when ``n <= n_hvp // 3`` the
-  sketch spans everything and only ``2n`` products are spent.
-* Every stderr is at least the rounding level ``eps sqrt(n) size`` (:func:`rounding_stderr`):
-  an estimate exact but for rounding reports that, never 0 or 1e-31.
+  $H S$, $Q = \mathrm{orth}(H S)$; a third computes $\mathrm{tr}(Q^\top H Q)$ exactly; the
+  rest runs Hutchinson on the deflated $(I - QQ^\top) H (I - QQ^\top)$. Since
+  $\mathrm{tr}\, H = \mathrm{tr}(Q^\top H Q) + \mathrm{tr}((I - QQ^\top) H (I - QQ^\top))$
+  for every orthonormal $Q$, the estimate is unbiased given $Q$, and its standard error is that
+  of the Hutchinson part: the sample standard deviation (``ddof=1``) of its $g$ probe values
+  over $\sqrt{g}$ (conditional on the sketch). It is exact when
+  $\mathrm{rank}\, H \le$ ``n_hvp // 3``; when $n \le$ ``n_hvp // 3`` the sketch spans
+  everything and only $2n$ products are spent (and reported).
+* Every stderr is at least the rounding level $\epsilon \sqrt{n}\, size$
+  (:func:`rounding_stderr`): an estimate exact but for rounding reports that, never 0 or 1e-31.
 * XTrace (Epperly, Tropp & Webber 2024): the exchangeable version of Hutch++, exact when
-  ``rank H < n_hvp // 2``; see :func:`_xtrace`.
+  $\mathrm{rank}\, H <$ ``n_hvp // 2``; see :func:`_xtrace`.
 """
 from __future__ import annotations
 
@@ -38,8 +40,18 @@ MatMat = Callable[[Tensor], Tensor]
 @register_result
 @dataclass
 class TraceResult:
-    """``estimate`` of ``tr H``, its ``stderr``, the products spent, and the per-probe values
-    of the stochastic part (``samples``)."""
+    r"""A trace estimate of a curvature matrix with its standard error.
+
+    Attributes:
+        estimate: The estimate of $\mathrm{tr}\, A$.
+        stderr: Its standard error (module docstring).
+        n_hvp: Products spent.
+        method: "hutch++", "hutchinson" or "xtrace".
+        samples: The per-probe values of the stochastic part.
+        curvature: The registered name of the matrix (``curvature=``).
+        preconditioned: Whether it is $P^{-1/2} A P^{-1/2}$.
+        metadata: Seed, configuration and versions (:func:`analysis.core.make_metadata`).
+    """
     estimate: float
     stderr: float
     n_hvp: int
@@ -81,23 +93,37 @@ def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> Trace
 
 
 def rounding_stderr(size: float, n: int, like: Tensor) -> float:
-    """The floor of every reported stderr: ``eps sqrt(n) size``, the error rounding alone
-    leaves in a trace of magnitude ``size`` (the sum of the absolute values of the terms
-    added) made of length-``n`` products in ``like``'s dtype (``eps`` its machine epsilon).
-    Without it an estimate that is exact but for rounding (a low-rank Hessian, a sketch
-    spanning everything) would report a stderr of 0 or 1e-31 below its actual error."""
+    r"""The floor of every reported stderr: $\epsilon \sqrt{n}\, size$.
+
+    The error rounding alone leaves in a trace of magnitude ``size`` (the sum of the absolute
+    values of the terms added) made of length-``n`` products in ``like``'s dtype ($\epsilon$
+    its machine epsilon). Without it an estimate that is exact but for rounding (a low-rank
+    Hessian, a sketch spanning everything) would report a stderr of 0 or 1e-31 below its actual
+    error.
+
+    Args:
+        size: The sum of the absolute values of the terms added.
+        n: The vectors' length.
+        like: A tensor of the products' dtype.
+
+    Returns:
+        The floor.
+    """
     return float(torch.finfo(like.dtype).eps * math.sqrt(n) * size)
 
 
 def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
-    """XTrace (Epperly, Tropp & Webber 2024): the mean over i of the Hutch++-type estimates
+    """XTrace (Epperly, Tropp & Webber 2024), the exchangeable Hutch++.
+
+    The mean over i of the Hutch++-type estimates
     ``tr(P_i H P_i) + w_i^T (I - P_i) H (I - P_i) w_i`` with ``P_i`` the projector onto the
     sketch ``H W`` without its own column ``i`` (so each is unbiased). With ``Y = H W = Q R``
     and ``Z = H Q``, ``P_i = Q Pi_i Q^T`` with ``Pi_i`` the projector onto the columns of ``R``
     but ``i``; every term is then a small ``m x m`` product, and only ``2m`` products are spent.
     ``Pi_i`` comes from an SVD truncated at rounding level, so a rank-deficient sketch (rank
     ``H < m``: the estimate is exact) is handled. The standard error treats the ``m``
-    exchangeable estimates as independent (the paper's error estimate)."""
+    exchangeable estimates as independent (the paper's error estimate).
+    """
     m = min(n_hvp // 2, n)
     W = rademacher((m, n), gen, like=like)
     Y = apply(W).to(torch.float64)
@@ -123,7 +149,22 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
 def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++",
                    seed: int = 0, like: Tensor, chunk: int = 8, progress: bool = False
                    ) -> TraceResult:
-    """The estimators on any symmetric ``matmat`` (rows in, rows out) of size ``n``."""
+    """Trace estimate of any symmetric ``matmat`` (module docstring for the estimators).
+
+    Args:
+        matmat: The matrix, ``[b, n]`` rows in, rows out.
+        n: The dimension.
+        n_hvp: Products to spend (Hutch++ spends ``2n`` when ``n <= n_hvp // 3``; XTrace an
+            even number).
+        method: "hutch++" (Meyer et al. 2021, Alg. 1), "hutchinson" or "xtrace".
+        seed: Seed of the Rademacher probes.
+        like: A tensor of the vectors' dtype and device.
+        chunk: Probes per call of ``matmat``.
+        progress: Show a bar over the products.
+
+    Returns:
+        A :class:`TraceResult`.
+    """
     gen = make_generator(seed)
     with tqdm(total=n_hvp, desc=method, disable=not progress, leave=False) as bar:
         apply = lambda rows: _apply(matmat, rows, chunk, bar)  # noqa: E731
@@ -140,14 +181,39 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
                   seed: int = 0, progress: bool = True, chunk: int = 8, hvp_method: str = "reverse",
                   curvature: str = "hessian", preconditioner: Preconditioner = None,
                   check_deterministic: bool = True) -> TraceResult:
-    """An unbiased estimate of the Hessian trace from ``n_hvp`` Hessian-vector products.
+    r"""An unbiased estimate of the Hessian trace from ``n_hvp`` Hessian-vector products.
 
-    method: "hutch++" (default; needs ``n_hvp >= 4``), "hutchinson" (``n_hvp >= 2``) or
-        "xtrace" (``n_hvp >= 4``; uses an even number of products).
-    chunk: probes per pass over the data (memory ``chunk * n`` per pass).
-    Probes are Rademacher vectors drawn from ``seed`` (identical on every rank).
-    curvature, preconditioner: the matrix estimated, as in :func:`analysis.top_eigenvalues`.
-    check_deterministic: first check that two passes over ``data`` agree (two forward passes).
+    Hutch++ (Meyer, Musco, Musco & Woodruff 2021, Alg. 1), Hutchinson (1989) or XTrace
+    (Epperly, Tropp & Webber 2024) on the operator of ``curvature`` (module docstring). Probes
+    are Rademacher vectors drawn from ``seed`` (identical on every rank).
+
+    Args:
+        model: The model (restored afterwards).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
+        data: An iterable of batches, passed over once per ``chunk`` of probes.
+        n_hvp: Products to spend (Hutch++ spends only $2n$ when $n \le$ ``n_hvp // 3``, the
+            trace then exact).
+        method: "hutch++" (default; needs ``n_hvp >= 4``), "hutchinson" (``n_hvp >= 2``) or
+            "xtrace" (``n_hvp >= 4``; uses an even number of products).
+        params: The parameters analysed (default all with requires_grad).
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch.
+        seed: Seed of the probes.
+        progress: Show a bar over the products.
+        chunk: Probes per pass over the data (memory ``chunk * n`` per pass).
+        hvp_method: ``"reverse"`` or ``"forward"`` (the Hessian only).
+        curvature: The matrix estimated, a registered name (as in
+            :func:`analysis.top_eigenvalues`).
+        preconditioner: A diagonal $P$; the trace is then that of $P^{-1/2} A P^{-1/2}$.
+        check_deterministic: First check that two passes over ``data`` agree (two forward
+            passes).
+
+    Returns:
+        A :class:`TraceResult`.
+
+    Raises:
+        ValueError: For an argument out of its range, an unknown ``curvature``, and as the
+            curvature's operator (:class:`analysis.CurvatureOperator`).
     """
     check_choice("method", method, TRACE_METHODS)
     n_hvp = check_int("n_hvp", n_hvp, 2 if method == "hutchinson" else 4)

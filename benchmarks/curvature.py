@@ -1,6 +1,7 @@
 """Curvature benchmark: sharpscape vs PyHessian on an MNIST-1D MLP (CPU, one process).
 
-    python3 benchmarks/curvature.py [--out benchmarks/out] [--quick] [--device cuda]
+    python3 benchmarks/curvature.py [--out FILE.json] [--quick] [--no-memory] [--ggn-only]
+                                    [--memory-only] [--device cuda]
 
 1. HVP cost: time of one Hessian-vector product over the 1000 training samples divided by
    the time of one gradient, for each product (double backward, forward-over-reverse,
@@ -12,7 +13,7 @@
    data as 5 batches of 200 (``dataloader=``) and as one batch (``data=``, graph reuse).
 3. Trace error against the HVP budget: Hutchinson, Hutch++ and XTrace (ours) and
    PyHessian's Hutchinson, over seeds.
-4. GGN and Fisher rows (``--ggn-only`` runs just these, into ``<out>/curvature_ggn.json``):
+4. GGN and Fisher rows (``--ggn-only`` runs just these):
    product / gradient time of our GGN, Fisher and empirical Fisher beside the Hessian's and
    the peers' GGN products; top-5 eigenvalues of the GGN (= the Fisher here) and of the
    empirical Fisher against explicit matrices (:func:`exact_ggn_spectra`): relative error,
@@ -29,7 +30,7 @@
    in parameter-sized vectors, measured the same three ways (``--memory-only`` runs 5 and 6
    alone, each case in fresh processes).
 
-7. ``--device cuda`` runs only the GPU checks, into ``<out>/curvature_cuda.json``: section 2 with
+7. ``--device cuda`` runs only the GPU checks: section 2 with
    the model and data on the GPU (PyHessian with ``cuda=True``; the exact spectrum from the
    explicit Hessian built on the GPU), and ``top_eigenvalues(k=5)`` of a 50M-parameter float32
    MLP with its basis on the GPU and with ``basis_device="cpu"`` (the memory benchmark's budget of
@@ -40,20 +41,18 @@ Timings use one intra-op thread (``torch.set_num_threads(1)``) for ours and PyHe
 on the shared 2-core machine, two threads per process oversubscribe the cores and inflate
 every time by up to 100x, drowning the ratios.
 
-Results go to ``<out>/curvature.json`` (figures + config + versions) and
-``<out>/curvature_exact.npz`` (the exact spectrum, reused by later runs).
+``--out FILE.json`` writes the figures with the configuration and the environment; the exact
+spectra are kept in ``benchmarks/out/curvature_*exact*.npz`` and reused by later runs. ``--quick``
+runs every section on a tiny setting (200 samples, an MLP 40-20-20-10, one repeat and seed, one
+trace budget, one tiny memory case): a smoke test, not figures.
 """
 from __future__ import annotations
 
-import argparse
 import copy
-import gc
 import json
-import os
-import platform
-import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 from typing import Callable
 
@@ -68,15 +67,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script 
 from analysis import (FisherOperator, GGNOperator, HessianOperator,  # noqa: E402
                       hessian_trace, mnist1d, supervised, top_eigenvalues)
 from analysis.lanczos import default_max_basis  # noqa: E402
+from harness import (CACHE, Clock, Recorder, best_wall, fresh_process, interleaved, parse,  # noqa: E402
+                     parser, rss_peak, timed, torch_peak)
 
 CRITERION = nn.CrossEntropyLoss()
 LOSS = supervised(CRITERION)
 
 
-def trained_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> nn.Module:
+def trained_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300, width: int = 100) -> nn.Module:
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(40, 100), nn.ReLU(), nn.Linear(100, 100), nn.ReLU(),
-                          nn.Linear(100, 10)).double()
+    model = nn.Sequential(nn.Linear(40, width), nn.ReLU(), nn.Linear(width, width), nn.ReLU(),
+                          nn.Linear(width, 10)).double()
     opt = torch.optim.Adam(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
     for _ in range(steps):
@@ -88,7 +89,8 @@ def trained_mlp(x: torch.Tensor, y: torch.Tensor, steps: int = 300) -> nn.Module
 
 
 def flat_model(model: nn.Module) -> tuple[torch.Tensor, Callable]:
-    """The model's parameters as one flat vector theta, and f(theta, x): the model's output at them."""
+    """The model's parameters as one flat vector theta, and f(theta, x): the model's output at
+    them."""
     names = [n for n, _ in model.named_parameters()]
     shapes = [p.shape for p in model.parameters()]
     sizes = [p.numel() for p in model.parameters()]
@@ -120,15 +122,6 @@ def exact_spectrum(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Pat
     return out
 
 
-def timed(fn, repeat: int = 1):
-    best, value = float("inf"), None
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        value = fn()
-        best = min(best, time.perf_counter() - t0)
-    return value, best
-
-
 def hvp_ratios(model: nn.Module, x, y, repeat: int) -> dict:
     """Best-of-``repeat`` times over one batch of 1000 samples, divided by the gradient's; the
     candidates are timed round-robin so that load changes on the machine hit all alike."""
@@ -150,19 +143,17 @@ def hvp_ratios(model: nn.Module, x, y, repeat: int) -> dict:
 def round_robin_ratios(candidates: dict, reused, v: torch.Tensor, repeat: int) -> dict:
     """Best-of-``repeat`` time of each candidate over the ``"gradient"``'s, per vector for the
     ``matmat8`` ones, inside ``with reused:`` after a first product has built its graph."""
-    best = dict.fromkeys(candidates, float("inf"))
     with reused:
         reused.matvec(v)  # builds the graph once
-        for _ in range(repeat):
-            for name, fn in candidates.items():
-                best[name] = min(best[name], timed(fn)[1])
+        best = best_wall(interleaved(candidates, repeat))
     out = {"gradient_s": best.pop("gradient")}
     for name, seconds in best.items():
         out[name] = seconds / out["gradient_s"] / (8 if "matmat8" in name else 1)
     return out
 
 
-def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, cuda: bool = False, **data):
+def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, cuda: bool = False,
+                   **data):
     """PyHessian's top eigenvalues (power iteration, tol 1e-3) and the products it spent."""
     torch.manual_seed(0)
     peer = pyhessian.hessian(copy.deepcopy(model), CRITERION, cuda=cuda, **data)
@@ -189,16 +180,29 @@ def pyhessian_eigs(pyhessian, model, top_n: int = 5, max_iter: int = 100, cuda: 
     return np.array(values), calls["n"]
 
 
+def max_rel_error(values, reference: np.ndarray) -> float:
+    """The largest relative error of ``values``, sorted in decreasing order, to ``reference``."""
+    return float(np.max(np.abs(np.sort(values)[::-1] - reference) / reference))
+
+
+def five_batches(x: torch.Tensor, y: torch.Tensor) -> list:
+    """The data as 5 batches (of 200 for the 1000 samples)."""
+    size = len(y) // 5
+    return [(x[i:i + size], y[i:i + size]) for i in range(0, len(y), size)]
+
+
 def eigen_comparison(model, x, y, exact: dict, pyhessian) -> dict:
     """Top-5 eigenvalues, ours against PyHessian's, on the device of ``model`` and the data."""
-    loader = [(x[i:i + 200], y[i:i + 200]) for i in range(0, len(y), 200)]
+    loader = five_batches(x, y)
     cuda = x.device.type == "cuda"
     rows = {}
-    for label, ours_data, theirs in (("5 batches of 200", loader, {"dataloader": loader}),
-                                     ("one batch of 1000", [(x, y)], {"data": (x, y)})):
-        (values, n_hvp), t_theirs = timed(lambda: pyhessian_eigs(pyhessian, model, cuda=cuda, **theirs))
+    for label, ours_data, theirs in (
+            (f"5 batches of {len(y) // 5}", loader, {"dataloader": loader}),
+            (f"one batch of {len(y)}", [(x, y)], {"data": (x, y)})):
+        (values, n_hvp), t_theirs = timed(
+            lambda: pyhessian_eigs(pyhessian, model, cuda=cuda, **theirs))
         ours, t_ours = timed(lambda: top_eigenvalues(model, LOSS, ours_data, k=5, progress=False))
-        rel = lambda v: float(np.max(np.abs(np.sort(v)[::-1] - exact["top5"]) / exact["top5"]))
+        rel = partial(max_rel_error, reference=exact["top5"])
         rows[label] = {
             "ours": {"rel_error": rel(ours.eigenvalues), "n_hvp": ours.n_hvp, "seconds": t_ours,
                      "converged": ours.converged},
@@ -226,46 +230,14 @@ def trace_budget(model, x, y, exact_trace: float, pyhessian, budgets, seeds) -> 
             torch.manual_seed(s)
             errs.append(abs(np.mean(peer.trace(maxIter=budget, tol=-np.inf)) - exact_trace)
                         / abs(exact_trace))
-        row["pyhessian"] = {"mean_rel_error": float(np.mean(errs)), "max_rel_error": float(np.max(errs))}
+        row["pyhessian"] = {"mean_rel_error": float(np.mean(errs)),
+                            "max_rel_error": float(np.max(errs))}
         out[str(budget)] = row
     torch.manual_seed(0)
     samples = peer.trace()  # defaults: maxIter=100, tol=1e-3 (early stop)
     out["pyhessian_default"] = {"n_hvp": len(samples),
                                 "rel_error": abs(np.mean(samples) - exact_trace) / abs(exact_trace)}
     return out
-
-
-def _status(field: str) -> int:
-    """A ``/proc/self/status`` memory field in bytes."""
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith(field + ":"):
-            return int(line.split()[1]) * 1024
-    raise RuntimeError(f"{field} not found")
-
-
-def torch_peak(fn: Callable[[], object]) -> int:
-    """Peak bytes of live torch CPU allocations while ``fn`` runs, beyond those at its start (the
-    profiler's allocation events, summed in order): exact, and blind to the C allocator's slack."""
-    from torch.profiler import ProfilerActivity, profile
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
-        result = fn()
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
-    del result
-    return int(max(0, np.cumsum([e.nbytes() for e in events]).max(initial=0)))
-
-
-def rss_peak(fn: Callable[[], object]) -> int:
-    """Peak resident bytes of the process while ``fn`` runs (``VmHWM`` after minus ``VmRSS``
-    before, the high-water mark reset through ``/proc/self/clear_refs``); what ``fn`` returns
-    is kept until the figure is read."""
-    gc.collect()
-    Path("/proc/self/clear_refs").write_text("5")  # reset the high-water mark
-    base = _status("VmRSS")
-    result = fn()
-    peak = _status("VmHWM") - base
-    del result
-    return peak
 
 
 def peak_hvp_memory(hvp_method: str, dtype=torch.float32) -> dict:
@@ -290,16 +262,21 @@ MEMORY_CASES = {"reverse-float32": ("reverse", torch.float32),
                 "reverse-float64": ("reverse", torch.float64)}
 
 
+def tanh_mlp(n_params: int) -> nn.Module:
+    """An MLP 1000-w-w-10 (Tanh) of about ``n_params`` parameters, seeded."""
+    torch.manual_seed(0)
+    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)  # w^2 + 1010 w = n
+    return nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
+                         nn.Linear(width, 10))
+
+
 def peak_lanczos_memory(n_params: int, k: int) -> dict:
     """Peak memory of ``top_eigenvalues`` beyond the model and data, in vectors of ``n_params``
     float32 elements, on an MLP 1000-w-w-10 (Tanh) of about ``n_params``: the process's
     resident high-water mark on the first call, the torch allocations' peak on a second. One
     HVP of the model and one ``top_eigenvalues`` of a small model come first, so that one-time
     costs (code pages faulted in, library workspaces) are not counted."""
-    torch.manual_seed(0)
-    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)  # w^2 + 1010 w = n
-    model = nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                          nn.Linear(width, 10))
+    model = tanh_mlp(n_params)
     x, y = torch.randn(64, 1000), torch.randint(0, 10, (64,))
     n = sum(p.numel() for p in model.parameters())
     HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(torch.randn(n))  # warm-up
@@ -323,77 +300,73 @@ def peak_lanczos_memory(n_params: int, k: int) -> dict:
 
 
 def basis_device_check(device: torch.device, n_params: int, k: int = 5) -> dict:
-    """``top_eigenvalues`` of a float32 MLP 1000-w-w-10 of about ``n_params`` on ``device``, its basis
-    there and with ``basis_device="cpu"`` (``peak_lanczos_memory``'s budget of products):
+    """``top_eigenvalues`` of a float32 MLP 1000-w-w-10 of about ``n_params`` on ``device``, its
+    basis there and with ``basis_device="cpu"`` (``peak_lanczos_memory``'s budget of products):
     eigenvalues, products, seconds and, on a GPU, the peak GPU memory beyond the model and data
     in parameter-sized vectors."""
     cuda = device.type == "cuda"
-    sync = torch.cuda.synchronize if cuda else (lambda: None)
-    torch.manual_seed(0)
-    width = int((-1010 + (1010 ** 2 + 4 * n_params) ** 0.5) / 2)
-    model = nn.Sequential(nn.Linear(1000, width), nn.Tanh(), nn.Linear(width, width), nn.Tanh(),
-                          nn.Linear(width, 10)).float().to(device)
+    model = tanh_mlp(n_params).float().to(device)
     x = torch.randn(64, 1000, dtype=torch.float32).to(device)
     y = torch.randint(0, 10, (64,)).to(device)
     n = sum(p.numel() for p in model.parameters())
-    HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(torch.randn(n, device=device))  # warm-up
+    HessianOperator(model, LOSS, [(x, y)], progress=False).matvec(
+        torch.randn(n, device=device))  # warm-up
     max_basis = default_max_basis(n, k, 1, torch.float32)
     out = {"n_params": n, "k": k, "max_basis": max_basis}
     for label, where in (("basis_on_device", None), ("basis_on_cpu", "cpu")):
-        sync()
         if cuda:
+            torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated() if cuda else 0
-        t0 = time.perf_counter()
-        r = top_eigenvalues(model, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=max_basis + 8, basis_device=where,
-                            progress=False)
-        sync()
+        with Clock.for_device(device) as clock:
+            r = top_eigenvalues(model, LOSS, [(x, y)], k=k, tol=1e-12, max_hvp=max_basis + 8,
+                                basis_device=where, progress=False)
         out[label] = {"eigenvalues": np.asarray(r.eigenvalues).tolist(), "n_hvp": r.n_hvp,
-                      "seconds": time.perf_counter() - t0,
-                      "peak_gpu_vectors": (torch.cuda.max_memory_allocated() - base) / (4 * n) if cuda else None}
+                      "seconds": clock.wall,
+                      "peak_gpu_vectors": ((torch.cuda.max_memory_allocated() - base) / (4 * n)
+                                           if cuda else None)}
         del r
     a, b = (np.asarray(out[key]["eigenvalues"]) for key in ("basis_on_device", "basis_on_cpu"))
     out["max_rel_diff"] = float(np.max(np.abs(a - b) / np.abs(a)))
     return out
 
 
-def device_section(out_dir: Path, pyhessian, device: torch.device, n_params: int = 5 * 10 ** 7) -> dict:
-    """The GPU checks (``--device cuda``): the top-5 comparison on ``device`` and the basis placement."""
-    ds = mnist1d(dtype=torch.float64)
-    x, y = ds.x[:1000], ds.y[:1000]
-    model = trained_mlp(x, y).to(device)  # trained on the CPU: the same model as the CPU rows
+def device_section(args, pyhessian, device: torch.device) -> dict:
+    """The GPU checks (``--device cuda``): the top-5 comparison on ``device`` and the basis
+    placement."""
+    x, y = mnist_data(args.samples)
+    model = trained_mlp(x, y, args.train_steps, args.width).to(device)  # the CPU rows' model
     x, y = x.to(device), y.to(device)
-    exact = exact_spectrum(model, x, y, out_dir / f"curvature_exact_{device.type}.npz")
+    exact = exact_spectrum(model, x, y, cache_file("exact", args, device))
     results = {"device": torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU",
                "torch": torch.__version__, "exact_top5": exact["top5"].tolist(),
                "top5": eigen_comparison(model, x, y, exact, pyhessian)}
     print("top-5:", json.dumps(results["top5"], indent=1), flush=True)
     torch.set_default_dtype(torch.float32)
-    results["basis_device"] = basis_device_check(device, n_params)
+    results["basis_device"] = basis_device_check(device, args.basis_params)
     print("basis placement:", json.dumps(results["basis_device"], indent=1))
     return results
 
 
-LANCZOS_CASES = {f"{n // 10 ** 6}M-k{k}": (n, k) for n in (10 ** 6, 10 ** 7, 5 * 10 ** 7) for k in (1, 10)}
+LANCZOS_CASES = {f"{n // 10 ** 6}M-k{k}": (n, k)
+                 for n in (10 ** 6, 10 ** 7, 5 * 10 ** 7) for k in (1, 10)}
+SMOKE_CASES = {"10k-k1": (10 ** 4, 1)}  # --quick: the memory code path on a tiny model
 # glibc's mmap threshold, fixed: blocks of 1 MiB and more are mapped and unmapped on free, instead
 # of the default dynamic threshold that moves up to 32 MiB and keeps such freed blocks resident
 FIXED_MMAP = {"MALLOC_MMAP_THRESHOLD_": str(2 ** 20)}
 
 
 def memory_in_fresh_process(case: str, env: dict | None = None) -> dict:
-    """Run :func:`peak_hvp_memory` or :func:`peak_lanczos_memory` in a new interpreter (with
-    ``env`` added to the environment): in this one, memory freed by earlier work stays resident
-    and would hide the peak."""
-    done = subprocess.run([sys.executable, __file__, "--memory", case], check=True,
-                          capture_output=True, text=True, env={**os.environ, **(env or {})})
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """:func:`peak_hvp_memory` or :func:`peak_lanczos_memory` in a new interpreter (with ``env``
+    added to the environment)."""
+    return fresh_process(__file__, ["--memory", case], env)
 
 
-def memory_section(repeats: int = 3) -> dict:
+def memory_section(cases: list[str], repeats: int = 3) -> dict:
     """Every memory case in fresh processes, with glibc's default and with a fixed mmap
     threshold: ``repeats`` processes each (one for the 50M cases), median and range."""
     out = {}
-    for case in [*MEMORY_CASES, *LANCZOS_CASES]:
+    for case in cases:
         hvp = case in MEMORY_CASES
         key = "peak_over_params" if hvp else "peak_vectors"
         runs = 1 if case.startswith("50M") else repeats
@@ -402,7 +375,8 @@ def memory_section(repeats: int = 3) -> dict:
         r = {**default[0], key: [d[key] for d in default], "fixed_mmap": fixed}
         out[case] = r
         limit = 4 if hvp else r["target_vectors"]
-        figures = [np.median(r[key]), np.median(fixed), r["torch_over_params" if hvp else "torch_vectors"]]
+        figures = [np.median(r[key]), np.median(fixed),
+                   r["torch_over_params" if hvp else "torch_vectors"]]
         spread = [f"{min(v):.2f}-{max(v):.2f}" for v in (r[key], fixed)]
         marks = ["met" if f <= limit else "NOT met" for f in figures]
         what = (f"HVP {case}, x the parameter bytes" if hvp else
@@ -414,7 +388,7 @@ def memory_section(repeats: int = 3) -> dict:
     return out
 
 
-# -- GGN and Fisher rows (curvatures issue) --------------------------------------------------
+# -- GGN and Fisher rows ------------------------------------------------------------------------
 def exact_ggn_spectra(model: nn.Module, x: torch.Tensor, y: torch.Tensor, path: Path) -> dict:
     """Top-5 eigenvalues of the GGN and of the empirical Fisher, from explicit matrices.
 
@@ -501,12 +475,12 @@ def peer_top5(name: str, op, max_iter: int | None = None) -> tuple[np.ndarray, i
 def ggn_fisher_top5(model, x, y, exact: dict) -> dict:
     """Top-5 eigenvalues of the GGN (= the Fisher for cross-entropy) and of the empirical Fisher:
     relative error, products and time, ours against both peers, on 5 batches of 200."""
-    loader = [(x[i:i + 200], y[i:i + 200]) for i in range(0, len(y), 200)]
+    loader = five_batches(x, y)
     peers = peer_operators(model, loader)
     rows = {}
     for curvature, ref in (("ggn", exact["ggn_top5"]), ("fisher", exact["ggn_top5"]),
                            ("empirical_fisher", exact["ef_top5"])):
-        rel = lambda v: float(np.max(np.abs(np.sort(v)[::-1] - ref) / ref))  # noqa: E731
+        rel = partial(max_rel_error, reference=ref)
         ours, t_ours = timed(lambda: top_eigenvalues(model, LOSS, loader, k=5, progress=False,
                                                      curvature=curvature))
         row = {"ours": {"rel_error": rel(ours.eigenvalues), "n_products": ours.n_hvp,
@@ -549,86 +523,98 @@ def ggn_product_cost(model, x, y, repeat: int) -> dict:
     return round_robin_ratios(candidates, reused, v[0], repeat)
 
 
-def ggn_section(model, x, y, out_dir: Path, repeat: int) -> dict:
-    import curvlinops
-    import hessian_eigenthings
-
-    exact = exact_ggn_spectra(model, x, y, out_dir / "curvature_ggn_exact.npz")
+def ggn_section(model, x, y, args) -> dict:
+    exact = exact_ggn_spectra(model, x, y, cache_file("ggn_exact", args))
     print(f"exact GGN top-5 {exact['ggn_top5']}, empirical Fisher top-5 {exact['ef_top5']}")
-    return {"versions": {"curvlinops": getattr(curvlinops, "__version__", "3.0.1"),
-                         "hessian-eigenthings": getattr(hessian_eigenthings, "__version__",
-                                                        "1.0.0a5")},
-            "exact": {k: exact[k].tolist() for k in ("ggn_top5", "ef_top5")},
-            "product_over_gradient_time": ggn_product_cost(model, x, y, 4 * repeat),
+    return {"exact": {k: exact[k].tolist() for k in ("ggn_top5", "ef_top5")},
+            "product_over_gradient_time": ggn_product_cost(model, x, y, 4 * args.repeat),
             "top5": ggn_fisher_top5(model, x, y, exact)}
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default="benchmarks/out")
-    parser.add_argument("--quick", action="store_true", help="fewer seeds and repeats")
-    parser.add_argument("--ggn-only", action="store_true",
-                        help="only the GGN / Fisher rows (into curvature_ggn.json)")
-    parser.add_argument("--memory", choices=[*MEMORY_CASES, *LANCZOS_CASES],
-                        help="only print the peak memory of this case (JSON)")
-    parser.add_argument("--memory-only", action="store_true",
-                        help="only the memory figures (each in a fresh process)")
-    parser.add_argument("--no-memory", action="store_true",
-                        help="everything but the memory figures (they take about 25 min)")
-    parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"],
-                        help="cuda: only the GPU checks (section 7)")
-    args = parser.parse_args()
-    if args.device == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda: CUDA is not available here")
-    if args.memory in MEMORY_CASES:
-        print(json.dumps(peak_hvp_memory(*MEMORY_CASES[args.memory])))
-        return
-    if args.memory:
-        print(json.dumps(peak_lanczos_memory(*LANCZOS_CASES[args.memory])))
-        return
-    if args.memory_only:
-        torch.set_num_threads(1)
-        memory_section()
-        return
-    import pyhessian
-    torch.set_num_threads(1)  # stable timings on a shared machine (no thread oversubscription)
-    torch.set_default_dtype(torch.float64)  # PyHessian draws its vectors in the default dtype
-    out_dir = Path(args.out)
-    if args.device == "cuda":
-        results = device_section(out_dir, pyhessian, torch.device("cuda"))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "curvature_cuda.json").write_text(json.dumps(results, indent=1, default=float))
-        return
+def mnist_data(samples: int) -> tuple[torch.Tensor, torch.Tensor]:
     ds = mnist1d(dtype=torch.float64)
-    x, y = ds.x[:1000], ds.y[:1000]
-    model = trained_mlp(x, y)
+    return ds.x[:samples], ds.y[:samples]
+
+
+def cache_file(kind: str, args, device: torch.device | None = None) -> Path:
+    """Where a reference spectrum of this model and data is kept between runs."""
+    where = "" if device is None or device.type == "cpu" else f"_{device.type}"
+    return CACHE / (f"curvature_{kind}{where}_{args.samples}-{args.width}-{args.train_steps}"
+                    ".npz")
+
+
+def cpu_section(args, pyhessian) -> dict:
+    """Sections 1-6 (or 4 alone with ``--ggn-only``) on the CPU."""
+    x, y = mnist_data(args.samples)
+    model = trained_mlp(x, y, args.train_steps, args.width)
     if args.ggn_only:
-        ggn = ggn_section(model, x, y, out_dir, 2 if args.quick else 5)
+        ggn = ggn_section(model, x, y, args)
         print("GGN / Fisher:", json.dumps(ggn, indent=1, default=float))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / "curvature_ggn.json").write_text(json.dumps(ggn, indent=1, default=float))
-        return
-    exact = exact_spectrum(model, x, y, out_dir / "curvature_exact.npz")
+        return ggn
+    exact = exact_spectrum(model, x, y, cache_file("exact", args))
     print(f"exact top-5 {exact['top5']}, trace {float(exact['trace']):.6g}")
-    repeat, seeds = (2, 3) if args.quick else (5, 10)
-    results = {"config": {"model": "MLP 40-100-100-10 ReLU float64", "samples": 1000,
-                          "train_steps": 300, "seeds": seeds, "repeat": repeat},
-               "versions": {"torch": torch.__version__, "numpy": np.__version__,
-                            "scipy": scipy.__version__, "python": platform.python_version()},
+    results = {"config": {"model": f"MLP 40-{args.width}-{args.width}-10 ReLU float64",
+                          "samples": args.samples, "train_steps": args.train_steps,
+                          "seeds": args.seeds, "repeat": args.repeat},
                "exact": {"top5": exact["top5"].tolist(), "trace": float(exact["trace"])}}
-    results["hvp_over_gradient_time"] = hvp_ratios(model, x, y, 4 * repeat)
+    results["hvp_over_gradient_time"] = hvp_ratios(model, x, y, 4 * args.repeat)
     print("HVP / gradient time:", json.dumps(results["hvp_over_gradient_time"], indent=1))
     results["top5"] = eigen_comparison(model, x, y, exact, pyhessian)
     print("top-5:", json.dumps(results["top5"], indent=1))
     results["trace"] = trace_budget(model, x, y, float(exact["trace"]), pyhessian,
-                                    (12, 33, 99, 300), seeds)
+                                    args.budgets, args.seeds)
     print("trace:", json.dumps(results["trace"], indent=1))
-    results["ggn"] = ggn_section(model, x, y, out_dir, repeat)
+    results["ggn"] = ggn_section(model, x, y, args)
     print("GGN / Fisher:", json.dumps(results["ggn"], indent=1, default=float))
-    if not args.no_memory:
-        results["memory"] = memory_section()
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "curvature.json").write_text(json.dumps(results, indent=1, default=float))
+    return results
+
+
+QUICK = {"samples": 200, "width": 20, "train_steps": 30, "repeat": 1, "seeds": 1,
+         "budgets": [12], "basis_params": 10 ** 4, "memory_cases": list(SMOKE_CASES),
+         "memory_repeats": 1}
+
+
+def main() -> None:
+    p = parser(__doc__, device=True)
+    p.add_argument("--ggn-only", action="store_true", help="only the GGN / Fisher rows")
+    p.add_argument("--memory", choices=[*MEMORY_CASES, *LANCZOS_CASES, *SMOKE_CASES],
+                   help="only print the peak memory of this case (JSON)")
+    p.add_argument("--memory-only", action="store_true",
+                   help="only the memory figures (each in a fresh process)")
+    p.add_argument("--no-memory", action="store_true",
+                   help="everything but the memory figures (they take about 25 min)")
+    p.add_argument("--samples", type=int, default=1000, help="MNIST-1D training samples")
+    p.add_argument("--width", type=int, default=100, help="hidden width of the MLP")
+    p.add_argument("--train-steps", type=int, default=300)
+    p.add_argument("--repeat", type=int, default=5, help="4x this many rounds per product time")
+    p.add_argument("--seeds", type=int, default=10, help="seeds per trace budget")
+    p.add_argument("--budgets", type=int, nargs="+", default=[12, 33, 99, 300],
+                   help="HVP budgets of the trace estimators")
+    p.add_argument("--basis-params", type=int, default=5 * 10 ** 7,
+                   help="--device cuda: parameters of the basis-placement MLP")
+    p.add_argument("--memory-cases", nargs="+", default=[*MEMORY_CASES, *LANCZOS_CASES],
+                   choices=[*MEMORY_CASES, *LANCZOS_CASES, *SMOKE_CASES])
+    p.add_argument("--memory-repeats", type=int, default=3, help="fresh processes per case")
+    args = parse(p, quick=QUICK)
+    if args.memory:
+        cases = {**LANCZOS_CASES, **SMOKE_CASES}
+        print(json.dumps(peak_hvp_memory(*MEMORY_CASES[args.memory]) if args.memory in MEMORY_CASES
+                         else peak_lanczos_memory(*cases[args.memory])))
+        return
+    torch.set_num_threads(1)  # stable timings on a shared machine (no thread oversubscription)
+    run = Recorder("curvature", args)
+    if args.memory_only:
+        run.write({"memory": memory_section(args.memory_cases, args.memory_repeats)})
+        return
+    import pyhessian
+    torch.set_default_dtype(torch.float64)  # PyHessian draws its vectors in the default dtype
+    if args.device == "cuda":
+        run.write(device_section(args, pyhessian, torch.device("cuda")))
+        return
+    results = cpu_section(args, pyhessian)
+    if not (args.no_memory or args.ggn_only):
+        results["memory"] = memory_section(args.memory_cases, args.memory_repeats)
+    run.write(results)
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 Hugging Face model and a ResNet-18, sharpscape vs PyHessian (CPU, one process, random weights).
 
     python3 benchmarks/real_models.py [--models gpt2 resnet18] [--layers 12] [--tokens 64]
-                                      [--max-hvp 20] [--out benchmarks/out]
+                                      [--max-hvp 20] [--out FILE.json] [--quick]
 
 * GPT-2 small shape: ``GPT2Config()`` (vocab 50257, width 768, 12 heads, ``--layers`` blocks,
   124M parameters at 12), SDPA attention (the Hugging Face default), a batch of 2 sequences of
@@ -14,8 +14,9 @@ PyHessian needs ``model(inputs)`` and ``criterion(outputs, targets)``: it gets a
 returns the (shifted, for GPT-2) logits, and, for GPT-2, runs under the math SDPA backend (the
 fused kernels have no double backward: without it, it crashes). Printed as ratios:
 
-1. time of one HVP over the time of one gradient (``round_robin_ratios``): ours (double backward; forward-over-reverse;
-   a single batch's graph reused inside ``with op:``) and PyHessian's product (graph reused);
+1. time of one HVP over the time of one gradient (``round_robin_ratios``): ours (double backward;
+   forward-over-reverse; a single batch's graph reused inside ``with op:``) and PyHessian's
+   product (graph reused);
 2. peak resident memory of one product from scratch, beyond the model and the data (the
    kernel's ``VmHWM`` high-water mark, reset just before, minus the resident set then), over
    the parameter bytes, each in a fresh process;
@@ -24,13 +25,15 @@ fused kernels have no double backward: without it, it crashes). Printed as ratio
    the eigenvalues, products spent and wall-time ratio.
 
 Timings use one intra-op thread, best of ``--repeat`` rounds interleaving the candidates.
+``--quick`` (``--tiny`` shapes: GPT-2 of width 64, 2 heads and a vocabulary of 512, one block, 8
+tokens; a ResNet of widths 8-64 with one block per stage; 3 products, one round): a smoke test,
+not figures.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -40,9 +43,9 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 from analysis import HessianOperator, top_eigenvalues  # noqa: E402
-from analysis.core import versions  # noqa: E402
-from curvature import (CRITERION, pyhessian_eigs, rss_peak, round_robin_ratios,  # noqa: E402
-                       timed)
+from curvature import CRITERION, pyhessian_eigs, round_robin_ratios  # noqa: E402
+from harness import Recorder, fresh_process, parse, parser, rss_peak, timed  # noqa: E402
+
 
 def hf_loss(model, batch):
     return model(**batch).loss
@@ -61,18 +64,22 @@ class Logits(nn.Module):
         return logits[:, :-1].flatten(0, 1) if self.shift else logits
 
 
-def build(name: str, layers: int, tokens: int):
-    """(HF model, our dict batch, PyHessian's wrapper, its (inputs, targets))."""
-    from transformers import GPT2Config, GPT2LMHeadModel, ResNetConfig, ResNetForImageClassification
+def build(name: str, layers: int, tokens: int, tiny: bool = False):
+    """(HF model, our dict batch, PyHessian's wrapper, its (inputs, targets)); ``tiny``: the
+    smoke test's shapes."""
+    from transformers import (GPT2Config, GPT2LMHeadModel, ResNetConfig,
+                              ResNetForImageClassification)
     torch.manual_seed(0)
     gen = torch.Generator().manual_seed(1)
     if name == "gpt2":
-        model = GPT2LMHeadModel(GPT2Config(n_layer=layers)).eval()
+        small = {"n_embd": 64, "n_head": 2, "vocab_size": 512} if tiny else {}
+        model = GPT2LMHeadModel(GPT2Config(n_layer=layers, **small)).eval()
         ids = torch.randint(0, model.config.vocab_size, (2, tokens), generator=gen)
         return model, {"input_ids": ids, "labels": ids}, Logits(model, "input_ids", True), \
             (ids, ids[:, 1:].flatten())
-    cfg = ResNetConfig(num_channels=3, embedding_size=64, hidden_sizes=[64, 128, 256, 512],
-                       depths=[2, 2, 2, 2], layer_type="basic", num_labels=10)
+    widths, depth = ([8, 16, 32, 64], 1) if tiny else ([64, 128, 256, 512], 2)
+    cfg = ResNetConfig(num_channels=3, embedding_size=widths[0], hidden_sizes=widths,
+                       depths=[depth] * 4, layer_type="basic", num_labels=10)
     model = ResNetForImageClassification(cfg).eval()
     x, y = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
     return model, {"pixel_values": x, "labels": y}, Logits(model, "pixel_values", False), (x, y)
@@ -122,11 +129,11 @@ def top_eigenvalue(name, model, batch, wrapper, data, max_hvp: int) -> dict:
             "time_ratio_ours_over_pyhessian": t_ours / t_theirs}
 
 
-def peak_memory(name: str, case: str, layers: int, tokens: int) -> dict:
+def peak_memory(name: str, case: str, layers: int, tokens: int, tiny: bool) -> dict:
     """Peak resident memory of one product from scratch beyond model and data (this process)."""
     import pyhessian
     from pyhessian.utils import hessian_vector_product
-    model, batch, wrapper, data = build(name, layers, tokens)
+    model, batch, wrapper, data = build(name, layers, tokens, tiny)
     params = [p for p in model.parameters() if p.requires_grad]
     v = torch.randn(sum(p.numel() for p in params))
 
@@ -136,8 +143,8 @@ def peak_memory(name: str, case: str, layers: int, tokens: int) -> dict:
         if case == "pyhessian":
             with peer_context(name):
                 peer = pyhessian.hessian(wrapper, CRITERION, data=data, cuda=False)
-                pieces = [t.view_as(p) for t, p in zip(torch.split(v, [p.numel() for p in params]),
-                                                       params)]
+                sizes = [p.numel() for p in params]
+                pieces = [t.view_as(p) for t, p in zip(torch.split(v, sizes), params)]
                 out = hessian_vector_product(peer.gradsH, peer.params, pieces)
             model.zero_grad(set_to_none=True)
             return out
@@ -150,32 +157,34 @@ def peak_memory(name: str, case: str, layers: int, tokens: int) -> dict:
 
 
 def memory_in_fresh_process(name: str, case: str, args) -> dict:
-    done = subprocess.run([sys.executable, __file__, "--memory", name, case, "--layers",
-                           str(args.layers), "--tokens", str(args.tokens)], check=True,
-                          capture_output=True, text=True)
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    argv = ["--memory", name, case, "--layers", str(args.layers), "--tokens", str(args.tokens)]
+    return fresh_process(__file__, argv + (["--tiny"] if args.tiny else []))
+
+
+QUICK = {"tiny": True, "layers": 1, "tokens": 8, "max_hvp": 3, "repeat": 1}
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["gpt2", "resnet18"],
-                        choices=["gpt2", "resnet18"])
-    parser.add_argument("--layers", type=int, default=12, help="GPT-2 blocks (12: GPT-2 small)")
-    parser.add_argument("--tokens", type=int, default=64)
-    parser.add_argument("--max-hvp", type=int, default=20)
-    parser.add_argument("--repeat", type=int, default=3)
-    parser.add_argument("--out", default="benchmarks/out")
-    parser.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
-    args = parser.parse_args()
+    p = parser(__doc__)
+    p.add_argument("--models", nargs="+", default=["gpt2", "resnet18"],
+                   choices=["gpt2", "resnet18"])
+    p.add_argument("--layers", type=int, default=12, help="GPT-2 blocks (12: GPT-2 small)")
+    p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--max-hvp", type=int, default=20)
+    p.add_argument("--repeat", type=int, default=3)
+    p.add_argument("--tiny", action="store_true", help="the smoke test's small shapes")
+    p.add_argument("--memory", nargs=2, help=argparse.SUPPRESS)
+    args = parse(p, quick=QUICK)
     torch.set_num_threads(1)
     from transformers import logging
     logging.set_verbosity_error()
     if args.memory:
-        print(json.dumps(peak_memory(*args.memory, args.layers, args.tokens)))
+        print(json.dumps(peak_memory(*args.memory, args.layers, args.tokens, args.tiny)))
         return
-    results = {"config": vars(args), "versions": versions()}
+    run = Recorder("real_models", args)
+    results = {}
     for name in args.models:
-        model, batch, wrapper, data = build(name, args.layers, args.tokens)
+        model, batch, wrapper, data = build(name, args.layers, args.tokens, args.tiny)
         row = {"hvp": hvp_ratios(name, model, batch, wrapper, data, args.repeat)}
         print(name, "HVP / gradient:", json.dumps(row["hvp"], indent=1), flush=True)
         row["memory"] = {case: memory_in_fresh_process(name, case, args)
@@ -184,9 +193,7 @@ def main() -> None:
         row["top_eigenvalue"] = top_eigenvalue(name, model, batch, wrapper, data, args.max_hvp)
         print(name, "top eigenvalue:", json.dumps(row["top_eigenvalue"], indent=1), flush=True)
         results[name] = row
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "real_models.json").write_text(json.dumps(results, indent=1, default=str))
+    run.write(results)
 
 
 if __name__ == "__main__":

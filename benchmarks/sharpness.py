@@ -1,22 +1,20 @@
 """Worst-case sharpness of an MNIST-1D MLP with the EPFL settings (Andriushchenko et al. 2023):
 20 APGD steps, m = 128, rho = 0.1, on 1024 training samples (their ``n_eval_sharpness``).
 
-The MLP (40-100-100-10, ReLU) is trained here, seeded, with Adam (lr 1e-2, 60 epochs: 100 % train accuracy). For each
-perturbation model the script prints the APGD value, the one-step SAM estimate (the ratio
-shows what the ascent adds), the forward/backward passes and the wall time; then the same with
-5x more ascent steps (how far 20 steps are from converged) and full-data sharpness beside
-``rho^2 lambda_max / 2``. The EPFL code itself needs CUDA and its own batch format, so it is
-not run here: only our numbers are reported. Results go to ``--out`` as .npz + JSON.
+The MLP (40-100-100-10, ReLU) is trained here, seeded, with Adam (lr 1e-2, 60 epochs: 100 % train
+accuracy). For each perturbation model the script prints the APGD value, the one-step SAM estimate
+(the ratio shows what the ascent adds), the forward/backward passes and the wall time; then the
+same with 5x more ascent steps (how far 20 steps are from converged) and full-data sharpness
+beside ``rho^2 lambda_max / 2``. The EPFL code itself needs CUDA and its own batch format, so it
+is not run here: only our numbers are reported.
 
-    python benchmarks/sharpness.py [--threads 1] [--out benchmarks/out]
+    python benchmarks/sharpness.py [--threads 1] [--out FILE.json] [--quick]
+
+``--quick``: 2 epochs, 128 samples, 2 APGD steps: a smoke test, not figures.
 """
 from __future__ import annotations
 
-import argparse
-import json
-import platform
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +22,9 @@ import torch
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from analysis import mnist1d, sharpness_vs_curvature, supervised, worst_case_sharpness  # noqa: E402
+from analysis import (mnist1d, sharpness_vs_curvature, supervised,  # noqa: E402
+                      worst_case_sharpness)
+from harness import Recorder, parse, parser, timed  # noqa: E402
 
 SEED, RHO, STEPS, M, N_EVAL = 0, 0.1, 20, 128, 1024
 CE = supervised(nn.CrossEntropyLoss())
@@ -48,33 +48,27 @@ def accuracy(model, x, y) -> float:
         return float((model(x).argmax(-1) == y).double().mean())
 
 
-def timed(fn):
-    start = time.perf_counter()
-    out = fn()
-    return out, time.perf_counter() - start
-
-
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/out"))
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    p = parser(__doc__, threads=True)
+    p.add_argument("--epochs", type=int, default=60, help="training epochs of the MLP")
+    p.add_argument("--samples", type=int, default=N_EVAL, help="training samples evaluated")
+    p.add_argument("--steps", type=int, default=STEPS, help="APGD steps (and 5x as many)")
+    args = parse(p, quick={"epochs": 2, "samples": M, "steps": 2})
+    run = Recorder("sharpness", args)
     data = mnist1d()
-    model, train_time = timed(lambda: train_mlp(data))
+    model, train_time = timed(lambda: train_mlp(data, args.epochs))
     print(f"MLP 40-100-100-10 trained in {train_time:.1f}s: train acc "
           f"{accuracy(model, data.x, data.y):.3f}, test acc "
           f"{accuracy(model, data.x_test, data.y_test):.3f}")
-    evaluation = data.batches(M, limit=N_EVAL)
+    evaluation = data.batches(M, limit=args.samples)
 
     rows = []
-    print(f"\nworst-case m-sharpness, rho={RHO}, m={M}, {N_EVAL} samples")
+    print(f"\nworst-case m-sharpness, rho={RHO}, m={M}, {args.samples} samples")
     print(f"{'norm':5} {'adaptive':9} {'steps':>5} {'APGD':>10} {'SAM 1-step':>10} "
           f"{'APGD/SAM':>8} {'fwd':>5} {'bwd':>5} {'time s':>7}")
     for norm in ("l2", "linf"):
         for adaptive in (False, True):
-            for steps in (STEPS, 5 * STEPS):
+            for steps in (args.steps, 5 * args.steps):
                 r, seconds = timed(lambda: worst_case_sharpness(
                     model, CE, evaluation, rho=RHO, norm=norm, adaptive=adaptive, steps=steps,
                     m=M, seed=SEED, progress=False))
@@ -87,8 +81,8 @@ def main() -> None:
 
     rhos = np.array([1e-3, 1e-2, 1e-1, 1.0])
     curve, seconds = timed(lambda: sharpness_vs_curvature(
-        model, CE, [(data.x[:N_EVAL], data.y[:N_EVAL])], rhos=rhos, steps=STEPS, seed=SEED,
-        progress=False))
+        model, CE, [(data.x[:args.samples], data.y[:args.samples])], rhos=rhos,
+        steps=args.steps, seed=SEED, progress=False))
     print(f"\nfull-data L2 sharpness vs rho^2 lambda_max / 2 (lambda_max = "
           f"{curve.lambda_max:.4g}, {curve.n_hvp} HVPs, {seconds:.1f}s)")
     print(f"{'rho':>7} {'APGD':>10} {'SAM 1-step':>10} {'quadratic':>10} {'ratio':>8}")
@@ -96,15 +90,11 @@ def main() -> None:
         print(f"{rho:7.0e} {curve.sharpness[i]:10.4g} {curve.sam_values[i]:10.4g} "
               f"{curve.prediction[i]:10.4g} {curve.ratio[i]:8.3f}")
 
-    args.out.mkdir(parents=True, exist_ok=True)
-    np.savez(args.out / "sharpness.npz", rhos=rhos, sharpness=curve.sharpness,
-             sam_values=curve.sam_values, prediction=curve.prediction,
-             values=np.array([r["value"] for r in rows]),
-             seconds=np.array([r["seconds"] for r in rows]))
-    meta = dict(seed=SEED, rho=RHO, steps=STEPS, m=M, n_eval=N_EVAL, rows=rows,
-                lambda_max=curve.lambda_max, torch=torch.__version__, numpy=np.__version__,
-                python=platform.python_version(), threads=torch.get_num_threads())
-    (args.out / "sharpness.json").write_text(json.dumps(meta, indent=2))
+    run.write({"seed": SEED, "rho": RHO, "m": M, "train_seconds": train_time, "rows": rows,
+               "curve": {"rhos": rhos, "sharpness": curve.sharpness,
+                         "sam_values": curve.sam_values, "prediction": curve.prediction,
+                         "ratio": curve.ratio, "lambda_max": curve.lambda_max,
+                         "n_hvp": curve.n_hvp, "seconds": seconds}})
 
 
 if __name__ == "__main__":

@@ -1,12 +1,24 @@
-"""``python -m figures [NAME ...] [--out DIR] [--tiny | --full] [--jobs N] [--threads N]
-[--force] [--replot] [--table [--markdown]]``: run the reproductions (all by default) and write
-PNGs, saved data and summary.json to DIR; unchanged finished ones are skipped."""
+"""Run the reproductions (all by default) and write PNGs, saved data and summary.json to DIR.
+
+``python -m figures [NAME ...] [--out DIR] [--tiny | --full] [--jobs N] [--threads N] [--force]
+[--replot] [--table [--markdown]]``; finished ones that are unchanged are skipped.
+
+Every file is written atomically (a unique temporary in DIR, fsync, ``os.replace``), so a run
+killed at any moment leaves each file complete, old or new. summary.json records the SHA-256 of
+each reproduction's files: an entry whose files are missing, unreadable or not the recorded ones is
+redone (from its saved data when that is intact and current, else recomputed), never skipped; an
+unreadable summary.json is rebuilt from the intact saved data. A symbolic link inside DIR is
+replaced by the file, never written through; DIR itself may be a symbolic link to a folder (the
+files go into that folder). Where a command cannot go on it says so in one line, naming the file
+and the command that fixes it, and exits with status 1.
+"""
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
-import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -14,8 +26,11 @@ from pathlib import Path
 
 import torch
 
+from analysis.core import file_sha256, remove_temporaries
+
 from .harness import SIZES, execute, job
-from .report import config_key, load, save, saved, table
+from .report import (SUMMARY, Damaged, check_entry, config_key, files_of, read_saved,
+                     read_summary, save, table, write_summary)
 from .runner import Runner
 from .verdict import entry
 
@@ -23,12 +38,22 @@ REPRODUCTIONS = ["agd_switching", "wsam_sharpness", "ndadam_direction", "adasam_
                  "sala_overhead", "landscape_gallery", "adaptive_eos"]
 
 
-def parse(argv):
-    parser = argparse.ArgumentParser(prog="python -m figures", description=__doc__)
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """The command line's arguments, checked (an error exits with argparse's message).
+
+    Args:
+        argv: The arguments after ``python -m figures`` (None: ``sys.argv[1:]``).
+
+    Returns:
+        The parsed arguments; ``--out`` exists and is writable unless only ``--table`` is asked.
+    """
+    parser = argparse.ArgumentParser(prog="python -m figures", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="NAME",
                         help=f"reproductions to run (default: all of {', '.join(REPRODUCTIONS)})")
     parser.add_argument("--out", type=Path, default=Path("figures/out"),
-                        help="output folder for PNGs, summary.json and saved data")
+                        help="output folder for PNGs, summary.json and saved data (a symbolic "
+                             "link to a folder is followed; links inside it are replaced)")
     sizes = parser.add_mutually_exclusive_group()
     sizes.add_argument("--full", action="store_true",
                        help="enough seeds to decide every rule at its margin (long)")
@@ -64,52 +89,140 @@ def parse(argv):
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Run ``python -m figures`` with the arguments ``argv`` (default: the command line).
+
+    Args:
+        argv: The arguments after ``python -m figures``.
+
+    Returns:
+        The summary (reproduction name -> entry) as written to summary.json (or printed).
+
+    Raises:
+        SystemExit: The arguments are invalid, or a file in the way of the command is damaged
+            (one line naming it and the command that fixes it), or a file cannot be written.
+    """
     args = parse(argv)
-    path = args.out / "summary.json"
-    summary = json.loads(path.read_text()) if path.exists() else {}
-    if args.table:
-        print(table(summary, figure_dir=str(args.out), markdown=args.markdown))
-        return summary
     names = args.names or REPRODUCTIONS
-    if args.replot:
-        return replot(summary, names, args.out)
-    size = SIZES["full" if args.full else "tiny" if args.tiny else "quick"]
+    if args.table and not args.replot:
+        return show_table(args.out, args.markdown)
+    try:
+        with exclusive(args.out):
+            summary, redone = open_summary(args.out, None if args.replot else size_name(args))
+            if args.replot:
+                summary = replot(summary, [n for n in names if n not in redone], args.out)
+            else:
+                summary = run(args, names, summary)
+    except OSError as err:
+        if err.filename is None or Path(err.filename).parent.resolve() != args.out.resolve():
+            raise
+        raise SystemExit(f"figures: cannot write in {args.out}: {err}") from None
+    if args.table:
+        return show_table(args.out, args.markdown)
+    return summary
+
+
+def run(args, names: list[str], summary: dict) -> dict:
+    """Compute or redo every reproduction of ``names`` that is not up to date in ``summary``.
+
+    Args:
+        args: The parsed command line.
+        names: The reproductions asked for.
+        summary: The current summary (updated, and written after each reproduction).
+
+    Returns:
+        The summary.
+    """
+    size = SIZES[size_name(args)]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     runner = Runner(size, workers=args.jobs)
     try:
         modules = {n: importlib.import_module(f"figures.{n}") for n in names}
-        todo = [n for n in names if args.force or not up_to_date(summary, n, modules[n], size,
-                                                                   args.out)]
+        plan = {n: status(summary, n, config_key(modules[n], size), args.out, args.force)
+                for n in names}
+        todo = [n for n in names if plan[n] is None]
         if todo:
             print(f"{size.name} size: timing one training run for the estimate ...", flush=True)
             print(f"{size.name} size, {args.jobs} process(es) x {args.threads} thread(s): "
                   f"expected about {expected_seconds(modules, todo, size, args.jobs) / 60:.1f} "
                   f"min for {', '.join(todo)}", flush=True)
         for name in names:
-            if name not in todo:
+            if plan[name] == "unchanged":
                 print(f"{name}: unchanged, skipped (--force recomputes)", flush=True)
                 continue
-            began = time.perf_counter()
-            summary[name] = run_one(modules[name], name, size, runner, args.out)
-            summary[name]["seconds"] = round(time.perf_counter() - began, 1)
-            print(f"{name}: {summary[name]['verdict']} ({summary[name]['seconds']:.0f} s)",
-                  flush=True)
-            path.write_text(json.dumps(summary, indent=1))
+            if plan[name] is None:
+                summary[name] = run_one(modules[name], name, size, runner, args.out)
+                how = f"{summary[name]['seconds']:.0f} s"
+            else:
+                summary[name] = redo(name, args.out, plan[name], summary.get(name, {}))
+                how = "redone from its saved data"
+            print(f"{name}: {summary[name]['verdict']} ({how})", flush=True)
+            write_summary(args.out, summary)
     finally:
         runner.close()
         torch.set_num_threads(threads)
     return summary
 
 
-def up_to_date(summary: dict, name: str, module, size, out: Path) -> bool:
-    return (name in summary and summary[name].get("key") == config_key(module, size)
-            and saved(out, name))
+def size_name(args: argparse.Namespace) -> str:
+    """The size the command line asks for: "tiny", "quick" or "full"."""
+    return "full" if args.full else "tiny" if args.tiny else "quick"
+
+
+def status(summary: dict, name: str, key: str, out: Path, force: bool):
+    """What a run does with ``name``.
+
+    Args:
+        summary: The current summary.
+        name: The reproduction.
+        key: Its configuration's key at this size.
+        out: The output folder.
+        force: Recompute whatever is there.
+
+    Returns:
+        "unchanged" (its entry has this key and its files are the recorded ones: skip), its
+        ``Saved`` data (intact and of this key: only the verdict and figure are redone), or
+        None (compute).
+    """
+    if force:
+        return None
+    problem = None
+    old = summary.get(name)
+    if old is not None and old.get("key") == key:
+        try:
+            check_entry(out, name, old)
+            return "unchanged"
+        except Damaged as err:
+            problem = err
+    try:
+        saved = read_saved(out, name)
+    except Damaged:
+        saved = None
+    if saved is not None and saved.meta.get("key") == key:
+        if problem is not None:
+            print(f"{name}: {problem}; its saved data is intact, redoing its verdict and figure",
+                  flush=True)
+        return saved
+    if problem is not None:
+        print(f"{name}: {problem}; recomputing", flush=True)
+    return None
 
 
 def expected_seconds(modules: dict, names: list[str], size, workers: int) -> float:
-    """The run count of each reproduction (``module.cost``, in standard training runs) times
-    the measured time of one standard run here, over the processes."""
+    """The expected wall time of ``names``.
+
+    The run count of each reproduction (``module.cost``, in standard training runs) times the
+    measured time of one standard run here, over the processes.
+
+    Args:
+        modules: The reproductions' modules by name.
+        names: The reproductions to run.
+        size: The ``Size``.
+        workers: The processes.
+
+    Returns:
+        Seconds.
+    """
     calibration = job("calibration", "SGD", "SGD", 0, {"lr": 0.05})
     execute(calibration, size)                      # the first run also makes the data
     began = time.perf_counter()
@@ -119,31 +232,224 @@ def expected_seconds(modules: dict, names: list[str], size, workers: int) -> flo
 
 
 def run_one(module, name: str, size, runner, out: Path) -> dict:
-    """Experiment, then rule and figure on the saved files."""
+    """Experiment, then rule and figure on the saved files.
+
+    Args:
+        module: The reproduction's module.
+        name: The reproduction.
+        size: The ``Size``.
+        runner: The ``Runner`` of the training runs.
+        out: The output folder.
+
+    Returns:
+        The summary entry.
+    """
+    began = time.perf_counter()
     data, arrays = module.experiment(size, runner)
-    save(out, name, data, arrays, module.CONFIG, size)
-    return decide(module, name, out, {"key": config_key(module, size), "size": size.name})
+    key, seconds = config_key(module, size), round(time.perf_counter() - began, 1)
+    save(out, name, data, arrays, module.CONFIG, size, key=key, seconds=seconds)
+    return redo(name, out, read_saved(out, name), {})
 
 
-def decide(module, name: str, out: Path, extra: dict) -> dict:
-    """The rule applied to the saved data of ``name`` and its figure drawn: the summary entry."""
-    data, arrays = load(out, name)
+def redo(name: str, out: Path, saved, old: dict) -> dict:
+    """The summary entry of ``name`` from its ``saved`` data.
+
+    The rule applied, the figure drawn, and the SHA-256 of its three files recorded; key, size
+    and seconds come from the saved data (from ``old``, its previous entry, for data saved
+    without them).
+
+    Args:
+        name: The reproduction.
+        out: The output folder.
+        saved: Its ``Saved`` data (from ``read_saved``).
+        old: Its previous summary entry, or {}.
+
+    Returns:
+        The summary entry.
+    """
+    module = importlib.import_module(f"figures.{name}")
+    data, meta = saved.meta["data"], saved.meta
     measured, checks = module.rule(data)
-    result = {**entry(module.CLAIM, measured, checks, f"{name}.png"), **extra}
-    module.figure(data, arrays, result, out)
+    extra = {"key": meta.get("key") or old.get("key"),
+             "size": (meta.get("size") or {}).get("name") or old.get("size"),
+             "seconds": meta.get("seconds", old.get("seconds"))}
+    result = {**entry(module.CLAIM, measured, checks, f"{name}.png"),
+              **{k: v for k, v in extra.items() if v is not None}}
+    module.figure(data, saved.arrays, result, out)
+    png = files_of(name)[2]
+    result["files"] = {**saved.digests, png: file_sha256(out / png)}
     return result
 
 
+def open_summary(out: Path, size: str | None) -> tuple[dict, set[str]]:
+    """The summary.json of ``out``, rebuilt if it cannot be read.
+
+    An unreadable one is rebuilt from the intact saved data of every reproduction and written;
+    each reproduction left out says so in one line.
+
+    Args:
+        out: The output folder.
+        size: The size name the command runs at (for the commands it suggests), or None.
+
+    Returns:
+        The summary, and the names whose entries were redone to rebuild it.
+    """
+    try:
+        return read_summary(out), set()
+    except Damaged as err:
+        print(f"figures: {err}; rebuilding it from the saved per-reproduction files", flush=True)
+    summary = {}
+    for name in REPRODUCTIONS:
+        try:
+            saved = read_saved(out, name)
+        except Damaged as err:
+            if any(os.path.lexists(out / f) for f in files_of(name)):
+                print(f"{name}: not in the rebuilt summary: {err}; `{fix(out, [name], size)}` "
+                      "recomputes it", flush=True)
+            continue
+        summary[name] = redo(name, out, saved, {})
+        print(f"{name}: {summary[name]['verdict']} (rebuilt from its saved data)", flush=True)
+    write_summary(out, summary)
+    return summary, set(summary)
+
+
 def replot(summary: dict, names: list[str], out: Path) -> dict:
-    """Re-apply every rule to its saved data and redraw its figure (no training)."""
-    for name in (n for n in names if n in summary):
-        module = importlib.import_module(f"figures.{name}")
-        kept = {k: summary[name][k] for k in ("key", "size", "seconds") if k in summary[name]}
-        summary[name] = decide(module, name, out, kept)
+    """Re-apply every rule to its saved data and redraw its figure (no training).
+
+    Reproductions of ``names`` with intact saved data are redone; if the saved data of one
+    in ``summary`` is damaged, nothing is written and the command refuses in one line.
+
+    Args:
+        summary: The current summary.
+        names: The reproductions asked for.
+        out: The output folder.
+
+    Returns:
+        The summary as written.
+
+    Raises:
+        SystemExit: The saved data of an entry of ``summary`` is damaged.
+    """
+    todo, damaged = {}, {}
+    for name in names:
+        try:
+            todo[name] = read_saved(out, name)
+        except Damaged as err:
+            if name in summary:
+                damaged[name] = err
+    if damaged:
+        first = next(iter(damaged))
+        raise SystemExit(f"figures: cannot replot: {damaged[first]}; "
+                         f"`{fix(out, list(damaged), summary[first].get('size'))}` recomputes "
+                         f"{'it' if len(damaged) == 1 else 'them'}")
+    if not todo:
+        if not summary:
+            raise SystemExit(f"figures: nothing to replot in {out} (no saved reproduction); "
+                             f"`{fix(out, [], None)}` computes them")
+        return summary
+    for name, saved in todo.items():
+        summary[name] = redo(name, out, saved, summary.get(name, {}))
         print(f"{name}: {summary[name]['verdict']}, redrawn {out / summary[name]['figure']}",
               flush=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    write_summary(out, summary)
     return summary
+
+
+def show_table(out: Path, markdown: bool) -> dict:
+    """Print the table of ``out/summary.json`` after checking every entry's files.
+
+    Args:
+        out: The output folder.
+        markdown: The table as Markdown.
+
+    Returns:
+        The summary.
+
+    Raises:
+        SystemExit: One line when there is no summary, or it or a file it names is damaged.
+    """
+    try:
+        summary = read_summary(out)
+    except Damaged as err:
+        raise SystemExit(f"figures: {err}; `python -m figures --replot --out "
+                         f"{shlex.quote(str(out))}` rebuilds it from the saved data") from None
+    if not summary:
+        raise SystemExit(f"figures: {out / SUMMARY} is missing or lists no reproduction; "
+                         f"`{fix(out, [], None)}` writes it")
+    damaged = {}
+    for name, e in summary.items():
+        if not name.startswith("_"):
+            try:
+                check_entry(out, name, e)
+            except Damaged as err:
+                damaged[name] = err
+    if damaged:
+        first = next(iter(damaged))
+        raise SystemExit(f"figures: {damaged[first]}; "
+                         f"`{fix(out, list(damaged), summary[first].get('size'))}` redoes "
+                         f"{'it' if len(damaged) == 1 else 'them'}")
+    try:
+        text = table(summary, figure_dir=str(out), markdown=markdown)
+    except (KeyError, TypeError, ValueError, IndexError) as err:
+        raise SystemExit(f"figures: {out / SUMMARY} has a malformed entry ({err!r}); "
+                         f"`python -m figures --replot --out {shlex.quote(str(out))}` rewrites "
+                         "it") from None
+    print(text)
+    return summary
+
+
+def fix(out: Path, names: list[str], size: str | None) -> str:
+    """The command that recomputes ``names`` (all, if empty) at ``size`` in ``out``.
+
+    Args:
+        out: The output folder.
+        names: The reproductions.
+        size: Their size name ("tiny", "quick", "full"), or None.
+
+    Returns:
+        The shell command.
+    """
+    flags = {"tiny": ["--tiny"], "full": ["--full"]}.get(size, [])
+    return " ".join(["python -m figures", *names, *flags, "--out", shlex.quote(str(out))])
+
+
+@contextlib.contextmanager
+def exclusive(out: Path):
+    """Hold an exclusive lock on the folder ``out`` while writing in it.
+
+    A second run writing in the same folder refuses in one line. Under the lock, the temporary
+    files a killed run left there are removed (without locks, e.g. on a file system that has
+    none, they are left; nothing reads them).
+
+    Args:
+        out: The output folder (it exists).
+
+    Yields:
+        None.
+
+    Raises:
+        SystemExit: Another run holds the lock.
+    """
+    try:
+        import fcntl
+    except ImportError:                 # no locks here: leave temporaries (they are ignored)
+        yield
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            locked = True
+        except BlockingIOError:
+            raise SystemExit(f"figures: another `python -m figures` is writing in {out}; wait "
+                             "for it to finish") from None
+        except OSError:                 # a file system without locks
+            locked = False
+        if locked:
+            remove_temporaries(out, [SUMMARY, *(f for n in REPRODUCTIONS for f in files_of(n))])
+        yield
+    finally:
+        os.close(fd)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from analysis import (average_sharpness, hessian_trace, mnist1d, supervised, top_eigenvalues)
+from analysis.core import write_json
 from landscape import plane, random_direction
 from optim import WSAM
 
@@ -69,8 +70,7 @@ def main(argv: list[str] | None = None) -> dict:
                   "plane_center": float(surf.losses[5, 5])}
         if rank == 0:
             os.makedirs(os.path.dirname(args.out) or ".", exist_ok=True)
-            with open(args.out, "w") as fh:
-                json.dump(result, fh, indent=2)
+            write_json(args.out, result, indent=2)
             print(json.dumps(result, indent=2))
         return result
     finally:

@@ -10,6 +10,8 @@ import numpy as np
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from analysis.core import write_figure
+
 from .report import check_text
 
 matplotlib.rcParams.update({"font.size": 9, "axes.titlesize": 10, "axes.grid": True,
@@ -83,6 +85,20 @@ def with_verdict(fig, name: str, entry: dict) -> None:
 
 
 def save(fig, out: Path, name: str, entry: dict) -> str:
+    """Put the verdict on ``fig`` and write it to ``out/NAME.png`` atomically.
+
+    The PNG goes through ``analysis.core``'s atomic writer: a killed run leaves the previous
+    complete PNG (or none), and a symbolic link at the path is replaced, not written through.
+
+    Args:
+        fig: The reproduction's figure.
+        out: The output folder.
+        name: The reproduction.
+        entry: Its summary entry (verdict and checks).
+
+    Returns:
+        The PNG's file name.
+    """
     with_verdict(fig, name, entry)
-    fig.savefig(out / f"{name}.png", dpi=100)
+    write_figure(fig, out / f"{name}.png", dpi=100)
     return f"{name}.png"

@@ -215,6 +215,15 @@ class Progress:
         return self.build(self.losses.copy(), self.n_forward, meta)
 
     def write(self, complete: bool = False) -> None:
+        """Mirror the result so far to ``path`` (rank 0), through ``save_result``.
+
+        The write is atomic (``analysis.core.files.atomic_write``, shared with ``figures``): a
+        run killed while writing leaves the previous complete file to resume from, and a
+        symbolic link at ``path`` is replaced by the file, not written through.
+
+        Args:
+            complete: Whether every point is computed (recorded in the metadata).
+        """
         if self.path is not None and rank() == 0:
             save_result(self.result(complete), self.path)
 

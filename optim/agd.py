@@ -1,5 +1,8 @@
-"""AGD: auto-switchable optimizer using the stepwise gradient difference (Yue, Ye, Jiang, Liu, Zhang;
-NeurIPS 2023, arXiv 2312.01658)."""
+"""AGD: auto-switchable optimizer using the stepwise gradient difference.
+
+Yue, Ye, Jiang, Liu, Zhang; NeurIPS 2023, arXiv 2312.01658.
+"""
+
 from __future__ import annotations
 
 import math
@@ -11,71 +14,144 @@ import torch
 from torch import Tensor
 
 from ._fused import FusedKernel
-from ._host import stepped, to_host
-from ._scratch import Scratch, scratch
+from ._diagnostics import stepped, to_host
+from ._workspace import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_optional_positive, check_positive
-from .wrapper import CheckedState, closure_loss, use_foreach
+from ._base import CheckedState, check_in_dtype, closure_loss, param_dtype, use_foreach
 
 
 @dataclass(frozen=True)
 class _StepScalars:
     """The float64 scalars of step t (bias corrections are never tensors, so no host sync)."""
-    diff_coef: float    # c_m / c_g: s_t = c_g (g_t + diff_coef · m_{t-1}); 0 at t = 1
-    sq_coef: float      # (1 - β2) c_g²
-    threshold: float    # δ sqrt(1 - β2^t), the auto-switch floor of sqrt(B)
-    step_size: float    # α sqrt(1 - β2^t) / (1 - β1^t)
+
+    diff_coef: float  # c_m / c_g: s_t = c_g (g_t + diff_coef · m_{t-1}); 0 at t = 1
+    sq_coef: float  # (1 - β2) c_g²
+    threshold: float  # δ sqrt(1 - β2^t), the auto-switch floor of sqrt(B)
+    step_size: float  # α sqrt(1 - β2^t) / (1 - β1^t)
 
 
 def _step_scalars(t: int, lr: float, beta1: float, beta2: float, delta: float) -> _StepScalars:
-    bc1, bc2 = 1.0 - beta1 ** t, 1.0 - beta2 ** t
+    bc1, bc2 = 1.0 - beta1**t, 1.0 - beta2**t
     c_g = (1.0 - beta1) / bc1
     diff_coef = 0.0 if t == 1 else (beta1 - bc1 / (1.0 - beta1 ** (t - 1))) / (1.0 - beta1)
-    return _StepScalars(diff_coef=diff_coef, sq_coef=(1.0 - beta2) * c_g * c_g,
-                        threshold=delta * math.sqrt(bc2), step_size=lr * math.sqrt(bc2) / bc1)
+    return _StepScalars(
+        diff_coef=diff_coef,
+        sq_coef=(1.0 - beta2) * c_g * c_g,
+        threshold=delta * math.sqrt(bc2),
+        step_size=lr * math.sqrt(bc2) / bc1,
+    )
 
 
 class AGD(CheckedState):
-    """AGD, the paper's Algorithm 1, per element, with m̂_t = m_t / (1 - β1^t)::
+    r"""AGD, the paper's Algorithm 1 (Yue et al. 2023), per element.
 
-        s_t = m̂_t - m̂_{t-1}   (s_1 = g_1)                   stepwise difference of the moments
-        b_t = β2 b_{t-1} + (1 - β2) s_t²                     B_t = b_t, or max(B_{t-1}, b_t) with amsgrad
-        D_t = max(sqrt(B_t), δ sqrt(1 - β2^t))               the auto-switch
-        x_{t+1} = x_t - α sqrt(1 - β2^t) / (1 - β1^t) · clip(m_t / D_t)
+    With $\hat m_t = m_t / (1 - \beta_1^t)$ and learning rate $\alpha$:
 
-    that is x_{t+1} = x_t - α m̂_t / max(sqrt(b̂_t), δ): Adam-like where sqrt(b̂_t) > δ, SGD with EMA
-    momentum and learning rate α/δ elsewhere. ``sgd_fraction()`` reports the share of elements
-    on the SGD branch.
+    $$
+    \begin{aligned}
+    m_t &= \beta_1 m_{t-1} + (1 - \beta_1) g_t\\
+    s_t &= \hat m_t - \hat m_{t-1} \quad (s_1 = g_1)
+      \qquad\text{(stepwise difference of the moments)}\\
+    b_t &= \beta_2 b_{t-1} + (1 - \beta_2) s_t^2, \qquad
+      B_t = b_t \text{ or, with amsgrad, } \max(B_{t-1}, b_t)\\
+    D_t &= \max\bigl(\sqrt{B_t},\ \delta \sqrt{1 - \beta_2^t}\bigr)
+      \qquad\text{(the auto-switch)}\\
+    x_{t+1} &= x_t - \alpha\, \frac{\sqrt{1 - \beta_2^t}}{1 - \beta_1^t}\,
+      \mathrm{clip}(m_t / D_t)
+    \end{aligned}
+    $$
 
-    ``clip`` bounds the ratio m/D before the lr scaling; ``weight_decouple`` selects decoupled decay
-    x <- x (1 - α λ) (or x (1 - λ) with ``fixed_decay``) against L2 added to a copy of the gradient
-    (``p.grad`` is never modified). ``foreach=None`` uses the multi-tensor path off the CPU. ``fused=True``
-    compiles each tensor's update into one kernel (``torch.compile``; the eager per-tensor path if that
-    fails, with a warning); ``fused=None`` (default) means False for now, see the README.
-    No copy of m is kept: before m is updated, s_t = c_g (g_t + (c_m / c_g) m_{t-1}) with
-    c_g = (1-β1)/bc1_t and c_m = β1/bc1_t - 1/bc1_{t-1}; the factor c_g² goes into the b update.
+    that is $x_{t+1} = x_t - \alpha \hat m_t / \max(\sqrt{\hat b_t}, \delta)$: Adam-like where
+    $\sqrt{\hat b_t} > \delta$, SGD with EMA momentum and learning rate $\alpha/\delta$
+    elsewhere. ``sgd_fraction()`` reports the share of elements on the SGD branch.
+
+    ``clip`` bounds the ratio $m/D$ before the lr scaling; ``weight_decouple`` selects decoupled
+    decay $x \leftarrow x (1 - \alpha\lambda)$ (or $x (1 - \lambda)$ with ``fixed_decay``)
+    against L2 added to a copy of the gradient (``p.grad`` is never modified). No copy of $m$ is
+    kept: before $m$ is updated, $s_t = c_g (g_t + (c_m / c_g) m_{t-1})$ with
+    $c_g = (1-\beta_1)/\mathrm{bc}_{1,t}$ and
+    $c_m = \beta_1/\mathrm{bc}_{1,t} - 1/\mathrm{bc}_{1,t-1}$; the factor $c_g^2$ goes into
+    the $b$ update.
+
+    Args:
+        params: Parameters or param-group dicts.
+        lr: The learning rate $\alpha \ge 0$.
+        betas: $(\beta_1, \beta_2)$, each in [0, 1).
+        delta: The switch threshold $\delta > 0$.
+        weight_decay: $\lambda \ge 0$.
+        weight_decouple: Decoupled decay (True) or L2 added to the gradient (False).
+        fixed_decay: Decoupled decay not scaled by the lr.
+        amsgrad: Use the running max $B_t$ of $b_t$.
+        clip: Bound on $|m/D|$ (None: no clipping).
+        foreach: The multi-tensor path; None: automatic (off the CPU).
+        fused: Compile each tensor's update into one kernel (``torch.compile``; the eager path
+            if that fails, with a warning); None (default) means False for now.
+
+    Raises:
+        ArgumentTypeError: an argument of the wrong kind.
+        ValueError: an argument outside its range.
     """
 
     _state_keys = frozenset({"step", "exp_avg", "exp_avg_diff_sq", "max_exp_avg_diff_sq"})
 
-    def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 delta: float = 1e-5, weight_decay: float = 0.0, weight_decouple: bool = True,
-                 fixed_decay: bool = False, amsgrad: bool = False, clip: float | None = None, *,
-                 foreach: bool | None = None, fused: bool | None = None):
-        defaults = dict(lr=lr, betas=betas, delta=delta, weight_decay=weight_decay,
-                        weight_decouple=weight_decouple, fixed_decay=fixed_decay, amsgrad=amsgrad,
-                        clip=clip, foreach=foreach, fused=fused)
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        delta: float = 1e-5,
+        weight_decay: float = 0.0,
+        weight_decouple: bool = True,
+        fixed_decay: bool = False,
+        amsgrad: bool = False,
+        clip: float | None = None,
+        *,
+        foreach: bool | None = None,
+        fused: bool | None = None,
+    ):
+        defaults = dict(
+            lr=lr,
+            betas=betas,
+            delta=delta,
+            weight_decay=weight_decay,
+            weight_decouple=weight_decouple,
+            fixed_decay=fixed_decay,
+            amsgrad=amsgrad,
+            clip=clip,
+            foreach=foreach,
+            fused=fused,
+        )
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict) -> None:
+        """Add a param group, its hyperparameters checked.
+
+        Args:
+            param_group: As for ``torch.optim.Optimizer.add_param_group``.
+
+        Raises:
+            ArgumentTypeError: a hyperparameter of the wrong kind.
+            ValueError: a hyperparameter outside its range.
+        """
         super().add_param_group(param_group)
         group = self.param_groups[-1]
         check_adam_group(group, "delta", check_positive)
+        for key in ("lr", "delta", "weight_decay"):   # the state and update are in p's dtype
+            check_in_dtype(key, group[key], group["params"], dtype_of=param_dtype)
         for flag in ("weight_decouple", "fixed_decay", "amsgrad"):
             group[flag] = check_bool(flag, group[flag])
         group["clip"] = check_optional_positive("clip", group["clip"])
 
+    def _required_state(self, index: int, entry: dict, state_dict: dict) -> frozenset[str]:
+        """A parameter that has stepped needs its step count and both moments."""
+        return frozenset({"step", "exp_avg", "exp_avg_diff_sq"}) if entry else frozenset()
+
     def _init_group(self, group: dict) -> tuple[list[Tensor], list[dict]]:
-        """Create state where missing, advance the step counters; (params that have a grad, their states)."""
+        """Create state where missing and advance the step counters.
+
+        Returns:
+            The params of ``group`` that have a gradient, and their states.
+        """
         params, states = [], []
         for p in group["params"]:
             if p.grad is None:
@@ -87,7 +163,8 @@ class AGD(CheckedState):
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
                 state["exp_avg_diff_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-            if group["amsgrad"] and "max_exp_avg_diff_sq" not in state:   # also when switched on later
+            # also when amsgrad is switched on later
+            if group["amsgrad"] and "max_exp_avg_diff_sq" not in state:
                 state["max_exp_avg_diff_sq"] = state["exp_avg_diff_sq"].clone()
             state["step"] += 1
             params.append(p)
@@ -96,20 +173,42 @@ class AGD(CheckedState):
 
     @torch.no_grad()
     def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
-        """One AGD step; with ``closure`` (called under grad mode) returns its loss."""
+        """One AGD step with the gradients in ``p.grad``.
+
+        Args:
+            closure: Optional; clears the gradients, computes the loss, calls ``backward()`` and
+                returns the loss (called once, under grad mode).
+
+        Returns:
+            The closure's loss, or None without a closure.
+
+        Raises:
+            RuntimeError: a gradient is sparse.
+        """
         loss = closure_loss(closure)
         for group in self.param_groups:
             params, states = self._init_group(group)
-            if params and group["fused"]:   # what the compiled kernel cannot take goes on to the eager path
+            if (
+                params and group["fused"]
+            ):  # what the compiled kernel cannot take goes on to the eager path
                 params, states = _fused_agd(group, params, states)
             if not params:
                 continue
             foreach = use_foreach(group["foreach"], params)
             fn = _multi_tensor_agd if foreach else _single_tensor_agd
-            fn(params, [p.grad for p in params], [s["exp_avg"] for s in states],
-               [s["exp_avg_diff_sq"] for s in states],
-               [s["max_exp_avg_diff_sq"] if group["amsgrad"] else s["exp_avg_diff_sq"] for s in states],
-               [s["step"] for s in states], work=scratch(self), **_options(group))
+            fn(
+                params,
+                [p.grad for p in params],
+                [s["exp_avg"] for s in states],
+                [s["exp_avg_diff_sq"] for s in states],
+                [
+                    s["max_exp_avg_diff_sq"] if group["amsgrad"] else s["exp_avg_diff_sq"]
+                    for s in states
+                ],
+                [s["step"] for s in states],
+                work=scratch(self),
+                **_options(group),
+            )
         return loss
 
     def _second_moment(self, group: dict, p: Tensor) -> Tensor:
@@ -119,12 +218,19 @@ class AGD(CheckedState):
 
     @torch.no_grad()
     def sgd_fraction(self, per_param: bool = False) -> float | dict[int, float]:
-        """Share of elements on the SGD branch in each parameter's last step: sqrt(B) < δ sqrt(1 - β2^t).
+        r"""Share of elements on the SGD branch in each parameter's last step.
 
-        Computed on request from the state the last step left (B and t) and the group's delta, the same
-        comparison the step made, so steps never count or synchronise with the device. Global: one
-        float over all stepped parameters (NaN before the first step). ``per_param=True``: a dict from the
-        parameter's index in ``param_groups`` order to its fraction (stepped parameters only).
+        The elements where $\sqrt{B_t} < \delta \sqrt{1 - \beta_2^t}$, computed on request from
+        the state the last step left ($B$ and $t$) and the group's delta, the same comparison the
+        step made, so steps never count or synchronise with the device.
+
+        Args:
+            per_param: Return the fraction per parameter instead of the global one.
+
+        Returns:
+            One float over all stepped parameters (NaN before the first step); with
+            ``per_param``, a dict from the parameter's index in ``param_groups`` order to its
+            fraction (stepped parameters only).
         """
         keys, counts, sizes = [], [], []
         for index, group, p, state in stepped(self):
@@ -139,39 +245,79 @@ class AGD(CheckedState):
 
     @torch.no_grad()
     def preconditioner(self, sgd_mask: bool = False) -> dict[Tensor, Tensor]:
-        """Per stepped parameter (keyed like ``state``), the diagonal P = max(sqrt(b̂_t), δ) of the textbook
-        form x_{t+1} = x_t - α m̂_t / P (eq. 4 divided by sqrt(1 - β2^t)). ``sgd_mask=True``: instead, the boolean
-        mask of the elements on the SGD branch (P = δ there), the comparison ``sgd_fraction`` counts."""
+        r"""The diagonal preconditioner of the last step, per stepped parameter.
+
+        $P = \max(\sqrt{\hat b_t}, \delta)$ of the textbook form
+        $x_{t+1} = x_t - \alpha \hat m_t / P$ (eq. 4 divided by $\sqrt{1 - \beta_2^t}$).
+
+        Args:
+            sgd_mask: Instead, the boolean mask of the elements on the SGD branch
+                ($P = \delta$ there), the comparison ``sgd_fraction`` counts.
+
+        Returns:
+            A dict keyed like ``state``.
+        """
         out = {}
         for _, group, p, state in stepped(self):
             root_bc2 = math.sqrt(1.0 - group["betas"][1] ** state["step"])
             root = self._second_moment(group, p).sqrt()
-            out[p] = root < group["delta"] * root_bc2 if sgd_mask else root.div_(root_bc2).clamp_min_(group["delta"])
+            out[p] = (
+                root < group["delta"] * root_bc2
+                if sgd_mask
+                else root.div_(root_bc2).clamp_min_(group["delta"])
+            )
         return out
+
 
 def _options(group: dict[str, Any]) -> dict[str, Any]:
     """The keyword arguments of the update functions, read from a param group."""
     wd = group["weight_decay"]
-    return dict(lr=group["lr"], betas=group["betas"], delta=group["delta"], amsgrad=group["amsgrad"],
-                clip=group["clip"],
-                decay=1.0 - wd * (1.0 if group["fixed_decay"] else group["lr"])
-                if wd != 0 and group["weight_decouple"] else None,
-                l2=wd if wd != 0 and not group["weight_decouple"] else 0.0)
+    return dict(
+        lr=group["lr"],
+        betas=group["betas"],
+        delta=group["delta"],
+        amsgrad=group["amsgrad"],
+        clip=group["clip"],
+        decay=1.0 - wd * (1.0 if group["fixed_decay"] else group["lr"])
+        if wd != 0 and group["weight_decouple"]
+        else None,
+        l2=wd if wd != 0 and not group["weight_decouple"] else 0.0,
+    )
 
 
-def _single_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                       exp_avg_diff_sqs: list[Tensor], second_moments: list[Tensor], steps: list[int], *,
-                       lr: float, betas: tuple[float, float], delta: float, amsgrad: bool, clip: float | None,
-                       decay: float | None, l2: float, work: Scratch) -> None:
-    """One tensor at a time; temporaries in ``work``. ``second_moments`` is B (b, or its running max)."""
+def _single_tensor_agd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_diff_sqs: list[Tensor],
+    second_moments: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    delta: float,
+    amsgrad: bool,
+    clip: float | None,
+    decay: float | None,
+    l2: float,
+    work: Scratch,
+) -> None:
+    """AGD's update one tensor at a time; temporaries in ``work``.
+
+    ``second_moments`` is B (b, or its running max).
+    """
     beta1, beta2 = betas
-    for p, g, m, b, big_b, t in zip(params, grads, exp_avgs, exp_avg_diff_sqs, second_moments, steps):
+    for p, g, m, b, big_b, t in zip(
+        params, grads, exp_avgs, exp_avg_diff_sqs, second_moments, steps
+    ):
         c = _step_scalars(t, lr, beta1, beta2, delta)
         if decay is not None:
             p.mul_(decay)
         elif l2:
-            g = torch.add(g, p, alpha=l2, out=work.like(p, 1))           # L2 on a copy of the grad
-        s = torch.add(g, m, alpha=c.diff_coef, out=work.like(p, 0)) if c.diff_coef else g   # s_t / c_g
+            g = torch.add(g, p, alpha=l2, out=work.like(p, 1))  # L2 on a copy of the grad
+        s = (
+            torch.add(g, m, alpha=c.diff_coef, out=work.like(p, 0)) if c.diff_coef else g
+        )  # s_t / c_g
         m.lerp_(g, 1.0 - beta1)
         b.mul_(beta2).addcmul_(s, s, value=c.sq_coef)
         if amsgrad:
@@ -183,18 +329,33 @@ def _single_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list
             p.add_(torch.div(m, denom, out=denom).clamp_(-clip, clip), alpha=-c.step_size)
 
 
-def _multi_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor],
-                      exp_avg_diff_sqs: list[Tensor], second_moments: list[Tensor], steps: list[int], *,
-                      lr: float, betas: tuple[float, float], delta: float, amsgrad: bool, clip: float | None,
-                      decay: float | None, l2: float, work: Scratch) -> None:
+def _multi_tensor_agd(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_diff_sqs: list[Tensor],
+    second_moments: list[Tensor],
+    steps: list[int],
+    *,
+    lr: float,
+    betas: tuple[float, float],
+    delta: float,
+    amsgrad: bool,
+    clip: float | None,
+    decay: float | None,
+    l2: float,
+    work: Scratch,
+) -> None:
     """The same update with ``torch._foreach_*``, per device, dtype and step count."""
     beta1, beta2 = betas
     buckets: dict[tuple, list[int]] = defaultdict(list)
     for i, (p, t) in enumerate(zip(params, steps)):
         buckets[(p.device, p.dtype, t)].append(i)
     for (_, _, t), rows in buckets.items():
-        ps, gs, ms, bs, big_bs = ([xs[i] for i in rows] for xs in (params, grads, exp_avgs, exp_avg_diff_sqs,
-                                                                    second_moments))
+        ps, gs, ms, bs, big_bs = (
+            [xs[i] for i in rows]
+            for xs in (params, grads, exp_avgs, exp_avg_diff_sqs, second_moments)
+        )
         c = _step_scalars(t, lr, beta1, beta2, delta)
         if decay is not None:
             torch._foreach_mul_(ps, decay)
@@ -217,8 +378,18 @@ def _multi_tensor_agd(params: list[Tensor], grads: list[Tensor], exp_avgs: list[
             torch._foreach_add_(ps, ratios, alpha=-c.step_size)
 
 
-def _agd_kernel(p: Tensor, g: Tensor, m: Tensor, b: Tensor, b_max: Tensor | None, c: Tensor, *,
-                decoupled: bool, coupled: bool, clipped: bool) -> None:
+def _agd_kernel(
+    p: Tensor,
+    g: Tensor,
+    m: Tensor,
+    b: Tensor,
+    b_max: Tensor | None,
+    c: Tensor,
+    *,
+    decoupled: bool,
+    coupled: bool,
+    clipped: bool,
+) -> None:
     """The update of ``_single_tensor_agd`` for one tensor, written for ``torch.compile``."""
     diff_coef, sq_coef, threshold, step_size, beta1, beta2, decay, l2, clip = c.to(p.dtype).unbind()
     if decoupled:
@@ -244,20 +415,47 @@ def _agd_group(tensors: list[tuple[Tensor | None, ...]], scalars: Tensor, **flag
 _AGD_KERNEL = FusedKernel(_agd_group, "AGD")
 
 
-def _fused_agd(group: dict[str, Any], params: list[Tensor], states: list[dict]) -> tuple[list[Tensor], list[dict]]:
-    """The group's dense, contiguous tensors updated in one compiled call; returns the (params, states) left for
-    the eager path (all of them when no kernel is available)."""
+def _fused_agd(
+    group: dict[str, Any], params: list[Tensor], states: list[dict]
+) -> tuple[list[Tensor], list[dict]]:
+    """Update the group's dense, contiguous tensors in one compiled call.
+
+    Returns:
+        The (params, states) left for the eager path (all of them when no kernel is available).
+    """
     o = _options(group)
     beta1, beta2 = o["betas"]
     decay, l2, clip, amsgrad = o["decay"], o["l2"], o["clip"], o["amsgrad"]
 
     def tensors_of(p: Tensor, s: dict) -> tuple[Tensor | None, ...]:
-        return p, p.grad, s["exp_avg"], s["exp_avg_diff_sq"], s["max_exp_avg_diff_sq"] if amsgrad else None
+        return (
+            p,
+            p.grad,
+            s["exp_avg"],
+            s["exp_avg_diff_sq"],
+            s["max_exp_avg_diff_sq"] if amsgrad else None,
+        )
 
     def row_of(t: int) -> tuple[float, ...]:
         c = _step_scalars(t, o["lr"], beta1, beta2, o["delta"])
-        return (c.diff_coef, c.sq_coef, c.threshold, c.step_size, beta1, beta2, 1.0 if decay is None else decay, l2,
-                0.0 if clip is None else clip)
+        return (
+            c.diff_coef,
+            c.sq_coef,
+            c.threshold,
+            c.step_size,
+            beta1,
+            beta2,
+            1.0 if decay is None else decay,
+            l2,
+            0.0 if clip is None else clip,
+        )
 
-    return _AGD_KERNEL.update(params, states, tensors_of, row_of,
-                              decoupled=decay is not None, coupled=bool(l2), clipped=clip is not None)
+    return _AGD_KERNEL.update(
+        params,
+        states,
+        tensors_of,
+        row_of,
+        decoupled=decay is not None,
+        coupled=bool(l2),
+        clipped=clip is not None,
+    )

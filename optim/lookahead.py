@@ -1,4 +1,5 @@
-"""Lookahead (Zhang, Lucas, Hinton, Ba; NeurIPS 2019), and the slow-weight swap it shares with SALA."""
+"""Lookahead (Zhang, Lucas, Hinton, Ba; NeurIPS 2019), and the slow-weight swap SALA shares."""
+
 from __future__ import annotations
 
 import contextlib
@@ -8,9 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._two_pass import grouped
+from ._base import Closure, WrapperOptimizer, grouped
 from ._validation import check_int, check_number
-from .wrapper import Closure, WrapperOptimizer
 
 
 @contextlib.contextmanager
@@ -39,25 +39,43 @@ def check_alpha(alpha: Any) -> float:
 
 
 class Lookahead(WrapperOptimizer):
-    """Lookahead over an already-built base optimizer (the paper's Algorithm 1)::
+    r"""Lookahead over an already-built base optimizer (Zhang et al. 2019, Algorithm 1).
 
-        phi_0 = theta_0
-        for t = 1, 2, ...:
-            theta_{t,0} = phi_{t-1}
-            theta_{t,i} = theta_{t,i-1} + A(L, theta_{t,i-1}, minibatch)     i = 1..k, base optimizer A
-            phi_t = phi_{t-1} + alpha (theta_{t,k} - phi_{t-1})
+    With inner optimizer $A$ (the base optimizer), slow weights $\phi$ and fast weights
+    $\theta$:
 
-    The base optimizer's state is kept across cycles (the paper's "maintain" option). Param-group key
-    ``lookahead_alpha``; per-parameter state ``slow`` (phi). ``step(closure)`` passes the closure to the
-    base optimizer (one pass for SGD/Adam); ``step()`` after the caller's own backward also works.
-    ``slow_weights()`` swaps phi in for evaluation. Counters: ``n_steps``, ``n_closure_calls``.
+    $$
+    \begin{aligned}
+    &\phi_0 = \theta_0\\
+    &\text{for } t = 1, 2, \ldots:\\
+    &\qquad \theta_{t,0} = \phi_{t-1}\\
+    &\qquad \theta_{t,i} = \theta_{t,i-1} + A(L, \theta_{t,i-1}, d), \qquad i = 1, \ldots, k\\
+    &\qquad \phi_t = \phi_{t-1} + \alpha\, (\theta_{t,k} - \phi_{t-1})
+    \end{aligned}
+    $$
+
+    The base optimizer's state is kept across cycles (the paper's "maintain" option).
+    Param-group key ``lookahead_alpha``; per-parameter state ``slow`` ($\phi$).
+    ``slow_weights()`` swaps $\phi$ in for evaluation. Counters: ``n_steps``,
+    ``n_closure_calls``.
+
+    Args:
+        base_optimizer: An already-built ``torch.optim.Optimizer``; its ``param_groups`` are
+            shared.
+        k: The number of inner steps per slow update, >= 1.
+        alpha: The slow step $\alpha \in (0, 1]$.
+
+    Raises:
+        ArgumentTypeError: an argument of the wrong kind.
+        ValueError: an argument outside its range.
     """
 
     _state_keys = frozenset({"slow"})
 
     def __init__(self, base_optimizer: Optimizer, k: int = 5, alpha: float = 0.5):
-        super().__init__(base_optimizer, dict(lookahead_alpha=check_alpha(alpha)))
-        self.k = check_int("k", k, low=1)
+        alpha, k = check_alpha(alpha), check_int("k", k, low=1)   # before touching the base
+        super().__init__(base_optimizer, dict(lookahead_alpha=alpha))
+        self.k = k
         for group in self.param_groups:
             self._init_group(group)
 
@@ -68,22 +86,46 @@ class Lookahead(WrapperOptimizer):
                 self.state[p]["slow"] = p.detach().clone(memory_format=torch.preserve_format)
         return [self.state[p]["slow"] for p in group["params"]]
 
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """Every parameter has slow weights from construction on."""
+        return frozenset({"slow"})
+
     def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group to the base optimizer, with slow weights phi = theta.
+
+        Args:
+            param_group: As for ``torch.optim.Optimizer.add_param_group``.
+        """
         super().add_param_group(param_group)
         if "base_optimizer" in self.__dict__:
             self._init_group(param_group)
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:
+        """One inner step of the base optimizer; every k-th step also the slow update.
+
+        Args:
+            closure: Passed to the base optimizer's ``step`` (one pass for SGD/Adam); without
+                it, ``step()`` follows the caller's own backward.
+
+        Returns:
+            What the base optimizer's step returns (the closure's loss).
+        """
         loss = self.base_optimizer.step(None if closure is None else self._counted(closure))
         self.n_steps += 1
         if self.n_steps % self.k == 0:
             for group in self.param_groups:
                 for ps, ss in grouped(group["params"], self._init_group(group)):
-                    torch._foreach_lerp_(ss, ps, group["lookahead_alpha"])  # phi += alpha (theta - phi)
+                    # phi += alpha (theta - phi)
+                    torch._foreach_lerp_(ss, ps, group["lookahead_alpha"])
                     torch._foreach_copy_(ps, ss)  # theta <- phi
         return loss
 
     def slow_weights(self) -> contextlib.AbstractContextManager:
-        """Context manager: the parameters hold the slow weights inside, the fast ones after."""
+        """Swap the slow weights in, for evaluation.
+
+        Returns:
+            A context manager: the parameters hold the slow weights inside, the fast ones after.
+        """
         return swapped_slow_weights([(p, self.state[p]["slow"]) for p in self._params()])

@@ -1,5 +1,8 @@
-"""SALA: Sharpness-Aware Lookahead (Tan, Zhang, Liu, Gong; IEEE TPAMI 2024, doi 10.1109/TPAMI.2024.3444002),
-as its authors' code (cltan023/sala2023) behaves."""
+"""SALA: Sharpness-Aware Lookahead (Tan, Zhang, Liu, Gong; IEEE TPAMI 2024).
+
+doi 10.1109/TPAMI.2024.3444002; as its authors' code (cltan023/sala2023) behaves.
+"""
+
 from __future__ import annotations
 
 import contextlib
@@ -10,51 +13,85 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._two_pass import SAM_EPS, GradGuard, ascend_, first_pass, grouped, perturbation_norm
-from ._validation import check_int, check_model, check_nonnegative
+from ._base import (Closure, WrapperOptimizer, check_in_dtype, grouped, optimizer_params,
+                    param_dtype)
+from ._sam_base import (SAM_EPS, GradGuard, ascend_, batchnorm_buffers, first_pass, grad_changed,
+                        grad_marks, perturbation_norm, require_gradients, restore_buffers)
+from ._validation import check_int, check_model, check_nonnegative, keyword_only
 from .lookahead import check_alpha, swapped_slow_weights
-from .wrapper import Closure, WrapperOptimizer
 
 
 class SALA(WrapperOptimizer):
-    """Sharpness-Aware Lookahead over an already-built base optimizer.
+    r"""Sharpness-Aware Lookahead over an already-built base optimizer (Tan et al. 2024).
 
-    The paper's two stages (its abstract: stage 1 steers along a quadratic approximation of the trajectory
-    at no extra cost, stage 2 takes SAM steps; the steps as in the authors' code), with a global step
-    counter s, slow weights phi and the fast-slow distance D (0 until the first slow update)::
+    The paper's two stages (its abstract: stage 1 steers along a quadratic approximation of the
+    trajectory at no extra cost, stage 2 takes SAM steps), the steps as in the authors' code,
+    with a global step counter $s$, slow weights $\phi$, fast weights $\theta$ and the fast-slow
+    distance $D$ (0 until the first slow update):
 
-        s <- s + 1;  g = grad L(theta)
-        if s % k == 0:                                  first inner step of a cycle
-            if D < rho:                                 stage 2: a SAM step
-                theta <- theta + rho g_G / (||g_G||_2 + 1e-12)    one norm per param group G
-                g = grad L(theta)                       (BatchNorm statistics are not frozen)
-            theta <- phi                                stage 1: g is from the old fast weights
-        theta <- base.step(theta, g)                    base state kept throughout
-        if s % k == k - 1:                              slow update (phi = theta at the first one)
-            phi <- phi + alpha (theta - phi)
-            D = ||theta - phi||  = (1 - alpha) ||theta - phi_old||   (per group, then combined)
-            if D < rho:  theta <- phi
+    $$
+    \begin{aligned}
+    &s \leftarrow s + 1, \quad g = \nabla L(\theta)\\
+    &\text{if } s \bmod k = 0 \text{ (first inner step of a cycle):}\\
+    &\qquad \text{if } D < \rho \text{ (stage 2, a SAM step):} \quad
+      \theta \leftarrow \theta + \rho\, g_G / (\lVert g_G \rVert_2 + 10^{-12})
+      \text{ per param group } G, \quad g = \nabla L(\theta)\\
+    &\qquad \theta \leftarrow \phi
+      \qquad\text{(stage 1: } g \text{ is from the old fast weights)}\\
+    &\theta \leftarrow \mathrm{base\_step}(\theta, g)
+      \qquad\text{(base state kept throughout)}\\
+    &\text{if } s \bmod k = k - 1 \text{ (slow update; } \phi = \theta
+      \text{ at the first one):}\\
+    &\qquad \phi \leftarrow \phi + \alpha (\theta - \phi), \quad
+      D = \lVert \theta - \phi \rVert = (1 - \alpha) \lVert \theta - \phi_{\text{old}} \rVert
+      \text{ (per group, then combined)}\\
+    &\qquad \text{if } D < \rho: \ \theta \leftarrow \phi
+    \end{aligned}
+    $$
 
-    Param-group keys ``sala_alpha`` and ``sala_rho`` (the SAM radius); the stage threshold is the
-    ``rho`` given at construction (one hyperparameter in the authors' code). Per-parameter state
-    ``slow``. Attributes: ``stage`` (1 or 2), ``distance``, counters ``n_steps`` and ``n_closure_calls``
-    (one pass per step, two on SAM steps: 1 + 1/k in stage 2). ``k >= 2``: with k = 1 the authors'
-    code would move to slow weights that do not exist yet.
+    BatchNorm statistics are not frozen in the SAM pass (the authors' code does not). Param-group
+    keys ``sala_alpha`` and ``sala_rho`` (the SAM radius); the stage threshold is the ``rho``
+    given at construction (one hyperparameter in the authors' code). Per-parameter state
+    ``slow``. Attributes: ``stage`` (1 or 2), ``distance``, counters ``n_steps`` and
+    ``n_closure_calls`` (one pass per step, two on SAM steps: $1 + 1/k$ in stage 2).
+
+    Args:
+        base_optimizer: An already-built ``torch.optim.Optimizer``; its ``param_groups`` are
+            shared.
+        k: The sync period, >= 2 (with k = 1 the authors' code would move to slow weights
+            that do not exist yet).
+        alpha: The slow step $\alpha \in (0, 1]$.
+        rho: The SAM radius and stage threshold $\rho \ge 0$.
+        model: Keyword-only (positional is deprecated). The model, for DDP ``no_sync()`` in the
+            first pass of a SAM step; None otherwise.
+
+    Raises:
+        ArgumentTypeError: an argument of the wrong kind.
+        ValueError: an argument outside its range.
     """
 
     _counter_names = ("n_steps", "n_closure_calls", "distance")
     _state_keys = frozenset({"slow"})
-    _step_supports_amp_scaling = True   # so that GradScaler.step reaches the error in step()
+    _step_supports_amp_scaling = True  # so that GradScaler.step reaches the error in step()
 
-    def __init__(self, base_optimizer: Optimizer, k: int = 5, alpha: float = 0.8, rho: float = 0.05,
-                 model: nn.Module | None = None):
+    @keyword_only("model")
+    def __init__(self, base_optimizer: Optimizer, k: int = 5, alpha: float = 0.8,
+                 rho: float = 0.05, *, model: nn.Module | None = None):
         defaults = dict(sala_alpha=check_alpha(alpha), sala_rho=check_nonnegative("rho", rho))
+        check_in_dtype("rho", defaults["sala_rho"], optimizer_params(base_optimizer),
+                       dtype_of=param_dtype)
+        k = check_int("k", k, low=2)
+        model = check_model("model", model)   # all checked before the base's groups are touched
         super().__init__(base_optimizer, defaults)
-        self.k = check_int("k", k, low=2)
-        self.rho = defaults["sala_rho"]
-        self.model = check_model("model", model)
+        self.k, self.rho, self.model = k, defaults["sala_rho"], model
         self.distance = 0.0
         self._guard = GradGuard()
+
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """Slow weights are created for every parameter at once: all or none."""
+        started = any("slow" in e for e in state_dict["state"].values())
+        return frozenset({"slow"}) if started else frozenset()
 
     @property
     def stage(self) -> int:
@@ -67,50 +104,99 @@ class SALA(WrapperOptimizer):
 
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
-        """One SALA step; ``closure`` is called once, twice on the SAM steps of stage 2."""
+        """One SALA step.
+
+        On any exception in a pass (a KeyboardInterrupt, an out-of-memory error), the weights,
+        BatchNorm statistics and step counter are put back as the step found them, the
+        gradients are cleared, and the exception propagates.
+
+        Args:
+            closure: Clears the gradients, computes the loss, calls ``backward()`` and returns
+                the loss; called once, twice on the SAM steps of stage 2. Do not call
+                ``backward()`` before ``step``.
+            grad_scaler: Not supported (raises).
+
+        Returns:
+            The loss at the weights the step started from.
+
+        Raises:
+            ValueError: ``closure`` is None.
+            NotImplementedError: a GradScaler is used.
+            RuntimeError: gradients were already accumulated before the step, or a call of
+                the closure produced no gradients.
+        """
         if closure is None:
             raise ValueError("SALA.step() needs a closure (it evaluates the gradient itself)")
         if grad_scaler is not None or getattr(self, "grad_scale", None) is not None:
-            raise NotImplementedError("SALA does not support torch.amp.GradScaler: its closure's scaled "
-                                      "gradients would reach the base optimizer; train SALA in float32 or "
-                                      "bfloat16 autocast without a scaler")
+            raise NotImplementedError(
+                "SALA does not support torch.amp.GradScaler: its closure's scaled "
+                "gradients would reach the base optimizer; train SALA in float32 or "
+                "bfloat16 autocast without a scaler"
+            )
         self._guard.check("SALA", self._params())
-        closure = self._counted(closure)
+        saved = batchnorm_buffers(self.model)
+        weights: list[tuple[Tensor, Tensor]] = []   # the weights before a SAM ascent
         self.n_steps += 1
-        cycle_start = self.n_steps % self.k == 0
-        sam_step = cycle_start and self.stage == 2
-        with first_pass(self.model) if sam_step else contextlib.nullcontext():
-            loss = closure()
-        if sam_step:
-            self._sam_ascent()
+        try:
+            loss = self._passes(self._counted(closure), weights)
+        except BaseException:
+            self.n_steps -= 1
+            restore_buffers(weights + saved)
             self.zero_grad()
-            closure()
-        if cycle_start:
-            self._to_slow()
+            raise
+        finally:
+            self._guard.remember(self._params())
         self.base_optimizer.step()
         if self.n_steps % self.k == self.k - 1:
             self._update_slow()
             if self.stage == 2:
                 self._to_slow()
-        self._guard.remember(self._params())
+        return loss
+
+    def _passes(self, closure: Closure, weights: list[tuple[Tensor, Tensor]]) -> Tensor:
+        """The closure calls of a step and, on a SAM step, the ascent between them.
+
+        The parameters then hold the point the base optimizer steps from. ``weights`` receives
+        (parameter, copy) pairs of the weights before an ascent.
+        """
+        params = self._params()
+        marks = grad_marks(params)
+        cycle_start = self.n_steps % self.k == 0
+        sam_step = cycle_start and self.stage == 2
+        with first_pass(self.model) if sam_step else contextlib.nullcontext():
+            loss = closure()
+        require_gradients("SALA", any(grad_changed(p, m) for p, m in zip(params, marks)),
+                          "first")
+        if sam_step:
+            weights.extend((p, p.detach().clone()) for p in params if p.grad is not None)
+            self._sam_ascent()
+            self.zero_grad()
+            closure()
+            require_gradients("SALA", any(p.grad is not None for p in params), "second")
+        if cycle_start:
+            self._to_slow()
         return loss
 
     def _sam_ascent(self) -> None:
-        """theta_p += rho_G grad_p / (||grads of group G||_2 + 1e-12), per param group G."""
+        """Ascend: theta_p += rho_G grad_p / (||grads of group G||_2 + 1e-12), per group G."""
         for group in self.param_groups:
             params = self._init_group(group)
             if params:
-                ascend_(params, [p.grad for p in params], group["sala_rho"] / (perturbation_norm(params) + SAM_EPS))
+                ascend_(
+                    params,
+                    [p.grad for p in params],
+                    group["sala_rho"] / (perturbation_norm(params) + SAM_EPS),
+                )
 
     def _to_slow(self) -> None:
-        """theta <- phi for every parameter with a gradient."""
+        """Move to the slow weights: theta <- phi for every parameter with a gradient."""
         for group in self.param_groups:
             params = self._init_group(group)
             for ps, ss in grouped(params, [self.state[p]["slow"] for p in params]):
                 torch._foreach_copy_(ps, ss)
 
     def _update_slow(self) -> None:
-        """phi += alpha (theta - phi) (phi created as theta on first use); sets ``distance``."""
+        """Slow update phi += alpha (theta - phi) (phi = theta on first use); sets ``distance``."""
         squares = []
         for group in self.param_groups:
             params = group["params"]
@@ -120,12 +206,20 @@ class SALA(WrapperOptimizer):
             group_sq = 0.0
             for ps, ss in grouped(params, [self.state[p]["slow"] for p in params]):
                 diffs = torch._foreach_sub(ps, ss)
-                group_sq += float(torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float64)).square().sum())
+                group_sq += float(
+                    torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float64)).square().sum()
+                )
                 torch._foreach_add_(ss, diffs, alpha=group["sala_alpha"])
             squares.append((math.sqrt(group_sq) * (1.0 - group["sala_alpha"])) ** 2)
         self.distance = math.sqrt(sum(squares))
 
     def slow_weights(self) -> contextlib.AbstractContextManager:
-        """Context manager: the parameters hold the slow weights inside (the fast ones before the
-        first slow update, when there are no slow weights yet) and the fast ones after."""
-        return swapped_slow_weights([(p, self.state[p]["slow"]) for p in self._params() if "slow" in self.state[p]])
+        """Swap the slow weights in, for evaluation.
+
+        Returns:
+            A context manager: the parameters hold the slow weights inside (the fast ones before
+            the first slow update, when there are no slow weights yet) and the fast ones after.
+        """
+        return swapped_slow_weights(
+            [(p, self.state[p]["slow"]) for p in self._params() if "slow" in self.state[p]]
+        )

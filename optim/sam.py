@@ -1,5 +1,7 @@
-"""SAM: Sharpness-Aware Minimization (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021), with the adaptive
-ascent of ASAM (Kwon, Kim, Park, Choi; ICML 2021)."""
+"""SAM: Sharpness-Aware Minimization (Foret, Kleiner, Mobahi, Neyshabur; ICLR 2021).
+
+With the adaptive ascent of ASAM (Kwon, Kim, Park, Choi; ICML 2021).
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,32 +9,57 @@ from typing import Any
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._two_pass import TwoPassOptimizer
-from ._validation import check_bool, check_nonnegative
-from .wrapper import WrapperOptimizer
+from ._base import WrapperOptimizer, check_in_dtype, optimizer_params, param_dtype
+from ._sam_base import TwoPassOptimizer
+from ._validation import check_bool, check_model, check_nonnegative, keyword_only
 
 
 class SAM(TwoPassOptimizer, WrapperOptimizer):
-    """Sharpness-Aware Minimization over an already-built base optimizer.
+    r"""Sharpness-Aware Minimization over an already-built base optimizer.
 
-    Foret et al., eq. (2) with the p = 2 solution of the inner maximisation; ASAM's scaled ascent::
+    Foret et al. (2021), eq. (2) with the $p = 2$ solution of the inner maximisation (their
+    Algorithm 1), and ASAM's scaled ascent (Kwon et al. 2021):
 
-        g   = grad L_B(w)
-        e   = rho * g / (||g||_2 + 1e-12)             ASAM: rho * w^2 g / (|| |w| g ||_2 + 1e-12)
-        g~  = grad L_B(w + e)                          same minibatch B
-        w   <- base_optimizer.step(w, g~)
+    $$
+    \begin{aligned}
+    g_t &= \nabla L_B(w_t)\\
+    e_t &= \rho\, \frac{g_t}{\lVert g_t \rVert_2 + 10^{-12}}
+      \qquad\text{(ASAM: } \rho\, \frac{w_t^2 \odot g_t}
+      {\lVert |w_t| \odot g_t \rVert_2 + 10^{-12}}\text{)}\\
+    \tilde g_t &= \nabla L_B(w_t + e_t) \qquad\text{(the same minibatch } B\text{)}\\
+    w_{t+1} &= \mathrm{base\_step}(w_t, \tilde g_t)
+    \end{aligned}
+    $$
 
-    The norm is global over all param groups. Hyperparameters live in the param groups as ``sam_rho``
-    and ``sam_adaptive``. With ``model=``, BatchNorm statistics are frozen during the perturbed pass and
-    the first pass runs under ``no_sync()`` when ``model`` is DistributedDataParallel (m-sharpness).
-    ``rho = 0`` is the base optimizer. Counters: ``n_steps``, ``n_closure_calls`` (2 per step).
+    The norm is global over all param groups. Hyperparameters live in the param groups as
+    ``sam_rho`` and ``sam_adaptive``. With ``model=``, BatchNorm statistics are frozen during the
+    perturbed pass and the first pass runs under ``no_sync()`` when ``model`` is
+    DistributedDataParallel (m-sharpness). ``rho = 0`` is the base optimizer. Counters:
+    ``n_steps``, ``n_closure_calls`` (2 per step).
+
+    Args:
+        base_optimizer: An already-built ``torch.optim.Optimizer`` (SGD, Adam, AGD, ...); its
+            ``param_groups`` are shared.
+        rho: The radius $\rho \ge 0$ of the ascent.
+        adaptive: ASAM's scale-invariant ascent.
+        model: Keyword-only (positional is deprecated). The model, for BatchNorm freezing and
+            DDP ``no_sync()``; None for neither.
+
+    Raises:
+        ArgumentTypeError: an argument of the wrong kind.
+        ValueError: ``rho`` < 0 or not finite.
     """
 
     _state_keys = frozenset({"origin"})
 
-    def __init__(self, base_optimizer: Optimizer, rho: float = 0.05, adaptive: bool = False,
+    @keyword_only("model")
+    def __init__(self, base_optimizer: Optimizer, rho: float = 0.05, adaptive: bool = False, *,
                  model: nn.Module | None = None):
-        defaults = dict(sam_rho=check_nonnegative("rho", rho), sam_adaptive=check_bool("adaptive", adaptive))
+        defaults = dict(sam_rho=check_nonnegative("rho", rho),
+                        sam_adaptive=check_bool("adaptive", adaptive))
+        check_in_dtype("rho", defaults["sam_rho"], optimizer_params(base_optimizer),
+                       dtype_of=param_dtype)
+        check_model("model", model)   # everything checked before the base's groups are touched
         super().__init__(base_optimizer, defaults)
         self._set_model(model)
 

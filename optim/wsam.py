@@ -1,4 +1,7 @@
-"""WSAM: Weighted Sharpness-Aware Minimization (Yue, Jiang, Ye, Gao, Liu, Zhang; KDD 2023, arXiv 2305.15817)."""
+"""WSAM: Weighted Sharpness-Aware Minimization (Yue, Jiang, Ye, Gao, Liu, Zhang; KDD 2023).
+
+arXiv 2305.15817.
+"""
 from __future__ import annotations
 
 from typing import Any
@@ -7,51 +10,88 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
-from ._two_pass import TwoPassOptimizer, all_reduce_mean_, grouped
-from ._validation import check_bool, check_nonnegative, check_optional_positive, check_probability
-from .wrapper import WrapperOptimizer
+from ._base import WrapperOptimizer, check_in_dtype, grouped, optimizer_params, param_dtype
+from ._sam_base import TwoPassOptimizer, all_reduce_mean_
+from ._validation import (check_bool, check_model, check_nonnegative, check_optional_positive,
+                          check_probability, keyword_only)
 
 
 class WSAM(TwoPassOptimizer, WrapperOptimizer):
-    """Weighted SAM over an already-built base optimizer (SGD, Adam, AGD, ...).
+    r"""Weighted SAM over an already-built base optimizer (SGD, Adam, AGD, ...).
 
-    Minimises L(w) + a (max_{||e|| <= rho} L(w + e) - L(w)), a = gamma / (1 - gamma) (the paper's eq. (3);
-    its Algorithm 1, with the decoupled update the paper recommends)::
+    Yue et al. (KDD 2023) minimise, with $a = \gamma / (1 - \gamma)$ (their eq. (3)),
+    $L(w) + a \bigl(\max_{\lVert e \rVert \le \rho} L(w + e) - L(w)\bigr)$. Their Algorithm 1,
+    with the decoupled update the paper recommends:
 
-        g   = grad L_B(w)                    (per rank under DDP, then averaged over ranks; clipped)
-        e   = rho * g / (||g||_2 + 1e-12)     (adaptive: as ASAM)
-        g~  = grad L_B(w + e)                 (clipped)
-        coupled:    w <- base.step(w, g + a (g~ - g))
-        decoupled:  w <- base.step(w, g);  w <- w - lr * a * (g~ - g)     (default)
+    $$
+    \begin{aligned}
+    g_t &= \nabla L_B(w_t) \qquad\text{(per rank under DDP, then averaged; clipped)}\\
+    e_t &= \rho\, g_t / (\lVert g_t \rVert_2 + 10^{-12}) \qquad\text{(adaptive: as ASAM)}\\
+    \tilde g_t &= \nabla L_B(w_t + e_t) \qquad\text{(clipped)}\\
+    \text{coupled:}\quad w_{t+1} &= \mathrm{base\_step}\bigl(w_t,\ g_t + a(\tilde g_t - g_t)\bigr)\\
+    \text{decoupled:}\quad w_{t+1} &= \mathrm{base\_step}(w_t, g_t)
+      - \eta_t\, a\, (\tilde g_t - g_t) \qquad\text{(default)}
+    \end{aligned}
+    $$
 
-    gamma = 0 is the base optimizer; gamma = 0.5 coupled is SAM. ``max_norm`` clips g (after the
-    average over ranks) and g~ as ``clip_grad_norm_`` does, as the authors' atorch code does since Dec 2023.
+    with $\eta_t$ the group's current ``lr``. $\gamma = 0$ is the base optimizer;
+    $\gamma = 0.5$ coupled is SAM. ``max_norm`` clips $g$ (after the average over ranks) and
+    $\tilde g$ as ``clip_grad_norm_`` does, as the authors' atorch code does since Dec 2023.
 
-    Param-group keys: ``sam_rho``, ``sam_adaptive``, ``wsam_alpha`` (= a). Per-parameter state: ``origin``
-    (w during the perturbed pass), ``grad`` (g) and ``sharpness`` (g~ - g of the last step). Counters:
-    ``n_steps``, ``n_closure_calls`` (2 per step).
+    Param-group keys: ``sam_rho``, ``sam_adaptive``, ``wsam_alpha`` ($= a$). Per-parameter
+    state: ``origin`` ($w$ during the perturbed pass), ``grad`` ($g$) and ``sharpness``
+    ($\tilde g - g$ of the last step). Counters: ``n_steps``, ``n_closure_calls`` (2 per step).
+
+    Args:
+        base_optimizer: An already-built ``torch.optim.Optimizer``; its ``param_groups`` are
+            shared.
+        rho: The radius $\rho \ge 0$.
+        gamma: The weight $\gamma \in [0, 1)$ of the sharpness term.
+        adaptive: ASAM's scale-invariant ascent.
+        decouple: Apply the sharpness gradient as a plain SGD step outside the base optimizer.
+        max_norm: Clip each pass's gradient to this global norm (None: no clipping).
+        model: Keyword-only (positional is deprecated). The model, for BatchNorm freezing and
+            DDP ``no_sync()``; None for neither.
+
+    Raises:
+        ArgumentTypeError: an argument of the wrong kind.
+        ValueError: an argument outside its range.
     """
 
     _state_keys = frozenset({"origin", "grad", "sharpness"})
 
+    @keyword_only("model")
     def __init__(self, base_optimizer: Optimizer, rho: float = 0.05, gamma: float = 0.9,
                  adaptive: bool = False, decouple: bool = True, max_norm: float | None = None,
-                 model: nn.Module | None = None):
+                 *, model: nn.Module | None = None):
         gamma = check_probability("gamma", gamma, high_open=True)
-        defaults = dict(sam_rho=check_nonnegative("rho", rho), sam_adaptive=check_bool("adaptive", adaptive),
+        defaults = dict(sam_rho=check_nonnegative("rho", rho),
+                        sam_adaptive=check_bool("adaptive", adaptive),
                         wsam_alpha=gamma / (1.0 - gamma))
+        check_in_dtype("rho", defaults["sam_rho"], optimizer_params(base_optimizer),
+                       dtype_of=param_dtype)
+        decouple = check_bool("decouple", decouple)
+        max_norm = check_optional_positive("max_norm", max_norm)
+        check_model("model", model)   # everything checked before the base's groups are touched
         super().__init__(base_optimizer, defaults)
-        self.decouple = check_bool("decouple", decouple)
-        self.max_norm = check_optional_positive("max_norm", max_norm)
+        self.decouple, self.max_norm = decouple, max_norm
         self._set_model(model)
+
+    def _required_state(self, index: int, entry: dict[str, Any],
+                        state_dict: dict[str, Any]) -> frozenset[str]:
+        """A parameter with a sharpness term needs the plain gradient it came from."""
+        required = super()._required_state(index, entry, state_dict)
+        needs_grad = "sharpness" in entry or "origin" in required   # or perturbed when saved
+        return required | {"grad"} if needs_grad else required
 
     def _clip(self) -> None:
         """``clip_grad_norm_`` over all parameters with a gradient (no-op without ``max_norm``)."""
         if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self._params() if p.grad is not None], self.max_norm)
+            torch.nn.utils.clip_grad_norm_([p for p in self._params() if p.grad is not None],
+                                           self.max_norm)
 
     def _store_plain(self, params: list[Tensor]) -> None:
-        """g averaged over ranks (the first pass was local), clipped, kept in ``state[p]["grad"]``."""
+        """Keep g, averaged over ranks (the first pass was local) and clipped, in state."""
         all_reduce_mean_([p.grad for p in params])
         self._clip()
         for ps, gs in grouped(params, [self._buffer(p, "grad") for p in params]):
@@ -77,15 +117,22 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
 
     @torch.no_grad()
     def gradient_norms(self) -> dict[str, float]:
-        """Diagnostics of the last step: ``grad`` = ||g||, ``sharpness`` = ||g~ - g|| and their ``ratio``,
-        over all parameters (g after averaging and clipping). Empty before the first completed step.
-        Synchronises with the device only when called."""
+        r"""Diagnostics of the last step, over all parameters.
+
+        Synchronises with the device only when called.
+
+        Returns:
+            ``grad`` $= \lVert g \rVert$ (after averaging and clipping), ``sharpness``
+            $= \lVert \tilde g - g \rVert$ and their ``ratio``; empty before the first
+            completed step.
+        """
         states = [self.state[p] for p in self._params() if "sharpness" in self.state[p]]
         if self.n_steps == 0 or not states:
             return {}
         plain = _norm([s["grad"] for s in states])
         sharp = _norm([s["sharpness"] for s in states])
-        return {"grad": plain, "sharpness": sharp, "ratio": sharp / plain if plain > 0 else float("inf")}
+        ratio = sharp / plain if plain > 0 else float("inf")
+        return {"grad": plain, "sharpness": sharp, "ratio": ratio}
 
 
 def _norm(tensors: list[Tensor]) -> float:

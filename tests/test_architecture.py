@@ -119,12 +119,10 @@ def _cycles(graph):
     return out
 
 
-@pytest.mark.xfail(strict=True, reason="evaluate_points, worst_case_sharpness (issue 22)")
 def test_no_function_is_longer_than_the_limit():
     assert long_functions() == []
 
 
-@pytest.mark.xfail(strict=True, reason="core.guards <-> core.protocol (issue 22)")
 def test_no_import_cycle_also_not_through_function_local_imports():
     assert _cycles(import_graph()) == []
 

@@ -4,43 +4,53 @@ Modules, each holding one piece of the protocol:
 
 * ``protocol``: the loss/data protocol: ``LossFn``, ``supervised`` (which makes a
   ``Supervised`` loss), ``split_loss``, ``loss_reduction``, ``default_batch_size``,
-  ``check_data``, ``check_loss``, ``data_mean`` (the one sample-weighted reduction),
-  ``scalar_zeros`` and ``mean_loss``.
+  ``check_data``, ``check_loss``, ``data_mean`` (the one sample-weighted reduction)
+  and ``scalar_zeros``.
+* ``loss``: ``mean_loss``, the sample-weighted mean loss over data.
 * ``loss_module``: ``LossModule``, ``loss_fn(model, batch)`` as a module for
   ``torch.func.functional_call`` (the model's tensors swapped for the whole loss).
 * ``guards``: ``guarded``, the decorator of every public data routine (deterministic data,
   arguments that agree between ranks), ``is_guarded`` and ``repeated_passes``.
 * ``params``: ``select_params``, the ``params=`` argument of every routine.
 * ``flat``: ``flatten`` / ``unflatten`` of parameter-shaped tensor lists.
-* ``restore``: ``preserved`` (snapshot and exact restore of a model) and ``check_model_mode``.
+* ``restore``: ``preserved`` (snapshot and exact restore of a model).
 * ``seeding``: ``make_generator`` and seeded draws (``randn``, ``rademacher``, ``uniform``).
 * ``distributed``: ``all_reduce_sum_`` (the one all-reduce of results), ``all_reduce_max_``,
   ``check_same_on_ranks``, ``fingerprint``, ``broadcast_object``, ``rank``, ``world_size``,
   ``is_distributed``.
+* ``files``: the one atomic writer of every file (``atomic_write``: a unique temporary in the
+  target's folder, fsync, ``os.replace``), ``write_bytes`` / ``write_text`` / ``write_json`` /
+  ``write_npz`` / ``write_figure``, ``read_regular`` (never through a symbolic link),
+  ``file_sha256``, and ``temporaries`` / ``remove_temporaries`` (what a killed writer left).
 * ``results``: the result convention: ``make_metadata``, ``versions``, ``save_result`` /
   ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
 * ``compiled``: ``unwrap_compiled`` / ``refuse_compiled`` for ``torch.compile``'d modules.
 * ``precision``: ``working_dtype`` (float32 for bfloat16/float16) and ``product_eps``.
-* ``validation``: ``check_*(name, value, ...) -> value`` argument checks.
+* ``validation``: ``check_*(name, value, ...) -> value`` argument checks (``check_model_mode``
+  included), ``ArgumentTypeError`` and ``renamed_keywords``.
 """
 from .compiled import refuse_compiled, unwrap_compiled
 from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, check_same_on_ranks,
                           fingerprint, is_distributed, rank, world_size)
 from .guards import guarded, is_guarded, repeated_passes
+from .files import (atomic_write, file_sha256, read_regular, remove_temporaries, temporaries,
+                    write_bytes, write_figure, write_json, write_npz, write_text)
 from .flat import flatten, numel, unflatten
 from .loss_module import LossModule
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
-                       data_mean, default_batch_size, loss_reduction, mean_loss, scalar_zeros,
+                       data_mean, default_batch_size, loss_reduction, scalar_zeros,
                        split_loss, Supervised, supervised, to_device)
-from .restore import MODEL_MODES, check_model_mode, preserved
+from .loss import mean_loss
+from .restore import preserved
 from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
                       versions)
 from .seeding import make_generator, rademacher, randn, uniform
-from .validation import (ArgumentTypeError, all_finite, check_bool, check_choice, check_device,
-                         check_dtype, check_int, check_nonnegative, check_number, check_positive,
-                         check_probability, renamed_keywords)
+from .validation import (MODEL_MODES, ArgumentTypeError, all_finite, check_bool, check_choice,
+                         check_device, check_dtype, check_int, check_model_mode,
+                         check_nonnegative, check_number, check_positive, check_probability,
+                         renamed_keywords)
 
 __all__ = [
     # protocol
@@ -62,6 +72,9 @@ __all__ = [
     # distributed
     "all_reduce_sum_", "all_reduce_max_", "check_same_on_ranks", "fingerprint",
     "broadcast_object", "is_distributed", "rank", "world_size",
+    # files
+    "atomic_write", "write_bytes", "write_text", "write_json", "write_npz", "write_figure",
+    "read_regular", "file_sha256", "temporaries", "remove_temporaries",
     # results
     "make_metadata", "versions", "save_result", "load_result", "register_result",
     "records_metadata",

@@ -51,20 +51,31 @@ def all_reduce_sum_(tensors: Sequence[Tensor]) -> None:
 
     A no-op without a process group. The tensors are packed into one float64 buffer so that
     sums of many small tensors cost one message.
+
+    Args:
+        tensors: The tensors, overwritten with the sums.
     """
     _all_reduce_(tensors, dist.ReduceOp.SUM)
 
 
 def all_reduce_max_(tensors: Sequence[Tensor]) -> None:
-    """The elementwise maximum of ``tensors`` over all ranks, in place, in one collective call
-    (``-max(-x)`` is the minimum)."""
+    """The elementwise maximum of ``tensors`` over all ranks, in place, in one collective call.
+
+    ``-max(-x)`` is the minimum. A no-op without a process group.
+
+    Args:
+        tensors: The tensors, overwritten with the maxima.
+    """
     _all_reduce_(tensors, dist.ReduceOp.MAX)
 
 
 def _digest(value: Any, h) -> None:
-    """Feed a canonical encoding of ``value`` to the hash ``h``: numbers, strings, None,
-    tensors and arrays (shape, sum and sum of squares in float64), modules (their parameters)
-    and containers of these; other objects (callables) are not compared."""
+    """Feed a canonical encoding of ``value`` to the hash ``h``.
+
+    Numbers, strings, None, tensors and arrays (shape, sum and sum of squares in float64),
+    modules (their parameters) and containers of these; other objects (callables) are not
+    compared.
+    """
     if value is None or isinstance(value, (bool, np.bool_)):
         h.update(repr(value if value is None else bool(value)).encode())
     elif isinstance(value, numbers.Real):
@@ -95,8 +106,16 @@ def _digest(value: Any, h) -> None:
 
 
 def fingerprint(value: Any) -> float:
-    """A 48-bit hash of ``value`` as an exact float64: equal values give equal fingerprints on
-    every rank (see ``_digest`` for what is compared)."""
+    """A 48-bit hash of ``value`` as an exact float64.
+
+    Equal values give equal fingerprints on every rank (see ``_digest`` for what is compared).
+
+    Args:
+        value: Numbers, strings, None, tensors, arrays, modules, or containers of these.
+
+    Returns:
+        The fingerprint, an integer-valued float below $2^{48}$.
+    """
     h = hashlib.blake2b(digest_size=6)
     _digest(value, h)
     return float(int.from_bytes(h.digest(), "little"))
@@ -104,12 +123,19 @@ def fingerprint(value: Any) -> float:
 
 def check_same_on_ranks(values: Mapping[str, Any], failure: int = 0,
                         explain=lambda code: "") -> None:
-    """Raise the same ``ValueError`` on every rank if ``values`` differ between ranks, or if
-    some rank reports a ``failure`` code (> 0; the largest is explained by ``explain(code)``).
+    """Raise the same error on every rank if ``values`` differ between ranks or a rank failed.
 
     One all-reduce of ``2 len(values) + 1`` numbers (``max`` of each fingerprint and of its
     negation, and of the code), so no rank is left waiting in a collective that others skip.
     A no-op without a process group.
+
+    Args:
+        values: The arguments that must agree, by name.
+        failure: This rank's failure code (0: none).
+        explain: ``code -> str``, the message of the largest failure code.
+
+    Raises:
+        ValueError: Some values differ between ranks, or some rank reported a failure.
     """
     if not is_distributed():
         return
@@ -129,7 +155,15 @@ def check_same_on_ranks(values: Mapping[str, Any], failure: int = 0,
 
 
 def broadcast_object(obj, src: int = 0):
-    """Rank ``src``'s ``obj`` on every rank (identity without a process group)."""
+    """Rank ``src``'s ``obj`` on every rank (identity without a process group).
+
+    Args:
+        obj: A picklable object.
+        src: The rank whose object is sent.
+
+    Returns:
+        Rank ``src``'s object.
+    """
     if not is_distributed():
         return obj
     box = [obj]

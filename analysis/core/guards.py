@@ -1,5 +1,7 @@
-"""Guards run before a public routine passes over ``data``: the data must be deterministic, and
-under ``torch.distributed`` the arguments must agree between ranks.
+"""Guards run before a public routine passes over ``data``.
+
+The data must be deterministic, and under ``torch.distributed`` the arguments must agree
+between ranks.
 
 * Deterministic data (curvlinops' check): routines that pass over ``data`` more than once
   (``check_deterministic=True`` by default) first make two forward-only passes and compare the
@@ -27,15 +29,17 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
-from typing import Callable, Iterable
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 from torch import nn
 
 from .compiled import is_compiled
 from .distributed import check_same_on_ranks, is_distributed
-from .restore import check_model_mode, preserved
-from .validation import check_bool
+from .protocol import check_data, check_loss, default_batch_size, loss_reduction
+from .restore import preserved
+from .validation import check_bool, check_model_mode
 
 # arguments that may differ between ranks: each rank's shard, and rank-local options
 LOCAL = ("self", "data", "bn_data", "progress", "path", "check_deterministic")
@@ -46,8 +50,6 @@ _state = threading.local()
 def _one_pass(model: nn.Module, loss_fn, data: Iterable, batch_size_fn
               ) -> tuple[list[int], float, torch.dtype]:
     """Per-batch sample counts, the (weighted) total loss and the loss dtype of one pass."""
-    from .protocol import check_data, check_loss, default_batch_size, loss_reduction  # a cycle
-
     check_data(data)
     size, weighted = batch_size_fn or default_batch_size, loss_reduction(loss_fn) == "mean"
     counts, terms, dtype = [], [], torch.float64
@@ -87,8 +89,19 @@ def _explain(code: int, model_mode: str, layers: list[str], detail: str = "") ->
 
 def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=None,
                     model_mode: str = "eval") -> tuple[int, str]:
-    """Two forward-only passes over ``data`` in ``model_mode`` (model restored): ``(0, "")``
-    if they agree, else a cause code and the numbers that differed."""
+    """Two forward-only passes over ``data`` in ``model_mode`` (the model restored).
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: The batches.
+        batch_size_fn: ``batch -> int`` sample count (default: the leading dimension).
+        model_mode: "eval" or "train".
+
+    Returns:
+        ``(0, "")`` if the passes agree (sample counts, and the total loss to ``64 eps``),
+        else a cause code and the numbers that differed.
+    """
     with preserved(model, check_model_mode(model_mode), weights=False), torch.no_grad():
         (c1, t1, dtype), (c2, t2, _) = (_one_pass(model, loss_fn, data, batch_size_fn)
                                         for _ in range(2))
@@ -102,15 +115,115 @@ def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=Non
     return 0, ""
 
 
+@dataclass
+class _Verdict:
+    """What the determinism check found on this rank.
+
+    Attributes:
+        code: 0 when the two passes agree, else why they differ (``COUNTS``, ``RANDOM_LAYERS``,
+            ``LOSS``), or ``RAISED`` when the check itself raised.
+        detail: The numbers that differed, appended to the explanation.
+        error: The exception the check raised (``code == RAISED``), else None.
+    """
+
+    code: int = 0
+    detail: str = ""
+    error: Exception | None = None
+
+
+def _bound_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
+    """The call's arguments by name, defaults included."""
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    return bound.arguments
+
+
+def _analysed_model(arguments: dict[str, Any]) -> nn.Module:
+    """The call's model (``model``, or ``model_a`` of a two-model routine), uncompiled."""
+    model = arguments.get("model", arguments.get("model_a"))
+    return model._orig_mod if is_compiled(model) else model  # the routine warns
+
+
+def _check_determinism(model: nn.Module, arguments: dict[str, Any],
+                       known_deterministic: Callable[..., bool] | None) -> _Verdict:
+    """Two passes over the call's data when its ``check_deterministic`` is on.
+
+    An error of the check is returned, not raised, so that this rank still joins the
+    all-reduce of :func:`_agree_between_ranks` (no other rank is left waiting).
+    """
+    check = check_bool("check_deterministic", arguments.get("check_deterministic", False))
+    try:
+        over = (model, arguments["loss_fn"], arguments["data"], arguments.get("batch_size_fn"),
+                arguments.get("model_mode", "eval"))
+        if check and not (known_deterministic is not None and known_deterministic(*over)):
+            return _Verdict(*repeated_passes(*over))
+    except Exception as err:  # raised after the all-reduce, so no other rank waits for us
+        return _Verdict(RAISED, error=err)
+    return _Verdict()
+
+
+def _agree_between_ranks(model: nn.Module, arguments: dict[str, Any], verdict: _Verdict) -> None:
+    """One all-reduce: the arguments agree between ranks and no rank's check failed.
+
+    Raises:
+        ValueError: The arguments differ between ranks, or some rank's passes differed
+            (the same error on every rank).
+    """
+    mode = arguments.get("model_mode", "eval")
+    try:
+        check_same_on_ranks({k: v for k, v in arguments.items() if k not in LOCAL},
+                            verdict.code, lambda c: _explain(c, mode, _random_layers(model)))
+    except ValueError:
+        if verdict.error is None:
+            raise
+
+
+def _raise_verdict(model: nn.Module, arguments: dict[str, Any], verdict: _Verdict) -> None:
+    """Raise this rank's own failure of the check, before the routine runs.
+
+    In one process an error of the check is raised only after the routine ran (its own
+    argument checks speak first); under ``torch.distributed`` it is raised at once.
+    """
+    if verdict.error is not None and is_distributed():
+        raise verdict.error
+    if verdict.code and verdict.error is None:
+        mode = arguments.get("model_mode", "eval")
+        raise ValueError(_explain(verdict.code, mode, _random_layers(model), verdict.detail))
+
+
+def _run_inside(fn: Callable, args: tuple, kwargs: dict) -> Any:
+    """``fn(*args, **kwargs)`` with the guards of the routines it calls switched off."""
+    _state.inside = True
+    try:
+        return fn(*args, **kwargs)
+    finally:
+        _state.inside = False
+
+
+def _raise_check_error(error: Exception) -> None:
+    """Raise the error of the check's forward pass, noting where it came from."""
+    if hasattr(error, "add_note"):  # Python >= 3.11
+        error.add_note("raised by loss_fn in the determinism check's forward pass without "
+                       "gradients; check_deterministic=False skips the check")
+    raise error
+
+
 def guarded(fn: Callable | None = None, *,
             known_deterministic: Callable[..., bool] | None = None) -> Callable:
-    """Decorator of a public routine ``f(model, loss_fn, data, ...)`` (or a class's
-    ``__init__``): the determinism check when its ``check_deterministic`` argument is True, then
-    the agreement of its arguments between ranks (module docstring).
+    """Decorate a public routine ``f(model, loss_fn, data, ...)`` (or a class's ``__init__``).
 
-    known_deterministic: ``(model, loss_fn, data, batch_size_fn, model_mode) -> bool``, True
-        only where two passes over ``data`` necessarily agree (the routine knows it by
-        construction); the check is then skipped. Used as ``@guarded(known_deterministic=f)``.
+    The wrapper runs the determinism check when the call's ``check_deterministic`` is True,
+    then the agreement of its arguments between ranks (module docstring), then the routine.
+    Used as ``@guarded`` or ``@guarded(known_deterministic=f)``.
+
+    Args:
+        fn: The routine (None when called with keywords only, as a decorator factory).
+        known_deterministic: ``(model, loss_fn, data, batch_size_fn, model_mode) -> bool``,
+            True only where two passes over ``data`` necessarily agree (the routine knows it
+            by construction); the check is then skipped.
+
+    Returns:
+        The wrapped routine (``.guarded`` is True), or the decorator when ``fn`` is None.
     """
     if fn is None:
         return functools.partial(guarded, known_deterministic=known_deterministic)
@@ -120,41 +233,14 @@ def guarded(fn: Callable | None = None, *,
     def wrapper(*args, **kwargs):
         if getattr(_state, "inside", False):
             return fn(*args, **kwargs)
-        bound = signature.bind(*args, **kwargs)
-        bound.apply_defaults()
-        a = bound.arguments
-        model = a.get("model", a.get("model_a"))
-        model = model._orig_mod if is_compiled(model) else model  # the routine warns
-        mode = a.get("model_mode", "eval")
-        check = check_bool("check_deterministic", a.get("check_deterministic", False))
-        code, detail, error = 0, "", None
-        try:
-            over = (model, a["loss_fn"], a["data"], a.get("batch_size_fn"), mode)
-            if check and not (known_deterministic is not None and known_deterministic(*over)):
-                code, detail = repeated_passes(*over)
-        except Exception as err:  # raised after the all-reduce, so no other rank waits for us
-            code, error = RAISED, err
-        try:
-            check_same_on_ranks({k: v for k, v in a.items() if k not in LOCAL}, code,
-                                lambda c: _explain(c, mode, _random_layers(model)))
-        except ValueError:
-            if error is None:
-                raise
-        if error is not None and is_distributed():
-            raise error
-        if code and error is None:
-            raise ValueError(_explain(code, mode, _random_layers(model), detail))
-        _state.inside = True
-        try:
-            # if the check's forward pass failed, the routine's own argument checks speak first
-            result = fn(*args, **kwargs)
-        finally:
-            _state.inside = False
-        if error is not None:  # the routine ran, the check could not: never skip it silently
-            if hasattr(error, "add_note"):  # Python >= 3.11
-                error.add_note("raised by loss_fn in the determinism check's forward pass without "
-                               "gradients; check_deterministic=False skips the check")
-            raise error
+        arguments = _bound_arguments(signature, args, kwargs)
+        model = _analysed_model(arguments)
+        verdict = _check_determinism(model, arguments, known_deterministic)
+        _agree_between_ranks(model, arguments, verdict)
+        _raise_verdict(model, arguments, verdict)
+        result = _run_inside(fn, args, kwargs)
+        if verdict.error is not None:  # the routine ran, the check could not: never skip it
+            _raise_check_error(verdict.error)
         return result
 
     wrapper.guarded = True
@@ -162,7 +248,14 @@ def guarded(fn: Callable | None = None, *,
 
 
 def is_guarded(fn: Callable) -> bool:
-    """Whether ``fn`` (or a class's ``__init__``) runs the guards."""
+    """Whether ``fn`` (or a class's ``__init__``) runs the guards.
+
+    Args:
+        fn: A function or a class.
+
+    Returns:
+        True when it is wrapped by :func:`guarded`.
+    """
     target = fn.__init__ if inspect.isclass(fn) else fn
     return getattr(target, "guarded", False)
 

@@ -14,8 +14,17 @@ def select_params(model: nn.Module, params: ParamSelection = None
                   ) -> tuple[list[str], list[nn.Parameter]]:
     """Resolve ``params=`` to ``(names, parameters)`` in ``model.named_parameters()`` order.
 
-    None: all with requires_grad; a list of names; a list of parameters; or a predicate
-    ``f(name, parameter) -> bool``.
+    Args:
+        model: The model (a compiled module is read through the module it wraps).
+        params: None (all parameters with requires_grad), a list of names, a list of
+            parameters, or a predicate ``f(name, parameter) -> bool``.
+
+    Returns:
+        The selected names and parameters.
+
+    Raises:
+        ValueError: Unknown names, tensors that are not parameters of the model, another
+            kind of value, or a selection of no parameter.
     """
     named = list(unwrap_compiled(model).named_parameters())
     if params is None:

@@ -16,16 +16,36 @@ LOW_PRECISION = (torch.bfloat16, torch.float16)
 
 
 def working_dtype(dtype: torch.dtype) -> torch.dtype:
-    """float32 for bfloat16/float16, the dtype itself otherwise."""
+    """The dtype results computed in ``dtype`` are accumulated in.
+
+    Args:
+        dtype: A model's dtype.
+
+    Returns:
+        float32 for bfloat16/float16, ``dtype`` itself otherwise.
+    """
     return torch.float32 if dtype in LOW_PRECISION else dtype
 
 
 def accumulable(t: Tensor) -> Tensor:
-    """``t`` in its working dtype (no copy unless it is bfloat16/float16)."""
+    """``t`` in its working dtype (no copy unless it is bfloat16/float16).
+
+    Args:
+        t: A tensor.
+
+    Returns:
+        ``t`` converted to :func:`working_dtype` of its dtype.
+    """
     return t.to(working_dtype(t.dtype))
 
 
 def product_eps(dtype: torch.dtype) -> float:
-    """Relative accuracy of a product computed in ``dtype`` when it is coarser than the
-    working precision (``finfo(dtype).eps``); 0 for float32 and wider."""
+    """The relative accuracy of a product computed in ``dtype``, if coarser than the working one.
+
+    Args:
+        dtype: The dtype the product is computed in.
+
+    Returns:
+        ``finfo(dtype).eps`` for bfloat16/float16; 0 for float32 and wider.
+    """
     return torch.finfo(dtype).eps if dtype in LOW_PRECISION else 0.0

@@ -22,10 +22,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum_, is_distributed, rank
-from .guards import guarded
-from .params import ParamSelection, select_params
 from .precision import accumulable
-from .restore import preserved
 from .validation import check_choice
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -34,16 +31,32 @@ REDUCTIONS = ("mean", "sum")
 
 
 def to_device(x: Any, device: torch.device | None) -> Any:
-    """A tensor ``x`` on ``device`` (anything else, or ``device=None``, as it is). Copies to an
-    accelerator do not block (they are ordered on its stream); copies to the CPU do, since a
-    non-blocking device-to-host copy may be read before it has landed."""
+    """A tensor ``x`` on ``device`` (anything else, or ``device=None``, as it is).
+
+    Copies to an accelerator do not block (they are ordered on its stream); copies to the CPU
+    do, since a non-blocking device-to-host copy may be read before it has landed.
+
+    Args:
+        x: A tensor, or anything else (returned unchanged).
+        device: The target device (None: unchanged).
+
+    Returns:
+        ``x`` on ``device``.
+    """
     if not isinstance(x, Tensor) or device is None:
         return x
     return x.to(device, non_blocking=torch.device(device).type != "cpu")
 
 
 def model_device(model: nn.Module) -> torch.device | None:
-    """The device of ``model``'s first parameter or buffer (None when it has neither)."""
+    """The device of ``model``'s first parameter or buffer.
+
+    Args:
+        model: A module.
+
+    Returns:
+        The device, or None when the module has neither parameters nor buffers.
+    """
     anchor = next(itertools.chain(model.parameters(), model.buffers()), None)
     return None if anchor is None else anchor.device
 
@@ -54,8 +67,14 @@ def split_loss(forward: Callable[[nn.Module, Any], Any],
 
     The generalised Gauss-Newton and the Fisher (:mod:`analysis.curvature`) need the model
     output and the criterion separately: they read ``loss_fn.split = (forward, criterion)``,
-    which this sets. ``forward(model, batch)`` returns the output tensor, ``criterion(outputs,
-    batch)`` the mean loss over the batch. Any ``loss_fn`` may carry such an attribute.
+    which this sets. Any ``loss_fn`` may carry such an attribute.
+
+    Args:
+        forward: ``forward(model, batch)``, the output tensor.
+        criterion: ``criterion(outputs, batch)``, the mean loss over the batch.
+
+    Returns:
+        The ``loss_fn``, with ``.split`` set.
     """
     def loss_fn(model: nn.Module, batch: Any) -> Tensor:
         return criterion(forward(model, batch), batch)
@@ -65,7 +84,17 @@ def split_loss(forward: Callable[[nn.Module, Any], Any],
 
 
 def loss_reduction(loss_fn: Callable) -> str:
-    """How ``loss_fn`` reduces a batch: its ``reduction`` attribute, "mean" (default) or "sum"."""
+    """How ``loss_fn`` reduces a batch.
+
+    Args:
+        loss_fn: A ``loss_fn(model, batch)``.
+
+    Returns:
+        Its ``reduction`` attribute, "mean" (default) or "sum".
+
+    Raises:
+        ValueError: ``loss_fn.reduction`` is another value.
+    """
     return check_choice("loss_fn.reduction", getattr(loss_fn, "reduction", "mean"), REDUCTIONS)
 
 
@@ -156,9 +185,18 @@ def _tensors(batch: Any) -> Iterator[Tensor]:
 
 
 def default_batch_size(batch: Any) -> int:
-    """Number of samples in ``batch``: the leading dimension of its first tensor, found depth
-    first through tuples, lists and dicts (0-d tensors aside). ``ValueError`` asking for
-    ``batch_size_fn`` when the batch holds no such tensor or their leading dimensions differ."""
+    """The number of samples in ``batch``.
+
+    Args:
+        batch: A tensor, or tuples, lists and dicts of tensors.
+
+    Returns:
+        The leading dimension of its tensors, found depth first (0-d tensors aside).
+
+    Raises:
+        ValueError: The batch holds no such tensor, or their leading dimensions differ (the
+            message asks for ``batch_size_fn``).
+    """
     dims = [len(t) for t in _tensors(batch) if t.dim() > 0]
     if not dims:
         raise ValueError(f"cannot infer the sample count of a {type(batch).__name__} batch that "
@@ -170,9 +208,11 @@ def default_batch_size(batch: Any) -> int:
 
 
 def _single_batch(data: Any) -> str | None:
-    """What ``data`` is if it is one batch rather than an iterable of batches: a tensor or
-    array, a dict, or a tuple of tensors or arrays (``(X, Y)``). A list of tensors is a list
-    of batches."""
+    """What ``data`` is if it is one batch rather than an iterable of batches.
+
+    A tensor or array, a dict, or a tuple of tensors or arrays (``(X, Y)``); a list of tensors
+    is a list of batches.
+    """
     arrays = (Tensor, np.ndarray)
     if isinstance(data, arrays):
         return f"a {type(data).__name__}"
@@ -184,9 +224,15 @@ def _single_batch(data: Any) -> str | None:
 
 
 def check_data(data: Iterable) -> None:
-    """Reject what cannot be the iterable of batches analysis passes over many times: one-shot
-    iterators, a single batch (a tensor, a dict, a tuple of tensors) and a map-style Dataset
-    (it yields samples, not batches)."""
+    """Reject what cannot be the iterable of batches analysis passes over many times.
+
+    Args:
+        data: The ``data=`` argument.
+
+    Raises:
+        ValueError: ``data`` is None, a one-shot iterator, a single batch (a tensor, a dict,
+            a tuple of tensors) or a map-style Dataset (it yields samples, not batches).
+    """
     if data is None:
         raise ValueError("data must be an iterable of batches (pass a single batch as [batch])")
     single = _single_batch(data)
@@ -205,7 +251,18 @@ def check_data(data: Iterable) -> None:
 
 
 def check_loss(loss: Any, where: str = "") -> Tensor:
-    """The loss as a 0-d tensor; ``ValueError`` if it is not a finite scalar."""
+    """The loss as a 0-d tensor.
+
+    Args:
+        loss: What ``loss_fn`` returned.
+        where: Appended to the message of a non-finite loss (where it was computed).
+
+    Returns:
+        The loss reshaped to 0-d.
+
+    Raises:
+        ValueError: ``loss`` is not a tensor with one element, or not finite.
+    """
     if not isinstance(loss, Tensor):
         raise ValueError(f"loss_fn must return a scalar tensor, got {type(loss).__name__}")
     if loss.numel() != 1:
@@ -218,7 +275,14 @@ def check_loss(loss: Any, where: str = "") -> Tensor:
 
 
 def scalar_zeros(count: int) -> Callable[[], list[Tensor]]:
-    """``zeros=`` for :func:`data_mean` when ``per_batch`` returns ``count`` scalars."""
+    """The ``zeros=`` of :func:`data_mean` when ``per_batch`` returns ``count`` scalars.
+
+    Args:
+        count: The scalars per batch.
+
+    Returns:
+        A function returning ``count`` float64 zeros.
+    """
     return lambda: [torch.zeros((), dtype=torch.float64) for _ in range(count)]
 
 
@@ -232,7 +296,13 @@ def _length(data: Iterable) -> int | None:
 
 @dataclass
 class DataMean:
-    """Sample-weighted means of per-batch tensors over all data (and ranks)."""
+    """Sample-weighted means of per-batch tensors over all data (and ranks).
+
+    Attributes:
+        values: The means (sums for a sum reduction), one per tensor of ``per_batch``.
+        n_samples: The samples over all ranks.
+        n_batches: The batches with samples on this rank.
+    """
     values: list[Tensor]
     n_samples: float
     n_batches: int
@@ -242,16 +312,32 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
               batch_size_fn: BatchSizeFn | None = None, *, reduction: str = "mean",
               zeros: Callable[[], Sequence[Tensor]] | None = None,
               progress: bool = False) -> DataMean:
-    """``sum_b n_b f(b) / sum_b n_b`` for each tensor returned by ``per_batch(batch)``.
+    r"""The sample-weighted mean of each tensor returned by ``per_batch(batch)``.
 
-    This is the one sample-weighted reduction of the package: since ``loss_fn`` returns the
-    batch mean, weighting by ``n_b`` gives the quantity of the mean loss over all samples.
-    bfloat16/float16 tensors are accumulated (and returned) in float32.
-    reduction: "sum" (``loss_reduction(loss_fn)`` of a sum-reduced ``loss_fn``) gives
-    ``sum_b f(b)`` instead, the quantity of the total loss.
-    Under ``torch.distributed`` the sums and counts are all-reduced together; a rank whose
-    shard is empty joins with ``zeros()`` (tensors shaped like ``per_batch``'s), so the result
-    is that of the union of the shards. ``progress`` shows a bar over the batches (rank 0).
+    $$\bar f = \frac{\sum_b n_b f(b)}{\sum_b n_b},$$
+
+    the one sample-weighted reduction of the package: since ``loss_fn`` returns the batch
+    mean, weighting by $n_b$ gives the quantity of the mean loss over all samples.
+    bfloat16/float16 tensors are accumulated (and returned) in float32. Under
+    ``torch.distributed`` the sums and counts are all-reduced together, so the result is that
+    of the union of the shards.
+
+    Args:
+        data: A deterministic re-iterable of batches.
+        per_batch: ``batch -> sequence of tensors``.
+        batch_size_fn: ``batch -> int`` sample count (default: :func:`default_batch_size`).
+        reduction: "mean", or "sum" (``loss_reduction(loss_fn)`` of a sum-reduced
+            ``loss_fn``) for $\sum_b f(b)$, the quantity of the total loss.
+        zeros: ``() -> tensors`` shaped like ``per_batch``'s: the share of a rank whose shard
+            is empty (needed under ``torch.distributed``).
+        progress: Show a bar over the batches (rank 0).
+
+    Returns:
+        A :class:`DataMean`.
+
+    Raises:
+        ValueError: ``data`` is not an iterable of batches, or yields no sample (on this rank
+            without ``zeros``, or on every rank).
     """
     check_data(data)
     check_choice("reduction", reduction, REDUCTIONS)
@@ -296,23 +382,3 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
         for s in sums:
             s.div_(n_total)
     return DataMean(sums, n_total, n_batches)
-
-
-@guarded
-def mean_loss(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
-              params: ParamSelection = None, model_mode: str = "eval",
-              batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
-    """The sample-weighted mean loss over all samples of ``data`` (no grad; model unchanged);
-    the total loss for a sum-reduced ``loss_fn``.
-
-    params: validated like everywhere (the loss itself does not depend on the selection).
-    model_mode: the mode the model is evaluated in (restored afterwards).
-    """
-    select_params(model, params)
-
-    def per_batch(batch):
-        return [check_loss(loss_fn(model, batch), " in mean_loss")]
-
-    with preserved(model, model_mode, weights=False), torch.no_grad():
-        return float(data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
-                               zeros=scalar_zeros(1), progress=progress).values[0])

@@ -13,27 +13,33 @@ import torch
 from torch import nn
 
 from .compiled import refuse_compiled
-from .validation import check_choice
-
-MODEL_MODES = ("eval", "train")
-
-
-def check_model_mode(model_mode: str) -> str:
-    """``model_mode`` if it is "eval" or "train"."""
-    return check_choice("model_mode", model_mode, MODEL_MODES)
-
+from .validation import check_model_mode
 
 @contextmanager
 def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = True,
               trainable: Iterable[nn.Parameter] | None = None) -> Iterator[nn.Module]:
     """Put ``model`` in ``model_mode`` for the duration of the block, then restore it.
 
-    weights: snapshot parameter values too (needed by routines that perturb the weights;
-        curvature routines, which never write to parameters, pass False to save memory).
-    trainable: if given, exactly these parameters get ``requires_grad=True`` inside the block
-        and all others ``False`` (so autograd does no work for unselected parameters).
     Grads are set to None inside the block, so backward passes inside never touch the
-    user's gradient tensors.
+    user's gradient tensors; on exit (also when the block raises) the training flags,
+    ``requires_grad`` flags, grads, buffers and (with ``weights``) parameter values are put
+    back exactly.
+
+    Args:
+        model: An uncompiled module.
+        model_mode: "eval" or "train", the mode inside the block.
+        weights: Snapshot parameter values too (needed by routines that perturb the weights;
+            curvature routines, which never write to parameters, pass False to save memory).
+        trainable: If given, exactly these parameters get ``requires_grad=True`` inside the
+            block and all others ``False`` (so autograd does no work for unselected
+            parameters).
+
+    Yields:
+        ``model``.
+
+    Raises:
+        ValueError: A ``model_mode`` other than "eval" or "train".
+        TypeError: ``model`` is a ``torch.compile``'d module.
     """
     check_model_mode(model_mode)
     refuse_compiled(model)

@@ -9,18 +9,17 @@ configuration and the torch/numpy/sharpscape versions (:func:`make_metadata`).
 
 :func:`save_result` writes any registered result to one ``.npz`` file: the arrays and tensors as
 npz arrays, everything else as one JSON document. :func:`load_result` reads it back without
-pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic and by rank 0 only.
+pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic
+(:func:`analysis.core.files.atomic_write`) and by rank 0 only.
 """
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import functools
 import importlib
 import inspect
 import json
 import os
-import uuid
 import zipfile
 from importlib import metadata as _pkg_metadata
 from typing import Any, Callable, Mapping
@@ -30,6 +29,7 @@ import torch
 from torch import Tensor
 
 from .distributed import rank
+from .files import atomic_write
 
 FORMAT = 2
 _KEY = "__result__"
@@ -39,8 +39,10 @@ _TYPES: dict[str, type] = {}
 
 @functools.lru_cache(maxsize=1)
 def _installed_version() -> str:
-    """sharpscape's installed version, read once per process (reading package metadata scans
-    the environment's ``site-packages``)."""
+    """The installed version of sharpscape, read once per process.
+
+    Reading package metadata scans the environment's ``site-packages``.
+    """
     try:
         return _pkg_metadata.version("sharpscape")
     except _pkg_metadata.PackageNotFoundError:
@@ -48,13 +50,26 @@ def _installed_version() -> str:
 
 
 def versions() -> dict[str, str]:
-    """Versions of torch, numpy and sharpscape (for ``metadata``)."""
+    """The versions of torch, numpy and sharpscape (for ``metadata``).
+
+    Returns:
+        ``{"torch": ..., "numpy": ..., "sharpscape": ...}``.
+    """
     return {"torch": str(torch.__version__), "numpy": str(np.__version__),
             "sharpscape": _installed_version()}
 
 
 def make_metadata(seed: Any = None, config: Mapping[str, Any] | None = None, **extra: Any) -> dict:
-    """``{"seed", "config", "versions", **extra}``: the provenance every result carries."""
+    """The provenance every result carries.
+
+    Args:
+        seed: The call's seed (None for deterministic routines).
+        config: The call's configuration.
+        **extra: Further entries.
+
+    Returns:
+        ``{"seed", "config", "versions", **extra}``.
+    """
     return {"seed": seed, "config": dict(config or {}), "versions": versions(), **extra}
 
 
@@ -62,11 +77,34 @@ def _type_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
 
-def register_result(cls: type) -> type:
-    """Class decorator: make ``cls`` (a dataclass, or a ``dict`` subclass with an ``info``
-    attribute) storable by :func:`save_result` / :func:`load_result`."""
+def register_result(cls: type | None = None, *, formerly: tuple[str, ...] = ()) -> Any:
+    """Class decorator: make ``cls`` storable by :func:`save_result` / :func:`load_result`.
+
+    Used as ``@register_result``, or as ``@register_result(formerly=(...))`` by a type that
+    moved: files store the type tag ``"module:QualName"``, so a type moved to another module
+    names its former tags, and files saved before the move still load.
+
+    Args:
+        cls: A dataclass, or a ``dict`` subclass with an ``info`` attribute (None when called
+            with keywords only).
+        formerly: The type tags the class had before it moved (``"analysis.flatness:
+            KeskarSharpness"``); files are always written with its current tag.
+
+    Returns:
+        ``cls``, or the decorator when ``cls`` is None.
+
+    Raises:
+        TypeError: ``cls`` is neither a dataclass nor a dict subclass.
+        ValueError: A former tag already names another registered type.
+    """
+    if cls is None:
+        return functools.partial(register_result, formerly=formerly)
     if not (dataclasses.is_dataclass(cls) or issubclass(cls, dict)):
         raise TypeError(f"cls must be a dataclass or a dict subclass, got {cls!r}")
+    for tag in formerly:
+        if _TYPES.get(tag, cls) is not cls:
+            raise ValueError(f"formerly: the tag {tag!r} already names {_TYPES[tag]!r}")
+        _TYPES[tag] = cls
     _TYPES[_type_name(cls)] = cls
     return cls
 
@@ -80,9 +118,18 @@ def _jsonable(value: Any) -> bool:
 
 
 def records_metadata(fn: Callable) -> Callable:
-    """Decorator of a public routine: fill its result's ``metadata`` with the seed and the
-    call's JSON-representable arguments (numbers, strings, flags; not the model, loss_fn,
-    data, tensors or callables), unless the routine filled it itself."""
+    """Decorate a public routine so that its result's ``metadata`` records the call.
+
+    The seed and the call's JSON-representable arguments (numbers, strings, flags; not the
+    model, loss_fn, data, tensors or callables) fill ``metadata``, unless the routine filled it
+    itself.
+
+    Args:
+        fn: A routine returning a result with a ``metadata`` field.
+
+    Returns:
+        The wrapped routine.
+    """
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -141,12 +188,30 @@ class _Encoder:
         raise TypeError(f"cannot store a {type(v).__name__} in a result file")
 
 
+def _import_module(module: str) -> None:
+    """Import ``module`` where it still exists (a moved type's former module may not)."""
+    try:
+        importlib.import_module(module)
+    except ModuleNotFoundError as err:
+        if err.name is None or not (module + ".").startswith(err.name + "."):
+            raise   # a module that exists but fails to import: not a moved type
+
+
 def _result_type(name: str) -> type:
+    """The registered type of the tag ``name``, importing the module it names if needed.
+
+    A tag that is not registered once its module is imported may be the former tag of a type
+    that moved (:func:`register_result`'s ``formerly``): the package it names is imported,
+    which registers every result type of that package under its current and former tags.
+    """
     if name not in _TYPES:
         module = name.split(":")[0]
-        if module.split(".")[0] not in _PACKAGES:
+        package = module.split(".")[0]
+        if package not in _PACKAGES:
             raise ValueError(f"unknown result type {name!r} (not a sharpscape result)")
-        importlib.import_module(module)
+        _import_module(module)
+        if name not in _TYPES:
+            importlib.import_module(package)
     if name not in _TYPES:
         raise ValueError(f"unknown result type {name!r}")
     return _TYPES[name]
@@ -173,25 +238,21 @@ def _decode(v: Any, arrays: Mapping[str, np.ndarray]) -> Any:
 
 
 def save_result(result: Any, path: str | os.PathLike) -> None:
-    """Write ``result`` (any registered result type) to ``path`` (.npz + JSON); rank 0 only."""
+    """Write ``result`` (any registered result type) to ``path`` (.npz + JSON); rank 0 only.
+
+    The file is written atomically (:func:`analysis.core.files.atomic_write`): a process killed
+    while saving leaves the previous file (or none), never a truncated one; a symbolic link at
+    ``path`` is replaced by the file, not written through.
+    """
     if not dataclasses.is_dataclass(result) or isinstance(result, type):
         raise TypeError(f"result must be a result dataclass, got {type(result).__name__}")
     encode = _Encoder()
     doc = {"format": FORMAT, "result": encode(result)}
     if rank() != 0:
         return
-    path = os.fspath(path)
-    # a unique temporary file next to the target (so os.replace is atomic): concurrent writers
-    # never share it; open(..., "x") keeps the usual (umask) permissions, unlike mkstemp's 0600
-    tmp = f"{path}.{uuid.uuid4().hex}.tmp"
-    try:
-        with open(tmp, "xb") as fh:
-            np.savez(fh, **{_KEY: np.array(json.dumps(doc, sort_keys=True))}, **encode.arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    stored = {_KEY: np.array(json.dumps(doc, sort_keys=True)), **encode.arrays}
+    # a complete file or none: a unique temporary in the folder, fsynced, then os.replace'd
+    atomic_write(path, lambda fh: np.savez(fh, **stored))
 
 
 def load_result(path: str | os.PathLike) -> Any:

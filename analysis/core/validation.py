@@ -16,9 +16,8 @@ from typing import Any, Sequence
 import numpy as np
 
 __all__ = ["ArgumentTypeError", "check_number", "check_int", "check_positive", "check_nonnegative",
-           "check_probability",
-           "check_choice", "check_bool", "check_dtype", "check_device", "all_finite",
-           "renamed_keywords"]
+           "check_probability", "check_choice", "check_model_mode", "MODEL_MODES", "check_bool",
+           "check_dtype", "check_device", "all_finite", "renamed_keywords"]
 
 
 class ArgumentTypeError(TypeError, ValueError):
@@ -34,8 +33,22 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
                  allow_inf: bool = False) -> float | int:
     """``value`` as a Python ``int`` (``integer=True``) or finite ``float`` inside the bounds.
 
-    ``low``/``high`` are inclusive unless ``low_open``/``high_open``; ``allow_inf`` admits
-    ``+inf`` as an upper value (a "no limit" setting).
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+        integer: Require an integer (numpy integers too; never a bool).
+        low: The lower bound (None: unbounded), inclusive unless ``low_open``.
+        high: The upper bound (None: unbounded), inclusive unless ``high_open``.
+        low_open: Exclude ``low``.
+        high_open: Exclude ``high``.
+        allow_inf: Admit ``+inf`` as an upper value (a "no limit" setting).
+
+    Returns:
+        The value as ``int`` or ``float``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is of the wrong kind.
+        ValueError: ``value`` is outside the accepted range.
     """
     kind = numbers.Integral if integer else numbers.Real
     lo = "" if low is None else f"{'>' if low_open else '>='} {low}"
@@ -56,42 +69,151 @@ def check_number(name: str, value: Any, *, integer: bool = False, low: float | N
 
 
 def check_int(name: str, value: Any, low: int | None = None, high: int | None = None) -> int:
-    """An ``int`` (numpy integers too) with ``low <= value <= high``."""
+    """An ``int`` (numpy integers too) with ``low <= value <= high``.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+        low: The smallest accepted value (None: unbounded).
+        high: The largest accepted value (None: unbounded).
+
+    Returns:
+        The value as ``int``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is of the wrong kind.
+        ValueError: ``value`` is outside the accepted range.
+    """
     return check_number(name, value, integer=True, low=low, high=high)
 
 
 def check_positive(name: str, value: Any, *, allow_inf: bool = False) -> float:
-    """A finite ``float`` > 0 (``+inf`` too if ``allow_inf``)."""
+    """A finite ``float`` > 0 (``+inf`` too if ``allow_inf``).
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+        allow_inf: Admit ``+inf``.
+
+    Returns:
+        The value as ``float``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is of the wrong kind.
+        ValueError: ``value`` is outside the accepted range.
+    """
     return check_number(name, value, low=0, low_open=True, allow_inf=allow_inf)
 
 
 def check_nonnegative(name: str, value: Any) -> float:
-    """A finite ``float`` >= 0."""
+    """A finite ``float`` >= 0.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+
+    Returns:
+        The value as ``float``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is of the wrong kind.
+        ValueError: ``value`` is outside the accepted range.
+    """
     return check_number(name, value, low=0)
 
 
-def check_probability(name: str, value: Any, *, low_open: bool = False, high_open: bool = False) -> float:
-    """A ``float`` in [0, 1] (ends excluded on request)."""
+def check_probability(name: str, value: Any, *, low_open: bool = False,
+                      high_open: bool = False) -> float:
+    """A ``float`` in [0, 1] (ends excluded on request).
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+        low_open: Exclude 0.
+        high_open: Exclude 1.
+
+    Returns:
+        The value as ``float``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is of the wrong kind.
+        ValueError: ``value`` is outside the accepted range.
+    """
     return check_number(name, value, low=0, high=1, low_open=low_open, high_open=high_open)
 
 
 def check_choice(name: str, value: Any, choices: Sequence[str]) -> str:
-    """One of ``choices`` (strings)."""
+    """One of ``choices`` (strings).
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+        choices: The accepted strings.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a string.
+        ValueError: ``value`` is a string not among ``choices``.
+    """
     if not isinstance(value, str) or value not in choices:
         raise _fail(name, "one of " + ", ".join(repr(c) for c in choices), value,
                     ValueError if isinstance(value, str) else ArgumentTypeError)
     return value
 
 
+MODEL_MODES = ("eval", "train")
+
+
+def check_model_mode(model_mode: str) -> str:
+    """Validate ``model_mode=``.
+
+    Args:
+        model_mode: "eval" or "train".
+
+    Returns:
+        ``model_mode``.
+
+    Raises:
+        ValueError: Any other string (``ArgumentTypeError`` for a non-string).
+    """
+    return check_choice("model_mode", model_mode, MODEL_MODES)
+
+
 def check_bool(name: str, value: Any) -> bool:
-    """A ``bool`` (numpy bools too); never a string or a number."""
+    """A ``bool`` (numpy bools too); never a string or a number.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+
+    Returns:
+        The value as ``bool``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a bool.
+    """
     if not isinstance(value, (bool, np.bool_)):
         raise _fail(name, "True or False", value, ArgumentTypeError)
     return bool(value)
 
 
 def check_dtype(name: str, value: Any, choices: Sequence[Any]) -> Any:
-    """None or one of the torch dtypes ``choices``."""
+    """None or one of the torch dtypes ``choices``.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+        choices: The accepted dtypes.
+
+    Returns:
+        ``value``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is not a dtype.
+        ValueError: ``value`` is a dtype not among ``choices``.
+    """
     if value is not None and value not in choices:
         import torch
         raise _fail(name, "None or one of " + ", ".join(str(c) for c in choices), value,
@@ -100,7 +222,19 @@ def check_dtype(name: str, value: Any, choices: Sequence[Any]) -> Any:
 
 
 def check_device(name: str, value: Any) -> Any:
-    """None, or a ``torch.device`` (or its string, e.g. "cpu", "cuda:0") of a usable device."""
+    """None, or a ``torch.device`` (or its string, e.g. "cpu", "cuda:0") of a usable device.
+
+    Args:
+        name: The argument's name, for the message.
+        value: The value passed.
+
+    Returns:
+        None or the ``torch.device``.
+
+    Raises:
+        ArgumentTypeError: ``value`` is neither a device nor a string.
+        ValueError: The device cannot be used here.
+    """
     if value is None:
         return None
     import torch
@@ -116,9 +250,18 @@ def check_device(name: str, value: Any) -> Any:
 
 
 def all_finite(tensor: Any) -> bool:
-    """Whether every element of a tensor is finite, from one min/max reduction (NaN propagates
-    through both, and an infinity is the minimum or the maximum), without the vector-sized
-    boolean temporaries of ``isfinite(tensor).all()``."""
+    """Whether every element of a tensor is finite.
+
+    From one min/max reduction (NaN propagates through both, and an infinity is the minimum
+    or the maximum), without the vector-sized boolean temporaries of
+    ``isfinite(tensor).all()``.
+
+    Args:
+        tensor: A tensor (integer, floating or complex).
+
+    Returns:
+        True when no element is NaN or infinite.
+    """
     import torch
     if tensor.numel() == 0 or not (tensor.is_floating_point() or tensor.is_complex()):
         return True

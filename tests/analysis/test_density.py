@@ -94,3 +94,14 @@ def test_bad_input():
                          ({"sigma": -1.0}, "sigma"), ({"n_grid": 1}, "n_grid")]:
         with pytest.raises(ValueError, match=word):
             spectral_density(model, loss, data, progress=False, **kwargs)
+
+
+def test_the_old_name_steps_still_works_with_a_deprecation_warning():
+    A = torch.diag(torch.linspace(-1, 2, 12, dtype=torch.float64))
+    new = lanczos_quadrature(lambda V: V @ A, 12, 4, 2, seed=1, like=LIKE)
+    with pytest.warns(DeprecationWarning, match="steps= is renamed n_lanczos="):
+        old = lanczos_quadrature(lambda V: V @ A, 12, steps=4, n_vectors=2, seed=1, like=LIKE)
+    np.testing.assert_array_equal(old[0], new[0])
+    np.testing.assert_array_equal(old[1], new[1])
+    with pytest.raises(TypeError, match="got both steps="):
+        lanczos_quadrature(lambda V: V @ A, 12, n_lanczos=4, steps=4, n_vectors=2, like=LIKE)

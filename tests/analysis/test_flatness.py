@@ -1,5 +1,6 @@
 """Keskar epsilon-sharpness and the PAC-Bayes sigma search against closed forms on quadratics."""
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -7,9 +8,11 @@ import torch
 from torch import nn
 
 from analysis import keskar_sharpness, pac_bayes_sigma, supervised
-from analysis.flatness import classification_error
-from tests.oracles import assert_unchanged, classification_data, cnn_bn, mlp, snapshot, uneven_batches
-from tests.analysis.test_sharpness import DATA, QUIET, Quadratic, check_restored_on_failure, quad_loss, w_star
+from analysis.sharpness.pac_bayes import classification_error
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, mlp, snapshot,
+                           uneven_batches)
+from tests.analysis.test_sharpness import (DATA, QUIET, Quadratic, check_restored_on_failure,
+                                           quad_loss, w_star)
 
 CE = supervised(nn.CrossEntropyLoss())
 
@@ -51,7 +54,7 @@ def test_keskar_on_a_network_restores_the_model():
     x, y = classification_data(n=23, d=12)
     model = cnn_bn()
     snap = snapshot(model)
-    r = keskar_sharpness(model, CE, uneven_batches(x, y), eps=1e-3, maxiter=3,
+    r = keskar_sharpness(model, CE, uneven_batches(x, y), eps=1e-3, max_iter=3,
                          model_mode="train", **QUIET)
     assert_unchanged(model, snap)
     assert r.value > 0 and r.n_iter <= 3 and r.n_backward > 0
@@ -61,14 +64,14 @@ def test_pac_bayes_sigma_matches_the_quadratic_closed_form():
     # E[L(w + sigma xi)] - L(w) = sigma^2 tr(A) / 2  =>  sigma* = sqrt(2 Delta / tr A)
     h, model = diagonal_quadratic(4000, scale=2.0)
     delta = 0.1
-    r = pac_bayes_sigma(model, quad_loss, DATA, target=delta, tolerance=1e-4, **QUIET)
+    r = pac_bayes_sigma(model, quad_loss, DATA, target=delta, tol=1e-4, **QUIET)
     expected = math.sqrt(2 * delta / h.sum().item())
     assert r.converged and abs(r.increase - delta) <= 1e-4
     assert r.sigma == pytest.approx(expected, rel=0.02)  # Monte-Carlo error ~ 0.4 %
     assert r.flatness == pytest.approx(1 / r.sigma ** 2)
     # magnitude-aware: per-weight variance sigma^2 w_i^2 + eps^2
     w = model.w.detach()
-    r = pac_bayes_sigma(model, quad_loss, DATA, target=delta, tolerance=1e-4,
+    r = pac_bayes_sigma(model, quad_loss, DATA, target=delta, tol=1e-4,
                         magnitude_aware=True, magnitude_eps=1e-3, **QUIET)
     expected = math.sqrt((2 * delta - 1e-6 * h.sum().item()) / (h * w ** 2).sum().item())
     assert r.converged and r.sigma == pytest.approx(expected, rel=0.02)
@@ -106,11 +109,12 @@ def test_pac_bayes_reports_when_the_target_is_out_of_reach():
 
 
 @pytest.mark.parametrize("fn,kwargs,match", [
-    (keskar_sharpness, dict(eps=0.0), "eps"), (keskar_sharpness, dict(maxiter=0), "maxiter"),
+    (keskar_sharpness, dict(eps=0.0), "eps"), (keskar_sharpness, dict(max_iter=0), "max_iter"),
     (keskar_sharpness, dict(subspace_dim=0), "subspace_dim"),
     (keskar_sharpness, dict(subspace_dim=10 ** 6), "subspace_dim"),
     (pac_bayes_sigma, dict(target=-0.1), "target"), (pac_bayes_sigma, dict(metric="acc"), "metric"),
-    (pac_bayes_sigma, dict(n_samples=0), "n_samples"), (pac_bayes_sigma, dict(depth=0), "depth"),
+    (pac_bayes_sigma, dict(n_samples=0), "n_samples"),
+    (pac_bayes_sigma, dict(max_iter=0), "max_iter"),
     (pac_bayes_sigma, dict(magnitude_aware=True, magnitude_eps=-1.0), "magnitude_eps"),
 ])
 def test_flatness_rejects_bad_arguments(fn, kwargs, match):
@@ -122,3 +126,21 @@ def test_flatness_rejects_bad_arguments(fn, kwargs, match):
 @pytest.mark.parametrize("fn", [keskar_sharpness, pac_bayes_sigma])
 def test_model_restored_when_the_loss_fails_partway(fn, failure):
     check_restored_on_failure(lambda *args: fn(*args, **QUIET), failure)
+
+
+@pytest.mark.parametrize("fn,old,new,value", [
+    (keskar_sharpness, "maxiter", "max_iter", 2), (pac_bayes_sigma, "depth", "max_iter", 2),
+    (pac_bayes_sigma, "tolerance", "tol", 0.05),
+])
+def test_renamed_keywords_still_work_for_one_release_with_a_warning(fn, old, new, value):
+    x, y = classification_data()
+    model, data = mlp(), [(x, y)]
+    with pytest.warns(DeprecationWarning, match=f"{old}= is renamed {new}="):
+        r_old = fn(model, CE, data, **{old: value}, **QUIET)
+    r_new = fn(model, CE, data, **{new: value}, **QUIET)
+    assert dataclasses.replace(r_old, metadata={}) == dataclasses.replace(r_new, metadata={})
+    assert r_old.metadata["config"][new] == value and old not in r_old.metadata["config"]
+    with pytest.warns(DeprecationWarning), pytest.raises(ValueError, match=new):
+        fn(model, CE, data, **{old: 0}, **QUIET)
+    with pytest.raises(TypeError, match="got both"):
+        fn(model, CE, data, **{old: value, new: value}, **QUIET)

@@ -11,13 +11,14 @@ from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
 from analysis import (average_sharpness, evaluate, FisherOperator, full_grad_norm, GGNOperator,
-                      HessianOperator, hessian_trace, hvp, keskar_sharpness, layerwise, mean_loss, pac_bayes_sigma,
+                      HessianOperator, hessian_trace, hvp, keskar_sharpness, layerwise, mean_loss,
+                      pac_bayes_sigma,
                       sharpness_vs_curvature, spectral_density, supervised, top_eigenvalues,
                       worst_case_sharpness)
 from analysis.core import fingerprint
 from landscape import eigenvector_directions, interpolate, line, plane, random_direction
 from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian,
-                     mlp, snapshot, uneven_batches)
+                           mlp, snapshot, uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 CE_SUM = supervised(nn.CrossEntropyLoss(reduction="sum"))
@@ -73,8 +74,8 @@ ROUTINES = {
     "average_sharpness": lambda m, d, **kw: average_sharpness(m, CE, d, n_samples=2, **kw),
     "sharpness_vs_curvature": lambda m, d, **kw: sharpness_vs_curvature(
         m, CE, d, [0.1], steps=1, max_hvp=3, **kw),
-    "keskar_sharpness": lambda m, d, **kw: keskar_sharpness(m, CE, d, maxiter=1, **kw),
-    "pac_bayes_sigma": lambda m, d, **kw: pac_bayes_sigma(m, CE, d, n_samples=1, depth=1, **kw),
+    "keskar_sharpness": lambda m, d, **kw: keskar_sharpness(m, CE, d, max_iter=1, **kw),
+    "pac_bayes_sigma": lambda m, d, **kw: pac_bayes_sigma(m, CE, d, n_samples=1, max_iter=1, **kw),
     "eigenvector_directions": lambda m, d, **kw: eigenvector_directions(m, CE, d, 1, max_hvp=3,
                                                                         **kw),
     "line": lambda m, d, **kw: line(m, CE, d, direction(m), [0.0, 0.5], **kw),

@@ -167,3 +167,28 @@ def test_one_pass_when_little_of_the_norm_is_removed(monkeypatch):
     q, _ = lz._orthogonalise(block, basis, m, gen)
     assert len(calls) == 2  # one pass per row
     assert (V @ q.T).abs().max() < 1e-14 and (q @ q.T - torch.eye(2, dtype=q.dtype)).abs().max() < 1e-14
+
+
+@pytest.mark.parametrize("ratio,replaced", [(1e-10, True), (1e-6, False)])
+def test_a_row_that_loses_more_than_half_its_digits_counts_as_vanished(ratio, replaced):
+    """Breakdown threshold ``sqrt(eps)``: a row whose part outside the basis is at most
+    ``sqrt(eps)`` of its norm has lost at least half its digits to cancellation (its direction
+    is known to ``eps / ratio`` only); it is an invariant subspace, replaced by a fresh random
+    unit vector orthogonal to everything, and its tiny coefficient is kept. Above the
+    threshold the row's own direction is kept."""
+    from analysis.lanczos import _orthogonalise
+    m, n = 5, 60
+    basis, V = _orthonormal_basis(m, n)
+    gen = torch.Generator().manual_seed(3)
+    outside = torch.randn(n, dtype=torch.float64, generator=gen)
+    outside -= V.T @ (V @ outside)
+    outside /= torch.linalg.vector_norm(outside)
+    w = V.T @ torch.ones(m, dtype=torch.float64) / m ** 0.5 + ratio * outside  # norm ~1
+    q, coef = _orthogonalise(w.clone()[None], basis, m, gen)
+    assert (V @ q[0]).abs().max() < 1e-14
+    assert abs(torch.linalg.vector_norm(q[0]).item() - 1) < 1e-14
+    assert coef[m, 0].item() == pytest.approx(ratio, rel=1e-5)  # the coefficient is kept
+    cosine = abs(float(q[0] @ outside))
+    assert (cosine < 0.5) if replaced else (cosine > 1 - 1e-9)
+    rebuilt = V.T @ coef[:m, 0] + q[0] * coef[m, 0]  # exact, or to sqrt(eps) when replaced
+    assert (rebuilt - w).abs().max() < 2 * ratio

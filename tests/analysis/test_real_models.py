@@ -76,20 +76,23 @@ def build(arch: str, *, attn: str = "sdpa", seed: int = 0, dtype=torch.float64, 
             mask = torch.ones(n, 6, dtype=torch.long)
             mask[0, 4:] = 0  # padding
             data.append({"input_ids": torch.randint(0, 16, (n, 6), generator=gen),
-                         "attention_mask": mask, "token_type_ids": torch.zeros(n, 6, dtype=torch.long),
+                         "attention_mask": mask,
+                         "token_type_ids": torch.zeros(n, 6, dtype=torch.long),
                          "labels": _labels(n, 3, gen)})
     elif arch == "vit":
         cfg = ViTConfig(image_size=8, patch_size=4, num_channels=1, hidden_size=8,
                         num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
                         num_labels=3, attn_implementation=attn)
         model = ViTForImageClassification(cfg)
-        data = [{"pixel_values": torch.randn(n, 1, 8, 8, generator=gen), "labels": _labels(n, 3, gen)}
+        data = [{"pixel_values": torch.randn(n, 1, 8, 8, generator=gen),
+                 "labels": _labels(n, 3, gen)}
                 for n in (3, 2)]
     else:
         cfg = ResNetConfig(num_channels=1, embedding_size=4, hidden_sizes=[4, 8], depths=[1, 1],
                            layer_type="basic", num_labels=3)
         model = ResNetForImageClassification(cfg)
-        data = [{"pixel_values": torch.randn(n, 1, 16, 16, generator=gen), "labels": _labels(n, 3, gen)}
+        data = [{"pixel_values": torch.randn(n, 1, 16, 16, generator=gen),
+                 "labels": _labels(n, 3, gen)}
                 for n in (3, 2)]
         model.train()
         with torch.no_grad():  # running statistics away from their initial 0 / 1
@@ -245,7 +248,8 @@ def test_plane_and_interpolation_equal_direct_evaluation(case):
     for i, y in enumerate(ys):
         for j, x in enumerate(xs):
             point = {n: w[n].detach() + x * d1[n] + y * d2[n] for n in d1}
-            assert res.losses[i, j] == pytest.approx(loss_at(case.ref, loss, data, point), rel=1e-10)
+            assert res.losses[i, j] == pytest.approx(loss_at(case.ref, loss, data, point),
+                                                     rel=1e-10)
     assert_state(model, snap)
     other, _ = build(case.arch, seed=1)
     alphas = np.array([0.3, 0.7])
@@ -263,7 +267,8 @@ def _nd_groups(params):
     """ND-Adam's unit-vector constraint where every weight vector is nonzero (an embedding's
     padding row is zero: that tensor gets plain Adam)."""
     params = list(params)
-    zero = [p for p in params if p.dim() >= 2 and bool((p.detach().flatten(1).norm(dim=1) == 0).any())]
+    zero = [p for p in params
+            if p.dim() >= 2 and bool((p.detach().flatten(1).norm(dim=1) == 0).any())]
     return [{"params": [p for p in params if all(p is not z for z in zero)]},
             {"params": zero, "nd": False}]
 
@@ -363,7 +368,8 @@ def test_bf16_gpt2_agrees_with_its_float32_copy():
     np.testing.assert_allclose(*surfaces, rtol=2e-2)
     other = GPT2LMHeadModel(cfg).to(torch.bfloat16).eval()
     res = interpolate(low, other, hf_loss, data, [0.5], progress=False)
-    assert np.isfinite(res.losses).all() and res.loss_a == pytest.approx(surfaces[1][0, 0], rel=2e-2)
+    assert np.isfinite(res.losses).all() and res.loss_a == pytest.approx(surfaces[1][0, 0],
+                                                                         rel=2e-2)
     assert np.isfinite(line(low, hf_loss, data, d1, [0.5], progress=False).losses).all()
     assert worst_case_sharpness(low, hf_loss, data, rho=0.05, steps=2, progress=False).value >= 0
     assert np.isfinite(average_sharpness(low, hf_loss, data, n_samples=2, progress=False).value)
@@ -388,8 +394,8 @@ def test_loss_dtype_may_differ_from_the_parameters():
     assert np.isfinite(interpolate(model, mlp(seed=1), loss32, data, [0.5], progress=False).barrier)
     assert worst_case_sharpness(model, loss32, data, rho=0.01, steps=2, progress=False).value >= 0
     assert np.isfinite(average_sharpness(model, loss32, data, n_samples=2, progress=False).value)
-    assert np.isfinite(keskar_sharpness(model, loss32, data, maxiter=2, progress=False).value)
-    assert pac_bayes_sigma(model, loss32, data, n_samples=2, depth=3, progress=False).sigma > 0
+    assert np.isfinite(keskar_sharpness(model, loss32, data, max_iter=2, progress=False).value)
+    assert pac_bayes_sigma(model, loss32, data, n_samples=2, max_iter=3, progress=False).sigma > 0
     assert_unchanged(model, snap)
 
 
@@ -422,7 +428,8 @@ def test_op_without_double_backward_is_named():
     x = torch.randn(5, 3, dtype=torch.float64)
     data = [(x, torch.arange(5) % 4)]
     loss = supervised(nn.CrossEntropyLoss())
-    with pytest.raises(NotImplementedError, match="_cdist_backward has no second derivative.*params="):
+    with pytest.raises(NotImplementedError,
+                       match="_cdist_backward has no second derivative.*params="):
         top_eigenvalues(Distances(), loss, data, progress=False)
     assert worst_case_sharpness(Distances(), loss, data, steps=2, progress=False).value >= 0
 

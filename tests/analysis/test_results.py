@@ -60,8 +60,8 @@ def results():
         analysis.average_sharpness(model, CE, data, n_samples=4, **QUIET),
         analysis.worst_case_sharpness(model, CE, data, steps=2, **QUIET),
         analysis.sharpness_vs_curvature(model, CE, data, rhos=(0.01,), steps=2, **QUIET),
-        analysis.keskar_sharpness(model, CE, data, subspace_dim=3, maxiter=2, **QUIET),
-        analysis.pac_bayes_sigma(model, CE, data, n_samples=2, depth=2, **QUIET),
+        analysis.keskar_sharpness(model, CE, data, subspace_dim=3, max_iter=2, **QUIET),
+        analysis.pac_bayes_sigma(model, CE, data, n_samples=2, max_iter=2, **QUIET),
         landscape.line(model, CE, data, d1, [-0.5, 0.0, 0.5], **QUIET),
         landscape.plane(model, CE, data, d1, d2, [-0.5, 0.5], [0.0, 0.2, 0.4], **QUIET),
         landscape.interpolate(model, other, CE, data, [0.5], **QUIET),
@@ -146,3 +146,51 @@ def current_umask() -> int:
     mask = os.umask(0)
     os.umask(mask)
     return mask
+
+
+FORMER_TAGS = {  # type tags of files saved before the sharpness measures moved (issue 22)
+    "WorstCaseSharpness": "analysis.sharpness:WorstCaseSharpness",
+    "AverageSharpness": "analysis.sharpness:AverageSharpness",
+    "SharpnessVsCurvature": "analysis.sharpness:SharpnessVsCurvature",
+    "KeskarSharpness": "analysis.flatness:KeskarSharpness",
+    "PacBayesSigma": "analysis.flatness:PacBayesSigma",
+}
+
+
+def _retag(path, old_tag):
+    """Rewrite a saved file as a version before the move wrote it: the type under its old tag."""
+    import json
+
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in f.files}
+    doc = json.loads(str(arrays["__result__"]))
+    new_tag = doc["result"]["__type__"]
+    doc["result"]["__type__"] = old_tag
+    arrays["__result__"] = np.array(json.dumps(doc, sort_keys=True))
+    np.savez(path, **arrays)
+    return new_tag
+
+
+def test_files_saved_before_the_moves_still_load(results, tmp_path):
+    moved = [r for r in results if type(r).__name__ in FORMER_TAGS]
+    assert len(moved) == len(FORMER_TAGS)
+    for r in moved:
+        path = tmp_path / f"{type(r).__name__}.npz"
+        analysis.save_result(r, path)
+        new_tag = _retag(path, FORMER_TAGS[type(r).__name__])
+        assert new_tag != FORMER_TAGS[type(r).__name__]   # the file now holds only the old tag
+        back = analysis.load_result(path)
+        same(r, back, type(r).__name__)
+        analysis.save_result(back, path)                  # written again under the new tag
+        with np.load(path, allow_pickle=False) as f:
+            assert new_tag in str(f["__result__"])
+
+
+def test_a_former_tag_cannot_name_two_types():
+    @dataclasses.dataclass
+    class Other:
+        metadata: dict = dataclasses.field(default_factory=dict)
+
+    with pytest.raises(ValueError, match="already names"):
+        core_results.register_result(formerly=("analysis.flatness:KeskarSharpness",))(Other)
+    assert core_results._TYPES["analysis.flatness:KeskarSharpness"] is analysis.KeskarSharpness

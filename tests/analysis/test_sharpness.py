@@ -15,9 +15,12 @@ from torch import nn
 
 from analysis import (average_sharpness, mean_loss, sharpness_vs_curvature, supervised,
                       worst_case_sharpness)
-from analysis.sharpness import apgd_checkpoints
+from analysis.core import ArgumentTypeError
+from analysis.sharpness.apgd import apgd_checkpoints
+from analysis.sharpness.perturbation import adaptivity
 from tests.oracles import _flat_loss as flat_loss
-from tests.oracles import assert_unchanged, classification_data, cnn_bn, mlp, snapshot, uneven_batches
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, mlp, snapshot,
+                           uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 MSE = supervised(nn.MSELoss())
@@ -475,3 +478,10 @@ def test_two_ranks_give_the_single_process_result():
             assert got["m_loss"] == pytest.approx(mean_loss(model, CE, [(x, y)]), rel=1e-10)
             np.testing.assert_allclose(got["m_batches"].numpy(), per_shard[rank].batch_values,
                                        rtol=1e-12)
+
+
+@pytest.mark.parametrize("adaptive,error", [("Filter", ValueError), (1, ArgumentTypeError),
+                                            (0.5, ArgumentTypeError)])
+def test_adaptive_is_refused_in_the_one_exception_style(adaptive, error):
+    with pytest.raises(error, match="adaptive must be False, True, 'elementwise' or 'filter'"):
+        adaptivity(adaptive)

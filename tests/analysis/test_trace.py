@@ -160,3 +160,42 @@ def test_bad_input():
         hessian_trace(model, ce, [], progress=False)
     with pytest.raises(ValueError, match="groups"):
         layerwise(model, ce, data, groups={}, progress=False)
+
+
+@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
+def test_stderr_is_the_sample_standard_deviation_of_the_probes_over_sqrt_g(method):
+    """The unbiased sample variance (ddof=1) of the g Hutchinson probe values, over g."""
+    A = spectrum_matrix()
+    r = trace_estimate(lambda V: V @ A, 120, 30, method=method, seed=3, like=LIKE)
+    g = len(r.samples)
+    assert g == (10 if method == "hutch++" else 30)
+    sample_var = ((r.samples - r.samples.mean()) ** 2).sum() / (g - 1)
+    assert r.stderr == pytest.approx(np.sqrt(sample_var / g), rel=1e-12)
+
+
+def test_hutch_plus_plus_spends_2n_products_when_the_sketch_spans_everything(monkeypatch):
+    """Documented cost: with n <= n_hvp // 3 the sketch spans R^n, the trace is exact after
+    2n products, and no more are spent (nor reported) whatever n_hvp allows."""
+    A = spectrum_matrix(n=10)
+    spent = []
+
+    def matmat(V):
+        spent.append(len(V))
+        return V @ A
+
+    r = trace_estimate(matmat, 10, 99, method="hutch++", like=LIKE)
+    assert sum(spent) == 20 and r.n_hvp == 20 and len(r.samples) == 0
+    assert r.estimate == pytest.approx(torch.trace(A).item(), rel=1e-12)
+    # the same through a model: the operator's products are counted where they are made
+    from analysis import HessianOperator
+    x, y = classification_data(n=23, d=4)
+    model, data = mlp((4, 3, 3)), uneven_batches(x, y)
+    n = sum(p.numel() for p in model.parameters())
+    rows = []
+    matmat_of = HessianOperator.matmat
+    monkeypatch.setattr(HessianOperator, "matmat",
+                        lambda self, vs: rows.append(len(vs)) or matmat_of(self, vs))
+    tr = hessian_trace(model, ce, data, n_hvp=10 * n, progress=False)
+    assert sum(rows) == 2 * n and tr.n_hvp == 2 * n
+    assert tr.estimate == pytest.approx(torch.trace(exact_hessian(model, ce, data)).item(),
+                                        rel=1e-10)

@@ -12,10 +12,11 @@ import torch
 from torch import nn
 
 from analysis import supervised
-from analysis.diagnostics import Tracker, evaluate, full_grad_norm
+from analysis.metrics import evaluate, full_grad_norm
+from analysis.tracker import Tracker
 from optim import AGD, SALA, SAM, NDAdam, normalize_vectors_
-from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian, mlp,
-                     snapshot, uneven_batches)
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian,
+                           mlp, snapshot, uneven_batches)
 
 LOSS = supervised(nn.CrossEntropyLoss())
 

@@ -1,4 +1,6 @@
-"""What curvature products need from the ops of a model: second derivatives.
+"""Derivatives of the loss through the ops of a model.
+
+Gradients, and the second derivatives that curvature products need:
 
 * Fused scaled-dot-product-attention kernels (flash, memory-efficient, cuDNN: the Hugging Face
   default ``attn_implementation="sdpa"``, timm's fused attention) have a backward but neither a
@@ -36,8 +38,10 @@ REENTRANT = ("torch.utils.checkpoint(use_reentrant=True) hides the parameters of
 
 
 def _explained(err: Exception) -> str | None:
-    """The message of ``err`` rephrased with the op and the fix, or None if it is not about
-    derivatives."""
+    """The message of ``err`` rephrased with the op and the fix.
+
+    None if ``err`` is not about derivatives.
+    """
     text = str(err)
     if (found := _NO_DOUBLE_BACKWARD.search(text)) or _ONCE in text:
         op = found[1].strip("'\"") if found else "a custom autograd.Function (@once_differentiable)"
@@ -60,8 +64,22 @@ def _explained(err: Exception) -> str | None:
 
 @contextmanager
 def explained_errors(enabled: bool = True) -> Iterator[None]:
-    """Re-raise derivative errors of the block (forward and backward passes that need
-    gradients) with the op's name and the fix; a no-op when not ``enabled``."""
+    """Re-raise derivative errors of the block with the op's name and the fix.
+
+    The block's forward and backward passes that need gradients; a reentrant
+    ``torch.utils.checkpoint`` is refused (module docstring).
+
+    Args:
+        enabled: Explain the errors (False: a no-op).
+
+    Yields:
+        None.
+
+    Raises:
+        RuntimeError: A reentrant checkpoint, or an op without the derivative needed (the
+            original error chained).
+        NotImplementedError: Likewise, where PyTorch raised that type.
+    """
     if not enabled:
         yield
         return
@@ -80,14 +98,31 @@ def explained_errors(enabled: bool = True) -> Iterator[None]:
 
 @contextmanager
 def curvature_ops() -> Iterator[None]:
-    """The math SDPA backend and explained derivative errors, for the enclosed products only."""
+    """The math SDPA backend and explained derivative errors, for the enclosed products only.
+
+    Yields:
+        None.
+    """
     with explained_errors(), sdpa_kernel(SDPBackend.MATH):
         yield
 
 
 def gradients(loss: Tensor, params: Sequence[Tensor], *, create_graph: bool = False
               ) -> list[Tensor | None]:
-    """``d loss / d params``, ``None`` for parameters the loss does not depend on."""
+    r"""The gradient $\partial\, \mathrm{loss} / \partial\, \mathrm{params}$.
+
+    Args:
+        loss: A scalar tensor.
+        params: The tensors to differentiate with respect to.
+        create_graph: Keep the graph of the gradient (for a second derivative).
+
+    Returns:
+        One gradient per parameter, ``None`` for parameters the loss does not depend on.
+
+    Raises:
+        RuntimeError: An op without the derivative needed (explained, see
+            :func:`explained_errors`).
+    """
     with explained_errors():
         return list(torch.autograd.grad(loss, params, create_graph=create_graph,
                                         allow_unused=True))

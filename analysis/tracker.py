@@ -19,7 +19,7 @@ Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight
 
 * ``loss`` (mean of the step losses since the last record), ``train_loss``/``train_acc`` on
   ``eval_data``, ``test_loss``/``test_acc`` on ``test_data`` (eval mode; any batch structure,
-  see :mod:`analysis.evaluation`), or ``train_<key>``/``test_<key>`` for the keys of
+  see :mod:`analysis.metrics`), or ``train_<key>``/``test_<key>`` for the keys of
   ``eval_fn(model, batch) -> dict``.
 * ``lambda_max`` of the Hessian on ``curvature_data`` by Lanczos, warm-started from the last
   top eigenvector, and ``eos_ratio`` = lambda_max / (2 / lr): gradient descent with step lr is
@@ -59,57 +59,20 @@ from typing import Any, Callable, Iterable, Sequence
 import torch
 from torch import Tensor, nn
 
-from .core import (ArgumentTypeError, BatchSizeFn, check_bool, check_data, check_int, check_loss,
-                   check_model_mode, check_positive, data_mean, guarded, loss_reduction, LossFn,
-                   make_generator, ParamSelection, preserved, select_params,
-                   unwrap_compiled)
-from .evaluation import EvalFn, evaluate_metrics
-from .ops import explained_errors, gradients
+from .core import (ArgumentTypeError, BatchSizeFn, LossFn, check_bool, check_data, check_int,
+                   check_model_mode, check_positive, make_generator, unwrap_compiled)
+from .metrics import EvalFn, evaluate_metrics, full_grad_norm
 from .preconditioning import optimizer_preconditioner, stability_threshold
 
 Record = dict[str, float]
 
 
-@guarded
-def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
-             model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
-             progress: bool = True) -> tuple[float, float]:
-    """(mean loss, accuracy) over ``data`` (default in eval mode); the model is left unchanged.
-    For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean);
-    NaN accuracy where the batches define none (see :mod:`analysis.evaluation`).
-
-    params: validated like everywhere (the metrics do not depend on the selection).
-    """
-    select_params(model, params)
-    metrics = evaluate_metrics(model, loss_fn, data, model_mode=model_mode,
-                               batch_size_fn=batch_size_fn, progress=progress)
-    return metrics["loss"], metrics["acc"]
-
-
-@guarded
-def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
-                   params: ParamSelection = None, model_mode: str = "eval",
-                   batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
-    """Norm of the gradient of the sample-weighted mean loss over ``data`` with respect to the
-    selected parameters (default all with requires_grad; parameters the loss does not use
-    contribute zero); the model is left unchanged."""
-    model = unwrap_compiled(model)
-    params = select_params(model, params)[1]
-    with preserved(model, model_mode, weights=False):
-        def per_batch(batch):
-            with explained_errors():
-                loss = check_loss(loss_fn(model, batch), " in full_grad_norm")
-            return [torch.zeros_like(p) if g is None else g
-                    for g, p in zip(gradients(loss, params), params)]
-        grads = data_mean(data, per_batch, batch_size_fn, reduction=loss_reduction(loss_fn),
-                          zeros=lambda: [torch.zeros_like(p) for p in params],
-                          progress=progress).values
-    return float(torch.sqrt(sum((g.double() ** 2).sum() for g in grads)))
-
-
 def _row_angles(a: Tensor, b: Tensor) -> Tensor:
-    """Angle between matching rows (slices along dim 0) of ``a`` and ``b``, in radians, as
-    2 asin(|a/|a| - b/|b|| / 2): accurate for the tiny angles of one step, unlike arccos."""
+    r"""The angle between matching rows (slices along dim 0) of ``a`` and ``b``, in radians.
+
+    $2 \arcsin(\|a/\|a\| - b/\|b\|\| / 2)$: accurate for the tiny angles of one step,
+    unlike $\arccos$.
+    """
     a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
     a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)
     b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-30)
@@ -122,24 +85,73 @@ def _cosine(a: Tensor, b: Tensor) -> float:
 
 
 class Tracker:
-    """Training callback: call ``step(optimizer, loss)`` after every optimizer step.
+    r"""Training callback that records curvature and optimizer diagnostics.
 
-    model, loss_fn: the trained model and the ``loss_fn(model, batch)`` protocol.
-    every: log every ``every`` optimizer steps (and whenever ``log`` is called).
-    eval_data, test_data: iterables of batches, recorded as ``train_<metric>`` and
-        ``test_<metric>``: loss and accuracy by default (``(inputs, targets)`` tuples, dict
-        batches with ``"labels"``, outputs that are tensors or have ``.loss``/``.logits``), or
-        the metrics of ``eval_fn(model, batch) -> dict``, sample-weighted over the batches
-        (counted by ``batch_size_fn``, default :func:`analysis.core.default_batch_size`).
-    curvature_data: the batches on which lambda_max and the trace are computed.
-    lambda_max, trace: switch those (HVP-based, so the costly) quantities on.
-    grad_norm: log the norm of the gradient of the mean loss over ``curvature_data``.
-    lanczos_tol, lanczos_max_hvp: stopping rule of each warm-started Lanczos run.
-    trace_n_hvp: Hessian-vector products per trace estimate.
-    layers: record per-layer quantities (norms, angles, cosines, sgd_fraction per layer).
-    seed: seed of the stochastic estimators (the same at every record, so the curves are smooth).
-    The determinism check of ``curvature_data`` (two forward passes) runs at the first
-    curvature computation only: the batches are the same at every record.
+    Call ``step(optimizer, loss)`` after every optimizer step (and, optionally, wrap the
+    closure in ``count`` to count forward-backward passes); every ``every`` steps a record
+    (a flat dict, module docstring) is appended to ``records``. Only the quantities switched
+    on are measured; the defaults record the step loss, the learning rate, the per-layer
+    statistics and the optimizer's own diagnostics, which cost no data pass.
+
+    Args:
+        model: The trained model (a ``torch.compile``'d module is unwrapped).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the ``analysis`` protocol.
+        every: Record every ``every`` optimizer steps (>= 1; default 10), and whenever
+            ``log`` is called.
+        eval_data: Batches recorded as ``train_<metric>`` (default None: not recorded), in
+            eval mode, sample-weighted over the batches.
+        test_data: Batches recorded as ``test_<metric>`` (default None), likewise.
+        eval_fn: ``eval_fn(model, batch) -> dict`` of metrics for ``eval_data`` and
+            ``test_data`` (default None: loss and accuracy, ``acc``, of
+            :func:`analysis.metrics.default_metrics`: ``(inputs, targets)`` tuples, dict
+            batches with ``"labels"``, outputs that are tensors or have ``.loss``/``.logits``).
+        batch_size_fn: ``batch -> int`` sample count of the evaluation batches (default None:
+            :func:`analysis.core.default_batch_size`).
+        curvature_data: The batches on which ``lambda_max``, ``trace`` and ``grad_norm`` are
+            computed (required when any of them is on; default None). Its determinism check
+            (two forward passes) runs at the first curvature record only: the batches are the
+            same at every record.
+        lambda_max: Record ``lambda_max``, the top Hessian eigenvalue on ``curvature_data`` by
+            Lanczos warm-started from the last top eigenvector, its ``lanczos_hvp`` and
+            ``eos_ratio`` $= \lambda_{\max} \eta / 2$ (gradient descent with step $\eta$ is
+            stable on a quadratic only while this is <= 1, Cohen et al. 2021). With an
+            optimizer exposing a diagonal preconditioner $P$ also
+            ``preconditioned_lambda_max`` $= \lambda_{\max}(P^{-1} H)$,
+            ``preconditioned_lanczos_hvp`` and ``preconditioned_eos_ratio`` (over the
+            threshold $(2 + 2\beta_1) / ((1 - \beta_1) \eta)$, Cohen et al. 2022). Default
+            False.
+        trace: Record ``trace``, the Hessian trace on ``curvature_data`` by Hutch++ (default
+            False).
+        grad_norm: Record ``grad_norm``, the norm of the gradient of the mean loss over
+            ``curvature_data`` (default False).
+        lanczos_tol: Convergence tolerance of each warm-started Lanczos run (> 0; default
+            1e-3).
+        lanczos_max_hvp: Hessian-vector product budget of each Lanczos run (>= 1; default
+            50).
+        trace_n_hvp: Hessian-vector products per trace estimate (>= 4, what Hutch++ needs;
+            default 30).
+        layers: Record the per-layer quantities ``wnorm/<name>``, ``rownorm/<name>``,
+            ``angle/<name>``, ``cos/<name>`` and ``sgd_fraction/<name>`` (default True).
+        seed: Seed of the stochastic estimators, the same at every record so the curves are
+            smooth (default 0).
+        model_mode: The mode the curvature quantities are computed in, "eval" or "train"
+            (default "eval"; the model's own mode is restored).
+        optimizer_methods: Zero-argument optimizer methods recorded under ``opt_<method>``
+            (or ``opt_<method>/<name>`` when they return a dict per parameter index) where the
+            optimizer has them (default: ND-Adam's ``("angular_step", "update_cosine")``).
+
+    Attributes:
+        records: The records, in order.
+        n_steps: Optimizer steps accounted so far.
+        passes: Forward-backward passes counted by ``count``.
+        n_hvp: Hessian-vector products spent by the tracker.
+        train_time: Wall time of training so far, excluding the tracker's own work.
+        overhead: The tracker's own wall time.
+
+    Raises:
+        ValueError: An option outside its range, ``curvature_data`` missing while a curvature
+            quantity is on, or data that is not an iterable of batches.
+        ArgumentTypeError: ``optimizer_methods`` is not a sequence of method names.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
@@ -196,7 +208,14 @@ class Tracker:
 
     # -- hooks called by the training loop ------------------------------------------------
     def count(self, closure: Callable[[], Tensor]) -> Callable[[], Tensor]:
-        """``closure`` wrapped so that each call counts one forward-backward pass."""
+        """Count the forward-backward passes of an optimizer's closure.
+
+        Args:
+            closure: The closure passed to ``optimizer.step``.
+
+        Returns:
+            ``closure`` wrapped so that each call adds one to ``passes``.
+        """
         def counted():
             self.passes += 1
             return closure()
@@ -214,7 +233,16 @@ class Tracker:
                                              for n, p in self.model.named_parameters()})
 
     def step(self, optimizer: Any, loss: Tensor | float | None = None) -> Record | None:
-        """Account one optimizer step; log (and return the record) every ``every`` steps."""
+        """Account one optimizer step; record every ``every`` steps.
+
+        Args:
+            optimizer: The optimizer (read by duck typing: ``param_groups``, preconditioner,
+                ``sgd_fraction``, ``stage``, ``distance``, the ``optimizer_methods``).
+            loss: The step's loss (kept on its device until the next record), or None.
+
+        Returns:
+            The record made at this step, or None.
+        """
         now = self._stop_clock()
         self.n_steps += 1
         if loss is not None:             # kept on its device: no host sync between records
@@ -225,7 +253,14 @@ class Tracker:
         return record
 
     def log(self, optimizer: Any = None) -> Record:
-        """Measure everything now and append the record (outside of ``step``, e.g. at the end)."""
+        """Measure everything now and append the record (outside of ``step``, e.g. at the end).
+
+        Args:
+            optimizer: The optimizer, or None (no optimizer quantities).
+
+        Returns:
+            The record.
+        """
         now = self._stop_clock()
         record = self._record(optimizer, now)
         self._restart_clock(now)
@@ -350,7 +385,8 @@ class Tracker:
             out["opt_closure_calls"] = float(optimizer.n_closure_calls)
         for attr in ("stage", "distance"):
             value = getattr(optimizer, attr, None)
-            if isinstance(value, (int, float)) or (isinstance(value, Tensor) and value.numel() == 1):
+            if isinstance(value, (int, float)) or (isinstance(value, Tensor)
+                                                   and value.numel() == 1):
                 out[attr] = float(value)
         for method in self.optimizer_methods:
             fn = getattr(optimizer, method, None)
@@ -372,22 +408,40 @@ class Tracker:
 
     # -- output -----------------------------------------------------------------------------
     def keys(self) -> list[str]:
-        """All record keys, in first-seen order."""
+        """All record keys, in first-seen order.
+
+        Returns:
+            The keys.
+        """
         seen: dict[str, None] = {}
         for rec in self.records:
             seen.update(dict.fromkeys(rec))
         return list(seen)
 
     def history(self, key: str) -> tuple[list[float], list[float]]:
-        """(steps, values) of ``key`` over the records that have it."""
+        """The history of one quantity.
+
+        Args:
+            key: A record key.
+
+        Returns:
+            ``(steps, values)`` over the records that have ``key``.
+        """
         pairs = [(r["step"], r[key]) for r in self.records if key in r]
         return [s for s, _ in pairs], [v for _, v in pairs]
 
     def save(self, stem: str | Path, meta: dict | None = None) -> tuple[Path, Path]:
-        """Write ``stem.json`` (records plus ``meta``) and ``stem.csv``; return both paths.
+        """Write ``stem.json`` (records plus ``meta``) and ``stem.csv``.
 
         The suffixes are appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.json``);
         a name ending in ``.json`` or ``.csv`` has that ending replaced.
+
+        Args:
+            stem: The path without suffix (its folder is created).
+            meta: Stored beside the records in the JSON file.
+
+        Returns:
+            The paths of the JSON and the CSV file.
         """
         stem = Path(stem)
         if stem.suffix.lower() in (".json", ".csv"):
@@ -404,7 +458,15 @@ class Tracker:
         return js, cs
 
     def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """One panel per quantity group (per-layer keys share a panel); saved as PNG."""
+        """Plot one panel per quantity group (per-layer keys share a panel), saved as PNG.
+
+        Args:
+            path: The PNG file (its folder is created).
+            title: The figure's title.
+
+        Returns:
+            ``path``.
+        """
         import matplotlib
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt

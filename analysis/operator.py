@@ -1,0 +1,337 @@
+r"""The base of every curvature matrix, and the registry behind ``curvature=``.
+
+A curvature matrix here is the sample-weighted mean over the batches of ``data`` of a per-batch
+matrix $A_b$, the curvature of the batch's mean loss $L_b$ w.r.t. the selected parameters
+$\theta$:
+
+$$A = \frac{1}{N} \sum_b n_b A_b, \qquad N = \sum_b n_b,$$
+
+($A = \sum_b A_b$ for a sum-reduced ``loss_fn``). :class:`CurvatureOperator` owns everything but
+$A_b$: the sample-weighted reduction (:func:`analysis.core.data_mean`, all-reduced over the
+ranks' shards under ``torch.distributed``), the restoration of the model
+(:func:`analysis.core.preserved`), the optional diagonal preconditioning
+$P^{-1/2} A P^{-1/2}$, and the products ``matvec`` / ``matmat`` / ``to_scipy``. A subclass
+implements one method, :meth:`CurvatureOperator.batch_product` ($A_b V$), and
+:func:`register_curvature` makes it available as ``curvature=name`` in
+:func:`analysis.top_eigenvalues`, :func:`analysis.hessian_trace`,
+:func:`analysis.spectral_density` and :func:`analysis.layerwise`.
+
+The built-ins are registered the same way: ``"hessian"`` (:class:`analysis.HessianOperator`),
+``"ggn"``, ``"fisher"`` (the exact Fisher) and ``"empirical_fisher"``
+(:mod:`analysis.curvature`).
+"""
+from __future__ import annotations
+
+import abc
+import inspect
+from typing import Any, Callable, Iterable
+
+import numpy as np
+import torch
+from scipy.sparse.linalg import LinearOperator
+from torch import Tensor, nn
+
+from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check_choice,
+                   check_data, check_model_mode, data_mean, guarded, loss_reduction, LossFn,
+                   numel, ParamSelection, preserved, select_params, unwrap_compiled,
+                   working_dtype)
+from .derivatives import curvature_ops
+from .preconditioning import Preconditioner, inverse_sqrt
+
+_REGISTRY: dict[str, type["CurvatureOperator"]] = {}
+
+
+class CurvatureOperator(abc.ABC):
+    r"""The curvature matrix $A = \frac{1}{N}\sum_b n_b A_b$ of the mean loss over ``data``.
+
+    The public base of every curvature (module docstring). A subclass implements
+    :meth:`batch_product`; everything else is here. Vectors are flat, in
+    ``model.named_parameters()`` order of the selected parameters (``.names``). Every call
+    restores the model (mode, grads, buffers, requires_grad) before returning; inside
+    ``with operator:`` the model stays in analysis mode until the block exits, which saves the
+    per-call snapshot and lets :meth:`cached` keep a one-batch ``data``'s graph between
+    products.
+
+    Args:
+        model: The model; a ``torch.compile``'d one is analysed through its original module.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss (or its sum, with
+            ``loss_fn.reduction == "sum"``: the operator is then that of the total loss).
+        data: An iterable of batches, passed over once per product.
+        params: ``None`` (all with requires_grad), names, parameters or a predicate
+            ``f(name, parameter)``; the operator is the matching block of the full matrix.
+        model_mode: ``"eval"`` or ``"train"``, the mode during the products.
+        batch_size_fn: Sample count of a batch (default
+            :func:`analysis.core.default_batch_size`, the leading dimension of its first
+            tensor).
+        progress: Show a bar over the batches of each product.
+        reuse_graph: Let :meth:`cached` keep a one-batch ``data``'s per-batch state (e.g. its
+            gradient graph) inside ``with`` blocks.
+        preconditioner: A diagonal $P$ (see :mod:`analysis.preconditioning`); the operator is
+            then $P^{-1/2} A P^{-1/2}$, read from an optimizer once, at construction.
+        check_deterministic: First check that two passes over ``data`` give the same sample
+            counts and loss (``analysis.core.guards``); False skips the two forward passes.
+
+    Raises:
+        ValueError: For a bad ``data``, ``model_mode``, ``params`` or ``preconditioner``.
+        TypeError: For a non-bool ``progress`` or ``reuse_graph``.
+
+    Attributes:
+        names, params: The selected parameters.
+        shape: ``(n, n)`` with ``n`` their number of elements.
+        like: A 0-d tensor of the products' dtype and device (float32 for bfloat16/float16
+            models).
+        n_hvp: Products computed so far (one per vector).
+        curvature: The registered name (set by the routines; a class attribute by default).
+    """
+
+    curvature: str = ""
+
+    @guarded
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                 params: ParamSelection = None, model_mode: str = "eval",
+                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                 reuse_graph: bool = True, preconditioner: Preconditioner = None,
+                 check_deterministic: bool = True):
+        model = unwrap_compiled(model)
+        check_data(data)
+        check_model_mode(model_mode)
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.reduction = loss_reduction(loss_fn)
+        self.model_mode, self.batch_size_fn = model_mode, batch_size_fn
+        self.progress = check_bool("progress", progress)
+        self.names, self.params = select_params(model, params)
+        n = numel(self.params)
+        self.shape = (n, n)
+        self.dtype, self.device = self.params[0].dtype, self.params[0].device
+        self.scale = inverse_sqrt(preconditioner, model, self.names, self.params)
+        # products come back in the working precision (float32 for bfloat16/float16 models)
+        self.like = torch.empty((), dtype=working_dtype(self.dtype), device=self.device)
+        self.n_hvp = 0
+        self._reuse = (check_bool("reuse_graph", reuse_graph) and isinstance(data, (list, tuple))
+                       and len(data) == 1)
+        self._graph: Any = None  # the per-batch state kept by `cached`
+        self._context = None
+        self._depth = 0
+
+    @abc.abstractmethod
+    def batch_product(self, batch: Any, V: Tensor) -> Tensor:
+        r"""One batch's curvature $A_b$ (of its mean loss) times ``V``: $A_b V$.
+
+        Called by :meth:`matmat` once per batch, with gradients enabled, the model in
+        ``model_mode`` and the parameters ``self.params`` requiring grad. The base averages
+        the results over the batches (weighted by their sample counts), all-reduces them
+        under ``torch.distributed`` and applies the preconditioner.
+
+        Args:
+            batch: One batch of ``data``.
+            V: ``[n, k]``, ``k >= 1`` vectors as columns, flat over the selected parameters
+                (``analysis.core.unflatten(V[:, j], self.params)`` splits one per parameter).
+                In :meth:`matmat` it is the transpose of a contiguous ``[k, n]`` tensor, so
+                ``V.T`` is contiguous.
+
+        Returns:
+            ``[n, k]``: $A_b V$ in ``V``'s dtype.
+        """
+
+    @property
+    def preconditioned(self) -> bool:
+        r"""Whether the operator is $P^{-1/2} A P^{-1/2}$ (a ``preconditioner`` was given)."""
+        return self.scale is not None
+
+    # -- model restoration -------------------------------------------------------------
+    def __enter__(self) -> "CurvatureOperator":
+        if self._depth == 0:
+            self._context = preserved(self.model, self.model_mode, weights=False,
+                                      trainable=self.params)
+            self._context.__enter__()
+        self._depth += 1
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._depth -= 1
+        if self._depth == 0:
+            self._graph = None
+            context, self._context = self._context, None
+            context.__exit__(*exc)
+
+    def cached(self, build: Callable[[], Any]) -> Any:
+        """``build()``, kept for the rest of a ``with`` block when ``data`` is one batch.
+
+        For :meth:`batch_product`: per-batch state that does not depend on the vectors (a
+        gradient graph, a linearisation) is then built once per ``with`` block instead of once
+        per product (PyHessian's trick), when ``reuse_graph`` is on.
+
+        Args:
+            build: Computes the state from the current batch.
+
+        Returns:
+            The state: the kept one when there is one, else ``build()``.
+        """
+        if self._reuse and self._graph is not None:
+            return self._graph
+        value = build()
+        if self._reuse and self._depth > 1:  # inside a user's or a routine's `with` block
+            self._graph = value
+        return value
+
+    # -- products ----------------------------------------------------------------------
+    def matvec(self, v: Tensor) -> Tensor:
+        """The product with one vector.
+
+        Args:
+            v: A 1-D tensor of length ``shape[0]``.
+
+        Returns:
+            ``A v``, 1-D, in the working dtype (:attr:`like`).
+
+        Raises:
+            ValueError: When ``v`` is not a 1-D tensor of that length, or not finite.
+        """
+        if not isinstance(v, Tensor) or v.dim() != 1:
+            raise ValueError(f"v must be a 1-D tensor of length {self.shape[0]}")
+        return self.matmat(v.unsqueeze(0))[0]
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """The product with each row of ``vs``, in one pass over the data.
+
+        Args:
+            vs: ``[b, n]``, one vector per row; with ``b = 0`` nothing is computed.
+
+        Returns:
+            ``[b, n]``: ``A v`` for each row ``v``, in the working dtype (:attr:`like`).
+
+        Raises:
+            ValueError: When ``vs`` is not ``[b, n]`` or not finite, and when
+                :meth:`batch_product` returns a wrong shape.
+        """
+        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.shape[0]:
+            shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
+            raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
+                             f"selected parameter elements), got {shape}")
+        if not all_finite(vs):
+            raise ValueError("vectors must be finite (they hold NaN or inf)")
+        if not len(vs):  # no vector (e.g. Hutch++ whose sketch spans everything): no pass
+            return torch.zeros_like(vs, dtype=self.like.dtype, device=self.device)
+        vs = vs.to(self.device, self.dtype)
+        if self.scale is not None:
+            vs = vs * self.scale
+        with self, torch.enable_grad(), curvature_ops():
+            out = data_mean(self.data, lambda batch: [self._rows_product(batch, vs)],
+                            self.batch_size_fn, reduction=self.reduction,
+                            zeros=lambda: [torch.zeros_like(vs)],
+                            progress=self.progress).values[0]
+        self.n_hvp += vs.shape[0]
+        return out if self.scale is None else out.mul_(self.scale)
+
+    def _rows_product(self, batch: Any, vs: Tensor) -> Tensor:
+        """:meth:`batch_product` on the rows of ``vs`` (``[b, n]``), its result as rows."""
+        out = self.batch_product(batch, vs.T)
+        if not isinstance(out, Tensor) or tuple(out.shape) != tuple(vs.shape[::-1]):
+            got = tuple(out.shape) if isinstance(out, Tensor) else type(out).__name__
+            raise ValueError(f"{type(self).__name__}.batch_product must return a tensor of "
+                             f"shape {tuple(vs.shape[::-1])} ([n, k], like V), got {got}")
+        return out.T.contiguous()  # no copy for the built-ins, whose rows are contiguous
+
+    def to_scipy(self) -> LinearOperator:
+        """A scipy ``LinearOperator`` (float64 numpy in and out) for ``eigsh``, CG and friends.
+
+        Returns:
+            The operator; ``matvec``, ``matmat`` and ``rmatvec`` all call :meth:`matmat`.
+        """
+        def apply(x: np.ndarray) -> np.ndarray:
+            x = np.asarray(x, dtype=np.float64)
+            vs = torch.from_numpy(x.reshape(self.shape[0], -1).T.copy())
+            return self.matmat(vs).to(torch.float64).cpu().numpy().T.reshape(x.shape)
+
+        return LinearOperator(self.shape, matvec=apply, matmat=apply, rmatvec=apply,
+                              dtype=np.float64)
+
+
+def register_curvature(name: str, cls: type, *, override: bool = False) -> type:
+    """Make ``curvature=name`` build ``cls`` in every routine that takes ``curvature=``.
+
+    The routines construct ``cls(model, loss_fn, data, params=..., model_mode=...,
+    batch_size_fn=..., progress=False, preconditioner=...)`` (plus ``hvp_method=`` when it is
+    not ``"reverse"`` and ``cls`` takes it), so a subclass of :class:`CurvatureOperator` that
+    keeps the base's constructor keywords works as it is. Registering the same class under
+    its own name again does nothing.
+
+    Args:
+        name: The name, a non-empty string.
+        cls: A concrete subclass of :class:`CurvatureOperator` (implementing
+            :meth:`~CurvatureOperator.batch_product`).
+        override: Replace a class already registered under ``name``.
+
+    Returns:
+        ``cls`` (so it can be used as ``register_curvature(name, cls)`` in an expression).
+
+    Raises:
+        TypeError: When ``name`` is not a non-empty string, ``cls`` is not a subclass of
+            :class:`CurvatureOperator`, or does not implement ``batch_product``.
+        ValueError: When ``name`` is registered to another class and ``override`` is False.
+    """
+    if not isinstance(name, str) or not name:
+        raise ArgumentTypeError(f"name must be a non-empty string, got {name!r}")
+    if not (isinstance(cls, type) and issubclass(cls, CurvatureOperator)):
+        raise ArgumentTypeError(f"cls must be a subclass of analysis.CurvatureOperator, got "
+                                f"{cls!r}")
+    if inspect.isabstract(cls):
+        raise ArgumentTypeError(f"cls must implement batch_product(batch, V): {cls.__name__} "
+                                "is abstract")
+    check_bool("override", override)
+    old = _REGISTRY.get(name)
+    if old is not None and old is not cls and not override:
+        raise ValueError(f"curvature {name!r} is already registered to "
+                         f"{old.__module__}.{old.__qualname__}; pass override=True to replace it")
+    _REGISTRY[name] = cls
+    return cls
+
+
+def registered_curvatures() -> tuple[str, ...]:
+    """The names ``curvature=`` accepts, in registration order.
+
+    Returns:
+        The registered names (the built-ins first).
+    """
+    return tuple(_REGISTRY)
+
+
+def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                       params: ParamSelection = None, model_mode: str = "eval",
+                       batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                       hvp_method: str = "reverse", preconditioner: Preconditioner = None
+                       ) -> CurvatureOperator:
+    """The operator of a registered ``curvature=`` name, as the routines build it.
+
+    Args:
+        curvature: A registered name (:func:`registered_curvatures`).
+        model: As :class:`CurvatureOperator`.
+        loss_fn: As :class:`CurvatureOperator`.
+        data: As :class:`CurvatureOperator`.
+        params: As :class:`CurvatureOperator`.
+        model_mode: As :class:`CurvatureOperator`.
+        batch_size_fn: As :class:`CurvatureOperator`.
+        progress: As :class:`CurvatureOperator`.
+        hvp_method: Passed on when it is not ``"reverse"`` (the default of every operator),
+            to a class that takes it (:class:`analysis.HessianOperator`).
+        preconditioner: As :class:`CurvatureOperator`.
+
+    Returns:
+        The operator, its ``curvature`` attribute set to the name.
+
+    Raises:
+        ValueError: For a name that is not registered (the message lists those that are), and
+            for ``hvp_method`` other than ``"reverse"`` with a class that does not take it.
+    """
+    check_choice("curvature", curvature, registered_curvatures())
+    cls = _REGISTRY[curvature]
+    common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
+                  progress=progress, preconditioner=preconditioner)
+    if hvp_method != "reverse":
+        if "hvp_method" not in inspect.signature(cls.__init__).parameters:
+            raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only '
+                             f"(an operator taking hvp_method=), got curvature={curvature!r}")
+        common["hvp_method"] = hvp_method
+    op = cls(model, loss_fn, data, **common)
+    op.curvature = curvature
+    return op
