@@ -219,13 +219,15 @@ class FiniteDifference:
                 out.append(row)
         return out
 
-    def combine(self, differences: Sequence[Sequence[Pieces]], steps: Sequence[float]
-                ) -> list[Pieces]:
+    def combine(self, differences: Sequence[Sequence[Pieces]], steps: Sequence[float], *,
+                record: bool = True) -> list[Pieces]:
         """The products from (reduced) :meth:`differences`; records steps and error estimates.
 
         Args:
             differences: per vector ``[D(h)]`` or ``[D(h), D(2h)]``.
             steps: the steps they were taken with.
+            record: keep the steps and error estimates (False for a part of a product, e.g.
+                one batch's, whose estimate is not that of the product).
 
         Returns:
             Per vector, $D(h)$, or $R(h)$ with ``richardson``.
@@ -237,12 +239,15 @@ class FiniteDifference:
                 far = row[1]
                 if self.richardson:
                     product = [(4 * a - b) / 3 for a, b in zip(row[0], far)]
+            if self.estimate_error and record:
                 gap = [a - b for a, b in zip(row[0], far)]
                 error = math.sqrt(dot(gap, gap))
                 size = math.sqrt(dot(product, product))
                 self.errors.append(error)
-                self.relative_errors.append(error / size if size > 0 else math.inf * error)
-            self.steps.append(float(h))
+                self.relative_errors.append(error / size if size > 0 else
+                                            math.inf if error else 0.0)
+            if record:
+                self.steps.append(float(h))
             out.append(product)
         return out
 

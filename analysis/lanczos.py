@@ -595,8 +595,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         max_basis: Basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
             vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
             ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
-        hvp_method: ``"reverse"`` or ``"forward"`` (:class:`analysis.HessianOperator`; the
-            Hessian only).
+        hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"``
+            (:class:`analysis.HessianOperator`; the Hessian only). Finite differences record
+            their step and error estimate in ``metadata["hvp"]``.
         curvature: A registered name: "hessian", "ggn", "fisher" (exact), "empirical_fisher"
             (:mod:`analysis.curvature`) or one added by :func:`analysis.register_curvature`.
         preconditioner: A diagonal $P$; the eigenpairs are then those of
@@ -650,4 +651,4 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     theta, U, resid, n_hvp, ok = out
     return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
                        list(op.names), curvature=op.curvature,
-                       preconditioned=op.preconditioned)
+                       preconditioned=op.preconditioned, metadata=op.product_metadata())

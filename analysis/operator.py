@@ -215,13 +215,36 @@ class CurvatureOperator(abc.ABC):
         vs = vs.to(self.device, self.dtype)
         if self.scale is not None:
             vs = vs * self.scale
-        with self, torch.enable_grad(), curvature_ops():
-            out = data_mean(self.data, lambda batch: [self._rows_product(batch, vs)],
-                            self.batch_size_fn, reduction=self.reduction,
-                            zeros=lambda: [torch.zeros_like(vs)],
-                            progress=self.progress).values[0]
+        out = self.reduced_product(vs)
         self.n_hvp += vs.shape[0]
         return out if self.scale is None else out.mul_(self.scale)
+
+    def reduced_product(self, vs: Tensor) -> Tensor:
+        """The full-data product of the rows of ``vs`` (validated, preconditioner applied).
+
+        The sample-weighted mean of :meth:`batch_product` over ``data`` (all-reduced over
+        ranks). A subclass whose products do not split by batch (finite differences, whose
+        error estimate is that of the full-data product) overrides this instead.
+
+        Args:
+            vs: ``[b, n]`` in the model's dtype and device, ``b >= 1``.
+
+        Returns:
+            ``[b, n]``, the products.
+        """
+        with self, torch.enable_grad(), curvature_ops():
+            return data_mean(self.data, lambda batch: [self._rows_product(batch, vs)],
+                             self.batch_size_fn, reduction=self.reduction,
+                             zeros=lambda: [torch.zeros_like(vs)],
+                             progress=self.progress).values[0]
+
+    def product_metadata(self) -> dict:
+        """What the products so far used, for the result's ``metadata`` (empty by default).
+
+        Returns:
+            A JSON-representable dict (e.g. the finite-difference step and error estimate).
+        """
+        return {}
 
     def _rows_product(self, batch: Any, vs: Tensor) -> Tensor:
         """:meth:`batch_product` on the rows of ``vs`` (``[b, n]``), its result as rows."""

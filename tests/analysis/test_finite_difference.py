@@ -1,11 +1,18 @@
 """Finite-difference Hessian-vector products (analysis.finite_difference) against the exact
 Hessian: step rule, Richardson, error estimate, bit-exact restoration, eigenvalues."""
 import math
+import os
+from datetime import timedelta
 
+import numpy as np
 import pytest
 import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from torch.nn import functional as F
+from torch.nn.parallel import DistributedDataParallel
 
+from analysis import hessian_trace, HessianOperator, top_eigenvalues
 from analysis.core import preserved
 from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference
 from analysis.lanczos import lanczos
@@ -128,3 +135,73 @@ def test_top_eigenvalue_within_1e5_of_the_exact_one():
                         like=H)[0]
     assert torch.allclose(theta, exact, rtol=1e-5, atol=0)
     assert fd.metadata()["relative_error_estimate"] < 1e-4
+
+
+def test_the_routines_take_hvp_method_finite_difference():
+    model, data = setup()
+    before = snapshot(model)
+    H = exact_hessian(model, ce, data)
+    exact = torch.linalg.eigvalsh(H).flip(0)[:2].numpy()
+    got = top_eigenvalues(model, ce, data, k=2, tol=1e-8, hvp_method="finite_difference",
+                          progress=False)
+    np.testing.assert_allclose(got.eigenvalues, exact, rtol=1e-5, atol=0)
+    record = got.metadata["hvp"]
+    assert record["hvp_method"] == "finite_difference" and record["step"] > 0
+    assert 0 < record["relative_error_estimate"] < 1e-4
+    assert got.metadata["config"]["hvp_method"] == "finite_difference"
+    assert "versions" in got.metadata
+    assert "hvp" not in top_eigenvalues(model, ce, data, progress=False).metadata  # the default
+    trace = hessian_trace(model, ce, data, n_hvp=12, seed=2, hvp_method="finite_difference",
+                          progress=False)
+    reference = hessian_trace(model, ce, data, n_hvp=12, seed=2, progress=False)
+    assert trace.estimate == pytest.approx(reference.estimate, rel=1e-6)
+    assert trace.metadata["hvp"]["n_products"] > 0
+    assert_unchanged(model, before)
+
+
+def test_the_operator_with_richardson_and_its_batch_product():
+    model, data = setup()
+    H = exact_hessian(model, ce, data)
+    vs = vectors(H.shape[0], k=2)
+    op = HessianOperator(model, ce, data, hvp_method="finite_difference", fd_richardson=True)
+    torch.testing.assert_close(op.matmat(vs), vs @ H, rtol=1e-8, atol=1e-10)
+    assert op.product_metadata()["hvp"]["richardson"] is True
+    Hb = exact_hessian(model, ce, data[:1])
+    with op:
+        torch.testing.assert_close(op.batch_product(data[0], vs.T).T, vs @ Hb, rtol=1e-8,
+                                   atol=1e-10)
+    assert op.product_metadata()["hvp"]["n_products"] == 2  # a batch's part is not recorded
+    with pytest.raises(ValueError, match="hvp_method"):
+        HessianOperator(model, ce, data, hvp_method="finite_differences")
+
+
+def _ddp_worker(rank, world, init, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, data = setup()
+        shard = data[:3] if rank == 0 else data[3:]  # 19 and 4 samples
+        vs = vectors(sum(p.numel() for p in model.parameters()))
+        out = {}
+        for name, m in (("plain", model), ("ddp", DistributedDataParallel(mlp()))):
+            op = HessianOperator(m, ce, shard, hvp_method="finite_difference")
+            out[name] = op.matmat(vs).numpy()
+            out[name + "_error"] = np.array(op.fd.errors)
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ranks_with_data_shards_and_ddp_give_the_one_process_product(tmp_path):
+    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+             nprocs=2, join=True)
+    model, data = setup()
+    H = exact_hessian(model, ce, data)
+    exact = (vectors(H.shape[0]) @ H).numpy()
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for name in ("plain", "ddp"):
+            err = np.linalg.norm(got[name] - exact, axis=1)
+            assert (err <= got[name + "_error"]).all()
+            assert (err / np.linalg.norm(exact, axis=1) < 1e-8).all()
