@@ -50,7 +50,8 @@ class EigenResult:
             descending magnitude for "LM".
         eigenvectors: torch tensor ``[k, n]`` of unit rows, flat over the selected parameters
             in ``names`` order (``analysis.core.unflatten(row, params)`` gives per-parameter
-            tensors).
+            tensors). For a model sharded with FSDP2's ``fully_shard``: a list of ``k``
+            vectors, each a list of DTensors placed like the selected parameters.
         residuals: numpy, $\|A u - \theta u\|$ per pair (Ritz estimate for Lanczos,
             measured for the power method).
         n_hvp: Products spent.
@@ -568,6 +569,10 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     the model's device, in its dtype (float32 for bfloat16/float16 models, whose basis is kept
     in float32; their residuals are measured, see :func:`lanczos`).
 
+    A model sharded with FSDP2's ``fully_shard`` is analysed through
+    :class:`analysis.sharded.ShardedOperator` (each rank passing its data shard with the same
+    number of batches; every rank gets the one-process answer; eigenvectors as DTensors).
+
     Args:
         model: The model (restored afterwards).
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
@@ -635,6 +640,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                             batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
                             preconditioner=preconditioner)
     n = op.shape[0]
+    v0 = op.take(v0) if hasattr(op, "take") else v0  # FSDP2: eigenvectors as returned
     check_int("k", k, 1, n)
     if max_hvp is not None:  # enough products for k Ritz values (whole blocks for Lanczos)
         b = min(block_size, n)
@@ -649,6 +655,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
                                   like=op.like, progress=progress)
     theta, U, resid, n_hvp, ok = out
-    return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
+    U = op.hand_back(U.detach()) if hasattr(op, "hand_back") else U.detach()  # FSDP2: shards
+    return EigenResult(theta.cpu().numpy(), U, resid.cpu().numpy(), n_hvp, ok,
                        list(op.names), curvature=op.curvature,
                        preconditioned=op.preconditioned, metadata=op.product_metadata())

@@ -37,6 +37,7 @@ from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check
                    working_dtype)
 from .derivatives import curvature_ops
 from .preconditioning import Preconditioner, inverse_sqrt
+from .sharded import is_sharded, refuse_sharded, REFUSAL, ShardedOperator
 
 _REGISTRY: dict[str, type["CurvatureOperator"]] = {}
 
@@ -93,6 +94,7 @@ class CurvatureOperator(abc.ABC):
                  reuse_graph: bool = True, preconditioner: Preconditioner = None,
                  check_deterministic: bool = True):
         model = unwrap_compiled(model)
+        refuse_sharded(model, f"{type(self).__name__} (use analysis.sharded.ShardedHessian)")
         check_data(data)
         check_model_mode(model_mode)
         self.model, self.loss_fn, self.data = model, loss_fn, data
@@ -350,6 +352,10 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
     cls = _REGISTRY[curvature]
     common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
                   progress=progress, preconditioner=preconditioner)
+    if is_sharded(unwrap_compiled(model)):  # FSDP2: the Hessian on shards (analysis.sharded)
+        if curvature != "hessian":
+            raise NotImplementedError("model " + REFUSAL.format(what=f"curvature={curvature!r}"))
+        return ShardedOperator(model, loss_fn, data, hvp_method=hvp_method, **common)
     if hvp_method != "reverse":
         if "hvp_method" not in inspect.signature(cls.__init__).parameters:
             raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only '

@@ -46,9 +46,10 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
-from .core import (all_reduce_max_, all_reduce_sum_, BatchSizeFn, check_data, check_loss,
-                   check_model_mode, default_batch_size, loss_reduction, LossFn, ParamSelection,
-                   preserved, select_params)
+from .core import (all_finite, all_reduce_max_, all_reduce_sum_, BatchSizeFn, check_choice,
+                   check_data, check_loss, check_model_mode, default_batch_size,
+                   loss_reduction, LossFn, ParamSelection, preserved, select_params,
+                   working_dtype)
 from .finite_difference import dot, FiniteDifference, Pieces
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
@@ -58,8 +59,10 @@ except ImportError:  # pragma: no cover - torch without torch.distributed
     FSDPModule = DTensor = None
 
 REFUSAL = ("is sharded with torch.distributed.fsdp.fully_shard (FSDP2), which {what} does not "
-           "support yet; supported on fully_shard models: analysis.sharded.ShardedHessian "
-           "(exact Hessian-vector products) and hvp_method=\"finite_difference\"")
+           "support yet; supported on fully_shard models: top_eigenvalues, hessian_trace and "
+           "spectral_density of the Hessian (curvature=\"hessian\", no preconditioner, "
+           "hvp_method=\"reverse\" or \"finite_difference\") and "
+           "analysis.sharded.ShardedHessian")
 
 
 def is_sharded(model: nn.Module) -> bool:
@@ -267,6 +270,17 @@ class ShardedHessian:
         self.shape = (n, n)
         self.n_local = sum(p.to_local().numel() for p in self.params)
         self.n_hvp = 0
+        self._counts: tuple[list[int], float] | None = None
+
+    def counts(self) -> tuple[list[int], float]:
+        """This rank's batch sizes and the total sample count (:func:`sample_counts`, once).
+
+        Returns:
+            ``(sizes, total)``.
+        """
+        if self._counts is None:
+            self._counts = sample_counts(self.data, self.batch_size_fn)
+        return self._counts
 
     # -- vectors -----------------------------------------------------------------------
     def local(self, vector: Pieces) -> Tensor:
@@ -348,7 +362,7 @@ class ShardedHessian:
         Returns:
             The products, sharded like the parameters.
         """
-        sizes, total = sample_counts(self.data, self.batch_size_fn)
+        sizes, total = self.counts()
         out = [[torch.zeros_like(p) for p in self.params] for _ in vectors]
         with preserved(self.model, self.model_mode, weights=False, trainable=self.params), \
                 torch.enable_grad():
@@ -449,7 +463,8 @@ def sharded_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable,
 
 def sharded_fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, data: Iterable,
                       vectors: Sequence[Pieces], *, batch_size_fn: BatchSizeFn | None = None,
-                      model_mode: str = "eval") -> list[Pieces]:
+                      model_mode: str = "eval",
+                      counts: tuple[list[int], float] | None = None) -> list[Pieces]:
     """Finite-difference ``H v`` of a ``fully_shard`` model for sharded vectors.
 
     Args:
@@ -460,11 +475,12 @@ def sharded_fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, d
         vectors: sharded vectors placed like ``fd.params``.
         batch_size_fn: sample count of a batch (default: the leading dimension).
         model_mode: "eval" or "train" during the products.
+        counts: :func:`sample_counts` of ``data`` when known.
 
     Returns:
         The products, sharded like the parameters; ``fd`` records steps and error estimates.
     """
-    sizes, total = sample_counts(data, batch_size_fn)
+    sizes, total = counts or sample_counts(data, batch_size_fn)
     reduction = loss_reduction(loss_fn)
     with preserved(model, model_mode, weights=False, trainable=fd.params):
         steps = fd.steps_for(vectors)
@@ -474,5 +490,141 @@ def sharded_fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, d
     return fd.combine(diffs, steps)
 
 
+class ShardedOperator:
+    r"""The Hessian of a ``fully_shard`` model as the routines' operator (full flat vectors).
+
+    What :func:`analysis.top_eigenvalues`, :func:`analysis.hessian_trace` and
+    :func:`analysis.spectral_density` build for a sharded model (through
+    ``analysis.operator.curvature_operator``): the interface of a
+    :class:`~analysis.operator.CurvatureOperator` (``matmat``/``matvec`` on flat vectors in
+    ``names`` order, ``shape``, ``like``, ``with`` blocks), each product computed on shards by
+    :class:`ShardedHessian` (``hvp_method="reverse"``) or by finite differences through the
+    FSDP2 backward (``"finite_difference"``). The vectors it takes and returns are full and
+    the same on every rank (so the solvers run unchanged and every rank gets the one-process
+    answer); :meth:`hand_back` shards the vectors a routine returns.
+
+    Args:
+        model: A ``fully_shard`` model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: This rank's batches (the same number on every rank).
+        params: The selection (as :class:`ShardedHessian`).
+        model_mode: "eval" or "train".
+        batch_size_fn: Sample count of a batch.
+        progress: Accepted for the routines' signature (no bar).
+        hvp_method: "reverse" (exact, the default) or "finite_difference".
+        preconditioner: Must be None (not supported on sharded models yet).
+        fd_richardson: As :class:`analysis.HessianOperator`.
+        fd_step: As :class:`analysis.HessianOperator`.
+
+    Raises:
+        NotImplementedError: A preconditioner or ``hvp_method="forward"``.
+        ValueError: As :class:`ShardedHessian`.
+    """
+
+    curvature = "hessian"
+    preconditioned = False
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                 params: ParamSelection = None, model_mode: str = "eval",
+                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                 hvp_method: str = "reverse", preconditioner=None,
+                 fd_richardson: bool = False, fd_step: float | None = None):
+        if preconditioner is not None or hvp_method == "forward":
+            what = "a preconditioner" if preconditioner is not None else 'hvp_method="forward"'
+            raise NotImplementedError("model " + REFUSAL.format(what=what))
+        check_choice("hvp_method", hvp_method, ("reverse", "finite_difference"))
+        self.engine = ShardedHessian(model, loss_fn, data, params=params,
+                                     model_mode=model_mode, batch_size_fn=batch_size_fn)
+        self.names, self.params, self.shape = self.engine.names, self.engine.params, \
+            self.engine.shape
+        self.fd = None if hvp_method == "reverse" else \
+            FiniteDifference(self.params, richardson=fd_richardson, step=fd_step)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].to_local().device
+        self.like = torch.empty((), dtype=working_dtype(self.dtype), device=self.device)
+        self.n_hvp = 0
+
+    def __enter__(self) -> "ShardedOperator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """``H v`` for each row of ``vs``, full vectors the same on every rank.
+
+        Args:
+            vs: ``[b, n]``.
+
+        Returns:
+            ``[b, n]``, the same on every rank.
+
+        Raises:
+            ValueError: ``vs`` is not ``[b, n]`` or not finite.
+        """
+        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.shape[0]:
+            raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
+                             "selected parameter elements)")
+        if not all_finite(vs):
+            raise ValueError("vectors must be finite (they hold NaN or inf)")
+        vectors = [self.engine.distribute(v) for v in vs.to(self.device, self.dtype)]
+        if self.fd is None:
+            products = self.engine.matmat(vectors)
+        else:
+            e = self.engine
+            products = sharded_fd_matmat(self.fd, e.model, e.loss_fn, e.data, vectors,
+                                         model_mode=e.model_mode, counts=e.counts())
+        self.n_hvp += len(vs)
+        return torch.stack([torch.cat([h.full_tensor().reshape(-1) for h in p])
+                            for p in products]).to(self.like.dtype)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for one full vector.
+
+        Args:
+            v: 1-D, ``n`` elements.
+
+        Returns:
+            1-D.
+        """
+        return self.matmat(v.reshape(1, -1))[0]
+
+    def hand_back(self, U: Tensor) -> list[Pieces]:
+        """Full vectors (rows of ``U``) as sharded vectors placed like the parameters.
+
+        Args:
+            U: ``[k, n]``.
+
+        Returns:
+            ``k`` lists of DTensors (``full_tensor()`` gives each piece unsharded).
+        """
+        return [self.engine.distribute(u) for u in U]
+
+    def take(self, vectors: Tensor | Sequence[Pieces] | None) -> Tensor | None:
+        """Sharded vectors (as :meth:`hand_back` returns them) as full rows; tensors as given.
+
+        Args:
+            vectors: None, a tensor, or a list of sharded vectors.
+
+        Returns:
+            None, the tensor, or ``[k, n]`` full rows (the same on every rank).
+        """
+        if vectors is None or isinstance(vectors, Tensor):
+            return vectors
+        return torch.stack([torch.cat([v.full_tensor().reshape(-1) for v in u])
+                            for u in vectors])
+
+    def product_metadata(self) -> dict:
+        """``{"hvp": ..., "sharded": True}``: how the products were computed.
+
+        Returns:
+            The finite-difference record under ``"hvp"`` (when used) and ``"sharded"``.
+        """
+        out = {"sharded": "fully_shard"}
+        if self.fd is not None:
+            out["hvp"] = self.fd.metadata()
+        return out
+
+
 __all__ = ["is_sharded", "refuse_sharded", "check_sharded", "fsdp_units", "sample_counts",
-           "ShardedHessian", "sharded_gradient", "sharded_fd_matmat", "dot"]
+           "ShardedHessian", "ShardedOperator", "sharded_gradient", "sharded_fd_matmat", "dot"]

@@ -13,7 +13,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 
-from analysis import HessianOperator
+from analysis import hessian_trace, HessianOperator, spectral_density, top_eigenvalues
 from analysis.finite_difference import FiniteDifference
 from analysis.sharded import is_sharded, sharded_fd_matmat, ShardedHessian
 from tests.oracles import mlp
@@ -175,3 +175,63 @@ def test_sharded_products_equal_the_unsharded_product(tmp_path, name):
             err = np.linalg.norm(got[key + "_fd"] - single, axis=1)
             assert (err <= got[key + "_fd_error"]).all()
             assert (err / np.linalg.norm(single, axis=1) < 1e-6).all()
+
+
+def analyse(model, loss_fn, data):
+    """The routines that take a fully_shard model, as numbers comparable between processes."""
+    eig = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-9, progress=False)
+    fd = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-6, hvp_method="finite_difference",
+                         v0=eig.eigenvectors, progress=False)
+    trace = hessian_trace(model, loss_fn, data, n_hvp=4, seed=3, progress=False)
+    slq = spectral_density(model, loss_fn, data, n_lanczos=4, n_vectors=1, seed=1,
+                           progress=False)
+    vectors = eig.eigenvectors
+    if isinstance(vectors, list):  # sharded: DTensors placed like the parameters
+        assert all(v.placements == p.placements for u in vectors
+                   for v, p in zip(u, model.parameters()))
+        vectors = torch.stack([torch.cat([v.full_tensor().reshape(-1) for v in u])
+                               for u in vectors])
+    vectors = vectors * torch.sign(vectors[:, :1])
+    return {"eig": eig.eigenvalues, "vectors": vectors.numpy(), "fd_eig": fd.eigenvalues,
+            "fd_error": np.array(fd.metadata["hvp"]["relative_error_estimate"]),
+            "trace": np.array([trace.estimate, trace.stderr]), "nodes": slq.nodes,
+            "weights": slq.weights}
+
+
+def _routines_worker(rank, world, init, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        build, loss_fn, units, _, shards = case("mlp")
+        out = {}
+        for reshard in (False,):  # the routines' guard runs no_grad forward passes
+            model = shard(build(), units, reshard)
+            before = state(model)
+            got = analyse(model, loss_fn, shards[rank])
+            assert_same_state(before, state(model))
+            out.update({f"{k}_{reshard}": v for k, v in got.items()})
+            for call in (lambda: HessianOperator(model, loss_fn, shards[rank]),
+                         lambda: top_eigenvalues(model, loss_fn, shards[rank], curvature="ggn",
+                                                 progress=False)):
+                with pytest.raises(NotImplementedError, match="fully_shard"):
+                    call()
+                assert_same_state(before, state(model))
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_routines_on_a_sharded_model_give_the_one_process_answer(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_routines_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    build, loss_fn, _, data, _ = case("mlp")
+    single = analyse(build(), loss_fn, data)
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for reshard in (False,):
+            for key in ("eig", "vectors", "trace", "nodes", "weights"):
+                np.testing.assert_allclose(got[f"{key}_{reshard}"], single[key], rtol=1e-8,
+                                           atol=1e-10, err_msg=key)
+            np.testing.assert_allclose(got[f"fd_eig_{reshard}"], single["eig"][:1], rtol=1e-5)
+            assert got[f"fd_error_{reshard}"] < 1e-4
