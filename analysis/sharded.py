@@ -50,6 +50,7 @@ from .core import (all_finite, all_reduce_max_, all_reduce_sum_, BatchSizeFn, ch
                    check_data, check_loss, check_model_mode, default_batch_size,
                    loss_reduction, LossFn, ParamSelection, preserved, select_params,
                    working_dtype)
+from .core.sharding import is_sharded, refuse_sharded, REFUSAL
 from .finite_difference import dot, FiniteDifference, Pieces
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
@@ -57,39 +58,6 @@ try:  # FSDP2 and DTensor (torch >= 2.4)
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
 except ImportError:  # pragma: no cover - torch without torch.distributed
     FSDPModule = DTensor = None
-
-REFUSAL = ("is sharded with torch.distributed.fsdp.fully_shard (FSDP2), which {what} does not "
-           "support yet; supported on fully_shard models: top_eigenvalues, hessian_trace and "
-           "spectral_density of the Hessian (curvature=\"hessian\", no preconditioner, "
-           "hvp_method=\"reverse\" or \"finite_difference\") and "
-           "analysis.sharded.ShardedHessian")
-
-
-def is_sharded(model: nn.Module) -> bool:
-    """Whether ``model`` holds DTensor parameters (FSDP2 ``fully_shard``, tensor parallel).
-
-    Args:
-        model: any module.
-
-    Returns:
-        True if some parameter is a DTensor.
-    """
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
-
-
-def refuse_sharded(model: nn.Module, what: str) -> None:
-    """Raise a clear error if ``model`` is sharded (before anything touches it).
-
-    Args:
-        model: the user's model.
-        what: the routine's name, for the message.
-
-    Raises:
-        NotImplementedError: ``model`` has DTensor parameters (``fully_shard``).
-    """
-    if is_sharded(model):
-        raise NotImplementedError("model " + REFUSAL.format(what=what))
-
 
 def _original_class(module: nn.Module) -> type:
     cls = type(module)

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .compiled import refuse_compiled
+from .sharding import is_dtensor
 from .validation import check_model_mode
 
 @contextmanager
@@ -54,7 +55,7 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     buffers = [(mod, name, buf, buf.detach().clone())
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
     sharded = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")
-               and all(hasattr(p, "device_mesh") for p in m.parameters(recurse=False))]
+               and all(is_dtensor(p) for p in m.parameters(recurse=False))]
     try:
         for p in params:
             p.grad = None
