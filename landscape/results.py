@@ -174,8 +174,10 @@ class Progress:
                 self.losses, self.n_forward = losses, self.n_forward + n_forward
 
     def _read(self) -> Any:
-        """The result in the file (rank 0), None without a file, or why it cannot be resumed
-        (unreadable, or another kind of result)."""
+        """The result in the file (rank 0), None without a file, or why it cannot be resumed.
+
+        Why: the file is unreadable, or holds another kind of result.
+        """
         if not os.path.exists(self.path):
             return None
         try:
@@ -189,8 +191,10 @@ class Progress:
         return old
 
     def _resume(self, old: Any):
-        """The finished losses and cost of ``old`` if its fingerprint is this computation's,
-        else why not."""
+        """The finished losses and cost of ``old``, or why they cannot be resumed.
+
+        They resume only when ``old``'s fingerprint is this computation's.
+        """
         cannot = f"cannot resume from {self.path}"
         mine, theirs = self.meta["fingerprint"], old.metadata.get("fingerprint") or {}
         diff = [_PARTS.get(k, k) for k in mine if not _same(k, theirs.get(k), mine[k])]

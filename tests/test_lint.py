@@ -1,0 +1,28 @@
+"""The library passes ruff as configured in pyproject.toml (pycodestyle, pyflakes and pydocstyle's
+google convention at one line length)."""
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CHECKED = ("analysis", "landscape", "optim")
+
+
+def _ruff():
+    try:
+        import ruff  # noqa: F401
+    except ImportError:
+        exe = shutil.which("ruff")
+        if exe is None:
+            pytest.skip("ruff is not installed (it is in the test extra)")
+        return [exe]
+    return [sys.executable, "-m", "ruff"]
+
+
+def test_ruff_passes_on_the_library():
+    run = subprocess.run(_ruff() + ["check", "--no-cache", *CHECKED], cwd=ROOT,
+                         capture_output=True, text=True)
+    assert run.returncode == 0, run.stdout + run.stderr
