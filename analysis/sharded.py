@@ -46,11 +46,10 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
-from .core import (all_finite, all_reduce_max_, all_reduce_sum_, BatchSizeFn, check_choice,
-                   check_data, check_loss, check_model_mode, default_batch_size,
-                   loss_reduction, LossFn, ParamSelection, preserved, select_params,
-                   working_dtype)
-from .core.sharding import is_sharded, refuse_sharded, REFUSAL
+from .core import (all_finite, BatchSizeFn, check_choice, check_data, check_loss,
+                   check_model_mode, loss_reduction, LossFn, ParamSelection, preserved,
+                   select_params, working_dtype)
+from .core.sharding import is_sharded, refuse_sharded, REFUSAL, sample_counts
 from .finite_difference import dot, FiniteDifference, Pieces
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
@@ -164,37 +163,6 @@ def check_sharded(model: nn.Module) -> list[tuple[str, nn.Module]]:
                              f"of {mesh.size()} ranks; only fully_shard's Shard(0) over all "
                              f"{world} ranks (a 1-D mesh) is supported")
     return units
-
-
-def sample_counts(data: Iterable, batch_size_fn: BatchSizeFn | None) -> tuple[list[int], float]:
-    """This rank's batch sizes and the total sample count over all ranks.
-
-    Args:
-        data: this rank's batches.
-        batch_size_fn: sample count of a batch (default: the leading dimension).
-
-    Returns:
-        ``(sizes, total)``.
-
-    Raises:
-        ValueError: ranks hold different numbers of batches, or a batch is empty (every
-            forward pass of a sharded model runs collectives that all ranks must join).
-    """
-    check_data(data)
-    sizes = [(batch_size_fn or default_batch_size)(b) for b in data]
-    counts = torch.tensor([len(sizes), -len(sizes), float(min(sizes, default=0) <= 0)],
-                          dtype=torch.float64)
-    total = torch.tensor([float(sum(sizes))], dtype=torch.float64)
-    all_reduce_max_([counts])
-    all_reduce_sum_([total])
-    if counts[0] != -counts[1]:
-        raise ValueError("data must hold the same number of batches on every rank for a model "
-                         "sharded with fully_shard (each forward pass gathers weights from all "
-                         f"ranks), got between {int(-counts[1])} and {int(counts[0])}")
-    if counts[2] > 0:
-        raise ValueError("data holds an empty batch (on at least one rank); a model sharded "
-                         "with fully_shard needs samples in every batch on every rank")
-    return sizes, float(total)
 
 
 class ShardedHessian:

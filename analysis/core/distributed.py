@@ -16,8 +16,6 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from .sharding import is_dtensor
-
 
 def is_distributed() -> bool:
     """True when a default process group with more than one rank is initialized."""
@@ -85,7 +83,7 @@ def _digest(value: Any, h) -> None:
         h.update(b"n" + struct.pack("<d", float(value)))
     elif isinstance(value, str):
         h.update(b"s" + value.encode() + b"\0")
-    elif is_dtensor(value):
+    elif hasattr(value, "device_mesh") and hasattr(value, "placements"):  # a DTensor
         h.update(b"D" + repr((tuple(value.shape), str(value.dtype),
                               [str(p) for p in value.placements])).encode())
     elif isinstance(value, np.ndarray) and value.dtype.kind not in "biuf":

@@ -7,7 +7,13 @@ with "mixed torch.Tensor and DTensor" after a partial change.
 """
 from __future__ import annotations
 
+from typing import Iterable
+
+import torch
 from torch import nn
+
+from .distributed import all_reduce_max_, all_reduce_sum_
+from .protocol import BatchSizeFn, check_data, default_batch_size
 
 SUPPORTED = ("top_eigenvalues, hessian_trace and spectral_density of the Hessian "
              "(curvature=\"hessian\", no preconditioner, hvp_method=\"reverse\" or "
@@ -54,4 +60,35 @@ def refuse_sharded(model: nn.Module, what: str) -> None:
         raise NotImplementedError("model " + REFUSAL.format(what=what))
 
 
-__all__ = ["is_dtensor", "is_sharded", "refuse_sharded", "REFUSAL", "SUPPORTED"]
+def sample_counts(data: Iterable, batch_size_fn: BatchSizeFn | None) -> tuple[list[int], float]:
+    """This rank's batch sizes and the total sample count over all ranks.
+
+    Args:
+        data: this rank's batches.
+        batch_size_fn: sample count of a batch (default: the leading dimension).
+
+    Returns:
+        ``(sizes, total)``.
+
+    Raises:
+        ValueError: ranks hold different numbers of batches, or a batch is empty (every
+            forward pass of a sharded model runs collectives that all ranks must join).
+    """
+    check_data(data)
+    sizes = [(batch_size_fn or default_batch_size)(b) for b in data]
+    counts = torch.tensor([len(sizes), -len(sizes), float(min(sizes, default=0) <= 0)],
+                          dtype=torch.float64)
+    total = torch.tensor([float(sum(sizes))], dtype=torch.float64)
+    all_reduce_max_([counts])
+    all_reduce_sum_([total])
+    if counts[0] != -counts[1]:
+        raise ValueError("data must hold the same number of batches on every rank for a model "
+                         "sharded with fully_shard (each forward pass gathers weights from all "
+                         f"ranks), got between {int(-counts[1])} and {int(counts[0])}")
+    if counts[2] > 0:
+        raise ValueError("data holds an empty batch (on at least one rank); a model sharded "
+                         "with fully_shard needs samples in every batch on every rank")
+    return sizes, float(total)
+
+
+__all__ = ["sample_counts", "is_dtensor", "is_sharded", "refuse_sharded", "REFUSAL", "SUPPORTED"]
