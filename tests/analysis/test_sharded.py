@@ -235,3 +235,30 @@ def test_routines_on_a_sharded_model_give_the_one_process_answer(tmp_path):
                                            atol=1e-10, err_msg=key)
             np.testing.assert_allclose(got[f"fd_eig_{reshard}"], single["eig"][:1], rtol=1e-5)
             assert got[f"fd_error_{reshard}"] < 1e-4
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-process gloo group: FSDP2 runs its real code path on a single rank."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous1'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_matches_the_plain_model(one_rank):
+    """On one rank FSDP2 used to give H v = 0 silently (the forward swaps in unsharded tensors)."""
+    build, loss_fn, units, data, _ = case("mlp")
+    model = shard(build(), units, True)
+    op = ShardedHessian(model, loss_fn, data[:1])
+    v = vectors(op.shape[0])[:1]
+    hv = op.matmat([op.distribute(v[0])])[0]
+    single = HessianOperator(build(), loss_fn, data[:1]).matmat(v)[0]
+    torch.testing.assert_close(torch.cat([h.full_tensor().reshape(-1) for h in hv]), single,
+                               rtol=0, atol=1e-12)
+    eig = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-8, progress=False)
+    plain = top_eigenvalues(build(), loss_fn, data, k=1, tol=1e-8, progress=False)
+    np.testing.assert_allclose(eig.eigenvalues, plain.eigenvalues, rtol=1e-10)
+    assert eig.metadata["sharded"] == "fully_shard"
