@@ -132,7 +132,7 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczos: int = 80,
                      n_vectors: int = 10, *, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,

@@ -549,7 +549,7 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
                     which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None, *,
                     params: ParamSelection = None, model_mode: str = "eval",

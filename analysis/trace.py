@@ -174,7 +174,7 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int = 99,
                   method: str = "hutch++", *, params: ParamSelection = None,
                   model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,

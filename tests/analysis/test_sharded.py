@@ -217,6 +217,9 @@ def _routines_worker(rank, world, init, out_dir):
                 with pytest.raises(NotImplementedError, match="fully_shard"):
                     call()
                 assert_same_state(before, state(model))
+            with pytest.raises(ValueError, match="same number of batches"):  # 1 and 2 batches
+                top_eigenvalues(model, loss_fn, shards[rank][:rank + 1], progress=False)
+            assert_same_state(before, state(model))
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
     finally:
         dist.destroy_process_group()
@@ -262,3 +265,48 @@ def test_one_rank_matches_the_plain_model(one_rank):
     plain = top_eigenvalues(build(), loss_fn, data, k=1, tol=1e-8, progress=False)
     np.testing.assert_allclose(eig.eigenvalues, plain.eigenvalues, rtol=1e-10)
     assert eig.metadata["sharded"] == "fully_shard"
+
+
+def refused_calls(model, loss_fn, data):
+    """Every public routine without FSDP2 support, called on a fully_shard model."""
+    import analysis
+    import landscape
+
+    zeros = {n: torch.zeros(p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    quiet = dict(progress=False)
+    return {
+        "HessianOperator": lambda: analysis.HessianOperator(model, loss_fn, data),
+        "GGNOperator": lambda: analysis.GGNOperator(model, loss_fn, data),
+        "hvp": lambda: analysis.hvp(model, loss_fn, data, v, **quiet),
+        "layerwise": lambda: analysis.layerwise(model, loss_fn, data, **quiet),
+        "mean_loss": lambda: analysis.mean_loss(model, loss_fn, data, **quiet),
+        "evaluate": lambda: analysis.evaluate(model, loss_fn, data, **quiet),
+        "full_grad_norm": lambda: analysis.full_grad_norm(model, loss_fn, data, **quiet),
+        "average_sharpness": lambda: analysis.average_sharpness(model, loss_fn, data, **quiet),
+        "worst_case_sharpness": lambda: analysis.worst_case_sharpness(model, loss_fn, data,
+                                                                      **quiet),
+        "keskar_sharpness": lambda: analysis.keskar_sharpness(model, loss_fn, data, **quiet),
+        "line": lambda: landscape.line(model, loss_fn, data, zeros, [0.5], **quiet),
+        "plane": lambda: landscape.plane(model, loss_fn, data, zeros, zeros, [0.5], [0.5],
+                                         **quiet),
+        "eigenvector_directions": lambda: landscape.eigenvector_directions(model, loss_fn, data),
+        "ggn_eigenvalues": lambda: top_eigenvalues(model, loss_fn, data, curvature="ggn",
+                                                   **quiet),
+        "preconditioned": lambda: top_eigenvalues(model, loss_fn, data, preconditioner=v,
+                                                  **quiet),
+    }
+
+
+def test_routines_without_support_refuse_a_sharded_model_untouched(one_rank):
+    build, loss_fn, units, data, _ = case("mlp")
+    for reshard in (True, False):
+        model = shard(build(), units, reshard)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        before = state(model)
+        for name, call in refused_calls(model, loss_fn, data).items():
+            with pytest.raises(NotImplementedError, match="fully_shard") as info:
+                call()
+            assert "top_eigenvalues" in str(info.value), name  # says what does work
+            assert_same_state(before, state(model))
