@@ -17,6 +17,12 @@ between ranks.
   all-reduce, and the others say so, so no rank is left waiting. In one process, a loss that
   fails in the check's forward pass lets the routine run first, so that its own argument
   checks name the problem.
+* One rank's failure on every rank: the outermost guarded call runs inside
+  :func:`analysis.core.distributed.failures_shared` (``done=True``): an exception on one rank
+  is announced to the others, which raise :class:`~analysis.core.distributed.RankError` with
+  its cause at their next collective, and a call that succeeds ends with a small
+  all-reduce so that it never returns while another rank failed in it (no rank waits until
+  the process group's timeout, and the next routine starts on every rank together).
 * Models sharded with FSDP2 (``fully_shard``, DTensor parameters) are refused, before anything
   touches them, by every routine but those that declare support (``guarded(sharded=True)``);
   for those, every rank must hold the same number of batches (checked first, in one
@@ -40,7 +46,7 @@ import torch
 from torch import nn
 
 from .compiled import is_compiled
-from .distributed import check_same_on_ranks, is_distributed
+from .distributed import check_same_on_ranks, failures_shared, is_distributed, mark_agreed
 from .protocol import check_data, check_loss, default_batch_size, loss_reduction
 from .restore import preserved
 from .sharding import is_sharded, refuse_sharded, sample_counts
@@ -190,7 +196,7 @@ def _raise_verdict(model: nn.Module, arguments: dict[str, Any], verdict: _Verdic
     argument checks speak first); under ``torch.distributed`` it is raised at once.
     """
     if verdict.error is not None and is_distributed():
-        raise verdict.error
+        raise mark_agreed(verdict.error)  # the others raise "another rank's ... were refused"
     if verdict.code and verdict.error is None:
         mode = arguments.get("model_mode", "eval")
         raise ValueError(_explain(verdict.code, mode, _random_layers(model), verdict.detail))
@@ -230,6 +236,22 @@ def _raise_check_error(error: Exception) -> None:
     raise error
 
 
+def _guarded_call(fn: Callable, signature: inspect.Signature,
+                  known_deterministic: Callable[..., bool] | None, sharded: bool, args: tuple,
+                  kwargs: dict) -> Any:
+    """The outermost call of a guarded routine: the checks, then the routine."""
+    arguments = _bound_arguments(signature, args, kwargs)
+    _check_sharded(fn, arguments, sharded)
+    model = _analysed_model(arguments)
+    verdict = _check_determinism(model, arguments, known_deterministic)
+    _agree_between_ranks(model, arguments, verdict)
+    _raise_verdict(model, arguments, verdict)
+    result = _run_inside(fn, args, kwargs)
+    if verdict.error is not None:  # the routine ran, the check could not: never skip it
+        _raise_check_error(verdict.error)
+    return result
+
+
 def guarded(fn: Callable | None = None, *,
             known_deterministic: Callable[..., bool] | None = None,
             sharded: bool = False) -> Callable:
@@ -259,16 +281,8 @@ def guarded(fn: Callable | None = None, *,
     def wrapper(*args, **kwargs):
         if getattr(_state, "inside", False):
             return fn(*args, **kwargs)
-        arguments = _bound_arguments(signature, args, kwargs)
-        _check_sharded(fn, arguments, sharded)
-        model = _analysed_model(arguments)
-        verdict = _check_determinism(model, arguments, known_deterministic)
-        _agree_between_ranks(model, arguments, verdict)
-        _raise_verdict(model, arguments, verdict)
-        result = _run_inside(fn, args, kwargs)
-        if verdict.error is not None:  # the routine ran, the check could not: never skip it
-            _raise_check_error(verdict.error)
-        return result
+        with failures_shared(done=True):  # one rank's error is raised on every rank
+            return _guarded_call(fn, signature, known_deterministic, sharded, args, kwargs)
 
     wrapper.guarded = True
     return wrapper
