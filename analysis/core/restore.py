@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .compiled import refuse_compiled
+from .sharding import is_dtensor
 from .validation import check_model_mode
 
 @contextmanager
@@ -23,7 +24,10 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     Grads are set to None inside the block, so backward passes inside never touch the
     user's gradient tensors; on exit (also when the block raises) the training flags,
     ``requires_grad`` flags, grads, buffers and (with ``weights``) parameter values are put
-    back exactly.
+    back exactly. FSDP2 units (``fully_shard``) whose parameters were sharded on entry are
+    resharded on exit: a forward pass without backward (no_grad, or
+    ``reshard_after_forward=False``) would otherwise leave their all-gathered plain
+    parameters registered in place of the DTensor shards.
 
     Args:
         model: An uncompiled module.
@@ -50,6 +54,8 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     values = [(p, p.detach().clone()) for p in params] if weights else []
     buffers = [(mod, name, buf, buf.detach().clone())
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
+    sharded = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")
+               and all(is_dtensor(p) for p in m.parameters(recurse=False))]
     try:
         for p in params:
             p.grad = None
@@ -60,6 +66,8 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
         model.train(model_mode == "train")
         yield model
     finally:
+        for m in sharded:
+            m.reshard()
         with torch.no_grad():
             for p, v in values:
                 p.copy_(v)
