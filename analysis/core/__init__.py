@@ -44,8 +44,8 @@ from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, ch
                        split_loss, Supervised, supervised, to_device)
 from .loss import mean_loss
 from .restore import preserved
-from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
-                      versions)
+from .results import (ResultMixin, load_result, make_metadata, records_metadata, register_result,
+                      save_result, versions)
 from .seeding import make_generator, rademacher, randn, uniform
 from .validation import (MODEL_MODES, ArgumentTypeError, all_finite, check_bool, check_choice,
                          check_device, check_dtype, check_int, check_model_mode,
@@ -76,7 +76,7 @@ __all__ = [
     "atomic_write", "write_bytes", "write_text", "write_json", "write_npz", "write_figure",
     "read_regular", "file_sha256", "temporaries", "remove_temporaries",
     # results
-    "make_metadata", "versions", "save_result", "load_result", "register_result",
+    "make_metadata", "versions", "save_result", "load_result", "register_result", "ResultMixin",
     "records_metadata",
     # compiled modules
     "unwrap_compiled", "refuse_compiled",
