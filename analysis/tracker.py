@@ -60,7 +60,7 @@ import torch
 from torch import Tensor, nn
 
 from .core import (ArgumentTypeError, BatchSizeFn, LossFn, check_bool, check_data, check_int,
-                   check_model_mode, check_positive, make_generator, unwrap_compiled)
+                   check_loss_fn, check_model_mode, check_positive, make_generator, unwrap_compiled)
 from .metrics import EvalFn, evaluate_metrics, full_grad_norm
 from .preconditioning import optimizer_preconditioner, stability_threshold
 
@@ -181,6 +181,7 @@ class Tracker:
         trace_n_hvp = check_int("trace_n_hvp", trace_n_hvp, 4)   # Hutch++ needs 4 products
         seed = make_generator(seed).initial_seed()
         check_model_mode(model_mode)
+        check_loss_fn(loss_fn)
         if isinstance(optimizer_methods, str) or not all(
                 isinstance(m, str) for m in optimizer_methods):
             raise ArgumentTypeError("optimizer_methods must be a sequence of method names, "

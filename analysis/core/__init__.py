@@ -40,8 +40,8 @@ from .loss_module import LossModule
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
-                       data_mean, default_batch_size, loss_reduction, scalar_zeros,
-                       split_loss, Supervised, supervised, to_device)
+                       check_loss_fn, data_mean, default_batch_size, loss_reduction,
+                       scalar_zeros, split_loss, Supervised, supervised, to_device)
 from .loss import mean_loss
 from .restore import preserved
 from .results import (ResultMixin, load_result, make_metadata, records_metadata, register_result,
@@ -56,7 +56,7 @@ __all__ = [
     # protocol
     "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "Supervised", "supervised",
     "split_loss", "loss_reduction", "default_batch_size", "check_data", "check_loss",
-    "data_mean", "scalar_zeros", "mean_loss", "to_device",
+    "check_loss_fn", "data_mean", "scalar_zeros", "mean_loss", "to_device",
     # loss_module
     "LossModule",
     # guards

@@ -37,7 +37,8 @@ from torch import nn
 
 from .compiled import is_compiled
 from .distributed import check_same_on_ranks, is_distributed
-from .protocol import check_data, check_loss, default_batch_size, loss_reduction
+from .protocol import (check_data, check_loss, check_loss_fn, default_batch_size,
+                       loss_reduction)
 from .restore import preserved
 from .validation import check_bool, check_model_mode
 
@@ -234,6 +235,8 @@ def guarded(fn: Callable | None = None, *,
         if getattr(_state, "inside", False):
             return fn(*args, **kwargs)
         arguments = _bound_arguments(signature, args, kwargs)
+        if "loss_fn" in arguments:
+            check_loss_fn(arguments["loss_fn"])
         model = _analysed_model(arguments)
         verdict = _check_determinism(model, arguments, known_deterministic)
         _agree_between_ranks(model, arguments, verdict)

@@ -250,6 +250,33 @@ def check_data(data: Iterable) -> None:
                          "not a one-shot iterator or generator")
 
 
+def check_loss_fn(loss_fn: Any) -> None:
+    """Refuse a criterion passed where ``loss_fn(model, batch)`` is expected.
+
+    ``nn.CrossEntropyLoss()`` (any ``torch.nn`` loss module) or a ``torch.nn.functional`` loss
+    takes ``(outputs, targets)``; called as ``loss_fn(model, batch)`` it fails deep inside torch
+    with a TypeError that does not say what to do. :func:`supervised` adapts it.
+
+    Args:
+        loss_fn: The routine's ``loss_fn``.
+
+    Raises:
+        TypeError: ``loss_fn`` is a criterion (the message names ``supervised(criterion)``), or
+            is not callable.
+    """
+    functional = getattr(loss_fn, "__module__", None) == "torch.nn.functional"
+    if isinstance(loss_fn, nn.modules.loss._Loss) or functional:
+        name = (f"{type(loss_fn).__name__}()" if isinstance(loss_fn, nn.Module)
+                else f"F.{getattr(loss_fn, '__name__', 'loss')}")
+        raise TypeError(f"loss_fn must be loss_fn(model, batch) -> Tensor, got the criterion "
+                        f"{name} (which takes outputs and targets); wrap it: "
+                        f"loss_fn=supervised(criterion), e.g. "
+                        f"analysis.supervised(nn.CrossEntropyLoss())")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), "
+                        f"got {type(loss_fn).__name__}")
+
+
 def check_loss(loss: Any, where: str = "") -> Tensor:
     """The loss as a 0-d tensor.
 
