@@ -20,7 +20,8 @@ Modules, each holding one piece of the protocol:
   ``is_distributed``.
 * ``files``: the one atomic writer of every file (``atomic_write``: a unique temporary in the
   target's folder, fsync, ``os.replace``), ``write_bytes`` / ``write_text`` / ``write_json`` /
-  ``write_npz`` / ``write_figure``, ``read_regular`` (never through a symbolic link),
+  ``write_npz`` / ``write_figure``, ``save_figure`` (the convention of every figure file),
+  ``read_regular`` (never through a symbolic link),
   ``file_sha256``, and ``temporaries`` / ``remove_temporaries`` (what a killed writer left).
 * ``results``: the result convention: ``make_metadata``, ``versions``, ``save_result`` /
   ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
@@ -33,8 +34,8 @@ from .compiled import refuse_compiled, unwrap_compiled
 from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, check_same_on_ranks,
                           fingerprint, is_distributed, rank, world_size)
 from .guards import guarded, is_guarded, repeated_passes
-from .files import (atomic_write, file_sha256, read_regular, remove_temporaries, temporaries,
-                    write_bytes, write_figure, write_json, write_npz, write_text)
+from .files import (atomic_write, file_sha256, read_regular, remove_temporaries, save_figure,
+                    temporaries, write_bytes, write_figure, write_json, write_npz, write_text)
 from .flat import flatten, numel, unflatten
 from .loss_module import LossModule
 from .params import ParamSelection, select_params
@@ -74,6 +75,7 @@ __all__ = [
     "broadcast_object", "is_distributed", "rank", "world_size",
     # files
     "atomic_write", "write_bytes", "write_text", "write_json", "write_npz", "write_figure",
+    "save_figure",
     "read_regular", "file_sha256", "temporaries", "remove_temporaries",
     # results
     "make_metadata", "versions", "save_result", "load_result", "register_result", "ResultMixin",
