@@ -60,9 +60,10 @@ import torch
 from torch import Tensor, nn
 
 from .core import (ArgumentTypeError, BatchSizeFn, LossFn, check_bool, check_data, check_int,
-                   check_loss_fn, check_model_mode, check_positive, make_generator, save_figure,
-                   unwrap_compiled)
+                   check_choice, check_loss_fn, check_model_mode, check_positive, make_generator,
+                   save_figure, unwrap_compiled)
 from .metrics import EvalFn, evaluate_metrics, full_grad_norm
+from .operator import registered_curvatures
 from .preconditioning import optimizer_preconditioner, stability_threshold
 
 Record = dict[str, float]
@@ -125,6 +126,10 @@ class Tracker:
             False).
         grad_norm: Record ``grad_norm``, the norm of the gradient of the mean loss over
             ``curvature_data`` (default False).
+        curvature: The curvature whose ``lambda_max`` and ``trace`` are recorded: any name
+            registered with :func:`analysis.register_curvature` (default ``"hessian"``; the
+            built-ins are ``"hessian"``, ``"ggn"``, ``"fisher"``, ``"empirical_fisher"``). The
+            record keys stay ``lambda_max`` / ``trace`` whatever the curvature.
         lanczos_tol: Convergence tolerance of each warm-started Lanczos run (> 0; default
             1e-3).
         lanczos_max_hvp: Hessian-vector product budget of each Lanczos run (>= 1; default
@@ -160,7 +165,8 @@ class Tracker:
                  eval_fn: EvalFn | None = None, batch_size_fn: BatchSizeFn | None = None,
                  curvature_data: Iterable | None = None, lambda_max: bool = False,
                  trace: bool = False, grad_norm: bool = False, lanczos_tol: float = 1e-3,
-                 lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, layers: bool = True,
+                 lanczos_max_hvp: int = 50, trace_n_hvp: int = 30, curvature: str = "hessian",
+                 layers: bool = True,
                  seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
         every = check_int("every", every, 1)
@@ -180,6 +186,7 @@ class Tracker:
         lanczos_tol = check_positive("lanczos_tol", lanczos_tol)
         lanczos_max_hvp = check_int("lanczos_max_hvp", lanczos_max_hvp, 1)
         trace_n_hvp = check_int("trace_n_hvp", trace_n_hvp, 4)   # Hutch++ needs 4 products
+        self.curvature = check_choice("curvature", curvature, registered_curvatures())
         seed = make_generator(seed).initial_seed()
         check_model_mode(model_mode)
         check_loss_fn(loss_fn)
@@ -328,7 +335,7 @@ class Tracker:
         res = top_eigenvalues(self.model, self.loss_fn, self.curvature_data, k=1, which="LA",
                               tol=self.lanczos_tol, max_hvp=self.lanczos_max_hvp, seed=self.seed,
                               v0=self._v0.get(key), model_mode=self.model_mode, progress=False,
-                              preconditioner=preconditioner,
+                              preconditioner=preconditioner, curvature=self.curvature,
                               check_deterministic=not self._checked)
         self._checked = True
         self.n_hvp += int(res.n_hvp)
@@ -349,7 +356,7 @@ class Tracker:
 
         res = hessian_trace(self.model, self.loss_fn, self.curvature_data, n_hvp=self.trace_n_hvp,
                             seed=self.seed, model_mode=self.model_mode, progress=False,
-                            check_deterministic=not self._checked)
+                            curvature=self.curvature, check_deterministic=not self._checked)
         self._checked = True
         self.n_hvp += int(res.n_hvp)
         return {"trace": float(res.estimate)}

@@ -53,6 +53,15 @@ def closure_loss(closure: Closure | None) -> torch.Tensor | None:
         return closure()
 
 
+def real(t: Tensor) -> Tensor:
+    """``torch.view_as_real(t)`` for a complex tensor, else ``t``.
+
+    Complex parameters are updated as pairs of reals, the convention of ``torch.optim``: a
+    complex run equals the run on ``view_as_real`` of the same tensors.
+    """
+    return torch.view_as_real(t) if t.is_complex() else t
+
+
 def grouped(*tensor_lists: list[Tensor]) -> Iterator[tuple[list[Tensor], ...]]:
     """Equal-length tensor lists split into runs on one device and dtype (for ``_foreach_*``)."""
     if not tensor_lists[0]:
@@ -191,16 +200,59 @@ def check_in_dtype(name: str, value: float, params: list[Tensor], *, power: int 
     return value
 
 
+#: attributes of ``torch.optim.Optimizer`` that pickling leaves out (hooks may hold closures;
+#: torch's ``__setstate__`` recreates them empty) and workspace rebuilt on demand
+_NOT_PICKLED = frozenset({
+    "_optimizer_step_pre_hooks", "_optimizer_step_post_hooks",
+    "_optimizer_state_dict_pre_hooks", "_optimizer_state_dict_post_hooks",
+    "_optimizer_load_state_dict_pre_hooks", "_optimizer_load_state_dict_post_hooks", "_scratch",
+})
+
+
+def whole_step(index: int, value: Any) -> Any:
+    """A saved ``step`` as the exact Python ``int`` this package counts in.
+
+    ``torch.optim`` saves ``step`` as a float32 tensor; run with it, the bias corrections would
+    be computed in float32. The integer it holds is converted exactly.
+
+    Raises:
+        ValueError: the tensor does not hold one whole number >= 0.
+    """
+    if not isinstance(value, Tensor):
+        return value
+    number = value.item() if value.numel() == 1 and value.device.type != "meta" else None
+    if number is None or number != number or number < 0 or number != int(number):
+        raise ValueError(f"state_dict step of parameter {index} must be a whole number >= 0 "
+                         f"(a Python int, or torch.optim's one-element tensor), got {value!r}; "
+                         "nothing was loaded")
+    return int(number)
+
+
 class CheckedState(Optimizer):
     """An ``Optimizer`` whose ``load_state_dict`` checks class and keys before changing anything.
 
     Subclasses name the per-parameter state keys they may hold in ``_state_keys``, any extra
     top-level entries of their state dict in ``_extra_keys``, and override
-    ``_required_state`` for the keys a saved parameter entry must hold.
+    ``_required_state`` for the keys a saved parameter entry must hold. ``_wide_keys`` are the
+    per-parameter states kept in ``state_dtype(p)`` (float32 for float16/bfloat16 ``p``):
+    loading keeps them there instead of casting them to the parameter's dtype as torch does.
+    A ``step`` saved as a tensor (torch's format) is loaded as the exact int it holds.
+
+    Pickling and ``copy.deepcopy`` keep every attribute (base optimizer, counters, model,
+    phase), not only the state and param groups ``torch.optim.Optimizer`` pickles.
     """
 
     _state_keys: frozenset[str] | None = None
     _extra_keys: tuple[str, ...] = ()
+    _wide_keys: frozenset[str] = frozenset()
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Every attribute but the hooks and the workspace (see the class docstring).
+
+        Returns:
+            The attributes to pickle or deep-copy.
+        """
+        return {k: v for k, v in self.__dict__.items() if k not in _NOT_PICKLED}
 
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state, tagged with its class name under ``"optimizer"``.
@@ -233,8 +285,15 @@ class CheckedState(Optimizer):
             ValueError: it does not fit this optimizer; nothing is changed then.
         """
         self.check_state_dict(state_dict)
-        super().load_state_dict({k: v for k, v in state_dict.items()
-                                 if k in ("state", "param_groups")})
+        saved = {index: {key: whole_step(index, v) if key == "step" else v
+                         for key, v in entry.items()}
+                 for index, entry in state_dict["state"].items()}
+        super().load_state_dict({"state": saved, "param_groups": state_dict["param_groups"]})
+        params = [p for group in self.param_groups for p in group["params"]]
+        for index, entry in saved.items():
+            p = params[index]
+            for key in self._wide_keys & entry.keys():
+                self.state[p][key] = entry[key].to(device=p.device, dtype=state_dtype(p))
 
 
 class CountingOptimizer(CheckedState):
@@ -253,6 +312,13 @@ class CountingOptimizer(CheckedState):
         super().__init__(params, defaults)
         self.n_steps = 0
         self.n_closure_calls = 0
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Restore pickled attributes; a copy's gradients count as left by its last step."""
+        super().__setstate__(state)
+        guard = state.get("_guard")
+        if guard is not None:
+            guard.remember(self._params())
 
     def _counted(self, closure: Closure) -> Closure:
         """``closure`` run with gradients enabled, each call adding one to ``n_closure_calls``."""

@@ -117,8 +117,13 @@ class FusedKernel:
 
 
 def fusable(*tensors: Tensor | None) -> bool:
-    """Dense, contiguous tensors (what the kernels are compiled for)."""
+    """Dense, contiguous tensors of one element or more dimensions (what the kernels take).
+
+    0-dim tensors go to the eager path: inductor (CPU, ``dynamic=True``) dropped the in-place
+    update of a 0-dim float64 input, leaving such parameters at their initial value.
+    """
     for t in tensors:  # a plain loop: this runs for every tensor of every step
-        if t is not None and not (t.is_contiguous() and t.layout == torch.strided):
+        if t is not None and (t.dim() == 0 or not (t.is_contiguous()
+                                                   and t.layout == torch.strided)):
             return False
     return True

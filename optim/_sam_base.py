@@ -6,7 +6,7 @@ $$
 \begin{aligned}
 &\text{READY:} && g = \nabla L_B(w) \quad\text{(pass 1; under DDP inside model.no\_sync())}\\
 &\text{first\_step():} && e = \rho\, g / (\lVert g \rVert_2 + 10^{-12}),\quad w \leftarrow w + e
-  \quad\text{(BatchNorm statistics frozen; PERTURBED)}\\
+  \quad\text{(running statistics frozen; PERTURBED)}\\
 &\text{pass 2:} && \tilde g = \nabla L_B(w + e)\\
 &\text{second\_step():} && w \leftarrow w \text{ (copied back exactly)};
   \text{ the subclass's update with } \tilde g \text{ (and } g\text{); READY}
@@ -30,10 +30,10 @@ from typing import Any, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.modules.batchnorm import _BatchNorm
+from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
-from ._base import Closure, CountingOptimizer, grouped, state_dtype
+from ._base import Closure, CountingOptimizer, grouped, real, state_dtype
 from ._validation import check_model
 
 SAM_EPS = 1e-12  # added to the norm in e = rho * g / (||g|| + eps), as in the authors' code
@@ -53,19 +53,56 @@ def perturbation_norm(params: Sequence[Tensor],
     """
     adaptive = adaptive or [False] * len(params)
     norms = []
-    for p, ada in zip(params, adaptive):
-        acc = state_dtype(p)
-        g = p.grad.to(acc)
-        norms.append(torch.linalg.vector_norm(g * p.detach().abs().to(acc) if ada else g))
+    for p, ada in zip(params, adaptive):   # complex: as its real view (torch's convention)
+        w = real(p.detach())
+        acc = state_dtype(w)
+        g = real(p.grad).to(acc)
+        norms.append(torch.linalg.vector_norm(g * w.abs().to(acc) if ada else g))
     acc = max((n.dtype for n in norms), key=lambda dt: torch.finfo(dt).bits)
     return torch.linalg.vector_norm(torch.stack([n.to(params[0].device, acc) for n in norms]))
 
 
-class BatchNormFreeze:
-    """Keeps the running statistics of every ``_BatchNorm`` layer of ``model`` unchanged.
+def has_running_stats(module: nn.Module) -> bool:
+    """Whether ``module`` keeps running statistics that a forward in train mode updates.
 
-    ``freeze()`` sets momentum to 0 (running mean/var then stay bitwise equal, also for
-    ``momentum=None``) and remembers ``num_batches_tracked``; ``restore()`` puts both back.
+    The rule (duck-typed, so that user modules are covered): a ``_NormBase`` (BatchNorm*,
+    SyncBatchNorm, InstanceNorm*, their lazy variants) with ``track_running_stats=True``, or any
+    module with a (non-None) buffer of its own whose name starts with ``running_``
+    (``running_mean``, ``running_var``, a user's ``running_max``, ...).
+    """
+    if isinstance(module, _NormBase):
+        return bool(module.track_running_stats)
+    return any(name.startswith("running_") and buf is not None
+               for name, buf in module._buffers.items())
+
+
+def running_stats_buffers(model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
+    """A copy of every buffer of ``model``'s modules with running statistics.
+
+    See :func:`has_running_stats` for which modules; all their own buffers are copied
+    (``num_batches_tracked`` too).
+
+    Returns:
+        (buffer, copy) pairs; empty without a model.
+    """
+    if model is None:
+        return []
+    return [(b, b.clone()) for m in model.modules() if has_running_stats(m)
+            for b in m.buffers(recurse=False)]
+
+
+#: The name this helper had while only BatchNorm was frozen.
+batchnorm_buffers = running_stats_buffers
+
+
+class RunningStatsFreeze:
+    """Keeps the running statistics of ``model`` unchanged through the perturbed pass.
+
+    Every module with running statistics (:func:`has_running_stats`: BatchNorm, InstanceNorm
+    with ``track_running_stats=True``, any ``_NormBase``, user modules with ``running_*``
+    buffers) is covered. ``freeze()`` copies their buffers and sets the momentum of the
+    ``_NormBase`` ones to 0 (their statistics then stay bitwise equal during the pass, also
+    for ``momentum=None``); ``restore()`` copies every buffer back and puts the momenta back.
     Without a model both are no-ops.
 
     Args:
@@ -74,25 +111,31 @@ class BatchNormFreeze:
 
     def __init__(self, model: nn.Module | None):
         self.model = model
-        self._saved: list[tuple[_BatchNorm, float | None, Tensor | None]] = []
+        self._saved: list[tuple[Tensor, Tensor]] = []
+        self._momenta: list[tuple[_NormBase, float | None]] = []
+        self._frozen = False
 
     def freeze(self) -> None:
-        """Set every BatchNorm layer's momentum to 0, remembering what to restore."""
-        if self.model is None or self._saved:
+        """Remember every running-statistics buffer and zero the ``_NormBase`` momenta."""
+        if self.model is None or self._frozen:
             return
-        for m in self.model.modules():
-            if isinstance(m, _BatchNorm):
-                tracked = m.num_batches_tracked
-                self._saved.append((m, m.momentum, None if tracked is None else tracked.clone()))
-                m.momentum = 0.0
+        self._saved = running_stats_buffers(self.model)
+        self._momenta = [(m, m.momentum) for m in self.model.modules()
+                         if isinstance(m, _NormBase) and has_running_stats(m)]
+        for m, _ in self._momenta:
+            m.momentum = 0.0
+        self._frozen = True
 
     def restore(self) -> None:
-        """Put back the momentum and ``num_batches_tracked`` that ``freeze`` found."""
-        for m, momentum, tracked in self._saved:
+        """Put back the buffers and momenta that ``freeze`` found."""
+        for m, momentum in self._momenta:
             m.momentum = momentum
-            if tracked is not None:
-                m.num_batches_tracked.copy_(tracked)
-        self._saved = []
+        restore_buffers(self._saved)
+        self._saved, self._momenta, self._frozen = [], [], False
+
+
+#: The name this class had while only BatchNorm was frozen.
+BatchNormFreeze = RunningStatsFreeze
 
 
 def is_ddp(model: nn.Module | None) -> bool:
@@ -126,20 +169,8 @@ def ascend_(params: list[Tensor], steps: list[Tensor], factor: Tensor) -> None:
         torch._foreach_add_(ps, torch._foreach_mul(ss, factor.to(ps[0])))
 
 
-def batchnorm_buffers(model: nn.Module | None) -> list[tuple[Tensor, Tensor]]:
-    """A copy of every buffer of ``model``'s BatchNorm layers, to undo a failed step.
-
-    Returns:
-        (buffer, copy) pairs; empty without a model.
-    """
-    if model is None:
-        return []
-    return [(b, b.clone()) for m in model.modules() if isinstance(m, _BatchNorm)
-            for b in m.buffers(recurse=False)]
-
-
 def restore_buffers(saved: list[tuple[Tensor, Tensor]]) -> None:
-    """Copy each saved buffer back (see :func:`batchnorm_buffers`)."""
+    """Copy each saved buffer back (see :func:`running_stats_buffers`)."""
     with torch.no_grad():
         for buffer, copy in saved:
             buffer.copy_(copy)
@@ -185,6 +216,10 @@ class GradGuard:
 
     def __init__(self) -> None:
         self._left: dict[int, tuple[weakref.ref, int]] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        """Nothing remembered (weak references do not pickle; the owner remembers anew)."""
+        return {"_left": {}}
 
     def remember(self, params: list[Tensor]) -> None:
         """Note the gradients ``params`` hold now."""
@@ -242,10 +277,20 @@ class TwoPassOptimizer(CountingOptimizer):
     may keep the plain gradient. ``state[p]["origin"]`` holds the weights a step started from,
     copied back exactly.
 
-    Two-step API: ``first_step()`` after the plain backward (it freezes BatchNorm statistics when
-    ``model`` is given), the perturbed forward-backward, then ``second_step()``. Under DDP run the
-    plain backward inside ``model.no_sync()`` yourself for m-sharpness; ``step(closure)`` does it
-    for you.
+    Two-step API: ``first_step()`` after the plain backward (it freezes the running statistics
+    of every module that has them, :func:`has_running_stats`, when ``model`` is given), the
+    perturbed forward-backward, then ``second_step()``. Under DDP run the plain backward inside
+    ``model.no_sync()`` yourself for m-sharpness; ``step(closure)`` does it for you.
+
+    Complex parameters are perturbed and updated as their ``view_as_real`` (torch.optim's
+    convention; ASAM's $|w|$ is then taken per real component).
+
+    ``torch.compile(opt.step)`` runs ``step`` (and ``first_step``/``second_step``) eagerly: they
+    are marked ``torch.compiler.disable``. They run the closure's two forward-backward passes
+    and keep the phase in Python attributes; dynamo traced ``first_step`` up to its
+    ``zero_grad()`` (which torch marks untraceable), fell back to eager for that frame and
+    dropped the ``phase`` assignment it had traced, so ``second_step()`` then found no
+    ``first_step()``. Compile the model (the closure's forward) instead.
     """
 
     _rho_key: str = "sam_rho"
@@ -255,17 +300,18 @@ class TwoPassOptimizer(CountingOptimizer):
 
     def _set_model(self, model: nn.Module | None) -> None:
         self.model = check_model("model", model)
-        self._bn = BatchNormFreeze(self.model)
+        self._bn = RunningStatsFreeze(self.model)
         self._guard = GradGuard()
         self.phase = Phase.READY
         self._perturbed: list[tuple[dict[str, Any], list[Tensor]]] = []
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
         """One two-pass step.
 
         Exception safe: on any exception in either pass (a KeyboardInterrupt, an out-of-memory
-        error in the second forward), the weights, BatchNorm statistics and momenta are put
+        error in the second forward), the weights, running statistics and momenta are put
         back as the step found them, the gradients are cleared, and the exception propagates;
         the next step starts afresh.
 
@@ -299,7 +345,7 @@ class TwoPassOptimizer(CountingOptimizer):
             self.cancel_step()
             self.zero_grad()
         self._guard.check(name, self._params())
-        saved = batchnorm_buffers(self.model)
+        saved = running_stats_buffers(self.model)
         try:
             loss = self._two_passes(self._counted(closure), grad_scaler)
         except BaseException:
@@ -349,6 +395,7 @@ class TwoPassOptimizer(CountingOptimizer):
             self.zero_grad()
         return finite
 
+    @torch.compiler.disable
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Move to ``w + e`` using the current gradients (the plain gradient at ``w``).
@@ -376,12 +423,15 @@ class TwoPassOptimizer(CountingOptimizer):
         self._perturbed, self.phase = perturbed, Phase.PERTURBED
         self._bn.freeze()
         for group, ps in perturbed:
-            steps = [p.grad * p * p if self._is_adaptive(group) else p.grad for p in ps]
-            ascend_(ps, steps, scale * group[self._rho_key])
+            ws = [real(p) for p in ps]
+            steps = [real(p.grad) * w * w if self._is_adaptive(group) else real(p.grad)
+                     for p, w in zip(ps, ws)]
+            ascend_(ws, steps, scale * group[self._rho_key])
         self._store_plain(params)
         if zero_grad:
             self.zero_grad()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
         """Move back to ``w`` and step with the gradient at ``w + e``.
@@ -404,11 +454,12 @@ class TwoPassOptimizer(CountingOptimizer):
         if zero_grad:
             self.zero_grad()
 
+    @torch.compiler.disable
     @torch.no_grad()
     def cancel_step(self) -> None:
         """Return to the unperturbed weights ``w`` without a step (no-op unless perturbed).
 
-        For the two-step API when the perturbed pass fails: BatchNorm momenta and the weights
+        For the two-step API when the perturbed pass fails: running statistics and the weights
         are put back exactly, and ``first_step()`` may be called again.
         """
         if self.phase is not Phase.PERTURBED:
@@ -436,7 +487,7 @@ class TwoPassOptimizer(CountingOptimizer):
         return state[name]
 
     def _return_to_origin(self) -> list[tuple[dict[str, Any], list[Tensor]]]:
-        """Restore BatchNorm momentum and the weights.
+        """Restore the running statistics and the weights.
 
         Averages the perturbed gradient over ranks unless DDP already did.
 

@@ -10,7 +10,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from ._base import check_in_dtype, grouped, param_dtype, state_dtype, use_foreach
+from ._base import check_in_dtype, grouped, param_dtype, real, state_dtype, use_foreach
 from ._diagnostics import stepped
 from ._fused import FusedKernel
 from ._sam_base import TwoPassOptimizer
@@ -37,8 +37,9 @@ class AdaSAM(TwoPassOptimizer):
     ``bias_correction=True`` divides $m$ by $1 - \beta_1^t$ and $\hat v$ by $1 - \beta_2^t$,
     as Adam does. Per-parameter state: ``step``, ``exp_avg`` ($m$), ``exp_avg_sq`` ($v$),
     ``max_exp_avg_sq`` ($\hat v$), ``origin`` ($x_t$ during the perturbed pass); the moments
-    are float32 for float16/bfloat16 parameters. Counters: ``n_steps``, ``n_closure_calls``
-    (2 per step).
+    are float32 for float16/bfloat16 parameters (and stay float32 through ``load_state_dict``);
+    complex parameters are updated as their ``view_as_real``. Counters: ``n_steps``,
+    ``n_closure_calls`` (2 per step).
 
     Args:
         params: Parameters or param-group dicts.
@@ -46,8 +47,8 @@ class AdaSAM(TwoPassOptimizer):
         betas: $(\beta_1, \beta_2)$, each in [0, 1).
         rho: The SAM radius $\rho \ge 0$.
         eps: $\epsilon > 0$, the floor $\sqrt{\hat v_{-1}}$ of the denominator.
-        model: Keyword-only (positional is deprecated). The model, for BatchNorm freezing and
-            DDP ``no_sync()``; None for neither.
+        model: Keyword-only (positional is deprecated). The model, for freezing running
+            statistics and DDP ``no_sync()``; None for neither.
         bias_correction: Adam's bias corrections (off in the paper).
         foreach: The multi-tensor path; None: automatic (off the CPU).
         fused: Compile each tensor's update into one kernel (``torch.compile``; the eager path
@@ -61,6 +62,7 @@ class AdaSAM(TwoPassOptimizer):
     _rho_key = "rho"
     _adaptive_key = None
     _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "max_exp_avg_sq", "origin"})
+    _wide_keys = frozenset({"exp_avg", "exp_avg_sq", "max_exp_avg_sq"})
 
     @keyword_only("model")
     def __init__(
@@ -134,9 +136,10 @@ class AdaSAM(TwoPassOptimizer):
                 state["exp_avg_sq"] = torch.zeros_like(
                     p, dtype=dtype, memory_format=torch.preserve_format
                 )
-                state["max_exp_avg_sq"] = torch.full_like(
-                    p, group["eps"] ** 2, dtype=dtype, memory_format=torch.preserve_format
+                state["max_exp_avg_sq"] = torch.empty_like(
+                    p, dtype=dtype, memory_format=torch.preserve_format
                 )
+                real(state["max_exp_avg_sq"]).fill_(group["eps"] ** 2)   # both parts if complex
             state["step"] += 1
             states.append(state)
         return states
@@ -159,12 +162,12 @@ class AdaSAM(TwoPassOptimizer):
                 and all(m.dtype == p.dtype for m, p in zip(exp_avgs, params))
             )
             fn = _multi_tensor_adasam if multi else _single_tensor_adasam
-            fn(
-                params,
-                [p.grad for p in params],
-                exp_avgs,
-                [s["exp_avg_sq"] for s in states],
-                [s["max_exp_avg_sq"] for s in states],
+            fn(   # complex tensors as view_as_real
+                [real(p) for p in params],
+                [real(p.grad) for p in params],
+                [real(m) for m in exp_avgs],
+                [real(s["exp_avg_sq"]) for s in states],
+                [real(s["max_exp_avg_sq"]) for s in states],
                 steps=steps,
                 lr=group["lr"],
                 betas=group["betas"],
@@ -271,7 +274,8 @@ def _fused_adasam(
     return _ADASAM_KERNEL.update(
         params,
         states,
-        lambda p, s: (p, p.grad, s["exp_avg"], s["exp_avg_sq"], s["max_exp_avg_sq"]),
+        lambda p, s: tuple(real(t) for t in (p, p.grad, s["exp_avg"], s["exp_avg_sq"],
+                                             s["max_exp_avg_sq"])),
         lambda t: (betas[0], betas[1], *_step_size(lr, betas, t, bias_correction)),
         bias_correction=bias_correction,
     )

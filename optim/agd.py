@@ -17,7 +17,7 @@ from ._fused import FusedKernel
 from ._diagnostics import stepped, to_host
 from ._workspace import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_optional_positive, check_positive
-from ._base import CheckedState, check_in_dtype, closure_loss, param_dtype, use_foreach
+from ._base import CheckedState, check_in_dtype, closure_loss, param_dtype, real, use_foreach
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,8 @@ class AGD(CheckedState):
     $c_g = (1-\beta_1)/\mathrm{bc}_{1,t}$ and
     $c_m = \beta_1/\mathrm{bc}_{1,t} - 1/\mathrm{bc}_{1,t-1}$; the factor $c_g^2$ goes into
     the $b$ update.
+
+    Complex parameters are updated as their ``view_as_real`` (as ``torch.optim.Adam`` does).
 
     Args:
         params: Parameters or param-group dicts.
@@ -196,13 +198,13 @@ class AGD(CheckedState):
                 continue
             foreach = use_foreach(group["foreach"], params)
             fn = _multi_tensor_agd if foreach else _single_tensor_agd
-            fn(
-                params,
-                [p.grad for p in params],
-                [s["exp_avg"] for s in states],
-                [s["exp_avg_diff_sq"] for s in states],
+            fn(   # complex tensors as view_as_real
+                [real(p) for p in params],
+                [real(p.grad) for p in params],
+                [real(s["exp_avg"]) for s in states],
+                [real(s["exp_avg_diff_sq"]) for s in states],
                 [
-                    s["max_exp_avg_diff_sq"] if group["amsgrad"] else s["exp_avg_diff_sq"]
+                    real(s["max_exp_avg_diff_sq"] if group["amsgrad"] else s["exp_avg_diff_sq"])
                     for s in states
                 ],
                 [s["step"] for s in states],
@@ -429,11 +431,11 @@ def _fused_agd(
 
     def tensors_of(p: Tensor, s: dict) -> tuple[Tensor | None, ...]:
         return (
-            p,
-            p.grad,
-            s["exp_avg"],
-            s["exp_avg_diff_sq"],
-            s["max_exp_avg_diff_sq"] if amsgrad else None,
+            real(p),
+            real(p.grad),
+            real(s["exp_avg"]),
+            real(s["exp_avg_diff_sq"]),
+            real(s["max_exp_avg_diff_sq"]) if amsgrad else None,
         )
 
     def row_of(t: int) -> tuple[float, ...]:

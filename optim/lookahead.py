@@ -101,9 +101,15 @@ class Lookahead(WrapperOptimizer):
         if "base_optimizer" in self.__dict__:
             self._init_group(param_group)
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Closure | None = None) -> Tensor | None:
         """One inner step of the base optimizer; every k-th step also the slow update.
+
+        A step in which no parameter has a gradient (after the closure, if any) is no step,
+        as in ``torch.optim``: it is not counted and never triggers the slow update.
+        ``torch.compile(opt.step)`` runs it eagerly (``torch.compiler.disable``: dynamo cannot
+        trace the per-parameter state dict it reads).
 
         Args:
             closure: Passed to the base optimizer's ``step`` (one pass for SGD/Adam); without
@@ -113,6 +119,8 @@ class Lookahead(WrapperOptimizer):
             What the base optimizer's step returns (the closure's loss).
         """
         loss = self.base_optimizer.step(None if closure is None else self._counted(closure))
+        if all(p.grad is None for p in self._params()):
+            return loss
         self.n_steps += 1
         if self.n_steps % self.k == 0:
             for group in self.param_groups:

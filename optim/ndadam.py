@@ -17,7 +17,7 @@ from ._diagnostics import stepped, to_host
 from ._workspace import Scratch, scratch
 from ._validation import (ArgumentTypeError, check_adam_group, check_bool, check_int,
                           check_nonnegative, check_positive)
-from ._base import CheckedState, check_in_dtype, closure_loss, state_dtype, use_foreach
+from ._base import CheckedState, check_in_dtype, closure_loss, real, state_dtype, use_foreach
 
 
 def _vector_dims(w: Tensor) -> tuple[int, ...]:
@@ -75,8 +75,10 @@ class NDAdam(CheckedState):
     Param-group key ``nd``: True: unit weight vectors; False: plain Adam, written as
     ``torch.optim.Adam`` does it, with the L2 ``weight_decay`` added to (a copy of) the gradient
     (weight decay never applies to unit vectors); None (default): True for tensors with
-    ndim >= 2. The paper's runs use a larger lr for the vectors ($\alpha_v = 50 \alpha_s$): give
-    them their own param group. float16/bfloat16 parameters keep float32 state.
+    ndim >= 2, except complex tensors (plain Adam over their ``view_as_real``, as
+    ``torch.optim.Adam`` treats them; ``nd=True`` refuses them). The paper's runs use a larger
+    lr for the vectors ($\alpha_v = 50 \alpha_s$): give them their own param group.
+    float16/bfloat16 parameters keep float32 state, also through ``load_state_dict``.
 
     Start on the sphere: when a vector parameter gets its state (its first step), each vector
     is normalised in place before the first projection. The first gradient was taken at the
@@ -107,6 +109,7 @@ class NDAdam(CheckedState):
     """
 
     _state_keys = frozenset({"step", "exp_avg", "exp_avg_sq", "angle", "update_cosine"})
+    _wide_keys = frozenset({"exp_avg", "exp_avg_sq", "angle", "update_cosine"})
 
     def __init__(
         self,
@@ -157,6 +160,10 @@ class NDAdam(CheckedState):
             raise ValueError("nd must be False or None for parameters with ndim < 2 (nd=True "
                              f"needs one unit vector per slice along dim 0), got nd=True for "
                              f"shapes {shapes}")
+        if group["nd"] and any(p.is_complex() for p in group["params"]):
+            raise ValueError("nd must be False or None for complex parameters (the unit-vector "
+                             "update is defined for real weight vectors; nd=False updates them "
+                             "as Adam does, over view_as_real), got nd=True")
 
     def _required_state(self, index: int, entry: dict, state_dict: dict) -> frozenset[str]:
         """A stepped parameter needs its moments; a unit-vector one its diagnostics too."""
@@ -168,7 +175,7 @@ class NDAdam(CheckedState):
 
     @staticmethod
     def _is_nd(group: dict, p: Tensor) -> bool:
-        return p.dim() >= 2 if group["nd"] is None else group["nd"]
+        return p.dim() >= 2 and not p.is_complex() if group["nd"] is None else group["nd"]
 
     def _init_group(self, group: dict) -> tuple[list[Tensor], list[Tensor]]:
         """Create state where missing (normalising new vectors) and advance the steps.
@@ -188,7 +195,7 @@ class NDAdam(CheckedState):
                 dtype = state_dtype(p)
                 norms = _row_norms(p.to(dtype)) if nd else None
                 # a host sync, once per parameter (its first step)
-                if nd and not bool((norms > 0).all()):
+                if nd and p.device.type != "meta" and not bool((norms > 0).all()):
                     raise ValueError(
                         "NDAdam: a weight vector (slice along dim 0) is all zeros; give it a "
                         "nonzero init or put the parameter in a group with nd=False"
@@ -407,17 +414,20 @@ def _single_tensor_adam(
     weight_decay: float,
     work: Scratch,
 ) -> None:
-    """Adam as ``torch.optim.Adam`` writes it (L2 on a copy of the gradient), one at a time."""
+    """Adam as ``torch.optim.Adam`` writes it (L2 on a copy of the gradient), one at a time.
+
+    Complex tensors are updated as their ``view_as_real``.
+    """
     for p, state, (step_size, bc2_sqrt) in zip(params, states, scalars):
-        acc = state["exp_avg"].dtype
-        w, grad = p.to(acc), p.grad.to(acc)
+        exp_avg, exp_avg_sq, own = real(state["exp_avg"]), real(state["exp_avg_sq"]), real(p)
+        w, grad = own.to(exp_avg.dtype), real(p.grad).to(exp_avg.dtype)
         grad = grad if weight_decay == 0 else grad.add(w, alpha=weight_decay)
-        state["exp_avg"].lerp_(grad, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
-        denom = (state["exp_avg_sq"].sqrt() / bc2_sqrt).add_(eps)
-        w.addcdiv_(state["exp_avg"], denom, value=-step_size)
-        if w is not p:
-            p.copy_(w)
+        exp_avg.lerp_(grad, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1.0 - beta2)
+        denom = (exp_avg_sq.sqrt() / bc2_sqrt).add_(eps)
+        w.addcdiv_(exp_avg, denom, value=-step_size)
+        if w is not own:
+            own.copy_(w)
 
 
 def _multi_tensor_adam(
@@ -431,7 +441,8 @@ def _multi_tensor_adam(
     weight_decay: float,
     work: Scratch,
 ) -> None:
-    grads, exp_avgs, exp_avg_sqs = _gather(params, states)
+    grads, exp_avgs, exp_avg_sqs = ([real(t) for t in ts] for ts in _gather(params, states))
+    params = [real(p) for p in params]   # complex: as view_as_real
     if weight_decay != 0:
         grads = torch._foreach_add(grads, params, alpha=weight_decay)
     torch._foreach_lerp_(exp_avgs, grads, 1.0 - beta1)
@@ -563,7 +574,7 @@ def _fused_step(
         ]
     )
     tensors = [
-        (p, p.grad, s["exp_avg"], s["exp_avg_sq"])
+        (real(p), real(p.grad), real(s["exp_avg"]), real(s["exp_avg_sq"]))
         for p, s in zip(fused_vectors + fused_others, states)
     ]
     done, diagnostics = _NDADAM_KERNEL(

@@ -14,9 +14,10 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from ._base import (Closure, WrapperOptimizer, check_in_dtype, grouped, optimizer_params,
-                    param_dtype)
-from ._sam_base import (SAM_EPS, GradGuard, ascend_, batchnorm_buffers, first_pass, grad_changed,
-                        grad_marks, perturbation_norm, require_gradients, restore_buffers)
+                    param_dtype, real)
+from ._sam_base import (SAM_EPS, GradGuard, ascend_, first_pass,
+                        grad_changed, grad_marks, perturbation_norm, require_gradients,
+                        restore_buffers, running_stats_buffers)
 from ._validation import check_int, check_model, check_nonnegative, keyword_only
 from .lookahead import check_alpha, swapped_slow_weights
 
@@ -49,7 +50,12 @@ class SALA(WrapperOptimizer):
     \end{aligned}
     $$
 
-    BatchNorm statistics are not frozen in the SAM pass (the authors' code does not). Param-group
+    Running statistics (BatchNorm and the like) are updated in the SAM pass as in the authors'
+    code, unlike the rest of the SAM family, which freezes them; a step interrupted by an
+    exception puts them back. Complex parameters are handled as their ``view_as_real``.
+    Meta-device parameters are refused by ``step`` (the stage switch reads the fast-slow
+    distance, a value they do not hold). ``torch.compile(opt.step)`` runs ``step`` eagerly
+    (``torch.compiler.disable``: it runs the closure and branches on host values). Param-group
     keys ``sala_alpha`` and ``sala_rho`` (the SAM radius); the stage threshold is the ``rho``
     given at construction (one hyperparameter in the authors' code). Per-parameter state
     ``slow``. Attributes: ``stage`` (1 or 2), ``distance``, counters ``n_steps`` and
@@ -62,8 +68,9 @@ class SALA(WrapperOptimizer):
             that do not exist yet).
         alpha: The slow step $\alpha \in (0, 1]$.
         rho: The SAM radius and stage threshold $\rho \ge 0$.
-        model: Keyword-only (positional is deprecated). The model, for DDP ``no_sync()`` in the
-            first pass of a SAM step; None otherwise.
+        model: Keyword-only (positional is deprecated). The model, for DDP ``no_sync()`` in its
+            first pass and for restoring running statistics after an interrupted step; None
+            otherwise.
 
     Raises:
         ArgumentTypeError: an argument of the wrong kind.
@@ -102,12 +109,13 @@ class SALA(WrapperOptimizer):
         """The parameters of ``group`` that have a gradient."""
         return [p for p in group["params"] if p.grad is not None]
 
+    @torch.compiler.disable
     @torch.no_grad()
     def step(self, closure: Closure | None = None, *, grad_scaler: Any = None) -> Tensor:
         """One SALA step.
 
         On any exception in a pass (a KeyboardInterrupt, an out-of-memory error), the weights,
-        BatchNorm statistics and step counter are put back as the step found them, the
+        running statistics and step counter are put back as the step found them, the
         gradients are cleared, and the exception propagates.
 
         Args:
@@ -121,7 +129,7 @@ class SALA(WrapperOptimizer):
 
         Raises:
             ValueError: ``closure`` is None.
-            NotImplementedError: a GradScaler is used.
+            NotImplementedError: a GradScaler is used, or a parameter is on the meta device.
             RuntimeError: gradients were already accumulated before the step, or a call of
                 the closure produced no gradients.
         """
@@ -133,8 +141,13 @@ class SALA(WrapperOptimizer):
                 "gradients would reach the base optimizer; train SALA in float32 or "
                 "bfloat16 autocast without a scaler"
             )
+        if any(p.device.type == "meta" for p in self._params()):
+            raise NotImplementedError(
+                "SALA cannot step meta-device parameters: its stage switch compares the "
+                "fast-slow distance with rho, a value meta tensors do not hold; materialise the "
+                "model (to_empty() and an init) first")
         self._guard.check("SALA", self._params())
-        saved = batchnorm_buffers(self.model)
+        saved = running_stats_buffers(self.model)
         weights: list[tuple[Tensor, Tensor]] = []   # the weights before a SAM ascent
         self.n_steps += 1
         try:
@@ -204,7 +217,8 @@ class SALA(WrapperOptimizer):
                 if "slow" not in self.state[p]:
                     self.state[p]["slow"] = p.detach().clone(memory_format=torch.preserve_format)
             group_sq = 0.0
-            for ps, ss in grouped(params, [self.state[p]["slow"] for p in params]):
+            reals = [real(p) for p in params]
+            for ps, ss in grouped(reals, [real(self.state[p]["slow"]) for p in params]):
                 diffs = torch._foreach_sub(ps, ss)
                 group_sq += float(
                     torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float64)).square().sum()

@@ -32,18 +32,19 @@ class SAM(TwoPassOptimizer, WrapperOptimizer):
     $$
 
     The norm is global over all param groups. Hyperparameters live in the param groups as
-    ``sam_rho`` and ``sam_adaptive``. With ``model=``, BatchNorm statistics are frozen during the
-    perturbed pass and the first pass runs under ``no_sync()`` when ``model`` is
-    DistributedDataParallel (m-sharpness). ``rho = 0`` is the base optimizer. Counters:
-    ``n_steps``, ``n_closure_calls`` (2 per step).
+    ``sam_rho`` and ``sam_adaptive``. With ``model=``, the running statistics of every module
+    that keeps them (BatchNorm, InstanceNorm with ``track_running_stats=True``, user modules
+    with ``running_*`` buffers) are frozen during the perturbed pass, and the first pass runs
+    under ``no_sync()`` when ``model`` is DistributedDataParallel (m-sharpness). ``rho = 0`` is
+    the base optimizer. Counters: ``n_steps``, ``n_closure_calls`` (2 per step).
 
     Args:
         base_optimizer: An already-built ``torch.optim.Optimizer`` (SGD, Adam, AGD, ...); its
             ``param_groups`` are shared.
         rho: The radius $\rho \ge 0$ of the ascent.
         adaptive: ASAM's scale-invariant ascent.
-        model: Keyword-only (positional is deprecated). The model, for BatchNorm freezing and
-            DDP ``no_sync()``; None for neither.
+        model: Keyword-only (positional is deprecated). The model, for freezing running
+            statistics and DDP ``no_sync()``; None for neither.
 
     Raises:
         ArgumentTypeError: an argument of the wrong kind.

@@ -50,8 +50,8 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
         adaptive: ASAM's scale-invariant ascent.
         decouple: Apply the sharpness gradient as a plain SGD step outside the base optimizer.
         max_norm: Clip each pass's gradient to this global norm (None: no clipping).
-        model: Keyword-only (positional is deprecated). The model, for BatchNorm freezing and
-            DDP ``no_sync()``; None for neither.
+        model: Keyword-only (positional is deprecated). The model, for freezing running
+            statistics and DDP ``no_sync()``; None for neither.
 
     Raises:
         ArgumentTypeError: an argument of the wrong kind.

@@ -345,3 +345,26 @@ def test_determinism_check_runs_at_the_first_curvature_record_only(setup, monkey
         tracker = Tracker(model, LOSS, curvature_data=loader, layers=False, **{quantity: True})
         with pytest.raises(ValueError, match="shuffle"):
             tracker.log()
+
+
+def test_curvature_names_a_registered_curvature(monkeypatch):
+    from analysis import HessianOperator, operator, register_curvature
+
+    class Doubled(HessianOperator):
+        def batch_product(self, batch, V):
+            return 2.0 * super().batch_product(batch, V)
+
+    monkeypatch.setattr(operator, "_REGISTRY", dict(operator._REGISTRY))
+    register_curvature("doubled", Doubled)
+    model = mlp((3, 4, 2))
+    x, y = classification_data(n=11, d=3, classes=2)
+    data = uneven_batches(x, y, sizes=(4, 7))
+    tracker = Tracker(model, LOSS, curvature_data=data, lambda_max=True, trace=True,
+                      lanczos_tol=1e-10, lanczos_max_hvp=200, trace_n_hvp=81, layers=False,
+                      curvature="doubled")
+    rec = tracker.log()
+    H = exact_hessian(model, PLAIN, data)
+    assert rec["lambda_max"] == pytest.approx(2 * float(torch.linalg.eigvalsh(H)[-1]), rel=1e-8)
+    assert rec["trace"] == pytest.approx(2 * float(torch.trace(H)), rel=1e-8)
+    with pytest.raises(ValueError, match="curvature must be one of 'hessian'"):
+        Tracker(model, LOSS, curvature_data=data, lambda_max=True, curvature="nope")

@@ -1,0 +1,1 @@
+"""Conformance suites: the peers' own conventions applied to this package."""
