@@ -29,6 +29,7 @@ from tqdm.auto import tqdm
 from .core import (all_finite, BatchSizeFn, check_choice, check_device, check_dtype, check_int,
                    check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps,
                    randn, records_metadata, register_result)
+from .core.progress import ConvergenceBar, batch_progress, gap
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 
@@ -412,7 +413,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         v0: Start vectors, ``[n]`` or ``[r, n]`` (folded onto the block), random otherwise.
         seed: Seed of the random start and of restarts after a breakdown.
         like: A tensor of the vectors' dtype and device.
-        progress: Show a bar over the products.
+        progress: Show a bar over the products whose total is those predicted to convergence
+            (at most ``max_hvp``; :class:`analysis.core.progress.ConvergenceBar`), with the
+            restarts so far.
         basis_dtype: Dtype of the basis (default ``like``'s).
         basis_device: Device of the basis (default ``like``'s).
         product_dtype: The dtype ``matmat`` computes in, when it is coarser than ``like``'s
@@ -444,11 +447,11 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     gen = make_generator(seed)
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
     K.start(_start_block(v0, n, b, gen, like))
-    bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
+    bar = ConvergenceBar(budget, "lanczos", disable=not progress)
     try:
         while True:
-            B = K.extend(matmat, m_max - K.m)
-            bar.update(B.shape[0])
+            with batch_progress(lambda fraction: bar.advance(fraction * b)):  # during a pass
+                B = K.extend(matmat, m_max - K.m)
             theta, Y = K.ritz()
             resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[0]:], dim=0)
             if K.m == n:
@@ -456,12 +459,14 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             pick = _wanted(theta, k, which)
             floor = 50 * eps * theta.abs().max()
             noise = product_eps(product_dtype) * theta.abs().max() if product_dtype else 0.0
-            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=max(floor, noise))
+            bound = torch.clamp(rel * theta[pick].abs(), min=max(floor, noise))
+            ok = resid[pick] <= bound
+            bar.update(K.n_hvp, gap(resid[pick], bound), theta=f"{theta[pick[0]].item():.6g}")
             if bool(ok.all()) or K.m == n or K.n_hvp + b > budget:
                 break
             if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
                 K.restart(theta, Y, _wanted(theta, min(K.m - b, max(k, (m_max + k) // 2)), which))
-            bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
+                bar.restarts += 1
     finally:
         bar.close()
     U = K.vectors(Y[:, pick])

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum_, failures_shared, is_distributed, rank
 from .precision import accumulable
+from .progress import batch_done
 from .validation import check_choice
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -357,7 +358,9 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
             ``loss_fn``) for $\sum_b f(b)$, the quantity of the total loss.
         zeros: ``() -> tensors`` shaped like ``per_batch``'s: the share of a rank whose shard
             is empty (needed under ``torch.distributed``).
-        progress: Show a bar over the batches (rank 0).
+        progress: Show a bar over the batches (rank 0). Whatever it is, each batch reports
+            its share of the pass to an enclosing
+            :func:`analysis.core.progress.batch_progress` (the bars of the solvers).
 
     Returns:
         A :class:`DataMean`.
@@ -371,16 +374,18 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
     size = batch_size_fn or default_batch_size
     first: list[Tensor] | None = None   # the first batch's tensors, weight w_first, uncopied
     sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
-    total, w_first, n_batches = 0, 0, 0
+    total, w_first, n_batches, length = 0, 0, 0, _length(data)
     # one iterator per pass: given ``data`` itself, tqdm.auto's bar would ask it for two
     with failures_shared():  # an error of this rank is raised on every rank, never a hang
-        for batch in tqdm(iter(data), total=_length(data), desc="data", leave=False,
+        for batch in tqdm(iter(data), total=length, desc="data", leave=False,
                           disable=not progress or rank() != 0):
             n = size(batch)
             if n <= 0:
                 continue
             w = n if reduction == "mean" else 1
             out = [accumulable(t.detach()) for t in per_batch(batch)]
+            if length:
+                batch_done(1 / length)   # an outer bar moves during the pass
             if first is None:
                 first, w_first = out, w
             else:
