@@ -30,6 +30,7 @@ from tqdm.auto import tqdm
 from .core import (all_finite, BatchSizeFn, check_choice, check_device, check_dtype, check_int,
                    check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps,
                    randn, records_metadata, register_result)
+from .core.progress import ConvergenceBar, batch_progress, gap
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 
@@ -474,7 +475,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         v0: Start vectors, ``[n]`` or ``[r, n]`` (folded onto the block), random otherwise.
         seed: Seed of the random start and of restarts after a breakdown.
         like: A tensor of the vectors' dtype and device.
-        progress: Show a bar over the products.
+        progress: Show a bar over the products whose total is those predicted to convergence
+            (at most ``max_hvp``; :class:`analysis.core.progress.ConvergenceBar`), with the
+            restarts so far.
         basis_dtype: Dtype of the basis (default ``like``'s).
         basis_device: Device of the basis (default ``like``'s).
         product_dtype: The dtype ``matmat`` computes in, when it is coarser than ``like``'s
@@ -507,7 +510,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     gen = make_generator(seed)
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
     K.start(_start_block(v0, n, b, gen, like))
-    bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
+    bar = ConvergenceBar(budget, "lanczos", disable=not progress)
     try:
         theta, Y, pick, resid, ok, checking = _iterate(K, matmat, n, test, b, m_max, budget, bar)
     finally:
@@ -618,14 +621,17 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
     """
     k, locked = test.k, None  # locked: the wanted values when the last new start was injected
     while True:
-        B = K.extend(matmat, m_max - K.m)
-        bar.update(B.shape[1])
+        rows = len(K.Q)
+        with batch_progress(lambda fraction: bar.advance(fraction * rows)):  # during a pass
+            B = K.extend(matmat, m_max - K.m)
         theta, Y = K.ritz()
         resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[1]:], dim=0)
         exact = K.m == n or len(K.Q) == 0
         if exact:  # the whole space: the Ritz pairs are the eigenpairs
             resid.zero_()
         pick = _wanted(theta, k if locked is None else k + 1, test.which)
+        bar.update(K.n_hvp, gap(resid[pick[:k]], test.bounds(theta, pick[:k])) if len(pick)
+                   else math.inf, theta=f"{theta[pick[0]].item():.6g}" if len(pick) else "")
         ok = len(pick) > k - 1 and bool((resid[pick[:k]] <= test.bounds(theta, pick[:k])).all())
         if ok and not exact:
             settled, inject = _settled(theta, resid, pick, locked, K, test)
@@ -635,6 +641,7 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
                 locked, K.seg = theta[pick[:k]].clone(), K.n_hvp
                 K.restart(theta, Y, pick[:k])
                 K.start(randn((b, n), K.gen, like=K.like))
+                bar.restarts += 1
                 continue
             ok = settled
         if ok or exact or K.n_hvp + b > budget:
@@ -643,7 +650,7 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
         if K.m + q > m_max:  # thick restart with the Ritz vectors at the wanted end
             K.restart(theta, Y, _wanted(theta, min(K.m - q, max(len(pick), (m_max + k) // 2)),
                                         test.which))
-        bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
+            bar.restarts += 1
 
 
 def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, K: Krylov,

@@ -31,6 +31,8 @@ import torch
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
+from .core.progress import batch_progress
+
 from .core import (BatchSizeFn, check_choice, check_int, guarded, LossFn, make_generator,
                    ParamSelection, rademacher, records_metadata, register_result)
 from .curvature import curvature_operator
@@ -66,11 +68,17 @@ class TraceResult:
 
 
 def _apply(matmat: MatMat, rows: Tensor, chunk: int, bar) -> Tensor:
-    """``H`` applied to the rows of ``rows``, ``chunk`` vectors per pass over the data."""
+    """``H`` applied to the rows of ``rows``, ``chunk`` vectors per pass over the data.
+
+    The bar counts products and moves batch by batch during each pass (a pass computes
+    ``chunk`` products at once): each batch adds its share of them.
+    """
     out = []
     for piece in torch.split(rows, chunk):
-        out.append(matmat(piece))
-        bar.update(len(piece))
+        start = bar.n
+        with batch_progress(lambda fraction, c=len(piece): bar.update(c * fraction)):
+            out.append(matmat(piece))
+        bar.update(start + len(piece) - bar.n)   # exactly the pass's products
     return torch.cat(out)
 
 
@@ -286,7 +294,8 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
         seed: Seed of the Rademacher probes.
         like: A tensor of the vectors' dtype and device.
         chunk: Probes per call of ``matmat``.
-        progress: Show a bar over the products.
+        progress: Show a bar over the products (their number is known in advance: the ETA
+            holds), moving batch by batch during each pass over the data.
 
     Returns:
         A :class:`TraceResult`.

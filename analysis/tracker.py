@@ -13,7 +13,7 @@ Usage::
         loss = opt.step(tracker.count(closure))   # counts forward-backward passes
         tracker.step(opt, loss)                    # logs every `every` steps
     tracker.save("run")                            # run.json + run.csv
-    tracker.plot("run.png")
+    tracker.plot("run.png")                        # the figure, saved as run.png
 
 Every record is a flat dict. Keys with a ``/`` are per layer (``"angle/fc.weight"``).
 
@@ -60,8 +60,8 @@ import torch
 from torch import Tensor, nn
 
 from .core import (ArgumentTypeError, BatchSizeFn, LossFn, check_bool, check_data, check_int,
-                   check_choice, check_model_mode, check_positive, make_generator,
-                   unwrap_compiled)
+                   check_choice, check_loss_fn, check_model_mode, check_positive, make_generator,
+                   save_figure, unwrap_compiled)
 from .metrics import EvalFn, evaluate_metrics, full_grad_norm
 from .operator import registered_curvatures
 from .preconditioning import optimizer_preconditioner, stability_threshold
@@ -189,6 +189,7 @@ class Tracker:
         self.curvature = check_choice("curvature", curvature, registered_curvatures())
         seed = make_generator(seed).initial_seed()
         check_model_mode(model_mode)
+        check_loss_fn(loss_fn)
         if isinstance(optimizer_methods, str) or not all(
                 isinstance(m, str) for m in optimizer_methods):
             raise ArgumentTypeError("optimizer_methods must be a sequence of method names, "
@@ -465,20 +466,8 @@ class Tracker:
             writer.writerows(self.records)
         return js, cs
 
-    def plot(self, path: str | Path, title: str | None = None) -> Path:
-        """Plot one panel per quantity group (per-layer keys share a panel), saved as PNG.
-
-        Args:
-            path: The PNG file (its folder is created).
-            title: The figure's title.
-
-        Returns:
-            ``path``.
-        """
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
+    def _panels(self) -> dict[str, list[str]]:
+        """The keys drawn, grouped by panel (per-layer keys and loss/accuracy pairs share)."""
         groups: dict[str, list[str]] = {}
         for key in self.keys():
             if key in ("step", "n_hvp", "lanczos_hvp", "preconditioned_lanczos_hvp"):
@@ -487,9 +476,34 @@ class Tracker:
         for pair in (("train_loss", "loss"), ("test_loss", "loss"), ("train_acc", "test_acc")):
             if pair[0] in groups and pair[1] in groups:
                 groups[pair[1]] += groups.pop(pair[0])
+        return groups
+
+    def plot(self, path: str | Path | None = None, title: str | None = None, *,
+             formats: Sequence[str] | None = None) -> Any:
+        """Plot one panel per quantity group (per-layer keys share a panel).
+
+        Saved, given a path, by :func:`analysis.core.save_figure`, the convention of the
+        landscape plots too: ``run.png`` writes ``run.png``, ``run`` writes ``run.png`` and
+        ``run.pdf``; atomic, with ``bbox_inches="tight"`` (no clipped labels). Drawn on a
+        ``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, the backend untouched).
+
+        Args:
+            path: The file (its folder is created); None only returns the figure.
+            title: The figure's title.
+            formats: As in :func:`analysis.core.save_figure`.
+
+        Returns:
+            The ``matplotlib.figure.Figure``.
+        """
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+
+        groups = self._panels()
         cols = 3
         rows = max(1, math.ceil(len(groups) / cols))
-        fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.0 * rows), squeeze=False)
+        fig = Figure(figsize=(4.2 * cols, 3.0 * rows), layout="constrained")
+        FigureCanvasAgg(fig)
+        axes = fig.subplots(rows, cols, squeeze=False)
         for ax, (group, keys) in zip(axes.flat, groups.items()):
             for key in keys:
                 steps, values = self.history(key)
@@ -502,9 +516,6 @@ class Tracker:
             ax.axis("off")
         if title:
             fig.suptitle(title)
-        fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=110)
-        plt.close(fig)
-        return path
+        if path is not None:
+            save_figure(fig, path, formats, dpi=110)
+        return fig

@@ -31,9 +31,10 @@ from analysis.core import file_sha256, remove_temporaries
 from .harness import SIZES, environment, execute, job
 from .report import (SUMMARY, Damaged, check_entry, config_key, files_of, read_saved,
                      read_summary, save, table, write_summary)
-from .runner import Runner
+from .runner import Progress, Runner, other_load, parallel_share
 from .verdict import entry
 
+OVERHEAD_RUNS, OVERHEAD_SECONDS = 1.0, 2.0   # a reproduction's work besides its runs (estimate)
 REPRODUCTIONS = ["agd_switching", "wsam_sharpness", "ndadam_direction", "adasam_convergence",
                  "sala_overhead", "landscape_gallery", "adaptive_eos"]
 
@@ -143,9 +144,11 @@ def run(args, names: list[str], summary: dict) -> dict:
         todo = [n for n in names if plan[n] is None]
         if todo:
             print(f"{size.name} size: timing one training run for the estimate ...", flush=True)
+            runner.progress = estimate(modules, todo, size, args.jobs)
             print(f"{size.name} size, {args.jobs} process(es) x {args.threads} thread(s): "
-                  f"expected about {expected_seconds(modules, todo, size, args.jobs) / 60:.1f} "
-                  f"min for {', '.join(todo)}", flush=True)
+                  f"{runner.progress.total:.0f} runs, expected about "
+                  f"{runner.progress.seconds_left() / 60:.1f} min for {', '.join(todo)}",
+                  flush=True)
         for name in names:
             if plan[name] == "unchanged":
                 print(f"{name}: unchanged, skipped (--force recomputes)", flush=True)
@@ -153,7 +156,8 @@ def run(args, names: list[str], summary: dict) -> dict:
             if plan[name] is None:
                 summary[name] = run_one(modules[name], name, size, runner, args.out,
                                         environment(args.jobs, args.threads))
-                how = f"{summary[name]['seconds']:.0f} s"
+                runner.progress.reproduction_done(modules[name].cost(size))
+                how = f"{summary[name]['seconds']:.0f} s | {runner.progress.line()}"
             else:
                 summary[name] = redo(name, args.out, plan[name], summary.get(name, {}))
                 how = "redone from its saved data"
@@ -162,7 +166,28 @@ def run(args, names: list[str], summary: dict) -> dict:
     finally:
         runner.close()
         torch.set_num_threads(threads)
+    print(outputs(args.out, names, summary), flush=True)
     return summary
+
+
+def outputs(out: Path, names: list[str], summary: dict) -> str:
+    """Where each output of ``names`` is: the summary, and each reproduction's files.
+
+    Args:
+        out: The output folder.
+        names: The reproductions asked for.
+        summary: The summary as written.
+
+    Returns:
+        The lines to print.
+    """
+    lines = [f"outputs in {out.resolve()}:", f"  summary (every verdict): {out / SUMMARY}",
+             f"  table: python -m figures --table --out {shlex.quote(str(out))}"]
+    for name in names:
+        if name in summary:
+            figure, *data = [out / f for f in reversed(files_of(name))]
+            lines.append(f"  {name}: figure {figure}; data {', '.join(map(str, data))}")
+    return "\n".join(lines)
 
 
 def size_name(args: argparse.Namespace) -> str:
@@ -209,11 +234,15 @@ def status(summary: dict, name: str, key: str, out: Path, force: bool):
     return None
 
 
-def expected_seconds(modules: dict, names: list[str], size, workers: int) -> float:
-    """The expected wall time of ``names``.
+def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
+    """The work of ``names`` in standard runs, and its time calibrated on CPU time here.
 
-    The run count of each reproduction (``module.cost``, in standard training runs) times the
-    measured time of one standard run here, over the processes.
+    One standard training run is timed in CPU seconds (not wall seconds, which the machine's
+    load at that moment inflates or not); the share of a core our processes get follows from
+    the load of other programs (:func:`figures.runner.other_load`, measured over that run).
+    Worker processes (``workers`` > 1) each start as this process did: its CPU seconds so far
+    (imports) and the data the first run made. Each reproduction also spends, besides its
+    runs, about ``OVERHEAD_RUNS`` standard runs plus ``OVERHEAD_SECONDS`` (rule, figure, files).
 
     Args:
         modules: The reproductions' modules by name.
@@ -222,14 +251,22 @@ def expected_seconds(modules: dict, names: list[str], size, workers: int) -> flo
         workers: The processes.
 
     Returns:
-        Seconds.
+        The job's :class:`figures.runner.Progress` (its clock starts now).
     """
     calibration = job("calibration", "SGD", "SGD", 0, {"lr": 0.05})
+    started = time.process_time()                   # this process's start: imports
     execute(calibration, size)                      # the first run also makes the data
-    began = time.perf_counter()
+    first = time.process_time() - started
+    wall, cpu = time.perf_counter(), time.process_time()
     execute(calibration, size)
-    unit = time.perf_counter() - began
-    return unit * sum(modules[n].cost(size) for n in names) / workers
+    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    cores = os.cpu_count() or 1
+    share = parallel_share(workers, cores, other_load(cpu, wall, cores))
+    per_process = share / workers
+    startup = (started + max(first - cpu, 0.0)) / per_process if workers > 1 else 0.0
+    each = (OVERHEAD_RUNS * cpu + OVERHEAD_SECONDS) / per_process
+    return Progress(sum(modules[n].cost(size) for n in names), cpu, share, startup, each,
+                    len(names))
 
 
 def run_one(module, name: str, size, runner, out: Path, env: dict) -> dict:

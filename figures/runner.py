@@ -1,8 +1,14 @@
-"""Running many training runs: worker processes with one progress line per run, grid searches
-on validation accuracy, and the compared configurations of a reproduction over its seeds."""
+"""Running many training runs.
+
+Worker processes with one progress line per run (and the job's overall progress and time left),
+grid searches on validation accuracy, and the compared configurations of a reproduction over its
+seeds.
+"""
 from __future__ import annotations
 
 import itertools
+import os
+import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass
 from multiprocessing import get_context
@@ -19,28 +25,156 @@ def _worker_init(threads: int = 1) -> None:
     torch.set_num_threads(threads)
 
 
+def parallel_share(workers: int, cores: int, others: float) -> float:
+    """How many CPU seconds per wall second ``workers`` processes get.
+
+    Each runnable process gets ``cores / (others + workers)`` of a core when the machine is
+    oversubscribed, at most one.
+
+    Args:
+        workers: Our processes.
+        cores: The machine's cores.
+        others: Runnable processes of other programs (the load they add).
+
+    Returns:
+        CPU seconds per wall second, over all our processes.
+    """
+    return workers * min(1.0, cores / max(others + workers, 1e-9))
+
+
+def other_load(cpu: float, wall: float, cores: int | None = None,
+               average: float | None = None) -> float:
+    """The runnable processes of other programs, from one of ours measured alone.
+
+    A process that got ``cpu / wall`` of a core shares the cores with about
+    ``cores * wall / cpu - 1`` others; the 1-minute load average (less ourselves) is used too,
+    whichever is larger.
+
+    Args:
+        cpu: CPU seconds of our process over the measurement.
+        wall: Wall seconds of the measurement.
+        cores: The cores (default: ``os.cpu_count()``).
+        average: The 1-minute load average (default: ``os.getloadavg()``; 0 where there is
+            none).
+
+    Returns:
+        The load of other programs (>= 0).
+    """
+    cores = cores or os.cpu_count() or 1
+    share = cpu / wall if wall > 0 else 1.0
+    measured = cores / share - 1 if share < 0.9 else 0.0
+    if average is None:
+        try:
+            average = os.getloadavg()[0]
+        except OSError:
+            average = 0.0
+    return max(0.0, measured, average - 1)
+
+
+class Progress:
+    """Overall progress of a job in standard training runs, and the time left.
+
+    The total is the sum of the reproductions' ``cost`` in plain training runs (an upper bound:
+    grid extensions at their limit; a run that also tracks curvature counts more than one), and
+    each finished run counts one. The time left starts as the CPU time left (``unit``, the CPU
+    seconds of one plain run measured on this machine, per run) over the CPU share our
+    processes get (:func:`parallel_share`), plus the start of the worker processes; as runs
+    finish it moves to the wall time per run measured since the first one finished (so the
+    workers' start does not count).
+
+    Args:
+        total: Standard runs to do.
+        unit: CPU seconds of one plain run.
+        share: CPU seconds per wall second our processes get.
+        startup: Wall seconds until the first run can finish besides its own work (the worker
+            processes' start), dropped once a run has finished.
+        overhead: Wall seconds each reproduction spends besides its runs (rule, figure, files).
+        reproductions: The reproductions to do.
+        clock: The wall clock (``time.perf_counter``).
+    """
+
+    def __init__(self, total: float, unit: float, share: float, startup: float = 0.0,
+                 overhead: float = 0.0, reproductions: int = 0, clock=time.perf_counter):
+        self.total, self.unit, self.share = total, max(unit, 1e-6), share
+        self.startup, self.clock = startup, clock
+        self.each, self.reproductions = overhead, reproductions
+        self.done, self._mark = 0.0, 0.0                  # runs done, at the last reproduction
+        self._first: tuple[float, float] | None = None   # (time, done) at the first finished run
+
+    def reproduction_done(self, cost: float) -> None:
+        """Count a finished reproduction: its overhead is spent, its unused runs dropped.
+
+        Args:
+            cost: The runs it was counted for in ``total`` (its ``cost``); the runs it did
+                replace them.
+        """
+        self.reproductions = max(self.reproductions - 1, 0)
+        self.total += (self.done - self._mark) - cost
+        self._mark = self.done
+
+    def add(self, runs: float = 1.0) -> None:
+        """Count ``runs`` finished runs."""
+        self.done += runs
+        if self._first is None:
+            self._first, self.startup = (self.clock(), self.done), 0.0
+
+    def seconds_left(self) -> float:
+        """The wall seconds left: the CPU-calibrated plan, blended into the measured rate."""
+        left = max(self.total - self.done, 0.0)
+        planned = left * self.unit / self.share
+        fixed = self.startup + self.each * self.reproductions
+        if self._first is None:
+            return planned + fixed
+        since, runs = self.clock() - self._first[0], self.done - self._first[1]
+        if runs <= 0 or since <= 0:
+            return planned + fixed
+        trust = runs / (runs + max(self.share, 1.0))   # a few runs in: mostly the measurement
+        return trust * left * since / runs + (1 - trust) * planned + fixed
+
+    def line(self) -> str:
+        """``"k of n runs, about m min left"``."""
+        total = max(self.total, self.done)
+        return (f"{self.done:.0f} of {total:.0f} runs, about "
+                f"{self.seconds_left() / 60:.1f} min left")
+
+
 class Runner:
-    """Runs jobs (in ``workers`` processes when > 1), prints one line per finished run, and
-    keeps every result so a job asked for twice (a search, then the comparison) runs once."""
+    """Runs jobs, one printed line per finished run, each result kept.
+
+    Jobs run in ``workers`` processes when > 1; a job asked for twice (a search, then the
+    comparison) runs once. With a :class:`Progress` in ``progress``, each line ends with the
+    job's overall progress and the time left.
+
+    Args:
+        size: The ``Size`` of every run.
+        workers: Processes.
+    """
 
     def __init__(self, size: Size, workers: int = 1, threads: int = 1):
         self.size, self.workers, self.threads = size, workers, threads
         self.done: dict[Job, dict] = {}
+        self.progress: Progress | None = None
         self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
                                          initializer=_worker_init, initargs=(threads,))
                      if workers > 1 else None)
 
     def close(self) -> None:
+        """Shut the worker processes down."""
         if self.pool is not None:
             self.pool.shutdown()
 
     def run(self, jobs: Sequence[Job]) -> list[dict]:
+        """The results of ``jobs`` (in order), running those not run yet."""
         todo = list(dict.fromkeys(j for j in jobs if j not in self.done))
         for i, (jb, result) in enumerate(self._results(todo), 1):
             self.done[jb] = result
+            overall = ""
+            if self.progress is not None:
+                self.progress.add()
+                overall = f" | {self.progress.line()}"
             print(f"  [{i}/{len(todo)}] {jb.group}: {jb.label}, seed {jb.seed}: val "
                   f"{result['final_val_acc']:.3f}, test {result['final_test_acc']:.3f} "
-                  f"({result['seconds']:.1f} s)", flush=True)
+                  f"({result['seconds']:.1f} s){overall}", flush=True)
         return [self.done[j] for j in jobs]
 
     def _results(self, todo: list[Job]):
@@ -56,8 +190,11 @@ class Runner:
 # -- grid searches on validation --------------------------------------------------------------
 @dataclass
 class Search:
-    """A grid search on validation accuracy: the (final) axes, the mean final validation
-    accuracy of every point, the best point and whether it is interior on every axis."""
+    """A grid search on validation accuracy.
+
+    The (final) axes, the mean final validation accuracy of every point, the best point and
+    whether it is interior on every axis.
+    """
     axes: dict[str, list[float]]
     scores: list[tuple[dict, float]]
     best: dict
@@ -65,6 +202,7 @@ class Search:
     extended: int = 0
 
     def summary(self) -> dict:
+        """The search as JSON: axes, best point, interiority, extensions, every score."""
         return {"axes": self.axes, "best": self.best, "interior": self.interior,
                 "extended": self.extended,
                 "val_acc": [{**p, "val_acc": s} for p, s in self.scores]}
@@ -72,9 +210,12 @@ class Search:
 
 def search(runner: Runner, axes: dict[str, Sequence[float]], make: Callable[[dict, int], Job],
            fixed: Sequence[dict] = (), extend: int | None = None) -> Search:
-    """Evaluate every point of the grid ``axes`` (plus the extra points ``fixed``) on
-    ``select_seeds`` seeds; while the best grid point sits on an edge of an axis, extend that
-    axis geometrically by one value (at most ``extend`` times, default ``size.extend``)."""
+    """Evaluate every point of the grid ``axes`` (plus the extra points ``fixed``).
+
+    Each on ``select_seeds`` seeds; while the best grid point sits on an edge of an axis, that
+    axis is extended geometrically by one value (at most ``extend`` times, default
+    ``size.extend``).
+    """
     axes = {k: sorted(float(v) for v in vs) for k, vs in axes.items()}
     seeds = range(runner.size.select_seeds)
     extended = 0
@@ -107,8 +248,11 @@ SCALARS = ("final_val_acc", "final_test_acc", "best_epoch_test_acc", "test_acc_a
 
 
 def compact(result: dict, history: Sequence[str] = ()) -> dict:
-    """The JSON part of a result: its scalars, per-epoch curves and the ``history`` curves
-    (keys, or prefixes ending in "/") that the figure or the rule reads."""
+    """The JSON part of a result.
+
+    Its scalars, per-epoch curves and the ``history`` curves (keys, or prefixes ending in "/")
+    that the figure or the rule reads.
+    """
     keep = {k: v for k, v in result["history"].items()
             if k in history or any(h.endswith("/") and k.startswith(h) for h in history)}
     return {"seed": result["seed"], "curves": result["curves"], "history": keep,
@@ -117,9 +261,11 @@ def compact(result: dict, history: Sequence[str] = ()) -> dict:
 
 def trials(runner: Runner, group: str, configs: dict[str, tuple], *,
            history: Sequence[str] = (), **options) -> dict[str, list[dict]]:
-    """Every configuration ``label -> (optimizer, hp[, job options])`` on seeds 0 ..
-    size.seeds - 1 (the same initialisation and batches for every configuration within a
-    seed), compacted."""
+    """Every configuration ``label -> (optimizer, hp[, job options])``, compacted.
+
+    On seeds 0 .. size.seeds - 1 (the same initialisation and batches for every configuration
+    within a seed).
+    """
     jobs = {label: [job(group, label, c[0], s, c[1], **{**options, **(c[2:] or [{}])[0]})
                     for s in range(runner.size.seeds)] for label, c in configs.items()}
     results = runner.run([j for js in jobs.values() for j in js])
@@ -135,6 +281,7 @@ def pop_arrays(runs: dict[str, list[dict]]) -> dict[str, np.ndarray]:
 
 
 def per_seed(runs: list[dict], key: str) -> list[float]:
+    """The value of ``key`` in each run."""
     return [float(r[key]) for r in runs]
 
 

@@ -13,8 +13,8 @@ if not _where or not _os.path.isfile(_os.path.join(_where[0], "core", "protocol.
 from .directions import (Direction, eigenvector_directions, random_direction,  # noqa: E402
                          update_direction)
 from .interpolate import interpolate, recalibrate_bn  # noqa: E402
-from .plot import (plot_contour, plot_line, plot_spectral_density, plot_surface3d,  # noqa: E402
-                   plot_trajectory, save_figure)
+from .plot import (direction_names, plain_log_ticks, plot_contour, plot_line,  # noqa: E402
+                   plot_spectral_density, plot_surface3d, plot_trajectory, save_figure)
 from analysis.core import load_result, save_result  # noqa: E402
 from .results import InterpolationResult, LineResult, PlaneResult  # noqa: E402
 from .surface import line, plane  # noqa: E402
@@ -26,5 +26,5 @@ __all__ = [
     "pca_directions", "project_trajectory", "PCAResult",
     "LineResult", "PlaneResult", "InterpolationResult", "load_result", "save_result",
     "plot_line", "plot_contour", "plot_surface3d", "plot_trajectory", "plot_spectral_density",
-    "save_figure",
+    "save_figure", "direction_names", "plain_log_ticks",
 ]

@@ -1,11 +1,20 @@
 """Figures of landscape results in one style.
 
 1D curves, contours, 3D surfaces, trajectories, Hessian spectral densities. Built on
-``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no GUI, nothing shown);
-:func:`save_figure` writes PNG and PDF.
+``matplotlib.figure.Figure`` with the Agg canvas (no pyplot, no GUI, nothing shown).
 
 Every function takes a result object (or the path of its .npz file, so figures can be re-made
-from the file alone) and an optional ``ax``; without one it creates a figure.
+from the file alone) and, as ``ax``, either
+
+* matplotlib axes to draw on (or None: a new figure's): it returns the axes, or
+* a file path: it draws a new figure, saves it there with :func:`save_figure` and returns the
+  figure (``plot_contour(surface, "plane.png")``).
+
+:func:`save_figure` (``analysis.core.save_figure``, shared with ``analysis.Tracker.plot``)
+writes atomically with ``bbox_inches="tight"``, so no label is clipped. Axes are labelled with
+the directions' names, read from the result's ``metadata["directions"]`` (e.g. "direction 1
+(random, filter-normalised)", "PC1", "Hessian eigenvector 1"); ``xlabel=``/``ylabel=``
+override them. Log axes carry plain tick labels (``0.01``, ``1e-06``), not ``10^{-2}``.
 """
 from __future__ import annotations
 
@@ -18,9 +27,14 @@ import numpy as np
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import LogFormatter
 
 from analysis.core import (ArgumentTypeError, check_bool, check_choice, check_int, check_number,
                            check_positive, load_result)
+from analysis.core import save_figure as _save_figure
+
+Target = Axes | str | os.PathLike | None
+_NORMALISED = {"filter": "filter-normalised", "layer": "layer-normalised", "none": "unnormalised"}
 
 STYLE = {
     "font.size": 10, "axes.titlesize": 11, "axes.labelsize": 10, "legend.fontsize": 9,
@@ -53,45 +67,118 @@ def _axes(ax: Axes | None, projection: str | None = None) -> Axes:
         return fig.add_subplot(projection=projection)
 
 
+def _target(ax: Target, projection: str | None = None) -> tuple[Axes, str | os.PathLike | None]:
+    """The axes to draw on and the file to save to (None: return the axes)."""
+    if isinstance(ax, (str, os.PathLike)):
+        return _axes(None, projection), ax
+    if ax is not None and not isinstance(ax, Axes):
+        raise ArgumentTypeError(f"ax must be matplotlib axes, a file path or None, "
+                                f"got {type(ax).__name__}")
+    return _axes(ax, projection), None
+
+
+def _finish(ax: Axes, path: str | os.PathLike | None) -> Axes | Figure:
+    """The axes, or (given a path) their figure saved there by :func:`save_figure`."""
+    if path is None:
+        return ax
+    save_figure(ax.figure, path)
+    return ax.figure
+
+
 def _load(result):
     return load_result(result) if isinstance(result, (str, os.PathLike)) else result
 
 
-def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] = ("png", "pdf")
-                ) -> list[str]:
-    """Save ``fig`` as ``path`` with each extension in ``formats``.
+def direction_names(result, count: int = 2) -> list[str]:
+    """Axis names of the directions of a surface, from its ``metadata["directions"]``.
 
-    The extensions are appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.png``);
-    a name already ending in one of ``formats`` has that ending replaced.
+    Args:
+        result: A :class:`LineResult` or :class:`PlaneResult` (anything with ``metadata``).
+        count: How many names (directions without a record get "direction k").
+
+    Returns:
+        ``count`` names: "direction k (random, filter-normalised)", "PCk", "Hessian eigenvector
+        k (λ = ...)", "update direction" or "direction k".
+    """
+    infos = list(dict(getattr(result, "metadata", None) or {}).get("directions") or [])
+    names = []
+    for k in range(1, count + 1):
+        info = dict(infos[k - 1]) if k <= len(infos) else {}
+        kind, index = info.get("kind"), info.get("index")
+        if kind == "random":
+            norm = _NORMALISED.get(info.get("normalization"), info.get("normalization"))
+            names.append(f"direction {k} (random, {norm})" if norm else f"direction {k} (random)")
+        elif kind == "pca" and index is not None:
+            names.append(f"PC{int(index) + 1}")
+        elif kind == "hessian_eigenvector" and index is not None:
+            value = info.get("eigenvalue")
+            at = f" (λ = {value:.3g})" if isinstance(value, (int, float)) else ""
+            names.append(f"Hessian eigenvector {int(index) + 1}{at}")
+        elif kind == "update":
+            names.append("update direction")
+        else:
+            names.append(f"direction {k}")
+    return names
+
+
+class _PlainLog(LogFormatter):
+    """matplotlib's log formatter (which ticks are labelled) writing ``0.2``, not ``2e-01``."""
+
+    def _num_to_string(self, x: float, vmin: float, vmax: float) -> str:
+        return f"{x:g}"
+
+
+def plain_log_ticks(ax: Axes, axis: str = "y") -> None:
+    """Plain tick labels (``0.01``, ``2``, ``1e-06``) on a log ``axis`` instead of ``10^{k}``.
+
+    On a range of about a decade or less, some minor ticks are labelled too (``0.2``, ``3``),
+    never as ``2x10^0``.
+
+    Args:
+        ax: The axes.
+        axis: "x", "y" or "z" (3D axes).
+    """
+    check_choice("axis", axis, ("x", "y", "z"))
+    target = getattr(ax, f"{axis}axis")
+    target.set_major_formatter(_PlainLog())
+    target.set_minor_formatter(_PlainLog(labelOnlyBase=False))
+
+
+def save_figure(fig: Figure, path: str | os.PathLike, formats: Sequence[str] | None = None
+                ) -> list[str]:
+    """Save ``fig`` as ``path`` in the package's style (:func:`analysis.core.save_figure`).
+
+    ``plane.png`` writes ``plane.png``; a name without a known image extension gets ``.png``
+    and ``.pdf`` appended to the whole name (``"run_lr0.1"`` gives ``run_lr0.1.png`` and
+    ``run_lr0.1.pdf``); explicit ``formats`` write one file per extension. Atomic, with
+    ``bbox_inches="tight"`` (no clipped labels).
 
     Args:
         fig: the figure (e.g. ``ax.figure``).
         path: the file name, with or without an extension.
-        formats: the file extensions, e.g. ``("png", "pdf")``.
+        formats: the file extensions, e.g. ``("png", "pdf")``; None: as above.
 
     Returns:
         The names of the files written.
 
     Raises:
-        ArgumentTypeError: ``formats`` is not a non-empty sequence of alphanumeric extensions.
+        ArgumentTypeError: ``formats`` is neither None nor a non-empty sequence of alphanumeric
+            extensions.
     """
-    if (isinstance(formats, str) or not formats
-            or not all(isinstance(f, str) and f.isalnum() for f in formats)):
-        raise ArgumentTypeError(f"formats must be a sequence of file extensions such as "
-                                f"('png', 'pdf'), got {formats!r}")
-    stem, ext = os.path.splitext(os.fspath(path))
-    if ext[1:].lower() not in {f.lower() for f in formats}:
-        stem = os.fspath(path)
-    out = []
     with style():
-        for ext in formats:
-            out.append(f"{stem}.{ext}")
-            fig.savefig(out[-1])
-    return out
+        return _save_figure(fig, path, formats)
 
 
-def plot_line(results, ax: Axes | None = None, label: str | None = None, band: str = "std",
-              xlabel: str = r"$\alpha$", ylabel: str = "loss") -> Axes:
+def _line_label(result) -> str:
+    """The x label of a line: "α along <direction>", or the interpolation's ends."""
+    if dict(getattr(result, "metadata", None) or {}).get("kind") == "interpolate" or hasattr(
+            result, "barrier"):
+        return "α (0: model a, 1: model b)"
+    return f"α along {direction_names(result, 1)[0]}"
+
+
+def plot_line(results, ax: Target = None, label: str | None = None, band: str = "std",
+              xlabel: str | None = None, ylabel: str = "loss") -> Axes | Figure:
     """Loss along a line (or interpolation).
 
     Several results on the same alphas (e.g. one per seed) are drawn as their mean with a
@@ -100,14 +187,16 @@ def plot_line(results, ax: Axes | None = None, label: str | None = None, band: s
     Args:
         results: a :class:`LineResult` or :class:`InterpolationResult`, the path of its file,
             or a list of them.
-        ax: the axes to draw on (default: a new figure's).
+        ax: the axes to draw on (default: a new figure's), or a file path to save a new
+            figure to (module docstring).
         label: the curve's legend label.
         band: "std" (mean +- one standard deviation) or "minmax".
-        xlabel: the x axis label.
+        xlabel: the x axis label (default: "α along" the direction's name, or the
+            interpolation's ends).
         ylabel: the y axis label.
 
     Returns:
-        The axes.
+        The axes; given a path, the saved figure.
 
     Raises:
         ValueError: an unknown ``band``, or results on different alphas.
@@ -118,7 +207,7 @@ def plot_line(results, ax: Axes | None = None, label: str | None = None, band: s
     if any(r.alphas.shape != alphas.shape or not np.allclose(r.alphas, alphas) for r in results):
         raise ValueError("all results must share the same alphas to be averaged")
     losses = np.stack([r.losses for r in results])
-    ax = _axes(ax)
+    ax, path = _target(ax)
     with style():
         mean = losses.mean(axis=0)
         n = len(results)
@@ -129,11 +218,11 @@ def plot_line(results, ax: Axes | None = None, label: str | None = None, band: s
                       else (losses.min(axis=0), losses.max(axis=0)))
             ax.fill_between(alphas, lo, hi, color=LINE_COLOR, alpha=0.25, linewidth=0,
                             label="± 1 std" if band == "std" else "min–max")
-        ax.set_xlabel(xlabel)
+        ax.set_xlabel(_line_label(results[0]) if xlabel is None else xlabel)
         ax.set_ylabel(ylabel)
         if label is not None or n > 1:
             ax.legend(frameon=False)
-    return ax
+    return _finish(ax, path)
 
 
 def _levels(z: np.ndarray, levels: int | Sequence[float], log: bool) -> np.ndarray:
@@ -150,23 +239,24 @@ def _levels(z: np.ndarray, levels: int | Sequence[float], log: bool) -> np.ndarr
     return np.linspace(lo, hi, levels)
 
 
-def plot_contour(result, ax: Axes | None = None, levels: int | Sequence[float] = 15,
-                 log: bool = False, filled: bool = True, xlabel: str = "x", ylabel: str = "y",
-                 colorbar: bool = True) -> Axes:
+def plot_contour(result, ax: Target = None, levels: int | Sequence[float] = 15,
+                 log: bool = False, filled: bool = True, xlabel: str | None = None,
+                 ylabel: str | None = None, colorbar: bool = True) -> Axes | Figure:
     """Contours of a plane with labelled levels.
 
     Args:
         result: a :class:`PlaneResult` or the path of its file.
-        ax: the axes to draw on (default: a new figure's).
+        ax: the axes to draw on (default: a new figure's), or a file path to save a new
+            figure to (module docstring).
         levels: the number of levels (an int >= 2) or increasing level values.
         log: geometric levels (for positive losses) instead of evenly spaced ones.
         filled: fill between the levels.
-        xlabel: the x axis label.
-        ylabel: the y axis label.
+        xlabel: the x axis label (default: the first direction's name, :func:`direction_names`).
+        ylabel: the y axis label (default: the second direction's name).
         colorbar: draw a colour bar (with ``filled``).
 
     Returns:
-        The axes.
+        The axes; given a path, the saved figure.
 
     Raises:
         ValueError: invalid ``levels``.
@@ -175,7 +265,8 @@ def plot_contour(result, ax: Axes | None = None, levels: int | Sequence[float] =
     log, filled, colorbar = (check_bool(k, v) for k, v in (("log", log), ("filled", filled),
                                                             ("colorbar", colorbar)))
     res = _load(result)
-    ax = _axes(ax)
+    ax, path = _target(ax)
+    names = direction_names(res)
     with style():
         z = res.losses
         lv = _levels(z, levels, log)
@@ -185,58 +276,65 @@ def plot_contour(result, ax: Axes | None = None, levels: int | Sequence[float] =
                 ax.figure.colorbar(cf, ax=ax, label="loss")
         cs = ax.contour(res.xs, res.ys, z, levels=lv, colors="k", linewidths=0.6)
         ax.clabel(cs, cs.levels[::2], inline=True, fontsize=7, fmt="%.3g")
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel(ylabel)
+        ax.set_xlabel(names[0] if xlabel is None else xlabel)
+        ax.set_ylabel(names[1] if ylabel is None else ylabel)
         ax.set_aspect("auto")
         ax.grid(False)
-    return ax
+    return _finish(ax, path)
 
 
-def plot_surface3d(result, ax: Axes | None = None, log: bool = False) -> Axes:
+def plot_surface3d(result, ax: Target = None, log: bool = False, xlabel: str | None = None,
+                   ylabel: str | None = None) -> Axes | Figure:
     """The plane as a 3D surface.
 
     Args:
         result: a :class:`PlaneResult` or the path of its file.
-        ax: 3D axes to draw on (default: a new figure's).
+        ax: 3D axes to draw on (default: a new figure's), or a file path to save a new figure
+            to (module docstring).
         log: plot log10 of the loss.
+        xlabel: the x axis label (default: the first direction's name, :func:`direction_names`).
+        ylabel: the y axis label (default: the second direction's name).
 
     Returns:
-        The axes.
+        The axes; given a path, the saved figure.
 
     Raises:
         ArgumentTypeError: ``log`` is not a bool.
     """
     log = check_bool("log", log)
     res = _load(result)
-    ax = _axes(ax, projection="3d")
+    ax, path = _target(ax, projection="3d")
+    names = direction_names(res)
     with style():
         x, y = np.meshgrid(res.xs, res.ys)
         z = np.log10(res.losses) if log else res.losses
         ax.plot_surface(x, y, z, cmap=CMAP, linewidth=0, antialiased=True, rcount=100, ccount=100)
-        ax.set_xlabel("x")
-        ax.set_ylabel("y")
+        ax.set_xlabel(names[0] if xlabel is None else xlabel, labelpad=8)
+        ax.set_ylabel(names[1] if ylabel is None else ylabel, labelpad=8)
         ax.set_zlabel("log10 loss" if log else "loss", labelpad=10)
-    return ax
+    return _finish(ax, path)
 
 
-def plot_trajectory(result, coords: np.ndarray, ax: Axes | None = None,
+def plot_trajectory(result, coords: np.ndarray, ax: Target = None,
                     explained_variance_ratio: Sequence[float] | None = None,
                     levels: int | Sequence[float] = 15, log: bool = False, filled: bool = True,
-                    colorbar: bool = True) -> Axes:
+                    colorbar: bool = True) -> Axes | Figure:
     """A training path over the contour of the plane spanned by the same directions.
 
     Args:
         result: a :class:`PlaneResult` (or its file) along the directions of ``coords``.
         coords: the path, [T, 2] (``PCAResult.coords`` or ``project_trajectory``).
-        ax: the axes to draw on (default: a new figure's).
-        explained_variance_ratio: the directions' ratios, given in the axis labels.
+        ax: the axes to draw on (default: a new figure's), or a file path to save a new
+            figure to (module docstring).
+        explained_variance_ratio: the directions' ratios, given in the axis labels (which
+            otherwise name the plane's directions).
         levels: as in :func:`plot_contour`.
         log: as in :func:`plot_contour`.
         filled: as in :func:`plot_contour`.
         colorbar: as in :func:`plot_contour`.
 
     Returns:
-        The axes.
+        The axes; given a path, the saved figure.
 
     Raises:
         ValueError: ``coords`` is not of shape [T, 2], or as :func:`plot_contour`.
@@ -244,11 +342,13 @@ def plot_trajectory(result, coords: np.ndarray, ax: Axes | None = None,
     coords = np.asarray(coords, dtype=float)
     if coords.ndim != 2 or coords.shape[1] != 2:
         raise ValueError(f"coords must have shape [T, 2], got {coords.shape}")
-    labels = ("PC1", "PC2")
+    result = _load(result)
+    labels = direction_names(result)
     if explained_variance_ratio is not None:
-        labels = tuple(f"PC{i + 1} ({100 * r:.1f}% var.)"
-                       for i, r in enumerate(explained_variance_ratio[:2]))
-    ax = plot_contour(result, ax, levels, log, filled, labels[0], labels[1], colorbar)
+        labels = [f"PC{i + 1} ({100 * r:.1f}% var.)"
+                  for i, r in enumerate(explained_variance_ratio[:2])]
+    ax, path = _target(ax)
+    plot_contour(result, ax, levels, log, filled, labels[0], labels[1], colorbar)
     with style():
         ax.plot(coords[:, 0], coords[:, 1], "-o", color=PATH_COLOR, markersize=3, linewidth=1.4,
                 label="trajectory")
@@ -256,35 +356,38 @@ def plot_trajectory(result, coords: np.ndarray, ax: Axes | None = None,
         ax.plot(*coords[-1], "*", color="w", markeredgecolor=PATH_COLOR, markersize=12,
                 label="end")
         ax.legend(frameon=True, loc="best")
-    return ax
+    return _finish(ax, path)
 
 
-def plot_spectral_density(density, ax: Axes | None = None, log: bool = True,
-                          floor: float = 1e-12) -> Axes:
+def plot_spectral_density(density, ax: Target = None, log: bool = True,
+                          floor: float = 1e-12) -> Axes | Figure:
     """A Hessian spectral density; quadrature nodes (``.nodes``), if present, marked.
 
     Args:
         density: anything with ``.grid`` and ``.density``, e.g. the result of
-            ``analysis.spectral_density``.
-        ax: the axes to draw on (default: a new figure's).
-        log: a log y axis, the density clipped at ``floor``.
+            ``analysis.spectral_density``, or the path of its file.
+        ax: the axes to draw on (default: a new figure's), or a file path to save a new
+            figure to (module docstring).
+        log: a log y axis (plain tick labels), the density clipped at ``floor``.
         floor: the smallest density shown with ``log``.
 
     Returns:
-        The axes.
+        The axes; given a path, the saved figure.
 
     Raises:
         ValueError: ``floor`` is not positive.
         ArgumentTypeError: ``log`` is not a bool.
     """
     log, floor = check_bool("log", log), check_positive("floor", floor)
+    density = _load(density)
     grid = np.asarray(density.grid, dtype=float)
     dens = np.asarray(density.density, dtype=float)
-    ax = _axes(ax)
+    ax, path = _target(ax)
     with style():
         ax.plot(grid, np.maximum(dens, floor) if log else dens, color=LINE_COLOR)
         if log:
             ax.set_yscale("log")
+            plain_log_ticks(ax, "y")
             ax.set_ylim(bottom=max(floor, dens[dens > 0].min() if (dens > 0).any() else floor))
         nodes = getattr(density, "nodes", None)
         if nodes is not None:
@@ -292,6 +395,7 @@ def plot_spectral_density(density, ax: Axes | None = None, log: bool = True,
             ax.plot(np.ravel(np.asarray(nodes, dtype=float)), np.full(np.size(nodes), at),
                     "|", color=PATH_COLOR, markersize=8, alpha=0.5, label="Ritz values")
             ax.legend(frameon=False)
-        ax.set_xlabel("eigenvalue")
+        scale = getattr(density, "log_scale", False)
+        ax.set_xlabel("log10 |eigenvalue|" if scale else "eigenvalue")
         ax.set_ylabel("density")
-    return ax
+    return _finish(ax, path)

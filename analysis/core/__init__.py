@@ -22,7 +22,8 @@ Modules, each holding one piece of the protocol:
   raised on every rank).
 * ``files``: the one atomic writer of every file (``atomic_write``: a unique temporary in the
   target's folder, fsync, ``os.replace``), ``write_bytes`` / ``write_text`` / ``write_json`` /
-  ``write_npz`` / ``write_figure``, ``read_regular`` (never through a symbolic link),
+  ``write_npz`` / ``write_figure``, ``save_figure`` (the convention of every figure file),
+  ``read_regular`` (never through a symbolic link),
   ``file_sha256``, and ``temporaries`` / ``remove_temporaries`` (what a killed writer left).
 * ``results``: the result convention: ``make_metadata``, ``versions``, ``save_result`` /
   ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
@@ -36,19 +37,19 @@ from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, ch
                           collective_timeout, failures_shared, fingerprint, is_distributed,
                           rank, RankError, set_collective_timeout, world_size)
 from .guards import guarded, is_guarded, repeated_passes
-from .files import (atomic_write, file_sha256, read_regular, remove_temporaries, temporaries,
-                    write_bytes, write_figure, write_json, write_npz, write_text)
+from .files import (atomic_write, file_sha256, read_regular, remove_temporaries, save_figure,
+                    temporaries, write_bytes, write_figure, write_json, write_npz, write_text)
 from .flat import flatten, numel, unflatten
 from .loss_module import LossModule
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
-                       data_mean, default_batch_size, loss_reduction, scalar_zeros,
-                       split_loss, Supervised, supervised, to_device)
+                       check_loss_fn, data_mean, default_batch_size, loss_reduction,
+                       scalar_zeros, split_loss, Supervised, supervised, to_device)
 from .loss import mean_loss
 from .restore import preserved
-from .results import (load_result, make_metadata, records_metadata, register_result, save_result,
-                      versions)
+from .results import (ResultMixin, load_result, make_metadata, records_metadata, register_result,
+                      save_result, versions)
 from .seeding import make_generator, rademacher, randn, uniform
 from .validation import (MODEL_MODES, ArgumentTypeError, all_finite, check_bool, check_choice,
                          check_device, check_dtype, check_int, check_model_mode,
@@ -59,7 +60,7 @@ __all__ = [
     # protocol
     "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "Supervised", "supervised",
     "split_loss", "loss_reduction", "default_batch_size", "check_data", "check_loss",
-    "data_mean", "scalar_zeros", "mean_loss", "to_device",
+    "check_loss_fn", "data_mean", "scalar_zeros", "mean_loss", "to_device",
     # loss_module
     "LossModule",
     # guards
@@ -78,9 +79,10 @@ __all__ = [
     "set_collective_timeout", "collective_timeout", "failures_shared",
     # files
     "atomic_write", "write_bytes", "write_text", "write_json", "write_npz", "write_figure",
+    "save_figure",
     "read_regular", "file_sha256", "temporaries", "remove_temporaries",
     # results
-    "make_metadata", "versions", "save_result", "load_result", "register_result",
+    "make_metadata", "versions", "save_result", "load_result", "register_result", "ResultMixin",
     "records_metadata",
     # compiled modules
     "unwrap_compiled", "refuse_compiled",

@@ -27,9 +27,11 @@ import os
 import re
 import stat
 import tempfile
-from typing import IO, Any, Callable, Iterable, Mapping
+from typing import IO, Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
+
+from .validation import ArgumentTypeError
 
 TEMP_SUFFIX = ".tmp"
 _NAME_LIMIT = 200   # of the target's name in its temporary's name (file names are <= 255 bytes)
@@ -161,13 +163,16 @@ def write_npz(path: str | os.PathLike, arrays: Mapping[str, Any]) -> None:
     atomic_write(path, lambda fh: np.savez(fh, **contents))
 
 
-def write_figure(fig: Any, path: str | os.PathLike, *, dpi: float | None = None) -> None:
+def write_figure(fig: Any, path: str | os.PathLike, *, dpi: float | None = None,
+                 bbox_inches: str | None = "tight") -> None:
     """Save the matplotlib figure ``fig`` to ``path`` atomically, in the format of its suffix.
 
     Args:
         fig: A ``matplotlib.figure.Figure``.
         path: The file to write, e.g. ``out/figure.png`` (the suffix picks the format).
         dpi: Resolution; None keeps matplotlib's ``savefig.dpi``.
+        bbox_inches: "tight" (default) grows or shrinks the saved area to the drawn artists, so
+            no axis label or title is clipped; None saves the figure's own size.
 
     Raises:
         ValueError: ``path`` has no suffix naming a format matplotlib writes.
@@ -176,7 +181,51 @@ def write_figure(fig: Any, path: str | os.PathLike, *, dpi: float | None = None)
     if not fmt:
         raise ValueError(f"path {os.fspath(path)!r} has no suffix naming the figure's format "
                          "(e.g. .png, .pdf)")
-    atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi))
+    atomic_write(path, lambda fh: fig.savefig(fh, format=fmt, dpi=dpi, bbox_inches=bbox_inches))
+
+
+def save_figure(fig: Any, path: str | os.PathLike, formats: Sequence[str] | None = None, *,
+                dpi: float | None = None) -> list[str]:
+    """Save ``fig`` as ``path``: the one convention of every sharpscape figure.
+
+    Used by the landscape plots (given a path) and ``Tracker.plot``. Each file is written by
+    :func:`write_figure`: atomically, with ``bbox_inches="tight"`` (no clipped labels).
+
+    * ``formats=None``: a ``path`` ending in a format matplotlib writes (``plane.png``,
+      ``plane.pdf``) is written in that format only; any other name gets ``.png`` and ``.pdf``
+      appended to the whole name (``run_lr0.1`` gives ``run_lr0.1.png`` and ``run_lr0.1.pdf``).
+    * ``formats=("png", "pdf")``: one file per extension; a name already ending in one of them
+      has that ending replaced, any other name keeps its whole name.
+
+    Args:
+        fig: The figure (``ax.figure``).
+        path: The file name, with or without an extension; its folder is created.
+        formats: The file extensions, or None (above).
+        dpi: Resolution; None keeps matplotlib's ``savefig.dpi``.
+
+    Returns:
+        The names of the files written.
+
+    Raises:
+        ArgumentTypeError: ``formats`` is neither None nor a non-empty sequence of
+            alphanumeric extensions.
+    """
+    if formats is not None and (isinstance(formats, str) or not formats or not all(
+            isinstance(f, str) and f.isalnum() for f in formats)):
+        raise ArgumentTypeError(f"formats must be None or a sequence of file extensions such as "
+                                f"('png', 'pdf'), got {formats!r}")
+    name = os.fspath(path)
+    stem, ext = os.path.splitext(name)
+    if formats is None:
+        known = ext[1:].lower() in fig.canvas.get_supported_filetypes()
+        formats = (ext[1:],) if known else ("png", "pdf")
+    if ext[1:].lower() not in {f.lower() for f in formats}:
+        stem = name
+    os.makedirs(os.path.dirname(os.path.abspath(name)), exist_ok=True)
+    out = [f"{stem}.{f}" for f in formats]
+    for file in out:
+        write_figure(fig, file, dpi=dpi)
+    return out
 
 
 def read_regular(path: str | os.PathLike) -> bytes:

@@ -47,7 +47,8 @@ from torch import nn
 
 from .compiled import is_compiled
 from .distributed import check_same_on_ranks, failures_shared, is_distributed, mark_agreed
-from .protocol import check_data, check_loss, default_batch_size, loss_reduction
+from .protocol import (check_data, check_loss, check_loss_fn, default_batch_size,
+                       loss_reduction)
 from .restore import preserved
 from .sharding import is_sharded, refuse_sharded, sample_counts
 from .validation import check_bool, check_model_mode
@@ -241,6 +242,8 @@ def _guarded_call(fn: Callable, signature: inspect.Signature,
                   kwargs: dict) -> Any:
     """The outermost call of a guarded routine: the checks, then the routine."""
     arguments = _bound_arguments(signature, args, kwargs)
+    if "loss_fn" in arguments:
+        check_loss_fn(arguments["loss_fn"])
     _check_sharded(fn, arguments, sharded)
     model = _analysed_model(arguments)
     verdict = _check_determinism(model, arguments, known_deterministic)

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 
 from .distributed import all_reduce_sum_, failures_shared, is_distributed, rank
 from .precision import accumulable
+from .progress import batch_done
 from .validation import check_choice
 
 LossFn = Callable[[nn.Module, Any], Tensor]
@@ -250,6 +251,33 @@ def check_data(data: Iterable) -> None:
                          "not a one-shot iterator or generator")
 
 
+def check_loss_fn(loss_fn: Any) -> None:
+    """Refuse a criterion passed where ``loss_fn(model, batch)`` is expected.
+
+    ``nn.CrossEntropyLoss()`` (any ``torch.nn`` loss module) or a ``torch.nn.functional`` loss
+    takes ``(outputs, targets)``; called as ``loss_fn(model, batch)`` it fails deep inside torch
+    with a TypeError that does not say what to do. :func:`supervised` adapts it.
+
+    Args:
+        loss_fn: The routine's ``loss_fn``.
+
+    Raises:
+        TypeError: ``loss_fn`` is a criterion (the message names ``supervised(criterion)``), or
+            is not callable.
+    """
+    functional = getattr(loss_fn, "__module__", None) == "torch.nn.functional"
+    if isinstance(loss_fn, nn.modules.loss._Loss) or functional:
+        name = (f"{type(loss_fn).__name__}()" if isinstance(loss_fn, nn.Module)
+                else f"F.{getattr(loss_fn, '__name__', 'loss')}")
+        raise TypeError(f"loss_fn must be loss_fn(model, batch) -> Tensor, got the criterion "
+                        f"{name} (which takes outputs and targets); wrap it: "
+                        f"loss_fn=supervised(criterion), e.g. "
+                        f"analysis.supervised(nn.CrossEntropyLoss())")
+    if not callable(loss_fn):
+        raise TypeError(f"loss_fn must be callable as loss_fn(model, batch), "
+                        f"got {type(loss_fn).__name__}")
+
+
 def check_loss(loss: Any, where: str = "") -> Tensor:
     """The loss as a 0-d tensor.
 
@@ -330,7 +358,9 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
             ``loss_fn``) for $\sum_b f(b)$, the quantity of the total loss.
         zeros: ``() -> tensors`` shaped like ``per_batch``'s: the share of a rank whose shard
             is empty (needed under ``torch.distributed``).
-        progress: Show a bar over the batches (rank 0).
+        progress: Show a bar over the batches (rank 0). Whatever it is, each batch reports
+            its share of the pass to an enclosing
+            :func:`analysis.core.progress.batch_progress` (the bars of the solvers).
 
     Returns:
         A :class:`DataMean`.
@@ -344,16 +374,18 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
     size = batch_size_fn or default_batch_size
     first: list[Tensor] | None = None   # the first batch's tensors, weight w_first, uncopied
     sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
-    total, w_first, n_batches = 0, 0, 0
+    total, w_first, n_batches, length = 0, 0, 0, _length(data)
     # one iterator per pass: given ``data`` itself, tqdm.auto's bar would ask it for two
     with failures_shared():  # an error of this rank is raised on every rank, never a hang
-        for batch in tqdm(iter(data), total=_length(data), desc="data", leave=False,
+        for batch in tqdm(iter(data), total=length, desc="data", leave=False,
                           disable=not progress or rank() != 0):
             n = size(batch)
             if n <= 0:
                 continue
             w = n if reduction == "mean" else 1
             out = [accumulable(t.detach()) for t in per_batch(batch)]
+            if length:
+                batch_done(1 / length)   # an outer bar moves during the pass
             if first is None:
                 first, w_first = out, w
             else:

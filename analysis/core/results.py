@@ -15,6 +15,7 @@ pickle; tensors come back as (CPU) tensors with their dtype. Writes are atomic
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import functools
 import importlib
 import inspect
@@ -73,6 +74,102 @@ def make_metadata(seed: Any = None, config: Mapping[str, Any] | None = None, **e
     return {"seed": seed, "config": dict(config or {}), "versions": versions(), **extra}
 
 
+# a guess a newcomer makes -> the fields it may mean (offered when the class has one of them)
+_SYNONYMS = {
+    "trace": ("estimate",), "value": ("estimate", "eigenvalues"), "error": ("stderr",),
+    "std": ("stderr",), "se": ("stderr",), "eigenvalue": ("eigenvalues",),
+    "top_eigenvalue": ("eigenvalues",), "lambda_max": ("eigenvalues",), "loss": ("losses",),
+    "sharpness": ("value",), "x": ("xs", "alphas"), "y": ("ys",), "z": ("losses",),
+    "hvps": ("n_hvp",), "n_hvps": ("n_hvp",), "forwards": ("n_forward",), "config": ("metadata",),
+}
+
+
+class ResultMixin:
+    """The reading side of every result: a short ``repr`` and helpful missing-field errors.
+
+    :func:`register_result` gives every registered result dataclass these two methods (unless
+    it defines its own ``__repr__``), so they live here once; dataclass equality, fields and
+    :func:`save_result` / :func:`load_result` are untouched.
+
+    * ``repr`` shows the numbers a reader wants: floats to four significant digits, small
+      arrays by value, large arrays and tensors by shape, lists and dicts by size; fields at
+      their default value and ``metadata`` are left out (``result.metadata`` holds the call's
+      configuration).
+    * A misspelt field raises AttributeError naming the closest fields
+      (``tr.trace`` -> "did you mean 'estimate'?") and listing all of them.
+    """
+
+    def __repr__(self) -> str:
+        """``Name(field=value, ...)`` with values summarised (class docstring)."""
+        if isinstance(self, dict):     # a dict result (a direction): its keys and shapes
+            items = ", ".join(f"{k!r}: {_summary(v)}" for k, v in self.items())
+            return f"{type(self).__name__}({{{items}}}, info={getattr(self, 'info', {})!r})"
+        parts = []
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if f.name == "metadata" or _is_default(f, value):
+                continue
+            parts.append(f"{f.name}={_summary(value)}")
+        return f"{type(self).__name__}({', '.join(parts)})"
+
+    def __getattr__(self, name: str) -> Any:
+        """Only reached for a missing attribute: raise AttributeError suggesting a field."""
+        if name.startswith("__") or name in type(self).__dict__:
+            raise AttributeError(name)    # copy/pickle probes, or a property that failed
+        fields = [f.name for f in dataclasses.fields(type(self))]
+        public = fields + [n for n in dir(type(self)) if not n.startswith("_") and n not in fields]
+        guesses = [g for g in _SYNONYMS.get(name.lower(), ()) if g in public]
+        guesses += [g for g in difflib.get_close_matches(name, public, n=2, cutoff=0.6)
+                    if g not in guesses]
+        hint = f"; did you mean {' or '.join(map(repr, guesses))}?" if guesses else ""
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}{hint} "
+                             f"Its fields: {', '.join(fields)}.")
+
+
+def _is_default(f: dataclasses.Field, value: Any) -> bool:
+    """Whether ``value`` is the field's default (a plain value, not an array)."""
+    if f.default is not dataclasses.MISSING:
+        default = f.default
+    elif f.default_factory is not dataclasses.MISSING:
+        default = f.default_factory()
+    else:
+        return False
+    simple = (type(None), bool, int, float, str, dict, list)
+    return isinstance(value, simple) and type(value) is type(default) and value == default
+
+
+def _summary(value: Any) -> str:
+    """A short text for one field's value: numbers, or shapes for tensors and large arrays."""
+    if isinstance(value, Tensor):
+        return f"tensor{list(value.shape)}"
+    if isinstance(value, (float, np.floating)):
+        return f"{float(value):.4g}"
+    if isinstance(value, np.ndarray):
+        if value.size <= 6 and value.dtype.kind in "biuf":
+            body = ", ".join(_summary(v.item()) for v in value.ravel())
+            return f"[{body}]" if value.ndim == 1 else f"array{list(value.shape)}"
+        return f"array{list(value.shape)}"
+    if isinstance(value, dict):
+        kind = "tensors" if value and all(isinstance(v, Tensor) for v in value.values()) else (
+            "entries")
+        return "{" + f"{len(value)} {kind}" + "}"
+    if isinstance(value, (list, tuple)):
+        if len(value) <= 4 and all(isinstance(v, (int, float, str)) for v in value):
+            return "[" + ", ".join(_summary(v) for v in value) + "]"
+        return f"[{len(value)} items]"
+    return repr(value)
+
+
+def _install_reading(cls: type) -> None:
+    """Give ``cls`` :class:`ResultMixin`'s ``__repr__`` (and, a dataclass, ``__getattr__``)."""
+    own_repr = cls.__dict__.get("__repr__")
+    generated = getattr(own_repr, "__wrapped__", own_repr)    # dataclass's or none at all
+    if own_repr is None or "__create_fn__" in getattr(generated, "__qualname__", ""):
+        cls.__repr__ = ResultMixin.__repr__
+    if dataclasses.is_dataclass(cls) and "__getattr__" not in cls.__dict__:
+        cls.__getattr__ = ResultMixin.__getattr__
+
+
 def _type_name(cls: type) -> str:
     return f"{cls.__module__}:{cls.__qualname__}"
 
@@ -80,7 +177,8 @@ def _type_name(cls: type) -> str:
 def register_result(cls: type | None = None, *, formerly: tuple[str, ...] = ()) -> Any:
     """Class decorator: make ``cls`` storable by :func:`save_result` / :func:`load_result`.
 
-    Used as ``@register_result``, or as ``@register_result(formerly=(...))`` by a type that
+    A registered dataclass gets :class:`ResultMixin`'s short ``repr`` and its missing-field
+    errors. Used as ``@register_result``, or as ``@register_result(formerly=(...))`` by a type that
     moved: files store the type tag ``"module:QualName"``, so a type moved to another module
     names its former tags, and files saved before the move still load.
 
@@ -106,6 +204,7 @@ def register_result(cls: type | None = None, *, formerly: tuple[str, ...] = ()) 
             raise ValueError(f"formerly: the tag {tag!r} already names {_TYPES[tag]!r}")
         _TYPES[tag] = cls
     _TYPES[_type_name(cls)] = cls
+    _install_reading(cls)
     return cls
 
 

@@ -110,3 +110,22 @@ def test_mean_loss_leaves_a_train_mode_batchnorm_model_unchanged(model_mode):
     snap = snapshot(model)
     mean_loss(model, CE, uneven_batches(x, y), model_mode=model_mode, progress=False)
     assert_unchanged(model, snap)
+
+
+@pytest.mark.parametrize("criterion", [nn.CrossEntropyLoss(), nn.MSELoss(reduction="sum"),
+                                       torch.nn.functional.cross_entropy])
+def test_a_criterion_passed_as_loss_fn_names_supervised(criterion):
+    import analysis
+    import landscape
+    from analysis import Tracker
+    x, y = classification_data(n=9)
+    model, data = cnn_bn(length=6), [(x, y)]
+    calls = [lambda: analysis.hessian_trace(model, criterion, data, n_hvp=4, progress=False),
+             lambda: analysis.top_eigenvalues(model, criterion, data, progress=False),
+             lambda: landscape.line(model, criterion, data,
+                                    landscape.random_direction(model), [0.0], progress=False),
+             lambda: Tracker(model, criterion)]
+    for call in calls:
+        with pytest.raises(TypeError, match=r"supervised\(criterion\)"):
+            call()
+    assert supervised(nn.CrossEntropyLoss())(model, (x, y)).ndim == 0

@@ -194,3 +194,48 @@ def test_a_former_tag_cannot_name_two_types():
     with pytest.raises(ValueError, match="already names"):
         core_results.register_result(formerly=("analysis.flatness:KeskarSharpness",))(Other)
     assert core_results._TYPES["analysis.flatness:KeskarSharpness"] is analysis.KeskarSharpness
+
+
+def test_repr_is_short_with_numbers_and_shapes(results):
+    for r in results:
+        text = repr(r)
+        name = type(r).__name__
+        assert text.startswith(name + "(") and len(text) < 400, (name, len(text))
+        assert "metadata" not in text and "versions" not in text and "tensor([" not in text, text
+    eig, tr = results[0], results[1]
+    assert f"eigenvectors=tensor{list(eig.eigenvectors.shape)}" in repr(eig)
+    assert f"estimate={tr.estimate:.4g}" in repr(tr) and f"n_hvp={tr.n_hvp}" in repr(tr)
+    direction = landscape.random_direction(mlp((6, 5, 3)), seed=1)
+    assert "'0.weight': tensor[5, 6]" in repr(direction) and "tensor([" not in repr(direction)
+
+
+def test_a_misspelt_field_suggests_the_right_one(results):
+    eig, tr = results[0], results[1]
+    with pytest.raises(AttributeError, match=r"did you mean 'estimate'\?.*Its fields: estimate"):
+        tr.trace
+    with pytest.raises(AttributeError, match="did you mean 'eigenvalues'"):
+        eig.eigenvalue
+    with pytest.raises(AttributeError, match="did you mean 'n_hvp'"):
+        tr.n_hvps
+    assert not hasattr(tr, "no_such_field_at_all")
+    assert results[6].ratio.shape == results[6].rhos.shape   # properties still work
+
+
+def test_reading_keeps_equality_copies_and_files(results, tmp_path):
+    import copy
+    import pickle
+    tr = results[1]
+    assert tr == dataclasses.replace(tr) and tr != dataclasses.replace(tr, n_hvp=tr.n_hvp + 1)
+    for twin in (copy.deepcopy(tr), pickle.loads(pickle.dumps(tr))):
+        same(tr, twin)
+    analysis.save_result(tr, tmp_path / "t.npz")
+    assert repr(analysis.load_result(tmp_path / "t.npz")) == repr(tr)
+
+
+def test_every_result_field_is_documented():
+    for cls in set(core_results._TYPES.values()):
+        if not dataclasses.is_dataclass(cls):
+            continue
+        doc = cls.__doc__.split("Attributes:")[-1]
+        for f in dataclasses.fields(cls):
+            assert f"\n        {f.name}:" in doc, f"{cls.__name__}.{f.name} is not documented"

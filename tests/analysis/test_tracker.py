@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import math
 import time
 
@@ -256,8 +257,11 @@ def test_save_json_csv_and_plot(setup, tmp_path):
     with cs.open() as fh:
         rows = list(csv.DictReader(fh))
     assert len(rows) == 3 and float(rows[-1]["train_loss"]) == tracker.records[-1]["train_loss"]
-    png = tracker.plot(tmp_path / "log.png")
-    assert png.stat().st_size > 10_000
+    fig = tracker.plot(tmp_path / "log.png")
+    assert (tmp_path / "log.png").stat().st_size > 10_000 and not (tmp_path / "log.pdf").exists()
+    assert {ax.get_ylabel() for ax in fig.axes} >= {"loss", "train_acc"}
+    assert tracker.plot(tmp_path / "sub" / "run", title="t").axes   # folder made, png + pdf
+    assert sorted(os.listdir(tmp_path / "sub")) == ["run.pdf", "run.png"]
 
 
 def test_tracking_does_not_change_training():

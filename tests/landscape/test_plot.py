@@ -97,3 +97,63 @@ def test_save_figure_keeps_the_whole_name(tmp_path):
 def test_bad_contour_levels_are_refused(levels):
     with pytest.raises(ValueError, match="levels"):
         plot_contour(bowl(), levels=levels)
+
+
+def named_bowl():
+    res = bowl()
+    res.metadata["directions"] = [
+        {"kind": "random", "seed": 1, "normalization": "filter"},
+        {"kind": "hessian_eigenvector", "index": 0, "eigenvalue": 2.5}]
+    return res
+
+
+@pytest.mark.parametrize("draw", [
+    lambda r, t: plot_contour(r, t), lambda r, t: plot_surface3d(r, t),
+    lambda r, t: plot_trajectory(r, np.zeros((3, 2)), t),
+    lambda r, t: plot_line(LineResult(r.xs, r.losses[0], 0, r.metadata), t)])
+def test_a_path_saves_and_returns_the_figure_with_named_axes(draw, tmp_path):
+    from matplotlib.figure import Figure
+    fig = draw(named_bowl(), tmp_path / "plane.png")
+    assert isinstance(fig, Figure) and os.listdir(tmp_path) == ["plane.png"]
+    ax = fig.axes[0]
+    assert "direction 1 (random, filter-normalised)" in ax.get_xlabel()
+    if ax.get_ylabel() != "loss":
+        assert ax.get_ylabel() == "Hessian eigenvector 1 (λ = 2.5)"
+    if hasattr(ax, "get_zlabel"):
+        assert ax.get_zlabel() == "loss"
+    drawn_on = draw(named_bowl(), ax)   # axes in, the same axes out
+    assert drawn_on is ax
+
+
+def test_unnamed_directions_and_overrides():
+    ax = plot_contour(bowl())
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("direction 1", "direction 2")
+    ax = plot_surface3d(bowl(), xlabel="a", ylabel="b")
+    assert (ax.get_xlabel(), ax.get_ylabel()) == ("a", "b")
+    with pytest.raises(TypeError, match="ax must be matplotlib axes, a file path or None"):
+        plot_contour(bowl(), 3)
+
+
+def test_saved_figures_are_not_clipped(tmp_path):
+    """A y label drawn left of the figure's edge is inside the saved image."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.image import imread
+
+    from analysis.core import write_figure
+    fig = Figure(figsize=(4, 3), dpi=100)
+    FigureCanvasAgg(fig)
+    fig.add_axes([0, 0, 1, 1]).set_ylabel("a long loss label")
+    (png,) = save_figure(fig, tmp_path / "clip.png")
+    assert imread(png).shape[1] > 4 * 150   # tight: wider than the figure (4 in at 150 dpi)
+    write_figure(fig, tmp_path / "direct.png", dpi=100)   # the writer under every figure
+    assert imread(tmp_path / "direct.png").shape[1] > 4 * 100
+
+
+def test_log_axes_have_plain_tick_labels():
+    grid = np.linspace(0, 1, 50)
+    density = SimpleNamespace(grid=grid, density=np.exp(-20 * (grid - 0.5) ** 2) + 0.5)
+    ax = plot_spectral_density(density, log=True)
+    ax.figure.canvas.draw()
+    labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
+    assert labels and not any("$" in t or "times" in t for t in labels), labels
