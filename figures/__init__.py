@@ -8,9 +8,15 @@ _ROOT = Path(__file__).resolve().parent.parent
 
 
 def _check_own_packages() -> None:
-    """figures composes sharpscape's own ``analysis``, ``landscape`` and ``optim``: a module or
+    """Check that ``analysis``, ``landscape`` and ``optim`` are sharpscape's own packages.
+
+    figures composes sharpscape's own ``analysis``, ``landscape`` and ``optim``: a module or
     folder of the same name earlier on ``sys.path`` (e.g. in the working directory) is an
-    error, not a silently different experiment."""
+    error, not a silently different experiment.
+
+    Raises:
+        ImportError: One of them resolves to something else.
+    """
     for name in ("analysis", "landscape", "optim"):
         spec = importlib.util.find_spec(name)
         origin = spec.origin if spec is not None else None

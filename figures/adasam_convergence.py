@@ -1,8 +1,11 @@
-"""AdaSAM (Sun et al. 2023) against SAM and AMSGrad at constant learning rates (each lr chosen
-on validation), and its linear-speedup rate: over T iterations the average squared full-gradient
-norm is O(1/sqrt(bT)) when lr and rho scale with the batch size b as the convergence theorem
-requires (lr proportional to sqrt(b / T), rho to 1 / sqrt(bT)), so at a fixed T the slope of
-log(mean ||grad f||^2) against log b is at most -1/2."""
+"""AdaSAM (Sun et al. 2023) against SAM and AMSGrad, and its linear-speedup rate.
+
+AdaSAM against SAM and AMSGrad at constant learning rates (each lr chosen on validation), and its
+linear-speedup rate: over T iterations the average squared full-gradient norm is O(1/sqrt(bT))
+when lr and rho scale with the batch size b as the convergence theorem requires (lr proportional
+to sqrt(b / T), rho to 1 / sqrt(bT)), so at a fixed T the slope of log(mean ||grad f||^2)
+against log b is at most -1/2.
+"""
 from __future__ import annotations
 
 import math
@@ -44,11 +47,29 @@ def cost(size) -> float:
 
 
 def hyper(name: str, lr: float) -> dict:
+    """The hyperparameters of one method at one learning rate.
+
+    Args:
+        name: "AdaSAM", "AMSGrad" or "SAM".
+        lr: The learning rate.
+
+    Returns:
+        The optimizer's keyword arguments (rho RHO for the SAM family, momentum 0.9 for SAM).
+    """
     return {"AdaSAM": {"lr": lr, "rho": RHO}, "AMSGrad": {"lr": lr},
             "SAM": {"lr": lr, "momentum": 0.9, "rho": RHO}}[name]
 
 
 def experiment(size, runner):
+    """Run the training runs (searches and trials) that CLAIM is checked on.
+
+    Args:
+        size: The ``Size`` (seeds, epochs, grid extensions).
+        runner: The ``Runner`` of the training runs.
+
+    Returns:
+        The JSON-able data that ``rule`` and ``figure`` read, and the named arrays saved with it.
+    """
     found = {n: search(runner, {"lr": LRS[n]},
                        lambda p, s, n=n: job(NAME, f"{n} lr={p['lr']:g}", KINDS[n], s,
                                              hyper(n, p["lr"]), schedule="constant"))
@@ -69,7 +90,7 @@ def experiment(size, runner):
 
 
 def mean_squared_norms(data) -> np.ndarray:
-    """batch x seed: the mean over the recorded iterations of ||grad f(x_t)||^2."""
+    """Batch x seed: the mean over the recorded iterations of ||grad f(x_t)||^2."""
     return np.array([[np.mean(np.square(r["history"]["grad_norm"][1])) for r in rs]
                      for rs in data["speed"].values()])
 
@@ -81,6 +102,14 @@ def slopes(data) -> list[float]:
 
 
 def rule(data):
+    """The checks of CLAIM on the saved data, and what was measured.
+
+    Args:
+        data: The data ``experiment`` saved.
+
+    Returns:
+        The measured values (with a ``headline``), and the checks by name.
+    """
     runs = data["runs"]
     acc = {n: per_seed(rs, "final_test_acc") for n, rs in runs.items()}
     per = slopes(data)
@@ -106,6 +135,17 @@ def rule(data):
 
 
 def figure(data, arrays, entry, out):
+    """Test accuracy at constant lr, the squared gradient norms, and the linear speed-up.
+
+    Args:
+        data: The data ``experiment`` saved.
+        arrays: The arrays ``experiment`` saved.
+        entry: The summary entry (verdict and checks) written under the figure.
+        out: The output folder.
+
+    Returns:
+        The PNG's file name.
+    """
     runs, speed = data["runs"], data["speed"]
     fig, axes = plotting.figure(1, 3, 16, 4.8)
     ax = axes[0, 0]

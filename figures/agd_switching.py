@@ -1,10 +1,13 @@
-"""AGD (Yue et al. 2023): how often it takes its SGD branch as a function of delta, and its test
-accuracy against SGD-momentum and Adam, each with its learning rate chosen on validation.
+"""AGD (Yue et al. 2023): its SGD-branch fraction over delta, and its accuracy against baselines.
+
+How often AGD takes its SGD branch as a function of delta, and its test accuracy against
+SGD-momentum and Adam, each with its learning rate chosen on validation.
 
 On its SGD branch AGD is heavy-ball SGD with effective learning rate alpha (1 - beta1) / delta
 (the paper's Algorithm 1 with sqrt(b_t) < delta), so AGD's (alpha, delta) grid is laid out as
 (alpha, eta) with delta = alpha (1 - beta1) / eta and eta over SGD's own lr grid, plus
-delta = 1e-8 (the Adam-like limit) at every alpha."""
+delta = 1e-8 (the Adam-like limit) at every alpha.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -44,20 +47,41 @@ BEALE_MIN = (3.0, 0.5)
 
 
 def cost(size) -> float:
-    """Plain training runs this costs (grid extensions included at their limit; the tracked
-    sweep runs count 1.5)."""
+    """Plain training runs this costs.
+
+    Grid extensions are included at their limit; the tracked sweep runs count 1.5.
+    """
     agd = (len(AGD_LRS) + size.extend) * (len(SGD_LRS) + 2)
     return (agd + len(SGD_LRS) + len(ADAM_LRS) + 2) * size.select_seeds \
         + (3 + 1.5 * len(SWEEP_DELTAS)) * size.seeds
 
 
 def agd_job(point: dict, seed: int, **options):
+    """The AGD training job of one grid point.
+
+    Args:
+        point: {"lr", "eta"} (delta = lr (1 - BETA1) / eta) or {"lr", "delta"}.
+        seed: The seed.
+        **options: Passed to ``harness.job``.
+
+    Returns:
+        The job.
+    """
     delta = point.get("delta") or point["lr"] * (1 - BETA1) / point["eta"]
     label = f"AGD lr={point['lr']:.3g} δ={delta:.3g}"
     return job(NAME, label, "AGD", seed, {"lr": point["lr"], "delta": delta}, **options)
 
 
 def experiment(size, runner):
+    """Run the training runs (searches and trials) that CLAIM is checked on.
+
+    Args:
+        size: The ``Size`` (seeds, epochs, grid extensions).
+        runner: The ``Runner`` of the training runs.
+
+    Returns:
+        The JSON-able data that ``rule`` and ``figure`` read, and the named arrays saved with it.
+    """
     agd = search(runner, {"lr": AGD_LRS, "eta": SGD_LRS}, agd_job,
                  fixed=[{"lr": a, "delta": ADAM_DELTA} for a in AGD_LRS])
     sgd = search(runner, {"lr": SGD_LRS},
@@ -79,6 +103,14 @@ def experiment(size, runner):
 
 
 def rule(data):
+    """The checks of CLAIM on the saved data, and what was measured.
+
+    Args:
+        data: The data ``experiment`` saved.
+
+    Returns:
+        The measured values (with a ``headline``), and the checks by name.
+    """
     runs, sweep = data["runs"], data["sweep"]
     fractions = np.array([[np.nanmean(r["history"]["sgd_fraction"][1]) for r in rs]
                           for rs in sweep.values()])                # delta x seed
@@ -166,6 +198,17 @@ def grid_panel(ax, found: dict) -> None:
 
 
 def figure(data, arrays, entry, out):
+    """SGD-branch fractions over delta, accuracies, AGD's grid search and Beale paths.
+
+    Args:
+        data: The data ``experiment`` saved.
+        arrays: The arrays ``experiment`` saved.
+        entry: The summary entry (verdict and checks) written under the figure.
+        out: The output folder.
+
+    Returns:
+        The PNG's file name.
+    """
     runs, sweep = data["runs"], data["sweep"]
     fig, axes = plotting.figure(2, 3, 17, 8.5)
     ax = axes[0, 0]

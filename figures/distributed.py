@@ -27,6 +27,15 @@ def shard(batches: list, rank: int, world: int) -> list:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Train with WSAM under DistributedDataParallel on every rank, then analyse the solution.
+
+    Args:
+        argv: The command-line arguments (``--steps``, ``--out``); None reads ``sys.argv``.
+
+    Returns:
+        The numbers (top eigenvalues, trace, average sharpness, plane values), the same on every
+        rank; rank 0 also writes them to ``--out``.
+    """
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--steps", type=int, default=200)
     parser.add_argument("--out", default="figures/out/distributed.json")
@@ -35,7 +44,8 @@ def main(argv: list[str] | None = None) -> dict:
     backend = "nccl" if torch.cuda.is_available() else "gloo"
     dist.init_process_group(backend)
     rank, world = dist.get_rank(), dist.get_world_size()
-    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if backend == "nccl" else "cpu")
+    device = torch.device(f"cuda:{rank % torch.cuda.device_count()}" if backend == "nccl"
+                          else "cpu")
     try:
         data = mnist1d()
         train = shard(data.batches(128, shuffle_seed=0), rank, world)

@@ -1,6 +1,9 @@
-"""A landscape gallery of SGD-trained MLPs (one per seed): 1D and 2D filter-normalised slices,
-the 3D surface, the training trajectory on its PCA plane, the Hessian spectral density, and
-lambda_max along training against the edge-of-stability bound 2/lr."""
+"""A landscape gallery of SGD-trained MLPs (one per seed).
+
+1D and 2D filter-normalised slices, the 3D surface, the training trajectory on its PCA plane,
+the Hessian spectral density, and lambda_max along training against the edge-of-stability bound
+2/lr.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -52,6 +55,15 @@ def analyse(model, loss_fn, data, size, trajectory) -> tuple[dict, dict]:
 
 
 def experiment(size, runner):
+    """Run the training runs (searches and trials) that CLAIM is checked on.
+
+    Args:
+        size: The ``Size`` (seeds, epochs, grid extensions).
+        runner: The ``Runner`` of the training runs.
+
+    Returns:
+        The JSON-able data that ``rule`` and ``figure`` read, and the named arrays saved with it.
+    """
     runs = trials(runner, NAME, {"SGD": ("SGD", SGD)}, track=("lambda_max", "trajectory"),
                   measure=(f"{__name__}:analyse",), history=("lambda_max", "lr"))
     arrays = pop_arrays(runs)
@@ -67,6 +79,14 @@ def experiment(size, runner):
 
 
 def rule(data):
+    """The checks of CLAIM on the saved data, and what was measured.
+
+    Args:
+        data: The data ``experiment`` saved.
+
+    Returns:
+        The measured values (with a ``headline``), and the checks by name.
+    """
     runs = data["runs"]["SGD"]
     extra = [r["extra"] for r in runs]
     lam = np.array([e["lambda_max_lanczos"] for e in extra])
@@ -95,6 +115,17 @@ def rule(data):
 
 
 def figure(data, arrays, entry, out):
+    """The 1D slices over seeds; seed 0's 2D slice, surface, trajectory and density; lambda_max.
+
+    Args:
+        data: The data ``experiment`` saved.
+        arrays: The arrays ``experiment`` saved.
+        entry: The summary entry (verdict and checks) written under the figure.
+        out: The output folder.
+
+    Returns:
+        The PNG's file name.
+    """
     runs = data["runs"]["SGD"]
     seeds = [r["seed"] for r in runs]
     fig = plotting.figure(0, 0, 16, 9)[0]

@@ -1,7 +1,9 @@
-"""ND-Adam (Zhang et al. 2017) against Adam and SGD on an MLP with BatchNorm: weight-vector norms,
-the cosine between each weight vector's update and its momentum (the direction ND-Adam
-preserves, Sec. 3), and test accuracy with and without the batch-normalised softmax (Sec. 4),
-its scale chosen on validation."""
+"""ND-Adam (Zhang et al. 2017) against Adam and SGD on an MLP with BatchNorm.
+
+Weight-vector norms, the cosine between each weight vector's update and its momentum (the
+direction ND-Adam preserves, Sec. 3), and test accuracy with and without the batch-normalised
+softmax (Sec. 4), its scale chosen on validation.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -39,11 +41,29 @@ def cost(size) -> float:
 
 
 def hyper(name: str, lr: float) -> dict:
+    """The hyperparameters of one method at one learning rate.
+
+    Args:
+        name: A key of KINDS.
+        lr: The learning rate (ND-Adam's scalar parameters take lr / SCALAR_RATIO).
+
+    Returns:
+        The optimizer's keyword arguments.
+    """
     return {"NDAdam": {"lr": lr, "scalar_lr": lr / SCALAR_RATIO}, "Adam": {"lr": lr},
             "SGD": {**SGD, "lr": lr}}[KINDS[name]]
 
 
 def experiment(size, runner):
+    """Run the training runs (searches and trials) that CLAIM is checked on.
+
+    Args:
+        size: The ``Size`` (seeds, epochs, grid extensions).
+        runner: The ``Runner`` of the training runs.
+
+    Returns:
+        The JSON-able data that ``rule`` and ``figure`` read, and the named arrays saved with it.
+    """
     lrs, scales, configs = {}, {}, {}
     for name, kind in KINDS.items():
         lrs[name] = search(runner, {"lr": LRS[name]},
@@ -67,17 +87,34 @@ def experiment(size, runner):
 
 
 def _rownorms(run: dict) -> dict[str, list[float]]:
+    """The recorded weight-vector norm histories of a run, by layer."""
     return {k.split("/", 1)[1]: v[1] for k, v in run["history"].items()
             if k.startswith("rownorm/")}
 
 
 def mean_cosine(run: dict) -> float:
+    """The mean update-momentum cosine of a run over the first COSINE_SPAN of its steps.
+
+    Args:
+        run: One training run's result with its ``vector_cosine`` history.
+
+    Returns:
+        The mean cosine (NaN entries ignored).
+    """
     """The mean per-vector cosine over the records in the first COSINE_SPAN of training."""
     steps, values = map(np.asarray, run["history"]["vector_cosine"])
     return float(np.nanmean(values[steps <= COSINE_SPAN * steps[-1]]))
 
 
 def rule(data):
+    """The checks of CLAIM on the saved data, and what was measured.
+
+    Args:
+        data: The data ``experiment`` saved.
+
+    Returns:
+        The measured values (with a ``headline``), and the checks by name.
+    """
     runs = data["runs"]
     acc = {n: per_seed(rs, "final_test_acc") for n, rs in runs.items()}
     cos = {n: [mean_cosine(r) for r in rs] for n, rs in runs.items()}
@@ -118,6 +155,17 @@ def rule(data):
 
 
 def figure(data, arrays, entry, out):
+    """Weight-vector norms, update-momentum cosines and test accuracies.
+
+    Args:
+        data: The data ``experiment`` saved.
+        arrays: The arrays ``experiment`` saved.
+        entry: The summary entry (verdict and checks) written under the figure.
+        out: The output folder.
+
+    Returns:
+        The PNG's file name.
+    """
     runs = data["runs"]
     fig, axes = plotting.figure(2, 3, 16, 8.5)
     colors = dict(zip(KINDS, ("tab:blue", "tab:orange", "tab:green")))

@@ -1,6 +1,8 @@
-"""SALA (Tan et al. 2024) against its base SGD, Lookahead and SAM: forward-backward passes per
-step as counted during training, when stage 2 (SAM steps) starts, lambda_max along training and
-test accuracy (slow weights)."""
+"""SALA (Tan et al. 2024) against its base SGD, Lookahead and SAM.
+
+Forward-backward passes per step as counted during training, when stage 2 (SAM steps) starts,
+lambda_max along training and test accuracy (slow weights).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -33,6 +35,15 @@ def cost(size) -> float:
 
 
 def experiment(size, runner):
+    """Run the training runs (searches and trials) that CLAIM is checked on.
+
+    Args:
+        size: The ``Size`` (seeds, epochs, grid extensions).
+        runner: The ``Runner`` of the training runs.
+
+    Returns:
+        The JSON-able data that ``rule`` and ``figure`` read, and the named arrays saved with it.
+    """
     found = search(runner, {"lr": LRS},
                    lambda p, s: job(NAME, f"SGD lr={p['lr']:g}", "SGD", s, {**SGD, **p}))
     base = {**SGD, "lr": found.best["lr"]}
@@ -44,6 +55,14 @@ def experiment(size, runner):
 
 
 def rule(data):
+    """The checks of CLAIM on the saved data, and what was measured.
+
+    Args:
+        data: The data ``experiment`` saved.
+
+    Returns:
+        The measured values (with a ``headline``), and the checks by name.
+    """
     runs = data["runs"]
     passes = per_seed(runs["SALA"], "passes_per_step")
     stage2 = [float(np.mean(np.asarray(r["history"]["stage"][1]) == 2)) for r in runs["SALA"]]
@@ -66,6 +85,17 @@ def rule(data):
 
 
 def figure(data, arrays, entry, out):
+    """SALA's fast-slow distance and stage, passes per step, lambda_max and test accuracy.
+
+    Args:
+        data: The data ``experiment`` saved.
+        arrays: The arrays ``experiment`` saved.
+        entry: The summary entry (verdict and checks) written under the figure.
+        out: The output folder.
+
+    Returns:
+        The PNG's file name.
+    """
     runs = data["runs"]
     fig, axes = plotting.figure(2, 2, 11, 8)
     ax = axes[0, 0]

@@ -1,7 +1,9 @@
-"""WSAM (Yue et al. 2023) against SGD and SAM on one SGD-momentum base: lambda_max and test
-accuracy of the solutions (the same initialisations and batches within a seed, rho chosen on
-validation per method), the loss slices around them, and a sweep over WSAM's gamma (the weight
-of the sharpness term, a = gamma / (1 - gamma))."""
+"""WSAM (Yue et al. 2023) against SGD and SAM on one SGD-momentum base.
+
+lambda_max and test accuracy of the solutions (the same initialisations and batches within a
+seed, rho chosen on validation per method), the loss slices around them, and a sweep over WSAM's
+gamma (the weight of the sharpness term, a = gamma / (1 - gamma)).
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -38,6 +40,15 @@ def cost(size) -> float:
 
 
 def experiment(size, runner):
+    """Run the training runs (searches and trials) that CLAIM is checked on.
+
+    Args:
+        size: The ``Size`` (seeds, epochs, grid extensions).
+        runner: The ``Runner`` of the training runs.
+
+    Returns:
+        The JSON-able data that ``rule`` and ``figure`` read, and the named arrays saved with it.
+    """
     lr = search(runner, {"lr": LRS}, lambda p, s: job(NAME, f"SGD lr={p['lr']:g}", "SGD", s,
                                                       {**SGD, **p}))
     base = {**SGD, "lr": lr.best["lr"]}
@@ -58,6 +69,14 @@ def experiment(size, runner):
 
 
 def rule(data):
+    """The checks of CLAIM on the saved data, and what was measured.
+
+    Args:
+        data: The data ``experiment`` saved.
+
+    Returns:
+        The measured values (with a ``headline``), and the checks by name.
+    """
     runs, sweep = data["runs"], data["sweep"]
     lam = {n: per_seed(rs, "lambda_max") for n, rs in runs.items()}
     acc = {n: per_seed(rs, "final_test_acc") for n, rs in runs.items()}
@@ -88,6 +107,17 @@ def rule(data):
 
 
 def figure(data, arrays, entry, out):
+    """The loss slices, lambda_max and accuracy of each method, and the gamma sweep.
+
+    Args:
+        data: The data ``experiment`` saved.
+        arrays: The arrays ``experiment`` saved.
+        entry: The summary entry (verdict and checks) written under the figure.
+        out: The output folder.
+
+    Returns:
+        The PNG's file name.
+    """
     runs, sweep = data["runs"], data["sweep"]
     names = list(runs)
     fig, axes = plotting.figure(3, len(names), 4.3 * len(names), 11)

@@ -117,7 +117,8 @@ def snapshot(model: nn.Module) -> dict:
         "params": {n: p.detach().clone() for n, p in model.named_parameters()},
         "param_ids": {n: id(p) for n, p in model.named_parameters()},
         "buffers": {n: b.detach().clone() for n, b in model.named_buffers()},
-        "grads": {n: None if p.grad is None else p.grad.clone() for n, p in model.named_parameters()},
+        "grads": {n: None if p.grad is None else p.grad.clone()
+                  for n, p in model.named_parameters()},
         "training": {n: m.training for n, m in model.named_modules()},
         "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
     }

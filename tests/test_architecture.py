@@ -88,7 +88,8 @@ def import_graph(packages=LIBRARY + ("figures",)):
 def _cycles(graph):
     """Import cycles between modules, ignoring a package's ``__init__`` re-exports."""
     packages = {n for n in graph if (ROOT / n.replace(".", "/")).is_dir()}
-    edges = {n: {m for m in ms if m not in packages} for n, ms in graph.items() if n not in packages}
+    edges = {n: {m for m in ms if m not in packages}
+             for n, ms in graph.items() if n not in packages}
     index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
 
     def visit(v):

@@ -24,7 +24,8 @@ SEED = 0
 # the routine's own leading arguments (api.md where it lists them), in order
 LEADING = {
     "CurvatureOperator": [], "EmpiricalFisherOperator": [],
-    "HessianOperator": [], "GGNOperator": [], "FisherOperator": ["kind"], "hvp": ["v"], "mean_loss": [], "evaluate": [], "full_grad_norm": [],
+    "HessianOperator": [], "GGNOperator": [], "FisherOperator": ["kind"], "hvp": ["v"],
+    "mean_loss": [], "evaluate": [], "full_grad_norm": [],
     "top_eigenvalues": ["k", "which", "tol", "max_hvp"],
     "hessian_trace": ["n_hvp", "method"],
     "spectral_density": ["n_lanczos", "n_vectors"],
@@ -40,7 +41,8 @@ LEADING = {
     "interpolate": ["alphas"],
 }
 # no random draw: seed would be dead
-DETERMINISTIC = {"CurvatureOperator", "EmpiricalFisherOperator", "HessianOperator", "GGNOperator", "hvp", "mean_loss", "evaluate", "full_grad_norm", "line",
+DETERMINISTIC = {"CurvatureOperator", "EmpiricalFisherOperator", "HessianOperator", "GGNOperator",
+                 "hvp", "mean_loss", "evaluate", "full_grad_norm", "line",
                  "plane", "interpolate"}
 # one pass over data: nothing to compare, so check_deterministic would be dead
 SINGLE_PASS = {"hvp", "mean_loss", "evaluate", "full_grad_norm"}

@@ -1,5 +1,5 @@
-"""The library passes ruff as configured in pyproject.toml (pycodestyle, pyflakes and pydocstyle's
-google convention at one line length)."""
+"""The whole repository passes ruff as configured in pyproject.toml (pycodestyle, pyflakes and
+pydocstyle's google convention at one line length)."""
 import shutil
 import subprocess
 import sys
@@ -8,7 +8,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CHECKED = ("analysis", "landscape", "optim")
+
+# Files not yet clean, left out of the check until they are (the lead empties this list; a
+# file fixed must leave it, or the list hides its regressions).
+NOT_YET_CLEAN = (
+    "figures/plotting.py",  # D205/D209 on its docstrings
+    "figures/runner.py",  # D205/D209, D102/D103 (undocumented public names)
+)
 
 
 def _ruff():
@@ -22,7 +28,13 @@ def _ruff():
     return [sys.executable, "-m", "ruff"]
 
 
-def test_ruff_passes_on_the_library():
-    run = subprocess.run(_ruff() + ["check", "--no-cache", *CHECKED], cwd=ROOT,
+def test_ruff_passes_on_the_repository():
+    excluded = [arg for path in NOT_YET_CLEAN for arg in ("--extend-exclude", path)]
+    run = subprocess.run(_ruff() + ["check", "--no-cache", ".", *excluded], cwd=ROOT,
                          capture_output=True, text=True)
     assert run.returncode == 0, run.stdout + run.stderr
+
+
+@pytest.mark.parametrize("path", NOT_YET_CLEAN)
+def test_the_allow_list_names_existing_files(path):
+    assert (ROOT / path).is_file(), f"{path} is gone: take it off NOT_YET_CLEAN"

@@ -36,8 +36,8 @@ def test_the_wheel_holds_every_package_and_imports_without_the_checkout(tmp_path
     missing = [pkg for pkg in _subpackages() if pkg.replace(".", "/") + "/__init__.py" not in names]
     assert not missing, f"packages missing from the wheel: {missing}"
     site = tmp_path / "site"
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(site),
-                    str(wheel)], check=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
+                    str(site), str(wheel)], check=True)
     run = tmp_path / "elsewhere"
     run.mkdir()
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
@@ -46,8 +46,10 @@ def test_the_wheel_holds_every_package_and_imports_without_the_checkout(tmp_path
             "assert all(m.__file__.startswith(%r) for m in (analysis, landscape, optim, figures))\n"
             "from analysis import top_eigenvalues, supervised\n"
             "model = torch.nn.Linear(3, 1).double()\n"
-            "data = [(torch.randn(8, 3, dtype=torch.float64), torch.randn(8, 1, dtype=torch.float64))]\n"
+            "data = [(torch.randn(8, 3, dtype=torch.float64),"
+            " torch.randn(8, 1, dtype=torch.float64))]\n"
             "res = top_eigenvalues(model, supervised(torch.nn.MSELoss()), data, progress=False)\n"
             "assert res.eigenvalues[0] > 0\n") % str(site)
-    out = subprocess.run([sys.executable, "-c", code], cwd=run, env=env, capture_output=True, text=True)
+    out = subprocess.run([sys.executable, "-c", code], cwd=run, env=env, capture_output=True,
+                         text=True)
     assert out.returncode == 0, out.stderr

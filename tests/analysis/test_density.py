@@ -67,7 +67,10 @@ def test_model_density_moments_and_restoration():
     x, y = classification_data(n=23, d=12)
     model = mlp((12, 8, 5, 3))
     data = uneven_batches(x, y)
-    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
     H = exact_hessian(model, loss, data)
     snap = snapshot(model)
     r = spectral_density(model, loss, data, n_lanczos=12, n_vectors=3, seed=2, progress=False)
@@ -89,7 +92,10 @@ def test_model_density_moments_and_restoration():
 def test_bad_input():
     x, y = classification_data(n=23, d=12)
     model, data = mlp((12, 8, 5, 3)), uneven_batches(x, y)
-    loss = lambda m, b: F.cross_entropy(m(b[0]), b[1])
+
+    def loss(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
     for kwargs, word in [({"n_lanczos": 0}, "n_lanczos"), ({"n_vectors": 0}, "n_vectors"),
                          ({"sigma": -1.0}, "sigma"), ({"n_grid": 1}, "n_grid")]:
         with pytest.raises(ValueError, match=word):

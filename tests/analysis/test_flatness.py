@@ -11,8 +11,8 @@ from analysis import keskar_sharpness, pac_bayes_sigma, supervised
 from analysis.sharpness.pac_bayes import classification_error
 from tests.oracles import (assert_unchanged, classification_data, cnn_bn, mlp, snapshot,
                            uneven_batches)
-from tests.analysis.test_sharpness import (DATA, QUIET, Quadratic, check_restored_on_failure,
-                                           quad_loss, w_star)
+from tests.analysis.problems import (DATA, QUIET, Quadratic, check_restored_on_failure, quad_loss,
+                                     w_star)
 
 CE = supervised(nn.CrossEntropyLoss())
 

@@ -7,12 +7,9 @@ from torch.nn import functional as F
 
 from analysis import top_eigenvalues
 from analysis.lanczos import lanczos
-from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp, snapshot,
-                     uneven_batches)
-
-
-def ce(model, batch):
-    return F.cross_entropy(model(batch[0]), batch[1])
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp,
+                           snapshot, uneven_batches)
+from tests.analysis.problems import ce, check_pairs, expected
 
 
 def setup(case):
@@ -20,26 +17,6 @@ def setup(case):
     model = mlp((12, 8, 5, 3)) if case == "mlp" else cnn_bn(12)
     data = uneven_batches(x, y)
     return model, data, exact_hessian(model, ce, data)
-
-
-def expected(H, k, which):
-    ev = torch.linalg.eigvalsh(H).numpy()
-    if which == "LA":
-        return ev[::-1][:k]
-    if which == "SA":
-        return ev[:k]
-    return ev[np.argsort(-np.abs(ev))][:k]
-
-
-def check_pairs(result, H, tol):
-    """Eigenvectors: unit, Rayleigh quotients equal the eigenvalues, true residuals small."""
-    U = result.eigenvectors
-    lam = torch.as_tensor(result.eigenvalues)
-    torch.testing.assert_close(torch.linalg.vector_norm(U, dim=1), torch.ones(len(U)).double())
-    torch.testing.assert_close(torch.einsum("kn,nm,km->k", U, H, U), lam, rtol=1e-10, atol=1e-12)
-    true = torch.linalg.vector_norm(U @ H - lam[:, None] * U, dim=1)
-    assert (true <= tol * lam.abs() * 1.01 + 1e-12).all()
-    np.testing.assert_allclose(result.residuals, true.numpy(), rtol=1e-3, atol=1e-12)
 
 
 @pytest.mark.parametrize("which", ["LA", "SA", "LM"])
@@ -93,7 +70,10 @@ def test_saddle_with_symmetric_spectrum():
     y = torch.randn(30, 3, generator=gen, dtype=torch.float64)
     sigma = torch.linalg.svdvals(y.T @ x / 30).numpy()
     model = TwoLayerLinear(5, 3)
-    loss = lambda m, b: 0.5 * ((m(b[0]) - b[1]) ** 2).sum(1).mean()
+
+    def loss(m, b):
+        return 0.5 * ((m(b[0]) - b[1]) ** 2).sum(1).mean()
+
     data = uneven_batches(x, y, (11, 19))
     top = top_eigenvalues(model, loss, data, k=3, which="LA", tol=1e-10, progress=False)
     bottom = top_eigenvalues(model, loss, data, k=3, which="SA", tol=1e-10, progress=False)
@@ -108,7 +88,10 @@ def test_closed_form_logistic_regression_spectrum():
     x, y = classification_data(n=23, d=5)
     model = nn.Linear(5, 1, bias=False).double()
     labels = (y > 0).double()
-    loss = lambda m, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(1), b[1])
+
+    def loss(m, b):
+        return F.binary_cross_entropy_with_logits(m(b[0]).squeeze(1), b[1])
+
     s = torch.sigmoid(model(x).squeeze(1)).detach()
     H = x.T @ (x * (s * (1 - s))[:, None]) / 23
     result = top_eigenvalues(model, loss, uneven_batches(x, labels), k=5, tol=1e-10,
@@ -140,7 +123,8 @@ def test_budget_and_power_method():
     assert power.n_hvp <= 200
     torch.testing.assert_close(
         torch.as_tensor(power.residuals),
-        torch.linalg.vector_norm(power.eigenvectors @ H - torch.as_tensor(power.eigenvalues)[:, None]
+        torch.linalg.vector_norm(power.eigenvectors @ H
+                                 - torch.as_tensor(power.eigenvalues)[:, None]
                                  * power.eigenvectors, dim=1), rtol=1e-8, atol=1e-12)
 
 

@@ -7,7 +7,7 @@ import torch
 from analysis import spectral_density, top_eigenvalues
 from analysis.lanczos import Basis, lanczos
 from tests.oracles import classification_data, exact_hessian, mlp, uneven_batches
-from tests.analysis.test_lanczos import ce, expected
+from tests.analysis.problems import ce, expected
 
 
 @pytest.fixture(scope="module")
@@ -115,8 +115,9 @@ def test_memory_is_the_basis_plus_one_product(k):
     copied, and the eigenvectors are formed in the basis, which is freed before they are
     returned, so they hold exactly k rows."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(50, 200), torch.nn.Tanh(), torch.nn.Linear(200, 200),
-                                torch.nn.Tanh(), torch.nn.Linear(200, 5))
+    model = torch.nn.Sequential(torch.nn.Linear(50, 200), torch.nn.Tanh(),
+                                torch.nn.Linear(200, 200), torch.nn.Tanh(),
+                                torch.nn.Linear(200, 5))
     x, y = torch.randn(8, 50), torch.randint(0, 5, (8,))
     n = sum(p.numel() for p in model.parameters())
     max_basis = max(30, 3 * k + 2)
@@ -166,7 +167,8 @@ def test_one_pass_when_little_of_the_norm_is_removed(monkeypatch):
     monkeypatch.setattr(lz, "_project_out", lambda *a: calls.append(1) or project(*a))
     q, _ = lz._orthogonalise(block, basis, m, gen)
     assert len(calls) == 2  # one pass per row
-    assert (V @ q.T).abs().max() < 1e-14 and (q @ q.T - torch.eye(2, dtype=q.dtype)).abs().max() < 1e-14
+    assert ((V @ q.T).abs().max() < 1e-14
+            and (q @ q.T - torch.eye(2, dtype=q.dtype)).abs().max() < 1e-14)
 
 
 @pytest.mark.parametrize("ratio,replaced", [(1e-10, True), (1e-6, False)])

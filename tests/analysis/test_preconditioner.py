@@ -12,7 +12,7 @@ from analysis import Tracker
 from analysis.preconditioning import stability_threshold
 from optim import AGD, SAM, AdaSAM, Lookahead, NDAdam
 from tests.oracles import classification_data, exact_hessian, mlp, uneven_batches
-from tests.analysis.test_tracker import LOSS, closure_for
+from tests.analysis.problems import LOSS, closure_for
 
 
 def setup():

@@ -21,41 +21,17 @@ from analysis.sharpness.perturbation import adaptivity
 from tests.oracles import _flat_loss as flat_loss
 from tests.oracles import (assert_unchanged, classification_data, cnn_bn, mlp, snapshot,
                            uneven_batches)
+from tests.analysis.problems import (DATA, QUIET, Quadratic, check_restored_on_failure, quad_loss,
+                                     w_star)
 
 CE = supervised(nn.CrossEntropyLoss())
 MSE = supervised(nn.MSELoss())
-DATA = [(torch.zeros(1), torch.zeros(1))]  # the quadratic's loss ignores the batch
-QUIET = dict(progress=False)
-
-
-class Quadratic(nn.Module):
-    """``L(w) = 1/2 (w - w*)' A (w - w*) + c`` over one parameter of any shape
-    (a 1-D ``A`` is the diagonal of a diagonal Hessian)."""
-
-    def __init__(self, A, w_star, w=None, c=0.0):
-        super().__init__()
-        self.A, self.w_star, self.c = A, w_star, c
-        self.w = nn.Parameter((w_star if w is None else w).clone())
-
-    def loss(self):
-        d = (self.w - self.w_star).reshape(-1)
-        curvature = self.A * d if self.A.dim() == 1 else self.A @ d
-        return 0.5 * d @ curvature + self.c
-
-
-def quad_loss(model, batch):
-    return model.loss()
 
 
 def spd(eigs, seed=0):
     gen = torch.Generator().manual_seed(seed)
     q, _ = torch.linalg.qr(torch.randn(len(eigs), len(eigs), generator=gen, dtype=torch.float64))
     return q @ torch.diag(torch.as_tensor(eigs, dtype=torch.float64)) @ q.T
-
-
-def w_star(shape, seed=1):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(shape, generator=gen, dtype=torch.float64) + 0.5
 
 
 def trust_region(g, H, rho):
@@ -400,27 +376,6 @@ def test_empty_data_is_rejected():
     for m in (None, 4):
         with pytest.raises(ValueError, match="empty"):
             worst_case_sharpness(mlp(), CE, [], m=m, **QUIET)
-
-
-def check_restored_on_failure(run, failure, after=7):
-    """``run(model, loss_fn, data)`` with a loss that turns NaN or raises after ``after`` calls
-    must raise and leave the model (a CNN with BatchNorm) exactly as it was."""
-    x, y = classification_data(n=23, d=12)
-    model = cnn_bn()
-    snap = snapshot(model)
-    calls = [0]
-
-    def flaky(model, batch):
-        calls[0] += 1
-        loss = CE(model, batch)
-        if calls[0] > after and failure == "raise":
-            raise RuntimeError("boom")
-        return loss * float("nan") if calls[0] > after else loss
-
-    error, match = (RuntimeError, "boom") if failure == "raise" else (ValueError, "non-finite")
-    with pytest.raises(error, match=match):
-        run(model, flaky, uneven_batches(x, y))
-    assert_unchanged(model, snap)
 
 
 @pytest.mark.parametrize("failure", ["nan", "raise"])

@@ -11,7 +11,7 @@ from torch import nn
 
 from analysis import supervised, top_eigenvalues
 from analysis.lanczos import lanczos, power_iteration
-from tests.analysis.test_lanczos import ce, check_pairs, expected
+from tests.analysis.problems import ce, check_pairs, expected
 from tests.oracles import classification_data, exact_hessian, mlp, uneven_batches
 
 DUMMY = [torch.zeros(1)]  # one batch: the quadratic losses below ignore it

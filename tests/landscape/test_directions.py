@@ -48,7 +48,8 @@ def test_seeded_and_validated():
     c = random_direction(model, seed=6)
     name = "0.weight"
     assert torch.equal(a[name], b[name]) and not torch.equal(a[name], c[name])
-    assert a.info == {"kind": "random", "seed": 5, "normalization": "filter", "ignore_bias_bn": True}
+    assert a.info == {"kind": "random", "seed": 5, "normalization": "filter",
+                      "ignore_bias_bn": True}
     with pytest.raises(ValueError, match="normalization"):
         random_direction(model, normalization="model")
     with pytest.raises(ValueError, match="seed"):

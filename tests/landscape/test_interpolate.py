@@ -9,7 +9,7 @@ from torch import nn
 from analysis import mean_loss, supervised
 from landscape import interpolate, recalibrate_bn
 from tests.oracles import assert_unchanged, classification_data, cnn_bn, snapshot, uneven_batches
-from tests.landscape.test_surface import quad_loss, quadratic_problem
+from tests.landscape.problems import quad_loss, quadratic_problem
 
 CE = supervised(nn.CrossEntropyLoss())
 

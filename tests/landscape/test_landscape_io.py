@@ -13,8 +13,8 @@ from landscape import (interpolate, line, LineResult, load_result, plane, random
                        save_result)
 from landscape.results import tensors_hash
 from tests.oracles import classification_data, mlp, uneven_batches
-from tests.landscape.test_surface import quad_loss, quadratic_problem
-from tests.landscape.test_surface import ce as CE
+from tests.landscape.problems import ce as CE
+from tests.landscape.problems import quad_loss, quadratic_problem
 
 XS, YS = np.linspace(-1.0, 1.0, 4), np.array([-0.5, 0.0, 0.5])
 

@@ -9,40 +9,9 @@ from analysis import mean_loss, supervised
 from landscape import line, plane, random_direction
 from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp,
                            snapshot, uneven_batches)
+from tests.landscape.problems import ce, quad_loss, quadratic_problem
 
 CE = supervised(nn.CrossEntropyLoss())
-
-
-def ce(model, batch):  # no model.parameters() call, so it also runs on the oracle's view
-    return nn.functional.cross_entropy(model(batch[0]), batch[1])
-
-
-class Quadratic(nn.Module):
-    """L(w) = mean_i (1/2 w'Aw + c_i'w) over the samples c_i of the batch."""
-
-    def __init__(self, A, w):
-        super().__init__()
-        self.register_buffer("A", A)
-        self.w = nn.Parameter(w.clone())
-
-    def forward(self, c):
-        return 0.5 * self.w @ self.A @ self.w + c @ self.w
-
-
-def quad_loss(model, batch):
-    return model(batch[0]).mean()
-
-
-def quadratic_problem(n=5, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    q, _ = torch.linalg.qr(torch.randn(n, n, generator=g, dtype=torch.float64))
-    A = q @ torch.diag(torch.tensor([3.0, 1.0, 0.5, -0.7, 2.0], dtype=torch.float64)[:n]) @ q.T
-    model = Quadratic(A, torch.randn(n, generator=g, dtype=torch.float64))
-    c = torch.randn(11, n, generator=g, dtype=torch.float64)
-    data = [(c[:4],), (c[4:5],), (c[5:],)]
-    d1 = {"w": torch.randn(n, generator=g, dtype=torch.float64)}
-    d2 = {"w": torch.randn(n, generator=g, dtype=torch.float64)}
-    return model, data, c.mean(0), d1, d2
 
 
 def closed_form(model, b, v):
@@ -60,7 +29,8 @@ def test_line_and_plane_exact_on_a_quadratic():
     np.testing.assert_allclose(res.losses, want, rtol=1e-13)
     assert res.n_forward == 18 * 3 + 1  # points x batches, plus one probe sizing the chunks
     lin = line(model, quad_loss, data, d1, xs, progress=False, chunk_size=4)
-    np.testing.assert_allclose(lin.losses, [closed_form(model, b, a * d1["w"]) for a in xs], rtol=1e-13)
+    np.testing.assert_allclose(lin.losses, [closed_form(model, b, a * d1["w"]) for a in xs],
+                               rtol=1e-13)
     assert lin.n_forward == 6 * 3
     assert_unchanged(model, snap)
 

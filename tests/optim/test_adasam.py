@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import optim
-from tests.optim.reference import (GROUP, Softmax, assert_trajectories_close, batch, grad, initial, norm,
-                             param_groups, run_model)
+from tests.optim.reference import (GROUP, Softmax, assert_trajectories_close, batch, grad, initial,
+                                   norm, param_groups, run_model)
 
 LRS = (0.05, 0.02)
 STEPS = 25
@@ -60,7 +60,8 @@ def test_eps_enters_only_through_the_initial_v_hat():
 
 
 def test_zero_rho_is_amsgrad_without_bias_correction_or_eps():
-    """rho = 0, first step from m = v = 0: x - lr (1 - b1) g / sqrt((1 - b2) g^2), no bias correction."""
+    """rho = 0, first step from m = v = 0: x - lr (1 - b1) g / sqrt((1 - b2) g^2), no bias
+    correction."""
     model = Softmax()
     w0 = model.W.detach().clone()
     opt = optim.AdaSAM(model.parameters(), lr=0.01, betas=(0.9, 0.99), rho=0.0, eps=1e-12)
@@ -71,10 +72,12 @@ def test_zero_rho_is_amsgrad_without_bias_correction_or_eps():
 
 
 def test_float16_parameters_step_like_float32():
-    """eps^2 = 1e-16 underflows to 0 in float16 (and with it v^, so m / sqrt(v^) was NaN from step 1): the
-    moments are float32 for float16 parameters, and the result is the float32 step rounded once."""
+    """eps^2 = 1e-16 underflows to 0 in float16 (and with it v^, so m / sqrt(v^) was NaN from step
+    1): the moments are float32 for float16 parameters, and the result is the float32 step rounded
+    once."""
     gen = torch.Generator().manual_seed(0)
-    w0, grads = torch.randn(4, 3, generator=gen), [1e-3 * torch.randn(4, 3, generator=gen) for _ in range(6)]
+    w0, grads = torch.randn(4, 3, generator=gen), [1e-3 * torch.randn(4, 3, generator=gen)
+                                                   for _ in range(6)]
     grads[0][0, 0] = 0.0   # an element with s = 0: 0 / sqrt(eps^2) must stay 0
     out = {}
     for dtype in (torch.float16, torch.float32):

@@ -1,4 +1,5 @@
-"""AGD against an independent plain implementation of the paper's Algorithm 1, its SGD limit, and sgd_fraction."""
+"""AGD against an independent plain implementation of the paper's Algorithm 1, its SGD limit, and
+sgd_fraction."""
 from __future__ import annotations
 
 import math
@@ -12,13 +13,15 @@ SHAPES = [(4, 3), (5,)]
 
 
 def _scales() -> list[torch.Tensor]:
-    """Per-element curvature scales from 1e-4 to 1: small ones stay on the SGD branch, large ones switch."""
+    """Per-element curvature scales from 1e-4 to 1: small ones stay on the SGD branch, large ones
+    switch."""
     flat = torch.logspace(-4, 0, sum(math.prod(s) for s in SHAPES), dtype=torch.float64)
     return [chunk.view(s) for chunk, s in zip(flat.split([math.prod(s) for s in SHAPES]), SHAPES)]
 
 
 def _loss(params: list[torch.Tensor]) -> torch.Tensor:
-    return sum((c * (0.5 * (p - 1.0) ** 2 + 0.3 * torch.sin(3.0 * p))).sum() for c, p in zip(_scales(), params))
+    return sum((c * (0.5 * (p - 1.0) ** 2 + 0.3 * torch.sin(3.0 * p))).sum()
+               for c, p in zip(_scales(), params))
 
 
 def _start() -> list[torch.Tensor]:
@@ -31,10 +34,11 @@ def _grads(xs: list[torch.Tensor]) -> list[torch.Tensor]:
     return list(torch.autograd.grad(_loss(xs), xs))
 
 
-def reference_agd(steps, lr=1e-2, betas=(0.9, 0.999), delta=1e-3, weight_decay=0.0, weight_decouple=True,
-                  fixed_decay=False, amsgrad=False, clip=None):
+def reference_agd(steps, lr=1e-2, betas=(0.9, 0.999), delta=1e-3, weight_decay=0.0,
+                  weight_decouple=True, fixed_decay=False, amsgrad=False, clip=None):
     """Algorithm 1 written out literally (m_prev copied), one float64 tensor per parameter.
-    Yields (params, fraction of elements with sqrt(B) < delta sqrt(1 - beta2^t)) after every step."""
+    Yields (params, fraction of elements with sqrt(B) < delta sqrt(1 - beta2^t)) after every
+    step."""
     beta1, beta2 = betas
     xs = _start()
     ms = [torch.zeros_like(x) for x in xs]
@@ -110,13 +114,15 @@ def test_matches_reference_step_by_step(config, foreach):
 
 @pytest.mark.parametrize("config", ["default", "coupled-wd", "all"])
 def test_foreach_and_single_paths_are_identical(config):
-    for (a, fa), (b, fb) in zip(_run(20, False, **CONFIGS[config]), _run(20, True, **CONFIGS[config])):
+    for (a, fa), (b, fb) in zip(_run(20, False, **CONFIGS[config]),
+                                _run(20, True, **CONFIGS[config])):
         assert fa == fb
         assert all(torch.equal(x, y) for x, y in zip(a, b))
 
 
 def test_clip_bounds_each_element_step():
-    """At t = 1, |m/D| = (1 - beta1)/sqrt(1 - beta2) ~ 3.2 where |g| > delta: clip=1 caps it at 1."""
+    """At t = 1, |m/D| = (1 - beta1)/sqrt(1 - beta2) ~ 3.2 where |g| > delta: clip=1 caps it at
+    1."""
     lr, clip = 1e-2, 1.0
     params = [x.clone().requires_grad_() for x in _start()]
     opt = AGD(params, lr=lr, delta=1e-12, clip=clip)
@@ -126,7 +132,8 @@ def test_clip_bounds_each_element_step():
     opt.step()
     bound = lr * math.sqrt(1 - 0.999) / (1 - 0.9) * clip
     for b, p in zip(before, params):
-        torch.testing.assert_close((b - p.detach()).abs(), torch.full_like(b, bound), rtol=1e-12, atol=0)
+        torch.testing.assert_close((b - p.detach()).abs(),
+                                   torch.full_like(b, bound), rtol=1e-12, atol=0)
 
 
 def test_huge_delta_is_ema_momentum_sgd_at_lr_over_delta():
@@ -143,13 +150,15 @@ def test_huge_delta_is_ema_momentum_sgd_at_lr_over_delta():
 
 
 def _constant_grad_optimizer(amsgrad=False):
-    """Three params whose constant gradients are, element-wise, 10 delta, 0.1 delta, or half of each."""
+    """Three params whose constant gradients are, element-wise, 10 delta, 0.1 delta, or half of
+    each."""
     delta = 1e-3
     big, small = torch.full((6,), 10 * delta), torch.full((6,), 0.1 * delta)
     half = torch.cat([big[:2], small[:2]])
     params = [torch.zeros(6, requires_grad=True), torch.zeros(6, requires_grad=True),
               torch.zeros(4, requires_grad=True)]
-    opt = AGD([{"params": params[:2]}, {"params": params[2:]}], lr=1e-3, delta=delta, amsgrad=amsgrad)
+    opt = AGD([{"params": params[:2]}, {"params": params[2:]}], lr=1e-3,
+              delta=delta, amsgrad=amsgrad)
     for p, g in zip(params, [big, small, half]):
         p.grad = g.clone()
     return opt, params
@@ -174,9 +183,9 @@ def test_sgd_fraction_keys_count_unstepped_parameters():
 
 @pytest.mark.parametrize("amsgrad", [False, True])
 def test_sgd_fraction_follows_the_last_step(amsgrad):
-    """A constant gradient g = 10 delta with beta2 = 0.5: adaptive at t = 1 (|g| > delta). Then s = 0, so
-    b_hat_t = 0.5^t g^2 / (1 - 0.5^t) falls below delta^2 by t = 10 (SGD branch), while the amsgrad max keeps
-    B_hat = 0.5 g^2 / (1 - 0.5^t) above it (adaptive)."""
+    """A constant gradient g = 10 delta with beta2 = 0.5: adaptive at t = 1 (|g| > delta). Then s =
+    0, so b_hat_t = 0.5^t g^2 / (1 - 0.5^t) falls below delta^2 by t = 10 (SGD branch), while the
+    amsgrad max keeps B_hat = 0.5 g^2 / (1 - 0.5^t) above it (adaptive)."""
     delta = 1e-3
     p = torch.zeros(5, requires_grad=True)
     opt = AGD([p], lr=1e-3, betas=(0.9, 0.5), delta=delta, amsgrad=amsgrad)
@@ -189,10 +198,12 @@ def test_sgd_fraction_follows_the_last_step(amsgrad):
 
 
 def test_step_does_not_synchronise(monkeypatch):
-    """No Tensor -> Python conversion happens inside step() (each would be a device sync on CUDA)."""
+    """No Tensor -> Python conversion happens inside step() (each would be a device sync on
+    CUDA)."""
     opt, params = _constant_grad_optimizer(amsgrad=True)
     for name in ("item", "tolist", "__bool__", "__float__", "__int__", "cpu", "numpy"):
-        monkeypatch.setattr(torch.Tensor, name, lambda *a, n=name, **k: pytest.fail(f"Tensor.{n} in step"))
+        monkeypatch.setattr(torch.Tensor, name,
+                            lambda *a, n=name, **k: pytest.fail(f"Tensor.{n} in step"))
     for foreach in (False, True):
         for group in opt.param_groups:
             group["foreach"] = foreach

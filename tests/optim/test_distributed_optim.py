@@ -15,8 +15,8 @@ import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import optim
-from tests.optim.reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, grad, initial, norm,
-                             param_groups, run_model)
+from tests.optim.reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, grad,
+                                   initial, norm, param_groups, run_model)
 
 WORLD = 2
 LRS = (0.3, 0.1)
@@ -34,7 +34,8 @@ def mean(dicts):
 
 
 def reference(kind: str, m_sharpness: bool = True) -> list:
-    """SAM or decoupled WSAM over SGD(momentum 0.9), each rank perturbing with its local gradient."""
+    """SAM or decoupled WSAM over SGD(momentum 0.9), each rank perturbing with its local
+    gradient."""
     theta, base, out = initial(), RefSGD(LRS, momentum=0.9), []
     a = GAMMA / (1 - GAMMA)
     for i in range(STEPS):
@@ -57,13 +58,15 @@ def reference(kind: str, m_sharpness: bool = True) -> list:
 
 
 def m_sharpness_gradient(theta, i: int, per_tensor_norm: bool = False):
-    """Mean over ranks of the gradient at theta + rho g_r / ||g_r||, g_r the rank's own gradient (the
-    norm over all parameters, or per tensor: SALA's per-group norm with one tensor per group)."""
+    """Mean over ranks of the gradient at theta + rho g_r / ||g_r||, g_r the rank's own gradient
+    (the norm over all parameters, or per tensor: SALA's per-group norm with one tensor per
+    group)."""
     tilde = []
     for r in range(WORLD):
         g_r = grad(theta, shard(i, r))
         n = {k: float(g_r[k].norm()) if per_tensor_norm else norm(g_r) for k in g_r}
-        tilde.append(grad({k: theta[k] + RHO * g_r[k] / (n[k] + 1e-12) for k in theta}, shard(i, r)))
+        tilde.append(grad({k: theta[k] + RHO * g_r[k] / (n[k] + 1e-12) for k in theta},
+                          shard(i, r)))
     return mean(tilde)
 
 
@@ -85,8 +88,8 @@ def reference_adasam(steps: int, betas=(0.9, 0.999), eps=1e-8) -> list:
 
 
 def reference_sala(steps: int, k: int = 2, alpha: float = 0.8) -> list:
-    """SALA (the authors' algorithm) over SGD(momentum 0.9) in one process: plain gradients on the union
-    of the shards, SAM gradients with each rank's own perturbation."""
+    """SALA (the authors' algorithm) over SGD(momentum 0.9) in one process: plain gradients on the
+    union of the shards, SAM gradients with each rank's own perturbation."""
     theta, base, phi, dist_, out = initial(), RefSGD(LRS, momentum=0.9), None, 0.0, []
     for s in range(1, steps + 1):
         g = grad(theta, batch(s - 1))
@@ -117,7 +120,8 @@ def build(kind: str):
     if kind == "SAM":
         return model, optim.SAM(torch.optim.SGD(groups, momentum=0.9), rho=RHO, model=model)
     if kind == "WSAM":
-        return model, optim.WSAM(torch.optim.SGD(groups, momentum=0.9), rho=RHO, gamma=GAMMA, model=model)
+        return model, optim.WSAM(torch.optim.SGD(groups, momentum=0.9), rho=RHO,
+                                 gamma=GAMMA, model=model)
     if kind == "AdaSAM":
         return model, optim.AdaSAM(groups, rho=RHO, model=model)
     return model, optim.SALA(torch.optim.SGD(groups, momentum=0.9), k=2, rho=RHO, model=model)

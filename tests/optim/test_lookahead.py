@@ -8,7 +8,8 @@ import torch
 import torch.nn.functional as F
 
 import optim
-from tests.optim.reference import RefSGD, Softmax, assert_trajectories_close, batch, grad, initial, param_groups, run_model
+from tests.optim.reference import (RefSGD, Softmax, assert_trajectories_close, batch, grad, initial,
+                                   param_groups, run_model)
 
 LRS = (0.3, 0.1)
 STEPS = 23
@@ -41,7 +42,8 @@ def test_lookahead_matches_reference(k, alpha):
 def test_alpha_one_is_the_base_optimizer():
     model_a, model_b = Softmax(), Softmax()
     base = torch.optim.SGD(param_groups(model_b, *LRS), momentum=0.9)
-    for a, b in zip(run_model(make(model_a, k=3, alpha=1.0), model_a, 10), run_model(base, model_b, 10)):
+    for a, b in zip(run_model(make(model_a, k=3, alpha=1.0), model_a, 10),
+                    run_model(base, model_b, 10)):
         assert all(torch.equal(a[n], b[n]) for n in a)
 
 

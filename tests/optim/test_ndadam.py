@@ -1,5 +1,5 @@
-"""ND-Adam against an independent per-vector implementation of the paper's Algorithm 1, Adam for 1-D parameters, the
-diagnostics, and the softmax logit regularisers."""
+"""ND-Adam against an independent per-vector implementation of the paper's Algorithm 1, Adam for 1-D
+parameters, the diagnostics, and the softmax logit regularisers."""
 from __future__ import annotations
 
 import math
@@ -12,7 +12,8 @@ from tests.oracles import classification_data, mlp
 
 from optim import BNSoftmax, NDAdam, logit_penalty, normalize_vectors_, regularized_cross_entropy
 
-SHAPES = [(4, 3), (3, 2, 2), (5,), (2, 3)]   # a linear weight, a conv kernel, a bias, a matrix kept as Adam
+# a linear weight, a conv kernel, a bias, a matrix kept as Adam
+SHAPES = [(4, 3), (3, 2, 2), (5,), (2, 3)]
 
 
 def _fixed(seed: int) -> list[torch.Tensor]:
@@ -22,7 +23,8 @@ def _fixed(seed: int) -> list[torch.Tensor]:
 
 def _loss(params: list[torch.Tensor]) -> torch.Tensor:
     c, d = _fixed(1), _fixed(2)
-    return sum(0.5 * (p * ci).sum() ** 2 + (torch.sin(2.0 * p) * di).sum() for p, ci, di in zip(params, c, d))
+    return sum(0.5 * (p * ci).sum() ** 2 + (torch.sin(2.0 * p) * di).sum()
+               for p, ci, di in zip(params, c, d))
 
 
 def _grads(xs):
@@ -34,17 +36,20 @@ ND = [True, True, False, False]   # what the optimizer must do with SHAPES given
 
 
 def reference_ndadam(steps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0):
-    """Algorithm 1 written per vector with explicit loops; Adam (textbook form, L2 decay) for the others.
-    Yields (params, per-vector-param mean angle, per-vector-param update/-ḡ cosine) after every step."""
+    """Algorithm 1 written per vector with explicit loops; Adam (textbook form, L2 decay) for the
+    others. Yields (params, per-vector-param mean angle, per-vector-param update/-ḡ cosine) after
+    every step."""
     beta1, beta2 = betas
     xs = [x.clone() for x in _fixed(0)]
     ms = [torch.zeros_like(x) for x in xs]
-    vs = [torch.zeros(len(x), dtype=x.dtype) if nd else torch.zeros_like(x) for x, nd in zip(xs, ND)]
+    vs = [torch.zeros(len(x), dtype=x.dtype) if nd else torch.zeros_like(x)
+          for x, nd in zip(xs, ND)]
     for t in range(1, steps + 1):
         bc1, bc2 = 1 - beta1 ** t, 1 - beta2 ** t
         angles, cosines = {}, {}
         grads = _grads(xs)
-        if t == 1:  # the documented start: the first gradient is taken, then the vectors are normalised
+        # the documented start: the first gradient is taken, then the vectors are normalised
+        if t == 1:
             for x, nd in zip(xs, ND):
                 for r in range(len(x) if nd else 0):
                     x[r] = x[r] / x[r].norm()
@@ -65,7 +70,8 @@ def reference_ndadam(steps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=
                 w_bar = w - lr * u
                 w_new = w_bar / w_bar.norm()
                 row_angles.append(math.acos(min(1.0, float(w_new @ w))))
-                dot, uu, gg = dot + float(u @ tangent), uu + float(u @ u), gg + float(tangent @ tangent)
+                dot, uu, gg = (dot + float(u @ tangent), uu + float(u @ u),
+                               gg + float(tangent @ tangent))
                 new[r] = w_new.view(new[r].shape)
             xs[i] = new
             angles[i], cosines[i] = sum(row_angles) / len(row_angles), dot / math.sqrt(uu * gg)
@@ -73,9 +79,11 @@ def reference_ndadam(steps, lr=1e-2, betas=(0.9, 0.999), eps=1e-8, weight_decay=
 
 
 def _run(steps, foreach=False, lr=1e-2, **kw):
-    """NDAdam with the groups of ND; yields (params, angular_step(), update_cosine()) after every step."""
+    """NDAdam with the groups of ND; yields (params, angular_step(), update_cosine()) after every
+    step."""
     params = [x.clone().requires_grad_() for x in _fixed(0)]
-    opt = NDAdam([{"params": params[:3]}, {"params": params[3:], "nd": False}], lr=lr, foreach=foreach, **kw)
+    opt = NDAdam([{"params": params[:3]}, {"params": params[3:], "nd": False}], lr=lr,
+                 foreach=foreach, **kw)
 
     def closure():
         opt.zero_grad()
@@ -114,7 +122,8 @@ def test_foreach_and_single_paths_are_identical():
 @pytest.mark.parametrize("dtype,tol", [(torch.float64, 1e-12), (torch.float32, 1e-6)])
 def test_unit_norms_are_preserved(dtype, tol):
     model = mlp(sizes=(6, 8, 3), dtype=dtype)
-    kernel = torch.randn(4, 2, 3, dtype=dtype, requires_grad=True)   # a conv-shaped vector parameter
+    # a conv-shaped vector parameter
+    kernel = torch.randn(4, 2, 3, dtype=dtype, requires_grad=True)
     x, y = classification_data(dtype=dtype)
     opt = NDAdam([*model.parameters(), kernel], lr=0.1)
     for _ in range(20):
@@ -128,7 +137,8 @@ def test_unit_norms_are_preserved(dtype, tol):
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_non_nd_params_follow_torch_adam(foreach):
-    """1-D params (automatic) and a 2-D param with nd=False take exactly torch.optim.Adam's steps."""
+    """1-D params (automatic) and a 2-D param with nd=False take exactly torch.optim.Adam's
+    steps."""
     runs = []
     for make in (lambda ps: NDAdam([{"params": ps[2:3]}, {"params": ps[3:], "nd": False}], lr=1e-2,
                                    weight_decay=0.1, foreach=foreach),
@@ -145,13 +155,16 @@ def test_non_nd_params_follow_torch_adam(foreach):
 
 
 def test_first_step_normalises_and_projection_keeps_direction():
-    """Vectors are put on the sphere at their first step; a gradient along w itself (radial) is projected away."""
+    """Vectors are put on the sphere at their first step; a gradient along w itself (radial) is
+    projected away."""
     w = torch.tensor([[3.0, 4.0], [0.0, 2.0]], dtype=torch.float64, requires_grad=True)
     opt = NDAdam([w], lr=0.1)
     w.grad = 5.0 * w.detach().clone()
     opt.step()
-    torch.testing.assert_close(w.detach(), torch.tensor([[0.6, 0.8], [0.0, 1.0]], dtype=torch.float64))
-    assert opt.angular_step()[0] == pytest.approx(0.0, abs=1e-7)  # a 1e-16 rounding residue, Adam-scaled
+    torch.testing.assert_close(w.detach(), torch.tensor([[0.6, 0.8], [0.0, 1.0]],
+                                                        dtype=torch.float64))
+    # a 1e-16 rounding residue, Adam-scaled
+    assert opt.angular_step()[0] == pytest.approx(0.0, abs=1e-7)
 
 
 def test_normalize_vectors():
@@ -189,7 +202,8 @@ def test_bn_softmax_against_hand_computation():
     # running statistics as TF's decay 0.9 (PyTorch momentum 0.1) from (0, 1); eval mode uses them
     run_mean, run_var = 0.1 * mean, 0.9 + 0.1 * z.var(0, unbiased=True)
     layer.eval()
-    torch.testing.assert_close(layer(z), 2.5 * (z - run_mean) / torch.sqrt(run_var + 1e-3) + layer.bias)
+    torch.testing.assert_close(layer(z),
+                               2.5 * (z - run_mean) / torch.sqrt(run_var + 1e-3) + layer.bias)
     assert not any(p is layer.scale for p in layer.parameters())
     assert [n for n, _ in layer.named_parameters()] == ["bias"]
 
@@ -226,8 +240,9 @@ def test_zero_vector_is_rejected_before_any_state():
 
 
 def test_float16_vector_with_zero_tangent_gradient_stays_finite():
-    """A row with a zero gradient has a zero tangent (v = 0): eps = 1e-8 underflows in float16, so the
-    update was 0/0. State and arithmetic are float32 for float16 parameters; the row stays put."""
+    """A row with a zero gradient has a zero tangent (v = 0): eps = 1e-8 underflows in float16, so
+    the update was 0/0. State and arithmetic are float32 for float16 parameters; the row stays
+    put."""
     w0 = torch.tensor([[3.0, 4.0, 0.0], [1.0, -2.0, 2.0]])
     out = {}
     for dtype in (torch.float16, torch.float32):
@@ -237,15 +252,18 @@ def test_float16_vector_with_zero_tangent_gradient_stays_finite():
             w.grad = torch.tensor([[0.0, 0.0, 0.0], [0.5, 0.1, -0.3]], dtype=dtype)
             opt.step()
         assert torch.isfinite(w).all()
-        assert all(math.isfinite(v) for v in (*opt.angular_step().values(), *opt.update_cosine().values()))
+        assert all(math.isfinite(v) for v in (*opt.angular_step().values(),
+                                              *opt.update_cosine().values()))
         out[dtype] = w.detach().float()
     torch.testing.assert_close(out[torch.float16], out[torch.float32], rtol=2e-3, atol=2e-3)
-    torch.testing.assert_close(out[torch.float16][0], torch.tensor([0.6, 0.8, 0.0]), rtol=1e-3, atol=1e-3)
+    torch.testing.assert_close(out[torch.float16][0], torch.tensor([0.6, 0.8, 0.0]),
+                               rtol=1e-3, atol=1e-3)
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32, torch.float64])
 def test_normalize_vectors_leaves_zero_rows_zero(dtype):
-    w = torch.tensor([[0.0, 0.0], [3e-4, 4e-4], [3.0, 4.0]], dtype=dtype)   # row 1's squares underflow float16
+    # row 1's squares underflow float16
+    w = torch.tensor([[0.0, 0.0], [3e-4, 4e-4], [3.0, 4.0]], dtype=dtype)
     normalize_vectors_([w])
     want = torch.tensor([[0.0, 0.0], [0.6, 0.8], [0.6, 0.8]], dtype=dtype)
     torch.testing.assert_close(w, want, rtol=1e-3, atol=1e-3)

@@ -1,12 +1,14 @@
-"""Behaviour every optimizer in `optim` shares: resume, schedulers, param groups, dtypes, validation.
+"""Behaviour every optimizer in `optim` shares: resume, schedulers, param groups, dtypes,
+validation.
 
 HOW TO ADD AN OPTIMIZER (one line each):
   * OPTIMIZERS["Name"] = factory(params, **overrides) -> optimizer. `params` is whatever torch.optim
-    accepts (an iterable of tensors or a list of param-group dicts); `overrides` are keyword arguments
-    of the optimizer under test (for a wrapper: of the wrapper, with the base built inside the factory).
-    Keep the defaults modest (the tests run a few steps of a tiny float64 MLP).
-  * BAD_HYPERPARAMETERS.append(("Name", {"rho": -1.0}, "rho")): the factory called with these overrides
-    must raise ValueError whose message contains the substring (the hyperparameter's name).
+    accepts (an iterable of tensors or a list of param-group dicts); `overrides` are keyword
+    arguments of the optimizer under test (for a wrapper: of the wrapper, with the base built inside
+    the factory). Keep the defaults modest (the tests run a few steps of a tiny float64 MLP).
+  * BAD_HYPERPARAMETERS.append(("Name", {"rho": -1.0}, "rho")): the factory called with these
+    overrides must raise ValueError whose message contains the substring (the hyperparameter's
+    name).
 Every optimizer is stepped only through `loss = opt.step(closure)`, the one uniform API.
 """
 from __future__ import annotations
@@ -25,28 +27,41 @@ from tests.oracles import classification_data, mlp
 Factory = Callable[..., torch.optim.Optimizer]
 
 OPTIMIZERS: dict[str, Factory] = {
-    "AGD": lambda params, **kw: optim.AGD(params, **{"lr": 1e-2, "delta": 1e-3, "weight_decay": 1e-2, **kw}),
+    "AGD": lambda params, **kw: optim.AGD(
+        params, **{"lr": 1e-2, "delta": 1e-3, "weight_decay": 1e-2, **kw}),
     "AGD-coupled-amsgrad-clip": lambda params, **kw: optim.AGD(
         params, **{"lr": 1e-2, "delta": 1e-3, "weight_decay": 1e-2, "weight_decouple": False,
                    "amsgrad": True, "clip": 0.5, **kw}),
     "NDAdam": lambda params, **kw: optim.NDAdam(params, **{"lr": 1e-2, "weight_decay": 1e-3, **kw}),
-    "SAM": lambda params, lr=1e-2, **kw: optim.SAM(torch.optim.SGD(params, lr=lr, momentum=0.9), **kw),
-    "SAM-adaptive-adam": lambda params, lr=1e-2, **kw: optim.SAM(torch.optim.Adam(params, lr=lr), **{"rho": 0.5, "adaptive": True, **kw}),
-    "WSAM": lambda params, lr=1e-2, **kw: optim.WSAM(torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3), **kw),
-    "WSAM-coupled-adaptive-clip": lambda params, lr=1e-2, **kw: optim.WSAM(torch.optim.Adam(params, lr=lr), **{"decouple": False, "adaptive": True, "rho": 0.5, "max_norm": 0.5, **kw}),
+    "SAM": lambda params, lr=1e-2, **kw: optim.SAM(
+        torch.optim.SGD(params, lr=lr, momentum=0.9), **kw),
+    "SAM-adaptive-adam": lambda params, lr=1e-2, **kw: optim.SAM(
+        torch.optim.Adam(params, lr=lr), **{"rho": 0.5, "adaptive": True, **kw}),
+    "WSAM": lambda params, lr=1e-2, **kw: optim.WSAM(
+        torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=1e-3), **kw),
+    "WSAM-coupled-adaptive-clip": lambda params, lr=1e-2, **kw: optim.WSAM(
+        torch.optim.Adam(params, lr=lr),
+        **{"decouple": False, "adaptive": True, "rho": 0.5, "max_norm": 0.5, **kw}),
     "AdaSAM": lambda params, **kw: optim.AdaSAM(params, **{"lr": 1e-2, **kw}),
-    "AdaSAM-bias-correction": lambda params, **kw: optim.AdaSAM(params, **{"lr": 1e-2, "bias_correction": True, "foreach": True, **kw}),
-    "Lookahead": lambda params, lr=1e-2, **kw: optim.Lookahead(torch.optim.Adam(params, lr=lr), **{"k": 3, **kw}),
-    "SALA": lambda params, lr=1e-2, **kw: optim.SALA(torch.optim.SGD(params, lr=lr, momentum=0.9), **{"k": 2, "alpha": 0.5, "rho": 0.05, **kw}),
+    "AdaSAM-bias-correction": lambda params, **kw: optim.AdaSAM(
+        params, **{"lr": 1e-2, "bias_correction": True, "foreach": True, **kw}),
+    "Lookahead": lambda params, lr=1e-2, **kw: optim.Lookahead(
+        torch.optim.Adam(params, lr=lr), **{"k": 3, **kw}),
+    "SALA": lambda params, lr=1e-2, **kw: optim.SALA(
+        torch.optim.SGD(params, lr=lr, momentum=0.9),
+        **{"k": 2, "alpha": 0.5, "rho": 0.05, **kw}),
 }
 
 BAD_HYPERPARAMETERS: list[tuple[str, dict, str]] = [
     ("SAM", {"rho": -0.1}, "rho"), ("SAM", {"rho": float("inf")}, "rho"),
-    ("WSAM", {"gamma": 1.0}, "gamma"), ("WSAM", {"gamma": -0.1}, "gamma"), ("WSAM", {"rho": -1.0}, "rho"),
+    ("WSAM", {"gamma": 1.0}, "gamma"), ("WSAM", {"gamma": -0.1}, "gamma"),
+    ("WSAM", {"rho": -1.0}, "rho"),
     ("WSAM", {"max_norm": 0.0}, "max_norm"), ("WSAM", {"max_norm": float("nan")}, "max_norm"),
-    ("AdaSAM", {"lr": -1e-3}, "lr"), ("AdaSAM", {"betas": (0.9, 1.0)}, "beta"), ("AdaSAM", {"eps": 0.0}, "eps"),
+    ("AdaSAM", {"lr": -1e-3}, "lr"), ("AdaSAM", {"betas": (0.9, 1.0)}, "beta"),
+    ("AdaSAM", {"eps": 0.0}, "eps"),
     ("AdaSAM", {"rho": -0.05}, "rho"),
-    ("Lookahead", {"k": 0}, "k"), ("Lookahead", {"k": 2.5}, "k"), ("Lookahead", {"alpha": 0.0}, "alpha"),
+    ("Lookahead", {"k": 0}, "k"), ("Lookahead", {"k": 2.5}, "k"),
+    ("Lookahead", {"alpha": 0.0}, "alpha"),
     ("Lookahead", {"alpha": 1.5}, "alpha"),
     ("SALA", {"k": 1}, "k"), ("SALA", {"alpha": -0.1}, "alpha"), ("SALA", {"rho": -0.05}, "rho"),
     ("AGD", {"lr": -1e-3}, "lr"),
@@ -186,7 +201,8 @@ def test_float32_tracks_float64(name):
 
 
 @pytest.mark.parametrize("name,overrides,needle", BAD_HYPERPARAMETERS,
-                         ids=[f"{n}-{next(iter(kw))}-{i}" for i, (n, kw, _) in enumerate(BAD_HYPERPARAMETERS)])
+                         ids=[f"{n}-{next(iter(kw))}-{i}"
+                              for i, (n, kw, _) in enumerate(BAD_HYPERPARAMETERS)])
 def test_bad_hyperparameter_raises(name, overrides, needle):
     model = mlp(seed=0)
     with pytest.raises(ValueError, match=needle):
@@ -238,26 +254,32 @@ def test_numpy_scalars_are_hyperparameters_and_strings_are_not():
     assert optim.AGD(params, lr=np.float32(1e-3)).param_groups[0]["lr"] == pytest.approx(1e-3)
     for make, needle in [(lambda: optim.AGD(params, amsgrad="no"), "amsgrad"),
                          (lambda: optim.AGD(params, weight_decouple=1), "weight_decouple"),
-                         (lambda: optim.SAM(torch.optim.SGD(params, lr=0.1), adaptive="yes"), "adaptive"),
-                         (lambda: optim.WSAM(torch.optim.SGD(params, lr=0.1), decouple="no"), "decouple"),
+                         (lambda: optim.SAM(torch.optim.SGD(params, lr=0.1), adaptive="yes"),
+                          "adaptive"),
+                         (lambda: optim.WSAM(torch.optim.SGD(params, lr=0.1), decouple="no"),
+                          "decouple"),
                          (lambda: optim.AdaSAM(params, bias_correction="no"), "bias_correction"),
                          (lambda: optim.Lookahead(torch.optim.SGD(params, lr=0.1), k="5"), "k")]:
         with pytest.raises(TypeError, match=needle):
             make()
 
 
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # fused=True: one compiled kernel per tensor, with the eager per-tensor path as its fallback
-# ---------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 
 FUSED = {  # name -> (factory(params, fused), module holding the kernel, kernel attribute)
-    "AGD": (lambda ps, fused: optim.AGD(ps, lr=1e-2, delta=1e-3, weight_decay=1e-2, fused=fused), "agd", "_AGD_KERNEL"),
-    "AGD-amsgrad-clip-coupled": (lambda ps, fused: optim.AGD(ps, lr=1e-2, delta=1e-3, weight_decay=1e-2,
-                                                             weight_decouple=False, amsgrad=True, clip=0.5,
-                                                             fused=fused), "agd", "_AGD_KERNEL"),
-    "NDAdam": (lambda ps, fused: optim.NDAdam(ps, lr=1e-2, fused=fused), "ndadam", "_NDADAM_KERNEL"),
-    "AdaSAM": (lambda ps, fused: optim.AdaSAM(ps, lr=1e-2, bias_correction=True, fused=fused), "adasam",
-               "_ADASAM_KERNEL"),
+    "AGD": (lambda ps, fused: optim.AGD(ps, lr=1e-2, delta=1e-3, weight_decay=1e-2, fused=fused),
+            "agd", "_AGD_KERNEL"),
+    "AGD-amsgrad-clip-coupled": (lambda ps, fused: optim.AGD(ps, lr=1e-2, delta=1e-3,
+                                                             weight_decay=1e-2,
+                                                             weight_decouple=False, amsgrad=True,
+                                                             clip=0.5, fused=fused),
+                                 "agd", "_AGD_KERNEL"),
+    "NDAdam": (lambda ps, fused: optim.NDAdam(ps, lr=1e-2, fused=fused),
+               "ndadam", "_NDADAM_KERNEL"),
+    "AdaSAM": (lambda ps, fused: optim.AdaSAM(ps, lr=1e-2, bias_correction=True, fused=fused),
+               "adasam", "_ADASAM_KERNEL"),
 }
 
 
@@ -304,11 +326,15 @@ def test_fused_matches_eager_to_rounding(name, dtype, rtol):
         torch.testing.assert_close(a, b, rtol=rtol, atol=rtol)
     if name == "NDAdam":
         for key in (0, 2):
-            assert opt.angular_step()[key] == pytest.approx(ref.angular_step()[key], rel=100 * rtol, abs=rtol)
-            assert opt.update_cosine()[key] == pytest.approx(ref.update_cosine()[key], rel=100 * rtol, abs=rtol)
+            assert opt.angular_step()[key] == pytest.approx(ref.angular_step()[key],
+                                                            rel=100 * rtol, abs=rtol)
+            assert opt.update_cosine()[key] == pytest.approx(ref.update_cosine()[key],
+                                                             rel=100 * rtol, abs=rtol)
 
 
-GROUPED = {  # name -> factory(model, fused): several param groups with different settings, one parameter non-contiguous
+# name -> factory(model, fused): several param groups with different settings, one parameter
+# non-contiguous
+GROUPED = {
     "AGD": lambda m, fused: optim.AGD(
         [{"params": [m[0].weight, m[0].bias], "amsgrad": True, "clip": 0.5},
          {"params": [m[2].weight, m[2].bias], "lr": 5e-3, "weight_decouple": False},
@@ -316,7 +342,8 @@ GROUPED = {  # name -> factory(model, fused): several param groups with differen
         lr=1e-2, delta=1e-3, weight_decay=1e-2, fused=fused),
     "NDAdam": lambda m, fused: optim.NDAdam(
         [{"params": [m[0].weight, m[0].bias, m[2].weight]},
-         {"params": [m[2].bias, m[4].weight, m[4].bias], "lr": 5e-3, "nd": False, "weight_decay": 1e-2}],
+         {"params": [m[2].bias, m[4].weight, m[4].bias], "lr": 5e-3, "nd": False,
+          "weight_decay": 1e-2}],
         lr=1e-2, fused=fused),
     "AdaSAM": lambda m, fused: optim.AdaSAM(
         [{"params": [m[0].weight, m[0].bias, m[2].weight]},
@@ -326,8 +353,9 @@ GROUPED = {  # name -> factory(model, fused): several param groups with differen
 
 
 def _grouped_run(name: str, fused: bool, steps: int = 20):
-    """float32 MLP whose first weight is a transposed (non-contiguous) view and whose last bias is a strided one
-    (after fusable parameters of its group): fused=True takes both eagerly, each with its own state."""
+    """float32 MLP whose first weight is a transposed (non-contiguous) view and whose last bias is a
+    strided one (after fusable parameters of its group): fused=True takes both eagerly, each with
+    its own state."""
     model = mlp(seed=0, dtype=torch.float32)
     model[0].weight = torch.nn.Parameter(model[0].weight.detach().t().contiguous().t())
     bias = model[4].bias.detach()
@@ -341,9 +369,10 @@ def _grouped_run(name: str, fused: bool, steps: int = 20):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(GROUPED))
 def test_fused_matches_the_per_tensor_path_over_many_steps(name):
-    """float32, 20 steps, several param groups (weight decay coupled and decoupled, amsgrad, clip, plain-Adam
-    tensors, bias correction), two parameters the kernel cannot take: parameters and every state tensor agree
-    with the eager per-tensor path to float32 rounding, and the kernel ran (no fallback)."""
+    """float32, 20 steps, several param groups (weight decay coupled and decoupled, amsgrad, clip,
+    plain-Adam tensors, bias correction), two parameters the kernel cannot take: parameters and
+    every state tensor agree with the eager per-tensor path to float32 rounding, and the kernel ran
+    (no fallback)."""
     import importlib
 
     fused, opt = _grouped_run(name, True)
@@ -358,13 +387,15 @@ def test_fused_matches_the_per_tensor_path_over_many_steps(name):
         assert opt.state[p].keys() == ref.state[q].keys()
         for key, value in opt.state[p].items():
             if isinstance(value, torch.Tensor):
-                torch.testing.assert_close(value, ref.state[q][key], rtol=1e-3, atol=1e-6, msg=f"{key}")
+                torch.testing.assert_close(value, ref.state[q][key], rtol=1e-3,
+                                           atol=1e-6, msg=f"{key}")
             else:
                 assert value == ref.state[q][key]
 
 
 def _skipping_run(name: str, fused: bool, steps: int = 6):
-    """float64; the last bias has no gradient on steps 1 and 3, so its step count lags the group's."""
+    """float64; the last bias has no gradient on steps 1 and 3, so its step count lags the
+    group's."""
     model = mlp(seed=0)
     opt = FUSED[name][0](model.parameters(), fused)
     bias = list(model.parameters())[-1]
@@ -384,9 +415,10 @@ def _skipping_run(name: str, fused: bool, steps: int = 6):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", ["AGD", "AGD-amsgrad-clip-coupled", "AdaSAM"])
 def test_fused_scalars_follow_each_parameters_own_step_count(name, monkeypatch):
-    """Parameters of one group at different step counts in one kernel call: each gets the scalars of its own
-    step (one scalar row per distinct step count), as on the per-tensor path, to float64 rounding. A fresh
-    kernel and a higher recompilation limit: this test's variants come on top of every other test's."""
+    """Parameters of one group at different step counts in one kernel call: each gets the scalars of
+    its own step (one scalar row per distinct step count), as on the per-tensor path, to float64
+    rounding. A fresh kernel and a higher recompilation limit: this test's variants come on top of
+    every other test's."""
     import importlib
 
     from optim._fused import FusedKernel
@@ -409,8 +441,8 @@ def test_fused_scalars_follow_each_parameters_own_step_count(name, monkeypatch):
 @pytest.mark.slow
 @pytest.mark.parametrize("name", sorted(FUSED))
 def test_fused_never_recompiles_for_a_new_learning_rate_or_step(name):
-    """The step's scalars travel as tensor data: after the first step, new step counts and a learning-rate
-    schedule compile nothing more."""
+    """The step's scalars travel as tensor data: after the first step, new step counts and a
+    learning-rate schedule compile nothing more."""
     from torch._dynamo.utils import counters
 
     model = mlp(seed=0)

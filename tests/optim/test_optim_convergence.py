@@ -23,15 +23,21 @@ RATIO = 0.6
 CONVERGENCE: dict[str, Callable[[nn.Module], torch.optim.Optimizer]] = {
     "AGD": lambda model: optim.AGD(model.parameters(), lr=3e-3, delta=1e-5),
     "AGD-sgd-branch": lambda model: optim.AGD(model.parameters(), lr=5e-2, delta=1e-1),
-    # hidden unit vectors at the paper's larger vector lr; the classifier (no BN-softmax here) is plain Adam
+    # hidden unit vectors at the paper's larger vector lr; the classifier (no BN-softmax here) is
+    # plain Adam
     "NDAdam": lambda model: optim.NDAdam([{"params": [model[0].weight], "lr": 5e-2},
-                                          {"params": [model[2].weight, model[0].bias, model[2].bias],
+                                          {"params": [model[2].weight,
+                                                      model[0].bias, model[2].bias],
                                            "nd": False}], lr=1e-2),
-    "SAM": lambda model: optim.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, model=model),
-    "WSAM": lambda model: optim.WSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.05, model=model),
+    "SAM": lambda model: optim.SAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                   rho=0.05, model=model),
+    "WSAM": lambda model: optim.WSAM(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9),
+                                     rho=0.05, model=model),
     "AdaSAM": lambda model: optim.AdaSAM(model.parameters(), lr=3e-3, rho=0.05, model=model),
-    "Lookahead": lambda model: optim.Lookahead(torch.optim.Adam(model.parameters(), lr=1e-2), k=5, alpha=0.5),
-    "SALA": lambda model: optim.SALA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=5, alpha=0.8, rho=0.05, model=model),
+    "Lookahead": lambda model: optim.Lookahead(torch.optim.Adam(model.parameters(), lr=1e-2), k=5,
+                                               alpha=0.5),
+    "SALA": lambda model: optim.SALA(torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), k=5,
+                                     alpha=0.8, rho=0.05, model=model),
 }
 
 
@@ -67,8 +73,9 @@ def test_training_loss_falls(name):
 
 
 class TwoBasins(nn.Module):
-    """L(u, v) = -log(exp(-q_sharp) + exp(-q_flat)): a sharp basin (curvature 100 in u) holding the global
-    minimum at u = 0, and a flat one (curvature 1, loss 0.1 higher) at u = 3. Training starts in the sharp one."""
+    """L(u, v) = -log(exp(-q_sharp) + exp(-q_flat)): a sharp basin (curvature 100 in u) holding the
+    global minimum at u = 0, and a flat one (curvature 1, loss 0.1 higher) at u = 3. Training starts
+    in the sharp one."""
 
     def __init__(self):
         super().__init__()
@@ -116,8 +123,8 @@ def _final_u(factory) -> float:
 
 @pytest.mark.parametrize("name", sorted(FLAT_BASIN) + sorted(PLAIN))
 def test_sharpness_aware_optimizers_leave_the_sharp_basin(name):
-    """The SAM family ends in the flat basin (|u - 3| < 0.1); its base optimizers, at the same lr, converge
-    to the sharp global minimum (|u| < 0.01), so this is a claim plain descent fails."""
+    """The SAM family ends in the flat basin (|u - 3| < 0.1); its base optimizers, at the same lr,
+    converge to the sharp global minimum (|u| < 0.01), so this is a claim plain descent fails."""
     u = _final_u({**FLAT_BASIN, **PLAIN}[name])
     if name in FLAT_BASIN:
         assert abs(u - 3.0) < 0.1, f"{name} ended at u = {u:.3f}, not in the flat basin"

@@ -1,5 +1,6 @@
 """SALA against the behaviour of its authors' code (cltan023/sala2023): trajectory, stage,
-distance and forward-backward passes on a scripted run whose decaying lr moves it from stage 1 to 2."""
+distance and forward-backward passes on a scripted run whose decaying lr moves it from stage 1 to
+2."""
 from __future__ import annotations
 
 import math
@@ -29,7 +30,8 @@ def reference_sala(k, alpha, rho, steps=STEPS, lrs=LRS, groups=(("W",), ("b",)))
         passes += 1
         if s % k == 0:
             if dist < rho:  # stage 2: SAM step from theta (= phi), one norm per param group
-                norms = {n: math.sqrt(sum(float(g[m].norm()) ** 2 for m in names)) for names in groups for n in names}
+                norms = {n: math.sqrt(sum(float(g[m].norm()) ** 2 for m in names))
+                         for names in groups for n in names}
                 theta = {n: theta[n] + rho * g[n] / (norms[n] + 1e-12) for n in theta}
                 g = grad(theta, xy)
                 passes += 1
@@ -52,7 +54,8 @@ def reference_sala(k, alpha, rho, steps=STEPS, lrs=LRS, groups=(("W",), ("b",)))
 
 def scripted_run(k, alpha, rho):
     model = Softmax()
-    opt = optim.SALA(torch.optim.SGD(param_groups(model, *LRS), momentum=0.9), k=k, alpha=alpha, rho=rho)
+    opt = optim.SALA(torch.optim.SGD(param_groups(model, *LRS), momentum=0.9), k=k,
+                     alpha=alpha, rho=rho)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: DECAY ** t)
     stages, dists, passes = [], [], []
 
@@ -72,15 +75,18 @@ def test_sala_matches_the_authors_algorithm(k, alpha, rho):
     assert_trajectories_close(got, want)
     assert stages == want_stages
     assert passes == want_passes
-    torch.testing.assert_close(torch.tensor(dists), torch.tensor(want_dists), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(torch.tensor(dists), torch.tensor(want_dists),
+                               rtol=1e-10, atol=1e-12)
     assert opt.n_steps == STEPS
 
 
 @pytest.mark.parametrize("k,alpha,rho", [(3, 0.5, 0.25), (2, 0.8, 0.1)])
 def test_a_group_of_several_tensors_takes_one_norm(k, alpha, rho):
-    """W and b in one param group: the SAM ascent divides by the norm over both, not by each tensor's."""
+    """W and b in one param group: the SAM ascent divides by the norm over both, not by each
+    tensor's."""
     model = Softmax()
-    opt = optim.SALA(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), k=k, alpha=alpha, rho=rho)
+    opt = optim.SALA(torch.optim.SGD(model.parameters(), lr=0.5, momentum=0.9), k=k,
+                     alpha=alpha, rho=rho)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda t: DECAY ** t)
     stages = []
     got = run_model(opt, model, STEPS, on_step=lambda i: (sched.step(), stages.append(opt.stage)))
@@ -92,10 +98,12 @@ def test_a_group_of_several_tensors_takes_one_norm(k, alpha, rho):
 def test_scripted_run_visits_both_stages_and_counts_passes():
     k = 3
     _, _, _, stages, _, passes = scripted_run(k, 0.5, 0.25)
-    assert 1 in stages and stages[-1] == 2  # the decaying lr brings the fast weights close to the slow ones
+    # the decaying lr brings the fast weights close to the slow ones
+    assert 1 in stages and stages[-1] == 2
     first_two = stages.index(1)
     assert stages[:first_two] == [2] * first_two  # phi = theta at the first slow update: distance 0
-    # one pass per step plus one per SAM step; SAM steps are the cycle starts s = k, 2k, ... in stage 2
+    # one pass per step plus one per SAM step; SAM steps are the cycle starts s = k, 2k, ... in
+    # stage 2
     sam_steps = sum(1 for s in range(k, STEPS + 1, k) if stages[s - 2] == 2)
     assert passes[-1] == STEPS + sam_steps
 

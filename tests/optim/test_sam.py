@@ -1,5 +1,5 @@
-"""SAM / ASAM against the equations (Foret et al. eq. 2; ASAM's w^2-scaled ascent), plus the machinery
-the SAM family shares: BatchNorm freezing, the two-step API, fp32 norms, validation."""
+"""SAM / ASAM against the equations (Foret et al. eq. 2; ASAM's w^2-scaled ascent), plus the
+machinery the SAM family shares: BatchNorm freezing, the two-step API, fp32 norms, validation."""
 from __future__ import annotations
 
 import pytest
@@ -9,8 +9,8 @@ from torch import nn
 
 import optim
 from tests.oracles import cnn_bn
-from tests.optim.reference import (RefSGD, Softmax, assert_trajectories_close, batch, grad, initial, norm,
-                             param_groups, run_model)
+from tests.optim.reference import (RefSGD, Softmax, assert_trajectories_close, batch, grad, initial,
+                                   norm, param_groups, run_model)
 
 LRS = (0.3, 0.1)
 STEPS = 25
@@ -87,7 +87,8 @@ def test_batchnorm_stats_change_only_in_the_first_pass(name, momentum):
     if name == "AdaSAM":
         opt = optim.AdaSAM(model.parameters(), lr=1e-2, rho=0.5, model=model)
     else:
-        opt = getattr(optim, name)(torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5, model=model)
+        opt = getattr(optim, name)(torch.optim.SGD(model.parameters(), lr=0.1),
+                                   rho=0.5, model=model)
     x = torch.randn(16, 12, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
     y = torch.arange(16) % 3
     twin = _bn_model(momentum)  # what one plain forward pass does to the statistics
@@ -170,14 +171,16 @@ def test_add_param_group_reaches_the_base():
 
 AMP_FAMILY = {
     "SAM": lambda m: optim.SAM(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9), rho=0.1),
-    "WSAM": lambda m: optim.WSAM(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9), rho=0.1, max_norm=1.0),
+    "WSAM": lambda m: optim.WSAM(torch.optim.SGD(m.parameters(), lr=0.3, momentum=0.9),
+                                 rho=0.1, max_norm=1.0),
     "AdaSAM": lambda m: optim.AdaSAM(m.parameters(), lr=0.05, rho=0.1),
 }
 
 
 def _amp_run(name, scaler=None, steps=5, overflow_at=()):
-    """float32 training with ``opt.step(closure, grad_scaler=scaler)``; the closure calls numbered in
-    ``overflow_at`` (0-based) produce an infinite loss. Returns model, optimizer and the scales seen."""
+    """float32 training with ``opt.step(closure, grad_scaler=scaler)``; the closure calls numbered
+    in ``overflow_at`` (0-based) produce an infinite loss. Returns model, optimizer and the scales
+    seen."""
     model = Softmax().float()
     opt = AMP_FAMILY[name](model)
     calls, scales = [0], []
@@ -204,8 +207,8 @@ def _amp_run(name, scaler=None, steps=5, overflow_at=()):
 
 @pytest.mark.parametrize("name", sorted(AMP_FAMILY))
 def test_grad_scaler_run_equals_the_float32_run(name):
-    """With the scale 2^20 (a power of two, so unscaling is exact) the run is the float32 run bit for bit;
-    a step with the scaled gradients would be 2^20 times too large."""
+    """With the scale 2^20 (a power of two, so unscaling is exact) the run is the float32 run bit
+    for bit; a step with the scaled gradients would be 2^20 times too large."""
     plain, _, _ = _amp_run(name)
     scaled, opt, scales = _amp_run(name, torch.amp.GradScaler("cpu", init_scale=2.0 ** 20))
     for a, b in zip(plain.parameters(), scaled.parameters()):
@@ -216,8 +219,8 @@ def test_grad_scaler_run_equals_the_float32_run(name):
 @pytest.mark.parametrize("overflow_at", [(2,), (3,)], ids=["first-pass", "second-pass"])
 @pytest.mark.parametrize("name", sorted(AMP_FAMILY))
 def test_grad_scaler_skips_a_step_with_inf_and_backs_off(name, overflow_at):
-    """An inf in either pass of step 2 leaves the weights and the optimizer state as they were, and the
-    scaler halves its scale; with the first pass overflowing, the second pass is not run."""
+    """An inf in either pass of step 2 leaves the weights and the optimizer state as they were, and
+    the scaler halves its scale; with the first pass overflowing, the second pass is not run."""
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 20)
     before, _, _ = _amp_run(name, torch.amp.GradScaler("cpu", init_scale=2.0 ** 20), steps=1)
     model, opt, scales = _amp_run(name, scaler, steps=2, overflow_at=overflow_at)
@@ -229,8 +232,8 @@ def test_grad_scaler_skips_a_step_with_inf_and_backs_off(name, overflow_at):
 
 
 def test_grad_scaler_step_with_backward_before_is_refused():
-    """The pattern ``scaler.scale(loss).backward(); scaler.step(sam, closure)`` (which let the closure's
-    scaled gradients reach the update) raises, naming the recipe."""
+    """The pattern ``scaler.scale(loss).backward(); scaler.step(sam, closure)`` (which let the
+    closure's scaled gradients reach the update) raises, naming the recipe."""
     model = Softmax().float()
     opt = AMP_FAMILY["SAM"](model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
@@ -256,8 +259,8 @@ def test_sala_refuses_a_grad_scaler():
 
 @pytest.mark.parametrize("name", ["SAM", "WSAM", "AdaSAM"])
 def test_phase_is_saved_between_the_two_steps(name):
-    """A state saved after first_step() resumes at w + e: second_step() of the loaded optimizer restores
-    w and makes the same step as the uninterrupted run."""
+    """A state saved after first_step() resumes at w + e: second_step() of the loaded optimizer
+    restores w and makes the same step as the uninterrupted run."""
     def make(model):
         base = torch.optim.SGD(param_groups(model, *LRS), momentum=0.9)
         return {"SAM": lambda: optim.SAM(base, rho=0.1), "WSAM": lambda: optim.WSAM(base, rho=0.1),

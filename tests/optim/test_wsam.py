@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import optim
-from tests.optim.reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, clip, grad, initial,
-                             norm, param_groups, run_model)
+from tests.optim.reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, clip,
+                                   grad, initial, norm, param_groups, run_model)
 
 LRS = (0.3, 0.1)
 STEPS = 25
@@ -38,11 +38,13 @@ def make_wsam(model, **kw):
 
 
 @pytest.mark.parametrize("decouple,adaptive,max_norm", [
-    (True, False, None), (False, False, None), (True, True, None), (False, True, 0.05), (True, False, 0.05)])
+    (True, False, None), (False, False, None), (True, True, None), (False, True, 0.05),
+    (True, False, 0.05)])
 def test_wsam_matches_reference(decouple, adaptive, max_norm):
     rho = 1.0 if adaptive else 0.1
     model = Softmax()
-    opt = make_wsam(model, rho=rho, gamma=0.8, decouple=decouple, adaptive=adaptive, max_norm=max_norm)
+    opt = make_wsam(model, rho=rho, gamma=0.8, decouple=decouple,
+                    adaptive=adaptive, max_norm=max_norm)
     got = run_model(opt, model, STEPS)
     assert_trajectories_close(got, reference_wsam(rho, 0.8, decouple, adaptive, max_norm))
     assert (opt.n_steps, opt.n_closure_calls) == (STEPS, 2 * STEPS)
@@ -57,8 +59,10 @@ def test_max_norm_actually_clips_in_this_problem():
 def test_gamma_half_coupled_is_sam():
     model_a, model_b = Softmax(), Softmax()
     wsam = make_wsam(model_a, rho=0.1, gamma=0.5, decouple=False)
-    sam = optim.SAM(torch.optim.SGD(param_groups(model_b, *LRS), momentum=0.9, weight_decay=1e-3), rho=0.1)
-    assert_trajectories_close(run_model(wsam, model_a, STEPS), run_model(sam, model_b, STEPS), tol=1e-13)
+    sam = optim.SAM(torch.optim.SGD(param_groups(model_b, *LRS),
+                                    momentum=0.9, weight_decay=1e-3), rho=0.1)
+    assert_trajectories_close(run_model(wsam, model_a, STEPS),
+                              run_model(sam, model_b, STEPS), tol=1e-13)
 
 
 @pytest.mark.parametrize("decouple", [True, False])
@@ -71,7 +75,8 @@ def test_gamma_zero_is_the_base_optimizer(decouple):
 
 
 def test_decoupled_sharpness_step_uses_the_scheduled_lr():
-    """The sharpness term bypasses the base optimizer but follows the group's lr (read each step)."""
+    """The sharpness term bypasses the base optimizer but follows the group's lr (read each
+    step)."""
     model_a, model_b = Softmax(), Softmax()
     opt_a = make_wsam(model_a, rho=0.1, gamma=0.8)
     sched = torch.optim.lr_scheduler.LambdaLR(opt_a, lambda t: 0.5)
@@ -127,12 +132,14 @@ def test_gradients_present_on_entry_are_refused(name):
     model = Softmax()
     base = torch.optim.SGD(model.parameters(), lr=0.1)
     opt = {"WSAM": lambda: optim.WSAM(base), "SAM": lambda: optim.SAM(base),
-           "AdaSAM": lambda: optim.AdaSAM(model.parameters()), "SALA": lambda: optim.SALA(base, k=2)}[name]()
+           "AdaSAM": lambda: optim.AdaSAM(model.parameters()),
+           "SALA": lambda: optim.SALA(base, k=2)}[name]()
     run_model(opt, model, 2)  # the gradients our own steps leave behind are fine
     before = {k: v.detach().clone() for k, v in model.named_parameters()}
     with pytest.raises(RuntimeError, match="backward"):
         _ported_loop(opt, model, zero_first=False)
     assert all(torch.equal(before[k], v) for k, v in model.named_parameters())
     assert all(p.grad is not None for p in model.parameters())
-    _ported_loop(opt, model, zero_first=True)   # zero_grad(set_to_none=False): zeros, one ordinary step
+    # zero_grad(set_to_none=False): zeros, one ordinary step
+    _ported_loop(opt, model, zero_first=True)
     assert not all(torch.equal(before[k], v) for k, v in model.named_parameters())
