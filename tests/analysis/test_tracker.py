@@ -12,14 +12,12 @@ import pytest
 import torch
 from torch import nn
 
-from analysis import supervised
 from analysis.metrics import evaluate, full_grad_norm
 from analysis.tracker import Tracker
 from optim import AGD, SALA, SAM, NDAdam, normalize_vectors_
 from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_grad, exact_hessian,
                            mlp, snapshot, uneven_batches)
-
-LOSS = supervised(nn.CrossEntropyLoss())
+from tests.analysis.problems import LOSS, closure_for
 
 
 def PLAIN(model, batch):  # the same loss for the functional oracles (no parameters to look up)
@@ -32,15 +30,6 @@ def setup():
     x, y = classification_data(n=23)
     data = uneven_batches(x, y)
     return model, data
-
-
-def closure_for(model, opt, batch):
-    def closure():
-        opt.zero_grad()
-        loss = LOSS(model, batch)
-        loss.backward()
-        return loss
-    return closure
 
 
 def train(model, opt, data, tracker, steps):
