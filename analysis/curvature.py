@@ -52,12 +52,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, jvp, vjp, vmap
+from torch.func import jvp, vjp, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
-                   loss_reduction, LossFn, LossModule, make_generator, ParamSelection, unflatten)
+                   loss_reduction, LossFn, LossModule, make_generator, own_call, ParamSelection,
+                   unflatten)
 from .operator import (CurvatureOperator, curvature_operator, register_curvature,
                        registered_curvatures)
 from .preconditioning import Preconditioner
@@ -477,7 +478,7 @@ class EmpiricalFisherOperator(CurvatureOperator):
             full = list(leaves)
             for i, x in zip(batched, xs):
                 full[i] = x.unsqueeze(0)
-            return functional_call(wrapper, theta, (tree_unflatten(full, spec),))
+            return own_call(wrapper, theta, (tree_unflatten(full, spec),))
 
         def losses(theta: dict[str, Tensor]) -> Tensor:
             return vmap(one, in_dims=(None, 0))(theta, samples)
