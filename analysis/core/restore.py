@@ -15,6 +15,31 @@ from torch import nn
 from .compiled import refuse_compiled
 from .validation import check_model_mode
 
+RENORMALISING = (nn.Embedding, nn.EmbeddingBag)  # ``max_norm`` rewrites rows in every forward
+
+
+def _written_by_forward(model: nn.Module) -> set[int]:
+    """Ids of the parameters that the model's own forward rewrites in place.
+
+    ``nn.Embedding(max_norm=...)`` (and ``EmbeddingBag``) renormalise the rows they look up,
+    in place, in every forward pass (with or without gradients).
+    """
+    return {id(p) for m in model.modules()
+            if isinstance(m, RENORMALISING) and m.max_norm is not None
+            for p in m.parameters(recurse=False)}
+
+
+def _check_unwritten(versions: list[tuple[str, nn.Parameter, int]]) -> None:
+    """Raise if a parameter that was not snapshotted was written in place inside the block."""
+    written = [name for name, p, v in versions if p._version != v]
+    if written:
+        raise RuntimeError(
+            f"the model's forward wrote to parameters in place ({', '.join(written[:5])}), "
+            "which this routine does not snapshot, so the model is left changed; a module "
+            "that rewrites its weights in every forward must declare it (as "
+            "nn.Embedding(max_norm=...) does)")
+
+
 @contextmanager
 def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = True,
               trainable: Iterable[nn.Parameter] | None = None) -> Iterator[nn.Module]:
@@ -28,8 +53,11 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     Args:
         model: An uncompiled module.
         model_mode: "eval" or "train", the mode inside the block.
-        weights: Snapshot parameter values too (needed by routines that perturb the weights;
-            curvature routines, which never write to parameters, pass False to save memory).
+        weights: Snapshot every parameter's values too (needed by routines that perturb the
+            weights; curvature routines, which never write to parameters, pass False to save
+            memory). Parameters that the model's forward itself rewrites
+            (``nn.Embedding(max_norm=...)``) are snapshotted either way, and any other
+            in-place write to an unsnapshotted parameter raises.
         trainable: If given, exactly these parameters get ``requires_grad=True`` inside the
             block and all others ``False`` (so autograd does no work for unselected
             parameters).
@@ -40,6 +68,8 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     Raises:
         ValueError: A ``model_mode`` other than "eval" or "train".
         TypeError: ``model`` is a ``torch.compile``'d module.
+        RuntimeError: With ``weights=False``, a parameter that was not snapshotted was
+            written in place inside the block (checked by its version counter).
     """
     check_model_mode(model_mode)
     refuse_compiled(model)
@@ -47,7 +77,10 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     flags = [(m, m.training) for m in model.modules()]
     requires = [(p, p.requires_grad) for p in params]
     grads = [(p, p.grad) for p in params]
-    values = [(p, p.detach().clone()) for p in params] if weights else []
+    written = _written_by_forward(model)
+    values = [(p, p.detach().clone()) for p in params if weights or id(p) in written]
+    versions = [] if weights else [(n, p, p._version) for n, p in model.named_parameters()
+                                   if id(p) not in written]
     buffers = [(mod, name, buf, buf.detach().clone())
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
     try:
@@ -59,6 +92,7 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
                 p.requires_grad_(id(p) in chosen)
         model.train(model_mode == "train")
         yield model
+        _check_unwritten(versions)
     finally:
         with torch.no_grad():
             for p, v in values:
