@@ -14,8 +14,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from analysis.core import (BatchSizeFn, check_bool, check_data, check_loss, check_model_mode,
-                           data_mean, guarded, loss_reduction, LossFn, ParamSelection, preserved,
+from analysis.core import (all_reduce_sum_, BatchSizeFn, check_bool, check_data, check_loss,
+                           check_model_mode, data_mean, failures_shared, guarded,
+                           is_distributed, loss_reduction, LossFn, ParamSelection, preserved,
                            scalar_zeros, select_params, unwrap_compiled)
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
@@ -27,24 +28,33 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 
 def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
-    """Recompute BatchNorm running statistics of ``model`` as the average over ``data``'s batches.
+    r"""Recompute BatchNorm running statistics of ``model`` as the average over ``data``'s batches.
 
     The statistics are reset and re-estimated in train mode with a cumulative average
-    (``momentum=None``), one forward per batch through ``loss_fn``. The model's weights are
-    used as they are; on success its BatchNorm buffers hold the new statistics (callers that
-    want them back wrap this in ``analysis.core.preserved``); on any error (e.g. empty
-    ``data``) the model is left exactly as it was.
+    (``momentum=None``), one forward per batch through ``loss_fn``: each buffer is the mean
+    over the $B$ batches of the batch's statistic $s_b$ (its mean, its unbiased variance),
+
+    $$\bar s = \frac{1}{B} \sum_{b=1}^{B} s_b .$$
+
+    Under ``torch.distributed`` each rank passes over its shard and the sums
+    $\sum_b s_b$ and batch counts are all-reduced, so every rank gets the statistics of one
+    process on the union of the shards; a rank's shard may be empty (``data=[]``). The
+    model's weights are used as they are; on success its BatchNorm buffers hold the new
+    statistics (callers that want them back wrap this in ``analysis.core.preserved``); on any
+    error (e.g. empty ``data``) the model is left exactly as it was, and an error on one rank
+    is raised on every rank (:class:`analysis.core.RankError` on the others).
 
     Args:
         model: the model whose BatchNorm statistics are recomputed.
         loss_fn: ``loss_fn(model, batch)``, run for its forward pass (its value is unused).
-        data: the iterable of batches.
+        data: the iterable of batches (this rank's shard under ``torch.distributed``).
 
     Returns:
-        The number of forward passes (0 for a model without tracked BatchNorm statistics).
+        The number of forward passes on this rank (0 for a model without tracked BatchNorm
+        statistics).
 
     Raises:
-        ValueError: ``data`` is not an iterable of batches, or is empty.
+        ValueError: ``data`` is not an iterable of batches, or is empty (on every rank).
     """
     check_data(data)
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
@@ -57,19 +67,41 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
             for m in bns:
                 m.reset_running_stats()
                 m.momentum = None
-            for batch in data:
-                loss_fn(model, batch)
-                n += 1
-            if n == 0:
-                raise ValueError("bn_data is empty: BatchNorm statistics cannot be recalibrated")
-            fresh = [[b.clone() for b in m.buffers(recurse=False)] for m in bns]
+            with failures_shared():  # one rank's error on every rank, before the all-reduce
+                for batch in data:
+                    loss_fn(model, batch)
+                    n += 1
+            fresh = _batch_average(bns, n)
     finally:
         for m, mom in zip(bns, momenta):
             m.momentum = mom
     with torch.no_grad():  # preserved put the old statistics back: install the new ones
         for m, values in zip(bns, fresh):
-            torch._foreach_copy_(list(m.buffers(recurse=False)), values)
+            for name, value in values.items():
+                getattr(m, name).copy_(value)
     return n
+
+
+def _batch_average(bns: list[nn.Module], n: int) -> list[dict[str, torch.Tensor]]:
+    """The BatchNorm statistics averaged over the batches of every rank.
+
+    Each module holds the average over this rank's ``n`` batches; the sums (average times
+    ``n``, in float64) and the counts are all-reduced in one call.
+
+    Raises:
+        ValueError: No rank had a batch.
+    """
+    sums = [getattr(m, name).to(torch.float64) * n for m in bns
+            for name in ("running_mean", "running_var")]
+    count = torch.tensor([float(n)], dtype=torch.float64)
+    all_reduce_sum_([*sums, count])
+    total = int(count.item())
+    if total == 0:
+        raise ValueError("bn_data is empty" + (" on every rank" if is_distributed() else "")
+                         + ": BatchNorm statistics cannot be recalibrated")
+    return [{"running_mean": mean / total, "running_var": var / total,
+             "num_batches_tracked": torch.tensor(total)}
+            for mean, var in zip(sums[::2], sums[1::2])]
 
 
 @guarded(known_deterministic=fixed_passes)
@@ -107,7 +139,8 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
         buffers: interpolate floating buffers (BatchNorm running statistics) along with the
             parameters (Li et al.'s "states" directions); otherwise model_a's buffers are used.
         bn_data: if given, BatchNorm statistics are recalibrated on these batches at each
-            point (:func:`recalibrate_bn`) before the loss is evaluated; points are then
+            point (:func:`recalibrate_bn`; under torch.distributed this rank's shard, possibly
+            empty, the statistics all-reduced) before the loss is evaluated; points are then
             evaluated one by one (chunk_size, max_memory, vectorize and distribute must keep
             their defaults).
         path: an .npz result file, resumed as in :func:`landscape.line`.

@@ -17,7 +17,9 @@ Modules, each holding one piece of the protocol:
 * ``seeding``: ``make_generator`` and seeded draws (``randn``, ``rademacher``, ``uniform``).
 * ``distributed``: ``all_reduce_sum_`` (the one all-reduce of results), ``all_reduce_max_``,
   ``check_same_on_ranks``, ``fingerprint``, ``broadcast_object``, ``rank``, ``world_size``,
-  ``is_distributed``.
+  ``is_distributed``; ``set_collective_timeout`` / ``collective_timeout`` (a bound on every
+  wait of a library collective), ``failures_shared`` and ``RankError`` (one rank's failure
+  raised on every rank).
 * ``files``: the one atomic writer of every file (``atomic_write``: a unique temporary in the
   target's folder, fsync, ``os.replace``), ``write_bytes`` / ``write_text`` / ``write_json`` /
   ``write_npz`` / ``write_figure``, ``read_regular`` (never through a symbolic link),
@@ -31,7 +33,8 @@ Modules, each holding one piece of the protocol:
 """
 from .compiled import refuse_compiled, unwrap_compiled
 from .distributed import (all_reduce_max_, all_reduce_sum_, broadcast_object, check_same_on_ranks,
-                          fingerprint, is_distributed, rank, world_size)
+                          collective_timeout, failures_shared, fingerprint, is_distributed,
+                          rank, RankError, set_collective_timeout, world_size)
 from .guards import guarded, is_guarded, repeated_passes
 from .files import (atomic_write, file_sha256, read_regular, remove_temporaries, temporaries,
                     write_bytes, write_figure, write_json, write_npz, write_text)
@@ -72,7 +75,8 @@ __all__ = [
     "make_generator", "randn", "rademacher", "uniform",
     # distributed
     "all_reduce_sum_", "all_reduce_max_", "check_same_on_ranks", "fingerprint",
-    "broadcast_object", "is_distributed", "rank", "world_size",
+    "broadcast_object", "is_distributed", "rank", "world_size", "RankError",
+    "set_collective_timeout", "collective_timeout", "failures_shared",
     # files
     "atomic_write", "write_bytes", "write_text", "write_json", "write_npz", "write_figure",
     "read_regular", "file_sha256", "temporaries", "remove_temporaries",

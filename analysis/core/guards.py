@@ -17,6 +17,12 @@ between ranks.
   all-reduce, and the others say so, so no rank is left waiting. In one process, a loss that
   fails in the check's forward pass lets the routine run first, so that its own argument
   checks name the problem.
+* One rank's failure on every rank: the outermost guarded call runs inside
+  :func:`analysis.core.distributed.failures_shared` (``done=True``): an exception on one rank
+  is announced to the others, which raise :class:`~analysis.core.distributed.RankError` with
+  its cause at their next collective, and a call that succeeds ends with a small
+  all-reduce so that it never returns while another rank failed in it (no rank waits until
+  the process group's timeout, and the next routine starts on every rank together).
 * A routine may know the check's verdict by construction (``guarded(known_deterministic=...)``:
   e.g. fixed tensors through layers without randomness); the two passes are then skipped, their
   answer known, and every other guard runs as before.
@@ -36,7 +42,7 @@ import torch
 from torch import nn
 
 from .compiled import is_compiled
-from .distributed import check_same_on_ranks, is_distributed
+from .distributed import check_same_on_ranks, failures_shared, is_distributed, mark_agreed
 from .protocol import check_data, check_loss, default_batch_size, loss_reduction
 from .restore import preserved
 from .validation import check_bool, check_model_mode
@@ -185,7 +191,7 @@ def _raise_verdict(model: nn.Module, arguments: dict[str, Any], verdict: _Verdic
     argument checks speak first); under ``torch.distributed`` it is raised at once.
     """
     if verdict.error is not None and is_distributed():
-        raise verdict.error
+        raise mark_agreed(verdict.error)  # the others raise "another rank's ... were refused"
     if verdict.code and verdict.error is None:
         mode = arguments.get("model_mode", "eval")
         raise ValueError(_explain(verdict.code, mode, _random_layers(model), verdict.detail))
@@ -206,6 +212,21 @@ def _raise_check_error(error: Exception) -> None:
         error.add_note("raised by loss_fn in the determinism check's forward pass without "
                        "gradients; check_deterministic=False skips the check")
     raise error
+
+
+def _guarded_call(fn: Callable, signature: inspect.Signature,
+                  known_deterministic: Callable[..., bool] | None, args: tuple, kwargs: dict
+                  ) -> Any:
+    """The outermost call of a guarded routine: the checks, then the routine."""
+    arguments = _bound_arguments(signature, args, kwargs)
+    model = _analysed_model(arguments)
+    verdict = _check_determinism(model, arguments, known_deterministic)
+    _agree_between_ranks(model, arguments, verdict)
+    _raise_verdict(model, arguments, verdict)
+    result = _run_inside(fn, args, kwargs)
+    if verdict.error is not None:  # the routine ran, the check could not: never skip it
+        _raise_check_error(verdict.error)
+    return result
 
 
 def guarded(fn: Callable | None = None, *,
@@ -233,15 +254,8 @@ def guarded(fn: Callable | None = None, *,
     def wrapper(*args, **kwargs):
         if getattr(_state, "inside", False):
             return fn(*args, **kwargs)
-        arguments = _bound_arguments(signature, args, kwargs)
-        model = _analysed_model(arguments)
-        verdict = _check_determinism(model, arguments, known_deterministic)
-        _agree_between_ranks(model, arguments, verdict)
-        _raise_verdict(model, arguments, verdict)
-        result = _run_inside(fn, args, kwargs)
-        if verdict.error is not None:  # the routine ran, the check could not: never skip it
-            _raise_check_error(verdict.error)
-        return result
+        with failures_shared(done=True):  # one rank's error is raised on every rank
+            return _guarded_call(fn, signature, known_deterministic, args, kwargs)
 
     wrapper.guarded = True
     return wrapper

@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from tqdm.auto import tqdm
 
-from .distributed import all_reduce_sum_, is_distributed, rank
+from .distributed import all_reduce_sum_, failures_shared, is_distributed, rank
 from .precision import accumulable
 from .validation import check_choice
 
@@ -346,26 +346,27 @@ def data_mean(data: Iterable, per_batch: Callable[[Any], Sequence[Tensor]],
     sums: list[Tensor] | None = None    # running weighted sums, from the second batch on
     total, w_first, n_batches = 0, 0, 0
     # one iterator per pass: given ``data`` itself, tqdm.auto's bar would ask it for two
-    for batch in tqdm(iter(data), total=_length(data), desc="data", leave=False,
-                      disable=not progress or rank() != 0):
-        n = size(batch)
-        if n <= 0:
-            continue
-        w = n if reduction == "mean" else 1
-        out = [accumulable(t.detach()) for t in per_batch(batch)]
-        if first is None:
-            first, w_first = out, w
-        else:
-            if sums is None:
-                sums = [f * w_first for f in first]
-            for s, t in zip(sums, out):
-                s.add_(t, alpha=w)
-        total += n
-        n_batches += 1
-    if first is None and (zeros is None or not is_distributed()):
-        raise ValueError("data is empty: it yielded no batch with samples"
-                         + (" on this rank (pass zeros= to data_mean)" if is_distributed()
-                            else ""))
+    with failures_shared():  # an error of this rank is raised on every rank, never a hang
+        for batch in tqdm(iter(data), total=_length(data), desc="data", leave=False,
+                          disable=not progress or rank() != 0):
+            n = size(batch)
+            if n <= 0:
+                continue
+            w = n if reduction == "mean" else 1
+            out = [accumulable(t.detach()) for t in per_batch(batch)]
+            if first is None:
+                first, w_first = out, w
+            else:
+                if sums is None:
+                    sums = [f * w_first for f in first]
+                for s, t in zip(sums, out):
+                    s.add_(t, alpha=w)
+            total += n
+            n_batches += 1
+        if first is None and (zeros is None or not is_distributed()):
+            raise ValueError("data is empty: it yielded no batch with samples"
+                             + (" on this rank (pass zeros= to data_mean)" if is_distributed()
+                                else ""))
     if sums is None and not is_distributed():
         # One batch: its tensors are the result (no copy, which keeps the peak memory of a
         # one-batch Hessian-vector product at the product itself).
