@@ -16,19 +16,22 @@ registered for ``curvature=`` (:func:`~analysis.operator.register_curvature`):
   the Fisher of the predictive distribution $r(y \mid f)$ in the output,
   $F_R = \mathbb{E}_{y \sim r(\cdot \mid f)}[\nabla_f \log r \, \nabla_f \log r^\top]$, in
   closed form: $\mathrm{diag}(p) - p p^\top$ per observation for the softmax of cross-entropy,
-  $2 I$ for the mean squared error (a Gaussian of variance 1/2). For these two
-  (natural-parameter exponential families) it equals the GGN (Martens 2020), which the
-  tests check.
+  $2 I$ for the mean squared error (a Gaussian of variance 1/2), $\sigma(f)(1 - \sigma(f))$ per
+  element for BCE-with-logits. For these three (natural-parameter exponential families) it
+  equals the GGN (Martens 2020), which the tests check.
 * :class:`FisherOperator` with ``kind="mc"``: $F_R$ replaced by
   $\frac{1}{S} \sum_s r_s r_s^\top$, $r_s$ the output gradient of the negative log-likelihood
   at labels sampled from the model (``mc_samples=S``, ``seed=``).
 * ``"empirical_fisher"``, :class:`EmpiricalFisherOperator` (also
-  ``FisherOperator(kind="empirical")``): $A_b = \frac{1}{n_b} \sum_i g_i g_i^\top$ with $g_i$
-  the gradient of ``loss_fn`` on the single sample $i$ (per-sample gradients by ``torch.func``:
-  $G v$ is a JVP and $G^\top w$ a VJP of the ``vmap``-ed per-sample losses, so $G$ is never
-  formed), so that over all data it is the **mean** $\frac{1}{N} \sum_i g_i g_i^\top$ of the
-  outer products, on the scale of the Hessian of the mean loss (Kunstner et al. 2019 discuss its
-  limits).
+  ``FisherOperator(kind="empirical")``), curvlinops' ``EFLinearOperator`` convention:
+  $A_b = \frac{1}{c} \sum_i g_i g_i^\top$ with $g_i$ the gradient of datum $i$'s loss summed
+  over its observations and $c$ the criterion's normalisation (the number of observations), so
+  that with labels drawn from the model it estimates the Fisher (Kunstner et al. 2019 discuss
+  its limits).
+
+Ignored targets (``ignore_index``) are not observations in the Fisher, the empirical Fisher or
+the GGN (curvlinops' convention; the GGN differentiates the criterion, which already skips
+them).
 
 The GGN and the two Fishers of the predictive distribution share
 :class:`OutputCurvatureOperator`, the products $J^\top M J v$ for an output-space matrix $M$;
@@ -41,18 +44,21 @@ the output tensor and ``criterion(outputs, batch)`` the batch-mean loss.
 such a ``loss_fn`` from any two functions. The exact and Monte-Carlo Fisher also need the
 likelihood: read from ``loss_fn.criterion`` (``nn.CrossEntropyLoss``/``F.cross_entropy``,
 ``nn.MSELoss``/``F.mse_loss``, with mean reduction), or declared with ``likelihood=``
-(``"categorical"``: softmax over dim 1 of the output; ``"gaussian"``: unit-scaled squared error).
+(``"categorical"``: softmax over dim 1 of the output; ``"gaussian"``: unit-scaled squared error;
+``"bernoulli"``: sigmoid of each output element, ``nn.BCEWithLogitsLoss``).
 """
 from __future__ import annotations
 
 import abc
+import copy
 import hashlib
 import math
+from collections import UserDict
 from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import jvp, vjp, vmap
+from torch.func import grad, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
@@ -68,7 +74,7 @@ __all__ = ["CurvatureOperator", "OutputCurvatureOperator", "GGNOperator", "Fishe
            "curvature_operator", "loss_split", "FISHER_KINDS", "LIKELIHOODS"]
 
 FISHER_KINDS = ("exact", "mc", "empirical")
-LIKELIHOODS = ("categorical", "gaussian")
+LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 OutputProduct = Callable[[Tensor], Tensor]
 
 
@@ -94,11 +100,8 @@ def loss_split(loss_fn: LossFn) -> tuple[Callable, Callable]:
     return split
 
 
-def _likelihood(loss_fn: LossFn, likelihood: str | None) -> str:
-    """The likelihood whose negative log is the criterion, declared or read from ``.criterion``."""
-    if likelihood is not None:
-        return check_choice("likelihood", likelihood, LIKELIHOODS)
-    criterion = getattr(loss_fn, "criterion", None)
+def _read_likelihood(criterion: Any) -> str | None:
+    """The likelihood whose negative log is ``criterion`` (mean-reduced), None when unknown."""
     if criterion is F.cross_entropy or (
             isinstance(criterion, nn.CrossEntropyLoss) and criterion.weight is None
             and criterion.label_smoothing == 0 and criterion.reduction == "mean"):
@@ -106,10 +109,51 @@ def _likelihood(loss_fn: LossFn, likelihood: str | None) -> str:
     if criterion is F.mse_loss or (isinstance(criterion, nn.MSELoss)
                                    and criterion.reduction == "mean"):
         return "gaussian"
-    raise ValueError("the exact and Monte-Carlo Fisher need the likelihood: loss_fn.criterion must "
-                     "be nn.CrossEntropyLoss (no weight, no label smoothing) or nn.MSELoss with "
-                     f"reduction='mean', got {criterion!r}; declare it with likelihood= "
-                     f"(one of {LIKELIHOODS}) or use curvature='ggn' / kind='empirical'")
+    if criterion is F.binary_cross_entropy_with_logits or (
+            isinstance(criterion, nn.BCEWithLogitsLoss) and criterion.weight is None
+            and criterion.pos_weight is None and criterion.reduction == "mean"):
+        return "bernoulli"
+    return None
+
+
+def _likelihood(loss_fn: LossFn, likelihood: str | None) -> str:
+    """The likelihood whose negative log is the criterion, declared or read from ``.criterion``."""
+    if likelihood is not None:
+        return check_choice("likelihood", likelihood, LIKELIHOODS)
+    criterion = getattr(loss_fn, "criterion", None)
+    found = _read_likelihood(criterion)
+    if found is None:
+        raise ValueError("the exact and Monte-Carlo Fisher need the likelihood: loss_fn.criterion "
+                         "must be nn.CrossEntropyLoss (no weight, no label smoothing), nn.MSELoss "
+                         "or nn.BCEWithLogitsLoss (no weights) with reduction='mean', got "
+                         f"{criterion!r}; declare it with likelihood= (one of {LIKELIHOODS}) or "
+                         "use curvature='ggn' / kind='empirical'")
+    return found
+
+
+def _observations(likelihood: str, criterion: Callable, f: Tensor, batch: Any) -> Tensor:
+    r"""The observations of a batch's output ``f``, as a 0/1 mask, and their number.
+
+    For the categorical likelihood an observation is a position (classes on dim 1): those
+    whose target the criterion ignores (``ignore_index``: padding, Hugging Face collators'
+    ``-100``) are not observations. They are found from the criterion itself: at zero logits
+    its gradient $(1/C - e_y)/n_{obs}$ is non-zero at every counted position and exactly zero
+    at ignored ones. For the Gaussian and Bernoulli likelihoods every output element is one.
+
+    Returns:
+        ``(mask, count)``: the mask broadcastable to ``f`` (``[N, 1, ...]`` for the
+        categorical) and the number of observations (the criterion's mean normalisation).
+    """
+    if likelihood != "categorical":
+        return torch.ones((), dtype=f.dtype, device=f.device), f.numel()
+    if f.dim() < 2:
+        raise ValueError("the categorical likelihood needs outputs [N, C, ...] (classes on "
+                         f"dim 1), got shape {tuple(f.shape)}")
+    with torch.enable_grad():
+        zero = torch.zeros_like(f, requires_grad=True)
+        g = torch.autograd.grad(criterion(zero, batch), zero)[0]
+    mask = (g != 0).any(1, keepdim=True).to(f.dtype)
+    return mask, int(mask.sum())
 
 
 def _observation_dot(likelihood: str, a: Tensor, b: Tensor) -> Tensor:
@@ -291,7 +335,7 @@ class FisherOperator(OutputCurvatureOperator):
             host copy of the batch per product.
         progress: Show a bar over the batches of each product.
         mc_samples: Draws per observation (``kind="mc"``), at least 1.
-        likelihood: ``"categorical"`` or ``"gaussian"`` (default: read from
+        likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"`` (default: read from
             ``loss_fn.criterion``).
         reuse_graph: Keep the forward graph of a one-batch ``data`` inside ``with`` blocks.
         preconditioner: A diagonal $P$; the operator is then $P^{-1/2} F P^{-1/2}$.
@@ -319,7 +363,8 @@ class FisherOperator(OutputCurvatureOperator):
         return EmpiricalFisherOperator(
             model, loss_fn, data, params=params, model_mode=model_mode,
             batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
-            preconditioner=preconditioner, check_deterministic=check_deterministic)
+            preconditioner=preconditioner, check_deterministic=check_deterministic,
+            likelihood=likelihood)
 
     def __getnewargs__(self) -> tuple:
         """The arguments :meth:`__new__` needs again for ``copy`` and ``pickle``."""
@@ -343,30 +388,34 @@ class FisherOperator(OutputCurvatureOperator):
     def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
         r"""``w -> F_R w``, exact or from ``mc_samples`` sampled labels, per observation.
 
+        Ignored targets (``ignore_index``) are not observations: $F_R$ is zero there and the
+        scale is one over the number of counted observations, the criterion's own mean
+        (curvlinops' convention, where the GGN, which differentiates the criterion, has it by
+        construction).
+
         Args:
             outputs: The batch's output (detached here).
-            batch: The batch (its contents seed the Monte-Carlo draws).
+            batch: The batch (its targets say which positions are observations; its contents
+                seed the Monte-Carlo draws).
 
         Returns:
-            $w \mapsto F_R w$, scaled by one over the number of observations (the
-            criterion's mean).
+            $w \mapsto F_R w$, scaled by one over the number of observations.
 
         Raises:
             ValueError: For a categorical likelihood on outputs with fewer than 2 dims.
         """
         f = outputs.detach()
-        # 1 / (number of observations): the criterion's mean over positions (categorical,
-        # classes on dim 1) or over elements (gaussian)
-        scale = (f.shape[1] if self.likelihood == "categorical" else 1) / f.numel()
-        if self.likelihood == "categorical" and f.dim() < 2:
-            raise ValueError("the categorical likelihood needs outputs [N, C, ...] (classes on "
-                             f"dim 1), got shape {tuple(f.shape)}")
+        mask, count = _observations(self.likelihood, self.criterion, f, batch)
+        scale = 1.0 / max(count, 1)
         if self.kind == "exact":
             if self.likelihood == "gaussian":
                 return lambda w: w * (2.0 * scale)
-            p = torch.softmax(f, dim=1)
+            if self.likelihood == "bernoulli":
+                q = torch.sigmoid(f)
+                return lambda w: q * (1 - q) * w * scale
+            p = torch.softmax(f, dim=1) * mask
             return lambda w: (p * w - p * _observation_dot("categorical", p, w)) * scale
-        scores = self._sampled_scores(f, batch)
+        scores = [r * mask for r in self._sampled_scores(f, batch)]
         return lambda w: sum(r * _observation_dot(self.likelihood, r, w) for r in scores) * (
             scale / self.mc_samples)
 
@@ -377,6 +426,10 @@ class FisherOperator(OutputCurvatureOperator):
         if self.likelihood == "gaussian":   # y = f + e / sqrt(2): d/df (f - y)^2 = -sqrt(2) e
             noise = torch.randn(shape, generator=gen, dtype=torch.float64).to(f)
             return list(noise * -math.sqrt(2.0))
+        if self.likelihood == "bernoulli":  # y ~ Bernoulli(sigmoid f): d/df BCE = sigmoid f - y
+            q = torch.sigmoid(f)
+            u = torch.rand(shape, generator=gen, dtype=torch.float64).to(f)
+            return list(q - (u < q).to(f))
         p = torch.softmax(f, dim=1)
         cdf = p.movedim(1, -1).cumsum(-1)
         u = torch.rand((self.mc_samples, *cdf.shape[:-1], 1), generator=gen,
@@ -387,34 +440,54 @@ class FisherOperator(OutputCurvatureOperator):
         return [p - h.movedim(-1, 1) for h in onehot]
 
 
-class EmpiricalFisherOperator(CurvatureOperator):
-    r"""The empirical Fisher $\frac{1}{N} \sum_i g_i g_i^\top$ (per-sample gradients $g_i$).
+class EmpiricalFisherOperator(OutputCurvatureOperator):
+    r"""The empirical Fisher: outer products of per-datum gradients, curvlinops' scale.
 
-    The mean of the per-sample gradient outer products.
-    $g_i$ is the gradient of ``loss_fn`` on sample $i$ as a batch of one (module docstring;
-    ``torch.func`` per-sample gradients, never formed: $G v$ is a JVP and $G^\top w$ a VJP of
-    the ``vmap``-ed per-sample losses), so ``loss_fn`` must be ``torch.func``-transformable; it
-    needs no split. Registered as ``curvature="empirical_fisher"``; also built by
-    ``FisherOperator(..., kind="empirical")``. Defined for the mean loss: a sum-reduced
-    ``loss_fn`` is refused.
+    Follows curvlinops' ``EFLinearOperator``: with $\ell_{it}$ the criterion's terms of datum
+    $i$ (its observations: output elements for the squared error and the Bernoulli
+    likelihood, positions for the categorical, ignored targets excluded) and $c$ their number
+    in the batch (the criterion's mean normalisation),
+
+    $$A_b = \frac{1}{c} \sum_i g_i g_i^\top, \qquad g_i = \nabla_\theta \sum_t \ell_{it},$$
+
+    so that with labels drawn from the model its expectation is the exact Fisher
+    (:class:`FisherOperator`; the cross terms of a datum's observations vanish in
+    expectation). A datum is a row of the output (its leading dim). curvlinops flattens the
+    positions of a sequence into separate rows; here a datum's positions are summed first
+    (the per-datum gradient; for ``[N, C]`` outputs the two agree). The product is reverse
+    mode only:
+    $J^\top (c\, g g^\top) J v$ per datum, with $g = \partial L / \partial f$ the output
+    gradient of the batch's mean criterion (a GGN of curvlinops' pseudo-loss), so any model
+    the GGN works on works here (``UserDict`` batches, attention fast paths, in-place layers).
+
+    When the likelihood is unknown (no ``loss_fn.split``, or a criterion other than
+    cross-entropy, squared error or BCE-with-logits and no ``likelihood=``), each datum is one
+    observation: $A_b = \frac{1}{n_b} \sum_i g_i g_i^\top$ with $g_i$ the gradient of
+    ``loss_fn`` on datum $i$ as a batch of one (``torch.func`` per-sample gradients; an exact
+    per-datum loop when ``torch.func`` cannot transform the model; the ``[n_b, P]`` per-sample
+    gradients are formed once per batch). Registered as
+    ``curvature="empirical_fisher"``; also built by ``FisherOperator(..., kind="empirical")``.
+    Defined for the mean loss: a sum-reduced ``loss_fn`` is refused. Kunstner et al. (2019)
+    discuss its limits.
 
     Args:
         model: The model.
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
-        data: An iterable of batches; a batch's samples are the rows of its tensors whose
-            leading dimension is the default sample count.
+        data: An iterable of batches.
         params: The parameters of the block (as :class:`~analysis.hvp.HessianOperator`).
         model_mode: ``"eval"`` or ``"train"`` (a model with buffers only in ``"eval"``).
         batch_size_fn: Sample count of a batch.
         progress: Show a bar over the batches of each product.
-        reuse_graph: Keep the per-sample linearisation of a one-batch ``data`` inside ``with``
-            blocks.
+        reuse_graph: Keep the linearisation of a one-batch ``data`` inside ``with`` blocks.
         preconditioner: A diagonal $P$; the operator is then $P^{-1/2} F P^{-1/2}$.
         check_deterministic: First check that two passes over ``data`` agree.
+        likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"`` for a ``split_loss``
+            criterion (default: read from ``loss_fn.criterion``).
 
     Raises:
         ValueError: For a sum-reduced ``loss_fn``, ``model_mode="train"`` on a model with
-            buffers, and as :class:`~analysis.operator.CurvatureOperator`.
+            buffers, an unknown ``likelihood``, and as
+            :class:`~analysis.operator.CurvatureOperator`.
     """
 
     curvature = "empirical_fisher"
@@ -425,18 +498,48 @@ class EmpiricalFisherOperator(CurvatureOperator):
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                  reuse_graph: bool = True, preconditioner: Preconditioner = None,
-                 check_deterministic: bool = True):
+                 check_deterministic: bool = True, likelihood: str | None = None):
         _refuse_sum(loss_fn)
         if model_mode == "train" and any(True for _ in model.buffers()):
             raise ValueError('the empirical Fisher (kind="empirical") cannot run '
                              'model_mode="train" on a model with buffers (per-sample gradients '
                              'cannot update BatchNorm statistics); use model_mode="eval"')
-        super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
-                         preconditioner=preconditioner, check_deterministic=check_deterministic)
+        split = getattr(loss_fn, "split", None)
+        self.forward, self.criterion = split if isinstance(split, tuple) else (None, None)
+        if likelihood is not None:
+            self.likelihood = check_choice("likelihood", likelihood, LIKELIHOODS)
+            loss_split(loss_fn)  # a declared likelihood needs the split
+        else:
+            found = _read_likelihood(getattr(loss_fn, "criterion", None))
+            self.likelihood = found if self.forward is not None else None
+        CurvatureOperator.__init__(
+            self, model, loss_fn, data, params=params, model_mode=model_mode,
+            batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
+            preconditioner=preconditioner, check_deterministic=check_deterministic)
+
+    def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
+        r"""``w -> c\, g_i \langle g_i, w_i \rangle`` per datum $i$ (a row of the output).
+
+        Args:
+            outputs: The batch's output (detached here).
+            batch: The batch, passed to the criterion.
+
+        Returns:
+            The output-space matrix of the empirical Fisher, $c \sum_i g_i g_i^\top$.
+        """
+        o = outputs.detach().requires_grad_()
+        loss = check_loss(self.criterion(o, batch), " in the empirical Fisher")
+        g = torch.autograd.grad(loss, o)[0].detach()
+        count = _observations(self.likelihood, self.criterion, o.detach(), batch)[1]
+        dims = tuple(range(1, g.dim()))
+
+        def product(w: Tensor) -> Tensor:
+            inner = (g * w).sum(dims, keepdim=True) if dims else g * w
+            return g * inner * count
+        return product
 
     def batch_product(self, batch: Any, V: Tensor) -> Tensor:
-        r"""$\frac{1}{n_b} G_b^\top G_b V$ with $G_b$ the per-sample gradients of the batch.
+        r"""The batch's empirical Fisher times ``V`` (class docstring).
 
         Args:
             batch: One batch of ``data``.
@@ -445,47 +548,70 @@ class EmpiricalFisherOperator(CurvatureOperator):
         Returns:
             ``[n, k]``.
         """
-        vs = V.T.contiguous()  # a view in `matmat`: its rows are the vectors
-        losses, primals, values, pullback = self.cached(lambda: self._per_sample_losses(batch))
+        if self.likelihood is not None:
+            return super().batch_product(batch, V)
+        G = self.cached(lambda: _per_sample_gradients(self, batch))
+        return G.T @ (G @ V) / G.shape[0]
 
-        def as_dict(v: Tensor) -> dict[str, Tensor]:
-            return dict(zip(primals, unflatten(v, self.params)))
 
-        def flat(d: dict[str, Tensor]) -> Tensor:
-            return torch.cat([d[key].reshape(-1) for key in primals])
+def _split_batch(batch: Any) -> tuple[list, Callable[[list], Any]]:
+    """The leaves of ``batch`` and a function rebuilding it from new leaves.
 
-        # G v = (g_i . v)_i by a JVP of the per-sample losses, G^T w by their VJP: the
-        # per-sample gradients g_i are never formed
-        gv = vmap(lambda v: jvp(losses, (primals,), (as_dict(v),))[1])(vs)
-        return (vmap(lambda w: flat(pullback(w)[0]))(gv) / values.shape[0]).T
+    A ``collections.UserDict`` (transformers' ``BatchEncoding``) is opened (pytree would keep
+    it as one leaf) and rebuilt as a shallow copy of the same type.
+    """
+    if isinstance(batch, UserDict):
+        leaves, spec = tree_flatten(dict(batch.data))
 
-    def _per_sample_losses(self, batch: Any) -> tuple:
-        """The per-sample losses of the batch, as a function of the parameters.
+        def rebuild(new: list) -> Any:
+            out = copy.copy(batch)
+            out.data = tree_unflatten(new, spec)
+            return out
+        return leaves, rebuild
+    leaves, spec = tree_flatten(batch)
+    return leaves, lambda new: tree_unflatten(new, spec)
 
-        Returns ``theta -> [n]`` losses of ``loss_fn`` on each sample as a batch of one
-        (``vmap`` over the leading dimension of the batch's tensors that have ``n`` rows, ``n``
-        the default sample count), the primals, the losses and their pullback.
-        """
-        n = default_batch_size(batch)
-        leaves, spec = tree_flatten(batch)
-        batched = [i for i, t in enumerate(leaves)
-                   if isinstance(t, Tensor) and t.dim() > 0 and t.shape[0] == n]
-        samples = [leaves[i] for i in batched]
-        wrapper = LossModule(self.model, self.loss_fn)
-        primals = {"model." + name: p.detach() for name, p in zip(self.names, self.params)}
 
-        def one(theta: dict[str, Tensor], xs: list[Tensor]) -> Tensor:
-            full = list(leaves)
-            for i, x in zip(batched, xs):
-                full[i] = x.unsqueeze(0)
-            return own_call(wrapper, theta, (tree_unflatten(full, spec),))
+def _per_sample_gradients(op: EmpiricalFisherOperator, batch: Any) -> Tensor:
+    """``[n, P]``: the gradient of ``loss_fn`` on each datum of the batch as a batch of one.
 
-        def losses(theta: dict[str, Tensor]) -> Tensor:
-            return vmap(one, in_dims=(None, 0))(theta, samples)
+    ``torch.func`` (``vmap`` of ``grad``) when it can transform the model; an exact loop over
+    the data by autograd when it cannot (data-dependent control flow, in-place layers, fused
+    attention paths).
+    """
+    n = default_batch_size(batch)
+    leaves, rebuild = _split_batch(batch)
+    rows = [i for i, t in enumerate(leaves) if isinstance(t, Tensor) and t.dim() > 0
+            and t.shape[0] == n]
 
-        values, pullback = vjp(losses, primals)
-        check_loss(values.mean(), " in the per-sample losses of the empirical Fisher")
-        return losses, primals, values, pullback
+    def datum(xs: list[Tensor], index: Any) -> Any:
+        full = list(leaves)
+        for i, x in zip(rows, xs):
+            full[i] = x[index]
+        return rebuild(full)
+
+    wrapper = LossModule(op.model, op.loss_fn)
+    primals = {"model." + name: p.detach() for name, p in zip(op.names, op.params)}
+
+    def one(theta: dict[str, Tensor], xs: list[Tensor]) -> Tensor:
+        return own_call(wrapper, theta, (datum([x.unsqueeze(0) for x in xs], ...),))
+
+    try:
+        grads = vmap(grad(one), in_dims=(None, 0))(primals, [leaves[i] for i in rows])
+        G = torch.cat([grads[k].reshape(n, -1) for k in primals], 1)
+    except (RuntimeError, NotImplementedError, ValueError, TypeError):
+        G = torch.stack([_datum_gradient(op, datum([leaves[i] for i in rows],
+                                                   slice(j, j + 1))) for j in range(n)])
+    check_loss(G.sum(), " in the per-sample gradients of the empirical Fisher")
+    return G
+
+
+def _datum_gradient(op: EmpiricalFisherOperator, batch: Any) -> Tensor:
+    """The flat gradient of ``loss_fn`` on a one-datum batch, by autograd."""
+    loss = check_loss(op.loss_fn(op.model, batch), " in the empirical Fisher")
+    grads = torch.autograd.grad(loss, op.params, allow_unused=True)
+    return torch.cat([torch.zeros_like(p).reshape(-1) if g is None else g.reshape(-1)
+                      for g, p in zip(grads, op.params)])
 
 
 def _refuse_sum(loss_fn: LossFn) -> None:

@@ -30,9 +30,11 @@ from typing import Any, Iterable
 import torch
 from torch import Tensor, nn
 from torch.func import grad, jvp, vmap
+from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 
-from .core import (own_call, BatchSizeFn, check_choice, check_loss, flatten, guarded, LossFn,
-                   LossModule, ParamSelection, unflatten)
+from .core import (BatchSizeFn, check_choice, check_loss, flatten, guarded, LossFn,
+                   LossModule, own_call, ParamSelection, unflatten)
 from .operator import CurvatureOperator, register_curvature
 from .derivatives import gradients
 from .preconditioning import Preconditioner
@@ -90,7 +92,6 @@ class HessianOperator(CurvatureOperator):
                          reuse_graph=reuse_graph, preconditioner=preconditioner,
                          check_deterministic=check_deterministic)
         self.hvp_method = hvp_method
-        self._mask = self._padding_mask() if hvp_method == "forward" else None
 
     def batch_product(self, batch: Any, V: Tensor) -> Tensor:
         r"""$H_b V$, the Hessian of the batch's mean loss times the columns of ``V``.
@@ -134,26 +135,7 @@ class HessianOperator(CurvatureOperator):
                     r.copy_(h)
         return out if out is not None else torch.zeros_like(vs)  # (no rows)
 
-    def _padding_mask(self) -> Tensor | None:
-        """Zeros at the padding rows of ``nn.Embedding(padding_idx=...)`` weights, ones elsewhere.
-
-        None when there are none. PyTorch gives those rows no gradient (they are constants of
-        training), so the reverse product has zero rows and columns there; forward mode would
-        differentiate their use in the forward pass, a non-symmetric product.
-        """
-        rows = {id(m.weight): m.padding_idx for m in self.model.modules()
-                if isinstance(m, nn.Embedding) and m.padding_idx is not None}
-        if not any(id(p) in rows for p in self.params):
-            return None
-        parts = [torch.ones_like(p) for p in self.params]
-        for part, p in zip(parts, self.params):
-            if id(p) in rows:
-                part[rows[id(p)]] = 0
-        return flatten(parts)
-
     def _forward(self, batch: Any, vs: Tensor) -> Tensor:
-        if self._mask is not None:
-            vs = vs * self._mask
         wrapper = LossModule(self.model, self.loss_fn)
         primals = {"model." + n: p.detach() for n, p in zip(self.names, self.params)}
 
@@ -166,12 +148,43 @@ class HessianOperator(CurvatureOperator):
             _, hv, value = jvp(grad(loss, has_aux=True), (primals,), (tangent,), has_aux=True)
             return flatten(list(hv.values())), value
 
-        hvs, values = vmap(product, randomness="same")(vs)
+        with ConstantPaddingRows():
+            hvs, values = vmap(product, randomness="same")(vs)
         check_loss(values[0], " in the Hessian-vector product")
         return hvs
 
 
 register_curvature("hessian", HessianOperator)
+
+
+class ConstantPaddingRows(TorchFunctionMode):
+    """Embedding lookups with ``padding_idx`` read the padding row as a constant.
+
+    PyTorch's embedding backward gives the padding row no gradient through the lookup (the
+    row is a constant of training there), so the reverse product differentiates the loss with
+    that use of the row held fixed. Forward mode would differentiate the lookup as well, a
+    non-symmetric product; where the row is also used elsewhere (an output layer tied to the
+    embedding, as Gemma2's), masking the tangent would drop that use instead. Inside this mode
+    ``F.embedding`` reads the row through ``detach``: the same function as the reverse
+    product, in every use of the row. Values are unchanged.
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        """Detach the padding row of ``F.embedding``'s weight; other functions run unchanged."""
+        kwargs = dict(kwargs or {})
+        if func is F.embedding:
+            names = ("input", "weight", "padding_idx", "max_norm")
+            bound = dict(zip(names, args), **kwargs)
+            pad, weight = bound.get("padding_idx"), bound.get("weight")
+            if pad is not None and bound.get("max_norm") is None:
+                keep = torch.ones(weight.shape[0], 1, dtype=weight.dtype, device=weight.device)
+                keep[pad] = 0
+                weight = weight * keep + (weight * (1 - keep)).detach()
+                args = (args[0], weight, *args[2:]) if len(args) > 1 else args
+                if len(args) < 2:
+                    kwargs["weight"] = weight
+        return func(*args, **kwargs)
 
 
 @guarded

@@ -12,7 +12,8 @@ A Ritz pair $(\theta, u = V^\top y)$ has residual $\|H u - \theta u\| = \|B y_{l
 with $B$ the coefficients of the next block and $y_{last}$ the last block of $y$ (Saad 2011,
 Prop. 6.8); the pair is converged when that residual is at most $tol \cdot |\theta|$.
 
-``method="power"`` is PyHessian's deflated power iteration, kept for comparison.
+``method="power"`` is PyHessian's deflated power iteration, kept for comparison (judged by a
+measured residual, with a Rayleigh-Ritz step on its last two iterates).
 """
 from __future__ import annotations
 
@@ -208,41 +209,82 @@ class Basis:
         return head if r == len(head) else head[:r].clone()
 
 
-def _orthogonalise(block: Tensor, basis: Basis, m: int,
-                   gen: torch.Generator) -> tuple[Tensor, Tensor]:
+def _orthogonalise(block: Tensor, basis: Basis, m: int, gen: torch.Generator,
+                   events: dict | None = None) -> tuple[Tensor, Tensor]:
     r"""Orthonormalise the rows of ``block`` against the first ``m`` rows of ``basis``, each other.
 
     Returns ``(Q, C)`` with ``block^T = basis^T C[:m] + Q^T C[m:]`` (``Q`` is ``block``,
     overwritten in place): ``C[:m]`` are the
     coefficients on the ``m`` basis rows, ``C[m:]`` is upper triangular. A row that vanishes
-    (an invariant subspace was found) is replaced by a random unit vector orthogonal to
-    everything, keeping its (tiny) coefficient. "Vanishes": at most $\sqrt{\epsilon}$ of its
-    norm is left, so at least half its digits were lost to cancellation and its direction is
-    known to $\epsilon / ratio$ only.
+    (an invariant subspace was found: a breakdown) is replaced by a random unit vector
+    orthogonal to everything, keeping its (tiny) coefficient. "Vanishes": at most
+    $\sqrt{\epsilon}$ of its norm is left, so at least half its digits were lost to
+    cancellation and its direction is known to $\epsilon / ratio$ only. When the random vector
+    vanishes too, the basis and the rows before it span the whole space: the row is dropped
+    (``Q`` and ``C[m:]`` lose it), so a block larger than the space left shrinks to it.
+
+    Args:
+        block: ``[b, n]`` rows, overwritten.
+        basis: The basis.
+        m: Its rows used.
+        gen: The generator of the random replacements.
+        events: Counts ``"breakdown"`` (rows replaced) and ``"dropped"`` (rows dropped) into
+            this dict, when given.
+
+    Returns:
+        ``(Q, C)``: ``[b', n]`` orthonormal rows (``b' <= b``) and ``[m + b', b]``.
     """
     b = block.shape[0]
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
-    out = block
+    out, keep = block, []
     for i in range(b):
-        w = out[i]
+        w, done = out[i], (out[:i] if len(keep) == i else out[keep])  # a view unless dropped
         before = norm = torch.linalg.vector_norm(w)
         for _ in range(2):  # twice is enough (Giraud et al. 2005)
             coef[:m, i] += _project_out(w, basis, m)
-            g = out[:i] @ w
-            w.addmv_(out[:i].T, g, alpha=-1)
-            coef[m:m + i, i] += g
+            g = done @ w
+            w.addmv_(done.T, g, alpha=-1)
+            coef[m + torch.tensor(keep, dtype=torch.long, device=coef.device), i] += g
             norm, previous = torch.linalg.vector_norm(w), norm
             if norm > DGKS * previous:  # little was removed: one pass is orthogonal to rounding
                 break
         coef[m + i, i] = norm
-        if norm <= math.sqrt(torch.finfo(w.dtype).eps) * before or norm == 0:
-            out[i] = randn(w.shape, gen, like=w)
-            for _ in range(2):
-                _project_out(w, basis, m)
-                w.addmv_(out[:i].T, out[:i] @ w, alpha=-1)
-            norm = torch.linalg.vector_norm(w)
+        if _vanished(norm, before):
+            norm = _replace(w, basis, m, done, gen)
+            _count(events, "breakdown" if norm > 0 else "dropped")
+            if norm == 0:
+                continue
         w /= norm
-    return out, coef
+        keep.append(i)
+    if len(keep) == b:
+        return out, coef
+    rows = torch.cat([torch.arange(m), m + torch.tensor(keep, dtype=torch.long)])
+    return out[keep], coef[rows.to(coef.device)]
+
+
+def _vanished(norm: Tensor, before: Tensor) -> bool:
+    """Whether a row kept at most ``sqrt(eps)`` of its norm ``before`` (module docstring)."""
+    return bool(norm <= math.sqrt(torch.finfo(norm.dtype).eps) * before or norm == 0)
+
+
+def _replace(w: Tensor, basis: Basis, m: int, done: Tensor, gen: torch.Generator) -> Tensor:
+    """Overwrite ``w`` with a random vector orthogonal to the basis and ``done``; its norm.
+
+    Zero when no such vector exists to rounding (it vanishes too): the space is full.
+    """
+    w.copy_(randn(w.shape, gen, like=w))
+    before = torch.linalg.vector_norm(w)
+    for _ in range(2):
+        _project_out(w, basis, m)
+        w.addmv_(done.T, done @ w, alpha=-1)
+    norm = torch.linalg.vector_norm(w)
+    return norm.new_zeros(()) if _vanished(norm, before) else norm
+
+
+def _count(events: dict | None, key: str) -> None:
+    """Add one to ``events[key]`` when ``events`` is given."""
+    if events is not None:
+        events[key] = events.get(key, 0) + 1
 
 
 def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: Tensor) -> Tensor:
@@ -290,15 +332,20 @@ class Krylov:
                        device=basis_device or like.device)
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
+        self.events: dict = {}  # breakdowns and dropped rows (:func:`_orthogonalise`)
         self.Q: Tensor | None = None
+        self.seg = 0  # products before the current new start (:func:`lanczos`)
 
     def start(self, block: Tensor) -> None:
-        """Orthonormalise ``block`` into the first pending block.
+        """Orthonormalise ``block`` (against ``V``) into the pending block.
+
+        After :meth:`restart`, a random ``block`` starts a new Krylov space orthogonal to the
+        kept vectors (the check of multiplicities, :func:`lanczos`).
 
         Args:
             block: ``[b, n]`` start vectors.
         """
-        self.Q = _orthogonalise(block, self.V, 0, self.gen)[0]
+        self.Q = _orthogonalise(block, self.V, self.m, self.gen, self.events)[0]
 
     def extend(self, matmat: MatMat, count: int | None = None) -> Tensor:
         r"""Append (up to ``count`` rows of) the pending block $Q$ and make the next one $Q_n$.
@@ -308,7 +355,9 @@ class Krylov:
             count: Rows of $Q$ appended (default all).
 
         Returns:
-            $B$, the coefficients of $Q_n$: $H V^\top = V^\top T + Q_n^\top B E_{last}^\top$.
+            $B$, the coefficients of $Q_n$: $H V^\top = V^\top T + Q_n^\top B E_{last}^\top$;
+            ``[b', b]`` for ``b`` rows appended and ``b' <= b`` rows of $Q_n$ (fewer when the
+            space is exhausted).
         """
         m, Q = self.m, self.Q[:count]
         b = Q.shape[0]
@@ -319,7 +368,7 @@ class Krylov:
                    else block.to(self.like))
         del block
         self.n_hvp += b
-        self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen)
+        self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen, self.events)
         block = coef[:m + b].to(torch.float64)
         self.T[:m + b, m:m + b] = block
         self.T[m:m + b, :m + b] = block.T
@@ -400,6 +449,18 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     largest Ritz value), or an exhausted basis (``n`` vectors: the Ritz pairs are exact).
     With ``basis_dtype`` coarser than ``like``'s, ``eps`` is that of ``basis_dtype``.
 
+    Degenerate spectra: convergence is tested only once there are ``k`` Ritz values. A Krylov
+    space from one start vector holds one copy of each eigenvalue (``b`` copies from a block);
+    when it becomes invariant (a breakdown) it continues from a random vector orthogonal to
+    the basis (drawn from the routine's generator). Once the ``k`` wanted pairs converged, if
+    there was a breakdown or a wanted value is zero or repeated (to its tolerance), the basis
+    is restarted with the ``k`` wanted Ritz vectors and a random block orthogonal to them:
+    the new Krylov space sees the copies the first one could not (e.g. the null space of a
+    rank-deficient GGN), and it is repeated while it finds a value beyond the ``k``-th. A
+    block larger than the space left shrinks to it. ``converged=False`` always comes with a
+    ``RuntimeWarning`` that says why (the budget, a cut-off search for more copies, or a
+    curvature scale that the products cannot resolve, :func:`resolvable`).
+
     Args:
         matmat: The matrix, ``[b, n]`` rows in, new rows out (the input rows are overwritten).
         n: The dimension.
@@ -440,36 +501,26 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         raise ValueError(f"max_basis must be >= k + block_size = {k + b}, got {m_max}")
     budget = max_hvp if max_hvp is not None else max(300, 50 * k)
     eps = max(torch.finfo(like.dtype).eps, torch.finfo(basis_dtype or like.dtype).eps)
-    rel = max(tol, 50 * eps)
+    test = _Test(k, which, max(tol, 50 * eps), eps,
+                 product_eps(product_dtype) if product_dtype else 0.0)
     gen = make_generator(seed)
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
     K.start(_start_block(v0, n, b, gen, like))
     bar = tqdm(total=budget, desc="lanczos", disable=not progress, leave=False)
     try:
-        while True:
-            B = K.extend(matmat, m_max - K.m)
-            bar.update(B.shape[0])
-            theta, Y = K.ritz()
-            resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[0]:], dim=0)
-            if K.m == n:
-                resid.zero_()
-            pick = _wanted(theta, k, which)
-            floor = 50 * eps * theta.abs().max()
-            noise = product_eps(product_dtype) * theta.abs().max() if product_dtype else 0.0
-            ok = resid[pick] <= torch.clamp(rel * theta[pick].abs(), min=max(floor, noise))
-            if bool(ok.all()) or K.m == n or K.n_hvp + b > budget:
-                break
-            if K.m + b > m_max:  # thick restart with the Ritz vectors at the wanted end
-                K.restart(theta, Y, _wanted(theta, min(K.m - b, max(k, (m_max + k) // 2)), which))
-            bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
+        theta, Y, pick, resid, ok, checking = _iterate(K, matmat, n, test, b, m_max, budget, bar)
     finally:
         bar.close()
+    if not ok:
+        _warn_unconverged(theta, resid, pick, test, K.n_hvp, checking)
+    ok = resolvable(theta, like.dtype) and ok
     U = K.vectors(Y[:, pick])
     if not product_dtype or not product_eps(product_dtype):
-        return theta[pick], U, resid[pick], K.n_hvp, bool(ok.all()) or K.m == n
+        return theta[pick], U, resid[pick], K.n_hvp, ok
+    floor = 50 * eps * theta.abs().max()
     measured = torch.linalg.vector_norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U,
                                         dim=1).to(torch.float64)
-    ok = measured <= torch.clamp(rel * theta[pick].abs(), min=floor)
+    ok = measured <= torch.clamp(test.rel * theta[pick].abs(), min=floor)
     if not bool(ok.all()):
         worst = float((measured / theta[pick].abs().clamp_min(floor)).max())
         warnings.warn(f"Lanczos on {product_dtype} Hessian-vector products: the measured residuals"
@@ -481,22 +532,181 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     return theta[pick], U, measured, K.n_hvp + len(U), bool(ok.all())
 
 
+def resolvable(theta: Tensor, dtype: torch.dtype) -> bool:
+    r"""Whether curvature of magnitude ``max|theta|`` is resolved by products in ``dtype``.
+
+    A Hessian-vector product by double backpropagation multiplies first-order terms, each of
+    the loss's scale $s$, so it holds terms of order $s^2$: below $\sqrt{tiny}$ they are
+    subnormal or flushed to zero (a float32 loss scaled by $10^{-22}$ gives a top eigenvalue
+    10 times too small, with small residuals), above $\sqrt{max}$ they overflow. Warns (a
+    ``RuntimeWarning`` naming the way out) when ``max|theta|`` lies outside
+    $[\sqrt{tiny}, \sqrt{max}]$ of ``dtype`` (float32: $[1.1 \cdot 10^{-19}, 1.8 \cdot 10^{19}]$);
+    an all-zero ``theta`` is resolved (a zero matrix).
+
+    Args:
+        theta: The eigenvalues or Ritz values found.
+        dtype: The dtype of the products.
+
+    Returns:
+        Whether the scale is resolved (else the result must say ``converged=False``).
+    """
+    info = torch.finfo(dtype)
+    top = float(theta.abs().max()) if theta.numel() else 0.0
+    if top == 0 or math.sqrt(info.tiny) <= top <= math.sqrt(info.max):
+        return True
+    warnings.warn(f"the curvature's scale, max|eigenvalue| = {top:.3g}, lies outside "
+                  f"[{math.sqrt(info.tiny):.2g}, {math.sqrt(info.max):.2g}], where {dtype} "
+                  "Hessian-vector products (terms of the squared loss scale) underflow or "
+                  "overflow: the values cannot be trusted, so converged=False. Multiply the loss "
+                  f"by a constant c (e.g. c = 1 / {top:.3g}) and divide the eigenvalues by c, or "
+                  "analyse a float64 copy of the model", RuntimeWarning, stacklevel=7)
+    return False
+
+
+@dataclass
+class _Test:
+    """The convergence test of :func:`lanczos` (its docstring) for ``k`` pairs at ``which``."""
+
+    k: int
+    which: str
+    rel: float
+    eps: float
+    noise: float  # relative accuracy of the products (coarse product dtypes), else 0
+
+    def bounds(self, theta: Tensor, pick: Tensor) -> Tensor:
+        """The residual each picked Ritz pair may have: ``max(rel |theta|, floor)``."""
+        scale = theta.abs().max()
+        floor = 50 * self.eps * scale
+        noise = self.noise * scale if self.noise else 0.0
+        return torch.clamp(self.rel * theta[pick].abs(), min=max(floor, noise))
+
+    def better(self, x: Tensor, y: Tensor, slack: Tensor) -> bool:
+        """Whether ``x`` lies beyond ``y`` at the wanted end by more than ``slack``."""
+        if self.which == "LA":
+            return bool(x > y + slack)
+        if self.which == "SA":
+            return bool(x < y - slack)
+        return bool(x.abs() > y.abs() + slack)
+
+
+def _degenerate(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, events: dict) -> bool:
+    """Whether the wanted values may hide more copies: a breakdown, a zero or a repeated value.
+
+    A single Krylov space holds one copy of each eigenvalue (a block of ``b``, ``b`` copies);
+    the rest of a repeated eigenvalue, e.g. the null space of a rank-deficient curvature, is
+    orthogonal to it and only found from a new start vector.
+    """
+    if events.get("breakdown"):
+        return True
+    bound = torch.maximum(test.bounds(theta, pick), resid[pick])
+    if bool((theta[pick].abs() <= bound).any()):
+        return True
+    values, order = torch.sort(theta[pick])
+    gaps = values[1:] - values[:-1]
+    return bool((gaps <= bound[order][1:] + bound[order][:-1]).any())
+
+
+def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int, budget: int,
+             bar) -> tuple[Tensor, Tensor, Tensor, Tensor, bool, bool]:
+    """The Lanczos loop of :func:`lanczos`: extend, test, check multiplicities, restart.
+
+    Returns:
+        ``(theta, Y, pick, resid, ok, checking)``: all Ritz values and their coordinates, the
+        ``k`` wanted indices, all residuals, whether the ``k`` converged (and their count was
+        checked when needed), and whether a check of multiplicities was under way.
+    """
+    k, locked = test.k, None  # locked: the wanted values when the last new start was injected
+    while True:
+        B = K.extend(matmat, m_max - K.m)
+        bar.update(B.shape[1])
+        theta, Y = K.ritz()
+        resid = torch.linalg.vector_norm(B @ Y[K.m - B.shape[1]:], dim=0)
+        exact = K.m == n or len(K.Q) == 0
+        if exact:  # the whole space: the Ritz pairs are the eigenpairs
+            resid.zero_()
+        pick = _wanted(theta, k if locked is None else k + 1, test.which)
+        ok = len(pick) > k - 1 and bool((resid[pick[:k]] <= test.bounds(theta, pick[:k])).all())
+        if ok and not exact:
+            settled, inject = _settled(theta, resid, pick, locked, K, test)
+            if inject and K.n_hvp + b > budget:  # no product left to look for more copies
+                return theta, Y, pick[:k], resid, False, True
+            if inject:  # look for more copies from a new start orthogonal to the wanted
+                locked, K.seg = theta[pick[:k]].clone(), K.n_hvp
+                K.restart(theta, Y, pick[:k])
+                K.start(randn((b, n), K.gen, like=K.like))
+                continue
+            ok = settled
+        if ok or exact or K.n_hvp + b > budget:
+            return theta, Y, pick[:k], resid, ok or exact, locked is not None
+        q = len(K.Q)  # the pending block: b rows, fewer where the space left is smaller
+        if K.m + q > m_max:  # thick restart with the Ritz vectors at the wanted end
+            K.restart(theta, Y, _wanted(theta, min(K.m - q, max(len(pick), (m_max + k) // 2)),
+                                        test.which))
+        bar.set_postfix(theta=f"{theta[pick[0]].item():.6g}")
+
+
+def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, K: Krylov,
+             test: _Test) -> tuple[bool, bool]:
+    r"""Once the ``k`` wanted pairs converged: ``(done, inject a new start)``.
+
+    Without a check under way, a new start is injected when :func:`_degenerate`. With one
+    (``locked``), the new Krylov space's best Ritz value $\mu$ (pair ``k + 1``) decides: a
+    wanted value beyond ``locked`` means a missed copy, so another new start; otherwise done
+    once $\mu$'s pair converged, or after ``5 b`` products when $\mu$ plus its residual stays
+    short of the ``k``-th value.
+    """
+    k = test.k
+    if locked is None:
+        return (False, True) if _degenerate(theta, resid, pick, test, K.events) else (True, False)
+    slack = test.bounds(theta, pick[k - 1:k])[0]
+    if test.better(theta[pick[k - 1]], locked[-1], slack):
+        return False, True
+    if len(pick) <= k:
+        return False, False
+    mu, r = theta[pick[k]], resid[pick[k]]
+    if r <= test.bounds(theta, pick[k:k + 1])[0]:
+        return True, False
+    reach = mu + r if test.which == "LA" else mu - r if test.which == "SA" else mu.abs() + r
+    short = not test.better(reach, theta[pick[k - 1]], -slack)
+    return short and K.n_hvp - K.seg >= 5 * len(K.Q), False
+
+
+def _warn_unconverged(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, n_hvp: int,
+                      checking: bool) -> None:
+    """Say why :func:`lanczos` returns ``converged=False``."""
+    worst = float((resid[pick] / test.bounds(theta, pick)).max())
+    if checking and worst <= 1:
+        why = ("the wanted end holds a zero or repeated eigenvalue, or the Krylov space was "
+               "invariant (a breakdown), so more copies may lie outside it; their search from a "
+               f"new start vector was cut off by the budget after {n_hvp} products")
+    else:
+        why = (f"the budget of {n_hvp} products ran out with residuals up to {worst:.2g} "
+               f"times their tolerance (relative {test.rel:.2g})")
+    warnings.warn(f"Lanczos did not converge: {why}. Raise max_hvp (or tol), or a block_size "
+                  "of the expected multiplicity", RuntimeWarning, stacklevel=7)
+
+
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
                     max_hvp: int | None = None, v0: Tensor | None = None, seed: int = 0,
                     like: Tensor, progress: bool = False
                     ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
-    r"""PyHessian's deflated power iteration (Yao et al. 2020), kept for comparison.
+    r"""Deflated power iteration (PyHessian's, Yao et al. 2020), kept for comparison.
 
-    Per eigenpair, power iteration $v \leftarrow H v / \|H v\|$ on the iterate projected off the
-    pairs found so far, stopped when the Rayleigh quotient changes by less than ``tol``
-    relative ($|l_t - l_{t-1}| / (|l_{t-1}| + 10^{-6})$) or after ``max_iter`` products.
-    Converges to the largest-magnitude eigenvalues.
+    Per eigenpair, power iteration $v \leftarrow P H v / \|P H v\|$ with $P$ the projector off
+    the pairs found so far. Each step extracts the pair of largest $|\theta|$ from the span of
+    the last two iterates (Rayleigh-Ritz, Saad 2011, Sec. 4.3: exact for a $\pm\lambda$ pair,
+    on which the iterates themselves alternate), and the pair is accepted only by a residual
+    test, $\|H u - \theta u\| \le \max(tol\, |\theta|, 50 \epsilon \max|\theta|)$, never by a
+    stalled Rayleigh quotient (PyHessian's relative change, which a tiny $\lambda$ or a
+    $\pm\lambda$ pair meets while far from an eigenpair). A step whose deflated product vanishes
+    is in the null space left: the eigenvalue 0, found (rank-deficient matrices). Converges to
+    the largest-magnitude eigenvalues.
 
     Args:
         matmat: The matrix, rows in and rows out.
         n: The dimension.
         k: Wanted eigenpairs.
-        tol: Relative change of the Rayleigh quotient that stops a pair.
+        tol: Relative residual tolerance.
         max_iter: Products per pair at most.
         max_hvp: Budget of products over all pairs (default ``k * max_iter``).
         v0: Start vectors, ``[n]`` or ``[r, n]``, random otherwise.
@@ -506,45 +716,98 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
 
     Returns:
         ``(theta, U, residuals, n_hvp, converged)`` as :func:`lanczos`, by descending
-        magnitude.
+        magnitude; the residuals are measured ($\|H u - \theta u\|$ from the products). When
+        ``converged`` is False a ``RuntimeWarning`` says which pairs missed ``tol``.
 
     Raises:
         ValueError: When ``max_hvp`` leaves no product for some pair.
     """
     gen = make_generator(seed)
     start = _start_block(v0, n, k, gen, like)
-    vecs, vals, res = [], [], []
-    n_hvp, all_ok = 0, True
+    vecs, vals, res, missed = [], [], [], []
+    n_hvp, scale = 0, 0.0
     budget = max_hvp if max_hvp is not None else k * max_iter
     for i in tqdm(range(k), desc="power iteration", disable=not progress, leave=False):
-        found = torch.stack(vecs) if vecs else start[:0]
-        v, lam, ok = start[i], None, False
-        for _ in range(max_iter):
-            if n_hvp >= budget - (k - 1 - i):  # keep one product for each pair still to find
-                break
-            v = v - found.T @ (found @ v)
-            v = v / torch.linalg.vector_norm(v)
-            hv = matmat(v.unsqueeze(0))[0]
-            n_hvp += 1
-            new = torch.dot(v, hv).item()
-            r = torch.linalg.vector_norm(hv - new * v).item()
-            ok = lam is not None and abs(new - lam) / (abs(lam) + 1e-6) < tol
-            lam = new
-            if ok:
-                break
-            v = hv / torch.linalg.vector_norm(hv)
-        if lam is None:
+        steps = min(max_iter, budget - n_hvp - (k - 1 - i))  # one product for each pair left
+        if steps < 1:
             break
-        vecs.append(v)
+        found = torch.stack(vecs) if vecs else start[:0]
+        lam, u, r, used, ok, scale = _power_pair(matmat, start[i], found, steps, tol, scale, gen)
+        n_hvp += used
+        vecs.append(u)
         vals.append(lam)
         res.append(r)
-        all_ok = all_ok and ok
+        if not ok:
+            missed.append(i)
     if len(vals) < k:
         raise ValueError(f"max_hvp={max_hvp} is too small for k={k} with the power method")
+    if missed:
+        warnings.warn(f"power iteration did not converge: pairs {missed} kept residuals above "
+                      f"tol={tol:g} relative after {n_hvp} products (at most {max_iter} per pair)"
+                      '; raise max_iter/max_hvp, or use method="lanczos"', RuntimeWarning,
+                      stacklevel=6)
     theta = torch.tensor(vals, dtype=torch.float64)
     order = _wanted(theta, k, "LM")
     residuals = torch.tensor(res, dtype=torch.float64)[order]
-    return theta[order], torch.stack(vecs)[order], residuals, n_hvp, all_ok
+    ok = resolvable(theta, like.dtype) and not missed
+    return theta[order], torch.stack(vecs)[order], residuals, n_hvp, ok
+
+
+def _power_pair(matmat: MatMat, v: Tensor, found: Tensor, steps: int, tol: float, scale: float,
+                gen: torch.Generator) -> tuple[float, Tensor, float, int, bool, float]:
+    """One pair of :func:`power_iteration`, orthogonal to the rows of ``found``.
+
+    Returns:
+        ``(theta, u, residual, products, converged, scale)``, ``scale`` the largest product
+        norm seen (the resolution of a zero eigenvalue).
+    """
+    floor = 50 * torch.finfo(v.dtype).eps
+
+    def off(x: Tensor) -> Tensor:
+        for _ in range(2):
+            x = x - found.T @ (found @ x)
+        return x
+
+    v = off(v)
+    if not bool(torch.linalg.vector_norm(v) > 0):  # a start inside the pairs found
+        v = off(randn(v.shape, gen, like=v))
+    v, prev = v / torch.linalg.vector_norm(v), None
+    for step in range(1, steps + 1):
+        hv = matmat(v.unsqueeze(0))[0]
+        scale = max(scale, torch.linalg.vector_norm(hv).item())
+        lam, u, r = _two_vector_ritz(prev, v, hv)
+        ok = r <= max(tol * abs(lam), floor * scale)
+        w = off(hv)
+        wn = torch.linalg.vector_norm(w)
+        if ok or not bool(wn > floor * scale):
+            return lam, u, r, step, ok or r <= floor * scale, scale
+        prev, v = (v, hv), w / wn
+    return lam, u, r, steps, False, scale
+
+
+def _two_vector_ritz(prev: tuple[Tensor, Tensor] | None, v: Tensor, hv: Tensor
+                     ) -> tuple[float, Tensor, float]:
+    """The Ritz pair of largest magnitude in ``span(prev[0], v)`` (``hv`` is ``H v``).
+
+    Returns:
+        ``(theta, u, ||H u - theta u||)``; the Rayleigh quotient of ``v`` without ``prev`` or
+        when ``v`` is parallel to it.
+    """
+    q, hq = [v], [hv]
+    if prev is not None:
+        c = torch.dot(prev[0], v)
+        w = v - c * prev[0]
+        wn = torch.linalg.vector_norm(w)
+        if wn > math.sqrt(torch.finfo(v.dtype).eps):
+            q, hq = [prev[0], w / wn], [prev[1], (hv - c * prev[1]) / wn]
+    Q, HQ = torch.stack(q), torch.stack(hq)
+    T = (Q @ HQ.T).to(torch.float64)
+    theta, Y = torch.linalg.eigh((T + T.T) / 2)
+    i = int(torch.argmax(theta.abs()))
+    y = Y[:, i].to(Q)
+    u, hu = y @ Q, y @ HQ
+    lam = theta[i].item()
+    return lam, u, torch.linalg.vector_norm(hu - lam * u).item()
 
 
 @records_metadata
@@ -576,8 +839,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         which: "LA" (largest algebraic), "SA" (smallest algebraic: negative curvature) or "LM"
             (largest magnitude).
         tol: Lanczos stops when every wanted Ritz pair has
-            $\|H u - \theta u\| \le tol\, |\theta|$; for ``method="power"`` it is
-            PyHessian's relative-change tolerance instead.
+            $\|H u - \theta u\| \le tol\, |\theta|$; the power method the same (a measured
+            residual, :func:`power_iteration`).
         max_hvp: Budget of products (default ``max(300, 50 k)`` for Lanczos, ``100 k`` for the
             power method); at least ``k`` (Lanczos: ``k`` rounded up to whole blocks);
             ``converged`` says whether the tolerance was met.

@@ -28,8 +28,11 @@ from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
+from contextlib import nullcontext
 from scipy.sparse.linalg import LinearOperator
 from torch import Tensor, nn
+from torch.nn.utils.parametrize import is_parametrized, ParametrizationList
+from torch.overrides import TorchFunctionMode
 
 from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check_choice,
                    check_data, check_model_mode, data_mean, guarded, loss_reduction, LossFn,
@@ -69,7 +72,9 @@ class CurvatureOperator(abc.ABC):
         preconditioner: A diagonal $P$ (see :mod:`analysis.preconditioning`); the operator is
             then $P^{-1/2} A P^{-1/2}$, read from an optimizer once, at construction.
         check_deterministic: First check that two passes over ``data`` give the same sample
-            counts and loss (``analysis.core.guards``); False skips the two forward passes.
+            counts and loss (``analysis.core.guards``), and that the first products are
+            symmetric ($\langle v, A w \rangle = \langle w, A v \rangle$ on the first block of
+            two or more vectors, free); False skips both.
 
     Raises:
         ValueError: For a bad ``data``, ``model_mode``, ``params`` or ``preconditioner``.
@@ -112,6 +117,10 @@ class CurvatureOperator(abc.ABC):
         self._graph: Any = None  # the per-batch state kept by `cached`
         self._context = None
         self._depth = 0
+        # the first product, for the symmetry probe (then False); off when the user lets the
+        # products vary (check_deterministic=False: shuffled data, stochastic layers)
+        self._probe: Any = None if check_deterministic else False
+        self._weight_norm = uses_weight_norm(model)
 
     @abc.abstractmethod
     def batch_product(self, batch: Any, V: Tensor) -> Tensor:
@@ -203,6 +212,8 @@ class CurvatureOperator(abc.ABC):
         Raises:
             ValueError: When ``vs`` is not ``[b, n]`` or not finite, and when
                 :meth:`batch_product` returns a wrong shape.
+            RuntimeError: When the first products are not symmetric (an op with a wrong
+                second derivative; the message names the parameters and modules).
         """
         if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.shape[0]:
             shape = tuple(vs.shape) if isinstance(vs, Tensor) else type(vs).__name__
@@ -212,16 +223,52 @@ class CurvatureOperator(abc.ABC):
             raise ValueError("vectors must be finite (they hold NaN or inf)")
         if not len(vs):  # no vector (e.g. Hutch++ whose sketch spans everything): no pass
             return torch.zeros_like(vs, dtype=self.like.dtype, device=self.device)
-        vs = vs.to(self.device, self.dtype)
+        vs = given = vs.to(self.device, self.dtype)
         if self.scale is not None:
             vs = vs * self.scale
-        with self, torch.enable_grad(), curvature_ops():
+        routed = CompositeWeightNorm() if self._weight_norm else nullcontext()
+        with self, torch.enable_grad(), curvature_ops(), routed:
             out = data_mean(self.data, lambda batch: [self._rows_product(batch, vs)],
                             self.batch_size_fn, reduction=self.reduction,
                             zeros=lambda: [torch.zeros_like(vs)],
                             progress=self.progress).values[0]
         self.n_hvp += vs.shape[0]
-        return out if self.scale is None else out.mul_(self.scale)
+        out = out if self.scale is None else out.mul_(self.scale)
+        if self._probe is None:
+            self._check_symmetry(given, out)
+        return out
+
+    def _check_symmetry(self, vs: Tensor, out: Tensor) -> None:
+        r"""The symmetry probe $\langle v, A w \rangle = \langle w, A v \rangle$, first products.
+
+        Free: on the first ``matmat`` of two or more vectors (Hutch++, XTrace, block
+        products), its first two rows; single-vector products (Lanczos) are not probed, as the
+        probe would need a third vector in memory. A curvature matrix is symmetric; an op
+        whose second derivative PyTorch gets wrong makes the products asymmetric, which no
+        spectrum or trace would reveal. Products that vary from call to call (shuffled data,
+        stochastic layers) are left to the determinism guards.
+
+        Raises:
+            RuntimeError: When the two inner products differ beyond the working precision,
+                naming the parameters (and their modules) where the asymmetry concentrates.
+        """
+        if len(vs) < 2:
+            return
+        self._probe = False
+        count = self.n_hvp
+        (v, av), (w, aw) = (vs[0], out[0]), (vs[1], out[1])
+        tol = 30 * torch.finfo(out.dtype).eps ** 0.5
+        v, w = v.to(out.dtype), w.to(out.dtype)  # no copy unless the dtypes differ
+        gap = abs(float(torch.dot(v, aw) - torch.dot(w, av)))
+        bound = float(v.norm() * aw.norm() + w.norm() * av.norm()) / 2
+        if gap <= tol * bound or bound == 0:
+            self.n_hvp = count
+            return
+        again = self.matmat(w.unsqueeze(0).to(vs.dtype))[0]
+        self.n_hvp = count
+        if not torch.allclose(again, aw, rtol=tol, atol=tol * float(aw.abs().max())):
+            return  # the products vary (shuffled data, stochastic layers): the guards' concern
+        raise RuntimeError(_asymmetry_message(self, v * aw - w * av, gap / bound))
 
     def _rows_product(self, batch: Any, vs: Tensor) -> Tensor:
         """:meth:`batch_product` on the rows of ``vs`` (``[b, n]``), its result as rows."""
@@ -245,6 +292,72 @@ class CurvatureOperator(abc.ABC):
 
         return LinearOperator(self.shape, matvec=apply, matmat=apply, rmatvec=apply,
                               dtype=np.float64)
+
+
+def _asymmetry_message(op: CurvatureOperator, parts: Tensor, gap: float) -> str:
+    """The symmetry probe's error: the size, the parameters and modules to blame, the way out."""
+    sums = [float(t.sum()) for t in torch.split(parts, [p.numel() for p in op.params])]
+    worst = sorted(range(len(sums)), key=lambda i: -abs(sums[i]))[:2]
+    owners = dict(_owners(op.model))
+    blamed = ", ".join(f"{op.names[i]} ({owners.get(op.names[i], 'module')})" for i in worst)
+    return (f"the {op.curvature or type(op).__name__} products are not symmetric: "
+            f"<v, A w> and <w, A v> differ by {gap:.3g} of their size, concentrated in {blamed}. "
+            "An op there has a wrong or missing second derivative in PyTorch (or the products "
+            "are not deterministic): the eigenvalues and traces would be wrong. Replace the op "
+            "by plain differentiable ops, leave those parameters out with params=, or use "
+            "hvp_method=\"reverse\" if it was \"forward\"")
+
+
+def _owners(model: nn.Module) -> Iterable[tuple[str, str]]:
+    """``(parameter name, owning module's class name and op)`` for every parameter."""
+    for prefix, module in model.named_modules():
+        kind = type(module).__name__
+        if isinstance(module, ParametrizationList):  # name the parametrisations themselves
+            kind = "parametrised by " + ", ".join(type(f).__name__ for f in module)
+        for name, _ in module.named_parameters(recurse=False):
+            yield (f"{prefix}.{name}" if prefix else name), kind
+
+
+def uses_weight_norm(model: nn.Module) -> bool:
+    """Whether ``model`` holds a weight-normalised module (either PyTorch API).
+
+    Args:
+        model: The model.
+
+    Returns:
+        True for a ``torch.nn.utils.parametrizations.weight_norm`` parametrisation or a
+        ``torch.nn.utils.weight_norm`` pre-hook anywhere in ``model``.
+    """
+    for module in model.modules():
+        if is_parametrized(module) and any(
+                type(f).__name__ == "_WeightNorm"
+                for plist in module.parametrizations.values() for f in plist):
+            return True
+        if any(type(h).__name__ == "WeightNorm" for h in module._forward_pre_hooks.values()):
+            return True
+    return False
+
+
+class CompositeWeightNorm(TorchFunctionMode):
+    r"""``torch._weight_norm`` computed as $v \, g / \lVert v \rVert$ from plain ops.
+
+    PyTorch's fused weight-norm kernel (``_weight_norm_interface``, which both weight-norm APIs
+    reach on CPU) has a wrong second derivative: Hessians through it are asymmetric by 0.07-0.96
+    and their eigenvalues and traces wrong (issue 31). Inside this mode the same function is
+    built from ``norm_except_dim``, whose derivatives are exact; values agree to rounding.
+    :meth:`CurvatureOperator.matmat` enters it for models that use weight norm
+    (:func:`uses_weight_norm`).
+    """
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        """Route ``torch._weight_norm``; every other function runs unchanged."""
+        kwargs = kwargs or {}
+        if func is torch._weight_norm:
+            v, g = args[0], args[1]
+            dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
+            return v * (g / torch.norm_except_dim(v, 2, dim))
+        return func(*args, **kwargs)
 
 
 def register_curvature(name: str, cls: type, *, override: bool = False) -> type:

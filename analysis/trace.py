@@ -10,12 +10,15 @@ r"""Stochastic trace estimates of the Hessian with standard errors from their ow
   for every orthonormal $Q$, the estimate is unbiased given $Q$, and its standard error is that
   of the Hutchinson part: the sample standard deviation (``ddof=1``) of its $g$ probe values
   over $\sqrt{g}$ (conditional on the sketch). It is exact when
-  $\mathrm{rank}\, H \le$ ``n_hvp // 3``; when $n \le$ ``n_hvp // 3`` the sketch spans
-  everything and only $2n$ products are spent (and reported).
-* Every stderr is at least the rounding level $\epsilon \sqrt{n}\, size$
-  (:func:`rounding_stderr`): an estimate exact but for rounding reports that, never 0 or 1e-31.
+  $\mathrm{rank}\, H \le$ ``n_hvp // 3``.
 * XTrace (Epperly, Tropp & Webber 2024): the exchangeable version of Hutch++, exact when
-  $\mathrm{rank}\, H <$ ``n_hvp // 2``; see :func:`_xtrace`.
+  $\mathrm{rank}\, H <$ ``n_hvp // 2``, $O(n m^2 + m^3)$ beyond its $2m$ products; its
+  standard error is an unbiased variance estimate from leave-one-out and leave-two-out
+  estimates (:func:`_xtrace_variance`), not the paper's $s/\sqrt{m}$, which is too small.
+* Whatever the method, when $n \le$ ``n_hvp`` the trace is computed exactly from the $n$ unit
+  vectors and only $n$ products are spent (and reported).
+* Every stderr is at least the rounding level $\epsilon \sqrt{n}\, (size + \|H\|_2)$
+  (:func:`rounding_stderr`): an estimate exact but for rounding reports that, never 0 or 1e-31.
 """
 from __future__ import annotations
 
@@ -75,16 +78,19 @@ def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> Trace
     """Hutch++ (a zero sketch makes it Hutchinson)."""
     sketch = min(n_hvp // 3, n) if method == "hutch++" else 0
     g = n_hvp - 2 * sketch if sketch < n else 0  # a full sketch makes the trace exact
-    exact, size, Q = 0.0, 0.0, like.new_zeros(0, n)
+    exact, size, norm, Q = 0.0, 0.0, 0.0, like.new_zeros(0, n)
     if sketch:
         S = rademacher((sketch, n), gen, like=like)
-        Q = torch.linalg.qr(apply(S).T.to(torch.float64))[0].T.to(like)
+        HS = apply(S)
+        Q = torch.linalg.qr(HS.T.to(torch.float64))[0].T.to(like)
         parts = (Q.to(torch.float64) * apply(Q)).sum(1)
-        exact, size = float(parts.sum()), float(parts.abs().sum())
+        exact, size, norm = float(parts.sum()), float(parts.abs().sum()), _norm_estimate(HS, S)
     G = rademacher((g, n), gen, like=like)
     G = G - (G @ Q.T) @ Q
-    samples = (G.to(torch.float64) * apply(G)).sum(1).cpu().numpy()
-    floor = rounding_stderr(size + float(np.abs(samples).mean()) if g else size, n, like)
+    HG = apply(G)
+    samples = (G.to(torch.float64) * HG).sum(1).cpu().numpy()
+    norm = max(norm, _norm_estimate(HG, G))
+    floor = rounding_stderr(size + float(np.abs(samples).mean()) if g else size, n, like, norm)
     if g == 0:
         return TraceResult(exact, floor, 2 * sketch, method, samples)
     return TraceResult(exact + float(samples.mean()),
@@ -92,37 +98,104 @@ def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> Trace
                        2 * sketch + g, method, samples)
 
 
-def rounding_stderr(size: float, n: int, like: Tensor) -> float:
-    r"""The floor of every reported stderr: $\epsilon \sqrt{n}\, size$.
+def rounding_stderr(size: float, n: int, like: Tensor, norm: float = 0.0) -> float:
+    r"""The floor of every reported stderr: $\epsilon \sqrt{n}\, (size + \|H\|_2)$.
 
-    The error rounding alone leaves in a trace of magnitude ``size`` (the sum of the absolute
-    values of the terms added) made of length-``n`` products in ``like``'s dtype ($\epsilon$
-    its machine epsilon). Without it an estimate that is exact but for rounding (a low-rank
-    Hessian, a sketch spanning everything) would report a stderr of 0 or 1e-31 below its actual
-    error.
+    Two rounding errors that no number of probes averages away, in ``like``'s dtype
+    ($\epsilon$ its machine epsilon): summing terms of total magnitude ``size`` (the sum of
+    the absolute values of the terms added) made of length-``n`` inner products, and the
+    rounding of each product $H v$ itself, about $\epsilon \|H\|_2 \|v\|$ in norm, so about
+    $\epsilon \|H\|_2 \sqrt{n}$ in a probe value $v^\top H v$ with $\|v\| = \sqrt{n}$ (and
+    not reduced by averaging: the errors of one operator need not be independent). The second
+    dominates where $\lambda_{\max}$ is large next to the trace (a float32 MobileNetV2 with
+    $\lambda_{\max} = 2.3 \cdot 10^8$, an indefinite spectrum). Without the floor an estimate
+    exact but for rounding (a low-rank Hessian, a sketch spanning everything) would report a
+    stderr of 0 or 1e-31 below its actual error.
 
     Args:
         size: The sum of the absolute values of the terms added.
         n: The vectors' length.
         like: A tensor of the products' dtype.
+        norm: An estimate of $\|H\|_2$ (default 0: the summation alone).
 
     Returns:
         The floor.
     """
-    return float(torch.finfo(like.dtype).eps * math.sqrt(n) * size)
+    return float(torch.finfo(like.dtype).eps * math.sqrt(n) * (size + norm))
+
+
+def _leave_one_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor) -> Tensor:
+    r"""The $m$ exchangeable estimates $t_i$ (Epperly, Tropp & Webber 2024, Sec. 2.1).
+
+    In the basis $Q$ of the sketch $H W = Q R$: $\hat H = Q^\top H Q$, $c_i = Q^\top w_i$,
+    $a_i = w_i^\top H w_i$ and $Q^\top H w_i = R e_i$. Leaving column $i$ out of the sketch
+    leaves the projector $Q (I - s_i s_i^\top) Q^\top$, $s_i$ the normalised column $i$ of
+    $G = R^{-\top}$ (the rank-one downdate of the paper's Alg. 2), so with
+    $d_i = c_i - s_i s_i^\top c_i$:
+    $$t_i = \mathrm{tr}\, \hat H - s_i^\top \hat H s_i + a_i - 2 e_i^\top R^\top d_i
+    + d_i^\top \hat H d_i,$$
+    $O(m^3)$ for all $i$ together.
+    """
+    S = G / G.norm(dim=0)
+    D = C - S * (S * C).sum(0)
+    return (torch.trace(H) - ((H @ S) * S).sum(0) + a - 2 * (R * D).sum(0)
+            + ((H @ D) * D).sum(0))
+
+
+def _leave_two_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor) -> Tensor:
+    r"""``t[i, j]``: the estimate of probe $i$ with column $j$ also left out of the sketch.
+
+    The projector left is $Q (I - B K^{-1} B^\top) Q^\top$ with $B = [g_i, g_j]$ (columns of
+    $G = R^{-\top}$) and $K = B^\top B$ ($2 \times 2$, inverted in closed form); with
+    $\alpha = K^{-1} B^\top c_i$, $d = c_i - B \alpha$ and $B^\top R e_i = (1, 0)$ (as
+    $G^\top R = I$), every term is an entry of an $m \times m$ matrix: $O(m^3)$ for all pairs.
+    The diagonal ($i = j$) is meaningless.
+    """
+    K, GHG, GC, GHC = G.T @ G, G.T @ H @ G, G.T @ C, G.T @ H @ C
+    kii, hii = torch.diagonal(K)[:, None], torch.diagonal(GHG)[:, None]
+    kjj, hjj = kii.T, hii.T
+    det = (kii * kjj - K ** 2).fill_diagonal_(1.0)
+    p, q, r = kjj / det, -K / det, kii / det  # K^{-1} = [[p, q], [q, r]]
+    b0, b1 = torch.diagonal(GC)[:, None], GC.T
+    al0, al1 = p * b0 + q * b1, q * b0 + r * b1
+    dhd = (((H @ C) * C).sum(0)[:, None]
+           - 2 * (al0 * torch.diagonal(GHC)[:, None] + al1 * GHC.T)
+           + al0 ** 2 * hii + 2 * al0 * al1 * GHG + al1 ** 2 * hjj)
+    return (torch.trace(H) - (p * hii + 2 * q * GHG + r * hjj) + a[:, None]
+            - 2 * ((R * C).sum(0)[:, None] - al0) + dhd)
+
+
+def _xtrace_variance(t: Tensor, t2: Tensor) -> float:
+    r"""An unbiased estimate of the variance of $\bar t = \frac{1}{m}\sum_i t_i$.
+
+    Each $t_i$ is unbiased given the other columns ($\varepsilon_i = t_i - \mathrm{tr}\, H$
+    has $E[\varepsilon_i \mid W_{-i}] = 0$), so with $\delta_{ij} = t_i - t_{i,-j}$ (the
+    leave-two-out estimate, a function of $W_{-j}$): $\mathrm{Cov}(t_i, t_j) =
+    E[\delta_{ij} \delta_{ji}]$, and for exchangeable $t_i$ with sample variance $s^2$:
+    $$\mathrm{Var}\, \bar t = E\Big[\frac{s^2}{m} + \frac{1}{m(m-1)} \sum_{i \ne j}
+    \delta_{ij} \delta_{ji}\Big].$$
+    The paper's $s^2 / m$ (Epperly, Tropp & Webber 2024, Sec. 2.2) treats the $t_i$ as
+    independent and drops the covariance, which the shared sketch makes positive (z-scores with
+    SD 1.3-1.9). Clipped below at $s^2 / m$.
+    """
+    m = len(t)
+    d = t[:, None] - t2
+    off = ~torch.eye(m, dtype=torch.bool, device=t.device)
+    cov = float(torch.where(off, d * d.T, 0).sum()) / (m * (m - 1))
+    s2m = float(t.var()) / m
+    return max(s2m + cov, s2m)
 
 
 def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
-    """XTrace (Epperly, Tropp & Webber 2024), the exchangeable Hutch++.
+    r"""XTrace (Epperly, Tropp & Webber 2024, Alg. 2), the exchangeable Hutch++.
 
-    The mean over i of the Hutch++-type estimates
-    ``tr(P_i H P_i) + w_i^T (I - P_i) H (I - P_i) w_i`` with ``P_i`` the projector onto the
-    sketch ``H W`` without its own column ``i`` (so each is unbiased). With ``Y = H W = Q R``
-    and ``Z = H Q``, ``P_i = Q Pi_i Q^T`` with ``Pi_i`` the projector onto the columns of ``R``
-    but ``i``; every term is then a small ``m x m`` product, and only ``2m`` products are spent.
-    ``Pi_i`` comes from an SVD truncated at rounding level, so a rank-deficient sketch (rank
-    ``H < m``: the estimate is exact) is handled. The standard error treats the ``m``
-    exchangeable estimates as independent (the paper's error estimate).
+    The mean of the $m$ Hutch++-type estimates $t_i = \mathrm{tr}(P_i H P_i) + w_i^\top
+    (I - P_i) H (I - P_i) w_i$, $P_i$ the projector onto the sketch $H W$ without its column
+    $i$ (so each is unbiased), from $2m$ products and $O(n m^2 + m^3)$ further work
+    (:func:`_leave_one_out`); the standard error is :func:`_xtrace_variance`'s. A
+    rank-deficient sketch that captures the range of $H$ (rank $H < m$) gives the exact
+    $\mathrm{tr}(Q^\top H Q)$; one that does not (dependent probes, tiny $n$) goes to
+    :func:`_xtrace_degenerate`.
     """
     m = min(n_hvp // 2, n)
     W = rademacher((m, n), gen, like=like)
@@ -130,20 +203,73 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
     W64 = W.to(torch.float64)
     Q, R = torch.linalg.qr(Y.T)
     Z = apply(Q.T.to(like)).to(torch.float64)
-    QZ = Q.T @ Z.T
-    QZ = (QZ + QZ.T) / 2
-    QW, WZ, WY = Q.T @ W64.T, W64 @ Z.T, (W64 * Y).sum(1)
+    H = Q.T @ Z.T
+    H = (H + H.T) / 2
+    C, a = Q.T @ W64.T, (W64 * Y).sum(1)
+    norm = _norm_estimate(Y, W64)
+    U, sv, _ = torch.linalg.svd(R)
+    rank = int((sv > sv[0] * m * torch.finfo(torch.float64).eps * 10).sum())
+    if rank < m:
+        Ur = U[:, :rank]
+        inside = Ur.T @ H @ Ur
+        if torch.linalg.norm(Z.T @ Ur - Q @ Ur @ inside) <= 1e-8 * torch.linalg.norm(Z):
+            exact = float(torch.trace(inside))
+            floor = rounding_stderr(float(torch.diagonal(inside).abs().sum()), n, like, norm)
+            return TraceResult(exact, floor, 2 * m, "xtrace", np.full(m, exact))
+        return _xtrace_degenerate(H, C, R, a, n, like, norm)
+    G = torch.linalg.solve_triangular(R, torch.eye(m, dtype=R.dtype, device=R.device),
+                                      upper=True).T
+    t = _leave_one_out(H, C, R, a, G)
+    stderr = math.sqrt(_xtrace_variance(t, _leave_two_out(H, C, R, a, G)))
+    samples = t.cpu().numpy()
+    floor = rounding_stderr(float(np.abs(samples).mean()), n, like, norm)
+    return TraceResult(float(samples.mean()), max(stderr, floor), 2 * m, "xtrace", samples)
+
+
+def _xtrace_degenerate(H: Tensor, C: Tensor, R: Tensor, a: Tensor, n: int, like: Tensor,
+                       norm: float) -> TraceResult:
+    """XTrace when the probes themselves are dependent (only for tiny ``n``).
+
+    Each ``P_i`` from an SVD of ``R`` without column ``i``, truncated at rounding level,
+    ``O(m^4)``; the standard error is the paper's ``s / sqrt(m)`` (no leave-two-out estimates
+    here).
+    """
+    m = len(R)
     samples = torch.empty(m, dtype=torch.float64)
     for i in range(m):
         U, sv, _ = torch.linalg.svd(torch.cat([R[:, :i], R[:, i + 1:]], 1), full_matrices=False)
         U = U[:, sv > sv.max() * m * torch.finfo(torch.float64).eps * 10] if m > 1 else U[:, :0]
-        c = U @ (U.T @ QW[:, i])
-        samples[i] = (torch.trace(U.T @ QZ @ U) + WY[i] - WZ[i] @ c - c @ R[:, i]
-                      + c @ QZ @ c)
+        c = U @ (U.T @ C[:, i])
+        samples[i] = (torch.trace(U.T @ H @ U) + a[i] - 2 * c @ R[:, i] + c @ H @ c)
     samples = samples.cpu().numpy()
     stderr = max(float(samples.std(ddof=1) / math.sqrt(m)),
-                 rounding_stderr(float(np.abs(samples).mean()), n, like))
+                 rounding_stderr(float(np.abs(samples).mean()), n, like, norm))
     return TraceResult(float(samples.mean()), stderr, 2 * m, "xtrace", samples)
+
+
+def _norm_estimate(HV: Tensor, V: Tensor) -> float:
+    r"""A lower estimate of $\|H\|_2$ from products made anyway: $\max_i \|H v_i\| / \|v_i\|$."""
+    if len(V) == 0:
+        return 0.0
+    return float((HV.norm(dim=1) / V.to(HV).norm(dim=1)).max())
+
+
+def _exact_trace(apply, n: int, like: Tensor, method: str) -> TraceResult:
+    r"""$\sum_i e_i^\top H e_i$ from the $n$ unit vectors, when the budget allows $n$ products.
+
+    No estimator beats it: it is exact and spends at most ``n_hvp``. (Before, Hutch++ sketched
+    only ``n_hvp // 3`` of the $n$ directions and estimated the rest from a few Rademacher
+    probes, whose values in so few dimensions can coincide: $H = 2I$ in 6 dimensions gave
+    10.67 with a sample variance, hence stderr, of 0.)
+    """
+    diag, norm = [], 0.0
+    for rows in torch.split(torch.eye(n, dtype=like.dtype, device=like.device), 256):
+        HE = apply(rows)
+        diag.append((rows.to(torch.float64) * HE.to(torch.float64)).sum(1).cpu())
+        norm = max(norm, _norm_estimate(HE, rows))
+    diag = torch.cat(diag)
+    floor = rounding_stderr(float(diag.abs().sum()), n, like, norm)
+    return TraceResult(float(diag.sum()), floor, n, method, np.zeros(0))
 
 
 def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++",
@@ -154,8 +280,8 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
     Args:
         matmat: The matrix, ``[b, n]`` rows in, rows out.
         n: The dimension.
-        n_hvp: Products to spend (Hutch++ spends ``2n`` when ``n <= n_hvp // 3``; XTrace an
-            even number).
+        n_hvp: Products to spend (only ``n`` when ``n <= n_hvp``, the trace then exact; XTrace
+            an even number).
         method: "hutch++" (Meyer et al. 2021, Alg. 1), "hutchinson" or "xtrace".
         seed: Seed of the Rademacher probes.
         like: A tensor of the vectors' dtype and device.
@@ -166,8 +292,10 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
         A :class:`TraceResult`.
     """
     gen = make_generator(seed)
-    with tqdm(total=n_hvp, desc=method, disable=not progress, leave=False) as bar:
+    with tqdm(total=min(n_hvp, n), desc=method, disable=not progress, leave=False) as bar:
         apply = lambda rows: _apply(matmat, rows, chunk, bar)  # noqa: E731
+        if n <= n_hvp:
+            return _exact_trace(apply, n, like, method)
         if method == "xtrace":
             return _xtrace(apply, n, n_hvp, gen, like)
         return _hutchpp(apply, n, n_hvp, gen, like, method)
@@ -191,8 +319,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
         model: The model (restored afterwards).
         loss_fn: ``loss_fn(model, batch) -> Tensor``, the batch's mean loss.
         data: An iterable of batches, passed over once per ``chunk`` of probes.
-        n_hvp: Products to spend (Hutch++ spends only $2n$ when $n \le$ ``n_hvp // 3``, the
-            trace then exact).
+        n_hvp: Products to spend (only $n$ when $n \le$ ``n_hvp``, the trace then exact
+            from the unit vectors).
         method: "hutch++" (default; needs ``n_hvp >= 4``), "hutchinson" (``n_hvp >= 2``) or
             "xtrace" (``n_hvp >= 4``; uses an even number of products).
         params: The parameters analysed (default all with requires_grad).

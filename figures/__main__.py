@@ -28,7 +28,7 @@ import torch
 
 from analysis.core import file_sha256, remove_temporaries
 
-from .harness import SIZES, execute, job
+from .harness import SIZES, environment, execute, job
 from .report import (SUMMARY, Damaged, check_entry, config_key, files_of, read_saved,
                      read_summary, save, table, write_summary)
 from .runner import Runner
@@ -135,7 +135,7 @@ def run(args, names: list[str], summary: dict) -> dict:
     size = SIZES[size_name(args)]
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
-    runner = Runner(size, workers=args.jobs)
+    runner = Runner(size, workers=args.jobs, threads=args.threads)
     try:
         modules = {n: importlib.import_module(f"figures.{n}") for n in names}
         plan = {n: status(summary, n, config_key(modules[n], size), args.out, args.force)
@@ -151,7 +151,8 @@ def run(args, names: list[str], summary: dict) -> dict:
                 print(f"{name}: unchanged, skipped (--force recomputes)", flush=True)
                 continue
             if plan[name] is None:
-                summary[name] = run_one(modules[name], name, size, runner, args.out)
+                summary[name] = run_one(modules[name], name, size, runner, args.out,
+                                        environment(args.jobs, args.threads))
                 how = f"{summary[name]['seconds']:.0f} s"
             else:
                 summary[name] = redo(name, args.out, plan[name], summary.get(name, {}))
@@ -231,7 +232,7 @@ def expected_seconds(modules: dict, names: list[str], size, workers: int) -> flo
     return unit * sum(modules[n].cost(size) for n in names) / workers
 
 
-def run_one(module, name: str, size, runner, out: Path) -> dict:
+def run_one(module, name: str, size, runner, out: Path, env: dict) -> dict:
     """Experiment, then rule and figure on the saved files.
 
     Args:
@@ -240,6 +241,7 @@ def run_one(module, name: str, size, runner, out: Path) -> dict:
         size: The ``Size``.
         runner: The ``Runner`` of the training runs.
         out: The output folder.
+        env: The environment that computes it (``harness.environment``), recorded.
 
     Returns:
         The summary entry.
@@ -247,7 +249,7 @@ def run_one(module, name: str, size, runner, out: Path) -> dict:
     began = time.perf_counter()
     data, arrays = module.experiment(size, runner)
     key, seconds = config_key(module, size), round(time.perf_counter() - began, 1)
-    save(out, name, data, arrays, module.CONFIG, size, key=key, seconds=seconds)
+    save(out, name, data, arrays, module.CONFIG, size, key=key, seconds=seconds, environment=env)
     return redo(name, out, read_saved(out, name), {})
 
 
@@ -272,7 +274,8 @@ def redo(name: str, out: Path, saved, old: dict) -> dict:
     measured, checks = module.rule(data)
     extra = {"key": meta.get("key") or old.get("key"),
              "size": (meta.get("size") or {}).get("name") or old.get("size"),
-             "seconds": meta.get("seconds", old.get("seconds"))}
+             "seconds": meta.get("seconds", old.get("seconds")),
+             "environment": meta.get("environment", old.get("environment"))}
     result = {**entry(module.CLAIM, measured, checks, f"{name}.png"),
               **{k: v for k, v in extra.items() if v is not None}}
     module.figure(data, saved.arrays, result, out)

@@ -1,10 +1,14 @@
-"""The training harness of the reproductions: sizes, data splits, the model, optimizers by name
-and one training run per ``Job``."""
+"""The training harness of the reproductions.
+
+Sizes, data splits, the model, losses, optimizers by name and one training run per ``Job``.
+"""
 from __future__ import annotations
 
 import contextlib
 import importlib
 import math
+import os
+import platform
 import time
 from dataclasses import dataclass, field, replace
 from functools import lru_cache
@@ -20,6 +24,27 @@ from analysis import Tracker, mnist1d, supervised
 from .measure import accuracy, sharpness, slices, vector_cosine
 
 CROSS_ENTROPY = supervised(nn.CrossEntropyLoss())
+
+
+def square_criterion(outputs: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    r"""The square loss of Cohen et al. (2021, Sec. 3).
+
+    $\frac{1}{n}\sum_i \frac{1}{2} \lVert f(x_i) - e_{y_i} \rVert^2$ with $e_y$ the one-hot
+    vector of class $y$.
+
+    Args:
+        outputs: the network outputs, shape (n, classes).
+        targets: the class indices, shape (n,).
+
+    Returns:
+        The mean over samples of half the squared distance to the one-hot target.
+    """
+    onehot = nn.functional.one_hot(targets, outputs.shape[-1]).to(outputs.dtype)
+    return 0.5 * (outputs - onehot).pow(2).sum(dim=-1).mean()
+
+
+SQUARE = supervised(square_criterion)
+LOSSES = {"cross_entropy": CROSS_ENTROPY, "square": SQUARE}
 
 
 @dataclass(frozen=True)
@@ -68,6 +93,31 @@ SIZES = {
 }
 
 
+def environment(jobs: int, threads: int) -> dict:
+    """What produced a result.
+
+    CPU model, ATen's CPU capability (the kernels' float path, set by ``ATEN_CPU_CAPABILITY``),
+    worker processes, torch threads per worker and versions.
+
+    Args:
+        jobs: worker processes of the run.
+        threads: torch CPU threads per worker.
+
+    Returns:
+        A JSON-friendly dict.
+    """
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        names = [line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
+                 if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+    return {"cpu": cpu, "cpu_count": os.cpu_count(),
+            "aten_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "ATEN_CPU_CAPABILITY": os.environ.get("ATEN_CPU_CAPABILITY"),
+            "jobs": jobs, "threads_per_worker": threads, "torch": torch.__version__,
+            "numpy": np.__version__, "python": platform.python_version()}
+
+
 # -- data and model ---------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Split:
@@ -91,10 +141,40 @@ class Split:
         return [(self.x[:n], self.y[:n])]
 
 
+def pooled(size: Size, n: int) -> Split:
+    """Training on the first ``n`` samples of the generated data in its order.
+
+    The order is training, validation, then test samples; for ``n`` larger than the training
+    split. The next ``n_val`` samples are the validation split and the rest the test data.
+    """
+    data = split(size)
+    x = torch.cat([data.x, data.x_val, data.x_test])
+    y = torch.cat([data.y, data.y_val, data.y_test])
+    if n + size.n_val >= len(y):
+        raise ValueError(f"subset must leave validation and test samples, got {n} of {len(y)}")
+    return Split(x[:n], y[:n], x[n:n + size.n_val], y[n:n + size.n_val],
+                 x[n + size.n_val:], y[n + size.n_val:])
+
+
+def subset_split(size: Size, n: int | None) -> Split:
+    """The split a job with ``subset=n`` trains on.
+
+    The first ``n`` training samples, or ``pooled`` when ``n`` exceeds the training split
+    (``None``: the whole split).
+    """
+    data = split(size)
+    if n is None:
+        return data
+    return replace(data, x=data.x[:n], y=data.y[:n]) if n <= len(data.y) else pooled(size, n)
+
+
 @lru_cache(maxsize=2)
 def split(size: Size) -> Split:
-    """MNIST-1D generated offline (seed 42): ``n_train + n_test`` samples re-split so that the
-    test set is large (the generator's samples are i.i.d. and shuffled)."""
+    """MNIST-1D generated offline (seed 42), re-split.
+
+    ``n_train + n_test`` samples re-split so that the test set is large (the generator's
+    samples are i.i.d. and shuffled).
+    """
     ds = mnist1d(num_samples=size.n_train + size.n_test)
     x, y = torch.cat([ds.x, ds.x_test]), torch.cat([ds.y, ds.y_test])
     fit = size.n_train - size.n_val
@@ -104,9 +184,11 @@ def split(size: Size) -> Split:
 
 def mlp(size: Size, seed: int, *, batchnorm: bool = False, head_scale: float | None = None
         ) -> nn.Sequential:
-    """40 -> width -> width -> 10 ReLU MLP (optionally Linear-BN-ReLU blocks and ND-Adam's
-    BN-softmax head of scale ``head_scale``), initialised from ``seed``; the global random
-    state is left as it was."""
+    """The 40 -> width -> width -> 10 ReLU MLP.
+
+    Optionally Linear-BN-ReLU blocks and ND-Adam's BN-softmax head of scale ``head_scale``;
+    initialised from ``seed``; the global random state is left as it was.
+    """
     layers: list[nn.Module] = []
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -158,11 +240,20 @@ def solution(opt):
 # -- one training run -------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Job:
-    """One training run: optimizer ``opt`` with hyperparameters ``hp`` from the initialisation
-    and batch order of ``seed``. ``track``: Tracker curves ("lambda_max", "grad_norm",
-    "layers", "vector_cosine") and "trajectory" (a state_dict every ``every`` steps);
+    """One training run.
+
+    Optimizer ``opt`` with hyperparameters ``hp`` from the initialisation and batch order of
+    ``seed``. ``track``: Tracker curves ("lambda_max", "grad_norm", "layers",
+    "vector_cosine", "tangent_cosine") and "trajectory" (a state_dict every ``every`` steps);
     ``measure``: at the solution, "sharpness", "slices", or "module:function" called as
-    ``function(model, loss_fn, curvature_data, size, trajectory) -> (numbers, arrays)``."""
+    ``function(model, loss_fn, curvature_data, size, trajectory) -> (numbers, arrays)``.
+    ``subset`` larger than the training split draws on the validation and test samples
+    (``pooled``); ``loss``: "cross_entropy" or "square"; ``stop_acc`` ends the run after the
+    step at whose starting weights the training accuracy of its batch (the whole subset at
+    full batch) first reaches it, ``steps`` being then a cap; ``every``: the Tracker interval;
+    ``curvature``: the training samples of the Hessian quantities (default
+    ``size.curvature_samples``).
+    """
     group: str = field(compare=False)
     label: str = field(compare=False)
     opt: str
@@ -174,30 +265,38 @@ class Job:
     schedule: str = "cosine"          # or "constant"
     batchnorm: bool = False
     head_scale: float | None = None
+    loss: str = "cross_entropy"
+    stop_acc: float | None = None
+    every: int | None = None
+    curvature: int | None = None
     track: tuple = ()
     measure: tuple = ()
 
     @property
     def params(self) -> dict:
+        """The hyperparameters as a dict."""
         return dict(self.hp)
 
 
 def job(group: str, label: str, opt: str, seed: int, hp: dict, **options) -> Job:
+    """A ``Job`` with ``hp`` given as a dict (stored sorted, so equal jobs compare equal)."""
     return Job(group, label, opt, tuple(sorted(hp.items())), seed, **options)
 
 
 def execute(jb: Job, size: Size) -> dict:
-    """Train ``jb``; return its per-epoch validation/test accuracy, final metrics, counted
-    passes, the tracked curves and the measurements at the solution (a picklable dict)."""
+    """Train ``jb``.
+
+    Returns its per-epoch validation/test accuracy, final metrics, counted passes, the tracked
+    curves and the measurements at the solution (a picklable dict).
+    """
     began = time.perf_counter()
-    data = split(size)
-    if jb.subset is not None:
-        data = replace(data, x=data.x[:jb.subset], y=data.y[:jb.subset])
+    data = subset_split(size, jb.subset)
+    loss_fn = LOSSES[jb.loss]
     model = mlp(size, jb.seed, batchnorm=jb.batchnorm, head_scale=jb.head_scale)
     opt = OPTIMIZERS[jb.opt](model, jb.params)
-    curvature = data.curvature(size.curvature_samples)
-    every = max(1, jb.steps // 40) if jb.steps else size.every
-    tracker = Tracker(model, CROSS_ENTROPY, every=every, curvature_data=curvature,
+    curvature = data.curvature(jb.curvature or size.curvature_samples)
+    every = jb.every or (max(1, jb.steps // 40) if jb.steps else size.every)
+    tracker = Tracker(model, loss_fn, every=every, curvature_data=curvature,
                       lambda_max="lambda_max" in jb.track, grad_norm="grad_norm" in jb.track,
                       layers="layers" in jb.track, lanczos_max_hvp=size.lanczos_max_hvp, seed=0)
     batch_size = jb.batch_size or size.batch_size
@@ -207,7 +306,7 @@ def execute(jb: Job, size: Size) -> dict:
         opt, lambda t: 0.5 * (1.0 + math.cos(math.pi * min(t, total) / total)))
         if jb.schedule == "cosine" else None)
     curves: dict[str, list] = {"epoch": [], "val_acc": [], "test_acc": [], "train_loss": []}
-    cosines: list[list[float]] = [[], []]
+    cosines = {k: [[], []] for k in ("vector_cosine", "tangent_cosine") if k in jb.track}
 
     def evaluate(epoch: int, losses: list) -> None:
         with solution(opt):
@@ -225,21 +324,24 @@ def execute(jb: Job, size: Size) -> dict:
     checkpoint()
     model.train()
     tracker.start()
-    done, epoch = 0, 0
+    done, epoch, train_acc = 0, 0, []
     while done < total:
         losses = []
         for batch in data.batches(batch_size, jb.seed, epoch):
             def closure(batch=batch):
                 opt.zero_grad()
-                loss = CROSS_ENTROPY(model, batch)
+                outputs = model(batch[0])
+                loss = loss_fn.criterion(outputs, batch[1])
                 loss.backward()
+                train_acc.append(float((outputs.argmax(-1) == batch[1]).double().mean()))
                 return loss
-            probe = "vector_cosine" in jb.track and (done + 1) % every == 0
+            probe = bool(cosines) and (done + 1) % every == 0
             before = [p.detach().clone() for p in model.parameters()] if probe else None
+            first = len(train_acc)
             loss = opt.step(tracker.count(closure))
-            if probe:
-                cosines[0].append(done + 1)
-                cosines[1].append(vector_cosine(model, opt, before))
+            for key, (at, values) in cosines.items() if probe else ():
+                at.append(done + 1)
+                values.append(vector_cosine(model, opt, before, tangent=key == "tangent_cosine"))
             if scheduler is not None:
                 scheduler.step()
             tracker.step(opt, loss)
@@ -247,15 +349,17 @@ def execute(jb: Job, size: Size) -> dict:
             done += 1
             if done % every == 0:
                 checkpoint()
+            if jb.stop_acc is not None and train_acc[first] >= jb.stop_acc:
+                total = done           # the step whose starting weights reached it ends the run
             if done >= total:
                 break
         epoch += 1
         if not jb.steps or done >= total:
             evaluate(epoch, losses)
     history = {k: tracker.history(k) for k in tracker.keys() if k not in ("step",)}
-    if cosines[0]:
-        history["vector_cosine"] = cosines
+    history.update(cosines)
     result = {"label": jb.label, "seed": jb.seed, "curves": curves, "history": history,
+              "steps": done, "stop_train_acc": train_acc[first],
               "passes_per_step": tracker.passes / max(tracker.n_steps, 1),
               "final_val_acc": curves["val_acc"][-1], "final_test_acc": curves["test_acc"][-1],
               "best_epoch_test_acc": max(curves["test_acc"]),
@@ -271,5 +375,6 @@ def execute(jb: Job, size: Size) -> dict:
                 model, CROSS_ENTROPY, curvature, size, trajectory)
             result.setdefault("extra", {}).update(numbers)
             result.setdefault("arrays", {}).update(arrays)
+    result["threads"] = torch.get_num_threads()
     result["seconds"] = time.perf_counter() - began
     return result

@@ -1,5 +1,8 @@
-"""Measurements of a trained model: accuracy, Hessian quantities, per-vector update cosines and
-loss slices, built on the public names of ``analysis`` and ``landscape``."""
+"""Measurements of a trained model.
+
+Accuracy, Hessian quantities, per-vector update cosines and loss slices, built on the public
+names of ``analysis`` and ``landscape``.
+"""
 from __future__ import annotations
 
 import numpy as np
@@ -24,8 +27,11 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def sharpness(model: nn.Module, loss_fn, data, size) -> dict:
-    """lambda_max (Lanczos), the Hessian trace (Hutch++) and the worst-case sharpness at
-    rho 0.05 on ``data``, with the HVPs spent."""
+    """Sharpness measures of ``model`` on ``data``.
+
+    lambda_max (Lanczos), the Hessian trace (Hutch++) and the worst-case sharpness at rho 0.05,
+    with the HVPs spent.
+    """
     eig = top_eigenvalues(model, loss_fn, data, tol=1e-4, max_hvp=size.final_max_hvp, seed=0,
                           progress=False)
     tr = hessian_trace(model, loss_fn, data, n_hvp=size.trace_n_hvp, seed=0, progress=False)
@@ -40,20 +46,42 @@ def _momentum(opt, p: torch.Tensor) -> torch.Tensor | None:
     return state.get("exp_avg", state.get("momentum_buffer"))
 
 
-def vector_cosine(model: nn.Module, opt, before: list[torch.Tensor]) -> float:
-    """The mean over weight vectors (rows of every tensor with ndim >= 2) of the cosine between
-    the step ``w - before`` and minus the optimizer's momentum (``exp_avg`` or
-    ``momentum_buffer``) of that vector: 1 when each vector moves along its momentum."""
+def vector_cosine(model: nn.Module, opt, before: list[torch.Tensor], *,
+                  tangent: bool = False) -> float:
+    r"""The mean per-vector cosine between a step and minus the momentum.
+
+    For every weight vector (row of a tensor with ndim >= 2) with step $s = w - w_0$ and
+    momentum $m$ (``exp_avg`` or ``momentum_buffer``), $\cos(s, -m)$; with ``tangent`` both
+    are first projected on the tangent space of the sphere at $w_0$,
+    $P = I - u u^\top$, $u = w_0 / \lVert w_0 \rVert$: the part of the step that changes the
+    vector's direction, which is all that matters to a vector followed by BatchNorm (and all
+    that ND-Adam's renormalisation leaves, Zhang et al. 2017, Sec. 3).
+
+    Args:
+        model: the model after the step.
+        opt: the optimizer that took it.
+        before: the parameters before the step, in ``model.parameters()`` order.
+        tangent: project on the tangent space at ``before`` first.
+
+    Returns:
+        The mean cosine over vectors with a nonzero step and momentum (NaN if none): 1 when
+        each vector moves along its momentum.
+    """
     cosines = []
     with torch.no_grad():
         for p, b in zip(model.parameters(), before):
             m = _momentum(opt, p)
             if p.dim() < 2 or m is None:
                 continue
-            step, m = (p - b).reshape(len(p), -1), m.reshape(len(p), -1)
+            step, m = (p - b).reshape(len(p), -1).double(), m.reshape(len(p), -1).double()
+            if tangent:
+                u = b.reshape(len(p), -1).double()
+                u = u / u.norm(dim=1, keepdim=True).clamp_min(torch.finfo(u.dtype).tiny)
+                step = step - (step * u).sum(dim=1, keepdim=True) * u
+                m = m - (m * u).sum(dim=1, keepdim=True) * u
             denom = step.norm(dim=1) * m.norm(dim=1)
             keep = denom > 0
-            cosines.append((-(step * m).sum(dim=1)[keep] / denom[keep]).double())
+            cosines.append(-(step * m).sum(dim=1)[keep] / denom[keep])
     return float(torch.cat(cosines).mean()) if cosines else float("nan")
 
 

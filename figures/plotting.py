@@ -2,6 +2,7 @@
 scales chosen by the data's range, legends outside the data, and the verdict on every figure."""
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -77,10 +78,18 @@ def legend_below(ax, ncol: int = 3) -> None:
     ax.legend(loc="upper center", bbox_to_anchor=(0.5, -0.14), frameon=False, ncol=ncol)
 
 
+PROTOCOL_KEYS = {"protocol": "This run", "paper_protocol": "Paper", "differs": "Differs"}
+
+
 def with_verdict(fig, name: str, entry: dict) -> None:
-    """The reproduction's verdict as the title and every check with its interval below."""
+    """The reproduction's verdict as the title, below the figure its protocol next to the
+    paper's and what differs (where ``measured`` states them) and every check with its
+    interval."""
     fig.suptitle(f"{name}: {entry['verdict']}", fontsize=12, fontweight="bold")
-    lines = [check_text(k, c, markdown=False) for k, c in entry["checks"].items()]
+    measured = entry.get("measured", {})
+    lines = ["\n    ".join(textwrap.wrap(f"{head}: {measured[key]}", 200))
+             for key, head in PROTOCOL_KEYS.items() if key in measured]
+    lines += [check_text(k, c, markdown=False) for k, c in entry["checks"].items()]
     fig.supxlabel("\n".join(lines), fontsize=7.5, ha="center")
 
 

@@ -90,7 +90,8 @@ def files_of(name: str) -> tuple[str, str, str]:
 
 
 def save(out: Path, name: str, data: dict, arrays: dict, config: dict, size, *,
-         key: str | None = None, seconds: float | None = None) -> None:
+         key: str | None = None, seconds: float | None = None,
+         environment: dict | None = None) -> None:
     """Write ``NAME.npz`` (arrays), then ``NAME.json``, each atomically.
 
     ``NAME.json`` holds the data, config, size, versions, the key, the training time and the
@@ -105,10 +106,13 @@ def save(out: Path, name: str, data: dict, arrays: dict, config: dict, size, *,
         size: The ``Size`` it ran at.
         key: Its ``config_key``, so that a rebuilt summary knows whether it is up to date.
         seconds: The experiment's wall time.
+        environment: The machine and settings that computed it (CPU, ATen capability, jobs,
+            threads, versions).
     """
     npz = out / f"{name}.npz"
     write_npz(npz, arrays)
-    meta = {"seed": 0, "key": key, "seconds": seconds, "config": config, "size": asdict(size),
+    meta = {"seed": 0, "key": key, "seconds": seconds, "environment": environment,
+            "config": config, "size": asdict(size),
             "versions": versions(), "arrays": sorted(arrays), "npz_sha256": file_sha256(npz),
             "data": clean(data)}
     write_json(out / f"{name}.json", meta, indent=1, default=str)
@@ -288,6 +292,7 @@ def check_text(name: str, check: dict, markdown: bool) -> str:
     margin = f", margin {check['margin']:g}" if check.get("margin") else ""
     seeds = (f"{check['seeds_passed']}/{check['n_seeds']} seeds pass"
              if check["kind"] == "every seed" else f"n={check['n_seeds']}")
+    name = f"{name} [sanity check]" if check.get("sanity") else name
     return (f"{name}: {verdict} (mean {_num(check['mean'])}, 95% CI [{_num(lo)}, {_num(hi)}], "
             f"{seeds}{margin})")
 

@@ -15,19 +15,20 @@ from . import harness
 from .harness import Job, Size, job
 
 
-def _worker_init() -> None:
-    torch.set_num_threads(1)
+def _worker_init(threads: int = 1) -> None:
+    torch.set_num_threads(threads)
 
 
 class Runner:
     """Runs jobs (in ``workers`` processes when > 1), prints one line per finished run, and
     keeps every result so a job asked for twice (a search, then the comparison) runs once."""
 
-    def __init__(self, size: Size, workers: int = 1):
-        self.size, self.workers = size, workers
+    def __init__(self, size: Size, workers: int = 1, threads: int = 1):
+        self.size, self.workers, self.threads = size, workers, threads
         self.done: dict[Job, dict] = {}
         self.pool = (ProcessPoolExecutor(workers, mp_context=get_context("spawn"),
-                                         initializer=_worker_init) if workers > 1 else None)
+                                         initializer=_worker_init, initargs=(threads,))
+                     if workers > 1 else None)
 
     def close(self) -> None:
         if self.pool is not None:
@@ -70,10 +71,10 @@ class Search:
 
 
 def search(runner: Runner, axes: dict[str, Sequence[float]], make: Callable[[dict, int], Job],
-           fixed: Sequence[dict] = ()) -> Search:
+           fixed: Sequence[dict] = (), extend: int | None = None) -> Search:
     """Evaluate every point of the grid ``axes`` (plus the extra points ``fixed``) on
     ``select_seeds`` seeds; while the best grid point sits on an edge of an axis, extend that
-    axis geometrically by one value (at most ``size.extend`` times)."""
+    axis geometrically by one value (at most ``extend`` times, default ``size.extend``)."""
     axes = {k: sorted(float(v) for v in vs) for k, vs in axes.items()}
     seeds = range(runner.size.select_seeds)
     extended = 0
@@ -88,7 +89,8 @@ def search(runner: Runner, axes: dict[str, Sequence[float]], make: Callable[[dic
         # the best grid point decides the extension (an extra point is never on an edge)
         top = max(scores[:len(grid)], key=lambda ps: ps[1])[0]
         edges = {k: len(vs) > 1 and top[k] in (vs[0], vs[-1]) for k, vs in axes.items()}
-        if not any(edges.values()) or extended >= runner.size.extend:
+        limit = runner.size.extend if extend is None else extend
+        if not any(edges.values()) or extended >= limit:
             return Search(axes, scores, best, {k: not e for k, e in edges.items()}, extended)
         for k, vs in axes.items():
             if edges[k]:

@@ -35,15 +35,19 @@ def interval(values: Sequence[float]) -> tuple[float, float]:
 
 def _spread(values: Sequence[float]) -> dict:
     x = np.asarray(values, dtype=float)
-    return {"n_seeds": len(x), "mean": float(x.mean()),
-            "sd": float(x.std(ddof=1)) if len(x) > 1 else None,
-            "min": float(x.min()), "max": float(x.max()), "per_seed": [float(v) for v in x]}
+    f = x[np.isfinite(x)]
+    return {"n_seeds": len(x), "mean": float(f.mean()) if len(f) else math.nan,
+            "sd": float(f.std(ddof=1)) if len(f) > 1 else None,
+            "min": float(f.min()) if len(f) else math.nan,
+            "max": float(f.max()) if len(f) else math.nan, "per_seed": [float(v) for v in x]}
 
 
 def mean_above(statement: str, values: Sequence[float], threshold: float, *,
                margin: float = 0.0, below: bool = False) -> dict:
-    """Check "mean of ``values`` > ``threshold``" (< with ``below``); ``threshold`` already
-    includes ``margin``, which is recorded with the check."""
+    """Check "mean of ``values`` > ``threshold``" (< with ``below``).
+
+    ``threshold`` already includes ``margin``, which is recorded with the check.
+    """
     lo, hi = interval(values)
     if below:
         verdict = "holds" if hi < threshold else "refuted" if lo > threshold else "undecided"
@@ -60,16 +64,34 @@ def paired(statement: str, a: Sequence[float], b: Sequence[float], margin: float
     return mean_above(statement, np.subtract(a, b), -margin, margin=margin)
 
 
-def every_seed(statement: str, values: Sequence[float], passed: Sequence[bool]) -> dict:
-    """Check an exact threshold on each seed's ``values`` (``passed`` per seed)."""
+def every_seed(statement: str, values: Sequence[float], passed: Sequence[bool], *,
+               refutable: bool = True, sanity: bool = False) -> dict:
+    """Check an exact threshold on each seed's ``values`` (``passed`` per seed).
+
+    Args:
+        statement: what the check states.
+        values: the per-seed values (NaN where a seed has none).
+        passed: whether each seed passes.
+        refutable: False where no seed passing cannot refute the claim (e.g. a run that ends,
+            by the protocol's stopping rule, before the claimed behaviour can appear): the
+            verdict is then "undecided" instead of "refuted".
+        sanity: the check follows from the definitions or the protocol (a precondition), not
+            from the claim; it is labelled so.
+
+    Returns:
+        The check: kind, statement, verdict, seeds passed, interval, margin and spread.
+    """
     n = sum(bool(p) for p in passed)
-    verdict = "holds" if n == len(passed) else "refuted" if n == 0 else "undecided"
-    return {"kind": "every seed", "statement": statement, "verdict": verdict,
-            "seeds_passed": n, "interval": list(interval(values)), "margin": 0.0,
+    verdict = ("holds" if n == len(passed) else "refuted" if n == 0 and refutable
+               else "undecided")
+    return {"kind": "every seed", "statement": statement, "verdict": verdict, "sanity": sanity,
+            "seeds_passed": n, "margin": 0.0,
+            "interval": list(interval([v for v in values if math.isfinite(v)])),
             **_spread(values)}
 
 
 def combine(checks: dict[str, dict]) -> str:
+    """The entry's verdict: refuted if any check is, holds if all do, else undecided."""
     verdicts = [c["verdict"] for c in checks.values()]
     return ("refuted" if "refuted" in verdicts else
             "holds" if all(v == "holds" for v in verdicts) else "undecided")
@@ -91,7 +113,10 @@ def clean(obj):
 
 
 def entry(claim: str, measured: dict, checks: dict[str, dict], figure: str) -> dict:
-    """A summary.json entry: claim, measured, verdict, checks (each with its interval, number
-    of seeds and margin) and figure."""
+    """A summary.json entry.
+
+    Claim, measured, verdict, checks (each with its interval, number of seeds and margin) and
+    figure.
+    """
     return clean({"claim": claim, "measured": measured, "verdict": combine(checks),
                   "checks": checks, "figure": figure})

@@ -12,8 +12,8 @@ from torch.nn import functional as F
 from analysis import (FisherOperator, GGNOperator, HessianOperator, hessian_trace, layerwise,
                       load_result, save_result, spectral_density, split_loss, supervised,
                       top_eigenvalues)
-from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp, snapshot,
-                     uneven_batches)
+from tests.oracles import (assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp,
+                           snapshot, uneven_batches)
 
 CE = supervised(nn.CrossEntropyLoss())
 MSE = supervised(nn.MSELoss())
@@ -155,6 +155,8 @@ def test_mc_draws_are_independent_across_batches_of_the_same_shape():
 
 @pytest.mark.parametrize("kind", ["ce", "mse"])
 def test_empirical_fisher_is_the_mean_of_per_sample_outer_products(kind):
+    """curvlinops' scale: per-datum gradients of the summed observation losses, over their
+    number; for MSE with d outputs that is d times the mean of the per-sample outer products."""
     model, loss, data, x, y = problem(kind)
     params = list(model.parameters())
     grads = []
@@ -164,7 +166,8 @@ def test_empirical_fisher_is_the_mean_of_per_sample_outer_products(kind):
     G = torch.stack(grads)
     op = FisherOperator(model, loss, data, kind="empirical")
     assert op.curvature == "empirical_fisher"
-    torch.testing.assert_close(dense(op), G.T @ G / len(x), rtol=1e-10, atol=1e-14)
+    d = y.shape[1] if kind == "mse" else 1  # the observations of a datum
+    torch.testing.assert_close(dense(op), d * G.T @ G / len(x), rtol=1e-10, atol=1e-14)
 
 
 def test_routines_take_curvature_and_say_which():

@@ -16,7 +16,6 @@ import analysis.operator
 from analysis import (CurvatureOperator, FisherOperator, GGNOperator, HessianOperator,
                       EmpiricalFisherOperator, hessian_trace, layerwise, register_curvature,
                       spectral_density, supervised, top_eigenvalues)
-from analysis.core import flatten
 from analysis.curvature import OutputCurvatureOperator
 from tests.oracles import classification_data, exact_hessian, mlp, uneven_batches
 

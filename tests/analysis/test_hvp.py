@@ -9,8 +9,8 @@ from torch import nn
 from torch.nn import functional as F
 
 from analysis import HessianOperator, hvp
-from tests.oracles import (_flat_loss, assert_unchanged, classification_data, cnn_bn, exact_hessian, mlp, snapshot,
-                     uneven_batches)
+from tests.oracles import (_flat_loss, assert_unchanged, classification_data, cnn_bn,
+                           exact_hessian, mlp, snapshot, uneven_batches)
 
 
 def ce(model, batch):
@@ -134,14 +134,16 @@ def test_closed_forms_least_squares_and_logistic_regression():
     # MSE with mean over N * D_out: H = 2 / (N D_out) * I_{D_out} kron X^T X
     lin = nn.Linear(5, 3, bias=False).double()
     target = torch.randn(23, 3, dtype=torch.float64)
-    mse = lambda m, b: F.mse_loss(m(b[0]), b[1])
+    def mse(m, b):
+        return F.mse_loss(m(b[0]), b[1])
     H = HessianOperator(lin, mse, uneven_batches(x, target)).matmat(torch.eye(15).double())
     torch.testing.assert_close(H, torch.kron(torch.eye(3).double(), 2 * x.T @ x / 69),
                                rtol=1e-10, atol=1e-12)
     # binary logistic regression: H = X^T diag(s (1 - s)) X / N
     log = nn.Linear(5, 1, bias=False).double()
     labels = (y > 0).double()
-    bce = lambda m, b: F.binary_cross_entropy_with_logits(m(b[0]).squeeze(1), b[1])
+    def bce(m, b):
+        return F.binary_cross_entropy_with_logits(m(b[0]).squeeze(1), b[1])
     H = HessianOperator(log, bce, uneven_batches(x, labels)).matmat(ones)
     s = torch.sigmoid(log(x).squeeze(1)).detach()
     torch.testing.assert_close(H, x.T @ (x * (s * (1 - s))[:, None]) / 23, rtol=1e-10, atol=1e-12)

@@ -78,24 +78,28 @@ def test_required_measurements(tiny):
 
 
 def test_adaptive_eos_ratios_use_each_optimizers_threshold(tiny):
-    """GD's ratio is lambda_max / (2 / lr), Adam's and AGD's the preconditioned sharpness over
-    (2 + 2 beta1) / ((1 - beta1) lr) with beta1 0.9, at every record; the rule window is the
-    last half of the records."""
-    from figures.adaptive_eos import RATIO, SHARPNESS, SIZE, late_median
+    """GD's ratio is lambda_max / (2 / lr), Adam's the preconditioned sharpness over
+    (2 + 2 beta1) / ((1 - beta1) lr) = 38 / lr with beta1 0.9, at every record; the statistic
+    starts at the first record whose ratio reaches 0.9."""
+    from figures.adaptive_eos import PRECONDITIONED, hover, ratio_key, sharpness_key
     out, summary = tiny
     data, _ = load(out, "adaptive_eos")
     for name, by_lr in data["runs"].items():
         for lr, runs in by_lr.items():
-            threshold = 2 / float(lr) if name == "GD" else 3.8 / (0.1 * float(lr))
+            threshold = 3.8 / (0.1 * float(lr)) if PRECONDITIONED[name] else 2 / float(lr)
             for run in runs:
-                sharp, ratio = (np.asarray(run["history"][k][1]) for k in (SHARPNESS[name],
-                                                                           RATIO[name]))
+                sharp, ratio = (np.asarray(run["history"][k][1]) for k in (sharpness_key(name),
+                                                                           ratio_key(name)))
                 assert sharp / ratio == pytest.approx(threshold, rel=1e-4), (name, lr)
-                assert len(sharp) >= SIZE["tiny"]["steps"] - 1
-                if name != "GD":          # a different operator than plain lambda_max
+                assert len(sharp) == run["steps"] // 5            # a record every 5 steps
+                if PRECONDITIONED[name]:           # a different operator than plain lambda_max
                     assert not np.allclose(sharp, run["history"]["lambda_max"][1], rtol=0.01)
-    run = {"history": {"r": [[1, 2, 3, 4, 5, 6], [9.0, 9.0, 9.0, 1.0, 2.0, 3.0]]}}
-    assert late_median(run, "r") == 2.0
+    run = {"history": {"r": [[1, 2, 3, 4, 5, 6], [0.5, 0.95, 2.0, 1.0, 0.7, 1.1]],
+                       "lambda_max": [[1, 2, 3, 4, 5, 6], [1.0, 2.0, 2.0, 3.0, 3.0, 5.0]]}}
+    stat = hover(run, "r")
+    assert stat["reached_at"] == 2 and stat["median"] == 1.0 and stat["in_band"] == 0.6
+    assert stat["raw_growth"] == 2.5 and stat["records"] == 5
+    assert hover(run, "r", reach=3.0)["reached_at"] is None
 
 
 def test_rerun_skips_unchanged_and_force_recomputes(tiny, tmp_path, capsys, monkeypatch):
@@ -211,8 +215,9 @@ def _ndadam(data, mode):
                 if key.startswith("rownorm/"):
                     grow = [1.0, 1.5] if label.startswith("Adam") else [1.0, 1.0]
                     run["history"][key] = [[1, 2], grow if mode != "refuted" else [1.0, 0.5]]
-            cos = 0.99 if label.startswith("ND-Adam") else 0.8
-            run["history"]["vector_cosine"] = [[1, 2], [cos, cos + 0.001 * run["seed"]]]
+            cos = 1.0 if label.startswith("ND-Adam") else 0.8
+            for key in ("vector_cosine", "tangent_cosine"):
+                run["history"][key] = [[1, 2], [cos, cos - 0.0001 * run["seed"]]]
     for label, runs in data["runs"].items():
         _set(runs, "final_test_acc", [0.7, 0.71] if label.startswith("ND-Adam") else [0.6, 0.61])
     return "ND-Adam", "Adam"
@@ -244,15 +249,21 @@ def _gallery(data, mode):
 
 
 def _eos(data, mode):
-    """Every ratio curve at 1.05 late in training (0.3 when refuted); when undecided seed 0's
-    sits at 1.5, above the band."""
-    from figures.adaptive_eos import RATIO
+    """Every ratio curve reaches 0.9 and sits at 1.05 after it, the raw sharpness of Adam
+    rising (0.3 and falling when refuted); when undecided seed 0's runs never reach 0.9 (a
+    run stopped before the sharpening refutes nothing)."""
+    from figures.adaptive_eos import ratio_key
     for name, by_lr in data["runs"].items():
+        data["initial_lambda_max"] = {k: [0.1] * len(v)
+                                      for k, v in data["initial_lambda_max"].items()}
         for runs in by_lr.values():
             for run in runs:
-                late = 0.3 if mode == "refuted" else 1.5 if (
-                    mode == "undecided" and run["seed"] == 0) else 1.05
-                run["history"][RATIO[name]] = [[1, 2, 3, 4], [0.1, 0.1, late, late]]
+                never = mode == "undecided" and run["seed"] == 0
+                late = 0.3 if mode == "refuted" else 0.5 if never else 1.05
+                reach = 0.5 if never else 0.95
+                run["history"][ratio_key(name)] = [[1, 2, 3, 4], [0.1, reach, late, late]]
+                raw = [1.0, 1.0, 0.5, 0.5] if mode == "refuted" else [1.0, 1.0, 2.0, 3.0]
+                run["history"]["lambda_max"] = [[1, 2, 3, 4], raw]
     return None, None
 
 
