@@ -132,7 +132,7 @@ def smooth(nodes: np.ndarray, weights: np.ndarray, sigma: float | None = None,
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczos: int = 80,
                      n_vectors: int = 10, *, params: ParamSelection = None,
                      model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
@@ -163,7 +163,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
         n_grid: Grid points (at least 2).
         log_scale: Smooth $\log_{10} |\lambda|$ instead of $\lambda$ (the grid is then in
             log10 units; negative eigenvalues are counted by magnitude).
-        hvp_method: ``"reverse"`` or ``"forward"`` (the Hessian only).
+        hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"`` (the Hessian
+            only; as in :func:`analysis.top_eigenvalues`).
         curvature: The matrix, a registered name (as in :func:`analysis.top_eigenvalues`).
         preconditioner: A diagonal $P$; the density is then that of $P^{-1/2} A P^{-1/2}$.
         basis_dtype: Dtype of the Lanczos basis (as in :func:`analysis.top_eigenvalues`).
@@ -197,4 +198,5 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                                                    basis_device=basis_device)
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)
     return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp,
-                         curvature=op.curvature, preconditioned=op.preconditioned)
+                         curvature=op.curvature, preconditioned=op.preconditioned,
+                         metadata=op.product_metadata())

@@ -16,6 +16,12 @@ Two products are available (``hvp_method=``):
   ``with operator:`` block, so every later product costs a single backward (PyHessian's trick).
 * ``"forward"``: forward-over-reverse, ``torch.func.jvp`` of ``torch.func.grad`` through
   ``functional_call``, ``vmap``-ed over the vectors of a block.
+* ``"finite_difference"``: central differences of ordinary ``.backward()`` gradients
+  (:mod:`analysis.finite_difference`: the step rule, the optional Richardson step and the
+  error estimate, which the results of the routines record in ``metadata["hvp"]``). It works
+  where double backward does not (any op with a first derivative; DDP and FSDP2 wrappers run
+  their own hooks), at two to four gradients per product and a truncation/rounding error of
+  about $\epsilon^{2/3}$ relative; the exact methods stay the default.
 
 ``benchmarks/curvature.py`` measures both against a gradient (figures in
 ``benchmarks/README.md``): on CPU the double backward is faster for single vectors and for
@@ -35,11 +41,12 @@ from torch.overrides import TorchFunctionMode
 
 from .core import (BatchSizeFn, check_choice, check_loss, flatten, guarded, LossFn,
                    LossModule, own_call, ParamSelection, unflatten)
+from .finite_difference import backward_gradient, fd_matmat, FiniteDifference
 from .operator import CurvatureOperator, register_curvature
 from .derivatives import gradients
 from .preconditioning import Preconditioner
 
-HVP_METHODS = ("reverse", "forward")
+HVP_METHODS = ("reverse", "forward", "finite_difference")
 
 
 class HessianOperator(CurvatureOperator):
@@ -61,7 +68,11 @@ class HessianOperator(CurvatureOperator):
         batch_size_fn: Sample count of a batch (default
             :func:`analysis.core.default_batch_size`).
         progress: Show a bar over the batches of each product.
-        hvp_method: ``"reverse"`` (double backward) or ``"forward"`` (forward-over-reverse).
+        hvp_method: ``"reverse"`` (double backward), ``"forward"`` (forward-over-reverse) or
+            ``"finite_difference"`` (central differences of gradients, module docstring).
+        fd_richardson: With ``"finite_difference"``, Richardson-extrapolate each product.
+        fd_step: With ``"finite_difference"``, a fixed step $h$ instead of the rule of
+            :func:`analysis.finite_difference.fd_step`.
         reuse_graph: Keep the gradient graph of a one-batch ``data`` inside ``with`` blocks.
         preconditioner: A diagonal $P$ (see :mod:`analysis.preconditioning`); the operator
             is then $P^{-1/2} H P^{-1/2}$, read from an optimizer once, at construction.
@@ -81,7 +92,8 @@ class HessianOperator(CurvatureOperator):
                  params: ParamSelection = None, model_mode: str = "eval",
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                  hvp_method: str = "reverse", reuse_graph: bool = True,
-                 preconditioner: Preconditioner = None, check_deterministic: bool = True):
+                 preconditioner: Preconditioner = None, check_deterministic: bool = True,
+                 fd_richardson: bool = False, fd_step: float | None = None):
         check_choice("hvp_method", hvp_method, HVP_METHODS)
         if hvp_method == "forward" and model_mode == "train" and any(True for _ in model.buffers()):
             raise ValueError('hvp_method="forward" cannot run model_mode="train" on a model with '
@@ -92,6 +104,32 @@ class HessianOperator(CurvatureOperator):
                          reuse_graph=reuse_graph, preconditioner=preconditioner,
                          check_deterministic=check_deterministic)
         self.hvp_method = hvp_method
+        self.fd = None if hvp_method != "finite_difference" else \
+            FiniteDifference(self.params, richardson=fd_richardson, step=fd_step)
+
+    def reduced_product(self, vs: Tensor) -> Tensor:
+        """The full-data product (the base's), or the finite-difference one.
+
+        Args:
+            vs: ``[b, n]`` vectors.
+
+        Returns:
+            ``[b, n]``, the products.
+        """
+        if self.fd is None:
+            return super().reduced_product(vs)
+        with self:
+            return fd_matmat(self.fd, self.model, self.loss_fn, self.data, vs,
+                             batch_size_fn=self.batch_size_fn, reduction=self.reduction,
+                             progress=self.progress)
+
+    def product_metadata(self) -> dict:
+        """``{"hvp": ...}``: the finite-difference record (empty for the exact methods).
+
+        Returns:
+            :meth:`analysis.finite_difference.FiniteDifference.metadata` under ``"hvp"``.
+        """
+        return {} if self.fd is None else {"hvp": self.fd.metadata()}
 
     def batch_product(self, batch: Any, V: Tensor) -> Tensor:
         r"""$H_b V$, the Hessian of the batch's mean loss times the columns of ``V``.
@@ -104,7 +142,21 @@ class HessianOperator(CurvatureOperator):
             ``[n, k]``.
         """
         vs = V.T.contiguous()  # a view in `matmat`: its rows are the vectors
+        if self.fd is not None:
+            return self._differences(batch, vs).T
         return (self._reverse if self.hvp_method == "reverse" else self._forward)(batch, vs).T
+
+    def _differences(self, batch: Any, vs: Tensor) -> Tensor:
+        """The finite-difference product of one batch (not recorded in the error estimate)."""
+        vectors = [unflatten(v, self.params) for v in vs]
+        steps = self.fd.steps_for(vectors)
+
+        def loss() -> Tensor:
+            return check_loss(self.loss_fn(self.model, batch), " in the Hessian-vector product")
+
+        rows = self.fd.differences(lambda: backward_gradient(self.model, loss, self.params),
+                                   vectors, steps)
+        return torch.stack([flatten(p) for p in self.fd.combine(rows, steps, record=False)])
 
     def _gradient_graph(self, batch: Any) -> list[Tensor | None]:
         loss = check_loss(self.loss_fn(self.model, batch), " in the Hessian-vector product")
@@ -203,7 +255,8 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         model_mode: ``"eval"`` or ``"train"``, the mode during the product.
         batch_size_fn: Sample count of a batch.
         progress: Show a bar over the batches.
-        hvp_method: ``"reverse"`` or ``"forward"`` (:class:`HessianOperator`).
+        hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"``
+            (:class:`HessianOperator`).
 
     Returns:
         $H v$, shaped like ``v``.

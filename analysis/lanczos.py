@@ -51,7 +51,8 @@ class EigenResult:
             descending magnitude for "LM".
         eigenvectors: torch tensor ``[k, n]`` of unit rows, flat over the selected parameters
             in ``names`` order (``analysis.core.unflatten(row, params)`` gives per-parameter
-            tensors).
+            tensors). For a model sharded with FSDP2's ``fully_shard``: a list of ``k``
+            vectors, each a list of DTensors placed like the selected parameters.
         residuals: numpy, $\|A u - \theta u\|$ per pair (Ritz estimate for Lanczos,
             measured for the power method).
         n_hvp: Products spent.
@@ -811,7 +812,7 @@ def _two_vector_ritz(prev: tuple[Tensor, Tensor] | None, v: Tensor, hv: Tensor
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 1,
                     which: str = "LA", tol: float = 1e-6, max_hvp: int | None = None, *,
                     params: ParamSelection = None, model_mode: str = "eval",
@@ -830,6 +831,10 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     parameters in ``.names`` order (``analysis.core.unflatten`` splits a row per parameter), on
     the model's device, in its dtype (float32 for bfloat16/float16 models, whose basis is kept
     in float32; their residuals are measured, see :func:`lanczos`).
+
+    A model sharded with FSDP2's ``fully_shard`` is analysed through
+    :class:`analysis.sharded.ShardedOperator` (each rank passing its data shard with the same
+    number of batches; every rank gets the one-process answer; eigenvectors as DTensors).
 
     Args:
         model: The model (restored afterwards).
@@ -858,8 +863,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         max_basis: Basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
             vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
             ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
-        hvp_method: ``"reverse"`` or ``"forward"`` (:class:`analysis.HessianOperator`; the
-            Hessian only).
+        hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"``
+            (:class:`analysis.HessianOperator`; the Hessian only). Finite differences record
+            their step and error estimate in ``metadata["hvp"]``.
         curvature: A registered name: "hessian", "ggn", "fisher" (exact), "empirical_fisher"
             (:mod:`analysis.curvature`) or one added by :func:`analysis.register_curvature`.
         preconditioner: A diagonal $P$; the eigenpairs are then those of
@@ -897,6 +903,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                             batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
                             preconditioner=preconditioner)
     n = op.shape[0]
+    v0 = op.take(v0) if hasattr(op, "take") else v0  # FSDP2: eigenvectors as returned
     check_int("k", k, 1, n)
     if max_hvp is not None:  # enough products for k Ritz values (whole blocks for Lanczos)
         b = min(block_size, n)
@@ -911,6 +918,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
                                   like=op.like, progress=progress)
     theta, U, resid, n_hvp, ok = out
-    return EigenResult(theta.cpu().numpy(), U.detach(), resid.cpu().numpy(), n_hvp, ok,
+    U = op.hand_back(U.detach()) if hasattr(op, "hand_back") else U.detach()  # FSDP2: shards
+    return EigenResult(theta.cpu().numpy(), U, resid.cpu().numpy(), n_hvp, ok,
                        list(op.names), curvature=op.curvature,
-                       preconditioned=op.preconditioned)
+                       preconditioned=op.preconditioned, metadata=op.product_metadata())

@@ -115,7 +115,8 @@ def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups 
         n_hvp_trace: Products per block's trace (as ``n_hvp`` of
             :func:`analysis.hessian_trace`).
         trace_method: "hutch++", "hutchinson" or "xtrace".
-        hvp_method: ``"reverse"`` or ``"forward"`` (the Hessian only).
+        hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"`` (the Hessian
+            only; as in :func:`analysis.top_eigenvalues`).
         curvature: A registered name (as in :func:`analysis.top_eigenvalues`).
         preconditioner: As in :func:`analysis.top_eigenvalues`, each block using its part of
             $P$ (a flat $P$ runs over the parameters ``params`` selects).

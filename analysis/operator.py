@@ -40,6 +40,7 @@ from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check
                    working_dtype)
 from .derivatives import curvature_ops
 from .preconditioning import Preconditioner, inverse_sqrt
+from .sharded import is_sharded, refuse_sharded, REFUSAL, ShardedOperator
 
 _REGISTRY: dict[str, type["CurvatureOperator"]] = {}
 
@@ -98,6 +99,7 @@ class CurvatureOperator(abc.ABC):
                  reuse_graph: bool = True, preconditioner: Preconditioner = None,
                  check_deterministic: bool = True):
         model = unwrap_compiled(model)
+        refuse_sharded(model, f"{type(self).__name__} (use analysis.sharded.ShardedHessian)")
         check_data(data)
         check_model_mode(model_mode)
         self.model, self.loss_fn, self.data = model, loss_fn, data
@@ -226,12 +228,7 @@ class CurvatureOperator(abc.ABC):
         vs = given = vs.to(self.device, self.dtype)
         if self.scale is not None:
             vs = vs * self.scale
-        routed = CompositeWeightNorm() if self._weight_norm else nullcontext()
-        with self, torch.enable_grad(), curvature_ops(), routed:
-            out = data_mean(self.data, lambda batch: [self._rows_product(batch, vs)],
-                            self.batch_size_fn, reduction=self.reduction,
-                            zeros=lambda: [torch.zeros_like(vs)],
-                            progress=self.progress).values[0]
+        out = self.reduced_product(vs)
         self.n_hvp += vs.shape[0]
         out = out if self.scale is None else out.mul_(self.scale)
         if self._probe is None:
@@ -269,6 +266,34 @@ class CurvatureOperator(abc.ABC):
         if not torch.allclose(again, aw, rtol=tol, atol=tol * float(aw.abs().max())):
             return  # the products vary (shuffled data, stochastic layers): the guards' concern
         raise RuntimeError(_asymmetry_message(self, v * aw - w * av, gap / bound))
+
+    def reduced_product(self, vs: Tensor) -> Tensor:
+        """The full-data product of the rows of ``vs`` (validated, preconditioner applied).
+
+        The sample-weighted mean of :meth:`batch_product` over ``data`` (all-reduced over
+        ranks). A subclass whose products do not split by batch (finite differences, whose
+        error estimate is that of the full-data product) overrides this instead.
+
+        Args:
+            vs: ``[b, n]`` in the model's dtype and device, ``b >= 1``.
+
+        Returns:
+            ``[b, n]``, the products.
+        """
+        routed = CompositeWeightNorm() if self._weight_norm else nullcontext()
+        with self, torch.enable_grad(), curvature_ops(), routed:
+            return data_mean(self.data, lambda batch: [self._rows_product(batch, vs)],
+                             self.batch_size_fn, reduction=self.reduction,
+                             zeros=lambda: [torch.zeros_like(vs)],
+                             progress=self.progress).values[0]
+
+    def product_metadata(self) -> dict:
+        """What the products so far used, for the result's ``metadata`` (empty by default).
+
+        Returns:
+            A JSON-representable dict (e.g. the finite-difference step and error estimate).
+        """
+        return {}
 
     def _rows_product(self, batch: Any, vs: Tensor) -> Tensor:
         """:meth:`batch_product` on the rows of ``vs`` (``[b, n]``), its result as rows."""
@@ -440,6 +465,10 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
     cls = _REGISTRY[curvature]
     common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
                   progress=progress, preconditioner=preconditioner)
+    if is_sharded(unwrap_compiled(model)):  # FSDP2: the Hessian on shards (analysis.sharded)
+        if curvature != "hessian":
+            raise NotImplementedError("model " + REFUSAL.format(what=f"curvature={curvature!r}"))
+        return ShardedOperator(model, loss_fn, data, hvp_method=hvp_method, **common)
     if hvp_method != "reverse":
         if "hvp_method" not in inspect.signature(cls.__init__).parameters:
             raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only '

@@ -302,7 +302,7 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int = 99,
                   method: str = "hutch++", *, params: ParamSelection = None,
                   model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
@@ -329,7 +329,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
         seed: Seed of the probes.
         progress: Show a bar over the products.
         chunk: Probes per pass over the data (memory ``chunk * n`` per pass).
-        hvp_method: ``"reverse"`` or ``"forward"`` (the Hessian only).
+        hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"`` (the Hessian
+            only; as in :func:`analysis.top_eigenvalues`).
         curvature: The matrix estimated, a registered name (as in
             :func:`analysis.top_eigenvalues`).
         preconditioner: A diagonal $P$; the trace is then that of $P^{-1/2} A P^{-1/2}$.
@@ -354,4 +355,5 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
         out = trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
                              like=op.like, chunk=chunk, progress=progress)
     out.curvature, out.preconditioned = op.curvature, op.preconditioned
+    out.metadata = op.product_metadata()
     return out

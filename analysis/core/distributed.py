@@ -356,7 +356,8 @@ def _digest(value: Any, h) -> None:
 
     Numbers, strings, None, tensors and arrays (dtype, shape and exact bytes), modules (their
     structure, parameters and buffers) and containers of these; other objects (callables)
-    are not compared.
+    are not compared. A DTensor (an FSDP2 shard) is compared by its global shape, dtype and
+    placements only: its local values differ between ranks by design.
     """
     if value is None or isinstance(value, (bool, np.bool_)):
         h.update(repr(value if value is None else bool(value)).encode())
@@ -364,6 +365,9 @@ def _digest(value: Any, h) -> None:
         h.update(b"n" + struct.pack("<d", float(value)))
     elif isinstance(value, str):
         h.update(b"s" + value.encode() + b"\0")
+    elif hasattr(value, "device_mesh") and hasattr(value, "placements"):  # a DTensor
+        h.update(b"D" + repr((tuple(value.shape), str(value.dtype),
+                              [str(p) for p in value.placements])).encode())
     elif isinstance(value, np.ndarray) and value.dtype.kind not in "biufc":
         _digest(value.tolist(), h)
     elif isinstance(value, (Tensor, np.ndarray)):

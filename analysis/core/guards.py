@@ -25,6 +25,10 @@ between ranks.
   its cause at their next collective, and a call that succeeds ends with a small
   all-reduce so that it never returns while another rank failed in it (no rank waits until
   the process group's timeout, and the next routine starts on every rank together).
+* Models sharded with FSDP2 (``fully_shard``, DTensor parameters) are refused, before anything
+  touches them, by every routine but those that declare support (``guarded(sharded=True)``);
+  for those, every rank must hold the same number of batches (checked first, in one
+  all-reduce), since each forward pass of such a model gathers weights from all ranks.
 * A routine may know the check's verdict by construction (``guarded(known_deterministic=...)``:
   e.g. fixed tensors through layers without randomness); the two passes are then skipped, their
   answer known, and every other guard runs as before.
@@ -48,6 +52,7 @@ from .compiled import is_compiled
 from .distributed import check_same_on_ranks, failures_shared, is_distributed, mark_agreed
 from .protocol import check_data, check_loss, default_batch_size, loss_reduction
 from .restore import preserved
+from .sharding import is_sharded, refuse_sharded, sample_counts
 from .validation import check_bool, check_model_mode
 
 # arguments that may differ between ranks: each rank's shard, and rank-local options
@@ -236,6 +241,23 @@ def _raise_verdict(model: nn.Module, arguments: dict[str, Any], verdict: _Verdic
         raise ValueError(_explain(verdict.code, mode, _random_layers(model), verdict.detail))
 
 
+def _check_sharded(fn: Callable, arguments: dict[str, Any], supported: bool) -> None:
+    """Refuse a ``fully_shard`` model unless the routine supports it; then equal batch counts.
+
+    Raises:
+        NotImplementedError: A sharded model passed to a routine without support.
+        ValueError: The ranks hold different numbers of batches (the same error on every rank).
+    """
+    models = [arguments.get(k) for k in ("model", "model_a", "model_b")]
+    sharded = [m for m in models if isinstance(m, nn.Module) and is_sharded(m)]
+    if not sharded:
+        return
+    if not supported:
+        name = fn.__qualname__.split(".")[0] if fn.__name__ == "__init__" else fn.__name__
+        refuse_sharded(sharded[0], name)
+    sample_counts(arguments["data"], arguments.get("batch_size_fn"))
+
+
 def _run_inside(fn: Callable, args: tuple, kwargs: dict) -> Any:
     """``fn(*args, **kwargs)`` with the guards of the routines it calls switched off."""
     _state.inside = True
@@ -254,10 +276,11 @@ def _raise_check_error(error: Exception) -> None:
 
 
 def _guarded_call(fn: Callable, signature: inspect.Signature,
-                  known_deterministic: Callable[..., bool] | None, args: tuple, kwargs: dict
-                  ) -> Any:
+                  known_deterministic: Callable[..., bool] | None, sharded: bool, args: tuple,
+                  kwargs: dict) -> Any:
     """The outermost call of a guarded routine: the checks, then the routine."""
     arguments = _bound_arguments(signature, args, kwargs)
+    _check_sharded(fn, arguments, sharded)
     model = _analysed_model(arguments)
     verdict = _check_determinism(model, arguments, known_deterministic)
     _agree_between_ranks(model, arguments, verdict)
@@ -269,7 +292,8 @@ def _guarded_call(fn: Callable, signature: inspect.Signature,
 
 
 def guarded(fn: Callable | None = None, *,
-            known_deterministic: Callable[..., bool] | None = None) -> Callable:
+            known_deterministic: Callable[..., bool] | None = None,
+            sharded: bool = False) -> Callable:
     """Decorate a public routine ``f(model, loss_fn, data, ...)`` (or a class's ``__init__``).
 
     The wrapper runs the determinism check when the call's ``check_deterministic`` is True,
@@ -281,12 +305,15 @@ def guarded(fn: Callable | None = None, *,
         known_deterministic: ``(model, loss_fn, data, batch_size_fn, model_mode) -> bool``,
             True only where two passes over ``data`` necessarily agree (the routine knows it
             by construction); the check is then skipped.
+        sharded: The routine supports models sharded with FSDP2's ``fully_shard``; others
+            refuse them (``NotImplementedError`` naming ``fully_shard``) before touching them.
 
     Returns:
         The wrapped routine (``.guarded`` is True), or the decorator when ``fn`` is None.
     """
     if fn is None:
-        return functools.partial(guarded, known_deterministic=known_deterministic)
+        return functools.partial(guarded, known_deterministic=known_deterministic,
+                                 sharded=sharded)
     signature = inspect.signature(fn)
 
     @functools.wraps(fn)
@@ -294,7 +321,7 @@ def guarded(fn: Callable | None = None, *,
         if getattr(_state, "inside", False):
             return fn(*args, **kwargs)
         with failures_shared(done=True):  # one rank's error is raised on every rank
-            return _guarded_call(fn, signature, known_deterministic, args, kwargs)
+            return _guarded_call(fn, signature, known_deterministic, sharded, args, kwargs)
 
     wrapper.guarded = True
     return wrapper

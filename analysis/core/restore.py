@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from .compiled import refuse_compiled
+from .sharding import is_dtensor
 from .validation import check_model_mode
 
 RENORMALISING = (nn.Embedding, nn.EmbeddingBag)  # ``max_norm`` rewrites rows in every forward
@@ -48,7 +49,10 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     Grads are set to None inside the block, so backward passes inside never touch the
     user's gradient tensors; on exit (also when the block raises) the training flags,
     ``requires_grad`` flags, grads, buffers and (with ``weights``) parameter values are put
-    back exactly.
+    back exactly. FSDP2 units (``fully_shard``) whose parameters were sharded on entry are
+    resharded on exit: a forward pass without backward (no_grad, or
+    ``reshard_after_forward=False``) would otherwise leave their all-gathered plain
+    parameters registered in place of the DTensor shards.
 
     Args:
         model: An uncompiled module.
@@ -83,6 +87,8 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
                                    if id(p) not in written]
     buffers = [(mod, name, buf, buf.detach().clone())
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
+    sharded = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")
+               and all(is_dtensor(p) for p in m.parameters(recurse=False))]
     try:
         for p in params:
             p.grad = None
@@ -94,6 +100,8 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
         yield model
         _check_unwritten(versions)
     finally:
+        for m in sharded:
+            m.reshard()
         with torch.no_grad():
             for p, v in values:
                 p.copy_(v)

@@ -122,7 +122,8 @@ def records_metadata(fn: Callable) -> Callable:
 
     The seed and the call's JSON-representable arguments (numbers, strings, flags; not the
     model, loss_fn, data, tensors or callables) fill ``metadata``, unless the routine filled it
-    itself.
+    itself (entries a routine adds without ``versions``, e.g. ``metadata["hvp"]``, the
+    finite-difference record, are kept beside them).
 
     Args:
         fn: A routine returning a result with a ``metadata`` field.
@@ -135,12 +136,13 @@ def records_metadata(fn: Callable) -> Callable:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         result = fn(*args, **kwargs)
-        if not result.metadata:
+        if "versions" not in result.metadata:
             bound = signature.bind(*args, **kwargs)
             bound.apply_defaults()
             config = {k: (v.item() if isinstance(v, np.generic) else v)
                       for k, v in bound.arguments.items() if _jsonable(v)}
-            result.metadata = make_metadata(config.pop("seed", None), config)
+            result.metadata = make_metadata(config.pop("seed", None), config,
+                                            **result.metadata)
         return result
 
     return wrapper

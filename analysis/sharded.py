@@ -1,0 +1,566 @@
+r"""Curvature products of models sharded with FSDP2 (``torch.distributed.fsdp.fully_shard``).
+
+Under FSDP2 every parameter is a DTensor shard (``Shard(0)`` over a 1-D device mesh); the
+forward pass all-gathers each unit's weights into plain tensors and the gradients reach the
+shards through hooks, so ``torch.autograd.grad`` w.r.t. the parameters, and with it every
+double-backward product, does not see them (``shared/specs/sharded.md``).
+
+**Exact product** (:class:`ShardedHessian`). The loss is evaluated on a hook-free copy of the
+module tree (the original classes, the same buffers, no FSDP hooks) whose parameters are, for
+the duration of each unit's forward, the unit's full weights gathered *inside the autograd
+graph* from detached copies of the local shards: ``shard.redistribute(mesh, [Replicate()])
+.to_local(grad_placements=[Partial()])``. The ``Partial`` placement says that each rank's
+gradient w.r.t. the gathered weight is its part of a sum over ranks (each rank sees its own
+data), so the backward reduce-scatters it, and the double backward (Pearlmutter 1994) runs
+through DTensor's collectives:
+
+$$ H v = \nabla_w \langle \nabla_w \textstyle\sum_r \sum_b \tfrac{n_{rb}}{N} L_{rb}(w),
+   v \rangle, $$
+
+with $L_{rb}$ the mean loss of rank $r$'s batch $b$ and $N$ the total sample count. Each unit
+that contains no other unit runs inside a non-reentrant ``torch.utils.checkpoint`` region, so
+its gathered weights are freed after its forward and gathered again when its backward needs
+them: at most one such unit's full weights are alive at a time (plus those of the units that
+enclose others, the root, which stay gathered during a product).
+
+Vectors are sharded like the parameters: a vector is a list of DTensors with the parameters'
+shapes, mesh and placements (``full_tensor()`` gives the unsharded piece); ``local(...)`` /
+``sharded(...)`` convert to and from the flat concatenation of the local shards, in which
+inner products are a local dot plus one all-reduce (:func:`analysis.finite_difference.dot`).
+
+Every rank passes its own data shard, with the same number of batches on every rank (each
+batch's forward runs collectives that all ranks must join).
+
+**Finite differences** (:func:`sharded_gradient`): the gradient by ordinary ``.backward()``
+through the FSDP2 model itself (its hooks reduce-scatter the gradients), for
+:class:`analysis.finite_difference.FiniteDifference`.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Iterable, Sequence
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+from torch.nn.utils.stateless import _reparametrize_module
+from torch.utils.checkpoint import checkpoint
+
+from .core import (all_finite, BatchSizeFn, check_choice, check_data, check_loss,
+                   check_model_mode, loss_reduction, LossFn, ParamSelection, preserved,
+                   select_params, working_dtype)
+from .core.sharding import is_sharded, refuse_sharded, REFUSAL, sample_counts
+from .finite_difference import dot, FiniteDifference, Pieces
+
+try:  # FSDP2 and DTensor (torch >= 2.4)
+    from torch.distributed.fsdp import FSDPModule
+    from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+except ImportError:  # pragma: no cover - torch without torch.distributed
+    FSDPModule = DTensor = None
+
+def _original_class(module: nn.Module) -> type:
+    cls = type(module)
+    if FSDPModule is not None and isinstance(module, FSDPModule):
+        return cls.__mro__[cls._orig_cls_mro_index]
+    return cls
+
+
+def _hook_free(module: nn.Module, memo: dict) -> nn.Module:
+    """A shallow, hook-free copy of the module tree.
+
+    Original classes, the same parameter and buffer objects (so ties are kept), new
+    containers, no hooks.
+    """
+    if id(module) in memo:
+        return memo[id(module)]
+    cls = _original_class(module)
+    clone = cls.__new__(cls)
+    clone.__dict__ = module.__dict__.copy()
+    memo[id(module)] = clone
+    for key, value in module.__dict__.items():
+        if "hooks" in key and isinstance(value, dict):
+            clone.__dict__[key] = OrderedDict()
+    clone._parameters = dict(module._parameters)
+    clone._buffers = dict(module._buffers)
+    clone._modules = {k: None if m is None else _hook_free(m, memo)
+                      for k, m in module._modules.items()}
+    return clone
+
+
+def _gather(shard: Tensor) -> Tensor:
+    """The full weight of a DTensor shard, differentiably; the gradient reduce-scatters."""
+    full = shard.redistribute(shard.device_mesh, [Replicate()] * shard.device_mesh.ndim)
+    return full.to_local(grad_placements=[Partial()] * shard.device_mesh.ndim)
+
+
+class _Unit:
+    """The forward of one FSDP unit on the hook-free copy.
+
+    It gathers the unit's own weights from the leaves (inside a checkpoint when it encloses no
+    other unit), then runs the original forward.
+    """
+
+    def __init__(self, clone: nn.Module, names: dict[str, str], leaves: dict[str, Tensor],
+                 innermost: bool):
+        self.clone, self.names, self.leaves, self.innermost = clone, names, leaves, innermost
+
+    def _run(self, *args, **kwargs):
+        full = {local: _gather(self.leaves[name]) for local, name in self.names.items()}
+        with _reparametrize_module(self.clone, full, tie_weights=True):
+            return type(self.clone).forward(self.clone, *args, **kwargs)
+
+    def __call__(self, *args, **kwargs):
+        if self.innermost:
+            return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
+        return self._run(*args, **kwargs)
+
+
+def fsdp_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The FSDP2 units of ``model`` (modules passed to ``fully_shard``), outermost first.
+
+    Args:
+        model: a module.
+
+    Returns:
+        ``(qualified name, module)`` pairs.
+    """
+    return [(n, m) for n, m in model.named_modules()
+            if FSDPModule is not None and isinstance(m, FSDPModule)]
+
+
+def _owner(name: str, units: Sequence[str]) -> str | None:
+    """The innermost unit whose subtree holds the parameter ``name``."""
+    owners = [u for u in units if u == "" or name.startswith(u + ".")]
+    return max(owners, key=len) if owners else None
+
+
+def check_sharded(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The FSDP2 units of ``model``; a clear error for what the engine does not support.
+
+    Args:
+        model: a model sharded with ``fully_shard``.
+
+    Returns:
+        Its units (:func:`fsdp_units`).
+
+    Raises:
+        ValueError: no ``fully_shard`` unit, a parameter outside every unit or not a DTensor
+            sharded on a 1-D mesh over all ranks, or the root not wrapped.
+    """
+    units = fsdp_units(model)
+    if not units:
+        raise ValueError("model has DTensor parameters but no fully_shard (FSDP2) unit: tensor "
+                         "parallel and other DTensor layouts are not supported")
+    world = dist.get_world_size() if dist.is_initialized() else 1
+    names = [u for u, _ in units]
+    for name, p in model.named_parameters():
+        mesh = getattr(p, "device_mesh", None)
+        if _owner(name, names) is None or mesh is None:
+            raise ValueError(f"parameter {name} is not sharded by fully_shard: wrap the root "
+                             "module too (fully_shard(model) after its submodules)")
+        if mesh.ndim != 1 or mesh.size() != world or list(p.placements) != [Shard(0)]:
+            raise ValueError(f"parameter {name} is placed {p.placements} on a {mesh.ndim}-D mesh "
+                             f"of {mesh.size()} ranks; only fully_shard's Shard(0) over all "
+                             f"{world} ranks (a 1-D mesh) is supported")
+    return units
+
+
+class ShardedHessian:
+    r"""Exact Hessian-vector products of a ``fully_shard`` model, on sharded vectors.
+
+    The Hessian of the sample-weighted mean loss over the union of the ranks' data (the total
+    loss for a sum-reduced ``loss_fn``) w.r.t. the selected parameters; every rank calls each
+    method with its own shard of the data (same number of batches) and the same vectors.
+    The model is left exactly as found (shards, grads, modes, FSDP state; buffers restored).
+
+    Args:
+        model: a model whose parameters are sharded by ``fully_shard`` (the root wrapped).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``; it is called with a hook-free copy of
+            the model (same classes, attributes and buffers).
+        data: this rank's batches.
+        params: the selection (``analysis.core.select_params``); the others are constants.
+        model_mode: "eval" or "train" during the products.
+        batch_size_fn: sample count of a batch (default: the leading dimension).
+
+    Attributes:
+        names, params: the selected parameters (DTensor shards).
+        shape: ``(n, n)``, ``n`` the number of elements of the full selected parameters.
+        n_local: the number of elements of this rank's shards.
+        n_hvp: products so far.
+
+    Raises:
+        ValueError: the model is not a supported ``fully_shard`` model (:func:`check_sharded`),
+            or bad arguments.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                 params: ParamSelection = None, model_mode: str = "eval",
+                 batch_size_fn: BatchSizeFn | None = None):
+        self.units = check_sharded(model)
+        check_data(data)
+        self.model, self.loss_fn, self.data = model, loss_fn, data
+        self.model_mode, self.batch_size_fn = check_model_mode(model_mode), batch_size_fn
+        self.reduction = loss_reduction(loss_fn)
+        self.names, self.params = select_params(model, params)
+        n = sum(p.numel() for p in self.params)
+        self.shape = (n, n)
+        self.n_local = sum(p.to_local().numel() for p in self.params)
+        self.n_hvp = 0
+        self._counts: tuple[list[int], float] | None = None
+
+    def counts(self) -> tuple[list[int], float]:
+        """This rank's batch sizes and the total sample count (:func:`sample_counts`, once).
+
+        Returns:
+            ``(sizes, total)``.
+        """
+        if self._counts is None:
+            self._counts = sample_counts(self.data, self.batch_size_fn)
+        return self._counts
+
+    # -- vectors -----------------------------------------------------------------------
+    def local(self, vector: Pieces) -> Tensor:
+        """The flat concatenation of a sharded vector's local shards.
+
+        Args:
+            vector: DTensors placed like the selected parameters.
+
+        Returns:
+            A 1-D tensor of ``n_local`` elements.
+        """
+        return torch.cat([v.to_local().reshape(-1) for v in vector])
+
+    def sharded(self, flat: Tensor) -> Pieces:
+        """The sharded vector (DTensors placed like the parameters) of local shards ``flat``.
+
+        Args:
+            flat: a 1-D tensor of ``n_local`` elements (:meth:`local`).
+
+        Returns:
+            DTensors shaped and placed like the selected parameters (views of ``flat``).
+        """
+        out, offset = [], 0
+        for p in self.params:
+            shape = p.to_local().shape
+            piece = flat[offset:offset + shape.numel()].view(shape)
+            out.append(DTensor.from_local(piece, p.device_mesh, p.placements, run_check=False,
+                                          shape=p.shape, stride=p.stride()))
+            offset += shape.numel()
+        return out
+
+    def distribute(self, full: Tensor) -> Pieces:
+        """A full flat vector (the same on every rank) as a sharded vector.
+
+        Args:
+            full: 1-D, ``n`` elements, in ``names`` order (as a one-process operator's).
+
+        Returns:
+            The sharded vector.
+        """
+        out, offset = [], 0
+        for p in self.params:
+            piece = full[offset:offset + p.numel()].view(p.shape).to(p.dtype)
+            local = DTensor.from_local(piece, p.device_mesh, [Replicate()], run_check=False)
+            out.append(local.redistribute(p.device_mesh, p.placements))
+            offset += p.numel()
+        return out
+
+    # -- products ----------------------------------------------------------------------
+    def _copy(self, leaves: dict[str, Tensor]) -> nn.Module:
+        """The hook-free copy whose units gather their weights from ``leaves``."""
+        memo: dict = {}
+        root = _hook_free(self.model, memo)
+        names = [u for u, _ in self.units]
+        own: dict[str, dict[str, str]] = {u: {} for u in names}
+        for name, _ in self.model.named_parameters():
+            unit = _owner(name, names)
+            own[unit][name[len(unit) + 1:] if unit else name] = name
+        for unit, module in self.units:
+            clone = memo[id(module)]
+            innermost = not any(u != unit and (unit == "" or u.startswith(unit + "."))
+                                for u in names)
+            clone.forward = _Unit(clone, own[unit], leaves, innermost)
+        root.train(self.model_mode == "train")
+        return root
+
+    def _leaves(self) -> dict[str, Tensor]:
+        chosen = {id(p) for p in self.params}
+        return {name: p.detach().requires_grad_(id(p) in chosen)
+                for name, p in self.model.named_parameters()}
+
+    def matmat(self, vectors: Sequence[Pieces]) -> list[Pieces]:
+        """``H v`` for each sharded vector of ``vectors``, in one pass over the data.
+
+        Args:
+            vectors: sharded vectors (lists of DTensors placed like the selected parameters),
+                the same on every rank.
+
+        Returns:
+            The products, sharded like the parameters.
+        """
+        sizes, total = self.counts()
+        out = [[torch.zeros_like(p) for p in self.params] for _ in vectors]
+        with preserved(self.model, self.model_mode, weights=False, trainable=self.params), \
+                torch.enable_grad():
+            leaves = self._leaves()
+            clone = self._copy(leaves)
+            selected = [leaves[n] for n in self.names]
+            for batch, n in zip(self.data, sizes):
+                weight = n / total if self.reduction == "mean" else 1.0
+                loss = check_loss(self.loss_fn(clone, batch), " in the Hessian-vector product")
+                grads = torch.autograd.grad(loss * weight, selected, create_graph=True,
+                                            allow_unused=True)
+                live = [i for i, g in enumerate(grads) if g is not None and g.requires_grad]
+                for j, v in enumerate(vectors):
+                    hv = torch.autograd.grad([grads[i] for i in live], selected,
+                                             grad_outputs=[v[i].to(grads[i].dtype) for i in live],
+                                             retain_graph=j < len(vectors) - 1, allow_unused=True)
+                    for acc, h in zip(out[j], hv):
+                        if h is not None:
+                            acc.add_(h.detach())
+        self.n_hvp += len(vectors)
+        return out
+
+    def matvec(self, vector: Pieces) -> Pieces:
+        """``H v`` for one sharded vector.
+
+        Args:
+            vector: DTensors placed like the selected parameters.
+
+        Returns:
+            The product, sharded like the parameters.
+        """
+        return self.matmat([vector])[0]
+
+    def matmat_local(self, vs: Tensor) -> Tensor:
+        """``H v`` for each row of ``vs`` given as local shards (``[k, n_local]``).
+
+        Args:
+            vs: rows of local shards (:meth:`local`), the same global vectors on every rank.
+
+        Returns:
+            ``[k, n_local]``, the products' local shards.
+        """
+        products = self.matmat([self.sharded(v) for v in vs])
+        return torch.stack([self.local(p) for p in products])
+
+
+def _divide_factors(model: nn.Module) -> dict[int, float]:
+    """Per parameter (by id), the factor FSDP2 divides its reduced gradient by.
+
+    That is the ``set_gradient_divide_factor`` value, else the data-parallel world size.
+    """
+    factors = {}
+    for _, unit in fsdp_units(model):
+        for group in unit._get_fsdp_state()._fsdp_param_groups:
+            factor = group.gradient_divide_factor or group.mesh_info.mesh.size()
+            for fsdp_param in group.fsdp_params:
+                factors[id(fsdp_param.sharded_param)] = float(factor)
+    return factors
+
+
+def sharded_gradient(model: nn.Module, loss_fn: LossFn, data: Iterable,
+                     params: Sequence[nn.Parameter], sizes: Sequence[int], total: float,
+                     reduction: str = "mean") -> Pieces:
+    """The full-data gradient of a ``fully_shard`` model by ordinary ``.backward()`` passes.
+
+    Each batch's loss is weighted by ``n_b / N`` (mean) and multiplied by FSDP2's divide
+    factor, which the reduce-scatter of its hooks divides out again, so the accumulated
+    sharded ``.grad`` is the gradient of the mean loss over all ranks' data. Grads are
+    cleared before and after (the caller restores the user's, see ``preserved``).
+
+    Args:
+        model: the FSDP2 model (its forward hooks run: this is a training-style pass).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: this rank's batches, with sizes ``sizes`` (:func:`sample_counts`).
+        params: the parameters whose gradients are returned.
+        sizes: the batches' sample counts.
+        total: the total sample count over all ranks.
+        reduction: "mean" or "sum" (``loss_reduction(loss_fn)``).
+
+    Returns:
+        The gradient, sharded like ``params`` (zeros where none arrives).
+    """
+    factors = _divide_factors(model)
+    for p in model.parameters():
+        p.grad = None
+    for batch, n in zip(data, sizes):
+        weight = n / total if reduction == "mean" else 1.0
+        loss = check_loss(loss_fn(model, batch), " in the finite-difference product")
+        (loss * weight).backward()
+    out = []
+    for p in params:
+        g = torch.zeros_like(p) if p.grad is None else p.grad * factors.get(id(p), 1.0)
+        out.append(g)
+    for p in model.parameters():
+        p.grad = None
+    return out
+
+
+def sharded_fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, data: Iterable,
+                      vectors: Sequence[Pieces], *, batch_size_fn: BatchSizeFn | None = None,
+                      model_mode: str = "eval",
+                      counts: tuple[list[int], float] | None = None) -> list[Pieces]:
+    """Finite-difference ``H v`` of a ``fully_shard`` model for sharded vectors.
+
+    Args:
+        fd: the differencer over the selected (sharded) parameters.
+        model: the FSDP2 model (left exactly as found).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: this rank's batches (the same number on every rank).
+        vectors: sharded vectors placed like ``fd.params``.
+        batch_size_fn: sample count of a batch (default: the leading dimension).
+        model_mode: "eval" or "train" during the products.
+        counts: :func:`sample_counts` of ``data`` when known.
+
+    Returns:
+        The products, sharded like the parameters; ``fd`` records steps and error estimates.
+    """
+    sizes, total = counts or sample_counts(data, batch_size_fn)
+    reduction = loss_reduction(loss_fn)
+    with preserved(model, model_mode, weights=False, trainable=fd.params):
+        steps = fd.steps_for(vectors)
+        diffs = fd.differences(
+            lambda: sharded_gradient(model, loss_fn, data, fd.params, sizes, total, reduction),
+            vectors, steps)
+    return fd.combine(diffs, steps)
+
+
+class ShardedOperator:
+    r"""The Hessian of a ``fully_shard`` model as the routines' operator (full flat vectors).
+
+    What :func:`analysis.top_eigenvalues`, :func:`analysis.hessian_trace` and
+    :func:`analysis.spectral_density` build for a sharded model (through
+    ``analysis.operator.curvature_operator``): the interface of a
+    :class:`~analysis.operator.CurvatureOperator` (``matmat``/``matvec`` on flat vectors in
+    ``names`` order, ``shape``, ``like``, ``with`` blocks), each product computed on shards by
+    :class:`ShardedHessian` (``hvp_method="reverse"``) or by finite differences through the
+    FSDP2 backward (``"finite_difference"``). The vectors it takes and returns are full and
+    the same on every rank (so the solvers run unchanged and every rank gets the one-process
+    answer); :meth:`hand_back` shards the vectors a routine returns.
+
+    Args:
+        model: A ``fully_shard`` model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: This rank's batches (the same number on every rank).
+        params: The selection (as :class:`ShardedHessian`).
+        model_mode: "eval" or "train".
+        batch_size_fn: Sample count of a batch.
+        progress: Accepted for the routines' signature (no bar).
+        hvp_method: "reverse" (exact, the default) or "finite_difference".
+        preconditioner: Must be None (not supported on sharded models yet).
+        fd_richardson: As :class:`analysis.HessianOperator`.
+        fd_step: As :class:`analysis.HessianOperator`.
+
+    Raises:
+        NotImplementedError: A preconditioner or ``hvp_method="forward"``.
+        ValueError: As :class:`ShardedHessian`.
+    """
+
+    curvature = "hessian"
+    preconditioned = False
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                 params: ParamSelection = None, model_mode: str = "eval",
+                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                 hvp_method: str = "reverse", preconditioner=None,
+                 fd_richardson: bool = False, fd_step: float | None = None):
+        if preconditioner is not None or hvp_method == "forward":
+            what = "a preconditioner" if preconditioner is not None else 'hvp_method="forward"'
+            raise NotImplementedError("model " + REFUSAL.format(what=what))
+        check_choice("hvp_method", hvp_method, ("reverse", "finite_difference"))
+        self.engine = ShardedHessian(model, loss_fn, data, params=params,
+                                     model_mode=model_mode, batch_size_fn=batch_size_fn)
+        self.names, self.params, self.shape = self.engine.names, self.engine.params, \
+            self.engine.shape
+        self.fd = None if hvp_method == "reverse" else \
+            FiniteDifference(self.params, richardson=fd_richardson, step=fd_step)
+        self.dtype = self.params[0].dtype
+        self.device = self.params[0].to_local().device
+        self.like = torch.empty((), dtype=working_dtype(self.dtype), device=self.device)
+        self.n_hvp = 0
+
+    def __enter__(self) -> "ShardedOperator":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+    def matmat(self, vs: Tensor) -> Tensor:
+        """``H v`` for each row of ``vs``, full vectors the same on every rank.
+
+        Args:
+            vs: ``[b, n]``.
+
+        Returns:
+            ``[b, n]``, the same on every rank.
+
+        Raises:
+            ValueError: ``vs`` is not ``[b, n]`` or not finite.
+        """
+        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.shape[0]:
+            raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
+                             "selected parameter elements)")
+        if not all_finite(vs):
+            raise ValueError("vectors must be finite (they hold NaN or inf)")
+        vectors = [self.engine.distribute(v) for v in vs.to(self.device, self.dtype)]
+        if self.fd is None:
+            products = self.engine.matmat(vectors)
+        else:
+            e = self.engine
+            products = sharded_fd_matmat(self.fd, e.model, e.loss_fn, e.data, vectors,
+                                         model_mode=e.model_mode, counts=e.counts())
+        self.n_hvp += len(vs)
+        return torch.stack([torch.cat([h.full_tensor().reshape(-1) for h in p])
+                            for p in products]).to(self.like.dtype)
+
+    def matvec(self, v: Tensor) -> Tensor:
+        """``H v`` for one full vector.
+
+        Args:
+            v: 1-D, ``n`` elements.
+
+        Returns:
+            1-D.
+        """
+        return self.matmat(v.reshape(1, -1))[0]
+
+    def hand_back(self, U: Tensor) -> list[Pieces]:
+        """Full vectors (rows of ``U``) as sharded vectors placed like the parameters.
+
+        Args:
+            U: ``[k, n]``.
+
+        Returns:
+            ``k`` lists of DTensors (``full_tensor()`` gives each piece unsharded).
+        """
+        return [self.engine.distribute(u) for u in U]
+
+    def take(self, vectors: Tensor | Sequence[Pieces] | None) -> Tensor | None:
+        """Sharded vectors (as :meth:`hand_back` returns them) as full rows; tensors as given.
+
+        Args:
+            vectors: None, a tensor, or a list of sharded vectors.
+
+        Returns:
+            None, the tensor, or ``[k, n]`` full rows (the same on every rank).
+        """
+        if vectors is None or isinstance(vectors, Tensor):
+            return vectors
+        return torch.stack([torch.cat([v.full_tensor().reshape(-1) for v in u])
+                            for u in vectors])
+
+    def product_metadata(self) -> dict:
+        """``{"hvp": ..., "sharded": True}``: how the products were computed.
+
+        Returns:
+            The finite-difference record under ``"hvp"`` (when used) and ``"sharded"``.
+        """
+        out = {"sharded": "fully_shard"}
+        if self.fd is not None:
+            out["hvp"] = self.fd.metadata()
+        return out
+
+
+__all__ = ["is_sharded", "refuse_sharded", "check_sharded", "fsdp_units", "sample_counts",
+           "ShardedHessian", "ShardedOperator", "sharded_gradient", "sharded_fd_matmat", "dot"]

@@ -1,0 +1,312 @@
+"""FSDP2 (fully_shard) models on two gloo ranks, each with half of the data: the exact sharded
+Hessian-vector product and the finite-difference one equal the unsharded one-process product on
+all the data, and the model (shards, grads, modes, FSDP state) is left as found."""
+import os
+from datetime import timedelta
+
+import numpy as np
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn import functional as F
+
+from analysis import hessian_trace, HessianOperator, spectral_density, top_eigenvalues
+from analysis.finite_difference import FiniteDifference
+from analysis.sharded import is_sharded, sharded_fd_matmat, ShardedHessian
+from tests.oracles import mlp
+
+K = 2  # vectors per product
+
+
+def ce(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def lm(model, batch):
+    """Next-token cross-entropy in float64 (Hugging Face's ``labels=`` loss upcasts to float32
+    only, which puts a 1e-5 floor under finite differences)."""
+    logits = model(input_ids=batch).logits
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), batch[:, 1:].reshape(-1))
+
+
+def gpt2(seed=0):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=8, n_head=2, vocab_size=13, n_positions=8,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                        attn_implementation="eager")
+    torch.manual_seed(seed)
+    return GPT2LMHeadModel(config).to(torch.float64)
+
+
+def case(name):
+    """(model builder, loss, the units to wrap, all data, the ranks' shards)."""
+    gen = torch.Generator().manual_seed(3)
+    if name == "mlp":
+        x = torch.randn(16, 5, generator=gen, dtype=torch.float64)
+        y = torch.randint(0, 3, (16,), generator=gen)
+        cuts = ((0, 3), (3, 8), (8, 12), (12, 16))  # rank 0: 3 + 5 samples, rank 1: 4 + 4
+        batches = [(x[a:b], y[a:b]) for a, b in cuts]
+        return (lambda: mlp((5, 7, 6, 3)), ce, lambda m: [m[0], m[2], m[4]], batches,
+                (batches[:2], batches[2:]))
+    ids = torch.randint(0, 13, (8, 6), generator=gen)
+    batches = [ids[i:i + 2] for i in range(0, 8, 2)]
+    return gpt2, lm, lambda m: list(m.transformer.h), batches, (batches[:2], batches[2:])
+
+
+def shard(model, units, reshard):
+    mesh = init_device_mesh("cpu", (dist.get_world_size(),))
+    for unit in units(model):
+        fully_shard(unit, mesh=mesh, reshard_after_forward=reshard)
+    fully_shard(model, mesh=mesh, reshard_after_forward=reshard)
+    return model
+
+
+def state(model):
+    """Everything the analysis must leave unchanged, on this rank."""
+    out = {"training": [m.training for m in model.modules()],
+           "requires_grad": [p.requires_grad for p in model.parameters()],
+           "classes": [type(p).__name__ for p in model.parameters()],
+           "ids": [id(p) for p in model.parameters()]}
+    for i, p in enumerate(model.parameters()):
+        out[f"p{i}"] = p.to_local().clone()
+        out[f"g{i}"] = None if p.grad is None else p.grad.to_local().clone()
+    for i, (_, m) in enumerate(sorted((n, m) for n, m in model.named_modules()
+                                      if hasattr(m, "_get_fsdp_state"))):
+        fsdp_state, group = m._get_fsdp_state(), m._get_fsdp_state()._fsdp_param_group
+        out[f"fsdp{i}"] = (str(fsdp_state._training_state), group and (
+            str(group._training_state), group.is_sharded,
+            [str(fp.sharded_state) for fp in group.fsdp_params]))
+    return out
+
+
+def assert_same_state(a, b):
+    assert a.keys() == b.keys()
+    for key in a:
+        if isinstance(a[key], torch.Tensor):
+            assert torch.equal(a[key], b[key]), key
+        else:
+            assert a[key] == b[key], key
+
+
+def train_step(model, loss_fn, data):
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    opt.zero_grad()
+    for batch in data:
+        loss_fn(model, batch).backward()
+    opt.step()
+    return [p.to_local().clone() for p in model.parameters()]
+
+
+def vectors(n):
+    return torch.randn(K, n, generator=torch.Generator().manual_seed(7), dtype=torch.float64)
+
+
+def _check_one(name, reshard, rank, out):
+    build, loss_fn, units, _, shards = case(name)
+    data = shards[rank]
+    model, twin = shard(build(), units, reshard), shard(build(), units, reshard)
+    assert is_sharded(model)
+    for p in model.parameters():  # a user's gradient, which must survive
+        p.grad = torch.ones_like(p)
+    model.train()
+    before = state(model)
+    op = ShardedHessian(model, loss_fn, data)
+    full = vectors(op.shape[0])
+    vs = [op.distribute(v) for v in full]
+    exact = op.matmat(vs)
+    local = op.matmat_local(torch.stack([op.local(v) for v in vs]))
+    assert torch.equal(local, torch.stack([op.local(p) for p in exact]))
+    assert_same_state(before, state(model))
+    fd = FiniteDifference(op.params)
+    approx = sharded_fd_matmat(fd, model, loss_fn, data, vs)
+    assert_same_state(before, state(model))
+    for p in model.parameters():
+        p.grad = None
+    # a training step after the products equals one without them
+    assert all(torch.equal(a, b) for a, b in zip(train_step(model, loss_fn, data),
+                                                 train_step(twin, loss_fn, data)))
+    key = f"{name}_{reshard}"
+    out[key + "_exact"] = np.stack([torch.cat([h.full_tensor().reshape(-1) for h in p]).numpy()
+                                    for p in exact])
+    out[key + "_fd"] = np.stack([torch.cat([h.full_tensor().reshape(-1) for h in p]).numpy()
+                                 for p in approx])
+    out[key + "_fd_error"] = np.array(fd.errors)
+
+
+def _worker(rank, world, init, out_dir, names):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        out = {}
+        for name, reshard in names:
+            _check_one(name, reshard, rank, out)
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+    finally:
+        dist.destroy_process_group()
+
+
+def spawn(tmp_path, names):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_worker, args=(2, init, str(tmp_path), names), nprocs=2, join=True)
+    return [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
+
+
+def reference(name):
+    build, loss_fn, _, data, _ = case(name)
+    model = build()
+    op = HessianOperator(model, loss_fn, data)
+    return op.matmat(vectors(op.shape[0])).numpy()
+
+
+@pytest.mark.parametrize("name", ["mlp", "gpt2"])
+def test_sharded_products_equal_the_unsharded_product(tmp_path, name):
+    modes = (True, False) if name == "mlp" else (True,)
+    results = spawn(tmp_path, [(name, r) for r in modes])
+    single = reference(name)
+    for got in results:
+        for reshard in modes:
+            key = f"{name}_{reshard}"
+            np.testing.assert_allclose(got[key + "_exact"], single, rtol=0, atol=1e-12)
+            err = np.linalg.norm(got[key + "_fd"] - single, axis=1)
+            assert (err <= got[key + "_fd_error"]).all()
+            assert (err / np.linalg.norm(single, axis=1) < 1e-6).all()
+
+
+def analyse(model, loss_fn, data):
+    """The routines that take a fully_shard model, as numbers comparable between processes."""
+    eig = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-9, progress=False)
+    fd = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-6, hvp_method="finite_difference",
+                         v0=eig.eigenvectors, progress=False)
+    trace = hessian_trace(model, loss_fn, data, n_hvp=4, seed=3, progress=False)
+    slq = spectral_density(model, loss_fn, data, n_lanczos=4, n_vectors=1, seed=1,
+                           progress=False)
+    vectors = eig.eigenvectors
+    if isinstance(vectors, list):  # sharded: DTensors placed like the parameters
+        assert all(v.placements == p.placements for u in vectors
+                   for v, p in zip(u, model.parameters()))
+        vectors = torch.stack([torch.cat([v.full_tensor().reshape(-1) for v in u])
+                               for u in vectors])
+    vectors = vectors * torch.sign(vectors[:, :1])
+    return {"eig": eig.eigenvalues, "vectors": vectors.numpy(), "fd_eig": fd.eigenvalues,
+            "fd_error": np.array(fd.metadata["hvp"]["relative_error_estimate"]),
+            "trace": np.array([trace.estimate, trace.stderr]), "nodes": slq.nodes,
+            "weights": slq.weights}
+
+
+def _routines_worker(rank, world, init, out_dir):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        build, loss_fn, units, _, shards = case("mlp")
+        out = {}
+        for reshard in (False,):  # the routines' guard runs no_grad forward passes
+            model = shard(build(), units, reshard)
+            before = state(model)
+            got = analyse(model, loss_fn, shards[rank])
+            assert_same_state(before, state(model))
+            out.update({f"{k}_{reshard}": v for k, v in got.items()})
+            for call in (lambda: HessianOperator(model, loss_fn, shards[rank]),
+                         lambda: top_eigenvalues(model, loss_fn, shards[rank], curvature="ggn",
+                                                 progress=False)):
+                with pytest.raises(NotImplementedError, match="fully_shard"):
+                    call()
+                assert_same_state(before, state(model))
+            with pytest.raises(ValueError, match="same number of batches"):  # 1 and 2 batches
+                top_eigenvalues(model, loss_fn, shards[rank][:rank + 1], progress=False)
+            assert_same_state(before, state(model))
+        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_routines_on_a_sharded_model_give_the_one_process_answer(tmp_path):
+    init = f"file://{tmp_path / 'rendezvous'}"
+    mp.spawn(_routines_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    build, loss_fn, _, data, _ = case("mlp")
+    single = analyse(build(), loss_fn, data)
+    for rank in range(2):
+        got = np.load(tmp_path / f"rank{rank}.npz")
+        for reshard in (False,):
+            for key in ("eig", "vectors", "trace", "nodes", "weights"):
+                np.testing.assert_allclose(got[f"{key}_{reshard}"], single[key], rtol=1e-8,
+                                           atol=1e-10, err_msg=key)
+            np.testing.assert_allclose(got[f"fd_eig_{reshard}"], single["eig"][:1], rtol=1e-5)
+            assert got[f"fd_error_{reshard}"] < 1e-4
+
+
+@pytest.fixture
+def one_rank(tmp_path):
+    """A one-process gloo group: FSDP2 runs its real code path on a single rank."""
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous1'}", rank=0,
+                            world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_one_rank_matches_the_plain_model(one_rank):
+    """On one rank FSDP2 used to give H v = 0 silently (the forward swaps in unsharded tensors)."""
+    build, loss_fn, units, data, _ = case("mlp")
+    model = shard(build(), units, True)
+    op = ShardedHessian(model, loss_fn, data[:1])
+    v = vectors(op.shape[0])[:1]
+    hv = op.matmat([op.distribute(v[0])])[0]
+    single = HessianOperator(build(), loss_fn, data[:1]).matmat(v)[0]
+    torch.testing.assert_close(torch.cat([h.full_tensor().reshape(-1) for h in hv]), single,
+                               rtol=0, atol=1e-12)
+    eig = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-8, progress=False)
+    plain = top_eigenvalues(build(), loss_fn, data, k=1, tol=1e-8, progress=False)
+    np.testing.assert_allclose(eig.eigenvalues, plain.eigenvalues, rtol=1e-10)
+    assert eig.metadata["sharded"] == "fully_shard"
+
+
+def refused_calls(model, loss_fn, data):
+    """Every public routine without FSDP2 support, called on a fully_shard model."""
+    import analysis
+    import landscape
+
+    zeros = {n: torch.zeros(p.shape, dtype=p.dtype) for n, p in model.named_parameters()}
+    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
+    quiet = dict(progress=False)
+    return {
+        "HessianOperator": lambda: analysis.HessianOperator(model, loss_fn, data),
+        "GGNOperator": lambda: analysis.GGNOperator(model, loss_fn, data),
+        "hvp": lambda: analysis.hvp(model, loss_fn, data, v, **quiet),
+        "layerwise": lambda: analysis.layerwise(model, loss_fn, data, **quiet),
+        "mean_loss": lambda: analysis.mean_loss(model, loss_fn, data, **quiet),
+        "evaluate": lambda: analysis.evaluate(model, loss_fn, data, **quiet),
+        "full_grad_norm": lambda: analysis.full_grad_norm(model, loss_fn, data, **quiet),
+        "average_sharpness": lambda: analysis.average_sharpness(model, loss_fn, data, **quiet),
+        "worst_case_sharpness": lambda: analysis.worst_case_sharpness(model, loss_fn, data,
+                                                                      **quiet),
+        "keskar_sharpness": lambda: analysis.keskar_sharpness(model, loss_fn, data, **quiet),
+        "line": lambda: landscape.line(model, loss_fn, data, zeros, [0.5], **quiet),
+        "plane": lambda: landscape.plane(model, loss_fn, data, zeros, zeros, [0.5], [0.5],
+                                         **quiet),
+        "eigenvector_directions": lambda: landscape.eigenvector_directions(model, loss_fn, data),
+        "ggn_eigenvalues": lambda: top_eigenvalues(model, loss_fn, data, curvature="ggn",
+                                                   **quiet),
+        "preconditioned": lambda: top_eigenvalues(model, loss_fn, data, preconditioner=v,
+                                                  **quiet),
+    }
+
+
+def test_routines_without_support_refuse_a_sharded_model_untouched(one_rank):
+    build, loss_fn, units, data, _ = case("mlp")
+    for reshard in (True, False):
+        model = shard(build(), units, reshard)
+        for p in model.parameters():
+            p.grad = torch.ones_like(p)
+        before = state(model)
+        for name, call in refused_calls(model, loss_fn, data).items():
+            with pytest.raises(NotImplementedError, match="fully_shard") as info:
+                call()
+            assert "top_eigenvalues" in str(info.value), name  # says what does work
+            assert_same_state(before, state(model))
