@@ -30,17 +30,6 @@ def _written_by_forward(model: nn.Module) -> set[int]:
             for p in m.parameters(recurse=False)}
 
 
-def _check_unwritten(versions: list[tuple[str, nn.Parameter, int]]) -> None:
-    """Raise if a parameter that was not snapshotted was written in place inside the block."""
-    written = [name for name, p, v in versions if p._version != v]
-    if written:
-        raise RuntimeError(
-            f"the model's forward wrote to parameters in place ({', '.join(written[:5])}), "
-            "which this routine does not snapshot, so the model is left changed; a module "
-            "that rewrites its weights in every forward must declare it (as "
-            "nn.Embedding(max_norm=...) does)")
-
-
 @contextmanager
 def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = True,
               trainable: Iterable[nn.Parameter] | None = None) -> Iterator[nn.Module]:
@@ -60,8 +49,7 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
         weights: Snapshot every parameter's values too (needed by routines that perturb the
             weights; curvature routines, which never write to parameters, pass False to save
             memory). Parameters that the model's forward itself rewrites
-            (``nn.Embedding(max_norm=...)``) are snapshotted either way, and any other
-            in-place write to an unsnapshotted parameter raises.
+            (``nn.Embedding(max_norm=...)``, ``EmbeddingBag``) are snapshotted either way.
         trainable: If given, exactly these parameters get ``requires_grad=True`` inside the
             block and all others ``False`` (so autograd does no work for unselected
             parameters).
@@ -72,8 +60,6 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     Raises:
         ValueError: A ``model_mode`` other than "eval" or "train".
         TypeError: ``model`` is a ``torch.compile``'d module.
-        RuntimeError: With ``weights=False``, a parameter that was not snapshotted was
-            written in place inside the block (checked by its version counter).
     """
     check_model_mode(model_mode)
     refuse_compiled(model)
@@ -83,8 +69,6 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     grads = [(p, p.grad) for p in params]
     written = _written_by_forward(model)
     values = [(p, p.detach().clone()) for p in params if weights or id(p) in written]
-    versions = [] if weights else [(n, p, p._version) for n, p in model.named_parameters()
-                                   if id(p) not in written]
     buffers = [(mod, name, buf, buf.detach().clone())
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
     sharded = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")
@@ -98,7 +82,6 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
                 p.requires_grad_(id(p) in chosen)
         model.train(model_mode == "train")
         yield model
-        _check_unwritten(versions)
     finally:
         for m in sharded:
             m.reshard()
