@@ -58,12 +58,13 @@ from typing import Any, Callable, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, vmap
+from torch.func import grad, vmap
 from torch.nn import functional as F
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
-                   loss_reduction, LossFn, LossModule, make_generator, ParamSelection, unflatten)
+                   loss_reduction, LossFn, LossModule, make_generator, own_call, ParamSelection,
+                   unflatten)
 from .operator import (CurvatureOperator, curvature_operator, register_curvature,
                        registered_curvatures)
 from .preconditioning import Preconditioner
@@ -593,7 +594,7 @@ def _per_sample_gradients(op: EmpiricalFisherOperator, batch: Any) -> Tensor:
     primals = {"model." + name: p.detach() for name, p in zip(op.names, op.params)}
 
     def one(theta: dict[str, Tensor], xs: list[Tensor]) -> Tensor:
-        return functional_call(wrapper, theta, (datum([x.unsqueeze(0) for x in xs], ...),))
+        return own_call(wrapper, theta, (datum([x.unsqueeze(0) for x in xs], ...),))
 
     try:
         grads = vmap(grad(one), in_dims=(None, 0))(primals, [leaves[i] for i in rows])

@@ -37,6 +37,25 @@ REENTRANT = ("torch.utils.checkpoint(use_reentrant=True) hides the parameters of
              "Face models do not checkpoint")
 
 
+def _no_second_derivative(op: str) -> str:
+    """Why curvature products fail at ``op``, with the fixes that apply to that kind of op."""
+    head = (f"{op} has no second derivative in PyTorch, and Hessian-vector products "
+            "differentiate the gradient")
+    if "loss" in op.lower():  # the loss itself (CTC, ...): every parameter is before it
+        return (f"{head}. It is an op of the loss, after every parameter, so no params= "
+                "selection avoids it and no curvature (Hessian, GGN, Fisher) can be computed "
+                "through it: write the loss with ops that have second derivatives, or use the "
+                "first-order measures (worst_case_sharpness, average_sharpness, "
+                "keskar_sharpness), which need gradients only")
+    if any(name in op.lower() for name in ("attention", "flash", "efficient", "cudnn")):
+        return (f"{head}. Fused attention is switched to the math backend automatically; "
+                "for this kernel, use an implementation without it (for Hugging Face models "
+                "attn_implementation=\"eager\")")
+    return (f"{head}: use an implementation of the layer without this op, or leave the "
+            "parameters before it out with params= (the curvature of those after it is "
+            "computed), or use the first-order measures (worst_case_sharpness, ...)")
+
+
 def _explained(err: Exception) -> str | None:
     """The message of ``err`` rephrased with the op and the fix.
 
@@ -45,14 +64,12 @@ def _explained(err: Exception) -> str | None:
     text = str(err)
     if (found := _NO_DOUBLE_BACKWARD.search(text)) or _ONCE in text:
         op = found[1].strip("'\"") if found else "a custom autograd.Function (@once_differentiable)"
-        return (f"{op} has no second derivative in PyTorch, and Hessian-vector products "
-                "differentiate the gradient. Fused attention is switched to the math backend "
-                "automatically; for this op, use an implementation without it (for Hugging Face "
-                "models attn_implementation=\"eager\"), or leave the parameters before it out "
-                "with params=")
+        return _no_second_derivative(op)
     if (found := _NO_FORWARD_AD.search(text)) is not None:
-        return (f"{found[1]} has no forward-mode derivative, which hvp_method=\"forward\" "
-                "needs; use hvp_method=\"reverse\"")
+        return (f"{found[1]} has no forward-mode derivative, which torch.func's products need "
+                "(hvp_method=\"forward\", and the per-sample gradients of "
+                "curvature=\"empirical_fisher\"); use hvp_method=\"reverse\" with another "
+                "curvature")
     if any(limit in text for limit in _FUNC_LIMITS):
         return (f"hvp_method=\"forward\" (torch.func) cannot differentiate this model "
                 f"({text.splitlines()[0]}); this is the case for torch.utils.checkpoint and other "

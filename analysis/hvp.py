@@ -35,12 +35,12 @@ from typing import Any, Iterable
 
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, grad, jvp, vmap
+from torch.func import grad, jvp, vmap
 from torch.nn import functional as F
 from torch.overrides import TorchFunctionMode
 
 from .core import (BatchSizeFn, check_choice, check_loss, flatten, guarded, LossFn,
-                   LossModule, ParamSelection, unflatten)
+                   LossModule, own_call, ParamSelection, unflatten)
 from .finite_difference import backward_gradient, fd_matmat, FiniteDifference
 from .operator import CurvatureOperator, register_curvature
 from .derivatives import gradients
@@ -192,7 +192,7 @@ class HessianOperator(CurvatureOperator):
         primals = {"model." + n: p.detach() for n, p in zip(self.names, self.params)}
 
         def loss(theta: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
-            value = functional_call(wrapper, theta, (batch,))
+            value = own_call(wrapper, theta, (batch,))
             return value, value.detach()
 
         def product(v: Tensor) -> tuple[Tensor, Tensor]:

@@ -11,8 +11,20 @@ default handles
 * dict batches (Hugging Face style): ``model(**batch)``, with the targets under ``"labels"``;
 
 and model outputs that are tensors (the logits) or objects with ``.loss`` / ``.logits``. The loss
-is ``loss_fn.criterion(logits, targets)`` for a ``loss_fn`` made by ``supervised`` (one
-forward), else the output's ``.loss`` when it has one, else ``loss_fn(model, batch)``. The accuracy
+is, in this order (one forward where possible):
+
+1. the output's own ``.loss`` for a dict batch (a Hugging Face model given ``labels``; a causal
+   LM shifts its labels itself);
+2. ``loss_fn.criterion`` (declared by ``supervised``) on the logits and targets: as given, or,
+   for sequence outputs (logits ``[N, T, V]`` with targets ``[N, T]``: ``logits.shape[:-1] ==
+   targets.shape`` and more than 2 dimensions), on the tokens flattened (``[N T, V]`` and
+   ``[N T]``: the token mean, ``ignore_index`` respected). A dict batch whose ``labels`` equal
+   its ``input_ids`` wherever they are not -100 follows Hugging Face's causal-LM convention:
+   the logits at position $t$ are scored against the label at $t + 1$. A criterion that
+   refuses the shapes raises a ``ValueError`` asking for ``eval_fn``;
+3. else ``loss_fn(model, batch)``.
+
+The accuracy
 (``argmax`` of the logits against integer targets, ignoring targets equal to -100) is reported
 where one prediction per target is well defined: for tuples whenever the logits' leading shape
 is the targets' shape, for dict batches only for one label per sample (sequence or image
@@ -49,6 +61,37 @@ def _accuracy(logits: Tensor, targets: Tensor) -> Tensor:
     return hits.sum().to(torch.float64) / valid.sum().clamp_min(1)
 
 
+def _causal(batch: Any, targets: Tensor) -> bool:
+    """A dict batch whose labels equal its ``input_ids`` wherever set: a causal LM's."""
+    ids = batch.get("input_ids") if isinstance(batch, Mapping) else None
+    if not isinstance(ids, Tensor) or ids.shape != targets.shape or targets.dim() < 2:
+        return False
+    kept = targets != IGNORE_INDEX
+    return bool(kept.any()) and bool((ids.to(targets.device)[kept] == targets[kept]).all())
+
+
+def _criterion_loss(criterion: Callable, logits: Tensor, targets: Tensor, causal: bool
+                    ) -> Tensor:
+    """``criterion`` on the logits and targets, sequence outputs flattened (module docstring).
+
+    Raises:
+        ValueError: The criterion refuses the shapes (the message asks for ``eval_fn``).
+    """
+    given = (tuple(logits.shape), tuple(targets.shape))
+    if causal:  # Hugging Face's causal-LM convention: position t predicts label t + 1
+        logits, targets = logits[:, :-1], targets[:, 1:]
+    if logits.dim() > 2 and logits.shape[:-1] == targets.shape:  # [N, T, V] with [N, T]
+        logits, targets = logits.flatten(0, -2), targets.flatten()
+    try:
+        return criterion(logits, targets)
+    except (RuntimeError, ValueError, IndexError) as err:
+        raise ValueError(
+            f"the default evaluation applies loss_fn.criterion to the model's logits "
+            f"{list(given[0])} and the targets {list(given[1])}, and the criterion refused "
+            f"them ({err}); pass eval_fn=(model, batch) -> dict of metrics (e.g. "
+            "{'loss': loss_fn(model, batch)})") from err
+
+
 def default_metrics(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, Tensor]:
     """The loss and accuracy of one batch (module docstring).
 
@@ -61,7 +104,8 @@ def default_metrics(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, 
         ``{"loss": ..., "acc": ...}``, 0-d tensors; ``acc`` is NaN where undefined.
 
     Raises:
-        ValueError: Another kind of batch, or a loss that is not a finite scalar.
+        ValueError: Another kind of batch, a criterion that refuses the logits' and targets'
+            shapes (pass ``eval_fn``), or a loss that is not a finite scalar.
     """
     device = model_device(model)
     if isinstance(batch, Mapping):
@@ -76,8 +120,10 @@ def default_metrics(model: nn.Module, loss_fn: LossFn, batch: Any) -> dict[str, 
                          "eval_fn=(model, batch) -> dict of metrics")
     logits, criterion = _logits(outputs), getattr(loss_fn, "criterion", None)
     loss = getattr(outputs, "loss", None)
-    if criterion is not None and logits is not None and targets is not None:
-        loss = criterion(logits, targets)
+    if isinstance(batch, Mapping) and isinstance(loss, Tensor):
+        pass  # the model's own loss (rule 1)
+    elif criterion is not None and logits is not None and isinstance(targets, Tensor):
+        loss = _criterion_loss(criterion, logits, targets, _causal(batch, targets))
     elif not isinstance(loss, Tensor):
         loss = loss_fn(model, batch)
     loss = check_loss(loss, " in the evaluation")

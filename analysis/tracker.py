@@ -106,7 +106,9 @@ class Tracker:
         eval_fn: ``eval_fn(model, batch) -> dict`` of metrics for ``eval_data`` and
             ``test_data`` (default None: loss and accuracy, ``acc``, of
             :func:`analysis.metrics.default_metrics`: ``(inputs, targets)`` tuples, dict
-            batches with ``"labels"``, outputs that are tensors or have ``.loss``/``.logits``).
+            batches with ``"labels"``, outputs that are tensors or have ``.loss``/``.logits``;
+            sequence outputs ``[N, T, V]`` scored per token, the rule in
+            :mod:`analysis.metrics`).
         batch_size_fn: ``batch -> int`` sample count of the evaluation batches (default None:
             :func:`analysis.core.default_batch_size`).
         curvature_data: The batches on which ``lambda_max``, ``trace`` and ``grad_norm`` are

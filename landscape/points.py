@@ -36,10 +36,10 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 from torch import Tensor, nn
-from torch.func import functional_call, vmap
+from torch.func import vmap
 from tqdm.auto import tqdm
 
-from analysis.core import (all_reduce_max_, ArgumentTypeError, BatchSizeFn, check_choice,
+from analysis.core import (own_call, all_reduce_max_, ArgumentTypeError, BatchSizeFn, check_choice,
                            check_data, check_int, check_number, check_positive, data_mean,
                            default_batch_size, loss_reduction, LossFn, LossModule, preserved, rank,
                            world_size)
@@ -131,7 +131,7 @@ class VmappedPoints:
         """The loss at each point ``cs[p]`` ([P, n_vectors]) on ``batch``, shape [P]."""
         def one(c: Tensor) -> Tensor:
             mapping = {f"model.{n}": combine(p, c) for n, p in self.parts.items()}
-            return _scalar(functional_call(self.caller, mapping, (batch,)))
+            return _scalar(own_call(self.caller, mapping, (batch,)))
         return vmap(one)(cs)
 
 

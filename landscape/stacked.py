@@ -36,9 +36,9 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.func import functional_call
 
-from analysis.core import BatchSizeFn, check_model_mode, LossFn, Supervised, to_device
+from analysis.core import (BatchSizeFn, check_model_mode, LossFn, own_call, Supervised,
+                           to_device)
 
 Parts = Mapping[str, Sequence[tuple[int, Tensor]]]
 
@@ -403,7 +403,7 @@ class SequentialPlan:
             return m(h.flatten(0, 1)).unflatten(0, h.shape[:2])
         if type(m) is not nn.Linear:
             tensors = {a: s.at(c, along=along) for a, s in layer.moving.items()}
-            return torch.stack([functional_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
+            return torch.stack([own_call(m, {a: t[p] for a, t in tensors.items()}, (h[p],))
                                 for p in range(P)])
         flat = h.reshape(P, -1, h.shape[-1])
         weight, bias = layer.moving.get("weight"), layer.moving.get("bias")

@@ -40,7 +40,7 @@ from .guards import guarded, is_guarded, repeated_passes
 from .files import (atomic_write, file_sha256, read_regular, remove_temporaries, save_figure,
                     temporaries, write_bytes, write_figure, write_json, write_npz, write_text)
 from .flat import flatten, numel, unflatten
-from .loss_module import LossModule
+from .loss_module import LossModule, own_call
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
 from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
@@ -63,6 +63,7 @@ __all__ = [
     "check_loss_fn", "data_mean", "scalar_zeros", "mean_loss", "to_device",
     # loss_module
     "LossModule",
+    "own_call",
     # guards
     "guarded", "is_guarded", "repeated_passes",
     # params

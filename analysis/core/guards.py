@@ -8,7 +8,9 @@ between ranks.
   per-batch sample counts and the total loss (to ``64 eps`` of the loss dtype, relative). A
   shuffled ``DataLoader(drop_last=True)``, random augmentation, or Dropout with
   ``model_mode="train"`` would otherwise change the operator between products and give
-  confident wrong answers. Cost: two forward passes.
+  confident wrong answers. Cost: two forward passes. The batches themselves are compared
+  too (order-sensitive sums of their tensors), so that a loss differing over the same batches
+  is blamed on the model (stochastic layers in train mode: Dropout, drop path), not the data.
 * Agreement between ranks: every argument but the shard itself (``data``, ``bn_data``) and
   the progress/path options is fingerprinted (numbers, strings, tensors, the model's
   parameters) and compared in one all-reduce, which also carries the determinism verdict of
@@ -43,7 +45,8 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
 import torch
-from torch import nn
+from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten
 
 from .compiled import is_compiled
 from .distributed import check_same_on_ranks, failures_shared, is_distributed, mark_agreed
@@ -56,28 +59,64 @@ from .validation import check_bool, check_model_mode
 # arguments that may differ between ranks: each rank's shard, and rank-local options
 LOCAL = ("self", "data", "bn_data", "progress", "path", "check_deterministic")
 COUNTS, RANDOM_LAYERS, LOSS, RAISED = 1, 2, 3, 4   # why two passes differed, or an error
+STOCHASTIC = ("droppath", "drop_path", "stochasticdepth", "dropblock")  # names, lower case
 _state = threading.local()
 
 
+def _batch_digest(batch: Any) -> list[Tensor]:
+    """Order-sensitive sums of the batch's tensors, on their devices (no sync).
+
+    Equal batches give equal digests; a shuffled or augmented batch almost surely does not.
+    """
+    digest = []
+    for t in tree_flatten(batch)[0]:
+        if isinstance(t, Tensor):
+            x = torch.view_as_real(t) if t.is_complex() else t
+            x = torch.nan_to_num(x.detach().reshape(-1).to(torch.float64))
+            weights = torch.arange(1, x.numel() + 1, device=x.device, dtype=torch.float64)
+            digest += [x.sum(), (x * weights.sqrt()).sum()]
+    return digest
+
+
 def _one_pass(model: nn.Module, loss_fn, data: Iterable, batch_size_fn
-              ) -> tuple[list[int], float, torch.dtype]:
-    """Per-batch sample counts, the (weighted) total loss and the loss dtype of one pass."""
+              ) -> tuple[list[int], float, torch.dtype, list[Tensor]]:
+    """Per-batch sample counts, the (weighted) total loss, the loss dtype, batch digests."""
     check_data(data)
     size, weighted = batch_size_fn or default_batch_size, loss_reduction(loss_fn) == "mean"
-    counts, terms, dtype = [], [], torch.float64
+    counts, terms, dtype, digests = [], [], torch.float64, []
     for batch in data:
         n = size(batch)
         counts.append(n)
+        digests += _batch_digest(batch)
         if n > 0:
             loss = check_loss(loss_fn(model, batch), " in the determinism check").detach()
             terms.append(loss.to(torch.float64) * (n if weighted else 1))  # no sync per batch
             dtype = loss.dtype
-    return counts, float(sum(t.cpu() for t in terms)), dtype
+    return counts, float(sum(t.cpu() for t in terms)), dtype, digests
+
+
+def _same_batches(first: list[Tensor], second: list[Tensor]) -> bool:
+    """Whether two passes' digests are equal (the data gave the same batches)."""
+    return len(first) == len(second) and all(bool((a.cpu() == b.cpu()).all())
+                                             for a, b in zip(first, second))
 
 
 def _random_layers(model: nn.Module) -> list[str]:
+    """Names of the model's layer types that draw random numbers in train mode."""
     return sorted({type(m).__name__ for m in model.modules()
-                   if isinstance(m, nn.modules.dropout._DropoutNd)})
+                   if isinstance(m, nn.modules.dropout._DropoutNd)
+                   or any(k in type(m).__name__.lower() for k in STOCHASTIC)})
+
+
+def _random_forward(model_mode: str, layers: list[str]) -> str:
+    """The stochastic layers to blame for a random forward, and the fix."""
+    if model_mode == "train":
+        found = f" ({', '.join(layers)})" if layers else \
+            " (Dropout, drop path / stochastic depth, or another layer drawing random numbers)"
+        return (f"stochastic layers in train mode{found}, which model_mode='train' switches "
+                "on; use model_mode='eval' (or switch those layers off)")
+    return ("a layer draws random numbers even in eval mode (or runs a nondeterministic "
+            "kernel); make it deterministic in eval mode")
 
 
 def _explain(code: int, model_mode: str, layers: list[str], detail: str = "") -> str:
@@ -88,9 +127,9 @@ def _explain(code: int, model_mode: str, layers: list[str], detail: str = "") ->
         COUNTS: "the batches' sample counts differ between two passes: a DataLoader with "
                 "shuffle=True and drop_last=True, or a sampler that changes between passes; pass "
                 "the batches in a fixed order (shuffle=False, or a list of batches)",
-        RANDOM_LAYERS: f"the loss differs between two passes, and the model has random layers "
-                       f"({', '.join(layers)}) that model_mode={model_mode!r} switches on: use "
-                       "model_mode='eval', or data in a fixed order",
+        RANDOM_LAYERS: "the batches are the same in both passes but the loss differs, so the "
+                       "model's forward (or loss_fn) is random: "
+                       + _random_forward(model_mode, layers),
         LOSS: "the loss differs between two passes: a shuffled DataLoader (with drop_last=True "
               "it drops other samples each pass; with train-mode BatchNorm any shuffling changes "
               "the loss) or random augmentation; pass the batches in a fixed order "
@@ -115,14 +154,14 @@ def repeated_passes(model: nn.Module, loss_fn, data: Iterable, batch_size_fn=Non
         else a cause code and the numbers that differed.
     """
     with preserved(model, check_model_mode(model_mode), weights=False), torch.no_grad():
-        (c1, t1, dtype), (c2, t2, _) = (_one_pass(model, loss_fn, data, batch_size_fn)
-                                        for _ in range(2))
+        (c1, t1, dtype, d1), (c2, t2, _, d2) = (_one_pass(model, loss_fn, data, batch_size_fn)
+                                                for _ in range(2))
     if c1 != c2:
         first = next((i for i, (a, b) in enumerate(zip(c1, c2)) if a != b), min(len(c1), len(c2)))
         return COUNTS, (f" ({len(c1)} batches of {sum(c1)} samples, then {len(c2)} of "
                         f"{sum(c2)}; they first differ at batch {first})")
     if abs(t1 - t2) > 64 * torch.finfo(dtype).eps * max(abs(t1), abs(t2)):
-        code = RANDOM_LAYERS if model_mode == "train" and _random_layers(model) else LOSS
+        code = RANDOM_LAYERS if _same_batches(d1, d2) else LOSS
         return code, f" (total loss {t1!r} then {t2!r})"
     return 0, ""
 

@@ -16,6 +16,20 @@ from .compiled import refuse_compiled
 from .sharding import is_dtensor
 from .validation import check_model_mode
 
+RENORMALISING = (nn.Embedding, nn.EmbeddingBag)  # ``max_norm`` rewrites rows in every forward
+
+
+def _written_by_forward(model: nn.Module) -> set[int]:
+    """Ids of the parameters that the model's own forward rewrites in place.
+
+    ``nn.Embedding(max_norm=...)`` (and ``EmbeddingBag``) renormalise the rows they look up,
+    in place, in every forward pass (with or without gradients).
+    """
+    return {id(p) for m in model.modules()
+            if isinstance(m, RENORMALISING) and m.max_norm is not None
+            for p in m.parameters(recurse=False)}
+
+
 @contextmanager
 def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = True,
               trainable: Iterable[nn.Parameter] | None = None) -> Iterator[nn.Module]:
@@ -32,8 +46,10 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     Args:
         model: An uncompiled module.
         model_mode: "eval" or "train", the mode inside the block.
-        weights: Snapshot parameter values too (needed by routines that perturb the weights;
-            curvature routines, which never write to parameters, pass False to save memory).
+        weights: Snapshot every parameter's values too (needed by routines that perturb the
+            weights; curvature routines, which never write to parameters, pass False to save
+            memory). Parameters that the model's forward itself rewrites
+            (``nn.Embedding(max_norm=...)``, ``EmbeddingBag``) are snapshotted either way.
         trainable: If given, exactly these parameters get ``requires_grad=True`` inside the
             block and all others ``False`` (so autograd does no work for unselected
             parameters).
@@ -51,7 +67,8 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     flags = [(m, m.training) for m in model.modules()]
     requires = [(p, p.requires_grad) for p in params]
     grads = [(p, p.grad) for p in params]
-    values = [(p, p.detach().clone()) for p in params] if weights else []
+    written = _written_by_forward(model)
+    values = [(p, p.detach().clone()) for p in params if weights or id(p) in written]
     buffers = [(mod, name, buf, buf.detach().clone())
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
     sharded = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")

@@ -101,7 +101,8 @@ def test_every_repeated_pass_routine_refuses_a_shuffled_drop_last_loader(name):
 def test_dropout_in_train_mode_is_named(name):
     _, x, y = problem()
     model = with_dropout()
-    with pytest.raises(ValueError, match="random layers \\(Dropout\\).*model_mode='eval'"):
+    with pytest.raises(ValueError,
+                       match="stochastic layers in train mode \\(Dropout\\).*model_mode=.eval."):
         ROUTINES[name](model, uneven_batches(x, y), model_mode="train", **QUIET)
     ROUTINES[name](model, uneven_batches(x, y), **QUIET)  # eval mode: deterministic
 
@@ -403,7 +404,7 @@ def test_randomness_the_plan_excludes_is_still_caught(name):
     """Dropout in train mode (the model left in eval mode by the user), an in-place layer
     changing the batch's own tensor before the first Linear: the check runs and raises."""
     _, x, y = problem()
-    with pytest.raises(ValueError, match="random layers \\(Dropout\\)"):
+    with pytest.raises(ValueError, match="stochastic layers in train mode \\(Dropout\\)"):
         surfaces(with_dropout().eval(), CE, uneven_batches(x, y), model_mode="train")[name]()
     torch.manual_seed(0)
     elu = nn.Sequential(nn.ELU(inplace=True), nn.Linear(6, 5), nn.Tanh(),
