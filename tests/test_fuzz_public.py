@@ -147,12 +147,12 @@ SPEC: dict[str, tuple[Callable[..., Any], dict[str, Arg]]] = {
         m, CE, DATA, rhos, steps=2, progress=False, **kw), {
         "rhos": R(listed=True), "steps": I(1), "restarts": I(1), "tol": R(),
         "max_hvp": I(1, none=True), "seed": SEED}),
-    "keskar_sharpness": (lambda m, **kw: A.keskar_sharpness(m, CE, DATA, maxiter=2,
+    "keskar_sharpness": (lambda m, **kw: A.keskar_sharpness(m, CE, DATA, max_iter=2,
                                                             progress=False, **kw), {
-        "eps": R(), "subspace_dim": I(1, N, none=True), "maxiter": I(1), "seed": SEED}),
-    "pac_bayes_sigma": (lambda m, **kw: A.pac_bayes_sigma(m, CE, DATA, n_samples=2, depth=3,
+        "eps": R(), "subspace_dim": I(1, N, none=True), "max_iter": I(1), "seed": SEED}),
+    "pac_bayes_sigma": (lambda m, **kw: A.pac_bayes_sigma(m, CE, DATA, n_samples=2, max_iter=3,
                                                           progress=False, **kw), {
-        "target": R(), "magnitude_eps": R(), "n_samples": I(1), "depth": I(1), "tolerance": R(),
+        "target": R(), "magnitude_eps": R(), "n_samples": I(1), "max_iter": I(1), "tol": R(),
         "sigma_max": R(), "seed": SEED, "magnitude_aware": B, "metric": C("loss", "error")}),
     "mean_loss": (lambda m, **kw: A.mean_loss(m, CE, DATA, progress=False, **kw),
                   {"model_mode": MODE}),
