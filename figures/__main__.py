@@ -378,10 +378,7 @@ def replot(summary: dict, names: list[str], out: Path) -> dict:
             if name in summary:
                 damaged[name] = err
     if damaged:
-        first = next(iter(damaged))
-        raise SystemExit(f"figures: cannot replot: {damaged[first]}; "
-                         f"`{fix(out, list(damaged), summary[first].get('size'))}` recomputes "
-                         f"{'it' if len(damaged) == 1 else 'them'}")
+        refuse_damaged("cannot replot: ", damaged, summary, out, "recomputes")
     if not todo:
         if not summary:
             raise SystemExit(f"figures: nothing to replot in {out} (no saved reproduction); "
@@ -424,10 +421,7 @@ def show_table(out: Path, markdown: bool) -> dict:
             except Damaged as err:
                 damaged[name] = err
     if damaged:
-        first = next(iter(damaged))
-        raise SystemExit(f"figures: {damaged[first]}; "
-                         f"`{fix(out, list(damaged), summary[first].get('size'))}` redoes "
-                         f"{'it' if len(damaged) == 1 else 'them'}")
+        refuse_damaged("", damaged, summary, out, "redoes")
     try:
         text = table(summary, figure_dir=str(out), markdown=markdown)
     except (KeyError, TypeError, ValueError, IndexError) as err:
@@ -436,6 +430,25 @@ def show_table(out: Path, markdown: bool) -> dict:
                          "it") from None
     print(text)
     return summary
+
+
+def refuse_damaged(what: str, damaged: dict, summary: dict, out: Path, verb: str) -> None:
+    """Refuse in one line: the first damaged entry and the command that ``verb`` them all.
+
+    Args:
+        what: The words before the first entry's error (e.g. "cannot replot: ").
+        damaged: Damaged reproduction names -> their ``Damaged`` errors (not empty).
+        summary: The current summary (for the entries' size).
+        out: The output folder.
+        verb: What the suggested command does to them ("recomputes", "redoes").
+
+    Raises:
+        SystemExit: Always.
+    """
+    first = next(iter(damaged))
+    raise SystemExit(f"figures: {what}{damaged[first]}; "
+                     f"`{fix(out, list(damaged), summary[first].get('size'))}` {verb} "
+                     f"{'it' if len(damaged) == 1 else 'them'}")
 
 
 def fix(out: Path, names: list[str], size: str | None) -> str:
