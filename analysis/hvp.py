@@ -45,6 +45,7 @@ from .finite_difference import backward_gradient, fd_matmat, FiniteDifference
 from .operator import CurvatureOperator, register_curvature
 from .derivatives import gradients
 from .preconditioning import Preconditioner
+from .sharded import is_sharded, ShardedOperator
 
 HVP_METHODS = ("reverse", "forward", "finite_difference")
 
@@ -239,7 +240,7 @@ class ConstantPaddingRows(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-@guarded
+@guarded(sharded=True)
 def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         params: ParamSelection = None, model_mode: str = "eval",
         batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
@@ -265,8 +266,10 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         ValueError: For a ``v`` of the wrong shape or not finite, and as
             :class:`HessianOperator`.
     """
-    op = HessianOperator(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, progress=progress, hvp_method=hvp_method)
+    # a fully_shard model: the products on shards, full vectors in and out (analysis.sharded)
+    make = ShardedOperator if is_sharded(model) else HessianOperator
+    op = make(model, loss_fn, data, params=params, model_mode=model_mode,
+              batch_size_fn=batch_size_fn, progress=progress, hvp_method=hvp_method)
     if isinstance(v, Tensor) and v.dim() == 2:
         return op.matmat(v)
     return op.matvec(v)

@@ -43,6 +43,7 @@ from .core import (BatchSizeFn, LossFn, ParamSelection, check_loss, data_mean, d
                    unwrap_compiled)
 from .core.protocol import model_device, to_device
 from .derivatives import explained_errors, gradients
+from .sharded import is_sharded, norms_squared, ShardedLoss
 
 EvalFn = Callable[[nn.Module, Any], Mapping[str, Any]]
 IGNORE_INDEX = -100
@@ -219,7 +220,7 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: Param
     return metrics["loss"], metrics["acc"]
 
 
-@guarded
+@guarded(sharded=True)
 def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                    params: ParamSelection = None, model_mode: str = "eval",
                    batch_size_fn: BatchSizeFn | None = None, progress: bool = True) -> float:
@@ -243,6 +244,11 @@ def full_grad_norm(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
     """
     model = unwrap_compiled(model)
     params = select_params(model, params)[1]
+    if is_sharded(model):  # fully_shard: the exact gradient on shards, a global norm
+        with preserved(model, model_mode, weights=False):
+            grads = ShardedLoss(model, loss_fn, data, params, batch_size_fn=batch_size_fn)(
+                None, grad=True)[1]
+        return float(torch.sqrt(norms_squared(grads)))
     with preserved(model, model_mode, weights=False):
         def per_batch(batch):
             with explained_errors():

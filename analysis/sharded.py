@@ -31,6 +31,12 @@ inner products are a local dot plus one all-reduce (:func:`analysis.finite_diffe
 Every rank passes its own data shard, with the same number of batches on every rank (each
 batch's forward runs collectives that all ranks must join).
 
+**Losses and gradients at other weights** (:class:`ShardedLoss`): the same copy with other
+leaves, under ``no_grad`` for the loss alone (``landscape.line``/``plane``/``interpolate``
+through ``landscape.points.ShardedPoints``) or with one backward for the exact gradient
+(:class:`ShardedPerturbedLoss`, the objective of the sharpness measures, and
+``analysis.full_grad_norm``). The model is only read.
+
 **Finite differences** (:func:`sharded_gradient`): the gradient by ordinary ``.backward()``
 through the FSDP2 model itself (its hooks reduce-scatter the gradients), for
 :class:`analysis.finite_difference.FiniteDifference`.
@@ -38,7 +44,7 @@ through the FSDP2 model itself (its hooks reduce-scatter the gradients), for
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Iterable, Sequence
+from typing import Any, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
@@ -46,10 +52,10 @@ from torch import Tensor, nn
 from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
-from .core import (all_finite, BatchSizeFn, check_choice, check_data, check_loss,
-                   check_model_mode, loss_reduction, LossFn, ParamSelection, preserved,
-                   select_params, working_dtype)
-from .core.sharding import is_sharded, refuse_sharded, REFUSAL, sample_counts
+from .core import (all_finite, all_reduce_sum_, BatchSizeFn, check_choice, check_data,
+                   check_loss, check_model_mode, flatten, loss_reduction, LossFn, ParamSelection,
+                   preserved, select_params, unflatten, working_dtype)
+from .core.sharding import is_dtensor, is_sharded, refuse_sharded, REFUSAL, sample_counts
 from .finite_difference import dot, FiniteDifference, Pieces
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
@@ -110,9 +116,44 @@ class _Unit:
             return type(self.clone).forward(self.clone, *args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        if self.innermost:
+        if self.innermost and torch.is_grad_enabled():
             return checkpoint(self._run, *args, use_reentrant=False, **kwargs)
         return self._run(*args, **kwargs)
+
+
+def functional_copy(model: nn.Module, units: Sequence[tuple[str, nn.Module]],
+                    leaves: dict[str, Tensor], model_mode: str | None = None) -> nn.Module:
+    """The hook-free copy of ``model`` whose units gather their weights from ``leaves``.
+
+    The copy shares the model's parameter and buffer objects but never reads its parameters:
+    each unit's forward gathers, inside the autograd graph, the full weights of the DTensors
+    ``leaves[name]`` holds at the time of the call (so a caller may replace the entries of
+    ``leaves`` between calls). The model itself is not touched.
+
+    Args:
+        model: A ``fully_shard`` model.
+        units: Its units (:func:`check_sharded`).
+        leaves: Parameter name -> DTensor placed like that parameter, for every parameter.
+        model_mode: "eval" or "train" for the copy (None: the model's flags as they are).
+
+    Returns:
+        The copy (call it as the model).
+    """
+    memo: dict = {}
+    root = _hook_free(model, memo)
+    names = [u for u, _ in units]
+    own: dict[str, dict[str, str]] = {u: {} for u in names}
+    for name, _ in model.named_parameters():
+        unit = _owner(name, names)
+        own[unit][name[len(unit) + 1:] if unit else name] = name
+    for unit, module in units:
+        clone = memo[id(module)]
+        innermost = not any(u != unit and (unit == "" or u.startswith(unit + "."))
+                            for u in names)
+        clone.forward = _Unit(clone, own[unit], leaves, innermost)
+    if model_mode is not None:
+        root.train(model_mode == "train")
+    return root
 
 
 def fsdp_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -268,20 +309,7 @@ class ShardedHessian:
     # -- products ----------------------------------------------------------------------
     def _copy(self, leaves: dict[str, Tensor]) -> nn.Module:
         """The hook-free copy whose units gather their weights from ``leaves``."""
-        memo: dict = {}
-        root = _hook_free(self.model, memo)
-        names = [u for u, _ in self.units]
-        own: dict[str, dict[str, str]] = {u: {} for u in names}
-        for name, _ in self.model.named_parameters():
-            unit = _owner(name, names)
-            own[unit][name[len(unit) + 1:] if unit else name] = name
-        for unit, module in self.units:
-            clone = memo[id(module)]
-            innermost = not any(u != unit and (unit == "" or u.startswith(unit + "."))
-                                for u in names)
-            clone.forward = _Unit(clone, own[unit], leaves, innermost)
-        root.train(self.model_mode == "train")
-        return root
+        return functional_copy(self.model, self.units, leaves, self.model_mode)
 
     def _leaves(self) -> dict[str, Tensor]:
         chosen = {id(p) for p in self.params}
@@ -343,6 +371,234 @@ class ShardedHessian:
         """
         products = self.matmat([self.sharded(v) for v in vs])
         return torch.stack([self.local(p) for p in products])
+
+
+def shard_like(full: Tensor, param: Tensor) -> Tensor:
+    """A full tensor (the same on every rank) as a DTensor placed like ``param``.
+
+    Args:
+        full: The unsharded values, ``param``'s shape.
+        param: A DTensor parameter.
+
+    Returns:
+        This rank's shard of ``full`` in ``param``'s dtype, as a DTensor (no communication).
+    """
+    mesh = param.device_mesh
+    whole = DTensor.from_local(full.detach().to(param.dtype).reshape(param.shape), mesh,
+                               [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, param.placements)
+
+
+def as_sharded(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` (full, or a DTensor) as a detached DTensor placed and typed like ``param``.
+
+    Args:
+        t: A plain tensor of ``param``'s shape (the same on every rank) or a DTensor.
+        param: A DTensor parameter.
+
+    Returns:
+        The DTensor.
+    """
+    if not is_dtensor(t):
+        return shard_like(t, param)
+    return t.detach().to(param.dtype).redistribute(param.device_mesh, param.placements)
+
+
+def full_values(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached full values: ``full_tensor()`` of each DTensor, the others as they are.
+
+    Args:
+        tensors: Tensors, DTensors among them.
+
+    Returns:
+        Plain tensors (a DTensor's gather is the same on every rank).
+    """
+    return [t.detach().full_tensor() if is_dtensor(t) else t.detach() for t in tensors]
+
+
+def norms_squared(pieces: Sequence[Tensor]) -> Tensor:
+    """The squared L2 norm of a vector given as pieces (DTensors: a global norm).
+
+    Args:
+        pieces: Tensors or DTensors (each DTensor's local shards summed, then all-reduced).
+
+    Returns:
+        A float64 scalar on the CPU, the same on every rank.
+    """
+    local = torch.zeros((), dtype=torch.float64)
+    shared = torch.zeros((), dtype=torch.float64)
+    for t in pieces:
+        if is_dtensor(t):
+            shared += t.to_local().double().pow(2).sum().cpu()
+        else:
+            local += t.detach().double().pow(2).sum().cpu()
+    all_reduce_sum_([shared])
+    return local + shared
+
+
+class ShardedLoss:
+    r"""The full-data loss of a ``fully_shard`` model at sharded weights, and its gradient.
+
+    $$L(w') = \sum_r \sum_b \tfrac{n_{rb}}{N} L_{rb}(w'),$$
+
+    with $L_{rb}$ the mean loss of rank $r$'s batch $b$ and $N$ the total sample count (the
+    total loss for a sum-reduced ``loss_fn``), evaluated on :func:`functional_copy` (the model
+    is never written to or run). The gradient is exact: each unit's weights are gathered in the
+    autograd graph with a ``Partial`` gradient placement, so the backward reduce-scatters it.
+    Every rank calls it with the same weights and its own data (the same number of batches).
+
+    Args:
+        model: A ``fully_shard`` model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: This rank's batches.
+        params: The parameters the gradient is taken for (DTensors of ``model``).
+        batch_size_fn: Sample count of a batch.
+        model_mode: "eval" or "train" for the copy (None: the model's flags as they are).
+
+    Attributes:
+        names: The names of ``params``.
+        n_forward: Per-batch forward passes so far.
+        n_backward: Per-batch backward passes so far.
+
+    Raises:
+        ValueError: As :func:`check_sharded`, or bad data.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable,
+                 params: Sequence[Tensor], *, batch_size_fn: BatchSizeFn | None = None,
+                 model_mode: str | None = None):
+        units = check_sharded(model)
+        check_data(data)
+        self.loss_fn, self.data, self.batch_size_fn = loss_fn, data, batch_size_fn
+        self.reduction = loss_reduction(loss_fn)
+        ids = {id(p) for p in params}
+        self.names = [n for n, p in model.named_parameters() if id(p) in ids]
+        self.weights = {n: p.detach() for n, p in model.named_parameters()}
+        self.leaves = dict(self.weights)
+        self.copy = functional_copy(model, units, self.leaves, model_mode)
+        self.n_forward = self.n_backward = 0
+        self._counts: tuple[list[int], float] | None = None
+
+    def move(self, moved: Mapping[str, Tensor] | None, grad: bool = False) -> list[Tensor]:
+        """Put the copy at the model's weights with ``moved`` replacing some of them.
+
+        Args:
+            moved: Name -> DTensor placed like that parameter (None: the model's weights).
+            grad: Make the leaves of ``names`` require gradients.
+
+        Returns:
+            The leaves of ``names``.
+        """
+        self.leaves.update(self.weights)
+        self.leaves.update({n: t.detach() for n, t in (moved or {}).items()})
+        for n in self.names:
+            self.leaves[n] = self.leaves[n].detach().requires_grad_(grad)
+        return [self.leaves[n] for n in self.names]
+
+    def batch_loss(self, batch: Any) -> Tensor:
+        """``loss_fn`` on ``batch`` at the weights of the last :meth:`move`.
+
+        Args:
+            batch: One batch.
+
+        Returns:
+            The loss (a scalar tensor).
+        """
+        self.n_forward += 1
+        return check_loss(self.loss_fn(self.copy, batch), " at a perturbed point")
+
+    def __call__(self, moved: Mapping[str, Tensor] | None = None, grad: bool = False
+                 ) -> tuple[Tensor, list[Tensor] | None]:
+        """$L(w')$ over all ranks' data, and its gradient (DTensors) when ``grad``.
+
+        Args:
+            moved: Name -> DTensor: the weights that differ from the model's.
+            grad: Also return the gradient w.r.t. ``names``.
+
+        Returns:
+            The loss (a float64 scalar tensor, the same on every rank) and the gradient,
+            sharded like the parameters (None unless ``grad``).
+        """
+        if self._counts is None:
+            self._counts = sample_counts(self.data, self.batch_size_fn)
+        sizes, total = self._counts
+        leaves = self.move(moved, grad)
+        value, grads = torch.zeros((), dtype=torch.float64), None
+        with torch.set_grad_enabled(grad):
+            for batch, n in zip(self.data, sizes):
+                loss = self.batch_loss(batch) * (n / total if self.reduction == "mean" else 1.0)
+                value = value + loss.detach().to("cpu", torch.float64)
+                if grad:
+                    self.n_backward += 1
+                    got = torch.autograd.grad(loss, leaves, allow_unused=True)
+                    got = [torch.zeros_like(w) if g is None else g for g, w in zip(got, leaves)]
+                    grads = got if grads is None else [a + b for a, b in zip(grads, got)]
+        all_reduce_sum_([value])
+        return value, grads
+
+
+class ShardedPerturbedLoss:
+    r"""$\delta \mapsto L(w + \delta)$ of a ``fully_shard`` model on full flat vectors.
+
+    The interface of :class:`analysis.sharpness.perturbation.PerturbedLoss` (full flat
+    perturbations and gradients, the same on every rank, so the sharpness measures run
+    unchanged and return the one-process answer), evaluated by :class:`ShardedLoss` without
+    writing to the model.
+
+    Args:
+        model: A ``fully_shard`` model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: This rank's batches.
+        params: The selected parameters (DTensors).
+        batch_size_fn: Sample count of a batch.
+        batch: Must be None (m-sharpness evaluates one rank's batch alone).
+        base: $w$ flattened (default: the full values of ``params``).
+
+    Attributes:
+        base: $w$, full and flat.
+        n_forward: Per-batch forward passes so far.
+        n_backward: Per-batch backward passes so far.
+
+    Raises:
+        NotImplementedError: ``batch`` given (m-sharpness).
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable | None,
+                 params: Sequence[Tensor], batch_size_fn: BatchSizeFn | None = None,
+                 batch: Any = None, base: Tensor | None = None):
+        if batch is not None:
+            raise NotImplementedError("model " + REFUSAL.format(what="m-sharpness (m=...)"))
+        self.params = list(params)
+        self.objective = ShardedLoss(model, loss_fn, data, self.params,
+                                     batch_size_fn=batch_size_fn)
+        self.base = flatten(full_values(self.params)) if base is None else base
+
+    @property
+    def n_forward(self) -> int:
+        """Per-batch forward passes so far."""
+        return self.objective.n_forward
+
+    @property
+    def n_backward(self) -> int:
+        """Per-batch backward passes so far."""
+        return self.objective.n_backward
+
+    def __call__(self, delta: Tensor | None, grad: bool = False) -> tuple[float, Tensor | None]:
+        r"""Evaluate $L(w + \delta)$.
+
+        Args:
+            delta: The flat full perturbation (None: $\delta = 0$).
+            grad: Also compute the gradient with respect to $\delta$.
+
+        Returns:
+            The loss and the flat full gradient (None unless ``grad``).
+        """
+        point = self.base if delta is None else self.base + delta
+        moved = {n: shard_like(v, p) for n, v, p in
+                 zip(self.objective.names, unflatten(point, self.params), self.params)}
+        value, grads = self.objective(moved, grad)
+        flat = flatten(full_values(grads)).to(self.base) if grad else None
+        return float(value), flat
 
 
 def _divide_factors(model: nn.Module) -> dict[int, float]:
@@ -563,4 +819,7 @@ class ShardedOperator:
 
 
 __all__ = ["is_sharded", "refuse_sharded", "check_sharded", "fsdp_units", "sample_counts",
-           "ShardedHessian", "ShardedOperator", "sharded_gradient", "sharded_fd_matmat", "dot"]
+           "ShardedHessian", "ShardedOperator", "sharded_gradient", "sharded_fd_matmat", "dot",
+           "functional_copy", "shard_like", "as_sharded", "full_values", "norms_squared",
+           "ShardedLoss",
+           "ShardedPerturbedLoss"]

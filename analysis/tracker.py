@@ -62,6 +62,7 @@ from torch import Tensor, nn
 from .core import (ArgumentTypeError, BatchSizeFn, LossFn, check_bool, check_data, check_int,
                    check_choice, check_loss_fn, check_model_mode, check_positive, make_generator,
                    save_figure, unwrap_compiled)
+from .core.sharding import refuse_sharded
 from .metrics import EvalFn, evaluate_metrics, full_grad_norm
 from .operator import registered_curvatures
 from .preconditioning import optimizer_preconditioner, stability_threshold
@@ -160,6 +161,8 @@ class Tracker:
         ValueError: An option outside its range, ``curvature_data`` missing while a curvature
             quantity is on, or data that is not an iterable of batches.
         ArgumentTypeError: ``optimizer_methods`` is not a sequence of method names.
+        NotImplementedError: ``model`` is sharded with FSDP2's ``fully_shard`` (not
+            supported yet).
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
@@ -171,6 +174,7 @@ class Tracker:
                  layers: bool = True,
                  seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
+        refuse_sharded(unwrap_compiled(model), "Tracker")
         every = check_int("every", every, 1)
         lambda_max, trace, grad_norm, layers = (check_bool(k, v) for k, v in (
             ("lambda_max", lambda_max), ("trace", trace), ("grad_norm", grad_norm),

@@ -13,6 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
+from analysis.core.sharding import is_dtensor
+from analysis.sharded import as_sharded, full_values, shard_like
 from analysis.core import (all_finite, BatchSizeFn, check_bool, check_choice, guarded, LossFn,
                            make_generator, ParamSelection, randn, register_result, select_params,
                            unflatten)
@@ -99,12 +101,14 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
     for name, t in direction.items():
         if not isinstance(t, Tensor) or not t.is_floating_point():
             raise ValueError(f"{argname}[{name!r}] must be a floating-point tensor")
-        if not all_finite(t):
-            raise ValueError(f"{argname}[{name!r}] must be finite (it holds NaN or inf)")
         if t.shape != targets[name].shape:
             raise ValueError(f"{argname}[{name!r}] has shape {tuple(t.shape)}, but the model's "
                              f"tensor has shape {tuple(targets[name].shape)}")
-        out[name] = t.detach().to(targets[name])
+        if not all_finite(full_values([t])[0]):  # the same verdict on every rank
+            raise ValueError(f"{argname}[{name!r}] must be finite (it holds NaN or inf)")
+        # on a fully_shard model: a DTensor placed like the parameter (a full tensor is sharded)
+        out[name] = as_sharded(t, targets[name]) if is_dtensor(targets[name]) else \
+            t.detach().to(targets[name])
     return out
 
 
@@ -174,12 +178,13 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     gen = make_generator(seed)
     names, tensors = select_params(model, params)
     out = {}
-    for name, w in zip(names, tensors):
-        w = w.detach()
+    for name, p in zip(names, tensors):
+        w = full_values([p])[0]  # a fully_shard model's shard gathered, one tensor at a time
         d = randn(w.shape, gen, like=w)
         if ignore_bias_bn and w.dim() <= 1:
             d.zero_()
-        out[name] = normalize_(d, w, normalization)
+        d = normalize_(d, w, normalization)
+        out[name] = shard_like(d, p) if is_dtensor(p) else d
     return Direction(out, {"kind": "random", "seed": seed, "normalization": normalization,
                            "ignore_bias_bn": ignore_bias_bn})
 
@@ -256,7 +261,7 @@ def update_direction(start, end, model: nn.Module, *, params: ParamSelection = N
     return Direction({n: b[n] - a[n] for n in names}, {"kind": "update", "buffers": buffers})
 
 
-@guarded
+@guarded(sharded=True)
 def eigenvector_directions(model: nn.Module, loss_fn: LossFn, data, k: int = 2, *,
                            params: ParamSelection = None, model_mode: str = "eval",
                            batch_size_fn: BatchSizeFn | None = None, seed: int = 0,
@@ -298,7 +303,8 @@ def eigenvector_directions(model: nn.Module, loss_fn: LossFn, data, k: int = 2, 
     like = [named[n].detach() for n in res.names]
     out = []
     for i, (value, row) in enumerate(zip(res.eigenvalues, res.eigenvectors)):
-        chunks = unflatten(row.detach(), like)
+        # a fully_shard model's eigenvectors are DTensors placed like the parameters already
+        chunks = row if isinstance(row, list) else unflatten(row.detach(), like)
         out.append(Direction({n: c.to(t) for n, c, t in zip(res.names, chunks, like)},
                              {"kind": "hessian_eigenvector", "index": i, "eigenvalue": float(value),
                               "which": which,

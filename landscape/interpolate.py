@@ -19,6 +19,8 @@ from analysis.core import (all_reduce_sum_, BatchSizeFn, check_bool, check_data,
                            is_distributed, loss_reduction, LossFn, ParamSelection, preserved,
                            scalar_zeros, select_params, unwrap_compiled)
 
+from analysis.core.sharding import refuse_sharded
+
 from .directions import load_state, named_targets, state_buffers, state_tensors
 from .points import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
 from .results import data_probe, InterpolationResult, Progress, surface_metadata
@@ -56,6 +58,7 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
     Raises:
         ValueError: ``data`` is not an iterable of batches, or is empty (on every rank).
     """
+    refuse_sharded(model, "recalibrate_bn")
     check_data(data)
     bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
     if not bns:
@@ -104,7 +107,22 @@ def _batch_average(bns: list[nn.Module], n: int) -> list[dict[str, torch.Tensor]
             for mean, var in zip(sums[::2], sums[1::2])]
 
 
-@guarded(known_deterministic=fixed_passes)
+def _moved_buffers(model: nn.Module, buffers: bool, bn_data: Iterable | None) -> list[str]:
+    """The floating buffers the points move (BatchNorm statistics), refused on a sharded model.
+
+    Raises:
+        NotImplementedError: ``model`` is sharded with ``fully_shard`` and has such buffers
+            to interpolate, or ``bn_data`` is given (its points move parameters only).
+    """
+    if not buffers and bn_data is None:
+        return []
+    names = state_buffers(model)
+    if names or bn_data is not None:
+        refuse_sharded(model, "interpolate with bn_data= or buffers=True (BatchNorm statistics)")
+    return names
+
+
+@guarded(known_deterministic=fixed_passes, sharded=True)
 def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
                 params: ParamSelection = None, model_mode: str = "eval",
                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
@@ -164,13 +182,10 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
     model_a = unwrap_compiled(model_a, "model_a")
     names = list(dict(model_a.named_parameters())) if params is None else \
         select_params(model_a, params)[0]
-    if buffers or bn_data is not None:
-        names += state_buffers(model_a)
+    names += _moved_buffers(model_a, buffers, bn_data)
     targets = named_targets(model_a)
-    if isinstance(model_b, nn.Module):
-        state_b = unwrap_compiled(model_b, "model_b").state_dict()
-    else:
-        state_b = load_state(model_b)
+    state_b = unwrap_compiled(model_b, "model_b").state_dict() \
+        if isinstance(model_b, nn.Module) else load_state(model_b)
     w_a = {n: targets[n].detach().clone() for n in names}
     w_b = state_tensors(model_a, state_b, names, "model_b")
     if not buffers:  # BN statistics of model_a at every point (recalibration overrides them)

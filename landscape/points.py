@@ -44,6 +44,9 @@ from analysis.core import (own_call, all_reduce_max_, ArgumentTypeError, BatchSi
                            default_batch_size, loss_reduction, LossFn, LossModule, preserved, rank,
                            world_size)
 
+from analysis.core.sharding import is_sharded
+from analysis.sharded import DTensor, ShardedLoss
+
 from .directions import named_targets
 from .results import Progress
 from .stacked import SequentialPlan, sequential_plan, xy_batch
@@ -167,6 +170,49 @@ class LoopedPoints:
             for j, moved, values in rest:
                 torch._foreach_add_(moved, torch._foreach_mul(values, c[j]))
             out.append(_scalar(self.loss_fn(self.model, batch)))
+        return torch.stack(out)
+
+
+class ShardedPoints:
+    """The points of a model sharded with FSDP2's ``fully_shard``, one by one.
+
+    Each point's weights are formed on the local shards ($w + a d + b e$ on every rank's
+    piece) and evaluated on :func:`analysis.sharded.functional_copy`, which gathers each
+    unit's full weights during its forward; the model is never written to.
+
+    Args:
+        model: the ``fully_shard`` model (only read).
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: this rank's batches.
+        parts: name -> ``[(j, V_j[name])]``, DTensors placed like the parameters.
+
+    Raises:
+        NotImplementedError: a vector moves a buffer (only parameters are sharded).
+    """
+
+    kind = "sharded"
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, parts: Parts):
+        params = dict(model.named_parameters())
+        buffers = [n for n in parts if n not in params]
+        if buffers:
+            raise NotImplementedError("directions over buffers of a fully_shard model are not "
+                                      f"supported ({buffers[:3]}); move only parameters")
+        self.loss = ShardedLoss(model, loss_fn, data, [])
+        self.params = params
+        self.local = {n: [(j, v.to_local()) for j, v in p] for n, p in parts.items()}
+
+    def __call__(self, cs: Tensor, batch: Any) -> Tensor:
+        """The loss at each point ``cs[p]`` ([P, n_vectors]) on ``batch``, shape [P]."""
+        out = []
+        for c in cs:
+            moved = {n: DTensor.from_local(combine(p, c), self.params[n].device_mesh,
+                                           self.params[n].placements, run_check=False,
+                                           shape=self.params[n].shape,
+                                           stride=self.params[n].stride())
+                     for n, p in self.local.items()}
+            self.loss.move(moved)
+            out.append(_scalar(self.loss.batch_loss(batch)))
         return torch.stack(out)
 
 
@@ -378,6 +424,21 @@ def _check_options(vectorize: Any, distribute: str, chunk_size: int | None, max_
     return vectorize
 
 
+def _check_sharded(model: nn.Module, distribute: str) -> bool:
+    """Whether ``model`` is sharded with ``fully_shard`` (its points: :class:`ShardedPoints`).
+
+    Raises:
+        ValueError: ``distribute="grid"`` on a sharded model (every forward of a sharded
+            model runs collectives, so all ranks evaluate every point on their data shard).
+    """
+    if not is_sharded(model):
+        return False
+    if distribute != "data":
+        raise ValueError('distribute must be "data" for a model sharded with fully_shard '
+                         f"(each rank passes its data shard), got {distribute!r}")
+    return True
+
+
 def _fill(store: Progress, chunks: list[np.ndarray], run: _ChunkLosses,
           evaluator: Callable[[Tensor, Any], Tensor],
           fallback: Callable[[], LoopedPoints] | None, describe: Callable[[int], str],
@@ -459,21 +520,25 @@ def evaluate_points(model: nn.Module, loss_fn: LossFn, data,
     share, me = (world_size(), rank()) if distribute == "grid" else (1, 0)
     reduction = loss_reduction(loss_fn)
     like = next(iter(vectors[0].values()))
-    with preserved(model, model_mode), torch.no_grad():
-        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" else None
+    sharded = _check_sharded(model, distribute)
+    with preserved(model, model_mode, weights=not sharded), torch.no_grad():
+        plan = sequential_plan(model, loss_fn, parts) if vectorize == "auto" and not sharded \
+            else None
         kind = "stacked" if plan else "loop" if vectorize is False else "vmap"
-        footprint, has_data = (None, False) if chunk_size is not None else \
+        footprint, has_data = (None, False) if chunk_size is not None or sharded else \
             _footprint(model, loss_fn, data, vectors[0], plan, store)
-        chunks = plan_chunks(len(todo), kind, footprint, chunk_size=chunk_size,
-                             max_memory=max_memory, cpu=like.device.type == "cpu",
-                             forced=vectorize is True)
+        chunks = ChunkPlan(chunk_size or 1, 1, "sharded") if sharded else \
+            plan_chunks(len(todo), kind, footprint, chunk_size=chunk_size,
+                        max_memory=max_memory, cpu=like.device.type == "cpu",
+                        forced=vectorize is True)
         if plan and has_data and isinstance(data, (list, tuple)):
             plan.bunch(data, batch_size_fn or default_batch_size, like.device, footprint.largest,
                        chunks.group)
         evaluator = (StackedPoints(plan, chunks.group, like.device) if chunks.evaluator == "stacked"
                      else VmappedPoints(model, loss_fn, parts) if chunks.evaluator == "vmap"
+                     else ShardedPoints(model, loss_fn, data, parts) if sharded
                      else LoopedPoints(model, loss_fn, vectors, parts))
-        fallback = None if chunks.evaluator == "loop" or vectorize is True else \
+        fallback = None if chunks.evaluator in ("loop", "sharded") or vectorize is True else \
             (lambda: LoopedPoints(model, loss_fn, vectors, parts))
         run = _ChunkLosses(data, coords, store, batch_size_fn, reduction, like, share, me)
         bar = tqdm(total=len(todo), desc=desc, disable=not progress or rank() != 0)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from analysis.sharded import full_values
 from analysis.core import (BatchSizeFn, broadcast_object, check_data, check_loss,
                            default_batch_size, load_result, LossFn, make_metadata, preserved, rank,
                            register_result, save_result)
@@ -104,7 +105,7 @@ def tensors_hash(vectors: Sequence[Mapping[str, Tensor]]) -> str:
     for vec in vectors:
         h.update(b"|")
         for name in sorted(vec):
-            t = vec[name].detach().to("cpu", torch.float64).contiguous()
+            t = full_values([vec[name]])[0].to("cpu", torch.float64).contiguous()
             h.update(f"{name}:{tuple(t.shape)};".encode())
             h.update(t.numpy())  # its buffer: the same bytes as tobytes(), without a copy
     return h.hexdigest()

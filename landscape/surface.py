@@ -76,7 +76,7 @@ def _surface(kind: str, model: nn.Module, loss_fn: LossFn, data,
     return store
 
 
-@guarded(known_deterministic=fixed_passes)
+@guarded(known_deterministic=fixed_passes, sharded=True)
 def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor], alphas, *,
          params: ParamSelection = None, model_mode: str = "eval",
          batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
@@ -87,7 +87,10 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
 
     Li et al. 2018, Sec. 3, at the model's weights $w$ along ``direction`` $d$, with $L$ the
     mean of ``loss_fn`` over all samples of ``data`` (the total loss for a sum-reduced
-    ``loss_fn``). The model is left unchanged.
+    ``loss_fn``). The model is left unchanged. A model sharded with FSDP2's ``fully_shard``:
+    each rank passes its data shard, the directions are DTensors placed like the parameters
+    (or full tensors, the same on every rank), each point is formed on the local shards and
+    evaluated without writing to the model (:class:`landscape.points.ShardedPoints`).
 
     Args:
         model: the model; its weights are the origin $w$.
@@ -122,7 +125,9 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
 
     Raises:
         ValueError: an invalid direction, coordinates, option or data, a non-finite loss
-            (naming the point), or a ``path`` file of another computation.
+            (naming the point), a ``path`` file of another computation, or
+            ``distribute="grid"`` on a ``fully_shard`` model.
+        NotImplementedError: a direction over buffers of a ``fully_shard`` model.
     """
     alphas = check_coords(alphas, "alphas")
     options = dict(batch_size_fn=batch_size_fn, progress=progress, chunk_size=chunk_size,
@@ -132,7 +137,7 @@ def line(model: nn.Module, loss_fn: LossFn, data, direction: Mapping[str, Tensor
     return store.result(complete=True)
 
 
-@guarded(known_deterministic=fixed_passes)
+@guarded(known_deterministic=fixed_passes, sharded=True)
 def plane(model: nn.Module, loss_fn: LossFn, data, d1: Mapping[str, Tensor],
           d2: Mapping[str, Tensor], xs, ys, *, params: ParamSelection = None,
           model_mode: str = "eval",

@@ -12,6 +12,8 @@ from torch import Tensor, nn
 from analysis.core import (check_bool, check_choice, check_int, flatten, ParamSelection,
                            records_metadata, register_result, select_params)
 
+from analysis.core.sharding import refuse_sharded
+
 from .directions import Direction, named_targets, check_direction, state_tensors
 
 METHODS = ("auto", "svd", "gram")
@@ -123,6 +125,7 @@ def pca_directions(trajectory: Sequence, model: nn.Module, n: int = 2, *,
             range, a trajectory that moves in fewer than ``n`` directions (up to rounding), or
             an unknown ``method``.
     """
+    refuse_sharded(model, "pca_directions")
     check_choice("method", method, METHODS)
     ignore_bias_bn = check_bool("ignore_bias_bn", ignore_bias_bn)
     names, like = select_params(model, params)
@@ -174,6 +177,7 @@ def project_trajectory(trajectory: Sequence, model: nn.Module,
     Raises:
         ValueError: an invalid direction, or a checkpoint that lacks a tensor.
     """
+    refuse_sharded(model, "project_trajectory")
     dirs = [check_direction(model, d, f"directions[{k}]") for k, d in enumerate(directions)]
     names = list(dict.fromkeys(n for d in dirs for n in d))
     targets = named_targets(model)

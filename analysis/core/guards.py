@@ -254,7 +254,7 @@ def _check_sharded(fn: Callable, arguments: dict[str, Any], supported: bool) -> 
     if not sharded:
         return
     if not supported:
-        name = fn.__qualname__.split(".")[0] if fn.__name__ == "__init__" else fn.__name__
+        name = type(arguments["self"]).__name__ if fn.__name__ == "__init__" else fn.__name__
         refuse_sharded(sharded[0], name)
     sample_counts(arguments["data"], arguments.get("batch_size_fn"))
 

@@ -15,9 +15,13 @@ from torch import nn
 from .distributed import all_reduce_max_, all_reduce_sum_
 from .protocol import BatchSizeFn, check_data, default_batch_size
 
-SUPPORTED = ("top_eigenvalues, hessian_trace and spectral_density of the Hessian "
+SUPPORTED = ("top_eigenvalues, hessian_trace, spectral_density and hvp of the Hessian "
              "(curvature=\"hessian\", no preconditioner, hvp_method=\"reverse\" or "
-             "\"finite_difference\") and analysis.sharded.ShardedHessian")
+             "\"finite_difference\"), analysis.sharded.ShardedHessian, full_grad_norm, "
+             "worst_case_sharpness (m=None), average_sharpness, keskar_sharpness, "
+             "pac_bayes_sigma, sharpness_vs_curvature, landscape.random_direction, "
+             "update_direction, eigenvector_directions, line, plane and interpolate "
+             "(parameters only)")
 REFUSAL = ("is sharded with torch.distributed.fsdp.fully_shard (FSDP2), which {what} does not "
            "support yet; supported on fully_shard models: " + SUPPORTED)
 

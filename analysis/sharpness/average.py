@@ -20,7 +20,7 @@ from tqdm.auto import tqdm
 from ..core import (BatchSizeFn, LossFn, ParamSelection, check_bool, check_choice, check_data,
                     check_int, check_positive, guarded, make_generator, preserved, rank,
                     records_metadata, register_result, select_params, unwrap_compiled)
-from .perturbation import NORMS, Ball, PerturbedLoss, adaptivity, weight_scale
+from .perturbation import NORMS, Ball, adaptivity, perturbed_loss, weight_scale
 
 
 @register_result(formerly=("analysis.sharpness:AverageSharpness",))
@@ -46,7 +46,7 @@ class AverageSharpness:
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: float = 0.01,
                       adaptive: bool | str = False, n_samples: int = 32, *, seed: int = 0,
                       norm: str = "l2", antithetic: bool = False, params: ParamSelection = None,
@@ -100,7 +100,7 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
     names, chosen = select_params(model, params)
     draws = n_samples // 2 if antithetic else n_samples
     with preserved(model, model_mode, weights=True, trainable=chosen):
-        objective = PerturbedLoss(model, loss_fn, data, chosen, batch_size_fn)
+        objective = perturbed_loss(model, loss_fn, data, chosen, batch_size_fn)
         scale = weight_scale(chosen, kind)
         loss, _ = objective(None)
         increases = []

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from ..core import (BatchSizeFn, LossFn, ParamSelection, check_data, check_int, check_positive,
                     guarded, make_generator, preserved, randn, rank, records_metadata,
                     register_result, renamed_keywords, select_params, uniform)
-from .perturbation import PerturbedLoss
+from .perturbation import perturbed_loss
 
 
 @register_result(formerly=("analysis.flatness:KeskarSharpness",))
@@ -67,7 +67,7 @@ def _subspace(w: Tensor, subspace_dim: int | None, gen: torch.Generator) -> Tens
 
 @renamed_keywords(maxiter="max_iter")
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: float = 1e-3,
                      subspace_dim: int | None = None, *, seed: int = 0, max_iter: int = 10,
                      params: ParamSelection = None, model_mode: str = "eval",
@@ -114,7 +114,7 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
     check_data(data)
     _, chosen = select_params(model, params)
     with preserved(model, model_mode, weights=True, trainable=chosen):
-        objective = PerturbedLoss(model, loss_fn, data, chosen, batch_size_fn)
+        objective = perturbed_loss(model, loss_fn, data, chosen, batch_size_fn)
         w = objective.base
         basis = _subspace(w, subspace_dim, gen)
         center = w if basis is None else basis.T @ w

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from ..core import (BatchSizeFn, LossFn, ParamSelection, check_bool, check_choice, check_data,
                     check_int, check_positive, guarded, make_generator, preserved, randn, rank,
                     records_metadata, register_result, renamed_keywords, select_params)
-from .perturbation import PerturbedLoss
+from .perturbation import PerturbedLoss, perturbed_loss
 
 METRICS = ("loss", "error")
 MAX_HALVINGS = 60  # sigma_max / 2^60: the metric no longer moves in floating point
@@ -135,7 +135,7 @@ def _geometric_bisection(f: Callable[[float], float], lo: float, hi: float, targ
 
 @renamed_keywords(tolerance="tol", depth="max_iter")
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: float = 0.1, *,
                     metric: str = "loss", magnitude_aware: bool = False,
                     magnitude_eps: float = 1e-3, n_samples: int = 10, max_iter: int = 15,
@@ -203,7 +203,7 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: f
     fn = loss_fn if metric == "loss" else (error_fn or classification_error)
     _, chosen = select_params(model, params)
     with preserved(model, model_mode, weights=True, trainable=chosen):
-        objective = PerturbedLoss(model, fn, data, chosen, batch_size_fn)
+        objective = perturbed_loss(model, fn, data, chosen, batch_size_fn)
         bar = tqdm(desc="pac-bayes sigma", leave=False, disable=not progress or rank() != 0)
         increase = _NoisyIncrease(objective, n_samples, seed,
                                   magnitude_eps if magnitude_aware else None, bar)

@@ -19,7 +19,9 @@ from torch import Tensor, nn
 
 from ..core import (ArgumentTypeError, BatchSizeFn, LossFn, check_loss, data_mean, flatten,
                     loss_reduction, randn, unflatten, uniform)
+from ..core.sharding import is_sharded
 from ..derivatives import explained_errors, gradients
+from ..sharded import full_values, ShardedPerturbedLoss
 
 NORMS = ("l2", "linf")
 ADAPTIVE = ("elementwise", "filter")
@@ -52,7 +54,7 @@ def weight_scale(params: Sequence[Tensor], kind: str | None) -> Tensor | None:
     r"""The flat scale $c$ of the adaptive perturbation model.
 
     Args:
-        params: The selected parameters.
+        params: The selected parameters (DTensor shards are gathered: the full flat scale).
         kind: None (plain), "elementwise" ($c_i = |w_i|$) or "filter" ($c_i$ the L2 norm of
             the slice along dim 0 holding $w_i$: a row of a Linear weight, an output channel
             of a Conv weight, one entry of a bias).
@@ -62,6 +64,7 @@ def weight_scale(params: Sequence[Tensor], kind: str | None) -> Tensor | None:
     """
     if kind is None:
         return None
+    params = full_values(params)  # a fully_shard model's shards gathered (full flat vectors)
     if kind == "elementwise":
         return flatten([p.detach().abs() for p in params])
     parts = []
@@ -137,6 +140,32 @@ class PerturbedLoss:
             out = data_mean(self.data, lambda b: self._per_batch(b, grad), self.batch_size_fn,
                             reduction=self.reduction, zeros=zeros).values
         return float(out[0]), (out[1] if grad else None)
+
+
+def perturbed_loss(model: nn.Module, loss_fn: LossFn, data: Iterable | None,
+                   params: Sequence[nn.Parameter], batch_size_fn: BatchSizeFn | None = None,
+                   batch: Any = None, base: Tensor | None = None
+                   ) -> PerturbedLoss | ShardedPerturbedLoss:
+    r"""The objective $\delta \mapsto L(w + \delta)$ for ``model``.
+
+    :class:`PerturbedLoss`, or for a model sharded with FSDP2's ``fully_shard``
+    :class:`analysis.sharded.ShardedPerturbedLoss` (the same interface on full flat vectors,
+    the model never written to).
+
+    Args:
+        model: The model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: The batches.
+        params: The selected parameters.
+        batch_size_fn: ``batch -> int`` sample count.
+        batch: One batch instead of ``data`` (m-sharpness; refused on a sharded model).
+        base: $w$ flattened (default: the parameters' values now).
+
+    Returns:
+        The objective.
+    """
+    cls = ShardedPerturbedLoss if is_sharded(model) else PerturbedLoss
+    return cls(model, loss_fn, data, params, batch_size_fn, batch, base)
 
 
 @dataclass(frozen=True)

@@ -17,9 +17,10 @@ from typing import Iterable, Sequence
 import numpy as np
 from torch import nn
 
-from ..core import (BatchSizeFn, LossFn, ParamSelection, check_positive, guarded,
+from ..core import (BatchSizeFn, flatten, LossFn, ParamSelection, check_positive, guarded,
                     records_metadata, register_result)
 from ..lanczos import top_eigenvalues
+from ..sharded import full_values
 from .worst_case import worst_case_sharpness
 
 
@@ -55,7 +56,7 @@ class SharpnessVsCurvature:
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
                            rhos: Sequence[float] = (1e-3, 1e-2, 1e-1), *, steps: int = 20,
                            restarts: int = 1, seed: int = 0, tol: float = 1e-6,
@@ -101,6 +102,8 @@ def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
                           seed=seed, params=params, model_mode=model_mode,
                           batch_size_fn=batch_size_fn, progress=progress)
     lam, v = float(eig.eigenvalues[0]), eig.eigenvectors[0]
+    if isinstance(v, list):  # a fully_shard model's eigenvector: DTensors per parameter
+        v = flatten(full_values(v))
     found = [worst_case_sharpness(model, loss_fn, data, rho, "l2", False, steps, seed=seed,
                                   restarts=restarts, start=rho * v, params=params,
                                   model_mode=model_mode, batch_size_fn=batch_size_fn,

@@ -29,7 +29,9 @@ from ..core import (BatchSizeFn, LossFn, ParamSelection, all_reduce_sum_, check_
                     select_params, unflatten, unwrap_compiled)
 from .apgd import Point, apgd
 from .m_batches import split_batches
-from .perturbation import NORMS, Ball, PerturbedLoss, adaptivity, weight_scale
+from ..core.sharding import is_dtensor
+from ..sharded import full_values, shard_like
+from .perturbation import NORMS, Ball, PerturbedLoss, perturbed_loss, adaptivity, weight_scale
 
 
 @register_result(formerly=("analysis.sharpness:WorstCaseSharpness",))
@@ -47,7 +49,8 @@ class WorstCaseSharpness:
         n_forward: Per-batch forward passes spent on this rank.
         n_backward: Per-batch backward passes spent on this rank.
         delta: The worst perturbation per parameter name, torch tensors shaped like the
-            parameters (to add to the weights; full-data only, else None).
+            parameters (to add to the weights; full-data only, else None); for a model
+            sharded with ``fully_shard``, DTensors placed like the parameters.
         batch_values: Per-batch sharpness of this rank (m-sharpness only, else None).
         batch_sizes: Per-batch sample counts of this rank (m-sharpness only, else None).
         metadata: Seed, configuration and versions.
@@ -108,13 +111,14 @@ def _maximize(objective: PerturbedLoss, scale: Tensor | None, ball: Ball, steps:
 def _start_vector(start: Tensor | Mapping[str, Tensor], names: list[str],
                   params: list[nn.Parameter], scale: Tensor | None) -> Tensor:
     """A user's starting perturbation (flat, or per name) in the scaled coordinates."""
-    like = flatten([p.detach() for p in params])
+    full = full_values(params)  # a fully_shard model's: gathered
+    like = flatten(full)
     if isinstance(start, Mapping):
         unknown = set(start) - set(names)
         if unknown:
             raise ValueError(f"start names not among the selected parameters: {sorted(unknown)}")
-        start = flatten([start[n].to(p) if n in start else torch.zeros_like(p)
-                         for n, p in zip(names, params)])
+        start = flatten([full_values([start[n]])[0].to(p) if n in start else torch.zeros_like(p)
+                         for n, p in zip(names, full)])
     start = torch.as_tensor(start).reshape(-1).to(like)
     if start.numel() != like.numel():
         raise ValueError(f"start must have {like.numel()} elements (the selected parameters), "
@@ -164,7 +168,7 @@ def _m_sharpness(found: list[_Ascent], sizes: list[int], n_forward: int, n_backw
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho: float = 0.05,
                          norm: str = "l2", adaptive: bool | str = False, steps: int = 20, *,
                          seed: int = 0, m: int | None = None, restarts: int = 1,
@@ -227,9 +231,9 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
         bar = tqdm(total=len(batches) * restarts * steps, desc="worst-case sharpness",
                    disable=not progress or rank() != 0, leave=False)
         found, n_forward, n_backward = [], 0, 0
-        base = flatten([p.detach() for p in chosen])
+        base = flatten(full_values(chosen))
         for b, batch in enumerate(batches):
-            objective = PerturbedLoss(model, loss_fn, data, chosen, batch_size_fn, batch, base)
+            objective = perturbed_loss(model, loss_fn, data, chosen, batch_size_fn, batch, base)
             found.append(_maximize(objective, scale, ball, steps, restarts,
                                    make_generator(seed + b), start_u, bar))
             n_forward += objective.n_forward
@@ -241,4 +245,5 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     delta = a.u if scale is None else scale * a.u
     return WorstCaseSharpness(
         a.value, a.sam_value, a.loss, a.size, n_forward, n_backward,
-        delta={n: t.clone() for n, t in zip(names, unflatten(delta, chosen))})
+        delta={n: shard_like(t, p) if is_dtensor(p) else t.clone()
+               for n, t, p in zip(names, unflatten(delta, chosen), chosen)})
