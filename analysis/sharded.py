@@ -55,7 +55,8 @@ from torch.utils.checkpoint import checkpoint
 from .core import (all_finite, all_reduce_sum_, BatchSizeFn, check_choice, check_data,
                    check_loss, check_model_mode, flatten, loss_reduction, LossFn, ParamSelection,
                    preserved, select_params, unflatten, working_dtype)
-from .core.sharding import is_dtensor, is_sharded, refuse_sharded, REFUSAL, sample_counts
+from .core.sharding import (full_values, is_dtensor, is_sharded, refuse_sharded, REFUSAL,
+                            sample_counts, shard_like)
 from .finite_difference import dot, FiniteDifference, Pieces
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
@@ -371,49 +372,6 @@ class ShardedHessian:
         """
         products = self.matmat([self.sharded(v) for v in vs])
         return torch.stack([self.local(p) for p in products])
-
-
-def shard_like(full: Tensor, param: Tensor) -> Tensor:
-    """A full tensor (the same on every rank) as a DTensor placed like ``param``.
-
-    Args:
-        full: The unsharded values, ``param``'s shape.
-        param: A DTensor parameter.
-
-    Returns:
-        This rank's shard of ``full`` in ``param``'s dtype, as a DTensor (no communication).
-    """
-    mesh = param.device_mesh
-    whole = DTensor.from_local(full.detach().to(param.dtype).reshape(param.shape), mesh,
-                               [Replicate()] * mesh.ndim, run_check=False)
-    return whole.redistribute(mesh, param.placements)
-
-
-def as_sharded(t: Tensor, param: Tensor) -> Tensor:
-    """``t`` (full, or a DTensor) as a detached DTensor placed and typed like ``param``.
-
-    Args:
-        t: A plain tensor of ``param``'s shape (the same on every rank) or a DTensor.
-        param: A DTensor parameter.
-
-    Returns:
-        The DTensor.
-    """
-    if not is_dtensor(t):
-        return shard_like(t, param)
-    return t.detach().to(param.dtype).redistribute(param.device_mesh, param.placements)
-
-
-def full_values(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """Detached full values: ``full_tensor()`` of each DTensor, the others as they are.
-
-    Args:
-        tensors: Tensors, DTensors among them.
-
-    Returns:
-        Plain tensors (a DTensor's gather is the same on every rank).
-    """
-    return [t.detach().full_tensor() if is_dtensor(t) else t.detach() for t in tensors]
 
 
 def norms_squared(pieces: Sequence[Tensor]) -> Tensor:
@@ -820,6 +778,6 @@ class ShardedOperator:
 
 __all__ = ["is_sharded", "refuse_sharded", "check_sharded", "fsdp_units", "sample_counts",
            "ShardedHessian", "ShardedOperator", "sharded_gradient", "sharded_fd_matmat", "dot",
-           "functional_copy", "shard_like", "as_sharded", "full_values", "norms_squared",
+           "functional_copy", "norms_squared",
            "ShardedLoss",
            "ShardedPerturbedLoss"]

@@ -13,8 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core.sharding import is_dtensor
-from analysis.sharded import as_sharded, full_values, shard_like
+from analysis.core import as_sharded, full_values, is_dtensor, shard_like
 from analysis.core import (all_finite, BatchSizeFn, check_bool, check_choice, guarded, LossFn,
                            make_generator, ParamSelection, randn, register_result, select_params,
                            unflatten)

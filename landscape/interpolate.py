@@ -19,7 +19,7 @@ from analysis.core import (all_reduce_sum_, BatchSizeFn, check_bool, check_data,
                            is_distributed, loss_reduction, LossFn, ParamSelection, preserved,
                            scalar_zeros, select_params, unwrap_compiled)
 
-from analysis.core.sharding import refuse_sharded
+from analysis.core import refuse_sharded
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
 from .points import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt

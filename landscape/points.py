@@ -44,8 +44,8 @@ from analysis.core import (own_call, all_reduce_max_, ArgumentTypeError, BatchSi
                            default_batch_size, loss_reduction, LossFn, LossModule, preserved, rank,
                            world_size)
 
-from analysis.core.sharding import is_sharded
-from analysis.sharded import DTensor, ShardedLoss
+from analysis.sharded import ShardedLoss
+from analysis.core import is_sharded, local_like
 
 from .directions import named_targets
 from .results import Progress
@@ -206,11 +206,7 @@ class ShardedPoints:
         """The loss at each point ``cs[p]`` ([P, n_vectors]) on ``batch``, shape [P]."""
         out = []
         for c in cs:
-            moved = {n: DTensor.from_local(combine(p, c), self.params[n].device_mesh,
-                                           self.params[n].placements, run_check=False,
-                                           shape=self.params[n].shape,
-                                           stride=self.params[n].stride())
-                     for n, p in self.local.items()}
+            moved = {n: local_like(combine(p, c), self.params[n]) for n, p in self.local.items()}
             self.loss.move(moved)
             out.append(_scalar(self.loss.batch_loss(batch)))
         return torch.stack(out)

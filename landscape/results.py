@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from analysis.sharded import full_values
+from analysis.core import full_values
 from analysis.core import (BatchSizeFn, broadcast_object, check_data, check_loss,
                            default_batch_size, load_result, LossFn, make_metadata, preserved, rank,
                            register_result, save_result)

@@ -12,7 +12,7 @@ from torch import Tensor, nn
 from analysis.core import (check_bool, check_choice, check_int, flatten, ParamSelection,
                            records_metadata, register_result, select_params)
 
-from analysis.core.sharding import refuse_sharded
+from analysis.core import refuse_sharded
 
 from .directions import Direction, named_targets, check_direction, state_tensors
 

@@ -27,6 +27,9 @@ Modules, each holding one piece of the protocol:
   ``file_sha256``, and ``temporaries`` / ``remove_temporaries`` (what a killed writer left).
 * ``results``: the result convention: ``make_metadata``, ``versions``, ``save_result`` /
   ``load_result`` (npz + JSON, never pickle), ``register_result``, ``records_metadata``.
+* ``sharding``: ``is_dtensor`` / ``is_sharded`` / ``refuse_sharded`` for FSDP2 ``fully_shard``
+  models; ``shard_like`` / ``as_sharded`` / ``local_like`` / ``full_values`` between full
+  tensors, local pieces and DTensors placed like a parameter.
 * ``compiled``: ``unwrap_compiled`` / ``refuse_compiled`` for ``torch.compile``'d modules.
 * ``precision``: ``working_dtype`` (float32 for bfloat16/float16) and ``product_eps``.
 * ``validation``: ``check_*(name, value, ...) -> value`` argument checks (``check_model_mode``
@@ -48,6 +51,8 @@ from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, ch
                        scalar_zeros, split_loss, Supervised, supervised, to_device)
 from .loss import mean_loss
 from .restore import preserved
+from .sharding import (as_sharded, full_values, is_dtensor, is_sharded, local_like,
+                       refuse_sharded, shard_like)
 from .results import (ResultMixin, load_result, make_metadata, records_metadata, register_result,
                       save_result, versions)
 from .seeding import make_generator, rademacher, randn, uniform
@@ -57,6 +62,9 @@ from .validation import (MODEL_MODES, ArgumentTypeError, all_finite, check_bool,
                          renamed_keywords)
 
 __all__ = [
+    # sharding (FSDP2 fully_shard models)
+    "is_dtensor", "is_sharded", "refuse_sharded", "shard_like", "as_sharded", "full_values",
+    "local_like",
     # protocol
     "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "Supervised", "supervised",
     "split_loss", "loss_reduction", "default_batch_size", "check_data", "check_loss",

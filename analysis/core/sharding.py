@@ -7,13 +7,18 @@ with "mixed torch.Tensor and DTensor" after a partial change.
 """
 from __future__ import annotations
 
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from .distributed import all_reduce_max_, all_reduce_sum_
 from .protocol import BatchSizeFn, check_data, default_batch_size
+
+try:  # DTensor (torch >= 2.4)
+    from torch.distributed.tensor import DTensor, Replicate
+except ImportError:  # pragma: no cover - torch without torch.distributed
+    DTensor = Replicate = None
 
 SUPPORTED = ("top_eigenvalues, hessian_trace, spectral_density and hvp of the Hessian "
              "(curvature=\"hessian\", no preconditioner, hvp_method=\"reverse\" or "
@@ -95,4 +100,62 @@ def sample_counts(data: Iterable, batch_size_fn: BatchSizeFn | None) -> tuple[li
     return sizes, float(total)
 
 
-__all__ = ["sample_counts", "is_dtensor", "is_sharded", "refuse_sharded", "REFUSAL", "SUPPORTED"]
+__all__ = ["sample_counts", "is_dtensor", "is_sharded", "refuse_sharded", "REFUSAL", "SUPPORTED",
+           "shard_like", "as_sharded", "full_values", "local_like"]
+
+
+def shard_like(full: Tensor, param: Tensor) -> Tensor:
+    """A full tensor (the same on every rank) as a DTensor placed like ``param``.
+
+    Args:
+        full: The unsharded values, ``param``'s shape.
+        param: A DTensor parameter.
+
+    Returns:
+        This rank's shard of ``full`` in ``param``'s dtype, as a DTensor (no communication).
+    """
+    mesh = param.device_mesh
+    whole = DTensor.from_local(full.detach().to(param.dtype).reshape(param.shape), mesh,
+                               [Replicate()] * mesh.ndim, run_check=False)
+    return whole.redistribute(mesh, param.placements)
+
+
+def as_sharded(t: Tensor, param: Tensor) -> Tensor:
+    """``t`` (full, or a DTensor) as a detached DTensor placed and typed like ``param``.
+
+    Args:
+        t: A plain tensor of ``param``'s shape (the same on every rank) or a DTensor.
+        param: A DTensor parameter.
+
+    Returns:
+        The DTensor.
+    """
+    if not is_dtensor(t):
+        return shard_like(t, param)
+    return t.detach().to(param.dtype).redistribute(param.device_mesh, param.placements)
+
+
+def full_values(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached full values: ``full_tensor()`` of each DTensor, the others as they are.
+
+    Args:
+        tensors: Tensors, DTensors among them.
+
+    Returns:
+        Plain tensors (a DTensor's gather is the same on every rank).
+    """
+    return [t.detach().full_tensor() if is_dtensor(t) else t.detach() for t in tensors]
+
+
+def local_like(local: Tensor, param: Tensor) -> Tensor:
+    """This rank's piece ``local`` as a DTensor placed like ``param`` (no communication).
+
+    Args:
+        local: The local values, the shape of ``param.to_local()``.
+        param: A DTensor parameter.
+
+    Returns:
+        A DTensor with ``param``'s mesh, placements, global shape and stride.
+    """
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
+                              shape=param.shape, stride=param.stride())
