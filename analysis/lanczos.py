@@ -332,6 +332,7 @@ class Krylov:
                  basis_device: torch.device | str | None = None):
         self.V = Basis(capacity, n, head=head, dtype=basis_dtype or like.dtype,
                        device=basis_device or like.device)
+        self.capacity, self.n, self.replaced = capacity, n, 0
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
         self.events: dict = {}  # breakdowns and dropped rows (:func:`_orthogonalise`)
@@ -370,7 +371,9 @@ class Krylov:
                    else block.to(self.like))
         del block
         self.n_hvp += b
+        before = self.events.get("breakdown", 0)
         self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen, self.events)
+        self.replaced = self.events.get("breakdown", 0) - before  # random rows of Q
         block = coef[:m + b].to(torch.float64)
         self.T[:m + b, m:m + b] = block
         self.T[m:m + b, :m + b] = block.T
@@ -454,14 +457,18 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     Degenerate spectra: convergence is tested only once there are ``k`` Ritz values. A Krylov
     space from one start vector holds one copy of each eigenvalue (``b`` copies from a block);
     when it becomes invariant (a breakdown) it continues from a random vector orthogonal to
-    the basis (drawn from the routine's generator). Once the ``k`` wanted pairs converged, if
-    there was a breakdown or a wanted value is zero or repeated (to its tolerance), the basis
-    is restarted with the ``k`` wanted Ritz vectors and a random block orthogonal to them:
-    the new Krylov space sees the copies the first one could not (e.g. the null space of a
-    rank-deficient GGN), and it is repeated while it finds a value beyond the ``k``-th. A
-    block larger than the space left shrinks to it. ``converged=False`` always comes with a
-    ``RuntimeWarning`` that says why (the budget, a cut-off search for more copies, or a
-    curvature scale that the products cannot resolve, :func:`resolvable`).
+    the basis (drawn from the routine's generator). Once the ``k`` wanted pairs converged,
+    for ``k >= 2`` always, and for ``k = 1`` when there was a breakdown or the value is zero,
+    the basis is restarted with the ``k`` wanted Ritz vectors, and ``b`` random rows
+    orthogonal to them join the pending block (:func:`_new_start`): the new Krylov space sees
+    the copies the first one could not (``diag(5, 5, 4, ...)``, the null space of a
+    rank-deficient GGN), and it is repeated while it finds a value beyond the ``k``-th. The
+    search costs at least 5 steps of the widened block (10 products for ``b = 1``), counted
+    in ``n_hvp``. With ``k = 1`` a repeated top eigenvalue changes nothing returned (the
+    value is the same, only its eigenvector is not unique), so the search is not made
+    routinely there. A block larger than the space left shrinks to it. ``converged=False``
+    always comes with a ``RuntimeWarning`` that says why (the budget, a cut-off search for
+    more copies, or a curvature scale that the products cannot resolve, :func:`resolvable`).
 
     Args:
         matmat: The matrix, ``[b, n]`` rows in, new rows out (the input rows are overwritten).
@@ -635,12 +642,11 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
         ok = len(pick) > k - 1 and bool((resid[pick[:k]] <= test.bounds(theta, pick[:k])).all())
         if ok and not exact:
             settled, inject = _settled(theta, resid, pick, locked, K, test)
-            if inject and K.n_hvp + b > budget:  # no product left to look for more copies
+            if inject and K.n_hvp + len(K.Q) + b > budget:  # no products left for the search
                 return theta, Y, pick[:k], resid, False, True
             if inject:  # look for more copies from a new start orthogonal to the wanted
                 locked, K.seg = theta[pick[:k]].clone(), K.n_hvp
-                K.restart(theta, Y, pick[:k])
-                K.start(randn((b, n), K.gen, like=K.like))
+                _new_start(K, theta, Y, pick[:k], b)
                 bar.restarts += 1
                 continue
             ok = settled
@@ -653,11 +659,33 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
             bar.restarts += 1
 
 
+def _new_start(K: Krylov, theta: Tensor, Y: Tensor, keep: Tensor, b: int) -> None:
+    r"""Restart with the Ritz vectors ``keep`` and ``b`` random rows added to the pending block.
+
+    The pending block $Q$ stays: it holds the kept pairs' residuals,
+    $H u_i - \theta_i u_i = Q^\top B y_i$, so with $Q$ in the next block the Krylov relation,
+    and with it every Ritz residual estimate, stays exact (dropped, the new Ritz vectors'
+    estimates would miss the part of their residual along $Q$). The ``b`` random rows,
+    orthogonalised against the kept vectors and $Q$, start the Krylov space that sees the
+    copies the first one could not. After a breakdown $Q$ is itself random rows orthogonal
+    to the basis (:func:`_orthogonalise`), a new start already: it is kept alone. Where the
+    basis has no room for both (a ``max_basis`` of ``k + b``) the random rows replace $Q$;
+    the estimates may then understate the true residuals by at most the kept pairs'
+    residuals, which met the tolerance.
+    """
+    K.restart(theta, Y, keep)
+    if K.replaced >= len(K.Q):
+        return
+    fresh = randn((b, K.n), K.gen, like=K.like)
+    K.start(torch.cat([K.Q, fresh]) if K.m + len(K.Q) + b <= K.capacity else fresh)
+
+
 def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, K: Krylov,
              test: _Test) -> tuple[bool, bool]:
     r"""Once the ``k`` wanted pairs converged: ``(done, inject a new start)``.
 
-    Without a check under way, a new start is injected when :func:`_degenerate`. With one
+    Without a check under way, a new start is injected for ``k >= 2``, and for ``k = 1``
+    when :func:`_degenerate` (module docstring of :func:`lanczos`). With one
     (``locked``), the new Krylov space's best Ritz value $\mu$ (pair ``k + 1``) decides: a
     wanted value beyond ``locked`` means a missed copy, so another new start; otherwise done
     once $\mu$'s pair converged, or after ``5 b`` products when $\mu$ plus its residual stays
@@ -665,7 +693,8 @@ def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, 
     """
     k = test.k
     if locked is None:
-        return (False, True) if _degenerate(theta, resid, pick, test, K.events) else (True, False)
+        search = k >= 2 or _degenerate(theta, resid, pick, test, K.events)
+        return (False, True) if search else (True, False)
     slack = test.bounds(theta, pick[k - 1:k])[0]
     if test.better(theta[pick[k - 1]], locked[-1], slack):
         return False, True
@@ -865,8 +894,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         method: "lanczos" or "power" (PyHessian's deflated power iteration; "LA"/"LM" only,
             both meaning largest magnitude there).
         block_size: Vectors per Lanczos block; a block of size ``b`` resolves eigenvalues of
-            multiplicity up to ``b`` (single-vector Krylov spaces see one copy of a repeated
-            eigenvalue) and shares each forward pass among ``b`` products.
+            multiplicity up to ``b`` within one Krylov space and shares each forward pass
+            among ``b`` products; more copies, and for ``k >= 2`` any copy, are looked for
+            from new random start vectors once the ``k`` pairs converged (:func:`lanczos`).
         max_basis: Basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
             vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
             ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
@@ -915,6 +945,11 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     if max_hvp is not None:  # enough products for k Ritz values (whole blocks for Lanczos)
         b = min(block_size, n)
         max_hvp = check_int("max_hvp", max_hvp, k if method == "power" else b * math.ceil(k / b))
+    if block_size == 1 and getattr(op, "_probe", False) is None:
+        # the operator's symmetry probe runs on its first product of two or more vectors, here
+        # the widened block of the search for copies (:func:`_new_start`), whose rows may lie
+        # in a null space where the probe's bound (their own products) is rounding
+        op._probe = False
     with op:
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
