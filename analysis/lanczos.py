@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable
 
 import numpy as np
@@ -32,6 +33,7 @@ from .core import (all_finite, BatchSizeFn, check_choice, check_device, check_dt
                    randn, records_metadata, register_result)
 from .core.progress import ConvergenceBar, batch_progress, gap
 from .curvature import curvature_operator
+from .operator import _asymmetry_message, CurvatureOperator
 from .preconditioning import Preconditioner
 
 WHICH = ("LA", "SA", "LM")
@@ -333,13 +335,20 @@ class Krylov:
         self.V = Basis(capacity, n, head=head, dtype=basis_dtype or like.dtype,
                        device=basis_device or like.device)
         self.capacity, self.n, self.replaced = capacity, n, 0
+        # the symmetry screen (:meth:`_screen`): the coupling <Q, H V[lo:]> the next block's
+        # products must reproduce as <V[lo:], H Q>, the largest product norm seen, the
+        # tolerance relative to it, and who confirms and reports a mismatch (None: raise here)
+        self.expect: tuple[int, Tensor] | None = None
+        self.scale, self.sym_tol = 0.0, 30 * math.sqrt(torch.finfo(like.dtype).eps)
+        self.symmetry: Callable[[Tensor, float], None] | None = None
+        self.screening = True
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
         self.events: dict = {}  # breakdowns and dropped rows (:func:`_orthogonalise`)
         self.Q: Tensor | None = None
         self.seg = 0  # products before the current new start (:func:`lanczos`)
 
-    def start(self, block: Tensor) -> None:
+    def start(self, block: Tensor, carried: int = 0) -> None:
         """Orthonormalise ``block`` (against ``V``) into the pending block.
 
         After :meth:`restart`, a random ``block`` starts a new Krylov space orthogonal to the
@@ -347,8 +356,18 @@ class Krylov:
 
         Args:
             block: ``[b, n]`` start vectors.
+            carried: Leading rows of ``block`` that are the pending block itself (already
+                orthonormal to ``V``), whose coupling to ``V`` is known: the symmetry screen
+                goes on (the other rows, orthogonal to them and to the Ritz vectors kept, have
+                coupling zero).
         """
+        expect = self.expect if carried and self.expect is not None else None
         self.Q = _orthogonalise(block, self.V, self.m, self.gen, self.events)[0]
+        if expect is None or len(self.Q) != len(block):
+            self.expect = None
+            return
+        lo, S = expect
+        self.expect = lo, torch.cat([S, S.new_zeros(len(block) - carried, S.shape[1])])
 
     def extend(self, matmat: MatMat, count: int | None = None) -> Tensor:
         r"""Append (up to ``count`` rows of) the pending block $Q$ and make the next one $Q_n$.
@@ -375,10 +394,49 @@ class Krylov:
         self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen, self.events)
         self.replaced = self.events.get("breakdown", 0) - before  # random rows of Q
         block = coef[:m + b].to(torch.float64)
+        self.scale = max(self.scale, float(torch.linalg.vector_norm(coef, dim=0).max()))
+        if self.screening and self.expect is not None:
+            self._screen(block, m, b)
         self.T[:m + b, m:m + b] = block
         self.T[m:m + b, :m + b] = block.T
         self.m = m + b
-        return coef[m + b:].to(torch.float64)
+        self.B = coef[m + b:].to(torch.float64)
+        self.expect = (m, self.B) if self.screening else None
+        return self.B
+
+    def _screen(self, block: Tensor, m: int, b: int) -> None:
+        r"""The symmetry screen: the coupling of consecutive blocks, computed both ways.
+
+        A row $q$ of the block just multiplied came out of an earlier product $H v$ (or a
+        restart), which fixed $\langle q, H v \rangle$ (``expect``); the new product gives
+        $\langle v, H q \rangle$ (``block``, the coefficients on ``V``). For a symmetric
+        operator they agree to the products' rounding; a gap above ``sym_tol`` (the symmetry
+        probe's $30 \sqrt{\epsilon}$, :meth:`analysis.CurvatureOperator.matmat`) times the
+        largest product norm seen is an asymmetry. The two rows are then handed to
+        ``symmetry`` (which multiplies them again and reports, counting 2 products) or, without
+        it, a ``RuntimeError`` is raised here. Costs no product and no vector. Skipped where
+        the products' scale is not resolved in their dtype (:func:`resolvable`).
+        """
+        info = torch.finfo(self.like.dtype)
+        if not math.sqrt(info.tiny) <= self.scale <= math.sqrt(info.max):
+            return  # products under- or overflow: :func:`resolvable` refuses the result
+        lo, S = self.expect
+        S = S[:b]
+        gaps = (block[lo:lo + S.shape[1]] - S.T).abs()
+        worst = float(gaps.max()) if gaps.numel() else 0.0
+        bound = self.sym_tol * self.scale
+        if worst <= bound:
+            return
+        i, j = divmod(int(gaps.argmax()), gaps.shape[1])
+        vs = torch.stack([self.V.get(lo + i, lo + i + 1)[0], self.V.get(m + j, m + j + 1)[0]])
+        vs = vs.to(self.like)
+        if self.symmetry is None:
+            raise RuntimeError(f"the products are not symmetric: <v, A w> and <w, A v> differ by "
+                               f"{worst / self.scale:.3g} of the largest product norm, above "
+                               f"{self.sym_tol:.2g} (two rows of the Lanczos basis)")
+        self.symmetry(vs, bound)  # raises when the asymmetry is reproduced
+        self.n_hvp += len(vs)
+        self.screening = False
 
     def ritz(self) -> tuple[Tensor, Tensor]:
         """The Ritz pairs of the current basis.
@@ -399,6 +457,8 @@ class Krylov:
             Y: Their coordinates in ``V``.
             keep: Indices of the Ritz pairs kept.
         """
+        if self.expect is not None:  # H u = theta u + Q^T B y_last: <Q, H u> = B y_last
+            self.expect = 0, self.B @ Y[self.m - self.B.shape[1]:self.m, keep]
         self.V.rotate_(Y[:, keep], self.m)
         self.T.zero_()
         self.T[:len(keep), :len(keep)] = torch.diag(theta[keep])
@@ -442,7 +502,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
             basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None,
-            product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+            product_dtype: torch.dtype | None = None,
+            symmetry: Callable[[Tensor, float], None] | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     r"""Block Lanczos with full reorthogonalisation and thick restart on any symmetric ``matmat``.
 
     The Krylov recurrence $H V_m^\top = V_m^\top T_m + Q_{m+1}^\top B_m E_m^\top$ (Golub & Van
@@ -470,6 +532,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     always comes with a ``RuntimeWarning`` that says why (the budget, a cut-off search for
     more copies, or a curvature scale that the products cannot resolve, :func:`resolvable`).
 
+    Symmetry: every product is screened for an asymmetric operator, free
+    (:meth:`Krylov._screen`; ``symmetry``).
+
     Args:
         matmat: The matrix, ``[b, n]`` rows in, new rows out (the input rows are overwritten).
         n: The dimension.
@@ -494,6 +559,13 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             ``eps max|theta|``, the residuals of the wanted pairs are measured by ``k`` more
             products, and ``converged`` is judged on those; a ``tol`` they cannot meet gives
             ``converged=False`` and a warning naming the dtype.
+        symmetry: Called as ``symmetry(vs, bound)`` with two basis rows ``[2, n]`` on which
+            the recurrence shows an asymmetry: $\langle v, H w \rangle$ from one product and
+            $\langle w, H v \rangle$ from another differ by more than ``bound``
+            (:meth:`Krylov._screen`, free, at every product). It multiplies them again and
+            raises when the gap is reproduced (:func:`top_eigenvalues` reports it as the
+            operator's symmetry probe does); when it returns, its 2 products are counted and
+            the screen stops. Without it, the screen raises a ``RuntimeError`` itself.
 
     Returns:
         ``(theta, U, residuals, n_hvp, converged)``: the ``k`` Ritz values in ``which`` order,
@@ -503,6 +575,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     Raises:
         ValueError: When ``max_basis`` is below ``k + block_size`` (and below ``n``), or for a
             bad ``v0``.
+        RuntimeError: When the products are not symmetric (``symmetry``).
     """
     b = min(block_size, n)
     if max_basis is None:
@@ -516,6 +589,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
                  product_eps(product_dtype) if product_dtype else 0.0)
     gen = make_generator(seed)
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
+    K.symmetry, K.sym_tol = symmetry, 30 * math.sqrt(max(eps, test.noise))
     K.start(_start_block(v0, n, b, gen, like))
     bar = ConvergenceBar(budget, "lanczos", disable=not progress)
     try:
@@ -677,7 +751,10 @@ def _new_start(K: Krylov, theta: Tensor, Y: Tensor, keep: Tensor, b: int) -> Non
     if K.replaced >= len(K.Q):
         return
     fresh = randn((b, K.n), K.gen, like=K.like)
-    K.start(torch.cat([K.Q, fresh]) if K.m + len(K.Q) + b <= K.capacity else fresh)
+    if K.m + len(K.Q) + b <= K.capacity:
+        K.start(torch.cat([K.Q, fresh]), carried=len(K.Q))
+    else:
+        K.start(fresh)
 
 
 def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, K: Krylov,
@@ -721,6 +798,27 @@ def _warn_unconverged(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, n
                f"times their tolerance (relative {test.rel:.2g})")
     warnings.warn(f"Lanczos did not converge: {why}. Raise max_hvp (or tol), or a block_size "
                   "of the expected multiplicity", RuntimeWarning, stacklevel=7)
+
+
+def _confirm_asymmetry(op: CurvatureOperator, vs: Tensor, bound: float) -> None:
+    r"""Multiply two rows again; raise the symmetry probe's error when their gap is reproduced.
+
+    The ``symmetry`` of :func:`lanczos` in :func:`top_eigenvalues`: with fresh products,
+    $|\langle v, A w \rangle - \langle w, A v \rangle| > $ ``bound`` is an asymmetric operator,
+    reported by the operator's own message (the parameters and modules where
+    $v \odot A w - w \odot A v$ concentrates); a gap that is not reproduced means products
+    that vary (shuffled data, stochastic layers), left to the determinism guards as the
+    probe leaves them.
+
+    Raises:
+        RuntimeError: When the asymmetry is reproduced.
+    """
+    out = op.matmat(vs)
+    (v, av), (w, aw) = (vs[0].to(out), out[0]), (vs[1].to(out), out[1])
+    gap = abs(float(torch.dot(v, aw) - torch.dot(w, av)))
+    if gap > bound:
+        size = float(v.norm() * aw.norm() + w.norm() * av.norm()) / 2
+        raise RuntimeError(_asymmetry_message(op, v * aw - w * av, gap / max(size, bound)))
 
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
@@ -945,17 +1043,15 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     if max_hvp is not None:  # enough products for k Ritz values (whole blocks for Lanczos)
         b = min(block_size, n)
         max_hvp = check_int("max_hvp", max_hvp, k if method == "power" else b * math.ceil(k / b))
-    if block_size == 1 and getattr(op, "_probe", False) is None:
-        # the operator's symmetry probe runs on its first product of two or more vectors, here
-        # the widened block of the search for copies (:func:`_new_start`), whose rows may lie
-        # in a null space where the probe's bound (their own products) is rounding
-        op._probe = False
+    symmetry = partial(_confirm_asymmetry, op) if isinstance(op, CurvatureOperator) else None
+    if symmetry and block_size == 1 and op._probe is None:
+        op._probe = False  # its probe needs two vectors; the Lanczos screen checks every product
     with op:
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
                           block_size=block_size, max_basis=max_basis, v0=v0, seed=seed,
                           like=op.like, progress=progress, basis_dtype=basis_dtype,
-                          basis_device=basis_device, product_dtype=op.dtype)
+                          basis_device=basis_device, product_dtype=op.dtype, symmetry=symmetry)
         else:
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
                                   like=op.like, progress=progress)
