@@ -42,6 +42,7 @@ BASIS_DTYPES = (torch.float64, torch.float32)
 MatMat = Callable[[Tensor], Tensor]
 BASIS_BYTES = 2 ** 32  # default cap of the Lanczos basis (4 GiB: 8 vectors of GPT-2 small)
 DGKS = 2 ** -0.5  # a second Gram-Schmidt pass when one pass leaves less than this part of the norm
+_SEARCH_STEPS = 5  # steps of a search for more copies before a value short of the k-th ends it
 
 
 @register_result
@@ -525,7 +526,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     orthogonal to them join the pending block (:func:`_new_start`): the new Krylov space sees
     the copies the first one could not (``diag(5, 5, 4, ...)``, the null space of a
     rank-deficient GGN), and it is repeated while it finds a value beyond the ``k``-th. The
-    search costs at least 5 steps of the widened block (10 products for ``b = 1``), counted
+    search costs up to 5 steps of the widened block (10 products for ``b = 1``, fewer when the
+    next value converges sooner, more for each copy found), counted
     in ``n_hvp``. With ``k = 1`` a repeated top eigenvalue changes nothing returned (the
     value is the same, only its eigenvector is not unique), so the search is not made
     routinely there. A block larger than the space left shrinks to it. ``converged=False``
@@ -548,8 +550,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         seed: Seed of the random start and of restarts after a breakdown.
         like: A tensor of the vectors' dtype and device.
         progress: Show a bar over the products whose total is those predicted to convergence
-            (at most ``max_hvp``; :class:`analysis.core.progress.ConvergenceBar`), with the
-            restarts so far.
+            and through the search for more copies (at most ``max_hvp``;
+            :class:`analysis.core.progress.ConvergenceBar`), with the restarts so far.
         basis_dtype: Dtype of the basis (default ``like``'s).
         basis_device: Device of the basis (default ``like``'s).
         product_dtype: The dtype ``matmat`` computes in, when it is coarser than ``like``'s
@@ -591,7 +593,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
     K.symmetry, K.sym_tol = symmetry, 30 * math.sqrt(max(eps, test.noise))
     K.start(_start_block(v0, n, b, gen, like))
-    bar = ConvergenceBar(budget, "lanczos", disable=not progress)
+    bar = ConvergenceBar(budget, "lanczos", disable=not progress,
+                         after=_SEARCH_STEPS * 2 * b if k >= 2 else 0)  # the search, _settled
     try:
         theta, Y, pick, resid, ok, checking = _iterate(K, matmat, n, test, b, m_max, budget, bar)
     finally:
@@ -721,7 +724,8 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
             if inject:  # look for more copies from a new start orthogonal to the wanted
                 locked, K.seg = theta[pick[:k]].clone(), K.n_hvp
                 _new_start(K, theta, Y, pick[:k], b)
-                bar.restarts += 1
+                bar.restarts, bar.settled = bar.restarts + 1, K.n_hvp
+                bar.after = _SEARCH_STEPS * len(K.Q)  # the widened block's products
                 continue
             ok = settled
         if ok or exact or K.n_hvp + b > budget:
@@ -765,8 +769,8 @@ def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, 
     when :func:`_degenerate` (module docstring of :func:`lanczos`). With one
     (``locked``), the new Krylov space's best Ritz value $\mu$ (pair ``k + 1``) decides: a
     wanted value beyond ``locked`` means a missed copy, so another new start; otherwise done
-    once $\mu$'s pair converged, or after ``5 b`` products when $\mu$ plus its residual stays
-    short of the ``k``-th value.
+    once $\mu$'s pair converged, or after ``_SEARCH_STEPS`` (5) steps of the new block when
+    $\mu$ plus its residual stays short of the ``k``-th value.
     """
     k = test.k
     if locked is None:
@@ -782,7 +786,7 @@ def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, 
         return True, False
     reach = mu + r if test.which == "LA" else mu - r if test.which == "SA" else mu.abs() + r
     short = not test.better(reach, theta[pick[k - 1]], -slack)
-    return short and K.n_hvp - K.seg >= 5 * len(K.Q), False
+    return short and K.n_hvp - K.seg >= _SEARCH_STEPS * len(K.Q), False
 
 
 def _warn_unconverged(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, n_hvp: int,
