@@ -338,11 +338,12 @@ class Krylov:
         self.capacity, self.n, self.replaced = capacity, n, 0
         # the symmetry screen (:meth:`_screen`): the coupling <Q, H V[lo:]> the next block's
         # products must reproduce as <V[lo:], H Q>, the largest product norm seen, the
-        # tolerance relative to it, and who confirms and reports a mismatch (None: raise here)
+        # tolerance relative to it, and who confirms and reports a mismatch (None: raise here);
+        # off unless the solver turns it on (:func:`lanczos` does)
         self.expect: tuple[int, Tensor] | None = None
         self.scale, self.sym_tol = 0.0, 30 * math.sqrt(torch.finfo(like.dtype).eps)
         self.symmetry: Callable[[Tensor, float], None] | None = None
-        self.screening = True
+        self.screening = False
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
         self.events: dict = {}  # breakdowns and dropped rows (:func:`_orthogonalise`)
@@ -591,7 +592,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
                  product_eps(product_dtype) if product_dtype else 0.0)
     gen = make_generator(seed)
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
-    K.symmetry, K.sym_tol = symmetry, 30 * math.sqrt(max(eps, test.noise))
+    K.symmetry, K.sym_tol, K.screening = symmetry, 30 * math.sqrt(max(eps, test.noise)), True
     K.start(_start_block(v0, n, b, gen, like))
     bar = ConvergenceBar(budget, "lanczos", disable=not progress,
                          after=_SEARCH_STEPS * 2 * b if k >= 2 else 0)  # the search, _settled
