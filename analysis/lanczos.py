@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Callable, Iterable
 
 import numpy as np
@@ -32,6 +33,7 @@ from .core import (all_finite, BatchSizeFn, check_choice, check_device, check_dt
                    randn, records_metadata, register_result)
 from .core.progress import ConvergenceBar, batch_progress, gap
 from .curvature import curvature_operator
+from .operator import _asymmetry_message, CurvatureOperator
 from .preconditioning import Preconditioner
 
 WHICH = ("LA", "SA", "LM")
@@ -40,6 +42,7 @@ BASIS_DTYPES = (torch.float64, torch.float32)
 MatMat = Callable[[Tensor], Tensor]
 BASIS_BYTES = 2 ** 32  # default cap of the Lanczos basis (4 GiB: 8 vectors of GPT-2 small)
 DGKS = 2 ** -0.5  # a second Gram-Schmidt pass when one pass leaves less than this part of the norm
+_SEARCH_STEPS = 5  # steps of a search for more copies before a value short of the k-th ends it
 
 
 @register_result
@@ -332,13 +335,22 @@ class Krylov:
                  basis_device: torch.device | str | None = None):
         self.V = Basis(capacity, n, head=head, dtype=basis_dtype or like.dtype,
                        device=basis_device or like.device)
+        self.capacity, self.n, self.replaced = capacity, n, 0
+        # the symmetry screen (:meth:`_screen`): the coupling <Q, H V[lo:]> the next block's
+        # products must reproduce as <V[lo:], H Q>, the largest product norm seen, the
+        # tolerance relative to it, and who confirms and reports a mismatch (None: raise here);
+        # off unless the solver turns it on (:func:`lanczos` does)
+        self.expect: tuple[int, Tensor] | None = None
+        self.scale, self.sym_tol = 0.0, 30 * math.sqrt(torch.finfo(like.dtype).eps)
+        self.symmetry: Callable[[Tensor, float], None] | None = None
+        self.screening = False
         self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
         self.events: dict = {}  # breakdowns and dropped rows (:func:`_orthogonalise`)
         self.Q: Tensor | None = None
         self.seg = 0  # products before the current new start (:func:`lanczos`)
 
-    def start(self, block: Tensor) -> None:
+    def start(self, block: Tensor, carried: int = 0) -> None:
         """Orthonormalise ``block`` (against ``V``) into the pending block.
 
         After :meth:`restart`, a random ``block`` starts a new Krylov space orthogonal to the
@@ -346,8 +358,18 @@ class Krylov:
 
         Args:
             block: ``[b, n]`` start vectors.
+            carried: Leading rows of ``block`` that are the pending block itself (already
+                orthonormal to ``V``), whose coupling to ``V`` is known: the symmetry screen
+                goes on (the other rows, orthogonal to them and to the Ritz vectors kept, have
+                coupling zero).
         """
+        expect = self.expect if carried and self.expect is not None else None
         self.Q = _orthogonalise(block, self.V, self.m, self.gen, self.events)[0]
+        if expect is None or len(self.Q) != len(block):
+            self.expect = None
+            return
+        lo, S = expect
+        self.expect = lo, torch.cat([S, S.new_zeros(len(block) - carried, S.shape[1])])
 
     def extend(self, matmat: MatMat, count: int | None = None) -> Tensor:
         r"""Append (up to ``count`` rows of) the pending block $Q$ and make the next one $Q_n$.
@@ -370,12 +392,53 @@ class Krylov:
                    else block.to(self.like))
         del block
         self.n_hvp += b
+        before = self.events.get("breakdown", 0)
         self.Q, coef = _orthogonalise(Z, self.V, m + b, self.gen, self.events)
+        self.replaced = self.events.get("breakdown", 0) - before  # random rows of Q
         block = coef[:m + b].to(torch.float64)
+        self.scale = max(self.scale, float(torch.linalg.vector_norm(coef, dim=0).max()))
+        if self.screening and self.expect is not None:
+            self._screen(block, m, b)
         self.T[:m + b, m:m + b] = block
         self.T[m:m + b, :m + b] = block.T
         self.m = m + b
-        return coef[m + b:].to(torch.float64)
+        self.B = coef[m + b:].to(torch.float64)
+        self.expect = (m, self.B) if self.screening else None
+        return self.B
+
+    def _screen(self, block: Tensor, m: int, b: int) -> None:
+        r"""The symmetry screen: the coupling of consecutive blocks, computed both ways.
+
+        A row $q$ of the block just multiplied came out of an earlier product $H v$ (or a
+        restart), which fixed $\langle q, H v \rangle$ (``expect``); the new product gives
+        $\langle v, H q \rangle$ (``block``, the coefficients on ``V``). For a symmetric
+        operator they agree to the products' rounding; a gap above ``sym_tol`` (the symmetry
+        probe's $30 \sqrt{\epsilon}$, :meth:`analysis.CurvatureOperator.matmat`) times the
+        largest product norm seen is an asymmetry. The two rows are then handed to
+        ``symmetry`` (which multiplies them again and reports, counting 2 products) or, without
+        it, a ``RuntimeError`` is raised here. Costs no product and no vector. Skipped where
+        the products' scale is not resolved in their dtype (:func:`resolvable`).
+        """
+        info = torch.finfo(self.like.dtype)
+        if not math.sqrt(info.tiny) <= self.scale <= math.sqrt(info.max):
+            return  # products under- or overflow: :func:`resolvable` refuses the result
+        lo, S = self.expect
+        S = S[:b]
+        gaps = (block[lo:lo + S.shape[1]] - S.T).abs()
+        worst = float(gaps.max()) if gaps.numel() else 0.0
+        bound = self.sym_tol * self.scale
+        if worst <= bound:
+            return
+        i, j = divmod(int(gaps.argmax()), gaps.shape[1])
+        vs = torch.stack([self.V.get(lo + i, lo + i + 1)[0], self.V.get(m + j, m + j + 1)[0]])
+        vs = vs.to(self.like)
+        if self.symmetry is None:
+            raise RuntimeError(f"the products are not symmetric: <v, A w> and <w, A v> differ by "
+                               f"{worst / self.scale:.3g} of the largest product norm, above "
+                               f"{self.sym_tol:.2g} (two rows of the Lanczos basis)")
+        self.symmetry(vs, bound)  # raises when the asymmetry is reproduced
+        self.n_hvp += len(vs)
+        self.screening = False
 
     def ritz(self) -> tuple[Tensor, Tensor]:
         """The Ritz pairs of the current basis.
@@ -396,6 +459,8 @@ class Krylov:
             Y: Their coordinates in ``V``.
             keep: Indices of the Ritz pairs kept.
         """
+        if self.expect is not None:  # H u = theta u + Q^T B y_last: <Q, H u> = B y_last
+            self.expect = 0, self.B @ Y[self.m - self.B.shape[1]:self.m, keep]
         self.V.rotate_(Y[:, keep], self.m)
         self.T.zero_()
         self.T[:len(keep), :len(keep)] = torch.diag(theta[keep])
@@ -439,7 +504,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             max_hvp: int | None = None, block_size: int = 1, max_basis: int | None = None,
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
             basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None,
-            product_dtype: torch.dtype | None = None) -> tuple[Tensor, Tensor, Tensor, int, bool]:
+            product_dtype: torch.dtype | None = None,
+            symmetry: Callable[[Tensor, float], None] | None = None
+            ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     r"""Block Lanczos with full reorthogonalisation and thick restart on any symmetric ``matmat``.
 
     The Krylov recurrence $H V_m^\top = V_m^\top T_m + Q_{m+1}^\top B_m E_m^\top$ (Golub & Van
@@ -454,14 +521,22 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     Degenerate spectra: convergence is tested only once there are ``k`` Ritz values. A Krylov
     space from one start vector holds one copy of each eigenvalue (``b`` copies from a block);
     when it becomes invariant (a breakdown) it continues from a random vector orthogonal to
-    the basis (drawn from the routine's generator). Once the ``k`` wanted pairs converged, if
-    there was a breakdown or a wanted value is zero or repeated (to its tolerance), the basis
-    is restarted with the ``k`` wanted Ritz vectors and a random block orthogonal to them:
-    the new Krylov space sees the copies the first one could not (e.g. the null space of a
-    rank-deficient GGN), and it is repeated while it finds a value beyond the ``k``-th. A
-    block larger than the space left shrinks to it. ``converged=False`` always comes with a
-    ``RuntimeWarning`` that says why (the budget, a cut-off search for more copies, or a
-    curvature scale that the products cannot resolve, :func:`resolvable`).
+    the basis (drawn from the routine's generator). Once the ``k`` wanted pairs converged,
+    for ``k >= 2`` always, and for ``k = 1`` when there was a breakdown or the value is zero,
+    the basis is restarted with the ``k`` wanted Ritz vectors, and ``b`` random rows
+    orthogonal to them join the pending block (:func:`_new_start`): the new Krylov space sees
+    the copies the first one could not (``diag(5, 5, 4, ...)``, the null space of a
+    rank-deficient GGN), and it is repeated while it finds a value beyond the ``k``-th. The
+    search costs up to 5 steps of the widened block (10 products for ``b = 1``, fewer when the
+    next value converges sooner, more for each copy found), counted
+    in ``n_hvp``. With ``k = 1`` a repeated top eigenvalue changes nothing returned (the
+    value is the same, only its eigenvector is not unique), so the search is not made
+    routinely there. A block larger than the space left shrinks to it. ``converged=False``
+    always comes with a ``RuntimeWarning`` that says why (the budget, a cut-off search for
+    more copies, or a curvature scale that the products cannot resolve, :func:`resolvable`).
+
+    Symmetry: every product is screened for an asymmetric operator, free
+    (:meth:`Krylov._screen`; ``symmetry``).
 
     Args:
         matmat: The matrix, ``[b, n]`` rows in, new rows out (the input rows are overwritten).
@@ -476,8 +551,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         seed: Seed of the random start and of restarts after a breakdown.
         like: A tensor of the vectors' dtype and device.
         progress: Show a bar over the products whose total is those predicted to convergence
-            (at most ``max_hvp``; :class:`analysis.core.progress.ConvergenceBar`), with the
-            restarts so far.
+            and through the search for more copies (at most ``max_hvp``;
+            :class:`analysis.core.progress.ConvergenceBar`), with the restarts so far.
         basis_dtype: Dtype of the basis (default ``like``'s).
         basis_device: Device of the basis (default ``like``'s).
         product_dtype: The dtype ``matmat`` computes in, when it is coarser than ``like``'s
@@ -487,6 +562,13 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             ``eps max|theta|``, the residuals of the wanted pairs are measured by ``k`` more
             products, and ``converged`` is judged on those; a ``tol`` they cannot meet gives
             ``converged=False`` and a warning naming the dtype.
+        symmetry: Called as ``symmetry(vs, bound)`` with two basis rows ``[2, n]`` on which
+            the recurrence shows an asymmetry: $\langle v, H w \rangle$ from one product and
+            $\langle w, H v \rangle$ from another differ by more than ``bound``
+            (:meth:`Krylov._screen`, free, at every product). It multiplies them again and
+            raises when the gap is reproduced (:func:`top_eigenvalues` reports it as the
+            operator's symmetry probe does); when it returns, its 2 products are counted and
+            the screen stops. Without it, the screen raises a ``RuntimeError`` itself.
 
     Returns:
         ``(theta, U, residuals, n_hvp, converged)``: the ``k`` Ritz values in ``which`` order,
@@ -496,6 +578,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     Raises:
         ValueError: When ``max_basis`` is below ``k + block_size`` (and below ``n``), or for a
             bad ``v0``.
+        RuntimeError: When the products are not symmetric (``symmetry``).
     """
     b = min(block_size, n)
     if max_basis is None:
@@ -509,8 +592,10 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
                  product_eps(product_dtype) if product_dtype else 0.0)
     gen = make_generator(seed)
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
+    K.symmetry, K.sym_tol, K.screening = symmetry, 30 * math.sqrt(max(eps, test.noise)), True
     K.start(_start_block(v0, n, b, gen, like))
-    bar = ConvergenceBar(budget, "lanczos", disable=not progress)
+    bar = ConvergenceBar(budget, "lanczos", disable=not progress,
+                         after=_SEARCH_STEPS * 2 * b if k >= 2 else 0)  # the search, _settled
     try:
         theta, Y, pick, resid, ok, checking = _iterate(K, matmat, n, test, b, m_max, budget, bar)
     finally:
@@ -635,13 +720,13 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
         ok = len(pick) > k - 1 and bool((resid[pick[:k]] <= test.bounds(theta, pick[:k])).all())
         if ok and not exact:
             settled, inject = _settled(theta, resid, pick, locked, K, test)
-            if inject and K.n_hvp + b > budget:  # no product left to look for more copies
+            if inject and K.n_hvp + len(K.Q) + b > budget:  # no products left for the search
                 return theta, Y, pick[:k], resid, False, True
             if inject:  # look for more copies from a new start orthogonal to the wanted
                 locked, K.seg = theta[pick[:k]].clone(), K.n_hvp
-                K.restart(theta, Y, pick[:k])
-                K.start(randn((b, n), K.gen, like=K.like))
-                bar.restarts += 1
+                _new_start(K, theta, Y, pick[:k], b)
+                bar.restarts, bar.settled = bar.restarts + 1, K.n_hvp
+                bar.after = _SEARCH_STEPS * len(K.Q)  # the widened block's products
                 continue
             ok = settled
         if ok or exact or K.n_hvp + b > budget:
@@ -653,19 +738,45 @@ def _iterate(K: Krylov, matmat: MatMat, n: int, test: _Test, b: int, m_max: int,
             bar.restarts += 1
 
 
+def _new_start(K: Krylov, theta: Tensor, Y: Tensor, keep: Tensor, b: int) -> None:
+    r"""Restart with the Ritz vectors ``keep`` and ``b`` random rows added to the pending block.
+
+    The pending block $Q$ stays: it holds the kept pairs' residuals,
+    $H u_i - \theta_i u_i = Q^\top B y_i$, so with $Q$ in the next block the Krylov relation,
+    and with it every Ritz residual estimate, stays exact (dropped, the new Ritz vectors'
+    estimates would miss the part of their residual along $Q$). The ``b`` random rows,
+    orthogonalised against the kept vectors and $Q$, start the Krylov space that sees the
+    copies the first one could not. After a breakdown $Q$ is itself random rows orthogonal
+    to the basis (:func:`_orthogonalise`), a new start already: it is kept alone. Where the
+    basis has no room for both (a ``max_basis`` of ``k + b``) the random rows replace $Q$;
+    the estimates may then understate the true residuals by at most the kept pairs'
+    residuals, which met the tolerance.
+    """
+    K.restart(theta, Y, keep)
+    if K.replaced >= len(K.Q):
+        return
+    fresh = randn((b, K.n), K.gen, like=K.like)
+    if K.m + len(K.Q) + b <= K.capacity:
+        K.start(torch.cat([K.Q, fresh]), carried=len(K.Q))
+    else:
+        K.start(fresh)
+
+
 def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, K: Krylov,
              test: _Test) -> tuple[bool, bool]:
     r"""Once the ``k`` wanted pairs converged: ``(done, inject a new start)``.
 
-    Without a check under way, a new start is injected when :func:`_degenerate`. With one
+    Without a check under way, a new start is injected for ``k >= 2``, and for ``k = 1``
+    when :func:`_degenerate` (module docstring of :func:`lanczos`). With one
     (``locked``), the new Krylov space's best Ritz value $\mu$ (pair ``k + 1``) decides: a
     wanted value beyond ``locked`` means a missed copy, so another new start; otherwise done
-    once $\mu$'s pair converged, or after ``5 b`` products when $\mu$ plus its residual stays
-    short of the ``k``-th value.
+    once $\mu$'s pair converged, or after ``_SEARCH_STEPS`` (5) steps of the new block when
+    $\mu$ plus its residual stays short of the ``k``-th value.
     """
     k = test.k
     if locked is None:
-        return (False, True) if _degenerate(theta, resid, pick, test, K.events) else (True, False)
+        search = k >= 2 or _degenerate(theta, resid, pick, test, K.events)
+        return (False, True) if search else (True, False)
     slack = test.bounds(theta, pick[k - 1:k])[0]
     if test.better(theta[pick[k - 1]], locked[-1], slack):
         return False, True
@@ -676,7 +787,7 @@ def _settled(theta: Tensor, resid: Tensor, pick: Tensor, locked: Tensor | None, 
         return True, False
     reach = mu + r if test.which == "LA" else mu - r if test.which == "SA" else mu.abs() + r
     short = not test.better(reach, theta[pick[k - 1]], -slack)
-    return short and K.n_hvp - K.seg >= 5 * len(K.Q), False
+    return short and K.n_hvp - K.seg >= _SEARCH_STEPS * len(K.Q), False
 
 
 def _warn_unconverged(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, n_hvp: int,
@@ -692,6 +803,27 @@ def _warn_unconverged(theta: Tensor, resid: Tensor, pick: Tensor, test: _Test, n
                f"times their tolerance (relative {test.rel:.2g})")
     warnings.warn(f"Lanczos did not converge: {why}. Raise max_hvp (or tol), or a block_size "
                   "of the expected multiplicity", RuntimeWarning, stacklevel=7)
+
+
+def _confirm_asymmetry(op: CurvatureOperator, vs: Tensor, bound: float) -> None:
+    r"""Multiply two rows again; raise the symmetry probe's error when their gap is reproduced.
+
+    The ``symmetry`` of :func:`lanczos` in :func:`top_eigenvalues`: with fresh products,
+    $|\langle v, A w \rangle - \langle w, A v \rangle| > $ ``bound`` is an asymmetric operator,
+    reported by the operator's own message (the parameters and modules where
+    $v \odot A w - w \odot A v$ concentrates); a gap that is not reproduced means products
+    that vary (shuffled data, stochastic layers), left to the determinism guards as the
+    probe leaves them.
+
+    Raises:
+        RuntimeError: When the asymmetry is reproduced.
+    """
+    out = op.matmat(vs)
+    (v, av), (w, aw) = (vs[0].to(out), out[0]), (vs[1].to(out), out[1])
+    gap = abs(float(torch.dot(v, aw) - torch.dot(w, av)))
+    if gap > bound:
+        size = float(v.norm() * aw.norm() + w.norm() * av.norm()) / 2
+        raise RuntimeError(_asymmetry_message(op, v * aw - w * av, gap / max(size, bound)))
 
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
@@ -865,8 +997,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
         method: "lanczos" or "power" (PyHessian's deflated power iteration; "LA"/"LM" only,
             both meaning largest magnitude there).
         block_size: Vectors per Lanczos block; a block of size ``b`` resolves eigenvalues of
-            multiplicity up to ``b`` (single-vector Krylov spaces see one copy of a repeated
-            eigenvalue) and shares each forward pass among ``b`` products.
+            multiplicity up to ``b`` within one Krylov space and shares each forward pass
+            among ``b`` products; more copies, and for ``k >= 2`` any copy, are looked for
+            from new random start vectors once the ``k`` pairs converged (:func:`lanczos`).
         max_basis: Basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
             vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
             ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
@@ -915,12 +1048,15 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     if max_hvp is not None:  # enough products for k Ritz values (whole blocks for Lanczos)
         b = min(block_size, n)
         max_hvp = check_int("max_hvp", max_hvp, k if method == "power" else b * math.ceil(k / b))
+    symmetry = partial(_confirm_asymmetry, op) if isinstance(op, CurvatureOperator) else None
+    if symmetry and block_size == 1 and op._probe is None:
+        op._probe = False  # its probe needs two vectors; the Lanczos screen checks every product
     with op:
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
                           block_size=block_size, max_basis=max_basis, v0=v0, seed=seed,
                           like=op.like, progress=progress, basis_dtype=basis_dtype,
-                          basis_device=basis_device, product_dtype=op.dtype)
+                          basis_device=basis_device, product_dtype=op.dtype, symmetry=symmetry)
         else:
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
                                   like=op.like, progress=progress)

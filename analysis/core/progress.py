@@ -8,10 +8,13 @@ r"""Progress bars that count what bounds the work, so their ETA means something.
   predicted number of products to convergence, capped by the budget: the log of the
   worst residual over its threshold, $g_j = \log \max_i r_i / t_i$, is extrapolated to zero
   along its recent slope (least squares over the last iterations) and along its mean slope
-  since the first iteration, the sooner of the two, at most the budget; while it does not
+  since the second iteration, the sooner of the two, plus the products the solver spends
+  after convergence (Lanczos's search for more copies), at most the budget; while it does not
   decrease the bar has no total and shows no ETA (rather than one from the budget, 10-300
-  times too long on the documentation's examples). tqdm's ETA is then the rate of products
-  times the predicted products left.
+  times too long on the documentation's examples). tqdm's ETA is then the predicted products
+  left over the mean rate of products so far (``smoothing=0``: the products cost alike, and
+  tqdm's moving average follows the uneven batches of a pass). ``benchmarks/eta.py`` measures
+  the ETA against the time actually left on the documentation's examples.
 """
 from __future__ import annotations
 
@@ -90,36 +93,50 @@ class ConvergenceBar:
         desc: The bar's label.
         disable: No bar at all.
         bar: A tqdm-like bar to drive instead of a new one (tests).
+        after: Products the solver spends once the tolerance is met (e.g. Lanczos's search
+            for more copies of the wanted eigenvalues), part of the predicted total.
+
+    Attributes:
+        settled: Products at which the current phase after convergence began (None while the
+            tolerance is not met); the solver sets it again when it starts another such phase.
     """
 
-    def __init__(self, budget: int, desc: str, disable: bool = False, bar=None):
-        self.budget = budget
+    def __init__(self, budget: int, desc: str, disable: bool = False, bar=None,
+                 after: int = 0):
+        self.budget, self.after = budget, after
         self.bar = bar if bar is not None else tqdm(total=None, desc=desc, disable=disable,
-                                                    leave=False, unit="hvp")
+                                                    leave=False, unit="hvp", smoothing=0)
         self.history: list[tuple[float, float]] = []   # (products, log residual gap)
         self.restarts = 0
+        self.settled: float | None = None
 
     def predicted_total(self) -> int | None:
         """Products predicted in all: done plus the extrapolated rest, at most the budget.
 
         The smaller of two extrapolations of the log gap to zero: along its slope over the
-        last few iterations, and along its mean slope since the first iteration; None (no
-        total, no ETA: the bar shows the budget instead) while neither decreases.
+        last few iterations, and along its mean slope since the second iteration (the first
+        is the start vector's Rayleigh quotient, whose drop to the second says nothing about
+        the rate: both estimates leave it out); then ``after`` more products. Once the gap is
+        met: the products at which it was met plus ``after``. None (no total, no ETA: the bar
+        shows the budget instead) while neither estimate decreases.
         """
         done, gap = self.history[-1]
         if gap <= 0:
-            return int(done)
+            start = done if self.settled is None else self.settled
+            return int(min(self.budget, max(done, start + self.after)))
         rests = []
-        recent = self.history[-_WINDOW:]
+        points = self.history[1:]
+        recent = points[-_WINDOW:]
         slope = _slope(recent) if len(recent) >= 2 else 0.0
         if slope < 0:
             rests.append(gap / -slope)
-        first_n, first_gap = self.history[0]
-        if first_gap > gap and done > first_n:
-            rests.append(gap * (done - first_n) / (first_gap - gap))
+        if len(points) >= 2:
+            first_n, first_gap = points[0]
+            if first_gap > gap and done > first_n:
+                rests.append(gap * (done - first_n) / (first_gap - gap))
         if not rests:
             return None
-        return int(min(self.budget, max(done + 1, math.ceil(done + min(rests)))))
+        return int(min(self.budget, max(done + 1, math.ceil(done + min(rests) + self.after))))
 
     def update(self, products: int, gap: float, **postfix) -> None:
         r"""Record the solver's state after an iteration and redraw.
@@ -130,6 +147,10 @@ class ConvergenceBar:
             **postfix: Shown after the bar (e.g. the current estimate).
         """
         self.history.append((float(products), float(gap)))
+        if gap > 0:
+            self.settled = None
+        elif self.settled is None:
+            self.settled = float(products)
         total = self.predicted_total()
         self.bar.total = None if total is None else max(total, products)
         self.bar.n = products

@@ -111,7 +111,7 @@ def test_param_subset_and_warm_start():
     assert warm.n_hvp < cold.n_hvp
     one = top_eigenvalues(model, ce, data, params=["fc.weight"], v0=cold.eigenvectors[0],
                           progress=False)
-    assert one.n_hvp <= 3 and one.converged
+    assert one.n_hvp <= 6 and one.converged  # 1 product, then 5 looking for other copies
 
 
 def test_budget_and_power_method():

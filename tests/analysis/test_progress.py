@@ -54,25 +54,48 @@ def recorded(monkeypatch):
 
 def test_the_total_is_the_extrapolated_convergence_within_the_budget():
     bar = ConvergenceBar(300, "test", bar=Recorder())
-    bar.update(1, 10.0)
-    assert bar.bar.total is None                     # no slope yet: no total, no ETA
-    for products, g in [(2, 9.0), (3, 8.0), (4, 7.0)]:
+    bar.update(1, 14.0)
+    bar.update(2, 10.0)
+    assert bar.bar.total is None          # the start vector's drop says nothing about the rate
+    for products, g in [(3, 9.0), (4, 8.0), (5, 7.0)]:
         bar.update(products, g)
-    assert bar.bar.total == 11                       # 7 more at one per product
-    bar.update(5, 7.5)                                # a rise: the mean slope since the start
-    assert bar.bar.total == 5 + math.ceil(7.5 * 4 / 2.5)
-    bar.update(6, -0.1)
-    assert bar.bar.total == 6                        # converged
+    assert bar.bar.total == 12                       # 7 more at one per product
+    bar.update(6, 7.5)                                # a rise: the mean slope since the second
+    assert bar.bar.total == 6 + math.ceil(7.5 * 4 / 2.5)
+    bar.update(7, -0.1)
+    assert bar.bar.total == 7                        # converged
     flat = ConvergenceBar(300, "test", bar=Recorder())
-    for products in range(1, 5):
+    for products in range(1, 6):
         flat.update(products, 3.0)
     assert flat.bar.total is None
     slow = ConvergenceBar(50, "test", bar=Recorder())
-    for products, g in [(1, 10.0), (2, 9.99), (3, 9.98)]:
+    for products, g in [(1, 10.0), (2, 9.99), (3, 9.98), (4, 9.97)]:
         slow.update(products, g)
     assert slow.bar.total == 50                      # never past the budget
     assert gap(torch.tensor([1e-3, 4e-3]), torch.tensor([1e-3, 1e-3])) == pytest.approx(
         math.log(4))
+
+
+@pytest.mark.parametrize("after", [0, 10])
+def test_a_geometric_residual_decay_is_predicted_exactly(after):
+    """Residuals r_j = r_0 q^j after a start vector that drops fast: the predicted total is
+    the product where r_j meets its bound, plus the products spent after convergence (the
+    search for more copies), from the third product to the end of that search."""
+    r0, q, bound = 1.0, 0.5, 1e-6
+    meets = math.ceil(math.log(r0 / bound) / -math.log(q))     # 20: r_20 <= 1e-6
+    bar = ConvergenceBar(300, "test", bar=Recorder(), after=after)
+    bar.update(1, math.log(1e3 * r0 / bound))                    # the start vector
+    totals = []
+    for j in range(2, meets + 1):
+        bar.update(j, math.log(r0 * q ** j / bound))
+        totals.append(bar.bar.total)
+    assert totals[0] is None and set(totals[1:]) == {meets + after}
+    for j in range(meets + 1, meets + after + 1):                # the search: the gap is met
+        bar.update(j, -1.0)
+        assert bar.bar.total == meets + after
+    bar.settled = meets + after                                  # a copy found: another search
+    bar.update(meets + after + 1, -1.0)
+    assert bar.bar.total == 2 * (meets + after) - meets if after else meets + 1
 
 
 def test_lanczos_bar_ends_at_the_products_spent_not_the_budget(recorded):
