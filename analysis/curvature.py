@@ -304,19 +304,22 @@ class OutputCurvatureOperator(CurvatureOperator):
         """
         vs = V.T.contiguous()  # a view in `matmat`: its rows are the vectors
         outputs, dummy, pullback, live, product = self.cached(lambda: self._linearise(batch))
-        out = torch.zeros_like(vs)
         if not live:
-            return out.T
-        chosen = [self.params[i] for i in live]
-        for row, v in zip(out, vs):
+            return torch.zeros_like(vs).T
+        chosen, out = [self.params[i] for i in live], None
+        for row, v in enumerate(vs):
             pieces = unflatten(v, self.params)
             jv = torch.autograd.grad(pullback, dummy, [pieces[i] for i in live],
                                      retain_graph=True)[0]
             if jv.untyped_storage().data_ptr() == vs.untyped_storage().data_ptr():
                 jv = jv.clone()  # the output is linear in a parameter: J v is a view of v
-            jtw = torch.autograd.grad(outputs, chosen, product(jv), retain_graph=True,
-                                      allow_unused=True)
-            rows = unflatten(row, self.params)
+            w = product(jv)
+            del jv  # (the built-in products overwrite it: w is then the one output-sized tensor)
+            jtw = torch.autograd.grad(outputs, chosen, w, retain_graph=True, allow_unused=True)
+            del w
+            if out is None:  # after the first products, whose peak then excludes it
+                out = torch.zeros_like(vs)
+            rows = unflatten(out[row], self.params)
             for i, h in zip(live, jtw):
                 if h is not None:
                     rows[i].copy_(h)
