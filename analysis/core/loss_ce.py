@@ -214,12 +214,21 @@ class ChunkedCrossEntropy(TorchFunctionMode):
                 return routed
         out = func(*args, **kwargs)
         if func is F.linear and isinstance(out, Tensor):
-            bound = dict(zip(("input", "weight", "bias"), args), **kwargs)
-            root = out if out._base is None else out._base  # (a 3-D linear returns a view)
-            self._last = (weakref.ref(root), out.data_ptr(), out.numel(),
-                          out.is_contiguous() and out._version, bound["input"], bound["weight"],
-                          bound.get("bias"))
+            self._record(out, dict(zip(("input", "weight", "bias"), args), **kwargs))
         return out
+
+    def _record(self, out: Tensor, bound: dict) -> None:
+        """Keep the linear's output (weakly, with its place and version) and its operands."""
+        self._last = None
+        if torch._C._functorch.peek_interpreter_stack() is not None:
+            return  # torch.func's wrapped tensors have no storage of their own: never routed
+        try:
+            ptr = out.data_ptr()
+        except RuntimeError:  # a tensor without storage
+            return
+        root = out if out._base is None else out._base  # (a 3-D linear returns a view)
+        self._last = (weakref.ref(root), ptr, out.numel(), out.is_contiguous() and out._version,
+                      bound["input"], bound["weight"], bound.get("bias"))
 
     def _route(self, call: dict) -> Tensor | None:
         """The chunked loss for a matching call (class docstring), else None."""
