@@ -264,6 +264,7 @@ def _cached_passes(model: nn.Module, over: tuple) -> tuple[int, str, str]:
     Returns:
         ``(code, detail, "passes" or "reused")``.
     """
+    check_data(over[2])  # (before the fingerprint reads a batch of a one-shot iterator)
     key = _verdict_key(model, over)
     print_ = _fingerprint(over[2])
     kept = _VERDICTS.get(key)
