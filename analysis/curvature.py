@@ -66,7 +66,7 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
                    loss_reduction, LossFn, LossModule, make_generator, own_call, ParamSelection,
                    unflatten)
-from .core.loss_ce import softmax_hessian_product
+from .core.loss_ce import CROSS_ENTROPY_ARGS, softmax_hessian_product
 from .operator import (CurvatureOperator, curvature_operator, register_curvature,
                        registered_curvatures)
 from .preconditioning import Preconditioner
@@ -162,10 +162,6 @@ def _observations(likelihood: str, criterion: Callable, f: Tensor, batch: Any) -
     return mask, int(mask.sum())
 
 
-_CE_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce",
-            "reduction", "label_smoothing")
-
-
 class _CrossEntropyCalls(TorchFunctionMode):
     """Record the arguments of ``F.cross_entropy`` calls instead of computing them."""
 
@@ -178,7 +174,7 @@ class _CrossEntropyCalls(TorchFunctionMode):
         """Record ``F.cross_entropy`` (returning a zero); run every other function."""
         kwargs = kwargs or {}
         if func is F.cross_entropy:
-            self.calls.append(dict(zip(_CE_ARGS, args), **kwargs))
+            self.calls.append(dict(zip(CROSS_ENTROPY_ARGS, args), **kwargs))
             return torch.zeros(())
         return func(*args, **kwargs)
 

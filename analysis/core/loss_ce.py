@@ -185,8 +185,9 @@ def _direction(h: Tensor, weight: Tensor, ah: Tensor | None, aw: Tensor | None,
     return u
 
 
-_CE_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce",
-            "reduction", "label_smoothing")
+CROSS_ENTROPY_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce",
+                      "reduction", "label_smoothing")
+"""``F.cross_entropy``'s parameters, in order (to bind a call's positional arguments)."""
 
 
 class ChunkedCrossEntropy(TorchFunctionMode):
@@ -209,7 +210,7 @@ class ChunkedCrossEntropy(TorchFunctionMode):
         """Record ``F.linear``; route a matching ``F.cross_entropy``; run the rest unchanged."""
         kwargs = kwargs or {}
         if func is F.cross_entropy:
-            routed = self._route(dict(zip(_CE_ARGS, args), **kwargs))
+            routed = self._route(dict(zip(CROSS_ENTROPY_ARGS, args), **kwargs))
             if routed is not None:
                 return routed
         out = func(*args, **kwargs)
@@ -275,4 +276,5 @@ class ChunkedCrossEntropy(TorchFunctionMode):
         return h, weight, bias
 
 
-__all__ = ["CHUNK_BYTES", "ChunkedCrossEntropy", "row_slices", "softmax_hessian_product"]
+__all__ = ["CHUNK_BYTES", "CROSS_ENTROPY_ARGS", "ChunkedCrossEntropy", "row_slices",
+           "softmax_hessian_product"]
