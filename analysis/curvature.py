@@ -60,11 +60,13 @@ import torch
 from torch import Tensor, nn
 from torch.func import grad, vmap
 from torch.nn import functional as F
+from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
                    loss_reduction, LossFn, LossModule, make_generator, own_call, ParamSelection,
                    unflatten)
+from .core.loss_ce import CROSS_ENTROPY_ARGS, softmax_hessian_product
 from .operator import (CurvatureOperator, curvature_operator, register_curvature,
                        registered_curvatures)
 from .preconditioning import Preconditioner
@@ -131,14 +133,15 @@ def _likelihood(loss_fn: LossFn, likelihood: str | None) -> str:
     return found
 
 
-def _observations(likelihood: str, criterion: Callable, f: Tensor, batch: Any) -> Tensor:
+def _observations(likelihood: str, criterion: Callable, f: Tensor, batch: Any) -> tuple:
     r"""The observations of a batch's output ``f``, as a 0/1 mask, and their number.
 
     For the categorical likelihood an observation is a position (classes on dim 1): those
     whose target the criterion ignores (``ignore_index``: padding, Hugging Face collators'
-    ``-100``) are not observations. They are found from the criterion itself: at zero logits
-    its gradient $(1/C - e_y)/n_{obs}$ is non-zero at every counted position and exactly zero
-    at ignored ones. For the Gaussian and Bernoulli likelihoods every output element is one.
+    ``-100``) are not observations. Where the criterion is one ``F.cross_entropy`` call on
+    ``f`` itself, they are read from its targets; otherwise from the criterion's gradient at
+    zero logits, $(1/C - e_y)/n_{obs}$, non-zero at every counted position and exactly zero at
+    ignored ones. For the Gaussian and Bernoulli likelihoods every output element is one.
 
     Returns:
         ``(mask, count)``: the mask broadcastable to ``f`` (``[N, 1, ...]`` for the
@@ -149,11 +152,60 @@ def _observations(likelihood: str, criterion: Callable, f: Tensor, batch: Any) -
     if f.dim() < 2:
         raise ValueError("the categorical likelihood needs outputs [N, C, ...] (classes on "
                          f"dim 1), got shape {tuple(f.shape)}")
-    with torch.enable_grad():
-        zero = torch.zeros_like(f, requires_grad=True)
-        g = torch.autograd.grad(criterion(zero, batch), zero)[0]
-    mask = (g != 0).any(1, keepdim=True).to(f.dtype)
+    mask = _targets_mask(criterion, f, batch)
+    if mask is None:
+        with torch.enable_grad():
+            zero = torch.zeros((), dtype=f.dtype, device=f.device,
+                               requires_grad=True).expand(f.shape)
+            g = torch.autograd.grad(criterion(zero, batch), zero)[0]
+        mask = (g != 0).any(1, keepdim=True).to(f.dtype)
     return mask, int(mask.sum())
+
+
+class _CrossEntropyCalls(TorchFunctionMode):
+    """Record the arguments of ``F.cross_entropy`` calls instead of computing them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.calls: list[dict] = []
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        """Record ``F.cross_entropy`` (returning a zero); run every other function."""
+        kwargs = kwargs or {}
+        if func is F.cross_entropy:
+            self.calls.append(dict(zip(CROSS_ENTROPY_ARGS, args), **kwargs))
+            return torch.zeros(())
+        return func(*args, **kwargs)
+
+
+def _targets_mask(criterion: Callable, f: Tensor, batch: Any) -> Tensor | None:
+    """``[N, 1, ...]`` 0/1, the targets not ignored, or None.
+
+    Read from the targets (without computing the loss) when the criterion is one
+    ``F.cross_entropy`` call on ``f`` with class-index targets; None otherwise.
+    """
+    recorder = _CrossEntropyCalls()
+    try:
+        with torch.no_grad(), recorder:
+            criterion(f, batch)
+    except Exception:  # the criterion needs the real value: ask its gradient instead
+        return None
+    if len(recorder.calls) != 1:
+        return None
+    call = recorder.calls[0]
+    z, target = call.get("input"), call.get("target")
+    try:
+        same = isinstance(z, Tensor) and z.data_ptr() == f.data_ptr()
+    except RuntimeError:  # a tensor without storage
+        return None
+    if not (same and isinstance(target, Tensor) and z.shape == f.shape
+            and z.stride() == f.stride()
+            and target.dtype == torch.long and target.shape == f.shape[:1] + f.shape[2:]
+            and call.get("weight") is None and not call.get("label_smoothing", 0.0)):
+        return None
+    keep = target.to(f.device) != call.get("ignore_index", -100)
+    return keep.unsqueeze(1).to(f.dtype)
 
 
 def _observation_dot(likelihood: str, a: Tensor, b: Tensor) -> Tensor:
@@ -210,7 +262,9 @@ class OutputCurvatureOperator(CurvatureOperator):
             batch: The batch (e.g. for its targets).
 
         Returns:
-            ``w -> M w`` for ``w`` shaped like ``outputs``.
+            ``w -> M w`` for ``w`` shaped like ``outputs``; ``w`` is a tensor of the product's
+            own, which ``M w`` may overwrite (the built-ins do, to hold one output-sized
+            tensor per product).
         """
 
     def _linearise(self, batch: Any) -> tuple:
@@ -226,7 +280,9 @@ class OutputCurvatureOperator(CurvatureOperator):
         product = self.output_product(outputs, batch)
         if not outputs.requires_grad:  # the output does not depend on the selected parameters
             return outputs, None, [], [], product
-        dummy = torch.zeros_like(outputs, requires_grad=True)
+        # J^T u for a dummy u: an expanded scalar (no [N, ...] zeros held while the graph lives)
+        dummy = torch.zeros((), dtype=outputs.dtype, device=outputs.device,
+                            requires_grad=True).expand(outputs.shape)
         pullback = torch.autograd.grad(outputs, self.params, dummy, create_graph=True,
                                        allow_unused=True)
         live = [i for i, g in enumerate(pullback) if g is not None and g.requires_grad]
@@ -244,17 +300,22 @@ class OutputCurvatureOperator(CurvatureOperator):
         """
         vs = V.T.contiguous()  # a view in `matmat`: its rows are the vectors
         outputs, dummy, pullback, live, product = self.cached(lambda: self._linearise(batch))
-        out = torch.zeros_like(vs)
         if not live:
-            return out.T
-        chosen = [self.params[i] for i in live]
-        for row, v in zip(out, vs):
+            return torch.zeros_like(vs).T
+        chosen, out = [self.params[i] for i in live], None
+        for row, v in enumerate(vs):
             pieces = unflatten(v, self.params)
             jv = torch.autograd.grad(pullback, dummy, [pieces[i] for i in live],
                                      retain_graph=True)[0]
-            jtw = torch.autograd.grad(outputs, chosen, product(jv), retain_graph=True,
-                                      allow_unused=True)
-            rows = unflatten(row, self.params)
+            if jv.untyped_storage().data_ptr() == vs.untyped_storage().data_ptr():
+                jv = jv.clone()  # the output is linear in a parameter: J v is a view of v
+            w = product(jv)
+            del jv  # (the built-in products overwrite it: w is then the one output-sized tensor)
+            jtw = torch.autograd.grad(outputs, chosen, w, retain_graph=True, allow_unused=True)
+            del w
+            if out is None:  # after the first products, whose peak then excludes it
+                out = torch.zeros_like(vs)
+            rows = unflatten(out[row], self.params)
             for i, h in zip(live, jtw):
                 if h is not None:
                     rows[i].copy_(h)
@@ -299,8 +360,17 @@ class GGNOperator(OutputCurvatureOperator):
             batch: The batch, passed to the criterion.
 
         Returns:
-            $w \mapsto H_L w$ (zero when the criterion is linear in the output).
+            $w \mapsto H_L w$ (zero when the criterion is linear in the output). For a
+            mean cross-entropy (``loss_fn.criterion`` as the exact Fisher reads it) it is the
+            closed form $\frac{1}{n_{obs}} (\mathrm{diag}(p) - p p^\top)$ per observation,
+            applied in place chunk by chunk over the rows (:mod:`analysis.core.loss_ce`);
+            otherwise autograd differentiates the criterion twice.
         """
+        if _read_likelihood(getattr(self.loss_fn, "criterion", None)) == "categorical":
+            f = outputs.detach()
+            mask, count = _observations("categorical", self.criterion, f, batch)
+            if count:
+                return lambda w: softmax_hessian_product(f, w, 1.0 / count, mask)
         o = outputs.detach().requires_grad_()
         loss = check_loss(self.criterion(o, batch), " in the GGN product")
         g = torch.autograd.grad(loss, o, create_graph=True)[0]
@@ -413,8 +483,7 @@ class FisherOperator(OutputCurvatureOperator):
             if self.likelihood == "bernoulli":
                 q = torch.sigmoid(f)
                 return lambda w: q * (1 - q) * w * scale
-            p = torch.softmax(f, dim=1) * mask
-            return lambda w: (p * w - p * _observation_dot("categorical", p, w)) * scale
+            return lambda w: softmax_hessian_product(f, w, scale, mask)
         scores = [r * mask for r in self._sampled_scores(f, batch)]
         return lambda w: sum(r * _observation_dot(self.likelihood, r, w) for r in scores) * (
             scale / self.mc_samples)

@@ -25,6 +25,8 @@ import torch
 from torch import Tensor
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from .core.loss_ce import ChunkedCrossEntropy
+
 _NO_DOUBLE_BACKWARD = re.compile(r"derivative for (\S+) is not implemented")
 _NO_FORWARD_AD = re.compile(r"forward AD with (\S+) that does not support it")
 _ONCE = "marked with @once_differentiable"
@@ -115,12 +117,17 @@ def explained_errors(enabled: bool = True) -> Iterator[None]:
 
 @contextmanager
 def curvature_ops() -> Iterator[None]:
-    """The math SDPA backend and explained derivative errors, for the enclosed products only.
+    """The math SDPA backend, explained derivative errors and a chunked LM cross-entropy.
+
+    For the enclosed products only. A language model's head and cross-entropy are computed
+    chunk by chunk over the tokens where the logits exceed one chunk
+    (:class:`analysis.core.loss_ce.ChunkedCrossEntropy`): the memory of a product then grows
+    with one chunk of logits, not several copies of them; values are unchanged to rounding.
 
     Yields:
         None.
     """
-    with explained_errors(), sdpa_kernel(SDPBackend.MATH):
+    with explained_errors(), sdpa_kernel(SDPBackend.MATH), ChunkedCrossEntropy():
         yield
 
 

@@ -7,6 +7,9 @@ Modules, each holding one piece of the protocol:
   ``check_data``, ``check_loss``, ``data_mean`` (the one sample-weighted reduction)
   and ``scalar_zeros``.
 * ``loss``: ``mean_loss``, the sample-weighted mean loss over data.
+* ``loss_ce``: the cross-entropy of a large vocabulary in bounded memory, chunk by chunk over
+  the tokens (``softmax_hessian_product``, ``ChunkedCrossEntropy``, ``CHUNK_BYTES``), for the
+  curvature products.
 * ``loss_module``: ``LossModule``, ``loss_fn(model, batch)`` as a module for
   ``torch.func.functional_call`` (the model's tensors swapped for the whole loss).
 * ``guards``: ``guarded``, the decorator of every public data routine (deterministic data,

@@ -8,7 +8,14 @@ between ranks.
   per-batch sample counts and the total loss (to ``64 eps`` of the loss dtype, relative). A
   shuffled ``DataLoader(drop_last=True)``, random augmentation, or Dropout with
   ``model_mode="train"`` would otherwise change the operator between products and give
-  confident wrong answers. Cost: two forward passes. The batches themselves are compared
+  confident wrong answers. Cost: two forward passes, paid once per model, loss and data
+  object: a later call on the same objects (the same model, ``loss_fn``, ``data``,
+  ``batch_size_fn`` and ``model_mode``) whose data has the same cheap fingerprint (length,
+  first and, for a list, last batch's contents) reuses the agreeing verdict, so a loop or a
+  Tracker calling a routine many times pays it once, and a changed loader is still caught. A
+  result's ``metadata["determinism"]`` records ``check`` ("passes", "reused", "known" or
+  "off") and ``guard_seconds``, the time the guards took before the routine ran. The batches
+  themselves are compared
   too (order-sensitive sums of their tensors), so that a loss differing over the same batches
   is blamed on the model (stochastic layers in train mode: Dropout, drop path), not the data.
 * Agreement between ranks: every argument but the shard itself (``data``, ``bn_data``) and
@@ -41,6 +48,8 @@ from __future__ import annotations
 import functools
 import inspect
 import threading
+import time
+import weakref
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -61,6 +70,8 @@ LOCAL = ("self", "data", "bn_data", "progress", "path", "check_deterministic")
 COUNTS, RANDOM_LAYERS, LOSS, RAISED = 1, 2, 3, 4   # why two passes differed, or an error
 STOCHASTIC = ("droppath", "drop_path", "stochasticdepth", "dropblock")  # names, lower case
 _state = threading.local()
+VERDICTS = 64  # agreeing verdicts kept for reuse (model, loss_fn, data, ...: _cached_passes)
+_VERDICTS: dict[tuple, tuple] = {}
 
 
 def _batch_digest(batch: Any) -> list[Tensor]:
@@ -175,11 +186,15 @@ class _Verdict:
             ``LOSS``), or ``RAISED`` when the check itself raised.
         detail: The numbers that differed, appended to the explanation.
         error: The exception the check raised (``code == RAISED``), else None.
+        how: ``"passes"`` (two passes made), ``"reused"`` (an earlier call's verdict on the
+            same objects and unchanged data), ``"known"`` (by construction) or ``"off"``
+            (``check_deterministic=False``).
     """
 
     code: int = 0
     detail: str = ""
     error: Exception | None = None
+    how: str = "off"
 
 
 def _bound_arguments(signature: inspect.Signature, args: tuple, kwargs: dict) -> dict[str, Any]:
@@ -195,22 +210,96 @@ def _analysed_model(arguments: dict[str, Any]) -> nn.Module:
     return model._orig_mod if is_compiled(model) else model  # the routine warns
 
 
+def _fingerprint(data: Iterable) -> tuple:
+    """A cheap fingerprint of ``data``, without a pass over it.
+
+    Its length, and its first (and, for a sequence, last) batch's tensors (shapes, dtypes and
+    order-sensitive sums): a loader that changed (other batches, another order, a batch edited
+    in place) almost surely changes it.
+    """
+    def batch(b: Any) -> tuple:
+        leaves = [t for t in tree_flatten(b)[0] if isinstance(t, Tensor)]
+        sums = [float(x) for x in _batch_digest(b)]
+        return tuple((tuple(t.shape), str(t.dtype)) for t in leaves), tuple(sums)
+
+    length = len(data) if hasattr(data, "__len__") else None
+    if isinstance(data, (list, tuple)):
+        return length, batch(data[0]) if data else None, batch(data[-1]) if data else None
+    return length, batch(next(iter(data), None)), None
+
+
+def _verdict_key(model: nn.Module, over: tuple) -> tuple:
+    """What the verdict depends on, besides the data's contents.
+
+    The model (and its layer types), ``loss_fn``, ``data``, ``batch_size_fn`` (identities)
+    and ``model_mode``.
+    """
+    _, loss_fn, data, batch_size_fn, mode = over
+    layers = tuple(type(m).__name__ for m in model.modules())
+    return id(model), id(loss_fn), id(data), id(batch_size_fn), mode, hash(layers)
+
+
+def _refs(over: tuple) -> tuple:
+    """Weak references to the keyed objects that take them (an id may be reused once freed)."""
+    out = []
+    for obj in over[:4]:
+        try:
+            out.append(weakref.ref(obj))
+        except TypeError:  # lists, tuples, functions without __weakref__: the fingerprint decides
+            out.append(None)
+    return tuple(out)
+
+
+def _alive(refs: tuple, over: tuple) -> bool:
+    """Whether every weakly referenced object of a cached verdict is the call's own."""
+    return all(r is None or r() is obj for r, obj in zip(refs, over[:4]))
+
+
+def _cached_passes(model: nn.Module, over: tuple) -> tuple[int, str, str]:
+    """:func:`repeated_passes`, or an earlier call's verdict on the same objects and data.
+
+    Reused when the data's fingerprint (:func:`_fingerprint`) is unchanged. Only agreeing
+    passes are kept (:data:`VERDICTS` of them, the oldest dropped first).
+
+    Returns:
+        ``(code, detail, "passes" or "reused")``.
+    """
+    check_data(over[2])  # (before the fingerprint reads a batch of a one-shot iterator)
+    key = _verdict_key(model, over)
+    print_ = _fingerprint(over[2])
+    kept = _VERDICTS.get(key)
+    if kept is not None and kept[0] == print_ and _alive(kept[1], over):
+        return 0, "", "reused"
+    code, detail = repeated_passes(*over)
+    if code == 0:
+        _VERDICTS.pop(key, None)
+        _VERDICTS[key] = (print_, _refs(over))
+        while len(_VERDICTS) > VERDICTS:
+            _VERDICTS.pop(next(iter(_VERDICTS)))
+    return code, detail, "passes"
+
+
 def _check_determinism(model: nn.Module, arguments: dict[str, Any],
                        known_deterministic: Callable[..., bool] | None) -> _Verdict:
     """Two passes over the call's data when its ``check_deterministic`` is on.
 
-    An error of the check is returned, not raised, so that this rank still joins the
-    all-reduce of :func:`_agree_between_ranks` (no other rank is left waiting).
+    The verdict of an earlier call on the same model, loss and data object is reused when the
+    data's fingerprint is unchanged (:func:`_cached_passes`). An error of the check is
+    returned, not raised, so that this rank still joins the all-reduce of
+    :func:`_agree_between_ranks` (no other rank is left waiting).
     """
     check = check_bool("check_deterministic", arguments.get("check_deterministic", False))
     try:
         over = (model, arguments["loss_fn"], arguments["data"], arguments.get("batch_size_fn"),
                 arguments.get("model_mode", "eval"))
-        if check and not (known_deterministic is not None and known_deterministic(*over)):
-            return _Verdict(*repeated_passes(*over))
+        if not check:
+            return _Verdict(how="off")
+        if known_deterministic is not None and known_deterministic(*over):
+            return _Verdict(how="known")
+        code, detail, how = _cached_passes(model, over)
+        return _Verdict(code, detail, how=how)
     except Exception as err:  # raised after the all-reduce, so no other rank waits for us
         return _Verdict(RAISED, error=err)
-    return _Verdict()
 
 
 def _agree_between_ranks(model: nn.Module, arguments: dict[str, Any], verdict: _Verdict) -> None:
@@ -280,6 +369,7 @@ def _guarded_call(fn: Callable, signature: inspect.Signature,
                   known_deterministic: Callable[..., bool] | None, sharded: bool, args: tuple,
                   kwargs: dict) -> Any:
     """The outermost call of a guarded routine: the checks, then the routine."""
+    start = time.perf_counter()
     arguments = _bound_arguments(signature, args, kwargs)
     if "loss_fn" in arguments:
         check_loss_fn(arguments["loss_fn"])
@@ -288,9 +378,12 @@ def _guarded_call(fn: Callable, signature: inspect.Signature,
     verdict = _check_determinism(model, arguments, known_deterministic)
     _agree_between_ranks(model, arguments, verdict)
     _raise_verdict(model, arguments, verdict)
+    seconds = time.perf_counter() - start
     result = _run_inside(fn, args, kwargs)
     if verdict.error is not None:  # the routine ran, the check could not: never skip it
         _raise_check_error(verdict.error)
+    if isinstance(getattr(result, "metadata", None), dict):
+        result.metadata["determinism"] = {"check": verdict.how, "guard_seconds": seconds}
     return result
 
 
