@@ -11,6 +11,10 @@
 
 An entry's verdict is "refuted" if any check is refuted, "holds" if every check holds, else
 "undecided".
+
+Hyperparameters are chosen by ``select``: the best mean validation accuracy, except that points
+within one standard error of it are ties, resolved by a declared rule (a preferred point, such as
+the paper's value, else the smallest), so that the choice does not flip on rounding.
 """
 from __future__ import annotations
 
@@ -90,6 +94,55 @@ def every_seed(statement: str, values: Sequence[float], passed: Sequence[bool], 
             **_spread(values)}
 
 
+TIE_RULE = ("points whose mean validation accuracy is within one pooled standard error of the "
+            "best mean are tied; among them the preferred point (the paper's value) if tied, "
+            "else the smallest (first axis first)")
+
+
+def select(points: Sequence[dict], scores: Sequence[Sequence[float]],
+           preferred: dict | None = None) -> tuple[dict, dict]:
+    r"""Choose a point of a search by validation accuracy with the declared tie rule.
+
+    The pooled standard error of a point's mean over its $n$ seeds is
+    $\mathrm{se} = \sqrt{\overline{s^2} / n}$, with $\overline{s^2}$ the mean over points of
+    their seed variances. Every point whose mean is at least the best mean minus se is tied
+    with it; the choice among the tied points is ``preferred`` when it is one of them, else
+    the smallest (in the order of its values, first axis first). With one seed se is 0 and
+    the rule is the plain argmax (ties broken by the smallest).
+
+    Args:
+        points: The grid points (axis name -> value), all with the same axes.
+        scores: Per point, the validation accuracy of each selection seed (the same count).
+        preferred: The point chosen among ties when it is tied (None: the smallest).
+
+    Returns:
+        The chosen point, and a record: the rule, se, the argmax, the tied points and the
+        chosen one.
+
+    Raises:
+        ValueError: ``points`` is empty, or its length differs from that of ``scores``, or
+            the seeds per point differ.
+    """
+    if not points or len(points) != len(scores):
+        raise ValueError(f"points and scores must be non-empty and of equal length, got "
+                         f"{len(points)} and {len(scores)}")
+    if len({len(s) for s in scores}) != 1 or not scores[0]:
+        raise ValueError("scores must give every point the same number (>= 1) of seeds")
+    values = [np.asarray(s, dtype=float) for s in scores]
+    n = len(values[0])
+    means = [float(v.mean()) for v in values]
+    se = math.sqrt(float(np.mean([v.var(ddof=1) for v in values])) / n) if n > 1 else 0.0
+    top = int(np.argmax(means))
+    tied = [i for i, m in enumerate(means) if m >= means[top] - se]
+    chosen = (next(i for i in tied if points[i] == preferred)
+              if preferred is not None and any(points[i] == preferred for i in tied)
+              else min(tied, key=lambda i: tuple(points[i].values())))
+    record = {"rule": TIE_RULE, "standard_error": se, "argmax": dict(points[top]),
+              "tied": [dict(points[i]) for i in tied], "preferred": preferred,
+              "chosen": dict(points[chosen])}
+    return dict(points[chosen]), record
+
+
 def combine(checks: dict[str, dict]) -> str:
     """The entry's verdict: refuted if any check is, holds if all do, else undecided."""
     verdicts = [c["verdict"] for c in checks.values()]
@@ -120,3 +173,29 @@ def entry(claim: str, measured: dict, checks: dict[str, dict], figure: str) -> d
     """
     return clean({"claim": claim, "measured": measured, "verdict": combine(checks),
                   "checks": checks, "figure": figure})
+
+
+def settle(runner, found, make, preferred: dict | None = None) -> dict:
+    """Re-choose the best point of a finished search by ``select``'s tie rule.
+
+    The per-seed validation accuracies are read back from ``runner`` (its runs are cached, so
+    nothing is trained again); ``found.best`` becomes the chosen point.
+
+    Args:
+        runner: The ``Runner`` that ran the search.
+        found: The ``Search`` it returned (its ``scores`` name every point).
+        make: The search's job maker, ``make(point, seed) -> Job``.
+        preferred: The point chosen among ties when tied (the paper's value), else None.
+
+    Returns:
+        ``select``'s record, also stored as ``found.selection``.
+    """
+    seeds = range(runner.size.select_seeds)
+    points = [dict(p) for p, _ in found.scores]
+    results = runner.run([make(p, s) for p in points for s in seeds])
+    n = len(seeds)
+    scores = [[r["final_val_acc"] for r in results[i * n:(i + 1) * n]]
+              for i in range(len(points))]
+    found.best, record = select(points, scores, preferred)
+    found.selection = record
+    return record
