@@ -148,7 +148,7 @@ def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> Trace
         population = math.inf
     else:
         G = _distinct_signs(g, n, gen, like)
-        population = 2.0 ** (n - 1)
+        population = 2.0 ** (n - 1) if n <= 64 else math.inf  # 2^(n-1) sign classes
     HG = apply(G)
     samples = (G.to(torch.float64) * HG).sum(1).cpu().numpy()
     norm = max(norm, _norm_estimate(HG, G))

@@ -71,3 +71,10 @@ def test_no_rounding_level_stderr_for_an_inexact_estimate_on_low_rank(method):
             for n_hvp in range(2 if method == "hutchinson" else 4, n):
                 _, lies = _audit(A, n_hvp, method)
                 assert not lies, (n, name, n_hvp, lies[:5])
+
+
+def test_hutchinson_in_more_dimensions_than_a_float_exponent_reaches():
+    """The finite-population factor with N = 2^(n-1) sign classes overflowed beyond n = 1025."""
+    d = torch.linspace(-1, 2, 2000, dtype=torch.float64)
+    r = trace_estimate(lambda V: V * d, 2000, 4, method="hutchinson", like=LIKE)
+    assert r.estimate == pytest.approx(float(d.sum()), rel=1e-12) and r.stderr < 1e-9
