@@ -49,12 +49,11 @@ from typing import Any, Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.nn.utils.stateless import _reparametrize_module
 from torch.utils.checkpoint import checkpoint
 
 from .core import (all_finite, all_reduce_sum_, BatchSizeFn, check_choice, check_data,
-                   check_loss, check_model_mode, flatten, loss_reduction, LossFn, ParamSelection,
-                   preserved, select_params, unflatten, working_dtype)
+                   check_loss, check_model_mode, flatten, loss_reduction, LossFn, own_call,
+                   ParamSelection, preserved, select_params, unflatten, working_dtype)
 from .core.sharding import (full_values, is_dtensor, is_sharded, refuse_sharded, REFUSAL,
                             sample_counts, shard_like)
 from .finite_difference import dot, FiniteDifference, Pieces
@@ -100,6 +99,18 @@ def _gather(shard: Tensor) -> Tensor:
     return full.to_local(grad_placements=[Partial()] * shard.device_mesh.ndim)
 
 
+class _OwnForward(nn.Module):
+    """The unit's class ``forward`` as a module call (the copy's ``forward`` is its ``_Unit``)."""
+
+    def __init__(self, unit: nn.Module, kwargs: dict):
+        super().__init__()
+        self.unit, self.kwargs = unit, kwargs
+
+    def forward(self, *args):
+        """``type(unit).forward(unit, *args, **kwargs)``."""
+        return type(self.unit).forward(self.unit, *args, **self.kwargs)
+
+
 class _Unit:
     """The forward of one FSDP unit on the hook-free copy.
 
@@ -112,9 +123,13 @@ class _Unit:
         self.clone, self.names, self.leaves, self.innermost = clone, names, leaves, innermost
 
     def _run(self, *args, **kwargs):
-        full = {local: _gather(self.leaves[name]) for local, name in self.names.items()}
-        with _reparametrize_module(self.clone, full, tie_weights=True):
-            return type(self.clone).forward(self.clone, *args, **kwargs)
+        # own_call, not _reparametrize_module(tie_weights=True): with a module registered
+        # under two names (self.alias = self.block) the latter left the gathered full weight
+        # in the copy's slot after the forward (the unit's weights stayed alive, and the
+        # loss_fn saw a plain tensor for the parameter)
+        full = {"unit." + local: _gather(self.leaves[name])
+                for local, name in self.names.items()}
+        return own_call(_OwnForward(self.clone, kwargs), full, args)
 
     def __call__(self, *args, **kwargs):
         if self.innermost and torch.is_grad_enabled():

@@ -3,15 +3,20 @@ r"""Stochastic trace estimates of the Hessian with standard errors from their ow
 * Hutchinson (1989): $\mathrm{tr}\, H \approx \frac{1}{m} \sum_i z_i^\top H z_i$ with
   Rademacher $z_i$; the standard error is the sample standard deviation (``ddof=1``) of the
   $m$ probe values over $\sqrt{m}$.
+* Hutchinson's probes are Rademacher vectors, distinct up to sign (in a few dimensions
+  repeats are likely), with the finite-population factor $1 - m/2^{n-1}$ in the variance.
 * Hutch++ (Meyer, Musco, Musco & Woodruff 2021, Alg. 1): a third of the budget sketches
-  $H S$, $Q = \mathrm{orth}(H S)$; a third computes $\mathrm{tr}(Q^\top H Q)$ exactly; the
-  rest runs Hutchinson on the deflated $(I - QQ^\top) H (I - QQ^\top)$. Since
+  $H S$ ($S$ Gaussian), $Q = \mathrm{orth}(H S)$; a third computes $\mathrm{tr}(Q^\top H Q)$
+  exactly; the rest runs Hutchinson on the deflated $(I - QQ^\top) H (I - QQ^\top)$ with
+  Gaussian probes projected off $Q$ and normalised to the sphere of the residual space
+  (:func:`_sphere_residual`; exact when the deflated matrix is a multiple of the identity). Since
   $\mathrm{tr}\, H = \mathrm{tr}(Q^\top H Q) + \mathrm{tr}((I - QQ^\top) H (I - QQ^\top))$
   for every orthonormal $Q$, the estimate is unbiased given $Q$, and its standard error is that
   of the Hutchinson part: the sample standard deviation (``ddof=1``) of its $g$ probe values
   over $\sqrt{g}$ (conditional on the sketch). It is exact when
   $\mathrm{rank}\, H \le$ ``n_hvp // 3``.
-* XTrace (Epperly, Tropp & Webber 2024): the exchangeable version of Hutch++, exact when
+* XTrace (Epperly, Tropp & Webber 2024): the exchangeable version of Hutch++ (Gaussian
+  probes, residuals normalised as in the paper's Sec. 2.3), exact when
   $\mathrm{rank}\, H <$ ``n_hvp // 2``, $O(n m^2 + m^3)$ beyond its $2m$ products; its
   standard error is an unbiased variance estimate from leave-one-out and leave-two-out
   estimates (:func:`_xtrace_variance`), not the paper's $s/\sqrt{m}$, which is too small.
@@ -34,7 +39,7 @@ from tqdm.auto import tqdm
 from .core.progress import batch_progress
 
 from .core import (BatchSizeFn, check_choice, check_int, guarded, LossFn, make_generator,
-                   ParamSelection, rademacher, records_metadata, register_result)
+                   ParamSelection, rademacher, randn, records_metadata, register_result)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
 
@@ -82,27 +87,76 @@ def _apply(matmat: MatMat, rows: Tensor, chunk: int, bar) -> Tensor:
     return torch.cat(out)
 
 
+def _distinct_signs(m: int, n: int, gen, like: Tensor) -> Tensor:
+    r"""$m$ Rademacher vectors, no two equal up to sign (redrawn from ``gen`` until distinct).
+
+    In a few dimensions the $2^{n-1}$ sign classes ($z$ and $-z$ give the same probe value)
+    repeat among a few probes (two probes out of 3 dimensions coincide with probability 1/4),
+    and repeated values made a sample variance, hence a stderr, of 0 for an inexact estimate.
+    Drawn without repetition, each probe is still uniform (the mean stays unbiased) and the
+    variance of the mean is the finite-population one, $(1 - m/N)\, s^2 / m$ with
+    $N = 2^{n-1}$ (Cochran 1977, Thm. 2.2; :func:`_hutchpp`). Beyond 64 dimensions a repeat
+    has probability below $m^2 2^{-64}$ and the draws are used as they come.
+    """
+    Z = rademacher((m, n), gen, like=like)
+    while n <= 64:
+        seen, repeats = set(), []
+        for i, row in enumerate((Z * Z[:, :1]).tolist()):
+            key = tuple(row)
+            (repeats.append(i) if key in seen else seen.add(key))
+        if not repeats:
+            break
+        Z[repeats] = rademacher((len(repeats), n), gen, like=like)
+    return Z
+
+
+def _sphere_residual(g: int, Q: Tensor, n: int, gen, like: Tensor) -> Tensor:
+    r"""$g$ Gaussian probes projected off the sketch and scaled to norm $\sqrt{n - k}$.
+
+    $w = \sqrt{n - k}\, P z / \|P z\|$ with $P = I - Q^\top Q$ of rank $n - k$: uniform on the
+    sphere of radius $\sqrt{n - k}$ in the range of $P$, so $E[w w^\top] = P$ and
+    $E[w^\top H w] = \mathrm{tr}(P H P)$ (unbiased given the sketch), exact when $P H P = cP$
+    (Epperly, Tropp & Webber 2024, Sec. 2.3, sphere normalisation). Projected Rademacher
+    probes were neither: on $H = 2I$ in 6 dimensions their values coincided and Hutch++
+    returned 14.0 with a stderr of 9e-15 (issue 30).
+    """
+    G = randn((g, n), gen, like=like).to(torch.float64)
+    Q64 = Q.to(torch.float64)
+    G = G - (G @ Q64.T) @ Q64
+    return (G * math.sqrt(n - len(Q)) / G.norm(dim=1, keepdim=True)).to(like)
+
+
 def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> TraceResult:
-    """Hutch++ (a zero sketch makes it Hutchinson)."""
+    r"""Hutch++ (a zero sketch makes it Hutchinson).
+
+    Hutch++'s sketch $S$ is Gaussian (its range captures that of $H$ when
+    $\mathrm{rank}\, H \le k$, almost surely; Rademacher sketches miss it with a probability
+    that does not vanish in any dimension) and its residual probes are
+    :func:`_sphere_residual`'s. Hutchinson's probes are Rademacher, distinct up to sign
+    (:func:`_distinct_signs`), with the finite-population factor $1 - m/N$ in the variance.
+    """
     sketch = min(n_hvp // 3, n) if method == "hutch++" else 0
     g = n_hvp - 2 * sketch if sketch < n else 0  # a full sketch makes the trace exact
     exact, size, norm, Q = 0.0, 0.0, 0.0, like.new_zeros(0, n)
     if sketch:
-        S = rademacher((sketch, n), gen, like=like)
+        S = randn((sketch, n), gen, like=like)
         HS = apply(S)
         Q = torch.linalg.qr(HS.T.to(torch.float64))[0].T.to(like)
         parts = (Q.to(torch.float64) * apply(Q)).sum(1)
         exact, size, norm = float(parts.sum()), float(parts.abs().sum()), _norm_estimate(HS, S)
-    G = rademacher((g, n), gen, like=like)
-    G = G - (G @ Q.T) @ Q
+        G = _sphere_residual(g, Q, n, gen, like)
+        population = math.inf
+    else:
+        G = _distinct_signs(g, n, gen, like)
+        population = 2.0 ** (n - 1) if n <= 64 else math.inf  # 2^(n-1) sign classes
     HG = apply(G)
     samples = (G.to(torch.float64) * HG).sum(1).cpu().numpy()
     norm = max(norm, _norm_estimate(HG, G))
     floor = rounding_stderr(size + float(np.abs(samples).mean()) if g else size, n, like, norm)
     if g == 0:
         return TraceResult(exact, floor, 2 * sketch, method, samples)
-    return TraceResult(exact + float(samples.mean()),
-                       max(float(samples.std(ddof=1) / math.sqrt(g)), floor),
+    variance = float(samples.var(ddof=1)) / g * (1 - g / population)
+    return TraceResult(exact + float(samples.mean()), max(math.sqrt(variance), floor),
                        2 * sketch + g, method, samples)
 
 
@@ -132,7 +186,8 @@ def rounding_stderr(size: float, n: int, like: Tensor, norm: float = 0.0) -> flo
     return float(torch.finfo(like.dtype).eps * math.sqrt(n) * (size + norm))
 
 
-def _leave_one_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor) -> Tensor:
+def _leave_one_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor, w2: Tensor,
+                   n: int) -> Tensor:
     r"""The $m$ exchangeable estimates $t_i$ (Epperly, Tropp & Webber 2024, Sec. 2.1).
 
     In the basis $Q$ of the sketch $H W = Q R$: $\hat H = Q^\top H Q$, $c_i = Q^\top w_i$,
@@ -142,22 +197,29 @@ def _leave_one_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor) -> Ten
     $d_i = c_i - s_i s_i^\top c_i$:
     $$t_i = \mathrm{tr}\, \hat H - s_i^\top \hat H s_i + a_i - 2 e_i^\top R^\top d_i
     + d_i^\top \hat H d_i,$$
-    $O(m^3)$ for all $i$ together.
+    the last three terms (the residual $r_i^\top H r_i$, $r_i = (I - P_i) w_i$) scaled by
+    $(n - m + 1) / \|r_i\|^2$, $\|r_i\|^2 = \|w_i\|^2 - \|d_i\|^2$ (``w2`` holds
+    $\|w_i\|^2$): the residual probe normalised to the sphere of the $(n - m + 1)$-dimensional
+    range of $I - P_i$ (the paper's Sec. 2.3), which keeps $t_i$ unbiased (Gaussian $w_i$,
+    independent of $P_i$) and makes it exact on $H = cI$. $O(m^3)$ for all $i$ together.
     """
     S = G / G.norm(dim=0)
     D = C - S * (S * C).sum(0)
-    return (torch.trace(H) - ((H @ S) * S).sum(0) + a - 2 * (R * D).sum(0)
-            + ((H @ D) * D).sum(0))
+    residual = a - 2 * (R * D).sum(0) + ((H @ D) * D).sum(0)
+    scale = (n - len(R) + 1) / (w2 - (D * D).sum(0))
+    return torch.trace(H) - ((H @ S) * S).sum(0) + scale * residual
 
 
-def _leave_two_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor) -> Tensor:
+def _leave_two_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor, w2: Tensor,
+                   n: int) -> Tensor:
     r"""``t[i, j]``: the estimate of probe $i$ with column $j$ also left out of the sketch.
 
     The projector left is $Q (I - B K^{-1} B^\top) Q^\top$ with $B = [g_i, g_j]$ (columns of
     $G = R^{-\top}$) and $K = B^\top B$ ($2 \times 2$, inverted in closed form); with
     $\alpha = K^{-1} B^\top c_i$, $d = c_i - B \alpha$ and $B^\top R e_i = (1, 0)$ (as
     $G^\top R = I$), every term is an entry of an $m \times m$ matrix: $O(m^3)$ for all pairs.
-    The diagonal ($i = j$) is meaningless.
+    The residual term is normalised as in :func:`_leave_one_out`, to $n - m + 2$ dimensions
+    ($\|d\|^2 = \|c_i\|^2 - \alpha^\top B^\top c_i$). The diagonal ($i = j$) is meaningless.
     """
     K, GHG, GC, GHC = G.T @ G, G.T @ H @ G, G.T @ C, G.T @ H @ C
     kii, hii = torch.diagonal(K)[:, None], torch.diagonal(GHG)[:, None]
@@ -169,8 +231,10 @@ def _leave_two_out(H: Tensor, C: Tensor, R: Tensor, a: Tensor, G: Tensor) -> Ten
     dhd = (((H @ C) * C).sum(0)[:, None]
            - 2 * (al0 * torch.diagonal(GHC)[:, None] + al1 * GHC.T)
            + al0 ** 2 * hii + 2 * al0 * al1 * GHG + al1 ** 2 * hjj)
-    return (torch.trace(H) - (p * hii + 2 * q * GHG + r * hjj) + a[:, None]
-            - 2 * ((R * C).sum(0)[:, None] - al0) + dhd)
+    residual = a[:, None] - 2 * ((R * C).sum(0)[:, None] - al0) + dhd
+    d2 = (C * C).sum(0)[:, None] - (al0 * b0 + al1 * b1)
+    scale = (n - len(R) + 2) / (w2[:, None] - d2)
+    return torch.trace(H) - (p * hii + 2 * q * GHG + r * hjj) + scale * residual
 
 
 def _xtrace_variance(t: Tensor, t2: Tensor) -> float:
@@ -200,13 +264,16 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
     The mean of the $m$ Hutch++-type estimates $t_i = \mathrm{tr}(P_i H P_i) + w_i^\top
     (I - P_i) H (I - P_i) w_i$, $P_i$ the projector onto the sketch $H W$ without its column
     $i$ (so each is unbiased), from $2m$ products and $O(n m^2 + m^3)$ further work
-    (:func:`_leave_one_out`); the standard error is :func:`_xtrace_variance`'s. A
-    rank-deficient sketch that captures the range of $H$ (rank $H < m$) gives the exact
-    $\mathrm{tr}(Q^\top H Q)$; one that does not (dependent probes, tiny $n$) goes to
-    :func:`_xtrace_degenerate`.
+    (:func:`_leave_one_out`); the standard error is :func:`_xtrace_variance`'s. The probes
+    $w_i$ are Gaussian: a rank-deficient sketch then captures the range of $H$ (rank $H < m$)
+    almost surely and gives the exact $\mathrm{tr}(Q^\top H Q)$. (Rademacher probes did
+    not: on $H = \mathrm{diag}(1, 1, 0, \dots, 0)$ with 1000 parameters and 6 products, 46 of
+    200 seeds returned 1 with a stderr of 7e-15, all three probes equal up to sign on the
+    two coordinates, whose span $H$ leaves invariant.) A sketch numerically rank-deficient
+    without an invariant range goes to :func:`_xtrace_degenerate`.
     """
     m = min(n_hvp // 2, n)
-    W = rademacher((m, n), gen, like=like)
+    W = randn((m, n), gen, like=like)
     Y = apply(W).to(torch.float64)
     W64 = W.to(torch.float64)
     Q, R = torch.linalg.qr(Y.T)
@@ -227,8 +294,9 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
         return _xtrace_degenerate(H, C, R, a, n, like, norm)
     G = torch.linalg.solve_triangular(R, torch.eye(m, dtype=R.dtype, device=R.device),
                                       upper=True).T
-    t = _leave_one_out(H, C, R, a, G)
-    stderr = math.sqrt(_xtrace_variance(t, _leave_two_out(H, C, R, a, G)))
+    w2 = (W64 * W64).sum(1)
+    t = _leave_one_out(H, C, R, a, G, w2, n)
+    stderr = math.sqrt(_xtrace_variance(t, _leave_two_out(H, C, R, a, G, w2, n)))
     samples = t.cpu().numpy()
     floor = rounding_stderr(float(np.abs(samples).mean()), n, like, norm)
     return TraceResult(float(samples.mean()), max(stderr, floor), 2 * m, "xtrace", samples)

@@ -9,11 +9,14 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch.distributed.device_mesh import init_device_mesh
+from torch.distributed.fsdp import fully_shard
+from torch.nn import functional as F
 
 from analysis import hessian_trace, HessianOperator, spectral_density, top_eigenvalues
 from analysis.finite_difference import FiniteDifference
 from analysis.sharded import is_sharded, sharded_fd_matmat, ShardedHessian
-from tests.analysis.sharded_problems import assert_same_state, case, shard, state
+from tests.analysis.sharded_problems import assert_same_state, case, ce, shard, state
 
 K = 2  # vectors per product
 
@@ -225,3 +228,46 @@ def test_routines_without_support_refuse_a_sharded_model_untouched(one_rank):
                 call()
             assert "top_eigenvalues" in str(info.value), name  # says what does work
             assert_same_state(before, state(model))
+
+
+class _Aliased(torch.nn.Module):
+    """A module registered under two names (``self.alias = self.block``, as T5's ``shared``)."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.block = torch.nn.Linear(5, 5).double()
+        self.alias = self.block
+        self.head = torch.nn.Linear(5, 3).double()
+
+    def forward(self, x):
+        return self.head(torch.tanh(self.alias(torch.tanh(self.block(x)))))
+
+
+def test_aliased_module_keeps_its_own_parameters_in_the_sharded_product(one_rank):
+    """Issue 31: the unit's forward swapped the gathered weights in with
+    ``_reparametrize_module(tie_weights=True)``, which restored the aliased slot to the
+    gathered tensor: after the forward the copy's ``block.weight`` was a plain tensor (the full
+    weight kept alive). Through ``own_call`` the loss_fn sees the parameter again."""
+    build = _Aliased
+    mesh = init_device_mesh("cpu", (1,))
+    model = fully_shard(build(), mesh=mesh)  # one unit holding both names of block
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    y = torch.tensor([0, 1, 2, 0, 1, 2])
+    seen = []
+
+    def loss_fn(m, batch):
+        out = F.cross_entropy(m(batch[0]), batch[1])
+        seen.append(type(m.block.weight).__name__ + "/" + type(m.alias.weight).__name__)
+        return out
+
+    data = [(x[:4], y[:4]), (x[4:], y[4:])]
+    before = state(model)
+    op = ShardedHessian(model, loss_fn, data)
+    v = vectors(op.shape[0])
+    hv = op.matmat([op.distribute(u) for u in v])
+    assert_same_state(before, state(model))
+    assert set(seen) == {"DTensor/DTensor"}, seen
+    single = HessianOperator(build(), ce, data).matmat(v)
+    got = torch.stack([torch.cat([h.full_tensor().reshape(-1) for h in p]) for p in hv])
+    torch.testing.assert_close(got, single, rtol=0, atol=1e-12)

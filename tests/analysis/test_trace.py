@@ -78,7 +78,7 @@ def test_stderr_is_floored_at_the_rounding_level_on_low_rank(method, dtype):
         r = trace_estimate(lambda V: V @ A, 200, 33, method=method, seed=seed, like=like)
         ratios.append(abs(r.estimate - exact) / r.stderr)
         assert r.stderr < 100 * eps * float(torch.linalg.eigvalsh(A.double()).abs().sum())
-    assert max(ratios) <= 1.0
+    assert max(ratios) <= 1.5  # XTrace's Gaussian probes (issue 30): 1.007 at seed 0
 
 
 @pytest.mark.parametrize("rank", [3, 10])
@@ -89,9 +89,11 @@ def test_xtrace_is_exact_below_half_the_budget(rank):
 
 
 def test_xtrace_beats_hutch_plus_plus_on_outliers():
+    """SD over 300 seeds: XTrace 2.17, Hutch++ 2.59 (its sphere-normalised residual, issue 30,
+    brought it within the noise of 40 seeds)."""
     A = spectrum_matrix()
     spread = {m: np.std([trace_estimate(lambda V: V @ A, 120, 60, method=m, seed=s,
-                                        like=LIKE).estimate for s in range(40)])
+                                        like=LIKE).estimate for s in range(300)])
               for m in ("xtrace", "hutch++")}
     assert spread["xtrace"] < spread["hutch++"]
 
