@@ -43,6 +43,13 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     ``reshard_after_forward=False``) would otherwise leave their all-gathered plain
     parameters registered in place of the DTensor shards.
 
+    PyTorch's inference fast path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoder(Layer)`` (``torch.backends.mha``) is off inside the block, so every
+    forward the library makes, with or without gradients, runs the differentiable path: the
+    fast path has no autograd and no vmap batching rule, and with a padding mask its
+    nested-tensor output is zero at the padded positions, a different function from the one
+    whose derivatives are taken (a loss that reads those positions would mix two functions).
+
     Args:
         model: An uncompiled module.
         model_mode: "eval" or "train", the mode inside the block.
@@ -73,6 +80,7 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
     sharded = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")
                and all(is_dtensor(p) for p in m.parameters(recurse=False))]
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for p in params:
             p.grad = None
@@ -81,8 +89,10 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
             for p in params:
                 p.requires_grad_(id(p) in chosen)
         model.train(model_mode == "train")
+        torch.backends.mha.set_fastpath_enabled(False)
         yield model
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in sharded:
             m.reshard()
         with torch.no_grad():
