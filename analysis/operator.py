@@ -35,9 +35,9 @@ from torch.nn.utils.parametrize import is_parametrized, ParametrizationList
 from torch.overrides import TorchFunctionMode
 
 from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check_choice,
-                   check_data, check_model_mode, data_mean, guarded, loss_reduction, LossFn,
-                   numel, ParamSelection, preserved, select_params, unwrap_compiled,
-                   working_dtype)
+                   check_data, check_model_mode, data_mean, guarded, likelihood_error,
+                   LikelihoodError, loss_reduction, LossFn, numel, ParamSelection, preserved,
+                   select_params, unwrap_compiled, working_dtype)
 from .derivatives import curvature_ops
 from .preconditioning import Preconditioner, inverse_sqrt
 from .sharded import is_sharded, refuse_sharded, REFUSAL, ShardedOperator
@@ -474,6 +474,9 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
             raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only '
                              f"(an operator taking hvp_method=), got curvature={curvature!r}")
         common["hvp_method"] = hvp_method
-    op = cls(model, loss_fn, data, **common)
+    try:
+        op = cls(model, loss_fn, data, **common)
+    except LikelihoodError:  # a routine takes no likelihood=: name the ways out it has
+        raise likelihood_error(getattr(loss_fn, "criterion", None), curvature) from None
     op.curvature = curvature
     return op
