@@ -369,7 +369,9 @@ class CompositeWeightNorm(TorchFunctionMode):
     PyTorch's fused weight-norm kernel (``_weight_norm_interface``, which both weight-norm APIs
     reach on CPU) has a wrong second derivative: Hessians through it are asymmetric by 0.07-0.96
     and their eigenvalues and traces wrong (issue 31). Inside this mode the same function is
-    built from ``norm_except_dim``, whose derivatives are exact; values agree to rounding.
+    built from ``torch.linalg.vector_norm``, whose derivatives are exact (``norm_except_dim``'s
+    forward-mode derivative has the wrong shape for the whole-tensor norm of
+    ``nn.utils.weight_norm(dim=None)``); values agree to rounding.
     :meth:`CurvatureOperator.matmat` enters it for models that use weight norm
     (:func:`uses_weight_norm`).
     """
@@ -381,7 +383,9 @@ class CompositeWeightNorm(TorchFunctionMode):
         if func is torch._weight_norm:
             v, g = args[0], args[1]
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-            return v * (g / torch.norm_except_dim(v, 2, dim))
+            dim = None if dim is None or dim == -1 else dim % v.dim()
+            others = [d for d in range(v.dim()) if d != dim]  # dim -1: the whole tensor
+            return v * (g / torch.linalg.vector_norm(v, dim=others, keepdim=dim is not None))
         return func(*args, **kwargs)
 
 
