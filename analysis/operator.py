@@ -385,7 +385,9 @@ class CompositeWeightNorm(TorchFunctionMode):
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
             dim = None if dim is None or dim == -1 else dim % v.dim()
             others = [d for d in range(v.dim()) if d != dim]  # dim -1: the whole tensor
-            return v * (g / torch.linalg.vector_norm(v, dim=others, keepdim=dim is not None))
+            norm = (v.abs() if not others  # a 1-D v normed along its only dim: elementwise
+                    else torch.linalg.vector_norm(v, dim=others, keepdim=dim is not None))
+            return v * (g / norm)
         return func(*args, **kwargs)
 
 

@@ -272,3 +272,17 @@ def test_forward_mode_products_through_whole_tensor_weight_norm():
     got = unchanged(c.model, lambda: hvp(c.model, c.loss_fn, c.data, V, hvp_method="forward",
                                          progress=False)).numpy()
     np.testing.assert_allclose(got, V.numpy() @ H, rtol=0, atol=1e-6 * np.abs(H).max())
+
+
+@pytest.mark.parametrize("shape,dim", [((3, 4), 0), ((3, 4), 1), ((3, 4), -1), ((5,), 0),
+                                       ((5,), -1), ((2, 3, 4), 2)])
+def test_the_exact_weight_norm_route_is_the_same_function(shape, dim):
+    """The composite route equals the fused op's values and shapes for every ``dim``."""
+    from analysis.operator import CompositeWeightNorm
+    v = torch.randn(*shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    g = 1.3 * torch.norm_except_dim(v, 2, dim)
+    want = torch._weight_norm(v, g, dim)
+    with CompositeWeightNorm():
+        got = torch._weight_norm(v, g, dim)
+    assert got.shape == want.shape
+    torch.testing.assert_close(got, want, rtol=1e-14, atol=0)
