@@ -43,7 +43,9 @@ the output tensor and ``criterion(outputs, batch)`` the batch-mean loss.
 :func:`~analysis.core.supervised` sets it; :func:`~analysis.core.split_loss` builds
 such a ``loss_fn`` from any two functions. The exact and Monte-Carlo Fisher also need the
 likelihood: read from ``loss_fn.criterion`` (``nn.CrossEntropyLoss``/``F.cross_entropy``,
-``nn.MSELoss``/``F.mse_loss``, with mean reduction), or declared with ``likelihood=``
+``nn.MSELoss``/``F.mse_loss``, with mean reduction), or declared on the loss
+(``split_loss(forward, criterion, likelihood=...)``, or a ``loss_fn.likelihood`` attribute: the
+way for ``curvature="fisher"`` in the routines) or with ``FisherOperator(likelihood=)``
 (``"categorical"``: softmax over dim 1 of the output; ``"gaussian"``: unit-scaled squared error;
 ``"bernoulli"``: sigmoid of each output element, ``nn.BCEWithLogitsLoss``).
 """
@@ -64,8 +66,8 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
-                   loss_reduction, LossFn, LossModule, make_generator, own_call, ParamSelection,
-                   unflatten)
+                   LIKELIHOODS, likelihood_error, loss_reduction, LossFn, LossModule,
+                   make_generator, own_call, ParamSelection, unflatten)
 from .core.loss_ce import CROSS_ENTROPY_ARGS, softmax_hessian_product
 from .operator import (CurvatureOperator, curvature_operator, register_curvature,
                        registered_curvatures)
@@ -76,7 +78,6 @@ __all__ = ["CurvatureOperator", "OutputCurvatureOperator", "GGNOperator", "Fishe
            "curvature_operator", "loss_split", "FISHER_KINDS", "LIKELIHOODS"]
 
 FISHER_KINDS = ("exact", "mc", "empirical")
-LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 OutputProduct = Callable[[Tensor], Tensor]
 
 
@@ -118,18 +119,26 @@ def _read_likelihood(criterion: Any) -> str | None:
     return None
 
 
+def _declared_likelihood(loss_fn: LossFn) -> str | None:
+    """``loss_fn.likelihood`` (``split_loss(likelihood=)``), else read from ``.criterion``."""
+    declared = getattr(loss_fn, "likelihood", None)
+    if declared is not None:
+        return check_choice("loss_fn.likelihood", declared, LIKELIHOODS)
+    return _read_likelihood(getattr(loss_fn, "criterion", None))
+
+
 def _likelihood(loss_fn: LossFn, likelihood: str | None) -> str:
-    """The likelihood whose negative log is the criterion, declared or read from ``.criterion``."""
+    """The likelihood whose negative log is the criterion: the keyword, else as declared.
+
+    Raises:
+        LikelihoodError: It is neither given, declared nor readable (the message names the
+            ways out of ``FisherOperator``; the routines' ``curvature=`` rewrites it).
+    """
     if likelihood is not None:
         return check_choice("likelihood", likelihood, LIKELIHOODS)
-    criterion = getattr(loss_fn, "criterion", None)
-    found = _read_likelihood(criterion)
+    found = _declared_likelihood(loss_fn)
     if found is None:
-        raise ValueError("the exact and Monte-Carlo Fisher need the likelihood: loss_fn.criterion "
-                         "must be nn.CrossEntropyLoss (no weight, no label smoothing), nn.MSELoss "
-                         "or nn.BCEWithLogitsLoss (no weights) with reduction='mean', got "
-                         f"{criterion!r}; declare it with likelihood= (one of {LIKELIHOODS}) or "
-                         "use curvature='ggn' / kind='empirical'")
+        raise likelihood_error(getattr(loss_fn, "criterion", None))
     return found
 
 
@@ -405,7 +414,8 @@ class FisherOperator(OutputCurvatureOperator):
             host copy of the batch per product.
         progress: Show a bar over the batches of each product.
         mc_samples: Draws per observation (``kind="mc"``), at least 1.
-        likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"`` (default: read from
+        likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"`` (default:
+            ``loss_fn.likelihood`` as declared by ``split_loss``, else read from
             ``loss_fn.criterion``).
         reuse_graph: Keep the forward graph of a one-batch ``data`` inside ``with`` blocks.
         preconditioner: A diagonal $P$; the operator is then $P^{-1/2} F P^{-1/2}$.
@@ -551,7 +561,7 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         preconditioner: A diagonal $P$; the operator is then $P^{-1/2} F P^{-1/2}$.
         check_deterministic: First check that two passes over ``data`` agree.
         likelihood: ``"categorical"``, ``"gaussian"`` or ``"bernoulli"`` for a ``split_loss``
-            criterion (default: read from ``loss_fn.criterion``).
+            criterion (default: ``loss_fn.likelihood``, else read from ``loss_fn.criterion``).
 
     Raises:
         ValueError: For a sum-reduced ``loss_fn``, ``model_mode="train"`` on a model with
@@ -579,7 +589,7 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
             self.likelihood = check_choice("likelihood", likelihood, LIKELIHOODS)
             loss_split(loss_fn)  # a declared likelihood needs the split
         else:
-            found = _read_likelihood(getattr(loss_fn, "criterion", None))
+            found = _declared_likelihood(loss_fn)
             self.likelihood = found if self.forward is not None else None
         CurvatureOperator.__init__(
             self, model, loss_fn, data, params=params, model_mode=model_mode,

@@ -35,9 +35,9 @@ from torch.nn.utils.parametrize import is_parametrized, ParametrizationList
 from torch.overrides import TorchFunctionMode
 
 from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check_choice,
-                   check_data, check_model_mode, data_mean, guarded, loss_reduction, LossFn,
-                   numel, ParamSelection, preserved, select_params, unwrap_compiled,
-                   working_dtype)
+                   check_data, check_model_mode, data_mean, guarded, likelihood_error,
+                   LikelihoodError, loss_reduction, LossFn, numel, ParamSelection, preserved,
+                   select_params, unwrap_compiled, working_dtype)
 from .derivatives import curvature_ops
 from .preconditioning import Preconditioner, inverse_sqrt
 from .sharded import is_sharded, refuse_sharded, REFUSAL, ShardedOperator
@@ -369,7 +369,9 @@ class CompositeWeightNorm(TorchFunctionMode):
     PyTorch's fused weight-norm kernel (``_weight_norm_interface``, which both weight-norm APIs
     reach on CPU) has a wrong second derivative: Hessians through it are asymmetric by 0.07-0.96
     and their eigenvalues and traces wrong (issue 31). Inside this mode the same function is
-    built from ``norm_except_dim``, whose derivatives are exact; values agree to rounding.
+    built from ``torch.linalg.vector_norm``, whose derivatives are exact (``norm_except_dim``'s
+    forward-mode derivative has the wrong shape for the whole-tensor norm of
+    ``nn.utils.weight_norm(dim=None)``); values agree to rounding.
     :meth:`CurvatureOperator.matmat` enters it for models that use weight norm
     (:func:`uses_weight_norm`).
     """
@@ -381,7 +383,11 @@ class CompositeWeightNorm(TorchFunctionMode):
         if func is torch._weight_norm:
             v, g = args[0], args[1]
             dim = args[2] if len(args) > 2 else kwargs.get("dim", 0)
-            return v * (g / torch.norm_except_dim(v, 2, dim))
+            dim = None if dim is None or dim == -1 else dim % v.dim()
+            others = [d for d in range(v.dim()) if d != dim]  # dim -1: the whole tensor
+            norm = (v.abs() if not others  # a 1-D v normed along its only dim: elementwise
+                    else torch.linalg.vector_norm(v, dim=others, keepdim=dim is not None))
+            return v * (g / norm)
         return func(*args, **kwargs)
 
 
@@ -474,6 +480,9 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
             raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only '
                              f"(an operator taking hvp_method=), got curvature={curvature!r}")
         common["hvp_method"] = hvp_method
-    op = cls(model, loss_fn, data, **common)
+    try:
+        op = cls(model, loss_fn, data, **common)
+    except LikelihoodError:  # a routine takes no likelihood=: name the ways out it has
+        raise likelihood_error(getattr(loss_fn, "criterion", None), curvature) from None
     op.curvature = curvature
     return op

@@ -49,9 +49,10 @@ from .flat import flatten, numel, unflatten
 from .loss_module import LossModule, own_call
 from .params import ParamSelection, select_params
 from .precision import LOW_PRECISION, accumulable, product_eps, working_dtype
-from .protocol import (BatchSizeFn, DataMean, LossFn, REDUCTIONS, check_data, check_loss,
-                       check_loss_fn, data_mean, default_batch_size, loss_reduction,
-                       scalar_zeros, split_loss, Supervised, supervised, to_device)
+from .protocol import (BatchSizeFn, DataMean, LIKELIHOODS, LikelihoodError, LossFn, REDUCTIONS,
+                       check_data, check_loss, check_loss_fn, data_mean, default_batch_size,
+                       likelihood_error, loss_reduction, scalar_zeros, split_loss, Supervised,
+                       supervised, to_device)
 from .loss import mean_loss
 from .restore import preserved
 from .sharding import (as_sharded, full_values, is_dtensor, is_sharded, local_like,
@@ -70,7 +71,8 @@ __all__ = [
     "local_like",
     # protocol
     "LossFn", "BatchSizeFn", "DataMean", "REDUCTIONS", "Supervised", "supervised",
-    "split_loss", "loss_reduction", "default_batch_size", "check_data", "check_loss",
+    "split_loss", "LIKELIHOODS", "LikelihoodError", "likelihood_error", "loss_reduction",
+    "default_batch_size", "check_data", "check_loss",
     "check_loss_fn", "data_mean", "scalar_zeros", "mean_loss", "to_device",
     # loss_module
     "LossModule",

@@ -29,6 +29,7 @@ from .validation import check_choice
 LossFn = Callable[[nn.Module, Any], Tensor]
 BatchSizeFn = Callable[[Any], int]
 REDUCTIONS = ("mean", "sum")
+LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 
 
 def to_device(x: Any, device: torch.device | None) -> Any:
@@ -63,7 +64,8 @@ def model_device(model: nn.Module) -> torch.device | None:
 
 
 def split_loss(forward: Callable[[nn.Module, Any], Any],
-               criterion: Callable[[Any, Any], Tensor]) -> LossFn:
+               criterion: Callable[[Any, Any], Tensor], *,
+               likelihood: str | None = None) -> LossFn:
     """``loss_fn(model, batch) = criterion(forward(model, batch), batch)``, declaring the split.
 
     The generalised Gauss-Newton and the Fisher (:mod:`analysis.curvature`) need the model
@@ -73,15 +75,59 @@ def split_loss(forward: Callable[[nn.Module, Any], Any],
     Args:
         forward: ``forward(model, batch)``, the output tensor.
         criterion: ``criterion(outputs, batch)``, the mean loss over the batch.
+        likelihood: The likelihood whose negative log ``criterion`` is, for the exact and
+            Monte-Carlo Fisher (``curvature="fisher"`` in every routine, ``FisherOperator``)
+            and the empirical Fisher's observations: ``"categorical"``, ``"gaussian"`` or
+            ``"bernoulli"`` (:mod:`analysis.curvature`). Set as ``loss_fn.likelihood``; None
+            (default) declares nothing.
 
     Returns:
-        The ``loss_fn``, with ``.split`` set.
+        The ``loss_fn``, with ``.split`` and ``.likelihood`` set.
+
+    Raises:
+        ValueError: ``likelihood`` is not one of ``LIKELIHOODS``.
     """
+    if likelihood is not None:
+        check_choice("likelihood", likelihood, LIKELIHOODS)
+
     def loss_fn(model: nn.Module, batch: Any) -> Tensor:
         return criterion(forward(model, batch), batch)
 
     loss_fn.split = (forward, criterion)
+    loss_fn.likelihood = likelihood
     return loss_fn
+
+
+class LikelihoodError(ValueError):
+    """The exact or Monte-Carlo Fisher cannot tell the likelihood of ``loss_fn``'s criterion."""
+
+
+def likelihood_error(criterion: Any, curvature: str | None = None) -> LikelihoodError:
+    """The refusal of a Fisher whose likelihood is unknown, naming the ways out that exist.
+
+    A routine's ``curvature=`` takes no ``likelihood=``: there, the loss declares it
+    (:func:`split_loss`); ``FisherOperator`` also takes the keyword.
+
+    Args:
+        criterion: What ``loss_fn.criterion`` holds (None when nothing).
+        curvature: The routine's ``curvature=`` name, or None for ``FisherOperator``.
+
+    Returns:
+        The :class:`LikelihoodError` to raise.
+    """
+    declare = "analysis.split_loss(forward, criterion, likelihood=...)"
+    if curvature is None:
+        what, ways = ("the Fisher (kind='exact' or 'mc')",
+                      f"FisherOperator(..., likelihood=...) or {declare}")
+        other = "use GGNOperator or FisherOperator(..., kind='empirical')"
+    else:
+        what, ways = f"curvature={curvature!r}", declare
+        other = "use curvature='ggn' or curvature='empirical_fisher'"
+    return LikelihoodError(
+        f"{what} needs the likelihood: loss_fn.criterion must be nn.CrossEntropyLoss (no "
+        "weight, no label smoothing), nn.MSELoss or nn.BCEWithLogitsLoss (no weights) with "
+        f"reduction='mean', got {criterion!r}; declare it with {ways} (one of {LIKELIHOODS}; "
+        f"or set loss_fn.likelihood), or {other}")
 
 
 def loss_reduction(loss_fn: Callable) -> str:

@@ -30,6 +30,18 @@ def _written_by_forward(model: nn.Module) -> set[int]:
             for p in m.parameters(recurse=False)}
 
 
+def _tensor_attributes(model: nn.Module) -> list[tuple[nn.Module, str, torch.Tensor]]:
+    """Tensors that modules hold as plain attributes (neither parameters nor buffers).
+
+    ``nn.utils.weight_norm`` keeps the weight it computes before every forward as such an
+    attribute: a forward inside ``torch.func.vmap`` would leave an escaped batched tensor
+    there (the module then cannot be copied or pickled), any other forward a tensor holding
+    the library's autograd graph.
+    """
+    return [(mod, name, value) for mod in model.modules()
+            for name, value in vars(mod).items() if isinstance(value, torch.Tensor)]
+
+
 @contextmanager
 def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = True,
               trainable: Iterable[nn.Parameter] | None = None) -> Iterator[nn.Module]:
@@ -38,10 +50,18 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
     Grads are set to None inside the block, so backward passes inside never touch the
     user's gradient tensors; on exit (also when the block raises) the training flags,
     ``requires_grad`` flags, grads, buffers and (with ``weights``) parameter values are put
-    back exactly. FSDP2 units (``fully_shard``) whose parameters were sharded on entry are
-    resharded on exit: a forward pass without backward (no_grad, or
-    ``reshard_after_forward=False``) would otherwise leave their all-gathered plain
-    parameters registered in place of the DTensor shards.
+    back exactly, and so are tensors that modules hold as plain attributes (the weight
+    that ``nn.utils.weight_norm`` computes in each forward). FSDP2 units (``fully_shard``)
+    whose parameters were sharded on entry are resharded on exit: a forward pass without
+    backward (no_grad, or ``reshard_after_forward=False``) would otherwise leave their
+    all-gathered plain parameters registered in place of the DTensor shards.
+
+    PyTorch's inference fast path of ``nn.MultiheadAttention`` and
+    ``nn.TransformerEncoder(Layer)`` (``torch.backends.mha``) is off inside the block, so every
+    forward the library makes, with or without gradients, runs the differentiable path: the
+    fast path has no autograd and no vmap batching rule, and with a padding mask its
+    nested-tensor output is zero at the padded positions, a different function from the one
+    whose derivatives are taken (a loss that reads those positions would mix two functions).
 
     Args:
         model: An uncompiled module.
@@ -73,6 +93,8 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
                for mod in model.modules() for name, buf in mod._buffers.items() if buf is not None]
     sharded = [m for m in model.modules() if hasattr(m, "_get_fsdp_state")
                and all(is_dtensor(p) for p in m.parameters(recurse=False))]
+    attributes = _tensor_attributes(model)
+    fastpath = torch.backends.mha.get_fastpath_enabled()
     try:
         for p in params:
             p.grad = None
@@ -81,10 +103,14 @@ def preserved(model: nn.Module, model_mode: str = "eval", *, weights: bool = Tru
             for p in params:
                 p.requires_grad_(id(p) in chosen)
         model.train(model_mode == "train")
+        torch.backends.mha.set_fastpath_enabled(False)
         yield model
     finally:
+        torch.backends.mha.set_fastpath_enabled(fastpath)
         for m in sharded:
             m.reshard()
+        for mod, name, value in attributes:
+            mod.__dict__[name] = value
         with torch.no_grad():
             for p, v in values:
                 p.copy_(v)
