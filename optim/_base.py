@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._sharded import check_sharding, local
 from ._validation import ArgumentTypeError
 
 Closure = Callable[[], torch.Tensor]
@@ -54,11 +55,14 @@ def closure_loss(closure: Closure | None) -> torch.Tensor | None:
 
 
 def real(t: Tensor) -> Tensor:
-    """``torch.view_as_real(t)`` for a complex tensor, else ``t``.
+    """The plain tensor the updates compute on: ``t``'s local piece, as reals.
 
-    Complex parameters are updated as pairs of reals, the convention of ``torch.optim``: a
-    complex run equals the run on ``view_as_real`` of the same tensors.
+    A ``DTensor`` (an FSDP2 or tensor-parallel parameter, its gradient or state) gives its
+    rank's piece (``to_local()``, a view that writes reach). Complex parameters are updated as
+    pairs of reals, the convention of ``torch.optim``: a complex run equals the run on
+    ``view_as_real`` of the same tensors.
     """
+    t = local(t)
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -246,6 +250,23 @@ class CheckedState(Optimizer):
     _extra_keys: tuple[str, ...] = ()
     _wide_keys: frozenset[str] = frozenset()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group whose parameters' sharding the updates can reduce over.
+
+        Args:
+            param_group: As for ``torch.optim.Optimizer.add_param_group``.
+
+        Raises:
+            ValueError: a parameter of an FSDP1 model, or a DTensor placed otherwise than with
+                ``Shard``/``Replicate`` (see ``_sharded.check_sharding``); nothing is added.
+        """
+        super().add_param_group(param_group)
+        try:
+            check_sharding(type(self).__name__, self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     def __getstate__(self) -> dict[str, Any]:
         """Every attribute but the hooks and the workspace (see the class docstring).
 
@@ -401,6 +422,9 @@ class WrapperOptimizer(CountingOptimizer):
         if "base_optimizer" not in self.__dict__:  # called from Optimizer.__init__
             super().add_param_group(param_group)
             return
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        check_sharding(type(self).__name__, param_group["params"])
         self.base_optimizer.add_param_group(param_group)  # appends this very dict to the list
         for name, value in self._wrapper_defaults.items():
             param_group.setdefault(name, value)
