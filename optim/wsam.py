@@ -98,7 +98,10 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
             return
         grads = [local(p.grad) for p in params]
         total = global_norm([torch.linalg.vector_norm(g) for g in grads], params)
-        torch.nn.utils.clip_grads_with_norm_(grads, self.max_norm, total)
+        # clip_grad_norm_'s factor; clip_grads_with_norm_ would read p.grad of the DTensors
+        factor = (self.max_norm / (total + 1e-6)).clamp_(max=1.0)
+        for (gs,) in grouped(grads):
+            torch._foreach_mul_(gs, factor.to(gs[0].device))
 
     def _store_plain(self, params: list[Tensor]) -> None:
         """Keep g, averaged over ranks (the first pass was local) and clipped, in state."""
