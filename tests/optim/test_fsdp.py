@@ -15,8 +15,6 @@ results, which the tests compare with the one-process runs made here.
 from __future__ import annotations
 
 import os
-import sys
-import time
 from datetime import timedelta
 
 import pytest
@@ -98,6 +96,18 @@ def diagnostics(opt) -> dict[str, float]:
     return out
 
 
+def preconditioners(opt, model) -> list[torch.Tensor]:
+    """``opt.preconditioner()`` (and AGD's SGD-branch mask) per parameter, unsharded."""
+    got = [opt.preconditioner()] if callable(getattr(opt, "preconditioner", None)) else []
+    if isinstance(opt, optim.AGD):
+        got.append(opt.preconditioner(sgd_mask=True))
+    got = [P for P in got if P is not None]
+    for P in got:   # sharded like the parameters
+        assert all(getattr(P[p], "placements", None) == getattr(p, "placements", None)
+                   for p in model.parameters())
+    return [full(P[p]).clone() for P in got for p in model.parameters()]
+
+
 def train(model, opt, steps, rank=0, world=1, first=0) -> list[list[torch.Tensor]]:
     """``steps`` closure steps from batch ``first`` on; the full parameters after each."""
     out = []
@@ -124,7 +134,7 @@ def reference(name: str, steps: int = STEPS, hidden: int = 7):
     model = build(hidden)
     opt = CASES[name](model.parameters(), model)
     got = train(model, opt, steps)
-    return got, diagnostics(opt)
+    return got, diagnostics(opt), preconditioners(opt, model)
 
 
 # ---------------------------------------------------------------------------- the ranks
@@ -176,7 +186,8 @@ def _run_case(name, rank, world, ckpt_dir, checkpoints=True) -> dict:
 
     model = _shard(build())
     opt = CASES[name](model.parameters(), model)
-    out = {"params": train(model, opt, STEPS, rank, world), "diagnostics": diagnostics(opt)}
+    out = {"params": train(model, opt, STEPS, rank, world), "diagnostics": diagnostics(opt),
+           "preconditioner": preconditioners(opt, model)}
     if not checkpoints:
         return out
     saved = {"model": _clone(model.state_dict()), "optim": _clone(opt.state_dict())}
@@ -255,7 +266,8 @@ def _tensor_parallel(names, rank) -> dict:
                                                    "2": RowwiseParallel()})
         opt = CASES[name](model.parameters(), model)
         try:
-            out[name] = {"params": train(model, opt, STEPS), "diagnostics": diagnostics(opt)}
+            out[name] = {"params": train(model, opt, STEPS), "diagnostics": diagnostics(opt),
+                         "preconditioner": preconditioners(opt, model)}
         except ValueError as exc:
             out[name] = str(exc)
     return out
@@ -266,11 +278,7 @@ def _worker(rank, world, init, out_dir, names, extras):
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
                             timeout=timedelta(seconds=120))
     try:
-        out = {}
-        for name in names:
-            start = time.perf_counter()
-            out[name] = _run_case(name, rank, world, out_dir, checkpoints=extras)
-            print(f"rank {rank} {name} {time.perf_counter() - start:.1f}s", file=sys.stderr)
+        out = {name: _run_case(name, rank, world, out_dir, checkpoints=extras) for name in names}
         if extras:
             out["refusals"] = _refusals()
             out["tensor_parallel"] = _tensor_parallel(TP_CASES, rank)
@@ -298,8 +306,11 @@ def two_ranks(tmp_path_factory):
 
 
 def assert_equal_runs(got, want):
-    """Parameters after each step to 1e-9, and the diagnostics to 1e-9."""
-    (params, diag), (ref_params, ref_diag) = (got["params"], got["diagnostics"]), want
+    """Parameters after each step, the diagnostics and the preconditioners to 1e-9."""
+    params, diag, ref_params, ref_diag, ref_pre = got["params"], got["diagnostics"], *want
+    assert len(got["preconditioner"]) == len(ref_pre)
+    for a, b in zip(got["preconditioner"], ref_pre):
+        torch.testing.assert_close(a, b, rtol=0, atol=TOL, msg="preconditioner")
     assert len(params) == len(ref_params)
     for step, (ours, theirs) in enumerate(zip(params, ref_params)):
         for a, b in zip(ours, theirs):
