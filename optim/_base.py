@@ -15,6 +15,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from ._sharded import check_sharding, local
 from ._validation import ArgumentTypeError
 
 Closure = Callable[[], torch.Tensor]
@@ -54,11 +55,14 @@ def closure_loss(closure: Closure | None) -> torch.Tensor | None:
 
 
 def real(t: Tensor) -> Tensor:
-    """``torch.view_as_real(t)`` for a complex tensor, else ``t``.
+    """The plain tensor the updates compute on: ``t``'s local piece, as reals.
 
-    Complex parameters are updated as pairs of reals, the convention of ``torch.optim``: a
-    complex run equals the run on ``view_as_real`` of the same tensors.
+    A ``DTensor`` (an FSDP2 or tensor-parallel parameter, its gradient or state) gives its
+    rank's piece (``to_local()``, a view that writes reach). Complex parameters are updated as
+    pairs of reals, the convention of ``torch.optim``: a complex run equals the run on
+    ``view_as_real`` of the same tensors.
     """
+    t = local(t)
     return torch.view_as_real(t) if t.is_complex() else t
 
 
@@ -122,7 +126,11 @@ def check_state_dict(optimizer: Optimizer, state_dict: Any, extra: tuple[str, ..
     """
     _check_layout(optimizer, state_dict, extra)
     name = type(optimizer).__name__
+    listed = saved_keys(state_dict)
     for index, entry in state_dict["state"].items():
+        if index not in listed:
+            raise ValueError(f"state_dict holds state of parameter {index!r}, which its "
+                             f"param_groups do not list (they list {listed})")
         foreign = sorted(set(entry) - state_keys) if state_keys is not None else []
         if foreign:
             raise ValueError(f"state_dict holds per-parameter state {foreign} (parameter "
@@ -131,13 +139,25 @@ def check_state_dict(optimizer: Optimizer, state_dict: Any, extra: tuple[str, ..
     if required is None:
         return
     params = [p for group in optimizer.param_groups for p in group["params"]]
+    keys = saved_keys(state_dict)
     for index, p in enumerate(params):
-        entry = state_dict["state"].get(index, {})
+        entry = state_dict["state"].get(keys[index], {})
         lacking = sorted(required(index, entry, state_dict) - entry.keys())
         if lacking:
             raise ValueError(f"state_dict lacks the per-parameter state {lacking} of parameter "
                              f"{index} (shape {tuple(p.shape)}, in param_groups order): it was "
                              f"not made by {name}.state_dict() or was edited; nothing was loaded")
+
+
+def saved_keys(state_dict: dict[str, Any]) -> list[Any]:
+    """The keys of ``state_dict["state"]`` in ``param_groups`` order.
+
+    ``torch.optim``'s own ``state_dict()`` numbers the parameters 0, 1, ...;
+    ``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict`` names them by their
+    fully qualified names. Either way a parameter's key is its entry in the saved
+    ``param_groups``, matched by position (as ``torch.optim.Optimizer.load_state_dict`` does).
+    """
+    return [key for group in state_dict["param_groups"] for key in group["params"]]
 
 
 def _torch_required(base: Optimizer) -> RequiredState | None:
@@ -246,6 +266,23 @@ class CheckedState(Optimizer):
     _extra_keys: tuple[str, ...] = ()
     _wide_keys: frozenset[str] = frozenset()
 
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a param group whose parameters' sharding the updates can reduce over.
+
+        Args:
+            param_group: As for ``torch.optim.Optimizer.add_param_group``.
+
+        Raises:
+            ValueError: a parameter of an FSDP1 model, or a DTensor placed otherwise than with
+                ``Shard``/``Replicate`` (see ``_sharded.check_sharding``); nothing is added.
+        """
+        super().add_param_group(param_group)
+        try:
+            check_sharding(type(self).__name__, self.param_groups[-1]["params"])
+        except ValueError:
+            self.param_groups.pop()
+            raise
+
     def __getstate__(self) -> dict[str, Any]:
         """Every attribute but the hooks and the workspace (see the class docstring).
 
@@ -257,10 +294,19 @@ class CheckedState(Optimizer):
     def state_dict(self) -> dict[str, Any]:
         """The optimizer's state, tagged with its class name under ``"optimizer"``.
 
+        A parameter's ``step`` (a Python ``int`` in ``state``) is saved as a 0-d int64 tensor,
+        as ``torch.optim`` saves it: ``torch.distributed.checkpoint`` loads tensors into the
+        state dict it is given, but writes other values of integer-keyed entries under
+        string keys, so an ``int`` step would come back stale. ``load_state_dict`` turns it
+        back into the exact ``int``.
+
         Returns:
             ``torch.optim.Optimizer.state_dict()`` plus the tag.
         """
         state = super().state_dict()
+        state["state"] = {index: {**entry, "step": torch.tensor(entry["step"])}
+                          if type(entry.get("step")) is int else entry
+                          for index, entry in state["state"].items()}
         state["optimizer"] = type(self).__name__
         return state
 
@@ -285,13 +331,14 @@ class CheckedState(Optimizer):
             ValueError: it does not fit this optimizer; nothing is changed then.
         """
         self.check_state_dict(state_dict)
-        saved = {index: {key: whole_step(index, v) if key == "step" else v
+        position = {key: i for i, key in enumerate(saved_keys(state_dict))}
+        saved = {index: {key: whole_step(position[index], v) if key == "step" else v
                          for key, v in entry.items()}
                  for index, entry in state_dict["state"].items()}
         super().load_state_dict({"state": saved, "param_groups": state_dict["param_groups"]})
         params = [p for group in self.param_groups for p in group["params"]]
         for index, entry in saved.items():
-            p = params[index]
+            p = params[position[index]]
             for key in self._wide_keys & entry.keys():
                 self.state[p][key] = entry[key].to(device=p.device, dtype=state_dtype(p))
 
@@ -401,6 +448,9 @@ class WrapperOptimizer(CountingOptimizer):
         if "base_optimizer" not in self.__dict__:  # called from Optimizer.__init__
             super().add_param_group(param_group)
             return
+        params = param_group["params"]
+        param_group["params"] = [params] if isinstance(params, Tensor) else list(params)
+        check_sharding(type(self).__name__, param_group["params"])
         self.base_optimizer.add_param_group(param_group)  # appends this very dict to the list
         for name, value in self._wrapper_defaults.items():
             param_group.setdefault(name, value)

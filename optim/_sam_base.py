@@ -34,6 +34,7 @@ from torch.nn.modules.batchnorm import _NormBase
 from torch.nn.parallel import DistributedDataParallel
 
 from ._base import Closure, CountingOptimizer, grouped, real, state_dtype
+from ._sharded import check_grad, global_norm, is_dtensor, local
 from ._validation import check_model
 
 SAM_EPS = 1e-12  # added to the norm in e = rho * g / (||g|| + eps), as in the authors' code
@@ -49,7 +50,8 @@ def perturbation_norm(params: Sequence[Tensor],
 
     Returns:
         The norm as a 0-d tensor on the first parameter's device, each tensor's norm
-        accumulated in float32 or better.
+        accumulated in float32 or better; for sharded (``DTensor``) parameters the norm over
+        all their pieces, summed over the ranks (the same on every rank).
     """
     adaptive = adaptive or [False] * len(params)
     norms = []
@@ -59,7 +61,8 @@ def perturbation_norm(params: Sequence[Tensor],
         g = real(p.grad).to(acc)
         norms.append(torch.linalg.vector_norm(g * w.abs().to(acc) if ada else g))
     acc = max((n.dtype for n in norms), key=lambda dt: torch.finfo(dt).bits)
-    return torch.linalg.vector_norm(torch.stack([n.to(params[0].device, acc) for n in norms]))
+    device = norms[0].device
+    return global_norm([n.to(device, acc) for n in norms], list(params))
 
 
 def has_running_stats(module: nn.Module) -> bool:
@@ -154,18 +157,22 @@ def is_distributed() -> bool:
 
 
 def all_reduce_mean_(tensors: list[Tensor]) -> None:
-    """Average ``tensors`` over ranks in place (one collective per tensor); no-op alone."""
+    """Average ``tensors`` over ranks in place (one collective per tensor); no-op alone.
+
+    ``DTensor`` gradients (FSDP2, tensor parallel) are left alone: they are the gradient of the
+    global batch already, and each rank holds another piece of it.
+    """
     if not is_distributed():
         return
     world = dist.get_world_size()
-    for t in tensors:
+    for t in (t for t in tensors if not is_dtensor(t)):
         dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t.div_(world)
 
 
 def ascend_(params: list[Tensor], steps: list[Tensor], factor: Tensor) -> None:
     """Add ``factor * step`` to each parameter (multi-tensor per device and dtype)."""
-    for ps, ss in grouped(params, steps):
+    for ps, ss in grouped([real(p) for p in params], [real(s) for s in steps]):
         torch._foreach_add_(ps, torch._foreach_mul(ss, factor.to(ps[0])))
 
 
@@ -173,7 +180,7 @@ def restore_buffers(saved: list[tuple[Tensor, Tensor]]) -> None:
     """Copy each saved buffer back (see :func:`running_stats_buffers`)."""
     with torch.no_grad():
         for buffer, copy in saved:
-            buffer.copy_(copy)
+            local(buffer).copy_(local(copy))
 
 
 GradMark = tuple[weakref.ref, int] | None
@@ -234,7 +241,13 @@ class GradGuard:
             params: The parameters to check.
         """
         foreign = [p.grad for p in params if grad_changed(p, self._left.get(id(p)))]
-        if foreign and any(bool(g.any()) for g in foreign):
+        found = any(bool(local(g).any()) for g in foreign)
+        sharded = [p for p in params if is_dtensor(p)]
+        if sharded and is_distributed():   # a nonzero piece on any rank: all ranks raise
+            flag = torch.tensor(float(found), device=local(sharded[0]).device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+            found = bool(flag)
+        if found:
             raise RuntimeError(
                 f"{owner}.step(closure) found gradients already accumulated: the closure "
                 "computes them itself. Do not call backward() before step(closure) (with a "
@@ -250,7 +263,7 @@ def unscale_(params: list[Tensor], inv_scale: float) -> bool:
         True when every gradient is finite (agreed over ranks).
     """
     found = []
-    for (gs,) in grouped([p.grad for p in params]):
+    for (gs,) in grouped([local(p.grad) for p in params]):
         found_inf = torch.zeros((), dtype=torch.float32, device=gs[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(
             gs, found_inf, torch.full_like(found_inf, inv_scale))
@@ -406,6 +419,7 @@ class TwoPassOptimizer(CountingOptimizer):
         Raises:
             RuntimeError: the optimizer is already at a perturbed point, or no parameter has
                 a gradient (nothing is changed then).
+            ValueError: a DTensor parameter's gradient is placed otherwise than the parameter.
         """
         if self.phase is Phase.PERTURBED:
             raise RuntimeError("first_step() called twice without second_step() in between")
@@ -415,10 +429,13 @@ class TwoPassOptimizer(CountingOptimizer):
         if not params:
             raise RuntimeError(f"{type(self).__name__}.first_step() found no gradients: call "
                                "loss.backward() before first_step()")
+        for p in params:
+            check_grad(type(self).__name__, p)
         adaptive = [self._is_adaptive(g) for g, ps in perturbed for _ in ps]
         scale = 1.0 / (perturbation_norm(params, adaptive) + SAM_EPS)
         origins = [self._buffer(p, "origin") for p in params]
-        for ps_, os_ in grouped(params, origins):   # every origin first: see cancel_step()
+        for ps_, os_ in grouped([local(p) for p in params], [local(o) for o in origins]):
+            # every origin first: see cancel_step()
             torch._foreach_copy_(os_, ps_)
         self._perturbed, self.phase = perturbed, Phase.PERTURBED
         self._bn.freeze()
@@ -467,7 +484,8 @@ class TwoPassOptimizer(CountingOptimizer):
         self._bn.restore()
         perturbed, self._perturbed, self.phase = self._perturbed, [], Phase.READY
         params = [p for _, ps in perturbed for p in ps]
-        for ps_, os_ in grouped(params, [self.state[p]["origin"] for p in params]):
+        for ps_, os_ in grouped([local(p) for p in params],
+                                [local(self.state[p]["origin"]) for p in params]):
             torch._foreach_copy_(ps_, os_)
 
     def _store_plain(self, params: list[Tensor]) -> None:

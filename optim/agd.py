@@ -18,6 +18,7 @@ from ._diagnostics import stepped, to_host
 from ._workspace import Scratch, scratch
 from ._validation import check_adam_group, check_bool, check_optional_positive, check_positive
 from ._base import CheckedState, check_in_dtype, closure_loss, param_dtype, real, use_foreach
+from ._sharded import check_grad, local, sum_over
 
 
 @dataclass(frozen=True)
@@ -160,6 +161,7 @@ class AGD(CheckedState):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("AGD does not support sparse gradients")
+            check_grad("AGD", p)
             state = self.state[p]
             if not state:
                 state["step"] = 0
@@ -186,6 +188,7 @@ class AGD(CheckedState):
 
         Raises:
             RuntimeError: a gradient is sparse.
+            ValueError: a DTensor parameter's gradient is placed otherwise than the parameter.
         """
         loss = closure_loss(closure)
         for group in self.param_groups:
@@ -237,7 +240,8 @@ class AGD(CheckedState):
         keys, counts, sizes = [], [], []
         for index, group, p, state in stepped(self):
             threshold = group["delta"] * math.sqrt(1.0 - group["betas"][1] ** state["step"])
-            counts.append(torch.count_nonzero(self._second_moment(group, p).sqrt() < threshold))
+            below = local(self._second_moment(group, p)).sqrt() < threshold
+            counts.append(sum_over(torch.count_nonzero(below), p))   # over a DTensor's pieces
             keys.append(index)
             sizes.append(p.numel())
         host = to_host(counts)

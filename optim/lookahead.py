@@ -10,6 +10,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from ._base import Closure, WrapperOptimizer, grouped
+from ._sharded import local
 from ._validation import check_int, check_number
 
 
@@ -18,13 +19,13 @@ def swapped_slow_weights(pairs: list[tuple[Tensor, Tensor]]) -> Iterator[None]:
     """Swaps each (parameter, slow buffer) pair's values in, and back out on exit."""
     with torch.no_grad():
         for p, slow in pairs:
-            _swap(p, slow)
+            _swap(local(p), local(slow))
     try:
         yield
     finally:
         with torch.no_grad():
             for p, slow in pairs:
-                _swap(p, slow)
+                _swap(local(p), local(slow))
 
 
 def _swap(a: Tensor, b: Tensor) -> None:
@@ -124,7 +125,8 @@ class Lookahead(WrapperOptimizer):
         self.n_steps += 1
         if self.n_steps % self.k == 0:
             for group in self.param_groups:
-                for ps, ss in grouped(group["params"], self._init_group(group)):
+                slow = [local(s) for s in self._init_group(group)]
+                for ps, ss in grouped([local(p) for p in group["params"]], slow):
                     # phi += alpha (theta - phi)
                     torch._foreach_lerp_(ss, ps, group["lookahead_alpha"])
                     torch._foreach_copy_(ps, ss)  # theta <- phi

@@ -18,37 +18,47 @@ from ._workspace import Scratch, scratch
 from ._validation import (ArgumentTypeError, check_adam_group, check_bool, check_int,
                           check_nonnegative, check_positive)
 from ._base import CheckedState, check_in_dtype, closure_loss, real, state_dtype, use_foreach
+from ._sharded import (check_grad, like_param, local, splits_vectors, sum_over,
+                       vector_state)
 
 
 def _vector_dims(w: Tensor) -> tuple[int, ...]:
     return tuple(range(1, w.dim()))
 
 
-def _rowdot(a: Tensor, b: Tensor, work: Tensor | None = None) -> Tensor:
+def _rowdot(a: Tensor, b: Tensor, work: Tensor | None = None, like: Tensor | None = None
+            ) -> Tensor:
     """Dot products of matching slices along dim 0, shaped [n, 1, ..., 1] to broadcast.
 
-    The elementwise products go to ``work`` when given.
+    The elementwise products go to ``work`` when given. ``a`` and ``b`` are local pieces of the
+    parameter ``like``'s tensors; when its vectors are split over ranks, the pieces' dot
+    products are summed over them.
     """
-    return torch.mul(a, b, out=work).sum(_vector_dims(a), keepdim=True)
+    return sum_over(torch.mul(a, b, out=work).sum(_vector_dims(a), keepdim=True), like,
+                    "vectors")
 
 
-def _row_norms(w: Tensor) -> Tensor:
-    return torch.linalg.vector_norm(w, dim=_vector_dims(w), keepdim=True)
+def _row_norms(w: Tensor, like: Tensor | None = None) -> Tensor:
+    """The norms of the slices along dim 0 (over all their pieces: see ``_rowdot``)."""
+    if like is None or not splits_vectors(like):
+        return torch.linalg.vector_norm(w, dim=_vector_dims(w), keepdim=True)
+    return _rowdot(w, w, like=like).sqrt_()
 
 
 @torch.no_grad()
 def normalize_vectors_(params: Iterable[Tensor]) -> None:
     """Scale every slice along dim 0 of each tensor with ndim >= 2 to unit norm, in place.
 
-    Norms are computed in float32 or better; an all-zero slice stays zero.
+    Norms are computed in float32 or better; an all-zero slice stays zero. A ``DTensor``
+    (FSDP2, tensor parallel) is normalised over all the pieces of each slice.
 
     Args:
         params: The tensors (1-d tensors are left as they are).
     """
     for p in params:
         if p.dim() >= 2:
-            norms = _row_norms(p.to(state_dtype(p)))
-            p.div_(norms.clamp_min_(torch.finfo(norms.dtype).tiny))
+            norms = _row_norms(local(p).to(state_dtype(p)), p)
+            local(p).div_(norms.clamp_min_(torch.finfo(norms.dtype).tiny))
 
 
 class NDAdam(CheckedState):
@@ -189,13 +199,14 @@ class NDAdam(CheckedState):
                 continue
             if p.grad.is_sparse:
                 raise RuntimeError("NDAdam does not support sparse gradients")
+            check_grad("NDAdam", p)
             nd = self._is_nd(group, p)
             state = self.state[p]
             if not state:
                 dtype = state_dtype(p)
-                norms = _row_norms(p.to(dtype)) if nd else None
+                norms = _row_norms(local(p).to(dtype), p) if nd else None
                 # a host sync, once per parameter (its first step)
-                if nd and p.device.type != "meta" and not bool((norms > 0).all()):
+                if nd and p.device.type != "meta" and _any_zero(norms, p):
                     raise ValueError(
                         "NDAdam: a weight vector (slice along dim 0) is all zeros; give it a "
                         "nonzero init or put the parameter in a group with nd=False"
@@ -205,10 +216,10 @@ class NDAdam(CheckedState):
                     p, dtype=dtype, memory_format=torch.preserve_format
                 )
                 if nd:
-                    p.div_(norms)
-                    state["exp_avg_sq"] = p.new_zeros((len(p),) + (1,) * (p.dim() - 1), dtype=dtype)
-                    state["angle"] = p.new_zeros((), dtype=dtype)
-                    state["update_cosine"] = p.new_zeros((), dtype=dtype)
+                    local(p).div_(norms)
+                    state["exp_avg_sq"] = vector_state(p, dtype)
+                    state["angle"] = local(p).new_zeros((), dtype=dtype)
+                    state["update_cosine"] = local(p).new_zeros((), dtype=dtype)
                 else:
                     state["exp_avg_sq"] = torch.zeros_like(
                         p, dtype=dtype, memory_format=torch.preserve_format
@@ -230,6 +241,7 @@ class NDAdam(CheckedState):
 
         Raises:
             RuntimeError: a gradient is sparse.
+            ValueError: a DTensor parameter's gradient is placed otherwise than the parameter.
         """
         loss = closure_loss(closure)
         for group in self.param_groups:
@@ -301,7 +313,9 @@ class NDAdam(CheckedState):
         out = {}
         for _, group, p, state in stepped(self):
             ((_, bc2_sqrt),) = _bias_corrections(group, [state])
-            out[p] = (state["exp_avg_sq"].sqrt() / bc2_sqrt + group["eps"]).expand_as(p).clone()
+            v = local(state["exp_avg_sq"])
+            out[p] = like_param((v.sqrt() / bc2_sqrt + group["eps"]).expand_as(local(p)).clone(),
+                                p)
         return out
 
 
@@ -316,7 +330,9 @@ def _bias_corrections(group: dict, states: list[dict]) -> list[tuple[float, floa
 
 def _record_diagnostics(
     state: dict,
+    like: Tensor,
     w: Tensor,
+    exp_avg: Tensor,
     denom: Tensor,
     tangent: Tensor,
     tangent_sq: Tensor,
@@ -326,15 +342,35 @@ def _record_diagnostics(
     """Record the diagnostics of w_{t+1} = normalise(w_t - step_size·u), u = m/denom, on the device.
 
     The angle atan2(step_size·|u_perp|, 1 - step_size·(w_t·u)) averaged over the vectors, and
-    cos(u, ḡ).
+    cos(u, ḡ). ``w``, ``exp_avg`` (m), ``tangent`` (ḡ) are the local pieces of parameter
+    ``like``'s tensors.
     """
-    exp_avg = state["exp_avg"]
-    along = _rowdot(w, exp_avg, work) / denom  # w·u per vector (|w| = 1)
-    update_sq = _row_norms(exp_avg).square_() / denom.square()  # |u|² per vector
+    along = _rowdot(w, exp_avg, work, like) / denom  # w·u per vector (|w| = 1)
+    update_sq = _row_norms(exp_avg, like).square_() / denom.square()  # |u|² per vector
     across = (update_sq - along * along).clamp_min_(0.0).sqrt_()
-    state["angle"] = torch.atan2(step_size * across, 1.0 - step_size * along).mean()
-    norms = (update_sq.sum() * tangent_sq.sum()).sqrt().clamp_min_(torch.finfo(w.dtype).tiny)
-    state["update_cosine"] = (_rowdot(exp_avg, tangent, work) / denom).sum() / norms
+    angles = torch.atan2(step_size * across, 1.0 - step_size * along)
+    dots = _rowdot(exp_avg, tangent, work, like) / denom
+    _finish_diagnostics(state, like, torch.stack(
+        [angles.sum(), dots.sum(), update_sq.sum(), tangent_sq.sum()]))
+
+
+def _finish_diagnostics(state: dict, like: Tensor, sums: Tensor) -> None:
+    """The mean angle and the cosine from the sums over the vectors (of all ranks).
+
+    Args:
+        state: The parameter's state, which receives ``angle`` and ``update_cosine``.
+        like: The parameter.
+        sums: Over this rank's vectors: the angles, u·ḡ, |u|² and |ḡ|².
+    """
+    angle, dot, update_sq, tangent_sq = sum_over(sums, like, "rows").unbind()
+    state["angle"] = angle / like.shape[0]
+    norms = (update_sq * tangent_sq).sqrt().clamp_min_(torch.finfo(sums.dtype).tiny)
+    state["update_cosine"] = dot / norms
+
+
+def _any_zero(norms: Tensor, p: Tensor) -> bool:
+    """Whether any weight vector of ``p`` has norm 0 (on any rank)."""
+    return bool(sum_over(torch.count_nonzero(norms == 0), p, "rows"))
 
 
 def _vector_denominator(exp_avg_sq: Tensor, bc2_sqrt: float, eps: float) -> Tensor:
@@ -355,21 +391,23 @@ def _single_tensor_vectors(
 ) -> None:
     """ND-Adam's vector update one tensor at a time, in the state's dtype; temporaries in work."""
     for p, state, (step_size, bc2_sqrt) in zip(params, states, scalars):
-        acc = state["exp_avg"].dtype
-        w, grad = p.to(acc), p.grad.to(acc)  # the tensors themselves unless p is float16/bfloat16
+        own, exp_avg, exp_avg_sq = local(p), local(state["exp_avg"]), local(state["exp_avg_sq"])
+        acc = exp_avg.dtype
+        # the tensors themselves unless p is float16/bfloat16
+        w, grad = own.to(acc), local(p.grad).to(acc)
         product = work.like(w, 1)
         tangent = torch.addcmul(
-            grad, _rowdot(grad, w, product), w, value=-1.0, out=work.like(w, 0)
+            grad, _rowdot(grad, w, product, p), w, value=-1.0, out=work.like(w, 0)
         )  # ḡ
-        tangent_sq = _row_norms(tangent).square_()  # |ḡ|² per vector
-        state["exp_avg"].lerp_(tangent, 1.0 - beta1)
-        state["exp_avg_sq"].mul_(beta2).add_(tangent_sq, alpha=1.0 - beta2)
-        denom = _vector_denominator(state["exp_avg_sq"], bc2_sqrt, eps)
-        _record_diagnostics(state, w, denom, tangent, tangent_sq, step_size, product)
-        w.addcdiv_(state["exp_avg"], denom, value=-step_size)
-        w.div_(_row_norms(w))
-        if w is not p:
-            p.copy_(w)
+        tangent_sq = _row_norms(tangent, p).square_()  # |ḡ|² per vector
+        exp_avg.lerp_(tangent, 1.0 - beta1)
+        exp_avg_sq.mul_(beta2).add_(tangent_sq, alpha=1.0 - beta2)
+        denom = _vector_denominator(exp_avg_sq, bc2_sqrt, eps)
+        _record_diagnostics(state, p, w, exp_avg, denom, tangent, tangent_sq, step_size, product)
+        w.addcdiv_(exp_avg, denom, value=-step_size)
+        w.div_(_row_norms(w, p))
+        if w is not own:
+            own.copy_(w)
 
 
 def _multi_tensor_vectors(
@@ -385,22 +423,23 @@ def _multi_tensor_vectors(
 ) -> None:
     """The same update with ``torch._foreach_*`` (state in the parameters' dtype)."""
     grads, exp_avgs, exp_avg_sqs = _gather(params, states)
+    ws = [local(p) for p in params]
     tangents = torch._foreach_addcmul(
-        grads, [_rowdot(g, p) for g, p in zip(grads, params)], params, value=-1.0
+        grads, [_rowdot(g, w, like=p) for g, w, p in zip(grads, ws, params)], ws, value=-1.0
     )
-    tangent_sqs = torch._foreach_pow([_row_norms(x) for x in tangents], 2)
+    tangent_sqs = torch._foreach_pow([_row_norms(x, p) for x, p in zip(tangents, params)], 2)
     torch._foreach_lerp_(exp_avgs, tangents, 1.0 - beta1)
     torch._foreach_mul_(exp_avg_sqs, beta2)
     torch._foreach_add_(exp_avg_sqs, tangent_sqs, alpha=1.0 - beta2)
     denoms = [
         _vector_denominator(v, bc2_sqrt, eps) for v, (_, bc2_sqrt) in zip(exp_avg_sqs, scalars)
     ]
-    for p, state, d, x, sq, (step_size, _) in zip(
-        params, states, denoms, tangents, tangent_sqs, scalars
+    for p, w, m, state, d, x, sq, (step_size, _) in zip(
+        params, ws, exp_avgs, states, denoms, tangents, tangent_sqs, scalars
     ):
-        _record_diagnostics(state, p, d, x, sq, step_size)
-    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
-    torch._foreach_div_(params, [_row_norms(p) for p in params])
+        _record_diagnostics(state, p, w, m, d, x, sq, step_size)
+    torch._foreach_addcdiv_(ws, exp_avgs, denoms, [-step_size for step_size, _ in scalars])
+    torch._foreach_div_(ws, [_row_norms(w, p) for w, p in zip(ws, params)])
 
 
 def _single_tensor_adam(
@@ -457,14 +496,15 @@ def _multi_tensor_adam(
 def _gather(
     params: list[Tensor], states: list[dict]
 ) -> tuple[list[Tensor], list[Tensor], list[Tensor]]:
+    """The local pieces of the gradients and moments."""
     return (
-        [p.grad for p in params],
-        [s["exp_avg"] for s in states],
-        [s["exp_avg_sq"] for s in states],
+        [local(p.grad) for p in params],
+        [local(s["exp_avg"]) for s in states],
+        [local(s["exp_avg_sq"]) for s in states],
     )
 
 
-def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> Tensor:
     """``_single_tensor_vectors`` for one tensor, written for ``torch.compile``.
 
     Every per-vector quantity is expanded into six dot products of the inputs (g·w, w·w, g·g,
@@ -477,7 +517,7 @@ def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tup
     of nearly equal numbers).
 
     Returns:
-        The diagnostics (angle, cosine).
+        The sums over the vectors that ``_finish_diagnostics`` takes (angles, u·ḡ, |u|², |ḡ|²).
     """
     beta1, beta2, eps, step_size, bc2_sqrt, tiny = c.to(m.dtype).unbind()
     rows = (w.shape[0], -1)
@@ -506,18 +546,21 @@ def _vector_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor) -> tup
         + (1.0 - beta1) ** 2 * tangent_sq
     )  # |m_t|²
     inv_norm = 1.0 / (ww - 2.0 * step * along + step * step * m_sq).sqrt()  # 1/|w - a m_t|
-    angle = torch.atan2(
+    angles = torch.atan2(
         step * (m_sq - along * along).clamp_min(0.0).sqrt() * inv_norm,  # sin, cos of (w_t, w_t+1)
         (1.0 - step * along) * inv_norm,
-    ).mean()
-    cosine = (inv_denom * (beta1 * m_tangent + (1.0 - beta1) * tangent_sq)).sum() / torch.maximum(
-        ((inv_denom * inv_denom * m_sq).sum() * tangent_sq.sum()).sqrt(), tiny
-    )  # Σu·ḡ/(|u||ḡ|)
+    )
+    sums = torch.stack([
+        angles.sum(),
+        (inv_denom * (beta1 * m_tangent + (1.0 - beta1) * tangent_sq)).sum(),   # Σu·ḡ
+        (inv_denom * inv_denom * m_sq).sum(),   # Σ|u|²
+        tangent_sq.sum(),   # Σ|ḡ|²
+    ])
     m_new = ma + (1.0 - beta1) * (ga - gw * wa - ma)
     m.copy_(m_new.view_as(m))
     v.copy_(v_new.view_as(v))
     w.copy_(((wa - step * m_new) * inv_norm).view_as(w))
-    return angle, cosine
+    return sums
 
 
 def _adam_kernel(w: Tensor, g: Tensor, m: Tensor, v: Tensor, c: Tensor, *, coupled: bool) -> None:
@@ -539,7 +582,7 @@ def _ndadam_group(
     scalars: Tensor,
     *,
     coupled: bool,
-) -> list[tuple[Tensor, Tensor]]:
+) -> list[Tensor]:
     """A param group's update: the unit vectors (scalar rows first), then the plain-Adam tensors."""
     for i, ts in enumerate(others):
         _adam_kernel(*ts, scalars[len(vectors) + i], coupled=coupled)
@@ -558,8 +601,11 @@ def _fused_step(
         The (vectors, others) left for the eager paths (all of them when no kernel is available).
     """
     fused_vectors, fused_others = (
-        [p for p in ps if fusable(p, p.grad, state[p]["exp_avg"])] for ps in (vectors, others)
+        [p for p in ps if fusable(*(local(t) for t in (p, p.grad, state[p]["exp_avg"])))]
+        for ps in (vectors, others)
     )
+    # vectors split over ranks need their dot products summed over them: the eager path
+    fused_vectors = [p for p in fused_vectors if not splits_vectors(p)]
     if not fused_vectors and not fused_others:
         return vectors, others
     beta1, beta2 = group["betas"]
@@ -585,10 +631,10 @@ def _fused_step(
     )
     if not done:
         return vectors, others
-    for s, (angle, cosine) in zip(
-        states[: len(fused_vectors)], diagnostics, strict=True
+    for p, s, sums in zip(
+        fused_vectors, states[: len(fused_vectors)], diagnostics, strict=True
     ):  # unit vectors only
-        s["angle"], s["update_cosine"] = angle, cosine
+        _finish_diagnostics(s, p, sums)
     taken = {id(p) for p in fused_vectors + fused_others}
     return [p for p in vectors if id(p) not in taken], [p for p in others if id(p) not in taken]
 

@@ -18,6 +18,7 @@ from ._base import (Closure, WrapperOptimizer, check_in_dtype, grouped, optimize
 from ._sam_base import (SAM_EPS, GradGuard, ascend_, first_pass,
                         grad_changed, grad_marks, perturbation_norm, require_gradients,
                         restore_buffers, running_stats_buffers)
+from ._sharded import global_square_sum, local
 from ._validation import check_int, check_model, check_nonnegative, keyword_only
 from .lookahead import check_alpha, swapped_slow_weights
 
@@ -205,7 +206,8 @@ class SALA(WrapperOptimizer):
         """Move to the slow weights: theta <- phi for every parameter with a gradient."""
         for group in self.param_groups:
             params = self._init_group(group)
-            for ps, ss in grouped(params, [self.state[p]["slow"] for p in params]):
+            for ps, ss in grouped([local(p) for p in params],
+                                  [local(self.state[p]["slow"]) for p in params]):
                 torch._foreach_copy_(ps, ss)
 
     def _update_slow(self) -> None:
@@ -218,11 +220,11 @@ class SALA(WrapperOptimizer):
                     self.state[p]["slow"] = p.detach().clone(memory_format=torch.preserve_format)
             group_sq = 0.0
             reals = [real(p) for p in params]
+            owner = {id(r): p for r, p in zip(reals, params)}   # for the sums over shards
             for ps, ss in grouped(reals, [real(self.state[p]["slow"]) for p in params]):
                 diffs = torch._foreach_sub(ps, ss)
-                group_sq += float(
-                    torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float64)).square().sum()
-                )
+                sq = torch.stack(torch._foreach_norm(diffs, 2, dtype=torch.float64)).square()
+                group_sq += float(global_square_sum(sq, [owner[id(r)] for r in ps]))
                 torch._foreach_add_(ss, diffs, alpha=group["sala_alpha"])
             squares.append((math.sqrt(group_sq) * (1.0 - group["sala_alpha"])) ** 2)
         self.distance = math.sqrt(sum(squares))

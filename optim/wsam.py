@@ -12,6 +12,7 @@ from torch.optim import Optimizer
 
 from ._base import WrapperOptimizer, check_in_dtype, grouped, optimizer_params, param_dtype
 from ._sam_base import TwoPassOptimizer, all_reduce_mean_
+from ._sharded import global_norm, is_sharded, local
 from ._validation import (check_bool, check_model, check_nonnegative, check_optional_positive,
                           check_probability, keyword_only)
 
@@ -85,25 +86,37 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
         return required | {"grad"} if needs_grad else required
 
     def _clip(self) -> None:
-        """``clip_grad_norm_`` over all parameters with a gradient (no-op without ``max_norm``)."""
-        if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_([p for p in self._params() if p.grad is not None],
-                                           self.max_norm)
+        """``clip_grad_norm_`` over all parameters with a gradient (no-op without ``max_norm``).
+
+        Sharded (``DTensor``) parameters: the same clipping with the norm over all their pieces.
+        """
+        if self.max_norm is None:
+            return
+        params = [p for p in self._params() if p.grad is not None]
+        if not any(is_sharded(p) for p in params):
+            torch.nn.utils.clip_grad_norm_(params, self.max_norm)
+            return
+        grads = [local(p.grad) for p in params]
+        total = global_norm([torch.linalg.vector_norm(g) for g in grads], params)
+        # clip_grad_norm_'s factor; clip_grads_with_norm_ would read p.grad of the DTensors
+        factor = (self.max_norm / (total + 1e-6)).clamp_(max=1.0)
+        for (gs,) in grouped(grads):
+            torch._foreach_mul_(gs, factor.to(gs[0].device))
 
     def _store_plain(self, params: list[Tensor]) -> None:
         """Keep g, averaged over ranks (the first pass was local) and clipped, in state."""
         all_reduce_mean_([p.grad for p in params])
         self._clip()
-        for ps, gs in grouped(params, [self._buffer(p, "grad") for p in params]):
-            torch._foreach_copy_(gs, [p.grad for p in ps])
+        for gs, bs in grouped([local(p.grad) for p in params],
+                              [local(self._buffer(p, "grad")) for p in params]):
+            torch._foreach_copy_(bs, gs)
 
     def _update(self, perturbed: list[tuple[dict[str, Any], list[Tensor]]]) -> None:
         self._clip()
         for group, params in perturbed:
-            sharp = [self._buffer(p, "sharpness") for p in params]
-            plain = [self.state[p]["grad"] for p in params]
-            for ps, ss, gs in grouped(params, sharp, plain):
-                grads = [p.grad for p in ps]
+            sharp = [local(self._buffer(p, "sharpness")) for p in params]
+            plain = [local(self.state[p]["grad"]) for p in params]
+            for grads, ss, gs in grouped([local(p.grad) for p in params], sharp, plain):
                 torch._foreach_copy_(ss, grads)
                 torch._foreach_sub_(ss, gs)  # g~ - g
                 torch._foreach_copy_(grads, gs)
@@ -112,7 +125,8 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
         self.base_optimizer.step()
         if self.decouple:   # lr read after the base step, so a scheduler's current value
             for group, params in perturbed:
-                for ps, ss in grouped(params, [self.state[p]["sharpness"] for p in params]):
+                for ps, ss in grouped([local(p) for p in params],
+                                      [local(self.state[p]["sharpness"]) for p in params]):
                     torch._foreach_add_(ps, ss, alpha=-group["lr"] * group["wsam_alpha"])
 
     @torch.no_grad()
@@ -126,16 +140,21 @@ class WSAM(TwoPassOptimizer, WrapperOptimizer):
             $= \lVert \tilde g - g \rVert$ and their ``ratio``; empty before the first
             completed step.
         """
-        states = [self.state[p] for p in self._params() if "sharpness" in self.state[p]]
-        if self.n_steps == 0 or not states:
+        params = [p for p in self._params() if "sharpness" in self.state[p]]
+        if self.n_steps == 0 or not params:
             return {}
-        plain = _norm([s["grad"] for s in states])
-        sharp = _norm([s["sharpness"] for s in states])
+        plain = _norm([self.state[p]["grad"] for p in params], params)
+        sharp = _norm([self.state[p]["sharpness"] for p in params], params)
         ratio = sharp / plain if plain > 0 else float("inf")
         return {"grad": plain, "sharpness": sharp, "ratio": ratio}
 
 
-def _norm(tensors: list[Tensor]) -> float:
-    """Global L2 norm of ``tensors`` in float64, as a Python float."""
-    return float(torch.linalg.vector_norm(torch.stack(
-        [torch.linalg.vector_norm(t.double()).cpu() for t in tensors])))
+def _norm(tensors: list[Tensor], params: list[Tensor]) -> float:
+    """Global L2 norm in float64, as a Python float.
+
+    ``tensors`` are state of ``params``; sharded ones are summed over their pieces.
+    """
+    norms = [torch.linalg.vector_norm(local(t).double()) for t in tensors]
+    if not any(is_sharded(p) for p in params):
+        norms = [n.cpu() for n in norms]   # parameters may be on several devices
+    return float(global_norm(norms, params))
