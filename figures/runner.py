@@ -138,7 +138,7 @@ def full_batch_cpu(jb: Job, size: Size, units: Units) -> float:
     if "lambda_max" in jb.track:
         records = steps // (jb.every or 1) + 1
         per_record = size.lanczos_max_hvp * (2 if jb.opt in PRECONDITIONED else 1)
-        cpu += records * per_record * units.hvp[jb.curvature]
+        cpu += records * per_record * units.hvp[jb.curvature or size.curvature_samples]
     return cpu
 
 
@@ -198,8 +198,24 @@ def full_batch(jb: Job) -> bool:
 
 
 def job_cpu(jb: Job, size: Size, units: Units) -> float:
-    """Predicted CPU seconds of the run ``jb`` (:func:`full_batch_cpu` or :func:`job_runs`)."""
-    return full_batch_cpu(jb, size, units) if full_batch(jb) else units.run * job_runs(jb, size)
+    """Predicted CPU seconds of the run ``jb``.
+
+    :func:`full_batch_cpu` where ``units`` has its step and product timed, else
+    :func:`job_runs` plain runs.
+
+    Args:
+        jb: The job.
+        size: The ``Size``.
+        units: The calibration.
+
+    Returns:
+        CPU seconds.
+    """
+    timed = jb.batch_size in units.step and (
+        "lambda_max" not in jb.track or (jb.curvature or size.curvature_samples) in units.hvp)
+    if full_batch(jb) and timed:
+        return full_batch_cpu(jb, size, units)
+    return units.run * job_runs(jb, size)
 
 
 def adaptive_eos_work(module, size: Size) -> tuple[list[Job], dict[int, float]]:
