@@ -321,9 +321,9 @@ class Progress:
     on this machine (CPU time, which the load does not inflate), and its work besides them.
     The predicted wall time is CPU time over the CPU share our processes get: ``share`` for
     the runs (all worker processes), ``share1`` for this process's own work; plus
-    ``startup``, the worker processes' start. As work finishes, the ratio of the measured wall
-    time to the predicted wall time of the work done (the load actually seen, and any error of
-    the cost model) scales what is left, blended in as the work done grows.
+    ``startup``, the worker processes' start. As runs finish, the ratio of the measured wall
+    time to the predicted wall time of the recent half of the work done (the load actually
+    seen, and any error of the cost model) scales what is left, blended in over the first runs.
 
     Args:
         plans: The reproductions to do, in order.
