@@ -31,7 +31,8 @@ from analysis.core import file_sha256, remove_temporaries
 from .harness import SIZES, environment, execute, job
 from .report import (SUMMARY, Damaged, check_entry, config_key, files_of, read_saved,
                      read_summary, save, table, write_summary)
-from .runner import Progress, Runner, other_load, parallel_share
+from .runner import (Progress, Runner, Units, full_batch_samples, other_load, parallel_share,
+                     plan, time_full_batch)
 from .verdict import entry
 
 OVERHEAD_RUNS, OVERHEAD_SECONDS = 1.0, 2.0   # a reproduction's work besides its runs (estimate)
@@ -137,37 +138,75 @@ def run(args, names: list[str], summary: dict) -> dict:
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     runner = Runner(size, workers=args.jobs, threads=args.threads)
+    began, cpu_began, expected = time.perf_counter(), cpu_seconds(), None
     try:
         modules = {n: importlib.import_module(f"figures.{n}") for n in names}
-        plan = {n: status(summary, n, config_key(modules[n], size), args.out, args.force)
-                for n in names}
-        todo = [n for n in names if plan[n] is None]
+        action = {n: status(summary, n, config_key(modules[n], size), args.out, args.force)
+                  for n in names}
+        todo = [n for n in names if action[n] is None]
         if todo:
-            print(f"{size.name} size: timing one training run for the estimate ...", flush=True)
-            runner.progress = estimate(modules, todo, size, args.jobs)
-            print(f"{size.name} size, {args.jobs} process(es) x {args.threads} thread(s): "
-                  f"{runner.progress.total:.0f} runs, expected about "
-                  f"{runner.progress.seconds_left() / 60:.1f} min for {', '.join(todo)}",
+            print(f"{size.name} size: timing the calibration units for the estimate ...",
                   flush=True)
+            runner.progress = estimate(modules, todo, size, args.jobs)
+            expected = runner.progress.seconds_left()
+            print(announce(runner.progress, size.name, args.jobs, args.threads), flush=True)
         for name in names:
-            if plan[name] == "unchanged":
+            if action[name] == "unchanged":
                 print(f"{name}: unchanged, skipped (--force recomputes)", flush=True)
                 continue
-            if plan[name] is None:
+            if action[name] is None:
                 summary[name] = run_one(modules[name], name, size, runner, args.out,
                                         environment(args.jobs, args.threads))
-                runner.progress.reproduction_done(modules[name].cost(size))
+                runner.progress.reproduction_done()
                 how = f"{summary[name]['seconds']:.0f} s | {runner.progress.line()}"
             else:
-                summary[name] = redo(name, args.out, plan[name], summary.get(name, {}))
+                summary[name] = redo(name, args.out, action[name], summary.get(name, {}))
                 how = "redone from its saved data"
             print(f"{name}: {summary[name]['verdict']} ({how})", flush=True)
             write_summary(args.out, summary)
     finally:
         runner.close()
         torch.set_num_threads(threads)
+    if expected is not None:
+        now = time.perf_counter()
+        print(f"took {(now - runner.progress.began) / 60:.1f} min after the calibration, "
+              f"expected {expected / 60:.1f} min ({(now - began) / 60:.1f} min in all, "
+              f"{(cpu_seconds() - cpu_began) / 60:.1f} min of CPU time in all processes"
+              f"{load_text()})", flush=True)
     print(outputs(args.out, names, summary), flush=True)
     return summary
+
+
+def cpu_seconds() -> float:
+    """CPU seconds of this process and of its finished child processes (the workers)."""
+    t = os.times()
+    return t.user + t.system + t.children_user + t.children_system
+
+
+def load_text() -> str:
+    """``"; load average L on C cores"`` (empty where there is no load average)."""
+    try:
+        return f"; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores"
+    except OSError:
+        return ""
+
+
+def announce(progress: Progress, size: str, jobs: int, threads: int) -> str:
+    """The estimate at the start: runs, minutes, each reproduction's share, the load.
+
+    Args:
+        progress: The job's progress, just calibrated.
+        size: The size name.
+        jobs: Worker processes.
+        threads: torch threads per process.
+
+    Returns:
+        The line to print.
+    """
+    each = ", ".join(f"{name} {seconds / 60:.1f}" for name, seconds in progress.breakdown())
+    return (f"{size} size, {jobs} process(es) x {threads} thread(s): {progress.total:.0f} runs, "
+            f"expected about {progress.seconds_left() / 60:.1f} min (min each: {each}; CPU "
+            f"share {progress.share:.2f} of {os.cpu_count()} cores{load_text()})")
 
 
 def outputs(out: Path, names: list[str], summary: dict) -> str:
@@ -235,14 +274,19 @@ def status(summary: dict, name: str, key: str, out: Path, force: bool):
 
 
 def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
-    """The work of ``names`` in standard runs, and its time calibrated on CPU time here.
+    """The work of ``names`` and its time, calibrated on CPU time here.
 
-    One standard training run is timed in CPU seconds (not wall seconds, which the machine's
-    load at that moment inflates or not); the share of a core our processes get follows from
-    the load of other programs (:func:`figures.runner.other_load`, measured over that run).
-    Worker processes (``workers`` > 1) each start as this process did: its CPU seconds so far
-    (imports) and the data the first run made. Each reproduction also spends, besides its
-    runs, about ``OVERHEAD_RUNS`` standard runs plus ``OVERHEAD_SECONDS`` (rule, figure, files).
+    Calibration units are timed in CPU seconds (not wall seconds, which the machine's load at
+    that moment inflates or not): one plain training run of ``size`` and, for the reproductions
+    planned run by run (:data:`figures.runner.JOB_LISTS`: adaptive_eos's full-batch runs to 99%
+    training accuracy), one full-batch step and one Hessian-vector product on their samples.
+    Each reproduction's work is then predicted in CPU seconds (:func:`figures.runner.plan`)
+    plus, besides its runs, about ``OVERHEAD_RUNS`` plain runs and ``OVERHEAD_SECONDS`` CPU
+    seconds (rule, figure, files). The wall time is that over the CPU share our processes get,
+    from the cores and the load of other programs at the start (the 1-minute load average, and
+    the share the calibration run got: :func:`figures.runner.other_load`). Worker processes
+    (``workers`` > 1) each start as this process did: its CPU seconds so far (imports) and the
+    data the first run made.
 
     Args:
         modules: The reproductions' modules by name.
@@ -261,12 +305,14 @@ def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
     execute(calibration, size)
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     cores = os.cpu_count() or 1
-    share = parallel_share(workers, cores, other_load(cpu, wall, cores))
-    per_process = share / workers
-    startup = (started + max(first - cpu, 0.0)) / per_process if workers > 1 else 0.0
-    each = (OVERHEAD_RUNS * cpu + OVERHEAD_SECONDS) / per_process
-    return Progress(sum(modules[n].cost(size) for n in names), cpu, share, startup, each,
-                    len(names))
+    others = other_load(cpu, wall, cores)
+    share, share1 = parallel_share(workers, cores, others), parallel_share(1, cores, others)
+    timed = {n: time_full_batch(size, n)
+             for n in sorted(full_batch_samples({n: modules[n] for n in names}, size))}
+    units = Units(cpu, {n: t[0] for n, t in timed.items()}, {n: t[1] for n, t in timed.items()},
+                  OVERHEAD_RUNS * cpu + OVERHEAD_SECONDS)
+    startup = (started + max(first - cpu, 0.0)) * workers / share if workers > 1 else 0.0
+    return Progress([plan(n, modules[n], size, units) for n in names], share, share1, startup)
 
 
 def run_one(module, name: str, size, runner, out: Path, env: dict) -> dict:

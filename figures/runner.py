@@ -6,11 +6,12 @@ seeds.
 """
 from __future__ import annotations
 
+import bisect
 import itertools
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from multiprocessing import get_context
 from typing import Callable, Sequence
 
@@ -71,70 +72,338 @@ def other_load(cpu: float, wall: float, cores: int | None = None,
     return max(0.0, measured, average - 1)
 
 
-class Progress:
-    """Overall progress of a job in standard training runs, and the time left.
+# -- the cost model of the estimate -----------------------------------------------------------
+# Runs that stop at a training accuracy (``Job.stop_acc``): the steps they take, per
+# (optimizer, loss), at a reference learning rate; a run at lr is expected to take
+# steps * reference lr / lr, at most its cap. Measured on the quick run of adaptive_eos in
+# figures/results (full batch, 5,000 samples, seeds 0-1: 6,288-6,735, 820-975 and 672-704 steps).
+STOP_STEPS = {("SGD", "square"): (6800.0, 0.3), ("Adam", "square"): (1000.0, 1e-3),
+              ("SGD", "cross_entropy"): (720.0, 1.0)}
+# Optimizers whose step takes two gradients (an ascent step, then the update).
+TWO_GRADIENTS = {"SAM", "WSAM", "AdaSAM", "SALA"}
+# Optimizers whose runs the Tracker measures twice per record (lambda_max of H and P^-1 H).
+PRECONDITIONED = {"Adam", "AMSGrad", "AdaSAM", "NDAdam"}
 
-    The total is the sum of the reproductions' ``cost`` in plain training runs (an upper bound:
-    grid extensions at their limit; a run that also tracks curvature counts more than one), and
-    each finished run counts one. The time left starts as the CPU time left (``unit``, the CPU
-    seconds of one plain run measured on this machine, per run) over the CPU share our
-    processes get (:func:`parallel_share`), plus the start of the worker processes; as runs
-    finish it moves to the wall time per run measured since the first one finished (so the
-    workers' start does not count).
+
+@dataclass(frozen=True)
+class Units:
+    """CPU seconds of the calibration units, measured on this machine at the start of a job.
 
     Args:
-        total: Standard runs to do.
-        unit: CPU seconds of one plain run.
-        share: CPU seconds per wall second our processes get.
-        startup: Wall seconds until the first run can finish besides its own work (the worker
-            processes' start), dropped once a run has finished.
-        overhead: Wall seconds each reproduction spends besides its runs (rule, figure, files).
-        reproductions: The reproductions to do.
-        clock: The wall clock (``time.perf_counter``).
+        run: One plain training run at the job's size (SGD, minibatches, no tracking).
+        step: ``samples -> CPU seconds`` of one full-batch gradient step on that many samples.
+        hvp: ``samples -> CPU seconds`` of one Hessian-vector product on that many samples.
+        other: CPU seconds a reproduction spends besides its runs (rule, figure, files).
+    """
+    run: float
+    step: dict = field(default_factory=dict)
+    hvp: dict = field(default_factory=dict)
+    other: float = 0.0
+
+
+def stop_steps(jb: Job) -> float:
+    """The steps a run is expected to take: its cap, or fewer when it stops at an accuracy.
+
+    Args:
+        jb: The job (``steps`` set).
+
+    Returns:
+        The expected steps (:data:`STOP_STEPS`; the cap when no reference is known).
+    """
+    lr = jb.params.get("lr")
+    ref = STOP_STEPS.get((jb.opt, jb.loss))
+    if jb.stop_acc is None or ref is None or not lr:
+        return float(jb.steps)
+    return min(float(jb.steps), ref[0] * ref[1] / lr)
+
+
+def full_batch_cpu(jb: Job, size: Size, units: Units) -> float:
+    """Predicted CPU seconds of a full-batch run (``batch_size`` = ``subset``, ``steps`` set).
+
+    Its expected steps (:func:`stop_steps`) at ``units.step`` each (two gradients for a
+    SAM-type optimizer), and at each Tracker record (every ``every`` steps, and at the start)
+    one warm-started Lanczos run of at most ``size.lanczos_max_hvp`` products on ``curvature``
+    samples per tracked sharpness (two for a preconditioned optimizer), at ``units.hvp`` each.
+
+    Args:
+        jb: The job.
+        size: The ``Size``.
+        units: The calibration (``step[batch_size]`` and ``hvp[curvature]`` measured).
+
+    Returns:
+        CPU seconds.
+    """
+    steps = stop_steps(jb)
+    cpu = steps * units.step[jb.batch_size] * (2 if jb.opt in TWO_GRADIENTS else 1)
+    if "lambda_max" in jb.track:
+        records = steps // (jb.every or 1) + 1
+        per_record = size.lanczos_max_hvp * (2 if jb.opt in PRECONDITIONED else 1)
+        cpu += records * per_record * units.hvp[jb.curvature or size.curvature_samples]
+    return cpu
+
+
+@dataclass
+class Plan:
+    """A reproduction's predicted work, in training runs and CPU seconds on this machine.
+
+    Args:
+        name: The reproduction.
+        runs: Its training runs (an upper bound where grids may grow).
+        cpu: CPU seconds of those runs.
+        other: CPU seconds it spends besides its runs (analyses, rule, figure, files), in
+            this process.
+        weigh: ``Job -> CPU seconds`` of one of its runs, where they differ (default: the
+            mean, ``cpu / runs``).
+    """
+    name: str
+    runs: float
+    cpu: float
+    other: float = 0.0
+    weigh: Callable[[Job], float] | None = None
+
+    def weight(self, jb: Job | None) -> float:
+        """CPU seconds predicted for the run ``jb`` (the mean run's without one)."""
+        if self.weigh is not None and jb is not None:
+            return self.weigh(jb)
+        return self.cpu / max(self.runs, 1.0)
+
+
+
+def job_runs(jb: Job, size: Size) -> float:
+    """A minibatch run in plain training runs (the factors the reproductions' ``cost`` uses).
+
+    Its share of an epoch-length run (``steps`` x batch over the epochs' samples, when
+    ``steps`` is set), twice for a SAM-type optimizer; plus 1.5 for lambda_max tracking, 0.5
+    per other tracked curve and 1 per measurement at the solution.
+
+    Args:
+        jb: The job.
+        size: The ``Size``.
+
+    Returns:
+        Plain runs.
+    """
+    length = 1.0
+    if jb.steps:
+        length = jb.steps * (jb.batch_size or size.batch_size) / (
+            size.epochs * (size.n_train - size.n_val))
+    extra = 1.5 * ("lambda_max" in jb.track) + 0.5 * len(set(jb.track) - {"lambda_max",
+                                                                          "trajectory"})
+    return length * (2 if jb.opt in TWO_GRADIENTS else 1) + extra + len(jb.measure)
+
+
+def full_batch(jb: Job) -> bool:
+    """Whether ``jb`` trains at full batch for a number of steps (:func:`full_batch_cpu`)."""
+    return bool(jb.steps and jb.subset and jb.batch_size and jb.batch_size >= jb.subset)
+
+
+def job_cpu(jb: Job, size: Size, units: Units) -> float:
+    """Predicted CPU seconds of the run ``jb``.
+
+    :func:`full_batch_cpu` where ``units`` has its step and product timed, else
+    :func:`job_runs` plain runs.
+
+    Args:
+        jb: The job.
+        size: The ``Size``.
+        units: The calibration.
+
+    Returns:
+        CPU seconds.
+    """
+    timed = jb.batch_size in units.step and (
+        "lambda_max" not in jb.track or (jb.curvature or size.curvature_samples) in units.hvp)
+    if full_batch(jb) and timed:
+        return full_batch_cpu(jb, size, units)
+    return units.run * job_runs(jb, size)
+
+
+def adaptive_eos_work(module, size: Size) -> tuple[list[Job], dict[int, float]]:
+    """The runs of ``figures.adaptive_eos`` and its products besides them.
+
+    Args:
+        module: The module.
+        size: The ``Size``.
+
+    Returns:
+        Its jobs, and ``samples -> Hessian-vector products`` besides them (the initial
+        lambda_max of each loss and seed, at most ``size.final_max_hvp`` products each).
+    """
+    sz = module.SIZE[size.name]
+    jobs = [module._job(label, lr, s, sz) for label, r in module.RUNS.items()
+            for lr in r["lrs"][size.name] for s in range(sz["seeds"])]
+    losses = {r["loss"] for r in module.RUNS.values()}
+    return jobs, {sz["samples"]: len(losses) * sz["seeds"] * size.final_max_hvp}
+
+
+# Reproductions planned run by run from their job list (reproduction name -> ``(module, size)
+# -> (jobs, {samples: products})``); the others by their module's ``cost(size)`` in plain runs.
+JOB_LISTS: dict[str, Callable] = {"adaptive_eos": adaptive_eos_work}
+
+
+def full_batch_samples(modules: dict, size: Size) -> set[int]:
+    """The sample counts whose full-batch step and product the plans of ``modules`` need."""
+    samples: set[int] = set()
+    for name, module in modules.items():
+        if name in JOB_LISTS:
+            jobs, products = JOB_LISTS[name](module, size)
+            samples |= set(products) | {jb.batch_size for jb in jobs if full_batch(jb)} | {
+                jb.curvature for jb in jobs if full_batch(jb) and "lambda_max" in jb.track}
+    return samples
+
+
+def time_full_batch(size: Size, samples: int, steps: int = 5, products: int = 6
+                    ) -> tuple[float, float]:
+    """CPU seconds of one full-batch gradient step, and of one Hessian-vector product.
+
+    On the first ``samples`` samples (``harness.subset_split``), the reproductions' MLP; the
+    product inside a Lanczos run as the Tracker makes it.
+
+    Args:
+        size: The ``Size`` (the model's width).
+        samples: The batch.
+        steps: Steps timed (after one untimed).
+        products: Products of the timed Lanczos run.
+
+    Returns:
+        ``(step, product)`` CPU seconds.
+    """
+    import warnings
+
+    from analysis import top_eigenvalues
+
+    data = harness.subset_split(size, samples)
+    batch = (data.x, data.y)
+    model = harness.mlp(size, 0)
+    opt = torch.optim.SGD(model.parameters(), lr=1e-3)
+    for i in range(steps + 1):
+        if i == 1:
+            began = time.process_time()
+        opt.zero_grad()
+        harness.CROSS_ENTROPY(model, batch).backward()
+        opt.step()
+    step = (time.process_time() - began) / steps
+    began = time.process_time()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        res = top_eigenvalues(model, harness.CROSS_ENTROPY, [batch], k=1, tol=1e-12,
+                              max_hvp=products, seed=0, progress=False)
+    return step, (time.process_time() - began) / max(int(res.n_hvp), 1)
+
+
+def plan(name: str, module, size: Size, units: Units) -> Plan:
+    """The predicted work of one reproduction (:class:`Plan`) in this machine's CPU seconds.
+
+    Args:
+        name: The reproduction.
+        module: Its module.
+        size: The ``Size``.
+        units: The calibration (:class:`Units`).
+
+    Returns:
+        Its plan: from its job list (:data:`JOB_LISTS`), else from ``module.cost(size)``.
+    """
+    def weigh(jb: Job) -> float:
+        return job_cpu(jb, size, units)
+
+    if name in JOB_LISTS:
+        jobs, products = JOB_LISTS[name](module, size)
+        other = units.other + sum(k * units.hvp[n] for n, k in products.items())
+        return Plan(name, len(jobs), sum(map(weigh, jobs)), other, weigh)
+    runs = float(module.cost(size))
+    return Plan(name, runs, runs * units.run, units.other, weigh)
+
+
+class Progress:
+    """Overall progress of a job in training runs, and its time left.
+
+    The plan is each reproduction's :class:`Plan`: its runs and their CPU seconds, calibrated
+    on this machine (CPU time, which the load does not inflate), and its work besides them.
+    The predicted wall time is CPU time over the CPU share our processes get: ``share`` for
+    the runs (all worker processes), ``share1`` for this process's own work; plus
+    ``startup``, the worker processes' start. As runs finish, the ratio of the measured wall
+    time to the predicted wall time of the recent half of the work done (the load actually
+    seen, and any error of the cost model) scales what is left, blended in over the first runs.
+
+    Args:
+        plans: The reproductions to do, in order.
+        share: CPU seconds per wall second of our worker processes together.
+        share1: CPU seconds per wall second of this process alone (default: ``share``).
+        startup: Predicted wall seconds of the worker processes' start.
+        clock: The wall clock (``time.perf_counter``); it starts at construction.
     """
 
-    def __init__(self, total: float, unit: float, share: float, startup: float = 0.0,
-                 overhead: float = 0.0, reproductions: int = 0, clock=time.perf_counter):
-        self.total, self.unit, self.share = total, max(unit, 1e-6), share
-        self.startup, self.clock = startup, clock
-        self.each, self.reproductions = overhead, reproductions
-        self.done, self._mark = 0.0, 0.0                  # runs done, at the last reproduction
-        self._first: tuple[float, float] | None = None   # (time, done) at the first finished run
+    def __init__(self, plans: Sequence[Plan], share: float, share1: float | None = None,
+                 startup: float = 0.0, clock=time.perf_counter):
+        self.plans, self.clock = list(plans), clock
+        self.share, self.share1 = max(share, 1e-9), max(share1 or share, 1e-9)
+        self.startup, self.began = startup, clock()
+        self.done = 0                     # runs finished
+        self.current = 0                  # index of the reproduction in progress
+        self.current_runs, self.current_cpu = 0, 0.0
+        self.finished_wall = 0.0          # predicted wall seconds of the work finished
+        self._marks = [(0.0, self.began)]  # (finished_wall, clock) after each piece of work
 
-    def reproduction_done(self, cost: float) -> None:
-        """Count a finished reproduction: its overhead is spent, its unused runs dropped.
+    @property
+    def total(self) -> float:
+        """Runs of the job: those done, and those planned for the reproductions left."""
+        left = self.plans[self.current:]
+        ahead = max(left[0].runs - self.current_runs, 0.0) + sum(p.runs for p in left[1:]) \
+            if left else 0.0
+        return self.done + ahead
 
-        Args:
-            cost: The runs it was counted for in ``total`` (its ``cost``); the runs it did
-                replace them.
+    def planned_seconds(self) -> float:
+        """Predicted wall seconds of the work left at the load measured at the start."""
+        left = self.plans[self.current:]
+        cpu = sum(p.cpu for p in left) - self.current_cpu
+        return (max(cpu, 0.0) / self.share + sum(p.other for p in left) / self.share1
+                + (self.startup if self.done == 0 else 0.0))
+
+    def breakdown(self) -> list[tuple[str, float]]:
+        """Each reproduction left and its predicted wall seconds at the load at the start."""
+        return [(p.name, p.cpu / self.share + p.other / self.share1)
+                for p in self.plans[self.current:]]
+
+    def add(self, jb: Job | None = None) -> None:
+        """Count one finished run (``jb``, its predicted CPU time from the plan)."""
+        cpu = self.plans[self.current].weight(jb) if self.current < len(self.plans) else 0.0
+        if self.done == 0:
+            self.finished_wall += self.startup
+        self.done += 1
+        self.current_runs += 1
+        self.current_cpu += cpu
+        self.finished_wall += cpu / self.share
+        self._marks.append((self.finished_wall, self.clock()))
+
+    def reproduction_done(self) -> None:
+        """Count the reproduction in progress finished (its other work; unused runs dropped)."""
+        if self.current < len(self.plans):
+            self.finished_wall += self.plans[self.current].other / self.share1
+            self._marks.append((self.finished_wall, self.clock()))
+        self.current += 1
+        self.current_runs, self.current_cpu = 0, 0.0
+
+    def scale(self) -> float:
+        """Measured over predicted wall time of the recent work, blended in as runs finish.
+
+        Measured over the second half of the work done so far (predicted wall time), so that
+        a change of the load shows within about as much work again as before it.
         """
-        self.reproductions = max(self.reproductions - 1, 0)
-        self.total += (self.done - self._mark) - cost
-        self._mark = self.done
-
-    def add(self, runs: float = 1.0) -> None:
-        """Count ``runs`` finished runs."""
-        self.done += runs
-        if self._first is None:
-            self._first, self.startup = (self.clock(), self.done), 0.0
+        if self.finished_wall <= 0:
+            return 1.0
+        half = bisect.bisect_right([m[0] for m in self._marks], self.finished_wall / 2) - 1
+        since, at = self._marks[half]
+        measured = (self.clock() - at) / max(self.finished_wall - since, 1e-12)
+        trust = self.done / (self.done + 3.0)
+        return trust * measured + (1 - trust)
 
     def seconds_left(self) -> float:
-        """The wall seconds left: the CPU-calibrated plan, blended into the measured rate."""
-        left = max(self.total - self.done, 0.0)
-        planned = left * self.unit / self.share
-        fixed = self.startup + self.each * self.reproductions
-        if self._first is None:
-            return planned + fixed
-        since, runs = self.clock() - self._first[0], self.done - self._first[1]
-        if runs <= 0 or since <= 0:
-            return planned + fixed
-        trust = runs / (runs + max(self.share, 1.0))   # a few runs in: mostly the measurement
-        return trust * left * since / runs + (1 - trust) * planned + fixed
+        """The wall seconds left: the plan left, scaled by the load seen so far."""
+        return self.planned_seconds() * self.scale()
 
     def line(self) -> str:
         """``"k of n runs, about m min left"``."""
-        total = max(self.total, self.done)
-        return (f"{self.done:.0f} of {total:.0f} runs, about "
+        return (f"{self.done} of {max(self.total, self.done):.0f} runs, about "
                 f"{self.seconds_left() / 60:.1f} min left")
 
 
@@ -170,7 +439,7 @@ class Runner:
             self.done[jb] = result
             overall = ""
             if self.progress is not None:
-                self.progress.add()
+                self.progress.add(jb)
                 overall = f" | {self.progress.line()}"
             print(f"  [{i}/{len(todo)}] {jb.group}: {jb.label}, seed {jb.seed}: val "
                   f"{result['final_val_acc']:.3f}, test {result['final_test_acc']:.3f} "

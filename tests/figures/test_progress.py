@@ -2,14 +2,17 @@
 outputs are; bar charts on an axis that shows the compared differences."""
 from __future__ import annotations
 
+import dataclasses
 import re
 
 import numpy as np
 import pytest
 
-from figures import plotting
+from figures import adaptive_eos, plotting, sala_overhead
 from figures.__main__ import main
-from figures.runner import Progress, other_load, parallel_share
+from figures.harness import SIZES, job
+from figures.runner import (Plan, Progress, Units, adaptive_eos_work, full_batch, job_cpu,
+                            job_runs, other_load, parallel_share, plan, stop_steps)
 
 
 class Clock:
@@ -20,31 +23,83 @@ class Clock:
         return self.now
 
 
-def simulate(total: int, cpu_unit: float, cores: int, workers: int, others: float,
-             measured_others: float) -> list[float]:
-    """Ratios (estimate / truth) of the time left before each run on a machine with ``others``
-    runnable processes besides ours, estimated from a calibration that saw ``measured_others``."""
+def eos_like() -> list[tuple[str, list[float], float]]:
+    """A job shaped like the quick size: five reproductions of many equal cheap runs, and one
+    of six runs of 135, 65 and 28 CPU seconds (adaptive_eos's full-batch runs to 99%)."""
+    cheap = [(f"cheap{i}", [1.2] * 60, 3.0) for i in range(5)]
+    return cheap + [("eos", [135.0, 135.0, 65.0, 65.0, 28.0, 28.0], 15.0)]
+
+
+def simulate(work, share: float, truth, startup: float = 0.0, weighed: bool = True):
+    """Ratios (estimate / truth) of the time left at the start and after each run.
+
+    ``work``: (name, the CPU seconds of each run, CPU seconds besides the runs) per
+    reproduction; ``share``: the CPU share at the calibration; ``truth(cpu, k) -> wall``: the
+    wall seconds the k-th piece of work of ``cpu`` CPU seconds really takes (this process's own
+    work, at half the share of the workers', counts twice)."""
     clock = Clock()
-    share = parallel_share(workers, cores, measured_others)
-    progress = Progress(total, cpu_unit, share, clock=clock)
-    true_share = parallel_share(workers, cores, others)
-    wall_per_run = cpu_unit / true_share
-    ratios = []
-    for done in range(total):
-        ratios.append(progress.seconds_left() / ((total - done) * wall_per_run))
-        clock.now += wall_per_run
-        progress.add()
-    assert "of {} runs".format(total) in progress.line() and progress.seconds_left() == 0
+    plans = []
+    for name, runs, other in work:
+        weights = dict(enumerate(runs))
+        plans.append(Plan(name, len(runs), sum(runs), other,
+                          (lambda jb, w=weights: w[jb]) if weighed else None))
+    progress = Progress(plans, share, share1=share / 2, startup=startup, clock=clock)
+    pieces = []
+    for name, runs, other in work:
+        pieces += [("run", i, cpu) for i, cpu in enumerate(runs)] + [("other", None, other)]
+    walls = [truth(cpu * (1 if kind == "run" else 2), k)
+             for k, (kind, _, cpu) in enumerate(pieces)]
+    walls[0] += startup * truth(1.0, 0) * share       # the workers' start, at the true load
+    ratios = [progress.seconds_left() / sum(walls)]
+    for k, (kind, index, _) in enumerate(pieces):
+        clock.now += walls[k]
+        progress.add(index) if kind == "run" else progress.reproduction_done()
+        left = sum(walls[k + 1:])
+        if left > 0 and kind == "run":
+            ratios.append(progress.seconds_left() / left)
+    assert progress.seconds_left() == 0 and progress.total == progress.done
     return ratios
 
 
 @pytest.mark.parametrize("others", [0.0, 3.0, 14.0])
 def test_time_left_within_2x_idle_and_loaded(others):
-    # the calibration measured the load: within 2x from the start
-    assert all(0.5 <= r <= 2 for r in simulate(40, 2.0, 2, 2, others, others))
+    # the calibration saw the load: within 2x from the start, the expensive runs included
+    share = parallel_share(2, 2, others)
+    ratios = simulate(eos_like(), share, lambda cpu, k: cpu / share, startup=5.0)
+    assert all(0.5 <= r <= 2 for r in ratios), ratios
     # the load tripled after the calibration: within 2x once a few runs are in
-    late = simulate(40, 2.0, 2, 2, 3 * others + 2, others)[4:]
-    assert all(0.5 <= r <= 2 for r in late), late
+    late = parallel_share(2, 2, 3 * others + 2)
+    ratios = simulate(eos_like(), share, lambda cpu, k: cpu / late)
+    assert all(0.5 <= r <= 2 for r in ratios[6:]), ratios
+
+
+def test_a_load_change_midway_is_followed():
+    """Six times the load after run 100: within 2x once the measured half of the work is
+    mostly after the change (a ratio over all the work done would still be 0.44x then)."""
+    share, later = parallel_share(2, 2, 0.0), parallel_share(2, 2, 10.0)
+    work = [("a", [1.0] * 200, 0.0)]
+    ratios = simulate(work, share, lambda cpu, k: cpu / (share if k < 100 else later))
+    assert all(0.5 <= r <= 2 for r in ratios[150:]), ratios[150:]
+
+
+def test_runs_are_weighed_by_their_own_cost():
+    """The expensive runs finish first: with the mean run's weight the measured load would
+    be read 2-3x too high and the time left overestimated beyond 2x."""
+    work = [("eos", [135.0, 135.0, 65.0, 65.0, 28.0, 28.0], 0.0)]
+    ratios = simulate(work, 1.0, lambda cpu, k: cpu)
+    assert all(0.5 <= r <= 2 for r in ratios), ratios
+    unweighed = simulate(work, 1.0, lambda cpu, k: cpu, weighed=False)
+    assert max(unweighed) > 2
+
+
+def test_the_initial_estimate_follows_the_load_average_and_cores():
+    # the calibration run got its whole core; the load average says 7 others on 2 cores
+    others = other_load(1.0, 1.0, cores=2, average=8.0)
+    share = parallel_share(2, 2, others)
+    progress = Progress([Plan("a", 10, 100.0)], share, clock=Clock())
+    assert progress.seconds_left() == pytest.approx(100.0 / (2 * 2 / 9))
+    idle = Progress([Plan("a", 10, 100.0)], parallel_share(2, 2, 0.0), clock=Clock())
+    assert idle.seconds_left() == pytest.approx(50.0)
 
 
 def test_the_load_is_read_from_cpu_over_wall_time():
@@ -55,14 +110,93 @@ def test_the_load_is_read_from_cpu_over_wall_time():
     assert parallel_share(2, 2, 0.0) == 2.0 and parallel_share(2, 2, 7.0) == pytest.approx(4 / 9)
 
 
+def test_the_workers_start_is_planned_then_spent():
+    """The old run at the tiny size: workers took ~38 s to start, then 0.3 s per run."""
+    clock = Clock()
+    progress = Progress([Plan("a", 60, 60 * 0.3)], 2.0, startup=38.0, clock=clock)
+    assert 0.5 <= progress.seconds_left() / (38.0 + 60 * 0.3 / 2) <= 2
+    clock.now = 38.0
+    for done in range(60):
+        clock.now += 0.15
+        progress.add()
+        left = (59 - done) * 0.15
+        if left:
+            assert 0.5 <= progress.seconds_left() / left <= 2, (done, progress.seconds_left())
+
+
+def test_a_finished_reproduction_drops_its_unused_runs():
+    clock = Clock()
+    progress = Progress([Plan("a", 20, 20.0, 5.0), Plan("b", 10, 10.0, 5.0)], 1.0, clock=clock)
+    assert progress.total == 30
+    for _ in range(8):                 # the first reproduction, planned for 20, did 8
+        clock.now += 1.0
+        progress.add()
+    clock.now += 5.0
+    progress.reproduction_done()
+    assert progress.total == 18 and "8 of 18 runs" in progress.line()
+    assert progress.seconds_left() == pytest.approx(10 + 5.0)   # b's runs and other work
+    assert progress.breakdown() == [("b", 15.0)]
+
+
+def test_full_batch_runs_are_planned_from_their_steps_and_products():
+    """adaptive_eos at the quick size, in made-up calibration units (no timing)."""
+    size = SIZES["quick"]
+    units = Units(run=1.0, step={5000: 0.01}, hvp={5000: 0.03}, other=2.0)
+    jobs, products = adaptive_eos_work(adaptive_eos, size)
+    assert len(jobs) == 6 and products == {5000: 2 * 2 * size.final_max_hvp}
+    gd = next(jb for jb in jobs if jb.loss == "square" and jb.opt == "SGD")
+    adam = next(jb for jb in jobs if jb.opt == "Adam")
+    assert full_batch(gd) and stop_steps(gd) == 6800 and stop_steps(adam) == 1000
+    # 6,800 steps, and 20 products at each of 6800 / 100 + 1 records
+    assert job_cpu(gd, size, units) == pytest.approx(6800 * 0.01 + 69 * 20 * 0.03)
+    # Adam's records measure lambda_max of H and of P^-1 H
+    assert job_cpu(adam, size, units) == pytest.approx(1000 * 0.01 + 41 * 40 * 0.03)
+    p = plan("adaptive_eos", adaptive_eos, size, units)
+    assert p.runs == 6 and p.cpu == pytest.approx(sum(job_cpu(jb, size, units) for jb in jobs))
+    assert p.other == pytest.approx(2.0 + 400 * 0.03)
+    ce = next(jb for jb in jobs if jb.loss == "cross_entropy")
+    assert p.weight(gd) > p.weight(adam) > p.weight(ce) == job_cpu(ce, size, units)
+    # far more than the plain runs its module's cost counts
+    assert p.cpu > 10 * adaptive_eos.cost(size) * units.run
+    # a run stops at its cap, and a smaller lr takes proportionally more steps
+    assert stop_steps(dataclasses.replace(gd, steps=100)) == 100
+    slow = dataclasses.replace(gd, hp=(("lr", 0.15), ("momentum", 0.0)))
+    assert stop_steps(slow) == pytest.approx(13600)
+    # a full-batch run whose units were not timed counts as plain runs (never a KeyError)
+    assert job_cpu(gd, size, Units(run=1.0)) == job_runs(gd, size)
+
+
+def test_minibatch_runs_count_as_the_modules_cost_declares():
+    size = SIZES["quick"]
+    units = Units(run=2.0)
+    assert job_runs(job("g", "SGD", "SGD", 0, {"lr": 0.1}), size) == 1
+    assert job_runs(job("g", "SAM", "SAM", 0, {"lr": 0.1, "rho": 0.05}), size) == 2
+    tracked = job("g", "SGD", "SGD", 0, {"lr": 0.1}, track=("lambda_max",))
+    assert job_runs(tracked, size) == 2.5                       # sala/ndadam: 2.5
+    measured = job("g", "SAM", "SAM", 0, {"lr": 0.1}, measure=("sharpness", "slices"))
+    assert job_runs(measured, size) == 4
+    short = job("g", "SGD", "SGD", 0, {"lr": 0.1}, steps=125, batch_size=128)
+    assert job_runs(short, size) == pytest.approx(125 * 128 / (25 * 3200))
+    p = plan("sala_overhead", sala_overhead, size, units)
+    assert p.cpu == 2.0 * sala_overhead.cost(size) and p.weight(tracked) == 5.0
+
+
 def test_main_prints_overall_progress_and_where_outputs_are(tmp_path, capsys):
     main(["--tiny", "--out", str(tmp_path), "--jobs", "1", "sala_overhead"])
     text = capsys.readouterr().out
     assert re.search(r"\| \d+ of \d+ runs, about \d+\.\d min left", text), text
-    assert re.search(r"expected about \d+\.\d min", text)
+    assert re.search(r"expected about \d+\.\d min \(min each: sala_overhead \d+\.\d; CPU share "
+                     r"\d\.\d\d of \d+ cores", text), text
+    assert re.search(r"took \d+\.\d min after the calibration, expected \d+\.\d min "
+                     r"\(\d+\.\d min in all, \d+\.\d min of CPU time", text), text
     tail = text[text.index("outputs in"):]
     assert str(tmp_path / "summary.json") in tail
-    assert f"sala_overhead: figure {tmp_path / 'sala_overhead.png'}" in tail
+    assert f"--table --out {tmp_path}" in tail
+    assert (f"sala_overhead: figure {tmp_path / 'sala_overhead.png'}; data "
+            f"{tmp_path / 'sala_overhead.npz'}, {tmp_path / 'sala_overhead.json'}") in tail
+    for path in (tmp_path / "summary.json", tmp_path / "sala_overhead.png",
+                 tmp_path / "sala_overhead.npz", tmp_path / "sala_overhead.json"):
+        assert path.is_file(), path
 
 
 def test_accuracy_bars_show_the_compared_differences():
@@ -88,29 +222,3 @@ def test_log_axes_of_the_figures_have_plain_ticks():
     fig.canvas.draw()
     labels = [t.get_text() for t in ax.get_yticklabels(which="both") if t.get_text()]
     assert ax.get_yscale() == "log" and labels and not any("$" in t for t in labels), labels
-
-
-def test_the_workers_start_is_planned_then_left_out_of_the_rate():
-    """The old run at the tiny size: workers took ~38 s to start, then 0.3 s per run."""
-    clock = Clock()
-    progress = Progress(60, 0.3, 2.0, startup=38.0, clock=clock)
-    truth = [38.0 + 60 * 0.3 / 2]
-    assert 0.5 <= progress.seconds_left() / truth[0] <= 2
-    clock.now = 38.0
-    for done in range(60):
-        clock.now += 0.15
-        progress.add()
-        left = (59 - done) * 0.15
-        if left:
-            assert 0.5 <= progress.seconds_left() / left <= 2, (done, progress.seconds_left())
-
-
-def test_a_finished_reproduction_drops_its_unused_runs():
-    clock = Clock()
-    progress = Progress(30, 1.0, 1.0, overhead=5.0, reproductions=2, clock=clock)
-    for _ in range(8):                 # the first reproduction, counted for 20, did 8
-        clock.now += 1.0
-        progress.add()
-    progress.reproduction_done(20)
-    assert progress.total == 18 and "8 of 18 runs" in progress.line()
-    assert progress.seconds_left() == pytest.approx(10 + 5.0)   # 10 runs at 1 s, one overhead
