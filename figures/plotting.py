@@ -76,7 +76,7 @@ def bars(ax, names: Sequence[str], per_seed: Sequence[Sequence[float]], color="t
     sds = np.array([float(np.std(v, ddof=1)) if len(v) > 1 else 0.0 for v in per_seed])
     x = np.arange(len(names)) + offset
     ax.bar(x, means, width, yerr=sds, capsize=3, color=color, label=label)
-    ax.set_xticks(np.arange(len(names)), names)
+    ax.set_xticks(np.arange(len(names)), ["\n".join(textwrap.wrap(n, 10)) for n in names])
     difference_axis(ax, means - sds, means + sds)
 
 
@@ -100,9 +100,9 @@ def difference_axis(ax, low, high) -> None:
     ax.set_ylim(bottom, hi + pad)
     note = getattr(ax, "_zero_note", None)
     if bottom != 0.0 and note is None:
-        ax._zero_note = ax.annotate("axis not from 0", (0, 0), xycoords="axes fraction",
-                                    xytext=(2, 2), textcoords="offset points", fontsize=6,
-                                    color="0.4")
+        ax._zero_note = ax.annotate("axis not from 0", (0, 1), xycoords="axes fraction",
+                                    xytext=(2, -2), textcoords="offset points", fontsize=6,
+                                    color="0.4", va="top")  # above the bars, not on them
     elif bottom == 0.0 and note is not None:
         note.remove()
         ax._zero_note = None

@@ -91,20 +91,24 @@ class RefSGD:
         return out
 
 
+def ce_closure(opt, model: nn.Module, x: torch.Tensor, y: torch.Tensor):
+    """The closure of one step: zero the grads, cross-entropy of ``model(x)``, backward."""
+    def closure():
+        opt.zero_grad()
+        value = F.cross_entropy(model(x), y)
+        value.backward()
+        return value
+
+    return closure
+
+
 def run_model(opt, model: nn.Module, steps: int, on_step=None, data=batch) -> list[Params]:
     """Trains with `loss = opt.step(closure)` on data(i); returns the parameters after each step
     (by their last name component, so a DDP-wrapped Softmax reads like the bare one)."""
     out = []
     for i in range(steps):
         x, y = data(i)
-
-        def closure():
-            opt.zero_grad()
-            value = F.cross_entropy(model(x), y)
-            value.backward()
-            return value
-
-        opt.step(closure)
+        opt.step(ce_closure(opt, model, x, y))
         if on_step is not None:
             on_step(i)
         out.append({n.split(".")[-1]: p.detach().clone() for n, p in model.named_parameters()})

@@ -22,9 +22,9 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
-from torch.nn import functional as F
 
 import optim
+from tests.optim.reference import ce_closure
 
 STEPS, MORE = 3, 2
 N, D_IN, CLASSES = 8, 4, 3
@@ -113,14 +113,7 @@ def train(model, opt, steps, rank=0, world=1, first=0) -> list[list[torch.Tensor
     out = []
     for i in range(first, first + steps):
         x, y = batch(i, rank, world)
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(ce_closure(opt, model, x, y))
         out.append([full(p).clone() for p in model.parameters()])
     return out
 

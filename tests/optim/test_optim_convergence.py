@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import optim
+from tests.optim.reference import ce_closure
 from analysis.datasets import mnist1d
 
 STEPS = 200
@@ -60,14 +61,7 @@ def test_training_loss_falls(name):
     batches = data.batches(128, shuffle_seed=0)
     for step in range(STEPS):
         x, y = batches[step % len(batches)]
-
-        def closure():
-            opt.zero_grad()
-            loss = F.cross_entropy(model(x), y)
-            loss.backward()
-            return loss
-
-        opt.step(closure)
+        opt.step(ce_closure(opt, model, x, y))
     end = train_loss()
     assert end < RATIO * start, f"{name}: training loss {start:.3f} -> {end:.3f}"
 
