@@ -76,6 +76,7 @@ def main() -> None:
             print(f"hessian trace: {trace.estimate:.6g} +- {trace.stderr:.6g}")
             print(f"average sharpness: {avg.value:.6g} +- {avg.stderr:.6g}")
             print("plane losses:", " ".join(f"{v:.6g}" for v in surface.losses.ravel()))
+        dist.barrier()  # leave together: tearing gloo down while a peer still uses it can abort
     finally:
         dist.destroy_process_group()
 
