@@ -452,6 +452,7 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
 
 
 _FLOOR_PROBES = 4
+_FLOOR_COPY_BYTES = 2**31  # the float64 copy's parameters and buffers, at most
 
 
 def _cast64(batch):
@@ -495,7 +496,8 @@ def _precision_floor(op, model: nn.Module, loss_fn: LossFn, data: Iterable, setu
     Returns:
         The floor (0 when skipped) and its record for ``metadata["rounding_floor"]``:
         method, probes, products in each precision, the floor, or a note why it was skipped
-        (a preconditioner, or a copy that cannot be made: :func:`rounding_stderr` alone then).
+        (a preconditioner, a copy over ``_FLOOR_COPY_BYTES``, or a copy that cannot be made:
+        :func:`rounding_stderr` alone then).
     """
     record = {"method": "float64 copy: rms of Rademacher z^T (H_low - H_64) z",
               "probes": _FLOOR_PROBES}
@@ -503,6 +505,10 @@ def _precision_floor(op, model: nn.Module, loss_fn: LossFn, data: Iterable, setu
         return 0.0, {**record, "skipped": "a preconditioner cannot be mapped to a float64 copy"}
     if is_sharded(unwrap_compiled(model)):
         return 0.0, {**record, "skipped": "a sharded (FSDP2) model is not copied"}
+    size = 8 * sum(t.numel() for t in [*model.parameters(), *model.buffers()])
+    if size > _FLOOR_COPY_BYTES:
+        return 0.0, {**record, "skipped": f"a float64 copy would take {size / 2**30:.1f} GiB "
+                                          f"(limit {_FLOOR_COPY_BYTES / 2**30:.0f} GiB)"}
     Z = rademacher((_FLOOR_PROBES, op.shape[0]), make_generator(seed), like=op.like)
     try:
         names = select_params(model, setup.pop("params"))[0]
