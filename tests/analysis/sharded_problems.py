@@ -95,6 +95,7 @@ def _ranked(rank, world, init, out_dir, fn, args):
         out = fn(rank, *args)
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(out, f)
+        dist.barrier()  # leave together: gloo torn down under a live peer can abort
     finally:
         dist.destroy_process_group()
 

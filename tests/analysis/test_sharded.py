@@ -75,6 +75,7 @@ def _worker(rank, world, init, out_dir, names):
         for name, reshard in names:
             _check_one(name, reshard, rank, out)
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+        dist.barrier()  # leave together: gloo torn down under a live peer can abort
     finally:
         dist.destroy_process_group()
 
@@ -150,6 +151,7 @@ def _routines_worker(rank, world, init, out_dir):
                 top_eigenvalues(model, loss_fn, shards[rank][:rank + 1], progress=False)
             assert_same_state(before, state(model))
         np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
+        dist.barrier()  # leave together: gloo torn down under a live peer can abort
     finally:
         dist.destroy_process_group()
 

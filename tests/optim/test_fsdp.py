@@ -276,6 +276,7 @@ def _worker(rank, world, init, out_dir, names, extras):
             out["refusals"] = _refusals()
             out["tensor_parallel"] = _tensor_parallel(TP_CASES, rank)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
+        dist.barrier()  # leave together: gloo torn down under a live peer can abort
     finally:
         dist.destroy_process_group()
 
