@@ -32,6 +32,13 @@ conservative bound for $D(h)$ and, a fortiori, for $R(h)$ in the truncation regi
 an MLP and a tiny GPT-2 in float64 and float32). Low-precision parameters (bfloat16, float16)
 never give better than a few percent: a warning says so.
 
+**Mixed precision.** Under an FSDP2 ``MixedPrecisionPolicy`` that computes or reduces in a
+lower precision than the parameters (``param_dtype=torch.bfloat16`` on float32 weights) the
+routines refuse ``hvp_method="finite_difference"`` (:func:`check_fd_policy`): the differenced
+gradients are bfloat16-rounded, a few percent off at any step (``benchmarks/fd_error.py``).
+The exact product ignores the policy and gives the Hessian of the model in its parameters'
+dtype, from the master shards.
+
 **Restoration.** The weights are snapshotted once per product and written back from the
 snapshot after every perturbation (never by subtracting the step), so they are bit-exactly as
 found afterwards, also when a gradient raises.
@@ -271,6 +278,58 @@ class FiniteDifference:
                 "n_products": len(self.steps)}
 
 
+def cast_policies(model: nn.Module) -> dict[str, torch.dtype]:
+    """The dtypes the FSDP2 ``MixedPrecisionPolicy`` of ``model``'s units casts to.
+
+    Args:
+        model: any module.
+
+    Returns:
+        ``"param_dtype"``, ``"reduce_dtype"``, ``"output_dtype"`` -> the lowest-precision dtype
+        any ``fully_shard`` unit's policy names for it (empty without FSDP2 or policy).
+    """
+    out: dict[str, torch.dtype] = {}
+    for m in model.modules():
+        policy = getattr(getattr(m, "_get_fsdp_state", lambda: None)(), "_mp_policy", None)
+        for key in ("param_dtype", "reduce_dtype", "output_dtype"):
+            dtype = getattr(policy, key, None)
+            if isinstance(dtype, torch.dtype) and dtype.is_floating_point and (
+                    key not in out or torch.finfo(dtype).eps > torch.finfo(out[key]).eps):
+                out[key] = dtype
+    return out
+
+
+def check_fd_policy(model: nn.Module, dtype: torch.dtype) -> None:
+    r"""Refuse finite differences through an FSDP2 policy that rounds below ``dtype``.
+
+    Under a ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` the forward runs on bfloat16
+    copies of the weights: a perturbation $h v$ smaller than their rounding vanishes and the
+    differenced gradients carry bfloat16 noise, so the products are at best a few percent off
+    at any step (``benchmarks/fd_error.py``; Granziol & Juarev 2026, arXiv 2602.00816, on the
+    bf16 noise), and what they estimate, a Hessian of a function rounded to bfloat16, is not
+    defined. The exact product (``hvp_method="reverse"``) ignores the policy: it computes the
+    Hessian of the model in its parameters' dtype from the master shards.
+
+    Args:
+        model: the model analysed.
+        dtype: the selected parameters' dtype.
+
+    Raises:
+        ValueError: a policy casts the weights, the gradient reduction or the output to a
+            dtype of lower precision than ``dtype``.
+    """
+    eps = torch.finfo(dtype).eps
+    lower = {k: d for k, d in cast_policies(model).items() if torch.finfo(d).eps > eps}
+    if lower:
+        casts = ", ".join(f"{k}={d}" for k, d in lower.items())
+        raise ValueError(
+            f'hvp_method="finite_difference" cannot differentiate this model: its fully_shard '
+            f"MixedPrecisionPolicy ({casts}) rounds the forward or the gradients below the "
+            f"parameters' {dtype}, so differenced gradients are a few percent off at any step; "
+            'use hvp_method="reverse" (exact: the Hessian of the model in its parameters\' '
+            "dtype, computed from the master shards, the policy not applied)")
+
+
 def no_sync(model: nn.Module):
     """``model.no_sync()`` for DistributedDataParallel, a null context otherwise.
 
@@ -347,4 +406,5 @@ def fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, data: Ite
     return torch.stack([flatten(p) for p in fd.combine(rows, steps)])
 
 
-__all__ = ["FiniteDifference", "fd_step", "dot", "backward_gradient", "no_sync", "fd_matmat"]
+__all__ = ["FiniteDifference", "fd_step", "dot", "backward_gradient", "no_sync", "fd_matmat",
+           "cast_policies", "check_fd_policy"]

@@ -56,7 +56,7 @@ from .core import (all_finite, all_reduce_sum_, BatchSizeFn, check_choice, check
                    ParamSelection, preserved, select_params, unflatten, working_dtype)
 from .core.sharding import (full_values, is_dtensor, is_sharded, refuse_sharded, REFUSAL,
                             sample_counts, shard_like)
-from .finite_difference import dot, FiniteDifference, Pieces
+from .finite_difference import check_fd_policy, dot, FiniteDifference, Pieces
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
     from torch.distributed.fsdp import FSDPModule
@@ -683,7 +683,9 @@ class ShardedOperator:
 
     Raises:
         NotImplementedError: A preconditioner or ``hvp_method="forward"``.
-        ValueError: As :class:`ShardedHessian`.
+        ValueError: As :class:`ShardedHessian`; ``"finite_difference"`` under a
+            ``MixedPrecisionPolicy`` that rounds below the parameters' dtype
+            (:func:`analysis.finite_difference.check_fd_policy`).
     """
 
     curvature = "hessian"
@@ -702,6 +704,8 @@ class ShardedOperator:
                                      model_mode=model_mode, batch_size_fn=batch_size_fn)
         self.names, self.params, self.shape = self.engine.names, self.engine.params, \
             self.engine.shape
+        if hvp_method == "finite_difference":  # not under a policy that rounds below
+            check_fd_policy(model, self.params[0].dtype)
         self.fd = None if hvp_method == "reverse" else \
             FiniteDifference(self.params, richardson=fd_richardson, step=fd_step)
         self.dtype = self.params[0].dtype

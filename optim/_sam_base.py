@@ -244,7 +244,7 @@ class GradGuard:
         found = any(bool(local(g).any()) for g in foreign)
         sharded = [p for p in params if is_dtensor(p)]
         if sharded and is_distributed():   # a nonzero piece on any rank: all ranks raise
-            flag = torch.tensor(float(found), device=local(sharded[0]).device)
+            flag = torch.tensor(float(found), device=collective_device([local(sharded[0])]))
             dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             found = bool(flag)
         if found:
@@ -263,15 +263,42 @@ def unscale_(params: list[Tensor], inv_scale: float) -> bool:
         True when every gradient is finite (agreed over ranks).
     """
     found = []
-    for (gs,) in grouped([local(p.grad) for p in params]):
+    grads = [local(p.grad) for p in params]
+    device = collective_device(grads) if is_distributed() else None
+    for (gs,) in grouped(grads):
         found_inf = torch.zeros((), dtype=torch.float32, device=gs[0].device)
         torch._amp_foreach_non_finite_check_and_unscale_(
             gs, found_inf, torch.full_like(found_inf, inv_scale))
-        found.append(found_inf.cpu() if is_distributed() else found_inf)
-    total = torch.stack(found).sum() if found else torch.zeros(())
+        found.append(found_inf if device is None else found_inf.to(device))
+    total = torch.stack(found).sum() if found else torch.zeros((), device=device)
     if is_distributed():
         dist.all_reduce(total, op=dist.ReduceOp.MAX)
     return not bool(total)
+
+
+def collective_device(tensors: Sequence[Tensor]) -> torch.device:
+    """The device of a small tensor that a collective on the default group reduces.
+
+    The CPU where the backend takes CPU tensors (gloo, MPI, and a ``"cpu:gloo,cuda:nccl"``
+    pair); otherwise (NCCL takes CUDA tensors only) the first accelerator device among
+    ``tensors`` (the gradients), else the current CUDA device. Many small values on several
+    devices are gathered there before one collective.
+
+    Args:
+        tensors: The tensors the values come from (e.g. the gradients).
+
+    Returns:
+        The device.
+    """
+    backend = str(dist.get_backend()).lower()
+    if "gloo" in backend or "mpi" in backend:
+        return torch.device("cpu")
+    accelerated = [t.device for t in tensors if t.device.type != "cpu"]
+    if accelerated:
+        return accelerated[0]
+    if "nccl" in backend and torch.cuda.is_available():
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
 
 
 class Phase(str, enum.Enum):

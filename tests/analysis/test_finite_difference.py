@@ -2,6 +2,7 @@
 Hessian: step rule, Richardson, error estimate, bit-exact restoration, eigenvalues."""
 import math
 import os
+import pickle
 from datetime import timedelta
 
 import numpy as np
@@ -16,6 +17,7 @@ from analysis import hessian_trace, HessianOperator, top_eigenvalues
 from analysis.core import preserved
 from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference
 from analysis.lanczos import lanczos
+from tests.analysis.test_sharded import one_rank  # noqa: F401 (a fixture)
 from tests.oracles import (assert_unchanged, classification_data, exact_hessian, mlp, snapshot,
                            uneven_batches)
 
@@ -205,3 +207,110 @@ def test_ranks_with_data_shards_and_ddp_give_the_one_process_product(tmp_path):
             err = np.linalg.norm(got[name] - exact, axis=1)
             assert (err <= got[name + "_error"]).all()
             assert (err / np.linalg.norm(exact, axis=1) < 1e-8).all()
+
+
+def _routines_worker(rank, world, init, out_dir):
+    """DDP and FSDP2 models on 2 gloo ranks, each with its data shard: the routines with
+    finite differences, from a random start, and the Richardson operator on shards."""
+    from analysis.sharded import ShardedOperator
+    from tests.analysis.sharded_problems import case, shard
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
+                            timeout=timedelta(seconds=60))
+    try:
+        model, data = setup()
+        ddp = top_eigenvalues(DistributedDataParallel(model), ce, data[:3] if rank == 0 else
+                              data[3:], k=1, tol=1e-8, hvp_method="finite_difference",
+                              progress=False)
+        build, loss_fn, units, _, shards = case("mlp")
+        sharded = shard(build(), units, True)
+        fsdp = top_eigenvalues(sharded, loss_fn, shards[rank], k=1, tol=1e-8,
+                               hvp_method="finite_difference", progress=False)
+        trace = hessian_trace(sharded, loss_fn, shards[rank], n_hvp=4, seed=3, progress=False,
+                              hvp_method="finite_difference")
+        op = ShardedOperator(sharded, loss_fn, shards[rank], hvp_method="finite_difference",
+                             fd_richardson=True)
+        vs = vectors(op.shape[0], k=2)
+        out = {"ddp": ddp.eigenvalues, "ddp_meta": ddp.metadata, "fsdp": fsdp.eigenvalues,
+               "fsdp_meta": fsdp.metadata, "trace": trace.estimate,
+               "trace_meta": trace.metadata, "richardson": op.matmat(vs).numpy(),
+               "richardson_meta": op.product_metadata()}
+        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
+            pickle.dump(out, f)
+        dist.barrier()  # leave together: gloo torn down under a live peer can abort
+    finally:
+        dist.destroy_process_group()
+
+
+def test_ddp_and_fsdp2_top_eigenvalue_within_1e5_and_the_record(tmp_path):
+    from tests.analysis.sharded_problems import case
+
+    mp.spawn(_routines_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
+             nprocs=2, join=True)
+    model, data = setup()
+    top = float(torch.linalg.eigvalsh(exact_hessian(model, ce, data))[-1])
+    build, loss_fn, _, all_data, _ = case("mlp")
+    H = exact_hessian(build(), loss_fn, all_data)
+    sharded_top = float(torch.linalg.eigvalsh(H)[-1])
+    exact_trace = hessian_trace(build(), loss_fn, all_data, n_hvp=4, seed=3, progress=False)
+    vs = vectors(H.shape[0], k=2)
+    for rank in range(2):
+        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
+            got = pickle.load(f)
+        assert got["ddp"][0] == pytest.approx(top, rel=1e-5, abs=0)
+        assert got["fsdp"][0] == pytest.approx(sharded_top, rel=1e-5, abs=0)
+        for key in ("ddp_meta", "fsdp_meta", "trace_meta"):
+            record = got[key]["hvp"]
+            assert got[key]["config"]["hvp_method"] == "finite_difference", key
+            assert record["hvp_method"] == "finite_difference" and not record["richardson"]
+            assert 0 < record["relative_error_estimate"] < 1e-4 and record["n_products"] > 0
+        assert got["fsdp_meta"]["sharded"] == "fully_shard"
+        assert got["trace"] == pytest.approx(exact_trace.estimate, rel=1e-6)
+        record = got["richardson_meta"]["hvp"]
+        assert record["richardson"] and record["n_products"] == 2
+        exact = (vs @ H).numpy()
+        err = np.linalg.norm(got["richardson"] - exact, axis=1)
+        assert (err / np.linalg.norm(exact, axis=1) < 1e-8).all()
+        assert record["error_estimate"] >= err.max()
+
+
+@pytest.mark.usefixtures("one_rank")
+def test_a_mixed_precision_policy_refuses_finite_differences():
+    """Under ``MixedPrecisionPolicy(param_dtype=bfloat16)`` finite differences would difference
+    bfloat16-rounded gradients (the symmetry screen then fails, or the answer is a few percent
+    off): refused, naming the policy and the exact way out. The exact product ignores the policy
+    (the Hessian of the float32 model, from the master shards); a policy that does not round
+    below the parameters' dtype is accepted."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+
+    from tests.analysis.sharded_problems import assert_same_state, case, state
+
+    build, loss_fn, units, data, _ = case("mlp")
+
+    def wrapped(dtype, policy):
+        model, mesh = build().to(dtype), init_device_mesh("cpu", (1,))
+        for unit in units(model):
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        return fully_shard(model, mesh=mesh, mp_policy=policy)
+
+    data32 = [(x.float(), y) for x, y in data]
+    model = wrapped(torch.float32, MixedPrecisionPolicy(param_dtype=torch.bfloat16))
+    before = state(model)
+    for call in (top_eigenvalues, hessian_trace):
+        with pytest.raises(ValueError, match=r"MixedPrecisionPolicy \(param_dtype=torch.bfloat16"
+                                             r".*hvp_method=\"reverse\""):
+            call(model, loss_fn, data32, hvp_method="finite_difference", progress=False)
+        assert_same_state(before, state(model))
+    exact = top_eigenvalues(model, loss_fn, data32, k=1, tol=1e-6, progress=False)
+    plain = top_eigenvalues(build().float(), loss_fn, data32, k=1, tol=1e-6, progress=False)
+    np.testing.assert_allclose(exact.eigenvalues, plain.eigenvalues, rtol=1e-6)
+    assert_same_state(before, state(model))
+    # a policy in the parameters' own precision changes nothing: accepted, within 1e-5
+    model = wrapped(torch.float64, MixedPrecisionPolicy(param_dtype=torch.float64,
+                                                        reduce_dtype=torch.float64))
+    fd = top_eigenvalues(model, loss_fn, data, k=1, tol=1e-8, hvp_method="finite_difference",
+                         progress=False)
+    top = float(torch.linalg.eigvalsh(exact_hessian(build(), loss_fn, data))[-1])
+    assert fd.eigenvalues[0] == pytest.approx(top, rel=1e-5, abs=0)

@@ -266,6 +266,32 @@ def _tensor_parallel(names, rank) -> dict:
     return out
 
 
+def _grad_scaler(rank: int, world: int) -> dict:
+    """SAM with a ``torch.amp.GradScaler`` on the sharded model: step 2's first pass overflows
+    on the last rank only. The overflow flag is all-reduced (on the device the backend takes:
+    the CPU for gloo, the gradients' GPU for NCCL), so every rank skips step 2 and backs off."""
+    model = _shard(build())
+    opt = CASES["SAM"](model.parameters(), model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    params, scales = [], []
+    for i in range(2):
+        x, y = batch(i, rank, world)
+
+        def closure():
+            opt.zero_grad()
+            loss = nn.functional.cross_entropy(model(x), y)
+            if i == 1 and rank == world - 1 and opt.phase == "ready":
+                loss = loss * float("inf")
+            scaler.scale(loss).backward()
+            return loss
+
+        opt.step(closure, grad_scaler=scaler)
+        scaler.update()
+        params.append([full(p).clone() for p in model.parameters()])
+        scales.append(scaler.get_scale())
+    return {"params": params, "scales": scales, "n_steps": opt.n_steps}
+
+
 def _worker(rank, world, init, out_dir, names, extras):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
@@ -275,6 +301,7 @@ def _worker(rank, world, init, out_dir, names, extras):
         if extras:
             out["refusals"] = _refusals()
             out["tensor_parallel"] = _tensor_parallel(TP_CASES, rank)
+            out["grad_scaler"] = _grad_scaler(rank, world)
         torch.save(out, os.path.join(out_dir, f"rank{rank}.pt"))
         dist.barrier()  # leave together: gloo torn down under a live peer can abort
     finally:
@@ -345,6 +372,28 @@ def test_fsdp1_and_partial_placements_are_refused(two_ranks):
     for got in two_ranks:
         for key, message in got["refusals"].items():
             assert "fully_shard" in message, (key, message)
+
+
+def test_grad_scaler_overflow_on_one_rank_skips_the_step_on_every_rank(two_ranks):
+    want = reference("SAM", steps=1)[0][0]
+    for got in two_ranks:
+        got = got["grad_scaler"]
+        for a, b in zip(got["params"][0], want):   # the scale 2^10 unscales exactly
+            torch.testing.assert_close(a, b, rtol=0, atol=TOL)
+        assert all(torch.equal(a, b) for a, b in zip(*got["params"]))
+        assert got["scales"] == [2.0 ** 10, 2.0 ** 9] and got["n_steps"] == 1
+
+
+def test_the_collective_device_follows_the_backend(monkeypatch):
+    """NCCL reduces CUDA tensors only: the overflow flag goes to the gradients' device there
+    (meta stands in for a GPU here); gloo and a cpu:gloo pair take the CPU."""
+    from optim._sam_base import collective_device
+
+    grads = [torch.zeros(2), torch.zeros(2, device="meta")]
+    for backend, want in (("gloo", "cpu"), ("cpu:gloo,cuda:nccl", "cpu"), ("nccl", "meta")):
+        monkeypatch.setattr(dist, "get_backend", lambda *a, b=backend, **k: b)
+        assert collective_device(grads).type == want, backend
+    assert collective_device(grads[:1]).type in ("cpu", "cuda")   # nccl without a GPU grad
 
 
 @pytest.mark.parametrize("name", TP_CASES)

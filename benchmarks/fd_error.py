@@ -1,0 +1,213 @@
+"""Finite-difference Hessian-vector products against the exact one: relative error vs the step.
+
+Two models with random weights (nothing downloaded): an MLP 16-64-64-4 (tanh, 5,508
+parameters, 256 samples, cross-entropy) and a tiny GPT-2 (``transformers.GPT2Config``: 2 layers,
+width 32, 4 heads, vocabulary 96, 29,568 parameters; 8 sequences of 32 tokens, next-token
+cross-entropy computed in float32 or wider). One random unit direction ``v`` per model. The
+reference is the exact product (double backward) in float64 at the same weights: those of the
+low-precision copy cast to float64, so that rounding the weights is not counted as
+finite-difference error. The columns:
+
+* ``fp32``: float32 parameters, the central difference $D(h)$;
+* ``fp32 R``: float32, one Richardson step $R(h) = (4 D(h) - D(2h)) / 3$;
+* ``bf16``: bfloat16 parameters, $D(h)$;
+* ``fp32+MP``: float32 parameters sharded by ``fully_shard`` with
+  ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` on a one-rank gloo group (the forward
+  runs on bfloat16 all-gathered weights, the gradients reduce in bfloat16), $D(h)$ through
+  ``analysis.sharded.sharded_fd_matmat`` (the routines refuse finite differences there).
+
+Rows: the relative perturbation $r = h \\|v\\| / (1 + \\|w\\|)$ on a log grid, the error
+$\\|\\hat{Hv} - Hv\\| / \\|Hv\\|$; then, per column, the step our rule chooses
+(``analysis.finite_difference.fd_step``), the error there and our a-posteriori estimate
+$\\|D(2h) - D(h)\\| / \\|\\hat{Hv}\\|$ beside it.
+
+    nice -n 15 python benchmarks/fd_error.py [--models mlp gpt2] [--out FILE.json] [--quick]
+
+``--quick``: the MLP, four steps: a smoke test, not figures.
+"""
+from __future__ import annotations
+
+import math
+import os
+import sys
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn import functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
+from analysis import HessianOperator  # noqa: E402
+from analysis.core import flatten  # noqa: E402
+from analysis.finite_difference import fd_step, FiniteDifference  # noqa: E402
+from analysis.sharded import sharded_fd_matmat, ShardedHessian  # noqa: E402
+from harness import Recorder, parse, parser  # noqa: E402
+
+COLUMNS = ("fp32", "fp32 R", "bf16", "fp32+MP")
+
+
+def ce(model, batch):
+    """Cross-entropy of the MLP's logits, in float32 or wider."""
+    x, y = batch
+    logits = model(x)
+    return F.cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y)
+
+
+def lm(model, batch):
+    """Next-token cross-entropy of the GPT-2's logits, in float32 or wider."""
+    logits = model(input_ids=batch).logits
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                           batch[:, 1:].reshape(-1))
+
+
+def problem(name: str):
+    """(float64 model, loss, data) with seeded random weights and data."""
+    torch.manual_seed(0)
+    gen = torch.Generator().manual_seed(1)
+    if name == "mlp":
+        model = nn.Sequential(nn.Linear(16, 64), nn.Tanh(), nn.Linear(64, 64), nn.Tanh(),
+                              nn.Linear(64, 4)).double()
+        x = torch.randn(256, 16, generator=gen, dtype=torch.float64)
+        return model, ce, [(x, torch.randint(0, 4, (256,), generator=gen))]
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    config = GPT2Config(n_layer=2, n_embd=32, n_head=4, vocab_size=96, n_positions=32,
+                        resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0, use_cache=False,
+                        attn_implementation="eager", bos_token_id=0, eos_token_id=0)
+    model = GPT2LMHeadModel(config).double()
+    return model, lm, [torch.randint(0, 96, (8, 32), generator=gen)]
+
+
+def cast(model: nn.Module, data: list, dtype: torch.dtype):
+    """A copy of ``model`` in ``dtype`` and ``data`` with its float tensors in ``dtype``."""
+    import copy
+
+    copied = copy.deepcopy(model).to(dtype)
+    moved = [tuple(t.to(dtype) if t.is_floating_point() else t for t in b)
+             if isinstance(b, tuple) else b for b in data]
+    return copied, moved
+
+
+def exact(model: nn.Module, loss, data, v: torch.Tensor) -> torch.Tensor:
+    """The float64 product at ``model``'s weights and ``data``'s values (as rounded)."""
+    model64, data64 = cast(model, data, torch.float64)
+    return HessianOperator(model64, loss, data64, progress=False).matmat(v[None])[0]
+
+
+def plain_product(model, loss, data, v, step, richardson):
+    """(product, relative error estimate, step) by finite differences of a plain model."""
+    op = HessianOperator(model, loss, data, progress=False, hvp_method="finite_difference",
+                         fd_step=step, fd_richardson=richardson, check_deterministic=False)
+    out = op.matmat(v[None].to(next(model.parameters()).dtype))[0]
+    meta = op.product_metadata()["hvp"]
+    return out.double(), meta["relative_error_estimate"], meta["step"]
+
+
+def policy_model(model: nn.Module):
+    """A float32 copy sharded by ``fully_shard`` with a bfloat16 ``MixedPrecisionPolicy``."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard, MixedPrecisionPolicy
+
+    copied, _ = cast(model, [], torch.float32)
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16)
+    mesh = init_device_mesh("cpu", (1,))
+    units = list(copied.transformer.h) if hasattr(copied, "transformer") else \
+        [m for m in copied if isinstance(m, nn.Linear)]
+    for unit in units:
+        fully_shard(unit, mesh=mesh, mp_policy=policy)
+    return fully_shard(copied, mesh=mesh, mp_policy=policy)
+
+
+def policy_product(model, loss, data, v, step, richardson):
+    """(product, relative error estimate, step) through the FSDP2 backward under the policy."""
+    engine = ShardedHessian(model, loss, data)
+    fd = FiniteDifference(engine.params, richardson=richardson, step=step)
+    product = sharded_fd_matmat(fd, model, loss, data, [engine.distribute(v.float())])[0]
+    full = torch.cat([p.full_tensor().reshape(-1) for p in product])
+    meta = fd.metadata()
+    return full.double(), meta["relative_error_estimate"], meta["step"]
+
+
+def sweep(name: str, ratios: list[float]) -> dict:
+    """Errors per column on the grid of relative steps, and at our chosen steps."""
+    model64, loss, data64 = problem(name)
+    n = sum(p.numel() for p in model64.parameters())
+    v = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    v /= v.norm()
+    fp32, bf16 = cast(model64, data64, torch.float32), cast(model64, data64, torch.bfloat16)
+    references = {dtype: exact(model, loss, data, v)
+                  for dtype, (model, data) in ((torch.float32, fp32), (torch.bfloat16, bf16))}
+    setups = {"fp32": (*fp32, plain_product, torch.float32),
+              "fp32 R": (*fp32, plain_product, torch.float32),
+              "bf16": (*bf16, plain_product, torch.bfloat16),
+              "fp32+MP": (policy_model(model64), fp32[1], policy_product, torch.float32)}
+    out = {"n": n, "columns": {}}
+    for column, (model, data, product, dtype) in setups.items():
+        richardson = column.endswith(" R")
+        reference = references[dtype]
+        norm = float(flatten([p.detach().double() for p in fp32[0].parameters()]).norm()
+                     if dtype == torch.float32 else
+                     flatten([p.detach().double() for p in model.parameters()]).norm())
+        scale = 1.0 + norm
+        errors = []
+        for r in ratios:
+            got, _, _ = product(model, loss, data, v, r * scale, richardson)
+            errors.append(float((got - reference).norm() / reference.norm()))
+        got, estimate, step = product(model, loss, data, v, None, richardson)
+        # the rule (fd_step) at ||v|| = 1, up to the rounding of v to bfloat16
+        assert math.isclose(step, fd_step(dtype, norm, 1.0, richardson), rel_tol=1e-2)
+        out["columns"][column] = {
+            "errors": errors, "chosen_ratio": step / scale, "chosen_step": step,
+            "chosen_error": float((got - reference).norm() / reference.norm()),
+            "estimate": estimate}
+        print(f"  {name} {column}: done", flush=True)
+    return out
+
+
+def table(name: str, ratios: list[float], result: dict) -> str:
+    """The printed table of one model."""
+    cols = result["columns"]
+    lines = [f"{name} (n = {result['n']}), relative error ||FD - Hv|| / ||Hv||",
+             "| r = h ||v|| / (1 + ||w||) | " + " | ".join(COLUMNS) + " |",
+             "|---" * (len(COLUMNS) + 1) + "|"]
+    for i, r in enumerate(ratios):
+        lines.append(f"| {r:.0e} | " + " | ".join(f"{cols[c]['errors'][i]:.1e}"
+                                                  for c in COLUMNS) + " |")
+    lines.append("| ours: r | " + " | ".join(f"{cols[c]['chosen_ratio']:.1e}"
+                                             for c in COLUMNS) + " |")
+    lines.append("| ours: error | " + " | ".join(f"{cols[c]['chosen_error']:.1e}"
+                                                 for c in COLUMNS) + " |")
+    lines.append("| ours: estimate | " + " | ".join(f"{cols[c]['estimate']:.1e}"
+                                                    for c in COLUMNS) + " |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    """Run the sweep (a one-rank gloo group for the policy column) and print the tables."""
+    p = parser(__doc__, threads=True)
+    p.add_argument("--models", nargs="+", default=["mlp", "gpt2"], choices=["mlp", "gpt2"])
+    p.add_argument("--ratios", type=float, nargs="+",
+                   default=[float(x) for x in 10.0 ** np.arange(-6, 0.1, 0.5)])
+    args = parse(p, quick={"models": ["mlp"], "ratios": [1e-5, 1e-3, 1e-2, 1e-1]})
+    run = Recorder("fd_error", args)
+    warnings.filterwarnings("ignore", message=".*finite-difference Hessian-vector products")
+    with tempfile.TemporaryDirectory() as tmp:
+        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'rdv')}",
+                                rank=0, world_size=1)
+        try:
+            results = {}
+            for name in args.models:
+                results[name] = sweep(name, args.ratios)
+                print(table(name, args.ratios, results[name]), flush=True)
+        finally:
+            dist.destroy_process_group()
+    run.write({"ratios": args.ratios, "results": results})
+
+
+if __name__ == "__main__":
+    main()
