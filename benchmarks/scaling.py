@@ -8,8 +8,8 @@ for ours and its peer, so that times compare across sizes and tools:
 
 * ``top_eigenvalues``: ours ``top_eigenvalues(k=1, max_hvp=10, tol=1e-12)`` (a tolerance that never
   stops early); PyHessian ``hessian(...).eigenvalues(maxIter=10, tol=-1)`` (power iteration);
-* ``hutch++`` / ``xtrace``: ours ``hessian_trace(n_hvp=24, method=...)``; curvlinops'
-  ``hutchpp_trace`` / ``xtrace`` with 24 products (a multiple of 3 and of 2, as they require) on
+* ``hutch++`` / ``xtrace``: ours ``hessian_trace(n_hvp=12, method=...)``; curvlinops'
+  ``hutchpp_trace`` / ``xtrace`` with 12 products (a multiple of 3 and of 2, as they require) on
   its ``HessianLinearOperator`` (``check_deterministic=False``: its check would add 2 products and
   2 gradients). Ours spends
   4 + 4 more products on a float32 model: its rounding floor (4 on the model, 4 on a float64 copy);
@@ -28,12 +28,15 @@ determinism check's two forward passes are paid every time, as in a first call).
 Time: the ten calls of a configuration interleaved over ``--rounds`` rounds (``--big-rounds`` where
 parameters x batches exceed ``--big``), the median wall time taken. Memory: the peak of live torch
 allocations during one call (profiler events, ``harness.torch_peak``), from a first untimed call
-that is also the warm-up, made only where parameters x batches <= ``--big``. Exponents: a least
-squares fit of ``log t = a log(parameters) + b log(batches) + c`` over the configurations, per
-routine and tool.
+that is also the warm-up, made only where parameters x batches <= ``--memory-max``. Exponents: a
+least squares fit of ``log t = a log(parameters) + b log(batches) + c`` over the configurations,
+per routine and tool.
 
     python benchmarks/scaling.py [--threads 1] [--rounds 3] [--out FILE.json]
     (curvlinops from PYTHONPATH, e.g. PYTHONPATH=/tmp/peers; a peer not installed is skipped)
+
+``--resume``: the configurations already in ``--out`` are kept (the file is rewritten after each
+configuration), the others run; every row records the load average at its end.
 
 ``--quick``: two small MLPs, 1 and 2 batches of 8 samples, small budgets, one round: a smoke
 test, not figures.
@@ -41,6 +44,8 @@ test, not figures.
 from __future__ import annotations
 
 import copy
+import json
+import os
 import importlib.util
 import math
 import statistics
@@ -199,6 +204,7 @@ def run_config(w: int, n_batches: int, args) -> dict:
     state = copy.deepcopy(model.state_dict())
     params = count(w)
     big = params * n_batches > args.big
+    measure = params * n_batches <= args.memory_max
     logs: dict = {"ours": {}, "peer": {}}
     mine, theirs = ours(model, batches, args, logs["ours"]), peers(model, batches, args,
                                                                     logs["peer"])
@@ -207,13 +213,14 @@ def run_config(w: int, n_batches: int, args) -> dict:
         calls[(r, "ours")] = mine[r]
         if r in theirs:
             calls[(r, "peer")] = theirs[r]
-    memory = {} if big else {key: torch_peak(fn) for key, fn in calls.items()}
+    memory = {} if not measure else {key: torch_peak(fn) for key, fn in calls.items()}
     times = interleaved(calls, rounds=args.big_rounds if big else args.rounds)
     wall = {key: statistics.median(c.wall for calls_ in rounds for c in calls_)
             for key, rounds in times.items()}
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "model changed"
     row = {"parameters": params, "width": w, "batches": n_batches, "samples": args.samples,
-           "rounds": len(next(iter(times.values()))), "routines": {}}
+           "load_average": list(os.getloadavg()), "rounds": len(next(iter(times.values()))),
+           "routines": {}}
     for r in ROUTINES:
         entry = {}
         for who in ("ours", "peer"):
@@ -275,6 +282,21 @@ def print_tables(rows: list[dict], fits: dict) -> None:
               f"{o['rms_log_residual']:.2f} / {pr} |")
 
 
+BUDGETS = ("samples", "top_hvp", "trace_hvp", "lanczos", "grid")
+
+
+def resumed(args) -> list[dict]:
+    """With ``--resume``: the rows already in ``--out`` (a run killed part way, or run at
+    another time: each row keeps its own load in ``load_average``), if measured at the same
+    budgets; else none."""
+    if not (args.resume and args.out and Path(args.out).exists()):
+        return []
+    record = json.loads(Path(args.out).read_text())
+    if any(record["config"][k] != getattr(args, k) for k in BUDGETS):
+        raise SystemExit(f"--resume: {args.out} was measured at other budgets")
+    return record["results"]["rows"]
+
+
 def main() -> None:
     """Run every configuration, print its line, then the tables and the exponents."""
     p = parser(__doc__, threads=True)
@@ -283,12 +305,16 @@ def main() -> None:
     p.add_argument("--samples", type=int, default=32, help="samples per batch")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--big-rounds", type=int, default=1)
-    p.add_argument("--big", type=float, default=2e7,
-                   help="parameters x batches above which: --big-rounds, no memory call")
+    p.add_argument("--big", type=float, default=2e6,
+                   help="parameters x batches above which --big-rounds are run")
+    p.add_argument("--memory-max", type=float, default=1e7,
+                   help="parameters x batches up to which a memory (and warm-up) call is made")
     p.add_argument("--top-hvp", type=int, default=10)
-    p.add_argument("--trace-hvp", type=int, default=24)
+    p.add_argument("--trace-hvp", type=int, default=12)
     p.add_argument("--lanczos", type=int, default=10)
     p.add_argument("--grid", type=int, default=5)
+    p.add_argument("--resume", action="store_true",
+                   help="keep the configurations already in --out, run the others")
     args = parse(p, quick={"sizes": [2e3, 1e4], "batches": [1, 2], "samples": 8, "rounds": 1,
                            "top_hvp": 4, "trace_hvp": 6, "lanczos": 4, "grid": 3})
     run = Recorder("scaling", args)
@@ -298,16 +324,20 @@ def main() -> None:
         n for n in ("pyhessian", "curvlinops", "loss_landscapes") if importlib.util.find_spec(n)})
     if missing:
         print(f"not installed, skipped: {', '.join(missing)}", flush=True)
-    rows = []
+    rows = resumed(args)
+    done = {(row["parameters"], row["batches"]) for row in rows}
     for size in args.sizes:
         w = width_for(int(size))
         for b in args.batches:
+            if (count(w), b) in done:
+                continue
             row = run_config(w, b, args)
             rows.append(row)
             line = "  ".join(f"{r} {e['ours']['seconds']:.3g}"
                              + (f"/{e['peer']['seconds']:.3g}" if "peer" in e else "")
                              for r, e in row["routines"].items())
             print(f"{row['parameters']:,} parameters, {b} batches: {line}", flush=True)
+            run.write({"rows": rows, "partial": True})  # what a killed run leaves
     fits = {r: {who: fit(rows, r, who) for who in ("ours", "peer")} for r in ROUTINES}
     print_tables(rows, fits)
     run.write({"rows": rows, "fits": fits, "missing_peers": missing})
