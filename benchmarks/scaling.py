@@ -26,7 +26,9 @@ determinism check's two forward passes are paid every time, as in a first call).
 (operators, directions) is inside every timed call.
 
 Time: the ten calls of a configuration interleaved over ``--rounds`` rounds (``--big-rounds`` where
-parameters x batches exceed ``--big``), the median wall time taken. Memory: the peak of live torch
+parameters x batches exceed ``--big``), the median process CPU time and median wall time taken
+(one torch thread: the CPU time is the work, and it stays steady on a loaded machine where the
+wall time does not; ratios and exponents are from CPU times). Memory: the peak of live torch
 allocations during one call (profiler events, ``harness.torch_peak``), from a first untimed call
 that is also the warm-up, made only where parameters x batches <= ``--memory-max``. Exponents: a
 least squares fit of ``log t = a log(parameters) + b log(batches) + c`` over the configurations,
@@ -215,8 +217,8 @@ def run_config(w: int, n_batches: int, args) -> dict:
             calls[(r, "peer")] = theirs[r]
     memory = {} if not measure else {key: torch_peak(fn) for key, fn in calls.items()}
     times = interleaved(calls, rounds=args.big_rounds if big else args.rounds)
-    wall = {key: statistics.median(c.wall for calls_ in rounds for c in calls_)
-            for key, rounds in times.items()}
+    wall, cpu = ({key: statistics.median(getattr(c, what) for calls_ in rounds for c in calls_)
+                  for key, rounds in times.items()} for what in ("wall", "cpu"))
     assert all(torch.equal(v, state[k]) for k, v in model.state_dict().items()), "model changed"
     row = {"parameters": params, "width": w, "batches": n_batches, "samples": args.samples,
            "load_average": list(os.getloadavg()), "rounds": len(next(iter(times.values()))),
@@ -225,7 +227,8 @@ def run_config(w: int, n_batches: int, args) -> dict:
         entry = {}
         for who in ("ours", "peer"):
             if (r, who) in calls:
-                entry[who] = {"seconds": wall[(r, who)], "peak_bytes": memory.get((r, who)),
+                entry[who] = {"seconds": cpu[(r, who)], "wall_seconds": wall[(r, who)],
+                              "peak_bytes": memory.get((r, who)),
                               "products": sorted(map(str, logs[who].get(r, ())))}
         if "peer" in entry:
             entry["peer"]["name"] = PEER[r]
