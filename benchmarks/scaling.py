@@ -38,7 +38,9 @@ per routine and tool.
     (curvlinops from PYTHONPATH, e.g. PYTHONPATH=/tmp/peers; a peer not installed is skipped)
 
 ``--resume``: the configurations already in ``--out`` are kept (the file is rewritten after each
-configuration), the others run; every row records the load average at its end.
+configuration), the others run; every row records the load average at its end. ``--report``:
+no measurement, the tables and exponents of the rows in ``--out`` (e.g. rows merged from runs
+of parts of the grid).
 
 ``--quick``: two small MLPs, 1 and 2 batches of 8 samples, small budgets, one round: a smoke
 test, not figures.
@@ -292,7 +294,7 @@ def resumed(args) -> list[dict]:
     """With ``--resume``: the rows already in ``--out`` (a run killed part way, or run at
     another time: each row keeps its own load in ``load_average``), if measured at the same
     budgets; else none."""
-    if not (args.resume and args.out and Path(args.out).exists()):
+    if not ((args.resume or args.report) and args.out and Path(args.out).exists()):
         return []
     record = json.loads(Path(args.out).read_text())
     if any(record["config"][k] != getattr(args, k) for k in BUDGETS):
@@ -310,7 +312,7 @@ def main() -> None:
     p.add_argument("--big-rounds", type=int, default=1)
     p.add_argument("--big", type=float, default=2e6,
                    help="parameters x batches above which --big-rounds are run")
-    p.add_argument("--memory-max", type=float, default=1e7,
+    p.add_argument("--memory-max", type=float, default=2e7,
                    help="parameters x batches up to which a memory (and warm-up) call is made")
     p.add_argument("--top-hvp", type=int, default=10)
     p.add_argument("--trace-hvp", type=int, default=12)
@@ -318,6 +320,8 @@ def main() -> None:
     p.add_argument("--grid", type=int, default=5)
     p.add_argument("--resume", action="store_true",
                    help="keep the configurations already in --out, run the others")
+    p.add_argument("--report", action="store_true",
+                   help="no measurement: the tables and exponents of the rows in --out")
     args = parse(p, quick={"sizes": [2e3, 1e4], "batches": [1, 2], "samples": 8, "rounds": 1,
                            "top_hvp": 4, "trace_hvp": 6, "lanczos": 4, "grid": 3})
     run = Recorder("scaling", args)
@@ -332,7 +336,7 @@ def main() -> None:
     for size in args.sizes:
         w = width_for(int(size))
         for b in args.batches:
-            if (count(w), b) in done:
+            if (count(w), b) in done or args.report:
                 continue
             row = run_config(w, b, args)
             rows.append(row)
