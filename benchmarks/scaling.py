@@ -11,8 +11,8 @@ for ours and its peer, so that times compare across sizes and tools:
 * ``hutch++`` / ``xtrace``: ours ``hessian_trace(n_hvp=12, method=...)``; curvlinops'
   ``hutchpp_trace`` / ``xtrace`` with 12 products (a multiple of 3 and of 2, as they require) on
   its ``HessianLinearOperator`` (``check_deterministic=False``: its check would add 2 products and
-  2 gradients). Ours spends
-  4 + 4 more products on a float32 model: its rounding floor (4 on the model, 4 on a float64 copy);
+  2 gradients). Ours spends 4 + 4 more products on a float32 model: its rounding floor (4 on the
+  model, 4 on a float64 copy);
 * ``spectral_density``: ours ``spectral_density(n_lanczos=10, n_vectors=1)``; PyHessian
   ``density(iter=10, n_v=1)``;
 * ``plane``: ours two ``random_direction`` draws (filter-normalised) and ``plane`` on a 5 x 5 grid;
