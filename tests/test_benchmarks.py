@@ -78,3 +78,33 @@ def test_landscape_quick_run_writes_results_and_environment(tmp_path):
     assert row["max_rel_diff"] < 1e-4  # ours and the peer at the same points
     assert len(row["ours"]) == 2 and len(row["peer"]) == 2 and len(row["bare"]) == 2
     assert row["targets"][0].startswith("faster than peer")
+
+
+@pytest.mark.slow
+def test_scaling_quick_run_spends_equal_products_and_fits_exponents(tmp_path):
+    out = tmp_path / "scaling.json"
+    done = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "scaling.py"), "--quick",
+                           "--threads", "1", "--out", str(out)],
+                          capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "| top_eigenvalues | 0.00206M | 1 |" in done.stdout
+    record = json.loads(out.read_text())
+    assert record["benchmark"] == "scaling" and record["config"]["quick"]
+    rows = record["results"]["rows"]
+    assert [(r["parameters"], r["batches"]) for r in rows] == [
+        (2058, 1), (2058, 2), (10099, 1), (10099, 2)]  # widths 15 and 52 of 100-w-w-10
+    for row in rows:
+        routines = row["routines"]
+        assert set(routines) == {"top_eigenvalues", "hutch++", "xtrace", "spectral_density",
+                                 "plane"}
+        assert routines["top_eigenvalues"]["ours"]["products"] == ["4"]
+        assert routines["spectral_density"]["ours"]["products"] == ["4"]
+        assert routines["plane"]["ours"]["products"] == ["9 points"]
+        assert routines["hutch++"]["ours"]["products"] == ["6 + 4 + 4 float64"]
+        for entry in routines.values():
+            assert entry["ours"]["seconds"] > 0 and entry["ours"]["peak_bytes"] > 0
+            if "peer" in entry:  # the peer at the same budget
+                assert entry["peer"]["products"][0].split(" + ")[0] == \
+                    entry["ours"]["products"][0].split(" + ")[0]
+    for fits in record["results"]["fits"].values():
+        assert set(fits["ours"]) == {"params", "batches", "const", "rms_log_residual"}
