@@ -93,7 +93,7 @@ def _apply(matmat: MatMat, rows: Tensor, chunk: int, bar) -> Tensor:
     return torch.cat(out)
 
 
-def _distinct_signs(m: int, n: int, gen, like: Tensor, space: Space) -> Tensor:
+def _distinct_signs(m: int, n: int, gen, like: Tensor, space: Space | None = None) -> Tensor:
     r"""$m$ Rademacher vectors, no two equal up to sign (redrawn from ``gen`` until distinct).
 
     In a few dimensions the $2^{n-1}$ sign classes ($z$ and $-z$ give the same probe value)
@@ -105,6 +105,7 @@ def _distinct_signs(m: int, n: int, gen, like: Tensor, space: Space) -> Tensor:
     has probability below $m^2 2^{-64}$ and the draws are used as they come (``space``'s
     columns of them; below, the few full rows are drawn and sliced).
     """
+    space = space or Space(n)
     if n > 64:
         return space.rademacher(m, gen, like=like)
     Z = rademacher((m, n), gen, like=like)
@@ -119,7 +120,8 @@ def _distinct_signs(m: int, n: int, gen, like: Tensor, space: Space) -> Tensor:
     return space.local(Z)
 
 
-def _sphere_residual(g: int, Q: Tensor, n: int, gen, like: Tensor, space: Space) -> Tensor:
+def _sphere_residual(g: int, Q: Tensor, n: int, gen, like: Tensor,
+                     space: Space | None = None) -> Tensor:
     r"""$g$ Gaussian probes projected off the sketch and scaled to norm $\sqrt{n - k}$.
 
     $w = \sqrt{n - k}\, P z / \|P z\|$ with $P = I - Q^\top Q$ of rank $n - k$: uniform on the
@@ -129,14 +131,15 @@ def _sphere_residual(g: int, Q: Tensor, n: int, gen, like: Tensor, space: Space)
     probes were neither: on $H = 2I$ in 6 dimensions their values coincided and Hutch++
     returned 14.0 with a stderr of 9e-15 (issue 30).
     """
+    space = space or Space(n)
     G = space.randn(g, gen, like=like).to(torch.float64)
     Q64 = Q.to(torch.float64)
     G = G - space.gram(G, Q64) @ Q64
     return (G * math.sqrt(n - len(Q)) / space.norm(G, dim=1)[:, None]).to(like)
 
 
-def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str, space: Space
-             ) -> TraceResult:
+def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str,
+             space: Space | None = None) -> TraceResult:
     r"""Hutch++ (a zero sketch makes it Hutchinson).
 
     Hutch++'s sketch $S$ is Gaussian (its range captures that of $H$ when
@@ -147,6 +150,7 @@ def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str, space: S
     """
     sketch = min(n_hvp // 3, n) if method == "hutch++" else 0
     g = n_hvp - 2 * sketch if sketch < n else 0  # a full sketch makes the trace exact
+    space = space or Space(n)
     exact, size, norm, Q = 0.0, 0.0, 0.0, like.new_zeros(0, space.n_local)
     if sketch:
         S = space.randn(sketch, gen, like=like)
@@ -269,7 +273,8 @@ def _xtrace_variance(t: Tensor, t2: Tensor) -> float:
     return max(s2m + cov, s2m)
 
 
-def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor, space: Space) -> TraceResult:
+def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor, space: Space | None = None
+            ) -> TraceResult:
     r"""XTrace (Epperly, Tropp & Webber 2024, Alg. 2), the exchangeable Hutch++.
 
     The mean of the $m$ Hutch++-type estimates $t_i = \mathrm{tr}(P_i H P_i) + w_i^\top
@@ -283,7 +288,7 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor, space: Space) -> Trace
     two coordinates, whose span $H$ leaves invariant.) A sketch numerically rank-deficient
     without an invariant range goes to :func:`_xtrace_degenerate`.
     """
-    m = min(n_hvp // 2, n)
+    m, space = min(n_hvp // 2, n), space or Space(n)
     W = space.randn(m, gen, like=like)
     Y = apply(W).to(torch.float64)
     W64 = W.to(torch.float64)
@@ -305,7 +310,7 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor, space: Space) -> Trace
         return _xtrace_degenerate(H, C, R, a, n, like, norm)
     G = torch.linalg.solve_triangular(R, torch.eye(m, dtype=R.dtype, device=R.device),
                                       upper=True).T
-    w2 = (W64 * W64).sum(1)
+    w2 = space.sum((W64 * W64).sum(1))
     t = _leave_one_out(H, C, R, a, G, w2, n)
     stderr = math.sqrt(_xtrace_variance(t, _leave_two_out(H, C, R, a, G, w2, n)))
     samples = t.cpu().numpy()
@@ -334,14 +339,16 @@ def _xtrace_degenerate(H: Tensor, C: Tensor, R: Tensor, a: Tensor, n: int, like:
     return TraceResult(float(samples.mean()), stderr, 2 * m, "xtrace", samples)
 
 
-def _norm_estimate(HV: Tensor, V: Tensor, space: Space) -> float:
+def _norm_estimate(HV: Tensor, V: Tensor, space: Space | None = None) -> float:
     r"""A lower estimate of $\|H\|_2$ from products made anyway: $\max_i \|H v_i\| / \|v_i\|$."""
     if len(V) == 0:
         return 0.0
+    space = space or Space(V.shape[1])
     return float((space.norm(HV, dim=1) / space.norm(V.to(HV), dim=1)).max())
 
 
-def _exact_trace(apply, n: int, like: Tensor, method: str, space: Space) -> TraceResult:
+def _exact_trace(apply, n: int, like: Tensor, method: str, space: Space | None = None
+                 ) -> TraceResult:
     r"""$\sum_i e_i^\top H e_i$ from the $n$ unit vectors, when the budget allows $n$ products.
 
     No estimator beats it: it is exact and spends at most ``n_hvp``. (Before, Hutch++ sketched
@@ -349,7 +356,7 @@ def _exact_trace(apply, n: int, like: Tensor, method: str, space: Space) -> Trac
     probes, whose values in so few dimensions can coincide: $H = 2I$ in 6 dimensions gave
     10.67 with a sample variance, hence stderr, of 0.)
     """
-    diag, norm = [], 0.0
+    diag, norm, space = [], 0.0, space or Space(n)
     for start in range(0, n, 256):
         rows = space.eye(start, min(start + 256, n), like=like)
         HE = apply(rows)
