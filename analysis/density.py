@@ -23,8 +23,9 @@ from torch import nn
 from tqdm.auto import trange
 
 from .core import (BatchSizeFn, check_bool, check_device, check_dtype, check_int, check_positive,
-                   guarded, LossFn, make_generator, ParamSelection, rademacher, records_metadata,
+                   guarded, LossFn, make_generator, ParamSelection, records_metadata,
                    register_result, renamed_keywords)
+from .core.space import Space
 from .curvature import curvature_operator
 from .lanczos import BASIS_DTYPES, Krylov
 from .preconditioning import Preconditioner
@@ -63,8 +64,8 @@ class DensityResult:
 def lanczos_quadrature(matmat, n: int, n_lanczos: int, n_vectors: int, *, seed: int = 0,
                        like: torch.Tensor, progress: bool = False,
                        basis_dtype: torch.dtype | None = None,
-                       basis_device: torch.device | str | None = None
-                       ) -> tuple[np.ndarray, np.ndarray, int]:
+                       basis_device: torch.device | str | None = None,
+                       space: Space | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Nodes and weights of stochastic Lanczos quadrature on any symmetric ``matmat``.
 
     Lin, Saad & Yang 2016, Eq. 3.8 (module docstring). If a run's Krylov space becomes
@@ -82,17 +83,21 @@ def lanczos_quadrature(matmat, n: int, n_lanczos: int, n_vectors: int, *, seed: 
         progress: Show a bar over the runs.
         basis_dtype: Dtype of the Lanczos basis (default ``like``'s).
         basis_device: Device of the Lanczos basis (default ``like``'s).
+        space: The vector space (:mod:`analysis.core.space`; default full vectors in one
+            process); with a sharded one the start vectors and the rows ``matmat`` takes and
+            returns are this rank's ``space.n_local`` columns of the one-process ones.
 
     Returns:
         ``(nodes, weights, n_hvp)``: numpy ``[n_vectors, m]`` each, and the products spent
         (``n_vectors * m``).
     """
-    gen = make_generator(seed)
+    gen, space = make_generator(seed), space or Space(n)
     m = min(n_lanczos, n)
     nodes, weights, n_hvp = np.zeros((n_vectors, m)), np.zeros((n_vectors, m)), 0
     for run in trange(n_vectors, desc="SLQ", disable=not progress, leave=False):
-        K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device)
-        K.start(rademacher((1, n), gen, like=like))
+        K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device,
+                   space=space)
+        K.start(space.rademacher(1, gen, like=like))
         for _ in range(m):
             K.extend(matmat)
         theta, Y = K.ritz()
@@ -195,7 +200,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
                                                    seed=seed, like=op.like,
                                                    progress=progress, basis_dtype=basis_dtype,
-                                                   basis_device=basis_device)
+                                                   basis_device=basis_device,
+                                                   space=getattr(op, "space", None))
     grid, density, sigma = smooth(nodes, weights, sigma, n_grid, log_scale)
     return DensityResult(grid, density, nodes, weights, sigma, log_scale, n_hvp,
                          curvature=op.curvature, preconditioned=op.preconditioned,

@@ -270,6 +270,8 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
     make = ShardedOperator if is_sharded(model) else HessianOperator
     op = make(model, loss_fn, data, params=params, model_mode=model_mode,
               batch_size_fn=batch_size_fn, progress=progress, hvp_method=hvp_method)
+    if make is ShardedOperator:  # its matmat takes local shards (the solvers' rows)
+        return op.full_matmat(v)
     if isinstance(v, Tensor) and v.dim() == 2:
         return op.matmat(v)
     return op.matvec(v)

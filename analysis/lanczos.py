@@ -30,8 +30,9 @@ from tqdm.auto import tqdm
 
 from .core import (all_finite, BatchSizeFn, check_choice, check_device, check_dtype, check_int,
                    check_positive, guarded, LossFn, make_generator, ParamSelection, product_eps,
-                   randn, records_metadata, register_result)
+                   records_metadata, register_result)
 from .core.progress import ConvergenceBar, batch_progress, gap
+from .core.space import Space
 from .curvature import curvature_operator
 from .operator import _asymmetry_message, CurvatureOperator
 from .preconditioning import Preconditioner
@@ -91,21 +92,29 @@ def _project_out(w: Tensor, basis: "Basis", m: int) -> Tensor:
 
     Classical Gram-Schmidt (all coefficients from the same ``w``); the basis may be in another
     dtype or on another device; returns the coefficients in ``w``'s dtype and device. With the
-    basis beside ``w``, no vector-sized temporary is made.
+    basis beside ``w``, no vector-sized temporary is made. The coefficients of all rows are
+    summed over the ranks in one all-reduce (``basis.space``).
     """
     parts = basis.rows(m)
     if not parts:
         return w.new_zeros(0)
     if parts[0].dtype != w.dtype or parts[0].device != w.device:
         x = w.to(parts[0])
-        hs = [part @ x for part in parts]
+        hs = _summed(basis.space, [part @ x for part in parts])
         for part, h in zip(parts, hs):
             w -= (part.T @ h).to(w)
         return torch.cat(hs).to(w)
-    hs = [part @ w for part in parts]
+    hs = _summed(basis.space, [part @ w for part in parts])
     for part, h in zip(parts, hs):
         w.addmv_(part.T, h, alpha=-1)
     return torch.cat(hs)
+
+
+def _summed(space: Space, hs: list[Tensor]) -> list[Tensor]:
+    """The partial coefficients ``hs`` summed over the ranks in one all-reduce (sharded)."""
+    if not space.sharded or not hs:
+        return hs
+    return list(torch.split(space.sum(torch.cat(hs)), [len(h) for h in hs]))
 
 
 class Basis:
@@ -116,18 +125,21 @@ class Basis:
 
     Args:
         capacity: Rows.
-        n: Row length.
+        n: Row length (``space.n_local``: this rank's columns of sharded vectors).
         head: Rows of the head (at most ``capacity``).
         dtype: The rows' dtype.
         device: The rows' device.
+        space: The vector space of the rows (default: full vectors in one process,
+            :class:`analysis.core.space.Space`).
     """
 
     def __init__(self, capacity: int, n: int, *, head: int, dtype: torch.dtype,
-                 device: torch.device | str):
+                 device: torch.device | str, space: Space | None = None):
         head = min(head, capacity)
         self.parts = [torch.empty(rows, n, dtype=dtype, device=device)
                       for rows in (head, capacity - head) if rows]
         self.dtype, self.device = dtype, device
+        self.space = space or Space(n)
 
     def rows(self, m: int) -> list[Tensor]:
         """Views of rows ``[0, m)``.
@@ -239,18 +251,18 @@ def _orthogonalise(block: Tensor, basis: Basis, m: int, gen: torch.Generator,
     Returns:
         ``(Q, C)``: ``[b', n]`` orthonormal rows (``b' <= b``) and ``[m + b', b]``.
     """
-    b = block.shape[0]
+    b, space = block.shape[0], basis.space
     coef = torch.zeros(m + b, b, dtype=block.dtype, device=block.device)
     out, keep = block, []
     for i in range(b):
         w, done = out[i], (out[:i] if len(keep) == i else out[keep])  # a view unless dropped
-        before = norm = torch.linalg.vector_norm(w)
+        before = norm = space.norm(w)
         for _ in range(2):  # twice is enough (Giraud et al. 2005)
             coef[:m, i] += _project_out(w, basis, m)
-            g = done @ w
+            g = space.gram(done, w) if len(done) else done @ w
             w.addmv_(done.T, g, alpha=-1)
             coef[m + torch.tensor(keep, dtype=torch.long, device=coef.device), i] += g
-            norm, previous = torch.linalg.vector_norm(w), norm
+            norm, previous = space.norm(w), norm
             if norm > DGKS * previous:  # little was removed: one pass is orthogonal to rounding
                 break
         coef[m + i, i] = norm
@@ -277,12 +289,13 @@ def _replace(w: Tensor, basis: Basis, m: int, done: Tensor, gen: torch.Generator
 
     Zero when no such vector exists to rounding (it vanishes too): the space is full.
     """
-    w.copy_(randn(w.shape, gen, like=w))
-    before = torch.linalg.vector_norm(w)
+    space = basis.space
+    w.copy_(space.randn(1, gen, like=w)[0])
+    before = space.norm(w)
     for _ in range(2):
         _project_out(w, basis, m)
-        w.addmv_(done.T, done @ w, alpha=-1)
-    norm = torch.linalg.vector_norm(w)
+        w.addmv_(done.T, space.gram(done, w) if len(done) else done @ w, alpha=-1)
+    norm = space.norm(w)
     return norm.new_zeros(()) if _vanished(norm, before) else norm
 
 
@@ -292,21 +305,27 @@ def _count(events: dict | None, key: str) -> None:
         events[key] = events.get(key, 0) + 1
 
 
-def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: Tensor) -> Tensor:
-    """Rows of ``v0`` folded onto ``b`` rows (row i added to row i mod b), random otherwise."""
-    block = randn((b, n), gen, like=like)
+def _start_block(v0: Tensor | None, n: int, b: int, gen: torch.Generator, like: Tensor,
+                 space: Space | None = None) -> Tensor:
+    """Rows of ``v0`` folded onto ``b`` rows (row i added to row i mod b), random otherwise.
+
+    The rows have ``space.n_local`` columns (``n`` in one process), as must ``v0``'s.
+    """
+    space = space or Space(n)
+    block = space.randn(b, gen, like=like)
     if v0 is not None:
         if not isinstance(v0, Tensor):
             raise ValueError(f"v0 must be a tensor of shape [n] or [r, n], got {type(v0).__name__}")
         v0 = v0 if v0.dim() == 2 else v0.reshape(1, -1)
-        if v0.shape[1] != n:
-            raise ValueError(f"v0 must have {n} columns (the number of selected parameter "
-                             f"elements), got shape {tuple(v0.shape)}")
+        if v0.shape[1] != space.n_local:
+            raise ValueError(f"v0 must have {space.n_local} columns (the number of selected "
+                             f"parameter elements{' on this rank' if space.sharded else ''}), got "
+                             f"shape {tuple(v0.shape)}")
         if not all_finite(v0):
             raise ValueError("v0 must be finite (it holds NaN or inf)")
         folded = torch.zeros_like(block)
         folded.index_add_(0, torch.arange(len(v0), device=like.device) % b, v0.to(like))
-        given = torch.linalg.vector_norm(folded, dim=1) > 0
+        given = space.norm(folded, dim=1) > 0
         block[given] = folded[given]
     return block
 
@@ -328,13 +347,16 @@ class Krylov:
         head: Rows that :meth:`vectors` may return.
         basis_dtype: Dtype of ``V`` (default ``like``'s).
         basis_device: Device of ``V`` (default ``like``'s).
+        space: The vector space (default full vectors, :class:`analysis.core.space.Space`):
+            rows of ``space.n_local`` columns, inner products summed over its ranks.
     """
 
     def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator, *,
                  head: int = 0, basis_dtype: torch.dtype | None = None,
-                 basis_device: torch.device | str | None = None):
-        self.V = Basis(capacity, n, head=head, dtype=basis_dtype or like.dtype,
-                       device=basis_device or like.device)
+                 basis_device: torch.device | str | None = None, space: Space | None = None):
+        self.space = space or Space(n)
+        self.V = Basis(capacity, self.space.n_local, head=head, dtype=basis_dtype or like.dtype,
+                       device=basis_device or like.device, space=self.space)
         self.capacity, self.n, self.replaced = capacity, n, 0
         # the symmetry screen (:meth:`_screen`): the coupling <Q, H V[lo:]> the next block's
         # products must reproduce as <V[lo:], H Q>, the largest product norm seen, the
@@ -505,7 +527,7 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             v0: Tensor | None = None, seed: int = 0, like: Tensor, progress: bool = False,
             basis_dtype: torch.dtype | None = None, basis_device: torch.device | str | None = None,
             product_dtype: torch.dtype | None = None,
-            symmetry: Callable[[Tensor, float], None] | None = None
+            symmetry: Callable[[Tensor, float], None] | None = None, space: Space | None = None
             ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     r"""Block Lanczos with full reorthogonalisation and thick restart on any symmetric ``matmat``.
 
@@ -569,6 +591,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
             raises when the gap is reproduced (:func:`top_eigenvalues` reports it as the
             operator's symmetry probe does); when it returns, its 2 products are counted and
             the screen stops. Without it, the screen raises a ``RuntimeError`` itself.
+        space: The vector space (:mod:`analysis.core.space`; default full vectors in one
+            process). With a sharded space every vector, ``v0``, the rows ``matmat`` takes and
+            returns and ``U`` hold this rank's ``space.n_local`` columns.
 
     Returns:
         ``(theta, U, residuals, n_hvp, converged)``: the ``k`` Ritz values in ``which`` order,
@@ -591,9 +616,10 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     test = _Test(k, which, max(tol, 50 * eps), eps,
                  product_eps(product_dtype) if product_dtype else 0.0)
     gen = make_generator(seed)
-    K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device)
+    K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device,
+               space=space)
     K.symmetry, K.sym_tol, K.screening = symmetry, 30 * math.sqrt(max(eps, test.noise)), True
-    K.start(_start_block(v0, n, b, gen, like))
+    K.start(_start_block(v0, n, b, gen, like, K.space))
     bar = ConvergenceBar(budget, "lanczos", disable=not progress,
                          after=_SEARCH_STEPS * 2 * b if k >= 2 else 0)  # the search, _settled
     try:
@@ -607,8 +633,8 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     if not product_dtype or not product_eps(product_dtype):
         return theta[pick], U, resid[pick], K.n_hvp, ok
     floor = 50 * eps * theta.abs().max()
-    measured = torch.linalg.vector_norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U,
-                                        dim=1).to(torch.float64)
+    measured = K.space.norm(matmat(U).to(U) - theta[pick].to(U)[:, None] * U,
+                            dim=1).to(torch.float64)
     ok = measured <= torch.clamp(test.rel * theta[pick].abs(), min=floor)
     if not bool(ok.all()):
         worst = float((measured / theta[pick].abs().clamp_min(floor)).max())
@@ -755,7 +781,7 @@ def _new_start(K: Krylov, theta: Tensor, Y: Tensor, keep: Tensor, b: int) -> Non
     K.restart(theta, Y, keep)
     if K.replaced >= len(K.Q):
         return
-    fresh = randn((b, K.n), K.gen, like=K.like)
+    fresh = K.space.randn(b, K.gen, like=K.like)
     if K.m + len(K.Q) + b <= K.capacity:
         K.start(torch.cat([K.Q, fresh]), carried=len(K.Q))
     else:
@@ -828,7 +854,7 @@ def _confirm_asymmetry(op: CurvatureOperator, vs: Tensor, bound: float) -> None:
 
 def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_iter: int = 100,
                     max_hvp: int | None = None, v0: Tensor | None = None, seed: int = 0,
-                    like: Tensor, progress: bool = False
+                    like: Tensor, progress: bool = False, space: Space | None = None
                     ) -> tuple[Tensor, Tensor, Tensor, int, bool]:
     r"""Deflated power iteration (PyHessian's, Yao et al. 2020), kept for comparison.
 
@@ -853,6 +879,7 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
         seed: Seed of the random start.
         like: A tensor of the vectors' dtype and device.
         progress: Show a bar over the pairs.
+        space: The vector space (as :func:`lanczos`).
 
     Returns:
         ``(theta, U, residuals, n_hvp, converged)`` as :func:`lanczos`, by descending
@@ -862,8 +889,8 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
     Raises:
         ValueError: When ``max_hvp`` leaves no product for some pair.
     """
-    gen = make_generator(seed)
-    start = _start_block(v0, n, k, gen, like)
+    gen, space = make_generator(seed), space or Space(n)
+    start = _start_block(v0, n, k, gen, like, space)
     vecs, vals, res, missed = [], [], [], []
     n_hvp, scale = 0, 0.0
     budget = max_hvp if max_hvp is not None else k * max_iter
@@ -872,7 +899,8 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
         if steps < 1:
             break
         found = torch.stack(vecs) if vecs else start[:0]
-        lam, u, r, used, ok, scale = _power_pair(matmat, start[i], found, steps, tol, scale, gen)
+        lam, u, r, used, ok, scale = _power_pair(matmat, start[i], found, steps, tol, scale, gen,
+                                                 space)
         n_hvp += used
         vecs.append(u)
         vals.append(lam)
@@ -894,7 +922,8 @@ def power_iteration(matmat: MatMat, n: int, k: int, *, tol: float = 1e-3, max_it
 
 
 def _power_pair(matmat: MatMat, v: Tensor, found: Tensor, steps: int, tol: float, scale: float,
-                gen: torch.Generator) -> tuple[float, Tensor, float, int, bool, float]:
+                gen: torch.Generator, space: Space
+                ) -> tuple[float, Tensor, float, int, bool, float]:
     """One pair of :func:`power_iteration`, orthogonal to the rows of ``found``.
 
     Returns:
@@ -905,49 +934,50 @@ def _power_pair(matmat: MatMat, v: Tensor, found: Tensor, steps: int, tol: float
 
     def off(x: Tensor) -> Tensor:
         for _ in range(2):
-            x = x - found.T @ (found @ x)
+            x = x - found.T @ (space.gram(found, x) if len(found) else found @ x)
         return x
 
     v = off(v)
-    if not bool(torch.linalg.vector_norm(v) > 0):  # a start inside the pairs found
-        v = off(randn(v.shape, gen, like=v))
-    v, prev = v / torch.linalg.vector_norm(v), None
+    if not bool(space.norm(v) > 0):  # a start inside the pairs found
+        v = off(space.randn(1, gen, like=v)[0])
+    v, prev = v / space.norm(v), None
     for step in range(1, steps + 1):
         hv = matmat(v.unsqueeze(0))[0]
-        scale = max(scale, torch.linalg.vector_norm(hv).item())
-        lam, u, r = _two_vector_ritz(prev, v, hv)
+        scale = max(scale, space.norm(hv).item())
+        lam, u, r = _two_vector_ritz(prev, v, hv, space)
         ok = r <= max(tol * abs(lam), floor * scale)
         w = off(hv)
-        wn = torch.linalg.vector_norm(w)
+        wn = space.norm(w)
         if ok or not bool(wn > floor * scale):
             return lam, u, r, step, ok or r <= floor * scale, scale
         prev, v = (v, hv), w / wn
     return lam, u, r, steps, False, scale
 
 
-def _two_vector_ritz(prev: tuple[Tensor, Tensor] | None, v: Tensor, hv: Tensor
-                     ) -> tuple[float, Tensor, float]:
+def _two_vector_ritz(prev: tuple[Tensor, Tensor] | None, v: Tensor, hv: Tensor,
+                     space: Space | None = None) -> tuple[float, Tensor, float]:
     """The Ritz pair of largest magnitude in ``span(prev[0], v)`` (``hv`` is ``H v``).
 
     Returns:
         ``(theta, u, ||H u - theta u||)``; the Rayleigh quotient of ``v`` without ``prev`` or
         when ``v`` is parallel to it.
     """
+    space = space or Space(len(v))
     q, hq = [v], [hv]
     if prev is not None:
-        c = torch.dot(prev[0], v)
+        c = space.dot(prev[0], v)
         w = v - c * prev[0]
-        wn = torch.linalg.vector_norm(w)
+        wn = space.norm(w)
         if wn > math.sqrt(torch.finfo(v.dtype).eps):
             q, hq = [prev[0], w / wn], [prev[1], (hv - c * prev[1]) / wn]
     Q, HQ = torch.stack(q), torch.stack(hq)
-    T = (Q @ HQ.T).to(torch.float64)
+    T = space.gram(Q, HQ).to(torch.float64)
     theta, Y = torch.linalg.eigh((T + T.T) / 2)
     i = int(torch.argmax(theta.abs()))
     y = Y[:, i].to(Q)
     u, hu = y @ Q, y @ HQ
     lam = theta[i].item()
-    return lam, u, torch.linalg.vector_norm(hu - lam * u).item()
+    return lam, u, space.norm(hu - lam * u).item()
 
 
 @records_metadata
@@ -1051,15 +1081,17 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     symmetry = partial(_confirm_asymmetry, op) if isinstance(op, CurvatureOperator) else None
     if symmetry and block_size == 1 and op._probe is None:
         op._probe = False  # its probe needs two vectors; the Lanczos screen checks every product
+    space = getattr(op, "space", None)  # FSDP2: this rank's shards (analysis.core.space)
     with op:
         if method == "lanczos":
             out = lanczos(op.matmat, n, k, which=which, tol=tol, max_hvp=max_hvp,
                           block_size=block_size, max_basis=max_basis, v0=v0, seed=seed,
                           like=op.like, progress=progress, basis_dtype=basis_dtype,
-                          basis_device=basis_device, product_dtype=op.dtype, symmetry=symmetry)
+                          basis_device=basis_device, product_dtype=op.dtype, symmetry=symmetry,
+                          space=space)
         else:
             out = power_iteration(op.matmat, n, k, tol=tol, max_hvp=max_hvp, v0=v0, seed=seed,
-                                  like=op.like, progress=progress)
+                                  like=op.like, progress=progress, space=space)
     theta, U, resid, n_hvp, ok = out
     U = op.hand_back(U.detach()) if hasattr(op, "hand_back") else U.detach()  # FSDP2: shards
     return EigenResult(theta.cpu().numpy(), U, resid.cpu().numpy(), n_hvp, ok,

@@ -56,11 +56,13 @@ from .core import (all_finite, all_reduce_sum_, BatchSizeFn, check_choice, check
                    ParamSelection, preserved, select_params, unflatten, working_dtype)
 from .core.sharding import (full_values, is_dtensor, is_sharded, refuse_sharded, REFUSAL,
                             sample_counts, shard_like)
+from .core.space import ShardedSpace
 from .finite_difference import check_fd_policy, dot, FiniteDifference, Pieces
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
     from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor, Partial, Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
 except ImportError:  # pragma: no cover - torch without torch.distributed
     FSDPModule = DTensor = None
 
@@ -655,8 +657,35 @@ def sharded_fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, d
     return fd.combine(diffs, steps)
 
 
+def sharded_space(params: Sequence[Tensor]) -> ShardedSpace:
+    """The solvers' vector space of sharded vectors placed like ``params``.
+
+    A local row is the concatenation, in ``params`` order, of this rank's shards
+    (:meth:`ShardedHessian.local`); under ``Shard(0)`` each is one contiguous range of its
+    parameter's flattened elements in the full flat vector (:mod:`analysis.core.space`).
+
+    Args:
+        params: DTensors sharded ``Shard(0)`` over a 1-D mesh of all ranks
+            (:func:`check_sharded`).
+
+    Returns:
+        The space (``n`` the full length, ``n_local`` this rank's).
+    """
+    ranges, offset = [], 0
+    for p in params:
+        local = p.to_local()
+        shape, start = compute_local_shape_and_global_offset(p.shape, p.device_mesh,
+                                                             p.placements)
+        if local.numel():
+            first = offset + start[0] * (p.numel() // p.shape[0])
+            ranges.append((first, first + local.numel()))
+        offset += p.numel()
+    mesh = params[0].device_mesh
+    return ShardedSpace(offset, ranges, rank=mesh.get_local_rank(), world=mesh.size())
+
+
 class ShardedOperator:
-    r"""The Hessian of a ``fully_shard`` model as the routines' operator (full flat vectors).
+    r"""The Hessian of a ``fully_shard`` model as the routines' operator (on local shards).
 
     What :func:`analysis.top_eigenvalues`, :func:`analysis.hessian_trace` and
     :func:`analysis.spectral_density` build for a sharded model (through
@@ -664,9 +693,12 @@ class ShardedOperator:
     :class:`~analysis.operator.CurvatureOperator` (``matmat``/``matvec`` on flat vectors in
     ``names`` order, ``shape``, ``like``, ``with`` blocks), each product computed on shards by
     :class:`ShardedHessian` (``hvp_method="reverse"``) or by finite differences through the
-    FSDP2 backward (``"finite_difference"``). The vectors it takes and returns are full and
-    the same on every rank (so the solvers run unchanged and every rank gets the one-process
-    answer); :meth:`hand_back` shards the vectors a routine returns.
+    FSDP2 backward (``"finite_difference"``). The vectors it takes and returns are this rank's
+    local shards (``[b, n_local]`` rows, :meth:`ShardedHessian.local`): the solvers run in
+    :attr:`space` (:mod:`analysis.core.space`: inner products all-reduced, random vectors
+    sliced from the one-process ones), so no rank holds a full parameter-sized vector and every
+    rank gets the one-process answer; :meth:`hand_back` turns the rows a routine returns into
+    DTensors placed like the parameters, :meth:`take` turns them back into rows.
 
     Args:
         model: A ``fully_shard`` model.
@@ -680,6 +712,11 @@ class ShardedOperator:
         preconditioner: Must be None (not supported on sharded models yet).
         fd_richardson: As :class:`analysis.HessianOperator`.
         fd_step: As :class:`analysis.HessianOperator`.
+
+    Attributes:
+        space: The solvers' vector space (:func:`sharded_space`); any operator on sharded
+            vectors provides one under this name.
+        shape: ``(n, n)``, ``n`` the full number of selected elements.
 
     Raises:
         NotImplementedError: A preconditioner or ``hvp_method="forward"``.
@@ -711,6 +748,7 @@ class ShardedOperator:
         self.dtype = self.params[0].dtype
         self.device = self.params[0].to_local().device
         self.like = torch.empty((), dtype=working_dtype(self.dtype), device=self.device)
+        self.space = sharded_space(self.params)
         self.n_hvp = 0
 
     def __enter__(self) -> "ShardedOperator":
@@ -720,68 +758,106 @@ class ShardedOperator:
         return None
 
     def matmat(self, vs: Tensor) -> Tensor:
-        """``H v`` for each row of ``vs``, full vectors the same on every rank.
+        """``H v`` for each row of ``vs``, this rank's local shards of the vectors.
 
         Args:
-            vs: ``[b, n]``.
+            vs: ``[b, n_local]`` (``space.n_local``), rows of :meth:`ShardedHessian.local`.
 
         Returns:
-            ``[b, n]``, the same on every rank.
+            ``[b, n_local]``, the products' local shards.
 
         Raises:
-            ValueError: ``vs`` is not ``[b, n]`` or not finite.
+            ValueError: ``vs`` is not ``[b, n_local]`` or not finite (on any rank).
         """
-        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != self.shape[0]:
-            raise ValueError(f"vectors must have shape [b, {self.shape[0]}] (the number of "
-                             "selected parameter elements)")
+        n_local = self.space.n_local
+        if not isinstance(vs, Tensor) or vs.dim() != 2 or vs.shape[1] != n_local:
+            raise ValueError(f"vectors must have shape [b, {n_local}] (this rank's local shards "
+                             f"of the {self.shape[0]} selected parameter elements)")
         if not all_finite(vs):
             raise ValueError("vectors must be finite (they hold NaN or inf)")
-        vectors = [self.engine.distribute(v) for v in vs.to(self.device, self.dtype)]
+        products = self._products([self.engine.sharded(v) for v in vs.to(self.device, self.dtype)])
+        if not products:
+            return vs.new_zeros(vs.shape, dtype=self.like.dtype)
+        return torch.stack([self.engine.local(p) for p in products]).to(self.like.dtype)
+
+    def full_matmat(self, vs: Tensor) -> Tensor:
+        """``H v`` for full vectors, the same on every rank (``analysis.hvp``'s interface).
+
+        Each rank holds the full vectors and products here (the caller gave them); the
+        routines use :meth:`matmat` on local shards instead.
+
+        Args:
+            vs: ``[b, n]`` or one vector ``[n]``.
+
+        Returns:
+            The products, shaped like ``vs``, the same on every rank.
+
+        Raises:
+            ValueError: ``vs`` is not ``[n]`` or ``[b, n]``, or not finite.
+        """
+        n = self.shape[0]
+        if not isinstance(vs, Tensor) or vs.dim() not in (1, 2) or vs.shape[-1] != n:
+            raise ValueError(f"vectors must have shape [b, {n}] or [{n}] (the number of selected "
+                             "parameter elements)")
+        if not all_finite(vs):
+            raise ValueError("vectors must be finite (they hold NaN or inf)")
+        rows = vs.reshape(-1, n).to(self.device, self.dtype)
+        products = self._products([self.engine.distribute(v) for v in rows])
+        out = torch.stack([torch.cat([h.full_tensor().reshape(-1) for h in p])
+                           for p in products]).to(self.like.dtype)
+        return out.reshape(vs.shape)
+
+    def _products(self, vectors: list[Pieces]) -> list[Pieces]:
+        """The products of sharded vectors, exact or by finite differences; counted."""
         if self.fd is None:
             products = self.engine.matmat(vectors)
         else:
             e = self.engine
             products = sharded_fd_matmat(self.fd, e.model, e.loss_fn, e.data, vectors,
                                          model_mode=e.model_mode, counts=e.counts())
-        self.n_hvp += len(vs)
-        return torch.stack([torch.cat([h.full_tensor().reshape(-1) for h in p])
-                            for p in products]).to(self.like.dtype)
+        self.n_hvp += len(vectors)
+        return products
 
     def matvec(self, v: Tensor) -> Tensor:
-        """``H v`` for one full vector.
+        """``H v`` for one vector's local shards.
 
         Args:
-            v: 1-D, ``n`` elements.
+            v: 1-D, ``n_local`` elements.
 
         Returns:
-            1-D.
+            1-D, the product's local shards.
         """
         return self.matmat(v.reshape(1, -1))[0]
 
     def hand_back(self, U: Tensor) -> list[Pieces]:
-        """Full vectors (rows of ``U``) as sharded vectors placed like the parameters.
+        """Rows of local shards (``[k, n_local]``) as sharded vectors placed like the parameters.
 
         Args:
-            U: ``[k, n]``.
+            U: ``[k, n_local]`` (a routine's result in :attr:`space`).
 
         Returns:
-            ``k`` lists of DTensors (``full_tensor()`` gives each piece unsharded).
+            ``k`` lists of DTensors in the parameters' dtype (``full_tensor()`` gives each
+            piece unsharded).
         """
-        return [self.engine.distribute(u) for u in U]
+        return [self.engine.sharded(u.to(self.dtype).clone()) for u in U]
 
     def take(self, vectors: Tensor | Sequence[Pieces] | None) -> Tensor | None:
-        """Sharded vectors (as :meth:`hand_back` returns them) as full rows; tensors as given.
+        """Vectors given to a routine (``v0``) as rows of this rank's local shards.
 
         Args:
-            vectors: None, a tensor, or a list of sharded vectors.
+            vectors: None, full vectors (``[n]`` or ``[k, n]``, the same on every rank, in
+                ``names`` order), or a list of sharded vectors (as :meth:`hand_back` returns).
 
         Returns:
-            None, the tensor, or ``[k, n]`` full rows (the same on every rank).
+            None, or ``[k, n_local]`` rows (a full tensor of another length is returned as
+            given, for the routine's check to name).
         """
-        if vectors is None or isinstance(vectors, Tensor):
+        if vectors is None:
             return vectors
-        return torch.stack([torch.cat([v.full_tensor().reshape(-1) for v in u])
-                            for u in vectors])
+        if isinstance(vectors, Tensor):
+            rows = vectors if vectors.dim() == 2 else vectors.reshape(1, -1)
+            return self.space.local(rows) if rows.shape[-1] == self.shape[0] else vectors
+        return torch.stack([self.engine.local(u) for u in vectors])
 
     def product_metadata(self) -> dict:
         """``{"hvp": ..., "sharded": True}``: how the products were computed.
@@ -796,7 +872,8 @@ class ShardedOperator:
 
 
 __all__ = ["is_sharded", "refuse_sharded", "check_sharded", "fsdp_units", "sample_counts",
-           "ShardedHessian", "ShardedOperator", "sharded_gradient", "sharded_fd_matmat", "dot",
+           "ShardedHessian", "ShardedOperator", "sharded_space", "sharded_gradient",
+           "sharded_fd_matmat", "dot",
            "functional_copy", "norms_squared",
            "ShardedLoss",
            "ShardedPerturbedLoss"]

@@ -41,9 +41,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from .core.progress import batch_progress
+from .core.space import Space
 
 from .core import (BatchSizeFn, check_choice, check_int, guarded, LossFn, make_generator,
-                   is_sharded, ParamSelection, rademacher, randn, records_metadata,
+                   is_sharded, ParamSelection, rademacher, records_metadata,
                    register_result, select_params, unwrap_compiled)
 from .curvature import curvature_operator
 from .preconditioning import Preconditioner
@@ -92,7 +93,7 @@ def _apply(matmat: MatMat, rows: Tensor, chunk: int, bar) -> Tensor:
     return torch.cat(out)
 
 
-def _distinct_signs(m: int, n: int, gen, like: Tensor) -> Tensor:
+def _distinct_signs(m: int, n: int, gen, like: Tensor, space: Space | None = None) -> Tensor:
     r"""$m$ Rademacher vectors, no two equal up to sign (redrawn from ``gen`` until distinct).
 
     In a few dimensions the $2^{n-1}$ sign classes ($z$ and $-z$ give the same probe value)
@@ -101,10 +102,14 @@ def _distinct_signs(m: int, n: int, gen, like: Tensor) -> Tensor:
     Drawn without repetition, each probe is still uniform (the mean stays unbiased) and the
     variance of the mean is the finite-population one, $(1 - m/N)\, s^2 / m$ with
     $N = 2^{n-1}$ (Cochran 1977, Thm. 2.2; :func:`_hutchpp`). Beyond 64 dimensions a repeat
-    has probability below $m^2 2^{-64}$ and the draws are used as they come.
+    has probability below $m^2 2^{-64}$ and the draws are used as they come (``space``'s
+    columns of them; below, the few full rows are drawn and sliced).
     """
+    space = space or Space(n)
+    if n > 64:
+        return space.rademacher(m, gen, like=like)
     Z = rademacher((m, n), gen, like=like)
-    while n <= 64:
+    while True:
         seen, repeats = set(), []
         for i, row in enumerate((Z * Z[:, :1]).tolist()):
             key = tuple(row)
@@ -112,10 +117,11 @@ def _distinct_signs(m: int, n: int, gen, like: Tensor) -> Tensor:
         if not repeats:
             break
         Z[repeats] = rademacher((len(repeats), n), gen, like=like)
-    return Z
+    return space.local(Z)
 
 
-def _sphere_residual(g: int, Q: Tensor, n: int, gen, like: Tensor) -> Tensor:
+def _sphere_residual(g: int, Q: Tensor, n: int, gen, like: Tensor,
+                     space: Space | None = None) -> Tensor:
     r"""$g$ Gaussian probes projected off the sketch and scaled to norm $\sqrt{n - k}$.
 
     $w = \sqrt{n - k}\, P z / \|P z\|$ with $P = I - Q^\top Q$ of rank $n - k$: uniform on the
@@ -125,13 +131,15 @@ def _sphere_residual(g: int, Q: Tensor, n: int, gen, like: Tensor) -> Tensor:
     probes were neither: on $H = 2I$ in 6 dimensions their values coincided and Hutch++
     returned 14.0 with a stderr of 9e-15 (issue 30).
     """
-    G = randn((g, n), gen, like=like).to(torch.float64)
+    space = space or Space(n)
+    G = space.randn(g, gen, like=like).to(torch.float64)
     Q64 = Q.to(torch.float64)
-    G = G - (G @ Q64.T) @ Q64
-    return (G * math.sqrt(n - len(Q)) / G.norm(dim=1, keepdim=True)).to(like)
+    G = G - space.gram(G, Q64) @ Q64
+    return (G * math.sqrt(n - len(Q)) / space.norm(G, dim=1)[:, None]).to(like)
 
 
-def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> TraceResult:
+def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str,
+             space: Space | None = None) -> TraceResult:
     r"""Hutch++ (a zero sketch makes it Hutchinson).
 
     Hutch++'s sketch $S$ is Gaussian (its range captures that of $H$ when
@@ -142,21 +150,23 @@ def _hutchpp(apply, n: int, n_hvp: int, gen, like: Tensor, method: str) -> Trace
     """
     sketch = min(n_hvp // 3, n) if method == "hutch++" else 0
     g = n_hvp - 2 * sketch if sketch < n else 0  # a full sketch makes the trace exact
-    exact, size, norm, Q = 0.0, 0.0, 0.0, like.new_zeros(0, n)
+    space = space or Space(n)
+    exact, size, norm, Q = 0.0, 0.0, 0.0, like.new_zeros(0, space.n_local)
     if sketch:
-        S = randn((sketch, n), gen, like=like)
+        S = space.randn(sketch, gen, like=like)
         HS = apply(S)
-        Q = torch.linalg.qr(HS.T.to(torch.float64))[0].T.to(like)
-        parts = (Q.to(torch.float64) * apply(Q)).sum(1)
-        exact, size, norm = float(parts.sum()), float(parts.abs().sum()), _norm_estimate(HS, S)
-        G = _sphere_residual(g, Q, n, gen, like)
+        Q = space.qr(HS.to(torch.float64))[0].to(like)
+        parts = space.sum((Q.to(torch.float64) * apply(Q)).sum(1))
+        exact, size = float(parts.sum()), float(parts.abs().sum())
+        norm = _norm_estimate(HS, S, space)
+        G = _sphere_residual(g, Q, n, gen, like, space)
         population = math.inf
     else:
-        G = _distinct_signs(g, n, gen, like)
+        G = _distinct_signs(g, n, gen, like, space)
         population = 2.0 ** (n - 1) if n <= 64 else math.inf  # 2^(n-1) sign classes
     HG = apply(G)
-    samples = (G.to(torch.float64) * HG).sum(1).cpu().numpy()
-    norm = max(norm, _norm_estimate(HG, G))
+    samples = space.sum((G.to(torch.float64) * HG).sum(1)).cpu().numpy()
+    norm = max(norm, _norm_estimate(HG, G, space))
     floor = rounding_stderr(size + float(np.abs(samples).mean()) if g else size, n, like, norm)
     if g == 0:
         return TraceResult(exact, floor, 2 * sketch, method, samples)
@@ -263,7 +273,8 @@ def _xtrace_variance(t: Tensor, t2: Tensor) -> float:
     return max(s2m + cov, s2m)
 
 
-def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
+def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor, space: Space | None = None
+            ) -> TraceResult:
     r"""XTrace (Epperly, Tropp & Webber 2024, Alg. 2), the exchangeable Hutch++.
 
     The mean of the $m$ Hutch++-type estimates $t_i = \mathrm{tr}(P_i H P_i) + w_i^\top
@@ -277,29 +288,29 @@ def _xtrace(apply, n: int, n_hvp: int, gen, like: Tensor) -> TraceResult:
     two coordinates, whose span $H$ leaves invariant.) A sketch numerically rank-deficient
     without an invariant range goes to :func:`_xtrace_degenerate`.
     """
-    m = min(n_hvp // 2, n)
-    W = randn((m, n), gen, like=like)
+    m, space = min(n_hvp // 2, n), space or Space(n)
+    W = space.randn(m, gen, like=like)
     Y = apply(W).to(torch.float64)
     W64 = W.to(torch.float64)
-    Q, R = torch.linalg.qr(Y.T)
-    Z = apply(Q.T.to(like)).to(torch.float64)
-    H = Q.T @ Z.T
+    Q, R = space.qr(Y)  # orthonormal rows: the columns of the paper's Q
+    Z = apply(Q.to(like)).to(torch.float64)
+    H = space.gram(Q, Z)
     H = (H + H.T) / 2
-    C, a = Q.T @ W64.T, (W64 * Y).sum(1)
-    norm = _norm_estimate(Y, W64)
+    C, a = space.gram(Q, W64), space.sum((W64 * Y).sum(1))
+    norm = _norm_estimate(Y, W64, space)
     U, sv, _ = torch.linalg.svd(R)
     rank = int((sv > sv[0] * m * torch.finfo(torch.float64).eps * 10).sum())
     if rank < m:
         Ur = U[:, :rank]
         inside = Ur.T @ H @ Ur
-        if torch.linalg.norm(Z.T @ Ur - Q @ Ur @ inside) <= 1e-8 * torch.linalg.norm(Z):
+        if space.norm(Ur.T @ Z - inside.T @ Ur.T @ Q) <= 1e-8 * space.norm(Z):
             exact = float(torch.trace(inside))
             floor = rounding_stderr(float(torch.diagonal(inside).abs().sum()), n, like, norm)
             return TraceResult(exact, floor, 2 * m, "xtrace", np.full(m, exact))
         return _xtrace_degenerate(H, C, R, a, n, like, norm)
     G = torch.linalg.solve_triangular(R, torch.eye(m, dtype=R.dtype, device=R.device),
                                       upper=True).T
-    w2 = (W64 * W64).sum(1)
+    w2 = space.sum((W64 * W64).sum(1))
     t = _leave_one_out(H, C, R, a, G, w2, n)
     stderr = math.sqrt(_xtrace_variance(t, _leave_two_out(H, C, R, a, G, w2, n)))
     samples = t.cpu().numpy()
@@ -328,14 +339,16 @@ def _xtrace_degenerate(H: Tensor, C: Tensor, R: Tensor, a: Tensor, n: int, like:
     return TraceResult(float(samples.mean()), stderr, 2 * m, "xtrace", samples)
 
 
-def _norm_estimate(HV: Tensor, V: Tensor) -> float:
+def _norm_estimate(HV: Tensor, V: Tensor, space: Space | None = None) -> float:
     r"""A lower estimate of $\|H\|_2$ from products made anyway: $\max_i \|H v_i\| / \|v_i\|$."""
     if len(V) == 0:
         return 0.0
-    return float((HV.norm(dim=1) / V.to(HV).norm(dim=1)).max())
+    space = space or Space(V.shape[1])
+    return float((space.norm(HV, dim=1) / space.norm(V.to(HV), dim=1)).max())
 
 
-def _exact_trace(apply, n: int, like: Tensor, method: str) -> TraceResult:
+def _exact_trace(apply, n: int, like: Tensor, method: str, space: Space | None = None
+                 ) -> TraceResult:
     r"""$\sum_i e_i^\top H e_i$ from the $n$ unit vectors, when the budget allows $n$ products.
 
     No estimator beats it: it is exact and spends at most ``n_hvp``. (Before, Hutch++ sketched
@@ -343,19 +356,20 @@ def _exact_trace(apply, n: int, like: Tensor, method: str) -> TraceResult:
     probes, whose values in so few dimensions can coincide: $H = 2I$ in 6 dimensions gave
     10.67 with a sample variance, hence stderr, of 0.)
     """
-    diag, norm = [], 0.0
-    for rows in torch.split(torch.eye(n, dtype=like.dtype, device=like.device), 256):
+    diag, norm, space = [], 0.0, space or Space(n)
+    for start in range(0, n, 256):
+        rows = space.eye(start, min(start + 256, n), like=like)
         HE = apply(rows)
-        diag.append((rows.to(torch.float64) * HE.to(torch.float64)).sum(1).cpu())
-        norm = max(norm, _norm_estimate(HE, rows))
+        diag.append(space.sum((rows.to(torch.float64) * HE.to(torch.float64)).sum(1)).cpu())
+        norm = max(norm, _norm_estimate(HE, rows, space))
     diag = torch.cat(diag)
     floor = rounding_stderr(float(diag.abs().sum()), n, like, norm)
     return TraceResult(float(diag.sum()), floor, n, method, np.zeros(0))
 
 
 def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++",
-                   seed: int = 0, like: Tensor, chunk: int = 8, progress: bool = False
-                   ) -> TraceResult:
+                   seed: int = 0, like: Tensor, chunk: int = 8, progress: bool = False,
+                   space: Space | None = None) -> TraceResult:
     """Trace estimate of any symmetric ``matmat`` (module docstring for the estimators).
 
     Args:
@@ -369,18 +383,22 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
         chunk: Probes per call of ``matmat``.
         progress: Show a bar over the products (their number is known in advance: the ETA
             holds), moving batch by batch during each pass over the data.
+        space: The vector space (:mod:`analysis.core.space`; default full vectors in one
+            process); with a sharded one the probes and the rows ``matmat`` takes and returns
+            are this rank's ``space.n_local`` columns of the one-process ones (the same
+            ``seed`` gives the same estimate).
 
     Returns:
         A :class:`TraceResult`.
     """
-    gen = make_generator(seed)
+    gen, space = make_generator(seed), space or Space(n)
     with tqdm(total=min(n_hvp, n), desc=method, disable=not progress, leave=False) as bar:
         apply = lambda rows: _apply(matmat, rows, chunk, bar)  # noqa: E731
         if n <= n_hvp:
-            return _exact_trace(apply, n, like, method)
+            return _exact_trace(apply, n, like, method, space)
         if method == "xtrace":
-            return _xtrace(apply, n, n_hvp, gen, like)
-        return _hutchpp(apply, n, n_hvp, gen, like, method)
+            return _xtrace(apply, n, n_hvp, gen, like, space)
+        return _hutchpp(apply, n, n_hvp, gen, like, method, space)
 
 
 @records_metadata
@@ -438,7 +456,8 @@ def hessian_trace(model: nn.Module, loss_fn: LossFn, data: Iterable, n_hvp: int 
                             preconditioner=preconditioner)
     with op:
         out = trace_estimate(op.matmat, op.shape[0], n_hvp, method=method, seed=seed,
-                             like=op.like, chunk=chunk, progress=progress)
+                             like=op.like, chunk=chunk, progress=progress,
+                             space=getattr(op, "space", None))  # FSDP2: this rank's shards
         out.curvature, out.preconditioned = op.curvature, op.preconditioned
         out.metadata = op.product_metadata()
         if getattr(op, "dtype", op.like.dtype) != torch.float64:
