@@ -269,7 +269,7 @@ class OutputCurvatureOperator(CurvatureOperator):
 
     @classmethod
     def output_side(cls, model: nn.Module, loss_fn: LossFn, model_mode: str = "eval",
-                    **options: Any) -> "OutputCurvatureOperator":
+                    options: dict[str, Any] | None = None) -> "OutputCurvatureOperator":
         r"""An instance holding the output side only: ``forward``, ``criterion``, $M$.
 
         For engines that run the products $J^\top M J v$ themselves (on the shards of a
@@ -281,8 +281,8 @@ class OutputCurvatureOperator(CurvatureOperator):
             model: The model (read only for checks that depend on it).
             loss_fn: As the constructor's.
             model_mode: As the constructor's.
-            **options: The class's own keywords (``kind``, ``mc_samples``, ``seed``,
-                ``likelihood`` of :class:`FisherOperator`).
+            options: The class's own keywords (``kind``, ``mc_samples``, ``seed``,
+                ``likelihood`` of :class:`FisherOperator`), ``{name: value}``.
 
         Returns:
             The instance.
@@ -291,7 +291,7 @@ class OutputCurvatureOperator(CurvatureOperator):
             ValueError: As the constructor, for the output side's arguments.
         """
         op = object.__new__(cls)
-        op._output_setup(model, loss_fn, model_mode, **options)
+        op._output_setup(model, loss_fn, model_mode, **(options or {}))
         return op
 
     @abc.abstractmethod
@@ -508,25 +508,26 @@ class FisherOperator(OutputCurvatureOperator):
 
     @classmethod
     def output_side(cls, model: nn.Module, loss_fn: LossFn, model_mode: str = "eval",
-                    **options: Any) -> "OutputCurvatureOperator":
+                    options: dict[str, Any] | None = None) -> "OutputCurvatureOperator":
         """As :meth:`OutputCurvatureOperator.output_side`; ``kind="empirical"`` gives the EF's.
 
         Args:
             model: The model.
             loss_fn: As the constructor's.
             model_mode: As the constructor's.
-            **options: ``kind``, ``seed``, ``mc_samples``, ``likelihood``.
+            options: ``kind``, ``seed``, ``mc_samples``, ``likelihood`` (``{name: value}``).
 
         Returns:
             The instance (an :class:`EmpiricalFisherOperator` for ``kind="empirical"``).
         """
+        options = options or {}
         if cls is FisherOperator and check_choice(
                 "kind", options.get("kind", "exact"), FISHER_KINDS) == "empirical":
             check_int("mc_samples", options.get("mc_samples", 1), low=1)  # as __new__
             make_generator(options.get("seed", 0))
-            return EmpiricalFisherOperator.output_side(model, loss_fn, model_mode,
-                                                       likelihood=options.get("likelihood"))
-        return super().output_side(model, loss_fn, model_mode, **options)
+            return EmpiricalFisherOperator.output_side(
+                model, loss_fn, model_mode, {"likelihood": options.get("likelihood")})
+        return super().output_side(model, loss_fn, model_mode, options)
 
     def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
         r"""``w -> F_R w``, exact or from ``mc_samples`` sampled labels, per observation.

@@ -446,7 +446,7 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
                        params: ParamSelection = None, model_mode: str = "eval",
                        batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                        hvp_method: str = "reverse", preconditioner: Preconditioner = None,
-                       **options: Any) -> CurvatureOperator:
+                       options: dict[str, Any] | None = None) -> CurvatureOperator:
     """The operator of a registered ``curvature=`` name, as the routines build it.
 
     On a model sharded with FSDP2's ``fully_shard`` (:mod:`analysis.sharded`): the Hessian
@@ -468,8 +468,8 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
         hvp_method: Passed on when it is not ``"reverse"`` (the default of every operator),
             to a class that takes it (:class:`analysis.HessianOperator`).
         preconditioner: As :class:`CurvatureOperator`.
-        **options: The class's own keywords (e.g. ``kind="mc"``, ``mc_samples``, ``seed`` and
-            ``likelihood`` of :class:`analysis.FisherOperator`).
+        options: The class's own keywords, ``{name: value}`` (e.g. ``{"kind": "mc",
+            "mc_samples": 4}`` for :class:`analysis.FisherOperator`).
 
     Returns:
         The operator, its ``curvature`` attribute set to the name.
@@ -482,6 +482,7 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
     """
     check_choice("curvature", curvature, registered_curvatures())
     cls = _REGISTRY[curvature]
+    options = dict(options or {})
     common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
                   progress=progress, preconditioner=preconditioner)
     if hvp_method != "reverse":
@@ -519,6 +520,6 @@ def _sharded_operator(curvature: str, cls: type, model: nn.Module, loss_fn: Loss
             what=f"curvature={curvature!r} ({cls.__name__}: its batch_product takes the full "
                  "parameters; the Hessian, GGN, Fisher and empirical Fisher and subclasses of "
                  "OutputCurvatureOperator work)"))
-    side = cls.output_side(model, loss_fn, common["model_mode"], **options)
+    side = cls.output_side(model, loss_fn, common["model_mode"], options)
     return ShardedCurvatureOperator(model, loss_fn, data, output_side=side, curvature=curvature,
                                     **common)

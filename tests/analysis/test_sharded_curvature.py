@@ -79,8 +79,8 @@ def _compute(model, data, sharded):
     for name, (curvature, loss_fn, make_p, options) in CASES.items():
         before = state(model) if sharded else None
         pre = make_p(model, sharded) if make_p else None
-        op = curvature_operator(curvature, model, loss_fn, data, preconditioner=pre, **options,
-                                **Q)
+        op = curvature_operator(curvature, model, loss_fn, data, preconditioner=pre,
+                                options=options, **Q)
         out[name] = {"products": op.matmat(_vectors(op.shape[0])).numpy(),
                      "kind": (op.curvature, op.preconditioned)}
         for routine, (case_name, call) in ROUTINES.items():
