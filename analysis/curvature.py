@@ -257,10 +257,42 @@ class OutputCurvatureOperator(CurvatureOperator):
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                  reuse_graph: bool = True, preconditioner: Preconditioner = None,
                  check_deterministic: bool = True):
-        self.forward, self.criterion = loss_split(loss_fn)
+        self._output_setup(model, loss_fn, model_mode)
         super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
                          batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
                          preconditioner=preconditioner, check_deterministic=check_deterministic)
+
+    def _output_setup(self, model: nn.Module, loss_fn: LossFn, model_mode: str) -> None:
+        """The output side's state (what :meth:`output_product` reads): ``loss_fn``'s split."""
+        self.loss_fn = loss_fn
+        self.forward, self.criterion = loss_split(loss_fn)
+
+    @classmethod
+    def output_side(cls, model: nn.Module, loss_fn: LossFn, model_mode: str = "eval",
+                    options: dict[str, Any] | None = None) -> "OutputCurvatureOperator":
+        r"""An instance holding the output side only: ``forward``, ``criterion``, $M$.
+
+        For engines that run the products $J^\top M J v$ themselves (on the shards of a
+        ``fully_shard`` model: :class:`analysis.sharded.ShardedCurvature`): the instance has no
+        parameters, data or model state; only :meth:`output_product` and the attributes it
+        reads are set, validated as the constructor validates them.
+
+        Args:
+            model: The model (read only for checks that depend on it).
+            loss_fn: As the constructor's.
+            model_mode: As the constructor's.
+            options: The class's own keywords (``kind``, ``mc_samples``, ``seed``,
+                ``likelihood`` of :class:`FisherOperator`), ``{name: value}``.
+
+        Returns:
+            The instance.
+
+        Raises:
+            ValueError: As the constructor, for the output side's arguments.
+        """
+        op = object.__new__(cls)
+        op._output_setup(model, loss_fn, model_mode, **(options or {}))
+        return op
 
     @abc.abstractmethod
     def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
@@ -456,14 +488,46 @@ class FisherOperator(OutputCurvatureOperator):
                  batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
                  mc_samples: int = 1, likelihood: str | None = None, reuse_graph: bool = True,
                  preconditioner: Preconditioner = None, check_deterministic: bool = True):
+        self._output_setup(model, loss_fn, model_mode, kind=kind, seed=seed,
+                           mc_samples=mc_samples, likelihood=likelihood)
+        CurvatureOperator.__init__(
+            self, model, loss_fn, data, params=params, model_mode=model_mode,
+            batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
+            preconditioner=preconditioner, check_deterministic=check_deterministic)
+
+    def _output_setup(self, model: nn.Module, loss_fn: LossFn, model_mode: str,
+                      kind: str = "exact", seed: int = 0, mc_samples: int = 1,
+                      likelihood: str | None = None) -> None:
+        """The kind, the draws and the likelihood, then the split."""
         _refuse_sum(loss_fn)
         self.kind = check_choice("kind", kind, FISHER_KINDS[:2])
         self.mc_samples = check_int("mc_samples", mc_samples, low=1)
         self.seed = make_generator(seed).initial_seed()
         self.likelihood = _likelihood(loss_fn, likelihood)
-        super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
-                         batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
-                         preconditioner=preconditioner, check_deterministic=check_deterministic)
+        super()._output_setup(model, loss_fn, model_mode)
+
+    @classmethod
+    def output_side(cls, model: nn.Module, loss_fn: LossFn, model_mode: str = "eval",
+                    options: dict[str, Any] | None = None) -> "OutputCurvatureOperator":
+        """As :meth:`OutputCurvatureOperator.output_side`; ``kind="empirical"`` gives the EF's.
+
+        Args:
+            model: The model.
+            loss_fn: As the constructor's.
+            model_mode: As the constructor's.
+            options: ``kind``, ``seed``, ``mc_samples``, ``likelihood`` (``{name: value}``).
+
+        Returns:
+            The instance (an :class:`EmpiricalFisherOperator` for ``kind="empirical"``).
+        """
+        options = options or {}
+        if cls is FisherOperator and check_choice(
+                "kind", options.get("kind", "exact"), FISHER_KINDS) == "empirical":
+            check_int("mc_samples", options.get("mc_samples", 1), low=1)  # as __new__
+            make_generator(options.get("seed", 0))
+            return EmpiricalFisherOperator.output_side(
+                model, loss_fn, model_mode, {"likelihood": options.get("likelihood")})
+        return super().output_side(model, loss_fn, model_mode, options)
 
     def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
         r"""``w -> F_R w``, exact or from ``mc_samples`` sampled labels, per observation.
@@ -578,11 +642,21 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
                  batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                  reuse_graph: bool = True, preconditioner: Preconditioner = None,
                  check_deterministic: bool = True, likelihood: str | None = None):
+        self._output_setup(model, loss_fn, model_mode, likelihood=likelihood)
+        CurvatureOperator.__init__(
+            self, model, loss_fn, data, params=params, model_mode=model_mode,
+            batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
+            preconditioner=preconditioner, check_deterministic=check_deterministic)
+
+    def _output_setup(self, model: nn.Module, loss_fn: LossFn, model_mode: str,
+                      likelihood: str | None = None) -> None:
+        """The split and the likelihood (None: per-sample gradients of ``loss_fn``)."""
         _refuse_sum(loss_fn)
         if model_mode == "train" and any(True for _ in model.buffers()):
             raise ValueError('the empirical Fisher (kind="empirical") cannot run '
                              'model_mode="train" on a model with buffers (per-sample gradients '
                              'cannot update BatchNorm statistics); use model_mode="eval"')
+        self.loss_fn = loss_fn
         split = getattr(loss_fn, "split", None)
         self.forward, self.criterion = split if isinstance(split, tuple) else (None, None)
         if likelihood is not None:
@@ -591,10 +665,20 @@ class EmpiricalFisherOperator(OutputCurvatureOperator):
         else:
             found = _declared_likelihood(loss_fn)
             self.likelihood = found if self.forward is not None else None
-        CurvatureOperator.__init__(
-            self, model, loss_fn, data, params=params, model_mode=model_mode,
-            batch_size_fn=batch_size_fn, progress=progress, reuse_graph=reuse_graph,
-            preconditioner=preconditioner, check_deterministic=check_deterministic)
+
+    @staticmethod
+    def datum_batches(batch: Any) -> list:
+        """The batch as one-datum batches (the data the per-sample gradients are taken on).
+
+        Args:
+            batch: One batch; a datum is a row of each tensor whose leading dimension is the
+                batch size (:func:`~analysis.core.default_batch_size`).
+
+        Returns:
+            One batch of one datum per row, in order.
+        """
+        n, leaves, rows, datum = _datum_splitter(batch)
+        return [datum([leaves[i] for i in rows], slice(j, j + 1)) for j in range(n)]
 
     def output_product(self, outputs: Tensor, batch: Any) -> OutputProduct:
         r"""``w -> c\, g_i \langle g_i, w_i \rangle`` per datum $i$ (a row of the output).
@@ -651,12 +735,10 @@ def _split_batch(batch: Any) -> tuple[list, Callable[[list], Any]]:
     return leaves, lambda new: tree_unflatten(new, spec)
 
 
-def _per_sample_gradients(op: EmpiricalFisherOperator, batch: Any) -> Tensor:
-    """``[n, P]``: the gradient of ``loss_fn`` on each datum of the batch as a batch of one.
+def _datum_splitter(batch: Any) -> tuple[int, list, list[int], Callable[[list, Any], Any]]:
+    """The batch size, the batch's leaves, those with a row per datum, and ``datum``.
 
-    ``torch.func`` (``vmap`` of ``grad``) when it can transform the model; an exact loop over
-    the data by autograd when it cannot (data-dependent control flow, in-place layers, fused
-    attention paths).
+    ``datum(xs, index)`` rebuilds the batch with the row leaves replaced by ``xs[k][index]``.
     """
     n = default_batch_size(batch)
     leaves, rebuild = _split_batch(batch)
@@ -668,7 +750,17 @@ def _per_sample_gradients(op: EmpiricalFisherOperator, batch: Any) -> Tensor:
         for i, x in zip(rows, xs):
             full[i] = x[index]
         return rebuild(full)
+    return n, leaves, rows, datum
 
+
+def _per_sample_gradients(op: EmpiricalFisherOperator, batch: Any) -> Tensor:
+    """``[n, P]``: the gradient of ``loss_fn`` on each datum of the batch as a batch of one.
+
+    ``torch.func`` (``vmap`` of ``grad``) when it can transform the model; an exact loop over
+    the data by autograd when it cannot (data-dependent control flow, in-place layers, fused
+    attention paths).
+    """
+    n, leaves, rows, datum = _datum_splitter(batch)
     wrapper = LossModule(op.model, op.loss_fn)
     primals = {"model." + name: p.detach() for name, p in zip(op.names, op.params)}
 
@@ -679,8 +771,7 @@ def _per_sample_gradients(op: EmpiricalFisherOperator, batch: Any) -> Tensor:
         grads = vmap(grad(one), in_dims=(None, 0))(primals, [leaves[i] for i in rows])
         G = torch.cat([grads[k].reshape(n, -1) for k in primals], 1)
     except (RuntimeError, NotImplementedError, ValueError, TypeError):
-        G = torch.stack([_datum_gradient(op, datum([leaves[i] for i in rows],
-                                                   slice(j, j + 1))) for j in range(n)])
+        G = torch.stack([_datum_gradient(op, b) for b in op.datum_batches(batch)])
     check_loss(G.sum(), " in the per-sample gradients of the empirical Fisher")
     return G
 

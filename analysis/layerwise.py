@@ -85,7 +85,7 @@ def default_groups(model: nn.Module) -> dict[str, list[str]]:
 
 
 @records_metadata
-@guarded
+@guarded(sharded=True)
 def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups | None = None, *,
               params: ParamSelection = None, model_mode: str = "eval",
               batch_size_fn: BatchSizeFn | None = None, seed: int = 0, progress: bool = True,
@@ -97,7 +97,10 @@ def layerwise(model: nn.Module, loss_fn: LossFn, data: Iterable, groups: Groups 
 
     Per block, :func:`~analysis.top_eigenvalues` (Lanczos, ``tol``) and
     :func:`~analysis.hessian_trace` (``trace_method`` with ``n_hvp_trace`` products; exact, with
-    $2 \cdot size$ products, for blocks of at most ``n_hvp_trace // 3`` parameters).
+    $2 \cdot size$ products, for blocks of at most ``n_hvp_trace // 3`` parameters). A model
+    sharded with FSDP2's ``fully_shard`` is analysed block by block on its shards, as those
+    routines analyse it (each rank passing its data shard; every rank gets the one-process
+    answer).
 
     Args:
         model: The model (restored afterwards).

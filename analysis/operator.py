@@ -40,7 +40,8 @@ from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check
                    select_params, unwrap_compiled, working_dtype)
 from .derivatives import curvature_ops
 from .preconditioning import Preconditioner, inverse_sqrt
-from .sharded import is_sharded, refuse_sharded, REFUSAL, ShardedOperator
+from .sharded import (is_sharded, refuse_sharded, REFUSAL, ShardedCurvatureOperator,
+                      ShardedOperator)
 
 _REGISTRY: dict[str, type["CurvatureOperator"]] = {}
 
@@ -99,7 +100,8 @@ class CurvatureOperator(abc.ABC):
                  reuse_graph: bool = True, preconditioner: Preconditioner = None,
                  check_deterministic: bool = True):
         model = unwrap_compiled(model)
-        refuse_sharded(model, f"{type(self).__name__} (use analysis.sharded.ShardedHessian)")
+        refuse_sharded(model, f"{type(self).__name__} (use the routines' curvature=, "
+                              "analysis.curvature.curvature_operator or analysis.sharded)")
         check_data(data)
         check_model_mode(model_mode)
         self.model, self.loss_fn, self.data = model, loss_fn, data
@@ -443,9 +445,16 @@ def registered_curvatures() -> tuple[str, ...]:
 def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
                        params: ParamSelection = None, model_mode: str = "eval",
                        batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
-                       hvp_method: str = "reverse", preconditioner: Preconditioner = None
-                       ) -> CurvatureOperator:
+                       hvp_method: str = "reverse", preconditioner: Preconditioner = None,
+                       options: dict[str, Any] | None = None) -> CurvatureOperator:
     """The operator of a registered ``curvature=`` name, as the routines build it.
+
+    On a model sharded with FSDP2's ``fully_shard`` (:mod:`analysis.sharded`): the Hessian
+    without a preconditioner is a :class:`analysis.sharded.ShardedOperator`; the Hessian with
+    one, and the curvatures of an output-space matrix (:class:`analysis.GGNOperator`,
+    :class:`analysis.FisherOperator`, :class:`analysis.EmpiricalFisherOperator` and their
+    subclasses) are a :class:`analysis.sharded.ShardedCurvatureOperator`; other registered
+    classes (a ``batch_product`` on full parameters) are refused.
 
     Args:
         curvature: A registered name (:func:`registered_curvatures`).
@@ -459,6 +468,8 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
         hvp_method: Passed on when it is not ``"reverse"`` (the default of every operator),
             to a class that takes it (:class:`analysis.HessianOperator`).
         preconditioner: As :class:`CurvatureOperator`.
+        options: The class's own keywords, ``{name: value}`` (e.g. ``{"kind": "mc",
+            "mc_samples": 4}`` for :class:`analysis.FisherOperator`).
 
     Returns:
         The operator, its ``curvature`` attribute set to the name.
@@ -466,23 +477,49 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
     Raises:
         ValueError: For a name that is not registered (the message lists those that are), and
             for ``hvp_method`` other than ``"reverse"`` with a class that does not take it.
+        NotImplementedError: A sharded model with a registered class that has no output side
+            (:func:`_sharded_operator`).
     """
     check_choice("curvature", curvature, registered_curvatures())
     cls = _REGISTRY[curvature]
+    options = dict(options or {})
     common = dict(params=params, model_mode=model_mode, batch_size_fn=batch_size_fn,
                   progress=progress, preconditioner=preconditioner)
-    if is_sharded(unwrap_compiled(model)):  # FSDP2: the Hessian on shards (analysis.sharded)
-        if curvature != "hessian":
-            raise NotImplementedError("model " + REFUSAL.format(what=f"curvature={curvature!r}"))
-        return ShardedOperator(model, loss_fn, data, hvp_method=hvp_method, **common)
     if hvp_method != "reverse":
         if "hvp_method" not in inspect.signature(cls.__init__).parameters:
             raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only '
                              f"(an operator taking hvp_method=), got curvature={curvature!r}")
         common["hvp_method"] = hvp_method
     try:
-        op = cls(model, loss_fn, data, **common)
+        if is_sharded(unwrap_compiled(model)):  # FSDP2: the products on shards
+            return _sharded_operator(curvature, cls, model, loss_fn, data, common, options)
+        op = cls(model, loss_fn, data, **common, **options)
     except LikelihoodError:  # a routine takes no likelihood=: name the ways out it has
         raise likelihood_error(getattr(loss_fn, "criterion", None), curvature) from None
     op.curvature = curvature
     return op
+
+
+def _sharded_operator(curvature: str, cls: type, model: nn.Module, loss_fn: LossFn,
+                      data: Iterable, common: dict, options: dict) -> Any:
+    """The operator of ``curvature`` on a ``fully_shard`` model (:mod:`analysis.sharded`).
+
+    The plain Hessian is a :class:`ShardedOperator`; a preconditioned Hessian and the
+    curvatures of an output-space matrix (classes with ``output_side``, which builds their
+    $M$ without the model) are a :class:`ShardedCurvatureOperator`.
+
+    Raises:
+        NotImplementedError: A class without ``output_side`` other than the Hessian's (its
+            ``batch_product`` takes full parameters).
+    """
+    if curvature == "hessian":  # its own keywords (fd_step, ...) go to the sharded operator
+        make = ShardedOperator if common["preconditioner"] is None else ShardedCurvatureOperator
+        return make(model, loss_fn, data, **common, **options)
+    if not hasattr(cls, "output_side"):
+        raise NotImplementedError("model " + REFUSAL.format(
+            what=f"curvature={curvature!r} ({cls.__name__}: its batch_product takes the full "
+                 "parameters; the Hessian, GGN, Fisher and empirical Fisher and subclasses of "
+                 "OutputCurvatureOperator work)"))
+    side = cls.output_side(model, loss_fn, common["model_mode"], options)
+    return ShardedCurvatureOperator(model, loss_fn, data, output_side=side, curvature=curvature,
+                                    **common)

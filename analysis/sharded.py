@@ -37,6 +37,13 @@ through ``landscape.points.ShardedPoints``) or with one backward for the exact g
 (:class:`ShardedPerturbedLoss`, the objective of the sharpness measures, and
 ``analysis.full_grad_norm``). The model is only read.
 
+**Other curvatures** (:class:`ShardedCurvature`, and :class:`ShardedCurvatureOperator` for the
+routines): the GGN, the exact and Monte-Carlo Fisher and the empirical Fisher, $J^\top M J v$ on
+the same copy by the double-vjp trick of :mod:`analysis.curvature` (:func:`output_products`),
+with the output-space matrix $M$ of the one-process operator; and any of them, the Hessian
+included, preconditioned: $P^{-1/2} A P^{-1/2}$ with $P$ sharded like the parameters
+(:func:`sharded_inverse_sqrt`).
+
 **Finite differences** (:func:`sharded_gradient`): the gradient by ordinary ``.backward()``
 through the FSDP2 model itself (its hooks reduce-scatter the gradients), for
 :class:`analysis.finite_difference.FiniteDifference`.
@@ -44,20 +51,23 @@ through the FSDP2 model itself (its hooks reduce-scatter the gradients), for
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from .core import (all_finite, all_reduce_sum_, BatchSizeFn, check_choice, check_data,
-                   check_loss, check_model_mode, flatten, loss_reduction, LossFn, own_call,
-                   ParamSelection, preserved, select_params, unflatten, working_dtype)
+from .core import (all_finite, all_reduce_max_, all_reduce_sum_, BatchSizeFn, check_choice,
+                   check_data, check_loss, check_model_mode, default_batch_size, flatten,
+                   loss_reduction, LossFn, own_call, ParamSelection, preserved, select_params,
+                   unflatten, working_dtype)
 from .core.sharding import (full_values, is_dtensor, is_sharded, refuse_sharded, REFUSAL,
                             sample_counts, shard_like)
 from .core.space import ShardedSpace
+from .derivatives import curvature_ops
 from .finite_difference import check_fd_policy, dot, FiniteDifference, Pieces
+from .preconditioning import inverse_sqrt, per_parameter, Preconditioner
 
 try:  # FSDP2 and DTensor (torch >= 2.4)
     from torch.distributed.fsdp import FSDPModule
@@ -871,9 +881,290 @@ class ShardedOperator:
         return out
 
 
+def sharded_inverse_sqrt(preconditioner: Preconditioner, model: nn.Module, names: Sequence[str],
+                         params: Sequence[Tensor]) -> list[Tensor] | None:
+    r"""$P^{-1/2}$ sharded like the selected parameters, or None without a preconditioner.
+
+    The forms of :mod:`analysis.preconditioning` (a flat tensor over the selected parameters,
+    a ``{name: tensor}`` dict whose tensors may be DTensors, an optimizer of the sharded
+    parameters, whose state is sharded), validated as
+    :func:`analysis.preconditioning.inverse_sqrt` validates them, one parameter at a time
+    (a dict's or an optimizer's $P$ is gathered for one parameter only), each piece then
+    sharded like its parameter.
+
+    Args:
+        preconditioner: Any accepted form (the same on every rank, or DTensors).
+        model: The ``fully_shard`` model.
+        names: The selected parameters' names.
+        params: The selected parameters (DTensors).
+
+    Returns:
+        DTensors placed like ``params``, or None.
+
+    Raises:
+        ValueError: As :func:`analysis.preconditioning.inverse_sqrt` (a missing entry, a wrong
+            shape or length, a value that is not finite and positive).
+        TypeError: For an optimizer without a diagonal preconditioner.
+    """
+    named = per_parameter(preconditioner, model)
+    if named is None:
+        return None
+    if isinstance(named, Tensor):
+        flat = inverse_sqrt(full_values([named])[0], model, names, params)
+        return [shard_like(t, p) for t, p in zip(unflatten(flat, params), params)]
+    if any(n not in named for n in names):
+        inverse_sqrt(named, model, names, params)  # raises, naming every missing parameter
+    return [shard_like(inverse_sqrt({n: full_values([named[n]])[0]}, model, [n], [p]), p)
+            for n, p in zip(names, params)]
+
+
+def _shared(t: Tensor, pieces: Pieces) -> bool:
+    """Whether ``t`` may not be overwritten: a view of a local shard of ``pieces``, or expanded.
+
+    (Where the output is linear in a parameter, $J v$ is the gathered $v$, broadcast.)
+    """
+    ptr = t.untyped_storage().data_ptr()
+    return not t.is_contiguous() or any(p.to_local().untyped_storage().data_ptr() == ptr
+                                        for p in pieces)
+
+
+def output_products(out: list[Pieces], outputs: Tensor, product: Callable[[Tensor], Tensor],
+                    leaves: Sequence[Tensor], vectors: Sequence[Pieces], weight: float) -> None:
+    r"""Add ``weight`` $\cdot J^\top M J v$ to ``out`` for each sharded vector $v$ of ``vectors``.
+
+    $J$ is the Jacobian of this rank's ``outputs`` w.r.t. the shard ``leaves`` (the gathered
+    weights carry ``Partial`` gradient placements, so a vector-Jacobian product w.r.t. the
+    leaves is the sum over ranks of each rank's $J_r^\top u_r$). $J_r v$ is the double-vjp
+    trick of the one-process GGN, $J_r v = \partial_u \langle \sum_r J_r^\top u_r, v \rangle$,
+    local to the rank; $M$ (``product``) is applied locally; the last vector-Jacobian product
+    $\sum_r J_r^\top (\mathrm{weight}\, M_r J_r v)$ reduce-scatters the ranks' terms. Every rank
+    calls it with the same vectors, in the same order (each backward runs collectives).
+
+    Args:
+        out: Per vector, the accumulators (DTensors placed like ``leaves``), added to in place.
+        outputs: This rank's output (with its graph to ``leaves``).
+        product: ``w -> M w`` for ``w`` shaped like ``outputs`` (it may overwrite ``w``).
+        leaves: The selected shard leaves (requiring gradients).
+        vectors: Sharded vectors placed like ``leaves``.
+        weight: The batch's weight ($n_b / N$ for a mean loss).
+    """
+    if not outputs.requires_grad:  # the output does not depend on the selected parameters
+        return
+    dummy = torch.zeros((), dtype=outputs.dtype, device=outputs.device,
+                        requires_grad=True).expand(outputs.shape)
+    pullback = torch.autograd.grad(outputs, leaves, dummy, create_graph=True, allow_unused=True)
+    live = [i for i, g in enumerate(pullback) if g is not None and g.requires_grad]
+    if not live:
+        return
+    chosen = [leaves[i] for i in live]
+    for j, v in enumerate(vectors):
+        jv = torch.autograd.grad([pullback[i] for i in live], dummy,
+                                 [v[i].to(pullback[i].dtype) for i in live], retain_graph=True)[0]
+        w = product(jv.clone() if _shared(jv, v) else jv)
+        del jv
+        w = w * weight if weight != 1.0 else w
+        jtw = torch.autograd.grad(outputs, chosen, w, retain_graph=j < len(vectors) - 1,
+                                  allow_unused=True)
+        del w
+        for i, h in zip(live, jtw):
+            if h is not None:
+                out[j][i].add_(h.detach())
+
+
+class ShardedCurvature(ShardedHessian):
+    r"""Exact products of any built-in curvature of a ``fully_shard`` model, on sharded vectors.
+
+    The Hessian (:class:`ShardedHessian`, or finite differences through the FSDP2 backward),
+    the GGN $J^\top H_L J$, the exact or Monte-Carlo Fisher $J^\top F_R J$ and the empirical
+    Fisher of :mod:`analysis.curvature`, each the sample-weighted mean over the union of the
+    ranks' data,
+
+    $$A = \frac{1}{N} \sum_r \sum_b n_{rb} A_{rb},$$
+
+    optionally preconditioned, $P^{-1/2} A P^{-1/2}$ with $P^{-1/2}$ sharded like the
+    parameters (:func:`sharded_inverse_sqrt`). The output-space curvatures run the products
+    $J^\top M J v$ of :class:`analysis.curvature.OutputCurvatureOperator` on
+    :func:`functional_copy` (:func:`output_products`), with the output-space matrix $M$ of the
+    one-process operator (``output_side``, built by its ``output_side`` class method). The
+    empirical Fisher without a likelihood (curvlinops' outer products of per-datum gradients
+    $g_i$ of ``loss_fn``) takes the per-datum losses as the output, $M = I / n_b$: a loop of
+    one-datum forward passes, as many on every rank (the ranks with fewer data in a batch
+    repeat a datum at weight zero), since per-sample gradients by ``torch.func.vmap`` do not
+    run through the DTensor collectives of the gathers.
+
+    Every rank calls each method with its own data shard (the same number of batches) and the
+    same vectors; the model is left exactly as found.
+
+    Args:
+        model: A ``fully_shard`` model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: This rank's batches.
+        output_side: The one-process operator's output side
+            (``OutputCurvatureOperator.output_side``), None for the Hessian.
+        params: The selection (as :class:`ShardedHessian`).
+        model_mode: "eval" or "train".
+        batch_size_fn: Sample count of a batch.
+        preconditioner: A diagonal $P$ in any form of :mod:`analysis.preconditioning`.
+        fd: A :class:`analysis.finite_difference.FiniteDifference` over the selected
+            parameters: the Hessian by finite differences (None: exact).
+
+    Attributes:
+        scale: $P^{-1/2}$ sharded like the parameters, or None.
+
+    Raises:
+        ValueError: As :class:`ShardedHessian` and :func:`sharded_inverse_sqrt`.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                 output_side: Any = None, params: ParamSelection = None,
+                 model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
+                 preconditioner: Preconditioner = None, fd: FiniteDifference | None = None):
+        super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
+                         batch_size_fn=batch_size_fn)
+        self.output_side, self.fd = output_side, fd
+        self.scale = sharded_inverse_sqrt(preconditioner, model, self.names, self.params)
+        self.per_sample = (getattr(output_side, "kind", None) == "empirical"
+                           and output_side.likelihood is None)
+        self._padded: list[int] | None = None
+
+    def matmat(self, vectors: Sequence[Pieces]) -> list[Pieces]:
+        """The curvature times each sharded vector of ``vectors``, in one pass over the data.
+
+        Args:
+            vectors: Sharded vectors placed like the selected parameters, the same on every
+                rank.
+
+        Returns:
+            The products, sharded like the parameters.
+        """
+        if self.scale is not None:
+            vectors = [[v * s for v, s in zip(vec, self.scale)] for vec in vectors]
+        if self.output_side is not None:
+            out = self._output_matmat(vectors)
+        elif self.fd is not None:
+            out = sharded_fd_matmat(self.fd, self.model, self.loss_fn, self.data, vectors,
+                                    model_mode=self.model_mode, counts=self.counts())
+            self.n_hvp += len(vectors)
+        else:
+            out = super().matmat(vectors)
+        if self.scale is not None:
+            out = [[h * s for h, s in zip(vec, self.scale)] for vec in out]
+        return out
+
+    def _output_matmat(self, vectors: Sequence[Pieces]) -> list[Pieces]:
+        r"""$J^\top M J v$ summed over the batches of all ranks (class docstring)."""
+        sizes, total = self.counts()
+        padded = self.padded() if self.per_sample else sizes
+        out = [[torch.zeros_like(p) for p in self.params] for _ in vectors]
+        with preserved(self.model, self.model_mode, weights=False, trainable=self.params), \
+                torch.enable_grad(), curvature_ops():
+            leaves = self._leaves()
+            clone = self._copy(leaves)
+            selected = [leaves[n] for n in self.names]
+            for batch, n, m in zip(self.data, sizes, padded):
+                weight = n / total if self.reduction == "mean" else 1.0
+                outputs, product = (self._datum_losses(clone, batch, m) if self.per_sample
+                                    else self._batch_outputs(clone, batch))
+                output_products(out, outputs, product, selected, vectors, weight)
+        self.n_hvp += len(vectors)
+        return out
+
+    def _batch_outputs(self, clone: nn.Module, batch: Any) -> tuple[Tensor, Callable]:
+        """The batch's output (the split's forward on the copy) and its ``w -> M w``."""
+        outputs = self.output_side.forward(clone, batch)
+        if not isinstance(outputs, Tensor):
+            raise ValueError("the forward of loss_fn.split must return the output tensor, got "
+                             f"{type(outputs).__name__}")
+        return outputs, self.output_side.output_product(outputs, batch)
+
+    def padded(self) -> list[int]:
+        """Per batch, the largest number of data over the ranks (the per-datum loop's length).
+
+        Returns:
+            One count per batch, the same on every rank.
+        """
+        if self._padded is None:
+            counts = torch.tensor([float(default_batch_size(b)) for b in self.data],
+                                  dtype=torch.float64)
+            all_reduce_max_([counts])
+            self._padded = [int(c) for c in counts]
+        return self._padded
+
+    def _datum_losses(self, clone: nn.Module, batch: Any, m: int) -> tuple[Tensor, Callable]:
+        """The ``m`` per-datum losses of a batch (repeats at weight 0) and ``w -> w / n_b``."""
+        datums = self.output_side.datum_batches(batch)
+        losses = [check_loss(self.loss_fn(clone, d), " in the per-sample gradients of the "
+                             "empirical Fisher") for d in datums]
+        losses += [self.loss_fn(clone, datums[0]) for _ in range(m - len(datums))]
+        outputs = torch.stack(losses)
+        mask = torch.zeros(m, dtype=outputs.dtype, device=outputs.device)
+        mask[:len(datums)] = 1.0 / len(datums)
+        return outputs, lambda w: w * mask
+
+
+class ShardedCurvatureOperator(ShardedOperator):
+    r"""Any built-in curvature of a ``fully_shard`` model as the routines' operator.
+
+    :class:`ShardedOperator` (rows of this rank's local shards in and out, the solvers'
+    algebra through its ``space``; every rank gets the one-process answer) whose products are those of :class:`ShardedCurvature`:
+    the GGN, the Fisher (exact or Monte Carlo) and the empirical Fisher, and the Hessian with
+    a preconditioner, $P^{-1/2} A P^{-1/2}$. What ``analysis.operator.curvature_operator``
+    builds for a sharded model in those cases (the plain Hessian stays a
+    :class:`ShardedOperator`).
+
+    Args:
+        model: A ``fully_shard`` model.
+        loss_fn: ``loss_fn(model, batch) -> Tensor``.
+        data: This rank's batches (the same number on every rank).
+        output_side: As :class:`ShardedCurvature` (None: the Hessian).
+        curvature: The registered name, recorded in the results.
+        params: The selection.
+        model_mode: "eval" or "train".
+        batch_size_fn: Sample count of a batch.
+        progress: Accepted for the routines' signature (no bar).
+        hvp_method: "reverse", or "finite_difference" for the Hessian.
+        preconditioner: A diagonal $P$ (:mod:`analysis.preconditioning`) or None.
+        fd_richardson: As :class:`analysis.HessianOperator`.
+        fd_step: As :class:`analysis.HessianOperator`.
+
+    Raises:
+        NotImplementedError: ``hvp_method="forward"``.
+        ValueError: As :class:`ShardedCurvature`.
+    """
+
+    def __init__(self, model: nn.Module, loss_fn: LossFn, data: Iterable, *,
+                 output_side: Any = None, curvature: str = "hessian",
+                 params: ParamSelection = None, model_mode: str = "eval",
+                 batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
+                 hvp_method: str = "reverse", preconditioner: Preconditioner = None,
+                 fd_richardson: bool = False, fd_step: float | None = None):
+        super().__init__(model, loss_fn, data, params=params, model_mode=model_mode,
+                         batch_size_fn=batch_size_fn, progress=progress, hvp_method=hvp_method,
+                         fd_richardson=fd_richardson, fd_step=fd_step)
+        self.engine = ShardedCurvature(model, loss_fn, data, output_side=output_side,
+                                       params=params, model_mode=model_mode,
+                                       batch_size_fn=batch_size_fn,
+                                       preconditioner=preconditioner, fd=self.fd)
+        self.fd = None  # the engine takes the differences (inside the preconditioner)
+        self.curvature = curvature
+        self.preconditioned = self.engine.scale is not None
+
+    def product_metadata(self) -> dict:
+        """As :meth:`ShardedOperator.product_metadata` (the engine's finite differences).
+
+        Returns:
+            ``{"sharded": "fully_shard"}`` and the finite-difference record under ``"hvp"``.
+        """
+        out = super().product_metadata()
+        if self.engine.fd is not None:
+            out["hvp"] = self.engine.fd.metadata()
+        return out
+
+
 __all__ = ["is_sharded", "refuse_sharded", "check_sharded", "fsdp_units", "sample_counts",
            "ShardedHessian", "ShardedOperator", "sharded_space", "sharded_gradient",
            "sharded_fd_matmat", "dot",
            "functional_copy", "norms_squared",
            "ShardedLoss",
-           "ShardedPerturbedLoss"]
+           "ShardedPerturbedLoss", "ShardedCurvature", "ShardedCurvatureOperator",
+           "sharded_inverse_sqrt", "output_products"]

@@ -20,9 +20,11 @@ try:  # DTensor (torch >= 2.4)
 except ImportError:  # pragma: no cover - torch without torch.distributed
     DTensor = Replicate = None
 
-SUPPORTED = ("top_eigenvalues, hessian_trace, spectral_density and hvp of the Hessian "
-             "(curvature=\"hessian\", no preconditioner, hvp_method=\"reverse\" or "
-             "\"finite_difference\"), analysis.sharded.ShardedHessian, full_grad_norm, "
+SUPPORTED = ("top_eigenvalues, hessian_trace, spectral_density and layerwise (curvature="
+             "\"hessian\", \"ggn\", \"fisher\" or \"empirical_fisher\", with or without a "
+             "preconditioner; the Hessian's hvp_method=\"reverse\" or \"finite_difference\"), "
+             "hvp, analysis.curvature.curvature_operator, analysis.sharded.ShardedHessian and "
+             "ShardedCurvature, full_grad_norm, "
              "worst_case_sharpness (m=None), average_sharpness, keskar_sharpness, "
              "pac_bayes_sigma, sharpness_vs_curvature, landscape.random_direction, "
              "update_direction, eigenvector_directions, line, plane and interpolate "

@@ -142,8 +142,8 @@ def _routines_worker(rank, world, init, out_dir):
             assert_same_state(before, state(model))
             out.update({f"{k}_{reshard}": v for k, v in got.items()})
             for call in (lambda: HessianOperator(model, loss_fn, shards[rank]),
-                         lambda: top_eigenvalues(model, loss_fn, shards[rank], curvature="ggn",
-                                                 progress=False)):
+                         lambda: top_eigenvalues(model, loss_fn, shards[rank],
+                                                 hvp_method="forward", progress=False)):
                 with pytest.raises(NotImplementedError, match="fully_shard"):
                     call()
                 assert_same_state(before, state(model))
@@ -203,18 +203,14 @@ def refused_calls(model, loss_fn, data):
     test_sharded_public)."""
     import analysis
 
-    v = torch.ones(sum(p.numel() for p in model.parameters()), dtype=torch.float64)
     quiet = dict(progress=False)
     return {
         "HessianOperator": lambda: analysis.HessianOperator(model, loss_fn, data),
         "GGNOperator": lambda: analysis.GGNOperator(model, loss_fn, data),
-        "layerwise": lambda: analysis.layerwise(model, loss_fn, data, **quiet),
         "mean_loss": lambda: analysis.mean_loss(model, loss_fn, data, **quiet),
         "evaluate": lambda: analysis.evaluate(model, loss_fn, data, **quiet),
-        "ggn_eigenvalues": lambda: top_eigenvalues(model, loss_fn, data, curvature="ggn",
-                                                   **quiet),
-        "preconditioned": lambda: top_eigenvalues(model, loss_fn, data, preconditioner=v,
-                                                  **quiet),
+        "forward_mode": lambda: top_eigenvalues(model, loss_fn, data, hvp_method="forward",
+                                                **quiet),
     }
 
 

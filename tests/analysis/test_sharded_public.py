@@ -106,7 +106,8 @@ CALLS = {
     "EmpiricalFisherOperator": (REFUSED, lambda e: analysis.EmpiricalFisherOperator(
         e.model, e.loss_fn, e.data)),
     "hvp": (WORKS, lambda e: analysis.hvp(e.model, e.loss_fn, e.data, _ramp(e.model), **Q)),
-    "layerwise": (REFUSED, lambda e: analysis.layerwise(e.model, e.loss_fn, e.data, **Q)),
+    "layerwise": (WORKS, lambda e: analysis.layerwise(
+        e.model, e.loss_fn, e.data, {"last": ["4.bias"]}, n_hvp_trace=6, **Q)),
     "mean_loss": (REFUSED, lambda e: analysis.mean_loss(e.model, e.loss_fn, e.data, **Q)),
     "evaluate": (REFUSED, lambda e: analysis.evaluate(e.model, e.loss_fn, e.data, **Q)),
     "full_grad_norm": (WORKS, lambda e: analysis.full_grad_norm(
