@@ -1106,11 +1106,11 @@ class ShardedCurvatureOperator(ShardedOperator):
     r"""Any built-in curvature of a ``fully_shard`` model as the routines' operator.
 
     :class:`ShardedOperator` (rows of this rank's local shards in and out, the solvers'
-    algebra through its ``space``; every rank gets the one-process answer) whose products are those of :class:`ShardedCurvature`:
-    the GGN, the Fisher (exact or Monte Carlo) and the empirical Fisher, and the Hessian with
-    a preconditioner, $P^{-1/2} A P^{-1/2}$. What ``analysis.operator.curvature_operator``
-    builds for a sharded model in those cases (the plain Hessian stays a
-    :class:`ShardedOperator`).
+    algebra through its ``space``; every rank gets the one-process answer) whose products
+    are those of :class:`ShardedCurvature`: the GGN, the Fisher (exact or Monte Carlo) and
+    the empirical Fisher, and the Hessian with a preconditioner, $P^{-1/2} A P^{-1/2}$. What
+    ``analysis.operator.curvature_operator`` builds for a sharded model in those cases (the
+    plain Hessian stays a :class:`ShardedOperator`).
 
     Args:
         model: A ``fully_shard`` model.

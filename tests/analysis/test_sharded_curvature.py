@@ -81,7 +81,8 @@ def _compute(model, data, sharded):
         pre = make_p(model, sharded) if make_p else None
         op = curvature_operator(curvature, model, loss_fn, data, preconditioner=pre,
                                 options=options, **Q)
-        out[name] = {"products": op.matmat(_vectors(op.shape[0])).numpy(),
+        out[name] = {"products": (op.full_matmat if sharded else op.matmat)(
+            _vectors(op.shape[0])).numpy(),
                      "kind": (op.curvature, op.preconditioned)}
         for routine, (case_name, call) in ROUTINES.items():
             if case_name == name:
