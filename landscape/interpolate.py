@@ -20,8 +20,8 @@ from analysis.core import (all_reduce_sum_, BatchSizeFn, check_bool, check_data,
                            scalar_zeros, select_params, unwrap_compiled)
 
 from analysis.core import is_sharded, local_like
-from analysis.core.sharding import forward_model, sample_counts
-from analysis.sharded import check_sharded, functional_copy, ShardedLoss
+from analysis.sharded import (check_sharded, forward_copy, functional_copy, sample_counts,
+                              ShardedLoss)
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
 from .points import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
@@ -75,9 +75,10 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
     bns = _tracked_bns(model)
     if not bns:
         return 0
-    if is_sharded(model):
-        _check_sharded_bn(bns, data)
-    return _recalibrate(model, bns, loss_fn, data, lambda: forward_model(model, "train"))
+    if not is_sharded(model):
+        return _recalibrate(model, bns, loss_fn, data, lambda: model)
+    _check_sharded_bn(bns, data)
+    return _recalibrate(model, bns, loss_fn, data, lambda: forward_copy(model, "train"))
 
 
 def _tracked_bns(model: nn.Module) -> list[nn.Module]:
