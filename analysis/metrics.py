@@ -42,6 +42,7 @@ from .core import (BatchSizeFn, LossFn, ParamSelection, check_loss, data_mean, d
                    guarded, loss_reduction, preserved, scalar_zeros, select_params,
                    unwrap_compiled)
 from .core.protocol import model_device, to_device
+from .core.sharding import forward_model, sample_counts
 from .derivatives import explained_errors, gradients
 from .sharded import is_sharded, norms_squared, ShardedLoss
 
@@ -142,7 +143,11 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
     """Sample-weighted means over ``data`` of the metrics of one batch.
 
     Computed without grad, in ``model_mode``; the model is left unchanged. For a sum-reduced
-    ``loss_fn`` the default loss is the total loss (the accuracy is still a mean).
+    ``loss_fn`` the default loss is the total loss (the accuracy is still a mean). A model
+    sharded with FSDP2's ``fully_shard`` is evaluated on its hook-free copy
+    (:func:`analysis.sharded.forward_copy`, which ``eval_fn`` then receives), each rank on its
+    data shard (the same number of batches on every rank): the metrics of the unsharded model
+    on all the data.
 
     Args:
         model: The model.
@@ -158,15 +163,16 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
         The metrics by name, as floats.
 
     Raises:
-        ValueError: ``eval_fn`` returns no dict, or other keys on another batch.
+        ValueError: ``eval_fn`` returns no dict, or other keys on another batch, or (sharded
+            model) the ranks hold different numbers of batches.
     """
     keys: list[str] = [] if eval_fn is not None else ["loss", "acc"]
     reduction = "mean" if eval_fn is not None else loss_reduction(loss_fn)
     size = batch_size_fn or default_batch_size
 
     def per_batch(batch: Any) -> list[Tensor]:
-        found = eval_fn(model, batch) if eval_fn is not None else \
-            default_metrics(model, loss_fn, batch)
+        found = eval_fn(forward, batch) if eval_fn is not None else \
+            default_metrics(forward, loss_fn, batch)
         if not isinstance(found, Mapping) or not found:
             raise ValueError("eval_fn must return a non-empty dict of metrics, got "
                              f"{type(found).__name__}")
@@ -181,7 +187,10 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
             values[1] = values[1] * size(batch)
         return values
 
+    if is_sharded(model):  # every forward gathers weights: the same batches on every rank
+        sample_counts(data, batch_size_fn)
     with preserved(model, model_mode, weights=False), torch.no_grad():
+        forward = forward_model(model)  # a fully_shard model: its hook-free copy
         out = data_mean(data, per_batch, batch_size_fn, reduction=reduction,
                         zeros=scalar_zeros(len(keys)) if keys else None, progress=progress)
     values = [float(v) for v in out.values]
@@ -190,7 +199,7 @@ def evaluate_metrics(model: nn.Module, loss_fn: LossFn, data: Iterable, *,
     return dict(zip(keys, values))
 
 
-@guarded
+@guarded(sharded=True)
 def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: ParamSelection = None,
              model_mode: str = "eval", batch_size_fn: BatchSizeFn | None = None,
              progress: bool = True) -> tuple[float, float]:
@@ -200,6 +209,8 @@ def evaluate(model: nn.Module, loss_fn: LossFn, data: Iterable, *, params: Param
     \mathrm{acc} = \frac{\sum_b n_b\, \mathrm{acc}_b}{\sum_b n_b}.$$
 
     For a sum-reduced ``loss_fn`` the loss is the total loss (the accuracy is still a mean).
+    A model sharded with FSDP2's ``fully_shard``: each rank passes its data shard and gets the
+    metrics of the unsharded model on all the data (:func:`evaluate_metrics`).
 
     Args:
         model: The model.

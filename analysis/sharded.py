@@ -64,6 +64,7 @@ from .core import (all_finite, all_reduce_max_, all_reduce_sum_, BatchSizeFn, ch
                    unflatten, working_dtype)
 from .core.sharding import (full_values, is_dtensor, is_sharded, refuse_sharded, REFUSAL,
                             sample_counts, shard_like)
+from .core.sharding import register_forward_copy
 from .core.space import ShardedSpace
 from .derivatives import curvature_ops
 from .finite_difference import check_fd_policy, dot, FiniteDifference, Pieces
@@ -1168,3 +1169,38 @@ __all__ = ["is_sharded", "refuse_sharded", "check_sharded", "fsdp_units", "sampl
            "ShardedLoss",
            "ShardedPerturbedLoss", "ShardedCurvature", "ShardedCurvatureOperator",
            "sharded_inverse_sqrt", "output_products"]
+
+
+# -- forward-only passes at the model's own weights (mean_loss, evaluate, the Tracker,
+#    landscape.recalibrate_bn) ----------------------------------------------------------------
+
+def forward_copy(model: nn.Module, model_mode: str | None = None) -> nn.Module:
+    """The hook-free copy of a ``fully_shard`` model at its own weights, for forward passes.
+
+    :func:`functional_copy` with the model's detached shards as leaves: each unit gathers its
+    full weights during its forward (no autograd graph to the model), so the FSDP2 model is
+    neither run (its state, e.g. the root's weights kept unsharded after a forward, stays as
+    found) nor written to. The buffers are the model's own objects: a train-mode BatchNorm
+    updates them (callers restore them, ``analysis.core.preserved``, or mean to change them,
+    ``landscape.recalibrate_bn``). A mixed-precision policy is not applied: the copy computes
+    at the precision of the stored (master) shards, as every routine on a sharded model does.
+    Every rank must make the same forward passes (each unit's gather is a collective).
+
+    Args:
+        model: A ``fully_shard`` model.
+        model_mode: "eval" or "train" for the copy (None: the model's flags as they are).
+
+    Returns:
+        The copy (call it as the model).
+
+    Raises:
+        ValueError: As :func:`check_sharded`.
+    """
+    units = check_sharded(model)
+    leaves = {n: p.detach() for n, p in model.named_parameters()}
+    return functional_copy(model, units, leaves, model_mode)
+
+
+register_forward_copy(forward_copy)  # analysis.core.forward_model builds copies with it
+
+__all__ += ["forward_copy"]

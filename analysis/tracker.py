@@ -53,6 +53,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -62,7 +63,8 @@ from torch import Tensor, nn
 from .core import (ArgumentTypeError, BatchSizeFn, LossFn, check_bool, check_data, check_int,
                    check_choice, check_loss_fn, check_model_mode, check_positive, make_generator,
                    save_figure, unwrap_compiled)
-from .core.sharding import refuse_sharded
+from .core.distributed import all_reduce_sum_
+from .core.sharding import is_dtensor, is_sharded
 from .metrics import EvalFn, evaluate_metrics, full_grad_norm
 from .operator import registered_curvatures
 from .preconditioning import optimizer_preconditioner, stability_threshold
@@ -76,7 +78,7 @@ def _row_angles(a: Tensor, b: Tensor) -> Tensor:
     $2 \arcsin(\|a/\|a\| - b/\|b\|\| / 2)$: accurate for the tiny angles of one step,
     unlike $\arccos$.
     """
-    a, b = a.reshape(a.shape[0], -1), b.reshape(b.shape[0], -1)
+    a, b = a.flatten(1), b.flatten(1)  # (a shard may hold no row)
     a = a / a.norm(dim=1, keepdim=True).clamp_min(1e-30)
     b = b / b.norm(dim=1, keepdim=True).clamp_min(1e-30)
     return 2.0 * torch.asin((a - b).norm(dim=1).mul(0.5).clamp(max=1.0))
@@ -85,6 +87,77 @@ def _row_angles(a: Tensor, b: Tensor) -> Tensor:
 def _cosine(a: Tensor, b: Tensor) -> float:
     denom = float(a.norm() * b.norm())
     return float((a * b).sum()) / denom if denom > 0 else float("nan")
+
+
+def _plain_layer_stats(named: Sequence[tuple[str, Tensor]],
+                       previous: dict[str, Tensor] | None) -> Record:
+    """``wnorm``, ``rownorm``, ``angle`` and ``cos`` per parameter (module docstring)."""
+    out: Record = {}
+    for name, p in named:
+        w = p.detach()
+        out[f"wnorm/{name}"] = float(w.norm())
+        if w.dim() >= 2:
+            out[f"rownorm/{name}"] = float(w.reshape(w.shape[0], -1).norm(dim=1).mean())
+        if previous is None or name not in previous:
+            continue
+        before = previous[name]
+        if w.dim() >= 2:
+            out[f"angle/{name}"] = float(_row_angles(w, before).mean())
+        if p.grad is not None:
+            out[f"cos/{name}"] = _cosine(w - before, -p.grad.detach())
+    return out
+
+
+def _local(t: Tensor) -> Tensor:
+    """A DTensor's local shard, detached (a plain tensor as it is)."""
+    return t.detach().to_local() if is_dtensor(t) else t.detach()
+
+
+def _sharded_layer_stats(named: Sequence[tuple[str, Tensor]],
+                         previous: dict[str, Tensor] | None) -> Record:
+    """:func:`_plain_layer_stats` of a ``fully_shard`` model, from local sums.
+
+    FSDP2 shards every parameter along dim 0, so each rank holds whole rows: the row norms and
+    row angles are local, and every statistic is a sum over the shards (all-reduced in one
+    call) divided by the global row count.
+    """
+    keys: list[tuple[str, str]] = []
+    sums: list[Tensor] = []
+
+    def add(kind: str, name: str, value: Tensor) -> None:
+        keys.append((kind, name))
+        sums.append(value.reshape(-1))
+
+    for name, p in named:
+        w = _local(p).double()
+        add("wnorm", name, w.pow(2).sum())
+        if p.dim() >= 2:
+            add("rownorm", name, w.flatten(1).norm(dim=1).sum())
+        before = None if previous is None else previous.get(name)
+        if before is None:
+            continue
+        b = _local(before).double()
+        if p.dim() >= 2:
+            add("angle", name, _row_angles(w, b).sum())
+        if p.grad is not None:
+            step, g = w - b, -_local(p.grad).double()
+            add("cos", name, torch.stack([(step * g).sum(), step.pow(2).sum(), g.pow(2).sum()]))
+    flat = torch.cat([t.cpu() for t in sums]) if sums else torch.zeros(0, dtype=torch.float64)
+    all_reduce_sum_([flat])
+    out: Record = {}
+    offset, rows = 0, {name: p.shape[0] if p.dim() else 1 for name, p in named}
+    for kind, name in keys:
+        width = 3 if kind == "cos" else 1
+        v = flat[offset:offset + width].tolist()
+        offset += width
+        if kind == "wnorm":
+            out[f"wnorm/{name}"] = math.sqrt(v[0])
+        elif kind == "cos":
+            denom = math.sqrt(v[1] * v[2])
+            out[f"cos/{name}"] = v[0] / denom if denom > 0 else float("nan")
+        else:
+            out[f"{kind}/{name}"] = v[0] / rows[name]
+    return out
 
 
 class Tracker:
@@ -161,8 +234,16 @@ class Tracker:
         ValueError: An option outside its range, ``curvature_data`` missing while a curvature
             quantity is on, or data that is not an iterable of batches.
         ArgumentTypeError: ``optimizer_methods`` is not a sequence of method names.
-        NotImplementedError: ``model`` is sharded with FSDP2's ``fully_shard`` (not
-            supported yet).
+    A model sharded with FSDP2's ``fully_shard`` (each rank passing its shards of
+    ``eval_data``, ``test_data`` and ``curvature_data``, the same number of batches on every
+    rank): every recorded quantity is that of the unsharded model on all the data, on every
+    rank (the metrics and curvatures computed on a hook-free copy of the model at the
+    precision of its stored shards, whatever the mixed-precision policy; the per-layer
+    statistics from local sums over the shards, one all-reduce), except the preconditioned
+    ones, which are left out (with a warning) since preconditioned spectra of sharded
+    models are not supported. The model is only read: a training step after a record equals
+    one without the tracker. ``loss`` is the mean of the losses passed to :meth:`step`, as
+    each rank passes them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
@@ -174,7 +255,6 @@ class Tracker:
                  layers: bool = True,
                  seed: int = 0, model_mode: str = "eval",
                  optimizer_methods: Sequence[str] = ("angular_step", "update_cosine")):
-        refuse_sharded(unwrap_compiled(model), "Tracker")
         every = check_int("every", every, 1)
         lambda_max, trace, grad_norm, layers = (check_bool(k, v) for k, v in (
             ("lambda_max", lambda_max), ("trace", trace), ("grad_norm", grad_norm),
@@ -307,7 +387,7 @@ class Tracker:
                 rec.update({f"{prefix}_{key}": value for key, value in found.items()})
         if self.lambda_max:
             rec.update(self._lambda_max(lr))
-            named = optimizer_preconditioner(optimizer, self.model)
+            named = self._preconditioner(optimizer)
             if named:  # an optimizer with a diagonal preconditioner, after its first step
                 rec.update(self._lambda_max(lr, named, stability_threshold(optimizer)))
         if self.trace:
@@ -345,7 +425,9 @@ class Tracker:
                               check_deterministic=not self._checked)
         self._checked = True
         self.n_hvp += int(res.n_hvp)
-        self._v0[key] = res.eigenvectors[0].detach().clone()
+        top = res.eigenvectors[0]  # a fully_shard model's: a list of DTensors (its shards)
+        self._v0[key] = [[t.detach().clone() for t in top]] if isinstance(top, list) else \
+            top.detach().clone()
         lam = float(res.eigenvalues[0])
         if key:
             out = {"preconditioned_lambda_max": lam, "preconditioned_lanczos_hvp": float(res.n_hvp)}
@@ -356,6 +438,19 @@ class Tracker:
         if lr is not None:
             out["eos_ratio"] = lam * lr / 2.0
         return out
+
+    def _preconditioner(self, optimizer: Any) -> dict[str, Tensor] | None:
+        """The optimizer's diagonal preconditioner by name; None for a sharded model (warned)."""
+        named = optimizer_preconditioner(optimizer, self.model)
+        if named and is_sharded(self.model):
+            if not getattr(self, "_warned", False):
+                warnings.warn("the Tracker leaves out preconditioned_lambda_max and "
+                              "preconditioned_eos_ratio on a model sharded with fully_shard "
+                              "(preconditioned spectra of sharded models are not supported)",
+                              RuntimeWarning, stacklevel=4)
+            self._warned = True
+            return None
+        return named
 
     def _trace(self) -> Record:
         from .trace import hessian_trace
@@ -368,23 +463,12 @@ class Tracker:
         return {"trace": float(res.estimate)}
 
     def _layer_stats(self) -> Record:
-        out: Record = {}
         # the weights before this step, if they were kept (only for the step before a record)
         kept = self._previous
         previous = kept[1] if kept is not None and kept[0] == self.n_steps - 1 else None
         with torch.no_grad():
-            for name, p in self.model.named_parameters():
-                w = p.detach()
-                out[f"wnorm/{name}"] = float(w.norm())
-                if w.dim() >= 2:
-                    out[f"rownorm/{name}"] = float(w.reshape(w.shape[0], -1).norm(dim=1).mean())
-                if previous is None or name not in previous:
-                    continue
-                before = previous[name]
-                if w.dim() >= 2:
-                    out[f"angle/{name}"] = float(_row_angles(w, before).mean())
-                if p.grad is not None:
-                    out[f"cos/{name}"] = _cosine(w - before, -p.grad.detach())
+            stats = _sharded_layer_stats if is_sharded(self.model) else _plain_layer_stats
+            out = stats(list(self.model.named_parameters()), previous)
         self._previous = None
         return out
 

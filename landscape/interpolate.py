@@ -8,7 +8,7 @@ from __future__ import annotations
 import inspect
 import os
 from functools import partial
-from typing import Iterable
+from typing import Callable, Iterable
 
 import numpy as np
 import torch
@@ -19,7 +19,9 @@ from analysis.core import (all_reduce_sum_, BatchSizeFn, check_bool, check_data,
                            is_distributed, loss_reduction, LossFn, ParamSelection, preserved,
                            scalar_zeros, select_params, unwrap_compiled)
 
-from analysis.core import refuse_sharded
+from analysis.core import is_sharded, local_like
+from analysis.sharded import (check_sharded, forward_copy, functional_copy, sample_counts,
+                              ShardedLoss)
 
 from .directions import load_state, named_targets, state_buffers, state_tensors
 from .points import DEFAULT_MAX_MEMORY, check_coords, combine, evaluate_points, fmt
@@ -46,6 +48,15 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
     error (e.g. empty ``data``) the model is left exactly as it was, and an error on one rank
     is raised on every rank (:class:`analysis.core.RankError` on the others).
 
+    A model sharded with FSDP2's ``fully_shard`` (whose buffers are not sharded: every rank
+    holds them whole): the forwards run on its hook-free copy
+    (:func:`analysis.sharded.forward_copy`, at the stored precision whatever the
+    mixed-precision policy; the FSDP2 model is not run), every rank passing the same number of
+    batches of its shard, and every rank gets the statistics of one process on the union of
+    the shards (the same all-reduced sums). ``nn.SyncBatchNorm`` is refused there: its
+    train-mode forward pools each step's batches over the ranks, a statistic one process on
+    the same batches does not compute.
+
     Args:
         model: the model whose BatchNorm statistics are recomputed.
         loss_fn: ``loss_fn(model, batch)``, run for its forward pass (its value is unused).
@@ -56,13 +67,50 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
         statistics).
 
     Raises:
-        ValueError: ``data`` is not an iterable of batches, or is empty (on every rank).
+        ValueError: ``data`` is not an iterable of batches, or is empty (on every rank); for a
+            sharded model, the ranks hold different numbers of batches.
+        NotImplementedError: a sharded model with ``nn.SyncBatchNorm`` layers.
     """
-    refuse_sharded(model, "recalibrate_bn")
     check_data(data)
-    bns = [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+    bns = _tracked_bns(model)
     if not bns:
         return 0
+    if not is_sharded(model):
+        return _recalibrate(model, bns, loss_fn, data, lambda: model)
+    _check_sharded_bn(bns, data)
+    return _recalibrate(model, bns, loss_fn, data, lambda: forward_copy(model, "train"))
+
+
+def _tracked_bns(model: nn.Module) -> list[nn.Module]:
+    """The model's BatchNorm layers that track running statistics."""
+    return [m for m in model.modules() if isinstance(m, _BN) and m.track_running_stats]
+
+
+def _check_sharded_bn(bns: list[nn.Module], data: Iterable) -> None:
+    """Refuse what a sharded model's recalibration cannot reduce exactly; equal batch counts.
+
+    Raises:
+        NotImplementedError: ``nn.SyncBatchNorm`` layers.
+        ValueError: the ranks hold different numbers of batches (the same error on every
+            rank).
+    """
+    synced = sorted({type(m).__name__ for m in bns if isinstance(m, nn.SyncBatchNorm)})
+    if synced:
+        raise NotImplementedError(
+            f"recalibrate_bn on a model sharded with fully_shard does not support {synced[0]} "
+            "(its train-mode forward pools each step's batch statistics over the ranks, which "
+            "one process on the same batches does not); convert those layers to BatchNorm "
+            "for the analysis")
+    sample_counts(data, lambda batch: 1)  # every forward gathers weights: equal batch counts
+
+
+def _recalibrate(model: nn.Module, bns: list[nn.Module], loss_fn: LossFn, data: Iterable,
+                 forward: Callable[[], nn.Module]) -> int:
+    """:func:`recalibrate_bn`'s passes through ``forward()``, the module the batches run through.
+
+    ``forward`` is called once the statistics are reset and the momenta set to None (a
+    sharded model's copy copies its modules' attributes when it is built).
+    """
     momenta = [m.momentum for m in bns]
     n = 0
     try:
@@ -70,9 +118,10 @@ def recalibrate_bn(model: nn.Module, loss_fn: LossFn, data: Iterable) -> int:
             for m in bns:
                 m.reset_running_stats()
                 m.momentum = None
+            run = forward()
             with failures_shared():  # one rank's error on every rank, before the all-reduce
                 for batch in data:
-                    loss_fn(model, batch)
+                    loss_fn(run, batch)
                     n += 1
             fresh = _batch_average(bns, n)
     finally:
@@ -108,18 +157,10 @@ def _batch_average(bns: list[nn.Module], n: int) -> list[dict[str, torch.Tensor]
 
 
 def _moved_buffers(model: nn.Module, buffers: bool, bn_data: Iterable | None) -> list[str]:
-    """The floating buffers the points move (BatchNorm statistics), refused on a sharded model.
-
-    Raises:
-        NotImplementedError: ``model`` is sharded with ``fully_shard`` and has such buffers
-            to interpolate, or ``bn_data`` is given (its points move parameters only).
-    """
+    """The floating buffers the points move (BatchNorm statistics)."""
     if not buffers and bn_data is None:
         return []
-    names = state_buffers(model)
-    if names or bn_data is not None:
-        refuse_sharded(model, "interpolate with bn_data= or buffers=True (BatchNorm statistics)")
-    return names
+    return state_buffers(model)
 
 
 @guarded(known_deterministic=fixed_passes, sharded=True)
@@ -140,6 +181,14 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
 
     with $L(w_a)$, $L(w_b)$ evaluated the same way (at alpha = 0 and 1, added to the points
     when absent). Both models are left unchanged.
+
+    Models sharded with FSDP2's ``fully_shard`` (``model_b`` a sharded model, its sharded
+    state_dict, or full tensors): each rank passes its data shard (and its ``bn_data`` shard,
+    the same number of batches on every rank) and gets the one-process answer. Their
+    parameters are combined on the local shards and never written; their BatchNorm buffers,
+    which FSDP2 does not shard, are interpolated (``buffers=True``) or recalibrated
+    (``bn_data``, :func:`recalibrate_bn`) in place and restored; such points are evaluated
+    one by one (``distribute="data"`` only).
 
     Args:
         model_a: the first model ($\alpha = 0$); its tensors are written and restored.
@@ -217,37 +266,92 @@ def interpolate(model_a: nn.Module, model_b, loss_fn: LossFn, data, alphas, *,
 
     evaluation = dict(chunk_size=chunk_size, max_memory=max_memory, vectorize=vectorize,
                       distribute=distribute)
-    if bn_data is None:
+    sharded = is_sharded(model_a)
+    if bn_data is None and not (sharded and set(names) - set(dict(model_a.named_parameters()))):
         evaluate_points(model_a, loss_fn, data, [w_a, w_b], coords, store, describe,
                         model_mode=model_mode, batch_size_fn=batch_size_fn, progress=progress,
                         desc="interpolate", **evaluation)
-    else:
-        changed = [k for k, v in evaluation.items()
-                   if v != inspect.signature(interpolate).parameters[k].default]
-        if changed:
-            raise ValueError(f"{', '.join(changed)} do not apply with bn_data= (points are "
-                             "evaluated one by one)")
-        _recalibrated(model_a, loss_fn, data, bn_data, [w_a, w_b], coords, store, describe,
-                      model_mode, batch_size_fn)
+    else:  # BatchNorm recalibrated, or a sharded model's buffers moved: point by point
+        _check_one_by_one(model_a, bn_data, evaluation)
+        _one_by_one(model_a, loss_fn, data, bn_data, [w_a, w_b], coords, store, describe,
+                    model_mode, batch_size_fn)
     return store.result(complete=True)
 
 
-def _recalibrated(model, loss_fn, data, bn_data, vectors, coords, store: Progress, describe,
-                  model_mode: str, batch_size_fn: BatchSizeFn | None) -> None:
-    """Point by point: load the weights, recalibrate BatchNorm on ``bn_data``, evaluate."""
+def _check_one_by_one(model: nn.Module, bn_data: Iterable | None, evaluation: dict) -> None:
+    """Refuse options that do not apply to the point-by-point evaluation (:func:`_one_by_one`).
+
+    Raises:
+        ValueError: an option other than its default with ``bn_data``; ``distribute="grid"``
+            on a sharded model; a sharded model's ranks holding different numbers of batches
+            of ``bn_data``.
+        NotImplementedError: ``nn.SyncBatchNorm`` in a sharded model recalibrated.
+    """
+    if bn_data is None:  # a sharded model's buffers: its points are evaluated one by one anyway
+        if evaluation["distribute"] != "data":
+            raise ValueError('distribute must be "data" for a model sharded with fully_shard '
+                             f"(each rank passes its data shard), got {evaluation['distribute']!r}")
+        return
+    changed = [k for k, v in evaluation.items()
+               if v != inspect.signature(interpolate).parameters[k].default]
+    if changed:
+        raise ValueError(f"{', '.join(changed)} do not apply with bn_data= (points are "
+                         "evaluated one by one)")
+    check_data(bn_data)
+    bns = _tracked_bns(model)
+    if bns and is_sharded(model):
+        _check_sharded_bn(bns, bn_data)
+
+
+def _one_by_one(model, loss_fn, data, bn_data, vectors, coords, store: Progress, describe,
+                model_mode: str, batch_size_fn: BatchSizeFn | None) -> None:
+    """Point by point: set the weights, recalibrate BatchNorm on ``bn_data`` (if given), evaluate.
+
+    An unsharded model's tensors are written (and restored). A ``fully_shard`` model's
+    parameters are never written: they move on its hook-free copy (local shards combined,
+    :class:`analysis.sharded.ShardedLoss`), and its (unsharded) buffers are written and
+    restored like an unsharded model's.
+    """
     targets = named_targets(model)
-    with preserved(model, model_mode), torch.no_grad():
+    sharded = is_sharded(model)
+    params = dict(model.named_parameters()) if sharded else {}
+    bns = _tracked_bns(model) if bn_data is not None else []
+    with preserved(model, model_mode, weights=not sharded), torch.no_grad():
+        loss = ShardedLoss(model, loss_fn, data, [], batch_size_fn=batch_size_fn,
+                           model_mode=model_mode) if sharded else None
+        units = check_sharded(model) if sharded else None
         for i in np.flatnonzero(np.isnan(store.losses)):
             c = torch.as_tensor(coords[i])
+            moved = {}
             for n in vectors[0]:
                 parts = [(0, vectors[0][n]), (1, vectors[1][n])]
-                targets[n].copy_(combine(parts, c.to(targets[n])))
-            store.n_forward += recalibrate_bn(model, loss_fn, bn_data)
-            model.train(model_mode == "train")
-            where = f" at {describe(i)}"
-            mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), where)],
-                             batch_size_fn, reduction=loss_reduction(loss_fn),
-                             zeros=scalar_zeros(1))
-            store.losses[i] = float(mean.values[0])
-            store.n_forward += mean.n_batches
+                if n in params:  # a shard: combined locally, placed like the parameter
+                    local = [(j, v.to_local()) for j, v in parts]
+                    moved[n] = local_like(combine(local, c.to(local[0][1])), params[n])
+                else:
+                    targets[n].copy_(combine(parts, c.to(targets[n])))
+            if sharded:
+                loss.move(moved)
+            if bns:
+                forward = (lambda: functional_copy(model, units, loss.leaves, "train")) \
+                    if sharded else (lambda: model)
+                store.n_forward += _recalibrate(model, bns, loss_fn, bn_data, forward)
+            store.losses[i], n_batches = _point_loss(model, loss_fn, data, loss, moved,
+                                                     f" at {describe(i)}", model_mode,
+                                                     batch_size_fn)
+            store.n_forward += n_batches
             store.write(complete=not np.isnan(store.losses).any())
+
+
+def _point_loss(model: nn.Module, loss_fn: LossFn, data: Iterable, sharded: ShardedLoss | None,
+                moved: dict, where: str, model_mode: str, batch_size_fn: BatchSizeFn | None
+                ) -> tuple[float, int]:
+    """The full-data loss at the point loaded by :func:`_one_by_one`, and the batches passed."""
+    if sharded is not None:
+        before = sharded.n_forward
+        value, _ = sharded(moved)
+        return float(value), sharded.n_forward - before
+    model.train(model_mode == "train")
+    mean = data_mean(data, lambda batch: [check_loss(loss_fn(model, batch), where)],
+                     batch_size_fn, reduction=loss_reduction(loss_fn), zeros=scalar_zeros(1))
+    return float(mean.values[0]), mean.n_batches

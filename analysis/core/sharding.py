@@ -26,9 +26,9 @@ SUPPORTED = ("top_eigenvalues, hessian_trace, spectral_density and layerwise (cu
              "hvp, analysis.curvature.curvature_operator, analysis.sharded.ShardedHessian and "
              "ShardedCurvature, full_grad_norm, "
              "worst_case_sharpness (m=None), average_sharpness, keskar_sharpness, "
-             "pac_bayes_sigma, sharpness_vs_curvature, landscape.random_direction, "
-             "update_direction, eigenvector_directions, line, plane and interpolate "
-             "(parameters only)")
+             "pac_bayes_sigma, sharpness_vs_curvature, mean_loss, evaluate, Tracker, "
+             "landscape.random_direction, update_direction, eigenvector_directions, line, "
+             "plane, interpolate, recalibrate_bn, pca_directions and project_trajectory")
 REFUSAL = ("is sharded with torch.distributed.fsdp.fully_shard (FSDP2), which {what} does not "
            "support yet; supported on fully_shard models: " + SUPPORTED)
 
@@ -103,7 +103,44 @@ def sample_counts(data: Iterable, batch_size_fn: BatchSizeFn | None) -> tuple[li
 
 
 __all__ = ["sample_counts", "is_dtensor", "is_sharded", "refuse_sharded", "REFUSAL", "SUPPORTED",
-           "shard_like", "as_sharded", "full_values", "local_like"]
+           "shard_like", "as_sharded", "full_values", "local_like", "forward_model",
+           "register_forward_copy"]
+
+_FORWARD_COPY: list = []  # analysis.sharded.forward_copy, registered when analysis is imported
+
+
+def register_forward_copy(fn) -> None:
+    """Install the builder of :func:`forward_model`'s copies (``analysis.sharded`` does).
+
+    The core cannot import :mod:`analysis.sharded` (it imports the core), so that module hands
+    its builder over here when ``analysis`` is imported.
+
+    Args:
+        fn: ``fn(model, model_mode) -> nn.Module``, the hook-free copy of a sharded model.
+    """
+    _FORWARD_COPY[:] = [fn]
+
+
+def forward_model(model: nn.Module, model_mode: str | None = None) -> nn.Module:
+    """The module to run a forward-only pass of ``model`` through.
+
+    ``model`` itself, or for a ``fully_shard`` model the hook-free copy of
+    :func:`analysis.sharded.forward_copy` (each unit's full weights gathered from the shards
+    during its forward, the FSDP2 model neither run nor written to; buffers shared). Every rank
+    must then make the same forward passes (the gathers are collectives).
+
+    Args:
+        model: Any module.
+        model_mode: "eval" or "train" for the copy (None: the model's flags as they are).
+
+    Returns:
+        A module to call like ``model``.
+    """
+    if not is_sharded(model):
+        return model
+    if not _FORWARD_COPY:  # pragma: no cover - analysis/__init__ imports analysis.sharded
+        raise RuntimeError("analysis.sharded is not imported (import analysis first)")
+    return _FORWARD_COPY[0](model, model_mode)
 
 
 def shard_like(full: Tensor, param: Tensor) -> Tensor:

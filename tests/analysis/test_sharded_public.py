@@ -77,6 +77,14 @@ def _trajectory(e):
     return [start, end, {k: v.sin() for k, v in start.items()}]
 
 
+def _tracked(e):
+    """One record of a Tracker (the per-layer statistics, the data metrics, lambda_max)."""
+    tracker = analysis.Tracker(e.model, e.loss_fn, eval_data=e.data, curvature_data=e.data,
+                               lambda_max=True, lanczos_max_hvp=6)
+    record = tracker.log()
+    return {k: v for k, v in record.items() if k not in ("time", "overhead")}
+
+
 # name -> (what it must do on a fully_shard model, the call); "works" calls return a result
 WORKS, REFUSED = "works", "refused"
 CALLS = {
@@ -108,11 +116,11 @@ CALLS = {
     "hvp": (WORKS, lambda e: analysis.hvp(e.model, e.loss_fn, e.data, _ramp(e.model), **Q)),
     "layerwise": (WORKS, lambda e: analysis.layerwise(
         e.model, e.loss_fn, e.data, {"last": ["4.bias"]}, n_hvp_trace=6, **Q)),
-    "mean_loss": (REFUSED, lambda e: analysis.mean_loss(e.model, e.loss_fn, e.data, **Q)),
-    "evaluate": (REFUSED, lambda e: analysis.evaluate(e.model, e.loss_fn, e.data, **Q)),
+    "mean_loss": (WORKS, lambda e: analysis.mean_loss(e.model, e.loss_fn, e.data, **Q)),
+    "evaluate": (WORKS, lambda e: analysis.evaluate(e.model, e.loss_fn, e.data, **Q)),
     "full_grad_norm": (WORKS, lambda e: analysis.full_grad_norm(
         e.model, e.loss_fn, e.data, **Q)),
-    "Tracker": (REFUSED, lambda e: analysis.Tracker(e.model, e.loss_fn)),
+    "Tracker": (WORKS, lambda e: _tracked(e)),
     # landscape
     "random_direction": (WORKS, lambda e: _direction(e)),
     "update_direction": (WORKS, lambda e: landscape.update_direction(
@@ -124,9 +132,9 @@ CALLS = {
     "plane": (WORKS, _plane),
     "interpolate": (WORKS, lambda e: landscape.interpolate(
         e.model, e.other(), e.loss_fn, e.data, [0.0, 0.25, 1.0], **Q)),
-    "recalibrate_bn": (REFUSED, lambda e: landscape.recalibrate_bn(e.model, e.loss_fn, e.data)),
-    "pca_directions": (REFUSED, lambda e: landscape.pca_directions(_trajectory(e), e.model)),
-    "project_trajectory": (REFUSED, lambda e: landscape.project_trajectory(
+    "recalibrate_bn": (WORKS, lambda e: landscape.recalibrate_bn(e.model, e.loss_fn, e.data)),
+    "pca_directions": (WORKS, lambda e: landscape.pca_directions(_trajectory(e), e.model)),
+    "project_trajectory": (WORKS, lambda e: landscape.project_trajectory(
         _trajectory(e), e.model, [_direction(e)])),
 }
 
