@@ -53,7 +53,6 @@ import csv
 import json
 import math
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -239,11 +238,10 @@ class Tracker:
     rank): every recorded quantity is that of the unsharded model on all the data, on every
     rank (the metrics and curvatures computed on a hook-free copy of the model at the
     precision of its stored shards, whatever the mixed-precision policy; the per-layer
-    statistics from local sums over the shards, one all-reduce), except the preconditioned
-    ones, which are left out (with a warning) since preconditioned spectra of sharded
-    models are not supported. The model is only read: a training step after a record equals
-    one without the tracker. ``loss`` is the mean of the losses passed to :meth:`step`, as
-    each rank passes them.
+    statistics from local sums over the shards, one all-reduce; the preconditioned spectra
+    with the optimizer's sharded state as $P$). The model is only read: a training step after
+    a record equals one without the tracker. ``loss`` is the mean of the losses passed to
+    :meth:`step`, as each rank passes them.
     """
 
     def __init__(self, model: nn.Module, loss_fn: LossFn, *, every: int = 10,
@@ -440,17 +438,8 @@ class Tracker:
         return out
 
     def _preconditioner(self, optimizer: Any) -> dict[str, Tensor] | None:
-        """The optimizer's diagonal preconditioner by name; None for a sharded model (warned)."""
-        named = optimizer_preconditioner(optimizer, self.model)
-        if named and is_sharded(self.model):
-            if not getattr(self, "_warned", False):
-                warnings.warn("the Tracker leaves out preconditioned_lambda_max and "
-                              "preconditioned_eos_ratio on a model sharded with fully_shard "
-                              "(preconditioned spectra of sharded models are not supported)",
-                              RuntimeWarning, stacklevel=4)
-            self._warned = True
-            return None
-        return named
+        """The optimizer's diagonal preconditioner by name (DTensors on a sharded model)."""
+        return optimizer_preconditioner(optimizer, self.model)
 
     def _trace(self) -> Record:
         from .trace import hessian_trace

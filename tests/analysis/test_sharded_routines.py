@@ -91,8 +91,9 @@ def bn_routines(model, other, data):
 
 
 def train(model, batches, track, rank_data=None):
-    """Two SGD steps on ``batches`` (this rank's), recorded every step when ``track``."""
-    opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    """Two Adam steps on ``batches`` (this rank's), recorded every step when ``track`` (Adam:
+    the Tracker also records the preconditioned lambda_max, with the sharded state as P)."""
+    opt = torch.optim.Adam(model.parameters(), lr=0.01)
     tracker = None
     if track:
         data = rank_data
