@@ -40,6 +40,7 @@ def problem(tied: bool, bias: bool | None = None, model_cls=TinyLM):
     ids = torch.randint(0, VOCAB, (SEQS, TOKENS))
     labels = torch.cat([ids[:, 1:], torch.full((SEQS, 1), -100)], 1).flatten()
     labels[3] = -100  # an ignored target inside a sequence
+    labels[-1] = 0  # the last row observed (its chunk counts)
     return model, [(ids, labels)]
 
 
