@@ -68,7 +68,9 @@ from torch.utils._pytree import tree_flatten, tree_unflatten
 from .core import (BatchSizeFn, check_choice, check_int, check_loss, default_batch_size, guarded,
                    LIKELIHOODS, likelihood_error, loss_reduction, LossFn, LossModule,
                    make_generator, own_call, ParamSelection, unflatten)
-from .core.loss_ce import CROSS_ENTROPY_ARGS, softmax_hessian_product
+from .core import loss_ce
+from .core.loss_ce import (CROSS_ENTROPY_ARGS, linear_head_product, LinearRecorder,
+                           softmax_hessian_product)
 from .operator import (CurvatureOperator, curvature_operator, register_curvature,
                        registered_curvatures)
 from .preconditioning import Preconditioner
@@ -234,6 +236,15 @@ class OutputCurvatureOperator(CurvatureOperator):
     one-batch ``data`` keeps its forward graph, so each later product costs two backward
     passes through it. A subclass implements :meth:`output_product`.
 
+    A language model's output, ``[M, V]`` logits above one chunk
+    (:data:`~analysis.core.loss_ce.CHUNK_BYTES`) returned by a recognised linear head
+    $f = h W^\top + b$ (:class:`~analysis.core.loss_ce.LinearRecorder`), with the built-in
+    cross-entropy products (GGN, exact Fisher), is not kept: $J v$, $M$ and $J^\top$ are
+    applied to the head chunk by chunk over the tokens from $h$, $W$, $b$
+    (:func:`~analysis.core.loss_ce.linear_head_product`), so no ``[M, V]`` tensor outlives the
+    forward; any other output, or a head that is not recognised unambiguously, takes the
+    path above. Values are the same to rounding.
+
     Args:
         model: The model.
         loss_fn: A ``loss_fn`` that declares its split (module docstring).
@@ -314,13 +325,18 @@ class OutputCurvatureOperator(CurvatureOperator):
         Returns the output with its graph, ``J^T u`` as a function of a dummy ``u`` (for the
         double-vjp ``J v``), the parameters it depends on, and ``w -> M w``.
         """
-        outputs = self.forward(self.model, batch)
+        recorder = LinearRecorder()
+        with recorder:
+            outputs = self.forward(self.model, batch)
         if not isinstance(outputs, Tensor):
             raise ValueError("the forward of loss_fn.split must return the output tensor, got "
                              f"{type(outputs).__name__}")
         product = self.output_product(outputs, batch)
         if not outputs.requires_grad:  # the output does not depend on the selected parameters
             return outputs, None, [], [], product
+        head = _linear_head(recorder, outputs, product)
+        if head is not None:  # the output is not kept: products through the head's operands
+            return _HeadLinearisation(self.params, head, product.chunk)
         # J^T u for a dummy u: an expanded scalar (no [N, ...] zeros held while the graph lives)
         dummy = torch.zeros((), dtype=outputs.dtype, device=outputs.device,
                             requires_grad=True).expand(outputs.shape)
@@ -339,8 +355,11 @@ class OutputCurvatureOperator(CurvatureOperator):
         Returns:
             ``[n, k]``.
         """
+        linearised = self.cached(lambda: self._linearise(batch))
+        if isinstance(linearised, _HeadLinearisation):
+            return linearised.product(V, self.params)
         vs = V.T.contiguous()  # a view in `matmat`: its rows are the vectors
-        outputs, dummy, pullback, live, product = self.cached(lambda: self._linearise(batch))
+        outputs, dummy, pullback, live, product = linearised
         if not live:
             return torch.zeros_like(vs).T
         chosen, out = [self.params[i] for i in live], None
@@ -360,6 +379,104 @@ class OutputCurvatureOperator(CurvatureOperator):
             for i, h in zip(live, jtw):
                 if h is not None:
                     rows[i].copy_(h)
+        return out.T
+
+
+class _Rowwise:
+    r"""An output-space product $w \mapsto M w$ with $M$ block-diagonal over the output's rows.
+
+    ``chunk(rows, z, u)`` is $M_r u$ for the rows ``rows`` (a slice of dim 0), computed from
+    their outputs ``z`` alone (it may overwrite ``u``). Called, the object applies it to all
+    rows of ``outputs``; :class:`_HeadLinearisation` applies ``chunk`` to one chunk of a
+    linear head's rows at a time instead, from logits it recomputes.
+    """
+
+    def __init__(self, outputs: Tensor, chunk: Callable[[slice, Tensor, Tensor], Tensor]):
+        self.outputs, self.chunk = outputs, chunk
+
+    def __call__(self, w: Tensor) -> Tensor:
+        """$M w$ for ``w`` shaped like the outputs (overwritten)."""
+        return self.chunk(slice(None), self.outputs, w)
+
+
+def _softmax_rows(f: Tensor, mask: Tensor, scale: float) -> _Rowwise:
+    r"""$s\, m (\mathrm{diag}(p) - p p^\top)$ per observation of the logits ``f``, rowwise."""
+    return _Rowwise(f, lambda rows, z, u: softmax_hessian_product(z, u, scale, mask[rows]))
+
+
+def _linear_head(recorder: LinearRecorder, outputs: Tensor, product: OutputProduct
+                 ) -> tuple | None:
+    r"""``(h, W, b)`` when ``outputs`` $= h W^\top + b$ is worth chunking through, else None.
+
+    That is: a ``[M, V]`` output above one chunk (:data:`~analysis.core.loss_ce.CHUNK_BYTES`),
+    recognised as the last ``F.linear``'s output by ``recorder``
+    (:meth:`~analysis.core.loss_ce.LinearRecorder.head`), and an output product of the
+    built-ins that is block-diagonal over the rows (:class:`_Rowwise`). Anything else (or
+    anything ambiguous) takes the generic path.
+    """
+    if (not isinstance(product, _Rowwise) or outputs.dim() != 2
+            or outputs.numel() * outputs.element_size() <= loss_ce.CHUNK_BYTES):
+        return None
+    return recorder.head(outputs)
+
+
+class _HeadLinearisation:
+    r"""$J^\top M J$ for an output $f = h W^\top + b$ through the head's operands.
+
+    With $J_h, J_W, J_b$ the Jacobians of the operands w.r.t. the selected parameters, the
+    output's is $J v = (J_h v) W^\top + h (J_W v)^\top + J_b v$, per row. An operand that is a
+    selected parameter itself has its piece of $v$ as its direction (and its pullback goes
+    into the result directly); one computed from parameters is linearised by the double-vjp
+    trick (``[M, d]``-sized, not ``[M, V]``); one that depends on none is constant. The
+    output-space product and the head's $J$ and $J^\top$ are applied chunk by chunk over the
+    rows (:func:`~analysis.core.loss_ce.linear_head_product`), from logits recomputed per
+    chunk: no ``[M, V]`` tensor is kept (the forward's output is freed).
+    """
+
+    def __init__(self, params: list[Tensor], head: tuple, chunk: Callable):
+        index = {id(p): i for i, p in enumerate(params)}
+        self.direct = [None if t is None else index.get(id(t)) for t in head]
+        h = head[0]
+        self.operands = (h.reshape(-1, h.shape[-1]), *head[1:])
+        self.chunk = chunk
+        self.traced = [k for k, t in enumerate(self.operands) if self.direct[k] is None
+                       and t is not None and t.requires_grad and t.grad_fn is not None]
+        self.dummies = [torch.zeros((), dtype=t.dtype, device=t.device, requires_grad=True)
+                        .expand(t.shape) for t in self._traced()]
+        pullback = torch.autograd.grad(self._traced(), params, self.dummies, create_graph=True,
+                                       allow_unused=True) if self.traced else []
+        self.live = [i for i, g in enumerate(pullback) if g is not None and g.requires_grad]
+        self.pullback = [pullback[i] for i in self.live]
+
+    def _traced(self) -> list[Tensor]:
+        """The operands linearised by autograd."""
+        return [self.operands[k] for k in self.traced]
+
+    def product(self, V: Tensor, params: list[Tensor]) -> Tensor:
+        r"""$J^\top M J V$ (``V``: ``[n, k]``, flat over ``params``; returns ``[n, k]``)."""
+        vs = V.T.contiguous()
+        out = torch.zeros_like(vs)
+        chosen = [params[i] for i in self.live]
+        for row, v in enumerate(vs):
+            pieces, rows = unflatten(v, params), unflatten(out[row], params)
+            directions: list = [None if i is None else pieces[i].view(t.shape) for i, t in
+                                zip(self.direct, self.operands)]
+            grads: list = [None if i is None else rows[i].view(t.shape) for i, t in
+                           zip(self.direct, self.operands)]
+            if self.live:
+                jv = torch.autograd.grad(self.pullback, self.dummies,
+                                         [pieces[i] for i in self.live], retain_graph=True,
+                                         allow_unused=True)
+                for k, d in zip(self.traced, jv):
+                    directions[k], grads[k] = d, torch.zeros_like(self.operands[k])
+            linear_head_product(*self.operands, directions, self.chunk, grads)
+            if self.live:
+                jtw = torch.autograd.grad(self._traced(), chosen,
+                                          [grads[k] for k in self.traced],
+                                          retain_graph=True, allow_unused=True)
+                for i, g in zip(self.live, jtw):
+                    if g is not None:
+                        rows[i].add_(g)
         return out.T
 
 
@@ -411,7 +528,7 @@ class GGNOperator(OutputCurvatureOperator):
             f = outputs.detach()
             mask, count = _observations("categorical", self.criterion, f, batch)
             if count:
-                return lambda w: softmax_hessian_product(f, w, 1.0 / count, mask)
+                return _softmax_rows(f, mask, 1.0 / count)
         o = outputs.detach().requires_grad_()
         loss = check_loss(self.criterion(o, batch), " in the GGN product")
         g = torch.autograd.grad(loss, o, create_graph=True)[0]
@@ -557,7 +674,7 @@ class FisherOperator(OutputCurvatureOperator):
             if self.likelihood == "bernoulli":
                 q = torch.sigmoid(f)
                 return lambda w: q * (1 - q) * w * scale
-            return lambda w: softmax_hessian_product(f, w, scale, mask)
+            return _softmax_rows(f, mask, scale)
         scores = [r * mask for r in self._sampled_scores(f, batch)]
         return lambda w: sum(r * _observation_dot(self.likelihood, r, w) for r in scores) * (
             scale / self.mc_samples)

@@ -16,6 +16,10 @@ autograd's to rounding.
 
 * :func:`softmax_hessian_product`: $s\, m_r (p_r \odot u_r - p_r \langle p_r, u_r \rangle)$ per
   row, written in place (the GGN and the exact Fisher of :mod:`analysis.curvature`).
+* :func:`linear_head_product`: $J^\top M J$ of a linear head $Z = h W^\top + b$ for an
+  output-space $M$ block-diagonal over the rows, chunk by chunk from $h$, $W$, $b$ (the GGN
+  and the exact Fisher of a language model, whose head :class:`LinearRecorder` recognises):
+  no $[M, V]$ tensor is kept, not even the logits.
 * :class:`ChunkedCrossEntropy`, a ``TorchFunctionMode`` entered by
   :func:`analysis.derivatives.curvature_ops`: where ``F.cross_entropy`` is called on (a view
   of) the output of the last ``F.linear`` (a language model's head, $Z = h W^\top + b$) and
@@ -185,20 +189,53 @@ def _direction(h: Tensor, weight: Tensor, ah: Tensor | None, aw: Tensor | None,
     return u
 
 
+def linear_head_product(h: Tensor, weight: Tensor, bias: Tensor | None, directions: tuple,
+                        product: Callable[[slice, Tensor, Tensor], Tensor], grads: tuple) -> None:
+    r"""$J^\top M J$ of a linear head $Z = h W^\top + b$, chunk by chunk over the rows.
+
+    For a direction $(A_h, A_W, A_b)$ of the head's operands, per chunk of rows $r$:
+    $U_r = A_{h,r} W^\top + h_r A_W^\top + A_b$ (the head's $J v$), $Q_r = M_r U_r$ (an
+    output-space matrix block-diagonal over the rows, from the chunk's logits) and its
+    pullback $G_h \mathrel{+}= Q W$, $G_W \mathrel{+}= Q^\top h$, $G_b \mathrel{+}= \sum_r Q_r$.
+    No ``[rows, V]`` tensor beyond one chunk (:data:`CHUNK_BYTES`) is formed.
+
+    Args:
+        h: ``[M, d]``, the head's input.
+        weight: ``[V, d]``.
+        bias: ``[V]`` or None.
+        directions: ``(A_h, A_W, A_b)``, each shaped like its operand, or None for zero.
+        product: ``(rows, z, u) -> M_r u`` for the logits ``z`` of ``rows``; may overwrite
+            ``u``.
+        grads: ``(G_h, G_W, G_b)``, buffers shaped like the operands that the pullback is
+            added into, or None where it is not wanted (computed without a graph).
+    """
+    ah, aw, ab = directions
+    gh, gw, gb = grads
+    with torch.no_grad():
+        for rows in row_slices(h.shape[0], weight.shape[0] * h.element_size()):
+            u = _direction(h[rows], weight, ah, aw, ab, rows)
+            if u is None:  # a zero direction: a zero product
+                return
+            q = product(rows, _rows(h, weight, bias, rows), u)
+            if gh is not None:
+                gh[rows].addmm_(q, weight)
+            if gw is not None:
+                gw.addmm_(q.T, h[rows])
+            if gb is not None:
+                gb.add_(q.sum(0))
+
+
 CROSS_ENTROPY_ARGS = ("input", "target", "weight", "size_average", "ignore_index", "reduce",
                       "reduction", "label_smoothing")
 """``F.cross_entropy``'s parameters, in order (to bind a call's positional arguments)."""
 
 
-class ChunkedCrossEntropy(TorchFunctionMode):
-    """Route a language model's head and cross-entropy through :class:`_LinearCrossEntropy`.
+class LinearRecorder(TorchFunctionMode):
+    """Record the last ``F.linear`` call, to recognise a language model's head.
 
-    Records the last ``F.linear`` call; a later ``F.cross_entropy`` on its output (or a
-    contiguous view of it: ``.view(-1, V)``, ``.flatten(0, 1)``) with class-index targets, no
-    class weights or label smoothing, ``reduction`` "mean" or "sum", logits larger than one
-    chunk (:data:`CHUNK_BYTES`) and outside ``torch.func`` transforms is computed from the
-    head's input and weights chunk by chunk (module docstring). Every other call runs
-    unchanged.
+    :meth:`head` answers whether a tensor is that call's output (or a contiguous view of it:
+    ``.view(-1, V)``, ``.flatten(0, 1)``), unchanged since, and if so returns the call's
+    operands. Every call runs unchanged.
     """
 
     def __init__(self) -> None:
@@ -207,12 +244,8 @@ class ChunkedCrossEntropy(TorchFunctionMode):
 
     def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
                            kwargs: dict | None = None) -> Any:
-        """Record ``F.linear``; route a matching ``F.cross_entropy``; run the rest unchanged."""
+        """Run ``func``; record it when it is ``F.linear``."""
         kwargs = kwargs or {}
-        if func is F.cross_entropy:
-            routed = self._route(dict(zip(CROSS_ENTROPY_ARGS, args), **kwargs))
-            if routed is not None:
-                return routed
         out = func(*args, **kwargs)
         if func is F.linear and isinstance(out, Tensor):
             self._record(out, dict(zip(("input", "weight", "bias"), args), **kwargs))
@@ -228,8 +261,68 @@ class ChunkedCrossEntropy(TorchFunctionMode):
         except RuntimeError:  # a tensor without storage
             return
         root = out if out._base is None else out._base  # (a 3-D linear returns a view)
+        operands = (bound["input"], bound["weight"], bound.get("bias"))
+        if not all(t is None or isinstance(t, Tensor) for t in operands):
+            return
         self._last = (weakref.ref(root), ptr, out.numel(), out.is_contiguous() and out._version,
-                      bound["input"], bound["weight"], bound.get("bias"))
+                      operands, _versions(operands))
+
+    def head(self, z: Tensor) -> tuple | None:
+        r"""``(h, W, b)`` of the last ``F.linear`` when ``z`` is its output, else None.
+
+        ``z`` must be the output's memory, row-major (a contiguous view), never written in
+        place since, nor its operands (version counters), all of one dtype ($Z = h W^\top + b$
+        then holds for ``z.reshape(-1, V)`` and ``h.reshape(-1, d)``, row by row).
+
+        Args:
+            z: A tensor.
+
+        Returns:
+            The operands ``(h, W, b)`` (``b`` may be None), or None when ``z`` is not
+            recognised as the last linear's output.
+        """
+        if self._last is None or not isinstance(z, Tensor):
+            return None
+        ref, ptr, numel, version, operands, versions = self._last
+        root, (h, weight, bias) = ref(), operands
+        base = z if z._base is None else z._base
+        if (root is None or base is not root or version is False or not z.is_contiguous()
+                or z._version != version or _versions(operands) != versions):
+            return None
+        try:
+            same = z.data_ptr() == ptr
+        except RuntimeError:  # a tensor without storage (a torch.func wrapper): not routed
+            return None
+        if (not same or z.numel() != numel or weight.dim() != 2 or z.shape[-1] != weight.shape[0]
+                or any(t is not None and t.dtype != z.dtype for t in operands)):
+            return None
+        return h, weight, bias
+
+
+def _versions(tensors: tuple) -> tuple:
+    """The version counters of ``tensors`` (None for None)."""
+    return tuple(None if t is None else t._version for t in tensors)
+
+
+class ChunkedCrossEntropy(LinearRecorder):
+    """Route a language model's head and cross-entropy through :class:`_LinearCrossEntropy`.
+
+    Records the last ``F.linear`` call (:class:`LinearRecorder`); a later ``F.cross_entropy``
+    on its output (or a contiguous view of it: ``.view(-1, V)``, ``.flatten(0, 1)``) with
+    class-index targets, no class weights or label smoothing, ``reduction`` "mean" or "sum",
+    logits larger than one chunk (:data:`CHUNK_BYTES`) and outside ``torch.func`` transforms
+    is computed from the head's input and weights chunk by chunk (module docstring). Every
+    other call runs unchanged.
+    """
+
+    def __torch_function__(self, func: Callable, types: Any, args: tuple = (),
+                           kwargs: dict | None = None) -> Any:
+        """Record ``F.linear``; route a matching ``F.cross_entropy``; run the rest unchanged."""
+        if func is F.cross_entropy:
+            routed = self._route(dict(zip(CROSS_ENTROPY_ARGS, args), **(kwargs or {})))
+            if routed is not None:
+                return routed
+        return super().__torch_function__(func, types, args, kwargs)
 
     def _route(self, call: dict) -> Tensor | None:
         """The chunked loss for a matching call (class docstring), else None."""
@@ -243,7 +336,7 @@ class ChunkedCrossEntropy(TorchFunctionMode):
                 or z.dim() != 2 or target.dim() != 1 or target.dtype != torch.long
                 or z.numel() * z.element_size() <= CHUNK_BYTES):
             return None
-        head = self._head(z)
+        head = self.head(z)
         if head is None:
             return None
         h, weight, bias = head
@@ -255,26 +348,6 @@ class ChunkedCrossEntropy(TorchFunctionMode):
         flat = h.reshape(-1, h.shape[-1])
         return _LinearCrossEntropy.apply(flat, weight, bias, target, mask, scale)
 
-    def _head(self, z: Tensor) -> tuple | None:
-        """``(h, W, b)`` of the last ``F.linear`` when ``z`` is its output's contiguous view."""
-        if self._last is None or not isinstance(z, Tensor):
-            return None
-        ref, ptr, numel, version, h, weight, bias = self._last
-        root = ref()
-        base = z if z._base is None else z._base
-        # the same memory, row-major, never written in place since (version counter)
-        if (root is None or base is not root or version is False or not z.is_contiguous()
-                or z._version != version):
-            return None
-        try:
-            same = z.data_ptr() == ptr
-        except RuntimeError:  # a tensor without storage (a torch.func wrapper): not routed
-            return None
-        if (not same or z.numel() != numel or z.shape[-1] != weight.shape[0]
-                or weight.dim() != 2 or h.dtype != z.dtype):
-            return None
-        return h, weight, bias
 
-
-__all__ = ["CHUNK_BYTES", "CROSS_ENTROPY_ARGS", "ChunkedCrossEntropy", "row_slices",
-           "softmax_hessian_product"]
+__all__ = ["CHUNK_BYTES", "CROSS_ENTROPY_ARGS", "ChunkedCrossEntropy", "LinearRecorder",
+           "linear_head_product", "row_slices", "softmax_hessian_product"]
