@@ -17,7 +17,7 @@ r"""Progress bars that count what bounds the work, so their ETA means something.
   the last trusted end (no ETA again if the products pass it). The extrapolation errs both
   ways: early it follows the fast first drop and predicts too few products, on a plateau of
   $g$ (which then falls faster) too many; the rule hides both. On the documentation's
-  examples no ETA is shown for 20-45 % of a bar's time (``benchmarks/eta.py`` reports it); on
+  examples no ETA is shown for 20-46 % of a bar's time (``benchmarks/eta.py`` reports it); on
   52 recorded histories (those examples and 48 MNIST-1D MLPs and CNNs, k = 1-5), replayed
   offline, the bars off by more than 2x somewhere (products, the search's at 0.7) fell from
   25 to 13.
