@@ -20,12 +20,13 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import trange
+from tqdm.auto import tqdm
 
 from .core import (BatchSizeFn, check_bool, check_device, check_dtype, check_int, check_positive,
                    guarded, LossFn, make_generator, ParamSelection, records_metadata,
                    register_result, renamed_keywords)
 from .core.space import Space
+from .core.progress import batch_progress
 from .curvature import curvature_operator
 from .lanczos import BASIS_DTYPES, Krylov
 from .preconditioning import Preconditioner
@@ -80,7 +81,8 @@ def lanczos_quadrature(matmat, n: int, n_lanczos: int, n_vectors: int, *, seed: 
         n_vectors: Runs, each from its own Rademacher start vector.
         seed: Seed of the start vectors (and of restarts after a breakdown).
         like: A tensor of the vectors' dtype and device.
-        progress: Show a bar over the runs.
+        progress: Show a bar over the products (``n_vectors * m``, known in advance), moving
+            batch by batch during each pass over the data.
         basis_dtype: Dtype of the Lanczos basis (default ``like``'s).
         basis_device: Device of the Lanczos basis (default ``like``'s).
         space: The vector space (:mod:`analysis.core.space`; default full vectors in one
@@ -94,15 +96,20 @@ def lanczos_quadrature(matmat, n: int, n_lanczos: int, n_vectors: int, *, seed: 
     gen, space = make_generator(seed), space or Space(n)
     m = min(n_lanczos, n)
     nodes, weights, n_hvp = np.zeros((n_vectors, m)), np.zeros((n_vectors, m)), 0
-    for run in trange(n_vectors, desc="SLQ", disable=not progress, leave=False):
-        K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device,
-                   space=space)
-        K.start(space.rademacher(1, gen, like=like))
-        for _ in range(m):
-            K.extend(matmat)
-        theta, Y = K.ritz()
-        nodes[run], weights[run] = theta.cpu().numpy(), (Y[0] ** 2).cpu().numpy()
-        n_hvp += K.n_hvp
+    with tqdm(total=n_vectors * m, desc="SLQ", disable=not progress, leave=False,
+              unit="hvp", smoothing=0) as bar:  # the mean rate: the products cost alike
+        for run in range(n_vectors):
+            K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device,
+                       space=space)
+            K.start(space.rademacher(1, gen, like=like))
+            for _ in range(m):
+                start = bar.n
+                with batch_progress(bar.update):  # one product per pass, batch by batch
+                    K.extend(matmat)
+                bar.update(start + 1 - bar.n)
+            theta, Y = K.ritz()
+            nodes[run], weights[run] = theta.cpu().numpy(), (Y[0] ** 2).cpu().numpy()
+            n_hvp += K.n_hvp
     return nodes, weights, n_hvp
 
 
@@ -163,7 +170,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
         model_mode: ``"eval"`` or ``"train"``, the mode during the products.
         batch_size_fn: Sample count of a batch.
         seed: Seed of the start vectors.
-        progress: Show a bar over the runs.
+        progress: Show a bar over the products (``n_vectors * m``, known in advance), moving
+            batch by batch during each pass over the data.
         sigma: Kernel width (positive); default :func:`smooth`'s.
         n_grid: Grid points (at least 2).
         log_scale: Smooth $\log_{10} |\lambda|$ instead of $\lambda$ (the grid is then in

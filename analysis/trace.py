@@ -430,7 +430,8 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
         A :class:`TraceResult`.
     """
     gen, space = make_generator(seed), space or Space(n)
-    with tqdm(total=min(n_hvp, n), desc=method, disable=not progress, leave=False) as bar:
+    with tqdm(total=min(n_hvp, n), desc=method, disable=not progress, leave=False,
+              smoothing=0) as bar:  # the mean rate (tqdm's moving average follows batch noise)
         apply = lambda rows: _apply(matmat, rows, chunk, bar)  # noqa: E731
         if n <= n_hvp:
             return _exact_trace(apply, n, like, method, space)

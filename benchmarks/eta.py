@@ -44,19 +44,28 @@ BARS: list["Recording"] = []
 
 
 class Recording(std.tqdm):
-    """A tqdm bar that draws nowhere and records ``(time, n, total, shown ETA)`` per redraw."""
+    """A tqdm bar that draws nowhere and records ``(time, n, total, shown ETA)`` per redraw.
+
+    The ETA is tqdm's own, ``(total - n) / rate``, or, on a bar a :class:`Traced`
+    ConvergenceBar drives, the one it put into the bar's format (``ConvergenceBar.eta``).
+    """
 
     def __init__(self, *args, **kwargs):
         kwargs.update(file=io.StringIO(), disable=False, mininterval=0, miniters=0)
         self.log: list[tuple[float, float, float | None, float | None]] = []
+        self.trace: list[tuple] = []   # a ConvergenceBar's updates (Traced)
+        self.budget, self.driver = None, None
         super().__init__(*args, **kwargs)
         self.started, self.closed = time.perf_counter(), None
         BARS.append(self)
 
     def display(self, *args, **kwargs):
         d = self.format_dict
-        rate = d["rate"] or (d["n"] / d["elapsed"] if d["elapsed"] else None)
-        eta = (d["total"] - d["n"]) / rate if d["total"] and rate else None
+        if self.driver is not None:
+            eta = self.driver.eta
+        else:
+            rate = d["rate"] or (d["n"] / d["elapsed"] if d["elapsed"] else None)
+            eta = (d["total"] - d["n"]) / rate if d["total"] and rate else None
         self.log.append((time.perf_counter(), d["n"], d["total"], eta))
         return super().display(*args, **kwargs)
 
@@ -66,24 +75,137 @@ class Recording(std.tqdm):
         return super().close()
 
 
-def worst_ratio(bar: Recording, skip: float = 0.1) -> dict:
-    """The worst ``max(shown / left, left / shown)`` after ``skip`` of the bar's time."""
-    span = bar.closed - bar.started
-    worst, silent, seen = 1.0, 0, 0
-    for t, n, total, eta in bar.log:
-        left = bar.closed - t
-        if t - bar.started < skip * span or n >= bar.n:  # the work is done at the final n
+class Traced(analysis.core.progress.ConvergenceBar):
+    """A ConvergenceBar recording ``(time, products, gap, after, settled)`` at every update (the
+    solver's state as it was handed over: the replay feeds it to other rules)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bar.budget, self.bar.driver = self.budget, self
+
+    def update(self, products, gap, **postfix):
+        self.bar.trace.append((time.perf_counter(), products, gap, self.after, self.settled))
+        super().update(products, gap, **postfix)
+
+
+def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
+    """The worst ``max(shown / left, left / shown)`` of ``log`` (``(t, n, total, eta, left)``,
+    seconds from the bar's start) after ``skip`` of the bar's time and before ``final`` products,
+    the redraws counted there, those without an ETA, and the share of the bar's time without."""
+    worst, silent, seen, at = 1.0, 0, 0, None
+    for t, n, total, eta, left in log:
+        if t < skip * span or n >= final:  # the work is done at the final n
             continue
         seen += 1
         if eta is None:
             silent += 1
             continue
         ratio = math.inf if eta <= 0 else max(eta / left, left / eta)
-        worst = max(worst, ratio)
-    log = [(round(t - bar.started, 3), round(n, 2), total, eta and round(eta, 3),
-            round(bar.closed - t, 3)) for t, n, total, eta in bar.log]
-    return {"desc": bar.desc, "worst_ratio": worst, "redraws": seen, "without_eta": silent,
-            "seconds": span, "products": bar.n, "log": log}
+        if ratio > worst:
+            worst, at = ratio, round(t / span, 2)
+    return {"worst_ratio": worst, "worst_at": at, "redraws": seen, "without_eta": silent,
+            "no_eta_fraction": no_eta_fraction(log, span)}
+
+
+def worst_ratio(bar: Recording) -> dict:
+    """:func:`score` of a closed bar, with its log and (a ConvergenceBar's) updates."""
+    span = bar.closed - bar.started
+    log = [(round(t - bar.started, 5), round(n, 2), total, eta and round(eta, 5),
+            round(bar.closed - t, 5)) for t, n, total, eta in bar.log]
+    updates = [(round(t - bar.started, 5), n, g, after, settled)
+               for t, n, g, after, settled in bar.trace]
+    return {"desc": bar.desc, **score(log, span, bar.n), "seconds": span, "products": bar.n,
+            "budget": bar.budget, "log": log, "updates": updates}
+
+
+def no_eta_fraction(log: list, span: float) -> float:
+    """The share of the bar's time (start to close) during which it showed no ETA: from each
+    redraw without one to the next redraw (the start to the first redraw counts as without)."""
+    silent, last, shown = 0.0, 0.0, False
+    for t, _, _, eta, _ in log:
+        silent += 0.0 if shown else t - last
+        last, shown = t, eta is not None
+    silent += 0.0 if shown else span - last
+    return silent / span if span > 0 else 0.0
+
+
+# -- offline replay: other rules on the recorded runs -----------------------------------------
+class _Null:
+    """A tqdm stand-in that draws nothing."""
+
+    n, total, bar_format = 0.0, None, None
+
+    def set_postfix(self, *args, **kwargs):
+        pass
+
+    def refresh(self):
+        pass
+
+
+class MeanRate(analysis.core.progress.ConvergenceBar):
+    """The products predicted now, with tqdm's ETA: the products left at the mean rate so far."""
+
+    def seconds_left(self, n, now):
+        return None if self.total is None or n <= 0 else (self.total - n) * (now - self.start) / n
+
+
+class Before(MeanRate):
+    """The rule before (2026-12-07): tqdm's ETA and the sooner of the two extrapolations at
+    every iteration, trusted or not."""
+
+    def _rest(self):
+        done, gap = self.history[-1]
+        points = self.history[1:]
+        if len(points) < 2:
+            return None
+        first_n, first_gap = points[0]
+        slope = analysis.core.progress._slope(points[-analysis.core.progress._WINDOW:])
+        rests = [gap / -slope] if slope < 0 else []
+        if first_gap > gap:
+            rests.append(gap * (done - first_n) / (first_gap - gap))
+        return min(rests) if rests else None
+
+
+RULES = {"before": Before, "count now, tqdm's ETA": MeanRate,
+         "now (count and time by phase)": analysis.core.progress.ConvergenceBar}
+
+
+def replay(bar: dict, rule) -> dict:
+    """:func:`score` of ``rule`` (a ConvergenceBar class) on a recorded bar: its updates fed at
+    their recorded times (and the solver's ``after`` / ``settled`` as it set them), its ETA
+    taken at each recorded redraw."""
+    now = [0.0]
+    updates, span = bar["updates"], bar["seconds"]
+    sim = rule(bar["budget"], "replay", bar=_Null(), after=updates[0][3], clock=lambda: now[0])
+    log, i, previous = [], 0, 0.0
+    for t, n, *_ in bar["log"]:
+        while i < len(updates) and updates[i][0] <= t:
+            at, products, g, after, settled = updates[i]
+            if settled is not None and settled != sim.settled:  # set after the last update
+                now[0] = previous
+                sim.settled = settled
+            now[0], sim.after = at, after
+            sim.update(products, g)
+            i, previous = i + 1, at
+        now[0], sim.bar.n = t, n
+        log.append((t, n, sim.total, sim.seconds_left(n, t), span - t))
+    return score(log, span, bar["products"])
+
+
+def replay_files(paths: list[Path]) -> None:
+    """Print each rule's worst ratio (and share of time without an ETA) on each recorded
+    ConvergenceBar of the ``--out`` files ``paths``."""
+    runs = [json.loads(Path(p).read_text())["results"] for p in paths]
+    for name in runs[0]:
+        bars = [(k, b) for k, run in enumerate(runs) for b in run[name]["bars"] if b["updates"]]
+        if not bars:
+            continue
+        print(name)
+        for label, rule in RULES.items():
+            got = [replay(b, rule) for _, b in bars]
+            print(f"  {label:28s}" + "  ".join(
+                f"{g['worst_ratio']:5.2f} at {g['worst_at']} (no ETA {g['no_eta_fraction']:.2f})"
+                for g in got))
 
 
 def readme_mlp():
@@ -157,12 +279,16 @@ def examples(quick: bool):
 
 def main() -> None:
     p = parser(__doc__, threads=True)
+    p.add_argument("--replay", nargs="+", type=Path, metavar="FILE.json",
+                   help="replay the recorded bars of these --out files under each rule in RULES")
     args = parse(p)
+    if args.replay:
+        return replay_files(args.replay)
     run = Recorder("eta", args)
     warnings.filterwarnings("ignore", "clamping frac", std.TqdmWarning)  # n past a predicted total
-    for module in (analysis.core.progress, analysis.lanczos, analysis.trace):
+    for module in (analysis.core.progress, analysis.lanczos, analysis.trace, analysis.density):
         module.tqdm = Recording
-    analysis.density.trange = lambda *a, **k: Recording(range(*a), **k)
+    analysis.lanczos.ConvergenceBar = Traced
     results = {}
     for name, call in examples(args.quick):
         BARS.clear()
@@ -172,9 +298,16 @@ def main() -> None:
         results[name] = {"seconds": time.perf_counter() - start, "bars": bars,
                          "n_hvp": getattr(out, "n_hvp", None)}
         worst = max((b["worst_ratio"] for b in bars), default=float("nan"))
+        dark = max((b["no_eta_fraction"] for b in bars), default=float("nan"))
         print(f"{name}: worst ETA ratio {worst:.2f} over {len(bars)} bar(s), "
+              f"no ETA {100 * dark:.0f} % of the time, "
               f"{results[name]['seconds']:.1f} s, n_hvp {results[name]['n_hvp']}", flush=True)
-    print(json.dumps(results, indent=1, default=float))
+    for name, result in results.items():  # each bar's log, and its updates (products, log gap)
+        for bar in result["bars"]:
+            print(f"{name} [{bar['desc']}] log (seconds, n, total, ETA, left):", bar["log"])
+            if bar["updates"]:
+                print(f"{name} [{bar['desc']}] updates (seconds, products, gap, after, "
+                      "settled):", bar["updates"])
     run.write(results)
 
 
