@@ -234,7 +234,7 @@ def _routines_worker(rank, world, init, out_dir):
         vs = vectors(op.shape[0], k=2)
         out = {"ddp": ddp.eigenvalues, "ddp_meta": ddp.metadata, "fsdp": fsdp.eigenvalues,
                "fsdp_meta": fsdp.metadata, "trace": trace.estimate,
-               "trace_meta": trace.metadata, "richardson": op.matmat(vs).numpy(),
+               "trace_meta": trace.metadata, "richardson": op.full_matmat(vs).numpy(),
                "richardson_meta": op.product_metadata()}
         with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
             pickle.dump(out, f)
