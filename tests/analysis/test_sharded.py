@@ -207,8 +207,6 @@ def refused_calls(model, loss_fn, data):
     return {
         "HessianOperator": lambda: analysis.HessianOperator(model, loss_fn, data),
         "GGNOperator": lambda: analysis.GGNOperator(model, loss_fn, data),
-        "mean_loss": lambda: analysis.mean_loss(model, loss_fn, data, **quiet),
-        "evaluate": lambda: analysis.evaluate(model, loss_fn, data, **quiet),
         "forward_mode": lambda: top_eigenvalues(model, loss_fn, data, hvp_method="forward",
                                                 **quiet),
     }
