@@ -230,12 +230,15 @@ class ShardedSpace(Space):
         squares = (x * x).sum() if dim is None else (x * x).sum(dim)
         return self.sum(squares).sqrt()
 
-    def _draw(self, rows: int, draw) -> Tensor:
+    def _draw(self, rows: int, draw, like: Tensor) -> Tensor:
         """This rank's columns of ``rows`` rows of the stream ``draw(count)`` (module docstring).
 
         The stream is drawn in pieces of :data:`CHUNK` elements (a multiple of 16; the last
-        piece at least 16), so it is the one-process stream, element for element.
+        piece at least 16), so it is the one-process stream, element for element; the rows
+        are returned as ``like``'s dtype and device.
         """
+        if not rows:
+            return like.new_zeros(0, self.n_local)
         total, start = rows * self.n, 0
         pieces: list[list[Tensor]] = [[] for _ in range(rows)]
         while start < total:
@@ -246,7 +249,7 @@ class ShardedSpace(Space):
             for row, lo, hi in self._overlaps(start, stop):
                 pieces[row].append(chunk[lo - start:hi - start])
             start = stop
-        return torch.stack([torch.cat(p) if p else chunk.new_zeros(0) for p in pieces])
+        return torch.stack([torch.cat(p) if p else chunk.new_zeros(0) for p in pieces]).to(like)
 
     def _overlaps(self, start: int, stop: int):
         """``(row, lo, hi)``: the parts of ``[start, stop)`` of the row-major stream kept here."""
@@ -272,10 +275,8 @@ class ShardedSpace(Space):
         Returns:
             ``[rows, n_local]``.
         """
-        if not rows:
-            return like.new_zeros(0, self.n_local)
         cpu = torch.empty((), dtype=torch.float64)
-        return self._draw(rows, lambda c: randn((c,), gen, like=cpu)).to(like)
+        return self._draw(rows, lambda c: randn((c,), gen, like=cpu), like)
 
     def rademacher(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
         """This rank's columns of ``analysis.core.rademacher((rows, n), gen)``, in pieces.
@@ -288,10 +289,8 @@ class ShardedSpace(Space):
         Returns:
             ``[rows, n_local]``.
         """
-        if not rows:
-            return like.new_zeros(0, self.n_local)
         cpu = torch.empty((), dtype=torch.int8)
-        return self._draw(rows, lambda c: rademacher((c,), gen, like=cpu)).to(like)
+        return self._draw(rows, lambda c: rademacher((c,), gen, like=cpu), like)
 
     def local(self, full: Tensor) -> Tensor:
         """This rank's columns of full vectors.
