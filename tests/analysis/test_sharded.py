@@ -171,17 +171,6 @@ def test_routines_on_a_sharded_model_give_the_one_process_answer(tmp_path):
             assert got[f"fd_error_{reshard}"] < 1e-4
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-process gloo group: FSDP2 runs its real code path on a single rank."""
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous1'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 def test_one_rank_matches_the_plain_model(one_rank):
     """On one rank FSDP2 used to give H v = 0 silently (the forward swaps in unsharded tensors)."""
     build, loss_fn, units, data, _ = case("mlp")

@@ -134,19 +134,6 @@ def test_sharded_equals_one_process(outcomes, name):
         close(got[name], single[name], f"rank {rank}: {name}")
 
 
-@pytest.fixture
-def one_rank(tmp_path):
-    """A one-process gloo group: FSDP2 runs its real code path on a single rank."""
-    import torch.distributed as dist
-
-    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rendezvous1'}", rank=0,
-                            world_size=1)
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
-
-
 class Identity(analysis.CurvatureOperator):
     """A registered curvature whose batch_product takes the full parameters."""
 
