@@ -34,7 +34,8 @@ from torch.distributed.fsdp import fully_shard
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root
 from analysis import top_eigenvalues  # noqa: E402
 from tests.analysis.sharded_problems import case  # noqa: E402
-from tests.optim.test_fsdp import batch, build, CASES, full, reference, TOL  # noqa: E402
+from tests.optim.test_fsdp import (batch, build, CASES, full, overflow_on_last_rank,  # noqa: E402
+                                   reference, TOL)
 
 
 def shard(model, units, mesh):
@@ -75,21 +76,7 @@ def grad_scaler(rank, world, device, mesh, names) -> dict[str, bool]:
     model = shard(model, [model[0], model[2]], mesh)
     opt = CASES["SAM"](model.parameters(), model)
     scaler = torch.amp.GradScaler(device.type, init_scale=2.0 ** 10)
-    after = []
-    for i in range(2):
-        x, y = (t.to(device) for t in batch(i, rank, world))
-
-        def closure():
-            opt.zero_grad()
-            loss = torch.nn.functional.cross_entropy(model(x), y)
-            if i == 1 and rank == world - 1 and opt.phase == "ready":
-                loss = loss * float("inf")
-            scaler.scale(loss).backward()
-            return loss
-
-        opt.step(closure, grad_scaler=scaler)
-        scaler.update()
-        after.append([full(p).cpu() for p in model.parameters()])
+    after, _ = overflow_on_last_rank(model, opt, scaler, rank, world, device)
     skipped = all(torch.equal(a, b) for a, b in zip(*after))
     return {"GradScaler overflow on one rank skips the step everywhere":
             skipped and scaler.get_scale() == 2.0 ** 9 and opt.n_steps == 1}

@@ -273,9 +273,20 @@ def _grad_scaler(rank: int, world: int) -> dict:
     model = _shard(build())
     opt = CASES["SAM"](model.parameters(), model)
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+    params, scales = overflow_on_last_rank(model, opt, scaler, rank, world)
+    return {"params": params, "scales": scales, "n_steps": opt.n_steps}
+
+
+def overflow_on_last_rank(model, opt, scaler, rank: int, world: int,
+                          device: torch.device = torch.device("cpu")):
+    """Two SAM steps with ``scaler``; step 2's first pass overflows on the last rank only.
+
+    Returns:
+        ``(params, scales)``: the full parameters (on the CPU) and the scale after each step.
+    """
     params, scales = [], []
     for i in range(2):
-        x, y = batch(i, rank, world)
+        x, y = (t.to(device) for t in batch(i, rank, world))
 
         def closure():
             opt.zero_grad()
@@ -287,9 +298,9 @@ def _grad_scaler(rank: int, world: int) -> dict:
 
         opt.step(closure, grad_scaler=scaler)
         scaler.update()
-        params.append([full(p).clone() for p in model.parameters()])
+        params.append([full(p).cpu().clone() for p in model.parameters()])
         scales.append(scaler.get_scale())
-    return {"params": params, "scales": scales, "n_steps": opt.n_steps}
+    return params, scales
 
 
 def _worker(rank, world, init, out_dir, names, extras):
