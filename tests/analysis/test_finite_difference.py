@@ -2,7 +2,6 @@
 Hessian: step rule, Richardson, error estimate, bit-exact restoration, eigenvalues."""
 import math
 import os
-import pickle
 from datetime import timedelta
 
 import numpy as np
@@ -17,7 +16,6 @@ from analysis import hessian_trace, HessianOperator, top_eigenvalues
 from analysis.core import preserved
 from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference
 from analysis.lanczos import lanczos
-from tests.analysis.test_sharded import one_rank  # noqa: F401 (a fixture)
 from tests.oracles import (assert_unchanged, classification_data, exact_hessian, mlp, snapshot,
                            uneven_batches)
 
@@ -209,45 +207,35 @@ def test_ranks_with_data_shards_and_ddp_give_the_one_process_product(tmp_path):
             assert (err / np.linalg.norm(exact, axis=1) < 1e-8).all()
 
 
-def _routines_worker(rank, world, init, out_dir):
+def _routines(rank):
     """DDP and FSDP2 models on 2 gloo ranks, each with its data shard: the routines with
     finite differences, from a random start, and the Richardson operator on shards."""
     from analysis.sharded import ShardedOperator
     from tests.analysis.sharded_problems import case, shard
 
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        model, data = setup()
-        ddp = top_eigenvalues(DistributedDataParallel(model), ce, data[:3] if rank == 0 else
-                              data[3:], k=1, tol=1e-8, hvp_method="finite_difference",
-                              progress=False)
-        build, loss_fn, units, _, shards = case("mlp")
-        sharded = shard(build(), units, True)
-        fsdp = top_eigenvalues(sharded, loss_fn, shards[rank], k=1, tol=1e-8,
-                               hvp_method="finite_difference", progress=False)
-        trace = hessian_trace(sharded, loss_fn, shards[rank], n_hvp=4, seed=3, progress=False,
-                              hvp_method="finite_difference")
-        op = ShardedOperator(sharded, loss_fn, shards[rank], hvp_method="finite_difference",
-                             fd_richardson=True)
-        vs = vectors(op.shape[0], k=2)
-        out = {"ddp": ddp.eigenvalues, "ddp_meta": ddp.metadata, "fsdp": fsdp.eigenvalues,
-               "fsdp_meta": fsdp.metadata, "trace": trace.estimate,
-               "trace_meta": trace.metadata, "richardson": op.full_matmat(vs).numpy(),
-               "richardson_meta": op.product_metadata()}
-        with open(os.path.join(out_dir, f"rank{rank}.pkl"), "wb") as f:
-            pickle.dump(out, f)
-        dist.barrier()  # leave together: gloo torn down under a live peer can abort
-    finally:
-        dist.destroy_process_group()
+    model, data = setup()
+    ddp = top_eigenvalues(DistributedDataParallel(model), ce, data[:3] if rank == 0 else
+                          data[3:], k=1, tol=1e-8, hvp_method="finite_difference",
+                          progress=False)
+    build, loss_fn, units, _, shards = case("mlp")
+    sharded = shard(build(), units, True)
+    fsdp = top_eigenvalues(sharded, loss_fn, shards[rank], k=1, tol=1e-8,
+                           hvp_method="finite_difference", progress=False)
+    trace = hessian_trace(sharded, loss_fn, shards[rank], n_hvp=4, seed=3, progress=False,
+                          hvp_method="finite_difference")
+    op = ShardedOperator(sharded, loss_fn, shards[rank], hvp_method="finite_difference",
+                         fd_richardson=True)
+    vs = vectors(op.shape[0], k=2)
+    return {"ddp": ddp.eigenvalues, "ddp_meta": ddp.metadata, "fsdp": fsdp.eigenvalues,
+            "fsdp_meta": fsdp.metadata, "trace": trace.estimate,
+            "trace_meta": trace.metadata, "richardson": op.full_matmat(vs).numpy(),
+            "richardson_meta": op.product_metadata()}
 
 
 def test_ddp_and_fsdp2_top_eigenvalue_within_1e5_and_the_record(tmp_path):
-    from tests.analysis.sharded_problems import case
+    from tests.analysis.sharded_problems import case, run_ranks
 
-    mp.spawn(_routines_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
-             nprocs=2, join=True)
+    ranks = run_ranks(tmp_path, _routines)
     model, data = setup()
     top = float(torch.linalg.eigvalsh(exact_hessian(model, ce, data))[-1])
     build, loss_fn, _, all_data, _ = case("mlp")
@@ -255,9 +243,7 @@ def test_ddp_and_fsdp2_top_eigenvalue_within_1e5_and_the_record(tmp_path):
     sharded_top = float(torch.linalg.eigvalsh(H)[-1])
     exact_trace = hessian_trace(build(), loss_fn, all_data, n_hvp=4, seed=3, progress=False)
     vs = vectors(H.shape[0], k=2)
-    for rank in range(2):
-        with open(tmp_path / f"rank{rank}.pkl", "rb") as f:
-            got = pickle.load(f)
+    for got in ranks:
         assert got["ddp"][0] == pytest.approx(top, rel=1e-5, abs=0)
         assert got["fsdp"][0] == pytest.approx(sharded_top, rel=1e-5, abs=0)
         for key in ("ddp_meta", "fsdp_meta", "trace_meta"):
