@@ -1,14 +1,10 @@
 """Finite-difference Hessian-vector products (analysis.finite_difference) against the exact
 Hessian: step rule, Richardson, error estimate, bit-exact restoration, eigenvalues."""
 import math
-import os
-from datetime import timedelta
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 from torch.nn.parallel import DistributedDataParallel
 
@@ -175,32 +171,26 @@ def test_the_operator_with_richardson_and_its_batch_product():
         HessianOperator(model, ce, data, hvp_method="finite_differences")
 
 
-def _ddp_worker(rank, world, init, out_dir):
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
-                            timeout=timedelta(seconds=60))
-    try:
-        model, data = setup()
-        shard = data[:3] if rank == 0 else data[3:]  # 19 and 4 samples
-        vs = vectors(sum(p.numel() for p in model.parameters()))
-        out = {}
-        for name, m in (("plain", model), ("ddp", DistributedDataParallel(mlp()))):
-            op = HessianOperator(m, ce, shard, hvp_method="finite_difference")
-            out[name] = op.matmat(vs).numpy()
-            out[name + "_error"] = np.array(op.fd.errors)
-        np.savez(os.path.join(out_dir, f"rank{rank}.npz"), **out)
-    finally:
-        dist.destroy_process_group()
+def _ddp_products(rank):
+    model, data = setup()
+    shard = data[:3] if rank == 0 else data[3:]  # 19 and 4 samples
+    vs = vectors(sum(p.numel() for p in model.parameters()))
+    out = {}
+    for name, m in (("plain", model), ("ddp", DistributedDataParallel(mlp()))):
+        op = HessianOperator(m, ce, shard, hvp_method="finite_difference")
+        out[name] = op.matmat(vs).numpy()
+        out[name + "_error"] = np.array(op.fd.errors)
+    return out
 
 
 def test_ranks_with_data_shards_and_ddp_give_the_one_process_product(tmp_path):
-    mp.spawn(_ddp_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)),
-             nprocs=2, join=True)
+    from tests.analysis.sharded_problems import run_ranks
+
+    ranks = run_ranks(tmp_path, _ddp_products)
     model, data = setup()
     H = exact_hessian(model, ce, data)
     exact = (vectors(H.shape[0]) @ H).numpy()
-    for rank in range(2):
-        got = np.load(tmp_path / f"rank{rank}.npz")
+    for got in ranks:
         for name in ("plain", "ddp"):
             err = np.linalg.norm(got[name] - exact, axis=1)
             assert (err <= got[name + "_error"]).all()
