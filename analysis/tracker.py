@@ -83,42 +83,19 @@ def _row_angles(a: Tensor, b: Tensor) -> Tensor:
     return 2.0 * torch.asin((a - b).norm(dim=1).mul(0.5).clamp(max=1.0))
 
 
-def _cosine(a: Tensor, b: Tensor) -> float:
-    denom = float(a.norm() * b.norm())
-    return float((a * b).sum()) / denom if denom > 0 else float("nan")
-
-
-def _plain_layer_stats(named: Sequence[tuple[str, Tensor]],
-                       previous: dict[str, Tensor] | None) -> Record:
-    """``wnorm``, ``rownorm``, ``angle`` and ``cos`` per parameter (module docstring)."""
-    out: Record = {}
-    for name, p in named:
-        w = p.detach()
-        out[f"wnorm/{name}"] = float(w.norm())
-        if w.dim() >= 2:
-            out[f"rownorm/{name}"] = float(w.reshape(w.shape[0], -1).norm(dim=1).mean())
-        if previous is None or name not in previous:
-            continue
-        before = previous[name]
-        if w.dim() >= 2:
-            out[f"angle/{name}"] = float(_row_angles(w, before).mean())
-        if p.grad is not None:
-            out[f"cos/{name}"] = _cosine(w - before, -p.grad.detach())
-    return out
-
-
 def _local(t: Tensor) -> Tensor:
     """A DTensor's local shard, detached (a plain tensor as it is)."""
     return t.detach().to_local() if is_dtensor(t) else t.detach()
 
 
-def _sharded_layer_stats(named: Sequence[tuple[str, Tensor]],
-                         previous: dict[str, Tensor] | None) -> Record:
-    """:func:`_plain_layer_stats` of a ``fully_shard`` model, from local sums.
+def _layer_stats(named: Sequence[tuple[str, Tensor]], previous: dict[str, Tensor] | None,
+                 sharded: bool) -> Record:
+    """``wnorm``, ``rownorm``, ``angle`` and ``cos`` per parameter (module docstring).
 
-    FSDP2 shards every parameter along dim 0, so each rank holds whole rows: the row norms and
-    row angles are local, and every statistic is a sum over the shards (all-reduced in one
-    call) divided by the global row count.
+    Every statistic is a sum over rows (slices along dim 0) divided by the row count, in
+    float64. FSDP2 shards every parameter along dim 0, so with ``sharded`` each rank holds
+    whole rows: the row norms and row angles are local, and the sums over the shards are
+    all-reduced in one call.
     """
     keys: list[tuple[str, str]] = []
     sums: list[Tensor] = []
@@ -142,7 +119,8 @@ def _sharded_layer_stats(named: Sequence[tuple[str, Tensor]],
             step, g = w - b, -_local(p.grad).double()
             add("cos", name, torch.stack([(step * g).sum(), step.pow(2).sum(), g.pow(2).sum()]))
     flat = torch.cat([t.cpu() for t in sums]) if sums else torch.zeros(0, dtype=torch.float64)
-    all_reduce_sum_([flat])
+    if sharded:
+        all_reduce_sum_([flat])
     out: Record = {}
     offset, rows = 0, {name: p.shape[0] if p.dim() else 1 for name, p in named}
     for kind, name in keys:
@@ -456,8 +434,8 @@ class Tracker:
         kept = self._previous
         previous = kept[1] if kept is not None and kept[0] == self.n_steps - 1 else None
         with torch.no_grad():
-            stats = _sharded_layer_stats if is_sharded(self.model) else _plain_layer_stats
-            out = stats(list(self.model.named_parameters()), previous)
+            out = _layer_stats(list(self.model.named_parameters()), previous,
+                               is_sharded(self.model))
         self._previous = None
         return out
 
