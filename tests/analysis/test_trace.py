@@ -167,15 +167,38 @@ def test_bad_input():
         layerwise(model, ce, data, groups={}, progress=False)
 
 
-@pytest.mark.parametrize("method", ["hutch++", "hutchinson"])
-def test_stderr_is_the_sample_standard_deviation_of_the_probes_over_sqrt_g(method):
-    """The unbiased sample variance (ddof=1) of the g Hutchinson probe values, over g."""
+def test_hutchinson_stderr_is_the_sample_standard_deviation_of_the_probes_over_sqrt_m():
+    """The unbiased sample variance (ddof=1) of the m Hutchinson probe values, over m."""
     A = spectrum_matrix()
-    r = trace_estimate(lambda V: V @ A, 120, 30, method=method, seed=3, like=LIKE)
-    g = len(r.samples)
-    assert g == (10 if method == "hutch++" else 30)
-    sample_var = ((r.samples - r.samples.mean()) ** 2).sum() / (g - 1)
-    assert r.stderr == pytest.approx(np.sqrt(sample_var / g), rel=1e-12)
+    r = trace_estimate(lambda V: V @ A, 120, 30, method="hutchinson", seed=3, like=LIKE)
+    m = len(r.samples)
+    assert m == 30
+    sample_var = ((r.samples - r.samples.mean()) ** 2).sum() / (m - 1)
+    assert r.stderr == pytest.approx(np.sqrt(sample_var / m), rel=1e-12)
+
+
+def test_hutch_plus_plus_stderr_is_the_plug_in_variance_of_its_residual_probes(monkeypatch):
+    """sqrt(mean(v_i) / g), v_i = 2 ||P A w_i||^2 - 2 (w_i^T A w_i)^2 / d, from explicit
+    projectors P = I - Q^T Q (d = n - k) and the residual probes w_i the estimator drew."""
+    import analysis.trace as trace
+    drawn = {}
+
+    def spy(g, Q, *args, **kwargs):
+        drawn["Q"], drawn["W"] = Q, original(g, Q, *args, **kwargs)
+        return drawn["W"]
+
+    original = trace._sphere_residual
+    monkeypatch.setattr(trace, "_sphere_residual", spy)
+    A = spectrum_matrix()
+    r = trace_estimate(lambda V: V @ A, 120, 30, method="hutch++", seed=3, like=LIKE)
+    Q, W = drawn["Q"], drawn["W"]
+    P = torch.eye(120, dtype=torch.float64) - Q.T @ Q
+    d, g = 120 - len(Q), len(W)
+    q = ((W @ A) * W).sum(1)
+    v = 2 * (W @ A @ P).square().sum(1) - 2 * q ** 2 / d
+    assert g == 10 and np.allclose(r.samples, q.numpy(), rtol=1e-12)
+    assert r.stderr == pytest.approx(float(v.mean() / g) ** 0.5, rel=1e-10)
+    assert r.stderr != pytest.approx(float(q.var() / g) ** 0.5, rel=1e-3)  # not the sample one
 
 
 @pytest.mark.parametrize("method", ["hutch++", "xtrace", "hutchinson"])

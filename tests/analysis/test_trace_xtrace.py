@@ -106,10 +106,11 @@ def _synthetic(case, n=200):
     return 0.5 * torch.eye(n, dtype=torch.float64) + L @ L.T
 
 
+@pytest.mark.parametrize("method,bound", [("xtrace", 1.25), ("hutch++", 1.2)])
 @pytest.mark.parametrize("case,n_hvp", [("hessian", 40), ("preconditioned_ggn", 60),
                                          ("empirical_fisher", 40), ("ggn", 40),
                                          ("decaying", 40), ("identity_plus_low_rank", 40)])
-def test_xtrace_z_scores_have_unit_sd_over_300_seeds(case, n_hvp):
+def test_z_scores_have_unit_sd_over_300_seeds(case, n_hvp, method, bound):
     r"""z = (estimate - exact) / stderr over 300 seeds: the MLP's Hessian (indefinite), GGN
     (rank 46), preconditioned GGN and empirical Fisher (rank 23) on 167 parameters, the budgets
     keeping the sketch below the rank; a dense decaying spectrum and 0.5 I + rank 10 in 200.
@@ -127,6 +128,10 @@ def test_xtrace_z_scores_have_unit_sd_over_300_seeds(case, n_hvp):
     error of about 4-6 %: every case is more than 2 standard errors inside 1.25 (the seeds are
     fixed, so the test is deterministic, not flaky). Unbiasedness
     is asserted on the estimates.
+
+    Hutch++ (its residual variance from :func:`analysis.trace._sphere_variance`): SD 0.96-1.08
+    here; with the sample variance of its residual probes it was 1.25 on the preconditioned
+    GGN and 1.34 on 0.5 I + rank 10 (z means -0.26 and -0.32), so its bound is 1.2.
     """
     if case in ("decaying", "identity_plus_low_rank"):
         A = _synthetic(case)
@@ -134,11 +139,11 @@ def test_xtrace_z_scores_have_unit_sd_over_300_seeds(case, n_hvp):
         A = (_dense("ggn", preconditioner=_preconditioner()) if case == "preconditioned_ggn"
              else _dense(case))
     exact = float(torch.trace(A))
-    runs = [trace_estimate(lambda V: V @ A, len(A), n_hvp, method="xtrace", seed=s, like=LIKE)
+    runs = [trace_estimate(lambda V: V @ A, len(A), n_hvp, method=method, seed=s, like=LIKE)
             for s in range(300)]
     est = np.array([r.estimate for r in runs])
     z = (est - exact) / np.array([r.stderr for r in runs])
-    assert 0.8 < z.std() < 1.25
+    assert 0.8 < z.std() < bound
     assert abs(est.mean() - exact) < 4 * est.std() / np.sqrt(len(est))  # unbiased
 
 
