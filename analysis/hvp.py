@@ -20,8 +20,9 @@ Two products are available (``hvp_method=``):
   (:mod:`analysis.finite_difference`: the step rule, the optional Richardson step and the
   error estimate, which the results of the routines record in ``metadata["hvp"]``). It works
   where double backward does not (any op with a first derivative; DDP and FSDP2 wrappers run
-  their own hooks), at two to four gradients per product and a truncation/rounding error of
-  about $\epsilon^{2/3}$ relative; the exact methods stay the default.
+  their own hooks), at four to eight gradients per product (the step chosen per product) and
+  a truncation/rounding error of about $\epsilon^{2/3}$ relative; the exact methods stay the
+  default.
 
 ``benchmarks/curvature.py`` measures both against a gradient (figures in
 ``benchmarks/README.md``): on CPU the double backward is faster for single vectors and for

@@ -1,5 +1,6 @@
 """Finite-difference Hessian-vector products (analysis.finite_difference) against the exact
 Hessian: step rule, Richardson, error estimate, bit-exact restoration, eigenvalues."""
+import copy
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from analysis import hessian_trace, HessianOperator, top_eigenvalues
 from analysis.core import preserved
-from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference
+from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference, refined_step
 from analysis.lanczos import lanczos
 from tests.oracles import (assert_unchanged, classification_data, exact_hessian, mlp, snapshot,
                            uneven_batches)
@@ -54,8 +55,11 @@ def test_float64_products_match_the_exact_hessian(richardson):
     assert meta["hvp_method"] == "finite_difference" and meta["n_products"] == 3
     assert meta["relative_error_estimate"] < 1e-5
     w = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in model.parameters()))
-    assert meta["step"] == pytest.approx(fd_step(torch.float64, w, float(vs[-1].norm()),
-                                                 richardson))
+    # the step is the pilot rule's times a power of two (the refinement of the module docstring)
+    pilot = fd_step(torch.float64, w, float(vs[-1].norm()))
+    shift = math.log2(pilot / meta["step"])
+    assert shift == pytest.approx(round(shift), abs=1e-9) and -3 <= round(shift) <= 12
+    assert meta["gradients"] >= 4 * 3 + 4 and meta["noise_level"] > 0
 
 
 def test_the_step_rule():
@@ -290,3 +294,52 @@ def test_a_mixed_precision_policy_refuses_finite_differences():
                          progress=False)
     top = float(torch.linalg.eigvalsh(exact_hessian(build(), loss_fn, data))[-1])
     assert fd.eigenvalues[0] == pytest.approx(top, rel=1e-5, abs=0)
+
+
+def _float32_case(sizes=(6, 32, 32, 3)):
+    """A float32 MLP, its data, and the float64 Hessian at its (rounded) weights and inputs."""
+    model = mlp(sizes=sizes, dtype=torch.float32)
+    x, y = classification_data(n=23, d=6)
+    data = uneven_batches(x.float(), y)
+    H = exact_hessian(copy.deepcopy(model).double(), ce, uneven_batches(x.float().double(), y))
+    return model, data, H
+
+
+@pytest.mark.parametrize("direction", ["random", "top"])
+def test_the_chosen_step_is_within_a_factor_of_the_best_fixed_step(direction):
+    # float32, against the exact product at the same rounded weights: the adaptive step's error
+    # is within 3x of the best of a half-decade grid of fixed steps, in a random direction and
+    # along the top eigenvector (where the best step is far smaller: the former rule, the pilot
+    # alone, is 10-40x off there)
+    model, data, H = _float32_case()
+    evals, evecs = torch.linalg.eigh(H)
+    v = evecs[:, -1] if direction == "top" else vectors(H.shape[0], k=1)[0]
+    v = (v / v.norm())[None]
+    exact = (v @ H)[0]
+
+    def error(**options):
+        got, fd = products(model, data, v.float(), **options)
+        return float((got[0].double() - exact).norm() / exact.norm()), fd
+
+    w = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+    grid = [error(step=r * (1 + w))[0] for r in 10.0 ** np.arange(-6, -0.9, 0.5)]
+    chosen, fd = error()
+    assert chosen <= 3 * min(grid), (chosen, min(grid))
+    assert fd.relative_errors[0] >= chosen  # the estimate still bounds the error
+    pilot, _ = error(adaptive=False)  # the former rule: fails the same bound along the top
+    assert chosen <= pilot and (direction == "random" or pilot > 10 * min(grid))
+
+
+def test_refined_step():
+    # the balance of a h^2 against rho / h, rounded to a power-of-two multiple of the pilot
+    h0, a, rho = 1e-2, 50.0, 1e-9
+    best = (rho / (math.sqrt(2) * a)) ** (1 / 3)
+    got = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0)
+    assert got == pytest.approx(h0 * 2.0 ** -round(math.log2(h0 / best)))
+    assert refined_step(h0, 0.0, rho, 1.0) == h0 and refined_step(h0, 1.0, 0.0, 1.0) == h0
+    assert refined_step(h0, 1e-30, 1.0, 1.0) == h0 * 8  # at most 2^3 larger
+    assert refined_step(h0, 1e30, 1e-30, 1.0) == h0 * 2.0 ** -12  # at most 2^12 smaller
+    # Richardson: a larger step than the central difference's, at most RICHARDSON_CAP times it
+    central = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0)
+    rich = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0, richardson=True)
+    assert central < rich <= 4 * central
