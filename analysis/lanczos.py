@@ -991,7 +991,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                     curvature: str = "hessian", preconditioner: Preconditioner = None,
                     basis_dtype: torch.dtype | None = None,
                     basis_device: torch.device | str | None = None,
-                    check_deterministic: bool = True) -> EigenResult:
+                    check_deterministic: bool = True, fd_richardson: bool = False) -> EigenResult:
     r"""The ``k`` extreme eigenpairs of the Hessian (or another curvature) of the mean loss.
 
     Block Lanczos with full reorthogonalisation and thick restart (module docstring; Golub &
@@ -1047,6 +1047,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
             model on a GPU.
         check_deterministic: First check that two passes over ``data`` agree (two forward
             passes; ``analysis.core.guards``).
+        fd_richardson: With ``hvp_method="finite_difference"``, Richardson-extrapolate each
+            product (:mod:`analysis.finite_difference`: a larger step, at most 4 more gradients
+            per product); refused with another ``hvp_method``.
 
     Returns:
         An :class:`EigenResult`.
@@ -1071,7 +1074,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     seed = make_generator(seed).initial_seed()
     op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
                             batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
-                            preconditioner=preconditioner)
+                            preconditioner=preconditioner, fd_richardson=fd_richardson)
     n = op.shape[0]
     v0 = op.take(v0) if hasattr(op, "take") else v0  # FSDP2: eigenvectors as returned
     check_int("k", k, 1, n)

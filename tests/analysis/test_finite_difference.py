@@ -203,7 +203,8 @@ def test_ranks_with_data_shards_and_ddp_give_the_one_process_product(tmp_path):
 
 def _routines(rank):
     """DDP and FSDP2 models on 2 gloo ranks, each with its data shard: the routines with
-    finite differences, from a random start, and the Richardson operator on shards."""
+    finite differences, from a random start (the trace with Richardson), and the Richardson
+    operator on shards."""
     from analysis.sharded import ShardedOperator
     from tests.analysis.sharded_problems import case, shard
 
@@ -216,7 +217,7 @@ def _routines(rank):
     fsdp = top_eigenvalues(sharded, loss_fn, shards[rank], k=1, tol=1e-8,
                            hvp_method="finite_difference", progress=False)
     trace = hessian_trace(sharded, loss_fn, shards[rank], n_hvp=4, seed=3, progress=False,
-                          hvp_method="finite_difference")
+                          hvp_method="finite_difference", fd_richardson=True)
     op = ShardedOperator(sharded, loss_fn, shards[rank], hvp_method="finite_difference",
                          fd_richardson=True)
     vs = vectors(op.shape[0], k=2)
@@ -243,7 +244,8 @@ def test_ddp_and_fsdp2_top_eigenvalue_within_1e5_and_the_record(tmp_path):
         for key in ("ddp_meta", "fsdp_meta", "trace_meta"):
             record = got[key]["hvp"]
             assert got[key]["config"]["hvp_method"] == "finite_difference", key
-            assert record["hvp_method"] == "finite_difference" and not record["richardson"]
+            assert record["hvp_method"] == "finite_difference"
+            assert record["richardson"] is (key == "trace_meta")  # fd_richardson on shards
             assert 0 < record["relative_error_estimate"] < 1e-4 and record["n_products"] > 0
         assert got["fsdp_meta"]["sharded"] == "fully_shard"
         assert got["trace"] == pytest.approx(exact_trace.estimate, rel=1e-6)
@@ -343,3 +345,53 @@ def test_refined_step():
     central = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0)
     rich = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0, richardson=True)
     assert central < rich <= 4 * central
+
+
+def test_richardson_reaches_the_routines():
+    from analysis import hvp, layerwise, spectral_density
+    model, data = setup()
+    before = snapshot(model)
+    fd = dict(hvp_method="finite_difference", fd_richardson=True, progress=False)
+    results = {"top_eigenvalues": top_eigenvalues(model, ce, data, max_hvp=4, **fd),
+               "hessian_trace": hessian_trace(model, ce, data, n_hvp=4, **fd),
+               "spectral_density": spectral_density(model, ce, data, n_lanczos=3, n_vectors=1,
+                                                    **fd),
+               "layerwise": layerwise(model, ce, data, n_hvp_trace=4, **fd)}
+    for name, result in results.items():
+        record = result.metadata["hvp"]
+        assert record["richardson"] is True and record["n_products"] > 0, name
+        assert result.metadata["config"]["fd_richardson"] is True, name
+    assert_unchanged(model, before)
+    # it reaches the product: on a float32 model Richardson's error is below the central one's
+    model, data, H = _float32_case()
+    v = vectors(H.shape[0], k=1)[0]
+    exact = H @ v
+    errors = {rich: float((hvp(model, ce, data, v.float(), hvp_method="finite_difference",
+                               fd_richardson=rich, progress=False).double() - exact).norm())
+              for rich in (False, True)}
+    assert errors[True] < errors[False] / 2, errors
+    # refused with the exact methods, whatever the routine
+    for routine in (top_eigenvalues, hessian_trace, spectral_density, layerwise):
+        with pytest.raises(ValueError, match="fd_richardson=True applies to hvp_method"):
+            routine(model, ce, data, fd_richardson=True, progress=False)
+    with pytest.raises(ValueError, match="fd_richardson"):
+        hvp(model, ce, data, v.float(), hvp_method="forward", fd_richardson=True)
+    with pytest.raises(ValueError, match="fd_step"):
+        HessianOperator(model, ce, data, fd_step=1e-3)
+
+
+def test_layerwise_records_the_products():
+    from analysis import layerwise
+    model, data = setup()
+    got = layerwise(model, ce, data, n_hvp_trace=6, hvp_method="finite_difference",
+                    progress=False)
+    record = got.metadata["hvp"]
+    assert record["hvp_method"] == "finite_difference" and record["richardson"] is False
+    assert record["step_rule"].startswith("adaptive")
+    assert record["n_products"] == got.n_hvp  # every block's eigenvalue and trace products
+    assert 0 < record["relative_error_estimate"] < 1e-4
+    assert set(record["per_block"]) == set(got.blocks)
+    assert record["relative_error_estimate"] == max(record["per_block"].values())
+    assert "versions" in got.metadata and got.metadata["config"]["hvp_method"] == \
+        "finite_difference"
+    assert "hvp" not in layerwise(model, ce, data, n_hvp_trace=6, progress=False).metadata
