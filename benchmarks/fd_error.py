@@ -3,23 +3,27 @@
 Two models with random weights (nothing downloaded): an MLP 16-64-64-4 (tanh, 5,508
 parameters, 256 samples, cross-entropy) and a tiny GPT-2 (``transformers.GPT2Config``: 2 layers,
 width 32, 4 heads, vocabulary 96, 29,568 parameters; 8 sequences of 32 tokens, next-token
-cross-entropy computed in float32 or wider). One random unit direction ``v`` per model. The
-reference is the exact product (double backward) in float64 at the same weights: those of the
-low-precision copy cast to float64, so that rounding the weights is not counted as
-finite-difference error. The columns:
+cross-entropy computed in float32 or wider). Two unit directions per model: a seeded random one
+and the top eigenvector of the float64 model (``top_eigenvalues``). The reference is the exact
+product (double backward) in float64 at the same weights: those of the low-precision copy cast
+to float64, so that rounding the weights is not counted as finite-difference error. The
+columns:
 
-* ``fp32``: float32 parameters, the central difference $D(h)$;
+* ``fp32``: float32 parameters, the central difference $D(h)$, random direction;
 * ``fp32 R``: float32, one Richardson step $R(h) = (4 D(h) - D(2h)) / 3$;
 * ``bf16``: bfloat16 parameters, $D(h)$;
 * ``fp32+MP``: float32 parameters sharded by ``fully_shard`` with
   ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` on a one-rank gloo group (the forward
   runs on bfloat16 all-gathered weights, the gradients reduce in bfloat16), $D(h)$ through
-  ``analysis.sharded.sharded_fd_matmat`` (the routines refuse finite differences there).
+  ``analysis.sharded.sharded_fd_matmat`` (the routines refuse finite differences there);
+* ``fp32 top``, ``fp32 R top``: float32 along the top eigenvector, $D(h)$ and $R(h)$.
 
 Rows: the relative perturbation $r = h \\|v\\| / (1 + \\|w\\|)$ on a log grid, the error
-$\\|\\hat{Hv} - Hv\\| / \\|Hv\\|$; then, per column, the step our rule chooses
-(``analysis.finite_difference.fd_step``), the error there and our a-posteriori estimate
-$\\|D(2h) - D(h)\\| / \\|\\hat{Hv}\\|$ beside it.
+$\\|\\hat{Hv} - Hv\\| / \\|Hv\\|$ (the best of each column in bold); then, per column, for the
+former rule (``FiniteDifference(adaptive=False)``: ``analysis.finite_difference.fd_step``) and
+the adaptive step (the default), the relative step chosen, the error there, our a-posteriori
+estimate $\\|D(2h) - D(h)\\| / \\|\\hat{Hv}\\|$ beside it, and the gradients spent (each a pass
+over the data; the adaptive rule's include its noise probe, once per call).
 
     nice -n 15 python benchmarks/fd_error.py [--models mlp gpt2] [--out FILE.json] [--quick]
 
