@@ -317,6 +317,8 @@ class FiniteDifference:
             Per vector, $D(h)$, or $R(h)$ with ``richardson``.
         """
         pilots = self.steps_for(vectors)
+        if not vectors:
+            return []
         if not self.adaptive:
             self.gradients += 2 * len(self.scales) * len(vectors)
             return self.combine(run(vectors, pilots, self.scales), pilots)
@@ -599,7 +601,7 @@ def fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, data: Ite
         return [[unflatten(d, params) for d in row] for row in total.to(vs.dtype)]
 
     products = fd.products(run, [unflatten(v, params) for v in vs])
-    return torch.stack([flatten(p) for p in products])
+    return torch.stack([flatten(p) for p in products]) if products else vs.new_zeros(vs.shape)
 
 
 __all__ = ["FiniteDifference", "fd_step", "refined_step", "dot", "backward_gradient", "no_sync",
