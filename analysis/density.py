@@ -153,7 +153,8 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
                      hvp_method: str = "reverse", curvature: str = "hessian",
                      preconditioner: Preconditioner = None, basis_dtype: torch.dtype | None = None,
                      basis_device: torch.device | str | None = None,
-                     check_deterministic: bool = True) -> DensityResult:
+                     check_deterministic: bool = True,
+                     fd_richardson: bool = False) -> DensityResult:
     r"""The Hessian's eigenvalue density from ``n_vectors`` SLQ runs of ``n_lanczos`` steps.
 
     Stochastic Lanczos quadrature (Lin, Saad & Yang 2016; Ghorbani, Krishnan & Xiao 2019; module
@@ -184,6 +185,9 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
         basis_device: Device of the Lanczos basis (as in :func:`analysis.top_eigenvalues`).
         check_deterministic: First check that two passes over ``data`` agree (two forward
             passes).
+        fd_richardson: With ``hvp_method="finite_difference"``, Richardson-extrapolate each
+            product (:mod:`analysis.finite_difference`: a larger step, at most 4 more gradients
+            per product); refused with another ``hvp_method``.
 
     Returns:
         A :class:`DensityResult`.
@@ -203,7 +207,7 @@ def spectral_density(model: nn.Module, loss_fn: LossFn, data: Iterable, n_lanczo
     make_generator(seed)
     op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
                             batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
-                            preconditioner=preconditioner)
+                            preconditioner=preconditioner, fd_richardson=fd_richardson)
     with op:
         nodes, weights, n_hvp = lanczos_quadrature(op.matmat, op.shape[0], n_lanczos, n_vectors,
                                                    seed=seed, like=op.like,

@@ -20,8 +20,9 @@ Two products are available (``hvp_method=``):
   (:mod:`analysis.finite_difference`: the step rule, the optional Richardson step and the
   error estimate, which the results of the routines record in ``metadata["hvp"]``). It works
   where double backward does not (any op with a first derivative; DDP and FSDP2 wrappers run
-  their own hooks), at two to four gradients per product and a truncation/rounding error of
-  about $\epsilon^{2/3}$ relative; the exact methods stay the default.
+  their own hooks), at four to eight gradients per product (the step chosen per product) and
+  a truncation/rounding error of about $\epsilon^{2/3}$ relative; the exact methods stay the
+  default.
 
 ``benchmarks/curvature.py`` measures both against a gradient (figures in
 ``benchmarks/README.md``): on CPU the double backward is faster for single vectors and for
@@ -41,7 +42,8 @@ from torch.overrides import TorchFunctionMode
 
 from .core import (BatchSizeFn, check_choice, check_loss, flatten, guarded, LossFn,
                    LossModule, own_call, ParamSelection, unflatten)
-from .finite_difference import backward_gradient, fd_matmat, FiniteDifference
+from .finite_difference import (backward_gradient, check_fd_options, fd_matmat,
+                                FiniteDifference)
 from .operator import CurvatureOperator, register_curvature
 from .derivatives import gradients
 from .preconditioning import Preconditioner
@@ -82,7 +84,8 @@ class HessianOperator(CurvatureOperator):
 
     Raises:
         ValueError: For an unknown ``hvp_method``, ``hvp_method="forward"`` with
-            ``model_mode="train"`` on a model with buffers, and as
+            ``model_mode="train"`` on a model with buffers, ``fd_richardson=True`` or an
+            ``fd_step`` with another method than ``"finite_difference"``, and as
             :class:`~analysis.operator.CurvatureOperator`.
     """
 
@@ -96,6 +99,7 @@ class HessianOperator(CurvatureOperator):
                  preconditioner: Preconditioner = None, check_deterministic: bool = True,
                  fd_richardson: bool = False, fd_step: float | None = None):
         check_choice("hvp_method", hvp_method, HVP_METHODS)
+        check_fd_options(hvp_method, fd_richardson, fd_step)
         if hvp_method == "forward" and model_mode == "train" and any(True for _ in model.buffers()):
             raise ValueError('hvp_method="forward" cannot run model_mode="train" on a model with '
                              'buffers (BatchNorm updates them in place inside torch.func '
@@ -244,7 +248,7 @@ class ConstantPaddingRows(TorchFunctionMode):
 def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         params: ParamSelection = None, model_mode: str = "eval",
         batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
-        hvp_method: str = "reverse") -> Tensor:
+        hvp_method: str = "reverse", fd_richardson: bool = False) -> Tensor:
     r"""$H v$ (or $H v_i$ for each row of a 2-D ``v``) of the mean loss over ``data``.
 
     Args:
@@ -258,6 +262,8 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
         progress: Show a bar over the batches.
         hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"``
             (:class:`HessianOperator`).
+        fd_richardson: With ``"finite_difference"``, Richardson-extrapolate the product
+            (:mod:`analysis.finite_difference`); refused with another ``hvp_method``.
 
     Returns:
         $H v$, shaped like ``v``.
@@ -268,8 +274,9 @@ def hvp(model: nn.Module, loss_fn: LossFn, data: Iterable, v: Tensor, *,
     """
     # a fully_shard model: the products on shards, full vectors in and out (analysis.sharded)
     make = ShardedOperator if is_sharded(model) else HessianOperator
+    fd = {"fd_richardson": True} if check_fd_options(hvp_method, fd_richardson) else {}
     op = make(model, loss_fn, data, params=params, model_mode=model_mode,
-              batch_size_fn=batch_size_fn, progress=progress, hvp_method=hvp_method)
+              batch_size_fn=batch_size_fn, progress=progress, hvp_method=hvp_method, **fd)
     if make is ShardedOperator:  # its matmat takes local shards (the solvers' rows)
         return op.full_matmat(v)
     if isinstance(v, Tensor) and v.dim() == 2:

@@ -122,9 +122,11 @@ class Basis:
 
     The ``head`` wanted Ritz vectors can then be formed in place (:meth:`rotate_`) and returned
     after the tail is freed (:meth:`release`): the eigenvectors cost no memory beyond the basis.
+    The tail can be enlarged (:meth:`grow`), so that a run allocates only the rows its budget of
+    products can fill.
 
     Args:
-        capacity: Rows.
+        capacity: Rows allocated.
         n: Row length (``space.n_local``: this rank's columns of sharded vectors).
         head: Rows of the head (at most ``capacity``).
         dtype: The rows' dtype.
@@ -135,11 +137,30 @@ class Basis:
 
     def __init__(self, capacity: int, n: int, *, head: int, dtype: torch.dtype,
                  device: torch.device | str, space: Space | None = None):
-        head = min(head, capacity)
+        self.head = head = min(head, capacity)
         self.parts = [torch.empty(rows, n, dtype=dtype, device=device)
                       for rows in (head, capacity - head) if rows]
-        self.dtype, self.device = dtype, device
+        self.dtype, self.device, self.n = dtype, device, n
         self.space = space or Space(n)
+
+    def grow(self, rows: int) -> None:
+        """Room for ``rows`` rows: the tail reallocated that large, its rows copied, if needed.
+
+        The head and the split between head and tail are unchanged, so every product over the
+        rows is the same.
+
+        Args:
+            rows: Rows wanted.
+        """
+        have = sum(len(part) for part in self.parts)
+        if rows <= have:
+            return
+        tail = torch.empty(rows - self.head, self.n, dtype=self.dtype, device=self.device)
+        if have > self.head:
+            tail[:have - self.head] = self.parts[-1]
+            self.parts[-1] = tail
+        else:
+            self.parts.append(tail)
 
     def rows(self, m: int) -> list[Tensor]:
         """Views of rows ``[0, m)``.
@@ -340,7 +361,7 @@ class Krylov:
     of ``V`` can be returned as vectors (:meth:`vectors`) without a second copy.
 
     Args:
-        capacity: Rows of the basis.
+        capacity: Rows of the basis at most (``max_basis``).
         n: The dimension.
         like: A tensor of the blocks' dtype and device.
         gen: The generator of restarts after a breakdown.
@@ -349,13 +370,17 @@ class Krylov:
         basis_device: Device of ``V`` (default ``like``'s).
         space: The vector space (default full vectors, :class:`analysis.core.space.Space`):
             rows of ``space.n_local`` columns, inner products summed over its ranks.
+        rows: Rows allocated at first (default ``capacity``; at least ``head``): ``V`` and
+            ``T`` grow on demand up to ``capacity``, with the same results.
     """
 
     def __init__(self, capacity: int, n: int, like: Tensor, gen: torch.Generator, *,
                  head: int = 0, basis_dtype: torch.dtype | None = None,
-                 basis_device: torch.device | str | None = None, space: Space | None = None):
+                 basis_device: torch.device | str | None = None, space: Space | None = None,
+                 rows: int | None = None):
         self.space = space or Space(n)
-        self.V = Basis(capacity, self.space.n_local, head=head, dtype=basis_dtype or like.dtype,
+        rows = capacity if rows is None else min(capacity, max(rows, head, 1))
+        self.V = Basis(rows, self.space.n_local, head=head, dtype=basis_dtype or like.dtype,
                        device=basis_device or like.device, space=self.space)
         self.capacity, self.n, self.replaced = capacity, n, 0
         # the symmetry screen (:meth:`_screen`): the coupling <Q, H V[lo:]> the next block's
@@ -366,7 +391,7 @@ class Krylov:
         self.scale, self.sym_tol = 0.0, 30 * math.sqrt(torch.finfo(like.dtype).eps)
         self.symmetry: Callable[[Tensor, float], None] | None = None
         self.screening = False
-        self.T = torch.zeros(capacity, capacity, dtype=torch.float64, device=like.device)
+        self.T = torch.zeros(rows, rows, dtype=torch.float64, device=like.device)
         self.m, self.n_hvp, self.gen, self.like = 0, 0, gen, like
         self.events: dict = {}  # breakdowns and dropped rows (:func:`_orthogonalise`)
         self.Q: Tensor | None = None
@@ -407,6 +432,7 @@ class Krylov:
         """
         m, Q = self.m, self.Q[:count]
         b = Q.shape[0]
+        self._room(m + b)
         self.V.put(m, Q)
         self.Q = Q = None  # its only copy is now in V
         block = self.V.get(m, m + b)
@@ -427,6 +453,17 @@ class Krylov:
         self.B = coef[m + b:].to(torch.float64)
         self.expect = (m, self.B) if self.screening else None
         return self.B
+
+    def _room(self, rows: int) -> None:
+        """Grow ``V`` and ``T`` to hold ``rows`` rows (doubling, at most ``capacity``)."""
+        have = self.T.shape[0]
+        if rows <= have:
+            return
+        size = min(self.capacity, max(rows, 2 * have))
+        self.V.grow(size)
+        T = self.T.new_zeros(size, size)
+        T[:have, :have] = self.T
+        self.T = T
 
     def _screen(self, block: Tensor, m: int, b: int) -> None:
         r"""The symmetry screen: the coupling of consecutive blocks, computed both ways.
@@ -568,7 +605,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
         tol: Relative residual tolerance.
         max_hvp: Budget of products (default ``max(300, 50 k)``).
         block_size: Vectors per block.
-        max_basis: Basis rows before a thick restart (default :func:`default_max_basis`).
+        max_basis: Basis rows before a thick restart (default :func:`default_max_basis`);
+            ``min(max_basis, max_hvp + block_size)`` rows are allocated (each costs a product),
+            more only if a widened block needs them.
         v0: Start vectors, ``[n]`` or ``[r, n]`` (folded onto the block), random otherwise.
         seed: Seed of the random start and of restarts after a breakdown.
         like: A tensor of the vectors' dtype and device.
@@ -616,8 +655,9 @@ def lanczos(matmat: MatMat, n: int, k: int, *, which: str = "LA", tol: float = 1
     test = _Test(k, which, max(tol, 50 * eps), eps,
                  product_eps(product_dtype) if product_dtype else 0.0)
     gen = make_generator(seed)
+    # rows allocated: what the budget can fill (each row costs a product), more on demand
     K = Krylov(m_max, n, like, gen, head=k, basis_dtype=basis_dtype, basis_device=basis_device,
-               space=space)
+               space=space, rows=budget + b)
     K.symmetry, K.sym_tol, K.screening = symmetry, 30 * math.sqrt(max(eps, test.noise)), True
     K.start(_start_block(v0, n, b, gen, like, K.space))
     bar = ConvergenceBar(budget, "lanczos", disable=not progress,
@@ -991,7 +1031,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
                     curvature: str = "hessian", preconditioner: Preconditioner = None,
                     basis_dtype: torch.dtype | None = None,
                     basis_device: torch.device | str | None = None,
-                    check_deterministic: bool = True) -> EigenResult:
+                    check_deterministic: bool = True, fd_richardson: bool = False) -> EigenResult:
     r"""The ``k`` extreme eigenpairs of the Hessian (or another curvature) of the mean loss.
 
     Block Lanczos with full reorthogonalisation and thick restart (module docstring; Golub &
@@ -1032,7 +1072,8 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
             from new random start vectors once the ``k`` pairs converged (:func:`lanczos`).
         max_basis: Basis size before a thick restart (default ``max(30, 3k + 2 block_size)``
             vectors, fewer when they would take more than ``BASIS_BYTES``, but at least
-            ``k + 2 block_size``); the memory is ``max_basis * n`` elements.
+            ``k + 2 block_size``); the memory is ``min(max_basis, max_hvp + block_size) * n``
+            elements (the rows the budget of products can fill).
         hvp_method: ``"reverse"``, ``"forward"`` or ``"finite_difference"``
             (:class:`analysis.HessianOperator`; the Hessian only). Finite differences record
             their step and error estimate in ``metadata["hvp"]``.
@@ -1047,6 +1088,9 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
             model on a GPU.
         check_deterministic: First check that two passes over ``data`` agree (two forward
             passes; ``analysis.core.guards``).
+        fd_richardson: With ``hvp_method="finite_difference"``, Richardson-extrapolate each
+            product (:mod:`analysis.finite_difference`: a larger step, at most 4 more gradients
+            per product); refused with another ``hvp_method``.
 
     Returns:
         An :class:`EigenResult`.
@@ -1071,7 +1115,7 @@ def top_eigenvalues(model: nn.Module, loss_fn: LossFn, data: Iterable, k: int = 
     seed = make_generator(seed).initial_seed()
     op = curvature_operator(curvature, model, loss_fn, data, params=params, model_mode=model_mode,
                             batch_size_fn=batch_size_fn, progress=False, hvp_method=hvp_method,
-                            preconditioner=preconditioner)
+                            preconditioner=preconditioner, fd_richardson=fd_richardson)
     n = op.shape[0]
     v0 = op.take(v0) if hasattr(op, "take") else v0  # FSDP2: eigenvectors as returned
     check_int("k", k, 1, n)

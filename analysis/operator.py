@@ -39,6 +39,7 @@ from .core import (all_finite, ArgumentTypeError, BatchSizeFn, check_bool, check
                    LikelihoodError, loss_reduction, LossFn, numel, ParamSelection, preserved,
                    select_params, unwrap_compiled, working_dtype)
 from .derivatives import curvature_ops
+from .finite_difference import check_fd_options
 from .preconditioning import Preconditioner, inverse_sqrt
 from .sharded import (is_sharded, refuse_sharded, REFUSAL, ShardedCurvatureOperator,
                       ShardedOperator)
@@ -446,7 +447,8 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
                        params: ParamSelection = None, model_mode: str = "eval",
                        batch_size_fn: BatchSizeFn | None = None, progress: bool = True,
                        hvp_method: str = "reverse", preconditioner: Preconditioner = None,
-                       options: dict[str, Any] | None = None) -> CurvatureOperator:
+                       options: dict[str, Any] | None = None,
+                       fd_richardson: bool = False) -> CurvatureOperator:
     """The operator of a registered ``curvature=`` name, as the routines build it.
 
     On a model sharded with FSDP2's ``fully_shard`` (:mod:`analysis.sharded`): the Hessian
@@ -470,13 +472,16 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
         preconditioner: As :class:`CurvatureOperator`.
         options: The class's own keywords, ``{name: value}`` (e.g. ``{"kind": "mc",
             "mc_samples": 4}`` for :class:`analysis.FisherOperator`).
+        fd_richardson: With ``hvp_method="finite_difference"``, Richardson-extrapolate each
+            product (:mod:`analysis.finite_difference`); passed on when True.
 
     Returns:
         The operator, its ``curvature`` attribute set to the name.
 
     Raises:
-        ValueError: For a name that is not registered (the message lists those that are), and
-            for ``hvp_method`` other than ``"reverse"`` with a class that does not take it.
+        ValueError: For a name that is not registered (the message lists those that are),
+            for ``hvp_method`` other than ``"reverse"`` with a class that does not take it,
+            and for ``fd_richardson=True`` with another ``hvp_method``.
         NotImplementedError: A sharded model with a registered class that has no output side
             (:func:`_sharded_operator`).
     """
@@ -490,6 +495,8 @@ def curvature_operator(curvature: str, model: nn.Module, loss_fn: LossFn, data: 
             raise ValueError(f'hvp_method={hvp_method!r} applies to curvature="hessian" only '
                              f"(an operator taking hvp_method=), got curvature={curvature!r}")
         common["hvp_method"] = hvp_method
+    if check_fd_options(hvp_method, fd_richardson):
+        common["fd_richardson"] = True
     try:
         if is_sharded(unwrap_compiled(model)):  # FSDP2: the products on shards
             return _sharded_operator(curvature, cls, model, loss_fn, data, common, options)

@@ -661,11 +661,9 @@ def sharded_fd_matmat(fd: FiniteDifference, model: nn.Module, loss_fn: LossFn, d
     sizes, total = counts or sample_counts(data, batch_size_fn)
     reduction = loss_reduction(loss_fn)
     with preserved(model, model_mode, weights=False, trainable=fd.params):
-        steps = fd.steps_for(vectors)
-        diffs = fd.differences(
+        return fd.products(lambda vs, steps, scales: fd.differences(
             lambda: sharded_gradient(model, loss_fn, data, fd.params, sizes, total, reduction),
-            vectors, steps)
-    return fd.combine(diffs, steps)
+            vs, steps, scales), vectors)
 
 
 def sharded_space(params: Sequence[Tensor]) -> ShardedSpace:

@@ -3,23 +3,27 @@
 Two models with random weights (nothing downloaded): an MLP 16-64-64-4 (tanh, 5,508
 parameters, 256 samples, cross-entropy) and a tiny GPT-2 (``transformers.GPT2Config``: 2 layers,
 width 32, 4 heads, vocabulary 96, 29,568 parameters; 8 sequences of 32 tokens, next-token
-cross-entropy computed in float32 or wider). One random unit direction ``v`` per model. The
-reference is the exact product (double backward) in float64 at the same weights: those of the
-low-precision copy cast to float64, so that rounding the weights is not counted as
-finite-difference error. The columns:
+cross-entropy computed in float32 or wider). Two unit directions per model: a seeded random one
+and the top eigenvector of the float64 model (``top_eigenvalues``). The reference is the exact
+product (double backward) in float64 at the same weights: those of the low-precision copy cast
+to float64, so that rounding the weights is not counted as finite-difference error. The
+columns:
 
-* ``fp32``: float32 parameters, the central difference $D(h)$;
+* ``fp32``: float32 parameters, the central difference $D(h)$, random direction;
 * ``fp32 R``: float32, one Richardson step $R(h) = (4 D(h) - D(2h)) / 3$;
 * ``bf16``: bfloat16 parameters, $D(h)$;
 * ``fp32+MP``: float32 parameters sharded by ``fully_shard`` with
   ``MixedPrecisionPolicy(param_dtype=torch.bfloat16)`` on a one-rank gloo group (the forward
   runs on bfloat16 all-gathered weights, the gradients reduce in bfloat16), $D(h)$ through
-  ``analysis.sharded.sharded_fd_matmat`` (the routines refuse finite differences there).
+  ``analysis.sharded.sharded_fd_matmat`` (the routines refuse finite differences there);
+* ``fp32 top``, ``fp32 R top``: float32 along the top eigenvector, $D(h)$ and $R(h)$.
 
 Rows: the relative perturbation $r = h \\|v\\| / (1 + \\|w\\|)$ on a log grid, the error
-$\\|\\hat{Hv} - Hv\\| / \\|Hv\\|$; then, per column, the step our rule chooses
-(``analysis.finite_difference.fd_step``), the error there and our a-posteriori estimate
-$\\|D(2h) - D(h)\\| / \\|\\hat{Hv}\\|$ beside it.
+$\\|\\hat{Hv} - Hv\\| / \\|Hv\\|$ (the best of each column in bold); then, per column, for the
+former rule (``FiniteDifference(adaptive=False)``: ``analysis.finite_difference.fd_step``) and
+the adaptive step (the default), the relative step chosen, the error there, our a-posteriori
+estimate $\\|D(2h) - D(h)\\| / \\|\\hat{Hv}\\|$ beside it, and the gradients spent (each a pass
+over the data; the adaptive rule's include its noise probe, once per call).
 
     nice -n 15 python benchmarks/fd_error.py [--models mlp gpt2] [--out FILE.json] [--quick]
 
@@ -41,13 +45,12 @@ from torch import nn
 from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from analysis import HessianOperator  # noqa: E402
-from analysis.core import flatten  # noqa: E402
-from analysis.finite_difference import fd_step, FiniteDifference  # noqa: E402
+from analysis import HessianOperator, top_eigenvalues  # noqa: E402
+from analysis.core import flatten, preserved  # noqa: E402
+from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference  # noqa: E402
 from analysis.sharded import sharded_fd_matmat, ShardedHessian  # noqa: E402
 from harness import Recorder, parse, parser  # noqa: E402
 
-COLUMNS = ("fp32", "fp32 R", "bf16", "fp32+MP")
 
 
 def ce(model, batch):
@@ -99,13 +102,13 @@ def exact(model: nn.Module, loss, data, v: torch.Tensor) -> torch.Tensor:
     return HessianOperator(model64, loss, data64, progress=False).matmat(v[None])[0]
 
 
-def plain_product(model, loss, data, v, step, richardson):
-    """(product, relative error estimate, step) by finite differences of a plain model."""
-    op = HessianOperator(model, loss, data, progress=False, hvp_method="finite_difference",
-                         fd_step=step, fd_richardson=richardson, check_deterministic=False)
-    out = op.matmat(v[None].to(next(model.parameters()).dtype))[0]
-    meta = op.product_metadata()["hvp"]
-    return out.double(), meta["relative_error_estimate"], meta["step"]
+def plain_product(model, loss, data, v, step, richardson, adaptive=True):
+    """(product, metadata) by finite differences of a plain model."""
+    params = list(model.parameters())
+    fd = FiniteDifference(params, richardson=richardson, step=step, adaptive=adaptive)
+    with preserved(model, "eval", weights=False, trainable=params):
+        out = fd_matmat(fd, model, loss, data, v[None].to(params[0].dtype))[0]
+    return out.double(), fd.metadata()
 
 
 def policy_model(model: nn.Module):
@@ -123,48 +126,66 @@ def policy_model(model: nn.Module):
     return fully_shard(copied, mesh=mesh, mp_policy=policy)
 
 
-def policy_product(model, loss, data, v, step, richardson):
-    """(product, relative error estimate, step) through the FSDP2 backward under the policy."""
+def policy_product(model, loss, data, v, step, richardson, adaptive=True):
+    """(product, metadata) through the FSDP2 backward under the policy."""
     engine = ShardedHessian(model, loss, data)
-    fd = FiniteDifference(engine.params, richardson=richardson, step=step)
+    fd = FiniteDifference(engine.params, richardson=richardson, step=step, adaptive=adaptive)
     product = sharded_fd_matmat(fd, model, loss, data, [engine.distribute(v.float())])[0]
     full = torch.cat([p.full_tensor().reshape(-1) for p in product])
-    meta = fd.metadata()
-    return full.double(), meta["relative_error_estimate"], meta["step"]
+    return full.double(), fd.metadata()
+
+
+def directions(model64: nn.Module, loss, data64) -> dict[str, torch.Tensor]:
+    """A seeded random unit vector and the top eigenvector of the float64 model."""
+    n = sum(p.numel() for p in model64.parameters())
+    v = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    top = top_eigenvalues(model64, loss, data64, k=1, progress=False).eigenvectors[0]
+    return {"random": v / v.norm(), "top": top.double() / top.double().norm()}
+
+
+def ours(product, model, loss, data, v, richardson, adaptive, reference, scale) -> dict:
+    """Our step (the former rule or the adaptive one): ratio, error, estimate, gradients."""
+    got, meta = product(model, loss, data, v, None, richardson, adaptive)
+    # the pilot rule (fd_step) at ||v|| = 1, up to the rounding of v to bfloat16; the adaptive
+    # step is a power-of-two multiple of it
+    pilot = fd_step(next(model.parameters()).dtype, scale - 1.0, 1.0,
+                    richardson and not adaptive)
+    shift = math.log2(meta["step"] / pilot)
+    assert abs(shift - round(shift)) < 1e-2 and (adaptive or round(shift) == 0), shift
+    return {"ratio": meta["step"] / scale,
+            "error": float((got - reference).norm() / reference.norm()),
+            "estimate": meta["relative_error_estimate"], "gradients": meta["gradients"]}
 
 
 def sweep(name: str, ratios: list[float]) -> dict:
     """Errors per column on the grid of relative steps, and at our chosen steps."""
     model64, loss, data64 = problem(name)
     n = sum(p.numel() for p in model64.parameters())
-    v = torch.randn(n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    v /= v.norm()
+    vectors = directions(model64, loss, data64)
     fp32, bf16 = cast(model64, data64, torch.float32), cast(model64, data64, torch.bfloat16)
-    references = {dtype: exact(model, loss, data, v)
-                  for dtype, (model, data) in ((torch.float32, fp32), (torch.bfloat16, bf16))}
-    setups = {"fp32": (*fp32, plain_product, torch.float32),
-              "fp32 R": (*fp32, plain_product, torch.float32),
-              "bf16": (*bf16, plain_product, torch.bfloat16),
-              "fp32+MP": (policy_model(model64), fp32[1], policy_product, torch.float32)}
+    setups = {"fp32": (*fp32, plain_product, torch.float32, "random"),
+              "fp32 R": (*fp32, plain_product, torch.float32, "random"),
+              "bf16": (*bf16, plain_product, torch.bfloat16, "random"),
+              "fp32+MP": (policy_model(model64), fp32[1], policy_product, torch.float32,
+                          "random"),
+              "fp32 top": (*fp32, plain_product, torch.float32, "top"),
+              "fp32 R top": (*fp32, plain_product, torch.float32, "top")}
     out = {"n": n, "columns": {}}
-    for column, (model, data, product, dtype) in setups.items():
-        richardson = column.endswith(" R")
-        reference = references[dtype]
-        norm = float(flatten([p.detach().double() for p in fp32[0].parameters()]).norm()
-                     if dtype == torch.float32 else
-                     flatten([p.detach().double() for p in model.parameters()]).norm())
+    for column, (model, data, product, dtype, direction) in setups.items():
+        richardson = " R" in column
+        v = vectors[direction]
+        low = (bf16 if dtype == torch.bfloat16 else fp32)
+        reference = exact(low[0], loss, low[1], v)
+        norm = float(flatten([p.detach().double() for p in low[0].parameters()]).norm())
         scale = 1.0 + norm
         errors = []
         for r in ratios:
-            got, _, _ = product(model, loss, data, v, r * scale, richardson)
+            got, _ = product(model, loss, data, v, r * scale, richardson)
             errors.append(float((got - reference).norm() / reference.norm()))
-        got, estimate, step = product(model, loss, data, v, None, richardson)
-        # the rule (fd_step) at ||v|| = 1, up to the rounding of v to bfloat16
-        assert math.isclose(step, fd_step(dtype, norm, 1.0, richardson), rel_tol=1e-2)
-        out["columns"][column] = {
-            "errors": errors, "chosen_ratio": step / scale, "chosen_step": step,
-            "chosen_error": float((got - reference).norm() / reference.norm()),
-            "estimate": estimate}
+        out["columns"][column] = {"errors": errors}
+        for adaptive, key in ((False, "before"), (True, "after")):
+            out["columns"][column][key] = ours(product, model, loss, data, v, richardson,
+                                               adaptive, reference, scale)
         print(f"  {name} {column}: done", flush=True)
     return out
 
@@ -172,18 +193,20 @@ def sweep(name: str, ratios: list[float]) -> dict:
 def table(name: str, ratios: list[float], result: dict) -> str:
     """The printed table of one model."""
     cols = result["columns"]
+    names = list(cols)
     lines = [f"{name} (n = {result['n']}), relative error ||FD - Hv|| / ||Hv||",
-             "| r = h ||v|| / (1 + ||w||) | " + " | ".join(COLUMNS) + " |",
-             "|---" * (len(COLUMNS) + 1) + "|"]
+             "| r = h ||v|| / (1 + ||w||) | " + " | ".join(names) + " |",
+             "|---" * (len(names) + 1) + "|"]
     for i, r in enumerate(ratios):
-        lines.append(f"| {r:.0e} | " + " | ".join(f"{cols[c]['errors'][i]:.1e}"
-                                                  for c in COLUMNS) + " |")
-    lines.append("| ours: r | " + " | ".join(f"{cols[c]['chosen_ratio']:.1e}"
-                                             for c in COLUMNS) + " |")
-    lines.append("| ours: error | " + " | ".join(f"{cols[c]['chosen_error']:.1e}"
-                                                 for c in COLUMNS) + " |")
-    lines.append("| ours: estimate | " + " | ".join(f"{cols[c]['estimate']:.1e}"
-                                                    for c in COLUMNS) + " |")
+        best = {c: min(cols[c]["errors"]) for c in names}
+        lines.append(f"| {r:.0e} | " + " | ".join(
+            (f"**{cols[c]['errors'][i]:.1e}**" if cols[c]["errors"][i] == best[c] else
+             f"{cols[c]['errors'][i]:.1e}") for c in names) + " |")
+    for key, label in (("before", "former rule"), ("after", "adaptive")):
+        for field, fmt in (("ratio", "{:.1e}"), ("error", "{:.1e}"), ("estimate", "{:.1e}"),
+                           ("gradients", "{:d}")):
+            lines.append(f"| {label}: {field} | " + " | ".join(
+                fmt.format(cols[c][key][field]) for c in names) + " |")
     return "\n".join(lines)
 
 

@@ -1,5 +1,6 @@
 """Finite-difference Hessian-vector products (analysis.finite_difference) against the exact
 Hessian: step rule, Richardson, error estimate, bit-exact restoration, eigenvalues."""
+import copy
 import math
 
 import numpy as np
@@ -10,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from analysis import hessian_trace, HessianOperator, top_eigenvalues
 from analysis.core import preserved
-from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference
+from analysis.finite_difference import fd_matmat, fd_step, FiniteDifference, refined_step
 from analysis.lanczos import lanczos
 from tests.oracles import (assert_unchanged, classification_data, exact_hessian, mlp, snapshot,
                            uneven_batches)
@@ -54,8 +55,11 @@ def test_float64_products_match_the_exact_hessian(richardson):
     assert meta["hvp_method"] == "finite_difference" and meta["n_products"] == 3
     assert meta["relative_error_estimate"] < 1e-5
     w = math.sqrt(sum(float(p.detach().pow(2).sum()) for p in model.parameters()))
-    assert meta["step"] == pytest.approx(fd_step(torch.float64, w, float(vs[-1].norm()),
-                                                 richardson))
+    # the step is the pilot rule's times a power of two (the refinement of the module docstring)
+    pilot = fd_step(torch.float64, w, float(vs[-1].norm()))
+    shift = math.log2(pilot / meta["step"])
+    assert shift == pytest.approx(round(shift), abs=1e-9) and -3 <= round(shift) <= 12
+    assert meta["gradients"] >= 4 * 3 + 4 and meta["noise_level"] > 0
 
 
 def test_the_step_rule():
@@ -199,7 +203,8 @@ def test_ranks_with_data_shards_and_ddp_give_the_one_process_product(tmp_path):
 
 def _routines(rank):
     """DDP and FSDP2 models on 2 gloo ranks, each with its data shard: the routines with
-    finite differences, from a random start, and the Richardson operator on shards."""
+    finite differences, from a random start (the trace with Richardson), and the Richardson
+    operator on shards."""
     from analysis.sharded import ShardedOperator
     from tests.analysis.sharded_problems import case, shard
 
@@ -212,7 +217,7 @@ def _routines(rank):
     fsdp = top_eigenvalues(sharded, loss_fn, shards[rank], k=1, tol=1e-8,
                            hvp_method="finite_difference", progress=False)
     trace = hessian_trace(sharded, loss_fn, shards[rank], n_hvp=4, seed=3, progress=False,
-                          hvp_method="finite_difference")
+                          hvp_method="finite_difference", fd_richardson=True)
     op = ShardedOperator(sharded, loss_fn, shards[rank], hvp_method="finite_difference",
                          fd_richardson=True)
     vs = vectors(op.shape[0], k=2)
@@ -239,7 +244,8 @@ def test_ddp_and_fsdp2_top_eigenvalue_within_1e5_and_the_record(tmp_path):
         for key in ("ddp_meta", "fsdp_meta", "trace_meta"):
             record = got[key]["hvp"]
             assert got[key]["config"]["hvp_method"] == "finite_difference", key
-            assert record["hvp_method"] == "finite_difference" and not record["richardson"]
+            assert record["hvp_method"] == "finite_difference"
+            assert record["richardson"] is (key == "trace_meta")  # fd_richardson on shards
             assert 0 < record["relative_error_estimate"] < 1e-4 and record["n_products"] > 0
         assert got["fsdp_meta"]["sharded"] == "fully_shard"
         assert got["trace"] == pytest.approx(exact_trace.estimate, rel=1e-6)
@@ -290,3 +296,102 @@ def test_a_mixed_precision_policy_refuses_finite_differences():
                          progress=False)
     top = float(torch.linalg.eigvalsh(exact_hessian(build(), loss_fn, data))[-1])
     assert fd.eigenvalues[0] == pytest.approx(top, rel=1e-5, abs=0)
+
+
+def _float32_case(sizes=(6, 32, 32, 3)):
+    """A float32 MLP, its data, and the float64 Hessian at its (rounded) weights and inputs."""
+    model = mlp(sizes=sizes, dtype=torch.float32)
+    x, y = classification_data(n=23, d=6)
+    data = uneven_batches(x.float(), y)
+    H = exact_hessian(copy.deepcopy(model).double(), ce, uneven_batches(x.float().double(), y))
+    return model, data, H
+
+
+@pytest.mark.parametrize("direction", ["random", "top"])
+def test_the_chosen_step_is_within_a_factor_of_the_best_fixed_step(direction):
+    # float32, against the exact product at the same rounded weights: the adaptive step's error
+    # is within 3x of the best of a half-decade grid of fixed steps, in a random direction and
+    # along the top eigenvector (where the best step is far smaller: the former rule, the pilot
+    # alone, is 10-40x off there)
+    model, data, H = _float32_case()
+    evals, evecs = torch.linalg.eigh(H)
+    v = evecs[:, -1] if direction == "top" else vectors(H.shape[0], k=1)[0]
+    v = (v / v.norm())[None]
+    exact = (v @ H)[0]
+
+    def error(**options):
+        got, fd = products(model, data, v.float(), **options)
+        return float((got[0].double() - exact).norm() / exact.norm()), fd
+
+    w = math.sqrt(sum(float(p.detach().double().pow(2).sum()) for p in model.parameters()))
+    grid = [error(step=r * (1 + w))[0] for r in 10.0 ** np.arange(-6, -0.9, 0.5)]
+    chosen, fd = error()
+    assert chosen <= 3 * min(grid), (chosen, min(grid))
+    assert fd.relative_errors[0] >= chosen  # the estimate still bounds the error
+    pilot, _ = error(adaptive=False)  # the former rule: fails the same bound along the top
+    assert chosen <= pilot and (direction == "random" or pilot > 10 * min(grid))
+
+
+def test_refined_step():
+    # the balance of a h^2 against rho / h, rounded to a power-of-two multiple of the pilot
+    h0, a, rho = 1e-2, 50.0, 1e-9
+    best = (rho / (math.sqrt(2) * a)) ** (1 / 3)
+    got = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0)
+    assert got == pytest.approx(h0 * 2.0 ** -round(math.log2(h0 / best)))
+    assert refined_step(h0, 0.0, rho, 1.0) == h0 and refined_step(h0, 1.0, 0.0, 1.0) == h0
+    assert refined_step(h0, 1e-30, 1.0, 1.0) == h0 * 8  # at most 2^3 larger
+    assert refined_step(h0, 1e30, 1e-30, 1.0) == h0 * 2.0 ** -12  # at most 2^12 smaller
+    # Richardson: a larger step than the central difference's, at most RICHARDSON_CAP times it
+    central = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0)
+    rich = refined_step(h0, 3 * a * h0 ** 2, rho, 1.0, richardson=True)
+    assert central < rich <= 4 * central
+
+
+def test_richardson_reaches_the_routines():
+    from analysis import hvp, layerwise, spectral_density
+    model, data = setup()
+    before = snapshot(model)
+    fd = dict(hvp_method="finite_difference", fd_richardson=True, progress=False)
+    results = {"top_eigenvalues": top_eigenvalues(model, ce, data, max_hvp=4, **fd),
+               "hessian_trace": hessian_trace(model, ce, data, n_hvp=4, **fd),
+               "spectral_density": spectral_density(model, ce, data, n_lanczos=3, n_vectors=1,
+                                                    **fd),
+               "layerwise": layerwise(model, ce, data, n_hvp_trace=4, **fd)}
+    for name, result in results.items():
+        record = result.metadata["hvp"]
+        assert record["richardson"] is True and record["n_products"] > 0, name
+        assert result.metadata["config"]["fd_richardson"] is True, name
+    assert_unchanged(model, before)
+    # it reaches the product: on a float32 model Richardson's error is below the central one's
+    model, data, H = _float32_case()
+    v = vectors(H.shape[0], k=1)[0]
+    exact = H @ v
+    errors = {rich: float((hvp(model, ce, data, v.float(), hvp_method="finite_difference",
+                               fd_richardson=rich, progress=False).double() - exact).norm())
+              for rich in (False, True)}
+    assert errors[True] < errors[False] / 2, errors
+    # refused with the exact methods, whatever the routine
+    for routine in (top_eigenvalues, hessian_trace, spectral_density, layerwise):
+        with pytest.raises(ValueError, match="fd_richardson=True applies to hvp_method"):
+            routine(model, ce, data, fd_richardson=True, progress=False)
+    with pytest.raises(ValueError, match="fd_richardson"):
+        hvp(model, ce, data, v.float(), hvp_method="forward", fd_richardson=True)
+    with pytest.raises(ValueError, match="fd_step"):
+        HessianOperator(model, ce, data, fd_step=1e-3)
+
+
+def test_layerwise_records_the_products():
+    from analysis import layerwise
+    model, data = setup()
+    got = layerwise(model, ce, data, n_hvp_trace=6, hvp_method="finite_difference",
+                    progress=False)
+    record = got.metadata["hvp"]
+    assert record["hvp_method"] == "finite_difference" and record["richardson"] is False
+    assert record["step_rule"].startswith("adaptive")
+    assert record["n_products"] == got.n_hvp  # every block's eigenvalue and trace products
+    assert 0 < record["relative_error_estimate"] < 1e-4
+    assert set(record["per_block"]) == set(got.blocks)
+    assert record["relative_error_estimate"] == max(record["per_block"].values())
+    assert "versions" in got.metadata and got.metadata["config"]["hvp_method"] == \
+        "finite_difference"
+    assert "hvp" not in layerwise(model, ce, data, n_hvp_trace=6, progress=False).metadata

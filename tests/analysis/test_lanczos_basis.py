@@ -194,3 +194,49 @@ def test_a_row_that_loses_more_than_half_its_digits_counts_as_vanished(ratio, re
     assert (cosine < 0.5) if replaced else (cosine > 1 - 1e-9)
     rebuilt = V.T @ coef[:m, 0] + q[0] * coef[m, 0]  # exact, or to sqrt(eps) when replaced
     assert (rebuilt - w).abs().max() < 2 * ratio
+
+
+def test_a_small_budget_allocates_a_small_basis():
+    """Allocation sizes, not timings: with max_hvp=10 the basis takes the 10 + 1 rows the budget
+    can fill, not the default max_basis of 30 (PyHessian's 10-product run holds ~10 vectors);
+    the peak is those rows plus one product."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(50, 200), torch.nn.Tanh(),
+                                torch.nn.Linear(200, 200), torch.nn.Tanh(),
+                                torch.nn.Linear(200, 5))
+    x, y = torch.randn(8, 50), torch.randint(0, 5, (8,))
+    n = sum(p.numel() for p in model.parameters())
+    out = []
+    peak = _torch_peak(lambda: out.append(top_eigenvalues(
+        model, ce, [(x, y)], k=1, tol=1e-12, max_hvp=10, progress=False)))
+    assert out[0].n_hvp == 10
+    assert peak / (4 * n) <= 10 + 1 + 4
+
+
+@pytest.mark.parametrize("budget, max_basis, rows, expect", [
+    (20, None, None, 30), (20, None, 2, 3), (40, 12, None, 12), (40, 12, 2, 3)])
+def test_the_allocated_rows_change_no_result(problem, monkeypatch, budget, max_basis, rows,
+                                             expect):
+    """The same eigenpairs, bit for bit, whether the basis is allocated at the budget (21 rows
+    of max_basis 30; 12 of 12), at max_basis (the former allocation), or grown on demand from
+    2 rows (3: at least the head), through thick restarts and the new starts of k >= 2."""
+    import analysis.lanczos as module
+
+    model, data, _ = problem
+    kw = dict(k=3, tol=1e-10, max_hvp=budget, max_basis=max_basis, progress=False)
+    capped = top_eigenvalues(model, ce, data, **kw)
+    allocated = []
+
+    class Forced(module.Krylov):
+        def __init__(self, *args, **kwargs):
+            allocated.append(min(args[0], kwargs["rows"]))  # what lanczos allocates
+            kwargs["rows"] = rows
+            super().__init__(*args, **kwargs)
+            allocated.append(self.T.shape[0])
+
+    monkeypatch.setattr(module, "Krylov", Forced)
+    other = top_eigenvalues(model, ce, data, **kw)
+    assert allocated == [min(budget + 1, max_basis or 30), expect]
+    np.testing.assert_array_equal(capped.eigenvalues, other.eigenvalues)
+    assert torch.equal(capped.eigenvectors, other.eigenvectors)
+    assert capped.n_hvp == other.n_hvp == budget
