@@ -53,7 +53,7 @@ class PacBayesSigma:
 
     Attributes:
         sigma: The noise scale $\sigma$ found.
-        flatness: $1 / \sigma^2$.
+        flatness: $1 / \sigma^2$ (``inf`` when it overflows a float, sigma below ~1e-154).
         increase: The estimated rise of the metric at sigma (mean over the draws).
         target: The target rise $d$.
         converged: $|\mathrm{increase} - \mathrm{target}| \le \mathrm{tol}$.
@@ -214,5 +214,6 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: f
     tried = increase.tried
     sigma = min(tried, key=lambda s: (abs(tried[s] - target), -s))
     up = tried[sigma]
-    return PacBayesSigma(sigma, 1.0 / sigma ** 2, up, target, abs(up - target) <= tol,
+    flatness = 1.0 / sigma ** 2 if sigma ** 2 > 0 else math.inf  # sigma < 1e-154: overflow
+    return PacBayesSigma(sigma, flatness, up, target, abs(up - target) <= tol,
                          len(tried), objective.n_forward)

@@ -77,6 +77,15 @@ def test_pac_bayes_sigma_matches_the_quadratic_closed_form():
     assert r.converged and r.sigma == pytest.approx(expected, rel=0.02)
 
 
+def test_pac_bayes_flatness_overflows_to_inf_for_a_tiny_sigma():
+    """sigma_max = 1e-200: the noise is below rounding, the target is not reached, and
+    1 / sigma^2 (1e400) is reported as inf instead of raising ZeroDivisionError (a fuzz find)."""
+    h, model = diagonal_quadratic(40, scale=2.0)
+    r = pac_bayes_sigma(model, quad_loss, DATA, target=0.1, sigma_max=1e-200, max_iter=3,
+                        **QUIET)
+    assert r.sigma <= 1e-200 and r.flatness == math.inf and not r.converged
+
+
 def test_pac_bayes_error_metric_reaches_the_target():
     x, y = classification_data(n=200, d=6)
     model = mlp(sizes=(6, 16, 3))
