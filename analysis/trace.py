@@ -40,6 +40,7 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import Tensor, nn
+
 from .core.progress import batch_progress, CountBar
 from .core.space import Space
 

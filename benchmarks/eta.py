@@ -15,7 +15,9 @@ over the redraws after the first 10 % of the bar's time and before it reaches it
 shown) is counted apart, and an ETA of zero with products still to come counts as infinitely
 off. *before the last product* is the same figure over the redraws before the bar's last
 product (the rest of a bar's last product and the work after it are at most a time slice or
-two under load, whose length no rate foresees). Each bar's log is printed as
+two under load, whose length no rate foresees); *over 2x* is the share of that time during
+which the ETA shown was off by more than 2x (a load that changes during the bar makes every
+rule 2x off for a moment: this says for how long). Each bar's log is printed as
 ``(seconds, n, total, shown ETA, left)``.
 
 ``--burn K`` changes the load during every bar: K CPU-burning children (``python -c 'while 1:
@@ -151,10 +153,11 @@ class TracedCount(getattr(analysis.core.progress, "CountBar", object)):
 def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
     """The worst ``max(shown / left, left / shown)`` of ``log`` (``(t, n, total, eta, left)``,
     seconds from the bar's start) after ``skip`` of the bar's time and before ``final`` products
-    (and before ``final - 1``), the redraws counted there, those without an ETA, and the share
-    of the bar's time without."""
-    worst, silent, seen, at, early = 1.0, 0, 0, None, 1.0
-    for t, n, total, eta, left in log:
+    (and before ``final - 1``), the share of that time during which the ETA shown was off by
+    more than 2x, the redraws counted there, those without an ETA, and the share of the bar's
+    time without."""
+    worst, silent, seen, at, early, off, counted = 1.0, 0, 0, None, 1.0, 0.0, 0.0
+    for k, (t, n, total, eta, left) in enumerate(log):
         if t < skip * span or n >= final:  # the work is done at the final n
             continue
         seen += 1
@@ -162,11 +165,15 @@ def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
             silent += 1
             continue
         ratio = math.inf if eta <= 0 else max(eta / left, left / eta)
+        shown = (log[k + 1][0] if k + 1 < len(log) else span) - t   # until the next redraw
+        counted += shown
+        off += shown if ratio > 2 else 0.0
         if ratio > worst:
             worst, at = ratio, round(t / span, 2)
         if n < final - 1:
             early = max(early, ratio)
-    return {"worst_ratio": worst, "worst_at": at, "before_last_product": early, "redraws": seen,
+    return {"worst_ratio": worst, "worst_at": at, "before_last_product": early,
+            "over_2x_fraction": off / counted if counted else 0.0, "redraws": seen,
             "without_eta": silent, "no_eta_fraction": no_eta_fraction(log, span)}
 
 
@@ -289,11 +296,12 @@ def replay_files(paths: list[Path]) -> None:
         bars = [(k, b) for k, run in enumerate(runs) for b in run[name]["bars"] if b["updates"]]
         counted = [b for run in runs for b in run[name]["bars"] if not b["updates"]]
         if counted:
-            print(name, "(worst ratio; before the last product)")
+            print(name, "(worst ratio; before the last product; share of the time over 2x)")
             for label, half_life in COUNT_RULES.items():
                 got = [replay_count(b, half_life) for b in counted]
                 print(f"  {label:28s}" + "  ".join(
-                    f"{g['worst_ratio']:5.2f}; {g['before_last_product']:4.2f}" for g in got))
+                    f"{g['worst_ratio']:5.2f}; {g['before_last_product']:4.2f}; "
+                    f"{g['over_2x_fraction']:.2f}" for g in got))
         if not bars:
             continue
         print(name)
@@ -403,8 +411,9 @@ def main() -> None:
         worst = max((b["worst_ratio"] for b in bars), default=float("nan"))
         early = max((b["before_last_product"] for b in bars), default=float("nan"))
         dark = max((b["no_eta_fraction"] for b in bars), default=float("nan"))
-        print(f"{name}: worst ETA ratio {worst:.2f} ({early:.2f} before the last product) "
-              f"over {len(bars)} bar(s), "
+        off = max((b["over_2x_fraction"] for b in bars), default=float("nan"))
+        print(f"{name}: worst ETA ratio {worst:.2f} ({early:.2f} before the last product, "
+              f"over 2x {100 * off:.0f} % of the time) over {len(bars)} bar(s), "
               f"no ETA {100 * dark:.0f} % of the time, "
               f"{results[name]['seconds']:.1f} s, n_hvp {results[name]['n_hvp']}", flush=True)
     for name, result in results.items():  # each bar's log, and its updates (products, log gap)
