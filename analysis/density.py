@@ -20,13 +20,12 @@ from typing import Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm.auto import tqdm
 
 from .core import (BatchSizeFn, check_bool, check_device, check_dtype, check_int, check_positive,
                    guarded, LossFn, make_generator, ParamSelection, records_metadata,
                    register_result, renamed_keywords)
 from .core.space import Space
-from .core.progress import batch_progress
+from .core.progress import batch_progress, CountBar
 from .curvature import curvature_operator
 from .lanczos import BASIS_DTYPES, Krylov
 from .preconditioning import Preconditioner
@@ -96,8 +95,7 @@ def lanczos_quadrature(matmat, n: int, n_lanczos: int, n_vectors: int, *, seed: 
     gen, space = make_generator(seed), space or Space(n)
     m = min(n_lanczos, n)
     nodes, weights, n_hvp = np.zeros((n_vectors, m)), np.zeros((n_vectors, m)), 0
-    with tqdm(total=n_vectors * m, desc="SLQ", disable=not progress, leave=False,
-              unit="hvp", smoothing=0) as bar:  # the mean rate: the products cost alike
+    with CountBar(n_vectors * m, "SLQ", disable=not progress) as bar:  # ETA: current rate
         for run in range(n_vectors):
             K = Krylov(m, n, like, gen, basis_dtype=basis_dtype, basis_device=basis_device,
                        space=space)

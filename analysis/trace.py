@@ -42,9 +42,8 @@ from typing import Callable, Iterable
 import numpy as np
 import torch
 from torch import Tensor, nn
-from tqdm.auto import tqdm
 
-from .core.progress import batch_progress
+from .core.progress import batch_progress, CountBar
 from .core.space import Space
 
 from .core import (BatchSizeFn, check_choice, check_int, guarded, LossFn, make_generator,
@@ -448,8 +447,9 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
         seed: Seed of the Rademacher probes.
         like: A tensor of the vectors' dtype and device.
         chunk: Probes per call of ``matmat``.
-        progress: Show a bar over the products (their number is known in advance: the ETA
-            holds), moving batch by batch during each pass over the data.
+        progress: Show a bar over the products (their number is known in advance; the ETA
+            at the current rate: :class:`analysis.core.progress.CountBar`), moving batch by
+            batch during each pass over the data.
         space: The vector space (:mod:`analysis.core.space`; default full vectors in one
             process); with a sharded one the probes and the rows ``matmat`` takes and returns
             are this rank's ``space.n_local`` columns of the one-process ones (the same
@@ -459,8 +459,7 @@ def trace_estimate(matmat: MatMat, n: int, n_hvp: int, *, method: str = "hutch++
         A :class:`TraceResult`.
     """
     gen, space = make_generator(seed), space or Space(n)
-    with tqdm(total=min(n_hvp, n), desc=method, disable=not progress, leave=False,
-              smoothing=0) as bar:  # the mean rate (tqdm's moving average follows batch noise)
+    with CountBar(min(n_hvp, n), method, disable=not progress) as bar:  # ETA: current rate
         apply = lambda rows: _apply(matmat, rows, chunk, bar)  # noqa: E731
         if n <= n_hvp:
             return _exact_trace(apply, n, like, method, space)

@@ -1,6 +1,7 @@
 """Progress-bar ETAs against the time actually left, on the documentation's examples.
 
     python3 benchmarks/eta.py [--out FILE.json] [--quick] [--threads N]
+                              [--burn K [--burn-when rise|fall]] [--replay FILE.json ...]
 
 Runs the examples of README.md, docs/getting-started.md and docs/how-to/huggingface.md (an MLP
 trained with WSAM: ``top_eigenvalues(k=3)``, ``top_eigenvalues(k=1)``,
@@ -12,7 +13,20 @@ left until it closed. The figure per bar is the worst ratio ``max(shown / left, 
 over the redraws after the first 10 % of the bar's time and before it reaches its final count
 (the redraws after the last product show what is done); a redraw without a total (no ETA
 shown) is counted apart, and an ETA of zero with products still to come counts as infinitely
-off. Each bar's log is printed as ``(seconds, n, total, shown ETA, left)``.
+off. *before the last product* is the same figure over the redraws before the bar's last
+product (the rest of a bar's last product and the work after it are at most a time slice or
+two under load, whose length no rate foresees); *over 2x* is the share of that time during
+which the ETA shown was off by more than 2x (a load that changes during the bar makes every
+rule 2x off for a moment: this says for how long). Each bar's log is printed as
+``(seconds, n, total, shown ETA, left)``.
+
+``--burn K`` changes the load during every bar: K CPU-burning children (``python -c 'while 1:
+pass'``, started from this process, so in its session and scheduler autogroup, at its nice
+level) are started when the bar passes half its total (``--burn-when rise``, the default) and
+stopped when it closes, or run from the bar's start until it passes half (``fall``). With K
+burners in its autogroup the measured process gets about 1 / (K + 1) of the autogroup's CPU:
+its rate falls (or rises) by about that factor midway; other sessions' processes keep their
+share (the autogroup as a whole is one competitor).
 """
 from __future__ import annotations
 
@@ -20,6 +34,7 @@ import io
 import warnings
 import json
 import math
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -59,6 +74,8 @@ class Recording(std.tqdm):
         self.started, self.closed = time.perf_counter(), None
         BARS.append(self)
 
+    burn: tuple[int, str] = (0, "rise")   # --burn K, --burn-when (Burners)
+
     def display(self, *args, **kwargs):
         d = self.format_dict
         if self.driver is not None:
@@ -67,12 +84,48 @@ class Recording(std.tqdm):
             rate = d["rate"] or (d["n"] / d["elapsed"] if d["elapsed"] else None)
             eta = (d["total"] - d["n"]) / rate if d["total"] and rate else None
         self.log.append((time.perf_counter(), d["n"], d["total"], eta))
+        self._burn(d["n"], d["total"])
         return super().display(*args, **kwargs)
+
+    def _burn(self, n, total):
+        """Start (``rise``) or stop (``fall``) the burners once the bar passes half its total."""
+        count, when = self.burn
+        if not count:
+            return
+        if not hasattr(self, "burners"):
+            self.burners = Burners(count if when == "fall" else 0)
+            self.halfway = False
+        if not self.halfway and total and n >= total / 2:
+            self.halfway = True
+            self.log_halfway = time.perf_counter()
+            self.burners.stop() if when == "fall" else self.burners.start(count)
 
     def close(self):
         if self.closed is None:
             self.closed = time.perf_counter()
+            if hasattr(self, "burners"):
+                self.burners.stop()
         return super().close()
+
+
+class Burners:
+    """``count`` CPU-burning child processes (``python -c 'while 1: pass'``), this process's
+    children: same session, autogroup and nice level."""
+
+    def __init__(self, count: int = 0):
+        self.children: list[subprocess.Popen] = []
+        self.start(count)
+
+    def start(self, count: int) -> None:
+        self.children += [subprocess.Popen([sys.executable, "-c", "while 1: pass"])
+                          for _ in range(count)]
+
+    def stop(self) -> None:
+        for child in self.children:
+            child.terminate()
+        for child in self.children:
+            child.wait()
+        self.children = []
 
 
 class Traced(analysis.core.progress.ConvergenceBar):
@@ -88,12 +141,23 @@ class Traced(analysis.core.progress.ConvergenceBar):
         super().update(products, gap, **postfix)
 
 
+class TracedCount(getattr(analysis.core.progress, "CountBar", object)):
+    """A CountBar whose ETA the :class:`Recording` it drives records (run on the code before
+    CountBar, the trace and SLQ bars are tqdm's, with its mean-rate ETA)."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.bar.driver = self
+
+
 def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
     """The worst ``max(shown / left, left / shown)`` of ``log`` (``(t, n, total, eta, left)``,
-    seconds from the bar's start) after ``skip`` of the bar's time and before ``final`` products,
-    the redraws counted there, those without an ETA, and the share of the bar's time without."""
-    worst, silent, seen, at = 1.0, 0, 0, None
-    for t, n, total, eta, left in log:
+    seconds from the bar's start) after ``skip`` of the bar's time and before ``final`` products
+    (and before ``final - 1``), the share of that time during which the ETA shown was off by
+    more than 2x, the redraws counted there, those without an ETA, and the share of the bar's
+    time without."""
+    worst, silent, seen, at, early, off, counted = 1.0, 0, 0, None, 1.0, 0.0, 0.0
+    for k, (t, n, total, eta, left) in enumerate(log):
         if t < skip * span or n >= final:  # the work is done at the final n
             continue
         seen += 1
@@ -101,10 +165,16 @@ def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
             silent += 1
             continue
         ratio = math.inf if eta <= 0 else max(eta / left, left / eta)
+        shown = (log[k + 1][0] if k + 1 < len(log) else span) - t   # until the next redraw
+        counted += shown
+        off += shown if ratio > 2 else 0.0
         if ratio > worst:
             worst, at = ratio, round(t / span, 2)
-    return {"worst_ratio": worst, "worst_at": at, "redraws": seen, "without_eta": silent,
-            "no_eta_fraction": no_eta_fraction(log, span)}
+        if n < final - 1:
+            early = max(early, ratio)
+    return {"worst_ratio": worst, "worst_at": at, "before_last_product": early,
+            "over_2x_fraction": off / counted if counted else 0.0, "redraws": seen,
+            "without_eta": silent, "no_eta_fraction": no_eta_fraction(log, span)}
 
 
 def worst_ratio(bar: Recording) -> dict:
@@ -134,6 +204,12 @@ class _Null:
     """A tqdm stand-in that draws nothing."""
 
     n, total, bar_format = 0.0, None, None
+
+    def update(self, k=1):
+        self.n += k
+
+    def close(self):
+        pass
 
     def set_postfix(self, *args, **kwargs):
         pass
@@ -192,12 +268,40 @@ def replay(bar: dict, rule) -> dict:
     return score(log, span, bar["products"])
 
 
+COUNT_RULES = {"mean rate (before)": 1e12,
+               **{f"rate decayed, half-life {h:g}": h for h in (2, 4, 8, 16)}}
+
+
+def replay_count(bar: dict, half_life: float) -> dict:
+    """:func:`score` of a CountBar with ``half_life`` on a recorded fixed-count bar: each redraw's
+    products counted at its recorded time (a half-life of 1e12 products is the mean rate)."""
+    now = [0.0]
+    span, log = bar["seconds"], bar["log"]
+    sim = analysis.core.progress.CountBar(log[-1][2], "replay", bar=_Null(),
+                                          clock=lambda: now[0], half_life=half_life)
+    replayed = []
+    for t, n, total, *_ in log:
+        now[0] = t
+        sim.update(n - sim.n)
+        replayed.append((t, n, total, sim.eta, span - t))
+    return score(replayed, span, bar["products"])
+
+
 def replay_files(paths: list[Path]) -> None:
     """Print each rule's worst ratio (and share of time without an ETA) on each recorded
-    ConvergenceBar of the ``--out`` files ``paths``."""
+    ConvergenceBar of the ``--out`` files ``paths``, and each half-life's worst ratio (and
+    before the last product) on each recorded fixed-count bar."""
     runs = [json.loads(Path(p).read_text())["results"] for p in paths]
     for name in runs[0]:
         bars = [(k, b) for k, run in enumerate(runs) for b in run[name]["bars"] if b["updates"]]
+        counted = [b for run in runs for b in run[name]["bars"] if not b["updates"]]
+        if counted:
+            print(name, "(worst ratio; before the last product; share of the time over 2x)")
+            for label, half_life in COUNT_RULES.items():
+                got = [replay_count(b, half_life) for b in counted]
+                print(f"  {label:28s}" + "  ".join(
+                    f"{g['worst_ratio']:5.2f}; {g['before_last_product']:4.2f}; "
+                    f"{g['over_2x_fraction']:.2f}" for g in got))
         if not bars:
             continue
         print(name)
@@ -281,14 +385,21 @@ def main() -> None:
     p = parser(__doc__, threads=True)
     p.add_argument("--replay", nargs="+", type=Path, metavar="FILE.json",
                    help="replay the recorded bars of these --out files under each rule in RULES")
+    p.add_argument("--burn", type=int, default=0, metavar="K",
+                   help="K CPU-burning children during each bar, from or until its half")
+    p.add_argument("--burn-when", choices=["rise", "fall"], default="rise",
+                   help="rise: start the burners at the bar's half; fall: stop them there")
     args = parse(p)
     if args.replay:
         return replay_files(args.replay)
     run = Recorder("eta", args)
     warnings.filterwarnings("ignore", "clamping frac", std.TqdmWarning)  # n past a predicted total
     for module in (analysis.core.progress, analysis.lanczos, analysis.trace, analysis.density):
-        module.tqdm = Recording
+        module.tqdm = Recording   # trace and density: their bars before CountBar (--before runs)
     analysis.lanczos.ConvergenceBar = Traced
+    if hasattr(analysis.trace, "CountBar"):
+        analysis.trace.CountBar = analysis.density.CountBar = TracedCount
+    Recording.burn = (args.burn, args.burn_when)
     results = {}
     for name, call in examples(args.quick):
         BARS.clear()
@@ -298,8 +409,11 @@ def main() -> None:
         results[name] = {"seconds": time.perf_counter() - start, "bars": bars,
                          "n_hvp": getattr(out, "n_hvp", None)}
         worst = max((b["worst_ratio"] for b in bars), default=float("nan"))
+        early = max((b["before_last_product"] for b in bars), default=float("nan"))
         dark = max((b["no_eta_fraction"] for b in bars), default=float("nan"))
-        print(f"{name}: worst ETA ratio {worst:.2f} over {len(bars)} bar(s), "
+        off = max((b["over_2x_fraction"] for b in bars), default=float("nan"))
+        print(f"{name}: worst ETA ratio {worst:.2f} ({early:.2f} before the last product, "
+              f"over 2x {100 * off:.0f} % of the time) over {len(bars)} bar(s), "
               f"no ETA {100 * dark:.0f} % of the time, "
               f"{results[name]['seconds']:.1f} s, n_hvp {results[name]['n_hvp']}", flush=True)
     for name, result in results.items():  # each bar's log, and its updates (products, log gap)

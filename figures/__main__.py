@@ -31,8 +31,8 @@ from analysis.core import file_sha256, remove_temporaries
 from .harness import SIZES, environment, execute, job
 from .report import (SUMMARY, Damaged, check_entry, config_key, files_of, read_saved,
                      read_summary, save, table, write_summary)
-from .runner import (Progress, Runner, Units, full_batch_samples, other_load, parallel_share,
-                     plan, time_full_batch)
+from .runner import (TRUSTED_WALL, Progress, Runner, Units, full_batch_samples, other_load,
+                     parallel_share, plan, time_full_batch)
 from .verdict import entry
 
 OVERHEAD_RUNS, OVERHEAD_SECONDS = 1.0, 2.0   # a reproduction's work besides its runs (estimate)
@@ -283,8 +283,11 @@ def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
     Each reproduction's work is then predicted in CPU seconds (:func:`figures.runner.plan`)
     plus, besides its runs, about ``OVERHEAD_RUNS`` plain runs and ``OVERHEAD_SECONDS`` CPU
     seconds (rule, figure, files). The wall time is that over the CPU share our processes get,
-    from the cores and the load of other programs at the start (the 1-minute load average, and
-    the share the calibration run got: :func:`figures.runner.other_load`). Worker processes
+    from the cores and the load of other programs at the start: the share of a core the
+    calibration runs got, repeated until they span ``TRUSTED_WALL`` (1 s) of wall time (a few
+    runs at the tiny size, one at the others), which counts competitors by their priority; the
+    1-minute load average only where that share was measured over less
+    (:func:`figures.runner.other_load`). Worker processes
     (``workers`` > 1) each start as this process did: its CPU seconds so far (imports) and the
     data the first run made.
 
@@ -301,11 +304,14 @@ def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
     started = time.process_time()                   # this process's start: imports
     execute(calibration, size)                      # the first run also makes the data
     first = time.process_time() - started
-    wall, cpu = time.perf_counter(), time.process_time()
-    execute(calibration, size)
+    wall, cpu, runs = time.perf_counter(), time.process_time(), 0
+    while not runs or time.perf_counter() - wall < TRUSTED_WALL:   # a share to trust
+        execute(calibration, size)
+        runs += 1
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     cores = os.cpu_count() or 1
     others = other_load(cpu, wall, cores)
+    cpu /= runs
     share, share1 = parallel_share(workers, cores, others), parallel_share(1, cores, others)
     timed = {n: time_full_batch(size, n)
              for n in sorted(full_batch_samples({n: modules[n] for n in names}, size))}

@@ -43,20 +43,37 @@ def parallel_share(workers: int, cores: int, others: float) -> float:
     return workers * min(1.0, cores / max(others + workers, 1e-9))
 
 
+TRUSTED_WALL = 1.0   # seconds of calibration after which its measured CPU share is trusted
+
+
 def other_load(cpu: float, wall: float, cores: int | None = None,
-               average: float | None = None) -> float:
+               average: float | None = None, trusted: float = TRUSTED_WALL) -> float:
     """The runnable processes of other programs, from one of ours measured alone.
 
     A process that got ``cpu / wall`` of a core shares the cores with about
-    ``cores * wall / cpu - 1`` others; the 1-minute load average (less ourselves) is used too,
-    whichever is larger.
+    ``cores * wall / cpu - 1`` others (0 when it got 90 % of a core or more). That share is
+    what the scheduler actually gave us, priorities included: processes at a lower priority
+    (``nice``) take little from ours, though the load average counts each of them as a whole
+    competitor (4 ``nice -n 19`` burners on 2 cores: load average 5, and the calibration got its
+    whole core). So a measurement at least ``trusted`` wall seconds long is used alone; a
+    shorter one is a few time slices of the scheduler (its period is 6 ms x (1 + log2 cores)
+    at most, or 0.75 ms x (1 + log2 cores) per runnable process beyond 8; at a load of 20 on 2
+    cores about 15 ms), which a single wake-up of another process can halve, and then the
+    1-minute load average (less ourselves) is used too, whichever is larger. At 1 s the
+    measurement spans 40 or more such periods (a share off by a few percent).
+
+    One process's share cannot see competitors that leave it a core of its own: the others
+    then read 0, and ``workers`` processes on all the cores (:func:`parallel_share`) may get
+    less than that predicts, by at most ``(cores + workers - 1) / cores`` when the others are
+    at our priority (1.5x for 2 workers on 2 cores).
 
     Args:
         cpu: CPU seconds of our process over the measurement.
         wall: Wall seconds of the measurement.
         cores: The cores (default: ``os.cpu_count()``).
         average: The 1-minute load average (default: ``os.getloadavg()``; 0 where there is
-            none).
+            none; not read when the measurement is trusted).
+        trusted: Wall seconds from which the measurement is used alone.
 
     Returns:
         The load of other programs (>= 0).
@@ -64,6 +81,8 @@ def other_load(cpu: float, wall: float, cores: int | None = None,
     cores = cores or os.cpu_count() or 1
     share = cpu / wall if wall > 0 else 1.0
     measured = cores / share - 1 if share < 0.9 else 0.0
+    if wall >= trusted:
+        return max(0.0, measured)
     if average is None:
         try:
             average = os.getloadavg()[0]

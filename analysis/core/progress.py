@@ -32,6 +32,20 @@ r"""Progress bars that count what bounds the work, so their ETA means something.
   :attr:`ConvergenceBar.eta` holds it. ``benchmarks/eta.py`` measures the ETA against the
   time actually left on the documentation's examples and replays recorded runs under other
   rules offline.
+* :class:`CountBar`: a bar over a number of products known in advance (the trace and SLQ
+  bars). Its ETA is the products left at the **current** seconds per product, not the mean
+  since the start (tqdm's with ``smoothing=0``, which lags when the machine's load changes
+  during the bar): the seconds over the products, both decayed by half every
+  ``_HALF_LIFE`` (8) products, $s = \sum_k 2^{-(n - n_k)/h}\, \Delta t_k /
+  \sum_k 2^{-(n - n_k)/h}\, \Delta n_k$. Over the first few products this is the mean (the
+  decay has not yet acted: no rate from a single noisy product); once the rate changes for
+  good, the part of the old rate left in $s$ halves every 8 products (a slow-down by 2x is
+  followed to within 1.25x after 11 products, one by 4x to within 2x after 5, a speed-up by
+  2x to within 1.25x after 16; the mean rate is 1.5-1.8x off for the rest of a bar of 100
+  products changing midway). Why 8: under load a product's time varies by 30-40 % (the
+  scheduler's time slices), and the decayed sums average about $2h / \ln 2 \approx 23$
+  products, so $s$ varies by about 7 %; replayed on the recorded loaded runs, half-lives of
+  2-4 products were worse than the mean (they follow that noise), 8-16 alike.
 """
 from __future__ import annotations
 
@@ -50,6 +64,7 @@ _WINDOW = 4   # iterations in the slope of the log residual gap
 _AGREE = 2.0   # the two extrapolations agree within this factor (trusted)
 _HORIZON = 3.0  # and reach at most this many times the products they are fitted on
 _SEARCH_COST = 0.7  # seconds per product of two-vector passes over one-vector ones, a guess
+_HALF_LIFE = 8.0  # products over which a CountBar's seconds per product lose half their weight
 
 
 @contextlib.contextmanager
@@ -81,6 +96,12 @@ def batch_done(fraction: float) -> None:
     hook = _HOOK.get()
     if hook is not None:
         hook(fraction)
+
+
+def _bar_format(eta: float, rate: str = "{rate_fmt}") -> str:
+    """A tqdm format showing ``eta`` seconds left (and ``rate``) instead of tqdm's own."""
+    return ("{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<" + std.tqdm.format_interval(eta)
+            + ", " + rate + "{postfix}]")
 
 
 def gap(residuals, bounds) -> float:
@@ -224,9 +245,7 @@ class ConvergenceBar:
     def _show(self, n: float) -> None:
         """Put the ETA (:meth:`seconds_left`) into the bar's format, None: tqdm's own."""
         self.eta = self.seconds_left(n, self.clock())
-        self.bar.bar_format = None if self.eta is None else (
-            "{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<" + std.tqdm.format_interval(self.eta)
-            + ", {rate_fmt}{postfix}]")
+        self.bar.bar_format = None if self.eta is None else _bar_format(self.eta)
 
     def update(self, products: int, gap: float, **postfix) -> None:
         r"""Record the solver's state after an iteration and redraw.
@@ -263,4 +282,84 @@ class ConvergenceBar:
         self.bar.close()
 
 
-__all__ = ["batch_progress", "batch_done", "ConvergenceBar", "gap"]
+class CountBar:
+    r"""A bar over a known number of products, its ETA at the current rate (module doc).
+
+    A context manager with tqdm's ``n``, ``total``, ``update`` and ``close``; the ETA, the
+    products left at $s$ seconds each (the seconds and products decayed by half every
+    ``half_life`` products, module doc), is written into the bar's format.
+
+    Args:
+        total: The products the work takes.
+        desc: The bar's label.
+        disable: No bar at all.
+        unit: The unit shown with the rate.
+        bar: A tqdm-like bar to drive instead of a new one (tests).
+        clock: Seconds, for the ETA (tests and replays pass their own).
+        half_life: Products after which a product's time weighs half in $s$ (> 0).
+
+    Attributes:
+        eta: The seconds left shown at the last update (None: before the first product).
+
+    Raises:
+        ValueError: ``half_life`` is not positive.
+    """
+
+    def __init__(self, total: float, desc: str, disable: bool = False, unit: str = "hvp",
+                 bar=None, clock: Callable[[], float] = time.perf_counter,
+                 half_life: float = _HALF_LIFE):
+        if not half_life > 0:
+            raise ValueError(f"half_life must be > 0, got {half_life}")
+        self.total, self.unit, self.clock, self.half_life = total, unit, clock, half_life
+        self.disable = disable
+        self.bar = bar if bar is not None else tqdm(total=total, desc=desc, disable=disable,
+                                                    leave=False, unit=unit, smoothing=0)
+        self.n = 0.0
+        self.eta: float | None = None
+        self._last = clock()
+        self._seconds = self._products = 0.0   # decayed sums (module doc)
+
+    def seconds_per_product(self) -> float | None:
+        """The decayed seconds over the decayed products (None before the first product)."""
+        return self._seconds / self._products if self._products > 0 else None
+
+    def seconds_left(self) -> float | None:
+        """The products left at :meth:`seconds_per_product` (None before the first product)."""
+        per = self.seconds_per_product()
+        return None if per is None else max(self.total - self.n, 0.0) * per
+
+    def update(self, k: float = 1) -> None:
+        """Count ``k`` more products (a fraction within a pass) and redraw.
+
+        Args:
+            k: Products done since the last update (>= 0; 0 only redraws).
+        """
+        now = self.clock()
+        if k > 0:
+            decay = 2.0 ** (-k / self.half_life)
+            self._seconds = self._seconds * decay + (now - self._last)
+            self._products = self._products * decay + k
+            self._last = now
+        self.n += k
+        self.eta = self.seconds_left()
+        if self.eta is not None and not self.disable:
+            per = self.seconds_per_product()
+            rate = (f"{per:.2f}s/{self.unit}" if per >= 1 or per == 0
+                    else f"{1 / per:.2f}{self.unit}/s")
+            self.bar.bar_format = _bar_format(self.eta, rate)
+        self.bar.update(k)
+
+    def close(self) -> None:
+        """Close the bar."""
+        self.bar.close()
+
+    def __enter__(self) -> "CountBar":
+        """Enter: the bar itself."""
+        return self
+
+    def __exit__(self, *exc) -> None:
+        """Exit: close the bar."""
+        self.close()
+
+
+__all__ = ["batch_progress", "batch_done", "ConvergenceBar", "CountBar", "gap"]

@@ -9,7 +9,8 @@ from torch import nn
 import analysis
 import analysis.core.progress as progress
 from analysis import supervised
-from analysis.core.progress import ConvergenceBar, batch_done, batch_progress, gap
+from analysis.core.progress import (ConvergenceBar, CountBar, batch_done, batch_progress,
+                                     gap)
 from tests.oracles import classification_data, mlp, uneven_batches
 
 CE = supervised(nn.CrossEntropyLoss())
@@ -48,8 +49,6 @@ class Recorder:
 def recorded(monkeypatch):
     Recorder.made = []
     monkeypatch.setattr(progress, "tqdm", Recorder)
-    monkeypatch.setattr(analysis.trace, "tqdm", Recorder)
-    monkeypatch.setattr(analysis.density, "tqdm", Recorder)
     return Recorder.made
 
 
@@ -179,6 +178,67 @@ def test_slq_bar_counts_products_and_moves_during_a_pass(recorded):
     (bar,) = [b for b in recorded if b.desc == "SLQ"]
     assert bar.total == 10 == result.n_hvp and bar.n == pytest.approx(10)
     assert [n for n, _ in bar.log][:4] == pytest.approx([0.25, 0.5, 0.75, 1.0])
+
+
+def run_count_bar(seconds: list[float], at: int, half_life: float = 8.0) -> list[float]:
+    """ETA over the time actually left after each product of ``seconds`` (one update per
+    product), from product ``at`` on."""
+    now = [0.0]
+    bar = CountBar(len(seconds), "test", bar=Recorder(), clock=lambda: now[0],
+                   half_life=half_life)
+    ratios = []
+    for done, cost in enumerate(seconds, 1):
+        now[0] += cost
+        bar.update()
+        if at <= done < len(seconds):
+            ratios.append(bar.eta / sum(seconds[done:]))
+    return ratios
+
+
+def mean_rate(seconds: list[float], at: int) -> list[float]:
+    """The same ratios for the rule before: the products left at the mean rate so far."""
+    return [(len(seconds) - done) * sum(seconds[:done]) / done / sum(seconds[done:])
+            for done in range(at, len(seconds))]
+
+
+def test_count_bar_eta_follows_the_current_rate():
+    """The load doubles midway (1 s per product, then 2 s): 11 products later (1.4 half-lives)
+    the ETA is within 1.25x of the time left and stays so; the mean rate is still 1.7x short
+    then, and 1.3x short at the end. At 4x (a load of 1, then 4 on the core) the ETA is
+    within 2x 5 products after the change; the mean rate is 3x short then. When the rate
+    doubles instead, the old rate's excess halves every 8 products: within 1.25x after 16
+    (the mean rate: 1.5-1.8x long to the end)."""
+    doubled = [1.0] * 50 + [2.0] * 50
+    assert all(0.8 <= r <= 1.25 for r in run_count_bar(doubled, 61))
+    assert min(mean_rate(doubled, 61)) < 0.8 and mean_rate(doubled, 61)[0] < 0.6
+    quadrupled = [1.0] * 50 + [4.0] * 50
+    assert all(0.5 <= r <= 2 for r in run_count_bar(quadrupled, 55))
+    assert mean_rate(quadrupled, 55)[0] < 0.5
+    halved = [2.0] * 50 + [1.0] * 50               # the load falls: 16 products (2 half-lives)
+    assert all(0.8 <= r <= 1.25 for r in run_count_bar(halved, 66))
+    assert min(mean_rate(halved, 66)) > 1.5
+
+
+def test_count_bar_eta_is_the_mean_rate_early_and_exact_at_a_steady_rate():
+    """A slow first product (warm-up) does not make the ETA follow one product alone: early
+    on the decayed rate is nearly the mean; at a steady rate the ETA is exact."""
+    ratios = run_count_bar([5.0] + [1.0] * 59, 1)
+    means = mean_rate([5.0] + [1.0] * 59, 1)
+    assert all(abs(r / m - 1) < 0.2 for r, m in zip(ratios[:3], means[:3]))
+    assert run_count_bar([0.5] * 20, 1) == pytest.approx([1.0] * 19)
+
+
+def test_count_bar_counts_fractions_of_a_pass_and_checks_its_half_life():
+    now = [0.0]
+    bar = CountBar(4, "test", bar=Recorder(), clock=lambda: now[0])
+    assert bar.eta is None and bar.seconds_left() is None
+    for _ in range(4):
+        now[0] += 0.25
+        bar.update(0.25)                            # a batch: a quarter of a product
+    assert bar.n == pytest.approx(1) and bar.eta == pytest.approx(3.0)
+    assert bar.bar.n == pytest.approx(1) and "00:03" in bar.bar.bar_format
+    with pytest.raises(ValueError, match="half_life"):
+        CountBar(4, "test", bar=Recorder(), half_life=0)
 
 
 def test_batch_progress_reaches_the_innermost_block():

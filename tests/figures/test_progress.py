@@ -92,9 +92,10 @@ def test_runs_are_weighed_by_their_own_cost():
     assert max(unweighed) > 2
 
 
-def test_the_initial_estimate_follows_the_load_average_and_cores():
-    # the calibration run got its whole core; the load average says 7 others on 2 cores
-    others = other_load(1.0, 1.0, cores=2, average=8.0)
+def test_a_short_calibration_falls_back_to_the_load_average_and_cores():
+    # the calibration got its whole core over 0.5 s (a few time slices, not trusted); the
+    # load average says 7 others on 2 cores
+    others = other_load(0.5, 0.5, cores=2, average=8.0)
     share = parallel_share(2, 2, others)
     progress = Progress([Plan("a", 10, 100.0)], share, clock=Clock())
     assert progress.seconds_left() == pytest.approx(100.0 / (2 * 2 / 9))
@@ -102,11 +103,25 @@ def test_the_initial_estimate_follows_the_load_average_and_cores():
     assert idle.seconds_left() == pytest.approx(50.0)
 
 
+def test_low_priority_jobs_do_not_inflate_a_trusted_calibration():
+    """Four ``nice -n 19`` burners on 2 cores: load average 5, yet the calibration got its
+    whole core for 2 s. The rule before took the load average (4 others: 3x the time, 150 s
+    instead of 50 s); the measured share is trusted and the estimate is the idle one."""
+    others = other_load(2.0, 2.0, cores=2, average=5.0)
+    assert others == 0.0
+    progress = Progress([Plan("a", 10, 100.0)], parallel_share(2, 2, others), clock=Clock())
+    assert progress.seconds_left() == pytest.approx(50.0)
+    # a calibration that got half a core over 2 s reads 3 others, whatever the average says
+    assert other_load(1.0, 2.0, cores=2, average=0.0) == pytest.approx(3.0)
+    assert other_load(1.0, 2.0, cores=2, average=9.0) == pytest.approx(3.0)
+    assert other_load(1.0, 2.0, cores=2, average=9.0, trusted=3.0) == pytest.approx(8.0)
+
+
 def test_the_load_is_read_from_cpu_over_wall_time():
     # a process that got a quarter of a core on 2 cores shares them with 7 others
     assert other_load(1.0, 4.0, cores=2, average=0.0) == pytest.approx(7.0)
-    assert other_load(1.0, 1.0, cores=2, average=0.5) == 0.0          # idle
-    assert other_load(1.0, 1.0, cores=2, average=5.0) == pytest.approx(4.0)
+    assert other_load(0.5, 0.5, cores=2, average=0.5) == 0.0          # idle
+    assert other_load(0.5, 0.5, cores=2, average=5.0) == pytest.approx(4.0)   # short: average
     assert parallel_share(2, 2, 0.0) == 2.0 and parallel_share(2, 2, 7.0) == pytest.approx(4 / 9)
 
 
