@@ -31,8 +31,8 @@ from analysis.core import file_sha256, remove_temporaries
 from .harness import SIZES, environment, execute, job
 from .report import (SUMMARY, Damaged, check_entry, config_key, files_of, read_saved,
                      read_summary, save, table, write_summary)
-from .runner import (TRUSTED_WALL, Progress, Runner, Units, full_batch_samples, other_load,
-                     parallel_share, plan, time_full_batch)
+from .runner import (TRUSTED_WALL, Progress, Runner, Units, autogrouped, full_batch_samples,
+                     other_load, parallel_share, plan, session_share, time_full_batch)
 from .verdict import entry
 
 OVERHEAD_RUNS, OVERHEAD_SECONDS = 1.0, 2.0   # a reproduction's work besides its runs (estimate)
@@ -287,7 +287,9 @@ def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
     calibration runs got, repeated until they span ``TRUSTED_WALL`` (1 s) of wall time (a few
     runs at the tiny size, one at the others), which counts competitors by their priority; the
     1-minute load average only where that share was measured over less
-    (:func:`figures.runner.other_load`). Worker processes
+    (:func:`figures.runner.other_load`); several workers of a session the scheduler groups
+    (``sched_autogroup``) get no more than that share when it is below a core
+    (:func:`figures.runner.session_share`). Worker processes
     (``workers`` > 1) each start as this process did: its CPU seconds so far (imports) and the
     data the first run made.
 
@@ -311,8 +313,9 @@ def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     cores = os.cpu_count() or 1
     others = other_load(cpu, wall, cores)
+    share = session_share(workers, cores, others, cpu / wall, autogrouped())
+    share1 = parallel_share(1, cores, others)
     cpu /= runs
-    share, share1 = parallel_share(workers, cores, others), parallel_share(1, cores, others)
     timed = {n: time_full_batch(size, n)
              for n in sorted(full_batch_samples({n: modules[n] for n in names}, size))}
     units = Units(cpu, {n: t[0] for n, t in timed.items()}, {n: t[1] for n, t in timed.items()},

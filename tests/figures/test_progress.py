@@ -12,7 +12,8 @@ from figures import adaptive_eos, plotting, sala_overhead
 from figures.__main__ import main
 from figures.harness import SIZES, job
 from figures.runner import (Plan, Progress, Units, adaptive_eos_work, full_batch, job_cpu,
-                            job_runs, other_load, parallel_share, plan, stop_steps)
+                            autogrouped, job_runs, other_load, parallel_share, plan,
+                            session_share, stop_steps)
 
 
 class Clock:
@@ -115,6 +116,23 @@ def test_low_priority_jobs_do_not_inflate_a_trusted_calibration():
     assert other_load(1.0, 2.0, cores=2, average=0.0) == pytest.approx(3.0)
     assert other_load(1.0, 2.0, cores=2, average=9.0) == pytest.approx(3.0)
     assert other_load(1.0, 2.0, cores=2, average=9.0, trusted=3.0) == pytest.approx(8.0)
+
+
+def test_a_grouped_session_gets_no_more_than_one_process_got(tmp_path):
+    """Under sched_autogroup the workers of a session split the share one process got when it
+    was below a core (0.42: two workers 0.41-0.48 measured; parallel_share said 0.69); with a
+    core to itself, or without groups, each worker counts."""
+    others = other_load(0.84, 2.0, cores=2, average=0.0)          # 0.42 of a core
+    assert session_share(2, 2, others, 0.42, grouped=True) == pytest.approx(0.42)
+    assert session_share(2, 2, others, 0.42, grouped=False) == pytest.approx(
+        parallel_share(2, 2, others)) == pytest.approx(2 * 2 / (others + 2))
+    assert session_share(2, 2, 0.0, 1.0, grouped=True) == 2.0
+    flag = tmp_path / "sched_autogroup_enabled"
+    assert not autogrouped(flag)
+    flag.write_text("1\n")
+    assert autogrouped(flag)
+    flag.write_text("0\n")
+    assert not autogrouped(flag)
 
 
 def test_the_load_is_read_from_cpu_over_wall_time():
