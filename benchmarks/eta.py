@@ -150,6 +150,9 @@ class TracedCount(getattr(analysis.core.progress, "CountBar", object)):
         self.bar.driver = self
 
 
+DISPLAY = 1.0  # seconds: tqdm shows an ETA in whole seconds
+
+
 def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
     """The worst ``max(shown / left, left / shown)`` of ``log`` (``(t, n, total, eta, left)``,
     seconds from the bar's start) after ``skip`` of the bar's time and before ``final`` products
@@ -157,6 +160,7 @@ def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
     more than 2x, the redraws counted there, those without an ETA, and the share of the bar's
     time without."""
     worst, silent, seen, at, early, off, counted = 1.0, 0, 0, None, 1.0, 0.0, 0.0
+    displayed = 1.0
     for k, (t, n, total, eta, left) in enumerate(log):
         if t < skip * span or n >= final:  # the work is done at the final n
             continue
@@ -165,6 +169,8 @@ def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
             silent += 1
             continue
         ratio = math.inf if eta <= 0 else max(eta / left, left / eta)
+        low, high = sorted((max(eta, DISPLAY), max(left, DISPLAY)))
+        displayed = max(displayed, high / low)
         shown = (log[k + 1][0] if k + 1 < len(log) else span) - t   # until the next redraw
         counted += shown
         off += shown if ratio > 2 else 0.0
@@ -173,6 +179,7 @@ def score(log: list, span: float, final: float, skip: float = 0.1) -> dict:
         if n < final - 1:
             early = max(early, ratio)
     return {"worst_ratio": worst, "worst_at": at, "before_last_product": early,
+            "worst_displayed": displayed,
             "over_2x_fraction": off / counted if counted else 0.0, "redraws": seen,
             "without_eta": silent, "no_eta_fraction": no_eta_fraction(log, span)}
 
