@@ -163,7 +163,7 @@ def test_a_norm_without_the_all_reduce_is_caught(two_ranks, one_process):
 
 
 def test_four_ranks(tmp_path):
-    names = ["worst_l2", "worst_linf_elementwise"]
+    names = ["worst_l2", "worst_linf_elementwise", "worst_filter_start"]
     ranks = run_ranks(tmp_path, _on_ranks, names, 4, False, world=4)
     want = single(names)
     for rank, got in enumerate(ranks):
