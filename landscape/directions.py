@@ -17,7 +17,6 @@ from analysis.core import all_reduce_max_, as_sharded, is_dtensor, local_like
 from analysis.core import (all_finite, BatchSizeFn, check_bool, check_choice, guarded, LossFn,
                            make_generator, ParamSelection, randn, register_result, select_params,
                            unflatten)
-from analysis.core.space import Space
 from analysis.sharded import sharded_space
 
 NORMALIZATIONS = ("filter", "layer", "none")
@@ -123,7 +122,7 @@ def _finite(t: Tensor) -> bool:
 
 
 def normalize_(direction: Tensor, weight: Tensor, normalization: str,
-               space: Space | None = None) -> Tensor:
+               space: Any = None) -> Tensor:
     r"""Rescale ``direction`` in place to the scale of ``weight`` (Li et al. 2018, Sec. 4).
 
     "filter": each slice along dim 0 (a conv filter, a Linear row) gets the norm of the matching
@@ -144,7 +143,8 @@ def normalize_(direction: Tensor, weight: Tensor, normalization: str,
         direction: the direction's tensor, rescaled in place.
         weight: the model's tensor of the same shape.
         normalization: "filter", "layer" or "none".
-        space: None (whole tensors), or the space of the local shards given.
+        space: None (whole tensors), or the ``analysis.core.space.ShardedSpace`` of the local
+            shards given.
 
     Returns:
         ``direction``.

@@ -40,6 +40,9 @@ CALLS = {
         m, f, d, 0.05, "linf", True, 3, seed=1, restarts=2, **Q),
     "worst_filter_start": lambda m, f, d: analysis.worst_case_sharpness(
         m, f, d, 0.1, "l2", "filter", 2, start=_start(m), **Q),
+    "worst_selection": lambda m, f, d: analysis.worst_case_sharpness(
+        m, f, d, 0.05, "linf", "filter", 2, seed=2, restarts=2, params=["2.weight", "4.bias"],
+        **Q),
     "average_l2_elementwise": lambda m, f, d: analysis.average_sharpness(
         m, f, d, 0.05, True, 4, seed=2, **Q),
     "average_linf_antithetic": lambda m, f, d: analysis.average_sharpness(
@@ -152,6 +155,7 @@ def test_the_perturbation_covers_every_parameter_and_raises_the_loss(two_ranks):
     for got in two_ranks:  # (placed like the parameters: checked by summary on the ranks)
         assert got["worst_l2"]["value"] > 0 and 0 < got["worst_l2"]["delta_norm"] <= 0.05
         assert set(got["worst_l2"]["delta"]) == {n for n, _ in case("mlp")[0]().named_parameters()}
+        assert set(got["worst_selection"]["delta"]) == {"2.weight", "4.bias"}
 
 
 def test_a_norm_without_the_all_reduce_is_caught(two_ranks, one_process):
