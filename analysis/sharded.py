@@ -62,8 +62,8 @@ from .core import (all_finite, all_reduce_max_, all_reduce_sum_, BatchSizeFn, ch
                    check_data, check_loss, check_model_mode, default_batch_size, flatten,
                    loss_reduction, LossFn, own_call, ParamSelection, preserved, select_params,
                    unflatten, working_dtype)
-from .core.sharding import (full_values, is_dtensor, is_sharded, refuse_sharded, REFUSAL,
-                            sample_counts, shard_like)
+from .core.sharding import (as_sharded, full_values, is_dtensor, is_sharded, local_values,
+                            pieces_like, refuse_sharded, REFUSAL, sample_counts, shard_like)
 from .core.sharding import register_forward_copy
 from .core.space import ShardedSpace
 from .derivatives import curvature_ops
@@ -524,12 +524,15 @@ class ShardedLoss:
 
 
 class ShardedPerturbedLoss:
-    r"""$\delta \mapsto L(w + \delta)$ of a ``fully_shard`` model on full flat vectors.
+    r"""$\delta \mapsto L(w + \delta)$ of a ``fully_shard`` model on this rank's shards.
 
-    The interface of :class:`analysis.sharpness.perturbation.PerturbedLoss` (full flat
-    perturbations and gradients, the same on every rank, so the sharpness measures run
-    unchanged and return the one-process answer), evaluated by :class:`ShardedLoss` without
-    writing to the model.
+    The interface of :class:`analysis.sharpness.perturbation.PerturbedLoss` (``base``,
+    ``space``, ``__call__``) on local rows: a perturbation, the base point $w$ and the gradient
+    are the concatenation, in ``params`` order, of this rank's local shards (the rows of
+    :func:`sharded_space`, which :attr:`space` is), so the sharpness measures do all their
+    vector algebra on shards (inner products and maxima all-reduced by the space, random draws
+    sliced from the one-process stream) and return the one-process answer. Evaluated by
+    :class:`ShardedLoss` on :func:`functional_copy`, without writing to the model.
 
     Args:
         model: A ``fully_shard`` model.
@@ -538,10 +541,11 @@ class ShardedPerturbedLoss:
         params: The selected parameters (DTensors).
         batch_size_fn: Sample count of a batch.
         batch: Must be None (m-sharpness evaluates one rank's batch alone).
-        base: $w$ flattened (default: the full values of ``params``).
+        base: $w$ as a local row (default: the local shards of ``params`` now).
 
     Attributes:
-        base: $w$, full and flat.
+        base: $w$, this rank's local row.
+        space: The vector space of the rows (:func:`sharded_space` of ``params``).
         n_forward: Per-batch forward passes so far.
         n_backward: Per-batch backward passes so far.
 
@@ -557,7 +561,8 @@ class ShardedPerturbedLoss:
         self.params = list(params)
         self.objective = ShardedLoss(model, loss_fn, data, self.params,
                                      batch_size_fn=batch_size_fn)
-        self.base = flatten(full_values(self.params)) if base is None else base
+        self.space = sharded_space(self.params)
+        self.base = flatten(local_values(self.params)) if base is None else base
 
     @property
     def n_forward(self) -> int:
@@ -570,20 +575,23 @@ class ShardedPerturbedLoss:
         return self.objective.n_backward
 
     def __call__(self, delta: Tensor | None, grad: bool = False) -> tuple[float, Tensor | None]:
-        r"""Evaluate $L(w + \delta)$.
+        r"""Evaluate $L(w + \delta)$ (every rank with its local row of the same $\delta$).
 
         Args:
-            delta: The flat full perturbation (None: $\delta = 0$).
+            delta: This rank's local row of the perturbation (None: $\delta = 0$).
             grad: Also compute the gradient with respect to $\delta$.
 
         Returns:
-            The loss and the flat full gradient (None unless ``grad``).
+            The loss (the same on every rank) and this rank's local row of the gradient
+            (None unless ``grad``).
         """
         point = self.base if delta is None else self.base + delta
-        moved = {n: shard_like(v, p) for n, v, p in
-                 zip(self.objective.names, unflatten(point, self.params), self.params)}
+        moved = dict(zip(self.objective.names, pieces_like(point, self.params)))
         value, grads = self.objective(moved, grad)
-        flat = flatten(full_values(grads)).to(self.base) if grad else None
+        flat = None
+        if grad:
+            flat = flatten([as_sharded(g, p).to_local()
+                            for g, p in zip(grads, self.params)]).to(self.base)
         return float(value), flat
 
 

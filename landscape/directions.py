@@ -13,10 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from analysis import top_eigenvalues
-from analysis.core import as_sharded, full_values, is_dtensor, shard_like
+from analysis.core import all_reduce_max_, as_sharded, is_dtensor, local_like
 from analysis.core import (all_finite, BatchSizeFn, check_bool, check_choice, guarded, LossFn,
                            make_generator, ParamSelection, randn, register_result, select_params,
                            unflatten)
+from analysis.sharded import sharded_space
 
 NORMALIZATIONS = ("filter", "layer", "none")
 
@@ -103,7 +104,7 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
         if t.shape != targets[name].shape:
             raise ValueError(f"{argname}[{name!r}] has shape {tuple(t.shape)}, but the model's "
                              f"tensor has shape {tuple(targets[name].shape)}")
-        if not all_finite(full_values([t])[0]):  # the same verdict on every rank
+        if not _finite(t):  # the same verdict on every rank
             raise ValueError(f"{argname}[{name!r}] must be finite (it holds NaN or inf)")
         # on a fully_shard model: a DTensor placed like the parameter (a full tensor is sharded)
         out[name] = as_sharded(t, targets[name]) if is_dtensor(targets[name]) else \
@@ -111,7 +112,17 @@ def check_direction(model: nn.Module, direction: Mapping[str, Tensor], argname: 
     return out
 
 
-def normalize_(direction: Tensor, weight: Tensor, normalization: str) -> Tensor:
+def _finite(t: Tensor) -> bool:
+    """:func:`all_finite` of a tensor, or of a DTensor's shards on all ranks (one all-reduce)."""
+    if not is_dtensor(t):
+        return all_finite(t)
+    bad = torch.tensor([0.0 if all_finite(t.detach().to_local()) else 1.0])
+    all_reduce_max_([bad])
+    return not bad.item()
+
+
+def normalize_(direction: Tensor, weight: Tensor, normalization: str,
+               space: Any = None) -> Tensor:
     r"""Rescale ``direction`` in place to the scale of ``weight`` (Li et al. 2018, Sec. 4).
 
     "filter": each slice along dim 0 (a conv filter, a Linear row) gets the norm of the matching
@@ -124,10 +135,16 @@ def normalize_(direction: Tensor, weight: Tensor, normalization: str) -> Tensor:
     $d_i \leftarrow d_i \|w_i\| / \|d_i\|$. "none": unchanged. A zero slice of ``direction``
     stays zero.
 
+    On a model sharded with ``fully_shard``, ``direction`` and ``weight`` may be a rank's local
+    shards (``Shard(0)``: whole filters) with ``space`` the tensor's
+    :func:`analysis.sharded.sharded_space`, which all-reduces the whole-tensor norms.
+
     Args:
         direction: the direction's tensor, rescaled in place.
         weight: the model's tensor of the same shape.
         normalization: "filter", "layer" or "none".
+        space: None (whole tensors), or the ``analysis.core.space.ShardedSpace`` of the local
+            shards given.
 
     Returns:
         ``direction``.
@@ -135,12 +152,16 @@ def normalize_(direction: Tensor, weight: Tensor, normalization: str) -> Tensor:
     if normalization == "none":
         return direction
     if normalization == "filter" and direction.dim() > 1:
-        d, w = direction.view(len(direction), -1), weight.reshape(len(weight), -1)
-        dn, wn = d.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
-        d.mul_(torch.where(dn > 0, wn / dn.clamp_min(torch.finfo(dn.dtype).tiny), 0.0))
+        if direction.numel():  # (an empty shard has no filter)
+            d, w = direction.view(len(direction), -1), weight.reshape(len(weight), -1)
+            dn, wn = d.norm(dim=1, keepdim=True), w.norm(dim=1, keepdim=True)
+            d.mul_(torch.where(dn > 0, wn / dn.clamp_min(torch.finfo(dn.dtype).tiny), 0.0))
         return direction
-    dn = direction.norm()
-    return direction.mul_(weight.norm() / dn if dn > 0 else 0.0)
+    if space is None:
+        dn, wn = direction.norm(), weight.norm()
+    else:
+        dn, wn = space.norm(direction), space.norm(weight)
+    return direction.mul_(wn / dn if dn > 0 else 0.0)
 
 
 def random_direction(model: nn.Module, normalization: str = "filter", ignore_bias_bn: bool = True,
@@ -153,6 +174,11 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     $$d_{i,j} \leftarrow \frac{d_{i,j}}{\|d_{i,j}\|} \, \|w_{i,j}\|,$$
 
     so a plot along $d$ is comparable between models whose weights differ in scale.
+
+    On a model sharded with ``fully_shard`` each rank draws its shard's slice of the
+    one-process draw and normalises it on the shard (filters are never split; a whole-tensor
+    norm is all-reduced): the direction is the one-process direction, as DTensors placed like
+    the parameters, and no rank holds a whole parameter.
 
     Args:
         model: the model (only read).
@@ -178,12 +204,15 @@ def random_direction(model: nn.Module, normalization: str = "filter", ignore_bia
     names, tensors = select_params(model, params)
     out = {}
     for name, p in zip(names, tensors):
-        w = full_values([p])[0]  # a fully_shard model's shard gathered, one tensor at a time
-        d = randn(w.shape, gen, like=w)
-        if ignore_bias_bn and w.dim() <= 1:
+        # a fully_shard model's parameter: its local shard, drawn and normalised on the shard
+        space = sharded_space([p]) if is_dtensor(p) else None
+        w = p.detach().to_local() if space is not None else p.detach()
+        d = randn(w.shape, gen, like=w) if space is None else \
+            space.randn(1, gen, like=w)[0].view(w.shape)
+        if ignore_bias_bn and p.dim() <= 1:
             d.zero_()
-        d = normalize_(d, w, normalization)
-        out[name] = shard_like(d, p) if is_dtensor(p) else d
+        d = normalize_(d, w, normalization, space)
+        out[name] = local_like(d, p) if space is not None else d
     return Direction(out, {"kind": "random", "seed": seed, "normalization": normalization,
                            "ignore_bias_bn": ignore_bias_bn})
 

@@ -13,6 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from .distributed import all_reduce_max_, all_reduce_sum_
+from .flat import unflatten
 from .protocol import BatchSizeFn, check_data, default_batch_size
 
 try:  # DTensor (torch >= 2.4)
@@ -104,7 +105,7 @@ def sample_counts(data: Iterable, batch_size_fn: BatchSizeFn | None) -> tuple[li
 
 __all__ = ["sample_counts", "is_dtensor", "is_sharded", "refuse_sharded", "REFUSAL", "SUPPORTED",
            "shard_like", "as_sharded", "full_values", "local_like", "forward_model",
-           "register_forward_copy"]
+           "register_forward_copy", "local_values", "pieces_like"]
 
 _FORWARD_COPY: list = []  # analysis.sharded.forward_copy, registered when analysis is imported
 
@@ -198,3 +199,41 @@ def local_like(local: Tensor, param: Tensor) -> Tensor:
     """
     return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,
                               shape=param.shape, stride=param.stride())
+
+
+def local_values(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """Detached local values: each DTensor's local shard, the others as they are.
+
+    The counterpart of :func:`full_values` that never communicates: on a ``fully_shard``
+    model, the concatenation of the pieces (``analysis.core.flatten``) is this rank's row of
+    :func:`analysis.sharded.sharded_space`.
+
+    Args:
+        tensors: Tensors, DTensors among them.
+
+    Returns:
+        Plain tensors (views of the shards, no copy).
+    """
+    return [t.detach().to_local() if is_dtensor(t) else t.detach() for t in tensors]
+
+
+def pieces_like(flat: Tensor, params: Sequence[Tensor]) -> list[Tensor]:
+    """A flat row of :func:`local_values` of ``params`` as one tensor per parameter.
+
+    The inverse of ``flatten(local_values(params))``: views of ``flat`` shaped like each
+    parameter's local values (:func:`analysis.core.unflatten`), as a DTensor placed like the
+    parameter (:func:`local_like`) where the parameter is one, plain otherwise. No
+    communication.
+
+    Args:
+        flat: 1-D, as many elements as this rank's local values of ``params``.
+        params: The parameters (DTensors or plain tensors).
+
+    Returns:
+        One tensor per parameter (views of ``flat``).
+
+    Raises:
+        ValueError: ``flat`` is not 1-D, or its length is not this rank's.
+    """
+    pieces = unflatten(flat, local_values(params))
+    return [local_like(v, p) if is_dtensor(p) else v for v, p in zip(pieces, params)]

@@ -7,8 +7,10 @@ of ``analysis.trace``, SLQ in ``analysis.density``) hold their vectors as rows o
 * local row operations (``axpy``, scaling, a basis rotation) need nothing;
 * every inner product, norm or Gram matrix is a local product followed by :meth:`Space.sum`
   (one all-reduce per Gram matrix, not per pair);
-* random start and probe vectors come from :meth:`Space.randn` / :meth:`Space.rademacher`,
-  which return this rank's columns of the rows one process draws from the same generator;
+* every maximum (an L-infinity norm) is a local maximum followed by :meth:`Space.amax`;
+* random start and probe vectors come from :meth:`Space.randn` / :meth:`Space.rademacher` /
+  :meth:`Space.uniform`, which return this rank's columns of the rows one process draws from
+  the same generator;
 * small ``m x m`` problems (Rayleigh-Ritz, the ``R`` of a QR) are solved redundantly on every
   rank, from the same all-reduced numbers.
 
@@ -21,11 +23,12 @@ works on such vectors provides its space as the attribute ``space`` (``getattr(o
 None)``; ``analysis.sharded.ShardedOperator`` does), and its ``matmat`` takes and returns
 ``[b, n_local]`` rows.
 
-Random rows are reproducible across world sizes: ``torch.randn`` / ``torch.randint`` on a CPU
-generator fill a tensor in one sequential stream, and drawing that stream in pieces of a
-multiple of 16 elements (the last piece at least 16) gives the same numbers and leaves the
-generator in the same state (CPU ``normal_`` transforms blocks of 16 uniforms and redraws the
-last 16 of a length that is not a multiple of 16; checked on torch 2.13). So
+Random rows are reproducible across world sizes: ``torch.randn`` / ``torch.randint`` /
+``torch.rand`` on a CPU generator fill a tensor in one sequential stream, and drawing that
+stream in pieces of a multiple of 16 elements (the last piece at least 16) gives the same
+numbers and leaves the generator in the same state (CPU ``normal_`` transforms blocks of 16
+uniforms and redraws the last 16 of a length that is not a multiple of 16; checked on torch
+2.13). So
 :class:`ShardedSpace` draws the rows' stream in pieces of :data:`CHUNK` elements and keeps the
 parts that fall in its ranges: no rank allocates a full-length vector, and every rank's slice
 is the one-process vector's.
@@ -38,8 +41,8 @@ from typing import Sequence
 import torch
 from torch import Tensor
 
-from .distributed import all_reduce_sum_
-from .seeding import rademacher, randn
+from .distributed import all_reduce_max_, all_reduce_sum_
+from .seeding import rademacher, randn, uniform
 
 CHUNK = 2 ** 20  # elements of the random stream drawn at once (a multiple of 16)
 
@@ -133,6 +136,30 @@ class Space:
         """
         return rademacher((rows, self.n), gen, like=like)
 
+    def uniform(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
+        """``rows`` vectors uniform on ``[-1, 1)`` (this rank's columns of ``uniform((rows, n))``).
+
+        Args:
+            rows: Number of vectors.
+            gen: The generator (``analysis.core.uniform``'s stream).
+            like: A tensor of the rows' dtype and device.
+
+        Returns:
+            ``[rows, n_local]``.
+        """
+        return uniform((rows, self.n), gen, like=like)
+
+    def amax(self, t: Tensor) -> Tensor:
+        """Local maxima maximised over the ranks (the identity in one process).
+
+        Args:
+            t: Maxima (any shape) over this rank's columns.
+
+        Returns:
+            ``t``, maximised in place over the ranks.
+        """
+        return t
+
     def local(self, full: Tensor) -> Tensor:
         """This rank's columns of full vectors.
 
@@ -180,6 +207,8 @@ class ShardedSpace(Space):
             in which they are concatenated into a local row (increasing, disjoint).
         reduce: Sums a list of tensors over the ranks, in place, in one collective (default
             :func:`analysis.core.all_reduce_sum_`, over all ranks).
+        reduce_max: Maximises a list of tensors over the same ranks likewise (default
+            :func:`analysis.core.all_reduce_max_`).
         rank: This rank's index in the group (for :meth:`qr`).
         world: The group's size.
 
@@ -194,7 +223,7 @@ class ShardedSpace(Space):
     sharded = True
 
     def __init__(self, n: int, ranges: Sequence[tuple[int, int]], *, rank: int, world: int,
-                 reduce=all_reduce_sum_):
+                 reduce=all_reduce_sum_, reduce_max=all_reduce_max_):
         self.n = n
         self.ranges = [(int(a), int(b)) for a, b in ranges if b > a]
         ends = [x for r in self.ranges for x in r]
@@ -203,6 +232,7 @@ class ShardedSpace(Space):
                              f"{list(ranges)}")
         self.n_local = sum(b - a for a, b in self.ranges)
         self.rank, self.world, self._reduce = rank, world, reduce
+        self._reduce_max = reduce_max
         self._starts = [a for a, _ in self.ranges]
 
     def sum(self, t: Tensor) -> Tensor:
@@ -291,6 +321,32 @@ class ShardedSpace(Space):
         """
         cpu = torch.empty((), dtype=torch.int8)
         return self._draw(rows, lambda c: rademacher((c,), gen, like=cpu), like)
+
+    def uniform(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
+        """This rank's columns of ``analysis.core.uniform((rows, n), gen)``, in pieces.
+
+        Args:
+            rows: Number of vectors.
+            gen: The generator.
+            like: A tensor of the rows' dtype and device.
+
+        Returns:
+            ``[rows, n_local]``.
+        """
+        cpu = torch.empty((), dtype=torch.float64)
+        return self._draw(rows, lambda c: uniform((c,), gen, like=cpu), like)
+
+    def amax(self, t: Tensor) -> Tensor:
+        """Maximise local maxima over the ranks, in place (one all-reduce).
+
+        Args:
+            t: This rank's maxima (an empty shard's: below every value, e.g. 0 for norms).
+
+        Returns:
+            ``t``, now the maxima over all ranks (the same on every rank).
+        """
+        self._reduce_max([t])
+        return t
 
     def local(self, full: Tensor) -> Tensor:
         """This rank's columns of full vectors.

@@ -10,7 +10,7 @@ between sharpness and generalization"), with the scale $c$ of :mod:`.perturbatio
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable
 
 import numpy as np
@@ -59,7 +59,10 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
 
     $\xi$ standard normal (``norm="l2"``) or uniform on $[-1, 1]$ (``norm="linf"``), $c$ as in
     :func:`worst_case_sharpness`. Each draw is evaluated on the full data (all ranks; draws
-    are identical on every rank). The model is left exactly as it was.
+    are identical on every rank). On a model sharded with FSDP2's ``fully_shard`` each rank
+    draws and scales only its local shards of $\delta$ (its slice of the one-process draw:
+    the same ``seed`` gives the same estimate as one process). The model is left exactly as
+    it was.
 
     Args:
         model: The model.
@@ -101,6 +104,7 @@ def average_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, sigma: 
     draws = n_samples // 2 if antithetic else n_samples
     with preserved(model, model_mode, weights=True, trainable=chosen):
         objective = perturbed_loss(model, loss_fn, data, chosen, batch_size_fn)
+        ball = replace(ball, space=objective.space)  # draws: this rank's slice on shards
         scale = weight_scale(chosen, kind)
         loss, _ = objective(None)
         increases = []

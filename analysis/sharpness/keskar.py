@@ -8,6 +8,13 @@ $$\phi_{w}(\epsilon, A) = 100\, \frac{\max_{y \in C_\epsilon} L(w + A y) - L(w)}
 
 with $A = I$ (the full space) or an $n \times p$ matrix with orthonormal columns spanning a
 random subspace ($A^{+} = A^\top$).
+
+On a model sharded with FSDP2's ``fully_shard`` the objective runs on this rank's local shards
+(:mod:`.perturbation`). In a random subspace, $A$ is held as this rank's rows (sliced from the
+one-process draw, orthonormalised by the space's TSQR) and L-BFGS-B works on the $p$
+coordinates $y$, so no rank holds a full parameter-sized vector. In the full space, scipy's
+L-BFGS-B needs the whole vector $y$: each rank holds it (and the gradient, gathered) in the
+solver's coordinates; the loss and its gradient are still computed on shards.
 """
 from __future__ import annotations
 
@@ -21,8 +28,10 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core import (BatchSizeFn, LossFn, ParamSelection, check_data, check_int, check_positive,
-                    guarded, make_generator, preserved, randn, rank, records_metadata,
+                    flatten, guarded, make_generator, preserved, rank, records_metadata,
                     register_result, renamed_keywords, select_params, uniform)
+from ..core.sharding import full_values, pieces_like
+from ..core.space import ShardedSpace, Space
 from .perturbation import perturbed_loss
 
 
@@ -40,7 +49,9 @@ class KeskarSharpness:
         n_forward: Per-batch forward passes.
         n_backward: Per-batch backward passes.
         subspace: The ``[n, p]`` orthonormal basis $A$ of the random subspace, a torch tensor
-            (None: the full space).
+            (None: the full space); for a model sharded with ``fully_shard``, its ``p``
+            columns as sharded vectors (lists of DTensors placed like the selected
+            parameters, as ``top_eigenvalues``' eigenvectors).
         metadata: Seed, configuration and versions.
     """
 
@@ -54,15 +65,44 @@ class KeskarSharpness:
     metadata: dict = field(default_factory=dict)
 
 
-def _subspace(w: Tensor, subspace_dim: int | None, gen: torch.Generator) -> Tensor | None:
-    r"""The orthonormal basis $A$ (QR of a seeded Gaussian $n \times p$ matrix), or None."""
+def _gaussian_rows(space: Space, p: int, gen: torch.Generator, like: Tensor) -> Tensor:
+    r"""This rank's ``[n_local, p]`` rows of the one-process draw ``randn((n, p))``."""
+    wide = Space(space.n * p) if not space.sharded else ShardedSpace(
+        space.n * p, [(a * p, b * p) for a, b in space.ranges], rank=space.rank,
+        world=space.world)
+    return wide.randn(1, gen, like=like)[0].view(space.n_local, p)
+
+
+def _subspace(space: Space, subspace_dim: int | None, gen: torch.Generator, like: Tensor
+              ) -> Tensor | None:
+    r"""The orthonormal basis $A$ as ``[p, n_local]`` rows (QR of a seeded Gaussian), or None.
+
+    The QR's signs are fixed (the diagonal of $R$ non-negative), so one process and the
+    space's TSQR on shards give the same basis.
+    """
     if subspace_dim is None:
         return None
     p = check_int("subspace_dim", subspace_dim, 1)
-    if p > w.numel():
+    if p > space.n:
         raise ValueError(f"subspace_dim must be at most the number of selected "
-                         f"parameter elements ({w.numel()}), got {p}")
-    return torch.linalg.qr(randn((w.numel(), p), gen, like=w)).Q
+                         f"parameter elements ({space.n}), got {p}")
+    Q, R = space.qr(_gaussian_rows(space, p, gen, like).T)
+    signs = torch.where(torch.diagonal(R) < 0, -1.0, 1.0).to(Q)
+    return Q * signs[:, None]
+
+
+def _coordinates(space: Space, basis: Tensor | None, params: list) -> tuple:
+    r"""``(to_solver, from_solver)``: the maps between a row of ``space`` and L-BFGS-B's $y$.
+
+    In a subspace $y \mapsto A y$ (local rows) and $g \mapsto A^\top g$ (one all-reduce);
+    in the full space $y$ is the whole vector: a rank's row is its slice, and a row is
+    gathered into the whole vector (one parameter at a time) on a sharded model.
+    """
+    if basis is not None:
+        return (lambda g: space.sum(basis @ g)), (lambda y: basis.T @ y)
+    if not space.sharded:
+        return (lambda g: g), (lambda y: y)
+    return (lambda g: flatten(full_values(pieces_like(g, params)))), space.local
 
 
 @renamed_keywords(maxiter="max_iter")
@@ -79,11 +119,13 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
 
     maximised with scipy's L-BFGS-B. Full space (``subspace_dim=None``): $A = I$, the box
     $|\delta_i| \le \epsilon (|w_i| + 1)$. Random subspace of dimension $p$: $A$ has
-    orthonormal columns (QR of a seeded Gaussian $n \times p$ matrix, so $A^{+} = A^\top$); it
-    costs $n p$ memory. The ascent starts at a seeded uniform point of the box (at a minimum
-    the gradient at $y = 0$ vanishes), runs at most ``max_iter`` L-BFGS-B iterations (Keskar
-    et al. used 10) on float64 numpy vectors with gradients from autograd, and the best point
-    evaluated is reported ($y = 0$ included). The model is left exactly as it was.
+    orthonormal columns (QR of a seeded Gaussian $n \times p$ matrix, the signs fixed by a
+    non-negative diagonal of $R$, so $A^{+} = A^\top$); it costs $n p$ memory ($n p / W$ per
+    rank on a ``fully_shard`` model over $W$ ranks, module docstring). The ascent starts at a
+    seeded uniform point of the box (at a minimum the gradient at $y = 0$ vanishes), runs at
+    most ``max_iter`` L-BFGS-B iterations (Keskar et al. used 10) on float64 numpy vectors
+    with gradients from autograd, and the best point evaluated is reported ($y = 0$
+    included). The model is left exactly as it was.
 
     Args:
         model: The model.
@@ -115,20 +157,18 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
     _, chosen = select_params(model, params)
     with preserved(model, model_mode, weights=True, trainable=chosen):
         objective = perturbed_loss(model, loss_fn, data, chosen, batch_size_fn)
-        w = objective.base
-        basis = _subspace(w, subspace_dim, gen)
-        center = w if basis is None else basis.T @ w
-        bound = (eps * (center.abs() + 1)).double().cpu().numpy()
+        w, space = objective.base, objective.space
+        basis = _subspace(space, subspace_dim, gen, w)
+        to_solver, from_solver = _coordinates(space, basis, chosen)
+        bound = (eps * (to_solver(w).abs() + 1)).double().cpu().numpy()
         y0 = uniform(bound.shape, gen, like=torch.zeros(1, dtype=torch.float64)).numpy() * bound
         loss, _ = objective(None)
         best = [loss]
 
         def negative(y: np.ndarray) -> tuple[float, np.ndarray]:
-            y_t = torch.from_numpy(y).to(w)
-            value, g = objective(y_t if basis is None else basis @ y_t, grad=True)
+            value, g = objective(from_solver(torch.from_numpy(y).to(w)), grad=True)
             best[0] = max(best[0], value)
-            g = g if basis is None else basis.T @ g
-            return -value, -g.double().cpu().numpy()
+            return -value, -to_solver(g).double().cpu().numpy()
 
         bar = tqdm(total=max_iter, desc="keskar sharpness", leave=False,
                    disable=not progress or rank() != 0)
@@ -137,5 +177,8 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
                           callback=lambda *_: bar.update())
         bar.close()
     increase = best[0] - loss
+    if basis is not None:
+        basis = [pieces_like(a.clone(), chosen) for a in basis] if space.sharded \
+            else basis.T.contiguous()
     return KeskarSharpness(100.0 * increase / (1.0 + loss), increase, loss, int(result.nit),
                            objective.n_forward, objective.n_backward, basis)

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core import (BatchSizeFn, LossFn, ParamSelection, check_bool, check_choice, check_data,
-                    check_int, check_positive, guarded, make_generator, preserved, randn, rank,
+                    check_int, check_positive, guarded, make_generator, preserved, rank,
                     records_metadata, register_result, renamed_keywords, select_params)
 from .perturbation import PerturbedLoss, perturbed_loss
 
@@ -90,7 +90,8 @@ class _NoisyIncrease:
         std = sigma if self.magnitude_eps is None else torch.sqrt(
             sigma ** 2 * w ** 2 + self.magnitude_eps ** 2)
         gen = make_generator(self.seed)
-        up = sum(self.objective(std * randn(w.shape, gen, like=w))[0]
+        space = self.objective.space  # on shards: this rank's slice of the one-process draw
+        up = sum(self.objective(std * space.randn(1, gen, like=w)[0])[0]
                  for _ in range(self.n_samples)) / self.n_samples - self.clean
         self.tried[sigma] = up
         self.bar.update()
@@ -154,7 +155,9 @@ def pac_bayes_sigma(model: nn.Module, loss_fn: LossFn, data: Iterable, target: f
     ``normal(0, sigma**2)``, i.e. uses $\sigma^2$ as the standard deviation, and the variance
     formula as the std in the magnitude-aware case; we do not copy that.) The same
     ``n_samples`` draws of $\xi$ (from ``seed``) are used at every sigma, so the estimated
-    increase is a deterministic function of sigma.
+    increase is a deterministic function of sigma. On a model sharded with FSDP2's
+    ``fully_shard`` the noise is drawn and scaled on this rank's local shards (its slice of
+    the one-process draw), so every rank gets the one-process answer.
 
     The search halves sigma from ``sigma_max`` until the increase falls below
     ``target + tol``, then bisects geometrically for at most ``max_iter`` steps, stopping when

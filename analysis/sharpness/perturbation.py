@@ -7,10 +7,17 @@ $u = \delta / c$, with $c = 1$ (plain), $c = |w|$ (elementwise adaptive, as ASAM
 2021) or $c_i = \|w_f\|_2$ for the filter $f$ (slice along dim 0) that holds element $i$
 (filter-wise). In these coordinates the constraint set is a plain L2 ball or L-infinity box
 $\|u\|_p \le \rho$, so the projection onto the adaptive "ellipsoid" is exact.
+
+The measures hold $u$, $\delta$, $c$, $w$ and the gradients as rows of the objective's
+``space`` (:mod:`analysis.core.space`): in one process the full flat vectors (``Space``); on a
+model sharded with FSDP2's ``fully_shard`` this rank's local shards (``ShardedSpace``), where
+norms and maxima are a local reduction plus one all-reduce, random draws are this rank's slice
+of the one-process stream, and $c$ is computed elementwise on the shards (a filter, a slice
+along dim 0, is never split by ``fully_shard``'s ``Shard(0)``). No rank then holds a full
+parameter-sized vector, and every rank gets the one-process answer.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
@@ -18,10 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from ..core import (ArgumentTypeError, BatchSizeFn, LossFn, check_loss, data_mean, flatten,
-                    loss_reduction, randn, unflatten, uniform)
-from ..core.sharding import is_sharded
+                    loss_reduction, unflatten)
+from ..core.sharding import is_dtensor, is_sharded, local_values
+from ..core.space import Space
 from ..derivatives import explained_errors, gradients
-from ..sharded import full_values, ShardedPerturbedLoss
+from ..sharded import ShardedPerturbedLoss, sharded_space
 
 NORMS = ("l2", "linf")
 ADAPTIVE = ("elementwise", "filter")
@@ -51,25 +59,27 @@ def adaptivity(adaptive: bool | str | None) -> str | None:
 
 
 def weight_scale(params: Sequence[Tensor], kind: str | None) -> Tensor | None:
-    r"""The flat scale $c$ of the adaptive perturbation model.
+    r"""The scale $c$ of the adaptive perturbation model, as a row of the objective's space.
 
     Args:
-        params: The selected parameters (DTensor shards are gathered: the full flat scale).
+        params: The selected parameters (of a ``fully_shard`` model: this rank's local shards
+            are read; each filter, a slice along dim 0, lies whole on one rank).
         kind: None (plain), "elementwise" ($c_i = |w_i|$) or "filter" ($c_i$ the L2 norm of
             the slice along dim 0 holding $w_i$: a row of a Linear weight, an output channel
             of a Conv weight, one entry of a bias).
 
     Returns:
-        The flat scale, or None when plain.
+        The flat scale (this rank's local row for DTensors), or None when plain.
     """
     if kind is None:
         return None
-    params = full_values(params)  # a fully_shard model's shards gathered (full flat vectors)
+    params = local_values(params)
     if kind == "elementwise":
-        return flatten([p.detach().abs() for p in params])
+        return flatten([p.abs() for p in params])
     parts = []
     for p in params:
-        rows = p.detach().reshape(len(p), -1) if p.dim() > 0 else p.detach().reshape(1, 1)
+        rows = p.reshape(1, 1) if p.dim() == 0 else p.reshape(p.shape[0], -1) if p.numel() \
+            else p.reshape(0, 1)
         parts.append(torch.linalg.vector_norm(rows, dim=1, keepdim=True).expand_as(rows))
     return flatten(parts)
 
@@ -93,6 +103,7 @@ class PerturbedLoss:
 
     Attributes:
         base: $w$, flat.
+        space: The vector space of the flat vectors (``Space``: full vectors, one process).
         n_forward: The per-batch forward passes spent.
         n_backward: The per-batch backward passes spent.
     """
@@ -103,6 +114,7 @@ class PerturbedLoss:
         self.model, self.loss_fn, self.data, self.params = model, loss_fn, data, list(params)
         self.batch_size_fn, self.batch = batch_size_fn, batch
         self.base = flatten([p.detach() for p in self.params]) if base is None else base
+        self.space = weight_space(self.params)
         self.reduction = loss_reduction(loss_fn)
         self.n_forward = self.n_backward = 0
 
@@ -149,8 +161,8 @@ def perturbed_loss(model: nn.Module, loss_fn: LossFn, data: Iterable | None,
     r"""The objective $\delta \mapsto L(w + \delta)$ for ``model``.
 
     :class:`PerturbedLoss`, or for a model sharded with FSDP2's ``fully_shard``
-    :class:`analysis.sharded.ShardedPerturbedLoss` (the same interface on full flat vectors,
-    the model never written to).
+    :class:`analysis.sharded.ShardedPerturbedLoss` (the same interface on this rank's local
+    rows, in its ``space``; the model never written to).
 
     Args:
         model: The model.
@@ -159,7 +171,8 @@ def perturbed_loss(model: nn.Module, loss_fn: LossFn, data: Iterable | None,
         params: The selected parameters.
         batch_size_fn: ``batch -> int`` sample count.
         batch: One batch instead of ``data`` (m-sharpness; refused on a sharded model).
-        base: $w$ flattened (default: the parameters' values now).
+        base: $w$ as a row of the objective's space (:func:`flat_weights`; default: the
+            parameters' values now).
 
     Returns:
         The objective.
@@ -168,28 +181,68 @@ def perturbed_loss(model: nn.Module, loss_fn: LossFn, data: Iterable | None,
     return cls(model, loss_fn, data, params, batch_size_fn, batch, base)
 
 
+def weight_space(params: Sequence[Tensor]) -> Space:
+    """The space of the objectives' rows for ``params`` (:mod:`analysis.core.space`).
+
+    Args:
+        params: The selected parameters.
+
+    Returns:
+        ``Space`` over their elements, or for DTensors (``fully_shard``)
+        :func:`analysis.sharded.sharded_space`.
+    """
+    if any(is_dtensor(p) for p in params):
+        return sharded_space(params)
+    return Space(sum(p.numel() for p in params))
+
+
+def flat_weights(params: Sequence[Tensor]) -> Tensor:
+    """The selected weights $w$ as a row of the objectives' space (a copy).
+
+    Args:
+        params: The selected parameters.
+
+    Returns:
+        Their flat values; of DTensors, this rank's local shards concatenated.
+    """
+    return flatten(local_values(params))
+
+
 @dataclass(frozen=True)
 class Ball:
     r"""The L2 ball or L-infinity box $\|u\|_p \le \rho$ (in the scaled coordinates).
 
+    Its points are rows of ``space`` (:mod:`analysis.core.space`): norms and maxima are local
+    reductions completed by the space (one all-reduce on shards), random points are the
+    space's slices of the one-process draws. Every rank calls each method with its row of the
+    same vector, in the same order.
+
     Attributes:
         norm: "l2" or "linf".
         rho: The radius $\rho$.
+        space: The objective's space (None: full vectors in one process, ``Space``).
     """
 
     norm: str
     rho: float
+    space: Space | None = None
+
+    def _space(self, u: Tensor) -> Space:
+        return Space(u.numel()) if self.space is None else self.space
 
     def size(self, u: Tensor) -> float:
-        r"""The norm $\|u\|_p$.
+        r"""The norm $\|u\|_p$ of the whole vector.
 
         Args:
-            u: A point in the scaled coordinates.
+            u: A point in the scaled coordinates (a row of the space).
 
         Returns:
-            The norm as a float.
+            The norm as a float (the same on every rank).
         """
-        return float(torch.linalg.vector_norm(u, ord=2 if self.norm == "l2" else math.inf))
+        space = self._space(u)
+        if self.norm == "l2":
+            return float(space.norm(u))
+        return float(space.amax(u.abs().amax() if u.numel() else u.new_zeros(())))
 
     def project(self, u: Tensor) -> Tensor:
         """The Euclidean projection of ``u`` onto the set.
@@ -216,7 +269,7 @@ class Ball:
         """
         if self.norm == "linf":
             return torch.sign(g)
-        size = float(torch.linalg.vector_norm(g))
+        size = float(self._space(g).norm(g))
         return g / size if size > 0 else torch.zeros_like(g)
 
     def noise(self, gen: torch.Generator, like: Tensor) -> Tensor:
@@ -224,20 +277,21 @@ class Ball:
 
         Args:
             gen: The generator.
-            like: A tensor whose shape, device and dtype the noise takes.
+            like: A row of the space whose device and dtype the noise takes.
 
         Returns:
-            The noise.
+            The noise (this rank's slice of the one-process draw of the whole vector).
         """
-        draw = randn if self.norm == "l2" else uniform
-        return draw(like.shape, gen, like=like)
+        space = self._space(like)
+        draw = space.randn if self.norm == "l2" else space.uniform
+        return draw(1, gen, like=like)[0]
 
     def random_point(self, gen: torch.Generator, like: Tensor) -> Tensor:
         """A random start in the set: on the L2 sphere, or uniform in the box.
 
         Args:
             gen: The generator.
-            like: A tensor whose shape, device and dtype the point takes.
+            like: A row of the space whose device and dtype the point takes.
 
         Returns:
             The point.

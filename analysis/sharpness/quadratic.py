@@ -17,10 +17,9 @@ from typing import Iterable, Sequence
 import numpy as np
 from torch import nn
 
-from ..core import (BatchSizeFn, flatten, LossFn, ParamSelection, check_positive, guarded,
+from ..core import (BatchSizeFn, LossFn, ParamSelection, check_positive, guarded,
                     records_metadata, register_result)
 from ..lanczos import top_eigenvalues
-from ..sharded import full_values
 from .worst_case import worst_case_sharpness
 
 
@@ -68,7 +67,9 @@ def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
 
     For each radius, the worst-case L2 sharpness (APGD, first restart started at
     $\rho v_{\max}$, the top eigenvector from ``top_eigenvalues``) is reported beside the
-    prediction (module docstring). Away from a minimum the first-order term
+    prediction (module docstring); on a model sharded with ``fully_shard`` the eigenvector
+    stays sharded (DTensors) and the ascents run on the local shards. Away from a minimum the
+    first-order term
     $\rho \|\nabla L\|$ dominates at small $\rho$ and the ratio exceeds 1; at large $\rho$
     higher-order terms take over.
 
@@ -102,10 +103,14 @@ def sharpness_vs_curvature(model: nn.Module, loss_fn: LossFn, data: Iterable,
                           seed=seed, params=params, model_mode=model_mode,
                           batch_size_fn=batch_size_fn, progress=progress)
     lam, v = float(eig.eigenvalues[0]), eig.eigenvectors[0]
-    if isinstance(v, list):  # a fully_shard model's eigenvector: DTensors per parameter
-        v = flatten(full_values(v))
+    if isinstance(v, list):  # a fully_shard model's eigenvector: DTensors, kept sharded
+        v = dict(zip(eig.names, v))
+
+    def scaled(rho: float):
+        return {n: rho * t for n, t in v.items()} if isinstance(v, dict) else rho * v
+
     found = [worst_case_sharpness(model, loss_fn, data, rho, "l2", False, steps, seed=seed,
-                                  restarts=restarts, start=rho * v, params=params,
+                                  restarts=restarts, start=scaled(rho), params=params,
                                   model_mode=model_mode, batch_size_fn=batch_size_fn,
                                   progress=progress) for rho in radii]
     return SharpnessVsCurvature(

@@ -12,10 +12,14 @@ The one-step SAM point $\rho\, g / \|g\|$ (Foret et al. 2021, Eq. 2; ASAM's
 $c^2 g / \|c g\|$ when adaptive) is always evaluated and starts the first restart, so the
 reported value is never below the one-step estimate; where the gradient vanishes (an exact
 minimum) the restarts start at random points of the set.
+
+On a model sharded with FSDP2's ``fully_shard`` the ascent runs on this rank's local shards
+(:mod:`.perturbation`): no rank holds a full parameter-sized vector, and every rank gets the
+one-process answer (the same ``seed``, the same random restarts).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Iterable, Mapping
 
 import numpy as np
@@ -26,12 +30,13 @@ from tqdm.auto import tqdm
 from ..core import (BatchSizeFn, LossFn, ParamSelection, all_reduce_sum_, check_choice,
                     check_data, check_int, check_positive, flatten, guarded, loss_reduction,
                     make_generator, preserved, rank, records_metadata, register_result,
-                    select_params, unflatten, unwrap_compiled)
+                    select_params, unwrap_compiled)
+from ..core.sharding import as_sharded, full_values, is_dtensor, local_values, pieces_like
+from ..core.space import Space
 from .apgd import Point, apgd
 from .m_batches import split_batches
-from ..core.sharding import is_dtensor
-from ..sharded import full_values, shard_like
-from .perturbation import NORMS, Ball, PerturbedLoss, perturbed_loss, adaptivity, weight_scale
+from .perturbation import (NORMS, Ball, PerturbedLoss, perturbed_loss, adaptivity,
+                           flat_weights, weight_scale, weight_space)
 
 
 @register_result(formerly=("analysis.sharpness:WorstCaseSharpness",))
@@ -50,7 +55,8 @@ class WorstCaseSharpness:
         n_backward: Per-batch backward passes spent on this rank.
         delta: The worst perturbation per parameter name, torch tensors shaped like the
             parameters (to add to the weights; full-data only, else None); for a model
-            sharded with ``fully_shard``, DTensors placed like the parameters.
+            sharded with ``fully_shard``, DTensors placed like the parameters
+            (``full_tensor()`` gives the unsharded piece).
         batch_values: Per-batch sharpness of this rank (m-sharpness only, else None).
         batch_sizes: Per-batch sample counts of this rank (m-sharpness only, else None).
         metadata: Seed, configuration and versions.
@@ -81,7 +87,12 @@ class _Ascent:
 
 def _maximize(objective: PerturbedLoss, scale: Tensor | None, ball: Ball, steps: int,
               restarts: int, gen: torch.Generator, start: Tensor | None, bar) -> _Ascent:
-    """Worst case over the set for one objective: SAM point, then APGD from each start."""
+    """Worst case over the set for one objective: SAM point, then APGD from each start.
+
+    Every vector is a row of ``objective.space`` (local shards on a sharded model).
+    """
+    ball = replace(ball, space=objective.space)
+
     def f(u: Tensor, grad: bool = True) -> tuple[float, Tensor | None]:
         value, g = objective(u if scale is None else scale * u, grad)
         return value, (g if scale is None or g is None else scale * g)
@@ -91,7 +102,7 @@ def _maximize(objective: PerturbedLoss, scale: Tensor | None, ball: Ball, steps:
     best = Point(loss, None, zero)          # delta = 0 is in the set: sharpness >= 0
     sam = best
     step = ball.direction(g0)
-    if bool(step.any()):
+    if ball.size(step) > 0:  # the same verdict on every rank
         sam_u = ball.rho * step
         sam = Point(*f(sam_u, grad=start is None), sam_u)
     for r in range(restarts):
@@ -109,20 +120,30 @@ def _maximize(objective: PerturbedLoss, scale: Tensor | None, ball: Ball, steps:
 
 
 def _start_vector(start: Tensor | Mapping[str, Tensor], names: list[str],
-                  params: list[nn.Parameter], scale: Tensor | None) -> Tensor:
-    """A user's starting perturbation (flat, or per name) in the scaled coordinates."""
-    full = full_values(params)  # a fully_shard model's: gathered
-    like = flatten(full)
+                  params: list[nn.Parameter], scale: Tensor | None, space: Space) -> Tensor:
+    """A user's starting perturbation (flat, or per name) in the scaled coordinates.
+
+    As a row of ``space``: on a sharded model this rank's local shards (a full flat ``start``
+    sliced, a full or DTensor piece sharded like its parameter).
+    """
+    local = local_values(params)
     if isinstance(start, Mapping):
         unknown = set(start) - set(names)
         if unknown:
             raise ValueError(f"start names not among the selected parameters: {sorted(unknown)}")
-        start = flatten([full_values([start[n]])[0].to(p) if n in start else torch.zeros_like(p)
-                         for n, p in zip(names, full)])
-    start = torch.as_tensor(start).reshape(-1).to(like)
-    if start.numel() != like.numel():
-        raise ValueError(f"start must have {like.numel()} elements (the selected parameters), "
-                         f"got {start.numel()}")
+        for n, p in zip(names, params):
+            if n in start and tuple(start[n].shape) != tuple(p.shape):
+                raise ValueError(f"start[{n!r}] has shape {tuple(start[n].shape)}, but the "
+                                 f"parameter has shape {tuple(p.shape)}")
+        start = flatten([torch.zeros_like(w) if n not in start else
+                         as_sharded(start[n], p).to_local().to(w) if is_dtensor(p) else
+                         full_values([start[n]])[0].to(w) for n, p, w in zip(names, params, local)])
+    else:
+        start = torch.as_tensor(start).reshape(-1)
+        if start.numel() != space.n:
+            raise ValueError(f"start must have {space.n} elements (the selected parameters), "
+                             f"got {start.numel()}")
+        start = space.local(start.to(local[0]))
     if scale is None:
         return start
     return torch.where(scale > 0, start / torch.where(scale > 0, scale, 1), 0)
@@ -226,12 +247,13 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     names, chosen = select_params(model, params)
     with preserved(model, model_mode, weights=True, trainable=chosen):
         scale = weight_scale(chosen, kind)
-        start_u = None if start is None else _start_vector(start, names, chosen, scale)
+        start_u = None if start is None else _start_vector(start, names, chosen, scale,
+                                                           weight_space(chosen))
         batches, sizes = _batches(data, m, batch_size_fn)
         bar = tqdm(total=len(batches) * restarts * steps, desc="worst-case sharpness",
                    disable=not progress or rank() != 0, leave=False)
         found, n_forward, n_backward = [], 0, 0
-        base = flatten(full_values(chosen))
+        base = flat_weights(chosen)  # before any objective writes a point into the model
         for b, batch in enumerate(batches):
             objective = perturbed_loss(model, loss_fn, data, chosen, batch_size_fn, batch, base)
             found.append(_maximize(objective, scale, ball, steps, restarts,
@@ -245,5 +267,4 @@ def worst_case_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, rho:
     delta = a.u if scale is None else scale * a.u
     return WorstCaseSharpness(
         a.value, a.sam_value, a.loss, a.size, n_forward, n_backward,
-        delta={n: shard_like(t, p) if is_dtensor(p) else t.clone()
-               for n, t, p in zip(names, unflatten(delta, chosen), chosen)})
+        delta={n: t.clone() for n, t in zip(names, pieces_like(delta, chosen))})

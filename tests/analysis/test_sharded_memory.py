@@ -111,7 +111,7 @@ def test_same_seed_same_trace_as_one_process(ranks, single):
         assert ranks[0][method]["estimate"] == ranks[1][method]["estimate"]
 
 
-@pytest.mark.parametrize("kind", ["randn", "rademacher"])
+@pytest.mark.parametrize("kind", ["randn", "rademacher", "uniform"])
 def test_a_rank_draws_its_columns_of_the_one_process_vectors(kind, monkeypatch):
     import analysis.core.space as space_module
 
