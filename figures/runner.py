@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import bisect
 import itertools
+import math
 import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
@@ -62,8 +63,9 @@ def autogrouped(flag: Path = AUTOGROUP) -> bool:
         return False
 
 
-def session_share(workers: int, cores: int, others: float, one: float, grouped: bool) -> float:
-    """CPU seconds per wall second of ``workers`` processes of this session.
+def session_share(workers: int, cores: int, others: float, one: float, grouped: bool,
+                  average: float = 0.0) -> float:
+    r"""CPU seconds per wall second of ``workers`` processes of this session.
 
     Without scheduler groups each process competes alone (:func:`parallel_share`). Under
     ``sched_autogroup`` the scheduler shares the CPU between sessions first, and then within
@@ -71,7 +73,11 @@ def session_share(workers: int, cores: int, others: float, one: float, grouped: 
     sessions busy) gets no more for several, which then split that share (measured here: two
     workers together 0.41-0.48 CPU seconds per second where one process got 0.42-0.70, and
     :func:`parallel_share` predicted 0.69-1.04; the estimate was 2.2-3.1x short). Where one
-    process got its core the session may get more, and :func:`parallel_share` stands.
+    process got its core while the load average shows other runnable processes (``average``
+    at least 1 beyond ours), the session's share lies between one core (the others' sessions
+    take the rest) and ``min(workers, cores)``: their geometric mean, at most
+    $\sqrt{\min(workers, cores)}$ off either way (``--tiny`` at a load of 7: 2.00 cores
+    predicted, 0.3 min expected for 0.6 min taken). Otherwise :func:`parallel_share` stands.
 
     Args:
         workers: Our processes.
@@ -79,12 +85,15 @@ def session_share(workers: int, cores: int, others: float, one: float, grouped: 
         others: Runnable processes of other programs (:func:`other_load`).
         one: The share of a core one of our processes got (the calibration's).
         grouped: Whether the scheduler groups sessions (:func:`autogrouped`).
+        average: The 1-minute load average less ourselves (runnable processes of others).
 
     Returns:
         CPU seconds per wall second, over all our processes.
     """
     if grouped and one < 0.9:
         return min(one, parallel_share(workers, cores, others))
+    if grouped and average >= 1.0:
+        return min(math.sqrt(min(workers, cores)), parallel_share(workers, cores, others))
     return parallel_share(workers, cores, others)
 
 

@@ -126,7 +126,10 @@ def test_a_grouped_session_gets_no_more_than_one_process_got(tmp_path):
     assert session_share(2, 2, others, 0.42, grouped=True) == pytest.approx(0.42)
     assert session_share(2, 2, others, 0.42, grouped=False) == pytest.approx(
         parallel_share(2, 2, others)) == pytest.approx(2 * 2 / (others + 2))
-    assert session_share(2, 2, 0.0, 1.0, grouped=True) == 2.0
+    assert session_share(2, 2, 0.0, 1.0, grouped=True) == 2.0       # idle
+    # a whole core for one process, yet 5 others runnable: between 1 and 2 cores
+    assert session_share(2, 2, 0.0, 1.0, grouped=True, average=5.0) == pytest.approx(2 ** 0.5)
+    assert session_share(2, 2, 0.0, 1.0, grouped=False, average=5.0) == 2.0
     flag = tmp_path / "sched_autogroup_enabled"
     assert not autogrouped(flag)
     flag.write_text("1\n")
