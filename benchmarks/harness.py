@@ -168,6 +168,39 @@ def torch_peak(fn: Callable[[], object]) -> int:
     return int(max(0, np.cumsum([e.nbytes() for e in events]).max(initial=0)))
 
 
+def live_peak(fn: Callable[[], object]) -> int:
+    """Like :func:`torch_peak`, each recorded free paired with its allocation by address.
+
+    The profiler records allocations and frees on the threads that run torch ops only: a
+    buffer released on another thread (gloo's worker threads drop collective buffers, e.g. the
+    full-size copy a gloo reduce-scatter makes) is never freed in :func:`torch_peak`'s running
+    sum, which then grows with every collective. Here an allocation at an address still
+    counted live retires the old block first (the allocator reused it, so it was freed). Equal
+    to :func:`torch_peak` when every free is recorded; otherwise an upper bound on the live
+    torch allocations (a block freed unseen counts until its address is reused)."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events, stack = [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size))
+    del result
+    live: dict[int, int] = {}
+    level = peak = 0
+    for _, ptr, size in sorted(events):
+        if size > 0:
+            level += size - live.pop(ptr, 0)
+            live[ptr] = size
+        else:  # a free of a block from before the call counts as torch_peak counts it
+            level -= live.pop(ptr) if ptr in live else -size
+        peak = max(peak, level)
+    return int(peak)
+
+
 def fresh_process(script: str, argv: Sequence[str], env: dict | None = None) -> Any:
     """Run ``script`` with ``argv`` in a new interpreter (``env`` added to the environment) and
     return the JSON of its last line of output: in a long-lived process, memory freed by earlier
