@@ -33,8 +33,9 @@ full weights and full gradients at a time (the unit's weights, their gradient, a
 reduce-scatter's full-size copy): about $\max(P/W + 3U, 2P/W)$ with $U$ the largest unit,
 against $P + 2P/W + U$ with the per-unit ``torch.utils.checkpoint`` gather used before (its
 ``create_graph`` backward kept every unit's recomputed weights). The units that enclose others
-(the root) gather their weights in the graph and keep them during a product. Time: about 1.5x
-the checkpointed gather (one more recompute per unit in the second backward).
+(the root) gather their weights in the graph and keep them during a product. Time: 1.3-1.4x
+the checkpointed gather (2 gloo ranks, CPU; one more gather and recompute per unit in the
+second backward, and the gathers on unpack).
 
 Vectors are sharded like the parameters: a vector is a list of DTensors with the parameters'
 shapes, mesh and placements (``full_tensor()`` gives the unsharded piece); ``local(...)`` /
