@@ -250,6 +250,7 @@ class ShardedSpace(Space):
             for row, lo, hi in self._overlaps(start, stop):
                 out[row, filled[row]:filled[row] + hi - lo] = chunk[lo - start:hi - start]
                 filled[row] += hi - lo
+            del chunk  # before the next is drawn
             start = stop
         return out
 
