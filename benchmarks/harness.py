@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import argparse
+import bisect
 import datetime
 import gc
 import importlib.metadata
@@ -166,6 +167,67 @@ def torch_peak(fn: Callable[[], object]) -> int:
                     key=lambda e: e.start_ns())
     del result
     return int(max(0, np.cumsum([e.nbytes() for e in events]).max(initial=0)))
+
+
+def live_peak(fn: Callable[[], object]) -> int:
+    """Like :func:`torch_peak`, each recorded free paired with its allocation by address.
+
+    The profiler records allocations and frees on the threads that run torch ops only; gloo's
+    worker threads release collective buffers unrecorded (the full-size copy a gloo
+    reduce-scatter makes of its input), so :func:`torch_peak`'s running sum grows with every
+    collective. Here a buffer allocated inside a process-group call (``c10d::...``) whose free
+    is not recorded counts until the end of the next ``wait_tensor`` (its collective is then
+    complete), and any other allocation at an address still counted live retires the old
+    block first (the allocator reused it, so it was freed). Equal to :func:`torch_peak` when
+    every free is recorded."""
+    from torch._C._profiler import _EventType
+    from torch.profiler import ProfilerActivity, profile
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        result = fn()
+    events, waits, stack = [], [], list(prof.profiler.kineto_results.experimental_event_tree())
+    while stack:
+        e = stack.pop()
+        stack.extend(e.children)
+        if e.tag == _EventType.Allocation:
+            events.append((e.start_time_ns, e.extra_fields.ptr, e.extra_fields.alloc_size,
+                           id(e), _in_process_group(e)))
+        elif e.name == "_c10d_functional::wait_tensor":
+            waits.append(e.end_time_ns)
+    del result
+    waits.sort()
+    for t, ptr, size, key, backend in list(events):
+        i = bisect.bisect_right(waits, t)
+        if backend and size > 0 and i < len(waits):
+            events.append((waits[i], ptr, 0, key, True))  # the implied free
+    live: dict[int, tuple[int, int]] = {}
+    implied: set[int] = set()  # addresses freed by an implied free, not allocated since
+    level = peak = 0
+    for _, ptr, size, key, _ in sorted(events):
+        if size > 0:
+            level += size - live.pop(ptr, (0, 0))[0]
+            live[ptr] = (size, key)
+            implied.discard(ptr)
+        elif size == 0:  # implied: only if this very block is still counted
+            if live.get(ptr, (0, None))[1] == key:
+                level -= live.pop(ptr)[0]
+                implied.add(ptr)
+        elif ptr in live:
+            level -= live.pop(ptr)[0]
+        elif ptr in implied:  # recorded after all, after the wait
+            implied.discard(ptr)
+        else:  # a free of a block from before the call counts as torch_peak counts it
+            level += size
+        peak = max(peak, level)
+    return int(peak)
+
+
+def _in_process_group(event) -> bool:
+    """Whether a profiler event runs inside a process-group call (``c10d::...``)."""
+    while event is not None:
+        if event.name.startswith("c10d::"):
+            return True
+        event = event.parent
+    return False
 
 
 def fresh_process(script: str, argv: Sequence[str], env: dict | None = None) -> Any:

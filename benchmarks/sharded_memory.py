@@ -12,8 +12,9 @@ the ``--samples`` samples of a random classification problem are split evenly be
   ``max_hvp=--max-hvp``: enough for the basis to fill and restart once),
 
 the peak of live torch CPU allocations during the call beyond those at its start
-(``harness.torch_peak``: the profiler's allocation events summed in order; exact, and blind to the
-C allocator's slack and to memory outside torch, e.g. gloo's own buffers), in multiples of the
+(``harness.live_peak``: the profiler's allocation events, each free paired with its allocation by
+address, since gloo's worker threads release collective buffers unrecorded; blind to the C
+allocator's slack and to memory outside torch, e.g. gloo's own buffers), in multiples of the
 full parameter vector's bytes ``P`` (``n x 4``), the largest over the ranks. Beside it, the
 target of issue 24: the parameter-sized vectors the routine keeps, divided by the world size,
 plus one unit's gathered weights ``U / P``:
@@ -44,7 +45,7 @@ from torch.nn import functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from harness import Recorder, parse, parser, torch_peak  # noqa: E402
+from harness import live_peak, Recorder, parse, parser  # noqa: E402
 
 K_VALUES = (1, 10)
 
@@ -95,13 +96,13 @@ def measure(rank: int, world: int, args) -> dict:
     v = op.space.randn(1, torch.Generator().manual_seed(2), like=op.like)
     op.matmat(v)  # first product: caches (sample counts) built outside the measurement
     out = {"n": n, "unit": unit, "n_local": op.space.n_local,
-           "hvp": torch_peak(lambda: op.matmat(v))}
+           "hvp": live_peak(lambda: op.matmat(v))}
     q = dict(progress=False, max_hvp=args.max_hvp, check_deterministic=False)
     for k in K_VALUES:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)  # the budget is cut on purpose
-            out[f"k{k}"] = torch_peak(lambda: analysis.top_eigenvalues(model, loss_fn, data, k=k,
-                                                                       **q))
+            out[f"k{k}"] = live_peak(lambda: analysis.top_eigenvalues(model, loss_fn, data, k=k,
+                                                                      **q))
         out[f"basis{k}"] = default_max_basis(n, k, 1, torch.float32)
     return out
 

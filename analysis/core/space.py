@@ -265,21 +265,24 @@ class ShardedSpace(Space):
 
         The stream is drawn in pieces of :data:`CHUNK` elements (a multiple of 16; the last
         piece at least 16), so it is the one-process stream, element for element; the rows
-        are returned as ``like``'s dtype and device.
+        are returned as ``like``'s dtype and device. Each piece is copied into the rows as it
+        is drawn, so one chunk and the rows are all that is held (views of the chunks kept
+        the whole float64 stream alive, and a concatenation and a stack copied it twice).
         """
-        if not rows:
-            return like.new_zeros(0, self.n_local)
+        out = like.new_empty(rows, self.n_local)
+        filled = [0] * rows
         total, start = rows * self.n, 0
-        pieces: list[list[Tensor]] = [[] for _ in range(rows)]
         while start < total:
             stop = min(start + CHUNK, total)
             if total - stop < 16:
                 stop = total
             chunk = draw(stop - start)
             for row, lo, hi in self._overlaps(start, stop):
-                pieces[row].append(chunk[lo - start:hi - start])
+                out[row, filled[row]:filled[row] + hi - lo] = chunk[lo - start:hi - start]
+                filled[row] += hi - lo
+            del chunk  # before the next is drawn
             start = stop
-        return torch.stack([torch.cat(p) if p else chunk.new_zeros(0) for p in pieces]).to(like)
+        return out
 
     def _overlaps(self, start: int, stop: int):
         """``(row, lo, hi)``: the parts of ``[start, stop)`` of the row-major stream kept here."""

@@ -130,3 +130,61 @@ def test_a_rank_draws_its_columns_of_the_one_process_vectors(kind, monkeypatch):
             assert torch.equal(got[-1], space.local(want))
             assert torch.equal(torch.randn(3, generator=gen), after)  # the same stream used
             assert torch.equal(space.eye(5, 40, like=like), space.local(torch.eye(n)[5:40]))
+
+
+class _Block(torch.nn.Module):
+    """``x + tanh(W x + b)``: one FSDP unit."""
+
+    def __init__(self, width):
+        super().__init__()
+        self.linear = torch.nn.Linear(width, width)
+
+    def forward(self, x):
+        return x + torch.tanh(self.linear(x))
+
+
+UNITS, WIDTH = 16, 96
+
+
+def _product_peak(rank):
+    """This rank's peak of one product (``ShardedOperator.matmat``, the routines' path) and
+    of one first-order gradient (``ShardedLoss``), in full parameter vectors."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    from analysis.sharded import ShardedLoss, ShardedOperator
+    from benchmarks.harness import live_peak
+    from tests.analysis.sharded_problems import ce
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(*[_Block(WIDTH) for _ in range(UNITS)],
+                                torch.nn.Linear(WIDTH, 3)).double()
+    mesh = init_device_mesh("cpu", (2,))
+    for block in list(model)[:-1]:
+        fully_shard(block, mesh=mesh)
+    fully_shard(model, mesh=mesh)
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(8, WIDTH, generator=gen, dtype=torch.float64)
+    y = torch.randint(0, 3, (8,), generator=gen)
+    data = [(x[4 * rank:4 * rank + 4], y[4 * rank:4 * rank + 4])]
+    op = ShardedOperator(model, ce, data, progress=False)
+    v = op.space.randn(1, torch.Generator().manual_seed(2), like=op.like)
+    op.matmat(v)  # caches (sample counts) built outside the measurement
+    P = 8 * op.shape[0]
+    objective = ShardedLoss(model, ce, data, list(model.parameters()))
+    objective(grad=True)
+    return {"hvp": live_peak(lambda: op.matmat(v)) / P,
+            "grad": live_peak(lambda: objective(grad=True)) / P}
+
+
+def test_one_product_never_holds_the_full_weights(tmp_path):
+    """Issue 24: a rank holds its shards of the vectors and one unit's gathered weights at a
+    time, never the full parameters. 16 equal units (a unit is 1/16 of P), 2 ranks: one
+    exact product is the gradient's or the product's shard (P/2) plus a few units' full
+    weights and full gradients (~P/2 + 3P/16, or the product and its rows, 2 x P/2, at the
+    end); the checkpointed gather this replaced kept every unit's recomputed weights for the
+    second backward (P + 2P/2 + P/16 and more). A gradient alone: P/2 and a few units."""
+    peaks = run_ranks(tmp_path, _product_peak)
+    for peak in peaks:
+        assert peak["hvp"] < 1.35, peak
+        assert peak["grad"] < 0.9, peak
