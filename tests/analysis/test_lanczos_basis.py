@@ -108,18 +108,23 @@ def _torch_peak(fn) -> int:
     return int(np.cumsum([e.nbytes() for e in events]).max())
 
 
+def _memory_problem():
+    """A tanh MLP of 51,405 parameters, one batch of 8, and its parameter count."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(50, 200), torch.nn.Tanh(),
+                                torch.nn.Linear(200, 200), torch.nn.Tanh(),
+                                torch.nn.Linear(200, 5))
+    x, y = torch.randn(8, 50), torch.randint(0, 5, (8,))
+    return model, x, y, sum(p.numel() for p in model.parameters())
+
+
 @pytest.mark.parametrize("k", [1, 10])
 def test_memory_is_the_basis_plus_one_product(k):
     """Allocation sizes, not timings: with one batch (graph reuse) the peak is the basis plus
     one product (the gradient graph, the product and its output); the pending block is not
     copied, and the eigenvectors are formed in the basis, which is freed before they are
     returned, so they hold exactly k rows."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(50, 200), torch.nn.Tanh(),
-                                torch.nn.Linear(200, 200), torch.nn.Tanh(),
-                                torch.nn.Linear(200, 5))
-    x, y = torch.randn(8, 50), torch.randint(0, 5, (8,))
-    n = sum(p.numel() for p in model.parameters())
+    model, x, y, n = _memory_problem()
     max_basis = max(30, 3 * k + 2)
     out = []
     peak = _torch_peak(lambda: out.append(top_eigenvalues(
@@ -200,12 +205,7 @@ def test_a_small_budget_allocates_a_small_basis():
     """Allocation sizes, not timings: with max_hvp=10 the basis takes the 10 + 1 rows the budget
     can fill, not the default max_basis of 30 (PyHessian's 10-product run holds ~10 vectors);
     the peak is those rows plus one product."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(50, 200), torch.nn.Tanh(),
-                                torch.nn.Linear(200, 200), torch.nn.Tanh(),
-                                torch.nn.Linear(200, 5))
-    x, y = torch.randn(8, 50), torch.randint(0, 5, (8,))
-    n = sum(p.numel() for p in model.parameters())
+    model, x, y, n = _memory_problem()
     out = []
     peak = _torch_peak(lambda: out.append(top_eigenvalues(
         model, ce, [(x, y)], k=1, tol=1e-12, max_hvp=10, progress=False)))
