@@ -121,7 +121,7 @@ class Space:
         Returns:
             ``[rows, n_local]``.
         """
-        return randn((rows, self.n), gen, like=like)
+        return self._stream(randn, torch.float64, rows, gen, like)
 
     def rademacher(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
         """``rows`` Rademacher vectors (this rank's columns of ``rademacher((rows, n))``).
@@ -134,7 +134,7 @@ class Space:
         Returns:
             ``[rows, n_local]``.
         """
-        return rademacher((rows, self.n), gen, like=like)
+        return self._stream(rademacher, torch.int8, rows, gen, like)
 
     def uniform(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
         """``rows`` vectors uniform on ``[-1, 1)`` (this rank's columns of ``uniform((rows, n))``).
@@ -147,7 +147,16 @@ class Space:
         Returns:
             ``[rows, n_local]``.
         """
-        return uniform((rows, self.n), gen, like=like)
+        return self._stream(uniform, torch.float64, rows, gen, like)
+
+    def _stream(self, draw, cpu_dtype: torch.dtype, rows: int, gen: torch.Generator,
+                like: Tensor) -> Tensor:
+        """``draw((rows, n), gen)`` as ``like``'s rows, drawn whole (one process).
+
+        ``cpu_dtype`` is the dtype in which a sharded space draws the stream on the CPU
+        (:class:`ShardedSpace`), so that every rank slices the same numbers.
+        """
+        return draw((rows, self.n), gen, like=like)
 
     def amax(self, t: Tensor) -> Tensor:
         """Local maxima maximised over the ranks (the identity in one process).
@@ -297,47 +306,11 @@ class ShardedSpace(Space):
                 if lo < hi:
                     yield row, base + lo, base + hi
 
-    def randn(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
-        """This rank's columns of ``analysis.core.randn((rows, n), gen)``, drawn in pieces.
-
-        Args:
-            rows: Number of vectors.
-            gen: The generator.
-            like: A tensor of the rows' dtype and device.
-
-        Returns:
-            ``[rows, n_local]``.
-        """
-        cpu = torch.empty((), dtype=torch.float64)
-        return self._draw(rows, lambda c: randn((c,), gen, like=cpu), like)
-
-    def rademacher(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
-        """This rank's columns of ``analysis.core.rademacher((rows, n), gen)``, in pieces.
-
-        Args:
-            rows: Number of vectors.
-            gen: The generator.
-            like: A tensor of the rows' dtype and device.
-
-        Returns:
-            ``[rows, n_local]``.
-        """
-        cpu = torch.empty((), dtype=torch.int8)
-        return self._draw(rows, lambda c: rademacher((c,), gen, like=cpu), like)
-
-    def uniform(self, rows: int, gen: torch.Generator, *, like: Tensor) -> Tensor:
-        """This rank's columns of ``analysis.core.uniform((rows, n), gen)``, in pieces.
-
-        Args:
-            rows: Number of vectors.
-            gen: The generator.
-            like: A tensor of the rows' dtype and device.
-
-        Returns:
-            ``[rows, n_local]``.
-        """
-        cpu = torch.empty((), dtype=torch.float64)
-        return self._draw(rows, lambda c: uniform((c,), gen, like=cpu), like)
+    def _stream(self, draw, cpu_dtype: torch.dtype, rows: int, gen: torch.Generator,
+                like: Tensor) -> Tensor:
+        """:meth:`Space._stream` in pieces: this rank's columns only (:meth:`_draw`)."""
+        cpu = torch.empty((), dtype=cpu_dtype)
+        return self._draw(rows, lambda c: draw((c,), gen, like=cpu), like)
 
     def amax(self, t: Tensor) -> Tensor:
         """Maximise local maxima over the ranks, in place (one all-reduce).
