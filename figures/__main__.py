@@ -312,12 +312,12 @@ def estimate(modules: dict, names: list[str], size, workers: int) -> Progress:
         runs += 1
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
     cores = os.cpu_count() or 1
-    others = other_load(cpu, wall, cores)
     try:
-        average = os.getloadavg()[0] - 1.0   # less ourselves
+        average = os.getloadavg()[0]
     except OSError:
         average = 0.0
-    share = session_share(workers, cores, others, cpu / wall, autogrouped(), average)
+    others = other_load(cpu, wall, cores, average)
+    share = session_share(workers, cores, others, cpu / wall, autogrouped(), average - 1.0)
     share1 = parallel_share(1, cores, others)
     cpu /= runs
     timed = {n: time_full_batch(size, n)
