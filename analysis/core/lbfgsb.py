@@ -2,8 +2,8 @@ r"""L-BFGS-B (Byrd, Lu, Nocedal & Zhu 1995) on the rows of a :class:`~analysis.c
 
 Minimises $f(x)$ subject to $l \le x \le u$ (each bound may be infinite) with the
 limited-memory BFGS matrix in compact form,
-$B = \theta I - W M W^\top$, $W = [Y,\ \theta S]$ (Byrd, Nocedal & Schnabel 1994, eq. 3.5;
-$S$, $Y$ the last $m$ pairs $s = x_{k+1} - x_k$, $y = g_{k+1} - g_k$,
+$B = \theta I - W M W^\top$, $W = [Y,\ \theta S]$ (Byrd et al. 1995, sec. 3, after Byrd,
+Nocedal & Schnabel 1994; $S$, $Y$ the last $m$ pairs $s = x_{k+1} - x_k$, $y = g_{k+1} - g_k$,
 $\theta = y^\top y / s^\top y$). A port of scipy's L-BFGS-B (version 3.0 with the
 subspace minimisation of Morales & Nocedal 2011; the C translation of scipy >= 1.15,
 ``scipy/optimize/__lbfgsb.c``, driven as ``scipy.optimize.minimize(method="L-BFGS-B")``
@@ -12,7 +12,7 @@ drives it, with its defaults). Each iteration:
 1. the generalized Cauchy point (GCP): the first local minimiser of the model
    $q(x) = g^\top (x - x_k) + \frac12 (x - x_k)^\top B (x - x_k)$ along the projected
    path $x(t) = P(x_k - t g)$, the path's breakpoints $t_i$ taken in increasing order with
-   the recursion of $f' = q'(t)$ and $f'' = q''(t)$ (Byrd et al. 1995, eqs. 4.4-4.9;
+   the recursion of $f' = q'(t)$ and $f'' = q''(t)$ (Byrd et al. 1995, sec. 4;
    ``cauchy``), $f''$ kept above $\epsilon_{\mathrm{mach}} f''_0$;
 2. the direct primal subspace minimisation of $q$ over the variables free at the GCP
    (Byrd et al. 1995, sec. 5.1: the $2m \times 2m$ matrix $K$ of ``formk``, the reduced
@@ -41,14 +41,15 @@ rank sorts its own, and the path is walked in chunks: each rank offers its next 
 breakpoints ($t_i$, $-g_i$, the distance to the bound and the row of $W$), stacked on every
 rank by :meth:`~analysis.core.space.Space.gather`; all the offered breakpoints up to the
 smallest of the last offered $t_i$ of the ranks that hold more are in global order, and they
-are processed at once (the recursion by prefix sums, the floor on $f''$ by a running
-maximum), the state carried to the next chunk ($k$ starts at 16 and doubles, while the stacked
-chunk stays below an average shard). So no rank holds more than its rows (the $2m$ stored
-vectors and a few work rows) and $O(m^2)$ numbers, and one process runs the same code with one
-rank.
+are processed at once (the recursions by prefix sums, which on the CPU add in scipy's order;
+the floor on $f''$ by a running maximum), the state carried to the next chunk ($k$ starts at
+16 and doubles, while the stacked chunk stays below an average shard). So no rank holds more
+than its rows (the $2m$ stored vectors and a few work rows) and $O(m^2)$ numbers, and one
+process runs the same code with one rank.
 
-Up to the order of summation (blocked inner products, prefix sums on the path, ties between
-breakpoints) the iterates are scipy's. By design, the products of $K$ are recomputed at each
+Up to the order of summation (blocked inner products; ties between breakpoints) the iterates
+are scipy's (10-iteration runs agree to about 1e-13 in one process, with the same ``nit`` and
+``nfev``). By design, the products of $K$ are recomputed at each
 iteration over the current free set (scipy updates them incrementally, which leaves stale
 products after an iteration whose GCP has no free variable), and the backtracking puts on its
 bound every variable whose step to the bound is the smallest (scipy: the first of them).
@@ -379,7 +380,7 @@ def _segments(path: _Path, items: Tensor, mem: _Memory) -> tuple[int | None, _Pa
     $\Delta t_i$ gives $c \mathrel{+}= \Delta t_i\, p$, $f' \mathrel{+}= \Delta t_i f''
     + d_i^2 - \theta d_i z_i + d_i\, c^\top v_i$, $f'' \mathrel{+}= -\theta d_i^2 + 2 d_i\,
     p^\top v_i - d_i^2\, w_i^\top v_i$ (at least $\epsilon_{\mathrm{mach}} f''_0$),
-    $p \mathrel{-}= d_i w_i$ (Byrd et al. 1995, eqs. 4.9-4.11). The recursions are prefix
+    $p \mathrel{-}= d_i w_i$ (Byrd et al. 1995, sec. 4). The recursions are prefix
     sums of their terms, interleaved in scipy's order. The minimiser lies on the segment
     before breakpoint $i$ when $-f'/f'' < \Delta t_i$.
 
@@ -448,7 +449,8 @@ def _cauchy(x: Tensor, g: Tensor, box: _Box, mem: _Memory, space: Space
     moving = d != 0
     loose = moving.clone()
     loose[breaks] = False  # moving towards no bound
-    f1 = _sequential(0.0, -(d * d))[-1]  # in order: f' cancels along the path
+    # f' = -|d|^2 summed in index order as scipy (f' cancels along the path: the order shows)
+    f1 = torch.cumsum(-(d * d), 0)[-1] if d.numel() else d.new_zeros(())
     local = [torch.dot(r, d) for r in mem.Y + mem.S] + [f1, moving.sum(), loose.sum(),
                                                         breaks.new_tensor(len(breaks))]
     total = space.sum(torch.stack([t.to(x.dtype) for t in local]))
