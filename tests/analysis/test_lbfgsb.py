@@ -3,8 +3,9 @@ quadratic with many active bounds, bounded and unbounded Rosenbrock, one whose p
 subspace step is backtracked, a path through many breakpoints, a negated log-sum-exp whose
 pairs get skipped) every iterate of a 10-iteration run equals scipy's
 ``minimize(method="L-BFGS-B")`` to 1e-8 (relative; observed 1e-13), with the same ``nit``,
-``nfev`` after each iteration and message; mutants of the Cauchy point, the skipping rule, the
-backtracking and the line search's constants are caught. The walk along the Cauchy path in
+``nfev`` after each iteration and message (line searches that fail with an inconsistent
+gradient included); mutants of the Cauchy point, the skipping rule, the backtracking and the
+line search's constants are caught. The walk along the Cauchy path in
 chunks gives the same point whatever the chunk size, and on 4 ranks (one holding no element,
 one holding two ranges) every rank gets the one-process iterates (``sharded_run``, spawned by
 the 4-rank test of ``test_sharded_sharpness.py``)."""
@@ -137,6 +138,20 @@ def test_every_iterate_is_scipys(name):
 def test_runs_to_convergence_as_scipy():
     for name in ("quadratic", "many_breakpoints"):  # converge in 6 and 14 iterations
         agree(PROBLEMS[name](), max_iter=100)
+
+
+def _inconsistent(rng, n=8):
+    """A gradient that is not f's: line searches fail, restart from B = I, then stop."""
+    A, B = rng.standard_normal((n, n)), 0.8 * rng.standard_normal((n, n))
+    A = A @ A.T / n + np.eye(n)
+    return (lambda x: (0.5 * x @ A @ x + np.sum(x), A @ x + 1 + B @ x)), \
+        rng.uniform(-1, 1, n), np.full(n, -2.0), np.full(n, 2.0)
+
+
+def test_failed_line_searches_restart_and_stop_as_scipy():
+    problem = _inconsistent(np.random.default_rng(0))
+    agree(problem, max_iter=50)  # 6 iterations, 59 evaluations
+    assert our_run(problem, 50)[1].message.startswith("ABNORMAL")
 
 
 def _first_breakpoint_only(real):
