@@ -35,6 +35,8 @@ Modules, each holding one piece of the protocol:
   tensors, local pieces and DTensors placed like a parameter.
 * ``compiled``: ``unwrap_compiled`` / ``refuse_compiled`` for ``torch.compile``'d modules.
 * ``precision``: ``working_dtype`` (float32 for bfloat16/float16) and ``product_eps``.
+* ``lbfgsb`` (imported as a module): ``lbfgsb``, scipy's L-BFGS-B ported to torch on the rows of
+  a ``space.Space`` (one process or this rank's shards).
 * ``validation``: ``check_*(name, value, ...) -> value`` argument checks (``check_model_mode``
   included), ``ArgumentTypeError`` and ``renamed_keywords``.
 """

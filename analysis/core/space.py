@@ -12,7 +12,9 @@ of ``analysis.trace``, SLQ in ``analysis.density``) hold their vectors as rows o
   :meth:`Space.uniform`, which return this rank's columns of the rows one process draws from
   the same generator;
 * small ``m x m`` problems (Rayleigh-Ritz, the ``R`` of a QR) are solved redundantly on every
-  rank, from the same all-reduced numbers.
+  rank, from the same all-reduced numbers;
+* a few numbers from every rank (L-BFGS-B's breakpoints, :mod:`analysis.core.lbfgsb`) are
+  stacked by :meth:`Space.gather` (one all-reduce of zero-padded slots).
 
 :class:`Space` is one process: the vectors are the full flat vectors, :meth:`Space.sum` is the
 identity and every method is the expression the solvers used before (the same cost and the
@@ -180,6 +182,17 @@ class Space:
         """
         return full
 
+    def gather(self, t: Tensor) -> Tensor:
+        """Every rank's ``t`` (a small tensor of the same shape on every rank), stacked.
+
+        Args:
+            t: This rank's tensor.
+
+        Returns:
+            ``[world, *t.shape]``, rank order (``t[None]`` in one process).
+        """
+        return t[None]
+
     def eye(self, start: int, stop: int, *, like: Tensor) -> Tensor:
         """Rows ``[start, stop)`` of the ``n x n`` identity (their local columns).
 
@@ -335,6 +348,20 @@ class ShardedSpace(Space):
         """
         return torch.cat([full[..., a:b] for a, b in self.ranges], dim=-1) if self.ranges \
             else full[..., :0].clone()
+
+    def gather(self, t: Tensor) -> Tensor:
+        """Every rank's ``t`` stacked: each rank fills its slot of zeros, then one all-reduce.
+
+        Args:
+            t: This rank's tensor (the same shape on every rank; finite or infinite values,
+                the other slots add zeros).
+
+        Returns:
+            ``[world, *t.shape]``, rank order, the same on every rank.
+        """
+        out = t.new_zeros((self.world, *t.shape))
+        out[self.rank] = t
+        return self.sum(out)
 
     def eye(self, start: int, stop: int, *, like: Tensor) -> Tensor:
         """Rows ``[start, stop)`` of the identity, this rank's columns.

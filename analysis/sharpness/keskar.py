@@ -9,28 +9,30 @@ $$\phi_{w}(\epsilon, A) = 100\, \frac{\max_{y \in C_\epsilon} L(w + A y) - L(w)}
 with $A = I$ (the full space) or an $n \times p$ matrix with orthonormal columns spanning a
 random subspace ($A^{+} = A^\top$).
 
-On a model sharded with FSDP2's ``fully_shard`` the objective runs on this rank's local shards
-(:mod:`.perturbation`). In a random subspace, $A$ is held as this rank's rows (sliced from the
-one-process draw, orthonormalised by the space's TSQR) and L-BFGS-B works on the $p$
-coordinates $y$, so no rank holds a full parameter-sized vector. In the full space, scipy's
-L-BFGS-B needs the whole vector $y$: each rank holds it (and the gradient, gathered) in the
-solver's coordinates; the loss and its gradient are still computed on shards.
+The maximisation is scipy's L-BFGS-B algorithm (Byrd et al. 1995, as scipy >= 1.15 runs it)
+ported to torch in :func:`analysis.core.lbfgsb.lbfgsb`: one process gets scipy's iterates (up
+to the order of summation). On a model sharded with FSDP2's ``fully_shard`` the objective runs
+on this rank's local shards (:mod:`.perturbation`), and so does the solver: in the full space
+$y$, the box, the gradient and the solver's $2m$ stored pairs are this rank's rows of the
+objective's space (every inner product one all-reduce; the starting point is this rank's slice
+of the one-process draw); in a random subspace, $A$ is held as this rank's rows (sliced from
+the one-process draw, orthonormalised by the space's TSQR) and the solver works on the $p$
+coordinates $y$, the same on every rank. No rank holds a full parameter-sized vector.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from typing import Iterable
 
-import numpy as np
 import torch
-from scipy.optimize import Bounds, minimize
 from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from ..core import (BatchSizeFn, LossFn, ParamSelection, check_data, check_int, check_positive,
-                    flatten, guarded, make_generator, preserved, rank, records_metadata,
-                    register_result, renamed_keywords, select_params, uniform)
-from ..core.sharding import full_values, pieces_like
+                    guarded, make_generator, preserved, rank, records_metadata, register_result,
+                    renamed_keywords, select_params)
+from ..core.lbfgsb import lbfgsb
+from ..core.sharding import pieces_like
 from ..core.space import ShardedSpace, Space
 from .perturbation import perturbed_loss
 
@@ -91,18 +93,17 @@ def _subspace(space: Space, subspace_dim: int | None, gen: torch.Generator, like
     return Q * signs[:, None]
 
 
-def _coordinates(space: Space, basis: Tensor | None, params: list) -> tuple:
-    r"""``(to_solver, from_solver)``: the maps between a row of ``space`` and L-BFGS-B's $y$.
+def _coordinates(space: Space, basis: Tensor | None) -> tuple:
+    r"""``(to_solver, from_solver, solver_space)``: the maps between a row of ``space`` and $y$.
 
-    In a subspace $y \mapsto A y$ (local rows) and $g \mapsto A^\top g$ (one all-reduce);
-    in the full space $y$ is the whole vector: a rank's row is its slice, and a row is
-    gathered into the whole vector (one parameter at a time) on a sharded model.
+    In a subspace $y \mapsto A y$ (local rows) and $g \mapsto A^\top g$ (one all-reduce), $y$
+    in a one-process ``Space(p)``, the same on every rank; in the full space $y$ is a row of
+    ``space`` itself (this rank's shard on a sharded model).
     """
     if basis is not None:
-        return (lambda g: space.sum(basis @ g)), (lambda y: basis.T @ y)
-    if not space.sharded:
-        return (lambda g: g), (lambda y: y)
-    return (lambda g: flatten(full_values(pieces_like(g, params)))), space.local
+        return ((lambda g: space.sum(basis @ g)), (lambda y: basis.T @ y),
+                Space(len(basis)))
+    return (lambda g: g), (lambda y: y), space
 
 
 @renamed_keywords(maxiter="max_iter")
@@ -117,15 +118,16 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
 
     $$\phi_{w}(\epsilon, A) = 100\, \frac{\max_{y \in C_\epsilon} L(w + A y) - L(w)}{1 + L(w)}$$
 
-    maximised with scipy's L-BFGS-B. Full space (``subspace_dim=None``): $A = I$, the box
-    $|\delta_i| \le \epsilon (|w_i| + 1)$. Random subspace of dimension $p$: $A$ has
-    orthonormal columns (QR of a seeded Gaussian $n \times p$ matrix, the signs fixed by a
-    non-negative diagonal of $R$, so $A^{+} = A^\top$); it costs $n p$ memory ($n p / W$ per
-    rank on a ``fully_shard`` model over $W$ ranks, module docstring). The ascent starts at a
-    seeded uniform point of the box (at a minimum the gradient at $y = 0$ vanishes), runs at
-    most ``max_iter`` L-BFGS-B iterations (Keskar et al. used 10) on float64 numpy vectors
-    with gradients from autograd, and the best point evaluated is reported ($y = 0$
-    included). The model is left exactly as it was.
+    maximised with L-BFGS-B (scipy's algorithm in torch, :func:`analysis.core.lbfgsb.lbfgsb`).
+    Full space (``subspace_dim=None``): $A = I$, the box $|\delta_i| \le \epsilon (|w_i| + 1)$.
+    Random subspace of dimension $p$: $A$ has orthonormal columns (QR of a seeded Gaussian
+    $n \times p$ matrix, the signs fixed by a non-negative diagonal of $R$, so
+    $A^{+} = A^\top$); it costs $n p$ memory ($n p / W$ per rank on a ``fully_shard`` model
+    over $W$ ranks, module docstring). The ascent starts at a seeded uniform point of the box
+    (at a minimum the gradient at $y = 0$ vanishes), runs at most ``max_iter`` L-BFGS-B
+    iterations (Keskar et al. used 10; scipy's defaults otherwise) in float64 with gradients
+    from autograd, and the best point evaluated is reported ($y = 0$ included). The model is
+    left exactly as it was.
 
     Args:
         model: The model.
@@ -159,22 +161,21 @@ def keskar_sharpness(model: nn.Module, loss_fn: LossFn, data: Iterable, eps: flo
         objective = perturbed_loss(model, loss_fn, data, chosen, batch_size_fn)
         w, space = objective.base, objective.space
         basis = _subspace(space, subspace_dim, gen, w)
-        to_solver, from_solver = _coordinates(space, basis, chosen)
-        bound = (eps * (to_solver(w).abs() + 1)).double().cpu().numpy()
-        y0 = uniform(bound.shape, gen, like=torch.zeros(1, dtype=torch.float64)).numpy() * bound
+        to_solver, from_solver, solver_space = _coordinates(space, basis)
+        bound = (eps * (to_solver(w).abs() + 1)).double()
+        y0 = solver_space.uniform(1, gen, like=bound)[0] * bound
         loss, _ = objective(None)
         best = [loss]
 
-        def negative(y: np.ndarray) -> tuple[float, np.ndarray]:
-            value, g = objective(from_solver(torch.from_numpy(y).to(w)), grad=True)
+        def negative(y: Tensor) -> tuple[float, Tensor]:
+            value, g = objective(from_solver(y.to(w)), grad=True)
             best[0] = max(best[0], value)
-            return -value, -to_solver(g).double().cpu().numpy()
+            return -value, -to_solver(g).to(y)
 
         bar = tqdm(total=max_iter, desc="keskar sharpness", leave=False,
                    disable=not progress or rank() != 0)
-        result = minimize(negative, y0, jac=True, method="L-BFGS-B",
-                          bounds=Bounds(-bound, bound), options={"maxiter": max_iter},
-                          callback=lambda *_: bar.update())
+        result = lbfgsb(negative, y0, -bound, bound, solver_space, max_iter=max_iter,
+                        callback=lambda *_: bar.update())
         bar.close()
     increase = best[0] - loss
     if basis is not None:

@@ -60,6 +60,56 @@ def test_keskar_on_a_network_restores_the_model():
     assert r.value > 0 and r.n_iter <= 3 and r.n_backward > 0
 
 
+def scipy_keskar(model, x, y, eps, seed, max_iter, subspace=None):
+    """Keskar et al.'s metric with scipy's L-BFGS-B on an inline objective: ``(value, nit)``.
+
+    The start is the one ``keskar_sharpness`` draws: after the subspace's Gaussian, a uniform
+    point of the box from the generator of ``seed``.
+    """
+    from scipy.optimize import Bounds, minimize
+    from torch.func import functional_call
+    from torch.nn import functional as F
+
+    from analysis.core import flatten, make_generator, randn, uniform, unflatten
+
+    names, params = zip(*model.named_parameters())
+    w = flatten([p.detach() for p in params])
+    A = torch.eye(len(w), dtype=torch.float64) if subspace is None else subspace
+
+    def loss_at(v):
+        out = functional_call(model, dict(zip(names, unflatten(v, params))), (x,))
+        return F.cross_entropy(out, y)
+
+    gen = make_generator(seed)
+    if subspace is not None:
+        randn((len(w) * A.shape[1],), gen, like=w)
+    bound = (eps * ((A.T @ w).abs() + 1)).numpy()
+    y0 = uniform(bound.shape, gen, like=w).numpy() * bound
+    base, best = loss_at(w).item(), []
+
+    def negative(yv):
+        v = (w + A @ torch.from_numpy(yv)).requires_grad_(True)
+        value = loss_at(v)
+        best.append(value.item())
+        return -value.item(), -(A.T @ torch.autograd.grad(value, v)[0]).numpy()
+
+    r = minimize(negative, y0, jac=True, method="L-BFGS-B", bounds=Bounds(-bound, bound),
+                 options={"maxiter": max_iter})
+    return 100 * (max(best + [base]) - base) / (1 + base), r.nit
+
+
+@pytest.mark.parametrize("subspace_dim", [None, 4])
+def test_keskar_is_scipys_lbfgsb_on_a_network(subspace_dim):
+    """The value and the iterations equal scipy's L-BFGS-B run on the same objective."""
+    x, y = classification_data(n=23, d=6)
+    model = mlp()
+    r = keskar_sharpness(model, CE, uneven_batches(x, y), eps=5e-2, subspace_dim=subspace_dim,
+                         seed=4, max_iter=10, **QUIET)
+    value, nit = scipy_keskar(model, x, y, 5e-2, 4, 10, r.subspace)
+    assert r.n_iter == nit and r.value > 0
+    assert r.value == pytest.approx(value, rel=1e-8)
+
+
 def test_pac_bayes_sigma_matches_the_quadratic_closed_form():
     # E[L(w + sigma xi)] - L(w) = sigma^2 tr(A) / 2  =>  sigma* = sqrt(2 Delta / tr A)
     h, model = diagonal_quadratic(4000, scale=2.0)

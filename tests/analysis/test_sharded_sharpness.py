@@ -1,7 +1,8 @@
 """The sharpness measures on a model sharded with FSDP2's ``fully_shard`` run on this rank's shards
 (issue 24): every rank passes its (uneven) data shard and gets the one-process answer on all the
 data (float64, 1e-9), at 2 ranks and, for the worst case, at 4 (a rank holding no row of a
-parameter); the same ``seed`` gives the same random restarts and draws as one process;
+parameter; in the same spawn L-BFGS-B alone with a rank holding no element,
+``test_lbfgsb.py``); the same ``seed`` gives the same random restarts and draws as one process;
 perturbations and subspaces come back as DTensors placed like the parameters; the model is left
 exactly as found. No rank allocates a parameter-sized vector (the largest single torch
 allocation during a measure stays below the full parameter bytes, on a stack of equal units),
@@ -166,14 +167,24 @@ def test_a_norm_without_the_all_reduce_is_caught(two_ranks, one_process):
             close(got["mutant"], want, "mutant")
 
 
+def _four_ranks(rank, names):
+    """The measures, and L-BFGS-B alone on a space where rank 1 holds no element (one spawn)."""
+    from tests.analysis.test_lbfgsb import sharded_run
+
+    return _on_ranks(rank, names, 4, False), sharded_run(rank, ["many_breakpoints"])
+
+
 def test_four_ranks(tmp_path):
+    from tests.analysis.test_lbfgsb import check_sharded
+
     names = ["worst_l2", "worst_linf_elementwise", "worst_filter_start"]
-    ranks = run_ranks(tmp_path, _on_ranks, names, 4, False, world=4)
+    ranks = run_ranks(tmp_path, _four_ranks, names, world=4)
     want = single(names)
-    for rank, got in enumerate(ranks):
+    for rank, (got, _) in enumerate(ranks):
         for name in names:
             assert got[name + "_same"], (rank, name)
             close(got[name], want[name], f"rank {rank}: {name}")
+    check_sharded([solver for _, solver in ranks], ["many_breakpoints"])
 
 
 # -- no parameter-sized vector on any rank ------------------------------------------------------
@@ -209,6 +220,9 @@ MEASURES = {
         m, ce, d, 0.05, magnitude_aware=True, n_samples=1, max_iter=1, **Q),
     # p = 1: the basis of a p-dimensional subspace holds n p / W elements per rank
     "keskar_subspace": lambda m, d: analysis.keskar_sharpness(m, ce, d, 1e-2, 1, max_iter=1, **Q),
+    # the full space: the solver's y, box, gradient and 2m pairs are shards (3 iterations: the
+    # subspace minimisation over the stored pairs runs too)
+    "keskar_full": lambda m, d: analysis.keskar_sharpness(m, ce, d, 1e-2, max_iter=3, **Q),
 }
 
 
