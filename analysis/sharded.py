@@ -161,7 +161,8 @@ class _Regathered:
     view of ``fulls``. After :meth:`recomputed` (the unit's forward is done), a weight whose
     recipes the forward packed have all been unpacked once (by the backward that follows) is
     released: its gradient no longer needs it. A recipe of a released weight, and every
-    recipe after the block, is unpacked by gathering the shard again (no graph: autograd
+    recipe after the block, is unpacked by gathering the shard again (inside the block, that
+    gathered weight's views are packed as recipes too; no graph: autograd
     gives the unpacked tensor the saved one's ``grad_fn``, the differentiable gather next to
     its consumers). Every other saved tensor is kept as it is. The gathers of the unpacks are
     collectives: every rank unpacks the same tensors in the same order.
@@ -169,11 +170,16 @@ class _Regathered:
 
     def __init__(self, shards: Sequence[Tensor], fulls: Sequence[Tensor]):
         self.shards, self.fulls = shards, list(fulls)
-        self.storages = {f.untyped_storage().data_ptr():
-                         (i, f.storage_offset(), f.dtype, StorageWeakRef(f.untyped_storage()))
-                         for i, f in enumerate(fulls)}
+        self.storages: dict[int, tuple] = {}
+        for i, f in enumerate(fulls):
+            self._register(i, f)
         self.packed: list[int] | None = [0] * len(fulls)  # per weight, the forward's recipes
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
+
+    def _register(self, i: int, full: Tensor) -> None:
+        storage = full.untyped_storage()
+        self.storages[storage.data_ptr()] = (i, full.storage_offset(), full.dtype,
+                                             StorageWeakRef(storage))
 
     def __enter__(self) -> "_Regathered":
         self._hooks.__enter__()
@@ -208,6 +214,8 @@ class _Regathered:
         if full is None:
             with torch.no_grad():
                 full = _gather(self.shards[i])
+            if self.fulls is not None:  # released in this block: its views are recipes too
+                self._register(i, full)
         elif self.packed is None:  # in the backward: release after the forward's last recipe
             self.left[i] -= 1
             if self.left[i] <= 0:

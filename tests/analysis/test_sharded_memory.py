@@ -236,7 +236,8 @@ def test_one_product_never_holds_the_full_weights(tmp_path):
         # U + 2T (second backward: the contributions of the recorded first backward to the
         # unit's weight gradients, one weight gathered again and its contribution from the
         # forward op). Before, the unit's weights, its whole full gradient and gloo's copy of
-        # one tensor were alive at once (P/2 + 2U + T and more: 1.42 here, against 1.08 now;
-        # slack: activations, and a collective's buffer whose free gloo's thread makes unseen)
-        bound = 0.5 + peak["unit"] + 2 * peak["tensor"] + 0.15
+        # one tensor were alive at once (P/2 + 2U + T and more: 1.42 here, against 1.08-1.12
+        # now; slack: activations, shards in flight, and a collective's buffer whose free
+        # gloo's thread makes unseen)
+        bound = 0.5 + peak["unit"] + 2 * peak["tensor"] + 0.25
         assert peak["few"] < bound, peak
