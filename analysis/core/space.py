@@ -46,7 +46,7 @@ from torch import Tensor
 from .distributed import all_reduce_max_, all_reduce_sum_
 from .seeding import rademacher, randn, uniform
 
-CHUNK = 2 ** 20  # elements of the random stream drawn at once (a multiple of 16)
+CHUNK = 2 ** 16  # elements of the random stream drawn at once (a multiple of 16; 512 KiB)
 
 
 class Space:
