@@ -107,22 +107,32 @@ def _report(failed: list[int], status: list, errors: list[str]) -> str:
 
 
 def _start(nprocs: int) -> None:
-    """Start the missing zygotes (their imports in parallel) and wait until they are ready."""
+    """Start the zygotes ``0 .. nprocs - 1`` that are missing or have died (their imports in
+    parallel) and wait until they are ready."""
     ctx = multiprocessing.get_context("spawn")
-    new = []
-    while len(_zygotes) + len(new) < nprocs:
+    if not _zygotes:
+        atexit.register(_stop)   # runs before multiprocessing's handler (registered earlier)
+    new = {}
+    for index in range(nprocs):
+        if index < len(_zygotes) and _zygotes[index][0].is_alive():
+            continue
         ours, theirs = ctx.Pipe()
-        process = ctx.Process(target=_zygote, args=(theirs, PRELOAD),
-                              name=f"zygote{len(_zygotes) + len(new)}")
+        process = ctx.Process(target=_zygote, args=(theirs, PRELOAD), name=f"zygote{index}")
         process.start()
         theirs.close()
-        new.append((process, ours))
-    for process, conn in new:
-        if conn.recv() != "ready":
-            raise RanksFailed(f"{process.name} did not start")
-        _zygotes.append((process, conn))
-    if new and len(_zygotes) == len(new):
-        atexit.register(_stop)   # runs before multiprocessing's handler (registered earlier)
+        new[index] = (process, ours)
+    for index, (process, conn) in sorted(new.items()):
+        try:
+            ready = conn.recv() == "ready"
+        except EOFError:
+            ready = False
+        if not ready:
+            raise RanksFailed(f"{process.name} did not start (exit code {process.exitcode})")
+        if index < len(_zygotes):
+            _zygotes[index][1].close()
+            _zygotes[index] = (process, conn)
+        else:
+            _zygotes.append((process, conn))
 
 
 def _stop() -> None:
