@@ -7,12 +7,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
 
 from tests.oracles import mlp
+from tests.ranks import spawn
 
 
 def ce(model, batch):
@@ -86,7 +86,6 @@ def assert_same_state(a, b):
             assert a[key] == b[key], key
 
 
-
 def _ranked(rank, world, init, out_dir, fn, args):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=init, rank=rank, world_size=world,
@@ -107,7 +106,7 @@ def run_ranks(tmp_path, fn, *args, world=2):
         The per-rank return values (pickled through files), rank order.
     """
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_ranked, args=(world, init, str(tmp_path), fn, args), nprocs=world, join=True)
+    spawn(_ranked, (world, init, str(tmp_path), fn, args), nprocs=world)
     out = []
     for r in range(world):
         with open(tmp_path / f"rank{r}.pkl", "rb") as f:

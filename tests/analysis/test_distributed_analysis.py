@@ -7,7 +7,6 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -17,6 +16,7 @@ from analysis import (average_sharpness, evaluate, FisherOperator, full_grad_nor
 from landscape import line, plane, random_direction
 from landscape.points import _activation_bytes
 from tests.oracles import classification_data, cnn_bn, uneven_batches
+from tests.ranks import spawn
 
 SIZES = (7, 3, 9, 4)
 SHARDS = ([0, 1, 2], [3])  # 19 and 4 samples, 3 and 1 batches
@@ -70,7 +70,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 def test_two_processes_match_one_process_on_all_data(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    spawn(_worker, (2, init, str(tmp_path)))
     single = analyse(all_data())
     for rank in range(2):
         got = np.load(tmp_path / f"rank{rank}.npz")
@@ -145,7 +145,7 @@ def _guard_worker(rank: int, world: int, init: str, out: str) -> None:
 
 def test_mismatched_arguments_raise_on_every_rank_and_an_empty_shard_joins(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_guard_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    spawn(_guard_worker, (2, init, str(tmp_path)))
     errors = [json.loads((tmp_path / f"errors{r}.json").read_text()) for r in range(2)]
     # the refusing rank says why, the other that it was refused; no rank is left waiting
     assert errors[1].pop("one_batch").startswith("data must be an iterable of batches, got a "

@@ -9,12 +9,12 @@ from datetime import timedelta
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from analysis import hessian_trace, HessianOperator, mean_loss, top_eigenvalues
 from analysis.core import set_collective_timeout
 from tests.oracles import classification_data, mlp, uneven_batches
+from tests.ranks import spawn
 
 SHARDS = ([0, 1, 2], [3])
 
@@ -97,8 +97,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def test_one_ranks_failure_is_raised_on_every_rank_with_its_cause(tmp_path):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
-             join=True)
+    spawn(_worker, (2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)))
     got = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
     model, data = mlp(), all_data()
     assert got[1]["eig"] == "RuntimeError: boom on rank 1"

@@ -12,13 +12,13 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 from torch.nn import functional as F
 
 from analysis import top_eigenvalues
 from analysis.core import collective_timeout, fingerprint, set_collective_timeout
 from tests.oracles import classification_data, cnn_bn, mlp, SmallCNN, uneven_batches
+from tests.ranks import spawn
 
 
 class TanhCNN(SmallCNN):
@@ -86,8 +86,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def test_models_and_vectors_that_differ_subtly_raise_on_every_rank(tmp_path):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
-             join=True)
+    spawn(_worker, (2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)))
     errors = [json.loads((tmp_path / f"errors{r}.json").read_text()) for r in range(2)]
     assert errors[0] == errors[1]
     expected = {"permuted": "model's parameter values must be the same on every rank",

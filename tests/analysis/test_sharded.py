@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.nn import functional as F
@@ -17,6 +16,7 @@ from analysis import hessian_trace, HessianOperator, spectral_density, top_eigen
 from analysis.finite_difference import FiniteDifference
 from analysis.sharded import is_sharded, sharded_fd_matmat, ShardedHessian
 from tests.analysis.sharded_problems import assert_same_state, case, ce, shard, state
+from tests import ranks
 
 K = 2  # vectors per product
 
@@ -82,7 +82,7 @@ def _worker(rank, world, init, out_dir, names):
 
 def spawn(tmp_path, names):
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(2, init, str(tmp_path), names), nprocs=2, join=True)
+    ranks.spawn(_worker, (2, init, str(tmp_path), names))
     return [np.load(tmp_path / f"rank{r}.npz") for r in range(2)]
 
 
@@ -158,7 +158,7 @@ def _routines_worker(rank, world, init, out_dir):
 
 def test_routines_on_a_sharded_model_give_the_one_process_answer(tmp_path):
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_routines_worker, args=(2, init, str(tmp_path)), nprocs=2, join=True)
+    ranks.spawn(_routines_worker, (2, init, str(tmp_path)))
     build, loss_fn, _, data, _ = case("mlp")
     single = analyse(build(), loss_fn, data)
     for rank in range(2):

@@ -4,13 +4,11 @@ import copy
 import math
 import os
 import tempfile
-import time
 
 import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from analysis import (average_sharpness, mean_loss, sharpness_vs_curvature, supervised,
@@ -23,6 +21,7 @@ from tests.oracles import (assert_unchanged, classification_data, cnn_bn, mlp, s
                            uneven_batches)
 from tests.analysis.problems import (DATA, QUIET, Quadratic, check_restored_on_failure, quad_loss,
                                      w_star)
+from tests.ranks import spawn
 
 CE = supervised(nn.CrossEntropyLoss())
 MSE = supervised(nn.MSELoss())
@@ -416,14 +415,7 @@ def test_two_ranks_give_the_single_process_result():
     msharp = (7 * per_shard[0].value + 16 * per_shard[1].value) / 23
     with tempfile.TemporaryDirectory() as tmp:
         out = os.path.join(tmp, "result")
-        ranks = mp.start_processes(_rank_main, args=(os.path.join(tmp, "store"), out),
-                                   nprocs=2, join=False, start_method="spawn")
-        deadline = time.monotonic() + 300
-        while not ranks.join(timeout=1):
-            if time.monotonic() > deadline:
-                for process in ranks.processes:
-                    process.kill()
-                pytest.fail("the two ranks did not finish within 300 s")
+        spawn(_rank_main, (os.path.join(tmp, "store"), out), timeout=300)
         for rank in range(2):
             got = torch.load(f"{out}.{rank}", weights_only=True)
             assert got["avg"] == pytest.approx(avg.value, rel=1e-8)

@@ -36,13 +36,6 @@ def deterministic(obj):
     return obj
 
 
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    out = tmp_path_factory.mktemp("figures")
-    summary = main(["--tiny", "--out", str(out), "--jobs", "1"])
-    return out, summary
-
-
 def no_training(*args, **kwargs):
     raise AssertionError("trained a model")
 

@@ -108,27 +108,12 @@ def test_ndadam_moves_each_vector_along_its_tangent_momentum_and_adam_does_not()
     assert found["Adam"] < 0.99
 
 
-def test_a_small_configuration_gives_the_same_verdicts_on_both_float_paths(tmp_path):
+def test_a_small_configuration_gives_the_same_verdicts_on_both_float_paths(float_paths):
     """adaptive_eos at the tiny size under ATEN_CPU_CAPABILITY=default (scalar kernels) and the
-    machine's default kernels: every check's verdict agrees, and each summary names its path."""
-    import json
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-    root = Path(__file__).resolve().parents[2]
-    found = {}
-    for path in ("default", None):
-        env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-        env["PYTHONPATH"] = str(root)
-        if path:
-            env["ATEN_CPU_CAPABILITY"] = path
-        out = tmp_path / str(path)
-        subprocess.run([sys.executable, "-m", "figures", "adaptive_eos", "--tiny", "--jobs", "1",
-                        "--out", str(out)], cwd=root, env=env, check=True, capture_output=True,
-                       timeout=600)
-        found[path] = json.loads((out / "summary.json").read_text())["adaptive_eos"]
-    assert found["default"]["environment"]["aten_cpu_capability"] == "DEFAULT"
-    assert found[None]["environment"]["ATEN_CPU_CAPABILITY"] is None
-    assert ({k: c["verdict"] for k, c in found["default"]["checks"].items()}
-            == {k: c["verdict"] for k, c in found[None]["checks"].items()})
+    machine's default kernels: every check's verdict agrees, and each summary names its path
+    (the runs are ``tests/figures/conftest.py``'s, shared with test_selection)."""
+    scalar, vector = (float_paths[p]["adaptive_eos"] for p in ("scalar", "vector"))
+    assert scalar["environment"]["aten_cpu_capability"] == "DEFAULT"
+    assert vector["environment"]["ATEN_CPU_CAPABILITY"] is None
+    assert ({k: c["verdict"] for k, c in scalar["checks"].items()}
+            == {k: c["verdict"] for k, c in vector["checks"].items()})

@@ -2,17 +2,10 @@
 paths (ATen's default scalar kernels and this CPU's vector kernels)."""
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
 from figures.verdict import select
 
-ROOT = Path(__file__).resolve().parents[2]
 POINTS = [{"lr": 0.0167}, {"lr": 0.05}, {"lr": 0.15}]
 
 
@@ -54,24 +47,14 @@ def test_mismatched_scores_are_refused(points, scores):
         select(points, scores)
 
 
-def _tiny(out: Path, capability: str | None) -> dict:
-    env = {k: v for k, v in os.environ.items() if k != "ATEN_CPU_CAPABILITY"}
-    if capability is not None:
-        env["ATEN_CPU_CAPABILITY"] = capability
-    env["PYTHONPATH"] = str(ROOT)
-    subprocess.run([sys.executable, "-m", "figures", "sala_overhead", "--tiny", "--out",
-                    str(out), "--jobs", "1", "--threads", "1"], cwd=ROOT, env=env, check=True,
-                   capture_output=True, text=True, timeout=900)
-    return json.loads((out / "summary.json").read_text())["sala_overhead"]
-
-
-def test_selection_and_verdicts_agree_on_both_floating_point_paths(tmp_path):
+def test_selection_and_verdicts_agree_on_both_floating_point_paths(float_paths):
     """The same small configuration (sala_overhead at the tiny size: four lr searches, the
     compared runs) under ATEN_CPU_CAPABILITY=default and under the default kernels: the
-    environment records differ, the numbers may, the chosen lrs and every verdict do not."""
-    scalar = _tiny(tmp_path / "scalar", "default")
-    vector = _tiny(tmp_path / "vector", None)
+    environment records differ, the numbers may, the chosen lrs and every verdict do not (the
+    runs are ``tests/figures/conftest.py``'s, shared with test_protocol)."""
+    scalar, vector = (float_paths[p]["sala_overhead"] for p in ("scalar", "vector"))
     assert scalar["environment"]["aten_cpu_capability"] == "DEFAULT"
+    assert vector["environment"]["ATEN_CPU_CAPABILITY"] is None
     assert scalar["measured"]["lr"] == vector["measured"]["lr"]
     assert {k: c["verdict"] for k, c in scalar["checks"].items()} == \
         {k: c["verdict"] for k, c in vector["checks"].items()}

@@ -7,12 +7,12 @@ from datetime import timedelta
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn import functional as F
 
 from analysis.core import set_collective_timeout
 from landscape import interpolate, recalibrate_bn
 from tests.oracles import classification_data, cnn_bn, uneven_batches
+from tests.ranks import spawn
 
 SHARDS = ([0, 1, 2], [3])  # 3 batches and 1 (7, 3, 9 samples and 4)
 
@@ -52,8 +52,7 @@ def _worker(rank: int, world: int, init: str, out: str) -> None:
 
 
 def test_recalibration_on_two_ranks_is_one_process_on_all_data(tmp_path):
-    mp.spawn(_worker, args=(2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)), nprocs=2,
-             join=True)
+    spawn(_worker, (2, f"file://{tmp_path / 'rendezvous'}", str(tmp_path)))
     single = recalibrated(all_data(), all_data())
     assert single["n"] == 4
     for rank in range(2):

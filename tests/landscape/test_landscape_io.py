@@ -7,7 +7,6 @@ import numpy as np
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 
 from landscape import (interpolate, line, LineResult, load_result, plane, random_direction,
                        save_result)
@@ -15,6 +14,7 @@ from landscape.results import tensors_hash
 from tests.oracles import classification_data, mlp, uneven_batches
 from tests.landscape.problems import ce as CE
 from tests.landscape.problems import quad_loss, quadratic_problem
+from tests.ranks import spawn
 
 XS, YS = np.linspace(-1.0, 1.0, 4), np.array([-0.5, 0.0, 0.5])
 
@@ -106,7 +106,7 @@ def test_distributed_plane_equals_one_process(tmp_path):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    mp.spawn(_worker, args=(port, str(tmp_path), x, y, dict(d1), dict(d2)), nprocs=2)
+    spawn(_worker, (port, str(tmp_path), x, y, dict(d1), dict(d2)))
     for rank in (0, 1):
         got = np.load(tmp_path / f"r{rank}.npy")
         np.testing.assert_allclose(got[0], want, rtol=1e-12)

@@ -11,12 +11,12 @@ import gc
 
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 import optim
 from tests.optim.reference import (GROUP, RefSGD, Softmax, assert_trajectories_close, batch, grad,
                                    initial, norm, param_groups, run_model)
+from tests.ranks import spawn
 
 WORLD = 2
 LRS = (0.3, 0.1)
@@ -153,4 +153,4 @@ def _worker(rank: int, init_file: str) -> None:
 
 def test_ddp_sam_family_m_sharpness(tmp_path, monkeypatch):
     monkeypatch.setenv("GLOO_SOCKET_IFNAME", "lo")
-    mp.spawn(_worker, args=(str(tmp_path / "rendezvous"),), nprocs=WORLD, join=True)
+    spawn(_worker, (str(tmp_path / "rendezvous"),), nprocs=WORLD)

@@ -20,11 +20,11 @@ from datetime import timedelta
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import optim
 from tests.optim.reference import ce_closure
+from tests import ranks
 
 STEPS, MORE = 3, 2
 N, D_IN, CLASSES = 8, 4, 3
@@ -328,7 +328,7 @@ FQN_CASES = ("AGD", "AGD-fused", "NDAdam", "NDAdam-foreach")
 
 def spawn(tmp_path, world, names, extras):
     init = f"file://{tmp_path / 'rendezvous'}"
-    mp.spawn(_worker, args=(world, init, str(tmp_path), names, extras), nprocs=world, join=True)
+    ranks.spawn(_worker, (world, init, str(tmp_path), names, extras), nprocs=world)
     return [torch.load(tmp_path / f"rank{r}.pt", weights_only=False) for r in range(world)]
 
 
