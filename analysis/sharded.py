@@ -22,26 +22,16 @@ with $L_{rb}$ the mean loss of rank $r$'s batch $b$ and $N$ the total sample cou
 **Memory.** Each unit that contains no other unit runs as one ``torch.autograd.Function``
 (``_GatheredUnit``): its forward gathers the unit's full weights, runs the unit and frees them
 (only the unit's inputs and shards are saved); its backward gathers them again,
-differentiably, recomputes the unit and takes the vector-Jacobian product w.r.t. the unit's
-inputs and gathered weights (not the shards: the gathers are the unit's first nodes, so the
-engine would run their reduce-scatters only after the whole unit, with every full gradient
-alive); each weight is released after its last use, then the full gradients are
-reduce-scattered one tensor at a time. Under ``create_graph`` that backward records its graph
-under saved-tensor hooks that keep a recipe instead of any view of the gathered weights and
-gather again on unpack, so the double backward (the HVP, the GGN's double-vjp) runs one unit at
-a time too. Per rank, one product holds the vector's and the gradient's shards ($P/W$ each,
-$P$ the full parameter bytes, $W$ the ranks; the gradient is contracted with the vectors and
-released before the second backward) and one unit at a time: its weights $U$ (the largest
-unit), plus one full gradient $T$ (the unit's largest tensor; on gloo, plus the
-reduce-scatter's copy of it, while the weights already used are released) in the first
-backward and the recomputation, or, in the second backward, the contributions of the recorded
-first backward to the unit's weight gradients (at most $U$), one weight gathered again and
-its contribution from the forward op ($2T$): about $\max(P/W + U + 2T, 2P/W)$. A weight whose
-op needs it for its input gradient too (a linear layer) gets two contributions, which autograd
-sums at the op before any reduce-scatter; where one tensor is the unit ($T = U$) that is
-$P/W + 3U$, as before (the unit's weights, their full gradient and gloo's copy were alive at
-once: $P/W + 2U + T$); where it holds several (a transformer block), less. Against
-$P + 2P/W + U$ with the per-unit ``torch.utils.checkpoint`` gather used before (its
+differentiably, recomputes the unit and takes the unit's vector-Jacobian product, so the
+reduce-scatter of the full weight gradient runs next to its consumers. Under ``create_graph``
+that backward records its graph under saved-tensor hooks that keep a recipe instead of any
+view of the gathered weights and gather again on unpack, so the double backward (the HVP, the
+GGN's double-vjp) runs one unit at a time too. Per rank, one product holds the vector's and
+the gradient's shards ($P/W$ each, $P$ the full parameter bytes, $W$ the ranks; the gradient
+is contracted with the vectors and released before the second backward) and a few units'
+full weights and full gradients at a time (the unit's weights, their gradient, and on gloo the
+reduce-scatter's full-size copy): about $\max(P/W + 3U, 2P/W)$ with $U$ the largest unit,
+against $P + 2P/W + U$ with the per-unit ``torch.utils.checkpoint`` gather used before (its
 ``create_graph`` backward kept every unit's recomputed weights). The units that enclose others
 (the root) gather their weights in the graph and keep them during a product. Time: 1.3-1.4x
 the checkpointed gather (2 gloo ranks, CPU; one more gather and recompute per unit in the
@@ -81,8 +71,6 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
-from torch.autograd.graph import get_gradient_edge
-from torch.multiprocessing.reductions import StorageWeakRef
 from torch.utils._pytree import tree_flatten, tree_unflatten
 from torch.utils.checkpoint import get_device_states, set_device_states
 
@@ -140,46 +128,23 @@ def _gather(shard: Tensor) -> Tensor:
     return full.to_local(grad_placements=[Partial()] * shard.device_mesh.ndim)
 
 
-def _scatter(full_grad: Tensor, shard: Tensor) -> Tensor:
-    """The gradient w.r.t. ``shard`` of :func:`_gather`'s output given ``full_grad``.
-
-    This rank's part of the sum over ranks (``Partial``), reduce-scattered to the shard's
-    placement: what the gather's backward computes, differentiable the same way (its
-    backward, in a double backward, all-gathers).
-    """
-    mesh = shard.device_mesh
-    partial = DTensor.from_local(full_grad, mesh, [Partial()] * mesh.ndim, run_check=False)
-    return partial.redistribute(mesh, shard.placements)
-
-
 class _Regathered:
     """Saved-tensor hooks that keep no gathered full weight alive in a graph.
 
     Inside the ``with`` block, a saved tensor whose storage is one of ``fulls`` (a unit's
-    gathered weights; a weak reference to each storage tells it from a later tensor at the
-    same address) is packed as the weight's index and view geometry, and unpacked as that
-    view of ``fulls``. After :meth:`recomputed` (the unit's forward is done), a weight whose
-    recipes the forward packed have all been unpacked once (by the backward that follows) is
-    released: its gradient no longer needs it. A recipe of a released weight, and every
-    recipe after the block, is unpacked by gathering the shard again (inside the block, that
-    gathered weight's views are packed as recipes too; no graph: autograd
-    gives the unpacked tensor the saved one's ``grad_fn``, the differentiable gather next to
-    its consumers). Every other saved tensor is kept as it is. The gathers of the unpacks are
-    collectives: every rank unpacks the same tensors in the same order.
+    gathered weights, alive for the whole block, so no other tensor has their storage) is
+    packed as the weight's index and view geometry, and unpacked as that view of ``fulls``.
+    After the block the weights are released, and unpacking gathers the shard again (no
+    graph: autograd gives the unpacked tensor the saved one's ``grad_fn``, the differentiable
+    gather next to its consumers). Every other saved tensor is kept as it is. The gathers of
+    the unpacks are collectives: every rank unpacks the same tensors in the same order.
     """
 
     def __init__(self, shards: Sequence[Tensor], fulls: Sequence[Tensor]):
         self.shards, self.fulls = shards, list(fulls)
-        self.storages: dict[int, tuple] = {}
-        for i, f in enumerate(fulls):
-            self._register(i, f)
-        self.packed: list[int] | None = [0] * len(fulls)  # per weight, the forward's recipes
+        self.storages = {f.untyped_storage().data_ptr(): (i, f.storage_offset(), f.dtype)
+                         for i, f in enumerate(fulls)}
         self._hooks = torch.autograd.graph.saved_tensors_hooks(self.pack, self.unpack)
-
-    def _register(self, i: int, full: Tensor) -> None:
-        storage = full.untyped_storage()
-        self.storages[storage.data_ptr()] = (i, full.storage_offset(), full.dtype,
-                                             StorageWeakRef(storage))
 
     def __enter__(self) -> "_Regathered":
         self._hooks.__enter__()
@@ -189,37 +154,25 @@ class _Regathered:
         self._hooks.__exit__(*exc)
         self.fulls, self.storages = None, {}
 
-    def recomputed(self) -> None:
-        """The forward is done: from now on, release each weight after its last unpack."""
-        self.left, self.packed = self.packed, None
-
     def pack(self, t: Tensor) -> Any:
         """A recipe for a view of a gathered weight; any other tensor as it is."""
         if type(t) is not Tensor or t.device.type == "meta":  # DTensors: kept
             return t
         hit = self.storages.get(t.untyped_storage().data_ptr())
-        if hit is None or hit[2] != t.dtype or hit[3].expired():
+        if hit is None or hit[2] != t.dtype:
             return t
-        i, offset, _, _ = hit
-        if self.packed is not None:
-            self.packed[i] += 1
+        i, offset, _ = hit
         return _Recipe(i, t.size(), t.stride(), t.storage_offset() - offset)
 
     def unpack(self, packed: Any) -> Tensor:
         """The saved tensor; a gathered weight's view from the live weights or gathered again."""
         if not isinstance(packed, _Recipe):
             return packed
-        i = packed.index
-        full = None if self.fulls is None else self.fulls[i]
-        if full is None:
+        if self.fulls is not None:
+            full = self.fulls[packed.index]
+        else:
             with torch.no_grad():
-                full = _gather(self.shards[i])
-            if self.fulls is not None:  # released in this block: its views are recipes too
-                self._register(i, full)
-        elif self.packed is None:  # in the backward: release after the forward's last recipe
-            self.left[i] -= 1
-            if self.left[i] <= 0:
-                self.fulls[i] = None
+                full = _gather(self.shards[packed.index])
         return full.as_strided(packed.size, packed.stride, full.storage_offset() + packed.offset)
 
 
@@ -238,13 +191,12 @@ class _GatheredUnit(torch.autograd.Function):
     ``apply(run, n, *inputs, *shards)``: the forward gathers the full weights of ``shards``
     (no graph), runs ``run(inputs, fulls)`` (the unit's tensors out) and frees them; it saves
     the ``n`` tensor inputs and the shards (and the RNG state, for dropout). The backward
-    gathers again, differentiably, recomputes the unit and takes the gradient w.r.t. the
-    inputs and the gathered weights, each weight released after its last use (the graph frees
-    it; under ``create_graph``, :class:`_Regathered`), then reduce-scatters the full gradients
-    one tensor at a time (:func:`_scatter`, the gather's own backward). Under ``create_graph``
-    the hooks of :class:`_Regathered` make the recorded graph keep only the shards: the double
+    gathers again, differentiably, next to the unit's recomputed forward and its backward (so
+    the reduce-scatter of a full weight gradient runs as soon as that unit is done, in the
+    first backward and, under ``create_graph``, in the second), under :class:`_Regathered` so
+    that the graph a ``create_graph`` backward records keeps only the shards: the double
     backward (Pearlmutter 1994) stays exact and no rank holds more than one unit's full
-    weights (and one tensor's full gradient) at a time.
+    weights (and their full gradient) at a time.
     """
 
     @staticmethod
@@ -260,38 +212,25 @@ class _GatheredUnit(torch.autograd.Function):
     def backward(ctx, *grads: Tensor | None) -> tuple[Tensor | None, ...]:
         """The vector-Jacobian product of the recomputed unit (a graph under create_graph)."""
         tensors = ctx.saved_tensors
-        n = ctx.n
-        inputs, shards = tensors[:n], tensors[n:]
+        inputs, shards = tensors[:ctx.n], tensors[ctx.n:]
         wanted = [i for i, need in enumerate(ctx.needs_input_grad[2:]) if need]
         create = torch.is_grad_enabled()  # create_graph=True
         out: list[Tensor | None] = [None] * len(tensors)
-        got: list[Tensor | None] = []
         cpu, devices, states = ctx.rng
         with torch.random.fork_rng(devices=devices), torch.enable_grad():
             torch.set_rng_state(cpu)
             set_device_states(devices, states)
             fulls = [_gather(s) for s in shards]
-            with _Regathered(shards, fulls) if create else nullcontext() as hooks:
+            with _Regathered(shards, fulls) if create else nullcontext():
                 outputs = ctx.run(inputs, fulls)
-                if hooks is not None:
-                    hooks.recomputed()
                 pairs = [(o, g) for o, g in zip(outputs, grads)
                          if g is not None and o.requires_grad]
-                # the gradient w.r.t. the gathered weights, not the shards: the engine would
-                # run their gathers' reduce-scatters (the lowest sequence numbers of the
-                # graph) only after the whole unit, with every full gradient alive
-                targets = [tensors[i] if i < n else get_gradient_edge(fulls[i - n])
-                           for i in wanted]
-                del outputs, fulls  # without create_graph the graph frees them as it goes
                 if pairs and wanted:
-                    got = list(torch.autograd.grad([o for o, _ in pairs], targets,
-                                                   [g for _, g in pairs], create_graph=create,
-                                                   allow_unused=True))
-                del pairs
-        for j, i in enumerate(wanted):  # the weights are released: scatter one at a time
-            if got and got[j] is not None:
-                out[i] = got[j] if i < n else _scatter(got[j], tensors[i])
-                got[j] = None
+                    got = torch.autograd.grad([o for o, _ in pairs], [tensors[i] for i in wanted],
+                                              [g for _, g in pairs], create_graph=create,
+                                              allow_unused=True)
+                    for i, g in zip(wanted, got):
+                        out[i] = g
         return (None, None, *out)
 
 
