@@ -419,15 +419,13 @@ def _walk(path: _Path, walk: dict, mem: _Memory, space: Space, n_breaks: int, bo
         ``(passed, path)``: how many of this rank's breakpoints (in increasing order) were
         passed (their variables are at their bounds at the GCP), and the final path.
     """
-    rank = getattr(space, "rank", 0)
-    world = getattr(space, "world", 1)
-    widest = max(FIRST_CHUNK, space.n // world // (world * (3 + 2 * mem.col)))
+    widest = max(FIRST_CHUNK, space.n // space.world // (space.world * (3 + 2 * mem.col)))
     k, done = FIRST_CHUNK, 0
     while True:
         items, owner = _merge(space.gather(_chunk(walk, k, mem)))
         stop, path = _segments(path, items, mem)
         used = len(items) if stop is None else stop
-        walk["ptr"] += int((owner[:used] == rank).sum())
+        walk["ptr"] += int((owner[:used] == space.rank).sum())
         done += used
         if stop is not None:
             return walk["ptr"], path

@@ -58,9 +58,12 @@ class Space:
     Attributes:
         n: The dimension (the number of selected parameter elements).
         n_local: The length of the rows the solver holds (``n`` here).
+        rank: This process's rank among the space's processes (0 here).
+        world: The number of processes that hold the rows (1 here).
     """
 
     sharded = False
+    rank, world = 0, 1
 
     def __init__(self, n: int):
         self.n = self.n_local = n
